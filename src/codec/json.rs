@@ -1,0 +1,26 @@
+//! The JSON codec (serde_json): one object per frame, `op` names the message (SPEC 3.3).
+
+use super::fields::{serde_error, WireIn};
+use super::{Codec, CodecId, DecodeError, EncodeError};
+use crate::protocol::Envelope;
+
+/// JSON encoding; travels in WebSocket text frames.
+pub struct Json;
+
+impl Codec for Json {
+    const ID: CodecId = CodecId::Json;
+
+    fn encode(env: &Envelope, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        serde_json::to_writer(out, env).map_err(|e| EncodeError::Format {
+            codec: "json",
+            detail: e.to_string(),
+        })
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+        // serde_json limits recursion to 128 levels; our own fields nest 3 deep, and unknown
+        // fields are skipped without allocation, so the allocation bound holds.
+        let wire: WireIn = serde_json::from_slice(bytes).map_err(|e| serde_error("json", e))?;
+        wire.into_envelope()
+    }
+}

@@ -1,0 +1,10 @@
+//! imgw: a thread-per-core instant-messaging edge gateway.
+//!
+//! Layers, from the wire inwards:
+//! - [`protocol`]: the logical message model and the raw-TCP frame codec (sans-IO).
+//! - [`codec`]: the five payload encodings (JSON, Protobuf, MessagePack, FlatBuffers, Hessian).
+
+#![deny(unsafe_code)]
+
+pub mod codec;
+pub mod protocol;

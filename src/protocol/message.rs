@@ -1,0 +1,437 @@
+//! The logical message model: one Rust type per message of SPEC 3.3, independent of any codec.
+//!
+//! This module owns the shape of every frame a client and the gateway exchange. Codecs (in
+//! `crate::codec`) translate between these types and bytes; the session state machine consumes
+//! and produces them. Nothing here does I/O.
+
+use std::collections::BTreeMap;
+
+/// Extension map carried by `send` and `deliver` (`ext`). Ordered so encodings are deterministic.
+pub type Ext = BTreeMap<String, String>;
+
+/// Protocol version spoken by this build. The server also accepts [`PREVIOUS_VERSION`].
+pub const CURRENT_VERSION: u8 = 1;
+/// Oldest protocol version the server still accepts (the current and previous version, SPEC 3.3).
+pub const PREVIOUS_VERSION: u8 = 1;
+
+/// Operation numbers. Stable forever: a number is never reused for another meaning.
+///
+/// The raw-TCP header carries the number; JSON, MessagePack and Hessian carry the name in `op`;
+/// Protobuf and FlatBuffers carry it as the union/oneof variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Op {
+    Hello = 1,
+    Welcome = 2,
+    Ping = 3,
+    Pong = 4,
+    Send = 5,
+    SendAck = 6,
+    Deliver = 7,
+    Ack = 8,
+    Sync = 9,
+    Synced = 10,
+    PresenceSet = 11,
+    PresenceSub = 12,
+    Presence = 13,
+    GroupJoin = 14,
+    GroupLeave = 15,
+    Ok = 16,
+    Error = 17,
+    Goaway = 18,
+}
+
+impl Op {
+    /// Every op, in number order.
+    pub const ALL: [Op; 18] = [
+        Op::Hello,
+        Op::Welcome,
+        Op::Ping,
+        Op::Pong,
+        Op::Send,
+        Op::SendAck,
+        Op::Deliver,
+        Op::Ack,
+        Op::Sync,
+        Op::Synced,
+        Op::PresenceSet,
+        Op::PresenceSub,
+        Op::Presence,
+        Op::GroupJoin,
+        Op::GroupLeave,
+        Op::Ok,
+        Op::Error,
+        Op::Goaway,
+    ];
+
+    /// The name used in the `op` field of JSON, MessagePack and Hessian.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Op::Hello => "hello",
+            Op::Welcome => "welcome",
+            Op::Ping => "ping",
+            Op::Pong => "pong",
+            Op::Send => "send",
+            Op::SendAck => "send_ack",
+            Op::Deliver => "deliver",
+            Op::Ack => "ack",
+            Op::Sync => "sync",
+            Op::Synced => "synced",
+            Op::PresenceSet => "presence_set",
+            Op::PresenceSub => "presence_sub",
+            Op::Presence => "presence",
+            Op::GroupJoin => "group_join",
+            Op::GroupLeave => "group_leave",
+            Op::Ok => "ok",
+            Op::Error => "error",
+            Op::Goaway => "goaway",
+        }
+    }
+
+    /// Parses an op name; `None` for names this version does not know.
+    pub fn from_name(name: &str) -> Option<Op> {
+        Op::ALL.iter().copied().find(|op| op.name() == name)
+    }
+
+    /// Parses an op number; `None` for numbers this version does not know.
+    pub fn from_u8(n: u8) -> Option<Op> {
+        if (1..=Op::ALL.len() as u8).contains(&n) {
+            Some(Op::ALL[usize::from(n) - 1])
+        } else {
+            None
+        }
+    }
+}
+
+/// Presence status. `Offline` is only ever reported by the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Status {
+    Offline = 0,
+    Online = 1,
+    Busy = 2,
+    Away = 3,
+}
+
+impl Status {
+    pub const ALL: [Status; 4] = [Status::Offline, Status::Online, Status::Busy, Status::Away];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Status::Offline => "offline",
+            Status::Online => "online",
+            Status::Busy => "busy",
+            Status::Away => "away",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Status> {
+        Status::ALL.iter().copied().find(|s| s.name() == name)
+    }
+
+    pub fn from_u8(n: u8) -> Option<Status> {
+        Status::ALL.get(usize::from(n)).copied()
+    }
+}
+
+/// The stable error-code list (docs/PROTOCOL.md). Numbers and names never change meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The frame could not be parsed (bad header, bad codec bytes, missing field).
+    BadFrame = 1,
+    /// The frame exceeds the configured maximum size.
+    FrameTooLarge = 2,
+    /// Unknown op or feature; the connection stays open.
+    Unsupported = 3,
+    /// Missing, malformed, expired or wrongly signed token.
+    Unauthorized = 4,
+    /// Authenticated, but not allowed (sending as another user, another tenant's id).
+    Forbidden = 5,
+    /// Well-formed, but semantically invalid (empty id, bad limit, bad target).
+    BadRequest = 6,
+    /// The server sheds this work; retry after `retry_after_ms`.
+    Overloaded = 7,
+    /// The connection exceeded its send rate; retry after `retry_after_ms`.
+    RateLimited = 8,
+    /// The target user or group does not exist.
+    NotFound = 9,
+    /// A bug or unexpected failure on the server.
+    Internal = 10,
+    /// `hello` did not arrive before the handshake timeout.
+    HandshakeTimeout = 11,
+    /// The protocol version is neither the current nor the previous one.
+    VersionUnsupported = 12,
+    /// A frame other than `hello` arrived before `hello` succeeded.
+    NotAuthenticated = 13,
+    /// A configured limit (groups per user, subscriptions, ...) was reached.
+    LimitExceeded = 14,
+    /// The backend could not make the message durable in time; it was not accepted.
+    Unavailable = 15,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 15] = [
+        ErrorCode::BadFrame,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::Unsupported,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::BadRequest,
+        ErrorCode::Overloaded,
+        ErrorCode::RateLimited,
+        ErrorCode::NotFound,
+        ErrorCode::Internal,
+        ErrorCode::HandshakeTimeout,
+        ErrorCode::VersionUnsupported,
+        ErrorCode::NotAuthenticated,
+        ErrorCode::LimitExceeded,
+        ErrorCode::Unavailable,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::Unsupported => "unsupported",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Internal => "internal",
+            ErrorCode::HandshakeTimeout => "handshake_timeout",
+            ErrorCode::VersionUnsupported => "version_unsupported",
+            ErrorCode::NotAuthenticated => "not_authenticated",
+            ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.iter().copied().find(|c| c.name() == name)
+    }
+
+    pub fn from_u16(n: u16) -> Option<ErrorCode> {
+        ErrorCode::ALL.iter().copied().find(|c| *c as u16 == n)
+    }
+}
+
+/// Where a `send` goes, or which conversation a `deliver` belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    User(String),
+    Group(String),
+}
+
+/// `resume` in `hello`: the last inbox sequence this device has seen.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Resume {
+    pub inbox_seq: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Hello {
+    /// Protocol version the client speaks (0 on the wire means "not given" and reads as 1).
+    pub version: u8,
+    pub token: String,
+    pub device: String,
+    /// Codec names the client can switch to, most preferred first (informational in v1).
+    pub codecs: Vec<String>,
+    pub resume: Option<Resume>,
+}
+
+/// Limits the server applies to this connection, announced in `welcome`.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Limits {
+    pub max_frame_bytes: u32,
+    pub sends_per_sec: u32,
+    pub window: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Welcome {
+    pub version: u8,
+    pub session: u64,
+    pub user: String,
+    pub heartbeat_ms: u64,
+    pub server_time_ms: u64,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Ping {
+    pub ts: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Pong {
+    pub ts: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Send {
+    pub to: Target,
+    pub cmid: String,
+    pub kind: Option<String>,
+    pub body: String,
+    pub ext: Ext,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SendAck {
+    pub cmid: String,
+    pub mid: u64,
+    pub seq: u64,
+    pub ts: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deliver {
+    pub mid: u64,
+    pub from: String,
+    pub to: Target,
+    pub inbox_seq: u64,
+    pub ts: u64,
+    pub kind: Option<String>,
+    pub body: String,
+    pub ext: Ext,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Ack {
+    pub inbox_seq: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Sync {
+    pub after_inbox_seq: u64,
+    pub limit: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Synced {
+    pub up_to: u64,
+    pub more: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PresenceSet {
+    pub status: Status,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct PresenceSub {
+    pub users: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Presence {
+    pub user: String,
+    pub status: Status,
+    pub ts: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct GroupJoin {
+    pub group: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct GroupLeave {
+    pub group: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Error {
+    pub code: ErrorCode,
+    pub message: String,
+    pub cmid: Option<String>,
+    pub retry_after_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Goaway {
+    pub reason: String,
+    pub reconnect_ms: u64,
+}
+
+/// One message of SPEC 3.3.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    Ping(Ping),
+    Pong(Pong),
+    Send(Send),
+    SendAck(SendAck),
+    Deliver(Deliver),
+    Ack(Ack),
+    Sync(Sync),
+    Synced(Synced),
+    PresenceSet(PresenceSet),
+    PresenceSub(PresenceSub),
+    Presence(Presence),
+    GroupJoin(GroupJoin),
+    GroupLeave(GroupLeave),
+    Ok,
+    Error(Error),
+    Goaway(Goaway),
+}
+
+impl Message {
+    pub fn op(&self) -> Op {
+        match self {
+            Message::Hello(_) => Op::Hello,
+            Message::Welcome(_) => Op::Welcome,
+            Message::Ping(_) => Op::Ping,
+            Message::Pong(_) => Op::Pong,
+            Message::Send(_) => Op::Send,
+            Message::SendAck(_) => Op::SendAck,
+            Message::Deliver(_) => Op::Deliver,
+            Message::Ack(_) => Op::Ack,
+            Message::Sync(_) => Op::Sync,
+            Message::Synced(_) => Op::Synced,
+            Message::PresenceSet(_) => Op::PresenceSet,
+            Message::PresenceSub(_) => Op::PresenceSub,
+            Message::Presence(_) => Op::Presence,
+            Message::GroupJoin(_) => Op::GroupJoin,
+            Message::GroupLeave(_) => Op::GroupLeave,
+            Message::Ok => Op::Ok,
+            Message::Error(_) => Op::Error,
+            Message::Goaway(_) => Op::Goaway,
+        }
+    }
+}
+
+/// One frame's logical content: the message and the optional correlation id (`ref`) that a
+/// reply echoes. This is what every codec encodes and decodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// Correlation id chosen by the client; replies carry the same value. 0 is never sent.
+    pub reference: Option<u64>,
+    pub msg: Message,
+}
+
+impl Envelope {
+    pub fn new(msg: Message) -> Self {
+        Envelope {
+            reference: None,
+            msg,
+        }
+    }
+
+    pub fn with_ref(msg: Message, reference: u64) -> Self {
+        Envelope {
+            reference: Some(reference),
+            msg,
+        }
+    }
+}
+
+impl From<Message> for Envelope {
+    fn from(msg: Message) -> Self {
+        Envelope::new(msg)
+    }
+}

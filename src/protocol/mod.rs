@@ -1,0 +1,7 @@
+//! The wire protocol as a sans-IO library: the logical messages ([`message`]) and the raw-TCP
+//! frame layer ([`frame`]). Shared by the gateway, the loadgen and the tests; no sockets here.
+
+pub mod frame;
+pub mod message;
+
+pub use message::*;
