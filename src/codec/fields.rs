@@ -59,7 +59,11 @@ fn entry_count(env: &Envelope) -> usize {
         Message::Ping(_) | Message::Pong(_) => 1,
         Message::Send(s) => 3 + usize::from(s.kind.is_some()) + usize::from(!s.ext.is_empty()),
         Message::SendAck(_) => 4,
-        Message::Deliver(d) => 6 + usize::from(d.kind.is_some()) + usize::from(!d.ext.is_empty()),
+        Message::Deliver(d) => {
+            5 + usize::from(d.to.is_some())
+                + usize::from(d.kind.is_some())
+                + usize::from(!d.ext.is_empty())
+        }
         Message::Ack(_) => 1,
         Message::Sync(_) | Message::Synced(_) => 2,
         Message::PresenceSet(_) | Message::PresenceSub(_) => 1,
@@ -123,7 +127,9 @@ impl Serialize for Envelope {
             Message::Deliver(d) => {
                 m.serialize_entry("mid", &d.mid)?;
                 m.serialize_entry("from", &d.from)?;
-                m.serialize_entry("to", &TargetSer(&d.to))?;
+                if let Some(t) = &d.to {
+                    m.serialize_entry("to", &TargetSer(t))?;
+                }
                 m.serialize_entry("inbox_seq", &d.inbox_seq)?;
                 m.serialize_entry("ts", &d.ts)?;
                 if let Some(k) = &d.kind {
@@ -236,20 +242,48 @@ pub(crate) struct WireIn {
     reconnect_ms: Option<u64>,
 }
 
+/// Only the op and ref. A frame whose full parse failed is parsed again with this, so that an
+/// unknown op whose fields clash with ours still gets `unsupported` rather than `bad_frame`.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub(crate) struct OpOnly {
+    op: Option<String>,
+    #[serde(rename = "ref")]
+    reference: Option<u64>,
+}
+
+impl OpOnly {
+    /// Chooses the error to report for a frame whose full parse failed with `full`.
+    pub(crate) fn classify(self, full: DecodeError) -> DecodeError {
+        match self.op {
+            Some(op) if crate::protocol::Op::from_name(&op).is_none() => DecodeError::UnknownOp {
+                op,
+                reference: self.reference,
+            },
+            _ => full,
+        }
+    }
+}
+
 fn req<T>(v: Option<T>, field: &'static str) -> Result<T, DecodeError> {
     v.ok_or(DecodeError::MissingField(field))
 }
 
 fn target(t: Option<WireTarget>) -> Result<Target, DecodeError> {
-    match req(t, "to")? {
+    opt_target(t)?.ok_or(DecodeError::MissingField("to"))
+}
+
+fn opt_target(t: Option<WireTarget>) -> Result<Option<Target>, DecodeError> {
+    let Some(t) = t else { return Ok(None) };
+    match t {
         WireTarget {
             user: Some(u),
             group: None,
-        } => Ok(Target::User(u)),
+        } => Ok(Some(Target::User(u))),
         WireTarget {
             user: None,
             group: Some(g),
-        } => Ok(Target::Group(g)),
+        } => Ok(Some(Target::Group(g))),
         _ => Err(DecodeError::InvalidValue { field: "to" }),
     }
 }
@@ -317,7 +351,7 @@ impl WireIn {
             Op::Deliver => Message::Deliver(Deliver {
                 mid: req(w.mid, "mid")?,
                 from: req(w.from, "from")?,
-                to: target(w.to)?,
+                to: opt_target(w.to)?,
                 inbox_seq: req(w.inbox_seq, "inbox_seq")?,
                 ts: req(w.ts, "ts")?,
                 kind: w.kind,

@@ -1,6 +1,6 @@
 //! The JSON codec (serde_json): one object per frame, `op` names the message (SPEC 3.3).
 
-use super::fields::{serde_error, WireIn};
+use super::fields::{serde_error, OpOnly, WireIn};
 use super::{Codec, CodecId, DecodeError, EncodeError};
 use crate::protocol::Envelope;
 
@@ -20,7 +20,18 @@ impl Codec for Json {
     fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
         // serde_json limits recursion to 128 levels; our own fields nest 3 deep, and unknown
         // fields are skipped without allocation, so the allocation bound holds.
-        let wire: WireIn = serde_json::from_slice(bytes).map_err(|e| serde_error("json", e))?;
-        wire.into_envelope()
+        // Validate the whole payload once (ignored fields included), then parse without
+        // re-checking every string.
+        let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
+        match serde_json::from_str::<WireIn>(text) {
+            Ok(wire) => wire.into_envelope(),
+            Err(e) => {
+                let full = serde_error("json", e);
+                match serde_json::from_str::<OpOnly>(text) {
+                    Ok(op) => Err(op.classify(full)),
+                    Err(_) => Err(full),
+                }
+            }
+        }
     }
 }

@@ -291,7 +291,10 @@ pub struct SendAck {
 pub struct Deliver {
     pub mid: u64,
     pub from: String,
-    pub to: Target,
+    /// The conversation: `None` means the receiving user (a 1:1 message to you), which is the
+    /// common case and saves its bytes; a group, or the peer when a user's own message is
+    /// synced to their other devices, is always given.
+    pub to: Option<Target>,
     pub inbox_seq: u64,
     pub ts: u64,
     pub kind: Option<String>,

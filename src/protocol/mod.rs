@@ -3,5 +3,6 @@
 
 pub mod frame;
 pub mod message;
+pub mod samples;
 
 pub use message::*;
