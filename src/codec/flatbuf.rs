@@ -275,7 +275,7 @@ impl Scratch {
             }
             Message::Deliver(d) => {
                 let from = Some(self.fbb.create_string(&d.from));
-                let to = Some(self.target(&d.to));
+                let to = d.to.as_ref().map(|t| self.target(t));
                 let type_ = self.opt_string(d.kind.as_ref());
                 let body = Some(self.fbb.create_string(&d.body));
                 let ext = self.ext(&d.ext);
@@ -406,7 +406,7 @@ fn size_bound(msg: &Message) -> usize {
             .saturating_add(ext(&x.ext)),
         Message::SendAck(a) => s(&a.cmid),
         Message::Deliver(d) => s(&d.from)
-            .saturating_add(target(&d.to))
+            .saturating_add(d.to.as_ref().map_or(0, target))
             .saturating_add(opt(&d.kind))
             .saturating_add(s(&d.body))
             .saturating_add(ext(&d.ext)),
@@ -697,7 +697,7 @@ impl<'a> FrameView<'a> {
                 Message::Deliver(Deliver {
                     mid: d.mid(),
                     from: req_string(d.from(), "from")?,
-                    to: target_ref(req(d.to(), "to")?)?.to_target(),
+                    to: d.to().map(target_ref).transpose()?.map(|t| t.to_target()),
                     inbox_seq: d.inbox_seq(),
                     ts: d.ts(),
                     kind: d.type_().map(str::to_owned),
@@ -801,7 +801,7 @@ mod tests {
         Message::Deliver(Deliver {
             mid: 9_000_000_001,
             from: "alice".into(),
-            to: Target::Group("g-42".into()),
+            to: Some(Target::Group("g-42".into())),
             inbox_seq: 77,
             ts: 1_700_000_000_123,
             kind: Some("text".into()),
@@ -874,7 +874,7 @@ mod tests {
             Message::Deliver(Deliver {
                 mid: 0,
                 from: "x".into(),
-                to: Target::User("y".into()),
+                to: Some(Target::User("y".into())),
                 inbox_seq: 0,
                 ts: 0,
                 kind: None,
