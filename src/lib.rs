@@ -8,3 +8,6 @@
 
 pub mod codec;
 pub mod protocol;
+pub mod config;
+pub mod control;
+pub mod metrics;

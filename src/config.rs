@@ -1,0 +1,334 @@
+//! Gateway configuration: the TOML file's shape, its defaults, and the bounds every queue,
+//! buffer and timeout takes (SPEC 5). Command-line flags override the file (src/main.rs).
+//!
+//! Every limit lives here with a sane default; nothing else in the gateway invents a bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// When a `send` is acknowledged (SPEC 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acked on accept; nothing survives a crash. For load tests.
+    #[default]
+    Memory,
+    /// Acked after the embedded store's group commit has fsynced it.
+    Local,
+    /// Acked after the configured backends (MySQL and/or Kafka) confirmed it.
+    Backend,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "memory" => Ok(Durability::Memory),
+            "local" => Ok(Durability::Local),
+            "backend" => Ok(Durability::Backend),
+            other => Err(format!("unknown durability {other:?} (memory|local|backend)")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: Limits,
+    pub ws: WsConfig,
+    pub auth: AuthConfig,
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// WebSocket listener (upgrade at `ws.path`).
+    pub ws_listen: SocketAddr,
+    /// Raw-TCP listener (docs/PROTOCOL.md frames).
+    pub tcp_listen: SocketAddr,
+    /// Admin HTTP: /metrics, /healthz, /readyz.
+    pub admin_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    /// Listen backlog for both listeners (also capped by net.core.somaxconn).
+    pub backlog: u32,
+    /// Upper bound of the reconnect hint spread in `goaway` during drain.
+    pub drain_reconnect_spread_ms: u64,
+    /// How long a drain waits for connections to flush before exiting anyway.
+    pub drain_timeout_ms: u64,
+    /// Accept a WebSocket echo endpoint at `/echo` (conformance testing only).
+    pub ws_echo: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Maximum raw-TCP frame (header + extensions + payload).
+    pub max_frame_bytes: u32,
+    /// Time allowed between accept and a successful `hello`.
+    pub handshake_timeout_ms: u64,
+    /// A connection silent for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Heartbeat interval announced in `welcome` (clients ping at least this often).
+    pub heartbeat_ms: u64,
+    /// Token bucket per connection: sustained sends per second and burst.
+    pub sends_per_sec: u32,
+    pub send_burst: u32,
+    /// Token bucket per connection on inbound bytes.
+    pub bytes_per_sec: u32,
+    /// Connections per process (all shards together) and per tenant.
+    pub max_conns: u32,
+    pub max_conns_per_tenant: u32,
+    /// Online devices per user.
+    pub max_devices_per_user: u32,
+    /// Users one connection may subscribe to for presence.
+    pub max_presence_subs: u32,
+    /// Groups one user may join.
+    pub max_groups_per_user: u32,
+    /// Members of one group.
+    pub max_group_members: u32,
+    /// Bytes of encoded output waiting for one connection before it is closed as too slow.
+    pub max_outbound_bytes: u32,
+    /// Unacked deliveries in flight per device (the window W).
+    pub window: u32,
+    /// Cross-shard channel capacity, in batches, per shard pair.
+    pub shard_channel_batches: u32,
+    /// Messages buffered per destination shard before new work is shed with `overloaded`.
+    pub shard_outbox_max: u32,
+    /// Suggested retry delay in `overloaded` and `rate_limited` errors.
+    pub retry_after_ms: u64,
+    /// Largest `sync.limit` honoured.
+    pub max_sync_limit: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WsConfig {
+    pub path: String,
+    /// Allowed `Origin` values (scheme://host[:port]). Requests without `Origin` (non-browser
+    /// clients) are always allowed; "*" allows every origin and is never the default.
+    pub allowed_origins: Vec<String>,
+    pub max_frame_bytes: u32,
+    pub max_message_bytes: u32,
+    /// Largest HTTP upgrade request accepted.
+    pub max_handshake_bytes: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 shared secret for `hello.token` JWTs.
+    pub jwt_hs256_secret: Option<String>,
+    /// RS256 public key (PEM file) for `hello.token` JWTs.
+    pub jwt_rs256_public_key_file: Option<PathBuf>,
+    /// Token = user id, tenant "dev". Demos only; loudly logged.
+    pub insecure_dev_auth: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Shard executors; 0 = all cores but one (at least 1).
+    pub shards: usize,
+    /// Pin shards (and the I/O thread) to cores.
+    pub pin: bool,
+    /// glommio io_uring registered-buffer memory per shard (KiB). Must fit in RLIMIT_MEMLOCK.
+    pub io_memory_kib: usize,
+    /// Sweep tick of each shard's timer wheel.
+    pub tick_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            limits: Limits::default(),
+            ws: WsConfig::default(),
+            auth: AuthConfig::default(),
+            runtime: RuntimeConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            ws_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tcp_listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            data_dir: PathBuf::from("./imgw-data"),
+            durability: Durability::Memory,
+            backlog: 4096,
+            drain_reconnect_spread_ms: 5_000,
+            drain_timeout_ms: 5_000,
+            ws_echo: false,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: crate::protocol::frame::DEFAULT_MAX_FRAME_BYTES,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 90_000,
+            heartbeat_ms: 30_000,
+            sends_per_sec: 100,
+            send_burst: 200,
+            bytes_per_sec: 1 << 20,
+            max_conns: 1_000_000,
+            max_conns_per_tenant: 1_000_000,
+            max_devices_per_user: 16,
+            max_presence_subs: 1_000,
+            max_groups_per_user: 1_000,
+            max_group_members: 100_000,
+            max_outbound_bytes: 1 << 20,
+            window: 64,
+            shard_channel_batches: 1_024,
+            shard_outbox_max: 65_536,
+            retry_after_ms: 200,
+            max_sync_limit: 500,
+        }
+    }
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            path: "/ws".into(),
+            allowed_origins: Vec::new(),
+            max_frame_bytes: 64 * 1024,
+            max_message_bytes: 64 * 1024,
+            max_handshake_bytes: 8 * 1024,
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            shards: 0,
+            pin: true,
+            io_memory_kib: 512,
+            tick_ms: 10,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown keys are errors).
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    /// A value is out of its allowed range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Number of shard executors this machine gets.
+    pub fn shard_count(&self) -> usize {
+        if self.runtime.shards > 0 {
+            return self.runtime.shards;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_sub(1).max(1)
+    }
+
+    /// Checks cross-field rules; called once at start.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if l.max_frame_bytes < crate::protocol::frame::HEADER_LEN as u32 + 16 {
+            return bad("limits.max_frame_bytes is too small");
+        }
+        if l.handshake_timeout_ms == 0 || l.idle_timeout_ms == 0 {
+            return bad("timeouts must be positive");
+        }
+        if l.heartbeat_ms >= l.idle_timeout_ms {
+            return bad("limits.heartbeat_ms must be below limits.idle_timeout_ms");
+        }
+        if l.sends_per_sec == 0 || l.send_burst == 0 || l.window == 0 {
+            return bad("rates, bursts and window must be positive");
+        }
+        if l.shard_channel_batches == 0 || l.shard_outbox_max == 0 {
+            return bad("shard queue bounds must be positive");
+        }
+        if self.runtime.tick_ms == 0 || self.runtime.tick_ms > 1_000 {
+            return bad("runtime.tick_ms must be in 1..=1000");
+        }
+        if self.ws.allowed_origins.iter().any(|o| o.is_empty()) {
+            return bad("ws.allowed_origins holds an empty entry");
+        }
+        if !self.auth.insecure_dev_auth
+            && self.auth.jwt_hs256_secret.is_none()
+            && self.auth.jwt_rs256_public_key_file.is_none()
+        {
+            return bad(
+                "no authentication configured: set auth.jwt_hs256_secret or \
+                 auth.jwt_rs256_public_key_file, or pass --insecure-dev-auth for a demo",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_cli_contract() {
+        let c = Config::default();
+        assert_eq!(c.server.ws_listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.tcp_listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.server.data_dir, PathBuf::from("./imgw-data"));
+        assert!(c.ws.allowed_origins.is_empty(), "allow-all is never the default");
+    }
+
+    #[test]
+    fn toml_overrides_and_unknown_keys() {
+        let c: Config = toml::from_str(
+            "[server]\nws_listen = \"127.0.0.1:1\"\n[limits]\nidle_timeout_ms = 5000\nheartbeat_ms = 1000\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.ws_listen.port(), 1);
+        assert_eq!(c.limits.idle_timeout_ms, 5000);
+        assert!(toml::from_str::<Config>("[server]\nbogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn validate_requires_auth() {
+        let mut c = Config::default();
+        assert!(c.validate().is_err());
+        c.auth.insecure_dev_auth = true;
+        c.validate().unwrap();
+    }
+}

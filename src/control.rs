@@ -1,0 +1,44 @@
+//! Process-wide control flags shared by the shards, the admin server and signal handlers.
+//!
+//! Only atomics live here: shards poll them on their sweep tick, nothing blocks on them.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// Lifecycle flags of one gateway process.
+#[derive(Debug, Default)]
+pub struct Control {
+    /// Set by SIGTERM/SIGINT or the admin API: stop accepting, `goaway` everyone, exit.
+    drain: AtomicBool,
+    /// Shards that have bound their listeners and entered their loop.
+    shards_ready: AtomicUsize,
+    /// Shards in this process.
+    shards_total: AtomicUsize,
+}
+
+impl Control {
+    pub fn new(shards_total: usize) -> Self {
+        Control {
+            drain: AtomicBool::new(false),
+            shards_ready: AtomicUsize::new(0),
+            shards_total: AtomicUsize::new(shards_total),
+        }
+    }
+
+    pub fn start_drain(&self) {
+        self.drain.store(true, Ordering::Release);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.drain.load(Ordering::Acquire)
+    }
+
+    pub fn shard_ready(&self) {
+        self.shards_ready.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Ready: every shard is serving and no drain has started.
+    pub fn ready(&self) -> bool {
+        !self.draining()
+            && self.shards_ready.load(Ordering::Acquire) >= self.shards_total.load(Ordering::Acquire)
+    }
+}

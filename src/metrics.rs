@@ -1,0 +1,282 @@
+//! Counters and gauges, one block per shard, rendered as Prometheus text for /metrics.
+//!
+//! Each shard is the only writer of its own block (relaxed atomics, no contention); the admin
+//! server reads all blocks when scraped. Per-tenant figures live in a small bounded map per
+//! shard, touched only on connect and disconnect.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::codec::CodecId;
+use crate::protocol::{ErrorCode, Op};
+
+/// Tenants tracked by name per shard; the rest are summed under `_other`.
+pub const MAX_TENANTS_TRACKED: usize = 1_000;
+
+const OPS: usize = Op::ALL.len() + 1; // slot 0: unknown op
+const CODECS: usize = CodecId::ALL.len() + 1;
+const CODES: usize = ErrorCode::ALL.len() + 1;
+
+/// Why a connection was closed (label of `imgw_closes_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum CloseReason {
+    /// The peer closed or reset the connection.
+    Peer = 0,
+    /// No `hello` before the handshake timeout.
+    HandshakeTimeout,
+    /// Silent past the idle timeout.
+    Idle,
+    /// Unparseable frame, oversized frame, or a WebSocket protocol violation.
+    Protocol,
+    /// `hello` refused (bad token, version, limits).
+    AuthFailed,
+    /// Output backed up past `max_outbound_bytes`.
+    SlowConsumer,
+    /// Graceful drain or an admin kick.
+    Drain,
+    /// Retransmit limit reached (the device syncs on reconnect).
+    RetryLimit,
+    /// Connection limit reached at accept.
+    Limit,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 9] = [
+        CloseReason::Peer,
+        CloseReason::HandshakeTimeout,
+        CloseReason::Idle,
+        CloseReason::Protocol,
+        CloseReason::AuthFailed,
+        CloseReason::SlowConsumer,
+        CloseReason::Drain,
+        CloseReason::RetryLimit,
+        CloseReason::Limit,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            CloseReason::Peer => "peer",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::Idle => "idle",
+            CloseReason::Protocol => "protocol",
+            CloseReason::AuthFailed => "auth_failed",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Drain => "drain",
+            CloseReason::RetryLimit => "retry_limit",
+            CloseReason::Limit => "limit",
+        }
+    }
+}
+
+/// Per-tenant figures.
+#[derive(Debug, Default, Clone)]
+pub struct TenantStats {
+    pub connections: i64,
+    pub sends: u64,
+}
+
+/// One shard's block.
+#[derive(Debug)]
+pub struct ShardMetrics {
+    pub connections: AtomicI64,
+    pub authenticated: AtomicI64,
+    pub accepted: AtomicU64,
+    pub handshakes_ok: AtomicU64,
+    pub handshakes_failed: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub writes: AtomicU64,
+    frames_in: [[AtomicU64; CODECS]; OPS],
+    frames_out: [[AtomicU64; CODECS]; OPS],
+    errors: [AtomicU64; CODES],
+    closes: [AtomicU64; CloseReason::ALL.len()],
+    pub deliveries_pending: AtomicI64,
+    pub deliveries_confirmed: AtomicU64,
+    pub deliveries_failed: AtomicU64,
+    pub retransmits: AtomicU64,
+    pub cross_shard_sent: AtomicU64,
+    pub cross_shard_shed: AtomicU64,
+    pub outbox_depth: AtomicI64,
+    pub timers: AtomicI64,
+    tenants: Mutex<BTreeMap<String, TenantStats>>,
+}
+
+impl Default for ShardMetrics {
+    fn default() -> Self {
+        ShardMetrics {
+            connections: AtomicI64::new(0),
+            authenticated: AtomicI64::new(0),
+            accepted: AtomicU64::new(0),
+            handshakes_ok: AtomicU64::new(0),
+            handshakes_failed: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            frames_in: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            frames_out: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            closes: std::array::from_fn(|_| AtomicU64::new(0)),
+            deliveries_pending: AtomicI64::new(0),
+            deliveries_confirmed: AtomicU64::new(0),
+            deliveries_failed: AtomicU64::new(0),
+            retransmits: AtomicU64::new(0),
+            cross_shard_sent: AtomicU64::new(0),
+            cross_shard_shed: AtomicU64::new(0),
+            outbox_depth: AtomicI64::new(0),
+            timers: AtomicI64::new(0),
+            tenants: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+fn inc(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+impl ShardMetrics {
+    /// A frame received; `op` is the raw op number (unknown ops counted in slot 0).
+    pub fn frame_in(&self, op: u8, codec: CodecId) {
+        let o = Op::from_u8(op).map_or(0, |o| o as usize);
+        inc(&self.frames_in[o][codec as usize]);
+    }
+
+    pub fn frame_out(&self, op: Op, codec: CodecId) {
+        inc(&self.frames_out[op as usize][codec as usize]);
+    }
+
+    pub fn error(&self, code: ErrorCode) {
+        inc(&self.errors[code as usize]);
+    }
+
+    pub fn close(&self, reason: CloseReason) {
+        inc(&self.closes[reason as usize]);
+    }
+
+    pub fn errors_total(&self, code: ErrorCode) -> u64 {
+        self.errors[code as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn closes_total(&self, reason: CloseReason) -> u64 {
+        self.closes[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Adjusts a tenant's figures (connect: +1, disconnect: -1; sends).
+    pub fn tenant(&self, tenant: &str, connections: i64, sends: u64) {
+        let Ok(mut map) = self.tenants.lock() else {
+            return;
+        };
+        let key = if map.contains_key(tenant) || map.len() < MAX_TENANTS_TRACKED {
+            tenant
+        } else {
+            "_other"
+        };
+        let e = map.entry(key.to_string()).or_default();
+        e.connections += connections;
+        e.sends += sends;
+    }
+}
+
+/// All shards' blocks.
+#[derive(Debug)]
+pub struct Metrics {
+    pub shards: Vec<ShardMetrics>,
+}
+
+impl Metrics {
+    pub fn new(shards: usize) -> Self {
+        Metrics {
+            shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
+        }
+    }
+
+    /// Sum of one counter over all shards.
+    pub fn sum(&self, f: impl Fn(&ShardMetrics) -> u64) -> u64 {
+        self.shards.iter().map(f).sum()
+    }
+
+    /// Prometheus text exposition format, version 0.0.4.
+    pub fn render(&self) -> String {
+        let mut o = String::with_capacity(16 * 1024);
+        let r = Ordering::Relaxed;
+        let per_shard_i = |o: &mut String, name: &str, help: &str, kind: &str, f: &dyn Fn(&ShardMetrics) -> i64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (i, s) in self.shards.iter().enumerate() {
+                let _ = writeln!(o, "{name}{{shard=\"{i}\"}} {}", f(s));
+            }
+        };
+        per_shard_i(&mut o, "imgw_connections", "Open connections.", "gauge", &|s| s.connections.load(r));
+        per_shard_i(&mut o, "imgw_connections_authenticated", "Connections past hello.", "gauge", &|s| s.authenticated.load(r));
+        per_shard_i(&mut o, "imgw_accepted_total", "Accepted sockets.", "counter", &|s| s.accepted.load(r) as i64);
+        per_shard_i(&mut o, "imgw_handshakes_ok_total", "Successful hello handshakes.", "counter", &|s| s.handshakes_ok.load(r) as i64);
+        per_shard_i(&mut o, "imgw_handshakes_failed_total", "Refused handshakes.", "counter", &|s| s.handshakes_failed.load(r) as i64);
+        per_shard_i(&mut o, "imgw_bytes_in_total", "Bytes read from clients.", "counter", &|s| s.bytes_in.load(r) as i64);
+        per_shard_i(&mut o, "imgw_bytes_out_total", "Bytes written to clients.", "counter", &|s| s.bytes_out.load(r) as i64);
+        per_shard_i(&mut o, "imgw_writes_total", "Socket writes (frames are coalesced per write).", "counter", &|s| s.writes.load(r) as i64);
+        per_shard_i(&mut o, "imgw_retransmits_total", "Deliveries sent again.", "counter", &|s| s.retransmits.load(r) as i64);
+        per_shard_i(&mut o, "imgw_cross_shard_sent_total", "Messages sent to other shards.", "counter", &|s| s.cross_shard_sent.load(r) as i64);
+        per_shard_i(&mut o, "imgw_cross_shard_shed_total", "Messages shed because a shard channel was full.", "counter", &|s| s.cross_shard_shed.load(r) as i64);
+        per_shard_i(&mut o, "imgw_outbox_depth", "Messages waiting for a full shard channel.", "gauge", &|s| s.outbox_depth.load(r));
+        per_shard_i(&mut o, "imgw_timers", "Entries in the shard's timer wheel.", "gauge", &|s| s.timers.load(r));
+
+        let _ = writeln!(o, "# HELP imgw_deliveries Deliveries by state.\n# TYPE imgw_deliveries gauge");
+        for (i, s) in self.shards.iter().enumerate() {
+            let _ = writeln!(o, "imgw_deliveries{{shard=\"{i}\",state=\"pending\"}} {}", s.deliveries_pending.load(r));
+            let _ = writeln!(o, "imgw_deliveries{{shard=\"{i}\",state=\"confirmed\"}} {}", s.deliveries_confirmed.load(r));
+            let _ = writeln!(o, "imgw_deliveries{{shard=\"{i}\",state=\"failed\"}} {}", s.deliveries_failed.load(r));
+        }
+        for (name, dir) in [("imgw_frames_in_total", true), ("imgw_frames_out_total", false)] {
+            let _ = writeln!(o, "# HELP {name} Frames by op and codec.\n# TYPE {name} counter");
+            for (i, s) in self.shards.iter().enumerate() {
+                let table = if dir { &s.frames_in } else { &s.frames_out };
+                for (oi, row) in table.iter().enumerate() {
+                    let op = if oi == 0 { "unknown" } else { Op::ALL[oi - 1].name() };
+                    for codec in CodecId::ALL {
+                        let v = row[codec as usize].load(r);
+                        if v > 0 {
+                            let _ = writeln!(o, "{name}{{shard=\"{i}\",op=\"{op}\",codec=\"{}\"}} {v}", codec.name());
+                        }
+                    }
+                }
+            }
+        }
+        let _ = writeln!(o, "# HELP imgw_errors_total Error frames sent, by code.\n# TYPE imgw_errors_total counter");
+        for (i, s) in self.shards.iter().enumerate() {
+            for code in ErrorCode::ALL {
+                let _ = writeln!(o, "imgw_errors_total{{shard=\"{i}\",code=\"{}\"}} {}", code.name(), s.errors_total(code));
+            }
+        }
+        let _ = writeln!(o, "# HELP imgw_closes_total Closed connections, by reason.\n# TYPE imgw_closes_total counter");
+        for (i, s) in self.shards.iter().enumerate() {
+            for reason in CloseReason::ALL {
+                let _ = writeln!(o, "imgw_closes_total{{shard=\"{i}\",reason=\"{}\"}} {}", reason.name(), s.closes_total(reason));
+            }
+        }
+        let mut tenants: BTreeMap<String, TenantStats> = BTreeMap::new();
+        for s in &self.shards {
+            if let Ok(map) = s.tenants.lock() {
+                for (t, st) in map.iter() {
+                    let e = tenants.entry(t.clone()).or_default();
+                    e.connections += st.connections;
+                    e.sends += st.sends;
+                }
+            }
+        }
+        let _ = writeln!(o, "# HELP imgw_tenant_connections Open connections per tenant.\n# TYPE imgw_tenant_connections gauge");
+        for (t, st) in &tenants {
+            let _ = writeln!(o, "imgw_tenant_connections{{tenant=\"{}\"}} {}", escape(t), st.connections);
+        }
+        let _ = writeln!(o, "# HELP imgw_tenant_sends_total Accepted sends per tenant.\n# TYPE imgw_tenant_sends_total counter");
+        for (t, st) in &tenants {
+            let _ = writeln!(o, "imgw_tenant_sends_total{{tenant=\"{}\"}} {}", escape(t), st.sends);
+        }
+        o
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
