@@ -108,7 +108,7 @@ fn messages() -> Vec<Envelope> {
         Envelope::new(Message::Deliver(Deliver {
             mid: 9_007_199_254_740_991, // 2^53 - 1, the largest a JS number holds exactly
             from: "alice".into(),
-            to: Target::Group("équipe-世界".into()),
+            to: Some(Target::Group("équipe-世界".into())),
             inbox_seq: 4_294_967_296,
             ts: 1_767_225_600_123,
             kind: Some("text".into()),

@@ -265,6 +265,21 @@ impl OpOnly {
     }
 }
 
+/// Finishes a self-describing decode: the full parse's result, or on failure the better error
+/// (`UnknownOp` when a second, op-only parse finds an op this version does not know).
+pub(crate) fn finish(
+    full: Result<WireIn, DecodeError>,
+    op_only: impl FnOnce() -> Option<OpOnly>,
+) -> Result<Envelope, DecodeError> {
+    match full {
+        Ok(wire) => wire.into_envelope(),
+        Err(e) => Err(match op_only() {
+            Some(op) => op.classify(e),
+            None => e,
+        }),
+    }
+}
+
 fn req<T>(v: Option<T>, field: &'static str) -> Result<T, DecodeError> {
     v.ok_or(DecodeError::MissingField(field))
 }

@@ -48,7 +48,7 @@ use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, V
 use serde::ser::{self, Serialize};
 use serde::Deserialize;
 
-use super::fields::WireIn;
+use super::fields::{finish, OpOnly, WireIn};
 use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
 use crate::protocol::Envelope;
 
@@ -73,8 +73,7 @@ impl Codec for Hessian {
     }
 
     fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
-        let wire: WireIn = from_slice(bytes)?;
-        wire.into_envelope()
+        finish(from_slice::<WireIn>(bytes), || from_slice::<OpOnly>(bytes).ok())
     }
 }
 
@@ -1501,7 +1500,7 @@ mod tests {
         let deliver = Deliver {
             mid: 9_007_199_254_740_000,
             from: "alice".into(),
-            to: Target::Group("g-ünïcødé-😀".into()),
+            to: Some(Target::Group("g-ünïcødé-😀".into())),
             inbox_seq: 4_294_967_296,
             ts: 1_767_225_600_123,
             kind: Some("text".into()),
@@ -1576,7 +1575,7 @@ mod tests {
             Envelope::new(Message::Deliver(Deliver {
                 kind: None,
                 ext: Ext::new(),
-                to: Target::User("bob".into()),
+                to: Some(Target::User("bob".into())),
                 body: String::new(),
                 ..deliver
             })),

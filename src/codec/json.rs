@@ -1,6 +1,6 @@
 //! The JSON codec (serde_json): one object per frame, `op` names the message (SPEC 3.3).
 
-use super::fields::{serde_error, OpOnly, WireIn};
+use super::fields::{finish, serde_error, OpOnly, WireIn};
 use super::{Codec, CodecId, DecodeError, EncodeError};
 use crate::protocol::Envelope;
 
@@ -23,15 +23,9 @@ impl Codec for Json {
         // Validate the whole payload once (ignored fields included), then parse without
         // re-checking every string.
         let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
-        match serde_json::from_str::<WireIn>(text) {
-            Ok(wire) => wire.into_envelope(),
-            Err(e) => {
-                let full = serde_error("json", e);
-                match serde_json::from_str::<OpOnly>(text) {
-                    Ok(op) => Err(op.classify(full)),
-                    Err(_) => Err(full),
-                }
-            }
-        }
+        finish(
+            serde_json::from_str::<WireIn>(text).map_err(|e| serde_error("json", e)),
+            || serde_json::from_str::<OpOnly>(text).ok(),
+        )
     }
 }

@@ -6,7 +6,7 @@
 
 use rmp::Marker;
 
-use super::fields::{serde_error, OpOnly, WireIn};
+use super::fields::{finish, serde_error, OpOnly, WireIn};
 use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
 use crate::protocol::Envelope;
 
@@ -29,16 +29,10 @@ impl Codec for MessagePack {
         if end != bytes.len() {
             return Err(DecodeError::malformed("msgpack", "trailing bytes"));
         }
-        match rmp_serde::from_slice::<WireIn>(bytes) {
-            Ok(wire) => wire.into_envelope(),
-            Err(e) => {
-                let full = serde_error("msgpack", e);
-                match rmp_serde::from_slice::<OpOnly>(bytes) {
-                    Ok(op) => Err(op.classify(full)),
-                    Err(_) => Err(full),
-                }
-            }
-        }
+        finish(
+            rmp_serde::from_slice::<WireIn>(bytes).map_err(|e| serde_error("msgpack", e)),
+            || rmp_serde::from_slice::<OpOnly>(bytes).ok(),
+        )
     }
 }
 
