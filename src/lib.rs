@@ -3,8 +3,10 @@
 //! Layers, from the wire inwards:
 //! - [`protocol`]: the logical message model and the raw-TCP frame codec (sans-IO).
 //! - [`codec`]: the five payload encodings (JSON, Protobuf, MessagePack, FlatBuffers, Hessian).
+//! - [`ws`]: WebSocket (RFC 6455) handshake and framing (sans-IO).
 
 #![deny(unsafe_code)]
 
 pub mod codec;
 pub mod protocol;
+pub mod ws;
