@@ -69,7 +69,10 @@ fn benches(c: &mut Criterion) {
 }
 
 fn median_ns(criterion_dir: &Path, group: &str, id: &str) -> Option<f64> {
-    let p = criterion_dir.join(group).join(id).join("new/estimates.json");
+    let p = criterion_dir
+        .join(group)
+        .join(id)
+        .join("new/estimates.json");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
     v["median"]["point_estimate"].as_f64()
 }
@@ -149,9 +152,16 @@ fn main() {
         .configure_from_args();
     benches(&mut c);
     c.final_summary();
+    // `cargo test`/nextest run benches once as a smoke test, without `--bench`: no report then.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    report(&target.join("criterion"), &root.join("bench/results/codecs.json"));
+    report(
+        &target.join("criterion"),
+        &root.join("bench/results/codecs.json"),
+    );
 }

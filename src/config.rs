@@ -28,12 +28,14 @@ impl std::str::FromStr for Durability {
             "memory" => Ok(Durability::Memory),
             "local" => Ok(Durability::Local),
             "backend" => Ok(Durability::Backend),
-            other => Err(format!("unknown durability {other:?} (memory|local|backend)")),
+            other => Err(format!(
+                "unknown durability {other:?} (memory|local|backend)"
+            )),
         }
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -140,18 +142,6 @@ pub struct RuntimeConfig {
     pub io_memory_kib: usize,
     /// Sweep tick of each shard's timer wheel.
     pub tick_ms: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            limits: Limits::default(),
-            ws: WsConfig::default(),
-            auth: AuthConfig::default(),
-            runtime: RuntimeConfig::default(),
-        }
-    }
 }
 
 impl Default for ServerConfig {
@@ -310,7 +300,10 @@ mod tests {
         assert_eq!(c.server.tcp_listen.to_string(), "127.0.0.1:9000");
         assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(c.server.data_dir, PathBuf::from("./imgw-data"));
-        assert!(c.ws.allowed_origins.is_empty(), "allow-all is never the default");
+        assert!(
+            c.ws.allowed_origins.is_empty(),
+            "allow-all is never the default"
+        );
     }
 
     #[test]

@@ -39,6 +39,7 @@ impl Control {
     /// Ready: every shard is serving and no drain has started.
     pub fn ready(&self) -> bool {
         !self.draining()
-            && self.shards_ready.load(Ordering::Acquire) >= self.shards_total.load(Ordering::Acquire)
+            && self.shards_ready.load(Ordering::Acquire)
+                >= self.shards_total.load(Ordering::Acquire)
     }
 }

@@ -3,11 +3,13 @@
 //! Layers, from the wire inwards:
 //! - [`protocol`]: the logical message model and the raw-TCP frame codec (sans-IO).
 //! - [`codec`]: the five payload encodings (JSON, Protobuf, MessagePack, FlatBuffers, Hessian).
+//! - [`ws`]: WebSocket (RFC 6455) handshake and framing (sans-IO).
 
 #![deny(unsafe_code)]
 
 pub mod codec;
-pub mod protocol;
 pub mod config;
 pub mod control;
 pub mod metrics;
+pub mod protocol;
+pub mod ws;

@@ -201,42 +201,153 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut o = String::with_capacity(16 * 1024);
         let r = Ordering::Relaxed;
-        let per_shard_i = |o: &mut String, name: &str, help: &str, kind: &str, f: &dyn Fn(&ShardMetrics) -> i64| {
+        let per_shard_i = |o: &mut String,
+                           name: &str,
+                           help: &str,
+                           kind: &str,
+                           f: &dyn Fn(&ShardMetrics) -> i64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (i, s) in self.shards.iter().enumerate() {
                 let _ = writeln!(o, "{name}{{shard=\"{i}\"}} {}", f(s));
             }
         };
-        per_shard_i(&mut o, "imgw_connections", "Open connections.", "gauge", &|s| s.connections.load(r));
-        per_shard_i(&mut o, "imgw_connections_authenticated", "Connections past hello.", "gauge", &|s| s.authenticated.load(r));
-        per_shard_i(&mut o, "imgw_accepted_total", "Accepted sockets.", "counter", &|s| s.accepted.load(r) as i64);
-        per_shard_i(&mut o, "imgw_handshakes_ok_total", "Successful hello handshakes.", "counter", &|s| s.handshakes_ok.load(r) as i64);
-        per_shard_i(&mut o, "imgw_handshakes_failed_total", "Refused handshakes.", "counter", &|s| s.handshakes_failed.load(r) as i64);
-        per_shard_i(&mut o, "imgw_bytes_in_total", "Bytes read from clients.", "counter", &|s| s.bytes_in.load(r) as i64);
-        per_shard_i(&mut o, "imgw_bytes_out_total", "Bytes written to clients.", "counter", &|s| s.bytes_out.load(r) as i64);
-        per_shard_i(&mut o, "imgw_writes_total", "Socket writes (frames are coalesced per write).", "counter", &|s| s.writes.load(r) as i64);
-        per_shard_i(&mut o, "imgw_retransmits_total", "Deliveries sent again.", "counter", &|s| s.retransmits.load(r) as i64);
-        per_shard_i(&mut o, "imgw_cross_shard_sent_total", "Messages sent to other shards.", "counter", &|s| s.cross_shard_sent.load(r) as i64);
-        per_shard_i(&mut o, "imgw_cross_shard_shed_total", "Messages shed because a shard channel was full.", "counter", &|s| s.cross_shard_shed.load(r) as i64);
-        per_shard_i(&mut o, "imgw_outbox_depth", "Messages waiting for a full shard channel.", "gauge", &|s| s.outbox_depth.load(r));
-        per_shard_i(&mut o, "imgw_timers", "Entries in the shard's timer wheel.", "gauge", &|s| s.timers.load(r));
+        per_shard_i(
+            &mut o,
+            "imgw_connections",
+            "Open connections.",
+            "gauge",
+            &|s| s.connections.load(r),
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_connections_authenticated",
+            "Connections past hello.",
+            "gauge",
+            &|s| s.authenticated.load(r),
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_accepted_total",
+            "Accepted sockets.",
+            "counter",
+            &|s| s.accepted.load(r) as i64,
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_handshakes_ok_total",
+            "Successful hello handshakes.",
+            "counter",
+            &|s| s.handshakes_ok.load(r) as i64,
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_handshakes_failed_total",
+            "Refused handshakes.",
+            "counter",
+            &|s| s.handshakes_failed.load(r) as i64,
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_bytes_in_total",
+            "Bytes read from clients.",
+            "counter",
+            &|s| s.bytes_in.load(r) as i64,
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_bytes_out_total",
+            "Bytes written to clients.",
+            "counter",
+            &|s| s.bytes_out.load(r) as i64,
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_writes_total",
+            "Socket writes (frames are coalesced per write).",
+            "counter",
+            &|s| s.writes.load(r) as i64,
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_retransmits_total",
+            "Deliveries sent again.",
+            "counter",
+            &|s| s.retransmits.load(r) as i64,
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_cross_shard_sent_total",
+            "Messages sent to other shards.",
+            "counter",
+            &|s| s.cross_shard_sent.load(r) as i64,
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_cross_shard_shed_total",
+            "Messages shed because a shard channel was full.",
+            "counter",
+            &|s| s.cross_shard_shed.load(r) as i64,
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_outbox_depth",
+            "Messages waiting for a full shard channel.",
+            "gauge",
+            &|s| s.outbox_depth.load(r),
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_timers",
+            "Entries in the shard's timer wheel.",
+            "gauge",
+            &|s| s.timers.load(r),
+        );
 
-        let _ = writeln!(o, "# HELP imgw_deliveries Deliveries by state.\n# TYPE imgw_deliveries gauge");
+        let _ = writeln!(
+            o,
+            "# HELP imgw_deliveries Deliveries by state.\n# TYPE imgw_deliveries gauge"
+        );
         for (i, s) in self.shards.iter().enumerate() {
-            let _ = writeln!(o, "imgw_deliveries{{shard=\"{i}\",state=\"pending\"}} {}", s.deliveries_pending.load(r));
-            let _ = writeln!(o, "imgw_deliveries{{shard=\"{i}\",state=\"confirmed\"}} {}", s.deliveries_confirmed.load(r));
-            let _ = writeln!(o, "imgw_deliveries{{shard=\"{i}\",state=\"failed\"}} {}", s.deliveries_failed.load(r));
+            let _ = writeln!(
+                o,
+                "imgw_deliveries{{shard=\"{i}\",state=\"pending\"}} {}",
+                s.deliveries_pending.load(r)
+            );
+            let _ = writeln!(
+                o,
+                "imgw_deliveries{{shard=\"{i}\",state=\"confirmed\"}} {}",
+                s.deliveries_confirmed.load(r)
+            );
+            let _ = writeln!(
+                o,
+                "imgw_deliveries{{shard=\"{i}\",state=\"failed\"}} {}",
+                s.deliveries_failed.load(r)
+            );
         }
-        for (name, dir) in [("imgw_frames_in_total", true), ("imgw_frames_out_total", false)] {
-            let _ = writeln!(o, "# HELP {name} Frames by op and codec.\n# TYPE {name} counter");
+        for (name, dir) in [
+            ("imgw_frames_in_total", true),
+            ("imgw_frames_out_total", false),
+        ] {
+            let _ = writeln!(
+                o,
+                "# HELP {name} Frames by op and codec.\n# TYPE {name} counter"
+            );
             for (i, s) in self.shards.iter().enumerate() {
                 let table = if dir { &s.frames_in } else { &s.frames_out };
                 for (oi, row) in table.iter().enumerate() {
-                    let op = if oi == 0 { "unknown" } else { Op::ALL[oi - 1].name() };
+                    let op = if oi == 0 {
+                        "unknown"
+                    } else {
+                        Op::ALL[oi - 1].name()
+                    };
                     for codec in CodecId::ALL {
                         let v = row[codec as usize].load(r);
                         if v > 0 {
-                            let _ = writeln!(o, "{name}{{shard=\"{i}\",op=\"{op}\",codec=\"{}\"}} {v}", codec.name());
+                            let _ = writeln!(
+                                o,
+                                "{name}{{shard=\"{i}\",op=\"{op}\",codec=\"{}\"}} {v}",
+                                codec.name()
+                            );
                         }
                     }
                 }
@@ -245,13 +356,23 @@ impl Metrics {
         let _ = writeln!(o, "# HELP imgw_errors_total Error frames sent, by code.\n# TYPE imgw_errors_total counter");
         for (i, s) in self.shards.iter().enumerate() {
             for code in ErrorCode::ALL {
-                let _ = writeln!(o, "imgw_errors_total{{shard=\"{i}\",code=\"{}\"}} {}", code.name(), s.errors_total(code));
+                let _ = writeln!(
+                    o,
+                    "imgw_errors_total{{shard=\"{i}\",code=\"{}\"}} {}",
+                    code.name(),
+                    s.errors_total(code)
+                );
             }
         }
         let _ = writeln!(o, "# HELP imgw_closes_total Closed connections, by reason.\n# TYPE imgw_closes_total counter");
         for (i, s) in self.shards.iter().enumerate() {
             for reason in CloseReason::ALL {
-                let _ = writeln!(o, "imgw_closes_total{{shard=\"{i}\",reason=\"{}\"}} {}", reason.name(), s.closes_total(reason));
+                let _ = writeln!(
+                    o,
+                    "imgw_closes_total{{shard=\"{i}\",reason=\"{}\"}} {}",
+                    reason.name(),
+                    s.closes_total(reason)
+                );
             }
         }
         let mut tenants: BTreeMap<String, TenantStats> = BTreeMap::new();
@@ -266,11 +387,21 @@ impl Metrics {
         }
         let _ = writeln!(o, "# HELP imgw_tenant_connections Open connections per tenant.\n# TYPE imgw_tenant_connections gauge");
         for (t, st) in &tenants {
-            let _ = writeln!(o, "imgw_tenant_connections{{tenant=\"{}\"}} {}", escape(t), st.connections);
+            let _ = writeln!(
+                o,
+                "imgw_tenant_connections{{tenant=\"{}\"}} {}",
+                escape(t),
+                st.connections
+            );
         }
         let _ = writeln!(o, "# HELP imgw_tenant_sends_total Accepted sends per tenant.\n# TYPE imgw_tenant_sends_total counter");
         for (t, st) in &tenants {
-            let _ = writeln!(o, "imgw_tenant_sends_total{{tenant=\"{}\"}} {}", escape(t), st.sends);
+            let _ = writeln!(
+                o,
+                "imgw_tenant_sends_total{{tenant=\"{}\"}} {}",
+                escape(t),
+                st.sends
+            );
         }
         o
     }
@@ -278,5 +409,7 @@ impl Metrics {
 
 /// Escapes a Prometheus label value.
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

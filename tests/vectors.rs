@@ -35,7 +35,11 @@ fn check(codec: CodecId) {
         let mut frame = Vec::new();
         write_frame(&mut frame, codec, &[], &env).unwrap();
         let Some(hex) = vectors.get(name) else {
-            assert!(regen, "{}: no vector for {name}; run with IMGW_REGEN=1", codec.name());
+            assert!(
+                regen,
+                "{}: no vector for {name}; run with IMGW_REGEN=1",
+                codec.name()
+            );
             vectors.insert(name.to_string(), hex::encode(&frame));
             added = true;
             continue;
@@ -49,9 +53,16 @@ fn check(codec: CodecId) {
         assert!(buf.is_empty(), "{name}: trailing bytes");
         assert_eq!(f.header.codec, codec);
         assert_eq!(f.header.op, env.msg.op() as u8, "{name}");
-        let got = codec.decode(&f.payload).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = codec
+            .decode(&f.payload)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(got, env, "{}: {name} decodes differently", codec.name());
-        assert_eq!(hex::encode(&frame), *hex, "{}: encoder output changed for {name}", codec.name());
+        assert_eq!(
+            hex::encode(&frame),
+            *hex,
+            "{}: encoder output changed for {name}",
+            codec.name()
+        );
     }
     if added {
         let mut text = format!(

@@ -54,7 +54,9 @@ impl Serialize for LimitsSer<'_> {
 /// Number of map entries `env` serializes to (some formats need it up front).
 fn entry_count(env: &Envelope) -> usize {
     let body = match &env.msg {
-        Message::Hello(h) => 3 + usize::from(!h.codecs.is_empty()) + usize::from(h.resume.is_some()),
+        Message::Hello(h) => {
+            3 + usize::from(!h.codecs.is_empty()) + usize::from(h.resume.is_some())
+        }
         Message::Welcome(_) => 6,
         Message::Ping(_) | Message::Pong(_) => 1,
         Message::Send(s) => 3 + usize::from(s.kind.is_some()) + usize::from(!s.ext.is_empty()),

@@ -73,7 +73,9 @@ impl Codec for Hessian {
     }
 
     fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
-        finish(from_slice::<WireIn>(bytes), || from_slice::<OpOnly>(bytes).ok())
+        finish(from_slice::<WireIn>(bytes), || {
+            from_slice::<OpOnly>(bytes).ok()
+        })
     }
 }
 

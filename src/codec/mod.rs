@@ -27,10 +27,7 @@ pub enum DecodeError {
     Truncated,
     /// The bytes are not valid for this codec (bad tag, bad type, trailing bytes, ...).
     #[error("malformed {codec} payload: {detail}")]
-    Malformed {
-        codec: &'static str,
-        detail: String,
-    },
+    Malformed { codec: &'static str, detail: String },
     /// A string was not valid UTF-8.
     #[error("invalid UTF-8 in a string")]
     InvalidUtf8,
@@ -42,10 +39,7 @@ pub enum DecodeError {
     LengthLies { declared: u64, remaining: u64 },
     /// The `op` is not one this version knows. The connection stays open (`unsupported`).
     #[error("unknown op {op:?}")]
-    UnknownOp {
-        op: String,
-        reference: Option<u64>,
-    },
+    UnknownOp { op: String, reference: Option<u64> },
     /// A field required by the op is absent.
     #[error("missing field `{0}`")]
     MissingField(&'static str),
@@ -73,10 +67,7 @@ pub enum EncodeError {
     TooLarge,
     /// The underlying serializer reported an error.
     #[error("{codec} encoder: {detail}")]
-    Format {
-        codec: &'static str,
-        detail: String,
-    },
+    Format { codec: &'static str, detail: String },
 }
 
 /// One encoding of the message model.
@@ -140,7 +131,10 @@ impl CodecId {
     }
 
     pub fn from_subprotocol(name: &str) -> Option<CodecId> {
-        CodecId::ALL.iter().copied().find(|c| c.subprotocol() == name)
+        CodecId::ALL
+            .iter()
+            .copied()
+            .find(|c| c.subprotocol() == name)
     }
 
     /// JSON travels in WebSocket text frames; the others in binary frames.

@@ -71,7 +71,9 @@ pub(crate) fn check_structure(bytes: &[u8]) -> Result<usize, DecodeError> {
         let b = *bytes.get(pos).ok_or(DecodeError::Truncated)?;
         pos += 1;
         let children: u64 = match Marker::from_u8(b) {
-            Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => 0,
+            Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
+                0
+            }
             Marker::U8 | Marker::I8 => {
                 pos = take(bytes, pos, 1)?;
                 0
@@ -92,7 +94,12 @@ pub(crate) fn check_structure(bytes: &[u8]) -> Result<usize, DecodeError> {
                 pos = take(bytes, pos, u64::from(n))?;
                 0
             }
-            Marker::Str8 | Marker::Bin8 | Marker::Str16 | Marker::Bin16 | Marker::Str32 | Marker::Bin32 => {
+            Marker::Str8
+            | Marker::Bin8
+            | Marker::Str16
+            | Marker::Bin16
+            | Marker::Str32
+            | Marker::Bin32 => {
                 let w = match Marker::from_u8(b) {
                     Marker::Str8 | Marker::Bin8 => 1,
                     Marker::Str16 | Marker::Bin16 => 2,
@@ -102,7 +109,11 @@ pub(crate) fn check_structure(bytes: &[u8]) -> Result<usize, DecodeError> {
                 pos = take(bytes, p, n)?;
                 0
             }
-            Marker::FixExt1 | Marker::FixExt2 | Marker::FixExt4 | Marker::FixExt8 | Marker::FixExt16 => {
+            Marker::FixExt1
+            | Marker::FixExt2
+            | Marker::FixExt4
+            | Marker::FixExt8
+            | Marker::FixExt16 => {
                 let n = match Marker::from_u8(b) {
                     Marker::FixExt1 => 1,
                     Marker::FixExt2 => 2,
@@ -127,7 +138,11 @@ pub(crate) fn check_structure(bytes: &[u8]) -> Result<usize, DecodeError> {
             Marker::FixMap(n) => 2 * u64::from(n),
             Marker::Array16 | Marker::Map16 | Marker::Array32 | Marker::Map32 => {
                 let marker = Marker::from_u8(b);
-                let w = if matches!(marker, Marker::Array16 | Marker::Map16) { 2 } else { 4 };
+                let w = if matches!(marker, Marker::Array16 | Marker::Map16) {
+                    2
+                } else {
+                    4
+                };
                 let (n, p) = be(bytes, pos, w)?;
                 pos = p;
                 if matches!(marker, Marker::Map16 | Marker::Map32) {
@@ -136,7 +151,9 @@ pub(crate) fn check_structure(bytes: &[u8]) -> Result<usize, DecodeError> {
                     n
                 }
             }
-            Marker::Reserved => return Err(DecodeError::malformed("msgpack", "reserved marker 0xc1")),
+            Marker::Reserved => {
+                return Err(DecodeError::malformed("msgpack", "reserved marker 0xc1"))
+            }
         };
         if children > 0 {
             // Every element takes at least one byte.

@@ -204,7 +204,9 @@ fn body_len(msg: &Message) -> usize {
         Message::Synced(s) => u64_len(1, s.up_to) + if s.more { 2 } else { 0 },
         Message::PresenceSet(p) => u64_len(1, p.status as u64),
         Message::PresenceSub(p) => p.users.iter().map(|u| opt_str_len(1, u)).sum(),
-        Message::Presence(p) => str_len(1, &p.user) + u64_len(2, p.status as u64) + u64_len(3, p.ts),
+        Message::Presence(p) => {
+            str_len(1, &p.user) + u64_len(2, p.status as u64) + u64_len(3, p.ts)
+        }
         Message::GroupJoin(GroupJoin { group }) | Message::GroupLeave(GroupLeave { group }) => {
             str_len(1, group)
         }

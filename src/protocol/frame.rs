@@ -283,7 +283,13 @@ mod tests {
 
     fn ping_frame(codec: CodecId, ts: u64, ext: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        write_frame(&mut out, codec, ext, &Envelope::new(Message::Ping(Ping { ts }))).unwrap();
+        write_frame(
+            &mut out,
+            codec,
+            ext,
+            &Envelope::new(Message::Ping(Ping { ts })),
+        )
+        .unwrap();
         out
     }
 
@@ -344,18 +350,37 @@ mod tests {
         let good = ping_frame(CodecId::Json, 1, &[]);
         let mut b = good.clone();
         b[0] = b'G';
-        assert!(matches!(dec.decode(&mut BytesMut::from(&b[..1])), Err(FrameError::BadMagic(_))));
+        assert!(matches!(
+            dec.decode(&mut BytesMut::from(&b[..1])),
+            Err(FrameError::BadMagic(_))
+        ));
         b = good.clone();
         b[2] = 9;
-        assert_eq!(dec.decode(&mut BytesMut::from(&b[..])), Err(FrameError::UnsupportedVersion(9)));
+        assert_eq!(
+            dec.decode(&mut BytesMut::from(&b[..])),
+            Err(FrameError::UnsupportedVersion(9))
+        );
         b = good.clone();
         b[4] = 77;
-        assert_eq!(dec.decode(&mut BytesMut::from(&b[..])), Err(FrameError::UnknownCodec(77)));
+        assert_eq!(
+            dec.decode(&mut BytesMut::from(&b[..])),
+            Err(FrameError::UnknownCodec(77))
+        );
         // ext_len 3: not a whole TLV entry.
         let mut f = Vec::new();
-        Header { version: 1, op: 3, codec: CodecId::Json, flags: 0, ext_len: 3, payload_len: 0 }
-            .write(&mut f);
+        Header {
+            version: 1,
+            op: 3,
+            codec: CodecId::Json,
+            flags: 0,
+            ext_len: 3,
+            payload_len: 0,
+        }
+        .write(&mut f);
         f.extend_from_slice(&[0, 1, 0]);
-        assert_eq!(dec.decode(&mut BytesMut::from(&f[..])), Err(FrameError::BadExtensions));
+        assert_eq!(
+            dec.decode(&mut BytesMut::from(&f[..])),
+            Err(FrameError::BadExtensions)
+        );
     }
 }

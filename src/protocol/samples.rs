@@ -69,8 +69,18 @@ pub fn all() -> Vec<(&'static str, Envelope)> {
                 1,
             ),
         ),
-        ("ping", Envelope::new(Message::Ping(Ping { ts: 1_700_000_000_001 }))),
-        ("pong", Envelope::new(Message::Pong(Pong { ts: 1_700_000_000_002 }))),
+        (
+            "ping",
+            Envelope::new(Message::Ping(Ping {
+                ts: 1_700_000_000_001,
+            })),
+        ),
+        (
+            "pong",
+            Envelope::new(Message::Pong(Pong {
+                ts: 1_700_000_000_002,
+            })),
+        ),
         (
             "send",
             Envelope::with_ref(

@@ -68,20 +68,34 @@ pub fn message() -> impl Strategy<Value = Message> {
                 ext,
             })
         }),
-        (s(), n(), n(), n())
-            .prop_map(|(cmid, mid, seq, ts)| Message::SendAck(SendAck { cmid, mid, seq, ts })),
-        (n(), s(), option::of(target()), n(), n(), option::of(s()), s(), ext()).prop_map(
-            |(mid, from, to, inbox_seq, ts, kind, body, ext)| Message::Deliver(Deliver {
-                mid,
-                from,
-                to,
-                inbox_seq,
-                ts,
-                kind,
-                body,
-                ext,
-            })
-        ),
+        (s(), n(), n(), n()).prop_map(|(cmid, mid, seq, ts)| Message::SendAck(SendAck {
+            cmid,
+            mid,
+            seq,
+            ts
+        })),
+        (
+            n(),
+            s(),
+            option::of(target()),
+            n(),
+            n(),
+            option::of(s()),
+            s(),
+            ext()
+        )
+            .prop_map(
+                |(mid, from, to, inbox_seq, ts, kind, body, ext)| Message::Deliver(Deliver {
+                    mid,
+                    from,
+                    to,
+                    inbox_seq,
+                    ts,
+                    kind,
+                    body,
+                    ext,
+                })
+            ),
         n().prop_map(|inbox_seq| Message::Ack(Ack { inbox_seq })),
         (n(), any::<u32>()).prop_map(|(after_inbox_seq, limit)| Message::Sync(Sync {
             after_inbox_seq,
@@ -90,8 +104,11 @@ pub fn message() -> impl Strategy<Value = Message> {
         (n(), any::<bool>()).prop_map(|(up_to, more)| Message::Synced(Synced { up_to, more })),
         status().prop_map(|status| Message::PresenceSet(PresenceSet { status })),
         vec(s(), 0..4).prop_map(|users| Message::PresenceSub(PresenceSub { users })),
-        (s(), status(), n())
-            .prop_map(|(user, status, ts)| Message::Presence(Presence { user, status, ts })),
+        (s(), status(), n()).prop_map(|(user, status, ts)| Message::Presence(Presence {
+            user,
+            status,
+            ts
+        })),
         s().prop_map(|group| Message::GroupJoin(GroupJoin { group })),
         s().prop_map(|group| Message::GroupLeave(GroupLeave { group })),
         Just(Message::Ok),
@@ -101,12 +118,14 @@ pub fn message() -> impl Strategy<Value = Message> {
             option::of(s()),
             option::of(n())
         )
-            .prop_map(|(code, message, cmid, retry_after_ms)| Message::Error(Error {
-                code,
-                message,
-                cmid,
-                retry_after_ms
-            })),
+            .prop_map(
+                |(code, message, cmid, retry_after_ms)| Message::Error(Error {
+                    code,
+                    message,
+                    cmid,
+                    retry_after_ms
+                })
+            ),
         (s(), n()).prop_map(|(reason, reconnect_ms)| Message::Goaway(Goaway {
             reason,
             reconnect_ms
