@@ -19,7 +19,7 @@
 //! Needs Node.js and the module: `npm ci --prefix tests/interop`. Without them the test fails,
 //! unless `IMGW_SKIP_INTEROP=1` is set.
 
-use std::collections::BTreeMap;
+use imgw::protocol::Ext;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -95,7 +95,7 @@ fn encode(env: &Envelope) -> Vec<u8> {
 }
 
 fn messages() -> Vec<Envelope> {
-    let ext: BTreeMap<String, String> = [
+    let ext: Ext = [
         ("lang", "fr"),
         ("reply_to", "m-12"),
         ("émoji", "😀 ok"),
@@ -120,8 +120,8 @@ fn messages() -> Vec<Envelope> {
                 to: Target::User("bob".into()),
                 cmid: "c-1".into(),
                 kind: None,
-                body: "x".repeat(40_000) + "😀" + &"y".repeat(40_000),
-                ext: BTreeMap::new(),
+                body: ("x".repeat(40_000) + "😀" + &"y".repeat(40_000)).into(),
+                ext: Ext::new(),
             }),
             3,
         ),
@@ -142,7 +142,9 @@ fn messages() -> Vec<Envelope> {
         ),
         Envelope::with_ref(
             Message::PresenceSub(PresenceSub {
-                users: (0..12).map(|i| format!("user-{i}-ü")).collect(),
+                users: (0..12)
+                    .map(|i| imgw::protocol::Str::from(format!("user-{i}-ü")))
+                    .collect(),
             }),
             7,
         ),

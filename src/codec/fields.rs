@@ -6,14 +6,18 @@
 //! serde fills in one pass without buffering; [`WireIn::into_envelope`] then checks that the
 //! op's required fields are present. Unknown fields are ignored (SPEC 3.3 versioning).
 
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
 use super::DecodeError;
 use crate::protocol::{
     Ack, Deliver, Envelope, Error, ErrorCode, Ext, Goaway, GroupJoin, GroupLeave, Hello, Limits,
-    Message, Ping, Pong, Presence, PresenceSet, PresenceSub, Resume, Send, SendAck, Status, Sync,
-    Synced, Target, Welcome,
+    Message, Ping, Pong, Presence, PresenceSet, PresenceSub, Resume, Send, SendAck, Status, Str,
+    Sync, Synced, Target, Welcome,
 };
 
 struct TargetSer<'a>(&'a Target);
@@ -180,12 +184,108 @@ impl Serialize for Envelope {
     }
 }
 
+/// A string as the deserializer found it: borrowed from the input when it could be (no
+/// escapes, plain UTF-8), owned otherwise. [`Src::str`] turns it into a [`Str`] without a copy
+/// in the borrowed case.
+pub(crate) struct BStr<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for BStr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = BStr<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(BStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(BStr(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(BStr(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
+/// `ext`: a map of strings, kept as pairs in input order.
+pub(crate) struct WireExt<'a>(Vec<(BStr<'a>, BStr<'a>)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for WireExt<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = WireExt<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of strings")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                // The size hint is bounded by the input (callers check counts against the
+                // bytes left), but cap the pre-allocation anyway.
+                let mut v = Vec::with_capacity(m.size_hint().unwrap_or(0).min(16));
+                while let Some(entry) = m.next_entry::<BStr<'a>, BStr<'a>>()? {
+                    v.push(entry);
+                }
+                Ok(WireExt(v))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// The input a message was decoded from, so borrowed strings become slices of it.
+pub(crate) struct Src<'b>(pub(crate) &'b Bytes);
+
+impl Src<'_> {
+    pub(crate) fn str(&self, s: BStr<'_>) -> Str {
+        match s.0 {
+            Cow::Borrowed(b) => {
+                let base = self.0.as_ptr() as usize;
+                let at = b.as_ptr() as usize;
+                if at >= base && at + b.len() <= base + self.0.len() {
+                    // In range, so slice_ref cannot panic; the bytes are the str's, so UTF-8.
+                    Str::try_from(self.0.slice_ref(b.as_bytes())).unwrap_or_else(|_| Str::from(b))
+                } else {
+                    Str::from(b)
+                }
+            }
+            Cow::Owned(o) => Str::from(o),
+        }
+    }
+
+    fn opt(&self, s: Option<BStr<'_>>) -> Option<Str> {
+        s.map(|s| self.str(s))
+    }
+
+    fn req(&self, s: Option<BStr<'_>>, field: &'static str) -> Result<Str, DecodeError> {
+        Ok(self.str(req(s, field)?))
+    }
+
+    fn list(&self, v: Vec<BStr<'_>>) -> Vec<Str> {
+        v.into_iter().map(|s| self.str(s)).collect()
+    }
+
+    fn ext(&self, e: Option<WireExt<'_>>) -> Ext {
+        let Some(e) = e else { return Ext::new() };
+        let mut out = Ext::with_capacity(e.0.len());
+        for (k, v) in e.0 {
+            out.insert(self.str(k), self.str(v));
+        }
+        out
+    }
+}
+
 /// `to`: exactly one of `user` or `group`.
 #[derive(Deserialize, Default)]
 #[serde(default)]
-pub(crate) struct WireTarget {
-    user: Option<String>,
-    group: Option<String>,
+pub(crate) struct WireTarget<'a> {
+    #[serde(borrow)]
+    user: Option<BStr<'a>>,
+    #[serde(borrow)]
+    group: Option<BStr<'a>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -205,42 +305,58 @@ pub(crate) struct WireLimits {
 /// Every field any op may carry. Filled by serde in one pass; unknown keys are skipped.
 #[derive(Deserialize, Default)]
 #[serde(default)]
-pub(crate) struct WireIn {
-    op: Option<String>,
+pub(crate) struct WireIn<'a> {
+    #[serde(borrow)]
+    op: Option<BStr<'a>>,
     #[serde(rename = "ref")]
     reference: Option<u64>,
     version: Option<u8>,
-    token: Option<String>,
-    device: Option<String>,
-    codecs: Option<Vec<String>>,
+    #[serde(borrow)]
+    token: Option<BStr<'a>>,
+    #[serde(borrow)]
+    device: Option<BStr<'a>>,
+    #[serde(borrow)]
+    codecs: Option<Vec<BStr<'a>>>,
     resume: Option<WireResume>,
     session: Option<u64>,
-    user: Option<String>,
+    #[serde(borrow)]
+    user: Option<BStr<'a>>,
     heartbeat_ms: Option<u64>,
     server_time_ms: Option<u64>,
     limits: Option<WireLimits>,
     ts: Option<u64>,
-    to: Option<WireTarget>,
-    cmid: Option<String>,
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    body: Option<String>,
-    ext: Option<Ext>,
+    #[serde(borrow)]
+    to: Option<WireTarget<'a>>,
+    #[serde(borrow)]
+    cmid: Option<BStr<'a>>,
+    #[serde(rename = "type", borrow)]
+    kind: Option<BStr<'a>>,
+    #[serde(borrow)]
+    body: Option<BStr<'a>>,
+    #[serde(borrow)]
+    ext: Option<WireExt<'a>>,
     mid: Option<u64>,
     seq: Option<u64>,
-    from: Option<String>,
+    #[serde(borrow)]
+    from: Option<BStr<'a>>,
     inbox_seq: Option<u64>,
     after_inbox_seq: Option<u64>,
     limit: Option<u32>,
     up_to: Option<u64>,
     more: Option<bool>,
-    status: Option<String>,
-    users: Option<Vec<String>>,
-    group: Option<String>,
-    code: Option<String>,
-    message: Option<String>,
+    #[serde(borrow)]
+    status: Option<BStr<'a>>,
+    #[serde(borrow)]
+    users: Option<Vec<BStr<'a>>>,
+    #[serde(borrow)]
+    group: Option<BStr<'a>>,
+    #[serde(borrow)]
+    code: Option<BStr<'a>>,
+    #[serde(borrow)]
+    message: Option<BStr<'a>>,
     retry_after_ms: Option<u64>,
-    reason: Option<String>,
+    #[serde(borrow)]
+    reason: Option<BStr<'a>>,
     reconnect_ms: Option<u64>,
 }
 
@@ -248,18 +364,19 @@ pub(crate) struct WireIn {
 /// unknown op whose fields clash with ours still gets `unsupported` rather than `bad_frame`.
 #[derive(Deserialize, Default)]
 #[serde(default)]
-pub(crate) struct OpOnly {
-    op: Option<String>,
+pub(crate) struct OpOnly<'a> {
+    #[serde(borrow)]
+    op: Option<BStr<'a>>,
     #[serde(rename = "ref")]
     reference: Option<u64>,
 }
 
-impl OpOnly {
+impl OpOnly<'_> {
     /// Chooses the error to report for a frame whose full parse failed with `full`.
     pub(crate) fn classify(self, full: DecodeError) -> DecodeError {
         match self.op {
-            Some(op) if crate::protocol::Op::from_name(&op).is_none() => DecodeError::UnknownOp {
-                op,
+            Some(op) if crate::protocol::Op::from_name(&op.0).is_none() => DecodeError::UnknownOp {
+                op: op.0.into_owned(),
                 reference: self.reference,
             },
             _ => full,
@@ -269,12 +386,13 @@ impl OpOnly {
 
 /// Finishes a self-describing decode: the full parse's result, or on failure the better error
 /// (`UnknownOp` when a second, op-only parse finds an op this version does not know).
-pub(crate) fn finish(
-    full: Result<WireIn, DecodeError>,
-    op_only: impl FnOnce() -> Option<OpOnly>,
+pub(crate) fn finish<'a>(
+    src: &Bytes,
+    full: Result<WireIn<'a>, DecodeError>,
+    op_only: impl FnOnce() -> Option<OpOnly<'a>>,
 ) -> Result<Envelope, DecodeError> {
     match full {
-        Ok(wire) => wire.into_envelope(),
+        Ok(wire) => wire.into_envelope(&Src(src)),
         Err(e) => Err(match op_only() {
             Some(op) => op.classify(e),
             None => e,
@@ -286,37 +404,37 @@ fn req<T>(v: Option<T>, field: &'static str) -> Result<T, DecodeError> {
     v.ok_or(DecodeError::MissingField(field))
 }
 
-fn target(t: Option<WireTarget>) -> Result<Target, DecodeError> {
-    opt_target(t)?.ok_or(DecodeError::MissingField("to"))
+fn target(src: &Src, t: Option<WireTarget>) -> Result<Target, DecodeError> {
+    opt_target(src, t)?.ok_or(DecodeError::MissingField("to"))
 }
 
-fn opt_target(t: Option<WireTarget>) -> Result<Option<Target>, DecodeError> {
+fn opt_target(src: &Src, t: Option<WireTarget>) -> Result<Option<Target>, DecodeError> {
     let Some(t) = t else { return Ok(None) };
     match t {
         WireTarget {
             user: Some(u),
             group: None,
-        } => Ok(Some(Target::User(u))),
+        } => Ok(Some(Target::User(src.str(u)))),
         WireTarget {
             user: None,
             group: Some(g),
-        } => Ok(Some(Target::Group(g))),
+        } => Ok(Some(Target::Group(src.str(g)))),
         _ => Err(DecodeError::InvalidValue { field: "to" }),
     }
 }
 
-fn status(s: Option<String>) -> Result<Status, DecodeError> {
-    Status::from_name(&req(s, "status")?).ok_or(DecodeError::InvalidValue { field: "status" })
+fn status(s: Option<BStr>) -> Result<Status, DecodeError> {
+    Status::from_name(&req(s, "status")?.0).ok_or(DecodeError::InvalidValue { field: "status" })
 }
 
-impl WireIn {
+impl WireIn<'_> {
     /// Checks the op's required fields and builds the typed message.
-    pub(crate) fn into_envelope(self) -> Result<Envelope, DecodeError> {
+    pub(crate) fn into_envelope(self, src: &Src) -> Result<Envelope, DecodeError> {
         let w = self;
         let op_name = req(w.op, "op")?;
-        let Some(op) = crate::protocol::Op::from_name(&op_name) else {
+        let Some(op) = crate::protocol::Op::from_name(&op_name.0) else {
             return Err(DecodeError::UnknownOp {
-                op: op_name,
+                op: op_name.0.into_owned(),
                 reference: w.reference,
             });
         };
@@ -324,9 +442,9 @@ impl WireIn {
         let msg = match op {
             Op::Hello => Message::Hello(Hello {
                 version: w.version.unwrap_or(0),
-                token: req(w.token, "token")?,
-                device: req(w.device, "device")?,
-                codecs: w.codecs.unwrap_or_default(),
+                token: src.req(w.token, "token")?,
+                device: src.req(w.device, "device")?,
+                codecs: src.list(w.codecs.unwrap_or_default()),
                 resume: w.resume.map(|r| Resume {
                     inbox_seq: r.inbox_seq,
                 }),
@@ -336,7 +454,7 @@ impl WireIn {
                 Message::Welcome(Welcome {
                     version: w.version.unwrap_or(0),
                     session: req(w.session, "session")?,
-                    user: req(w.user, "user")?,
+                    user: src.req(w.user, "user")?,
                     heartbeat_ms: req(w.heartbeat_ms, "heartbeat_ms")?,
                     server_time_ms: req(w.server_time_ms, "server_time_ms")?,
                     limits: Limits {
@@ -353,27 +471,27 @@ impl WireIn {
                 ts: w.ts.unwrap_or(0),
             }),
             Op::Send => Message::Send(Send {
-                to: target(w.to)?,
-                cmid: req(w.cmid, "cmid")?,
-                kind: w.kind,
-                body: req(w.body, "body")?,
-                ext: w.ext.unwrap_or_default(),
+                to: target(src, w.to)?,
+                cmid: src.req(w.cmid, "cmid")?,
+                kind: src.opt(w.kind),
+                body: src.req(w.body, "body")?,
+                ext: src.ext(w.ext),
             }),
             Op::SendAck => Message::SendAck(SendAck {
-                cmid: req(w.cmid, "cmid")?,
+                cmid: src.req(w.cmid, "cmid")?,
                 mid: req(w.mid, "mid")?,
                 seq: req(w.seq, "seq")?,
                 ts: req(w.ts, "ts")?,
             }),
             Op::Deliver => Message::Deliver(Deliver {
                 mid: req(w.mid, "mid")?,
-                from: req(w.from, "from")?,
-                to: opt_target(w.to)?,
+                from: src.req(w.from, "from")?,
+                to: opt_target(src, w.to)?,
                 inbox_seq: req(w.inbox_seq, "inbox_seq")?,
                 ts: req(w.ts, "ts")?,
-                kind: w.kind,
-                body: req(w.body, "body")?,
-                ext: w.ext.unwrap_or_default(),
+                kind: src.opt(w.kind),
+                body: src.req(w.body, "body")?,
+                ext: src.ext(w.ext),
             }),
             Op::Ack => Message::Ack(Ack {
                 inbox_seq: req(w.inbox_seq, "inbox_seq")?,
@@ -390,29 +508,29 @@ impl WireIn {
                 status: status(w.status)?,
             }),
             Op::PresenceSub => Message::PresenceSub(PresenceSub {
-                users: req(w.users, "users")?,
+                users: src.list(req(w.users, "users")?),
             }),
             Op::Presence => Message::Presence(Presence {
-                user: req(w.user, "user")?,
+                user: src.req(w.user, "user")?,
                 status: status(w.status)?,
                 ts: w.ts.unwrap_or(0),
             }),
             Op::GroupJoin => Message::GroupJoin(GroupJoin {
-                group: req(w.group, "group")?,
+                group: src.req(w.group, "group")?,
             }),
             Op::GroupLeave => Message::GroupLeave(GroupLeave {
-                group: req(w.group, "group")?,
+                group: src.req(w.group, "group")?,
             }),
             Op::Ok => Message::Ok,
             Op::Error => Message::Error(Error {
-                code: ErrorCode::from_name(&req(w.code, "code")?)
+                code: ErrorCode::from_name(&req(w.code, "code")?.0)
                     .ok_or(DecodeError::InvalidValue { field: "code" })?,
-                message: w.message.unwrap_or_default(),
-                cmid: w.cmid,
+                message: src.opt(w.message).unwrap_or_default(),
+                cmid: src.opt(w.cmid),
                 retry_after_ms: w.retry_after_ms,
             }),
             Op::Goaway => Message::Goaway(Goaway {
-                reason: w.reason.unwrap_or_default(),
+                reason: src.opt(w.reason).unwrap_or_default(),
                 reconnect_ms: w.reconnect_ms.unwrap_or(0),
             }),
         };

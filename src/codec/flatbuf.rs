@@ -31,6 +31,8 @@
 
 use std::cell::RefCell;
 
+use bytes::Bytes;
+
 use flatbuffers::{
     FlatBufferBuilder, ForwardsUOffset, InvalidFlatbuffer, Vector, VerifierOptions, WIPOffset,
 };
@@ -39,7 +41,7 @@ use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
 use crate::protocol::{
     Ack, Deliver, Envelope, Error, ErrorCode, Ext, Goaway, GroupJoin, GroupLeave, Hello, Limits,
     Message, Op, Ping, Pong, Presence, PresenceSet, PresenceSub, Resume, Send, SendAck, Status,
-    Sync, Synced, Target, Welcome,
+    Str, Sync, Synced, Target, Welcome,
 };
 
 #[allow(
@@ -101,7 +103,7 @@ impl Codec for FlatBuffers {
         Ok(())
     }
 
-    fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+    fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
         view(bytes)?.to_envelope()
     }
 }
@@ -157,7 +159,7 @@ impl Scratch {
         }
     }
 
-    fn string_vector(&mut self, items: &[String]) -> StrVector {
+    fn string_vector(&mut self, items: &[Str]) -> StrVector {
         self.strs.clear();
         for s in items {
             let off = self.fbb.create_string(s);
@@ -193,7 +195,7 @@ impl Scratch {
         fb::Target::create(&mut self.fbb, &fb::TargetArgs { user, group })
     }
 
-    fn opt_string(&mut self, s: Option<&String>) -> Option<WIPOffset<&'static str>> {
+    fn opt_string(&mut self, s: Option<&Str>) -> Option<WIPOffset<&'static str>> {
         s.map(|s| self.fbb.create_string(s))
     }
 
@@ -376,7 +378,7 @@ fn size_bound(msg: &Message) -> usize {
     fn s(x: &str) -> usize {
         x.len().saturating_add(12)
     }
-    fn list(xs: &[String]) -> usize {
+    fn list(xs: &[Str]) -> usize {
         xs.iter().fold(8, |acc, x| acc.saturating_add(s(x)))
     }
     fn ext(e: &Ext) -> usize {
@@ -391,7 +393,7 @@ fn size_bound(msg: &Message) -> usize {
             Target::User(x) | Target::Group(x) => s(x),
         }
     }
-    fn opt(x: &Option<String>) -> usize {
+    fn opt(x: &Option<Str>) -> usize {
         x.as_deref().map_or(0, s)
     }
     let strings = match msg {
@@ -515,8 +517,8 @@ impl<'a> TargetRef<'a> {
     /// The owned [`Target`].
     pub fn to_target(&self) -> Target {
         match *self {
-            TargetRef::User(s) => Target::User(s.to_owned()),
-            TargetRef::Group(s) => Target::Group(s.to_owned()),
+            TargetRef::User(s) => Target::User(Str::from(s)),
+            TargetRef::Group(s) => Target::Group(Str::from(s)),
         }
     }
 }
@@ -534,16 +536,16 @@ fn req<T>(v: Option<T>, field: &'static str) -> Result<T, DecodeError> {
     v.ok_or(DecodeError::MissingField(field))
 }
 
-fn req_string(v: Option<&str>, field: &'static str) -> Result<String, DecodeError> {
-    req(v, field).map(str::to_owned)
+fn req_string(v: Option<&str>, field: &'static str) -> Result<Str, DecodeError> {
+    req(v, field).map(Str::from)
 }
 
 fn status(s: fb::Status) -> Result<Status, DecodeError> {
     Status::from_u8(s.0).ok_or(DecodeError::InvalidValue { field: "status" })
 }
 
-fn strings(v: flatbuffers::Vector<'_, ForwardsUOffset<&str>>) -> Vec<String> {
-    v.iter().map(str::to_owned).collect()
+fn strings(v: flatbuffers::Vector<'_, ForwardsUOffset<&str>>) -> Vec<Str> {
+    v.iter().map(Str::from).collect()
 }
 
 fn ext(
@@ -553,7 +555,7 @@ fn ext(
     for kv in v.iter().flatten() {
         // `key` is required by the schema (it is the sort key), so the verifier checked it.
         let value = req(kv.value(), "value")?;
-        out.insert(kv.key().to_owned(), value.to_owned());
+        out.insert(kv.key(), value);
     }
     Ok(out)
 }
@@ -678,7 +680,7 @@ impl<'a> FrameView<'a> {
                 Message::Send(Send {
                     to: target_ref(req(s.to(), "to")?)?.to_target(),
                     cmid: req_string(s.cmid(), "cmid")?,
-                    kind: s.type_().map(str::to_owned),
+                    kind: s.type_().map(Str::from),
                     body: req_string(s.body(), "body")?,
                     ext: ext(s.ext())?,
                 })
@@ -700,7 +702,7 @@ impl<'a> FrameView<'a> {
                     to: d.to().map(target_ref).transpose()?.map(|t| t.to_target()),
                     inbox_seq: d.inbox_seq(),
                     ts: d.ts(),
-                    kind: d.type_().map(str::to_owned),
+                    kind: d.type_().map(Str::from),
                     body: req_string(d.body(), "body")?,
                     ext: ext(d.ext())?,
                 })
@@ -757,15 +759,15 @@ impl<'a> FrameView<'a> {
                 };
                 Message::Error(Error {
                     code,
-                    message: e.message().unwrap_or_default().to_owned(),
-                    cmid: e.cmid().map(str::to_owned),
+                    message: Str::from(e.message().unwrap_or_default()),
+                    cmid: e.cmid().map(Str::from),
                     retry_after_ms: e.retry_after_ms(),
                 })
             }
             Op::Goaway => {
                 let g = union(f.msg_as_goaway())?;
                 Message::Goaway(Goaway {
-                    reason: g.reason().unwrap_or_default().to_owned(),
+                    reason: Str::from(g.reason().unwrap_or_default()),
                     reconnect_ms: g.reconnect_ms(),
                 })
             }
@@ -822,7 +824,7 @@ mod tests {
             }),
             Message::Hello(Hello {
                 version: 0,
-                token: String::new(),
+                token: Str::new(),
                 device: "d".into(),
                 codecs: vec![],
                 resume: None,
@@ -861,7 +863,7 @@ mod tests {
                 to: Target::Group("g".into()),
                 cmid: "c-2".into(),
                 kind: None,
-                body: String::new(),
+                body: Str::new(),
                 ext: Ext::new(),
             }),
             Message::SendAck(SendAck {
@@ -902,7 +904,7 @@ mod tests {
                 status: Status::Offline,
             }),
             Message::PresenceSub(PresenceSub {
-                users: vec!["a".into(), "b".into(), String::new()],
+                users: vec!["a".into(), "b".into(), Str::new()],
             }),
             Message::PresenceSub(PresenceSub { users: vec![] }),
             Message::Presence(Presence {
@@ -921,7 +923,7 @@ mod tests {
             }),
             Message::Error(Error {
                 code: ErrorCode::BadFrame,
-                message: String::new(),
+                message: Str::new(),
                 cmid: None,
                 retry_after_ms: None,
             }),
@@ -1014,28 +1016,26 @@ mod tests {
     #[test]
     fn large_frames_round_trip_and_builder_recovers() {
         // Many tiny entries: the verifier's apparent size must stay under its 2x limit.
-        let big_ext: Ext = (0..2000)
-            .map(|i| (format!("{i:04}"), String::new()))
-            .collect();
-        let users: Vec<String> = (0..5000).map(|i| (i % 3).to_string()).collect();
+        let big_ext: Ext = (0..2000).map(|i| (format!("{i:04}"), Str::new())).collect();
+        let users: Vec<Str> = (0..5000).map(|i| Str::from((i % 3).to_string())).collect();
         let big_body = "x".repeat(200_000);
         let msgs = [
             Message::Send(Send {
                 to: Target::User("u".into()),
                 cmid: "c".into(),
                 kind: None,
-                body: String::new(),
+                body: Str::new(),
                 ext: big_ext,
             }),
             Message::PresenceSub(PresenceSub { users }),
             Message::PresenceSub(PresenceSub {
-                users: vec![String::new(); 3000],
+                users: vec![Str::new(); 3000],
             }),
             Message::Send(Send {
                 to: Target::User("u".into()),
                 cmid: "c".into(),
                 kind: None,
-                body: big_body,
+                body: big_body.into(),
                 ext: Ext::new(),
             }),
             deliver(),

@@ -44,6 +44,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use bytes::Bytes;
 use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{self, Serialize};
 use serde::Deserialize;
@@ -72,8 +73,8 @@ impl Codec for Hessian {
         to_writer(env, out)
     }
 
-    fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
-        finish(from_slice::<WireIn>(bytes), || {
+    fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
+        finish(bytes, from_slice::<WireIn>(bytes), || {
             from_slice::<OpOnly>(bytes).ok()
         })
     }
@@ -1487,7 +1488,7 @@ mod tests {
     use crate::protocol::{
         Ack, Deliver, Error as ErrorMsg, ErrorCode, Ext, Goaway, GroupJoin, GroupLeave, Hello,
         Limits, Message, Op, Ping, Pong, Presence, PresenceSet, PresenceSub, Resume, Send, SendAck,
-        Status, Sync, Synced, Target, Welcome,
+        Status, Str, Sync, Synced, Target, Welcome,
     };
 
     fn ext(pairs: &[(&str, &str)]) -> Ext {
@@ -1559,7 +1560,7 @@ mod tests {
                     to: Target::Group("team".into()),
                     cmid: "c-2".into(),
                     kind: Some("image".into()),
-                    body: "x".repeat(70_000),
+                    body: "x".repeat(70_000).into(),
                     ext: ext(&[("w", "640"), ("h", "480")]),
                 }),
                 4,
@@ -1578,7 +1579,7 @@ mod tests {
                 kind: None,
                 ext: Ext::new(),
                 to: Some(Target::User("bob".into())),
-                body: String::new(),
+                body: Str::new(),
                 ..deliver
             })),
             Envelope::new(Message::Ack(Ack { inbox_seq: 15 })),
@@ -1608,7 +1609,7 @@ mod tests {
             ),
             Envelope::with_ref(
                 Message::PresenceSub(PresenceSub {
-                    users: (0..9).map(|i| format!("user-{i}")).collect(),
+                    users: (0..9).map(|i| Str::from(format!("user-{i}"))).collect(),
                 }),
                 7,
             ),
@@ -1642,7 +1643,7 @@ mod tests {
             ),
             Envelope::new(Message::Error(ErrorMsg {
                 code: ErrorCode::BadFrame,
-                message: String::new(),
+                message: Str::new(),
                 cmid: None,
                 retry_after_ms: None,
             })),

@@ -2,6 +2,8 @@
 
 use super::fields::{finish, serde_error, OpOnly, WireIn};
 use super::{Codec, CodecId, DecodeError, EncodeError};
+use bytes::Bytes;
+
 use crate::protocol::Envelope;
 
 /// JSON encoding; travels in WebSocket text frames.
@@ -17,13 +19,14 @@ impl Codec for Json {
         })
     }
 
-    fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+    fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
         // serde_json limits recursion to 128 levels; our own fields nest 3 deep, and unknown
         // fields are skipped without allocation, so the allocation bound holds.
         // Validate the whole payload once (ignored fields included), then parse without
         // re-checking every string.
         let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
         finish(
+            bytes,
             serde_json::from_str::<WireIn>(text).map_err(|e| serde_error("json", e)),
             || serde_json::from_str::<OpOnly>(text).ok(),
         )

@@ -12,6 +12,8 @@ pub mod json;
 pub mod msgpack;
 pub mod protobuf;
 
+use bytes::Bytes;
+
 use crate::protocol::Envelope;
 
 /// Maximum nesting depth any decoder accepts (our messages nest at most 3 deep; unknown
@@ -76,8 +78,15 @@ pub trait Codec {
     const ID: CodecId;
     /// Appends the encoding of `env` to `out`.
     fn encode(env: &Envelope, out: &mut Vec<u8>) -> Result<(), EncodeError>;
-    /// Decodes exactly one message from `bytes` (the whole payload).
-    fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError>;
+    /// Decodes exactly one message from `bytes` (the whole payload). Strings of the result
+    /// are slices of `bytes` where the encoding allows (no copy).
+    fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError>;
+
+    /// Decodes from a borrowed slice, which is copied once into a [`Bytes`] first. Hot paths
+    /// hold payloads as `Bytes` already and call [`Codec::decode_bytes`].
+    fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+        Self::decode_bytes(&Bytes::copy_from_slice(bytes))
+    }
 }
 
 /// Codec ids. Stable forever: the number goes in the raw-TCP header.
@@ -152,13 +161,19 @@ impl CodecId {
         }
     }
 
+    /// Decodes from a borrowed slice (copied once into a [`Bytes`]; see [`Codec::decode`]).
     pub fn decode(self, bytes: &[u8]) -> Result<Envelope, DecodeError> {
+        self.decode_bytes(&Bytes::copy_from_slice(bytes))
+    }
+
+    /// Decodes a payload held as [`Bytes`]: strings of the result share its memory.
+    pub fn decode_bytes(self, bytes: &Bytes) -> Result<Envelope, DecodeError> {
         match self {
-            CodecId::Json => json::Json::decode(bytes),
-            CodecId::Protobuf => protobuf::Protobuf::decode(bytes),
-            CodecId::MessagePack => msgpack::MessagePack::decode(bytes),
-            CodecId::FlatBuffers => flatbuf::FlatBuffers::decode(bytes),
-            CodecId::Hessian => hessian::Hessian::decode(bytes),
+            CodecId::Json => json::Json::decode_bytes(bytes),
+            CodecId::Protobuf => protobuf::Protobuf::decode_bytes(bytes),
+            CodecId::MessagePack => msgpack::MessagePack::decode_bytes(bytes),
+            CodecId::FlatBuffers => flatbuf::FlatBuffers::decode_bytes(bytes),
+            CodecId::Hessian => hessian::Hessian::decode_bytes(bytes),
         }
     }
 }

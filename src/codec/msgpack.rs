@@ -4,6 +4,7 @@
 //! counts that the remaining bytes could not hold and nesting past [`MAX_DEPTH`], so a hostile
 //! header such as "array of 4 billion elements" never reaches a pre-allocating visitor.
 
+use bytes::Bytes;
 use rmp::Marker;
 
 use super::fields::{finish, serde_error, OpOnly, WireIn};
@@ -24,12 +25,13 @@ impl Codec for MessagePack {
         })
     }
 
-    fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+    fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
         let end = check_structure(bytes)?;
         if end != bytes.len() {
             return Err(DecodeError::malformed("msgpack", "trailing bytes"));
         }
         finish(
+            bytes,
             rmp_serde::from_slice::<WireIn>(bytes).map_err(|e| serde_error("msgpack", e)),
             || rmp_serde::from_slice::<OpOnly>(bytes).ok(),
         )

@@ -4,10 +4,81 @@
 //! `crate::codec`) translate between these types and bytes; the session state machine consumes
 //! and produces them. Nothing here does I/O.
 
-use std::collections::BTreeMap;
+/// An immutable UTF-8 string backed by [`bytes::Bytes`]: decoders hand out slices of the
+/// received frame instead of copying, and cloning one (to fan a message out) is a reference
+/// count increment.
+pub type Str = bytestring::ByteString;
 
-/// Extension map carried by `send` and `deliver` (`ext`). Ordered so encodings are deterministic.
-pub type Ext = BTreeMap<String, String>;
+/// Extension map carried by `send` and `deliver` (`ext`): entries sorted by key, keys unique,
+/// so encodings are deterministic. A sorted vector: one allocation, cheap to scan.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Ext(Vec<(Str, Str)>);
+
+impl Ext {
+    pub fn new() -> Self {
+        Ext(Vec::new())
+    }
+
+    pub fn with_capacity(n: usize) -> Self {
+        Ext(Vec::with_capacity(n))
+    }
+
+    /// Inserts or replaces; returns the previous value of `key`.
+    pub fn insert(&mut self, key: impl Into<Str>, value: impl Into<Str>) -> Option<Str> {
+        let key = key.into();
+        let value = value.into();
+        // Decoders insert in key order: check the end first so that case is O(1).
+        if self.0.last().is_none_or(|(k, _)| *k < key) {
+            self.0.push((key, value));
+            return None;
+        }
+        match self.0.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                self.0.insert(i, (key, value));
+                None
+            }
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Str> {
+        self.0
+            .binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&Str, &Str)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<K: Into<Str>, V: Into<Str>> FromIterator<(K, V)> for Ext {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut e = Ext::new();
+        for (k, v) in iter {
+            e.insert(k, v);
+        }
+        e
+    }
+}
+
+impl<'a> IntoIterator for &'a Ext {
+    type Item = (&'a Str, &'a Str);
+    type IntoIter =
+        std::iter::Map<std::slice::Iter<'a, (Str, Str)>, fn(&'a (Str, Str)) -> (&'a Str, &'a Str)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
 
 /// Protocol version spoken by this build. The server also accepts [`PREVIOUS_VERSION`].
 pub const CURRENT_VERSION: u8 = 1;
@@ -221,8 +292,8 @@ impl ErrorCode {
 /// Where a `send` goes, or which conversation a `deliver` belongs to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
-    User(String),
-    Group(String),
+    User(Str),
+    Group(Str),
 }
 
 /// `resume` in `hello`: the last inbox sequence this device has seen.
@@ -235,10 +306,10 @@ pub struct Resume {
 pub struct Hello {
     /// Protocol version the client speaks (0 on the wire means "not given" and reads as 1).
     pub version: u8,
-    pub token: String,
-    pub device: String,
+    pub token: Str,
+    pub device: Str,
     /// Codec names the client can switch to, most preferred first (informational in v1).
-    pub codecs: Vec<String>,
+    pub codecs: Vec<Str>,
     pub resume: Option<Resume>,
 }
 
@@ -254,7 +325,7 @@ pub struct Limits {
 pub struct Welcome {
     pub version: u8,
     pub session: u64,
-    pub user: String,
+    pub user: Str,
     pub heartbeat_ms: u64,
     pub server_time_ms: u64,
     pub limits: Limits,
@@ -273,15 +344,15 @@ pub struct Pong {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Send {
     pub to: Target,
-    pub cmid: String,
-    pub kind: Option<String>,
-    pub body: String,
+    pub cmid: Str,
+    pub kind: Option<Str>,
+    pub body: Str,
     pub ext: Ext,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct SendAck {
-    pub cmid: String,
+    pub cmid: Str,
     pub mid: u64,
     pub seq: u64,
     pub ts: u64,
@@ -290,15 +361,15 @@ pub struct SendAck {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Deliver {
     pub mid: u64,
-    pub from: String,
+    pub from: Str,
     /// The conversation: `None` means the receiving user (a 1:1 message to you), which is the
     /// common case and saves its bytes; a group, or the peer when a user's own message is
     /// synced to their other devices, is always given.
     pub to: Option<Target>,
     pub inbox_seq: u64,
     pub ts: u64,
-    pub kind: Option<String>,
-    pub body: String,
+    pub kind: Option<Str>,
+    pub body: Str,
     pub ext: Ext,
 }
 
@@ -326,37 +397,37 @@ pub struct PresenceSet {
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PresenceSub {
-    pub users: Vec<String>,
+    pub users: Vec<Str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Presence {
-    pub user: String,
+    pub user: Str,
     pub status: Status,
     pub ts: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct GroupJoin {
-    pub group: String,
+    pub group: Str,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct GroupLeave {
-    pub group: String,
+    pub group: Str,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Error {
     pub code: ErrorCode,
-    pub message: String,
-    pub cmid: Option<String>,
+    pub message: Str,
+    pub cmid: Option<Str>,
     pub retry_after_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Goaway {
-    pub reason: String,
+    pub reason: Str,
     pub reconnect_ms: u64,
 }
 
@@ -436,5 +507,16 @@ impl Envelope {
 impl From<Message> for Envelope {
     fn from(msg: Message) -> Self {
         Envelope::new(msg)
+    }
+}
+
+impl serde::Serialize for Ext {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.len()))?;
+        for (k, v) in self {
+            m.serialize_entry(&**k, &**v)?;
+        }
+        m.end()
     }
 }

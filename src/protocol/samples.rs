@@ -9,7 +9,7 @@ use super::*;
 /// id, a millisecond timestamp, a text body and an extras map of two entries.
 pub fn typical_deliver() -> Envelope {
     let mut ext = Ext::new();
-    ext.insert("client".into(), "ios".into());
+    ext.insert("client", "ios");
     Envelope::new(Message::Deliver(Deliver {
         mid: 1_700_000_000_123,
         from: "user_10086".into(),
@@ -25,8 +25,8 @@ pub fn typical_deliver() -> Envelope {
 /// Named samples covering every op, optional fields present and absent, refs, non-ASCII text.
 pub fn all() -> Vec<(&'static str, Envelope)> {
     let mut ext = Ext::new();
-    ext.insert("k".into(), "v".into());
-    ext.insert("lang".into(), "zh".into());
+    ext.insert("k", "v");
+    ext.insert("lang", "zh");
     vec![
         (
             "hello",

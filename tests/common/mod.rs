@@ -11,15 +11,15 @@ pub fn n() -> impl Strategy<Value = u64> {
     prop_oneof![0..300u64, 0..=i64::MAX as u64]
 }
 
-pub fn s() -> impl Strategy<Value = String> {
+pub fn s() -> impl Strategy<Value = Str> {
     prop_oneof![
-        "[a-z0-9_-]{0,12}",
-        any::<String>().prop_map(|s| s.chars().take(40).collect()),
+        "[a-z0-9_-]{0,12}".prop_map(Str::from),
+        any::<String>().prop_map(|s| Str::from(s.chars().take(40).collect::<String>())),
     ]
 }
 
 fn ext() -> impl Strategy<Value = Ext> {
-    btree_map(s(), s(), 0..4)
+    btree_map(s(), s(), 0..4).prop_map(|m| m.into_iter().collect())
 }
 
 fn target() -> impl Strategy<Value = Target> {
