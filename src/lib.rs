@@ -4,9 +4,11 @@
 //! - [`protocol`]: the logical message model and the raw-TCP frame codec (sans-IO).
 //! - [`codec`]: the five payload encodings (JSON, Protobuf, MessagePack, FlatBuffers, Hessian).
 //! - [`ws`]: WebSocket (RFC 6455) handshake and framing (sans-IO).
+//! - [`client`]: a blocking client over both transports, for the integration tests and the loadgen.
 
 #![deny(unsafe_code)]
 
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod control;
