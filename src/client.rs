@@ -327,6 +327,40 @@ impl Client {
         Ok(())
     }
 
+    /// Sends `payload` as one message whatever it holds (for tests of hostile or future
+    /// payloads): a WebSocket message (text for JSON, binary otherwise), or a raw-TCP frame
+    /// whose header names `op` and the connection's codec.
+    pub fn send_payload(&mut self, op: u8, payload: &[u8]) -> Result<(), ClientError> {
+        self.wbuf.clear();
+        match self.transport {
+            Transport::Tcp => {
+                let len = u32::try_from(payload.len())
+                    .map_err(|_| ClientError::Protocol("payload too large".to_owned()))?;
+                frame::Header {
+                    version: crate::protocol::CURRENT_VERSION,
+                    op,
+                    codec: self.codec,
+                    flags: 0,
+                    ext_len: 0,
+                    payload_len: len,
+                }
+                .write(&mut self.wbuf);
+                self.wbuf.extend_from_slice(payload);
+            }
+            Transport::Ws => {
+                let code = if self.codec.is_text() {
+                    OpCode::Text
+                } else {
+                    OpCode::Binary
+                };
+                let mask = self.mask();
+                write_client_frame(&mut self.wbuf, code, true, mask, payload);
+            }
+        }
+        self.sock.write_all(&self.wbuf)?;
+        Ok(())
+    }
+
     /// Writes `bytes` to the socket as they are (no framing, no masking): for bad-input tests.
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.sock.write_all(bytes)?;

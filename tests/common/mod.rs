@@ -1,6 +1,8 @@
 //! Shared test support: proptest strategies for every message of the model.
 #![allow(dead_code)]
 
+pub mod gateway;
+
 use imgw::protocol::*;
 use proptest::collection::{btree_map, vec};
 use proptest::option;

@@ -1,0 +1,363 @@
+//! The only glommio-aware layer: one pinned executor per shard, its listeners, the
+//! per-connection tasks that move bytes between sockets and the sans-IO [`Shard`], the
+//! bounded channel mesh between shards, and one sweep timer per shard.
+//!
+//! Per connection the runtime holds a task and its socket; it reads into one scratch buffer
+//! per shard (glommio's unbuffered stream polls for readiness and only then reads into the
+//! caller's buffer), so an idle connection owns no read buffer. Output the shard produced for
+//! a connection is written by that connection's task in one `send` per wake-up, which
+//! coalesces every frame that became due meanwhile.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::channels::channel_mesh::{MeshBuilder, Senders};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{GlommioError, LocalExecutorBuilder, Placement, ResourceType};
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::control::Control;
+use crate::metrics::Metrics;
+use crate::shard::{Clock, ConnId, Shard, ShardMsg, Transport};
+
+/// Bytes read from a socket in one go (per shard, shared by all its connections).
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// Work items a connection task handles per wake-up before yielding to other tasks.
+const MAX_ROUNDS_PER_POLL: usize = 16;
+
+/// Why the gateway could not run.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The configuration is unusable (auth keys, limits).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// An executor could not be created (io_uring missing, memlock too low, bad CPU).
+    #[error("starting shard {shard}: {detail}")]
+    Executor { shard: usize, detail: String },
+    /// A listener could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// A shard stopped with an error.
+    #[error("shard {shard} failed: {detail}")]
+    Shard { shard: usize, detail: String },
+}
+
+type Batch = Vec<ShardMsg>;
+
+/// Runs the gateway until a drain completes. Blocks the calling thread.
+pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<(), RuntimeError> {
+    let shards = cfg.shard_count();
+    let auth = Arc::new(Authenticator::from_config(&cfg.auth).map_err(|e| RuntimeError::Config(e.to_string()))?);
+    // Bind once here so a bad address fails fast with a clear error; each shard then binds
+    // its own SO_REUSEPORT socket on the same address.
+    for addr in [cfg.server.ws_listen, cfg.server.tcp_listen] {
+        let probe = bind_listener(addr, cfg.server.backlog);
+        if let Err(source) = probe {
+            return Err(RuntimeError::Bind { addr, source });
+        }
+    }
+    let cfg = Arc::new(cfg);
+    let mesh: MeshBuilder<Batch, _> =
+        MeshBuilder::full(shards, cfg.limits.shard_channel_batches as usize);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut handles = Vec::with_capacity(shards);
+    for i in 0..shards {
+        // Shards take cores 0..n; the I/O core (when it exists) takes the last one.
+        let placement = if cfg.runtime.pin && i < cpus {
+            Placement::Fixed(i)
+        } else {
+            Placement::Unbound
+        };
+        let (cfg, auth, metrics, control, mesh) =
+            (cfg.clone(), auth.clone(), metrics.clone(), control.clone(), mesh.clone());
+        let h = LocalExecutorBuilder::new(placement)
+            .name(&format!("imgw-shard-{i}"))
+            .io_memory(cfg.runtime.io_memory_kib * 1024)
+            .spawn(move || async move { shard_main(i, cfg, auth, metrics, control, mesh).await })
+            .map_err(|e| RuntimeError::Executor {
+                shard: i,
+                detail: e.to_string(),
+            })?;
+        handles.push(h);
+    }
+    let mut first_error = None;
+    for (i, h) in handles.into_iter().enumerate() {
+        let r = match h.join() {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(e) => RuntimeError::Shard {
+                shard: i,
+                detail: e.to_string(),
+            },
+        };
+        // One shard failing stops the others: start the drain.
+        control.start_drain();
+        first_error.get_or_insert(r);
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn clock(base: Instant) -> Clock {
+    Clock {
+        mono_ms: base.elapsed().as_millis() as u64,
+        unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
+/// A listening socket with SO_REUSEPORT and the configured backlog (glommio's own `bind`
+/// fixes the backlog at 1024).
+fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(sock)
+}
+
+fn glommio_listener(addr: SocketAddr, backlog: u32) -> Result<TcpListener, RuntimeError> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let sock = bind_listener(addr, backlog).map_err(|source| RuntimeError::Bind { addr, source })?;
+    let fd = sock.into_raw_fd();
+    // SAFETY: `fd` is a listening socket we just created and whose ownership `into_raw_fd`
+    // released; glommio's listener takes sole ownership of it here.
+    #[allow(unsafe_code)]
+    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    Ok(listener)
+}
+
+async fn shard_main(
+    index: usize,
+    cfg: Arc<Config>,
+    auth: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
+    control: Arc<Control>,
+    mesh: MeshBuilder<Batch, glommio::channels::channel_mesh::Full>,
+) -> Result<(), RuntimeError> {
+    let (senders, mut receivers) = mesh.join().await.map_err(|_| RuntimeError::Shard {
+        shard: index,
+        detail: "joining the shard mesh failed".into(),
+    })?;
+    // The mesh numbers peers in join order: that is the shard index routing uses.
+    let id = senders.peer_id();
+    let base = Instant::now();
+    let shards = senders.nr_consumers();
+    let shard = Rc::new(RefCell::new(Shard::new(
+        id,
+        shards,
+        cfg.clone(),
+        auth,
+        metrics,
+        clock(base),
+    )));
+    let scratch = Rc::new(RefCell::new(vec![0u8; SCRATCH_BYTES]));
+
+    let ws = glommio_listener(cfg.server.ws_listen, cfg.server.backlog)?;
+    let tcp = glommio_listener(cfg.server.tcp_listen, cfg.server.backlog)?;
+    let accept_ws = glommio::spawn_local(accept_loop(ws, Transport::Ws, shard.clone(), scratch.clone(), base));
+    let accept_tcp = glommio::spawn_local(accept_loop(tcp, Transport::Tcp, shard.clone(), scratch.clone(), base));
+
+    let senders = Rc::new(senders);
+    let mut receiver_tasks = Vec::new();
+    for (_peer, rx) in receivers.streams() {
+        let shard = shard.clone();
+        receiver_tasks.push(glommio::spawn_local(async move {
+            while let Some(batch) = rx.recv().await {
+                shard.borrow_mut().on_batch(batch, clock(base));
+            }
+        }));
+    }
+    let flusher = glommio::spawn_local(flush_loop(shard.clone(), senders.clone(), base));
+    control.shard_ready();
+    tracing::info!(shard = id, shards, "shard serving");
+
+    // The sweep timer: one per shard, for every connection's deadlines.
+    let tick = Duration::from_millis(cfg.runtime.tick_ms);
+    let mut accepting = Some((accept_ws, accept_tcp));
+    loop {
+        glommio::timer::sleep(tick).await;
+        let clk = clock(base);
+        let mut s = shard.borrow_mut();
+        s.tick(clk);
+        if control.draining() && !s.is_draining() {
+            tracing::info!(shard = id, connections = s.connections(), "draining");
+            s.start_drain(clk);
+            // Dropping the accept tasks closes the listeners.
+            accepting = None;
+        }
+        if s.drained(clk) && !s.has_outbox() {
+            break;
+        }
+    }
+    drop(accepting);
+    drop(flusher);
+    drop(receiver_tasks);
+    senders.close();
+    tracing::info!(shard = id, "shard stopped");
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    transport: Transport,
+    shard: Rc<RefCell<Shard>>,
+    scratch: Rc<RefCell<Vec<u8>>>,
+    base: Instant,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let id = shard.borrow_mut().accept(transport, clock(base));
+        let Some(id) = id else {
+            continue; // over the limit or draining: dropping the stream closes it
+        };
+        glommio::spawn_local(conn_task(shard.clone(), scratch.clone(), id, stream, base)).detach();
+    }
+}
+
+/// Drives one connection: writes what the shard queued for it, reads into the shard's
+/// scratch buffer and feeds the shard, until the shard or the peer closes it.
+async fn conn_task(
+    shard: Rc<RefCell<Shard>>,
+    scratch: Rc<RefCell<Vec<u8>>>,
+    id: ConnId,
+    mut stream: TcpStream,
+    base: Instant,
+) {
+    poll_fn(|cx| poll_conn(&shard, &scratch, id, &mut stream, base, cx)).await;
+    // Dropping the stream closes the socket.
+}
+
+fn poll_conn(
+    shard: &Rc<RefCell<Shard>>,
+    scratch: &Rc<RefCell<Vec<u8>>>,
+    id: ConnId,
+    stream: &mut TcpStream,
+    base: Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let mut s = shard.borrow_mut();
+    for _ in 0..MAX_ROUNDS_PER_POLL {
+        let mut progressed = false;
+        // Write everything queued, in as few sends as the kernel allows.
+        if let Some(out) = s.output(id) {
+            if !out.is_empty() {
+                match Pin::new(&mut *stream).poll_write(cx, out) {
+                    Poll::Ready(Ok(n)) => {
+                        s.wrote(id, n);
+                        progressed = n > 0;
+                    }
+                    Poll::Ready(Err(_)) => {
+                        s.remove(id);
+                        return Poll::Ready(());
+                    }
+                    Poll::Pending => {}
+                }
+            }
+        }
+        if s.should_close(id) {
+            s.remove(id);
+            return Poll::Ready(());
+        }
+        if !s.is_closing(id) {
+            let mut buf = scratch.borrow_mut();
+            match Pin::new(&mut *stream).poll_read(cx, &mut buf[..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    s.remove(id);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Ok(n)) => {
+                    s.on_read(id, &mut buf[..n], clock(base));
+                    progressed = true;
+                }
+                Poll::Pending => {}
+            }
+        }
+        if !progressed {
+            s.set_waker(id, cx.waker());
+            return Poll::Pending;
+        }
+    }
+    // Plenty done: let other connections run, then continue.
+    s.set_waker(id, cx.waker());
+    cx.waker().wake_by_ref();
+    Poll::Pending
+}
+
+/// Ships outbox batches: the local queue straight into our own shard, the others through
+/// the bounded mesh with `try_send` (a full channel keeps the batch for the next round; the
+/// shard sheds new work once its outbox bound is reached, so nothing ever blocks).
+async fn flush_loop(shard: Rc<RefCell<Shard>>, senders: Rc<Senders<Batch>>, base: Instant) {
+    loop {
+        poll_fn(|cx| {
+            let mut s = shard.borrow_mut();
+            if s.has_outbox() {
+                return Poll::Ready(());
+            }
+            s.set_outbox_waker(cx.waker());
+            Poll::Pending
+        })
+        .await;
+        let mut blocked = false;
+        for _ in 0..MAX_ROUNDS_PER_POLL {
+            let (me, n) = {
+                let s = shard.borrow();
+                (s.id, s.shard_count())
+            };
+            // Local messages first, processed in arrival order.
+            let local = shard.borrow_mut().take_batch(me);
+            if !local.is_empty() {
+                shard.borrow_mut().on_batch(local, clock(base));
+            }
+            for dest in (0..n).filter(|d| *d != me) {
+                let batch = shard.borrow_mut().take_batch(dest);
+                if batch.is_empty() {
+                    continue;
+                }
+                match senders.try_send_to(dest, batch) {
+                    Ok(()) => {}
+                    Err(GlommioError::WouldBlock(ResourceType::Channel(batch))) => {
+                        shard.borrow_mut().return_batch(dest, batch);
+                        blocked = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(dest, error = %e, "shard channel closed; batch dropped");
+                    }
+                }
+            }
+            if blocked || !shard.borrow().has_outbox() {
+                break;
+            }
+        }
+        if blocked {
+            // The peer drains its channel continuously; retry shortly.
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        } else {
+            glommio::executor().yield_if_needed().await;
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! One shard of the gateway, as a sans-IO state machine with an injected clock.
+//!
+//! A shard owns (SPEC 2): its connections (a generation-tagged [`slab::Slab`]), one
+//! [`timer::TimerWheel`] for all their deadlines, and the routing entries, presence state and
+//! subscriber lists of the users it owns (owner = hash of tenant and user id). It never does
+//! I/O: the runtime (src/runtime) feeds it the bytes a socket produced ([`Shard::on_read`]),
+//! time ([`Shard::tick`]) and batches from other shards ([`Shard::on_batch`]); it produces
+//! bytes to write per connection, wakes the connection's task, and fills one outbox per
+//! destination shard that the runtime ships through bounded channels.
+//!
+//! Cross-shard traffic is batched per destination; when an outbox is full new work is shed
+//! with `overloaded` (never blocked on).
+
+pub mod ratelimit;
+mod route;
+mod session;
+pub mod slab;
+pub mod timer;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::task::Waker;
+
+use bytes::BytesMut;
+
+use crate::auth::Authenticator;
+use crate::codec::CodecId;
+use crate::config::Config;
+use crate::metrics::{CloseReason, Metrics, ShardMetrics};
+use crate::protocol::frame::{write_frame, FrameDecoder};
+use crate::protocol::{Deliver, Envelope, ErrorCode, Message, Presence, Status, Str};
+use crate::ws;
+use ratelimit::TokenBucket;
+pub use slab::ConnId;
+use timer::TimerWheel;
+
+/// Time as the runtime sees it: a monotonic clock for deadlines, the wall clock for `ts`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Clock {
+    pub mono_ms: u64,
+    pub unix_ms: u64,
+}
+
+/// Where a connection lives: its shard and its id there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub shard: u16,
+    pub conn: ConnId,
+}
+
+/// A user, scoped by tenant: nothing crosses tenants.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UserKey {
+    pub tenant: Str,
+    pub user: Str,
+}
+
+/// The shard that owns `(tenant, id)`: FNV-1a, stable across runs and builds.
+pub fn owner_shard(tenant: &str, id: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tenant.bytes().chain([0xff]).chain(id.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards.max(1) as u64) as usize
+}
+
+/// Messages between shards. Batched per destination by the sender.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// To the user's owner: a device came online.
+    Register {
+        user: UserKey,
+        route: Route,
+        device: Str,
+    },
+    /// To the user's owner: a device went away.
+    Unregister { user: UserKey, route: Route },
+    /// To a device's shard: the owner refused the registration (too many devices).
+    RegisterRefused { conn: ConnId, message: Str },
+    /// To the user's owner: the user set busy/away/online.
+    SetStatus { user: UserKey, status: Status },
+    /// To the target's owner: `subscriber` wants presence events of `target`.
+    Subscribe { target: UserKey, subscriber: Route },
+    /// To the target's owner: the subscription ends.
+    Unsubscribe { target: UserKey, subscriber: Route },
+    /// To a subscriber's shard: a presence event for some of its connections.
+    PresenceEvent { conns: Vec<ConnId>, presence: Presence },
+    /// To the recipient's owner: a 1:1 message to sequence and fan out.
+    Direct {
+        to: UserKey,
+        origin: Route,
+        reference: Option<u64>,
+        deliver: Deliver,
+        cmid: Str,
+    },
+    /// To the sender's shard: the message was accepted (`send_ack`).
+    Accepted {
+        conn: ConnId,
+        reference: Option<u64>,
+        cmid: Str,
+        mid: u64,
+        seq: u64,
+        ts: u64,
+    },
+    /// To the sender's shard: the message was refused.
+    Rejected {
+        conn: ConnId,
+        reference: Option<u64>,
+        cmid: Str,
+        code: ErrorCode,
+        retry_after_ms: Option<u64>,
+    },
+    /// To a device shard: deliver to these connections (one crossing per shard).
+    Deliver { conns: Vec<ConnId>, deliver: Deliver },
+}
+
+/// Transport state of one connection.
+enum Proto {
+    /// Raw TCP frames (docs/PROTOCOL.md section 2).
+    Tcp,
+    /// WebSocket, before the upgrade request completed.
+    WsHandshake,
+    /// WebSocket after the upgrade.
+    Ws(ws::Decoder),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for `hello` (or the WebSocket upgrade).
+    Handshake,
+    /// Authenticated.
+    Active,
+    /// A WebSocket conformance echo connection (no `hello`).
+    Echo,
+}
+
+/// What an authenticated connection knows about its user.
+struct Session {
+    user: UserKey,
+    /// Users this connection subscribed to, for cleanup (bounded by `max_presence_subs`).
+    subs: Vec<UserKey>,
+}
+
+/// One connection. Kept small: an idle connection holds no buffers (SPEC 2).
+pub struct Conn {
+    proto: Proto,
+    phase: Phase,
+    codec: CodecId,
+    session: Option<Box<Session>>,
+    /// Bytes of a partial frame (or of the upgrade request); unallocated when idle.
+    inbuf: BytesMut,
+    /// Encoded output not yet written; unallocated when idle.
+    out: Vec<u8>,
+    waker: Option<Waker>,
+    opened_ms: u64,
+    last_rx_ms: u64,
+    /// Deadline currently armed in the wheel (0: none).
+    armed_ms: u64,
+    /// Set when the connection is to be closed once `out` is flushed.
+    closing: Option<CloseReason>,
+    sends: TokenBucket,
+    bytes: TokenBucket,
+}
+
+/// State of one user owned by this shard.
+#[derive(Default)]
+struct UserEntry {
+    devices: Vec<(Route, Str)>,
+    inbox_seq: u64,
+    /// Status set by the user (online unless busy/away); offline when no device is connected.
+    status: Option<Status>,
+    subscribers: Vec<Route>,
+}
+
+impl UserEntry {
+    fn effective_status(&self) -> Status {
+        if self.devices.is_empty() {
+            Status::Offline
+        } else {
+            self.status.unwrap_or(Status::Online)
+        }
+    }
+}
+
+/// The transport a listener accepted a connection on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Ws,
+}
+
+/// How long a closing connection may take to flush its last frames.
+pub const CLOSE_FLUSH_MS: u64 = 2_000;
+/// Subscribers one user may have (the cost of a status change is bounded by this).
+pub const MAX_SUBSCRIBERS_PER_USER: usize = 100_000;
+/// Users one shard tracks (owned users with devices or subscribers).
+pub const MAX_USERS_PER_SHARD: usize = 4_000_000;
+
+pub struct Shard {
+    pub id: usize,
+    shards: usize,
+    cfg: Arc<Config>,
+    auth: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
+    conns: slab::Slab<Conn>,
+    wheel: TimerWheel<ConnId>,
+    users: HashMap<UserKey, UserEntry>,
+    /// Outgoing messages per destination shard (index == shard id; ours is the local queue).
+    outbox: Vec<Vec<ShardMsg>>,
+    outbox_len: usize,
+    outbox_waker: Option<Waker>,
+    hs: ws::HandshakeConfig,
+    echo_hs: Option<ws::HandshakeConfig>,
+    frames: FrameDecoder,
+    next_mid: u64,
+    next_session: u64,
+    draining: bool,
+    drain_started_ms: u64,
+    due: Vec<(u64, ConnId)>,
+    /// Monotonic time of the latest input (for deadlines set outside `tick`).
+    now_ms: u64,
+}
+
+impl Shard {
+    pub fn new(
+        id: usize,
+        shards: usize,
+        cfg: Arc<Config>,
+        auth: Arc<Authenticator>,
+        metrics: Arc<Metrics>,
+        clk: Clock,
+    ) -> Shard {
+        assert!(id < shards && shards <= usize::from(u16::MAX));
+        let per_shard = (cfg.limits.max_conns as usize).div_ceil(shards);
+        let hs = ws::HandshakeConfig {
+            path: cfg.ws.path.clone(),
+            allowed_origins: cfg.ws.allowed_origins.clone(),
+            max_header_bytes: cfg.ws.max_handshake_bytes as usize,
+            ..ws::HandshakeConfig::default()
+        };
+        let echo_hs = cfg.server.ws_echo.then(|| ws::HandshakeConfig {
+            path: "/echo".into(),
+            allowed_origins: vec!["*".into()],
+            ..hs.clone()
+        });
+        Shard {
+            id,
+            shards,
+            frames: FrameDecoder::new(cfg.limits.max_frame_bytes),
+            wheel: TimerWheel::new(cfg.runtime.tick_ms, 4096, clk.mono_ms),
+            cfg,
+            auth,
+            metrics,
+            conns: slab::Slab::new(per_shard),
+            users: HashMap::new(),
+            outbox: (0..shards).map(|_| Vec::new()).collect(),
+            outbox_len: 0,
+            outbox_waker: None,
+            hs,
+            echo_hs,
+            // Message ids: shard index in the low 8 bits keeps them unique across shards;
+            // the counter starts at the wall clock so ids grow across restarts.
+            next_mid: clk.unix_ms,
+            next_session: 1,
+            draining: false,
+            drain_started_ms: 0,
+            due: Vec::new(),
+            now_ms: clk.mono_ms,
+        }
+    }
+
+    fn m(&self) -> &ShardMetrics {
+        &self.metrics.shards[self.id]
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Drain finished: every connection is gone, or the drain timeout passed.
+    pub fn drained(&self, clk: Clock) -> bool {
+        self.draining
+            && (self.conns.is_empty()
+                || clk.mono_ms >= self.drain_started_ms + self.cfg.server.drain_timeout_ms)
+    }
+
+    // ---- connection lifecycle --------------------------------------------------------------
+
+    /// Registers an accepted socket; `None` when the shard is at its connection limit or
+    /// draining (the runtime then drops the socket).
+    pub fn accept(&mut self, transport: Transport, clk: Clock) -> Option<ConnId> {
+        self.now_ms = clk.mono_ms;
+        self.m().accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.draining {
+            return None;
+        }
+        let l = &self.cfg.limits;
+        let conn = Conn {
+            proto: match transport {
+                Transport::Tcp => Proto::Tcp,
+                Transport::Ws => Proto::WsHandshake,
+            },
+            phase: Phase::Handshake,
+            codec: CodecId::Json,
+            session: None,
+            inbuf: BytesMut::new(),
+            out: Vec::new(),
+            waker: None,
+            opened_ms: clk.mono_ms,
+            last_rx_ms: clk.mono_ms,
+            armed_ms: 0,
+            closing: None,
+            sends: TokenBucket::new(l.sends_per_sec, l.send_burst, clk.mono_ms),
+            bytes: TokenBucket::new(l.bytes_per_sec, l.bytes_per_sec.max(l.max_frame_bytes), clk.mono_ms),
+        };
+        match self.conns.insert(conn) {
+            Ok(id) => {
+                self.m().connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.arm(id, clk.mono_ms + self.cfg.limits.handshake_timeout_ms);
+                tracing::debug!(shard = self.id, conn = ?id, ?transport, "accepted");
+                Some(id)
+            }
+            Err(_) => {
+                self.m().close(CloseReason::Limit);
+                None
+            }
+        }
+    }
+
+    /// The runtime's task for `id` parks with this waker; output wakes it.
+    pub fn set_waker(&mut self, id: ConnId, waker: &Waker) {
+        if let Some(c) = self.conns.get_mut(id) {
+            match &c.waker {
+                Some(w) if w.will_wake(waker) => {}
+                _ => c.waker = Some(waker.clone()),
+            }
+        }
+    }
+
+    /// Output waiting for `id`, to be written by the runtime (drained in place as written).
+    pub fn output(&mut self, id: ConnId) -> Option<&mut Vec<u8>> {
+        self.conns.get_mut(id).map(|c| &mut c.out)
+    }
+
+    /// Records `n` bytes written from the front of the output and releases an emptied buffer.
+    pub fn wrote(&mut self, id: ConnId, n: usize) {
+        let m = &self.metrics.shards[self.id];
+        if let Some(c) = self.conns.get_mut(id) {
+            c.out.drain(..n.min(c.out.len()));
+            if c.out.is_empty() {
+                // An idle connection keeps no output buffer.
+                c.out = Vec::new();
+            }
+            m.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            m.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The connection should be closed now: its closing output is flushed (or it is gone).
+    pub fn should_close(&self, id: ConnId) -> bool {
+        match self.conns.get(id) {
+            Some(c) => c.closing.is_some() && c.out.is_empty(),
+            None => true,
+        }
+    }
+
+    /// The connection wants no more input (closing).
+    pub fn is_closing(&self, id: ConnId) -> bool {
+        self.conns.get(id).is_none_or(|c| c.closing.is_some())
+    }
+
+    /// Asks for `id` to be closed after its output is flushed; if that takes longer than
+    /// [`CLOSE_FLUSH_MS`] the output is dropped and the socket closed anyway.
+    fn close(&mut self, id: ConnId, reason: CloseReason) {
+        let now = self.now_ms;
+        if let Some(c) = self.conns.get_mut(id) {
+            if c.closing.is_none() {
+                c.closing = Some(reason);
+                // While closing, `last_rx_ms` marks when the close began.
+                c.last_rx_ms = now;
+                if let Some(w) = &c.waker {
+                    w.wake_by_ref();
+                }
+                self.arm(id, now + CLOSE_FLUSH_MS);
+            }
+        }
+    }
+
+    /// The socket is gone (closed by us after [`Shard::should_close`], or by the peer):
+    /// releases everything the connection held.
+    pub fn remove(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.remove(id) else {
+            return;
+        };
+        let reason = conn.closing.unwrap_or(CloseReason::Peer);
+        let m = &self.metrics.shards[self.id];
+        m.close(reason);
+        m.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(shard = self.id, conn = ?id, reason = reason.name(), "closed");
+        if let Some(s) = conn.session {
+            m.authenticated.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            m.tenant(&s.user.tenant, -1, 0);
+            let route = self.route(id);
+            for target in s.subs {
+                let dest = self.owner(&target);
+                self.post_always(dest, ShardMsg::Unsubscribe { target, subscriber: route });
+            }
+            let dest = self.owner(&s.user);
+            self.post_always(dest, ShardMsg::Unregister { user: s.user, route });
+        }
+    }
+
+    fn route(&self, conn: ConnId) -> Route {
+        Route {
+            shard: self.id as u16,
+            conn,
+        }
+    }
+
+    fn owner(&self, u: &UserKey) -> usize {
+        owner_shard(&u.tenant, &u.user, self.shards)
+    }
+
+    // ---- timers ----------------------------------------------------------------------------
+
+    fn arm(&mut self, id: ConnId, deadline_ms: u64) {
+        if let Some(c) = self.conns.get_mut(id) {
+            if c.armed_ms == 0 || deadline_ms < c.armed_ms {
+                c.armed_ms = deadline_ms;
+                self.wheel.insert(deadline_ms, id);
+            }
+        }
+    }
+
+    /// Advances the timer wheel: closes connections past their handshake or idle deadline.
+    pub fn tick(&mut self, clk: Clock) {
+        self.now_ms = clk.mono_ms;
+        let mut due = std::mem::take(&mut self.due);
+        self.wheel.advance(clk.mono_ms, &mut due);
+        for (fired, id) in due.drain(..) {
+            let l = &self.cfg.limits;
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            if c.armed_ms != fired {
+                // Superseded by an earlier deadline armed later.
+                continue;
+            }
+            c.armed_ms = 0;
+            let deadline = match (c.closing, c.phase) {
+                // A closing connection that could not flush in time is dropped by the runtime.
+                (Some(_), _) => c.last_rx_ms + CLOSE_FLUSH_MS,
+                (None, Phase::Handshake) => c.opened_ms + l.handshake_timeout_ms,
+                (None, _) => c.last_rx_ms + l.idle_timeout_ms,
+            };
+            if clk.mono_ms < deadline {
+                self.arm(id, deadline);
+                continue;
+            }
+            match (c.closing, c.phase) {
+                (Some(_), _) => {
+                    // Give up on flushing: drop the output so the runtime closes now.
+                    c.out = Vec::new();
+                    if let Some(w) = &c.waker {
+                        w.wake_by_ref();
+                    }
+                }
+                (None, Phase::Handshake) => {
+                    let tcp = matches!(c.proto, Proto::Tcp);
+                    if tcp {
+                        self.reply_error(id, None, ErrorCode::HandshakeTimeout, "no hello in time");
+                    }
+                    self.close(id, CloseReason::HandshakeTimeout);
+                }
+                (None, _) => {
+                    self.goaway(id, "idle", 0);
+                    self.close(id, CloseReason::Idle);
+                }
+            }
+        }
+        self.due = due;
+        let m = &self.metrics.shards[self.id];
+        m.timers.store(self.wheel.len() as i64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Starts the graceful drain: `goaway` to every connection with a spread reconnect hint,
+    /// then close each once flushed. New connections are refused from now on.
+    pub fn start_drain(&mut self, clk: Clock) {
+        if self.draining {
+            return;
+        }
+        self.now_ms = clk.mono_ms;
+        self.draining = true;
+        self.drain_started_ms = clk.mono_ms;
+        let spread = self.cfg.server.drain_reconnect_spread_ms.max(1);
+        for (i, id) in self.conns.ids().into_iter().enumerate() {
+            let phase = self.conns.get(id).map(|c| c.phase);
+            if phase == Some(Phase::Active) {
+                // Deterministic spread: connection i reconnects after i * k mod spread.
+                let hint = (i as u64).wrapping_mul(7_919) % spread;
+                self.goaway(id, "drain", hint);
+            }
+            self.close(id, CloseReason::Drain);
+        }
+    }
+
+    // ---- output ----------------------------------------------------------------------------
+
+    /// Encodes `env` onto `id`'s output in its codec and transport, and wakes its task.
+    fn emit(&mut self, id: ConnId, env: &Envelope) {
+        let max_out = self.cfg.limits.max_outbound_bytes as usize;
+        let m = &self.metrics.shards[self.id];
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        let codec = c.codec;
+        let r = match c.proto {
+            Proto::Tcp => write_frame(&mut c.out, codec, &[], env),
+            Proto::Ws(_) => {
+                let op = if codec.is_text() {
+                    ws::OpCode::Text
+                } else {
+                    ws::OpCode::Binary
+                };
+                ws::write_message_with(&mut c.out, op, |o| codec.encode(env, o))
+            }
+            Proto::WsHandshake => return,
+        };
+        if r.is_err() {
+            return;
+        }
+        m.frame_out(env.msg.op(), codec);
+        if let Message::Error(e) = &env.msg {
+            m.error(e.code);
+        }
+        if let Some(w) = &c.waker {
+            w.wake_by_ref();
+        }
+        if c.out.len() > max_out && c.closing.is_none() {
+            // The client does not read: drop what is queued and close it.
+            c.out = Vec::new();
+            self.close(id, CloseReason::SlowConsumer);
+        }
+    }
+
+    fn reply_error(&mut self, id: ConnId, reference: Option<u64>, code: ErrorCode, message: &str) {
+        let env = Envelope {
+            reference,
+            msg: Message::Error(crate::protocol::Error {
+                code,
+                message: Str::from(message),
+                cmid: None,
+                retry_after_ms: None,
+            }),
+        };
+        self.emit(id, &env);
+    }
+
+    fn goaway(&mut self, id: ConnId, reason: &'static str, reconnect_ms: u64) {
+        let env = Envelope::new(Message::Goaway(crate::protocol::Goaway {
+            reason: Str::from_static(reason),
+            reconnect_ms,
+        }));
+        self.emit(id, &env);
+        if let Some(c) = self.conns.get_mut(id) {
+            if matches!(c.proto, Proto::Ws(_)) {
+                ws::write_close(&mut c.out, Some(ws::CloseCode::GoingAway), reason);
+            }
+        }
+    }
+
+    // ---- cross-shard -----------------------------------------------------------------------
+
+    /// Queues a message for shard `dest` (our own index: the local queue). `false` when the
+    /// outbox is full: the caller sheds the work with `overloaded`.
+    fn post(&mut self, dest: usize, msg: ShardMsg) -> bool {
+        if self.outbox_len >= self.cfg.limits.shard_outbox_max as usize {
+            self.m()
+                .cross_shard_shed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return false;
+        }
+        self.outbox[dest].push(msg);
+        self.outbox_len += 1;
+        if let Some(w) = &self.outbox_waker {
+            w.wake_by_ref();
+        }
+        true
+    }
+
+    /// Like [`Shard::post`], for bookkeeping that must not be lost (unregister, unsubscribe):
+    /// goes past the bound, which is why only cleanup uses it.
+    fn post_always(&mut self, dest: usize, msg: ShardMsg) {
+        self.outbox[dest].push(msg);
+        self.outbox_len += 1;
+        if let Some(w) = &self.outbox_waker {
+            w.wake_by_ref();
+        }
+    }
+
+    /// The runtime's flusher parks with this waker; new outbox entries wake it.
+    pub fn set_outbox_waker(&mut self, waker: &Waker) {
+        match &self.outbox_waker {
+            Some(w) if w.will_wake(waker) => {}
+            _ => self.outbox_waker = Some(waker.clone()),
+        }
+    }
+
+    /// Takes the batch queued for `dest` (empty if none).
+    pub fn take_batch(&mut self, dest: usize) -> Vec<ShardMsg> {
+        let batch = std::mem::take(&mut self.outbox[dest]);
+        self.outbox_len -= batch.len();
+        if !batch.is_empty() && dest != self.id {
+            self.m()
+                .cross_shard_sent
+                .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.m()
+            .outbox_depth
+            .store(self.outbox_len as i64, std::sync::atomic::Ordering::Relaxed);
+        batch
+    }
+
+    /// Puts back a batch the channel refused (full): it goes first next time.
+    pub fn return_batch(&mut self, dest: usize, mut batch: Vec<ShardMsg>) {
+        self.outbox_len += batch.len();
+        batch.append(&mut self.outbox[dest]);
+        self.outbox[dest] = batch;
+    }
+
+    pub fn has_outbox(&self) -> bool {
+        self.outbox_len > 0
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards
+    }
+}
+
+#[cfg(test)]
+mod tests;

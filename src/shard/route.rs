@@ -1,0 +1,269 @@
+//! The owner side of a shard: what it does with batches from other shards (and its own local
+//! queue). Owned users' device routes, inbox sequence numbers, presence status and subscriber
+//! lists live here; deliveries are grouped so each destination shard gets one message per
+//! delivery, however many of the user's devices live there.
+
+use super::{Clock, ConnId, Route, Shard, ShardMsg, UserEntry, UserKey, MAX_SUBSCRIBERS_PER_USER, MAX_USERS_PER_SHARD};
+use crate::metrics::CloseReason;
+use crate::protocol::{Deliver, Envelope, Error, ErrorCode, Message, Presence, SendAck, Status, Str};
+
+impl Shard {
+    /// Handles a batch that arrived from shard `_from` (or from our own local queue).
+    pub fn on_batch(&mut self, batch: Vec<ShardMsg>, clk: Clock) {
+        self.now_ms = clk.mono_ms;
+        for msg in batch {
+            self.on_shard_msg(msg, clk);
+        }
+    }
+
+    fn on_shard_msg(&mut self, msg: ShardMsg, clk: Clock) {
+        match msg {
+            ShardMsg::Register {
+                user,
+                route,
+                device,
+            } => self.on_register(user, route, device, clk),
+            ShardMsg::Unregister { user, route } => {
+                let Some(e) = self.users.get_mut(&user) else {
+                    return;
+                };
+                let before = e.effective_status();
+                e.devices.retain(|(r, _)| *r != route);
+                self.presence_changed(&user, before, clk);
+                self.gc_user(&user);
+            }
+            ShardMsg::RegisterRefused { conn, message } => {
+                let env = Envelope::new(Message::Error(Error {
+                    code: ErrorCode::LimitExceeded,
+                    message,
+                    cmid: None,
+                    retry_after_ms: None,
+                }));
+                self.emit(conn, &env);
+                self.close(conn, CloseReason::Limit);
+            }
+            ShardMsg::SetStatus { user, status } => {
+                let Some(e) = self.users.get_mut(&user) else {
+                    return;
+                };
+                let before = e.effective_status();
+                e.status = Some(status);
+                self.presence_changed(&user, before, clk);
+            }
+            ShardMsg::Subscribe { target, subscriber } => {
+                if !self.users.contains_key(&target) && self.users.len() >= MAX_USERS_PER_SHARD {
+                    return;
+                }
+                let e = self.users.entry(target.clone()).or_default();
+                if e.subscribers.len() < MAX_SUBSCRIBERS_PER_USER && !e.subscribers.contains(&subscriber) {
+                    e.subscribers.push(subscriber);
+                }
+                // The subscriber learns the current status at once.
+                let presence = Presence {
+                    user: target.user.clone(),
+                    status: e.effective_status(),
+                    ts: clk.unix_ms,
+                };
+                self.post_always(
+                    usize::from(subscriber.shard),
+                    ShardMsg::PresenceEvent {
+                        conns: vec![subscriber.conn],
+                        presence,
+                    },
+                );
+            }
+            ShardMsg::Unsubscribe { target, subscriber } => {
+                if let Some(e) = self.users.get_mut(&target) {
+                    e.subscribers.retain(|r| *r != subscriber);
+                }
+                self.gc_user(&target);
+            }
+            ShardMsg::PresenceEvent { conns, presence } => {
+                let env = Envelope::new(Message::Presence(presence));
+                for conn in conns {
+                    self.emit(conn, &env);
+                }
+            }
+            ShardMsg::Direct {
+                to,
+                origin,
+                reference,
+                mut deliver,
+                cmid,
+            } => {
+                let mid = self.next_mid();
+                deliver.mid = mid;
+                let seq = match self.users.get_mut(&to) {
+                    Some(e) => {
+                        e.inbox_seq += 1;
+                        e.inbox_seq
+                    }
+                    // Durability `memory`: an offline user has no inbox; nothing is kept.
+                    None => 0,
+                };
+                deliver.inbox_seq = seq;
+                let ts = deliver.ts;
+                if let Some(e) = self.users.get(&to) {
+                    let routes: Vec<Route> = e.devices.iter().map(|(r, _)| *r).collect();
+                    self.fan_out(&routes, deliver);
+                }
+                self.post_always(
+                    usize::from(origin.shard),
+                    ShardMsg::Accepted {
+                        conn: origin.conn,
+                        reference,
+                        cmid,
+                        mid,
+                        seq,
+                        ts,
+                    },
+                );
+            }
+            ShardMsg::Accepted {
+                conn,
+                reference,
+                cmid,
+                mid,
+                seq,
+                ts,
+            } => {
+                let env = Envelope {
+                    reference,
+                    msg: Message::SendAck(SendAck { cmid, mid, seq, ts }),
+                };
+                self.emit(conn, &env);
+            }
+            ShardMsg::Rejected {
+                conn,
+                reference,
+                cmid,
+                code,
+                retry_after_ms,
+            } => {
+                let env = Envelope {
+                    reference,
+                    msg: Message::Error(Error {
+                        code,
+                        message: Str::from(code.name()),
+                        cmid: Some(cmid),
+                        retry_after_ms,
+                    }),
+                };
+                self.emit(conn, &env);
+            }
+            ShardMsg::Deliver { conns, deliver } => {
+                let env = Envelope::new(Message::Deliver(deliver));
+                let m = &self.metrics.shards[self.id];
+                m.deliveries_confirmed
+                    .fetch_add(conns.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                for conn in conns {
+                    self.emit(conn, &env);
+                }
+            }
+        }
+    }
+
+    fn on_register(&mut self, user: UserKey, route: Route, device: Str, clk: Clock) {
+        if !self.users.contains_key(&user) && self.users.len() >= MAX_USERS_PER_SHARD {
+            self.post_always(
+                usize::from(route.shard),
+                ShardMsg::RegisterRefused {
+                    conn: route.conn,
+                    message: Str::from_static("shard user table full"),
+                },
+            );
+            return;
+        }
+        let max = self.cfg.limits.max_devices_per_user as usize;
+        let e = self.users.entry(user.clone()).or_default();
+        if e.devices.len() >= max {
+            self.post_always(
+                usize::from(route.shard),
+                ShardMsg::RegisterRefused {
+                    conn: route.conn,
+                    message: Str::from_static("too many devices online"),
+                },
+            );
+            return;
+        }
+        let before = e.effective_status();
+        e.devices.push((route, device));
+        self.presence_changed(&user, before, clk);
+    }
+
+    /// Tells subscribers when the user's effective status differs from `before`.
+    fn presence_changed(&mut self, user: &UserKey, before: Status, clk: Clock) {
+        let Some(e) = self.users.get(user) else {
+            return;
+        };
+        let now = e.effective_status();
+        if now == before || e.subscribers.is_empty() {
+            return;
+        }
+        let presence = Presence {
+            user: user.user.clone(),
+            status: now,
+            ts: clk.unix_ms,
+        };
+        // One message per subscriber shard.
+        let mut by_shard: Vec<Vec<ConnId>> = vec![Vec::new(); self.shards];
+        for r in &e.subscribers {
+            by_shard[usize::from(r.shard)].push(r.conn);
+        }
+        for (shard, conns) in by_shard.into_iter().enumerate() {
+            if !conns.is_empty() {
+                self.post_always(
+                    shard,
+                    ShardMsg::PresenceEvent {
+                        conns,
+                        presence: presence.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Sends `deliver` to every route, one message per destination shard.
+    fn fan_out(&mut self, routes: &[Route], deliver: Deliver) {
+        let mut by_shard: Vec<Vec<ConnId>> = vec![Vec::new(); self.shards];
+        for r in routes {
+            by_shard[usize::from(r.shard)].push(r.conn);
+        }
+        let mut last = None;
+        for (shard, conns) in by_shard.into_iter().enumerate() {
+            if !conns.is_empty() {
+                if let Some((s, c)) = last.take() {
+                    self.post_always(
+                        s,
+                        ShardMsg::Deliver {
+                            conns: c,
+                            deliver: deliver.clone(),
+                        },
+                    );
+                }
+                last = Some((shard, conns));
+            }
+        }
+        if let Some((s, conns)) = last {
+            self.post_always(s, ShardMsg::Deliver { conns, deliver });
+        }
+    }
+
+    /// Drops a user entry that no longer holds anything.
+    fn gc_user(&mut self, user: &UserKey) {
+        let empty = self
+            .users
+            .get(user)
+            .is_some_and(|e: &UserEntry| e.devices.is_empty() && e.subscribers.is_empty());
+        if empty {
+            self.users.remove(user);
+        }
+    }
+
+    fn next_mid(&mut self) -> u64 {
+        self.next_mid += 1;
+        // Low 8 bits: the shard, so shards never mint the same id. Stays below 2^53 for
+        // JavaScript clients for the next few thousand years of milliseconds.
+        (self.next_mid << 8) | (self.id as u64 & 0xff)
+    }
+}

@@ -1,0 +1,576 @@
+//! The client side of a shard: bytes in from a connection, through the transport (raw-TCP
+//! frames or WebSocket) and the codec, into the session rules: nothing but `hello` before
+//! authentication, the handshake timeout, rate limits, one user per connection, and the
+//! replies and cross-shard messages each op causes.
+
+use bytes::Bytes;
+
+use super::{
+    ConnId, Phase, Proto, Session, Shard, ShardMsg, UserKey,
+};
+use crate::codec::DecodeError;
+use crate::metrics::CloseReason;
+use crate::protocol::frame::FrameError;
+use crate::protocol::{
+    Deliver, Envelope, Error, ErrorCode, Hello, Limits, Message, Send, Str, Synced, Target,
+    Welcome, CURRENT_VERSION, PREVIOUS_VERSION,
+};
+use crate::ws;
+
+use super::Clock;
+
+/// A WebSocket event copied out of the decoder (which lends its payload only until the next
+/// call), so the shard can act on it.
+enum WsIn {
+    Text(Bytes),
+    Binary(Bytes),
+    Ping,
+    Close,
+    Pong,
+}
+
+/// Send tokens a bad payload costs an authenticated connection.
+const BAD_FRAME_COST: u32 = 8;
+
+impl Shard {
+    /// Feeds bytes read from connection `id`'s socket. `data` may be modified (WebSocket
+    /// payloads are unmasked in place).
+    pub fn on_read(&mut self, id: ConnId, data: &mut [u8], clk: Clock) {
+        let m = &self.metrics.shards[self.id];
+        m.bytes_in
+            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.now_ms = clk.mono_ms;
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if c.closing.is_some() {
+            return;
+        }
+        c.last_rx_ms = clk.mono_ms;
+        if c.phase != Phase::Handshake {
+            let deadline = clk.mono_ms + self.cfg.limits.idle_timeout_ms;
+            if c.armed_ms == 0 {
+                self.arm(id, deadline);
+            }
+        }
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if c.bytes.take(data.len() as u32, clk.mono_ms).is_err() && c.phase != Phase::Echo {
+            self.reply_error(id, None, ErrorCode::RateLimited, "byte rate exceeded");
+            self.close(id, CloseReason::Protocol);
+            return;
+        }
+        match c.proto {
+            Proto::Tcp => self.read_tcp(id, data, clk),
+            Proto::WsHandshake => self.read_ws_handshake(id, data, clk),
+            Proto::Ws(_) => self.read_ws(id, data, clk),
+        }
+    }
+
+    fn read_tcp(&mut self, id: ConnId, data: &[u8], clk: Clock) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        c.inbuf.extend_from_slice(data);
+        loop {
+            let Some(c) = self.conns.get_mut(id) else {
+                return;
+            };
+            if c.closing.is_some() {
+                return;
+            }
+            match self.frames.decode(&mut c.inbuf) {
+                Ok(Some(frame)) => {
+                    let m = &self.metrics.shards[self.id];
+                    m.frame_in(frame.header.op, frame.header.codec);
+                    if c.phase == Phase::Handshake {
+                        // The codec of the `hello` frame is the connection's codec.
+                        c.codec = frame.header.codec;
+                    } else if frame.header.codec != c.codec {
+                        self.reply_error(id, None, ErrorCode::BadFrame, "codec differs from hello's");
+                        continue;
+                    }
+                    let op = frame.header.op;
+                    self.on_payload(id, frame.payload, Some(op), clk);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let code = match e {
+                        FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                        _ => ErrorCode::BadFrame,
+                    };
+                    self.reply_error(id, None, code, &e.to_string());
+                    self.close(id, CloseReason::Protocol);
+                    return;
+                }
+            }
+        }
+        if let Some(c) = self.conns.get_mut(id) {
+            if c.inbuf.is_empty() {
+                // An idle connection holds no input buffer.
+                c.inbuf = bytes::BytesMut::new();
+            }
+        }
+    }
+
+    fn read_ws_handshake(&mut self, id: ConnId, data: &mut [u8], clk: Clock) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        c.inbuf.extend_from_slice(data);
+        let parsed = match ws::parse_request(&self.hs, &c.inbuf) {
+            Err(ws::RejectReason::Path) if self.echo_hs.is_some() => self
+                .echo_hs
+                .as_ref()
+                .map(|e| ws::parse_request(e, &c.inbuf).map(|u| u.map(|u| (u, true))))
+                .unwrap_or(Err(ws::RejectReason::Path)),
+            other => other.map(|u| u.map(|u| (u, false))),
+        };
+        match parsed {
+            Ok(None) => {
+                if c.inbuf.len() > self.cfg.ws.max_handshake_bytes as usize {
+                    ws::RejectReason::HeadersTooLarge.write_response(&mut c.out);
+                    self.m().handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.close(id, CloseReason::Protocol);
+                }
+            }
+            Err(reason) => {
+                reason.write_response(&mut c.out);
+                self.m().handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(shard = self.id, conn = ?id, reason = reason.label(), "upgrade refused");
+                self.close(id, CloseReason::Protocol);
+            }
+            Ok(Some((up, echo))) => {
+                up.write_response(&mut c.out);
+                c.codec = up.codec;
+                let limits = if echo {
+                    ws::Limits::new(self.cfg.ws.max_frame_bytes.max(16 << 20), self.cfg.ws.max_message_bytes.max(16 << 20))
+                } else {
+                    ws::Limits::new(self.cfg.ws.max_frame_bytes, self.cfg.ws.max_message_bytes)
+                };
+                c.proto = Proto::Ws(ws::Decoder::new(ws::Role::Server, limits));
+                if echo {
+                    c.phase = Phase::Echo;
+                }
+                let mut rest = c.inbuf.split_off(up.consumed);
+                c.inbuf = bytes::BytesMut::new();
+                if let Some(w) = &c.waker {
+                    w.wake_by_ref();
+                }
+                if !rest.is_empty() {
+                    self.read_ws(id, &mut rest, clk);
+                }
+            }
+        }
+    }
+
+    fn read_ws(&mut self, id: ConnId, mut data: &mut [u8], clk: Clock) {
+        loop {
+            let Some(c) = self.conns.get_mut(id) else {
+                return;
+            };
+            if c.closing.is_some() {
+                return;
+            }
+            let Proto::Ws(dec) = &mut c.proto else {
+                return;
+            };
+            let input = match dec.next_event(&mut data) {
+                Ok(None) => return,
+                Ok(Some(ev)) => {
+                    let reply_needed = matches!(ev, ws::Event::Ping(_) | ws::Event::Close { .. });
+                    if reply_needed {
+                        let next = ws::respond(&ev, false, &mut c.out);
+                        if next == ws::Next::Close {
+                            self.close(id, CloseReason::Peer);
+                            return;
+                        }
+                    }
+                    match ev {
+                        ws::Event::Text(t) => WsIn::Text(Bytes::copy_from_slice(t.as_bytes())),
+                        ws::Event::Binary(b) => WsIn::Binary(Bytes::copy_from_slice(b)),
+                        ws::Event::Ping(_) => WsIn::Ping,
+                        ws::Event::Pong(_) => WsIn::Pong,
+                        ws::Event::Close { .. } => WsIn::Close,
+                    }
+                }
+                Err(e) => {
+                    ws::respond_error(e, &mut c.out);
+                    if let Some(w) = &c.waker {
+                        w.wake_by_ref();
+                    }
+                    self.close(id, CloseReason::Protocol);
+                    return;
+                }
+            };
+            let (payload, is_text) = match input {
+                WsIn::Text(p) => (p, true),
+                WsIn::Binary(p) => (p, false),
+                WsIn::Ping | WsIn::Pong => {
+                    if let Some(c) = self.conns.get_mut(id) {
+                        if let Some(w) = &c.waker {
+                            w.wake_by_ref();
+                        }
+                    }
+                    continue;
+                }
+                WsIn::Close => {
+                    self.close(id, CloseReason::Peer);
+                    return;
+                }
+            };
+            match input_payload(self, id, payload, is_text) {
+                Some(payload) => self.on_payload(id, payload, None, clk),
+                None => continue,
+            }
+        }
+    }
+}
+
+/// Echo connections answer here (text back as text, already UTF-8 validated by the decoder;
+/// binary as binary) and `None` is returned; otherwise the payload goes on to the codec.
+fn input_payload(shard: &mut Shard, id: ConnId, payload: Bytes, is_text: bool) -> Option<Bytes> {
+    let c = shard.conns.get_mut(id)?;
+    if c.phase != Phase::Echo {
+        return Some(payload);
+    }
+    match (is_text, std::str::from_utf8(&payload)) {
+        (true, Ok(t)) => ws::write_text(&mut c.out, t),
+        _ => ws::write_binary(&mut c.out, &payload),
+    }
+    if let Some(w) = &c.waker {
+        w.wake_by_ref();
+    }
+    None
+}
+
+impl Shard {
+    /// One payload from either transport; `header_op` is the raw-TCP header's op number.
+    fn on_payload(&mut self, id: ConnId, payload: Bytes, header_op: Option<u8>, clk: Clock) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        let codec = c.codec;
+        match codec.decode_bytes(&payload) {
+            Ok(env) => {
+                if header_op.is_none() {
+                    // WebSocket: no header, so count the frame once its op is known.
+                    self.m().frame_in(env.msg.op() as u8, codec);
+                }
+                if header_op.is_some_and(|op| op != env.msg.op() as u8) {
+                    self.reply_error(id, env.reference, ErrorCode::BadFrame, "header op differs from payload op");
+                    return;
+                }
+                self.on_message(id, env, clk);
+            }
+            Err(DecodeError::UnknownOp { reference, .. }) => {
+                self.reply_error(id, reference, ErrorCode::Unsupported, "unknown op");
+            }
+            Err(e) => {
+                let handshake = self.conns.get(id).is_some_and(|c| c.phase == Phase::Handshake);
+                self.reply_error(id, None, ErrorCode::BadFrame, &e.to_string());
+                if handshake {
+                    self.m().handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.close(id, CloseReason::Protocol);
+                } else {
+                    self.count_bad_frame(id);
+                }
+            }
+        }
+    }
+
+    /// A bad payload from an authenticated connection costs [`BAD_FRAME_COST`] send tokens
+    /// (no extra per-connection counter): a run of them exhausts the bucket and closes it.
+    fn count_bad_frame(&mut self, id: ConnId) {
+        if let Some(c) = self.conns.get_mut(id) {
+            if c.sends.take(BAD_FRAME_COST, c.last_rx_ms).is_err() {
+                self.close(id, CloseReason::Protocol);
+            }
+        }
+    }
+
+    /// One decoded message from connection `id`.
+    pub(super) fn on_message(&mut self, id: ConnId, env: Envelope, clk: Clock) {
+        let Some(c) = self.conns.get(id) else {
+            return;
+        };
+        let reference = env.reference;
+        if c.phase == Phase::Handshake {
+            match env.msg {
+                Message::Hello(h) => self.on_hello(id, reference, h, clk),
+                _ => {
+                    self.reply_error(id, reference, ErrorCode::NotAuthenticated, "hello first");
+                    self.m().handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.close(id, CloseReason::AuthFailed);
+                }
+            }
+            return;
+        }
+        match env.msg {
+            Message::Ping(p) => {
+                let pong = Envelope {
+                    reference,
+                    msg: Message::Pong(crate::protocol::Pong { ts: p.ts }),
+                };
+                self.emit(id, &pong);
+            }
+            Message::Pong(_) => {}
+            Message::Send(s) => self.on_send(id, reference, s, clk),
+            Message::Ack(_) => {}
+            Message::Sync(s) => {
+                // Durability `memory` keeps no inbox: nothing to replay (docs/ARCHITECTURE.md).
+                let env = Envelope {
+                    reference,
+                    msg: Message::Synced(Synced {
+                        up_to: s.after_inbox_seq,
+                        more: false,
+                    }),
+                };
+                self.emit(id, &env);
+            }
+            Message::PresenceSet(p) => {
+                let Some(user) = self.session_user(id) else { return };
+                if p.status == crate::protocol::Status::Offline {
+                    self.reply_error(id, reference, ErrorCode::BadRequest, "offline is not settable");
+                    return;
+                }
+                let dest = self.owner(&user);
+                if self.post(dest, ShardMsg::SetStatus { user, status: p.status }) {
+                    self.emit(id, &Envelope { reference, msg: Message::Ok });
+                } else {
+                    self.overloaded(id, reference, None);
+                }
+            }
+            Message::PresenceSub(p) => self.on_presence_sub(id, reference, p.users),
+            Message::GroupJoin(_) | Message::GroupLeave(_) => {
+                self.reply_error(id, reference, ErrorCode::Unsupported, "groups arrive with reliable delivery");
+            }
+            Message::Hello(_) => {
+                self.reply_error(id, reference, ErrorCode::BadRequest, "already authenticated");
+            }
+            Message::Welcome(_)
+            | Message::SendAck(_)
+            | Message::Deliver(_)
+            | Message::Synced(_)
+            | Message::Presence(_)
+            | Message::Ok
+            | Message::Error(_)
+            | Message::Goaway(_) => {
+                self.reply_error(id, reference, ErrorCode::BadRequest, "server-to-client op");
+            }
+        }
+    }
+
+    fn session_user(&self, id: ConnId) -> Option<UserKey> {
+        self.conns.get(id)?.session.as_ref().map(|s| s.user.clone())
+    }
+
+    fn overloaded(&mut self, id: ConnId, reference: Option<u64>, cmid: Option<Str>) {
+        let env = Envelope {
+            reference,
+            msg: Message::Error(Error {
+                code: ErrorCode::Overloaded,
+                message: Str::from_static("shard queue full"),
+                cmid,
+                retry_after_ms: Some(self.cfg.limits.retry_after_ms),
+            }),
+        };
+        self.emit(id, &env);
+    }
+
+    fn on_hello(&mut self, id: ConnId, reference: Option<u64>, h: Hello, clk: Clock) {
+        let version = if h.version == 0 { 1 } else { h.version };
+        let refuse = |s: &mut Shard, code: ErrorCode, msg: &str| {
+            s.reply_error(id, reference, code, msg);
+            s.m().handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            s.close(id, CloseReason::AuthFailed);
+        };
+        if version != CURRENT_VERSION && version != PREVIOUS_VERSION {
+            refuse(self, ErrorCode::VersionUnsupported, "protocol version not spoken here");
+            return;
+        }
+        if h.device.is_empty() || h.device.len() > 128 {
+            refuse(self, ErrorCode::BadRequest, "device must be 1 to 128 bytes");
+            return;
+        }
+        let identity = match self.auth.verify(&h.token, clk.unix_ms / 1000) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::debug!(shard = self.id, conn = ?id, error = %e, "hello refused");
+                refuse(self, ErrorCode::Unauthorized, &e.to_string());
+                return;
+            }
+        };
+        let user = UserKey {
+            tenant: identity.tenant,
+            user: identity.user,
+        };
+        let session_id = ((self.next_session) << 8) | self.id as u64;
+        self.next_session += 1;
+        let route = self.route(id);
+        let dest = self.owner(&user);
+        if !self.post(
+            dest,
+            ShardMsg::Register {
+                user: user.clone(),
+                route,
+                device: h.device.clone(),
+            },
+        ) {
+            self.overloaded(id, reference, None);
+            self.close(id, CloseReason::Limit);
+            return;
+        }
+        let l = &self.cfg.limits;
+        let welcome = Envelope {
+            reference,
+            msg: Message::Welcome(Welcome {
+                version,
+                session: session_id,
+                user: user.user.clone(),
+                heartbeat_ms: l.heartbeat_ms,
+                server_time_ms: clk.unix_ms,
+                limits: Limits {
+                    max_frame_bytes: l.max_frame_bytes,
+                    sends_per_sec: l.sends_per_sec,
+                    window: l.window,
+                },
+            }),
+        };
+        let idle = clk.mono_ms + l.idle_timeout_ms;
+        let m = &self.metrics.shards[self.id];
+        m.handshakes_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        m.authenticated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        m.tenant(&user.tenant, 1, 0);
+        tracing::debug!(shard = self.id, conn = ?id, tenant = %user.tenant, user = %user.user, "authenticated");
+        if let Some(c) = self.conns.get_mut(id) {
+            c.phase = Phase::Active;
+            c.session = Some(Box::new(Session {
+                user,
+                subs: Vec::new(),
+            }));
+            // Replace the handshake deadline by the idle one.
+            c.armed_ms = 0;
+        }
+        self.arm(id, idle);
+        self.emit(id, &welcome);
+    }
+
+    fn on_send(&mut self, id: ConnId, reference: Option<u64>, s: Send, clk: Clock) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if let Err(wait_ms) = c.sends.take(1, clk.mono_ms) {
+            let env = Envelope {
+                reference,
+                msg: Message::Error(Error {
+                    code: ErrorCode::RateLimited,
+                    message: Str::from_static("send rate exceeded"),
+                    cmid: Some(s.cmid),
+                    retry_after_ms: Some(wait_ms.max(1)),
+                }),
+            };
+            self.emit(id, &env);
+            return;
+        }
+        let Some(sess) = c.session.as_ref() else { return };
+        let from = sess.user.clone();
+        if s.cmid.is_empty() || s.cmid.len() > 128 {
+            self.send_error(id, reference, s.cmid, ErrorCode::BadRequest);
+            return;
+        }
+        let to = match s.to {
+            Target::User(u) if !u.is_empty() && u.len() <= 128 => u,
+            Target::User(_) => {
+                self.send_error(id, reference, s.cmid, ErrorCode::BadRequest);
+                return;
+            }
+            Target::Group(_) => {
+                self.send_error(id, reference, s.cmid, ErrorCode::Unsupported);
+                return;
+            }
+        };
+        let to = UserKey {
+            tenant: from.tenant.clone(),
+            user: to,
+        };
+        self.m().tenant(&from.tenant, 0, 1);
+        let deliver = Deliver {
+            mid: 0,
+            from: from.user.clone(),
+            to: None,
+            inbox_seq: 0,
+            ts: clk.unix_ms,
+            kind: s.kind,
+            body: s.body,
+            ext: s.ext,
+        };
+        let dest = self.owner(&to);
+        let origin = self.route(id);
+        let cmid = s.cmid;
+        if !self.post(
+            dest,
+            ShardMsg::Direct {
+                to,
+                origin,
+                reference,
+                deliver,
+                cmid: cmid.clone(),
+            },
+        ) {
+            self.overloaded(id, reference, Some(cmid));
+        }
+    }
+
+    fn send_error(&mut self, id: ConnId, reference: Option<u64>, cmid: Str, code: ErrorCode) {
+        let env = Envelope {
+            reference,
+            msg: Message::Error(Error {
+                code,
+                message: Str::from(code.name()),
+                cmid: Some(cmid),
+                retry_after_ms: None,
+            }),
+        };
+        self.emit(id, &env);
+    }
+
+    fn on_presence_sub(&mut self, id: ConnId, reference: Option<u64>, users: Vec<Str>) {
+        let max = self.cfg.limits.max_presence_subs as usize;
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        let Some(sess) = c.session.as_mut() else { return };
+        let tenant = sess.user.tenant.clone();
+        let mut fresh = Vec::new();
+        for u in users {
+            if u.is_empty() || u.len() > 128 {
+                continue;
+            }
+            let key = UserKey {
+                tenant: tenant.clone(),
+                user: u,
+            };
+            if sess.subs.contains(&key) {
+                continue;
+            }
+            if sess.subs.len() >= max {
+                break;
+            }
+            sess.subs.push(key.clone());
+            fresh.push(key);
+        }
+        let over = sess.subs.len() >= max && !fresh.is_empty();
+        let route = self.route(id);
+        for target in fresh {
+            let dest = self.owner(&target);
+            self.post_always(dest, ShardMsg::Subscribe { target, subscriber: route });
+        }
+        if over {
+            self.reply_error(id, reference, ErrorCode::LimitExceeded, "presence subscriptions limit");
+        } else {
+            self.emit(id, &Envelope { reference, msg: Message::Ok });
+        }
+    }
+}

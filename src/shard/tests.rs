@@ -1,0 +1,299 @@
+//! Shards driven without sockets on a simulated clock: a tiny network of [`Shard`]s whose
+//! outboxes are delivered by hand, with clients speaking raw-TCP frames.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use super::*;
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::protocol::frame::{write_frame, FrameDecoder};
+use crate::protocol::{Hello, Ping, PresenceSub, Send as SendMsg, Status, Target};
+
+struct Sim {
+    shards: Vec<Shard>,
+    clk: Clock,
+    metrics: Arc<Metrics>,
+}
+
+/// A client connection: which shard and id, plus its undecoded output.
+#[derive(Clone, Copy)]
+struct Client {
+    shard: usize,
+    id: ConnId,
+}
+
+impl Sim {
+    fn new(n: usize, tweak: impl FnOnce(&mut Config)) -> Sim {
+        let mut cfg = Config::default();
+        cfg.auth.insecure_dev_auth = true;
+        tweak(&mut cfg);
+        let cfg = Arc::new(cfg);
+        let auth = Arc::new(Authenticator::from_config(&cfg.auth).unwrap());
+        let metrics = Arc::new(Metrics::new(n));
+        let clk = Clock {
+            mono_ms: 1_000,
+            unix_ms: 1_700_000_000_000,
+        };
+        let shards = (0..n)
+            .map(|i| Shard::new(i, n, cfg.clone(), auth.clone(), metrics.clone(), clk))
+            .collect();
+        Sim {
+            shards,
+            clk,
+            metrics,
+        }
+    }
+
+    /// Delivers every outbox batch until the network is quiet.
+    fn settle(&mut self) {
+        for _ in 0..100 {
+            let mut moved = false;
+            for from in 0..self.shards.len() {
+                for to in 0..self.shards.len() {
+                    let batch = self.shards[from].take_batch(to);
+                    if !batch.is_empty() {
+                        moved = true;
+                        self.shards[to].on_batch(batch, self.clk);
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("network did not settle");
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.clk.mono_ms += ms;
+        self.clk.unix_ms += ms;
+        for s in &mut self.shards {
+            s.tick(self.clk);
+        }
+        self.settle();
+    }
+
+    fn connect(&mut self, shard: usize) -> Client {
+        let id = self.shards[shard].accept(Transport::Tcp, self.clk).unwrap();
+        Client { shard, id }
+    }
+
+    fn send(&mut self, c: Client, env: &Envelope) {
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, CodecId::Protobuf, &[], env).unwrap();
+        self.send_raw(c, &mut bytes);
+    }
+
+    fn send_raw(&mut self, c: Client, bytes: &mut [u8]) {
+        self.shards[c.shard].on_read(c.id, bytes, self.clk);
+        self.settle();
+    }
+
+    /// Everything written to `c` since the last call, decoded.
+    fn recv(&mut self, c: Client) -> Vec<Message> {
+        let Some(out) = self.shards[c.shard].output(c.id) else {
+            return Vec::new();
+        };
+        let mut buf = BytesMut::from(&out[..]);
+        let n = out.len();
+        self.shards[c.shard].wrote(c.id, n);
+        let mut msgs = Vec::new();
+        while let Some(f) = FrameDecoder::default().decode(&mut buf).unwrap() {
+            msgs.push(f.header.codec.decode_bytes(&f.payload).unwrap().msg);
+        }
+        msgs
+    }
+
+    fn hello(&mut self, c: Client, user: &str) {
+        self.send(
+            c,
+            &Envelope::with_ref(
+                Message::Hello(Hello {
+                    version: 1,
+                    token: user.into(),
+                    device: "d".into(),
+                    codecs: vec![],
+                    resume: None,
+                }),
+                1,
+            ),
+        );
+        let got = self.recv(c);
+        assert!(matches!(got.as_slice(), [Message::Welcome(_)]), "{got:?}");
+    }
+
+    /// A user id owned by `shard`.
+    fn user_on(&self, shard: usize, prefix: &str) -> String {
+        (0..)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|u| owner_shard("dev", u, self.shards.len()) == shard)
+            .unwrap()
+    }
+}
+
+fn send_to(user: &str, cmid: &str, body: &str) -> Envelope {
+    Envelope::with_ref(
+        Message::Send(SendMsg {
+            to: Target::User(user.into()),
+            cmid: cmid.into(),
+            kind: None,
+            body: body.into(),
+            ext: Default::default(),
+        }),
+        7,
+    )
+}
+
+#[test]
+fn chat_across_shards_in_order_to_every_device() {
+    let mut sim = Sim::new(2, |_| {});
+    let alice = sim.user_on(0, "alice");
+    let bob = sim.user_on(1, "bob");
+    // Alice on shard 1 (not her owner), Bob with two devices on both shards.
+    let a = sim.connect(1);
+    let b1 = sim.connect(0);
+    let b2 = sim.connect(1);
+    sim.hello(a, &alice);
+    sim.hello(b1, &bob);
+    sim.hello(b2, &bob);
+    for i in 0..5 {
+        sim.send(a, &send_to(&bob, &format!("c{i}"), &format!("m{i}")));
+    }
+    let acks = sim.recv(a);
+    assert_eq!(acks.len(), 5);
+    for (i, m) in acks.iter().enumerate() {
+        let Message::SendAck(ack) = m else { panic!("{m:?}") };
+        assert_eq!(ack.cmid, format!("c{i}").as_str());
+        assert_eq!(ack.seq, i as u64 + 1);
+    }
+    for dev in [b1, b2] {
+        let got = sim.recv(dev);
+        let bodies: Vec<_> = got
+            .iter()
+            .map(|m| match m {
+                Message::Deliver(d) => d.body.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(bodies, ["m0", "m1", "m2", "m3", "m4"]);
+    }
+}
+
+#[test]
+fn nothing_but_hello_before_authentication() {
+    let mut sim = Sim::new(1, |_| {});
+    let c = sim.connect(0);
+    sim.send(c, &Envelope::new(Message::Ping(Ping { ts: 1 })));
+    let got = sim.recv(c);
+    assert!(matches!(&got[..], [Message::Error(e)] if e.code == ErrorCode::NotAuthenticated));
+    assert!(sim.shards[0].should_close(c.id));
+}
+
+#[test]
+fn garbage_closes_only_that_connection() {
+    let mut sim = Sim::new(1, |_| {});
+    let good = sim.connect(0);
+    sim.hello(good, "carol");
+    let bad = sim.connect(0);
+    sim.send_raw(bad, &mut b"GET / HTTP/1.1\r\n\r\n".to_vec());
+    let got = sim.recv(bad);
+    assert!(matches!(&got[..], [Message::Error(e)] if e.code == ErrorCode::BadFrame));
+    assert!(sim.shards[0].should_close(bad.id));
+    sim.send(good, &Envelope::new(Message::Ping(Ping { ts: 5 })));
+    assert!(matches!(&sim.recv(good)[..], [Message::Pong(p)] if p.ts == 5));
+}
+
+#[test]
+fn handshake_and_idle_timeouts_on_the_simulated_clock() {
+    let mut sim = Sim::new(1, |c| {
+        c.limits.handshake_timeout_ms = 500;
+        c.limits.idle_timeout_ms = 2_000;
+        c.limits.heartbeat_ms = 1_000;
+    });
+    let silent = sim.connect(0);
+    let active = sim.connect(0);
+    sim.hello(active, "dave");
+    sim.advance(499);
+    assert!(!sim.shards[0].is_closing(silent.id));
+    sim.advance(20);
+    assert!(sim.shards[0].is_closing(silent.id));
+    let got = sim.recv(silent);
+    assert!(matches!(&got[..], [Message::Error(e)] if e.code == ErrorCode::HandshakeTimeout));
+    // Activity pushes the idle deadline; silence past it closes with goaway.
+    sim.send(active, &Envelope::new(Message::Ping(Ping { ts: 1 })));
+    sim.recv(active);
+    sim.advance(1_900);
+    assert!(!sim.shards[0].is_closing(active.id));
+    sim.advance(200);
+    assert!(sim.shards[0].is_closing(active.id));
+    let got = sim.recv(active);
+    assert!(matches!(&got[..], [Message::Goaway(g)] if g.reason == "idle"), "{got:?}");
+    sim.shards[0].remove(active.id);
+    assert_eq!(sim.metrics.shards[0].closes_total(CloseReason::Idle), 1);
+}
+
+#[test]
+fn presence_follows_devices_and_status() {
+    let mut sim = Sim::new(2, |_| {});
+    let watched = sim.user_on(1, "erin");
+    let w = sim.connect(0);
+    sim.hello(w, "watcher");
+    sim.send(
+        w,
+        &Envelope::with_ref(
+            Message::PresenceSub(PresenceSub {
+                users: vec![watched.as_str().into()],
+            }),
+            3,
+        ),
+    );
+    let got = sim.recv(w);
+    assert!(got.contains(&Message::Ok));
+    assert!(got.iter().any(|m| matches!(m, Message::Presence(p) if p.status == Status::Offline)));
+    let d1 = sim.connect(0);
+    let d2 = sim.connect(1);
+    sim.hello(d1, &watched);
+    sim.hello(d2, &watched);
+    // Online once, not once per device.
+    let got = sim.recv(w);
+    assert_eq!(got.len(), 1);
+    assert!(matches!(&got[0], Message::Presence(p) if p.status == Status::Online));
+    sim.shards[0].remove(d1.id);
+    sim.settle();
+    assert!(sim.recv(w).is_empty(), "still online on another device");
+    sim.shards[1].remove(d2.id);
+    sim.settle();
+    assert!(matches!(&sim.recv(w)[..], [Message::Presence(p)] if p.status == Status::Offline));
+}
+
+#[test]
+fn drain_sends_goaway_and_refuses_new_connections() {
+    let mut sim = Sim::new(1, |_| {});
+    let c = sim.connect(0);
+    sim.hello(c, "frank");
+    sim.shards[0].start_drain(sim.clk);
+    assert!(matches!(&sim.recv(c)[..], [Message::Goaway(g)] if g.reason == "drain"));
+    assert!(sim.shards[0].should_close(c.id));
+    assert!(sim.shards[0].accept(Transport::Tcp, sim.clk).is_none());
+    sim.shards[0].remove(c.id);
+    assert!(sim.shards[0].drained(sim.clk));
+}
+
+#[test]
+fn send_rate_limit_answers_rate_limited() {
+    let mut sim = Sim::new(1, |c| {
+        c.limits.sends_per_sec = 1;
+        c.limits.send_burst = 2;
+    });
+    let a = sim.connect(0);
+    sim.hello(a, "gina");
+    for i in 0..3 {
+        sim.send(a, &send_to("hank", &format!("c{i}"), "x"));
+    }
+    let got = sim.recv(a);
+    assert_eq!(got.len(), 3);
+    assert!(matches!(&got[2], Message::Error(e) if e.code == ErrorCode::RateLimited && e.retry_after_ms.is_some()));
+}

@@ -1,0 +1,181 @@
+//! Runs the real `imgw serve` binary on free loopback ports for a test, and talks to it through
+//! the sockets a user's client would use.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use imgw::client::{Client, ClientConfig, Transport};
+use imgw::codec::CodecId;
+
+pub struct Gateway {
+    child: Option<Child>,
+    pub ws: SocketAddr,
+    pub tcp: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+}
+
+fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A plain HTTP/1.1 GET against the admin port: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((status, body))
+}
+
+impl Gateway {
+    /// Starts `imgw serve` with `toml` as its config file plus `args`, and waits until /readyz.
+    pub fn start(toml: &str, args: &[&str]) -> Gateway {
+        let (ws, tcp, admin) = (free_port(), free_port(), free_port());
+        let dir = std::env::temp_dir().join(format!("imgw-test-{}-{}", std::process::id(), tcp.port()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("imgw.toml");
+        std::fs::write(&config, toml).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_imgw"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args(["--ws-listen", &ws.to_string()])
+            .args(["--tcp-listen", &tcp.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn imgw");
+        let mut g = Gateway {
+            child: Some(child),
+            ws,
+            tcp,
+            admin,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = http_get(admin, "/readyz") {
+                return g;
+            }
+            if let Some(status) = g.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("imgw exited before ready: {status}");
+            }
+            assert!(Instant::now() < deadline, "imgw not ready within 20 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A gateway with 2 shards, dev auth, and short timeouts for tests.
+    pub fn dev() -> Gateway {
+        Gateway::start(DEV_TOML, &["--shards", "2", "--insecure-dev-auth"])
+    }
+
+    pub fn config(&self, transport: Transport, codec: CodecId) -> ClientConfig {
+        let addr = match transport {
+            Transport::Ws => self.ws,
+            Transport::Tcp => self.tcp,
+        };
+        let mut c = ClientConfig::new(transport, codec, addr);
+        c.read_timeout = Duration::from_secs(5);
+        c
+    }
+
+    pub fn client(&self, transport: Transport, codec: CodecId) -> Client {
+        Client::connect(&self.config(transport, codec)).expect("connect")
+    }
+
+    /// A client that completed `hello` as `user`.
+    pub fn login(&self, transport: Transport, codec: CodecId, user: &str, device: &str) -> Client {
+        let mut c = self.client(transport, codec);
+        c.hello(user, device).expect("hello");
+        c
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics").expect("GET /metrics").1
+    }
+
+    /// Sum of every sample of `name` whose labels contain all of `labels` (`key="value"`).
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter(|l| labels.iter().all(|want| l.contains(want)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// Sends SIGTERM (graceful drain).
+    pub fn sigterm(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                self.child = None;
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub const DEV_TOML: &str = r#"
+[limits]
+handshake_timeout_ms = 1000
+idle_timeout_ms = 1500
+heartbeat_ms = 500
+sends_per_sec = 10000
+send_burst = 10000
+max_frame_bytes = 4096
+
+[runtime]
+pin = false
+tick_ms = 10
+
+[server]
+drain_timeout_ms = 3000
+drain_reconnect_spread_ms = 1000
+"#;

@@ -1,0 +1,298 @@
+//! The gateway through real sockets: `imgw serve` as a process, clients over WebSocket and raw
+//! TCP in every codec (SPEC 3, 4, 5, 7).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::gateway::{Gateway, DEV_TOML};
+use imgw::client::{Client, ClientError, Transport};
+use imgw::codec::CodecId;
+use imgw::protocol::{
+    Envelope, ErrorCode, Message, Ping, PresenceSet, PresenceSub, Send, Status, Str, Target,
+};
+use imgw::shard::owner_shard;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A user id whose owner is shard `shard` of 2 (tenant "dev").
+fn user_on(shard: usize, prefix: &str) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|u| owner_shard("dev", u, 2) == shard)
+        .unwrap()
+}
+
+fn send(c: &mut Client, to: &str, cmid: &str, body: &str) {
+    let r = c.next_ref();
+    c.send(&Envelope::with_ref(
+        Message::Send(Send {
+            to: Target::User(to.into()),
+            cmid: cmid.into(),
+            kind: Some("text".into()),
+            body: body.into(),
+            ext: [("k", "v")].into_iter().collect(),
+        }),
+        r,
+    ))
+    .unwrap();
+}
+
+fn expect_error(c: &mut Client, code: ErrorCode) {
+    let env = c
+        .recv_until(|e| matches!(e.msg, Message::Error(_)), WAIT)
+        .unwrap_or_else(|e| panic!("waiting for error {code:?}: {e}"));
+    let Message::Error(e) = env.msg else { unreachable!() };
+    assert_eq!(e.code, code, "{}", e.message);
+}
+
+fn deliveries(c: &mut Client, n: usize) -> Vec<imgw::protocol::Deliver> {
+    (0..n)
+        .map(|_| {
+            let env = c
+                .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
+                .expect("deliver");
+            match env.msg {
+                Message::Deliver(d) => d,
+                _ => unreachable!(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn users_on_different_shards_chat_in_every_codec_and_transport() {
+    let g = Gateway::dev();
+    for codec in CodecId::ALL {
+        for (ta, tb) in [(Transport::Ws, Transport::Tcp), (Transport::Tcp, Transport::Ws)] {
+            let alice = user_on(0, &format!("alice-{}", codec.name()));
+            let bob = user_on(1, &format!("bob-{}", codec.name()));
+            let mut a = g.login(ta, codec, &alice, "phone");
+            let mut b = g.login(tb, codec, &bob, "phone");
+            // The owner must know bob's device before alice sends: a ping round trip on b
+            // orders after its registration.
+            b.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 99)).unwrap();
+            b.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT).unwrap();
+            for i in 0..5 {
+                send(&mut a, &bob, &format!("c{i}"), &format!("hello {i} 你好"));
+            }
+            for i in 0..5u64 {
+                let env = a.recv_until(|e| matches!(e.msg, Message::SendAck(_)), WAIT).unwrap();
+                let Message::SendAck(ack) = env.msg else { unreachable!() };
+                assert_eq!(ack.cmid, format!("c{i}").as_str());
+                assert_eq!(ack.seq, i + 1);
+            }
+            let got = deliveries(&mut b, 5);
+            for (i, d) in got.iter().enumerate() {
+                assert_eq!(d.body, format!("hello {i} 你好").as_str(), "{} {ta:?}->{tb:?}", codec.name());
+                assert_eq!(d.from, alice.as_str());
+                assert_eq!(d.inbox_seq, i as u64 + 1);
+                assert_eq!(d.ext.get("k").map(|v| v.as_ref()), Some("v"));
+            }
+            a.close();
+            b.close();
+        }
+    }
+    assert!(g.metric("imgw_frames_in_total", &["op=\"send\""]) >= 50.0);
+}
+
+#[test]
+fn a_user_with_two_devices_gets_each_message_on_both() {
+    let g = Gateway::dev();
+    let mut a = g.login(Transport::Tcp, CodecId::Protobuf, "ann", "laptop");
+    let mut b1 = g.login(Transport::Ws, CodecId::Json, "ben", "phone");
+    let mut b2 = g.login(Transport::Tcp, CodecId::MessagePack, "ben", "tablet");
+    for b in [&mut b1, &mut b2] {
+        b.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 99)).unwrap();
+        b.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT).unwrap();
+    }
+    for i in 0..3 {
+        send(&mut a, "ben", &format!("m{i}"), &format!("body {i}"));
+    }
+    for b in [&mut b1, &mut b2] {
+        let got: Vec<String> = deliveries(b, 3).iter().map(|d| d.body.to_string()).collect();
+        assert_eq!(got, ["body 0", "body 1", "body 2"]);
+    }
+}
+
+#[test]
+fn presence_changes_reach_subscribers() {
+    let g = Gateway::dev();
+    let watched = user_on(1, "watched");
+    let mut w = g.login(Transport::Ws, CodecId::Json, "watcher", "d");
+    let r = w.next_ref();
+    w.send(&Envelope::with_ref(
+        Message::PresenceSub(PresenceSub {
+            users: vec![Str::from(watched.as_str())],
+        }),
+        r,
+    ))
+    .unwrap();
+    let status = |w: &mut Client| {
+        let env = w.recv_until(|e| matches!(e.msg, Message::Presence(_)), WAIT).unwrap();
+        let Message::Presence(p) = env.msg else { unreachable!() };
+        assert_eq!(p.user, watched.as_str());
+        p.status
+    };
+    assert_eq!(status(&mut w), Status::Offline);
+    let mut d = g.login(Transport::Tcp, CodecId::FlatBuffers, &watched, "d1");
+    assert_eq!(status(&mut w), Status::Online);
+    d.send(&Envelope::with_ref(Message::PresenceSet(PresenceSet { status: Status::Busy }), 5))
+        .unwrap();
+    assert_eq!(status(&mut w), Status::Busy);
+    d.close();
+    assert_eq!(status(&mut w), Status::Offline);
+}
+
+#[test]
+fn silent_connections_are_closed_at_their_timeouts() {
+    let g = Gateway::dev();
+    // Authenticated but silent: closed at the idle timeout (1.5 s) with goaway.
+    let mut idle = g.login(Transport::Tcp, CodecId::Json, "quiet", "d");
+    // A live one that pings keeps going.
+    let mut live = g.login(Transport::Ws, CodecId::Json, "chatty", "d");
+    // Half-open handshakes: a TCP connection that never says hello, and a WebSocket upgrade
+    // request that never completes.
+    let mut raw_tcp = TcpStream::connect(g.tcp).unwrap();
+    let mut raw_ws = TcpStream::connect(g.ws).unwrap();
+    raw_ws.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").unwrap();
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(300));
+        live.send(&Envelope::new(Message::Ping(Ping { ts: 0 }))).unwrap();
+        live.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT).unwrap();
+    }
+    let env = idle.recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT).unwrap();
+    assert!(matches!(env.msg, Message::Goaway(ref g) if g.reason == "idle"));
+    assert!(idle.is_closed_by_peer(WAIT));
+    for s in [&mut raw_tcp, &mut raw_ws] {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = Vec::new();
+        // The server closes: read_to_end returns (with an error frame for TCP first).
+        s.read_to_end(&mut buf).unwrap();
+    }
+    assert!(g.metric("imgw_closes_total", &["reason=\"handshake_timeout\""]) >= 2.0);
+    assert!(g.metric("imgw_closes_total", &["reason=\"idle\""]) >= 1.0);
+    live.send(&Envelope::new(Message::Ping(Ping { ts: 0 }))).unwrap();
+    live.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT).unwrap();
+}
+
+#[test]
+fn bad_input_gets_errors_is_counted_and_spares_neighbours() {
+    let g = Gateway::start(DEV_TOML, &["--shards", "1", "--insecure-dev-auth"]);
+    // One shard: every connection below shares it with this bystander.
+    let mut bystander = g.login(Transport::Tcp, CodecId::Json, "bystander", "d");
+    let mut peer = g.login(Transport::Ws, CodecId::Json, "peer", "d");
+
+    // Garbage before hello, on both transports.
+    let mut c = g.client(Transport::Tcp, CodecId::Json);
+    c.send_raw(b"\x00\x01garbage garbage garbage").unwrap();
+    assert!(c.is_closed_by_peer(WAIT));
+    let mut c = g.client(Transport::Ws, CodecId::Json);
+    c.send_raw(b"\x81\x85\x00\x00\x00\x00hello").unwrap(); // a valid frame, but not JSON
+    assert!(c.is_closed_by_peer(WAIT));
+
+    // A frame other than hello first.
+    let mut c = g.client(Transport::Tcp, CodecId::Protobuf);
+    c.send(&Envelope::new(Message::Ping(Ping { ts: 1 }))).unwrap();
+    expect_error(&mut c, ErrorCode::NotAuthenticated);
+    assert!(c.is_closed_by_peer(WAIT));
+
+    // Oversized frame: refused from its header (max_frame_bytes = 4096).
+    let mut c = g.login(Transport::Tcp, CodecId::Json, "big", "d");
+    let mut head = Vec::new();
+    imgw::protocol::frame::Header {
+        version: 1,
+        op: 5,
+        codec: CodecId::Json,
+        flags: 0,
+        ext_len: 0,
+        payload_len: 1 << 20,
+    }
+    .write(&mut head);
+    c.send_raw(&head).unwrap();
+    expect_error(&mut c, ErrorCode::FrameTooLarge);
+    assert!(c.is_closed_by_peer(WAIT));
+
+    // Unknown op: `unsupported`, and the connection stays open.
+    let mut c = g.login(Transport::Ws, CodecId::Json, "curious", "d");
+    c.send_payload(200, br#"{"op":"teleport","ref":42,"to":"mars"}"#).unwrap();
+    let env = c.recv_until(|e| matches!(e.msg, Message::Error(_)), WAIT).unwrap();
+    assert_eq!(env.reference, Some(42));
+    assert!(matches!(env.msg, Message::Error(ref e) if e.code == ErrorCode::Unsupported));
+    c.send(&Envelope::with_ref(Message::Ping(Ping { ts: 3 }), 43)).unwrap();
+    c.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT).unwrap();
+
+    // Sending as another user: a `from` field is ignored, deliveries carry the real sender.
+    c.send_payload(
+        5,
+        br#"{"op":"send","ref":44,"from":"peer","to":{"user":"peer"},"cmid":"x","body":"spoof?"}"#,
+    )
+    .unwrap();
+    let d = deliveries(&mut peer, 1);
+    assert_eq!(d[0].from, "curious");
+
+    // Bystander unaffected throughout.
+    bystander.send(&Envelope::with_ref(Message::Ping(Ping { ts: 9 }), 1)).unwrap();
+    let env = bystander.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT).unwrap();
+    assert!(matches!(env.msg, Message::Pong(ref p) if p.ts == 9));
+
+    assert!(g.metric("imgw_errors_total", &["code=\"not_authenticated\""]) >= 1.0);
+    assert!(g.metric("imgw_errors_total", &["code=\"frame_too_large\""]) >= 1.0);
+    assert!(g.metric("imgw_errors_total", &["code=\"unsupported\""]) >= 1.0);
+    assert!(g.metric("imgw_errors_total", &["code=\"bad_frame\""]) >= 1.0);
+    assert!(g.metric("imgw_closes_total", &["reason=\"protocol\""]) >= 2.0);
+}
+
+#[test]
+fn bad_tokens_are_refused_with_unauthorized() {
+    let secret = "test-secret-0123456789-abcdefghijklmnop";
+    let toml = format!("{DEV_TOML}\n[auth]\njwt_hs256_secret = \"{secret}\"\n");
+    let g = Gateway::start(&toml, &["--shards", "1"]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let good = imgw::auth::issue_hs256(secret.as_bytes(), "acme", "ok-user", now + 600);
+    let expired = imgw::auth::issue_hs256(secret.as_bytes(), "acme", "late", now - 600);
+    let forged = imgw::auth::issue_hs256(b"wrong-secret", "acme", "mallory", now + 600);
+    for token in [expired.as_str(), forged.as_str(), "not-a-jwt", ""] {
+        let mut c = g.client(Transport::Ws, CodecId::Json);
+        match c.hello(token, "d") {
+            Err(ClientError::Refused(e)) => assert!(
+                matches!(e.code, ErrorCode::Unauthorized | ErrorCode::BadRequest),
+                "{token}: {e:?}"
+            ),
+            other => panic!("{token}: {other:?}"),
+        }
+        assert!(c.is_closed_by_peer(WAIT));
+    }
+    let mut c = g.client(Transport::Tcp, CodecId::Hessian);
+    let w = c.hello(&good, "d").unwrap();
+    assert_eq!(w.user, "ok-user");
+    assert!(g.metric("imgw_errors_total", &["code=\"unauthorized\""]) >= 3.0);
+}
+
+#[test]
+fn sigterm_drains_with_goaway_and_exits() {
+    let mut g = Gateway::dev();
+    let mut clients: Vec<Client> = (0..4)
+        .map(|i| {
+            let t = if i % 2 == 0 { Transport::Ws } else { Transport::Tcp };
+            g.login(t, CodecId::Json, &format!("drainee-{i}"), "d")
+        })
+        .collect();
+    g.sigterm();
+    for c in &mut clients {
+        let env = c.recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT).unwrap();
+        let Message::Goaway(ga) = env.msg else { unreachable!() };
+        assert_eq!(ga.reason, "drain");
+        assert!(ga.reconnect_ms <= 1000);
+        assert!(c.is_closed_by_peer(WAIT));
+    }
+    let status = g.wait_exit(Duration::from_secs(10)).expect("imgw exits after drain");
+    assert!(status.success(), "{status}");
+    // The listeners are gone.
+    assert!(TcpStream::connect(g.ws).is_err());
+}
