@@ -56,6 +56,8 @@ pub struct HostFacts {
     pub tcp_wmem: Option<[u64; 3]>,
     pub file_max: Option<u64>,
     pub nr_open: Option<u64>,
+    /// net.netfilter.nf_conntrack_max; absent when conntrack is not loaded.
+    pub conntrack_max: Option<u64>,
     /// Kernel page size in bytes (tcp_mem's unit).
     pub page_size: u64,
 }
@@ -75,6 +77,7 @@ impl Default for HostFacts {
             tcp_wmem: None,
             file_max: None,
             nr_open: None,
+            conntrack_max: None,
             page_size: 4096,
         }
     }
@@ -481,6 +484,29 @@ pub fn check_tcp_buf(name: &'static str, v: Option<[u64; 3]>, h: &HostFacts) -> 
     )
 }
 
+/// net.netfilter.nf_conntrack_max: when firewall rules track connections, new ones beyond it
+/// are dropped. Absent (conntrack not loaded) is fine.
+pub fn check_conntrack(h: &HostFacts, t: &Target) -> Check {
+    const NAME: &str = "nf_conntrack_max";
+    let Some(v) = h.conntrack_max else {
+        return Check::new(NAME, Level::Ok, "conntrack not loaded".into(), None);
+    };
+    let level = if v < t.conns { Level::Warn } else { Level::Ok };
+    Check::new(
+        NAME,
+        level,
+        format!(
+            "{v} (binds only if firewall rules track imgw's connections: beyond it new \
+             connections are dropped)"
+        ),
+        Some(format!(
+            "sysctl -w net.netfilter.nf_conntrack_max={}, or exempt imgw's ports with notrack \
+             rules (tuning/TUNING.md)",
+            suggest_fds(t.conns.saturating_mul(2))
+        )),
+    )
+}
+
 /// The connection ceiling the limits imply, and the limit that sets it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ceiling {
@@ -544,6 +570,7 @@ pub fn run_all(h: &HostFacts, t: &Target) -> Vec<Check> {
         check_tcp_mem(h, t),
         check_tcp_buf("net.ipv4.tcp_rmem", h.tcp_rmem, h),
         check_tcp_buf("net.ipv4.tcp_wmem", h.tcp_wmem, h),
+        check_conntrack(h, t),
     ]
 }
 
@@ -612,6 +639,7 @@ impl HostFacts {
             tcp_wmem: three("/proc/sys/net/ipv4/tcp_wmem"),
             file_max: num("/proc/sys/fs/file-max"),
             nr_open: num("/proc/sys/fs/nr_open"),
+            conntrack_max: num("/proc/sys/net/netfilter/nf_conntrack_max"),
             page_size: read_proc("/proc/self/smaps")
                 .as_deref()
                 .and_then(parse_page_size)
@@ -654,6 +682,7 @@ mod tests {
             tcp_wmem: Some([4096, 16_384, 4_194_304]),
             file_max: Some(4_194_304),
             nr_open: Some(2_097_152),
+            conntrack_max: None,
             page_size: 4096,
         }
     }
@@ -833,6 +862,22 @@ mod tests {
     }
 
     #[test]
+    fn conntrack() {
+        let mut h = good();
+        let t = target(1_000_000);
+        assert_eq!(check_conntrack(&h, &t).level, Level::Ok);
+        h.conntrack_max = Some(262_144);
+        let c = check_conntrack(&h, &t);
+        assert_eq!(c.level, Level::Warn);
+        assert!(c
+            .fix
+            .unwrap()
+            .starts_with("sysctl -w net.netfilter.nf_conntrack_max=2097152"));
+        h.conntrack_max = Some(2_097_152);
+        assert_eq!(check_conntrack(&h, &t).level, Level::Ok);
+    }
+
+    #[test]
     fn ceiling_is_the_smallest_bound() {
         let mut h = good();
         let t = target(1);
@@ -908,6 +953,70 @@ mod tests {
         assert_eq!(t.backlog, 4096);
         assert!(t.shards >= 1);
         assert_eq!(Target::from_config(&c, Some(7)).conns, 7);
+    }
+
+    /// tuning/sysctl.conf and the unit's limits pass every check for the worked example.
+    #[test]
+    fn shipped_tuning_passes_for_the_worked_example() {
+        let mut h = good();
+        h.tcp_mem = None;
+        h.tcp_rmem = None;
+        h.tcp_wmem = None;
+        for line in include_str!("../tuning/sysctl.conf").lines() {
+            let line = line.trim().trim_start_matches('-');
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let (k, v) = line.split_once('=').unwrap();
+            let v = v.trim();
+            match k.trim() {
+                "fs.file-max" => h.file_max = parse_u64(v),
+                "fs.nr_open" => h.nr_open = parse_u64(v),
+                "net.core.somaxconn" => h.somaxconn = parse_u64(v),
+                "net.ipv4.tcp_max_syn_backlog" => h.tcp_max_syn_backlog = parse_u64(v),
+                "net.ipv4.ip_local_port_range" => {
+                    h.port_range = parse_numbers::<2>(v).map(|[a, b]| (a, b))
+                }
+                "net.ipv4.tcp_mem" => h.tcp_mem = parse_numbers(v),
+                "net.ipv4.tcp_rmem" => h.tcp_rmem = parse_numbers(v),
+                "net.ipv4.tcp_wmem" => h.tcp_wmem = parse_numbers(v),
+                "net.netfilter.nf_conntrack_max" => h.conntrack_max = parse_u64(v),
+                _ => {}
+            }
+        }
+        let unit = include_str!("../tuning/imgw.service");
+        let limit = |key: &str| {
+            unit.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        let nofile: u64 = limit("LimitNOFILE=").parse().unwrap();
+        let memlock: u64 = limit("LimitMEMLOCK=")
+            .trim_end_matches('M')
+            .parse::<u64>()
+            .unwrap()
+            << 20;
+        h.nofile = Some(Rlimit {
+            soft: nofile,
+            hard: nofile,
+        });
+        h.memlock = Some(Rlimit {
+            soft: memlock,
+            hard: memlock,
+        });
+        let t = Target {
+            conns: 1_000_000,
+            shards: 14,
+            io_memory_bytes: 512 * 1024,
+            backlog: 16_384,
+        };
+        for c in run_all(&h, &t) {
+            assert_eq!(c.level, Level::Ok, "{c}");
+        }
+        let c = ceiling(&h, &t).unwrap();
+        assert_eq!((c.bound_by, c.connections), ("nofile", 2_097_152 - 288));
     }
 
     #[test]
