@@ -8,16 +8,22 @@
 //! - [`shard`]: one shard's connections, sessions, routing and presence (sans-IO).
 //! - [`runtime`]: the glommio executors, sockets and channels that drive the shards.
 //! - [`client`]: a blocking client over both transports, for the integration tests and the loadgen.
+//!
+//! Operations: [`cli`] (the command line and its merge over [`config`]), [`preflight`] (host
+//! checks), [`admin`] (the admin HTTP port), [`control`] and [`metrics`] (shared with shards).
 
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
+pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod config;
 pub mod control;
 pub mod metrics;
+pub mod preflight;
+pub mod protocol;
 pub mod runtime;
 pub mod shard;
-pub mod protocol;
 pub mod ws;

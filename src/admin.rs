@@ -1,0 +1,535 @@
+//! The admin HTTP/1.1 server (SPEC 7): /metrics, /healthz, /readyz and POST /drain.
+//!
+//! This module owns the admin port. It runs on one plain std thread with blocking sockets,
+//! off the shards: one short-lived connection at a time, `Connection: close` on every answer,
+//! a request (head and body) of at most [`MAX_REQUEST_BYTES`] and a deadline of
+//! [`REQUEST_DEADLINE`] per connection, so a slow or hostile client holds it only briefly.
+//! It reads shard state only through [`Metrics::render`] and [`Control`].
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::control::Control;
+use crate::metrics::Metrics;
+
+/// Largest request accepted (request line, headers and body together).
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// Time one connection may take to send its request.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After an error answer, unread input is drained for at most this long before the close, so
+/// that the client sees the answer rather than a reset.
+const LINGER: Duration = Duration::from_millis(250);
+const LINGER_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 32;
+
+/// A bound, not yet serving, admin listener.
+#[derive(Debug)]
+pub struct AdminServer {
+    listener: TcpListener,
+}
+
+impl AdminServer {
+    /// Binds the admin address; bind errors surface here, before any thread starts.
+    pub fn bind(addr: SocketAddr) -> io::Result<AdminServer> {
+        Ok(AdminServer {
+            listener: TcpListener::bind(addr)?,
+        })
+    }
+
+    /// The bound address (the real port when bound to port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves on a thread named `imgw-admin` for the life of the process.
+    pub fn spawn(self, control: Arc<Control>, metrics: Arc<Metrics>) -> io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("imgw-admin".into())
+            .spawn(move || self.serve(&control, &metrics))
+    }
+
+    fn serve(self, control: &Control, metrics: &Metrics) {
+        for conn in self.listener.incoming() {
+            match conn {
+                Ok(stream) => {
+                    if let Err(e) = handle(stream, control, metrics) {
+                        tracing::debug!(error = %e, "admin connection");
+                    }
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "admin accept failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+/// Binds `addr` and serves the admin API on its own thread; returns once the socket is bound.
+pub fn spawn(
+    addr: SocketAddr,
+    control: Arc<Control>,
+    metrics: Arc<Metrics>,
+) -> io::Result<JoinHandle<()>> {
+    AdminServer::bind(addr)?.spawn(control, metrics)
+}
+
+/// One answer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+    /// `Allow` header for 405.
+    pub allow: Option<&'static str>,
+}
+
+impl Response {
+    fn text(status: u16, body: impl Into<String>) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+            allow: None,
+        }
+    }
+
+    fn not_allowed(allow: &'static str) -> Response {
+        Response {
+            allow: Some(allow),
+            ..Response::text(405, "method not allowed\n")
+        }
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        202 => "Accepted",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// Routes one parsed request. `path` may carry a query string, which is ignored.
+pub fn route(method: &str, path: &str, control: &Control, metrics: &Metrics) -> Response {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let get = matches!(method, "GET" | "HEAD");
+    match path {
+        "/metrics" if get => {
+            let mut body = metrics.render();
+            body.push_str(&format!(
+                "# HELP imgw_ready 1 when every shard serves and no drain has started.\n\
+                 # TYPE imgw_ready gauge\nimgw_ready {}\n\
+                 # HELP imgw_draining 1 once a drain has started.\n\
+                 # TYPE imgw_draining gauge\nimgw_draining {}\n",
+                u8::from(control.ready()),
+                u8::from(control.draining())
+            ));
+            Response {
+                content_type: "text/plain; version=0.0.4",
+                ..Response::text(200, body)
+            }
+        }
+        "/healthz" if get => Response::text(200, "ok\n"),
+        "/readyz" if get => {
+            if control.ready() {
+                Response::text(200, "ready\n")
+            } else if control.draining() {
+                Response::text(503, "draining\n")
+            } else {
+                Response::text(503, "starting\n")
+            }
+        }
+        "/drain" if method == "POST" => {
+            if !control.draining() {
+                tracing::info!("drain requested through the admin API");
+            }
+            control.start_drain();
+            Response::text(202, "draining\n")
+        }
+        "/metrics" | "/healthz" | "/readyz" => Response::not_allowed("GET, HEAD"),
+        "/drain" => Response::not_allowed("POST"),
+        _ => Response::text(404, "not found\n"),
+    }
+}
+
+/// What reading a request produced.
+enum Incoming {
+    Request {
+        method: String,
+        path: String,
+    },
+    /// Answer with this and close.
+    Refuse(Response),
+    /// The client went away before sending anything.
+    Gone,
+}
+
+/// Reads one request within the size limit and the deadline.
+fn read_request(stream: &mut TcpStream, deadline: Instant) -> io::Result<Incoming> {
+    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
+    let mut len = 0;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Ok(Incoming::Refuse(Response::text(408, "request timeout\n")));
+        }
+        stream.set_read_timeout(Some(remaining))?;
+        if len == buf.len() {
+            return Ok(Incoming::Refuse(Response::text(431, "request too large\n")));
+        }
+        let n = match stream.read(&mut buf[len..]) {
+            Ok(0) if len == 0 => return Ok(Incoming::Gone),
+            Ok(0) => return Ok(Incoming::Refuse(Response::text(400, "truncated request\n"))),
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(Incoming::Refuse(Response::text(408, "request timeout\n")))
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let head_len = match req.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(h)) => h,
+            Ok(httparse::Status::Partial) => continue,
+            Err(httparse::Error::TooManyHeaders) => {
+                return Ok(Incoming::Refuse(Response::text(431, "too many headers\n")))
+            }
+            Err(e) => {
+                return Ok(Incoming::Refuse(Response::text(
+                    400,
+                    format!("bad request: {e}\n"),
+                )))
+            }
+        };
+        let mut body_len = 0usize;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                return Ok(Incoming::Refuse(Response::text(
+                    501,
+                    "transfer-encoding not supported\n",
+                )));
+            }
+            if h.name.eq_ignore_ascii_case("content-length") {
+                let parsed = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                match parsed {
+                    Some(n) => body_len = n,
+                    None => {
+                        return Ok(Incoming::Refuse(Response::text(
+                            400,
+                            "bad content-length\n",
+                        )))
+                    }
+                }
+            }
+        }
+        if head_len.saturating_add(body_len) > MAX_REQUEST_BYTES {
+            return Ok(Incoming::Refuse(Response::text(413, "request too large\n")));
+        }
+        // A complete head parsed, so method and path are present (httparse's invariant).
+        let method = req.method.unwrap_or_default().to_string();
+        let path = req.path.unwrap_or_default().to_string();
+        // Read (and discard) the body, so closing does not reset the connection.
+        let mut have = len - head_len;
+        while have < body_len {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Ok(Incoming::Refuse(Response::text(408, "request timeout\n")));
+            }
+            stream.set_read_timeout(Some(remaining))?;
+            match stream.read(&mut buf[len..]) {
+                Ok(0) => return Ok(Incoming::Refuse(Response::text(400, "truncated body\n"))),
+                Ok(n) => {
+                    have += n;
+                    len += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(Incoming::Refuse(Response::text(408, "request timeout\n")))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(Incoming::Request { method, path });
+    }
+}
+
+fn write_response(stream: &mut TcpStream, r: &Response, head_only: bool) -> io::Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        r.status,
+        reason(r.status),
+        r.content_type,
+        r.body.len()
+    );
+    if let Some(allow) = r.allow {
+        out.push_str(&format!("Allow: {allow}\r\n"));
+    }
+    out.push_str("\r\n");
+    if !head_only {
+        out.push_str(&r.body);
+    }
+    stream.write_all(out.as_bytes())?;
+    stream.flush()
+}
+
+/// Drains what the client still sends, briefly, after our answer (a lingering close).
+fn linger(stream: &mut TcpStream) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let until = Instant::now() + LINGER;
+    let mut scratch = [0u8; 4096];
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match stream.read(&mut scratch) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+fn handle(mut stream: TcpStream, control: &Control, metrics: &Metrics) -> io::Result<()> {
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    match read_request(&mut stream, deadline)? {
+        Incoming::Gone => Ok(()),
+        Incoming::Refuse(r) => {
+            tracing::debug!(status = r.status, "admin request refused");
+            write_response(&mut stream, &r, false)?;
+            linger(&mut stream);
+            Ok(())
+        }
+        Incoming::Request { method, path } => {
+            let r = route(&method, &path, control, metrics);
+            tracing::debug!(%method, %path, status = r.status, "admin request");
+            write_response(&mut stream, &r, method == "HEAD")?;
+            let _ = stream.shutdown(Shutdown::Write);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        addr: SocketAddr,
+        control: Arc<Control>,
+    }
+
+    fn start(shards: usize) -> Fixture {
+        let control = Arc::new(Control::new(shards));
+        let metrics = Arc::new(Metrics::new(shards));
+        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = server.local_addr().unwrap();
+        server.spawn(control.clone(), metrics).unwrap();
+        Fixture { addr, control }
+    }
+
+    /// Sends raw bytes, returns everything the server wrote before closing.
+    fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn get(addr: SocketAddr, method: &str, path: &str) -> (String, String) {
+        let resp = exchange(
+            addr,
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        );
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+        (head.to_string(), body.to_string())
+    }
+
+    fn status_line(head: &str) -> &str {
+        head.lines().next().unwrap()
+    }
+
+    #[test]
+    fn health_ready_drain_cycle() {
+        let f = start(2);
+        let (h, b) = get(f.addr, "GET", "/healthz");
+        assert_eq!(status_line(&h), "HTTP/1.1 200 OK");
+        assert_eq!(b, "ok\n");
+        assert!(h.contains("Connection: close"));
+
+        let (h, b) = get(f.addr, "GET", "/readyz");
+        assert_eq!(status_line(&h), "HTTP/1.1 503 Service Unavailable");
+        assert_eq!(b, "starting\n");
+        f.control.shard_ready();
+        f.control.shard_ready();
+        let (h, b) = get(f.addr, "GET", "/readyz?verbose=1");
+        assert_eq!(status_line(&h), "HTTP/1.1 200 OK");
+        assert_eq!(b, "ready\n");
+
+        let resp = exchange(
+            f.addr,
+            b"POST /drain HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+        );
+        assert!(resp.starts_with("HTTP/1.1 202 Accepted\r\n"), "{resp}");
+        assert!(f.control.draining());
+        let (h, b) = get(f.addr, "GET", "/readyz");
+        assert_eq!(status_line(&h), "HTTP/1.1 503 Service Unavailable");
+        assert_eq!(b, "draining\n");
+        let (h, _) = get(f.addr, "GET", "/healthz");
+        assert_eq!(status_line(&h), "HTTP/1.1 200 OK", "healthy while draining");
+    }
+
+    #[test]
+    fn metrics_are_prometheus_text() {
+        let f = start(1);
+        let (h, b) = get(f.addr, "GET", "/metrics");
+        assert_eq!(status_line(&h), "HTTP/1.1 200 OK");
+        assert!(h.contains("Content-Type: text/plain; version=0.0.4"), "{h}");
+        assert!(b.contains("# TYPE imgw_connections gauge"));
+        assert!(b.contains("imgw_connections{shard=\"0\"} 0"));
+        assert!(b.contains("imgw_ready 0\n"));
+        assert!(b.contains("imgw_draining 0\n"));
+        let len: usize = h
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(len, b.len());
+        let (h, b) = get(f.addr, "HEAD", "/metrics");
+        assert_eq!(status_line(&h), "HTTP/1.1 200 OK");
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn unknown_paths_and_methods() {
+        let f = start(1);
+        let (h, _) = get(f.addr, "GET", "/nope");
+        assert_eq!(status_line(&h), "HTTP/1.1 404 Not Found");
+        let (h, _) = get(f.addr, "POST", "/metrics");
+        assert_eq!(status_line(&h), "HTTP/1.1 405 Method Not Allowed");
+        assert!(h.contains("Allow: GET, HEAD"));
+        let (h, _) = get(f.addr, "GET", "/drain");
+        assert_eq!(status_line(&h), "HTTP/1.1 405 Method Not Allowed");
+        assert!(h.contains("Allow: POST"));
+        assert!(!f.control.draining(), "GET /drain must not drain");
+        let (h, _) = get(f.addr, "DELETE", "/healthz");
+        assert_eq!(status_line(&h), "HTTP/1.1 405 Method Not Allowed");
+    }
+
+    #[test]
+    fn bad_request_lines() {
+        let f = start(1);
+        for bad in [
+            &b"GARBAGE\r\n\r\n"[..],
+            b"GET /healthz HTTP/9.9\r\n\r\n",
+            b"GET\x01 / HTTP/1.1\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nbad header line\r\n\r\n",
+            b"POST /drain HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+        ] {
+            let resp = exchange(f.addr, bad);
+            assert!(
+                resp.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+                "{:?} -> {resp}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(!f.control.draining());
+        // A truncated request (client half-closes mid-head).
+        let mut s = TcpStream::connect(f.addr).unwrap();
+        s.write_all(b"GET /heal").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    }
+
+    #[test]
+    fn oversize_requests_are_refused_and_closed() {
+        let f = start(1);
+        let mut big = b"GET /healthz HTTP/1.1\r\nX-Pad: ".to_vec();
+        big.resize(MAX_REQUEST_BYTES * 2, b'a');
+        let mut s = TcpStream::connect(f.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&big).unwrap();
+        let mut out = Vec::new();
+        // The server closes after its answer: read_to_end returns (EOF) rather than hanging.
+        let _ = s.read_to_end(&mut out);
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{out}"
+        );
+
+        let resp = exchange(
+            f.addr,
+            b"POST /drain HTTP/1.1\r\nContent-Length: 100000\r\n\r\n",
+        );
+        assert!(resp.starts_with("HTTP/1.1 413 "), "{resp}");
+        assert!(!f.control.draining());
+
+        // The server still serves after refusing.
+        let (h, _) = get(f.addr, "GET", "/healthz");
+        assert_eq!(status_line(&h), "HTTP/1.1 200 OK");
+    }
+
+    #[test]
+    fn a_silent_client_does_not_wedge_the_server_forever() {
+        let f = start(1);
+        let _idle = TcpStream::connect(f.addr).unwrap();
+        // One connection at a time: this waits at most REQUEST_DEADLINE behind the idle one.
+        let t = Instant::now();
+        let (h, _) = get(f.addr, "GET", "/healthz");
+        assert_eq!(status_line(&h), "HTTP/1.1 200 OK");
+        assert!(t.elapsed() < REQUEST_DEADLINE + Duration::from_secs(3));
+    }
+
+    #[test]
+    fn bind_errors_surface_before_the_thread() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = spawn(addr, Arc::new(Control::new(1)), Arc::new(Metrics::new(1)));
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn routing_without_sockets() {
+        let c = Control::new(0);
+        let m = Metrics::new(0);
+        assert_eq!(route("GET", "/readyz", &c, &m).status, 200);
+        assert_eq!(route("PUT", "/drain", &c, &m).status, 405);
+        assert_eq!(route("POST", "/drain", &c, &m).status, 202);
+        assert_eq!(route("GET", "/readyz", &c, &m).status, 503);
+    }
+}

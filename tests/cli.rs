@@ -1,0 +1,124 @@
+//! The `imgw` command line as scripts see it (SPEC 7): flag names, exit codes, preflight lines.
+
+use std::process::{Command, Output};
+
+fn imgw(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_imgw"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run imgw")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn serve_help_lists_the_contract_flags() {
+    let out = imgw(&["serve", "--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for flag in [
+        "--config",
+        "--ws-listen",
+        "--tcp-listen",
+        "--admin-listen",
+        "--data-dir",
+        "--shards",
+        "--durability",
+        "--mysql",
+        "--redis",
+        "--kafka",
+        "--insecure-dev-auth",
+        "--jwt-secret-env",
+        "--allowed-origin",
+        "--ws-echo",
+        "--log",
+    ] {
+        assert!(help.contains(flag), "serve --help lacks {flag}");
+    }
+    let help = text(&imgw(&["preflight", "--help"]).stdout);
+    assert!(help.contains("--conns") && help.contains("--config"));
+}
+
+#[test]
+fn external_backends_exit_2_with_a_clear_message() {
+    for flags in [
+        &["--kafka", "127.0.0.1:9092"][..],
+        &["--mysql", "mysql://127.0.0.1/imgw"],
+        &["--redis", "redis://127.0.0.1"],
+        &["--durability", "backend"],
+    ] {
+        let mut argv = vec![
+            "serve",
+            "--insecure-dev-auth",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        argv.extend_from_slice(flags);
+        let out = imgw(&argv);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}");
+        assert!(
+            text(&out.stderr).contains("backend durability / external backends not available yet"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn usage_and_config_errors_exit_2() {
+    let out = imgw(&["serve", "--admin-listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no authentication configured"));
+    assert_eq!(imgw(&["serve", "--no-such-flag"]).status.code(), Some(2));
+    assert_eq!(
+        imgw(&["serve", "--durability", "cloud"]).status.code(),
+        Some(2)
+    );
+    let out = imgw(&["serve", "--insecure-dev-auth", "--log", "loud"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = imgw(&["serve", "--jwt-secret-env", "IMGW_TEST_UNSET_SECRET_VAR"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("IMGW_TEST_UNSET_SECRET_VAR"));
+    let out = imgw(&["serve", "--config", "/nonexistent/imgw.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn preflight_prints_one_line_per_check_and_the_ceiling() {
+    let out = imgw(&["preflight", "--conns", "100", "--shards", "1"]);
+    let stdout = text(&out.stdout);
+    for name in [
+        "io_uring",
+        "memlock",
+        "nofile",
+        "fs.nr_open",
+        "fs.file-max",
+        "net.core.somaxconn",
+        "ip_local_port_range",
+        "net.ipv4.tcp_mem",
+        "net.ipv4.tcp_rmem",
+        "net.ipv4.tcp_wmem",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_else(|| panic!("no {name} line in\n{stdout}"));
+        assert!(
+            ["OK ", "WARN", "FAIL"].iter().any(|p| line.starts_with(p)),
+            "{line}"
+        );
+        if !line.starts_with("OK") {
+            assert!(line.contains(" | fix: "), "{line}");
+        }
+    }
+    assert!(stdout.contains("connection ceiling implied: "), "{stdout}");
+    let any_fail = stdout.lines().any(|l| l.starts_with("FAIL"));
+    assert_eq!(
+        out.status.code(),
+        Some(if any_fail { 1 } else { 0 }),
+        "{stdout}"
+    );
+}
