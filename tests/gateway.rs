@@ -44,7 +44,9 @@ fn expect_error(c: &mut Client, code: ErrorCode) {
     let env = c
         .recv_until(|e| matches!(e.msg, Message::Error(_)), WAIT)
         .unwrap_or_else(|e| panic!("waiting for error {code:?}: {e}"));
-    let Message::Error(e) = env.msg else { unreachable!() };
+    let Message::Error(e) = env.msg else {
+        unreachable!()
+    };
     assert_eq!(e.code, code, "{}", e.message);
 }
 
@@ -66,27 +68,41 @@ fn deliveries(c: &mut Client, n: usize) -> Vec<imgw::protocol::Deliver> {
 fn users_on_different_shards_chat_in_every_codec_and_transport() {
     let g = Gateway::dev();
     for codec in CodecId::ALL {
-        for (ta, tb) in [(Transport::Ws, Transport::Tcp), (Transport::Tcp, Transport::Ws)] {
+        for (ta, tb) in [
+            (Transport::Ws, Transport::Tcp),
+            (Transport::Tcp, Transport::Ws),
+        ] {
             let alice = user_on(0, &format!("alice-{}", codec.name()));
             let bob = user_on(1, &format!("bob-{}", codec.name()));
             let mut a = g.login(ta, codec, &alice, "phone");
             let mut b = g.login(tb, codec, &bob, "phone");
             // The owner must know bob's device before alice sends: a ping round trip on b
             // orders after its registration.
-            b.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 99)).unwrap();
-            b.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT).unwrap();
+            b.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 99))
+                .unwrap();
+            b.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
+                .unwrap();
             for i in 0..5 {
                 send(&mut a, &bob, &format!("c{i}"), &format!("hello {i} 你好"));
             }
             for i in 0..5u64 {
-                let env = a.recv_until(|e| matches!(e.msg, Message::SendAck(_)), WAIT).unwrap();
-                let Message::SendAck(ack) = env.msg else { unreachable!() };
+                let env = a
+                    .recv_until(|e| matches!(e.msg, Message::SendAck(_)), WAIT)
+                    .unwrap();
+                let Message::SendAck(ack) = env.msg else {
+                    unreachable!()
+                };
                 assert_eq!(ack.cmid, format!("c{i}").as_str());
                 assert_eq!(ack.seq, i + 1);
             }
             let got = deliveries(&mut b, 5);
             for (i, d) in got.iter().enumerate() {
-                assert_eq!(d.body, format!("hello {i} 你好").as_str(), "{} {ta:?}->{tb:?}", codec.name());
+                assert_eq!(
+                    d.body,
+                    format!("hello {i} 你好").as_str(),
+                    "{} {ta:?}->{tb:?}",
+                    codec.name()
+                );
                 assert_eq!(d.from, alice.as_str());
                 assert_eq!(d.inbox_seq, i as u64 + 1);
                 assert_eq!(d.ext.get("k").map(|v| v.as_ref()), Some("v"));
@@ -105,14 +121,19 @@ fn a_user_with_two_devices_gets_each_message_on_both() {
     let mut b1 = g.login(Transport::Ws, CodecId::Json, "ben", "phone");
     let mut b2 = g.login(Transport::Tcp, CodecId::MessagePack, "ben", "tablet");
     for b in [&mut b1, &mut b2] {
-        b.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 99)).unwrap();
-        b.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT).unwrap();
+        b.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 99))
+            .unwrap();
+        b.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
+            .unwrap();
     }
     for i in 0..3 {
         send(&mut a, "ben", &format!("m{i}"), &format!("body {i}"));
     }
     for b in [&mut b1, &mut b2] {
-        let got: Vec<String> = deliveries(b, 3).iter().map(|d| d.body.to_string()).collect();
+        let got: Vec<String> = deliveries(b, 3)
+            .iter()
+            .map(|d| d.body.to_string())
+            .collect();
         assert_eq!(got, ["body 0", "body 1", "body 2"]);
     }
 }
@@ -131,16 +152,25 @@ fn presence_changes_reach_subscribers() {
     ))
     .unwrap();
     let status = |w: &mut Client| {
-        let env = w.recv_until(|e| matches!(e.msg, Message::Presence(_)), WAIT).unwrap();
-        let Message::Presence(p) = env.msg else { unreachable!() };
+        let env = w
+            .recv_until(|e| matches!(e.msg, Message::Presence(_)), WAIT)
+            .unwrap();
+        let Message::Presence(p) = env.msg else {
+            unreachable!()
+        };
         assert_eq!(p.user, watched.as_str());
         p.status
     };
     assert_eq!(status(&mut w), Status::Offline);
     let mut d = g.login(Transport::Tcp, CodecId::FlatBuffers, &watched, "d1");
     assert_eq!(status(&mut w), Status::Online);
-    d.send(&Envelope::with_ref(Message::PresenceSet(PresenceSet { status: Status::Busy }), 5))
-        .unwrap();
+    d.send(&Envelope::with_ref(
+        Message::PresenceSet(PresenceSet {
+            status: Status::Busy,
+        }),
+        5,
+    ))
+    .unwrap();
     assert_eq!(status(&mut w), Status::Busy);
     d.close();
     assert_eq!(status(&mut w), Status::Offline);
@@ -157,13 +187,19 @@ fn silent_connections_are_closed_at_their_timeouts() {
     // request that never completes.
     let mut raw_tcp = TcpStream::connect(g.tcp).unwrap();
     let mut raw_ws = TcpStream::connect(g.ws).unwrap();
-    raw_ws.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").unwrap();
+    raw_ws
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     for _ in 0..6 {
         std::thread::sleep(Duration::from_millis(300));
-        live.send(&Envelope::new(Message::Ping(Ping { ts: 0 }))).unwrap();
-        live.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT).unwrap();
+        live.send(&Envelope::new(Message::Ping(Ping { ts: 0 })))
+            .unwrap();
+        live.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
+            .unwrap();
     }
-    let env = idle.recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT).unwrap();
+    let env = idle
+        .recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT)
+        .unwrap();
     assert!(matches!(env.msg, Message::Goaway(ref g) if g.reason == "idle"));
     assert!(idle.is_closed_by_peer(WAIT));
     for s in [&mut raw_tcp, &mut raw_ws] {
@@ -174,8 +210,10 @@ fn silent_connections_are_closed_at_their_timeouts() {
     }
     assert!(g.metric("imgw_closes_total", &["reason=\"handshake_timeout\""]) >= 2.0);
     assert!(g.metric("imgw_closes_total", &["reason=\"idle\""]) >= 1.0);
-    live.send(&Envelope::new(Message::Ping(Ping { ts: 0 }))).unwrap();
-    live.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT).unwrap();
+    live.send(&Envelope::new(Message::Ping(Ping { ts: 0 })))
+        .unwrap();
+    live.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
+        .unwrap();
 }
 
 #[test]
@@ -195,7 +233,8 @@ fn bad_input_gets_errors_is_counted_and_spares_neighbours() {
 
     // A frame other than hello first.
     let mut c = g.client(Transport::Tcp, CodecId::Protobuf);
-    c.send(&Envelope::new(Message::Ping(Ping { ts: 1 }))).unwrap();
+    c.send(&Envelope::new(Message::Ping(Ping { ts: 1 })))
+        .unwrap();
     expect_error(&mut c, ErrorCode::NotAuthenticated);
     assert!(c.is_closed_by_peer(WAIT));
 
@@ -217,12 +256,17 @@ fn bad_input_gets_errors_is_counted_and_spares_neighbours() {
 
     // Unknown op: `unsupported`, and the connection stays open.
     let mut c = g.login(Transport::Ws, CodecId::Json, "curious", "d");
-    c.send_payload(200, br#"{"op":"teleport","ref":42,"to":"mars"}"#).unwrap();
-    let env = c.recv_until(|e| matches!(e.msg, Message::Error(_)), WAIT).unwrap();
+    c.send_payload(200, br#"{"op":"teleport","ref":42,"to":"mars"}"#)
+        .unwrap();
+    let env = c
+        .recv_until(|e| matches!(e.msg, Message::Error(_)), WAIT)
+        .unwrap();
     assert_eq!(env.reference, Some(42));
     assert!(matches!(env.msg, Message::Error(ref e) if e.code == ErrorCode::Unsupported));
-    c.send(&Envelope::with_ref(Message::Ping(Ping { ts: 3 }), 43)).unwrap();
-    c.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT).unwrap();
+    c.send(&Envelope::with_ref(Message::Ping(Ping { ts: 3 }), 43))
+        .unwrap();
+    c.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
+        .unwrap();
 
     // Sending as another user: a `from` field is ignored, deliveries carry the real sender.
     c.send_payload(
@@ -234,8 +278,12 @@ fn bad_input_gets_errors_is_counted_and_spares_neighbours() {
     assert_eq!(d[0].from, "curious");
 
     // Bystander unaffected throughout.
-    bystander.send(&Envelope::with_ref(Message::Ping(Ping { ts: 9 }), 1)).unwrap();
-    let env = bystander.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT).unwrap();
+    bystander
+        .send(&Envelope::with_ref(Message::Ping(Ping { ts: 9 }), 1))
+        .unwrap();
+    let env = bystander
+        .recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
+        .unwrap();
     assert!(matches!(env.msg, Message::Pong(ref p) if p.ts == 9));
 
     assert!(g.metric("imgw_errors_total", &["code=\"not_authenticated\""]) >= 1.0);
@@ -279,19 +327,29 @@ fn sigterm_drains_with_goaway_and_exits() {
     let mut g = Gateway::dev();
     let mut clients: Vec<Client> = (0..4)
         .map(|i| {
-            let t = if i % 2 == 0 { Transport::Ws } else { Transport::Tcp };
+            let t = if i % 2 == 0 {
+                Transport::Ws
+            } else {
+                Transport::Tcp
+            };
             g.login(t, CodecId::Json, &format!("drainee-{i}"), "d")
         })
         .collect();
     g.sigterm();
     for c in &mut clients {
-        let env = c.recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT).unwrap();
-        let Message::Goaway(ga) = env.msg else { unreachable!() };
+        let env = c
+            .recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT)
+            .unwrap();
+        let Message::Goaway(ga) = env.msg else {
+            unreachable!()
+        };
         assert_eq!(ga.reason, "drain");
         assert!(ga.reconnect_ms <= 1000);
         assert!(c.is_closed_by_peer(WAIT));
     }
-    let status = g.wait_exit(Duration::from_secs(10)).expect("imgw exits after drain");
+    let status = g
+        .wait_exit(Duration::from_secs(10))
+        .expect("imgw exits after drain");
     assert!(status.success(), "{status}");
     // The listeners are gone.
     assert!(TcpStream::connect(g.ws).is_err());

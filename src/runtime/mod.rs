@@ -59,7 +59,9 @@ type Batch = Vec<ShardMsg>;
 /// Runs the gateway until a drain completes. Blocks the calling thread.
 pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<(), RuntimeError> {
     let shards = cfg.shard_count();
-    let auth = Arc::new(Authenticator::from_config(&cfg.auth).map_err(|e| RuntimeError::Config(e.to_string()))?);
+    let auth = Arc::new(
+        Authenticator::from_config(&cfg.auth).map_err(|e| RuntimeError::Config(e.to_string()))?,
+    );
     // Bind once here so a bad address fails fast with a clear error; each shard then binds
     // its own SO_REUSEPORT socket on the same address.
     for addr in [cfg.server.ws_listen, cfg.server.tcp_listen] {
@@ -80,8 +82,13 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
         } else {
             Placement::Unbound
         };
-        let (cfg, auth, metrics, control, mesh) =
-            (cfg.clone(), auth.clone(), metrics.clone(), control.clone(), mesh.clone());
+        let (cfg, auth, metrics, control, mesh) = (
+            cfg.clone(),
+            auth.clone(),
+            metrics.clone(),
+            control.clone(),
+            mesh.clone(),
+        );
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("imgw-shard-{i}"))
             .io_memory(cfg.runtime.io_memory_kib * 1024)
@@ -133,7 +140,8 @@ fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<socket2::Soc
 
 fn glommio_listener(addr: SocketAddr, backlog: u32) -> Result<TcpListener, RuntimeError> {
     use std::os::fd::{FromRawFd, IntoRawFd};
-    let sock = bind_listener(addr, backlog).map_err(|source| RuntimeError::Bind { addr, source })?;
+    let sock =
+        bind_listener(addr, backlog).map_err(|source| RuntimeError::Bind { addr, source })?;
     let fd = sock.into_raw_fd();
     // SAFETY: `fd` is a listening socket we just created and whose ownership `into_raw_fd`
     // released; glommio's listener takes sole ownership of it here.
@@ -170,8 +178,20 @@ async fn shard_main(
 
     let ws = glommio_listener(cfg.server.ws_listen, cfg.server.backlog)?;
     let tcp = glommio_listener(cfg.server.tcp_listen, cfg.server.backlog)?;
-    let accept_ws = glommio::spawn_local(accept_loop(ws, Transport::Ws, shard.clone(), scratch.clone(), base));
-    let accept_tcp = glommio::spawn_local(accept_loop(tcp, Transport::Tcp, shard.clone(), scratch.clone(), base));
+    let accept_ws = glommio::spawn_local(accept_loop(
+        ws,
+        Transport::Ws,
+        shard.clone(),
+        scratch.clone(),
+        base,
+    ));
+    let accept_tcp = glommio::spawn_local(accept_loop(
+        tcp,
+        Transport::Tcp,
+        shard.clone(),
+        scratch.clone(),
+        base,
+    ));
 
     let senders = Rc::new(senders);
     let mut receiver_tasks = Vec::new();

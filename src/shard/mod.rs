@@ -85,7 +85,10 @@ pub enum ShardMsg {
     /// To the target's owner: the subscription ends.
     Unsubscribe { target: UserKey, subscriber: Route },
     /// To a subscriber's shard: a presence event for some of its connections.
-    PresenceEvent { conns: Vec<ConnId>, presence: Presence },
+    PresenceEvent {
+        conns: Vec<ConnId>,
+        presence: Presence,
+    },
     /// To the recipient's owner: a 1:1 message to sequence and fan out.
     Direct {
         to: UserKey,
@@ -112,7 +115,10 @@ pub enum ShardMsg {
         retry_after_ms: Option<u64>,
     },
     /// To a device shard: deliver to these connections (one crossing per shard).
-    Deliver { conns: Vec<ConnId>, deliver: Deliver },
+    Deliver {
+        conns: Vec<ConnId>,
+        deliver: Deliver,
+    },
 }
 
 /// Transport state of one connection.
@@ -295,7 +301,9 @@ impl Shard {
     /// draining (the runtime then drops the socket).
     pub fn accept(&mut self, transport: Transport, clk: Clock) -> Option<ConnId> {
         self.now_ms = clk.mono_ms;
-        self.m().accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.m()
+            .accepted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if self.draining {
             return None;
         }
@@ -316,11 +324,17 @@ impl Shard {
             armed_ms: 0,
             closing: None,
             sends: TokenBucket::new(l.sends_per_sec, l.send_burst, clk.mono_ms),
-            bytes: TokenBucket::new(l.bytes_per_sec, l.bytes_per_sec.max(l.max_frame_bytes), clk.mono_ms),
+            bytes: TokenBucket::new(
+                l.bytes_per_sec,
+                l.bytes_per_sec.max(l.max_frame_bytes),
+                clk.mono_ms,
+            ),
         };
         match self.conns.insert(conn) {
             Ok(id) => {
-                self.m().connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.m()
+                    .connections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.arm(id, clk.mono_ms + self.cfg.limits.handshake_timeout_ms);
                 tracing::debug!(shard = self.id, conn = ?id, ?transport, "accepted");
                 Some(id)
@@ -356,7 +370,8 @@ impl Shard {
                 // An idle connection keeps no output buffer.
                 c.out = Vec::new();
             }
-            m.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            m.bytes_out
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             m.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
@@ -400,18 +415,32 @@ impl Shard {
         let reason = conn.closing.unwrap_or(CloseReason::Peer);
         let m = &self.metrics.shards[self.id];
         m.close(reason);
-        m.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        m.connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(shard = self.id, conn = ?id, reason = reason.name(), "closed");
         if let Some(s) = conn.session {
-            m.authenticated.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            m.authenticated
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             m.tenant(&s.user.tenant, -1, 0);
             let route = self.route(id);
             for target in s.subs {
                 let dest = self.owner(&target);
-                self.post_always(dest, ShardMsg::Unsubscribe { target, subscriber: route });
+                self.post_always(
+                    dest,
+                    ShardMsg::Unsubscribe {
+                        target,
+                        subscriber: route,
+                    },
+                );
             }
             let dest = self.owner(&s.user);
-            self.post_always(dest, ShardMsg::Unregister { user: s.user, route });
+            self.post_always(
+                dest,
+                ShardMsg::Unregister {
+                    user: s.user,
+                    route,
+                },
+            );
         }
     }
 
@@ -485,7 +514,10 @@ impl Shard {
         }
         self.due = due;
         let m = &self.metrics.shards[self.id];
-        m.timers.store(self.wheel.len() as i64, std::sync::atomic::Ordering::Relaxed);
+        m.timers.store(
+            self.wheel.len() as i64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Starts the graceful drain: `goaway` to every connection with a spread reconnect hint,

@@ -3,9 +3,14 @@
 //! lists live here; deliveries are grouped so each destination shard gets one message per
 //! delivery, however many of the user's devices live there.
 
-use super::{Clock, ConnId, Route, Shard, ShardMsg, UserEntry, UserKey, MAX_SUBSCRIBERS_PER_USER, MAX_USERS_PER_SHARD};
+use super::{
+    Clock, ConnId, Route, Shard, ShardMsg, UserEntry, UserKey, MAX_SUBSCRIBERS_PER_USER,
+    MAX_USERS_PER_SHARD,
+};
 use crate::metrics::CloseReason;
-use crate::protocol::{Deliver, Envelope, Error, ErrorCode, Message, Presence, SendAck, Status, Str};
+use crate::protocol::{
+    Deliver, Envelope, Error, ErrorCode, Message, Presence, SendAck, Status, Str,
+};
 
 impl Shard {
     /// Handles a batch that arrived from shard `_from` (or from our own local queue).
@@ -55,7 +60,9 @@ impl Shard {
                     return;
                 }
                 let e = self.users.entry(target.clone()).or_default();
-                if e.subscribers.len() < MAX_SUBSCRIBERS_PER_USER && !e.subscribers.contains(&subscriber) {
+                if e.subscribers.len() < MAX_SUBSCRIBERS_PER_USER
+                    && !e.subscribers.contains(&subscriber)
+                {
                     e.subscribers.push(subscriber);
                 }
                 // The subscriber learns the current status at once.

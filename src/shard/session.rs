@@ -5,9 +5,7 @@
 
 use bytes::Bytes;
 
-use super::{
-    ConnId, Phase, Proto, Session, Shard, ShardMsg, UserKey,
-};
+use super::{ConnId, Phase, Proto, Session, Shard, ShardMsg, UserKey};
 use crate::codec::DecodeError;
 use crate::metrics::CloseReason;
 use crate::protocol::frame::FrameError;
@@ -88,7 +86,12 @@ impl Shard {
                         // The codec of the `hello` frame is the connection's codec.
                         c.codec = frame.header.codec;
                     } else if frame.header.codec != c.codec {
-                        self.reply_error(id, None, ErrorCode::BadFrame, "codec differs from hello's");
+                        self.reply_error(
+                            id,
+                            None,
+                            ErrorCode::BadFrame,
+                            "codec differs from hello's",
+                        );
                         continue;
                     }
                     let op = frame.header.op;
@@ -131,13 +134,17 @@ impl Shard {
             Ok(None) => {
                 if c.inbuf.len() > self.cfg.ws.max_handshake_bytes as usize {
                     ws::RejectReason::HeadersTooLarge.write_response(&mut c.out);
-                    self.m().handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.m()
+                        .handshakes_failed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.close(id, CloseReason::Protocol);
                 }
             }
             Err(reason) => {
                 reason.write_response(&mut c.out);
-                self.m().handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.m()
+                    .handshakes_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(shard = self.id, conn = ?id, reason = reason.label(), "upgrade refused");
                 self.close(id, CloseReason::Protocol);
             }
@@ -145,7 +152,10 @@ impl Shard {
                 up.write_response(&mut c.out);
                 c.codec = up.codec;
                 let limits = if echo {
-                    ws::Limits::new(self.cfg.ws.max_frame_bytes.max(16 << 20), self.cfg.ws.max_message_bytes.max(16 << 20))
+                    ws::Limits::new(
+                        self.cfg.ws.max_frame_bytes.max(16 << 20),
+                        self.cfg.ws.max_message_bytes.max(16 << 20),
+                    )
                 } else {
                     ws::Limits::new(self.cfg.ws.max_frame_bytes, self.cfg.ws.max_message_bytes)
                 };
@@ -259,7 +269,12 @@ impl Shard {
                     self.m().frame_in(env.msg.op() as u8, codec);
                 }
                 if header_op.is_some_and(|op| op != env.msg.op() as u8) {
-                    self.reply_error(id, env.reference, ErrorCode::BadFrame, "header op differs from payload op");
+                    self.reply_error(
+                        id,
+                        env.reference,
+                        ErrorCode::BadFrame,
+                        "header op differs from payload op",
+                    );
                     return;
                 }
                 self.on_message(id, env, clk);
@@ -268,10 +283,15 @@ impl Shard {
                 self.reply_error(id, reference, ErrorCode::Unsupported, "unknown op");
             }
             Err(e) => {
-                let handshake = self.conns.get(id).is_some_and(|c| c.phase == Phase::Handshake);
+                let handshake = self
+                    .conns
+                    .get(id)
+                    .is_some_and(|c| c.phase == Phase::Handshake);
                 self.reply_error(id, None, ErrorCode::BadFrame, &e.to_string());
                 if handshake {
-                    self.m().handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.m()
+                        .handshakes_failed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.close(id, CloseReason::Protocol);
                 } else {
                     self.count_bad_frame(id);
@@ -301,7 +321,9 @@ impl Shard {
                 Message::Hello(h) => self.on_hello(id, reference, h, clk),
                 _ => {
                     self.reply_error(id, reference, ErrorCode::NotAuthenticated, "hello first");
-                    self.m().handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.m()
+                        .handshakes_failed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.close(id, CloseReason::AuthFailed);
                 }
             }
@@ -330,24 +352,53 @@ impl Shard {
                 self.emit(id, &env);
             }
             Message::PresenceSet(p) => {
-                let Some(user) = self.session_user(id) else { return };
+                let Some(user) = self.session_user(id) else {
+                    return;
+                };
                 if p.status == crate::protocol::Status::Offline {
-                    self.reply_error(id, reference, ErrorCode::BadRequest, "offline is not settable");
+                    self.reply_error(
+                        id,
+                        reference,
+                        ErrorCode::BadRequest,
+                        "offline is not settable",
+                    );
                     return;
                 }
                 let dest = self.owner(&user);
-                if self.post(dest, ShardMsg::SetStatus { user, status: p.status }) {
-                    self.emit(id, &Envelope { reference, msg: Message::Ok });
+                if self.post(
+                    dest,
+                    ShardMsg::SetStatus {
+                        user,
+                        status: p.status,
+                    },
+                ) {
+                    self.emit(
+                        id,
+                        &Envelope {
+                            reference,
+                            msg: Message::Ok,
+                        },
+                    );
                 } else {
                     self.overloaded(id, reference, None);
                 }
             }
             Message::PresenceSub(p) => self.on_presence_sub(id, reference, p.users),
             Message::GroupJoin(_) | Message::GroupLeave(_) => {
-                self.reply_error(id, reference, ErrorCode::Unsupported, "groups arrive with reliable delivery");
+                self.reply_error(
+                    id,
+                    reference,
+                    ErrorCode::Unsupported,
+                    "groups arrive with reliable delivery",
+                );
             }
             Message::Hello(_) => {
-                self.reply_error(id, reference, ErrorCode::BadRequest, "already authenticated");
+                self.reply_error(
+                    id,
+                    reference,
+                    ErrorCode::BadRequest,
+                    "already authenticated",
+                );
             }
             Message::Welcome(_)
             | Message::SendAck(_)
@@ -383,11 +434,17 @@ impl Shard {
         let version = if h.version == 0 { 1 } else { h.version };
         let refuse = |s: &mut Shard, code: ErrorCode, msg: &str| {
             s.reply_error(id, reference, code, msg);
-            s.m().handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            s.m()
+                .handshakes_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             s.close(id, CloseReason::AuthFailed);
         };
         if version != CURRENT_VERSION && version != PREVIOUS_VERSION {
-            refuse(self, ErrorCode::VersionUnsupported, "protocol version not spoken here");
+            refuse(
+                self,
+                ErrorCode::VersionUnsupported,
+                "protocol version not spoken here",
+            );
             return;
         }
         if h.device.is_empty() || h.device.len() > 128 {
@@ -440,8 +497,10 @@ impl Shard {
         };
         let idle = clk.mono_ms + l.idle_timeout_ms;
         let m = &self.metrics.shards[self.id];
-        m.handshakes_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        m.authenticated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        m.handshakes_ok
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        m.authenticated
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         m.tenant(&user.tenant, 1, 0);
         tracing::debug!(shard = self.id, conn = ?id, tenant = %user.tenant, user = %user.user, "authenticated");
         if let Some(c) = self.conns.get_mut(id) {
@@ -474,7 +533,9 @@ impl Shard {
             self.emit(id, &env);
             return;
         }
-        let Some(sess) = c.session.as_ref() else { return };
+        let Some(sess) = c.session.as_ref() else {
+            return;
+        };
         let from = sess.user.clone();
         if s.cmid.is_empty() || s.cmid.len() > 128 {
             self.send_error(id, reference, s.cmid, ErrorCode::BadRequest);
@@ -541,7 +602,9 @@ impl Shard {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        let Some(sess) = c.session.as_mut() else { return };
+        let Some(sess) = c.session.as_mut() else {
+            return;
+        };
         let tenant = sess.user.tenant.clone();
         let mut fresh = Vec::new();
         for u in users {
@@ -565,12 +628,29 @@ impl Shard {
         let route = self.route(id);
         for target in fresh {
             let dest = self.owner(&target);
-            self.post_always(dest, ShardMsg::Subscribe { target, subscriber: route });
+            self.post_always(
+                dest,
+                ShardMsg::Subscribe {
+                    target,
+                    subscriber: route,
+                },
+            );
         }
         if over {
-            self.reply_error(id, reference, ErrorCode::LimitExceeded, "presence subscriptions limit");
+            self.reply_error(
+                id,
+                reference,
+                ErrorCode::LimitExceeded,
+                "presence subscriptions limit",
+            );
         } else {
-            self.emit(id, &Envelope { reference, msg: Message::Ok });
+            self.emit(
+                id,
+                &Envelope {
+                    reference,
+                    msg: Message::Ok,
+                },
+            );
         }
     }
 }

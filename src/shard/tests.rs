@@ -165,7 +165,9 @@ fn chat_across_shards_in_order_to_every_device() {
     let acks = sim.recv(a);
     assert_eq!(acks.len(), 5);
     for (i, m) in acks.iter().enumerate() {
-        let Message::SendAck(ack) = m else { panic!("{m:?}") };
+        let Message::SendAck(ack) = m else {
+            panic!("{m:?}")
+        };
         assert_eq!(ack.cmid, format!("c{i}").as_str());
         assert_eq!(ack.seq, i as u64 + 1);
     }
@@ -230,7 +232,10 @@ fn handshake_and_idle_timeouts_on_the_simulated_clock() {
     sim.advance(200);
     assert!(sim.shards[0].is_closing(active.id));
     let got = sim.recv(active);
-    assert!(matches!(&got[..], [Message::Goaway(g)] if g.reason == "idle"), "{got:?}");
+    assert!(
+        matches!(&got[..], [Message::Goaway(g)] if g.reason == "idle"),
+        "{got:?}"
+    );
     sim.shards[0].remove(active.id);
     assert_eq!(sim.metrics.shards[0].closes_total(CloseReason::Idle), 1);
 }
@@ -252,7 +257,9 @@ fn presence_follows_devices_and_status() {
     );
     let got = sim.recv(w);
     assert!(got.contains(&Message::Ok));
-    assert!(got.iter().any(|m| matches!(m, Message::Presence(p) if p.status == Status::Offline)));
+    assert!(got
+        .iter()
+        .any(|m| matches!(m, Message::Presence(p) if p.status == Status::Offline)));
     let d1 = sim.connect(0);
     let d2 = sim.connect(1);
     sim.hello(d1, &watched);
@@ -295,5 +302,7 @@ fn send_rate_limit_answers_rate_limited() {
     }
     let got = sim.recv(a);
     assert_eq!(got.len(), 3);
-    assert!(matches!(&got[2], Message::Error(e) if e.code == ErrorCode::RateLimited && e.retry_after_ms.is_some()));
+    assert!(
+        matches!(&got[2], Message::Error(e) if e.code == ErrorCode::RateLimited && e.retry_after_ms.is_some())
+    );
 }

@@ -28,7 +28,10 @@ fn free_port() -> SocketAddr {
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     let status = text
@@ -36,7 +39,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
     Ok((status, body))
 }
 
@@ -44,7 +50,8 @@ impl Gateway {
     /// Starts `imgw serve` with `toml` as its config file plus `args`, and waits until /readyz.
     pub fn start(toml: &str, args: &[&str]) -> Gateway {
         let (ws, tcp, admin) = (free_port(), free_port(), free_port());
-        let dir = std::env::temp_dir().join(format!("imgw-test-{}-{}", std::process::id(), tcp.port()));
+        let dir =
+            std::env::temp_dir().join(format!("imgw-test-{}-{}", std::process::id(), tcp.port()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("imgw.toml");
@@ -131,7 +138,10 @@ impl Gateway {
 
     /// Sends SIGTERM (graceful drain).
     pub fn sigterm(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
