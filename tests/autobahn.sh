@@ -5,10 +5,10 @@
 # Usage: tests/autobahn.sh
 # Environment:
 #   SERVER_CMD       command that starts an echo server in the foreground; `{addr}` in it is
-#                    replaced by HOST:PORT (a free port on 127.0.0.1). Default: the ws_echo
-#                    example of this crate, built with cargo (PROFILE=debug|release, default
-#                    debug: the whole run takes about 15 s either way).
-#   AUTOBAHN_PATH    request path of the WebSocket endpoint (default /ws).
+#                    replaced by HOST:PORT (a free port on 127.0.0.1). Default: `imgw serve
+#                    --ws-echo` (its /echo endpoint), built with cargo (PROFILE=debug|release,
+#                    default debug).
+#   AUTOBAHN_PATH    request path of the WebSocket endpoint (default /echo).
 #   AUTOBAHN_OUT     report directory (default: a fresh temporary directory).
 #   AUTOBAHN_TIMEOUT seconds allowed for the whole kosoku run (default 900).
 #   AUTOBAHN_ARGS    extra kosoku arguments (e.g. "-i 6.*" to run a subset).
@@ -22,7 +22,7 @@ fi
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 addr="127.0.0.1:${port}"
-path="${AUTOBAHN_PATH:-/ws}"
+path="${AUTOBAHN_PATH:-/echo}"
 out="${AUTOBAHN_OUT:-$(mktemp -d -t autobahn.XXXXXX)}"
 mkdir -p "$out"
 
@@ -32,8 +32,9 @@ else
     profile="${PROFILE:-debug}"
     flag=()
     [ "$profile" = release ] && flag=(--release)
-    cargo build --quiet "${flag[@]}" --example ws_echo
-    cmd="\"${CARGO_TARGET_DIR:-target}/${profile}/examples/ws_echo\" ${addr}"
+    cargo build --quiet "${flag[@]}" --bin imgw
+    # imgw's conformance echo endpoint (/echo, enabled by --ws-echo), on one shard.
+    cmd="\"${CARGO_TARGET_DIR:-target}/${profile}/imgw\" serve --config tests/autobahn.toml --ws-echo --insecure-dev-auth --shards 1 --ws-listen ${addr} --tcp-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log warn"
 fi
 
 echo "autobahn: starting server: $cmd"
