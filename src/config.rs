@@ -142,6 +142,10 @@ pub struct RuntimeConfig {
     pub io_memory_kib: usize,
     /// Sweep tick of each shard's timer wheel.
     pub tick_ms: u64,
+    /// io_uring submission-queue depth per shard ring. The kernel sizes the ring's
+    /// cancellation hash table from it, and glommio cancels a poll for most reads and
+    /// writes, so with many connections a deep ring keeps each cancellation cheap.
+    pub ring_depth: usize,
 }
 
 impl Default for ServerConfig {
@@ -205,6 +209,7 @@ impl Default for RuntimeConfig {
             pin: true,
             io_memory_kib: 512,
             tick_ms: 10,
+            ring_depth: 4096,
         }
     }
 }
@@ -269,6 +274,9 @@ impl Config {
         }
         if l.shard_channel_batches == 0 || l.shard_outbox_max == 0 {
             return bad("shard queue bounds must be positive");
+        }
+        if !(16..=32_768).contains(&self.runtime.ring_depth) {
+            return bad("runtime.ring_depth must be in 16..=32768");
         }
         if self.runtime.tick_ms == 0 || self.runtime.tick_ms > 1_000 {
             return bad("runtime.tick_ms must be in 1..=1000");

@@ -92,6 +92,7 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("imgw-shard-{i}"))
             .io_memory(cfg.runtime.io_memory_kib * 1024)
+            .ring_depth(cfg.runtime.ring_depth)
             .spawn(move || async move { shard_main(i, cfg, auth, metrics, control, mesh).await })
             .map_err(|e| RuntimeError::Executor {
                 shard: i,

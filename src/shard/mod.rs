@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::task::Waker;
 
 use bytes::BytesMut;
+use smallvec::SmallVec;
 
 use crate::auth::Authenticator;
 use crate::codec::CodecId;
@@ -69,11 +70,7 @@ pub fn owner_shard(tenant: &str, id: &str, shards: usize) -> usize {
 #[derive(Debug)]
 pub enum ShardMsg {
     /// To the user's owner: a device came online.
-    Register {
-        user: UserKey,
-        route: Route,
-        device: Str,
-    },
+    Register { user: UserKey, route: Route },
     /// To the user's owner: a device went away.
     Unregister { user: UserKey, route: Route },
     /// To a device's shard: the owner refused the registration (too many devices).
@@ -172,7 +169,8 @@ pub struct Conn {
 /// State of one user owned by this shard.
 #[derive(Default)]
 struct UserEntry {
-    devices: Vec<(Route, Str)>,
+    /// Online devices; inline for the usual one.
+    devices: SmallVec<[Route; 1]>,
     inbox_seq: u64,
     /// Status set by the user (online unless busy/away); offline when no device is connected.
     status: Option<Status>,
@@ -187,6 +185,11 @@ impl UserEntry {
             self.status.unwrap_or(Status::Online)
         }
     }
+}
+
+/// Burst of the per-connection byte bucket: a second's worth, and at least one whole frame.
+fn byte_burst(l: &crate::config::Limits) -> u32 {
+    l.bytes_per_sec.max(l.max_frame_bytes)
 }
 
 /// The transport a listener accepted a connection on.
@@ -323,12 +326,8 @@ impl Shard {
             last_rx_ms: clk.mono_ms,
             armed_ms: 0,
             closing: None,
-            sends: TokenBucket::new(l.sends_per_sec, l.send_burst, clk.mono_ms),
-            bytes: TokenBucket::new(
-                l.bytes_per_sec,
-                l.bytes_per_sec.max(l.max_frame_bytes),
-                clk.mono_ms,
-            ),
+            sends: TokenBucket::new(l.send_burst, clk.mono_ms),
+            bytes: TokenBucket::new(byte_burst(l), clk.mono_ms),
         };
         match self.conns.insert(conn) {
             Ok(id) => {

@@ -23,17 +23,13 @@ impl Shard {
 
     fn on_shard_msg(&mut self, msg: ShardMsg, clk: Clock) {
         match msg {
-            ShardMsg::Register {
-                user,
-                route,
-                device,
-            } => self.on_register(user, route, device, clk),
+            ShardMsg::Register { user, route } => self.on_register(user, route, clk),
             ShardMsg::Unregister { user, route } => {
                 let Some(e) = self.users.get_mut(&user) else {
                     return;
                 };
                 let before = e.effective_status();
-                e.devices.retain(|(r, _)| *r != route);
+                e.devices.retain(|r| *r != route);
                 self.presence_changed(&user, before, clk);
                 self.gc_user(&user);
             }
@@ -111,7 +107,7 @@ impl Shard {
                 deliver.inbox_seq = seq;
                 let ts = deliver.ts;
                 if let Some(e) = self.users.get(&to) {
-                    let routes: Vec<Route> = e.devices.iter().map(|(r, _)| *r).collect();
+                    let routes = e.devices.clone();
                     self.fan_out(&routes, deliver);
                 }
                 self.post_always(
@@ -170,7 +166,7 @@ impl Shard {
         }
     }
 
-    fn on_register(&mut self, user: UserKey, route: Route, device: Str, clk: Clock) {
+    fn on_register(&mut self, user: UserKey, route: Route, clk: Clock) {
         if !self.users.contains_key(&user) && self.users.len() >= MAX_USERS_PER_SHARD {
             self.post_always(
                 usize::from(route.shard),
@@ -194,7 +190,7 @@ impl Shard {
             return;
         }
         let before = e.effective_status();
-        e.devices.push((route, device));
+        e.devices.push(route);
         self.presence_changed(&user, before, clk);
     }
 

@@ -54,7 +54,13 @@ impl Shard {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        if c.bytes.take(data.len() as u32, clk.mono_ms).is_err() && c.phase != Phase::Echo {
+        let l = &self.cfg.limits;
+        let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let over = c
+            .bytes
+            .take(n, l.bytes_per_sec, super::byte_burst(l), clk.mono_ms)
+            .is_err();
+        if over && c.phase != Phase::Echo {
             self.reply_error(id, None, ErrorCode::RateLimited, "byte rate exceeded");
             self.close(id, CloseReason::Protocol);
             return;
@@ -304,7 +310,11 @@ impl Shard {
     /// (no extra per-connection counter): a run of them exhausts the bucket and closes it.
     fn count_bad_frame(&mut self, id: ConnId) {
         if let Some(c) = self.conns.get_mut(id) {
-            if c.sends.take(BAD_FRAME_COST, c.last_rx_ms).is_err() {
+            let l = &self.cfg.limits;
+            if c.sends
+                .take(BAD_FRAME_COST, l.sends_per_sec, l.send_burst, c.last_rx_ms)
+                .is_err()
+            {
                 self.close(id, CloseReason::Protocol);
             }
         }
@@ -472,7 +482,6 @@ impl Shard {
             ShardMsg::Register {
                 user: user.clone(),
                 route,
-                device: h.device.clone(),
             },
         ) {
             self.overloaded(id, reference, None);
@@ -520,7 +529,8 @@ impl Shard {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        if let Err(wait_ms) = c.sends.take(1, clk.mono_ms) {
+        let l = &self.cfg.limits;
+        if let Err(wait_ms) = c.sends.take(1, l.sends_per_sec, l.send_burst, clk.mono_ms) {
             let env = Envelope {
                 reference,
                 msg: Message::Error(Error {
