@@ -43,6 +43,33 @@ pub struct Config {
     pub ws: WsConfig,
     pub auth: AuthConfig,
     pub runtime: RuntimeConfig,
+    pub store: StoreConfig,
+}
+
+/// The I/O core and the embedded store (durability `local`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Commands waiting for the I/O core, all shards together; beyond it sends get
+    /// `overloaded`.
+    pub queue_depth: u32,
+    /// Commands per group commit (one fsync per batch).
+    pub batch_max: u32,
+    /// A resent `cmid` within this window returns the first `send_ack` and stores nothing.
+    pub dedupe_window_ms: u64,
+    /// Test-only: delay before each commit, to simulate a slow disk.
+    pub commit_delay_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            queue_depth: 65_536,
+            batch_max: 1_024,
+            dedupe_window_ms: 600_000,
+            commit_delay_ms: 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -105,6 +132,10 @@ pub struct Limits {
     pub retry_after_ms: u64,
     /// Largest `sync.limit` honoured.
     pub max_sync_limit: u32,
+    /// First retransmit of an unacked `deliver` after this long; doubling, with jitter.
+    pub retransmit_base_ms: u64,
+    /// Retransmits per delivery before the connection is closed (the device then syncs).
+    pub retry_limit: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -186,6 +217,8 @@ impl Default for Limits {
             shard_outbox_max: 65_536,
             retry_after_ms: 200,
             max_sync_limit: 500,
+            retransmit_base_ms: 1_000,
+            retry_limit: 5,
         }
     }
 }
@@ -280,6 +313,12 @@ impl Config {
         }
         if self.runtime.tick_ms == 0 || self.runtime.tick_ms > 1_000 {
             return bad("runtime.tick_ms must be in 1..=1000");
+        }
+        if l.retransmit_base_ms == 0 || l.max_sync_limit == 0 {
+            return bad("limits.retransmit_base_ms and limits.max_sync_limit must be positive");
+        }
+        if self.store.queue_depth == 0 || self.store.batch_max == 0 {
+            return bad("store.queue_depth and store.batch_max must be positive");
         }
         if self.ws.allowed_origins.iter().any(|o| o.is_empty()) {
             return bad("ws.allowed_origins holds an empty entry");

@@ -23,8 +23,9 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::{GlommioError, LocalExecutorBuilder, Placement, ResourceType};
 
 use crate::auth::Authenticator;
-use crate::config::Config;
+use crate::config::{Config, Durability};
 use crate::control::Control;
+use crate::iocore::{IoConfig, IoCore, IoPort};
 use crate::metrics::Metrics;
 use crate::shard::{Clock, ConnId, Shard, ShardMsg, Transport};
 
@@ -70,10 +71,27 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
             return Err(RuntimeError::Bind { addr, source });
         }
     }
+    // Durability `local`: the I/O core owns the store; shards reach it through ports.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (io_core, ports) = if cfg.server.durability == Durability::Local {
+        let backend = crate::store::open(&cfg).map_err(|e| RuntimeError::Config(e.to_string()))?;
+        let io_cfg = IoConfig {
+            queue_depth: cfg.store.queue_depth as usize,
+            batch_max: cfg.store.batch_max as usize,
+            commit_delay_ms: cfg.store.commit_delay_ms,
+        };
+        // The I/O core takes the core after the shards', when there is one.
+        let cpu = (cfg.runtime.pin && shards < cpus).then_some(shards);
+        let (core, ports) = IoCore::start(backend, io_cfg, shards, cpu)
+            .map_err(|e| RuntimeError::Config(format!("starting the I/O core: {e}")))?;
+        (Some(core), ports.into_iter().map(Some).collect())
+    } else {
+        (None, (0..shards).map(|_| None).collect())
+    };
+    let ports: Arc<std::sync::Mutex<Vec<Option<IoPort>>>> = Arc::new(std::sync::Mutex::new(ports));
     let cfg = Arc::new(cfg);
     let mesh: MeshBuilder<Batch, _> =
         MeshBuilder::full(shards, cfg.limits.shard_channel_batches as usize);
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut handles = Vec::with_capacity(shards);
     for i in 0..shards {
         // Shards take cores 0..n; the I/O core (when it exists) takes the last one.
@@ -82,22 +100,26 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
         } else {
             Placement::Unbound
         };
-        let (cfg, auth, metrics, control, mesh) = (
+        let (cfg, auth, metrics, control, mesh, ports) = (
             cfg.clone(),
             auth.clone(),
             metrics.clone(),
             control.clone(),
             mesh.clone(),
+            ports.clone(),
         );
-        let h = LocalExecutorBuilder::new(placement)
-            .name(&format!("imgw-shard-{i}"))
-            .io_memory(cfg.runtime.io_memory_kib * 1024)
-            .ring_depth(cfg.runtime.ring_depth)
-            .spawn(move || async move { shard_main(i, cfg, auth, metrics, control, mesh).await })
-            .map_err(|e| RuntimeError::Executor {
-                shard: i,
-                detail: e.to_string(),
-            })?;
+        let h =
+            LocalExecutorBuilder::new(placement)
+                .name(&format!("imgw-shard-{i}"))
+                .io_memory(cfg.runtime.io_memory_kib * 1024)
+                .ring_depth(cfg.runtime.ring_depth)
+                .spawn(move || async move {
+                    shard_main(i, cfg, auth, metrics, control, mesh, ports).await
+                })
+                .map_err(|e| RuntimeError::Executor {
+                    shard: i,
+                    detail: e.to_string(),
+                })?;
         handles.push(h);
     }
     let mut first_error = None;
@@ -113,6 +135,10 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
         // One shard failing stops the others: start the drain.
         control.start_drain();
         first_error.get_or_insert(r);
+    }
+    if let Some(core) = io_core {
+        // Every shard has stopped: finish what is queued, then stop the I/O core.
+        core.shutdown();
     }
     first_error.map_or(Ok(()), Err)
 }
@@ -158,6 +184,7 @@ async fn shard_main(
     metrics: Arc<Metrics>,
     control: Arc<Control>,
     mesh: MeshBuilder<Batch, glommio::channels::channel_mesh::Full>,
+    ports: Arc<std::sync::Mutex<Vec<Option<IoPort>>>>,
 ) -> Result<(), RuntimeError> {
     let (senders, mut receivers) = mesh.join().await.map_err(|_| RuntimeError::Shard {
         shard: index,
@@ -167,14 +194,25 @@ async fn shard_main(
     let id = senders.peer_id();
     let base = Instant::now();
     let shards = senders.nr_consumers();
+    let mut port = ports
+        .lock()
+        .map_err(|_| RuntimeError::Shard {
+            shard: id,
+            detail: "I/O port table poisoned".into(),
+        })?
+        .get_mut(id)
+        .and_then(Option::take);
+    let wake_reader = port.as_mut().and_then(|p| p.wake_reader.take());
     let shard = Rc::new(RefCell::new(Shard::new(
         id,
         shards,
         cfg.clone(),
         auth,
         metrics,
+        port,
         clock(base),
     )));
+    let io_task = wake_reader.map(|r| glommio::spawn_local(io_completions(shard.clone(), r, base)));
     let scratch = Rc::new(RefCell::new(vec![0u8; SCRATCH_BYTES]));
 
     let ws = glommio_listener(cfg.server.ws_listen, cfg.server.backlog)?;
@@ -227,11 +265,43 @@ async fn shard_main(
         }
     }
     drop(accepting);
+    drop(io_task);
     drop(flusher);
     drop(receiver_tasks);
     senders.close();
     tracing::info!(shard = id, "shard stopped");
     Ok(())
+}
+
+/// Takes the I/O core's completions whenever it writes a wake-up byte.
+async fn io_completions(
+    shard: Rc<RefCell<Shard>>,
+    reader: std::os::unix::net::UnixStream,
+    base: Instant,
+) {
+    use futures_lite::AsyncReadExt;
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let fd = reader.into_raw_fd();
+    // SAFETY: `fd` is our end of a socket pair whose ownership `into_raw_fd` released; the
+    // glommio stream becomes its only owner.
+    #[allow(unsafe_code)]
+    let mut stream = unsafe { glommio::net::UnixStream::from_raw_fd(fd) };
+    let mut buf = [0u8; 64];
+    let mut done = Vec::new();
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let mut s = shard.borrow_mut();
+        if let Some(io) = s.io_port() {
+            io.take_done(&mut done);
+        }
+        let clk = clock(base);
+        for d in done.drain(..) {
+            s.on_io_done(d, clk);
+        }
+    }
 }
 
 async fn accept_loop(

@@ -11,6 +11,7 @@
 //! Cross-shard traffic is batched per destination; when an outbox is full new work is shed
 //! with `overloaded` (never blocked on).
 
+mod delivery;
 pub mod ratelimit;
 mod route;
 mod session;
@@ -141,6 +142,9 @@ enum Phase {
 /// What an authenticated connection knows about its user.
 struct Session {
     user: UserKey,
+    device: Str,
+    /// Unacked deliveries (durability `local`).
+    window: delivery::Window,
     /// Users this connection subscribed to, for cleanup (bounded by `max_presence_subs`).
     subs: Vec<UserKey>,
 }
@@ -229,6 +233,10 @@ pub struct Shard {
     due: Vec<(u64, ConnId)>,
     /// Monotonic time of the latest input (for deadlines set outside `tick`).
     now_ms: u64,
+    /// The I/O core (durability `local`); `None` for `memory`.
+    io: Option<crate::iocore::IoPort>,
+    io_pending: HashMap<u64, delivery::IoWait>,
+    next_token: u64,
 }
 
 impl Shard {
@@ -238,6 +246,7 @@ impl Shard {
         cfg: Arc<Config>,
         auth: Arc<Authenticator>,
         metrics: Arc<Metrics>,
+        io: Option<crate::iocore::IoPort>,
         clk: Clock,
     ) -> Shard {
         assert!(id < shards && shards <= usize::from(u16::MAX));
@@ -276,6 +285,9 @@ impl Shard {
             drain_started_ms: 0,
             due: Vec::new(),
             now_ms: clk.mono_ms,
+            io,
+            io_pending: HashMap::new(),
+            next_token: 0,
         }
     }
 
@@ -418,6 +430,8 @@ impl Shard {
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(shard = self.id, conn = ?id, reason = reason.name(), "closed");
         if let Some(s) = conn.session {
+            self.fail_window(&s.window);
+            let m = &self.metrics.shards[self.id];
             m.authenticated
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             m.tenant(&s.user.tenant, -1, 0);
@@ -487,7 +501,14 @@ impl Shard {
                 (None, _) => c.last_rx_ms + l.idle_timeout_ms,
             };
             if clk.mono_ms < deadline {
-                self.arm(id, deadline);
+                // Not idle: resend what is due and wake again at the earliest deadline.
+                let next = match self.retransmit_due(id, clk) {
+                    Some(rt) => rt.min(deadline),
+                    None => deadline,
+                };
+                if self.conns.get(id).is_some_and(|c| c.closing.is_none()) {
+                    self.arm(id, next);
+                }
                 continue;
             }
             match (c.closing, c.phase) {

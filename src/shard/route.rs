@@ -96,6 +96,10 @@ impl Shard {
             } => {
                 let mid = self.next_mid();
                 deliver.mid = mid;
+                if self.durable() {
+                    self.append_direct(to, origin, reference, deliver, cmid);
+                    return;
+                }
                 let seq = match self.users.get_mut(&to) {
                     Some(e) => {
                         e.inbox_seq += 1;
@@ -153,6 +157,11 @@ impl Shard {
                     }),
                 };
                 self.emit(conn, &env);
+            }
+            ShardMsg::Deliver { conns, deliver } if self.durable() => {
+                for conn in conns {
+                    self.push_durable(conn, &deliver, clk);
+                }
             }
             ShardMsg::Deliver { conns, deliver } => {
                 let env = Envelope::new(Message::Deliver(deliver));
@@ -227,7 +236,7 @@ impl Shard {
     }
 
     /// Sends `deliver` to every route, one message per destination shard.
-    fn fan_out(&mut self, routes: &[Route], deliver: Deliver) {
+    pub(super) fn fan_out(&mut self, routes: &[Route], deliver: Deliver) {
         let mut by_shard: Vec<Vec<ConnId>> = vec![Vec::new(); self.shards];
         for r in routes {
             by_shard[usize::from(r.shard)].push(r.conn);

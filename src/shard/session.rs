@@ -349,7 +349,11 @@ impl Shard {
             }
             Message::Pong(_) => {}
             Message::Send(s) => self.on_send(id, reference, s, clk),
+            Message::Ack(a) if self.durable() => self.on_ack(id, a.inbox_seq),
             Message::Ack(_) => {}
+            Message::Sync(s) if self.durable() => {
+                self.sync_request(id, reference, s.after_inbox_seq, s.limit, clk)
+            }
             Message::Sync(s) => {
                 // Durability `memory` keeps no inbox: nothing to replay (docs/ARCHITECTURE.md).
                 let env = Envelope {
@@ -516,6 +520,8 @@ impl Shard {
             c.phase = Phase::Active;
             c.session = Some(Box::new(Session {
                 user,
+                device: h.device,
+                window: Default::default(),
                 subs: Vec::new(),
             }));
             // Replace the handshake deadline by the idle one.
@@ -523,6 +529,9 @@ impl Shard {
         }
         self.arm(id, idle);
         self.emit(id, &welcome);
+        if let (Some(r), true) = (h.resume, self.durable()) {
+            self.resume(id, reference, r.inbox_seq, clk);
+        }
     }
 
     fn on_send(&mut self, id: ConnId, reference: Option<u64>, s: Send, clk: Clock) {

@@ -38,7 +38,7 @@ impl Sim {
             unix_ms: 1_700_000_000_000,
         };
         let shards = (0..n)
-            .map(|i| Shard::new(i, n, cfg.clone(), auth.clone(), metrics.clone(), clk))
+            .map(|i| Shard::new(i, n, cfg.clone(), auth.clone(), metrics.clone(), None, clk))
             .collect();
         Sim {
             shards,

@@ -1,0 +1,524 @@
+//! Reliable delivery (durability `local`): the shard's side of the I/O core, and each device's
+//! delivery window.
+//!
+//! - The recipient's owner shard hands a `send` to the I/O core, which appends it to the
+//!   recipient's durable inbox (gapless `inbox_seq`, `cmid` dedupe) in a group commit; only
+//!   then are `send_ack` and the deliveries sent.
+//! - Per device, at most `limits.window` deliveries are unacked. Each is retransmitted with
+//!   exponential backoff and jitter until acked; past `limits.retry_limit` the connection is
+//!   closed (the device catches up by `sync`). A cumulative `ack` confirms and stores the
+//!   device's cursor.
+//! - Pushes to a device are gapless: a push that does not follow the last one pushed (the
+//!   window was full, or a page is being read) is dropped and the device is "lagging"; the
+//!   shard then reads the missing range from the store and pushes it (the pump).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::{Clock, ConnId, Route, Shard, ShardMsg, UserKey};
+use crate::iocore::{IoCmd, IoDone, IoReply, IoRequest};
+use crate::metrics::CloseReason;
+use crate::protocol::{Deliver, Envelope, Error, ErrorCode, Message, Str, Synced};
+use crate::store::{InboxPage, Op, OpResult, UserRef};
+
+/// One unacked delivery.
+pub(super) struct Pending {
+    deliver: Deliver,
+    attempts: u32,
+    due_ms: u64,
+}
+
+/// A device's delivery window.
+#[derive(Default)]
+pub(super) struct Window {
+    unacked: VecDeque<Pending>,
+    /// Highest `inbox_seq` pushed (or synced) to this device.
+    last_pushed: u64,
+    /// Pushes were dropped: the store holds messages after `last_pushed` not yet pushed.
+    lagging: bool,
+    /// A pump read is in flight.
+    pumping: bool,
+}
+
+/// What an I/O completion belongs to. Appends dominate, so the size difference is the common
+/// case, not waste.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum IoWait {
+    /// A 1:1 message being made durable for `to`.
+    Append {
+        to: UserKey,
+        origin: Route,
+        reference: Option<u64>,
+        cmid: Str,
+        deliver: Deliver,
+    },
+    /// A `sync` (or `hello` with `resume`) page for a connection.
+    Sync {
+        conn: ConnId,
+        reference: Option<u64>,
+    },
+    /// `resume` without a sequence: the stored device cursor first, then a sync.
+    ResumeCursor {
+        conn: ConnId,
+        reference: Option<u64>,
+    },
+    /// A pump page for a lagging device.
+    Pump { conn: ConnId },
+    /// A write nobody waits for (cursor updates).
+    Nothing,
+}
+
+fn user_ref(u: &UserKey) -> UserRef {
+    UserRef {
+        tenant: u.tenant.clone(),
+        user: u.user.clone(),
+    }
+}
+
+impl Shard {
+    /// The I/O core port, for the runtime's completion task.
+    pub fn io_port(&self) -> Option<&crate::iocore::IoPort> {
+        self.io.as_ref()
+    }
+
+    /// Whether `send_ack` waits for the I/O core (durability `local`).
+    pub(super) fn durable(&self) -> bool {
+        self.io.is_some()
+    }
+
+    fn submit(&mut self, req: IoRequest, wait: IoWait) -> bool {
+        let Some(io) = &self.io else { return false };
+        self.next_token += 1;
+        let token = self.next_token;
+        let cmd = IoCmd {
+            shard: self.id as u16,
+            token,
+            req,
+        };
+        if io.submit(cmd).is_err() {
+            return false;
+        }
+        self.io_pending.insert(token, wait);
+        true
+    }
+
+    /// Owner side: make a 1:1 message durable, then deliver and ack (see `on_io_done`).
+    pub(super) fn append_direct(
+        &mut self,
+        to: UserKey,
+        origin: Route,
+        reference: Option<u64>,
+        deliver: Deliver,
+        cmid: Str,
+    ) {
+        let op = Op::AppendInbox {
+            user: user_ref(&to),
+            sender: deliver.from.clone(),
+            cmid: cmid.clone(),
+            deliver: deliver.clone(),
+        };
+        let wait = IoWait::Append {
+            to,
+            origin,
+            reference,
+            cmid: cmid.clone(),
+            deliver,
+        };
+        if !self.submit(IoRequest::Apply(vec![op]), wait) {
+            let retry = Some(self.cfg.limits.retry_after_ms);
+            self.post_always(
+                usize::from(origin.shard),
+                ShardMsg::Rejected {
+                    conn: origin.conn,
+                    reference,
+                    cmid,
+                    code: ErrorCode::Overloaded,
+                    retry_after_ms: retry,
+                },
+            );
+        }
+    }
+
+    /// Completions from the I/O core.
+    pub fn on_io_done(&mut self, done: IoDone, clk: Clock) {
+        self.now_ms = clk.mono_ms;
+        let Some(wait) = self.io_pending.remove(&done.token) else {
+            return;
+        };
+        match (wait, done.reply) {
+            (
+                IoWait::Append {
+                    to,
+                    origin,
+                    reference,
+                    cmid,
+                    mut deliver,
+                },
+                IoReply::Applied(r),
+            ) => {
+                let first = r.ok().and_then(|v| v.into_iter().next());
+                let Some(OpResult::Appended {
+                    seq,
+                    mid,
+                    ts,
+                    duplicate,
+                }) = first
+                else {
+                    self.post_always(
+                        usize::from(origin.shard),
+                        ShardMsg::Rejected {
+                            conn: origin.conn,
+                            reference,
+                            cmid,
+                            code: ErrorCode::Unavailable,
+                            retry_after_ms: Some(self.cfg.limits.retry_after_ms),
+                        },
+                    );
+                    return;
+                };
+                if !duplicate {
+                    // A resent cmid was delivered the first time: never twice.
+                    deliver.mid = mid;
+                    deliver.inbox_seq = seq;
+                    deliver.ts = ts;
+                    self.push_to_devices(&to, deliver);
+                }
+                self.post_always(
+                    usize::from(origin.shard),
+                    ShardMsg::Accepted {
+                        conn: origin.conn,
+                        reference,
+                        cmid,
+                        mid,
+                        seq,
+                        ts,
+                    },
+                );
+            }
+            (IoWait::Sync { conn, reference }, IoReply::Inbox(r)) => {
+                self.sync_page(conn, reference, r, false);
+            }
+            (IoWait::Pump { conn }, IoReply::Inbox(r)) => {
+                self.sync_page(conn, None, r, true);
+            }
+            (IoWait::ResumeCursor { conn, reference }, IoReply::Cursor(r)) => {
+                let after = r.unwrap_or(0);
+                self.start_sync(conn, reference, after, clk);
+            }
+            _ => {}
+        }
+    }
+
+    fn push_to_devices(&mut self, to: &UserKey, deliver: Deliver) {
+        if let Some(e) = self.users.get(to) {
+            let routes = e.devices.clone();
+            self.fan_out(&routes, deliver);
+        }
+    }
+
+    /// Device side: a pushed delivery for `conn`.
+    pub(super) fn push_durable(&mut self, conn: ConnId, deliver: &Deliver, clk: Clock) {
+        let w_max = self.cfg.limits.window as usize;
+        let Some(c) = self.conns.get_mut(conn) else {
+            return;
+        };
+        let Some(s) = c.session.as_mut() else { return };
+        let w = &mut s.window;
+        let seq = deliver.inbox_seq;
+        if seq <= w.last_pushed {
+            return; // already pushed or synced
+        }
+        let in_order = w.last_pushed == 0 || seq == w.last_pushed + 1;
+        if !in_order || w.lagging || w.pumping || w.unacked.len() >= w_max {
+            if w.last_pushed == 0 {
+                w.last_pushed = seq.saturating_sub(1);
+            }
+            w.lagging = true;
+            self.maybe_pump(conn);
+            return;
+        }
+        self.push_now(conn, deliver.clone(), clk);
+    }
+
+    fn push_now(&mut self, conn: ConnId, deliver: Deliver, clk: Clock) {
+        let base = self.cfg.limits.retransmit_base_ms;
+        let Some(c) = self.conns.get_mut(conn) else {
+            return;
+        };
+        let Some(s) = c.session.as_mut() else { return };
+        s.window.last_pushed = deliver.inbox_seq;
+        let due_ms = clk.mono_ms + base;
+        s.window.unacked.push_back(Pending {
+            deliver: deliver.clone(),
+            attempts: 0,
+            due_ms,
+        });
+        self.metrics.shards[self.id]
+            .deliveries_pending
+            .fetch_add(1, Relaxed);
+        self.emit(conn, &Envelope::new(Message::Deliver(deliver)));
+        self.arm(conn, due_ms);
+    }
+
+    /// Reads the range a lagging device is missing, when the window has room.
+    fn maybe_pump(&mut self, conn: ConnId) {
+        let w_max = self.cfg.limits.window as usize;
+        let Some(c) = self.conns.get_mut(conn) else {
+            return;
+        };
+        let Some(s) = c.session.as_mut() else { return };
+        let room = w_max.saturating_sub(s.window.unacked.len());
+        if !s.window.lagging || s.window.pumping || room < w_max / 2 {
+            return;
+        }
+        s.window.pumping = true;
+        let (user, after) = (user_ref(&s.user), s.window.last_pushed);
+        let req = IoRequest::ReadInbox {
+            user,
+            after,
+            limit: room as u32,
+        };
+        if !self.submit(req, IoWait::Pump { conn }) {
+            if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
+                s.window.pumping = false;
+            }
+        }
+    }
+
+    /// A page from the store for `conn`: pumped pages enter the window; sync pages are sent
+    /// as they are and answered with `synced`.
+    fn sync_page(
+        &mut self,
+        conn: ConnId,
+        reference: Option<u64>,
+        page: Result<InboxPage, String>,
+        pump: bool,
+    ) {
+        let clk = Clock {
+            mono_ms: self.now_ms,
+            unix_ms: 0,
+        };
+        let page = match page {
+            Ok(p) => p,
+            Err(_) => {
+                if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
+                    s.window.pumping = false;
+                }
+                if !pump {
+                    self.reply_error(conn, reference, ErrorCode::Unavailable, "store read failed");
+                }
+                return;
+            }
+        };
+        if pump {
+            let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+                return;
+            };
+            s.window.pumping = false;
+            let caught_up = !page.more;
+            for d in page.messages {
+                let last = self
+                    .conns
+                    .get(conn)
+                    .and_then(|c| c.session.as_ref())
+                    .map_or(u64::MAX, |s| s.window.last_pushed);
+                if d.inbox_seq == last + 1 {
+                    self.push_now(conn, d, clk);
+                }
+            }
+            if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
+                s.window.lagging = !caught_up;
+            }
+            self.maybe_pump(conn);
+            return;
+        }
+        let mut up_to = 0;
+        for d in page.messages {
+            up_to = d.inbox_seq;
+            self.emit(conn, &Envelope::new(Message::Deliver(d)));
+        }
+        if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
+            if up_to > s.window.last_pushed && s.window.unacked.is_empty() {
+                // The device has everything up to here: pushes continue after it.
+                s.window.last_pushed = up_to;
+            }
+        }
+        let env = Envelope {
+            reference,
+            msg: Message::Synced(Synced {
+                up_to,
+                more: page.more,
+            }),
+        };
+        self.emit(conn, &env);
+    }
+
+    /// `sync` (or `resume`) from a device: a page of its inbox after `after`.
+    pub(super) fn start_sync(
+        &mut self,
+        conn: ConnId,
+        reference: Option<u64>,
+        after: u64,
+        _clk: Clock,
+    ) {
+        let limit_max = self.cfg.limits.max_sync_limit;
+        let Some(s) = self.conns.get(conn).and_then(|c| c.session.as_ref()) else {
+            return;
+        };
+        let req = IoRequest::ReadInbox {
+            user: user_ref(&s.user),
+            after,
+            limit: limit_max,
+        };
+        if !self.submit(req, IoWait::Sync { conn, reference }) {
+            self.overloaded_reply(conn, reference);
+        }
+    }
+
+    pub(super) fn sync_request(
+        &mut self,
+        conn: ConnId,
+        reference: Option<u64>,
+        after: u64,
+        limit: u32,
+        clk: Clock,
+    ) {
+        let limit = limit.clamp(1, self.cfg.limits.max_sync_limit);
+        let Some(s) = self.conns.get(conn).and_then(|c| c.session.as_ref()) else {
+            return;
+        };
+        let req = IoRequest::ReadInbox {
+            user: user_ref(&s.user),
+            after,
+            limit,
+        };
+        let _ = clk;
+        if !self.submit(req, IoWait::Sync { conn, reference }) {
+            self.overloaded_reply(conn, reference);
+        }
+    }
+
+    /// `hello` with `resume`: from the given sequence, or from the device's stored cursor.
+    pub(super) fn resume(
+        &mut self,
+        conn: ConnId,
+        reference: Option<u64>,
+        inbox_seq: u64,
+        clk: Clock,
+    ) {
+        if inbox_seq > 0 {
+            self.start_sync(conn, reference, inbox_seq, clk);
+            return;
+        }
+        let Some(s) = self.conns.get(conn).and_then(|c| c.session.as_ref()) else {
+            return;
+        };
+        let req = IoRequest::Cursor {
+            user: user_ref(&s.user),
+            device: s.device.clone(),
+        };
+        if !self.submit(req, IoWait::ResumeCursor { conn, reference }) {
+            self.overloaded_reply(conn, reference);
+        }
+    }
+
+    fn overloaded_reply(&mut self, conn: ConnId, reference: Option<u64>) {
+        let env = Envelope {
+            reference,
+            msg: Message::Error(Error {
+                code: ErrorCode::Overloaded,
+                message: Str::from_static("I/O queue full"),
+                cmid: None,
+                retry_after_ms: Some(self.cfg.limits.retry_after_ms),
+            }),
+        };
+        self.emit(conn, &env);
+    }
+
+    /// A cumulative `ack` from a device.
+    pub(super) fn on_ack(&mut self, conn: ConnId, inbox_seq: u64) {
+        let Some(c) = self.conns.get_mut(conn) else {
+            return;
+        };
+        let Some(s) = c.session.as_mut() else { return };
+        let mut confirmed = 0u64;
+        while s
+            .window
+            .unacked
+            .front()
+            .is_some_and(|p| p.deliver.inbox_seq <= inbox_seq)
+        {
+            s.window.unacked.pop_front();
+            confirmed += 1;
+        }
+        let (user, device) = (user_ref(&s.user), s.device.clone());
+        let m = &self.metrics.shards[self.id];
+        m.deliveries_pending.fetch_sub(confirmed as i64, Relaxed);
+        m.deliveries_confirmed.fetch_add(confirmed, Relaxed);
+        // The cursor is advisory (a device resumes from its own cursor when it gives one):
+        // under overload the update is skipped rather than queued without bound.
+        let op = Op::SetCursor {
+            user,
+            device,
+            seq: inbox_seq,
+        };
+        let _ = self.submit(IoRequest::Apply(vec![op]), IoWait::Nothing);
+        self.maybe_pump(conn);
+    }
+
+    /// Retransmits what is due on `conn`; returns the next retransmit deadline, or `None`.
+    /// Closes the connection when a delivery ran out of retries.
+    pub(super) fn retransmit_due(&mut self, conn: ConnId, clk: Clock) -> Option<u64> {
+        let base = self.cfg.limits.retransmit_base_ms;
+        let limit = self.cfg.limits.retry_limit;
+        let c = self.conns.get_mut(conn)?;
+        let s = c.session.as_mut()?;
+        let mut resend = Vec::new();
+        let mut failed = false;
+        for (i, p) in s.window.unacked.iter_mut().enumerate() {
+            if p.due_ms > clk.mono_ms {
+                continue;
+            }
+            if p.attempts >= limit {
+                failed = true;
+                break;
+            }
+            p.attempts += 1;
+            // Exponential backoff with jitter (deterministic per sequence and attempt).
+            let backoff = base.saturating_mul(1 << p.attempts.min(16));
+            let jitter = (p.deliver.inbox_seq.wrapping_mul(2_654_435_761)
+                ^ u64::from(p.attempts)
+                ^ i as u64)
+                % (backoff / 4 + 1);
+            p.due_ms = clk.mono_ms + backoff + jitter;
+            resend.push(p.deliver.clone());
+        }
+        let next = s.window.unacked.iter().map(|p| p.due_ms).min();
+        if failed {
+            let n = s.window.unacked.len() as u64;
+            s.window.unacked.clear();
+            let m = &self.metrics.shards[self.id];
+            m.deliveries_pending.fetch_sub(n as i64, Relaxed);
+            m.deliveries_failed.fetch_add(n, Relaxed);
+            self.goaway(conn, "retry_limit", 0);
+            self.close(conn, CloseReason::RetryLimit);
+            return None;
+        }
+        let m = &self.metrics.shards[self.id];
+        m.retransmits.fetch_add(resend.len() as u64, Relaxed);
+        for d in resend {
+            self.emit(conn, &Envelope::new(Message::Deliver(d)));
+        }
+        next
+    }
+
+    /// A closing device's unacked deliveries become FAILED (the device recovers them by sync).
+    pub(super) fn fail_window(&mut self, window: &Window) {
+        let n = window.unacked.len() as u64;
+        if n > 0 {
+            let m = &self.metrics.shards[self.id];
+            m.deliveries_pending.fetch_sub(n as i64, Relaxed);
+            m.deliveries_failed.fetch_add(n, Relaxed);
+        }
+    }
+}
