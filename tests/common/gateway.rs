@@ -17,6 +17,7 @@ pub struct Gateway {
     pub tcp: SocketAddr,
     pub admin: SocketAddr,
     pub dir: PathBuf,
+    args: Vec<String>,
 }
 
 fn free_port() -> SocketAddr {
@@ -54,8 +55,23 @@ impl Gateway {
             std::env::temp_dir().join(format!("imgw-test-{}-{}", std::process::id(), tcp.port()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("imgw.toml");
-        std::fs::write(&config, toml).unwrap();
+        std::fs::write(dir.join("imgw.toml"), toml).unwrap();
+        let mut g = Gateway {
+            child: None,
+            ws,
+            tcp,
+            admin,
+            dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        g.spawn();
+        g
+    }
+
+    /// Starts the process (again) on the same ports, config and data directory.
+    pub fn spawn(&mut self) {
+        let (ws, tcp, admin) = (self.ws, self.tcp, self.admin);
+        let config = self.dir.join("imgw.toml");
         let child = Command::new(env!("CARGO_BIN_EXE_imgw"))
             .arg("serve")
             .arg("--config")
@@ -64,26 +80,20 @@ impl Gateway {
             .args(["--tcp-listen", &tcp.to_string()])
             .args(["--admin-listen", &admin.to_string()])
             .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args(args)
+            .arg(self.dir.join("data"))
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn imgw");
-        let mut g = Gateway {
-            child: Some(child),
-            ws,
-            tcp,
-            admin,
-            dir,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok((200, _)) = http_get(admin, "/readyz") {
-                return g;
+                return;
             }
-            if let Some(status) = g.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("imgw exited before ready: {status}");
             }
             assert!(Instant::now() < deadline, "imgw not ready within 20 s");
@@ -134,6 +144,14 @@ impl Gateway {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// SIGKILL: no drain, no flush.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Sends SIGTERM (graceful drain).
