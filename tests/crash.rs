@@ -59,7 +59,13 @@ fn sync_all(c: &mut Client) -> BTreeMap<u64, String> {
 fn sigkill_under_load_loses_no_acked_message() {
     let mut g = Gateway::start(
         DEV_TOML,
-        &["--shards", "2", "--insecure-dev-auth", "--durability", "local"],
+        &[
+            "--shards",
+            "2",
+            "--insecure-dev-auth",
+            "--durability",
+            "local",
+        ],
     );
     // (recipient, seq) -> body of every acked message.
     let acked: Arc<Mutex<BTreeMap<(usize, u64), String>>> = Arc::default();
@@ -111,7 +117,11 @@ fn sigkill_under_load_loses_no_acked_message() {
         t.join().unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 50, "too few messages acked before the kill: {}", acked.len());
+    assert!(
+        acked.len() > 50,
+        "too few messages acked before the kill: {}",
+        acked.len()
+    );
 
     g.spawn();
     for r in 0..RECIPIENTS {
@@ -120,7 +130,11 @@ fn sigkill_under_load_loses_no_acked_message() {
             let got = sync_all(&mut c);
             // Gapless from 1: whatever was stored is contiguous.
             let seqs: Vec<u64> = got.keys().copied().collect();
-            assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "gaps in {r}");
+            assert_eq!(
+                seqs,
+                (1..=seqs.len() as u64).collect::<Vec<_>>(),
+                "gaps in {r}"
+            );
             let mine: BTreeSet<_> = acked.keys().filter(|(to, _)| *to == r).collect();
             for (to, seq) in mine {
                 assert_eq!(

@@ -354,3 +354,94 @@ fn sigterm_drains_with_goaway_and_exits() {
     // The listeners are gone.
     assert!(TcpStream::connect(g.ws).is_err());
 }
+
+fn join(c: &mut Client, group: &str) -> Message {
+    let r = c.next_ref();
+    c.send(&Envelope::with_ref(
+        Message::GroupJoin(imgw::protocol::GroupJoin {
+            group: group.into(),
+        }),
+        r,
+    ))
+    .unwrap();
+    c.recv_until(|e| e.reference == Some(r), WAIT).unwrap().msg
+}
+
+fn send_group(c: &mut Client, group: &str, cmid: &str, body: &str) -> Message {
+    let r = c.next_ref();
+    c.send(&Envelope::with_ref(
+        Message::Send(Send {
+            to: Target::Group(group.into()),
+            cmid: cmid.into(),
+            kind: None,
+            body: body.into(),
+            ext: Default::default(),
+        }),
+        r,
+    ))
+    .unwrap();
+    c.recv_until(|e| e.reference == Some(r), WAIT).unwrap().msg
+}
+
+#[test]
+fn group_messages_reach_every_online_member_once_per_device() {
+    let g = Gateway::dev();
+    let mut a = g.login(Transport::Ws, CodecId::Json, "ga", "d");
+    let mut b1 = g.login(Transport::Tcp, CodecId::Protobuf, "gb", "phone");
+    let mut b2 = g.login(Transport::Ws, CodecId::MessagePack, "gb", "laptop");
+    let mut c = g.login(Transport::Tcp, CodecId::FlatBuffers, "gc", "d");
+    let mut outsider = g.login(Transport::Ws, CodecId::Json, "gx", "d");
+    for m in [&mut a, &mut b1, &mut c] {
+        assert_eq!(join(m, "team"), Message::Ok);
+    }
+    // Not a member: forbidden; no such group: not_found.
+    assert!(
+        matches!(send_group(&mut outsider, "team", "x1", "hi"), Message::Error(e) if e.code == ErrorCode::Forbidden)
+    );
+    assert!(
+        matches!(send_group(&mut outsider, "nope", "x2", "hi"), Message::Error(e) if e.code == ErrorCode::NotFound)
+    );
+    for i in 0..3u64 {
+        let Message::SendAck(ack) =
+            send_group(&mut a, "team", &format!("g{i}"), &format!("to all {i}"))
+        else {
+            panic!("no send_ack")
+        };
+        assert_eq!(ack.seq, i + 1, "group timeline sequence");
+    }
+    for m in [&mut b1, &mut b2, &mut c] {
+        let got = deliveries(m, 3);
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d.to, Some(Target::Group("team".into())));
+            assert_eq!(d.inbox_seq, i as u64 + 1);
+            assert_eq!(d.from, "ga");
+            assert_eq!(d.body, format!("to all {i}").as_str());
+        }
+    }
+    // The sender does not get its own message; a member who left gets nothing more.
+    let r = c.next_ref();
+    c.send(&Envelope::with_ref(
+        Message::GroupLeave(imgw::protocol::GroupLeave {
+            group: "team".into(),
+        }),
+        r,
+    ))
+    .unwrap();
+    c.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
+    send_group(&mut a, "team", "g9", "after leave");
+    assert_eq!(deliveries(&mut b1, 1)[0].body, "after leave");
+    c.set_read_timeout(Duration::from_millis(300)).unwrap();
+    assert!(c
+        .recv_until(
+            |e| matches!(e.msg, Message::Deliver(_)),
+            Duration::from_millis(300)
+        )
+        .is_err());
+    a.set_read_timeout(Duration::from_millis(300)).unwrap();
+    assert!(a
+        .recv_until(
+            |e| matches!(e.msg, Message::Deliver(_)),
+            Duration::from_millis(300)
+        )
+        .is_err());
+}

@@ -12,6 +12,7 @@
 //! with `overloaded` (never blocked on).
 
 mod delivery;
+mod groups;
 pub mod ratelimit;
 mod route;
 mod session;
@@ -117,6 +118,30 @@ pub enum ShardMsg {
         conns: Vec<ConnId>,
         deliver: Deliver,
     },
+    /// To a group's owner: join or leave.
+    GroupMembership {
+        group: groups::GroupKey,
+        member: Str,
+        join: bool,
+        origin: Route,
+        reference: Option<u64>,
+    },
+    /// To a group's owner: a message to the group.
+    GroupSend {
+        group: groups::GroupKey,
+        origin: Route,
+        reference: Option<u64>,
+        deliver: Deliver,
+        cmid: Str,
+    },
+    /// To a shard owning some members: forward to their devices.
+    GroupFanout {
+        tenant: Str,
+        members: Vec<Str>,
+        deliver: Deliver,
+    },
+    /// To a connection's shard: a reply to write as is.
+    Reply { conn: ConnId, env: Envelope },
 }
 
 /// Transport state of one connection.
@@ -219,6 +244,7 @@ pub struct Shard {
     conns: slab::Slab<Conn>,
     wheel: TimerWheel<ConnId>,
     users: HashMap<UserKey, UserEntry>,
+    groups: groups::Groups,
     /// Outgoing messages per destination shard (index == shard id; ours is the local queue).
     outbox: Vec<Vec<ShardMsg>>,
     outbox_len: usize,
@@ -272,6 +298,7 @@ impl Shard {
             metrics,
             conns: slab::Slab::new(per_shard),
             users: HashMap::new(),
+            groups: HashMap::new(),
             outbox: (0..shards).map(|_| Vec::new()).collect(),
             outbox_len: 0,
             outbox_waker: None,

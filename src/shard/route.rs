@@ -158,6 +158,31 @@ impl Shard {
                 };
                 self.emit(conn, &env);
             }
+            ShardMsg::GroupMembership {
+                group,
+                member,
+                join,
+                origin,
+                reference,
+            } => self.group_membership(group, member, join, origin, reference),
+            ShardMsg::GroupSend {
+                group,
+                origin,
+                reference,
+                deliver,
+                cmid,
+            } => self.group_send(group, origin, reference, deliver, cmid),
+            ShardMsg::GroupFanout {
+                tenant,
+                members,
+                deliver,
+            } => self.group_fanout_local(tenant, members, deliver),
+            ShardMsg::Reply { conn, env } => self.emit(conn, &env),
+            ShardMsg::Deliver { conns, deliver }
+                if matches!(deliver.to, Some(crate::protocol::Target::Group(_))) =>
+            {
+                self.deliver_group_push(conns, deliver, clk)
+            }
             ShardMsg::Deliver { conns, deliver } if self.durable() => {
                 for conn in conns {
                     self.push_durable(conn, &deliver, clk);
@@ -272,7 +297,7 @@ impl Shard {
         }
     }
 
-    fn next_mid(&mut self) -> u64 {
+    pub(super) fn next_mid(&mut self) -> u64 {
         self.next_mid += 1;
         // Low 8 bits: the shard, so shards never mint the same id. Stays below 2^53 for
         // JavaScript clients for the next few thousand years of milliseconds.

@@ -398,14 +398,8 @@ impl Shard {
                 }
             }
             Message::PresenceSub(p) => self.on_presence_sub(id, reference, p.users),
-            Message::GroupJoin(_) | Message::GroupLeave(_) => {
-                self.reply_error(
-                    id,
-                    reference,
-                    ErrorCode::Unsupported,
-                    "groups arrive with reliable delivery",
-                );
-            }
+            Message::GroupJoin(g) => self.on_group_membership(id, reference, g.group, true),
+            Message::GroupLeave(g) => self.on_group_membership(id, reference, g.group, false),
             Message::Hello(_) => {
                 self.reply_error(
                     id,
@@ -566,8 +560,23 @@ impl Shard {
                 self.send_error(id, reference, s.cmid, ErrorCode::BadRequest);
                 return;
             }
+            Target::Group(g) if !g.is_empty() && g.len() <= 128 => {
+                let deliver = Deliver {
+                    mid: 0,
+                    from: from.user.clone(),
+                    to: None,
+                    inbox_seq: 0,
+                    ts: clk.unix_ms,
+                    kind: s.kind,
+                    body: s.body,
+                    ext: s.ext,
+                };
+                self.m().tenant(&from.tenant, 0, 1);
+                self.send_to_group(id, reference, g, s.cmid, deliver);
+                return;
+            }
             Target::Group(_) => {
-                self.send_error(id, reference, s.cmid, ErrorCode::Unsupported);
+                self.send_error(id, reference, s.cmid, ErrorCode::BadRequest);
                 return;
             }
         };

@@ -93,7 +93,11 @@ impl Gateway {
             if let Ok((200, _)) = http_get(admin, "/readyz") {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("imgw exited before ready: {status}");
             }
             assert!(Instant::now() < deadline, "imgw not ready within 20 s");

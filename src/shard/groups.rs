@@ -1,0 +1,273 @@
+//! Groups: membership lives with the group's owner shard (hash of tenant and group id), which
+//! sequences the group's messages on one timeline (`gseq`) and fans each message out once per
+//! shard: one message to each shard owning members, which forwards once to each shard holding
+//! those members' devices. A message is one timeline entry whatever the group size: no
+//! per-member copies.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{owner_shard, Clock, ConnId, Route, Shard, ShardMsg, UserKey};
+use crate::protocol::{Deliver, Envelope, Error, ErrorCode, Message, Str, Target};
+
+/// A group, scoped by tenant.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GroupKey {
+    pub tenant: Str,
+    pub group: Str,
+}
+
+/// A group owned by this shard.
+#[derive(Default)]
+pub(super) struct GroupEntry {
+    members: HashSet<Str>,
+    /// Last timeline sequence (durability `memory`; the store assigns it at `local`).
+    gseq: u64,
+}
+
+/// Groups owned by one shard; bounded by [`MAX_GROUPS_PER_SHARD`].
+pub(super) type Groups = HashMap<GroupKey, GroupEntry>;
+
+pub const MAX_GROUPS_PER_SHARD: usize = 1_000_000;
+
+impl Shard {
+    fn group_owner(&self, g: &GroupKey) -> usize {
+        owner_shard(&g.tenant, &g.group, self.shards)
+    }
+
+    /// `group_join` / `group_leave` from a connection.
+    pub(super) fn on_group_membership(
+        &mut self,
+        id: ConnId,
+        reference: Option<u64>,
+        group: Str,
+        join: bool,
+    ) {
+        let Some(user) = self.session_user_key(id) else {
+            return;
+        };
+        if group.is_empty() || group.len() > 128 {
+            self.reply_error(
+                id,
+                reference,
+                ErrorCode::BadRequest,
+                "group must be 1 to 128 bytes",
+            );
+            return;
+        }
+        let key = GroupKey {
+            tenant: user.tenant.clone(),
+            group,
+        };
+        let dest = self.group_owner(&key);
+        let msg = ShardMsg::GroupMembership {
+            group: key,
+            member: user.user,
+            join,
+            origin: self.route(id),
+            reference,
+        };
+        if !self.post(dest, msg) {
+            self.overloaded_error(id, reference);
+        }
+    }
+
+    /// A `send` to a group from a connection.
+    pub(super) fn send_to_group(
+        &mut self,
+        id: ConnId,
+        reference: Option<u64>,
+        group: Str,
+        cmid: Str,
+        deliver: Deliver,
+    ) {
+        let Some(user) = self.session_user_key(id) else {
+            return;
+        };
+        let key = GroupKey {
+            tenant: user.tenant,
+            group,
+        };
+        let dest = self.group_owner(&key);
+        let msg = ShardMsg::GroupSend {
+            group: key,
+            origin: self.route(id),
+            reference,
+            deliver,
+            cmid: cmid.clone(),
+        };
+        if !self.post(dest, msg) {
+            self.overloaded_error(id, reference);
+        }
+    }
+
+    fn reply_to(&mut self, route: Route, env: Envelope) {
+        self.post_always(
+            usize::from(route.shard),
+            ShardMsg::Reply {
+                conn: route.conn,
+                env,
+            },
+        );
+    }
+
+    fn error_to(
+        &mut self,
+        route: Route,
+        reference: Option<u64>,
+        code: ErrorCode,
+        cmid: Option<Str>,
+    ) {
+        let env = Envelope {
+            reference,
+            msg: Message::Error(Error {
+                code,
+                message: Str::from(code.name()),
+                cmid,
+                retry_after_ms: None,
+            }),
+        };
+        self.reply_to(route, env);
+    }
+
+    /// Owner side of `group_join` / `group_leave`.
+    pub(super) fn group_membership(
+        &mut self,
+        group: GroupKey,
+        member: Str,
+        join: bool,
+        origin: Route,
+        reference: Option<u64>,
+    ) {
+        let max = self.cfg.limits.max_group_members as usize;
+        if join {
+            if !self.groups.contains_key(&group) && self.groups.len() >= MAX_GROUPS_PER_SHARD {
+                self.error_to(origin, reference, ErrorCode::LimitExceeded, None);
+                return;
+            }
+            let e = self.groups.entry(group).or_default();
+            if !e.members.contains(&member) && e.members.len() >= max {
+                self.error_to(origin, reference, ErrorCode::LimitExceeded, None);
+                return;
+            }
+            e.members.insert(member);
+        } else if let Some(e) = self.groups.get_mut(&group) {
+            e.members.remove(&member);
+            if e.members.is_empty() {
+                self.groups.remove(&group);
+            }
+        }
+        self.reply_to(
+            origin,
+            Envelope {
+                reference,
+                msg: Message::Ok,
+            },
+        );
+    }
+
+    /// Owner side of a group `send`: members only; sequence, ack, fan out.
+    pub(super) fn group_send(
+        &mut self,
+        group: GroupKey,
+        origin: Route,
+        reference: Option<u64>,
+        mut deliver: Deliver,
+        cmid: Str,
+    ) {
+        let Some(e) = self.groups.get_mut(&group) else {
+            self.error_to(origin, reference, ErrorCode::NotFound, Some(cmid));
+            return;
+        };
+        if !e.members.contains(&deliver.from) {
+            self.error_to(origin, reference, ErrorCode::Forbidden, Some(cmid));
+            return;
+        }
+        e.gseq += 1;
+        let gseq = e.gseq;
+        let mid = self.next_mid();
+        deliver.mid = mid;
+        deliver.inbox_seq = gseq;
+        deliver.to = Some(Target::Group(group.group.clone()));
+        let ts = deliver.ts;
+        self.post_always(
+            usize::from(origin.shard),
+            ShardMsg::Accepted {
+                conn: origin.conn,
+                reference,
+                cmid,
+                mid,
+                seq: gseq,
+                ts,
+            },
+        );
+        self.group_fan_out(&group, deliver);
+    }
+
+    /// One message to each shard owning members (excluding the sender).
+    fn group_fan_out(&mut self, group: &GroupKey, deliver: Deliver) {
+        let Some(e) = self.groups.get(group) else {
+            return;
+        };
+        let mut by_owner: Vec<Vec<Str>> = vec![Vec::new(); self.shards];
+        for m in &e.members {
+            if *m != deliver.from {
+                by_owner[owner_shard(&group.tenant, m, self.shards)].push(m.clone());
+            }
+        }
+        for (shard, members) in by_owner.into_iter().enumerate() {
+            if !members.is_empty() {
+                self.post_always(
+                    shard,
+                    ShardMsg::GroupFanout {
+                        tenant: group.tenant.clone(),
+                        members,
+                        deliver: deliver.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Member-owner side: forward to the members' online devices, once per device shard.
+    pub(super) fn group_fanout_local(&mut self, tenant: Str, members: Vec<Str>, deliver: Deliver) {
+        let mut routes = Vec::new();
+        for user in members {
+            let key = UserKey {
+                tenant: tenant.clone(),
+                user,
+            };
+            if let Some(e) = self.users.get(&key) {
+                routes.extend(e.devices.iter().copied());
+            }
+        }
+        if !routes.is_empty() {
+            self.fan_out(&routes, deliver);
+        }
+    }
+
+    fn session_user_key(&self, id: ConnId) -> Option<UserKey> {
+        self.conns.get(id)?.session.as_ref().map(|s| s.user.clone())
+    }
+
+    fn overloaded_error(&mut self, id: ConnId, reference: Option<u64>) {
+        let env = Envelope {
+            reference,
+            msg: Message::Error(Error {
+                code: ErrorCode::Overloaded,
+                message: Str::from_static("shard queue full"),
+                cmid: None,
+                retry_after_ms: Some(self.cfg.limits.retry_after_ms),
+            }),
+        };
+        self.emit(id, &env);
+    }
+
+    /// Group deliveries reach devices directly: they are on the group's timeline, not in the
+    /// member's inbox, so they bypass the inbox window (members catch up by group sync).
+    pub(super) fn deliver_group_push(&mut self, conns: Vec<ConnId>, deliver: Deliver, _clk: Clock) {
+        let env = Envelope::new(Message::Deliver(deliver));
+        for conn in conns {
+            self.emit(conn, &env);
+        }
+    }
+}
