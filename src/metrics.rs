@@ -183,12 +183,15 @@ impl ShardMetrics {
 #[derive(Debug)]
 pub struct Metrics {
     pub shards: Vec<ShardMetrics>,
+    /// The I/O core's counters, once it runs (durability `local`).
+    pub io: std::sync::OnceLock<std::sync::Arc<crate::iocore::IoStats>>,
 }
 
 impl Metrics {
     pub fn new(shards: usize) -> Self {
         Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            io: std::sync::OnceLock::new(),
         }
     }
 
@@ -374,6 +377,14 @@ impl Metrics {
                     s.closes_total(reason)
                 );
             }
+        }
+        if let Some(io) = self.io.get() {
+            let batches = io.batches.load(r);
+            let _ = writeln!(o, "# HELP imgw_store_commits_total Group commits (one fsync each).\n# TYPE imgw_store_commits_total counter\nimgw_store_commits_total {batches}");
+            let _ = writeln!(o, "# HELP imgw_store_ops_total Writes applied.\n# TYPE imgw_store_ops_total counter\nimgw_store_ops_total {}", io.ops.load(r));
+            let _ = writeln!(o, "# HELP imgw_store_errors_total Failed commits.\n# TYPE imgw_store_errors_total counter\nimgw_store_errors_total {}", io.errors.load(r));
+            let _ = writeln!(o, "# HELP imgw_store_commit_seconds Time spent committing.\n# TYPE imgw_store_commit_seconds summary\nimgw_store_commit_seconds_sum {:.6}\nimgw_store_commit_seconds_count {batches}", io.commit_us_sum.load(r) as f64 / 1e6);
+            let _ = writeln!(o, "# HELP imgw_io_queue_depth Commands waiting for the I/O core.\n# TYPE imgw_io_queue_depth gauge\nimgw_io_queue_depth {}", io.queue_depth.load(r));
         }
         let mut tenants: BTreeMap<String, TenantStats> = BTreeMap::new();
         for s in &self.shards {

@@ -84,6 +84,7 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
         let cpu = (cfg.runtime.pin && shards < cpus).then_some(shards);
         let (core, ports) = IoCore::start(backend, io_cfg, shards, cpu)
             .map_err(|e| RuntimeError::Config(format!("starting the I/O core: {e}")))?;
+        let _ = metrics.io.set(core.stats.clone());
         (Some(core), ports.into_iter().map(Some).collect())
     } else {
         (None, (0..shards).map(|_| None).collect())
