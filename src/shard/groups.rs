@@ -1,8 +1,10 @@
 //! Groups: membership lives with the group's owner shard (hash of tenant and group id), which
-//! sequences the group's messages on one timeline (`gseq`) and fans each message out once per
-//! shard: one message to each shard owning members, which forwards once to each shard holding
-//! those members' devices. A message is one timeline entry whatever the group size: no
-//! per-member copies.
+//! checks senders and sequences the group's messages on one timeline (`gseq`). Each member's
+//! own owner shard also learns the membership, and keeps, per group, the members it owns that
+//! are online. A group message then crosses to each shard once: the group owner sends one
+//! `GroupFanout` per shard, and each shard forwards to its online members' devices (one
+//! message per device shard). The cost per message is O(shards + online members), whatever
+//! the group size, and one timeline entry: no per-member copies.
 
 use std::collections::{HashMap, HashSet};
 
@@ -24,8 +26,16 @@ pub(super) struct GroupEntry {
     gseq: u64,
 }
 
-/// Groups owned by one shard; bounded by [`MAX_GROUPS_PER_SHARD`].
-pub(super) type Groups = HashMap<GroupKey, GroupEntry>;
+/// Group state of one shard.
+#[derive(Default)]
+pub(super) struct Groups {
+    /// Groups this shard owns; bounded by [`MAX_GROUPS_PER_SHARD`].
+    owned: HashMap<GroupKey, GroupEntry>,
+    /// Groups of the users this shard owns (bounded by `limits.max_groups_per_user` each).
+    of_user: HashMap<UserKey, Vec<GroupKey>>,
+    /// Per group, the members this shard owns that are online now.
+    online: HashMap<GroupKey, HashSet<Str>>,
+}
 
 pub const MAX_GROUPS_PER_SHARD: usize = 1_000_000;
 
@@ -139,23 +149,31 @@ impl Shard {
         reference: Option<u64>,
     ) {
         let max = self.cfg.limits.max_group_members as usize;
+        let owned = &mut self.groups.owned;
         if join {
-            if !self.groups.contains_key(&group) && self.groups.len() >= MAX_GROUPS_PER_SHARD {
+            if !owned.contains_key(&group) && owned.len() >= MAX_GROUPS_PER_SHARD {
                 self.error_to(origin, reference, ErrorCode::LimitExceeded, None);
                 return;
             }
-            let e = self.groups.entry(group).or_default();
+            let e = owned.entry(group.clone()).or_default();
             if !e.members.contains(&member) && e.members.len() >= max {
                 self.error_to(origin, reference, ErrorCode::LimitExceeded, None);
                 return;
             }
-            e.members.insert(member);
-        } else if let Some(e) = self.groups.get_mut(&group) {
+            e.members.insert(member.clone());
+        } else if let Some(e) = owned.get_mut(&group) {
             e.members.remove(&member);
             if e.members.is_empty() {
-                self.groups.remove(&group);
+                owned.remove(&group);
             }
         }
+        // The member's owner tracks the membership for online fan-out.
+        let user = UserKey {
+            tenant: group.tenant.clone(),
+            user: member,
+        };
+        let dest = self.owner(&user);
+        self.post_always(dest, ShardMsg::MemberOf { user, group, join });
         self.reply_to(
             origin,
             Envelope {
@@ -174,7 +192,7 @@ impl Shard {
         mut deliver: Deliver,
         cmid: Str,
     ) {
-        let Some(e) = self.groups.get_mut(&group) else {
+        let Some(e) = self.groups.owned.get_mut(&group) else {
             self.error_to(origin, reference, ErrorCode::NotFound, Some(cmid));
             return;
         };
@@ -203,38 +221,33 @@ impl Shard {
         self.group_fan_out(&group, deliver);
     }
 
-    /// One message to each shard owning members (excluding the sender).
+    /// One message to every shard: each forwards to its online members.
     fn group_fan_out(&mut self, group: &GroupKey, deliver: Deliver) {
-        let Some(e) = self.groups.get(group) else {
-            return;
-        };
-        let mut by_owner: Vec<Vec<Str>> = vec![Vec::new(); self.shards];
-        for m in &e.members {
-            if *m != deliver.from {
-                by_owner[owner_shard(&group.tenant, m, self.shards)].push(m.clone());
-            }
-        }
-        for (shard, members) in by_owner.into_iter().enumerate() {
-            if !members.is_empty() {
-                self.post_always(
-                    shard,
-                    ShardMsg::GroupFanout {
-                        tenant: group.tenant.clone(),
-                        members,
-                        deliver: deliver.clone(),
-                    },
-                );
-            }
+        for shard in 0..self.shards {
+            self.post_always(
+                shard,
+                ShardMsg::GroupFanout {
+                    group: group.clone(),
+                    deliver: deliver.clone(),
+                },
+            );
         }
     }
 
-    /// Member-owner side: forward to the members' online devices, once per device shard.
-    pub(super) fn group_fanout_local(&mut self, tenant: Str, members: Vec<Str>, deliver: Deliver) {
+    /// Member-owner side: forward to the devices of this shard's online members of `group`
+    /// (not the sender's), one message per device shard.
+    pub(super) fn group_fanout_local(&mut self, group: GroupKey, deliver: Deliver) {
+        let Some(online) = self.groups.online.get(&group) else {
+            return;
+        };
         let mut routes = Vec::new();
-        for user in members {
+        for user in online {
+            if *user == deliver.from {
+                continue;
+            }
             let key = UserKey {
-                tenant: tenant.clone(),
-                user,
+                tenant: group.tenant.clone(),
+                user: user.clone(),
             };
             if let Some(e) = self.users.get(&key) {
                 routes.extend(e.devices.iter().copied());
@@ -242,6 +255,49 @@ impl Shard {
         }
         if !routes.is_empty() {
             self.fan_out(&routes, deliver);
+        }
+    }
+
+    /// Member-owner side: `user` joined or left `group`.
+    pub(super) fn member_of(&mut self, user: UserKey, group: GroupKey, join: bool) {
+        let max = self.cfg.limits.max_groups_per_user as usize;
+        let online = self.users.get(&user).is_some_and(|e| !e.devices.is_empty());
+        let groups = self.groups.of_user.entry(user.clone()).or_default();
+        if join {
+            if !groups.contains(&group) && groups.len() < max {
+                groups.push(group.clone());
+            }
+        } else {
+            groups.retain(|g| *g != group);
+        }
+        if groups.is_empty() {
+            self.groups.of_user.remove(&user);
+        }
+        self.set_group_online(&user, &group, online && join);
+    }
+
+    fn set_group_online(&mut self, user: &UserKey, group: &GroupKey, online: bool) {
+        if online {
+            self.groups
+                .online
+                .entry(group.clone())
+                .or_default()
+                .insert(user.user.clone());
+        } else if let Some(set) = self.groups.online.get_mut(group) {
+            set.remove(&user.user);
+            if set.is_empty() {
+                self.groups.online.remove(group);
+            }
+        }
+    }
+
+    /// Member-owner side: `user` came online (first device) or went offline (last device).
+    pub(super) fn user_online_changed(&mut self, user: &UserKey, online: bool) {
+        let Some(groups) = self.groups.of_user.get(user) else {
+            return;
+        };
+        for g in groups.clone() {
+            self.set_group_online(user, &g, online);
         }
     }
 

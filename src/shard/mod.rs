@@ -134,11 +134,16 @@ pub enum ShardMsg {
         deliver: Deliver,
         cmid: Str,
     },
-    /// To a shard owning some members: forward to their devices.
+    /// To every shard: forward a group message to its online members' devices.
     GroupFanout {
-        tenant: Str,
-        members: Vec<Str>,
+        group: groups::GroupKey,
         deliver: Deliver,
+    },
+    /// To a member's owner: `user` joined or left `group`.
+    MemberOf {
+        user: UserKey,
+        group: groups::GroupKey,
+        join: bool,
     },
     /// To a connection's shard: a reply to write as is.
     Reply { conn: ConnId, env: Envelope },
@@ -298,7 +303,7 @@ impl Shard {
             metrics,
             conns: slab::Slab::new(per_shard),
             users: HashMap::new(),
-            groups: HashMap::new(),
+            groups: groups::Groups::default(),
             outbox: (0..shards).map(|_| Vec::new()).collect(),
             outbox_len: 0,
             outbox_waker: None,

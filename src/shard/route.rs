@@ -30,6 +30,9 @@ impl Shard {
                 };
                 let before = e.effective_status();
                 e.devices.retain(|r| *r != route);
+                if e.devices.is_empty() {
+                    self.user_online_changed(&user, false);
+                }
                 self.presence_changed(&user, before, clk);
                 self.gc_user(&user);
             }
@@ -172,11 +175,8 @@ impl Shard {
                 deliver,
                 cmid,
             } => self.group_send(group, origin, reference, deliver, cmid),
-            ShardMsg::GroupFanout {
-                tenant,
-                members,
-                deliver,
-            } => self.group_fanout_local(tenant, members, deliver),
+            ShardMsg::GroupFanout { group, deliver } => self.group_fanout_local(group, deliver),
+            ShardMsg::MemberOf { user, group, join } => self.member_of(user, group, join),
             ShardMsg::Reply { conn, env } => self.emit(conn, &env),
             ShardMsg::Deliver { conns, deliver }
                 if matches!(deliver.to, Some(crate::protocol::Target::Group(_))) =>
@@ -225,6 +225,9 @@ impl Shard {
         }
         let before = e.effective_status();
         e.devices.push(route);
+        if e.devices.len() == 1 {
+            self.user_online_changed(&user, true);
+        }
         self.presence_changed(&user, before, clk);
     }
 
