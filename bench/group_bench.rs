@@ -44,11 +44,9 @@ fn open(addr: SocketAddr, user: &str, extra: &[String]) -> TcpStream {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_nodelay(true).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut out = format!(
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+    let mut out = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .into_bytes();
+        .to_vec();
     masked_text(
         &mut out,
         &format!(r#"{{"op":"hello","ref":1,"token":"{user}","device":"d"}}"#),
