@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::gateway::{Gateway, DEV_TOML};
 use imgw::client::{Client, ClientConfig, Transport};
 use imgw::codec::CodecId;
-use imgw::protocol::{Envelope, Message, Send, Sync, Target};
+use imgw::protocol::{Envelope, Message, Send, Target};
 
 const SENDERS: usize = 4;
 const RECIPIENTS: usize = 3;
@@ -24,35 +24,11 @@ fn recipient(i: usize) -> String {
 /// Syncs everything; returns (inbox_seq -> body), failing on any duplicate.
 fn sync_all(c: &mut Client) -> BTreeMap<u64, String> {
     let mut got = BTreeMap::new();
-    let mut after = 0;
-    loop {
-        let r = c.next_ref();
-        c.send(&Envelope::with_ref(
-            Message::Sync(Sync {
-                after_inbox_seq: after,
-                limit: 200,
-            }),
-            r,
-        ))
-        .unwrap();
-        loop {
-            let env = c.recv().expect("sync reply");
-            match env.msg {
-                Message::Deliver(d) => {
-                    let prev = got.insert(d.inbox_seq, d.body.to_string());
-                    assert!(prev.is_none(), "seq {} delivered twice", d.inbox_seq);
-                }
-                Message::Synced(s) if env.reference == Some(r) => {
-                    if !s.more {
-                        return got;
-                    }
-                    after = s.up_to;
-                    break;
-                }
-                _ => {}
-            }
-        }
+    for d in common::gateway::sync_all(c, 0, 200) {
+        let prev = got.insert(d.inbox_seq, d.body.to_string());
+        assert!(prev.is_none(), "seq {} delivered twice", d.inbox_seq);
     }
+    got
 }
 
 #[test]

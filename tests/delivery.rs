@@ -10,7 +10,7 @@ use common::gateway::{Gateway, DEV_TOML};
 use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::{
-    Ack, Deliver, Envelope, ErrorCode, Hello, Message, Resume, Send, SendAck, Sync, Target,
+    Ack, Deliver, Envelope, ErrorCode, Hello, Message, Resume, Send, SendAck, Target,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -57,34 +57,8 @@ fn send(c: &mut Client, to: &str, cmid: &str, body: &str) -> SendAck {
     }
 }
 
-/// Syncs from `after` until `synced` says there is no more; returns the deliveries.
-fn sync_all(c: &mut Client, mut after: u64) -> Vec<Deliver> {
-    let mut got = Vec::new();
-    loop {
-        let r = c.next_ref();
-        c.send(&Envelope::with_ref(
-            Message::Sync(Sync {
-                after_inbox_seq: after,
-                limit: 7,
-            }),
-            r,
-        ))
-        .unwrap();
-        loop {
-            let env = c.recv().expect("sync reply");
-            match env.msg {
-                Message::Deliver(d) => got.push(d),
-                Message::Synced(s) if env.reference == Some(r) => {
-                    if !s.more {
-                        return got;
-                    }
-                    after = s.up_to;
-                    break;
-                }
-                _ => {}
-            }
-        }
-    }
+fn sync_all(c: &mut Client, after: u64) -> Vec<Deliver> {
+    common::gateway::sync_all(c, after, 7)
 }
 
 fn hello_resume(g: &Gateway, user: &str, device: &str, inbox_seq: u64) -> Client {

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use super::{Clock, ConnId, Route, Shard, ShardMsg, UserKey};
 use crate::iocore::{IoCmd, IoDone, IoReply, IoRequest};
 use crate::metrics::CloseReason;
-use crate::protocol::{Deliver, Envelope, Error, ErrorCode, Message, Str, Synced};
+use crate::protocol::{Deliver, Envelope, ErrorCode, Message, Str, Synced};
 use crate::store::{InboxPage, Op, OpResult, UserRef};
 
 /// One unacked delivery.
@@ -203,13 +203,14 @@ impl Shard {
             }
             (IoWait::ResumeCursor { conn, reference }, IoReply::Cursor(r)) => {
                 let after = r.unwrap_or(0);
-                self.start_sync(conn, reference, after, clk);
+                self.sync_request(conn, reference, after, u32::MAX);
             }
             _ => {}
         }
     }
 
-    fn push_to_devices(&mut self, to: &UserKey, deliver: Deliver) {
+    /// Owner side: `deliver` to every online device of `to`, one message per device shard.
+    pub(super) fn push_to_devices(&mut self, to: &UserKey, deliver: Deliver) {
         if let Some(e) = self.users.get(to) {
             let routes = e.devices.clone();
             self.fan_out(&routes, deliver);
@@ -354,34 +355,12 @@ impl Shard {
     }
 
     /// `sync` (or `resume`) from a device: a page of its inbox after `after`.
-    pub(super) fn start_sync(
-        &mut self,
-        conn: ConnId,
-        reference: Option<u64>,
-        after: u64,
-        _clk: Clock,
-    ) {
-        let limit_max = self.cfg.limits.max_sync_limit;
-        let Some(s) = self.conns.get(conn).and_then(|c| c.session.as_ref()) else {
-            return;
-        };
-        let req = IoRequest::ReadInbox {
-            user: user_ref(&s.user),
-            after,
-            limit: limit_max,
-        };
-        if !self.submit(req, IoWait::Sync { conn, reference }) {
-            self.overloaded_reply(conn, reference);
-        }
-    }
-
     pub(super) fn sync_request(
         &mut self,
         conn: ConnId,
         reference: Option<u64>,
         after: u64,
         limit: u32,
-        clk: Clock,
     ) {
         let limit = limit.clamp(1, self.cfg.limits.max_sync_limit);
         let Some(s) = self.conns.get(conn).and_then(|c| c.session.as_ref()) else {
@@ -392,22 +371,15 @@ impl Shard {
             after,
             limit,
         };
-        let _ = clk;
         if !self.submit(req, IoWait::Sync { conn, reference }) {
-            self.overloaded_reply(conn, reference);
+            self.overloaded(conn, reference, None);
         }
     }
 
     /// `hello` with `resume`: from the given sequence, or from the device's stored cursor.
-    pub(super) fn resume(
-        &mut self,
-        conn: ConnId,
-        reference: Option<u64>,
-        inbox_seq: u64,
-        clk: Clock,
-    ) {
+    pub(super) fn resume(&mut self, conn: ConnId, reference: Option<u64>, inbox_seq: u64) {
         if inbox_seq > 0 {
-            self.start_sync(conn, reference, inbox_seq, clk);
+            self.sync_request(conn, reference, inbox_seq, u32::MAX);
             return;
         }
         let Some(s) = self.conns.get(conn).and_then(|c| c.session.as_ref()) else {
@@ -418,21 +390,8 @@ impl Shard {
             device: s.device.clone(),
         };
         if !self.submit(req, IoWait::ResumeCursor { conn, reference }) {
-            self.overloaded_reply(conn, reference);
+            self.overloaded(conn, reference, None);
         }
-    }
-
-    fn overloaded_reply(&mut self, conn: ConnId, reference: Option<u64>) {
-        let env = Envelope {
-            reference,
-            msg: Message::Error(Error {
-                code: ErrorCode::Overloaded,
-                message: Str::from_static("I/O queue full"),
-                cmid: None,
-                retry_after_ms: Some(self.cfg.limits.retry_after_ms),
-            }),
-        };
-        self.emit(conn, &env);
     }
 
     /// A cumulative `ack` from a device.

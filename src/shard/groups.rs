@@ -77,7 +77,7 @@ impl Shard {
             reference,
         };
         if !self.post(dest, msg) {
-            self.overloaded_error(id, reference);
+            self.overloaded(id, reference, None);
         }
     }
 
@@ -106,7 +106,7 @@ impl Shard {
             cmid: cmid.clone(),
         };
         if !self.post(dest, msg) {
-            self.overloaded_error(id, reference);
+            self.overloaded(id, reference, None);
         }
     }
 
@@ -303,19 +303,6 @@ impl Shard {
 
     fn session_user_key(&self, id: ConnId) -> Option<UserKey> {
         self.conns.get(id)?.session.as_ref().map(|s| s.user.clone())
-    }
-
-    fn overloaded_error(&mut self, id: ConnId, reference: Option<u64>) {
-        let env = Envelope {
-            reference,
-            msg: Message::Error(Error {
-                code: ErrorCode::Overloaded,
-                message: Str::from_static("shard queue full"),
-                cmid: None,
-                retry_after_ms: Some(self.cfg.limits.retry_after_ms),
-            }),
-        };
-        self.emit(id, &env);
     }
 
     /// Group deliveries reach devices directly: they are on the group's timeline, not in the

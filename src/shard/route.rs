@@ -113,10 +113,7 @@ impl Shard {
                 };
                 deliver.inbox_seq = seq;
                 let ts = deliver.ts;
-                if let Some(e) = self.users.get(&to) {
-                    let routes = e.devices.clone();
-                    self.fan_out(&routes, deliver);
-                }
+                self.push_to_devices(&to, deliver);
                 self.post_always(
                     usize::from(origin.shard),
                     ShardMsg::Accepted {

@@ -352,7 +352,7 @@ impl Shard {
             Message::Ack(a) if self.durable() => self.on_ack(id, a.inbox_seq),
             Message::Ack(_) => {}
             Message::Sync(s) if self.durable() => {
-                self.sync_request(id, reference, s.after_inbox_seq, s.limit, clk)
+                self.sync_request(id, reference, s.after_inbox_seq, s.limit)
             }
             Message::Sync(s) => {
                 // Durability `memory` keeps no inbox: nothing to replay (docs/ARCHITECTURE.md).
@@ -425,12 +425,13 @@ impl Shard {
         self.conns.get(id)?.session.as_ref().map(|s| s.user.clone())
     }
 
-    fn overloaded(&mut self, id: ConnId, reference: Option<u64>, cmid: Option<Str>) {
+    /// `error` `overloaded` with the configured retry hint: work was shed, nothing queued.
+    pub(super) fn overloaded(&mut self, id: ConnId, reference: Option<u64>, cmid: Option<Str>) {
         let env = Envelope {
             reference,
             msg: Message::Error(Error {
                 code: ErrorCode::Overloaded,
-                message: Str::from_static("shard queue full"),
+                message: Str::from_static("queue full, retry later"),
                 cmid,
                 retry_after_ms: Some(self.cfg.limits.retry_after_ms),
             }),
@@ -524,7 +525,7 @@ impl Shard {
         self.arm(id, idle);
         self.emit(id, &welcome);
         if let (Some(r), true) = (h.resume, self.durable()) {
-            self.resume(id, reference, r.inbox_seq, clk);
+            self.resume(id, reference, r.inbox_seq);
         }
     }
 
@@ -554,36 +555,14 @@ impl Shard {
             self.send_error(id, reference, s.cmid, ErrorCode::BadRequest);
             return;
         }
-        let to = match s.to {
-            Target::User(u) if !u.is_empty() && u.len() <= 128 => u,
-            Target::User(_) => {
-                self.send_error(id, reference, s.cmid, ErrorCode::BadRequest);
-                return;
-            }
-            Target::Group(g) if !g.is_empty() && g.len() <= 128 => {
-                let deliver = Deliver {
-                    mid: 0,
-                    from: from.user.clone(),
-                    to: None,
-                    inbox_seq: 0,
-                    ts: clk.unix_ms,
-                    kind: s.kind,
-                    body: s.body,
-                    ext: s.ext,
-                };
-                self.m().tenant(&from.tenant, 0, 1);
-                self.send_to_group(id, reference, g, s.cmid, deliver);
-                return;
-            }
-            Target::Group(_) => {
-                self.send_error(id, reference, s.cmid, ErrorCode::BadRequest);
-                return;
-            }
+        let valid = |id: &Str| !id.is_empty() && id.len() <= 128;
+        let target_ok = match &s.to {
+            Target::User(u) | Target::Group(u) => valid(u),
         };
-        let to = UserKey {
-            tenant: from.tenant.clone(),
-            user: to,
-        };
+        if !target_ok {
+            self.send_error(id, reference, s.cmid, ErrorCode::BadRequest);
+            return;
+        }
         self.m().tenant(&from.tenant, 0, 1);
         let deliver = Deliver {
             mid: 0,
@@ -594,6 +573,16 @@ impl Shard {
             kind: s.kind,
             body: s.body,
             ext: s.ext,
+        };
+        let to = match s.to {
+            Target::User(u) => UserKey {
+                tenant: from.tenant.clone(),
+                user: u,
+            },
+            Target::Group(g) => {
+                self.send_to_group(id, reference, g, s.cmid, deliver);
+                return;
+            }
         };
         let dest = self.owner(&to);
         let origin = self.route(id);

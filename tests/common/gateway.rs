@@ -194,6 +194,38 @@ impl Drop for Gateway {
     }
 }
 
+/// Sends `sync` pages of `limit` from `after` until `synced` says there is no more; returns
+/// every delivery in arrival order.
+pub fn sync_all(c: &mut Client, mut after: u64, limit: u32) -> Vec<imgw::protocol::Deliver> {
+    use imgw::protocol::{Envelope, Message, Sync};
+    let mut got = Vec::new();
+    loop {
+        let r = c.next_ref();
+        c.send(&Envelope::with_ref(
+            Message::Sync(Sync {
+                after_inbox_seq: after,
+                limit,
+            }),
+            r,
+        ))
+        .expect("send sync");
+        loop {
+            let env = c.recv().expect("sync reply");
+            match env.msg {
+                Message::Deliver(d) => got.push(d),
+                Message::Synced(s) if env.reference == Some(r) => {
+                    if !s.more {
+                        return got;
+                    }
+                    after = s.up_to;
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 pub const DEV_TOML: &str = r#"
 [limits]
 handshake_timeout_ms = 1000
