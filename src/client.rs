@@ -314,7 +314,12 @@ impl Client {
 
     /// Writes `wbuf` whole (see [`write_out`]).
     fn write_wbuf(&mut self) -> io::Result<()> {
-        write_out(&mut self.sock, &self.wbuf, self.nonblocking, self.read_timeout)
+        write_out(
+            &mut self.sock,
+            &self.wbuf,
+            self.nonblocking,
+            self.read_timeout,
+        )
     }
 
     /// Encodes `env` with the connection's codec and writes it as one frame: a raw-TCP frame,
