@@ -43,6 +43,11 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Bytes asked of the socket per read (more when a known frame needs more).
 const READ_CHUNK: usize = 16 * 1024;
 
+thread_local! {
+    /// Per-thread read buffer shared by every client of the thread (see `Client::fill`).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Which of imgw's transports to speak.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Transport {
@@ -214,7 +219,7 @@ impl Client {
             sock,
             transport: cfg.transport,
             codec: cfg.codec,
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            rbuf: BytesMut::new(),
             wbuf: Vec::new(),
             pbuf: Vec::new(),
             frames: FrameDecoder::new(max),
@@ -659,15 +664,27 @@ impl Client {
             }
             None => self.restore_timeout()?,
         }
-        let start = self.rbuf.len();
-        self.rbuf.resize(start + need.max(READ_CHUNK), 0);
-        let res = loop {
-            match self.sock.read(&mut self.rbuf[start..]) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                other => break other,
+        // Read into this thread's scratch buffer and keep only what arrived: no per-read
+        // zeroing of a large buffer, and an idle connection holds no read buffer of its own.
+        let want = need.max(READ_CHUNK);
+        let sock = &mut self.sock;
+        let rbuf = &mut self.rbuf;
+        let res = SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            if scratch.len() < want {
+                scratch.resize(want, 0);
             }
-        };
-        self.rbuf.truncate(start + *res.as_ref().unwrap_or(&0));
+            let res = loop {
+                match sock.read(&mut scratch[..want]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    other => break other,
+                }
+            };
+            if let Ok(n) = res {
+                rbuf.extend_from_slice(&scratch[..n]);
+            }
+            res
+        });
         match res {
             Ok(0) => {
                 self.closed = Some((None, "eof".to_owned()));
