@@ -865,15 +865,20 @@ pub fn raise_nofile_limit() -> u64 {
     nofile_limit()
 }
 
-/// CPU seconds (user + system) this process used so far.
-pub fn cpu_seconds() -> f64 {
+/// CPU seconds (user + system) this process used so far, and how often the kernel took the
+/// CPU away from it while it could run (involuntary context switches: other processes
+/// competing for its core, the usual cause of a late schedule).
+pub fn cpu_usage() -> (f64, u64) {
     // SAFETY: getrusage fills one rusage struct, zero-initialised here and outliving the call.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
-        return 0.0;
+        return (0.0, 0);
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+    (
+        tv(ru.ru_utime) + tv(ru.ru_stime),
+        u64::try_from(ru.ru_nivcsw).unwrap_or(0),
+    )
 }
 
 /// A map of error counts, most frequent first.

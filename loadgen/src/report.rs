@@ -89,6 +89,8 @@ pub struct Report {
     /// The heartbeat interval used (`--heartbeat-ms`, else the server's).
     pub heartbeat_ms: u64,
     pub loadgen_cpu_s: f64,
+    /// Involuntary context switches of the workers: how often other processes took their core.
+    pub loadgen_preempted: u64,
     /// Wall time from the first worker's start to the last report.
     pub wall_s: f64,
     pub series: Vec<SeriesPoint>,
@@ -168,6 +170,7 @@ impl Report {
             server: fin.server,
             heartbeat_ms: o.heartbeat_ms.unwrap_or(fin.server.heartbeat_ms),
             loadgen_cpu_s: fin.cpu_s,
+            loadgen_preempted: fin.preempted,
             wall_s,
             series,
             setup_series,
@@ -306,14 +309,15 @@ impl Report {
         t.row(
             "loadgen CPU",
             format!(
-                "{:.2} s over {:.1} s wall ({:.1}% of one core)",
+                "{:.2} s over {:.1} s wall ({:.1}% of one core); preempted {} times",
                 self.loadgen_cpu_s,
                 self.wall_s,
                 if self.wall_s > 0.0 {
                     100.0 * self.loadgen_cpu_s / self.wall_s
                 } else {
                     0.0
-                }
+                },
+                self.loadgen_preempted
             ),
         );
         for p in &self.problems {

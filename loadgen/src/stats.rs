@@ -140,6 +140,8 @@ pub struct Final {
     pub server: ServerLimits,
     /// CPU seconds (user + system) the source used, when it knows.
     pub cpu_s: f64,
+    /// Involuntary context switches of the source (its core was taken by another process).
+    pub preempted: u64,
 }
 
 impl Final {
@@ -180,6 +182,7 @@ impl Final {
             self.server = o.server;
         }
         self.cpu_s += o.cpu_s;
+        self.preempted += o.preempted;
     }
 }
 

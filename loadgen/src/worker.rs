@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use crate::config::Plan;
-use crate::engine::{cpu_seconds, raise_nofile_limit, Engine, Shared, ThreadMsg};
+use crate::engine::{cpu_usage, raise_nofile_limit, Engine, Shared, ThreadMsg};
 use crate::stats::{Final, Merger, ServerLimits, WorkerLine};
 
 fn emit(line: &WorkerLine) {
@@ -150,7 +150,7 @@ pub fn main() -> ExitCode {
             total.limits.push(text);
         }
     }
-    total.cpu_s = cpu_seconds();
+    (total.cpu_s, total.preempted) = cpu_usage();
     emit(&WorkerLine::Final(total));
     ExitCode::SUCCESS
 }
