@@ -9,7 +9,8 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::config::{Options, Plan};
@@ -67,6 +68,16 @@ pub fn run(o: &Options) -> ExitCode {
         o.threads
     ));
 
+    // Ctrl-C: end the run early and still report; a second Ctrl-C exits at once.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ =
+            signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&interrupted));
+        let _ = signal_hook::flag::register(sig, Arc::clone(&interrupted));
+    }
+    let mut stop_sent = false;
+    let mut go_at = None;
+    let mut stop_at = None;
     let deadline = started + o.setup_timeout + o.connect_timeout + o.duration + o.grace + MARGIN;
     let n = workers.len();
     let mut merger = Merger::new(n);
@@ -79,6 +90,17 @@ pub fn run(o: &Options) -> ExitCode {
     let mut finished = 0;
     let mut go_sent = false;
     while finished < n {
+        if !stop_sent && interrupted.load(Ordering::SeqCst) {
+            stop_sent = true;
+            stop_at = Some(Instant::now());
+            progress.say("interrupted: ending the run and reporting (again to quit at once)");
+            problems.push("interrupted by the user".into());
+            for w in &mut workers {
+                if let Some(stdin) = w.stdin.as_mut() {
+                    let _ = stdin.write_all(b"stop\n").and_then(|_| stdin.flush());
+                }
+            }
+        }
         let now = Instant::now();
         if now >= deadline {
             problems.push(format!(
@@ -87,7 +109,7 @@ pub fn run(o: &Options) -> ExitCode {
             ));
             break;
         }
-        let event = match rx.recv_timeout((deadline - now).min(Duration::from_secs(1))) {
+        let event = match rx.recv_timeout((deadline - now).min(Duration::from_millis(200))) {
             Ok(e) => e,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -152,6 +174,7 @@ pub fn run(o: &Options) -> ExitCode {
                 o.scenario.name(),
                 o.duration.as_secs_f64()
             ));
+            go_at = Some(Instant::now());
             for w in &mut workers {
                 if let Some(stdin) = w.stdin.as_mut() {
                     let _ = stdin.write_all(b"go\n").and_then(|_| stdin.flush());
@@ -168,7 +191,14 @@ pub fn run(o: &Options) -> ExitCode {
         stop(w);
     }
     let wall = started.elapsed().as_secs_f64();
-    let report = Report::new(o, &total, series, setup_series, problems, wall);
+    // The measured run's length: shorter than asked when interrupted.
+    let run_s = match (go_at, stop_at) {
+        (Some(go), Some(stop)) => stop.saturating_duration_since(go).min(o.duration),
+        (Some(_), None) => o.duration,
+        _ => Duration::ZERO,
+    }
+    .as_secs_f64();
+    let report = Report::new(o, &total, series, setup_series, problems, wall, run_s);
     print!("{}", report.summary());
     let mut ok = report.pass;
     if let Err(e) = write_outputs(o, &report, &total) {

@@ -50,6 +50,8 @@ pub struct Shared {
     go_us: AtomicU64,
     /// Stop at once (the coordinator went away).
     pub abort: AtomicBool,
+    /// End the run now and report (the user interrupted the coordinator).
+    pub stop: AtomicBool,
 }
 
 impl Default for Shared {
@@ -64,6 +66,7 @@ impl Shared {
             origin: Instant::now(),
             go_us: AtomicU64::new(u64::MAX),
             abort: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
         }
     }
 
@@ -285,6 +288,16 @@ impl<'a> Engine<'a> {
                 break;
             }
             let now = self.now();
+            if self.shared.stop.load(Ordering::Relaxed) {
+                match self.phase {
+                    Phase::Connect | Phase::Ready => {
+                        self.note("stopped before the run: interrupted".into());
+                        break;
+                    }
+                    Phase::Run if self.run_end_us > now => self.run_end_us = now,
+                    _ => {}
+                }
+            }
             match self.phase {
                 Phase::Connect => self.connect_step(now),
                 Phase::Ready => {
@@ -446,7 +459,7 @@ impl<'a> Engine<'a> {
         self.error(key);
         if let Some(limit) = limit {
             self.limit(format!(
-                "{limit} after {} connections in worker {} thread {}",
+                "{limit} (after {} connections in worker {} thread {})",
                 self.connected, self.plan.worker, self.share.index
             ));
             // Later attempts would fail the same way.

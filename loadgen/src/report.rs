@@ -66,6 +66,8 @@ pub struct Report {
     pub rate: f64,
     pub fanout: Option<u64>,
     pub duration_s: f64,
+    /// How long the measured run lasted (shorter than `duration_s` if interrupted).
+    pub run_s: f64,
     pub grace_s: f64,
     pub payload: usize,
     pub workers: u32,
@@ -111,8 +113,9 @@ impl Report {
         setup_series: Vec<SetupPoint>,
         mut problems: Vec<String>,
         wall_s: f64,
+        run_s: f64,
     ) -> Report {
-        let secs = o.duration.as_secs_f64();
+        let per_s = |n: u64| if run_s > 0.0 { n as f64 / run_s } else { 0.0 };
         let tally = fin.tally;
         let mut violations = Vec::new();
         if o.expect_no_loss {
@@ -139,7 +142,8 @@ impl Report {
             open_at_end: fin.open_at_end,
             rate: if o.scenario.sends() { o.rate } else { 0.0 },
             fanout: (o.scenario == Scenario::Fanout).then_some(o.fanout),
-            duration_s: secs,
+            duration_s: o.duration.as_secs_f64(),
+            run_s,
             grace_s: o.grace.as_secs_f64(),
             payload: o.payload,
             workers: o.workers,
@@ -158,8 +162,8 @@ impl Report {
                 handshake_us: fin.handshake.percentiles(),
             },
             messages: tally,
-            sent_per_s: tally.sent as f64 / secs,
-            delivered_per_s: tally.delivered as f64 / secs,
+            sent_per_s: per_s(tally.sent),
+            delivered_per_s: per_s(tally.delivered),
             latency_us: fin.latency.percentiles(),
             ack_latency_us: fin.ack_latency.percentiles(),
             send_lag_us: fin.send_lag.percentiles(),
@@ -233,10 +237,7 @@ impl Report {
             };
             t.row(
                 "offered",
-                format!(
-                    "{what} for {:.1} s, payload {} B",
-                    self.duration_s, self.payload
-                ),
+                format!("{what} for {:.1} s, payload {} B", self.run_s, self.payload),
             );
             let m = &self.messages;
             t.row(
@@ -275,10 +276,7 @@ impl Report {
                 ),
             );
         } else {
-            t.row(
-                "held",
-                format!("{:.1} s with heartbeats only", self.duration_s),
-            );
+            t.row("held", format!("{:.1} s with heartbeats only", self.run_s));
         }
         t.row(
             "heartbeats",

@@ -1,8 +1,9 @@
 //! A worker process (`loadgen worker`, started by the coordinator, hidden from `--help`).
 //!
 //! Protocol with the coordinator: the first line on stdin is the worker's [`Plan`] (JSON);
-//! a later line `go` starts the measured run; end of stdin means the coordinator is gone and
-//! the worker stops at once. On stdout the worker writes one [`WorkerLine`] JSON object per
+//! a later line `go` starts the measured run, `stop` ends it early (the worker still reports);
+//! end of stdin means the coordinator is gone and the worker stops at once. The worker ignores
+//! SIGINT: a Ctrl-C is the coordinator's to handle. On stdout the worker writes one [`WorkerLine`] JSON object per
 //! line: a merged [`Tick`] every second, `ready` once every connection was attempted, and
 //! `final` with its totals (histograms serialized V2 + base64), after which it exits.
 //!
@@ -48,6 +49,11 @@ pub fn main() -> ExitCode {
     if let Err(e) = plan.codec() {
         return fatal(e);
     }
+    // Ctrl-C reaches the whole process group: the coordinator decides (it sends `stop`).
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
     let nofile = raise_nofile_limit();
     let shared = Arc::new(Shared::new());
     let plan = Arc::new(plan);
@@ -61,6 +67,7 @@ pub fn main() -> ExitCode {
                 for line in std::io::stdin().lock().lines() {
                     match line {
                         Ok(l) if l.trim() == "go" => shared.go(),
+                        Ok(l) if l.trim() == "stop" => shared.stop.store(true, Ordering::SeqCst),
                         Ok(_) => {}
                         Err(_) => break,
                     }
