@@ -46,7 +46,6 @@ impl Hist {
     pub fn new() -> Hist {
         // Invariant: 1 <= 2 * 1 <= HIGHEST_US and SIGFIG <= 5 are the documented valid
         // arguments of new_with_bounds, so this cannot fail.
-        #[allow(clippy::expect_used)]
         let h = Histogram::new_with_bounds(1, HIGHEST_US, SIGFIG).expect("valid constant bounds");
         Hist(h)
     }
