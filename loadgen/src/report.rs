@@ -65,6 +65,8 @@ pub struct Report {
     /// Offered rate: messages/s (chat) or publishes/s (fanout); 0 for the others.
     pub rate: f64,
     pub fanout: Option<u64>,
+    /// Offered connection rate (connections/s; 0 = as fast as possible).
+    pub ramp: f64,
     pub duration_s: f64,
     /// How long the measured run lasted (shorter than `duration_s` if interrupted).
     pub run_s: f64,
@@ -142,6 +144,7 @@ impl Report {
             open_at_end: fin.open_at_end,
             rate: if o.scenario.sends() { o.rate } else { 0.0 },
             fanout: (o.scenario == Scenario::Fanout).then_some(o.fanout),
+            ramp: o.ramp,
             duration_s: o.duration.as_secs_f64(),
             run_s,
             grace_s: o.grace.as_secs_f64(),
@@ -225,6 +228,16 @@ impl Report {
             ),
         );
         t.row("handshake (ms)", pct(&self.connect.handshake_us));
+        if self.ramp > 0.0 && self.connect.ok > 1 && self.connect.per_s < 0.9 * self.ramp {
+            t.row(
+                "ramp not reached",
+                format!(
+                    "offered {:.0}/s, reached {:.0}/s (handshake latency counts the backlog): \
+                     each thread opens one connection at a time; add --threads or --workers",
+                    self.ramp, self.connect.per_s
+                ),
+            );
+        }
         if self.rate > 0.0 {
             let what = if self.fanout.is_some() {
                 format!(
