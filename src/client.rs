@@ -43,6 +43,11 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Bytes asked of the socket per read (more when a known frame needs more).
 const READ_CHUNK: usize = 16 * 1024;
 
+thread_local! {
+    /// Per-thread read buffer shared by every client of the thread (see `Client::fill`).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Which of imgw's transports to speak.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Transport {
@@ -175,6 +180,8 @@ pub struct Client {
     closed: Option<(Option<u16>, String)>,
     /// Set after a raw-TCP framing error: received bytes are discarded from then on.
     broken: bool,
+    /// The socket is in non-blocking mode ([`Client::set_nonblocking`]).
+    nonblocking: bool,
     next_ref: u64,
     /// xorshift64* state for WebSocket masking keys and the handshake nonce.
     rng: u64,
@@ -212,7 +219,7 @@ impl Client {
             sock,
             transport: cfg.transport,
             codec: cfg.codec,
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            rbuf: BytesMut::new(),
             wbuf: Vec::new(),
             pbuf: Vec::new(),
             frames: FrameDecoder::new(max),
@@ -221,6 +228,7 @@ impl Client {
             timeout_changed: false,
             closed: None,
             broken: false,
+            nonblocking: false,
             next_ref: 1,
             rng: seed(),
         };
@@ -246,7 +254,7 @@ impl Client {
             offered,
             cfg.origin.as_deref(),
         );
-        self.sock.write_all(&self.wbuf)?;
+        self.write_wbuf()?;
         let deadline = Instant::now() + cfg.read_timeout;
         let accepted = loop {
             if let Some(a) = hs.read_response(&self.rbuf, offered)? {
@@ -293,6 +301,32 @@ impl Client {
         Ok(())
     }
 
+    /// Switches the socket to non-blocking mode (or back), for callers that multiplex many
+    /// connections on one thread with `epoll`/`poll` over [`AsRawFd::as_raw_fd`] (the loadgen).
+    ///
+    /// In non-blocking mode [`Client::recv`] returns a message already buffered or readable
+    /// now, and [`ClientError::Timeout`] at once when none is: after a readiness event, call
+    /// it until it gives `Timeout`. Deadline reads ([`Client::recv_until`],
+    /// [`Client::is_closed_by_peer`]) do not wait either. Writes still never tear a frame:
+    /// when the socket's send buffer is full, the rest of the frame is written in blocking
+    /// mode, bounded by the read timeout (a frame that cannot be finished in that time leaves
+    /// the connection unusable and is reported as [`ClientError::Io`]).
+    pub fn set_nonblocking(&mut self, on: bool) -> Result<(), ClientError> {
+        self.sock.set_nonblocking(on)?;
+        self.nonblocking = on;
+        Ok(())
+    }
+
+    /// Writes `wbuf` whole (see [`write_out`]).
+    fn write_wbuf(&mut self) -> io::Result<()> {
+        write_out(
+            &mut self.sock,
+            &self.wbuf,
+            self.nonblocking,
+            self.read_timeout,
+        )
+    }
+
     /// Encodes `env` with the connection's codec and writes it as one frame: a raw-TCP frame,
     /// or one masked WebSocket message (text for JSON, binary otherwise).
     pub fn send(&mut self, env: &Envelope) -> Result<(), ClientError> {
@@ -323,7 +357,7 @@ impl Client {
                 write_client_frame(&mut self.wbuf, op, true, mask, &self.pbuf);
             }
         }
-        self.sock.write_all(&self.wbuf)?;
+        self.write_wbuf()?;
         Ok(())
     }
 
@@ -357,13 +391,13 @@ impl Client {
                 write_client_frame(&mut self.wbuf, code, true, mask, payload);
             }
         }
-        self.sock.write_all(&self.wbuf)?;
+        self.write_wbuf()?;
         Ok(())
     }
 
     /// Writes `bytes` to the socket as they are (no framing, no masking): for bad-input tests.
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
-        self.sock.write_all(bytes)?;
+        write_out(&mut self.sock, bytes, self.nonblocking, self.read_timeout)?;
         Ok(())
     }
 
@@ -454,11 +488,14 @@ impl Client {
     /// TCP half-close, then a short bounded wait (at most the read timeout, and 1 s) for the
     /// server to close its side, so that unread bytes do not turn the close into a reset.
     pub fn close(mut self) {
+        if self.nonblocking && self.set_nonblocking(false).is_err() {
+            return;
+        }
         if self.closed.is_none() && self.transport == Transport::Ws {
             self.wbuf.clear();
             let mask = self.mask();
             write_client_close(&mut self.wbuf, mask, Some(CloseCode::Normal), "");
-            let _ = self.sock.write_all(&self.wbuf);
+            let _ = self.write_wbuf();
         }
         let _ = self.sock.shutdown(Shutdown::Write);
         if self.closed.is_some() {
@@ -583,7 +620,7 @@ impl Client {
                     self.wbuf.clear();
                     let mask = self.mask();
                     write_client_frame(&mut self.wbuf, OpCode::Pong, true, mask, &payload);
-                    self.sock.write_all(&self.wbuf)?;
+                    self.write_wbuf()?;
                 }
                 WsStep::Skip => {}
                 WsStep::Close(code, reason) => {
@@ -592,7 +629,7 @@ impl Client {
                     let mask = self.mask();
                     let echo = Some(code.unwrap_or(CloseCode::Normal));
                     write_client_close(&mut self.wbuf, mask, echo, "");
-                    let _ = self.sock.write_all(&self.wbuf);
+                    let _ = self.write_wbuf();
                     self.closed = Some((code.map(CloseCode::as_u16), reason));
                     return Err(self.closed_error());
                 }
@@ -601,7 +638,7 @@ impl Client {
                     self.wbuf.clear();
                     let mask = self.mask();
                     write_client_close(&mut self.wbuf, mask, Some(e.close_code()), "");
-                    let _ = self.sock.write_all(&self.wbuf);
+                    let _ = self.write_wbuf();
                     return Err(e.into());
                 }
             }
@@ -627,15 +664,27 @@ impl Client {
             }
             None => self.restore_timeout()?,
         }
-        let start = self.rbuf.len();
-        self.rbuf.resize(start + need.max(READ_CHUNK), 0);
-        let res = loop {
-            match self.sock.read(&mut self.rbuf[start..]) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                other => break other,
+        // Read into this thread's scratch buffer and keep only what arrived: no per-read
+        // zeroing of a large buffer, and an idle connection holds no read buffer of its own.
+        let want = need.max(READ_CHUNK);
+        let sock = &mut self.sock;
+        let rbuf = &mut self.rbuf;
+        let res = SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            if scratch.len() < want {
+                scratch.resize(want, 0);
             }
-        };
-        self.rbuf.truncate(start + *res.as_ref().unwrap_or(&0));
+            let res = loop {
+                match sock.read(&mut scratch[..want]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    other => break other,
+                }
+            };
+            if let Ok(n) = res {
+                rbuf.extend_from_slice(&scratch[..n]);
+            }
+            res
+        });
         match res {
             Ok(0) => {
                 self.closed = Some((None, "eof".to_owned()));
@@ -680,6 +729,46 @@ impl Client {
     fn mask(&mut self) -> [u8; 4] {
         ((self.next_u64() >> 32) as u32).to_ne_bytes()
     }
+}
+
+impl std::os::fd::AsRawFd for Client {
+    /// The socket's descriptor, for readiness polling only: reading or writing it directly
+    /// would desynchronise the client's framing.
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+/// Writes `buf` whole. On a non-blocking socket whose send buffer fills up, finishes the
+/// frame in blocking mode with `timeout` as the write timeout, then goes back to non-blocking,
+/// so that a frame is never left half-written while the caller moves on.
+fn write_out(
+    sock: &mut TcpStream,
+    buf: &[u8],
+    nonblocking: bool,
+    timeout: Duration,
+) -> io::Result<()> {
+    if !nonblocking {
+        return sock.write_all(buf);
+    }
+    let mut rest = buf;
+    while !rest.is_empty() {
+        match sock.write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                sock.set_nonblocking(false)?;
+                sock.set_write_timeout(Some(timeout.max(MIN_TIMEOUT)))?;
+                let res = sock.write_all(rest);
+                sock.set_write_timeout(None)?;
+                sock.set_nonblocking(true)?;
+                return res;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A decoder event, owned.

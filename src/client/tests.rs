@@ -485,3 +485,67 @@ fn connect_from_binds_the_source_address() {
     client.close();
     assert_eq!(server.join().unwrap(), Some(local));
 }
+
+#[test]
+fn nonblocking_recv_returns_at_once_and_big_writes_stay_whole() {
+    for t in Transport::ALL {
+        let (cfg, server) = serve(t, CodecId::Json, |mut srv| {
+            // Wait for the client's first message before answering, then echo the rest.
+            let first = srv.next();
+            srv.send(&pong(7));
+            srv.echo();
+            first
+        });
+        let mut client = Client::connect(&cfg).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let t0 = Instant::now();
+        assert!(matches!(client.recv(), Err(ClientError::Timeout)));
+        assert!(t0.elapsed() < Duration::from_millis(500), "recv waited");
+        client.send(&pong(1)).unwrap();
+        let deadline = Instant::now() + T;
+        let got = loop {
+            match client.recv() {
+                Ok(env) => break env,
+                Err(ClientError::Timeout) if Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(got, pong(7));
+        // Many 1 KiB frames in a row fill the socket buffers (the server echoes them only as
+        // it reads): every frame still arrives whole and in order.
+        let big = |i: u64| {
+            Envelope::new(Message::Send(protocol::Send {
+                to: protocol::Target::User("u".into()),
+                cmid: i.to_string().into(),
+                kind: None,
+                body: "x".repeat(1024).into(),
+                ext: protocol::Ext::new(),
+            }))
+        };
+        let n = 1500u64;
+        let mut seen = 0u64;
+        for i in 0..n {
+            client.send(&big(i)).unwrap();
+            while let Ok(env) = client.recv() {
+                assert_eq!(env, big(seen));
+                seen += 1;
+            }
+        }
+        let deadline = Instant::now() + T;
+        while seen < n && Instant::now() < deadline {
+            match client.recv() {
+                Ok(env) => {
+                    assert_eq!(env, big(seen));
+                    seen += 1;
+                }
+                Err(ClientError::Timeout) => thread::sleep(Duration::from_millis(1)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(seen, n);
+        client.close();
+        assert!(matches!(server.join().unwrap(), Some(Got::Msg(..))));
+    }
+}

@@ -1,0 +1,758 @@
+//! The loadgen's command line (SPEC 7: the names are a contract), the TOML scenario file, and
+//! the resolved [`Options`] of a run: flags override the file, the file overrides defaults.
+//! Also owns the [`Plan`] each worker process receives, and how a run's connections, rate and
+//! source addresses are split over workers and threads.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use imgw::client::Transport;
+use imgw::codec::CodecId;
+use serde::{Deserialize, Serialize};
+
+/// What a run does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Pairs of users message each other at an open-loop aggregate rate.
+    Chat,
+    /// Connections that only heartbeat.
+    Idle,
+    /// Connect and `hello` as fast as possible (or at the ramp rate), then hold.
+    ConnectStorm,
+    /// Publishers send each message 1:1 to each of their K subscribers (the gateway has no
+    /// groups yet; this is fan-out as a client would do it without them).
+    Fanout,
+    Churn,
+    OfflineSync,
+    Mixed,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 7] = [
+        Scenario::Chat,
+        Scenario::Idle,
+        Scenario::ConnectStorm,
+        Scenario::Fanout,
+        Scenario::Churn,
+        Scenario::OfflineSync,
+        Scenario::Mixed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Chat => "chat",
+            Scenario::Idle => "idle",
+            Scenario::ConnectStorm => "connect-storm",
+            Scenario::Fanout => "fanout",
+            Scenario::Churn => "churn",
+            Scenario::OfflineSync => "offline-sync",
+            Scenario::Mixed => "mixed",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Scenario> {
+        Scenario::ALL.into_iter().find(|x| x.name() == s)
+    }
+
+    /// Why this scenario cannot run yet, if it cannot.
+    pub fn unsupported(self) -> Option<&'static str> {
+        match self {
+            Scenario::OfflineSync => Some(
+                "offline-sync needs offline delivery, which the gateway does not support yet: its \
+                 durability is `memory` (acked when accepted; offline users get nothing). It comes \
+                 with the reliable-delivery work; no figures are produced rather than fake ones.",
+            ),
+            Scenario::Churn => Some(
+                "churn (connect/disconnect at a rate) is not implemented in loadgen yet; \
+                 connect-storm measures connection setup meanwhile.",
+            ),
+            Scenario::Mixed => Some(
+                "mixed is not implemented in loadgen yet (it combines chat, idle and churn; \
+                 run those separately meanwhile).",
+            ),
+            _ => None,
+        }
+    }
+
+    /// Connections that form one unit of the scenario (kept in one thread together).
+    pub fn unit_size(self, fanout: u64) -> u64 {
+        match self {
+            Scenario::Chat => 2,
+            Scenario::Fanout => 1 + fanout,
+            _ => 1,
+        }
+    }
+
+    /// Whether `--rate` means anything for it.
+    pub fn sends(self) -> bool {
+        matches!(self, Scenario::Chat | Scenario::Fanout)
+    }
+}
+
+/// `loadgen SCENARIO --target ws://HOST:PORT/ws|tcp://HOST:PORT [...]`
+#[derive(Parser, Debug, Default)]
+#[command(
+    name = "loadgen",
+    version,
+    about = "Load generator for imgw: open-loop scenarios, integrity checks, HdrHistogram latency",
+    after_help = "Scenarios: chat, idle, connect-storm, fanout (offline-sync, churn and mixed are \
+                  not available yet).\nExit codes: 0 ok, 1 --expect-no-loss failed or the run \
+                  could not complete, 2 usage."
+)]
+pub struct Cli {
+    /// chat | idle | connect-storm | fanout (or `scenario` in --scenario-file).
+    pub scenario: Option<String>,
+    /// ws://HOST:PORT/PATH or tcp://HOST:PORT.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// json | protobuf | msgpack | flatbuffers | hessian [default: json].
+    #[arg(long)]
+    pub codec: Option<String>,
+    /// Connections in all [default: 100].
+    #[arg(long)]
+    pub conns: Option<u64>,
+    /// Messages per second in all (chat) or publishes per second (fanout) [default: 1000].
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Length of the measured run: 30s, 500ms, 2m [default: 10s].
+    #[arg(long)]
+    pub duration: Option<String>,
+    /// New connections per second while connecting; 0 = as fast as possible [default: 0].
+    #[arg(long)]
+    pub ramp: Option<f64>,
+    /// Message body size in bytes (at least the ~30 bytes of the integrity header) [default: 64].
+    #[arg(long)]
+    pub payload: Option<usize>,
+    /// Worker processes, each with its share of connections and rate [default: 1].
+    #[arg(long)]
+    pub workers: Option<u32>,
+    /// Threads per worker, each multiplexing its connections over epoll [default: 1].
+    #[arg(long)]
+    pub threads: Option<u32>,
+    /// Source addresses: 127.0.0.2-127.0.0.9 or a comma list; spread over workers, then over
+    /// each worker's connections.
+    #[arg(long)]
+    pub sources: Option<String>,
+    /// Subscribers per publisher in fanout [default: conns - 1, one publisher].
+    #[arg(long)]
+    pub fanout: Option<u64>,
+    /// After the run, wait at most this long for outstanding acks and deliveries [default: 3s].
+    #[arg(long)]
+    pub grace: Option<String>,
+    /// Heartbeat interval [default: the server's welcome.heartbeat_ms].
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Bound of each connect, upgrade and hello [default: 5s].
+    #[arg(long)]
+    pub connect_timeout: Option<String>,
+    /// Bound of the whole connection phase [default: 120s].
+    #[arg(long)]
+    pub setup_timeout: Option<String>,
+    /// Do not send cumulative `ack`s for deliveries (clients normally do).
+    #[arg(long)]
+    pub no_client_ack: bool,
+    /// Prefix of the user ids [default: lg<pid>-].
+    #[arg(long)]
+    pub user_prefix: Option<String>,
+    /// Write every figure as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write the delivery latency distribution (HdrHistogram .hgrm text, milliseconds).
+    #[arg(long, value_name = "FILE")]
+    pub hgrm: Option<PathBuf>,
+    /// Write an SVG plot: latency percentiles, and latency and delivered/s over time.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+    /// Exit 1 on any lost, unconfirmed, duplicated or unknown delivery.
+    #[arg(long)]
+    pub expect_no_loss: bool,
+    /// Read the scenario and any of these options from a TOML file (flags win).
+    #[arg(long, value_name = "FILE")]
+    pub scenario_file: Option<PathBuf>,
+    /// Allow a target outside the loopback range.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// No live progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The scenario file: the same options as the flags, snake_case keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOptions {
+    pub scenario: Option<String>,
+    pub target: Option<String>,
+    pub codec: Option<String>,
+    pub conns: Option<u64>,
+    pub rate: Option<f64>,
+    pub duration: Option<String>,
+    pub ramp: Option<f64>,
+    pub payload: Option<usize>,
+    pub workers: Option<u32>,
+    pub threads: Option<u32>,
+    pub sources: Option<String>,
+    pub fanout: Option<u64>,
+    pub grace: Option<String>,
+    pub heartbeat_ms: Option<u64>,
+    pub connect_timeout: Option<String>,
+    pub setup_timeout: Option<String>,
+    pub client_ack: Option<bool>,
+    pub user_prefix: Option<String>,
+    pub json: Option<PathBuf>,
+    pub hgrm: Option<PathBuf>,
+    pub svg: Option<PathBuf>,
+    pub expect_no_loss: Option<bool>,
+}
+
+/// Where to connect.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub url: String,
+    #[serde(with = "transport_name")]
+    pub transport: Transport,
+    pub addr: SocketAddr,
+    pub ws_path: String,
+}
+
+mod transport_name {
+    use imgw::client::Transport;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Transport, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(t.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Transport, D::Error> {
+        let name = String::deserialize(d)?;
+        Transport::from_name(&name).ok_or_else(|| serde::de::Error::custom("unknown transport"))
+    }
+}
+
+/// A run's options, resolved and checked.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub scenario: Scenario,
+    pub target: Target,
+    pub codec: CodecId,
+    pub conns: u64,
+    pub rate: f64,
+    pub duration: Duration,
+    pub ramp: f64,
+    pub payload: usize,
+    pub workers: u32,
+    pub threads: u32,
+    pub sources: Vec<Ipv4Addr>,
+    pub fanout: u64,
+    pub grace: Duration,
+    pub heartbeat_ms: Option<u64>,
+    pub connect_timeout: Duration,
+    pub setup_timeout: Duration,
+    pub client_ack: bool,
+    pub user_prefix: String,
+    pub json: Option<PathBuf>,
+    pub hgrm: Option<PathBuf>,
+    pub svg: Option<PathBuf>,
+    pub expect_no_loss: bool,
+    pub quiet: bool,
+}
+
+/// Smallest body: the integrity header `conv:seq:intended_us:` needs up to ~45 bytes; shorter
+/// payloads are sent at the header's length.
+pub const MIN_PAYLOAD: usize = 16;
+/// Largest body accepted (the gateway's default frame limit is 64 KiB).
+pub const MAX_PAYLOAD: usize = 60 * 1024;
+
+/// `10s`, `500ms`, `2m`, `1h`, `1.5s`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?} (try 10s, 500ms, 2m)"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1e3,
+        "us" => n / 1e6,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("bad duration unit {other:?} in {s:?}")),
+    };
+    if !secs.is_finite() || !(0.0..=7.0 * 86400.0).contains(&secs) {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `127.0.0.2-127.0.0.9`, `127.0.0.2,127.0.0.5` or one address.
+pub fn parse_sources(s: &str) -> Result<Vec<Ipv4Addr>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some((a, b)) = part.split_once('-') {
+            let a: Ipv4Addr = a.trim().parse().map_err(|_| format!("bad address {a:?}"))?;
+            let b: Ipv4Addr = b.trim().parse().map_err(|_| format!("bad address {b:?}"))?;
+            let (a, b) = (u32::from(a), u32::from(b));
+            if b < a || b - a > 65_535 {
+                return Err(format!("bad address range {part:?}"));
+            }
+            out.extend((a..=b).map(Ipv4Addr::from));
+        } else {
+            out.push(part.parse().map_err(|_| format!("bad address {part:?}"))?);
+        }
+    }
+    if out.is_empty() {
+        return Err("--sources names no address".into());
+    }
+    Ok(out)
+}
+
+/// `ws://HOST:PORT/PATH` or `tcp://HOST:PORT`.
+pub fn parse_target(url: &str, allow_remote: bool) -> Result<Target, String> {
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        format!("--target {url:?}: expected ws://HOST:PORT/ws or tcp://HOST:PORT")
+    })?;
+    let transport = match scheme {
+        "ws" => Transport::Ws,
+        "tcp" => Transport::Tcp,
+        "wss" | "tls" => {
+            return Err(format!(
+                "--target {url:?}: TLS is not supported by the gateway or loadgen yet"
+            ))
+        }
+        other => return Err(format!("--target {url:?}: unknown scheme {other:?}")),
+    };
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/ws"),
+    };
+    if transport == Transport::Tcp && !matches!(path, "" | "/" | "/ws") {
+        return Err(format!("--target {url:?}: tcp targets have no path"));
+    }
+    let addr = hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("--target {url:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("--target {url:?}: no address"))?;
+    if !allow_remote && !addr.ip().is_loopback() {
+        return Err(format!(
+            "--target {url:?} resolves to {}, outside the loopback range; pass --allow-remote \
+             to load another host",
+            addr.ip()
+        ));
+    }
+    Ok(Target {
+        url: url.to_owned(),
+        transport,
+        addr,
+        ws_path: path.to_owned(),
+    })
+}
+
+impl Options {
+    /// Resolves the flags over the scenario file over the defaults.
+    pub fn resolve(cli: Cli) -> Result<Options, String> {
+        let file = match &cli.scenario_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--scenario-file {}: {e}", path.display()))?;
+                toml::from_str::<FileOptions>(&text)
+                    .map_err(|e| format!("--scenario-file {}: {e}", path.display()))?
+            }
+            None => FileOptions::default(),
+        };
+        let scenario_name = cli
+            .scenario
+            .or(file.scenario)
+            .ok_or("no scenario: give one (chat, idle, connect-storm, fanout)")?;
+        let scenario = Scenario::from_name(&scenario_name).ok_or_else(|| {
+            format!("unknown scenario {scenario_name:?} (chat, idle, connect-storm, fanout)")
+        })?;
+        let target = cli
+            .target
+            .or(file.target)
+            .ok_or("--target is required (ws://127.0.0.1:8080/ws or tcp://127.0.0.1:9000)")?;
+        let target = parse_target(&target, cli.allow_remote)?;
+        let codec_name = cli.codec.or(file.codec).unwrap_or_else(|| "json".into());
+        let codec = CodecId::from_name(&codec_name).ok_or_else(|| {
+            format!("unknown codec {codec_name:?} (json, protobuf, msgpack, flatbuffers, hessian)")
+        })?;
+        let dur = |flag: Option<String>, file: Option<String>, default: &str| {
+            parse_duration(flag.or(file).as_deref().unwrap_or(default))
+        };
+        let conns = cli.conns.or(file.conns).unwrap_or(100);
+        let fanout = cli
+            .fanout
+            .or(file.fanout)
+            .unwrap_or(conns.saturating_sub(1).max(1));
+        let sources = match cli.sources.or(file.sources) {
+            Some(s) => parse_sources(&s)?,
+            None => Vec::new(),
+        };
+        let o = Options {
+            scenario,
+            codec,
+            conns,
+            rate: cli.rate.or(file.rate).unwrap_or(1000.0),
+            duration: dur(cli.duration, file.duration, "10s")?,
+            ramp: cli.ramp.or(file.ramp).unwrap_or(0.0),
+            payload: cli.payload.or(file.payload).unwrap_or(64),
+            workers: cli.workers.or(file.workers).unwrap_or(1),
+            threads: cli.threads.or(file.threads).unwrap_or(1),
+            sources,
+            fanout,
+            grace: dur(cli.grace, file.grace, "3s")?,
+            heartbeat_ms: cli.heartbeat_ms.or(file.heartbeat_ms),
+            connect_timeout: dur(cli.connect_timeout, file.connect_timeout, "5s")?,
+            setup_timeout: dur(cli.setup_timeout, file.setup_timeout, "120s")?,
+            client_ack: !cli.no_client_ack && file.client_ack.unwrap_or(true),
+            user_prefix: cli
+                .user_prefix
+                .or(file.user_prefix)
+                .unwrap_or_else(|| format!("lg{}-", std::process::id())),
+            json: cli.json.or(file.json),
+            hgrm: cli.hgrm.or(file.hgrm),
+            svg: cli.svg.or(file.svg),
+            expect_no_loss: cli.expect_no_loss || file.expect_no_loss.unwrap_or(false),
+            quiet: cli.quiet,
+            target,
+        };
+        o.check()?;
+        Ok(o)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if let Some(why) = self.scenario.unsupported() {
+            return Err(format!(
+                "{}: not supported yet: {why}",
+                self.scenario.name()
+            ));
+        }
+        if self.conns == 0 {
+            return Err("--conns must be at least 1".into());
+        }
+        let unit = self.scenario.unit_size(self.fanout);
+        if self.conns < unit {
+            return Err(format!(
+                "{} needs at least {unit} connections per unit (--conns {})",
+                self.scenario.name(),
+                self.conns
+            ));
+        }
+        let finite = |x: f64| x.is_finite() && x >= 0.0;
+        if !finite(self.rate) || !finite(self.ramp) {
+            return Err("--rate and --ramp must be finite and not negative".into());
+        }
+        if self.payload > MAX_PAYLOAD {
+            return Err(format!("--payload above {MAX_PAYLOAD} bytes"));
+        }
+        if self.workers == 0 || self.workers > 64 || self.threads == 0 || self.threads > 64 {
+            return Err("--workers and --threads must be between 1 and 64".into());
+        }
+        if self.duration.is_zero() {
+            return Err("--duration must be positive".into());
+        }
+        if self.heartbeat_ms == Some(0) {
+            return Err("--heartbeat-ms must be positive".into());
+        }
+        if self.target.addr.ip().is_loopback() {
+            if let Some(bad) = self.sources.iter().find(|s| !s.is_loopback()) {
+                return Err(format!(
+                    "--sources: {bad} is not a loopback address (the target is on loopback)"
+                ));
+            }
+        }
+        if self.user_prefix.is_empty() || self.user_prefix.contains(char::is_whitespace) {
+            return Err("--user-prefix must be non-empty without spaces".into());
+        }
+        Ok(())
+    }
+
+    /// The plans of the worker processes.
+    pub fn plans(&self) -> Vec<Plan> {
+        let unit = self.scenario.unit_size(self.fanout);
+        let units = self.conns / unit;
+        let w = u64::from(self.workers);
+        let mut first_conn = 0;
+        let mut first_slice = 0;
+        (0..w)
+            .map(|i| {
+                let my_units = units / w + u64::from(i < units % w);
+                // A scenario whose connections are not whole units: the rest go to worker 0
+                // as lone connections that only heartbeat.
+                let extra = if i == 0 { self.conns - units * unit } else { 0 };
+                let conns = my_units * unit + extra;
+                let share = if units == 0 {
+                    0.0
+                } else {
+                    my_units as f64 / units as f64
+                };
+                let sources: Vec<Ipv4Addr> = if self.sources.is_empty() {
+                    Vec::new()
+                } else if self.sources.len() as u64 >= w {
+                    self.sources
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| *j as u64 % w == i)
+                        .map(|(_, a)| *a)
+                        .collect()
+                } else {
+                    vec![self.sources[(i as usize) % self.sources.len()]]
+                };
+                let plan = Plan {
+                    scenario: self.scenario,
+                    target: self.target.clone(),
+                    codec: self.codec.name().to_owned(),
+                    worker: i as u32,
+                    threads: self.threads,
+                    conns,
+                    units: my_units,
+                    lone: extra,
+                    first_conn,
+                    first_slice,
+                    slices: w * u64::from(self.threads),
+                    rate: self.rate * share,
+                    ramp: if self.conns == 0 {
+                        0.0
+                    } else {
+                        self.ramp * conns as f64 / self.conns as f64
+                    },
+                    payload: self.payload,
+                    fanout: self.fanout,
+                    duration_us: self.duration.as_micros() as u64,
+                    grace_us: self.grace.as_micros() as u64,
+                    heartbeat_ms: self.heartbeat_ms,
+                    connect_timeout_us: self.connect_timeout.as_micros() as u64,
+                    setup_timeout_us: self.setup_timeout.as_micros() as u64,
+                    client_ack: self.client_ack,
+                    user_prefix: self.user_prefix.clone(),
+                    sources,
+                };
+                first_conn += conns;
+                first_slice += u64::from(self.threads);
+                plan
+            })
+            .collect()
+    }
+}
+
+/// What one worker process runs (sent as the first line of its stdin).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Plan {
+    pub scenario: Scenario,
+    pub target: Target,
+    pub codec: String,
+    pub worker: u32,
+    pub threads: u32,
+    /// Connections of this worker: `units` whole units, then `lone` connections.
+    pub conns: u64,
+    pub units: u64,
+    pub lone: u64,
+    /// Global index of this worker's first connection (user ids are global).
+    pub first_conn: u64,
+    /// This worker's first schedule slice, and the slices of the whole run (phases).
+    pub first_slice: u64,
+    pub slices: u64,
+    /// Events per second of this worker: messages (chat) or publishes (fanout).
+    pub rate: f64,
+    /// New connections per second of this worker; 0 = as fast as possible.
+    pub ramp: f64,
+    pub payload: usize,
+    pub fanout: u64,
+    pub duration_us: u64,
+    pub grace_us: u64,
+    pub heartbeat_ms: Option<u64>,
+    pub connect_timeout_us: u64,
+    pub setup_timeout_us: u64,
+    pub client_ack: bool,
+    pub user_prefix: String,
+    pub sources: Vec<Ipv4Addr>,
+}
+
+/// One thread's share of a worker's plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ThreadShare {
+    pub index: u32,
+    /// Global index of the thread's first connection.
+    pub first_conn: u64,
+    pub units: u64,
+    pub lone: u64,
+    pub rate: f64,
+    pub ramp: f64,
+    /// Schedule phase (fraction of an interval) of this thread's slice.
+    pub phase: f64,
+}
+
+impl Plan {
+    pub fn codec(&self) -> Result<CodecId, String> {
+        CodecId::from_name(&self.codec).ok_or_else(|| format!("unknown codec {}", self.codec))
+    }
+
+    pub fn unit_size(&self) -> u64 {
+        self.scenario.unit_size(self.fanout)
+    }
+
+    /// Splits the worker's units over its threads (whole units per thread).
+    pub fn shares(&self) -> Vec<ThreadShare> {
+        let t = u64::from(self.threads.max(1));
+        let unit = self.unit_size();
+        let mut first = self.first_conn;
+        (0..t)
+            .map(|i| {
+                let units = self.units / t + u64::from(i < self.units % t);
+                let lone = self.lone / t + u64::from(i < self.lone % t);
+                let share = ThreadShare {
+                    index: i as u32,
+                    first_conn: first,
+                    units,
+                    lone,
+                    rate: if self.units == 0 {
+                        0.0
+                    } else {
+                        self.rate * units as f64 / self.units as f64
+                    },
+                    ramp: if self.conns == 0 {
+                        0.0
+                    } else {
+                        self.ramp * (units * unit + lone) as f64 / self.conns as f64
+                    },
+                    phase: (self.first_slice + i) as f64 / self.slices.max(1) as f64,
+                };
+                first += units * unit + lone;
+                share
+            })
+            .collect()
+    }
+
+    /// The source address of the worker's `i`-th connection, if any.
+    pub fn source(&self, i: u64) -> Option<IpAddr> {
+        if self.sources.is_empty() {
+            None
+        } else {
+            Some(IpAddr::V4(
+                self.sources[(i % self.sources.len() as u64) as usize],
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::parse_from(std::iter::once("loadgen").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn durations_sources_targets() {
+        assert_eq!(parse_duration("3s").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("3 days").is_err());
+        let s = parse_sources("127.0.0.2-127.0.0.4,127.0.0.9").unwrap();
+        assert_eq!(s.len(), 4);
+        assert_eq!(s[3], Ipv4Addr::new(127, 0, 0, 9));
+        assert!(parse_sources("127.0.0.9-127.0.0.2").is_err());
+        let t = parse_target("ws://127.0.0.1:8080/ws", false).unwrap();
+        assert_eq!((t.transport, t.ws_path.as_str()), (Transport::Ws, "/ws"));
+        let t = parse_target("tcp://127.0.0.1:9000", false).unwrap();
+        assert_eq!(t.transport, Transport::Tcp);
+        assert!(parse_target("wss://127.0.0.1:8443/ws", false).is_err());
+        assert!(parse_target("http://127.0.0.1", false).is_err());
+        assert!(parse_target("ws://10.1.2.3:80/ws", false)
+            .unwrap_err()
+            .contains("outside the loopback range"));
+    }
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_in() {
+        let dir = std::env::temp_dir().join(format!("loadgen-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("s.toml");
+        std::fs::write(
+            &f,
+            "scenario = \"chat\"\ntarget = \"tcp://127.0.0.1:9000\"\nconns = 40\nrate = 200.0\n\
+             duration = \"2s\"\ncodec = \"msgpack\"\nexpect_no_loss = true\n",
+        )
+        .unwrap();
+        let o = Options::resolve(cli(&[
+            "--scenario-file",
+            f.to_str().unwrap(),
+            "--rate",
+            "300",
+        ]))
+        .unwrap();
+        assert_eq!(o.scenario, Scenario::Chat);
+        assert_eq!(o.conns, 40);
+        assert_eq!(o.rate, 300.0);
+        assert_eq!(o.codec, CodecId::MessagePack);
+        assert_eq!(o.duration, Duration::from_secs(2));
+        assert!(o.expect_no_loss);
+        assert_eq!(o.grace, Duration::from_secs(3));
+        std::fs::write(&f, "scenario = \"chat\"\nbogus = 1\n").unwrap();
+        assert!(Options::resolve(cli(&["--scenario-file", f.to_str().unwrap()])).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unsupported_scenarios_say_why() {
+        let e = Options::resolve(cli(&["offline-sync", "--target", "ws://127.0.0.1:1/ws"]))
+            .unwrap_err();
+        assert!(e.contains("gateway does not support yet"), "{e}");
+        assert!(Options::resolve(cli(&["chat"])).is_err(), "no target");
+    }
+
+    #[test]
+    fn plans_split_units_rate_and_sources() {
+        let o = Options::resolve(cli(&[
+            "chat",
+            "--target",
+            "ws://127.0.0.1:1/ws",
+            "--conns",
+            "101",
+            "--rate",
+            "1000",
+            "--workers",
+            "3",
+            "--threads",
+            "2",
+            "--sources",
+            "127.0.0.2-127.0.0.7",
+        ]))
+        .unwrap();
+        let plans = o.plans();
+        assert_eq!(plans.len(), 3);
+        // 50 pairs: 17, 17, 16; the odd connection goes to worker 0 alone.
+        assert_eq!(
+            plans.iter().map(|p| p.units).collect::<Vec<_>>(),
+            [17, 17, 16]
+        );
+        assert_eq!(plans.iter().map(|p| p.conns).sum::<u64>(), 101);
+        assert_eq!(plans[0].lone, 1);
+        assert_eq!(plans[1].first_conn, 35);
+        let rate: f64 = plans.iter().map(|p| p.rate).sum();
+        assert!((rate - 1000.0).abs() < 1e-6);
+        assert_eq!(plans[1].sources.len(), 2);
+        assert!(plans.iter().all(|p| !p.sources.is_empty()));
+        let shares = plans[0].shares();
+        assert_eq!(shares.len(), 2);
+        assert_eq!(shares[0].units + shares[1].units, 17);
+        assert_eq!(shares[1].first_conn, shares[0].units * 2 + shares[0].lone);
+        let phases: Vec<f64> = plans
+            .iter()
+            .flat_map(|p| p.shares().into_iter().map(|s| s.phase))
+            .collect();
+        assert_eq!(
+            phases,
+            [0.0, 1.0 / 6.0, 2.0 / 6.0, 3.0 / 6.0, 4.0 / 6.0, 5.0 / 6.0]
+        );
+    }
+}

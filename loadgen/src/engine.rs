@@ -1,0 +1,934 @@
+//! One loadgen thread: it owns a slice of the worker's connections and runs them all on one
+//! event loop (non-blocking sockets under epoll, a timerfd for microsecond deadlines).
+//!
+//! The loop connects its connections (blocking connect + upgrade + `hello`, one at a time,
+//! at the ramp rate), waits for `go`, then sends on the open-loop [`Schedule`], reads
+//! whatever is readable, answers and sends heartbeats, acks deliveries, and every second
+//! reports a [`Tick`]. After the run it waits out the grace period (ending early once every
+//! conversation is settled) and reports a [`Final`].
+//!
+//! Why one loop per thread rather than a sender thread and reader threads: the blocking client
+//! needs `&mut` for both directions, so splitting them would put a lock on every message. One
+//! owner per connection keeps it lock-free; several threads (`--threads`) and processes
+//! (`--workers`) scale it out, each with a phase-shifted slice of the schedule.
+//!
+//! Every message carries its conversation, sequence number and intended send time in its
+//! body (`conv:seq:intended_us:` then padding) and its `cmid` (`conv:seq:intended_us`).
+//! Sender and receiver of a conversation live in the same thread, so the intended time is on
+//! the same clock as the receive time, and integrity is checked without any coordination.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fmt::Write as _;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use imgw::client::{Client, ClientConfig, ClientError};
+use imgw::protocol::{Ack, Envelope, Ext, Message, Ping, Pong, Send, Str, Target};
+
+use crate::config::{Plan, Scenario, ThreadShare, MIN_PAYLOAD};
+use crate::hist::Hist;
+use crate::integrity::{ConvTrack, Delivery};
+use crate::poller::Poller;
+use crate::schedule::Schedule;
+use crate::stats::{Counters, Final, ServerLimits, Stage, Tick};
+
+const SECOND_US: u64 = 1_000_000;
+/// Most overdue sends taken before looking at the sockets again.
+const SEND_BURST: usize = 256;
+/// How often the grace period checks whether every conversation is settled.
+const SETTLE_CHECK_US: u64 = 10_000;
+/// Notes (shown live) per thread at most; later ones only count in the error map.
+const MAX_NOTES: usize = 8;
+
+/// The worker's clock and its go/abort signals, shared by its threads.
+pub struct Shared {
+    origin: Instant,
+    /// Microseconds on the clock when `go` arrived; `u64::MAX` before.
+    go_us: AtomicU64,
+    /// Stop at once (the coordinator went away).
+    pub abort: AtomicBool,
+    /// End the run now and report (the user interrupted the coordinator).
+    pub stop: AtomicBool,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared::new()
+    }
+}
+
+impl Shared {
+    pub fn new() -> Shared {
+        Shared {
+            origin: Instant::now(),
+            go_us: AtomicU64::new(u64::MAX),
+            abort: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    /// Microseconds since the worker started.
+    pub fn now_us(&self) -> u64 {
+        self.origin.elapsed().as_micros() as u64
+    }
+
+    pub fn go(&self) {
+        let _ = self.go_us.compare_exchange(
+            u64::MAX,
+            self.now_us(),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+
+    fn go_us(&self) -> Option<u64> {
+        match self.go_us.load(Ordering::SeqCst) {
+            u64::MAX => None,
+            t => Some(t),
+        }
+    }
+}
+
+/// What a thread tells its worker.
+#[allow(clippy::large_enum_variant)] // a few per second
+pub enum ThreadMsg {
+    Tick(usize, Tick),
+    Ready(u64, ServerLimits),
+    Final(usize, Final),
+}
+
+struct Conn {
+    client: Option<Client>,
+    user: Str,
+    /// Highest `inbox_seq` delivered, and the highest acked to the server.
+    ack_to: u64,
+    acked_to: u64,
+}
+
+struct Conv {
+    from: usize,
+    to: usize,
+    track: ConvTrack,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Connect,
+    Ready,
+    Run,
+    Grace,
+    Done,
+}
+
+pub struct Engine<'a> {
+    plan: &'a Plan,
+    share: ThreadShare,
+    shared: &'a Shared,
+    tx: Sender<ThreadMsg>,
+    cfg: ClientConfig,
+    poller: Poller,
+    ready: Vec<u64>,
+    conns: Vec<Conn>,
+    convs: Vec<Conv>,
+    /// Fanout: the conversations of each publisher.
+    publishers: Vec<Vec<usize>>,
+    phase: Phase,
+    // Connecting.
+    next_connect: usize,
+    connect_sched: Option<Schedule>,
+    setup_deadline_us: u64,
+    first_attempt_us: Option<u64>,
+    last_hello_us: u64,
+    connected: u64,
+    // Running.
+    sched: Schedule,
+    run_end_us: u64,
+    grace_end_us: u64,
+    next_settle_check_us: u64,
+    // Heartbeats.
+    hb_us: u64,
+    pings: BinaryHeap<Reverse<(u64, usize)>>,
+    // Reporting.
+    stage: Stage,
+    tick_k: u32,
+    next_tick_us: u64,
+    tick_base: Counters,
+    tick_latency: Hist,
+    tick_handshake: Hist,
+    notes: Vec<String>,
+    notes_sent: usize,
+    c: Counters,
+    fin: Final,
+    open: u64,
+    body: String,
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(
+        plan: &'a Plan,
+        share: ThreadShare,
+        shared: &'a Shared,
+        tx: Sender<ThreadMsg>,
+    ) -> Result<Engine<'a>, String> {
+        let codec = plan.codec()?;
+        let mut cfg = ClientConfig::new(plan.target.transport, codec, plan.target.addr);
+        cfg.ws_path = plan.target.ws_path.clone();
+        cfg.read_timeout = Duration::from_micros(plan.connect_timeout_us.max(1000));
+        let poller = Poller::new().map_err(|e| format!("epoll: {e}"))?;
+        let unit = plan.unit_size();
+        let n = (share.units * unit + share.lone) as usize;
+        let conns: Vec<Conn> = (0..n)
+            .map(|i| Conn {
+                client: None,
+                user: Str::from(format!(
+                    "{}{}",
+                    plan.user_prefix,
+                    share.first_conn + i as u64
+                )),
+                ack_to: 0,
+                acked_to: 0,
+            })
+            .collect();
+        let mut convs = Vec::new();
+        let mut publishers = Vec::new();
+        for u in 0..share.units as usize {
+            let base = u * unit as usize;
+            match plan.scenario {
+                Scenario::Chat => {
+                    convs.push(Conv {
+                        from: base,
+                        to: base + 1,
+                        track: ConvTrack::default(),
+                    });
+                    convs.push(Conv {
+                        from: base + 1,
+                        to: base,
+                        track: ConvTrack::default(),
+                    });
+                }
+                Scenario::Fanout => {
+                    let mut mine = Vec::new();
+                    for s in 1..unit as usize {
+                        mine.push(convs.len());
+                        convs.push(Conv {
+                            from: base,
+                            to: base + s,
+                            track: ConvTrack::default(),
+                        });
+                    }
+                    publishers.push(mine);
+                }
+                _ => {}
+            }
+        }
+        let fin = Final {
+            planned: n as u64,
+            ..Final::default()
+        };
+        Ok(Engine {
+            plan,
+            share,
+            shared,
+            tx,
+            cfg,
+            poller,
+            ready: Vec::with_capacity(256),
+            conns,
+            convs,
+            publishers,
+            phase: Phase::Connect,
+            next_connect: 0,
+            connect_sched: None,
+            setup_deadline_us: u64::MAX,
+            first_attempt_us: None,
+            last_hello_us: 0,
+            connected: 0,
+            sched: Schedule::new(0, 0.0, 0.0, 0),
+            run_end_us: u64::MAX,
+            grace_end_us: u64::MAX,
+            next_settle_check_us: 0,
+            hb_us: 0,
+            pings: BinaryHeap::new(),
+            stage: Stage::Setup,
+            tick_k: 0,
+            next_tick_us: 0,
+            tick_base: Counters::default(),
+            tick_latency: Hist::new(),
+            tick_handshake: Hist::new(),
+            notes: Vec::new(),
+            notes_sent: 0,
+            c: Counters::default(),
+            fin,
+            open: 0,
+            body: String::new(),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.shared.now_us()
+    }
+
+    /// Runs the thread's whole life: connect, wait for go, run, grace, report.
+    pub fn run(mut self) {
+        let start = self.now();
+        self.setup_deadline_us = start.saturating_add(self.plan.setup_timeout_us);
+        self.connect_sched = (self.share.ramp > 0.0)
+            .then(|| Schedule::new(start, self.share.ramp, self.share.phase, u64::MAX));
+        self.tick_k = (start / SECOND_US) as u32;
+        self.next_tick_us = (u64::from(self.tick_k) + 1) * SECOND_US;
+        if self.conns.is_empty() {
+            self.enter_ready();
+        }
+        while self.phase != Phase::Done {
+            if self.shared.abort.load(Ordering::Relaxed) {
+                self.note("stopped early: the coordinator closed the control pipe".into());
+                break;
+            }
+            let now = self.now();
+            if self.shared.stop.load(Ordering::Relaxed) {
+                match self.phase {
+                    Phase::Connect | Phase::Ready => {
+                        self.note("stopped before the run: interrupted".into());
+                        break;
+                    }
+                    Phase::Run if self.run_end_us > now => self.run_end_us = now,
+                    _ => {}
+                }
+            }
+            match self.phase {
+                Phase::Connect => self.connect_step(now),
+                Phase::Ready => {
+                    if let Some(go) = self.shared.go_us() {
+                        self.start_run(go);
+                    }
+                }
+                Phase::Run => {
+                    let mut burst = 0;
+                    while burst < SEND_BURST {
+                        let Some((k, intended)) = self.sched.pop_due(now) else {
+                            break;
+                        };
+                        self.send_event(k, intended);
+                        burst += 1;
+                    }
+                    if now >= self.run_end_us {
+                        self.phase = Phase::Grace;
+                        self.grace_end_us = self.run_end_us.saturating_add(self.plan.grace_us);
+                    }
+                }
+                Phase::Grace => {
+                    if now >= self.grace_end_us {
+                        self.phase = Phase::Done;
+                    } else if now >= self.next_settle_check_us {
+                        self.next_settle_check_us = now + SETTLE_CHECK_US;
+                        if self.convs.iter().all(|c| c.track.settled()) {
+                            self.phase = Phase::Done;
+                        }
+                    }
+                }
+                Phase::Done => {}
+            }
+            self.heartbeats(now);
+            self.ticks(now);
+            if self.phase == Phase::Done {
+                break;
+            }
+            let timeout = self.next_wake(now).saturating_sub(self.now());
+            self.ready.clear();
+            let mut ready = std::mem::take(&mut self.ready);
+            if let Err(e) = self.poller.wait(Duration::from_micros(timeout), &mut ready) {
+                self.error(format!("epoll_wait: {e}"));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            for &token in &ready {
+                self.read_conn(token as usize);
+            }
+            self.ready = ready;
+        }
+        self.finish();
+    }
+
+    /// When the loop must look again at the latest.
+    fn next_wake(&self, now: u64) -> u64 {
+        let mut wake = self.next_tick_us;
+        if let Some(Reverse((due, _))) = self.pings.peek() {
+            wake = wake.min(*due);
+        }
+        match self.phase {
+            Phase::Connect => wake = wake.min(self.next_connect_due(now)),
+            Phase::Ready => wake = wake.min(now + 2_000),
+            Phase::Run => {
+                wake = wake
+                    .min(self.sched.next_due().unwrap_or(self.run_end_us))
+                    .min(self.run_end_us)
+            }
+            Phase::Grace => wake = wake.min(self.next_settle_check_us).min(self.grace_end_us),
+            Phase::Done => wake = now,
+        }
+        wake
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Connecting.
+
+    fn next_connect_due(&self, now: u64) -> u64 {
+        match &self.connect_sched {
+            Some(s) => s.due_at(self.next_connect as u64),
+            None => now,
+        }
+    }
+
+    fn connect_step(&mut self, now: u64) {
+        if now >= self.setup_deadline_us {
+            let left = self.conns.len() - self.next_connect;
+            self.limit(format!(
+                "setup timeout: {} of {} connections not attempted within {:.0} s",
+                left,
+                self.conns.len(),
+                self.plan.setup_timeout_us as f64 / 1e6
+            ));
+            self.next_connect = self.conns.len();
+        } else if self.next_connect < self.conns.len() && self.next_connect_due(now) <= now {
+            let intended = match &self.connect_sched {
+                Some(s) => s.due_at(self.next_connect as u64),
+                None => now,
+            };
+            let i = self.next_connect;
+            self.next_connect += 1;
+            self.connect_one(i, intended);
+        }
+        if self.next_connect >= self.conns.len() {
+            self.enter_ready();
+        }
+    }
+
+    fn connect_one(&mut self, i: usize, intended: u64) {
+        let start = self.now();
+        self.first_attempt_us.get_or_insert(start);
+        let worker_index = self.share.first_conn - self.plan.first_conn + i as u64;
+        let res = match self.plan.source(worker_index) {
+            Some(ip) => Client::connect_from(&self.cfg, ip),
+            None => Client::connect(&self.cfg),
+        }
+        .and_then(|mut client| {
+            let welcome = client.hello(&self.conns[i].user, "lg")?;
+            client.set_nonblocking(true)?;
+            Ok((client, welcome))
+        });
+        let done = self.now();
+        match res {
+            Ok((client, welcome)) => {
+                if let Err(e) = self.poller.add(client.as_raw_fd(), i as u64) {
+                    self.connect_failed(&ClientError::Io(e));
+                    return;
+                }
+                if self.fin.server == ServerLimits::default() {
+                    self.fin.server = ServerLimits {
+                        heartbeat_ms: welcome.heartbeat_ms,
+                        sends_per_sec: welcome.limits.sends_per_sec,
+                    };
+                }
+                if self.hb_us == 0 {
+                    self.hb_us = self.plan.heartbeat_ms.unwrap_or(welcome.heartbeat_ms) * 1000;
+                }
+                if self.hb_us > 0 {
+                    // Spread the first pings over one interval (golden-ratio sequence).
+                    let frac = (i as f64 * 0.618_033_988_75).fract();
+                    let due = done + 1 + (self.hb_us as f64 * frac) as u64;
+                    self.pings.push(Reverse((due, i)));
+                }
+                self.conns[i].client = Some(client);
+                self.open += 1;
+                self.connected += 1;
+                self.c.connects_ok += 1;
+                self.last_hello_us = done;
+                let lat = done.saturating_sub(intended.min(start));
+                self.fin.handshake.record(lat);
+                self.tick_handshake.record(lat);
+            }
+            Err(e) => self.connect_failed(&e),
+        }
+    }
+
+    fn connect_failed(&mut self, e: &ClientError) {
+        self.c.connects_failed += 1;
+        let (key, limit) = classify_connect_error(e);
+        self.error(key);
+        if let Some(limit) = limit {
+            self.limit(format!(
+                "{limit} (after {} connections in worker {} thread {})",
+                self.connected, self.plan.worker, self.share.index
+            ));
+            // Later attempts would fail the same way.
+            self.next_connect = self.conns.len();
+        }
+    }
+
+    fn enter_ready(&mut self) {
+        if self.phase != Phase::Connect {
+            return;
+        }
+        self.phase = Phase::Ready;
+        self.fin.connect_span_us = self
+            .first_attempt_us
+            .map_or(0, |f| self.last_hello_us.saturating_sub(f));
+        let _ = self
+            .tx
+            .send(ThreadMsg::Ready(self.connected, self.fin.server));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Running.
+
+    fn start_run(&mut self, go: u64) {
+        // Close the setup grid up to the second holding `go` (every thread does the same).
+        let last_setup = (go / SECOND_US) as u32;
+        while self.tick_k <= last_setup {
+            self.emit_tick(false);
+        }
+        self.stage = Stage::Run;
+        self.tick_k = 0;
+        self.next_tick_us = go + SECOND_US;
+        self.run_end_us = go + self.plan.duration_us;
+        let rate = if self.plan.scenario.sends() {
+            self.share.rate
+        } else {
+            0.0
+        };
+        self.sched = Schedule::new(go, rate, self.share.phase, self.run_end_us);
+        self.phase = Phase::Run;
+    }
+
+    fn send_event(&mut self, k: u64, intended: u64) {
+        match self.plan.scenario {
+            Scenario::Chat if !self.convs.is_empty() => {
+                let c = (k % self.convs.len() as u64) as usize;
+                self.send_conv(c, intended);
+            }
+            Scenario::Fanout if !self.publishers.is_empty() => {
+                let p = (k % self.publishers.len() as u64) as usize;
+                for j in 0..self.publishers[p].len() {
+                    let c = self.publishers[p][j];
+                    self.send_conv(c, intended);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn send_conv(&mut self, c: usize, intended: u64) {
+        let (from, to) = (self.convs[c].from, self.convs[c].to);
+        if self.conns[from].client.is_none() || self.conns[to].client.is_none() {
+            self.c.skipped += 1;
+            return;
+        }
+        let seq = self.convs[c].track.next_seq();
+        self.body.clear();
+        let _ = write!(self.body, "{c}:{seq}:{intended}:");
+        let header = self.body.len() - 1;
+        let want = self.plan.payload.max(MIN_PAYLOAD);
+        while self.body.len() < want {
+            self.body.push('x');
+        }
+        let env = Envelope::new(Message::Send(Send {
+            to: Target::User(self.conns[to].user.clone()),
+            cmid: Str::from(&self.body[..header]),
+            kind: None,
+            body: Str::from(self.body.as_str()),
+            ext: Ext::new(),
+        }));
+        let Some(client) = self.conns[from].client.as_mut() else {
+            return;
+        };
+        match client.send(&env) {
+            Ok(()) => {
+                self.convs[c].track.mark_sent();
+                self.c.sent += 1;
+                let now = self.now();
+                self.fin.send_lag.record(now.saturating_sub(intended));
+            }
+            Err(e) => self.drop_conn(from, format!("send: {}", short_error(&e))),
+        }
+    }
+
+    fn heartbeats(&mut self, now: u64) {
+        while let Some(&Reverse((due, i))) = self.pings.peek() {
+            if due > now {
+                break;
+            }
+            self.pings.pop();
+            let Some(client) = self.conns[i].client.as_mut() else {
+                continue;
+            };
+            let ping = Envelope::new(Message::Ping(Ping { ts: now }));
+            match client.send(&ping) {
+                Ok(()) => {
+                    self.c.pings += 1;
+                    let next = (due + self.hb_us.max(1000)).max(now + 1);
+                    self.pings.push(Reverse((next, i)));
+                }
+                Err(e) => self.drop_conn(i, format!("ping: {}", short_error(&e))),
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Reading.
+
+    fn read_conn(&mut self, i: usize) {
+        loop {
+            let Some(client) = self.conns.get_mut(i).and_then(|c| c.client.as_mut()) else {
+                return;
+            };
+            match client.recv() {
+                Ok(env) => self.on_message(i, env),
+                Err(ClientError::Timeout) => break,
+                Err(ClientError::Closed { code, reason }) => {
+                    self.c.closed_by_server += 1;
+                    let why = match code {
+                        Some(code) => format!("closed by server: {code} {reason}"),
+                        None => format!("closed by server: {reason}"),
+                    };
+                    self.drop_conn(i, why);
+                    return;
+                }
+                Err(e @ (ClientError::Decode(_) | ClientError::Protocol(_))) => {
+                    self.error(format!("recv: {}", short_error(&e)));
+                }
+                Err(e) => {
+                    self.drop_conn(i, format!("recv: {}", short_error(&e)));
+                    return;
+                }
+            }
+        }
+        let conn = &mut self.conns[i];
+        if self.plan.client_ack && conn.ack_to > conn.acked_to {
+            let upto = conn.ack_to;
+            if let Some(client) = conn.client.as_mut() {
+                match client.send(&Envelope::new(Message::Ack(Ack { inbox_seq: upto }))) {
+                    Ok(()) => conn.acked_to = upto,
+                    Err(e) => self.drop_conn(i, format!("ack: {}", short_error(&e))),
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, i: usize, env: Envelope) {
+        let now = self.now();
+        match env.msg {
+            Message::Deliver(d) => {
+                let conn = &mut self.conns[i];
+                conn.ack_to = conn.ack_to.max(d.inbox_seq);
+                let Some((c, seq, intended)) = parse_tag(&d.body) else {
+                    self.error("deliver: not a loadgen message".into());
+                    return;
+                };
+                let valid = self
+                    .convs
+                    .get(c)
+                    .is_some_and(|conv| conv.to == i && *d.from == *self.conns[conv.from].user);
+                if !valid {
+                    self.error("deliver: to the wrong connection or from the wrong user".into());
+                    return;
+                }
+                match self.convs[c].track.on_deliver(seq) {
+                    Delivery::InOrder | Delivery::OutOfOrder => {
+                        self.c.delivered += 1;
+                        let lat = now.saturating_sub(intended);
+                        self.fin.latency.record(lat);
+                        self.tick_latency.record(lat);
+                    }
+                    Delivery::Duplicate => {
+                        self.c.duplicates += 1;
+                        self.error("deliver: duplicate".into());
+                    }
+                    Delivery::Unknown => self.error("deliver: sequence never sent".into()),
+                }
+            }
+            Message::SendAck(a) => match parse_tag(&a.cmid) {
+                Some((c, seq, intended)) if c < self.convs.len() => {
+                    if self.convs[c].track.on_ack(seq) {
+                        self.c.acked += 1;
+                        self.fin.ack_latency.record(now.saturating_sub(intended));
+                    } else {
+                        self.error("send_ack: duplicate or unknown".into());
+                    }
+                }
+                _ => self.error("send_ack: unknown cmid".into()),
+            },
+            Message::Error(e) => {
+                let key = format!("server error: {}", e.code.name());
+                if let Some((c, seq, _)) = e.cmid.as_deref().and_then(parse_tag) {
+                    if c < self.convs.len() && self.convs[c].track.on_refused(seq) {
+                        self.c.refused += 1;
+                    }
+                }
+                self.error(key);
+            }
+            Message::Pong(p) => {
+                self.c.pongs += 1;
+                self.fin.heartbeat.record(now.saturating_sub(p.ts));
+            }
+            Message::Ping(p) => {
+                if let Some(client) = self.conns[i].client.as_mut() {
+                    let pong = Envelope::new(Message::Pong(Pong { ts: p.ts }));
+                    if let Err(e) = client.send(&pong) {
+                        self.drop_conn(i, format!("pong: {}", short_error(&e)));
+                    }
+                }
+            }
+            Message::Goaway(g) => self.error(format!("goaway: {}", g.reason)),
+            other => self.error(format!("unexpected {}", other.op().name())),
+        }
+    }
+
+    fn drop_conn(&mut self, i: usize, why: String) {
+        if let Some(client) = self.conns[i].client.take() {
+            let _ = self.poller.remove(client.as_raw_fd());
+            self.open = self.open.saturating_sub(1);
+            drop(client);
+        }
+        self.error(why);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Reporting.
+
+    fn error(&mut self, key: String) {
+        self.c.errors += 1;
+        *self.fin.errors.entry(key).or_default() += 1;
+    }
+
+    fn note(&mut self, text: String) {
+        if self.notes_sent + self.notes.len() < MAX_NOTES {
+            self.notes.push(text);
+        }
+    }
+
+    fn limit(&mut self, text: String) {
+        if !self.fin.limits.contains(&text) {
+            self.fin.limits.push(text.clone());
+            self.note(format!("limit reached: {text}"));
+        }
+    }
+
+    fn ticks(&mut self, now: u64) {
+        while now >= self.next_tick_us {
+            self.emit_tick(false);
+        }
+    }
+
+    /// Sends the tick of the current second and moves to the next one.
+    fn emit_tick(&mut self, last: bool) {
+        let tick_start = self.next_tick_us.saturating_sub(SECOND_US);
+        let counters = delta(&self.c, &self.tick_base);
+        self.tick_base = self.c;
+        let notes = std::mem::take(&mut self.notes);
+        self.notes_sent += notes.len();
+        let tick = Tick {
+            stage: Some(self.stage),
+            k: self.tick_k,
+            conns: self.open,
+            planned: self.conns.len() as u64,
+            grace: self.stage == Stage::Run && tick_start >= self.run_end_us,
+            counters,
+            latency: std::mem::take(&mut self.tick_latency),
+            handshake: std::mem::take(&mut self.tick_handshake),
+            notes,
+        };
+        let _ = self
+            .tx
+            .send(ThreadMsg::Tick(self.share.index as usize, tick));
+        if !last {
+            self.tick_k += 1;
+            self.next_tick_us += SECOND_US;
+        }
+    }
+
+    fn finish(mut self) {
+        if self.phase == Phase::Connect {
+            self.enter_ready();
+        }
+        self.emit_tick(true);
+        let mut fin = std::mem::take(&mut self.fin);
+        fin.connected = self.connected;
+        fin.open_at_end = self.open;
+        fin.counters = self.c;
+        fin.tally = Default::default();
+        for conv in &self.convs {
+            fin.tally.add(&conv.track.tally());
+        }
+        let _ = self
+            .tx
+            .send(ThreadMsg::Final(self.share.index as usize, fin));
+        // Connections close when `self` drops.
+    }
+}
+
+/// `later - earlier` for every counter.
+fn delta(later: &Counters, earlier: &Counters) -> Counters {
+    Counters {
+        connects_ok: later.connects_ok - earlier.connects_ok,
+        connects_failed: later.connects_failed - earlier.connects_failed,
+        sent: later.sent - earlier.sent,
+        acked: later.acked - earlier.acked,
+        refused: later.refused - earlier.refused,
+        delivered: later.delivered - earlier.delivered,
+        duplicates: later.duplicates - earlier.duplicates,
+        skipped: later.skipped - earlier.skipped,
+        pings: later.pings - earlier.pings,
+        pongs: later.pongs - earlier.pongs,
+        closed_by_server: later.closed_by_server - earlier.closed_by_server,
+        errors: later.errors - earlier.errors,
+    }
+}
+
+/// `conv:seq:intended_us` at the start of a body or cmid.
+pub fn parse_tag(s: &str) -> Option<(usize, u64, u64)> {
+    let mut it = s.splitn(4, ':');
+    let c = it.next()?.parse().ok()?;
+    let seq = it.next()?.parse().ok()?;
+    let t = it.next()?.parse().ok()?;
+    Some((c, seq, t))
+}
+
+/// A short, stable description of an error, used as a key of the error map.
+fn short_error(e: &ClientError) -> String {
+    match e {
+        ClientError::Io(io) => match io.raw_os_error() {
+            Some(code) => format!("{} (os error {code})", io.kind()),
+            None => io.kind().to_string(),
+        },
+        ClientError::Timeout => "timeout".into(),
+        ClientError::Closed { .. } => "closed".into(),
+        ClientError::Refused(err) => format!("refused: {}", err.code.name()),
+        other => {
+            let text = other.to_string();
+            text.chars().take(80).collect()
+        }
+    }
+}
+
+/// The error map key of a failed connection, and the limit it reveals if it is one.
+pub fn classify_connect_error(e: &ClientError) -> (String, Option<String>) {
+    if let ClientError::Io(io) = e {
+        match io.raw_os_error() {
+            Some(libc::EMFILE) => {
+                return (
+                    "connect: too many open files (EMFILE)".into(),
+                    Some(format!(
+                        "EMFILE: the worker's open-file limit ({}) is reached; use more --workers",
+                        nofile_limit()
+                    )),
+                )
+            }
+            Some(libc::ENFILE) => {
+                return (
+                    "connect: system file table full (ENFILE)".into(),
+                    Some("ENFILE: the system-wide open-file limit is reached".into()),
+                )
+            }
+            Some(libc::EADDRNOTAVAIL) => {
+                return (
+                    "connect: no free source port (EADDRNOTAVAIL)".into(),
+                    Some(
+                        "EADDRNOTAVAIL: source ports to the target are exhausted; add --sources \
+                         127.0.0.2-127.0.0.9 or widen net.ipv4.ip_local_port_range"
+                            .into(),
+                    ),
+                )
+            }
+            Some(libc::ECONNREFUSED) => return ("connect: refused".into(), None),
+            _ => {}
+        }
+    }
+    (format!("connect: {}", short_error(e)), None)
+}
+
+/// The soft open-file limit of this process.
+pub fn nofile_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `r`, which outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
+        r.rlim_cur
+    } else {
+        0
+    }
+}
+
+/// Raises the soft open-file limit to the hard one; returns the new soft limit.
+pub fn raise_nofile_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit that outlives the calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+    nofile_limit()
+}
+
+/// CPU seconds (user + system) this process used so far, and how often the kernel took the
+/// CPU away from it while it could run (involuntary context switches: other processes
+/// competing for its core, the usual cause of a late schedule).
+pub fn cpu_usage() -> (f64, u64) {
+    // SAFETY: getrusage fills one rusage struct, zero-initialised here and outliving the call.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return (0.0, 0);
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (
+        tv(ru.ru_utime) + tv(ru.ru_stime),
+        u64::try_from(ru.ru_nivcsw).unwrap_or(0),
+    )
+}
+
+/// A map of error counts, most frequent first.
+pub fn top_errors(errors: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = errors.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_parse_from_bodies_and_cmids() {
+        assert_eq!(parse_tag("3:17:123456:xxxx"), Some((3, 17, 123456)));
+        assert_eq!(parse_tag("3:17:123456"), Some((3, 17, 123456)));
+        assert_eq!(parse_tag("hello"), None);
+        assert_eq!(parse_tag("1:2"), None);
+        assert_eq!(parse_tag("a:2:3"), None);
+    }
+
+    #[test]
+    fn connect_errors_name_the_limit() {
+        let emfile = ClientError::Io(std::io::Error::from_raw_os_error(libc::EMFILE));
+        let (key, limit) = classify_connect_error(&emfile);
+        assert!(key.contains("EMFILE"));
+        assert!(limit.unwrap().starts_with("EMFILE"));
+        let ports = ClientError::Io(std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL));
+        assert!(classify_connect_error(&ports)
+            .1
+            .unwrap()
+            .contains("--sources"));
+        let refused = ClientError::Io(std::io::Error::from_raw_os_error(libc::ECONNREFUSED));
+        assert_eq!(
+            classify_connect_error(&refused),
+            ("connect: refused".into(), None)
+        );
+    }
+}

@@ -1,0 +1,332 @@
+//! Delivery integrity per conversation: what was sent, acknowledged, refused and delivered,
+//! and from that the lost, duplicated and out-of-order deliveries.
+//!
+//! A conversation is one direction of traffic from one sender connection to one receiver
+//! connection; its messages carry sequence numbers 0, 1, 2, ... in send order. This module
+//! owns the bookkeeping of one conversation ([`ConvTrack`]) and the totals that are summed over
+//! conversations, threads and workers ([`Tally`]). It does no I/O.
+//!
+//! Definitions (also in the summary and the JSON):
+//! - `lost`: acknowledged by the server (`send_ack`) and never delivered.
+//! - `unconfirmed`: sent, neither acknowledged nor refused, and never delivered.
+//! - `duplicates`: deliveries of a sequence number already delivered.
+//! - `out_of_order`: first deliveries of a sequence number below one delivered before.
+//! - `unknown`: deliveries of a sequence number that was never sent.
+
+use serde::{Deserialize, Serialize};
+
+/// A growable set of sequence numbers.
+#[derive(Clone, Debug, Default)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn get(&self, i: u64) -> bool {
+        let w = (i / 64) as usize;
+        self.0.get(w).is_some_and(|x| x & (1 << (i % 64)) != 0)
+    }
+
+    /// Sets bit `i`; returns whether it was already set.
+    fn set(&mut self, i: u64) -> bool {
+        let w = (i / 64) as usize;
+        if w >= self.0.len() {
+            self.0.resize(w + 1, 0);
+        }
+        let mask = 1 << (i % 64);
+        let was = self.0[w] & mask != 0;
+        self.0[w] |= mask;
+        was
+    }
+}
+
+/// What one delivery was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// First delivery of this sequence number, after every lower one delivered so far.
+    InOrder,
+    /// First delivery, but a higher sequence number was delivered before it.
+    OutOfOrder,
+    /// This sequence number was delivered before.
+    Duplicate,
+    /// This sequence number was never sent.
+    Unknown,
+}
+
+/// The bookkeeping of one conversation. See the module documentation.
+#[derive(Clone, Debug, Default)]
+pub struct ConvTrack {
+    sent: u64,
+    acked: Bits,
+    refused: Bits,
+    delivered: Bits,
+    acked_n: u64,
+    refused_n: u64,
+    delivered_n: u64,
+    /// Sequence numbers both acknowledged and delivered.
+    acked_delivered: u64,
+    max_delivered: Option<u64>,
+    duplicates: u64,
+    out_of_order: u64,
+    unknown: u64,
+    dup_acks: u64,
+}
+
+impl ConvTrack {
+    /// The sequence number the next message will carry.
+    pub fn next_seq(&self) -> u64 {
+        self.sent
+    }
+
+    /// The message with [`ConvTrack::next_seq`] was written to the server.
+    pub fn mark_sent(&mut self) {
+        self.sent += 1;
+    }
+
+    /// The server acknowledged `seq` (`send_ack`). Returns false for a sequence number never
+    /// sent or acknowledged twice (counted apart, never as a delivery).
+    pub fn on_ack(&mut self, seq: u64) -> bool {
+        if seq >= self.sent || self.acked.set(seq) {
+            self.dup_acks += 1;
+            return false;
+        }
+        self.acked_n += 1;
+        if self.delivered.get(seq) {
+            self.acked_delivered += 1;
+        }
+        true
+    }
+
+    /// The server refused `seq` (an `error` naming its `cmid`: rate limited, overloaded, ...).
+    pub fn on_refused(&mut self, seq: u64) -> bool {
+        if seq >= self.sent || self.refused.get(seq) || self.acked.get(seq) {
+            return false;
+        }
+        self.refused.set(seq);
+        self.refused_n += 1;
+        true
+    }
+
+    /// `seq` was delivered to the receiver.
+    pub fn on_deliver(&mut self, seq: u64) -> Delivery {
+        if seq >= self.sent {
+            self.unknown += 1;
+            return Delivery::Unknown;
+        }
+        if self.delivered.set(seq) {
+            self.duplicates += 1;
+            return Delivery::Duplicate;
+        }
+        self.delivered_n += 1;
+        if self.acked.get(seq) {
+            self.acked_delivered += 1;
+        }
+        match self.max_delivered {
+            Some(m) if m > seq => {
+                self.out_of_order += 1;
+                Delivery::OutOfOrder
+            }
+            _ => {
+                self.max_delivered = Some(seq);
+                Delivery::InOrder
+            }
+        }
+    }
+
+    /// Nothing is outstanding: every message sent was acknowledged or refused, and every
+    /// acknowledged one was delivered. The grace period after the run ends early then.
+    pub fn settled(&self) -> bool {
+        self.acked_n + self.refused_n == self.sent && self.acked_delivered == self.acked_n
+    }
+
+    pub fn tally(&self) -> Tally {
+        // Unconfirmed: sent, not acked, not refused, not delivered. Delivered-but-unacked
+        // messages are neither lost nor unconfirmed: they arrived.
+        let mut unconfirmed = 0;
+        for seq in 0..self.sent {
+            if !self.acked.get(seq) && !self.refused.get(seq) && !self.delivered.get(seq) {
+                unconfirmed += 1;
+            }
+        }
+        Tally {
+            conversations: 1,
+            sent: self.sent,
+            acked: self.acked_n,
+            refused: self.refused_n,
+            delivered: self.delivered_n,
+            lost: self.acked_n - self.acked_delivered,
+            unconfirmed,
+            duplicates: self.duplicates,
+            out_of_order: self.out_of_order,
+            unknown: self.unknown,
+            duplicate_acks: self.dup_acks,
+            conversations_with_loss: u64::from(self.acked_n > self.acked_delivered),
+        }
+    }
+}
+
+/// Integrity totals over any number of conversations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    pub conversations: u64,
+    pub sent: u64,
+    pub acked: u64,
+    pub refused: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    pub unconfirmed: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    pub unknown: u64,
+    pub duplicate_acks: u64,
+    pub conversations_with_loss: u64,
+}
+
+impl Tally {
+    pub fn add(&mut self, o: &Tally) {
+        self.conversations += o.conversations;
+        self.sent += o.sent;
+        self.acked += o.acked;
+        self.refused += o.refused;
+        self.delivered += o.delivered;
+        self.lost += o.lost;
+        self.unconfirmed += o.unconfirmed;
+        self.duplicates += o.duplicates;
+        self.out_of_order += o.out_of_order;
+        self.unknown += o.unknown;
+        self.duplicate_acks += o.duplicate_acks;
+        self.conversations_with_loss += o.conversations_with_loss;
+    }
+
+    /// What `--expect-no-loss` forbids: lost, unconfirmed, duplicated or unknown deliveries.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for (n, what) in [
+            (self.lost, "lost (acked, never delivered)"),
+            (
+                self.unconfirmed,
+                "unconfirmed (sent, never acked nor delivered)",
+            ),
+            (self.duplicates, "duplicated deliveries"),
+            (self.unknown, "deliveries of messages never sent"),
+        ] {
+            if n > 0 {
+                v.push(format!("{n} {what}"));
+            }
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(n: u64) -> ConvTrack {
+        let mut t = ConvTrack::default();
+        for _ in 0..n {
+            t.mark_sent();
+        }
+        t
+    }
+
+    #[test]
+    fn clean_run_is_settled_and_counts_nothing_bad() {
+        let mut t = sent(100);
+        for s in 0..100 {
+            assert!(t.on_ack(s));
+            assert_eq!(t.on_deliver(s), Delivery::InOrder);
+        }
+        assert!(t.settled());
+        let tally = t.tally();
+        assert_eq!((tally.sent, tally.acked, tally.delivered), (100, 100, 100));
+        assert!(tally.violations().is_empty());
+    }
+
+    #[test]
+    fn injected_loss_is_counted_and_blocks_settling() {
+        let mut t = sent(10);
+        for s in 0..10 {
+            t.on_ack(s);
+            if s != 3 && s != 7 {
+                t.on_deliver(s);
+            }
+        }
+        assert!(!t.settled());
+        let tally = t.tally();
+        assert_eq!((tally.lost, tally.delivered), (2, 8));
+        assert_eq!(tally.conversations_with_loss, 1);
+        assert_eq!(tally.out_of_order, 0);
+        assert_eq!(tally.violations().len(), 1);
+    }
+
+    #[test]
+    fn injected_duplicates_and_reordering() {
+        let mut t = sent(6);
+        // Deliveries 0 2 1 1 3 5 4 5, every message acked (delivery may come before the ack).
+        let order = [0, 2, 1, 1, 3, 5, 4, 5];
+        let got: Vec<Delivery> = order.iter().map(|&s| t.on_deliver(s)).collect();
+        use Delivery::*;
+        assert_eq!(
+            got,
+            [InOrder, InOrder, OutOfOrder, Duplicate, InOrder, InOrder, OutOfOrder, Duplicate]
+        );
+        for s in 0..6 {
+            t.on_ack(s);
+        }
+        assert!(t.settled());
+        let tally = t.tally();
+        assert_eq!(
+            (
+                tally.delivered,
+                tally.duplicates,
+                tally.out_of_order,
+                tally.lost
+            ),
+            (6, 2, 2, 0)
+        );
+        assert_eq!(tally.violations(), ["2 duplicated deliveries"]);
+    }
+
+    #[test]
+    fn refused_unconfirmed_unknown_and_duplicate_acks() {
+        let mut t = sent(5);
+        assert!(t.on_ack(0));
+        assert!(!t.on_ack(0), "second ack of 0");
+        assert!(!t.on_ack(9), "ack of a message never sent");
+        assert!(t.on_refused(1));
+        assert!(!t.on_refused(0), "already acked");
+        t.on_deliver(0);
+        // 2 delivered without an ack: arrived, so neither lost nor unconfirmed.
+        t.on_deliver(2);
+        assert_eq!(t.on_deliver(42), Delivery::Unknown);
+        // 3 and 4: sent, never acked, never delivered.
+        assert!(!t.settled());
+        let tally = t.tally();
+        assert_eq!(tally.refused, 1);
+        assert_eq!(tally.unconfirmed, 2);
+        assert_eq!(tally.lost, 0);
+        assert_eq!(tally.unknown, 1);
+        assert_eq!(tally.duplicate_acks, 2);
+        assert_eq!(tally.violations().len(), 2);
+    }
+
+    #[test]
+    fn tallies_add_up() {
+        let mut a = sent(3);
+        for s in 0..3 {
+            a.on_ack(s);
+        }
+        a.on_deliver(0);
+        let mut b = sent(2);
+        b.on_deliver(1);
+        b.on_deliver(1);
+        let mut total = Tally::default();
+        total.add(&a.tally());
+        total.add(&b.tally());
+        assert_eq!(total.conversations, 2);
+        assert_eq!(total.sent, 5);
+        assert_eq!(total.lost, 2);
+        assert_eq!(total.unconfirmed, 1);
+        assert_eq!(total.duplicates, 1);
+        assert_eq!(total.conversations_with_loss, 1);
+    }
+}

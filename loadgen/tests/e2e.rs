@@ -1,0 +1,226 @@
+//! End to end: the real `imgw serve --insecure-dev-auth --shards 2` on free loopback ports,
+//! and the real `loadgen` binary against it, checked through its exit code and `--json`.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The gateway binary, built next to the loadgen binary (the workspace's `cargo test` /
+/// `cargo nextest --workspace` builds it; a `cargo test -p loadgen` builds it here).
+fn imgw_binary() -> PathBuf {
+    // Tests of this file run in parallel threads: build at most once.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    let loadgen = PathBuf::from(env!("CARGO_BIN_EXE_loadgen"));
+    let dir = loadgen.parent().expect("binary directory").to_path_buf();
+    let imgw = dir.join("imgw");
+    if !imgw.exists() {
+        let target_dir = dir.parent().expect("target directory");
+        let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "-p", "imgw", "--bin", "imgw"])
+            .env("CARGO_TARGET_DIR", target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "cargo build --bin imgw failed");
+    }
+    imgw
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Gateway {
+    child: Child,
+    ws: SocketAddr,
+    tcp: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Gateway {
+    fn start() -> Gateway {
+        let (ws, tcp, admin) = (free_port(), free_port(), free_port());
+        let dir =
+            std::env::temp_dir().join(format!("loadgen-e2e-{}-{}", std::process::id(), ws.port()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new(imgw_binary())
+            .args(["serve", "--insecure-dev-auth", "--shards", "2"])
+            .args(["--ws-listen", &ws.to_string()])
+            .args(["--tcp-listen", &tcp.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["--log", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn imgw");
+        let mut g = Gateway {
+            child,
+            ws,
+            tcp,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(ws).is_err() || TcpStream::connect(tcp).is_err() {
+            if let Ok(Some(status)) = g.child.try_wait() {
+                panic!("imgw exited before listening: {status}");
+            }
+            assert!(Instant::now() < deadline, "imgw not listening within 20 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        g
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn loadgen(args: &[&str]) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(args)
+        .arg("--quiet")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn loadgen");
+    // Bounded: the run is 3 s plus setup and grace; the coordinator has its own deadline too.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("loadgen did not finish within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn chat_against_a_real_gateway_loses_nothing() {
+    let g = Gateway::start();
+    let out_json = g.dir.join("out.json");
+    let target = format!("ws://{}/ws", g.ws);
+    let out = loadgen(&[
+        "chat",
+        "--target",
+        &target,
+        "--conns",
+        "20",
+        "--rate",
+        "500",
+        "--duration",
+        "3s",
+        "--expect-no-loss",
+        "--json",
+        out_json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "loadgen failed\n{stdout}\n{stderr}");
+    assert!(stdout.contains("PASS"), "{stdout}");
+    let r = json(&out_json);
+    let m = &r["messages"];
+    let sent = m["sent"].as_u64().unwrap();
+    assert!((1400..=1500).contains(&sent), "sent {sent}");
+    assert_eq!(m["delivered"].as_u64(), Some(sent), "{m}");
+    assert_eq!(m["acked"].as_u64(), Some(sent), "{m}");
+    for zero in ["lost", "unconfirmed", "duplicates", "unknown", "refused"] {
+        assert_eq!(m[zero].as_u64(), Some(0), "{zero}: {m}");
+    }
+    assert_eq!(r["connected"].as_u64(), Some(20));
+    assert_eq!(r["latency_us"]["count"].as_u64(), Some(sent));
+    assert!(r["series"].as_array().unwrap().len() >= 3);
+    assert_eq!(r["pass"].as_bool(), Some(true));
+}
+
+#[test]
+fn tcp_idle_and_two_workers_report_every_connection() {
+    let g = Gateway::start();
+    let out_json = g.dir.join("idle.json");
+    let target = format!("tcp://{}", g.tcp);
+    let out = loadgen(&[
+        "idle",
+        "--target",
+        &target,
+        "--codec",
+        "protobuf",
+        "--conns",
+        "40",
+        "--workers",
+        "2",
+        "--threads",
+        "2",
+        "--sources",
+        "127.0.0.2-127.0.0.3",
+        "--heartbeat-ms",
+        "200",
+        "--duration",
+        "1s",
+        "--json",
+        out_json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&out_json);
+    assert_eq!(r["connected"].as_u64(), Some(40));
+    assert_eq!(r["open_at_end"].as_u64(), Some(40));
+    let pings = r["counters"]["pings"].as_u64().unwrap();
+    assert!(
+        pings >= 100,
+        "{pings} pings from 40 connections at 200 ms over 1 s"
+    );
+    assert!(r["counters"]["pongs"].as_u64().unwrap() + 40 >= pings);
+}
+
+#[test]
+fn a_refused_target_fails_clearly() {
+    let port = free_port();
+    let target = format!("ws://{port}/ws");
+    let out = loadgen(&[
+        "chat",
+        "--target",
+        &target,
+        "--conns",
+        "2",
+        "--duration",
+        "5s",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("no connection could be opened"), "{stdout}");
+    assert!(stdout.contains("connect: refused"), "{stdout}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = loadgen(&["offline-sync", "--target", "ws://127.0.0.1:9/ws"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not support yet"));
+    let out = loadgen(&["chat", "--target", "ws://192.0.2.1:80/ws"]);
+    assert_eq!(out.status.code(), Some(2));
+}
