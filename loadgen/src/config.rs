@@ -123,7 +123,7 @@ pub struct Cli {
     /// New connections per second while connecting; 0 = as fast as possible [default: 0].
     #[arg(long)]
     pub ramp: Option<f64>,
-    /// Message body size in bytes (at least the ~30 bytes of the integrity header) [default: 64].
+    /// Message body size in bytes; the integrity header (20-40 bytes) is never cut [default: 64].
     #[arg(long)]
     pub payload: Option<usize>,
     /// Worker processes, each with its share of connections and rate [default: 1].
@@ -260,8 +260,8 @@ pub struct Options {
     pub quiet: bool,
 }
 
-/// Smallest body: the integrity header `conv:seq:intended_us:` needs up to ~45 bytes; shorter
-/// payloads are sent at the header's length.
+/// Bodies are padded to at least this many bytes. The integrity header
+/// `conv:seq:intended_us:` (20-40 bytes) is never cut: a smaller `--payload` sends it alone.
 pub const MIN_PAYLOAD: usize = 16;
 /// Largest body accepted (the gateway's default frame limit is 64 KiB).
 pub const MAX_PAYLOAD: usize = 60 * 1024;

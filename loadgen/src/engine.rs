@@ -756,6 +756,7 @@ impl<'a> Engine<'a> {
         let mut fin = std::mem::take(&mut self.fin);
         fin.connected = self.connected;
         fin.open_at_end = self.open;
+        fin.cpu_wait_s = run_queue_wait_s();
         fin.counters = self.c;
         fin.tally = Default::default();
         for conv in &self.convs {
@@ -892,6 +893,16 @@ pub fn cpu_usage() -> (f64, u64) {
         tv(ru.ru_utime) + tv(ru.ru_stime),
         u64::try_from(ru.ru_nivcsw).unwrap_or(0),
     )
+}
+
+/// Seconds the calling thread spent runnable but waiting for a CPU (the kernel's run-queue
+/// delay, /proc/thread-self/schedstat); 0 where unavailable. A loadgen thread that waits
+/// here sends late: its send lag shows it, and this says why.
+pub fn run_queue_wait_s() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0.0, |ns| ns as f64 / 1e9)
 }
 
 /// A map of error counts, most frequent first.

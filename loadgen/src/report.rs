@@ -95,6 +95,8 @@ pub struct Report {
     pub loadgen_cpu_s: f64,
     /// Involuntary context switches of the workers: how often other processes took their core.
     pub loadgen_preempted: u64,
+    /// Seconds the loadgen's loop threads were runnable but waited for a CPU.
+    pub loadgen_cpu_wait_s: f64,
     /// Wall time from the first worker's start to the last report.
     pub wall_s: f64,
     pub series: Vec<SeriesPoint>,
@@ -178,6 +180,7 @@ impl Report {
             heartbeat_ms: o.heartbeat_ms.unwrap_or(fin.server.heartbeat_ms),
             loadgen_cpu_s: fin.cpu_s,
             loadgen_preempted: fin.preempted,
+            loadgen_cpu_wait_s: fin.cpu_wait_s,
             wall_s,
             series,
             setup_series,
@@ -320,7 +323,8 @@ impl Report {
         t.row(
             "loadgen CPU",
             format!(
-                "{:.2} s over {:.1} s wall ({:.1}% of one core); preempted {} times",
+                "{:.2} s over {:.1} s wall ({:.1}% of one core); waited {:.2} s for a CPU, \
+                 preempted {} times",
                 self.loadgen_cpu_s,
                 self.wall_s,
                 if self.wall_s > 0.0 {
@@ -328,6 +332,7 @@ impl Report {
                 } else {
                     0.0
                 },
+                self.loadgen_cpu_wait_s,
                 self.loadgen_preempted
             ),
         );

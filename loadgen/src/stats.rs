@@ -142,6 +142,8 @@ pub struct Final {
     pub cpu_s: f64,
     /// Involuntary context switches of the source (its core was taken by another process).
     pub preempted: u64,
+    /// Seconds the source's loop threads were runnable but waited for a CPU.
+    pub cpu_wait_s: f64,
 }
 
 impl Final {
@@ -183,6 +185,7 @@ impl Final {
         }
         self.cpu_s += o.cpu_s;
         self.preempted += o.preempted;
+        self.cpu_wait_s += o.cpu_wait_s;
     }
 }
 
