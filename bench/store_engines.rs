@@ -242,7 +242,12 @@ struct RunResult {
     p99: Duration,
 }
 
-fn run_appends(engine: &mut dyn Engine, batch: usize, commits: usize, seqs: &mut [u64]) -> RunResult {
+fn run_appends(
+    engine: &mut dyn Engine,
+    batch: usize,
+    commits: usize,
+    seqs: &mut [u64],
+) -> RunResult {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ batch as u64);
     let mut mid = 0u64;
     let mut lat = Vec::with_capacity(commits);
@@ -442,10 +447,7 @@ fn main() {
                     "run {run}: {engine} batch {batch}: {:.0} msgs/s, {:.1} commits/s",
                     cell.msgs_s, cell.commits_s
                 );
-                match cells
-                    .iter_mut()
-                    .find(|c| c.0 == *engine && c.1 == batch)
-                {
+                match cells.iter_mut().find(|c| c.0 == *engine && c.1 == batch) {
                     Some(c) => c.3.push(cell),
                     None => cells.push((engine.clone(), batch, r.msgs, vec![cell])),
                 }

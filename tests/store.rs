@@ -24,10 +24,14 @@ fn user(u: &str) -> UserRef {
     UserRef::new("t", u)
 }
 
-/// Batch `b`'s messages: (user, body), in order; the marker's message last.
+/// Batch `b`'s messages: (user, body), in order; the marker's message last. Bodies are 1 KB so
+/// that the runs cross memtable flushes (1 MiB memtables).
 fn batch_messages(b: u64) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = (0..PER_BATCH)
-        .map(|j| (format!("u{}", (b * 7 + j * 3) % USERS), format!("b{b}-{j}")))
+        .map(|j| {
+            let body = format!("b{b}-{j}:{}", ".".repeat(1000));
+            (format!("u{}", (b * 7 + j * 3) % USERS), body)
+        })
         .collect();
     v.push((MARKER.to_string(), format!("b{b}")));
     v
@@ -72,9 +76,13 @@ fn crash_child() {
             })
             .collect();
         let res = store.apply(ops, 1_700_000_000_000 + b).unwrap();
-        assert!(res
-            .iter()
-            .all(|r| matches!(r, OpResult::Appended { duplicate: false, .. })));
+        assert!(res.iter().all(|r| matches!(
+            r,
+            OpResult::Appended {
+                duplicate: false,
+                ..
+            }
+        )));
         writeln!(out, "acked {b}").unwrap();
         out.flush().unwrap();
         b += 1;
@@ -85,7 +93,13 @@ fn crash_child() {
 /// and returns the last batch it acknowledged.
 fn run_child_and_kill(dir: &Path, kill_after: u64, extra: Duration) -> u64 {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child", "--nocapture", "--test-threads", "1"])
+        .args([
+            "--exact",
+            "crash_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
         .env(ENV_DIR, dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -105,7 +119,7 @@ fn run_child_and_kill(dir: &Path, kill_after: u64, extra: Duration) -> u64 {
     }
     std::thread::sleep(extra);
     child.kill().unwrap(); // SIGKILL
-    // What the child printed before it died is still in the pipe.
+                           // What the child printed before it died is still in the pipe.
     for line in lines {
         if let Some(n) = line.ok().as_deref().and_then(parse_ack) {
             acked = acked.max(n);
@@ -164,5 +178,6 @@ fn sigkill_loses_no_acknowledged_batch() {
         let acked = run_child_and_kill(dir.path(), kill_after, Duration::from_millis(extra_ms));
         assert!(acked > total, "round {round}: no progress");
         total = verify(dir.path(), acked);
+        eprintln!("round {round}: acked {acked}, store has {total}");
     }
 }

@@ -14,8 +14,7 @@ use bytes::Bytes;
 use super::keys::{self, DedupeRecord, Dest, TooLong};
 use super::seqcache::SeqCache;
 use super::{
-    Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, Refusal, StoreError,
-    UserRef,
+    Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, Refusal, StoreError, UserRef,
 };
 use crate::codec::CodecId;
 use crate::protocol::{Deliver, Envelope, Message, Str};
@@ -378,8 +377,7 @@ impl EmbeddedStore {
                 deliver,
             } => {
                 let prefix = keys::group(&group);
-                let dkey =
-                    keys::dedupe(&group.tenant, &sender, &cmid, Dest::Group(&group.group));
+                let dkey = keys::dedupe(&group.tenant, &sender, &cmid, Dest::Group(&group.group));
                 self.append(tx, SeqKind::Group, prefix, dkey, deliver, now_ms)?
             }
             Op::SetCursor { user, device, seq } => {
@@ -524,7 +522,12 @@ impl EmbeddedStore {
         Ok(self.tx_get_u64(tx, Ks::GroupSize, gprefix)?.unwrap_or(0))
     }
 
-    fn join(&mut self, tx: &mut Tx, group: &GroupRef, member: &str) -> Result<OpResult, StoreError> {
+    fn join(
+        &mut self,
+        tx: &mut Tx,
+        group: &GroupRef,
+        member: &str,
+    ) -> Result<OpResult, StoreError> {
         let user = UserRef {
             tenant: group.tenant.clone(),
             user: Str::from(member),
@@ -565,7 +568,12 @@ impl EmbeddedStore {
         })
     }
 
-    fn leave(&mut self, tx: &mut Tx, group: &GroupRef, member: &str) -> Result<OpResult, StoreError> {
+    fn leave(
+        &mut self,
+        tx: &mut Tx,
+        group: &GroupRef,
+        member: &str,
+    ) -> Result<OpResult, StoreError> {
         let user = UserRef {
             tenant: group.tenant.clone(),
             user: Str::from(member),

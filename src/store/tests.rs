@@ -73,7 +73,13 @@ fn gapless_seqs_per_user_in_one_batch() {
     for round in 0..5u64 {
         for u in 0..100u64 {
             let mid = round * 100 + u + 1;
-            ops.push(append(&format!("u{u}"), "alice", &format!("c{mid}"), mid, &format!("r{round}")));
+            ops.push(append(
+                &format!("u{u}"),
+                "alice",
+                &format!("c{mid}"),
+                mid,
+                &format!("r{round}"),
+            ));
         }
     }
     let res = s.apply(ops, T0).unwrap();
@@ -143,7 +149,9 @@ fn seqs_continue_after_reopen_with_a_tiny_cache() {
         s.apply(ops, T0).unwrap();
     }
     let mut s = open(&dir, opts);
-    let res = s.apply((0..20).map(|i| next(&format!("u{}", i % 10))).collect(), T0).unwrap();
+    let res = s
+        .apply((0..20).map(|i| next(&format!("u{}", i % 10))).collect(), T0)
+        .unwrap();
     let seqs: Vec<u64> = res.iter().map(seq_of).collect();
     assert_eq!(seqs, [vec![4; 10], vec![5; 10]].concat());
     for u in 0..10 {
@@ -164,7 +172,9 @@ fn dedupe_returns_the_original_and_appends_nothing() {
             ..StoreOptions::default()
         },
     );
-    let first = s.apply(vec![append("bob", "amy", "c1", 7, "hi")], T0).unwrap();
+    let first = s
+        .apply(vec![append("bob", "amy", "c1", 7, "hi")], T0)
+        .unwrap();
     assert_eq!(
         first[0],
         OpResult::Appended {
@@ -210,10 +220,14 @@ fn dedupe_returns_the_original_and_appends_nothing() {
     );
     assert_eq!(s.last_inbox_seq(&user("bob")).unwrap(), 2);
     // The same send written to the sender's own inbox (multi-device sync) is its own record.
-    let own = s.apply(vec![append("amy", "amy", "c1", 7, "hi")], T0 + 2_000).unwrap();
+    let own = s
+        .apply(vec![append("amy", "amy", "c1", 7, "hi")], T0 + 2_000)
+        .unwrap();
     assert_eq!(seq_of(&own[0]), 1);
     // Same cmid from another sender, or another tenant: not a duplicate.
-    let other = s.apply(vec![append("bob", "carl", "c1", 11, "yo")], T0 + 2_000).unwrap();
+    let other = s
+        .apply(vec![append("bob", "carl", "c1", 11, "yo")], T0 + 2_000)
+        .unwrap();
     assert_eq!(seq_of(&other[0]), 3);
     // Survives a restart.
     drop(s);
@@ -224,7 +238,9 @@ fn dedupe_returns_the_original_and_appends_nothing() {
             ..StoreOptions::default()
         },
     );
-    let r = s.apply(vec![append("bob", "amy", "c1", 12, "hi")], T0 + 3_000).unwrap();
+    let r = s
+        .apply(vec![append("bob", "amy", "c1", 12, "hi")], T0 + 3_000)
+        .unwrap();
     assert_eq!(
         r[0],
         OpResult::Appended {
@@ -249,7 +265,10 @@ fn dedupe_returns_the_original_and_appends_nothing() {
     );
     // ... and that renewed record dedupes for a full window, even after collection ran.
     let r = s
-        .apply(vec![append("bob", "amy", "c1", 14, "hi")], T0 + window + window / 2)
+        .apply(
+            vec![append("bob", "amy", "c1", 14, "hi")],
+            T0 + window + window / 2,
+        )
         .unwrap();
     assert_eq!(seq_of(&r[0]), 4);
 }
@@ -265,12 +284,15 @@ fn expired_dedupe_records_are_collected_with_bounded_work() {
             ..StoreOptions::default()
         },
     );
-    let ops = (0..500u64).map(|i| append("bob", "amy", &format!("c{i}"), i, "x")).collect();
+    let ops = (0..500u64)
+        .map(|i| append("bob", "amy", &format!("c{i}"), i, "x"))
+        .collect();
     s.apply(ops, T0).unwrap();
     assert_eq!(s.table_len("dedupe"), 500);
     assert_eq!(s.table_len("dedupe_expiry"), 500);
     // Not yet expired: nothing collected.
-    s.apply(vec![append("bob", "amy", "n0", 1000, "x")], T0 + window - 1).unwrap();
+    s.apply(vec![append("bob", "amy", "n0", 1000, "x")], T0 + window - 1)
+        .unwrap();
     assert_eq!(s.table_len("dedupe"), 501);
     // Each apply with one append collects at most 64 + 2 records.
     let mut rounds = 0;
@@ -279,8 +301,17 @@ fn expired_dedupe_records_are_collected_with_bounded_work() {
         let before = s.table_len("dedupe_expiry");
         rounds += 1;
         now += 1;
-        s.apply(vec![append("carl", "amy", &format!("m{rounds}"), 2000 + rounds, "x")], now)
-            .unwrap();
+        s.apply(
+            vec![append(
+                "carl",
+                "amy",
+                &format!("m{rounds}"),
+                2000 + rounds,
+                "x",
+            )],
+            now,
+        )
+        .unwrap();
         let after = s.table_len("dedupe_expiry");
         // One record added, at most 66 collected.
         assert!(before + 1 - after <= 66, "collected {}", before + 1 - after);
@@ -303,7 +334,13 @@ fn expired_dedupe_records_are_collected_with_bounded_work() {
         },
     );
     let r = s
-        .apply(vec![append("bob", "amy", "c", 1, "x"), append("bob", "amy", "c", 1, "x")], T0)
+        .apply(
+            vec![
+                append("bob", "amy", "c", 1, "x"),
+                append("bob", "amy", "c", 1, "x"),
+            ],
+            T0,
+        )
         .unwrap();
     assert_eq!((seq_of(&r[0]), seq_of(&r[1])), (1, 2));
     assert_eq!(s.table_len("dedupe"), 0);
@@ -313,9 +350,19 @@ fn expired_dedupe_records_are_collected_with_bounded_work() {
 fn dedupe_survives_a_clock_step_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = open(&dir, StoreOptions::default());
-    s.apply(vec![append("bob", "amy", "c1", 1, "x")], T0).unwrap();
-    let r = s.apply(vec![append("bob", "amy", "c1", 2, "x")], T0 - 3_600_000).unwrap();
-    assert!(matches!(r[0], OpResult::Appended { duplicate: true, seq: 1, .. }));
+    s.apply(vec![append("bob", "amy", "c1", 1, "x")], T0)
+        .unwrap();
+    let r = s
+        .apply(vec![append("bob", "amy", "c1", 2, "x")], T0 - 3_600_000)
+        .unwrap();
+    assert!(matches!(
+        r[0],
+        OpResult::Appended {
+            duplicate: true,
+            seq: 1,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -328,7 +375,9 @@ fn cursors_are_monotonic_and_bounded_by_the_inbox() {
             ..StoreOptions::default()
         },
     );
-    let ops = (1..=10).map(|i| append("bob", "amy", &format!("c{i}"), i, "x")).collect();
+    let ops = (1..=10)
+        .map(|i| append("bob", "amy", &format!("c{i}"), i, "x"))
+        .collect();
     s.apply(ops, T0).unwrap();
     let set = |device: &str, seq: u64| Op::SetCursor {
         user: user("bob"),
@@ -336,7 +385,15 @@ fn cursors_are_monotonic_and_bounded_by_the_inbox() {
         seq,
     };
     let r = s
-        .apply(vec![set("phone", 5), set("phone", 3), set("laptop", 100), set("tab", 0)], T0)
+        .apply(
+            vec![
+                set("phone", 5),
+                set("phone", 3),
+                set("laptop", 100),
+                set("tab", 0),
+            ],
+            T0,
+        )
         .unwrap();
     assert_eq!(
         r,
@@ -360,7 +417,14 @@ fn cursors_are_monotonic_and_bounded_by_the_inbox() {
     assert_eq!(s.cursor(&user("bob"), "watch").unwrap(), 8);
     // No inbox, no cursor.
     let r = s
-        .apply(vec![Op::SetCursor { user: user("zed"), device: "d".into(), seq: 3 }], T0)
+        .apply(
+            vec![Op::SetCursor {
+                user: user("zed"),
+                device: "d".into(),
+                seq: 3,
+            }],
+            T0,
+        )
         .unwrap();
     assert_eq!(r, vec![OpResult::Cursor { seq: 0 }]);
 }
@@ -375,7 +439,9 @@ fn read_inbox_pages_with_more() {
             ..StoreOptions::default()
         },
     );
-    let ops = (1..=25).map(|i| append("bob", "amy", &format!("c{i}"), i, &format!("m{i}"))).collect();
+    let ops = (1..=25)
+        .map(|i| append("bob", "amy", &format!("c{i}"), i, &format!("m{i}")))
+        .collect();
     s.apply(ops, T0).unwrap();
     let mut after = 0;
     let mut pages = Vec::new();
@@ -395,10 +461,19 @@ fn read_inbox_pages_with_more() {
     assert_eq!((bodies(&p), p.more), (vec![(25, "m25".to_string())], false));
     let p = s.read_inbox(&user("bob"), 23, 0).unwrap();
     assert_eq!((p.messages.len(), p.more), (1, true));
-    assert_eq!(s.read_inbox(&user("bob"), 25, 10).unwrap(), InboxPage::default());
-    assert_eq!(s.read_inbox(&user("bob"), u64::MAX, 10).unwrap(), InboxPage::default());
+    assert_eq!(
+        s.read_inbox(&user("bob"), 25, 10).unwrap(),
+        InboxPage::default()
+    );
+    assert_eq!(
+        s.read_inbox(&user("bob"), u64::MAX, 10).unwrap(),
+        InboxPage::default()
+    );
     // Another user with a name that extends this one's shares nothing.
-    assert_eq!(s.read_inbox(&user("bo"), 0, 10).unwrap(), InboxPage::default());
+    assert_eq!(
+        s.read_inbox(&user("bo"), 0, 10).unwrap(),
+        InboxPage::default()
+    );
 }
 
 #[test]
@@ -412,7 +487,8 @@ fn inboxes_keep_the_newest_messages() {
         },
     );
     for i in 1..=8 {
-        s.apply(vec![append("bob", "amy", &format!("c{i}"), i, "x")], T0).unwrap();
+        s.apply(vec![append("bob", "amy", &format!("c{i}"), i, "x")], T0)
+            .unwrap();
     }
     let p = s.read_inbox(&user("bob"), 0, 100).unwrap();
     let seqs: Vec<u64> = p.messages.iter().map(|d| d.inbox_seq).collect();
@@ -444,13 +520,27 @@ fn membership_members_paging_and_user_groups() {
     };
     let ops = (0..25).map(|i| join("g1", &format!("m{i:02}"))).collect();
     let r = s.apply(ops, T0).unwrap();
-    assert_eq!(r[24], OpResult::Membership { changed: true, members: 25 });
-    let r = s.apply(vec![join("g1", "m00"), leave("g1", "zz")], T0).unwrap();
+    assert_eq!(
+        r[24],
+        OpResult::Membership {
+            changed: true,
+            members: 25
+        }
+    );
+    let r = s
+        .apply(vec![join("g1", "m00"), leave("g1", "zz")], T0)
+        .unwrap();
     assert_eq!(
         r,
         vec![
-            OpResult::Membership { changed: false, members: 25 },
-            OpResult::Membership { changed: false, members: 25 },
+            OpResult::Membership {
+                changed: false,
+                members: 25
+            },
+            OpResult::Membership {
+                changed: false,
+                members: 25
+            },
         ]
     );
     assert_eq!(s.group_size(&group("g1")).unwrap(), 25);
@@ -469,8 +559,14 @@ fn membership_members_paging_and_user_groups() {
     assert_eq!(all, want);
     // Group g1 and g1x do not share members (prefix-free keys).
     s.apply(vec![join("g1x", "m00")], T0).unwrap();
-    assert_eq!(s.group_members(&group("g1x"), None, 100).unwrap(), vec![Str::from("m00")]);
-    assert_eq!(s.user_groups(&user("m00")).unwrap(), vec![Str::from("g1"), Str::from("g1x")]);
+    assert_eq!(
+        s.group_members(&group("g1x"), None, 100).unwrap(),
+        vec![Str::from("m00")]
+    );
+    assert_eq!(
+        s.user_groups(&user("m00")).unwrap(),
+        vec![Str::from("g1"), Str::from("g1x")]
+    );
     // Limits: groups per user, members per group.
     let r = s
         .apply(
@@ -487,15 +583,42 @@ fn membership_members_paging_and_user_groups() {
         )
         .unwrap();
     assert_eq!(r[0], OpResult::Refused(Refusal::TooManyGroups));
-    assert_eq!(r[5], OpResult::Membership { changed: true, members: 30 });
+    assert_eq!(
+        r[5],
+        OpResult::Membership {
+            changed: true,
+            members: 30
+        }
+    );
     assert_eq!(r[6], OpResult::Refused(Refusal::GroupFull));
     // Leave, within a batch after a join too.
     let r = s
-        .apply(vec![leave("g1", "m00"), join("g3", "m00"), leave("g3", "m00")], T0)
+        .apply(
+            vec![leave("g1", "m00"), join("g3", "m00"), leave("g3", "m00")],
+            T0,
+        )
         .unwrap();
-    assert_eq!(r[0], OpResult::Membership { changed: true, members: 29 });
-    assert_eq!(r[1], OpResult::Membership { changed: true, members: 1 });
-    assert_eq!(r[2], OpResult::Membership { changed: true, members: 0 });
+    assert_eq!(
+        r[0],
+        OpResult::Membership {
+            changed: true,
+            members: 29
+        }
+    );
+    assert_eq!(
+        r[1],
+        OpResult::Membership {
+            changed: true,
+            members: 1
+        }
+    );
+    assert_eq!(
+        r[2],
+        OpResult::Membership {
+            changed: true,
+            members: 0
+        }
+    );
     assert_eq!(s.user_groups(&user("m00")).unwrap(), vec![Str::from("g1x")]);
     assert_eq!(s.group_size(&group("g3")).unwrap(), 0);
     assert_eq!(s.table_len("group_size"), 2);
@@ -525,26 +648,48 @@ fn group_timeline_and_group_cursors() {
         gseq,
     };
     s.apply(vec![join("amy")], T0).unwrap();
-    let ops = (1..=30).map(|i| gappend("g", "amy", &format!("c{i}"), i, &format!("m{i}"))).collect();
+    let ops = (1..=30)
+        .map(|i| gappend("g", "amy", &format!("c{i}"), i, &format!("m{i}")))
+        .collect();
     let r = s.apply(ops, T0).unwrap();
-    assert_eq!(r.iter().map(seq_of).collect::<Vec<_>>(), (1..=30).collect::<Vec<_>>());
+    assert_eq!(
+        r.iter().map(seq_of).collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>()
+    );
     // Another group's sequence is independent; a duplicate returns the original gseq.
     let r = s
-        .apply(vec![gappend("h", "amy", "c1", 99, "x"), gappend("g", "amy", "c3", 100, "m3")], T0)
+        .apply(
+            vec![
+                gappend("h", "amy", "c1", 99, "x"),
+                gappend("g", "amy", "c3", 100, "m3"),
+            ],
+            T0,
+        )
         .unwrap();
     assert_eq!(r.iter().map(seq_of).collect::<Vec<_>>(), vec![1, 3]);
     assert_eq!(s.last_group_seq(&group("g")).unwrap(), 30);
     // Pages.
     let p = s.read_group(&group("g"), 20, 7).unwrap();
     assert!(p.more);
-    assert_eq!(p.messages.iter().map(|e| e.gseq).collect::<Vec<_>>(), (21..=27).collect::<Vec<_>>());
+    assert_eq!(
+        p.messages.iter().map(|e| e.gseq).collect::<Vec<_>>(),
+        (21..=27).collect::<Vec<_>>()
+    );
     assert_eq!(p.messages[0].deliver.body, "m21");
     assert_eq!(p.messages[0].deliver.to, Some(Target::Group("g".into())));
     let p = s.read_group(&group("g"), 27, 7).unwrap();
     assert!(!p.more && p.messages.len() == 3);
     // Cursors: monotonic, bounded by the timeline; non-members refused.
     let r = s
-        .apply(vec![gcur("amy", 10), gcur("amy", 5), gcur("amy", 1000), gcur("bob", 3)], T0)
+        .apply(
+            vec![
+                gcur("amy", 10),
+                gcur("amy", 5),
+                gcur("amy", 1000),
+                gcur("bob", 3),
+            ],
+            T0,
+        )
         .unwrap();
     assert_eq!(
         r,
@@ -560,11 +705,20 @@ fn group_timeline_and_group_cursors() {
     s.apply(vec![join("bob")], T0).unwrap();
     assert_eq!(s.group_cursor(&group("g"), "bob").unwrap(), 30);
     // Leaving drops the cursor; rejoining starts at the gseq of then.
-    s.apply(vec![Op::Leave { group: group("g"), member: "amy".into() }], T0).unwrap();
+    s.apply(
+        vec![Op::Leave {
+            group: group("g"),
+            member: "amy".into(),
+        }],
+        T0,
+    )
+    .unwrap();
     assert_eq!(s.group_cursor(&group("g"), "amy").unwrap(), 0);
     assert_eq!(s.table_len("group_cursor"), 1);
     // Timeline trimming keeps the newest `group_keep`.
-    let ops = (31..=60).map(|i| gappend("g", "bob", &format!("c{i}"), i, "x")).collect();
+    let ops = (31..=60)
+        .map(|i| gappend("g", "bob", &format!("c{i}"), i, "x"))
+        .collect();
     s.apply(ops, T0).unwrap();
     let p = s.read_group(&group("g"), 0, 1000).unwrap();
     assert_eq!(p.messages.first().map(|e| e.gseq), Some(11));
@@ -572,7 +726,9 @@ fn group_timeline_and_group_cursors() {
     // Reopen: gseq continues.
     drop(s);
     let mut s = open(&dir, StoreOptions::default());
-    let r = s.apply(vec![gappend("g", "bob", "new", 61, "x")], T0).unwrap();
+    let r = s
+        .apply(vec![gappend("g", "bob", "new", 61, "x")], T0)
+        .unwrap();
     assert_eq!(seq_of(&r[0]), 61);
 }
 
@@ -587,8 +743,15 @@ fn refused_ops_leave_the_rest_of_the_batch() {
                 append(&long, "amy", "c1", 1, "x"),
                 append("bob", "amy", &long, 2, "x"),
                 append("bob", "amy", "c3", 3, "x"),
-                Op::Join { group: group("g"), member: long.as_str().into() },
-                Op::SetCursor { user: user("bob"), device: long.as_str().into(), seq: 1 },
+                Op::Join {
+                    group: group("g"),
+                    member: long.as_str().into(),
+                },
+                Op::SetCursor {
+                    user: user("bob"),
+                    device: long.as_str().into(),
+                    seq: 1,
+                },
             ],
             T0,
         )
@@ -598,14 +761,27 @@ fn refused_ops_leave_the_rest_of_the_batch() {
         vec![
             OpResult::Refused(Refusal::IdTooLong),
             OpResult::Refused(Refusal::IdTooLong),
-            OpResult::Appended { seq: 1, mid: 3, ts: T0 + 3, duplicate: false },
+            OpResult::Appended {
+                seq: 1,
+                mid: 3,
+                ts: T0 + 3,
+                duplicate: false
+            },
             OpResult::Refused(Refusal::IdTooLong),
             OpResult::Refused(Refusal::IdTooLong),
         ]
     );
     // A batch that writes nothing commits nothing and still answers.
-    let r = s.apply(vec![append("bob", "amy", "c3", 3, "x")], T0).unwrap();
-    assert!(matches!(r[0], OpResult::Appended { duplicate: true, .. }));
+    let r = s
+        .apply(vec![append("bob", "amy", "c3", 3, "x")], T0)
+        .unwrap();
+    assert!(matches!(
+        r[0],
+        OpResult::Appended {
+            duplicate: true,
+            ..
+        }
+    ));
     assert_eq!(s.apply(Vec::new(), T0).unwrap(), Vec::new());
 }
 
@@ -614,13 +790,21 @@ fn refuses_another_format_version() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(&dir, StoreOptions::default()));
     {
-        let db = fjall::Database::builder(dir.path().join("fjall")).open().unwrap();
-        let meta = db.keyspace("meta", fjall::KeyspaceCreateOptions::default).unwrap();
-        meta.insert(&b"format"[..], &99u32.to_be_bytes()[..]).unwrap();
+        let db = fjall::Database::builder(dir.path().join("fjall"))
+            .open()
+            .unwrap();
+        let meta = db
+            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        meta.insert(&b"format"[..], &99u32.to_be_bytes()[..])
+            .unwrap();
         db.persist(fjall::PersistMode::SyncAll).unwrap();
     }
     match EmbeddedStore::open(dir.path(), StoreOptions::default()) {
-        Err(StoreError::Format { found: 99, expected: 1 }) => {}
+        Err(StoreError::Format {
+            found: 99,
+            expected: 1,
+        }) => {}
         Err(e) => panic!("wrong error {e}"),
         Ok(_) => panic!("opened a store of another format"),
     }
@@ -642,6 +826,7 @@ fn backend_is_object_safe_and_send() {
     assert_send::<Box<dyn Backend>>();
     let dir = tempfile::tempdir().unwrap();
     let mut b: Box<dyn Backend> = Box::new(open(&dir, StoreOptions::default()));
-    b.apply(vec![append("bob", "amy", "c", 1, "x")], T0).unwrap();
+    b.apply(vec![append("bob", "amy", "c", 1, "x")], T0)
+        .unwrap();
     assert_eq!(b.last_inbox_seq(&user("bob")).unwrap(), 1);
 }
