@@ -7,6 +7,7 @@
 //! - [`auth`]: verification of `hello.token` (JWT HS256/RS256, insecure dev mode).
 //! - [`shard`]: one shard's connections, sessions, routing and presence (sans-IO).
 //! - [`runtime`]: the glommio executors, sockets and channels that drive the shards.
+//! - [`store`]: the durable store (inboxes, cursors, groups, dedupe) behind a backend trait.
 //! - [`client`]: a blocking client over both transports, for the integration tests and the loadgen.
 //!
 //! Operations: [`cli`] (the command line and its merge over [`config`]), [`preflight`] (host

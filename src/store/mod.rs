@@ -1,13 +1,40 @@
-//! The durable store behind a backend trait (placeholder for the embedded engine, which lands
-//! from its own branch; this file only fixes the interface the I/O core uses).
+//! The durable store: inboxes, group timelines, cursors, group membership and the send dedupe
+//! records, behind the object-safe [`Backend`] trait.
+//!
+//! This module owns the persistent state of SPEC 4 and 6: every user's inbox with its gapless
+//! `inbox_seq`, every device's cursor, every group's timeline (`gseq`), member list and
+//! per-member cursors, and the `(tenant, sender, cmid)` dedupe window. [`EmbeddedStore`] is the
+//! embedded implementation (fjall; the choice and its measurement are in docs/STORE.md); a
+//! MySQL backend implements the same trait.
+//!
+//! It knows nothing of sockets, shards or glommio. The gateway's I/O core is a single thread
+//! that owns one [`Backend`], batches the commands of the shards and hands each batch to
+//! [`Backend::apply`]: one atomic, durable commit per batch (group commit). Calls block.
+
+mod embedded;
+mod keys;
+mod seqcache;
+#[cfg(test)]
+mod tests;
+
+pub use embedded::{EmbeddedStore, StoreOptions};
 
 use crate::protocol::{Deliver, Str};
 
-/// A user, scoped by tenant.
+/// A user, scoped by tenant (nothing crosses tenants).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct UserRef {
     pub tenant: Str,
     pub user: Str,
+}
+
+impl UserRef {
+    pub fn new(tenant: impl Into<Str>, user: impl Into<Str>) -> Self {
+        UserRef {
+            tenant: tenant.into(),
+            user: user.into(),
+        }
+    }
 }
 
 /// A group, scoped by tenant.
@@ -17,159 +44,214 @@ pub struct GroupRef {
     pub group: Str,
 }
 
-/// One write. Appends dominate, so the large variant is the common case.
-#[allow(clippy::large_enum_variant)]
-#[derive(Clone, Debug)]
+impl GroupRef {
+    pub fn new(tenant: impl Into<Str>, group: impl Into<Str>) -> Self {
+        GroupRef {
+            tenant: tenant.into(),
+            group: group.into(),
+        }
+    }
+}
+
+/// One write of a batch handed to [`Backend::apply`].
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
+    /// Appends a message to a user's inbox. The store assigns the user's next `inbox_seq`
+    /// (gapless per (tenant, user), from 1, continuing after a restart); `deliver.inbox_seq` is
+    /// ignored and `deliver.mid`/`deliver.ts` are stored as given.
+    ///
+    /// Dedupe: if the same (tenant, `sender`, `cmid`) was appended to the same inbox within the
+    /// dedupe window, nothing is appended and the original seq, mid and ts are returned with
+    /// `duplicate: true`. The destination is part of the key so that one send written to two
+    /// inboxes (the recipient's, and the sender's own for its other devices) is two records.
     AppendInbox {
         user: UserRef,
         sender: Str,
         cmid: Str,
         deliver: Deliver,
     },
+    /// Appends a message to a group's timeline: gapless `gseq` per group, same dedupe rule
+    /// (the group is the destination). Membership of `sender` is the caller's check.
+    AppendGroup {
+        group: GroupRef,
+        sender: Str,
+        cmid: Str,
+        deliver: Deliver,
+    },
+    /// Moves a device's inbox cursor forward. Never moves backwards, never past the inbox's last
+    /// seq. Result: [`OpResult::Cursor`] with the cursor after the op.
     SetCursor {
         user: UserRef,
         device: Str,
         seq: u64,
     },
+    /// Moves a member's group cursor forward (same rules, bounded by the group's last gseq).
+    /// Refused with [`Refusal::NotMember`] for a non-member.
+    SetGroupCursor {
+        group: GroupRef,
+        member: Str,
+        gseq: u64,
+    },
+    /// Adds a member. A new member's group cursor starts at the group's current gseq: it sees
+    /// the messages sent after it joined. Result: [`OpResult::Membership`].
+    Join { group: GroupRef, member: Str },
+    /// Removes a member and its group cursor. Result: [`OpResult::Membership`].
+    Leave { group: GroupRef, member: Str },
 }
 
-/// The result of one write.
+/// The outcome of one [`Op`], in the order of the batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OpResult {
+    /// The message is in the inbox or timeline under `seq` (`inbox_seq` or `gseq`). With
+    /// `duplicate`, it was there already and `seq`, `mid` and `ts` are the original ones.
     Appended {
         seq: u64,
         mid: u64,
         ts: u64,
         duplicate: bool,
     },
-    Done,
+    /// The cursor's value after the op.
+    Cursor { seq: u64 },
+    /// `changed`: the member joined (was not a member) or left (was one). `members`: the
+    /// group's member count after the op.
+    Membership { changed: bool, members: u64 },
+    /// The op was not applied; the rest of the batch was.
+    Refused(Refusal),
 }
 
-/// A page of an inbox.
-#[derive(Clone, Debug, Default)]
+/// Why one op of a batch was not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// A tenant, user, group, member, device, sender or cmid is longer than a key can hold
+    /// ([`MAX_ID_BYTES`]).
+    IdTooLong,
+    /// The user is in [`StoreOptions::max_groups_per_user`] groups already.
+    TooManyGroups,
+    /// The group has [`StoreOptions::max_group_members`] members already.
+    GroupFull,
+    /// A group cursor was set for someone who is not a member.
+    NotMember,
+    /// The message could not be encoded for storage.
+    Unencodable,
+}
+
+/// The longest id (tenant, user, group, member, device, sender, cmid) in bytes.
+pub const MAX_ID_BYTES: usize = u16::MAX as usize;
+
+/// Messages of one inbox, ascending by `inbox_seq` (set in each [`Deliver`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InboxPage {
     pub messages: Vec<Deliver>,
+    /// More messages follow the last one returned.
     pub more: bool,
 }
 
-/// Why the store failed.
-#[non_exhaustive]
+/// One message of a group timeline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupEntry {
+    pub gseq: u64,
+    /// As appended (its `inbox_seq` is 0: members' inbox seqs are not the group's).
+    pub deliver: Deliver,
+}
+
+/// Messages of one group timeline, ascending by `gseq`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupPage {
+    pub messages: Vec<GroupEntry>,
+    /// More messages follow the last one returned.
+    pub more: bool,
+}
+
+/// Why the store failed. A failed [`Backend::apply`] wrote nothing of its batch.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
-    /// The engine reported an error.
-    #[error("store: {0}")]
-    Engine(String),
+    /// The data directory could not be created or opened.
+    #[error("data directory {path}: {source}")]
+    Dir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The data directory holds a store of another, incompatible format version.
+    #[error("store format version {found}, this build reads version {expected}")]
+    Format { found: u32, expected: u32 },
+    /// A stored record could not be decoded: the data is damaged (or a bug wrote it).
+    #[error("corrupt record in `{table}`: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+    /// The storage engine failed (I/O error, disk full, a lock held by another process). After
+    /// a failed durable commit the engine refuses further writes: restart to recover.
+    #[error("storage engine: {0}")]
+    Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Opens the configured store under the data directory.
-pub fn open(cfg: &crate::config::Config) -> Result<Box<dyn Backend>, StoreError> {
-    // The embedded durable engine replaces this in-memory stand-in when it lands.
-    Ok(Box::new(MemBackend::new(cfg.store.dedupe_window_ms)))
-}
-
+/// A durable store of inboxes, group timelines, cursors and memberships.
+///
+/// Object-safe and `Send`: the I/O core owns one as `Box<dyn Backend>` on its thread. Every
+/// method blocks. Reads see exactly what earlier `apply` calls committed.
 pub trait Backend: Send {
+    /// Applies `ops` atomically with one durable commit (fsync) before returning; the results
+    /// are in the order of `ops`. `now_ms` (wall clock) dates the dedupe records. On `Err`
+    /// nothing of the batch was applied. A batch that writes nothing (only duplicates, refusals
+    /// and no-op cursors) commits nothing.
     fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> Result<Vec<OpResult>, StoreError>;
+
+    /// Messages with `inbox_seq > after_seq`, ascending, at most `limit` (clamped to
+    /// `1..=`[`StoreOptions::max_page`]).
     fn read_inbox(
         &mut self,
         user: &UserRef,
         after_seq: u64,
         limit: u32,
     ) -> Result<InboxPage, StoreError>;
+
+    /// The user's last `inbox_seq` (0: nothing appended yet).
+    fn last_inbox_seq(&mut self, user: &UserRef) -> Result<u64, StoreError>;
+
+    /// The device's cursor (0: never set).
     fn cursor(&mut self, user: &UserRef, device: &str) -> Result<u64, StoreError>;
-}
 
-type DedupeKey = (Str, Str, Str);
-
-/// A store in memory: the same semantics as the durable engine without durability. Used by
-/// shard unit tests and as the reference the durable engine is tested against.
-#[derive(Default)]
-pub struct MemBackend {
-    inboxes: std::collections::HashMap<UserRef, Vec<Deliver>>,
-    cursors: std::collections::HashMap<(UserRef, Str), u64>,
-    /// (tenant, sender, cmid) -> (seq, mid, ts, stored at ms).
-    dedupe: std::collections::HashMap<DedupeKey, (u64, u64, u64, u64)>,
-    dedupe_window_ms: u64,
-}
-
-impl MemBackend {
-    pub fn new(dedupe_window_ms: u64) -> Self {
-        MemBackend {
-            dedupe_window_ms,
-            ..Default::default()
-        }
-    }
-}
-
-impl Backend for MemBackend {
-    fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> Result<Vec<OpResult>, StoreError> {
-        let mut out = Vec::with_capacity(ops.len());
-        for op in ops {
-            match op {
-                Op::AppendInbox {
-                    user,
-                    sender,
-                    cmid,
-                    mut deliver,
-                } => {
-                    let key = (user.tenant.clone(), sender, cmid);
-                    if let Some(&(seq, mid, ts, at)) = self.dedupe.get(&key) {
-                        if now_ms.saturating_sub(at) <= self.dedupe_window_ms {
-                            out.push(OpResult::Appended {
-                                seq,
-                                mid,
-                                ts,
-                                duplicate: true,
-                            });
-                            continue;
-                        }
-                    }
-                    let inbox = self.inboxes.entry(user).or_default();
-                    deliver.inbox_seq = inbox.len() as u64 + 1;
-                    let r = (deliver.inbox_seq, deliver.mid, deliver.ts, now_ms);
-                    self.dedupe.insert(key, r);
-                    out.push(OpResult::Appended {
-                        seq: r.0,
-                        mid: r.1,
-                        ts: r.2,
-                        duplicate: false,
-                    });
-                    inbox.push(deliver);
-                }
-                Op::SetCursor { user, device, seq } => {
-                    let c = self.cursors.entry((user, device)).or_default();
-                    *c = (*c).max(seq);
-                    out.push(OpResult::Done);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    fn read_inbox(
+    /// Members in byte order, after `after` (exclusive), at most `limit` (clamped like
+    /// [`Backend::read_inbox`]): page through a large group.
+    fn group_members(
         &mut self,
-        user: &UserRef,
-        after_seq: u64,
+        group: &GroupRef,
+        after: Option<&str>,
         limit: u32,
-    ) -> Result<InboxPage, StoreError> {
-        let Some(inbox) = self.inboxes.get(user) else {
-            return Ok(InboxPage::default());
-        };
-        let start = usize::try_from(after_seq)
-            .unwrap_or(usize::MAX)
-            .min(inbox.len());
-        let end = start.saturating_add(limit as usize).min(inbox.len());
-        Ok(InboxPage {
-            messages: inbox[start..end].to_vec(),
-            more: end < inbox.len(),
-        })
-    }
+    ) -> Result<Vec<Str>, StoreError>;
 
-    fn cursor(&mut self, user: &UserRef, device: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .cursors
-            .get(&(user.clone(), Str::from(device)))
-            .copied()
-            .unwrap_or(0))
-    }
+    /// The group's member count.
+    fn group_size(&mut self, group: &GroupRef) -> Result<u64, StoreError>;
+
+    /// The groups the user is a member of, in byte order (at most
+    /// [`StoreOptions::max_groups_per_user`]).
+    fn user_groups(&mut self, user: &UserRef) -> Result<Vec<Str>, StoreError>;
+
+    /// Timeline messages with `gseq > after_gseq`, ascending, at most `limit` (clamped).
+    fn read_group(
+        &mut self,
+        group: &GroupRef,
+        after_gseq: u64,
+        limit: u32,
+    ) -> Result<GroupPage, StoreError>;
+
+    /// The group's last `gseq` (0: nothing appended yet).
+    fn last_group_seq(&mut self, group: &GroupRef) -> Result<u64, StoreError>;
+
+    /// The member's group cursor (0: not a member, or never set and joined before any message).
+    fn group_cursor(&mut self, group: &GroupRef, member: &str) -> Result<u64, StoreError>;
+}
+
+/// Opens the embedded store under the configured data directory, with the gateway's limits.
+pub fn open(cfg: &crate::config::Config) -> Result<Box<dyn Backend>, StoreError> {
+    let l = &cfg.limits;
+    let opts = StoreOptions {
+        dedupe_window_ms: cfg.store.dedupe_window_ms,
+        max_devices_per_user: l.max_devices_per_user,
+        max_groups_per_user: l.max_groups_per_user,
+        max_group_members: u64::from(l.max_group_members),
+        ..StoreOptions::default()
+    };
+    Ok(Box::new(EmbeddedStore::open(&cfg.server.data_dir.join("store"), opts)?))
 }

@@ -1,0 +1,862 @@
+//! [`EmbeddedStore`]: the [`Backend`] on fjall, an embedded LSM key-value engine (docs/STORE.md
+//! has the measurement that chose it, the key layout and the bounds).
+//!
+//! Every table is a fjall keyspace of big-endian keys (see [`super::keys`]). A batch is built
+//! in an overlay (so later ops of a batch see earlier ones), then written as one fjall write
+//! batch that is journaled and `fdatasync`ed before `apply` returns.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::path::Path;
+
+use bytes::Bytes;
+
+use super::keys::{self, DedupeRecord, Dest, TooLong};
+use super::seqcache::SeqCache;
+use super::{
+    Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, Refusal, StoreError, UserRef,
+};
+use crate::codec::CodecId;
+use crate::protocol::{Deliver, Envelope, Message, Str};
+
+/// Version of the key and value layout; bumped on any incompatible change.
+const FORMAT: u32 = 1;
+
+/// Tunables and bounds of the embedded store. Every table's bound derives from these
+/// (docs/STORE.md, "Bounds").
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// How long a (tenant, sender, cmid, destination) is remembered for dedupe; 0 disables
+    /// dedupe (no records written).
+    pub dedupe_window_ms: u64,
+    /// Messages kept per inbox: appending seq `s` deletes seq `s - inbox_keep`.
+    pub inbox_keep: u64,
+    /// Messages kept per group timeline.
+    pub group_keep: u64,
+    /// Device cursors kept per user; a new device past this evicts the lowest cursor.
+    pub max_devices_per_user: u32,
+    /// Groups one user may be a member of ([`Refusal::TooManyGroups`] past it).
+    pub max_groups_per_user: u32,
+    /// Members of one group ([`Refusal::GroupFull`] past it).
+    pub max_group_members: u64,
+    /// Largest page [`Backend::read_inbox`], [`Backend::read_group`] and
+    /// [`Backend::group_members`] return.
+    pub max_page: u32,
+    /// Entries of the in-memory last-seq cache (about 100 bytes each).
+    pub seq_cache_entries: usize,
+    /// fjall block cache, bytes.
+    pub cache_bytes: u64,
+    /// fjall journal size before memtables are flushed (at least 64 MiB): bounds the replay
+    /// after a crash.
+    pub journal_bytes: u64,
+    /// Largest memtable of the message tables, bytes.
+    pub memtable_bytes: u64,
+    /// fjall background threads (flushes, compactions).
+    pub worker_threads: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            dedupe_window_ms: 5 * 60 * 1000,
+            inbox_keep: 10_000,
+            group_keep: 10_000,
+            max_devices_per_user: 32,
+            max_groups_per_user: 1_000,
+            max_group_members: 100_000,
+            max_page: 1_000,
+            seq_cache_entries: 1 << 18,
+            cache_bytes: 64 << 20,
+            journal_bytes: 64 << 20,
+            memtable_bytes: 16 << 20,
+            worker_threads: 1,
+        }
+    }
+}
+
+/// The keyspaces (tables). Names are part of the on-disk format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ks {
+    /// `user ‖ inbox_seq` → message.
+    Inbox,
+    /// `group ‖ gseq` → message.
+    Timeline,
+    /// `user ‖ device` → seq.
+    Cursor,
+    /// `group ‖ member` → gseq.
+    GroupCursor,
+    /// `group ‖ member` → empty.
+    Member,
+    /// `user ‖ group` → empty (the reverse of `Member`).
+    Membership,
+    /// `group` → member count.
+    GroupSize,
+    /// dedupe key → [`DedupeRecord`].
+    Dedupe,
+    /// `stored_at ‖ dedupe key` → empty.
+    Expiry,
+    /// `"format"` → u32.
+    Meta,
+}
+
+const KS: [(Ks, &str); 10] = [
+    (Ks::Inbox, "inbox"),
+    (Ks::Timeline, "timeline"),
+    (Ks::Cursor, "cursor"),
+    (Ks::GroupCursor, "group_cursor"),
+    (Ks::Member, "member"),
+    (Ks::Membership, "membership"),
+    (Ks::GroupSize, "group_size"),
+    (Ks::Dedupe, "dedupe"),
+    (Ks::Expiry, "dedupe_expiry"),
+    (Ks::Meta, "meta"),
+];
+
+impl Ks {
+    fn name(self) -> &'static str {
+        KS[self as usize].1
+    }
+}
+
+fn engine(e: fjall::Error) -> StoreError {
+    StoreError::Engine(Box::new(e))
+}
+
+fn corrupt(ks: Ks, detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        table: ks.name(),
+        detail: detail.into(),
+    }
+}
+
+/// Writes of the batch being built: per keyspace, key → value (`None`: delete).
+struct Tx {
+    writes: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; KS.len()],
+    /// Last seqs assigned in this batch (cache key → seq), merged into the cache on commit.
+    seqs: HashMap<Vec<u8>, u64>,
+    /// Where the next dedupe GC scan starts, if this batch commits.
+    gc_from: Option<Vec<u8>>,
+    appends: usize,
+}
+
+impl Tx {
+    fn new(gc_from: Option<Vec<u8>>) -> Self {
+        Tx {
+            writes: Default::default(),
+            seqs: HashMap::new(),
+            gc_from,
+            appends: 0,
+        }
+    }
+
+    fn put(&mut self, ks: Ks, key: Vec<u8>, value: Vec<u8>) {
+        self.writes[ks as usize].insert(key, Some(value));
+    }
+
+    fn delete(&mut self, ks: Ks, key: Vec<u8>) {
+        self.writes[ks as usize].insert(key, None);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.writes.iter().all(BTreeMap::is_empty)
+    }
+}
+
+/// Which sequence an append draws from.
+#[derive(Clone, Copy)]
+enum SeqKind {
+    Inbox,
+    Group,
+}
+
+/// The embedded durable store. Owned by one thread (the I/O core); every call blocks.
+pub struct EmbeddedStore {
+    db: fjall::Database,
+    ks: Vec<fjall::Keyspace>,
+    opts: StoreOptions,
+    cache: SeqCache,
+    /// Start of the next dedupe expiry scan (everything before it was collected).
+    gc_from: Option<Vec<u8>>,
+    /// Latest `now_ms` seen: dedupe dates never go backwards, so the expiry index stays in
+    /// time order even if the wall clock steps back.
+    last_now_ms: u64,
+}
+
+impl EmbeddedStore {
+    /// Opens the store in `dir` (created if missing; the engine's files go in `dir/fjall`).
+    /// After a crash this replays the journal: every batch whose `apply` returned is there.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<EmbeddedStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let db = fjall::Database::builder(dir.join("fjall"))
+            .cache_size(opts.cache_bytes)
+            .max_journaling_size(opts.journal_bytes.max(64 << 20))
+            .worker_threads(opts.worker_threads.max(1))
+            .open()
+            .map_err(engine)?;
+        let mut ks = Vec::with_capacity(KS.len());
+        for (i, (kind, name)) in KS.iter().enumerate() {
+            debug_assert_eq!(*kind as usize, i);
+            let memtable = match kind {
+                Ks::Inbox | Ks::Timeline => opts.memtable_bytes,
+                _ => (opts.memtable_bytes / 4).max(1 << 20),
+            };
+            let handle = db
+                .keyspace(name, || {
+                    fjall::KeyspaceCreateOptions::default().max_memtable_size(memtable)
+                })
+                .map_err(engine)?;
+            ks.push(handle);
+        }
+        let mut store = EmbeddedStore {
+            db,
+            ks,
+            cache: SeqCache::new(opts.seq_cache_entries.max(2)),
+            opts,
+            gc_from: None,
+            last_now_ms: 0,
+        };
+        store.check_format()?;
+        Ok(store)
+    }
+
+    fn check_format(&mut self) -> Result<(), StoreError> {
+        match self.ks(Ks::Meta).get(b"format").map_err(engine)? {
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(&*v)
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| corrupt(Ks::Meta, "format is not a u32"))?;
+                if found != FORMAT {
+                    return Err(StoreError::Format {
+                        found,
+                        expected: FORMAT,
+                    });
+                }
+            }
+            None => {
+                let mut b = self
+                    .db
+                    .batch()
+                    .durability(Some(fjall::PersistMode::SyncAll));
+                b.insert(self.ks(Ks::Meta), &b"format"[..], &FORMAT.to_be_bytes()[..]);
+                b.commit().map_err(engine)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ks(&self, ks: Ks) -> &fjall::Keyspace {
+        &self.ks[ks as usize]
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+
+    /// Disk space used by the engine's files, bytes.
+    pub fn disk_bytes(&self) -> Result<u64, StoreError> {
+        self.db.disk_space().map_err(engine)
+    }
+
+    fn page_limit(&self, limit: u32) -> usize {
+        limit.clamp(1, self.opts.max_page.max(1)) as usize
+    }
+
+    /// A committed value.
+    fn get(&self, ks: Ks, key: &[u8]) -> Result<Option<fjall::Slice>, StoreError> {
+        self.ks(ks).get(key).map_err(engine)
+    }
+
+    /// A value as the batch sees it: its own writes first, then committed data.
+    fn tx_get(&self, tx: &Tx, ks: Ks, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match tx.writes[ks as usize].get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.get(ks, key)?.map(|v| v.to_vec())),
+        }
+    }
+
+    fn tx_get_u64(&self, tx: &Tx, ks: Ks, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        match self.tx_get(tx, ks, key)? {
+            Some(v) => keys::decode_u64(&v)
+                .map(Some)
+                .ok_or_else(|| corrupt(ks, "value is not a u64")),
+            None => Ok(None),
+        }
+    }
+
+    /// The rows under `prefix` as the batch sees them. Only used where the row count is
+    /// bounded by an option (devices per user, groups per user).
+    fn tx_prefix(
+        &self,
+        tx: &Tx,
+        ks: Ks,
+        prefix: &[u8],
+    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StoreError> {
+        let mut rows = BTreeMap::new();
+        for g in self.ks(ks).prefix(prefix) {
+            let (k, v) = g.into_inner().map_err(engine)?;
+            rows.insert(k.to_vec(), v.to_vec());
+        }
+        let pending = &tx.writes[ks as usize];
+        for (k, v) in pending.range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded)) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => rows.insert(k.clone(), v.clone()),
+                None => rows.remove(k),
+            };
+        }
+        Ok(rows)
+    }
+
+    /// Last seq of an inbox or timeline: the batch's, the cache's, or the last row's.
+    fn last_seq(
+        &mut self,
+        tx: Option<&Tx>,
+        kind: SeqKind,
+        prefix: &[u8],
+    ) -> Result<u64, StoreError> {
+        let (tag, ks) = match kind {
+            SeqKind::Inbox => (b'u', Ks::Inbox),
+            SeqKind::Group => (b'g', Ks::Timeline),
+        };
+        let mut ckey = Vec::with_capacity(prefix.len() + 1);
+        ckey.push(tag);
+        ckey.extend_from_slice(prefix);
+        if let Some(s) = tx.and_then(|tx| tx.seqs.get(&ckey)) {
+            return Ok(*s);
+        }
+        if let Some(s) = self.cache.get(&ckey) {
+            return Ok(s);
+        }
+        // Trimming never removes the newest row, so the last row holds the last seq.
+        let last = match self.ks(ks).prefix(prefix).next_back() {
+            Some(g) => {
+                let k = g.key().map_err(engine)?;
+                keys::seq_suffix(&k[prefix.len()..])
+                    .filter(|_| k.len() == prefix.len() + 8)
+                    .ok_or_else(|| corrupt(ks, "key is not prefix ‖ seq"))?
+            }
+            None => 0,
+        };
+        self.cache.insert(ckey, last);
+        Ok(last)
+    }
+
+    fn set_last_seq(tx: &mut Tx, kind: SeqKind, prefix: &[u8], seq: u64) {
+        let tag = match kind {
+            SeqKind::Inbox => b'u',
+            SeqKind::Group => b'g',
+        };
+        let mut ckey = Vec::with_capacity(prefix.len() + 1);
+        ckey.push(tag);
+        ckey.extend_from_slice(prefix);
+        tx.seqs.insert(ckey, seq);
+    }
+
+    fn op(&mut self, tx: &mut Tx, op: Op, now_ms: u64) -> Result<OpResult, StoreError> {
+        let r = match op {
+            Op::AppendInbox {
+                user,
+                sender,
+                cmid,
+                deliver,
+            } => {
+                let prefix = keys::user(&user);
+                let dkey = keys::dedupe(&user.tenant, &sender, &cmid, Dest::Inbox(&user.user));
+                self.append(tx, SeqKind::Inbox, prefix, dkey, deliver, now_ms)?
+            }
+            Op::AppendGroup {
+                group,
+                sender,
+                cmid,
+                deliver,
+            } => {
+                let prefix = keys::group(&group);
+                let dkey = keys::dedupe(&group.tenant, &sender, &cmid, Dest::Group(&group.group));
+                self.append(tx, SeqKind::Group, prefix, dkey, deliver, now_ms)?
+            }
+            Op::SetCursor { user, device, seq } => {
+                let Ok(prefix) = keys::user(&user) else {
+                    return Ok(OpResult::Refused(Refusal::IdTooLong));
+                };
+                let Ok(key) = keys::with_name(&prefix, &device) else {
+                    return Ok(OpResult::Refused(Refusal::IdTooLong));
+                };
+                let last = self.last_seq(Some(tx), SeqKind::Inbox, &prefix)?;
+                let old = self.tx_get_u64(tx, Ks::Cursor, &key)?;
+                let new = seq.min(last);
+                match old {
+                    Some(old) if old >= new => OpResult::Cursor { seq: old },
+                    None if new == 0 => OpResult::Cursor { seq: 0 },
+                    _ => {
+                        if old.is_none() {
+                            self.make_room_for_device(tx, &prefix)?;
+                        }
+                        tx.put(Ks::Cursor, key, new.to_be_bytes().to_vec());
+                        OpResult::Cursor { seq: new }
+                    }
+                }
+            }
+            Op::SetGroupCursor {
+                group,
+                member,
+                gseq,
+            } => {
+                let Ok(prefix) = keys::group(&group) else {
+                    return Ok(OpResult::Refused(Refusal::IdTooLong));
+                };
+                let Ok(key) = keys::with_name(&prefix, &member) else {
+                    return Ok(OpResult::Refused(Refusal::IdTooLong));
+                };
+                if self.tx_get(tx, Ks::Member, &key)?.is_none() {
+                    return Ok(OpResult::Refused(Refusal::NotMember));
+                }
+                let last = self.last_seq(Some(tx), SeqKind::Group, &prefix)?;
+                let old = self.tx_get_u64(tx, Ks::GroupCursor, &key)?.unwrap_or(0);
+                let new = gseq.min(last);
+                if new > old {
+                    tx.put(Ks::GroupCursor, key, new.to_be_bytes().to_vec());
+                    OpResult::Cursor { seq: new }
+                } else {
+                    OpResult::Cursor { seq: old }
+                }
+            }
+            Op::Join { group, member } => self.join(tx, &group, &member)?,
+            Op::Leave { group, member } => self.leave(tx, &group, &member)?,
+        };
+        Ok(r)
+    }
+
+    /// Before a new device cursor is written: evicts the lowest cursor of a user who has
+    /// `max_devices_per_user` of them.
+    fn make_room_for_device(&self, tx: &mut Tx, user_prefix: &[u8]) -> Result<(), StoreError> {
+        let rows = self.tx_prefix(tx, Ks::Cursor, user_prefix)?;
+        let max = self.opts.max_devices_per_user.max(1) as usize;
+        if rows.len() < max {
+            return Ok(());
+        }
+        let mut by_seq: Vec<(u64, Vec<u8>)> = rows
+            .into_iter()
+            .map(|(k, v)| (keys::decode_u64(&v).unwrap_or(0), k))
+            .collect();
+        by_seq.sort();
+        // One eviction makes room; more only if the option was lowered since.
+        let evict = by_seq.len() + 1 - max;
+        for (_, k) in by_seq.into_iter().take(evict) {
+            tx.delete(Ks::Cursor, k);
+        }
+        Ok(())
+    }
+
+    fn append(
+        &mut self,
+        tx: &mut Tx,
+        kind: SeqKind,
+        prefix: Result<Vec<u8>, TooLong>,
+        dkey: Result<Vec<u8>, TooLong>,
+        deliver: Deliver,
+        now_ms: u64,
+    ) -> Result<OpResult, StoreError> {
+        let (Ok(prefix), Ok(dkey)) = (prefix, dkey) else {
+            return Ok(OpResult::Refused(Refusal::IdTooLong));
+        };
+        let dedupe = self.opts.dedupe_window_ms > 0;
+        if dedupe {
+            if let Some(v) = self.tx_get(tx, Ks::Dedupe, &dkey)? {
+                let rec =
+                    DedupeRecord::decode(&v).ok_or_else(|| corrupt(Ks::Dedupe, "bad record"))?;
+                if now_ms.saturating_sub(rec.stored_at_ms) < self.opts.dedupe_window_ms {
+                    return Ok(OpResult::Appended {
+                        seq: rec.seq,
+                        mid: rec.mid,
+                        ts: rec.ts,
+                        duplicate: true,
+                    });
+                }
+            }
+        }
+        let (mid, ts) = (deliver.mid, deliver.ts);
+        let mut value = Vec::with_capacity(64 + deliver.body.len());
+        let env = Envelope::new(Message::Deliver(Deliver {
+            inbox_seq: 0,
+            ..deliver
+        }));
+        if CodecId::Protobuf.encode(&env, &mut value).is_err() {
+            return Ok(OpResult::Refused(Refusal::Unencodable));
+        }
+        let seq = self.last_seq(Some(tx), kind, &prefix)? + 1;
+        let (ks, keep) = match kind {
+            SeqKind::Inbox => (Ks::Inbox, self.opts.inbox_keep.max(1)),
+            SeqKind::Group => (Ks::Timeline, self.opts.group_keep.max(1)),
+        };
+        tx.put(ks, keys::with_seq(&prefix, seq), value);
+        if seq > keep {
+            tx.delete(ks, keys::with_seq(&prefix, seq - keep));
+        }
+        Self::set_last_seq(tx, kind, &prefix, seq);
+        if dedupe {
+            let rec = DedupeRecord {
+                seq,
+                mid,
+                ts,
+                stored_at_ms: now_ms,
+            };
+            tx.put(Ks::Expiry, keys::expiry(now_ms, &dkey), Vec::new());
+            tx.put(Ks::Dedupe, dkey, rec.encode().to_vec());
+        }
+        tx.appends += 1;
+        Ok(OpResult::Appended {
+            seq,
+            mid,
+            ts,
+            duplicate: false,
+        })
+    }
+
+    fn group_size_tx(&self, tx: &Tx, gprefix: &[u8]) -> Result<u64, StoreError> {
+        Ok(self.tx_get_u64(tx, Ks::GroupSize, gprefix)?.unwrap_or(0))
+    }
+
+    fn join(
+        &mut self,
+        tx: &mut Tx,
+        group: &GroupRef,
+        member: &str,
+    ) -> Result<OpResult, StoreError> {
+        let user = UserRef {
+            tenant: group.tenant.clone(),
+            user: Str::from(member),
+        };
+        let (Ok(gprefix), Ok(uprefix)) = (keys::group(group), keys::user(&user)) else {
+            return Ok(OpResult::Refused(Refusal::IdTooLong));
+        };
+        let (Ok(mkey), Ok(rkey)) = (
+            keys::with_name(&gprefix, member),
+            keys::with_name(&uprefix, &group.group),
+        ) else {
+            return Ok(OpResult::Refused(Refusal::IdTooLong));
+        };
+        let members = self.group_size_tx(tx, &gprefix)?;
+        if self.tx_get(tx, Ks::Member, &mkey)?.is_some() {
+            return Ok(OpResult::Membership {
+                changed: false,
+                members,
+            });
+        }
+        if members >= self.opts.max_group_members {
+            return Ok(OpResult::Refused(Refusal::GroupFull));
+        }
+        let groups = self.tx_prefix(tx, Ks::Membership, &uprefix)?.len();
+        if groups >= self.opts.max_groups_per_user as usize {
+            return Ok(OpResult::Refused(Refusal::TooManyGroups));
+        }
+        let gseq = self.last_seq(Some(tx), SeqKind::Group, &gprefix)?;
+        tx.put(Ks::Member, mkey.clone(), Vec::new());
+        tx.put(Ks::Membership, rkey, Vec::new());
+        if gseq > 0 {
+            tx.put(Ks::GroupCursor, mkey, gseq.to_be_bytes().to_vec());
+        }
+        tx.put(Ks::GroupSize, gprefix, (members + 1).to_be_bytes().to_vec());
+        Ok(OpResult::Membership {
+            changed: true,
+            members: members + 1,
+        })
+    }
+
+    fn leave(
+        &mut self,
+        tx: &mut Tx,
+        group: &GroupRef,
+        member: &str,
+    ) -> Result<OpResult, StoreError> {
+        let user = UserRef {
+            tenant: group.tenant.clone(),
+            user: Str::from(member),
+        };
+        let (Ok(gprefix), Ok(uprefix)) = (keys::group(group), keys::user(&user)) else {
+            return Ok(OpResult::Refused(Refusal::IdTooLong));
+        };
+        let (Ok(mkey), Ok(rkey)) = (
+            keys::with_name(&gprefix, member),
+            keys::with_name(&uprefix, &group.group),
+        ) else {
+            return Ok(OpResult::Refused(Refusal::IdTooLong));
+        };
+        let members = self.group_size_tx(tx, &gprefix)?;
+        if self.tx_get(tx, Ks::Member, &mkey)?.is_none() {
+            return Ok(OpResult::Membership {
+                changed: false,
+                members,
+            });
+        }
+        let left = members.saturating_sub(1);
+        tx.delete(Ks::Member, mkey.clone());
+        tx.delete(Ks::GroupCursor, mkey);
+        tx.delete(Ks::Membership, rkey);
+        if left == 0 {
+            tx.delete(Ks::GroupSize, gprefix);
+        } else {
+            tx.put(Ks::GroupSize, gprefix, left.to_be_bytes().to_vec());
+        }
+        Ok(OpResult::Membership {
+            changed: true,
+            members: left,
+        })
+    }
+
+    /// Collects expired dedupe records, oldest first: at most `64 + 2 × appends` per batch,
+    /// so collection outpaces insertion and the tables stay within rate × window.
+    fn collect_dedupe(&self, tx: &mut Tx, now_ms: u64) -> Result<(), StoreError> {
+        let window = self.opts.dedupe_window_ms;
+        if window == 0 {
+            return Ok(());
+        }
+        let budget = 64 + 2 * tx.appends;
+        let start = match &tx.gc_from {
+            Some(k) => Bound::Excluded(k.clone()),
+            None => Bound::Unbounded,
+        };
+        let mut expired = Vec::new();
+        for g in self
+            .ks(Ks::Expiry)
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take(budget)
+        {
+            let k = g.key().map_err(engine)?;
+            let stored_at = keys::decode_u64(k.get(..8).unwrap_or_default())
+                .ok_or_else(|| corrupt(Ks::Expiry, "key shorter than a timestamp"))?;
+            if stored_at.saturating_add(window) > now_ms {
+                break;
+            }
+            expired.push((stored_at, k.to_vec()));
+        }
+        for (stored_at, k) in expired {
+            let dkey = &k[8..];
+            // The record may have been renewed after it expired: only delete this version.
+            if let Some(v) = self.tx_get(tx, Ks::Dedupe, dkey)? {
+                if DedupeRecord::decode(&v).is_none_or(|r| r.stored_at_ms == stored_at) {
+                    tx.delete(Ks::Dedupe, dkey.to_vec());
+                }
+            }
+            tx.gc_from = Some(k.clone());
+            tx.delete(Ks::Expiry, k);
+        }
+        Ok(())
+    }
+
+    fn decode_deliver(ks: Ks, v: &[u8]) -> Result<Deliver, StoreError> {
+        match CodecId::Protobuf.decode_bytes(&Bytes::copy_from_slice(v)) {
+            Ok(Envelope {
+                msg: Message::Deliver(d),
+                ..
+            }) => Ok(d),
+            Ok(other) => Err(corrupt(ks, format!("not a deliver: {:?}", other.msg.op()))),
+            Err(e) => Err(corrupt(ks, e.to_string())),
+        }
+    }
+
+    /// Rows of `prefix ‖ seq` with seq > `after`, at most `limit` + whether more follow.
+    fn read_seqs(
+        &self,
+        ks: Ks,
+        prefix: &[u8],
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<(u64, Deliver)>, bool), StoreError> {
+        let Some(first) = after.checked_add(1) else {
+            return Ok((Vec::new(), false));
+        };
+        let from = keys::with_seq(prefix, first);
+        let to = keys::with_seq(prefix, u64::MAX);
+        let mut out = Vec::with_capacity(limit.min(256));
+        let mut more = false;
+        for g in self.ks(ks).range(from..=to) {
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            let (k, v) = g.into_inner().map_err(engine)?;
+            let seq = keys::seq_suffix(&k).ok_or_else(|| corrupt(ks, "short key"))?;
+            out.push((seq, Self::decode_deliver(ks, &v)?));
+        }
+        Ok((out, more))
+    }
+
+    fn names_after(
+        &self,
+        ks: Ks,
+        prefix: &[u8],
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Str>, StoreError> {
+        let start = match after {
+            Some(a) => {
+                let mut k = prefix.to_vec();
+                k.extend_from_slice(a.as_bytes());
+                Bound::Excluded(k)
+            }
+            None => Bound::Included(prefix.to_vec()),
+        };
+        let mut out = Vec::new();
+        for g in self.ks(ks).range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+            let k = g.key().map_err(engine)?;
+            if !k.starts_with(prefix) || out.len() == limit {
+                break;
+            }
+            let name = std::str::from_utf8(&k[prefix.len()..])
+                .map_err(|_| corrupt(ks, "name is not UTF-8"))?;
+            out.push(Str::from(name));
+        }
+        Ok(out)
+    }
+}
+
+impl Backend for EmbeddedStore {
+    fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> Result<Vec<OpResult>, StoreError> {
+        let now_ms = now_ms.max(self.last_now_ms);
+        let mut tx = Tx::new(self.gc_from.clone());
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            results.push(self.op(&mut tx, op, now_ms)?);
+        }
+        self.collect_dedupe(&mut tx, now_ms)?;
+        if !tx.is_empty() {
+            let n = tx.writes.iter().map(BTreeMap::len).sum();
+            let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), n)
+                .durability(Some(fjall::PersistMode::SyncData));
+            for (i, writes) in std::mem::take(&mut tx.writes).into_iter().enumerate() {
+                let ks = &self.ks[i];
+                for (k, v) in writes {
+                    match v {
+                        Some(v) => batch.insert(ks, k, v),
+                        None => batch.remove(ks, k),
+                    }
+                }
+            }
+            batch.commit().map_err(engine)?;
+        }
+        for (k, s) in tx.seqs {
+            self.cache.insert(k, s);
+        }
+        self.gc_from = tx.gc_from;
+        self.last_now_ms = now_ms;
+        Ok(results)
+    }
+
+    fn read_inbox(
+        &mut self,
+        user: &UserRef,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<InboxPage, StoreError> {
+        let Ok(prefix) = keys::user(user) else {
+            return Ok(InboxPage::default());
+        };
+        let (rows, more) = self.read_seqs(Ks::Inbox, &prefix, after_seq, self.page_limit(limit))?;
+        let messages = rows
+            .into_iter()
+            .map(|(seq, mut d)| {
+                d.inbox_seq = seq;
+                d
+            })
+            .collect();
+        Ok(InboxPage { messages, more })
+    }
+
+    fn last_inbox_seq(&mut self, user: &UserRef) -> Result<u64, StoreError> {
+        match keys::user(user) {
+            Ok(prefix) => self.last_seq(None, SeqKind::Inbox, &prefix),
+            Err(TooLong) => Ok(0),
+        }
+    }
+
+    fn cursor(&mut self, user: &UserRef, device: &str) -> Result<u64, StoreError> {
+        let Ok(key) = keys::user(user).and_then(|p| keys::with_name(&p, device)) else {
+            return Ok(0);
+        };
+        match self.get(Ks::Cursor, &key)? {
+            Some(v) => keys::decode_u64(&v).ok_or_else(|| corrupt(Ks::Cursor, "not a u64")),
+            None => Ok(0),
+        }
+    }
+
+    fn group_members(
+        &mut self,
+        group: &GroupRef,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Str>, StoreError> {
+        let Ok(prefix) = keys::group(group) else {
+            return Ok(Vec::new());
+        };
+        self.names_after(Ks::Member, &prefix, after, self.page_limit(limit))
+    }
+
+    fn group_size(&mut self, group: &GroupRef) -> Result<u64, StoreError> {
+        let Ok(prefix) = keys::group(group) else {
+            return Ok(0);
+        };
+        match self.get(Ks::GroupSize, &prefix)? {
+            Some(v) => keys::decode_u64(&v).ok_or_else(|| corrupt(Ks::GroupSize, "not a u64")),
+            None => Ok(0),
+        }
+    }
+
+    fn user_groups(&mut self, user: &UserRef) -> Result<Vec<Str>, StoreError> {
+        let Ok(prefix) = keys::user(user) else {
+            return Ok(Vec::new());
+        };
+        let max = self.opts.max_groups_per_user as usize;
+        self.names_after(Ks::Membership, &prefix, None, max.max(1))
+    }
+
+    fn read_group(
+        &mut self,
+        group: &GroupRef,
+        after_gseq: u64,
+        limit: u32,
+    ) -> Result<GroupPage, StoreError> {
+        let Ok(prefix) = keys::group(group) else {
+            return Ok(GroupPage::default());
+        };
+        let (rows, more) =
+            self.read_seqs(Ks::Timeline, &prefix, after_gseq, self.page_limit(limit))?;
+        let messages = rows
+            .into_iter()
+            .map(|(gseq, deliver)| GroupEntry { gseq, deliver })
+            .collect();
+        Ok(GroupPage { messages, more })
+    }
+
+    fn last_group_seq(&mut self, group: &GroupRef) -> Result<u64, StoreError> {
+        match keys::group(group) {
+            Ok(prefix) => self.last_seq(None, SeqKind::Group, &prefix),
+            Err(TooLong) => Ok(0),
+        }
+    }
+
+    fn group_cursor(&mut self, group: &GroupRef, member: &str) -> Result<u64, StoreError> {
+        let Ok(key) = keys::group(group).and_then(|p| keys::with_name(&p, member)) else {
+            return Ok(0);
+        };
+        match self.get(Ks::GroupCursor, &key)? {
+            Some(v) => keys::decode_u64(&v).ok_or_else(|| corrupt(Ks::GroupCursor, "not a u64")),
+            None => Ok(0),
+        }
+    }
+}
+
+#[cfg(test)]
+impl EmbeddedStore {
+    /// Rows in a table, by name (tests check the bounds with it).
+    pub(super) fn table_len(&self, name: &str) -> usize {
+        KS.iter()
+            .find(|(_, n)| *n == name)
+            .map_or(0, |(ks, _)| self.ks(*ks).iter().count())
+    }
+}

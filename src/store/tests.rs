@@ -1,0 +1,832 @@
+//! Behaviour of [`EmbeddedStore`] through the [`Backend`] trait. Crash safety (SIGKILL of a
+//! writing process) is in tests/store.rs.
+
+use super::*;
+use crate::protocol::{Ext, Target};
+
+const T0: u64 = 1_700_000_000_000;
+
+fn user(u: &str) -> UserRef {
+    UserRef::new("t1", u)
+}
+
+fn group(g: &str) -> GroupRef {
+    GroupRef::new("t1", g)
+}
+
+fn deliver(from: &str, mid: u64, body: &str) -> Deliver {
+    Deliver {
+        mid,
+        from: from.into(),
+        to: None,
+        inbox_seq: 999, // ignored by the store
+        ts: T0 + mid,
+        kind: None,
+        body: body.into(),
+        ext: Ext::new(),
+    }
+}
+
+fn append(to: &str, from: &str, cmid: &str, mid: u64, body: &str) -> Op {
+    Op::AppendInbox {
+        user: user(to),
+        sender: from.into(),
+        cmid: cmid.into(),
+        deliver: deliver(from, mid, body),
+    }
+}
+
+fn gappend(g: &str, from: &str, cmid: &str, mid: u64, body: &str) -> Op {
+    let mut d = deliver(from, mid, body);
+    d.to = Some(Target::Group(g.into()));
+    Op::AppendGroup {
+        group: group(g),
+        sender: from.into(),
+        cmid: cmid.into(),
+        deliver: d,
+    }
+}
+
+fn open(dir: &tempfile::TempDir, opts: StoreOptions) -> EmbeddedStore {
+    EmbeddedStore::open(dir.path(), opts).unwrap()
+}
+
+fn seq_of(r: &OpResult) -> u64 {
+    match r {
+        OpResult::Appended { seq, .. } => *seq,
+        other => panic!("not appended: {other:?}"),
+    }
+}
+
+fn bodies(page: &InboxPage) -> Vec<(u64, String)> {
+    page.messages
+        .iter()
+        .map(|d| (d.inbox_seq, d.body.to_string()))
+        .collect()
+}
+
+#[test]
+fn gapless_seqs_per_user_in_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(&dir, StoreOptions::default());
+    let mut ops = Vec::new();
+    for round in 0..5u64 {
+        for u in 0..100u64 {
+            let mid = round * 100 + u + 1;
+            ops.push(append(
+                &format!("u{u}"),
+                "alice",
+                &format!("c{mid}"),
+                mid,
+                &format!("r{round}"),
+            ));
+        }
+    }
+    let res = s.apply(ops, T0).unwrap();
+    assert_eq!(res.len(), 500);
+    for (i, r) in res.iter().enumerate() {
+        let round = i as u64 / 100;
+        assert_eq!(
+            *r,
+            OpResult::Appended {
+                seq: round + 1,
+                mid: i as u64 + 1,
+                ts: T0 + i as u64 + 1,
+                duplicate: false
+            }
+        );
+    }
+    for u in 0..100 {
+        let page = s.read_inbox(&user(&format!("u{u}")), 0, 100).unwrap();
+        let want: Vec<_> = (0..5u64).map(|r| (r + 1, format!("r{r}"))).collect();
+        assert_eq!(bodies(&page), want);
+        assert!(!page.more);
+        assert_eq!(page.messages[0].from, "alice");
+        assert_eq!(page.messages[0].mid, u + 1);
+        assert_eq!(s.last_inbox_seq(&user(&format!("u{u}"))).unwrap(), 5);
+    }
+    assert_eq!(s.last_inbox_seq(&user("nobody")).unwrap(), 0);
+}
+
+#[test]
+fn message_fields_roundtrip() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(&dir, StoreOptions::default());
+    let mut d = deliver("bob", 42, "héllo");
+    d.to = Some(Target::User("bob".into()));
+    d.kind = Some("text".into());
+    d.ext = [("a", "1"), ("z", "2")].into_iter().collect();
+    s.apply(
+        vec![Op::AppendInbox {
+            user: user("amy"),
+            sender: "bob".into(),
+            cmid: "c1".into(),
+            deliver: d.clone(),
+        }],
+        T0,
+    )
+    .unwrap();
+    let page = s.read_inbox(&user("amy"), 0, 10).unwrap();
+    d.inbox_seq = 1;
+    assert_eq!(page.messages, vec![d]);
+}
+
+#[test]
+fn seqs_continue_after_reopen_with_a_tiny_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        seq_cache_entries: 2,
+        ..StoreOptions::default()
+    };
+    let mut mid = 0;
+    let mut next = |to: &str| {
+        mid += 1;
+        append(to, "x", &format!("c{mid}"), mid, "b")
+    };
+    {
+        let mut s = open(&dir, opts.clone());
+        let ops = (0..30).map(|i| next(&format!("u{}", i % 10))).collect();
+        s.apply(ops, T0).unwrap();
+    }
+    let mut s = open(&dir, opts);
+    let res = s
+        .apply((0..20).map(|i| next(&format!("u{}", i % 10))).collect(), T0)
+        .unwrap();
+    let seqs: Vec<u64> = res.iter().map(seq_of).collect();
+    assert_eq!(seqs, [vec![4; 10], vec![5; 10]].concat());
+    for u in 0..10 {
+        let page = s.read_inbox(&user(&format!("u{u}")), 0, 100).unwrap();
+        let got: Vec<u64> = page.messages.iter().map(|d| d.inbox_seq).collect();
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
+    }
+}
+
+#[test]
+fn dedupe_returns_the_original_and_appends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let window = 60_000;
+    let mut s = open(
+        &dir,
+        StoreOptions {
+            dedupe_window_ms: window,
+            ..StoreOptions::default()
+        },
+    );
+    let first = s
+        .apply(vec![append("bob", "amy", "c1", 7, "hi")], T0)
+        .unwrap();
+    assert_eq!(
+        first[0],
+        OpResult::Appended {
+            seq: 1,
+            mid: 7,
+            ts: T0 + 7,
+            duplicate: false
+        }
+    );
+    // Resent in a later batch, and twice within one batch: the original, nothing appended.
+    let again = s
+        .apply(
+            vec![
+                append("bob", "amy", "c1", 8, "hi"),
+                append("bob", "amy", "c2", 9, "second"),
+                append("bob", "amy", "c2", 10, "second"),
+            ],
+            T0 + 1_000,
+        )
+        .unwrap();
+    assert_eq!(
+        again,
+        vec![
+            OpResult::Appended {
+                seq: 1,
+                mid: 7,
+                ts: T0 + 7,
+                duplicate: true
+            },
+            OpResult::Appended {
+                seq: 2,
+                mid: 9,
+                ts: T0 + 9,
+                duplicate: false
+            },
+            OpResult::Appended {
+                seq: 2,
+                mid: 9,
+                ts: T0 + 9,
+                duplicate: true
+            },
+        ]
+    );
+    assert_eq!(s.last_inbox_seq(&user("bob")).unwrap(), 2);
+    // The same send written to the sender's own inbox (multi-device sync) is its own record.
+    let own = s
+        .apply(vec![append("amy", "amy", "c1", 7, "hi")], T0 + 2_000)
+        .unwrap();
+    assert_eq!(seq_of(&own[0]), 1);
+    // Same cmid from another sender, or another tenant: not a duplicate.
+    let other = s
+        .apply(vec![append("bob", "carl", "c1", 11, "yo")], T0 + 2_000)
+        .unwrap();
+    assert_eq!(seq_of(&other[0]), 3);
+    // Survives a restart.
+    drop(s);
+    let mut s = open(
+        &dir,
+        StoreOptions {
+            dedupe_window_ms: window,
+            ..StoreOptions::default()
+        },
+    );
+    let r = s
+        .apply(vec![append("bob", "amy", "c1", 12, "hi")], T0 + 3_000)
+        .unwrap();
+    assert_eq!(
+        r[0],
+        OpResult::Appended {
+            seq: 1,
+            mid: 7,
+            ts: T0 + 7,
+            duplicate: true
+        }
+    );
+    // After the window the cmid is new again.
+    let late = s
+        .apply(vec![append("bob", "amy", "c1", 13, "hi")], T0 + window)
+        .unwrap();
+    assert_eq!(
+        late[0],
+        OpResult::Appended {
+            seq: 4,
+            mid: 13,
+            ts: T0 + 13,
+            duplicate: false
+        }
+    );
+    // ... and that renewed record dedupes for a full window, even after collection ran.
+    let r = s
+        .apply(
+            vec![append("bob", "amy", "c1", 14, "hi")],
+            T0 + window + window / 2,
+        )
+        .unwrap();
+    assert_eq!(seq_of(&r[0]), 4);
+}
+
+#[test]
+fn expired_dedupe_records_are_collected_with_bounded_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let window = 1_000;
+    let mut s = open(
+        &dir,
+        StoreOptions {
+            dedupe_window_ms: window,
+            ..StoreOptions::default()
+        },
+    );
+    let ops = (0..500u64)
+        .map(|i| append("bob", "amy", &format!("c{i}"), i, "x"))
+        .collect();
+    s.apply(ops, T0).unwrap();
+    assert_eq!(s.table_len("dedupe"), 500);
+    assert_eq!(s.table_len("dedupe_expiry"), 500);
+    // Not yet expired: nothing collected.
+    s.apply(vec![append("bob", "amy", "n0", 1000, "x")], T0 + window - 1)
+        .unwrap();
+    assert_eq!(s.table_len("dedupe"), 501);
+    // Each apply with one append collects at most 64 + 2 records.
+    let mut rounds = 0;
+    let mut now = T0 + 10 * window;
+    while s.table_len("dedupe_expiry") > 1 {
+        let before = s.table_len("dedupe_expiry");
+        rounds += 1;
+        now += 1;
+        s.apply(
+            vec![append(
+                "carl",
+                "amy",
+                &format!("m{rounds}"),
+                2000 + rounds,
+                "x",
+            )],
+            now,
+        )
+        .unwrap();
+        let after = s.table_len("dedupe_expiry");
+        // One record added, at most 66 collected.
+        assert!(before + 1 - after <= 66, "collected {}", before + 1 - after);
+        assert!(rounds < 100);
+        // Records of this run are not expired until `now + window`.
+        if after <= rounds as usize {
+            break;
+        }
+    }
+    assert!(rounds >= 501 / 66);
+    assert_eq!(s.table_len("dedupe"), s.table_len("dedupe_expiry"));
+    assert!(s.table_len("dedupe") <= rounds as usize + 1);
+    // A window of 0 disables dedupe: no records at all.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(
+        &dir,
+        StoreOptions {
+            dedupe_window_ms: 0,
+            ..StoreOptions::default()
+        },
+    );
+    let r = s
+        .apply(
+            vec![
+                append("bob", "amy", "c", 1, "x"),
+                append("bob", "amy", "c", 1, "x"),
+            ],
+            T0,
+        )
+        .unwrap();
+    assert_eq!((seq_of(&r[0]), seq_of(&r[1])), (1, 2));
+    assert_eq!(s.table_len("dedupe"), 0);
+}
+
+#[test]
+fn dedupe_survives_a_clock_step_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(&dir, StoreOptions::default());
+    s.apply(vec![append("bob", "amy", "c1", 1, "x")], T0)
+        .unwrap();
+    let r = s
+        .apply(vec![append("bob", "amy", "c1", 2, "x")], T0 - 3_600_000)
+        .unwrap();
+    assert!(matches!(
+        r[0],
+        OpResult::Appended {
+            duplicate: true,
+            seq: 1,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn cursors_are_monotonic_and_bounded_by_the_inbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(
+        &dir,
+        StoreOptions {
+            max_devices_per_user: 3,
+            ..StoreOptions::default()
+        },
+    );
+    let ops = (1..=10)
+        .map(|i| append("bob", "amy", &format!("c{i}"), i, "x"))
+        .collect();
+    s.apply(ops, T0).unwrap();
+    let set = |device: &str, seq: u64| Op::SetCursor {
+        user: user("bob"),
+        device: device.into(),
+        seq,
+    };
+    let r = s
+        .apply(
+            vec![
+                set("phone", 5),
+                set("phone", 3),
+                set("laptop", 100),
+                set("tab", 0),
+            ],
+            T0,
+        )
+        .unwrap();
+    assert_eq!(
+        r,
+        vec![
+            OpResult::Cursor { seq: 5 },
+            OpResult::Cursor { seq: 5 },
+            OpResult::Cursor { seq: 10 },
+            OpResult::Cursor { seq: 0 },
+        ]
+    );
+    assert_eq!(s.cursor(&user("bob"), "phone").unwrap(), 5);
+    assert_eq!(s.cursor(&user("bob"), "laptop").unwrap(), 10);
+    assert_eq!(s.cursor(&user("bob"), "tab").unwrap(), 0);
+    assert_eq!(s.table_len("cursor"), 2);
+    let r = s.apply(vec![set("phone", 4)], T0).unwrap();
+    assert_eq!(r, vec![OpResult::Cursor { seq: 5 }]);
+    // A fourth device evicts the lowest cursor (phone at 5).
+    s.apply(vec![set("tab", 7), set("watch", 8)], T0).unwrap();
+    assert_eq!(s.table_len("cursor"), 3);
+    assert_eq!(s.cursor(&user("bob"), "phone").unwrap(), 0);
+    assert_eq!(s.cursor(&user("bob"), "watch").unwrap(), 8);
+    // No inbox, no cursor.
+    let r = s
+        .apply(
+            vec![Op::SetCursor {
+                user: user("zed"),
+                device: "d".into(),
+                seq: 3,
+            }],
+            T0,
+        )
+        .unwrap();
+    assert_eq!(r, vec![OpResult::Cursor { seq: 0 }]);
+}
+
+#[test]
+fn read_inbox_pages_with_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(
+        &dir,
+        StoreOptions {
+            max_page: 8,
+            ..StoreOptions::default()
+        },
+    );
+    let ops = (1..=25)
+        .map(|i| append("bob", "amy", &format!("c{i}"), i, &format!("m{i}")))
+        .collect();
+    s.apply(ops, T0).unwrap();
+    let mut after = 0;
+    let mut pages = Vec::new();
+    loop {
+        let p = s.read_inbox(&user("bob"), after, 10).unwrap();
+        let seqs: Vec<u64> = p.messages.iter().map(|d| d.inbox_seq).collect();
+        after = *seqs.last().unwrap();
+        pages.push((seqs.len(), p.more));
+        if !p.more {
+            break;
+        }
+    }
+    // `limit` 10 is clamped to max_page 8.
+    assert_eq!(pages, vec![(8, true), (8, true), (8, true), (1, false)]);
+    assert_eq!(after, 25);
+    let p = s.read_inbox(&user("bob"), 24, 1).unwrap();
+    assert_eq!((bodies(&p), p.more), (vec![(25, "m25".to_string())], false));
+    let p = s.read_inbox(&user("bob"), 23, 0).unwrap();
+    assert_eq!((p.messages.len(), p.more), (1, true));
+    assert_eq!(
+        s.read_inbox(&user("bob"), 25, 10).unwrap(),
+        InboxPage::default()
+    );
+    assert_eq!(
+        s.read_inbox(&user("bob"), u64::MAX, 10).unwrap(),
+        InboxPage::default()
+    );
+    // Another user with a name that extends this one's shares nothing.
+    assert_eq!(
+        s.read_inbox(&user("bo"), 0, 10).unwrap(),
+        InboxPage::default()
+    );
+}
+
+#[test]
+fn inboxes_keep_the_newest_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(
+        &dir,
+        StoreOptions {
+            inbox_keep: 5,
+            ..StoreOptions::default()
+        },
+    );
+    for i in 1..=8 {
+        s.apply(vec![append("bob", "amy", &format!("c{i}"), i, "x")], T0)
+            .unwrap();
+    }
+    let p = s.read_inbox(&user("bob"), 0, 100).unwrap();
+    let seqs: Vec<u64> = p.messages.iter().map(|d| d.inbox_seq).collect();
+    assert_eq!(seqs, vec![4, 5, 6, 7, 8]);
+    assert_eq!(s.table_len("inbox"), 5);
+    drop(s);
+    let mut s = open(&dir, StoreOptions::default());
+    assert_eq!(s.last_inbox_seq(&user("bob")).unwrap(), 8);
+}
+
+#[test]
+fn membership_members_paging_and_user_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(
+        &dir,
+        StoreOptions {
+            max_groups_per_user: 2,
+            max_group_members: 30,
+            ..StoreOptions::default()
+        },
+    );
+    let join = |g: &str, m: &str| Op::Join {
+        group: group(g),
+        member: m.into(),
+    };
+    let leave = |g: &str, m: &str| Op::Leave {
+        group: group(g),
+        member: m.into(),
+    };
+    let ops = (0..25).map(|i| join("g1", &format!("m{i:02}"))).collect();
+    let r = s.apply(ops, T0).unwrap();
+    assert_eq!(
+        r[24],
+        OpResult::Membership {
+            changed: true,
+            members: 25
+        }
+    );
+    let r = s
+        .apply(vec![join("g1", "m00"), leave("g1", "zz")], T0)
+        .unwrap();
+    assert_eq!(
+        r,
+        vec![
+            OpResult::Membership {
+                changed: false,
+                members: 25
+            },
+            OpResult::Membership {
+                changed: false,
+                members: 25
+            },
+        ]
+    );
+    assert_eq!(s.group_size(&group("g1")).unwrap(), 25);
+    // Paging through the members.
+    let mut all = Vec::new();
+    let mut after: Option<Str> = None;
+    loop {
+        let page = s.group_members(&group("g1"), after.as_deref(), 10).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().cloned();
+        all.extend(page);
+    }
+    let want: Vec<Str> = (0..25).map(|i| Str::from(format!("m{i:02}"))).collect();
+    assert_eq!(all, want);
+    // Group g1 and g1x do not share members (prefix-free keys).
+    s.apply(vec![join("g1x", "m00")], T0).unwrap();
+    assert_eq!(
+        s.group_members(&group("g1x"), None, 100).unwrap(),
+        vec![Str::from("m00")]
+    );
+    assert_eq!(
+        s.user_groups(&user("m00")).unwrap(),
+        vec![Str::from("g1"), Str::from("g1x")]
+    );
+    // Limits: groups per user, members per group.
+    let r = s
+        .apply(
+            vec![
+                join("g3", "m00"),
+                join("g1", "n1"),
+                join("g1", "n2"),
+                join("g1", "n3"),
+                join("g1", "n4"),
+                join("g1", "n5"),
+                join("g1", "n6"),
+            ],
+            T0,
+        )
+        .unwrap();
+    assert_eq!(r[0], OpResult::Refused(Refusal::TooManyGroups));
+    assert_eq!(
+        r[5],
+        OpResult::Membership {
+            changed: true,
+            members: 30
+        }
+    );
+    assert_eq!(r[6], OpResult::Refused(Refusal::GroupFull));
+    // Leave, within a batch after a join too.
+    let r = s
+        .apply(
+            vec![leave("g1", "m00"), join("g3", "m00"), leave("g3", "m00")],
+            T0,
+        )
+        .unwrap();
+    assert_eq!(
+        r[0],
+        OpResult::Membership {
+            changed: true,
+            members: 29
+        }
+    );
+    assert_eq!(
+        r[1],
+        OpResult::Membership {
+            changed: true,
+            members: 1
+        }
+    );
+    assert_eq!(
+        r[2],
+        OpResult::Membership {
+            changed: true,
+            members: 0
+        }
+    );
+    assert_eq!(s.user_groups(&user("m00")).unwrap(), vec![Str::from("g1x")]);
+    assert_eq!(s.group_size(&group("g3")).unwrap(), 0);
+    assert_eq!(s.table_len("group_size"), 2);
+    assert!(!s
+        .group_members(&group("g1"), None, 100)
+        .unwrap()
+        .contains(&Str::from("m00")));
+}
+
+#[test]
+fn group_timeline_and_group_cursors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(
+        &dir,
+        StoreOptions {
+            group_keep: 50,
+            ..StoreOptions::default()
+        },
+    );
+    let join = |m: &str| Op::Join {
+        group: group("g"),
+        member: m.into(),
+    };
+    let gcur = |m: &str, gseq: u64| Op::SetGroupCursor {
+        group: group("g"),
+        member: m.into(),
+        gseq,
+    };
+    s.apply(vec![join("amy")], T0).unwrap();
+    let ops = (1..=30)
+        .map(|i| gappend("g", "amy", &format!("c{i}"), i, &format!("m{i}")))
+        .collect();
+    let r = s.apply(ops, T0).unwrap();
+    assert_eq!(
+        r.iter().map(seq_of).collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>()
+    );
+    // Another group's sequence is independent; a duplicate returns the original gseq.
+    let r = s
+        .apply(
+            vec![
+                gappend("h", "amy", "c1", 99, "x"),
+                gappend("g", "amy", "c3", 100, "m3"),
+            ],
+            T0,
+        )
+        .unwrap();
+    assert_eq!(r.iter().map(seq_of).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!(s.last_group_seq(&group("g")).unwrap(), 30);
+    // Pages.
+    let p = s.read_group(&group("g"), 20, 7).unwrap();
+    assert!(p.more);
+    assert_eq!(
+        p.messages.iter().map(|e| e.gseq).collect::<Vec<_>>(),
+        (21..=27).collect::<Vec<_>>()
+    );
+    assert_eq!(p.messages[0].deliver.body, "m21");
+    assert_eq!(p.messages[0].deliver.to, Some(Target::Group("g".into())));
+    let p = s.read_group(&group("g"), 27, 7).unwrap();
+    assert!(!p.more && p.messages.len() == 3);
+    // Cursors: monotonic, bounded by the timeline; non-members refused.
+    let r = s
+        .apply(
+            vec![
+                gcur("amy", 10),
+                gcur("amy", 5),
+                gcur("amy", 1000),
+                gcur("bob", 3),
+            ],
+            T0,
+        )
+        .unwrap();
+    assert_eq!(
+        r,
+        vec![
+            OpResult::Cursor { seq: 10 },
+            OpResult::Cursor { seq: 10 },
+            OpResult::Cursor { seq: 30 },
+            OpResult::Refused(Refusal::NotMember),
+        ]
+    );
+    assert_eq!(s.group_cursor(&group("g"), "amy").unwrap(), 30);
+    // A new member starts at the current gseq.
+    s.apply(vec![join("bob")], T0).unwrap();
+    assert_eq!(s.group_cursor(&group("g"), "bob").unwrap(), 30);
+    // Leaving drops the cursor; rejoining starts at the gseq of then.
+    s.apply(
+        vec![Op::Leave {
+            group: group("g"),
+            member: "amy".into(),
+        }],
+        T0,
+    )
+    .unwrap();
+    assert_eq!(s.group_cursor(&group("g"), "amy").unwrap(), 0);
+    assert_eq!(s.table_len("group_cursor"), 1);
+    // Timeline trimming keeps the newest `group_keep`.
+    let ops = (31..=60)
+        .map(|i| gappend("g", "bob", &format!("c{i}"), i, "x"))
+        .collect();
+    s.apply(ops, T0).unwrap();
+    let p = s.read_group(&group("g"), 0, 1000).unwrap();
+    assert_eq!(p.messages.first().map(|e| e.gseq), Some(11));
+    assert_eq!(p.messages.len(), 50);
+    // Reopen: gseq continues.
+    drop(s);
+    let mut s = open(&dir, StoreOptions::default());
+    let r = s
+        .apply(vec![gappend("g", "bob", "new", 61, "x")], T0)
+        .unwrap();
+    assert_eq!(seq_of(&r[0]), 61);
+}
+
+#[test]
+fn refused_ops_leave_the_rest_of_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(&dir, StoreOptions::default());
+    let long = "x".repeat(MAX_ID_BYTES + 1);
+    let r = s
+        .apply(
+            vec![
+                append(&long, "amy", "c1", 1, "x"),
+                append("bob", "amy", &long, 2, "x"),
+                append("bob", "amy", "c3", 3, "x"),
+                Op::Join {
+                    group: group("g"),
+                    member: long.as_str().into(),
+                },
+                Op::SetCursor {
+                    user: user("bob"),
+                    device: long.as_str().into(),
+                    seq: 1,
+                },
+            ],
+            T0,
+        )
+        .unwrap();
+    assert_eq!(
+        r,
+        vec![
+            OpResult::Refused(Refusal::IdTooLong),
+            OpResult::Refused(Refusal::IdTooLong),
+            OpResult::Appended {
+                seq: 1,
+                mid: 3,
+                ts: T0 + 3,
+                duplicate: false
+            },
+            OpResult::Refused(Refusal::IdTooLong),
+            OpResult::Refused(Refusal::IdTooLong),
+        ]
+    );
+    // A batch that writes nothing commits nothing and still answers.
+    let r = s
+        .apply(vec![append("bob", "amy", "c3", 3, "x")], T0)
+        .unwrap();
+    assert!(matches!(
+        r[0],
+        OpResult::Appended {
+            duplicate: true,
+            ..
+        }
+    ));
+    assert_eq!(s.apply(Vec::new(), T0).unwrap(), Vec::new());
+}
+
+#[test]
+fn refuses_another_format_version() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(&dir, StoreOptions::default()));
+    {
+        let db = fjall::Database::builder(dir.path().join("fjall"))
+            .open()
+            .unwrap();
+        let meta = db
+            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        meta.insert(&b"format"[..], &99u32.to_be_bytes()[..])
+            .unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    match EmbeddedStore::open(dir.path(), StoreOptions::default()) {
+        Err(StoreError::Format {
+            found: 99,
+            expected: 1,
+        }) => {}
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("opened a store of another format"),
+    }
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let _s = open(&dir, StoreOptions::default());
+    assert!(matches!(
+        EmbeddedStore::open(dir.path(), StoreOptions::default()),
+        Err(StoreError::Engine(_))
+    ));
+}
+
+#[test]
+fn backend_is_object_safe_and_send() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Box<dyn Backend>>();
+    let dir = tempfile::tempdir().unwrap();
+    let mut b: Box<dyn Backend> = Box::new(open(&dir, StoreOptions::default()));
+    b.apply(vec![append("bob", "amy", "c", 1, "x")], T0)
+        .unwrap();
+    assert_eq!(b.last_inbox_seq(&user("bob")).unwrap(), 1);
+}
