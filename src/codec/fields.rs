@@ -13,6 +13,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
+use super::text::share_str;
 use super::DecodeError;
 use crate::protocol::{
     Ack, Deliver, Envelope, Error, ErrorCode, Ext, Goaway, GroupJoin, GroupLeave, Hello, Limits,
@@ -242,16 +243,7 @@ pub(crate) struct Src<'b>(pub(crate) &'b Bytes);
 impl Src<'_> {
     pub(crate) fn str(&self, s: BStr<'_>) -> Str {
         match s.0 {
-            Cow::Borrowed(b) => {
-                let base = self.0.as_ptr() as usize;
-                let at = b.as_ptr() as usize;
-                if at >= base && at + b.len() <= base + self.0.len() {
-                    // In range, so slice_ref cannot panic; the bytes are the str's, so UTF-8.
-                    Str::try_from(self.0.slice_ref(b.as_bytes())).unwrap_or_else(|_| Str::from(b))
-                } else {
-                    Str::from(b)
-                }
-            }
+            Cow::Borrowed(b) => share_str(self.0, b),
             Cow::Owned(o) => Str::from(o),
         }
     }

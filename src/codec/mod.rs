@@ -11,6 +11,7 @@ pub mod hessian;
 pub mod json;
 pub mod msgpack;
 pub mod protobuf;
+mod text;
 
 use bytes::Bytes;
 
