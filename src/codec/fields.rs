@@ -57,7 +57,7 @@ impl Serialize for LimitsSer<'_> {
 }
 
 /// Number of map entries `env` serializes to (some formats need it up front).
-fn entry_count(env: &Envelope) -> usize {
+pub(crate) fn entry_count(env: &Envelope) -> usize {
     let body = match &env.msg {
         Message::Hello(h) => {
             3 + usize::from(!h.codecs.is_empty()) + usize::from(h.resume.is_some())
@@ -188,7 +188,7 @@ impl Serialize for Envelope {
 /// A string as the deserializer found it: borrowed from the input when it could be (no
 /// escapes, plain UTF-8), owned otherwise. [`Src::str`] turns it into a [`Str`] without a copy
 /// in the borrowed case.
-pub(crate) struct BStr<'a>(Cow<'a, str>);
+pub(crate) struct BStr<'a>(pub(crate) Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for BStr<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -49,9 +49,11 @@ use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, V
 use serde::ser::{self, Serialize};
 use serde::Deserialize;
 
+use super::direct::{self, set_once, target_of, MapSink, MapSource};
 use super::fields::{finish, OpOnly, WireIn};
+use super::text::{ascii_str, share_str};
 use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
-use crate::protocol::Envelope;
+use crate::protocol::{Envelope, Ext, Limits, Resume, Str, Target};
 
 const CODEC: &str = "hessian";
 
@@ -70,14 +72,34 @@ impl Codec for Hessian {
     const ID: CodecId = CodecId::Hessian;
 
     fn encode(env: &Envelope, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-        to_writer(env, out)
+        let start = out.len();
+        let r = direct::write_envelope(&mut Writer { out }, env);
+        if r.is_err() {
+            out.truncate(start);
+        }
+        r
     }
 
     fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
-        finish(bytes, from_slice::<WireIn>(bytes), || {
-            from_slice::<OpOnly>(bytes).ok()
-        })
+        if let Some(env) = decode_direct(bytes) {
+            return Ok(env);
+        }
+        decode_serde(bytes)
     }
+}
+
+/// Encodes through the serde data format ([`to_writer`]) and the `Serialize` impl: the
+/// reference [`Hessian::encode`] is tested against.
+pub fn encode_serde(env: &Envelope, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    to_writer(env, out)
+}
+
+/// The general decoding path ([`from_slice`] into `WireIn`); it decides every frame the
+/// direct reader gives up on, and the tests compare the two.
+pub fn decode_serde(bytes: &Bytes) -> Result<Envelope, DecodeError> {
+    finish(bytes, from_slice::<WireIn>(bytes), || {
+        from_slice::<OpOnly>(bytes).ok()
+    })
 }
 
 /// Appends the Hessian 2.0 encoding of `value` to `out`. On error `out` is left as it was.
@@ -198,6 +220,18 @@ fn write_utf8(out: &mut Vec<u8>, s: &str) {
 
 /// Writes a Hessian `string`, chunked past [`MAX_CHUNK`] units without splitting a pair.
 fn write_string(out: &mut Vec<u8>, s: &str) {
+    if s.len() <= 0x3ff && s.is_ascii() {
+        // One unit per byte, one chunk: what the general code below writes, without its
+        // passes over the characters.
+        let units = s.len();
+        if units <= 0x1f {
+            out.push(units as u8);
+        } else {
+            out.extend_from_slice(&[0x30 + (units >> 8) as u8, units as u8]);
+        }
+        out.extend_from_slice(s.as_bytes());
+        return;
+    }
     let mut rest = s;
     let mut units = utf16_len(s);
     while units > MAX_CHUNK {
@@ -613,6 +647,299 @@ impl ser::SerializeStructVariant for Compound<'_, '_> {
 
     fn end(self) -> Result<(), SerError> {
         self.finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct writer and reader of the frame's map (see `direct.rs`)
+// ---------------------------------------------------------------------------------------------
+
+/// Writes the frame's map with the same forms as [`to_writer`] (property-tested).
+struct Writer<'a> {
+    out: &'a mut Vec<u8>,
+}
+
+impl MapSink for Writer<'_> {
+    #[inline]
+    fn map(&mut self, _entries: usize) -> Result<(), EncodeError> {
+        self.out.push(b'H');
+        Ok(())
+    }
+
+    #[inline]
+    fn end_map(&mut self) {
+        self.out.push(b'Z');
+    }
+
+    #[inline(always)]
+    fn key(&mut self, key: &'static str) {
+        // Our field names are ASCII and shorter than 32 bytes: a one-byte length.
+        debug_assert!(key.len() <= 0x1f && key.is_ascii());
+        self.out.push(key.len() as u8);
+        self.out.extend_from_slice(key.as_bytes());
+    }
+
+    #[inline]
+    fn str(&mut self, s: &str) -> Result<(), EncodeError> {
+        write_string(self.out, s);
+        Ok(())
+    }
+
+    #[inline]
+    fn uint(&mut self, v: u64) -> Result<(), EncodeError> {
+        let v = i64::try_from(v).map_err(|_| EncodeError::TooLarge)?;
+        write_long(self.out, v);
+        Ok(())
+    }
+
+    #[inline]
+    fn bool(&mut self, v: bool) {
+        self.out.push(if v { b'T' } else { b'F' });
+    }
+
+    fn strs(&mut self, items: &[Str]) -> Result<(), EncodeError> {
+        let n = items.len();
+        if n <= 7 {
+            self.out.push(0x78 + n as u8);
+        } else {
+            let n = i32::try_from(n).map_err(|_| EncodeError::TooLarge)?;
+            self.out.push(b'X');
+            write_int(self.out, n);
+        }
+        for s in items {
+            write_string(self.out, s);
+        }
+        Ok(())
+    }
+}
+
+/// The direct reader's attempt: the envelope, or `None` to leave the frame to
+/// [`decode_serde`]. Only an untyped map (`H`) at the top, untyped maps and lists inside, and
+/// single-chunk strings that are plain UTF-8 are read; the rest gives up.
+fn decode_direct(bytes: &Bytes) -> Option<Envelope> {
+    let mut r = Direct {
+        de: De::new(bytes),
+        src: bytes,
+    };
+    if r.de.next().ok()? != b'H' {
+        return None;
+    }
+    // Inside the top-level map, as the general path's `visit_map` would be.
+    r.de.depth = 1;
+    let env = direct::envelope(&mut r)?;
+    (r.de.pos == bytes.len()).then_some(env)
+}
+
+struct Direct<'a, 'de> {
+    de: De<'de>,
+    src: &'a Bytes,
+}
+
+impl<'de> Direct<'_, 'de> {
+    /// A string that is one final chunk of plain UTF-8 (no CESU-8 surrogate pairs), as the
+    /// input's bytes. Lengths count UTF-16 units: one per character, two for a 4-byte one.
+    fn plain(&mut self) -> Option<&'de str> {
+        let tag = self.de.next().ok()?;
+        let units = match tag {
+            0x00..=0x1f => usize::from(tag),
+            0x30..=0x33 => (usize::from(tag - 0x30) << 8) + usize::from(self.de.next().ok()?),
+            b'S' => usize::from(u16::from_be_bytes(self.de.take_array().ok()?)),
+            _ => return None,
+        };
+        let input = self.de.input;
+        let start = self.de.pos;
+        if let Some(s) = input.get(start..start + units).and_then(ascii_str) {
+            self.de.pos = start + units;
+            return Some(s);
+        }
+        // Not all ASCII: walk the characters to find the end.
+        let mut end = start;
+        let mut left = units;
+        while left > 0 {
+            let (width, n) = match *input.get(end)? {
+                0x00..=0x7f => (1, 1),
+                0xc0..=0xdf => (2, 1),
+                0xe0..=0xef => (3, 1),
+                0xf0..=0xf7 => (4, 2),
+                _ => return None,
+            };
+            if n > left {
+                return None;
+            }
+            end += width;
+            left -= n;
+        }
+        // Surrogates (CESU-8) are not UTF-8: such strings are left to the general path.
+        let s = std::str::from_utf8(input.get(start..end)?).ok()?;
+        self.de.pos = end;
+        Some(s)
+    }
+
+    /// The entries of a nested untyped map: `entry` reads each value after its key, and
+    /// returns `None` for a key it does not know, which is skipped.
+    fn nested(
+        &mut self,
+        mut entry: impl FnMut(&mut Self, &[u8]) -> Option<Option<()>>,
+    ) -> Option<()> {
+        if self.de.next().ok()? != b'H' {
+            return None;
+        }
+        self.de.enter().ok()?;
+        loop {
+            if self.de.peek().ok()? == b'Z' {
+                self.de.pos += 1;
+                break;
+            }
+            let key = self.plain()?;
+            if entry(self, key.as_bytes())?.is_none() {
+                self.de.skip_value().ok()?;
+            }
+        }
+        self.de.leave();
+        Some(())
+    }
+}
+
+impl<'de> MapSource for Direct<'_, 'de> {
+    type Key = &'de [u8];
+
+    #[inline]
+    fn key(&mut self) -> Option<Option<&'de [u8]>> {
+        if self.de.peek().ok()? == b'Z' {
+            self.de.pos += 1;
+            return Some(None);
+        }
+        self.plain().map(|k| Some(k.as_bytes()))
+    }
+
+    #[inline]
+    fn str(&mut self) -> Option<Str> {
+        let s = self.plain()?;
+        Some(share_str(self.src, s))
+    }
+
+    #[inline]
+    fn name<T>(&mut self, f: impl FnOnce(&[u8]) -> Option<T>) -> Option<T> {
+        f(self.plain()?.as_bytes())
+    }
+
+    #[inline]
+    fn uint(&mut self) -> Option<u64> {
+        let tag = self.de.next().ok()?;
+        let v = if is_int_tag(tag) {
+            i64::from(self.de.int_body(tag).ok()?)
+        } else if is_long_tag(tag) {
+            self.de.long_body(tag).ok()?
+        } else {
+            return None;
+        };
+        u64::try_from(v).ok()
+    }
+
+    #[inline]
+    fn bool(&mut self) -> Option<bool> {
+        match self.de.next().ok()? {
+            b'T' => Some(true),
+            b'F' => Some(false),
+            _ => None,
+        }
+    }
+
+    fn target(&mut self) -> Option<Target> {
+        let (mut user, mut group) = (None, None);
+        self.nested(|r, key| {
+            Some(match key {
+                b"user" => Some(set_once(&mut user, r.str())?),
+                b"group" => Some(set_once(&mut group, r.str())?),
+                _ => None,
+            })
+        })?;
+        target_of(user, group)
+    }
+
+    fn resume(&mut self) -> Option<Resume> {
+        let mut inbox_seq = None;
+        self.nested(|r, key| {
+            Some(match key {
+                b"inbox_seq" => Some(set_once(&mut inbox_seq, r.uint())?),
+                _ => None,
+            })
+        })?;
+        Some(Resume {
+            inbox_seq: inbox_seq.unwrap_or(0),
+        })
+    }
+
+    fn limits(&mut self) -> Option<Limits> {
+        let (mut max_frame_bytes, mut sends_per_sec, mut window) = (None, None, None);
+        let u32_of = |r: &mut Self| r.uint().and_then(|v| u32::try_from(v).ok());
+        self.nested(|r, key| {
+            Some(match key {
+                b"max_frame_bytes" => Some(set_once(&mut max_frame_bytes, u32_of(r))?),
+                b"sends_per_sec" => Some(set_once(&mut sends_per_sec, u32_of(r))?),
+                b"window" => Some(set_once(&mut window, u32_of(r))?),
+                _ => None,
+            })
+        })?;
+        Some(Limits {
+            max_frame_bytes: max_frame_bytes.unwrap_or(0),
+            sends_per_sec: sends_per_sec.unwrap_or(0),
+            window: window.unwrap_or(0),
+        })
+    }
+
+    fn ext(&mut self) -> Option<Ext> {
+        if self.de.next().ok()? != b'H' {
+            return None;
+        }
+        self.de.enter().ok()?;
+        let mut ext = Ext::new();
+        loop {
+            if self.de.peek().ok()? == b'Z' {
+                self.de.pos += 1;
+                break;
+            }
+            let k = self.str()?;
+            let v = self.str()?;
+            ext.insert(k, v);
+        }
+        self.de.leave();
+        Some(ext)
+    }
+
+    fn strs(&mut self) -> Option<Vec<Str>> {
+        let tag = self.de.next().ok()?;
+        let len = match tag {
+            0x78..=0x7f => Some(usize::from(tag - 0x78)),
+            b'X' => Some(self.de.read_count().ok()?),
+            b'W' => None,
+            _ => return None,
+        };
+        if let Some(n) = len {
+            self.de.check_declared(n).ok()?;
+        }
+        self.de.enter().ok()?;
+        let mut v = Vec::new();
+        match len {
+            Some(n) => {
+                for _ in 0..n {
+                    v.push(self.str()?);
+                }
+            }
+            None => loop {
+                if self.de.peek().ok()? == b'Z' {
+                    self.de.pos += 1;
+                    break;
+                }
+                v.push(self.str()?);
+            },
+        }
+        self.de.leave();
+        Some(v)
+    }
+
+    fn skip(&mut self) -> Option<()> {
+        self.de.skip_value().ok()
     }
 }
 

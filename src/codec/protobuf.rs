@@ -22,8 +22,7 @@
 //! - a scalar or string field given twice: the last value wins; numbers are read as 64-bit
 //!   varints and truncated to the field's width (`uint32`, `int32` enum) as prost does;
 //! - a nested message given twice is merged field by field; a repeated field appends; a map
-//!   entry with a key seen before replaces its value; a map entry is read as length-delimited
-//!   whatever its wire type says (prost's map decoding does not check it);
+//!   entry with a key seen before replaces its value (a missing key or value is empty);
 //! - oneof (`Frame.msg`, `Target.kind`): the last variant wins; the same op given twice is
 //!   merged; a frame without a known op (an op added later: its field is unknown here) is
 //!   [`DecodeError::UnknownOp`] with the frame's `ref`;
@@ -665,9 +664,16 @@ impl Reader<'_> {
         })
     }
 
-    /// A `map<string, string>` entry. Like prost, the wire type of the map field itself is
-    /// not checked: the entry is read as length-delimited.
-    fn ext_entry(&self, cur: &mut &[u8], depth: usize, ext: &mut Ext) -> Res<()> {
+    /// A `map<string, string>` entry: a nested message with the key (1) and value (2).
+    fn ext_entry(
+        &self,
+        cur: &mut &[u8],
+        tag: u32,
+        wire_type: u8,
+        depth: usize,
+        ext: &mut Ext,
+    ) -> Res<()> {
+        want(tag, wire_type, LEN)?;
         let mut key = Str::new();
         let mut value = Str::new();
         let depth = enter(depth)?;
@@ -786,7 +792,7 @@ impl Reader<'_> {
                     2 => s.cmid = self.string(c, tag, wt)?,
                     3 => s.kind = Some(self.string(c, tag, wt)?),
                     4 => s.body = self.string(c, tag, wt)?,
-                    5 => self.ext_entry(c, depth, &mut s.ext)?,
+                    5 => self.ext_entry(c, tag, wt, depth, &mut s.ext)?,
                     _ => return Ok(false),
                 }
                 Ok(true)
@@ -810,7 +816,7 @@ impl Reader<'_> {
                     5 => d.ts = u64_field(c, tag, wt)?,
                     6 => d.kind = Some(self.string(c, tag, wt)?),
                     7 => d.body = self.string(c, tag, wt)?,
-                    8 => self.ext_entry(c, depth, &mut d.ext)?,
+                    8 => self.ext_entry(c, tag, wt, depth, &mut d.ext)?,
                     _ => return Ok(false),
                 }
                 Ok(true)

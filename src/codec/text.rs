@@ -32,6 +32,19 @@ pub(crate) fn slice_str(src: &Bytes, start: usize, end: usize) -> Result<Str, De
     Ok(s)
 }
 
+/// `b` as a `&str` if it is ASCII (checked a word at a time), which is then UTF-8 without a
+/// full validation.
+#[inline]
+pub(crate) fn ascii_str(b: &[u8]) -> Option<&str> {
+    if !b.is_ascii() {
+        return None;
+    }
+    // SAFETY: every byte is below 0x80 (checked just above), and ASCII is valid UTF-8.
+    #[allow(unsafe_code)]
+    let s = unsafe { std::str::from_utf8_unchecked(b) };
+    Some(s)
+}
+
 /// `s` as a [`Str`]: a slice of `src` when `s` lies inside it (no copy, no second UTF-8
 /// check), else a copy.
 #[inline]
@@ -67,6 +80,14 @@ mod tests {
         assert_eq!(slice_str(&src, 8, 7), Err(DecodeError::Truncated));
         assert_eq!(slice_str(&src, 0, 11), Err(DecodeError::Truncated));
         assert_eq!(slice_str(&src, 3, 3).unwrap(), Str::new());
+    }
+
+    #[test]
+    fn ascii_only() {
+        assert_eq!(ascii_str(b"abc"), Some("abc"));
+        assert_eq!(ascii_str(b""), Some(""));
+        assert_eq!(ascii_str("é".as_bytes()), None);
+        assert_eq!(ascii_str(&[b'a', 0xff]), None);
     }
 
     #[test]
