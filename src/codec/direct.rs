@@ -607,3 +607,63 @@ pub(crate) fn write_envelope<W: MapSink>(w: &mut W, env: &Envelope) -> Result<()
     w.end_map();
     Ok(())
 }
+
+/// A dry run of [`write_envelope`] that adds up an upper bound of the encoded size: `str`
+/// bounds a string of `len` bytes, every map, list header and integer is counted at the
+/// largest size a format uses for it (9 bytes), keys at their length plus one.
+struct Sizer<F: Fn(usize) -> usize> {
+    total: usize,
+    str: F,
+}
+
+impl<F: Fn(usize) -> usize> MapSink for Sizer<F> {
+    #[inline(always)]
+    fn map(&mut self, _entries: usize) -> Result<(), EncodeError> {
+        self.total = self.total.saturating_add(9);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn end_map(&mut self) {}
+
+    #[inline(always)]
+    fn key(&mut self, key: &'static str) {
+        self.total = self.total.saturating_add(key.len() + 1);
+    }
+
+    #[inline(always)]
+    fn str(&mut self, s: &str) -> Result<(), EncodeError> {
+        self.total = self.total.saturating_add((self.str)(s.len()));
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn uint(&mut self, _v: u64) -> Result<(), EncodeError> {
+        self.total = self.total.saturating_add(9);
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn bool(&mut self, _v: bool) {
+        self.total = self.total.saturating_add(1);
+    }
+
+    #[inline(always)]
+    fn strs(&mut self, items: &[Str]) -> Result<(), EncodeError> {
+        self.total = self.total.saturating_add(9);
+        for s in items {
+            self.str(s)?;
+        }
+        Ok(())
+    }
+}
+
+/// An upper bound of `env`'s encoded size in a format whose string of `len` bytes takes at
+/// most `str(len)` bytes (see [`Sizer`]).
+#[inline]
+pub(crate) fn size_bound(env: &Envelope, str: impl Fn(usize) -> usize) -> usize {
+    let mut s = Sizer { total: 0, str };
+    // The sizer never fails.
+    let _ = write_envelope(&mut s, env);
+    s.total
+}

@@ -51,6 +51,7 @@ use serde::Deserialize;
 
 use super::direct::{self, set_once, target_of, MapSink, MapSource};
 use super::fields::{finish, OpOnly, WireIn};
+use super::out::Sink;
 use super::text::{ascii_str, share_str};
 use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
 use crate::protocol::{Envelope, Ext, Limits, Resume, Str, Target};
@@ -133,36 +134,32 @@ pub fn from_slice<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, Decod
 // ---------------------------------------------------------------------------------------------
 
 /// Writes a Hessian `int` in its most compact form.
-fn write_int(out: &mut Vec<u8>, v: i32) {
+fn write_int<S: Sink + ?Sized>(out: &mut S, v: i32) {
     match v {
-        -0x10..=0x2f => out.push((0x90 + v) as u8),
-        -0x800..=0x7ff => out.extend_from_slice(&[(0xc8 + (v >> 8)) as u8, v as u8]),
-        -0x40000..=0x3ffff => {
-            out.extend_from_slice(&[(0xd4 + (v >> 16)) as u8, (v >> 8) as u8, v as u8])
-        }
+        -0x10..=0x2f => out.put((0x90 + v) as u8),
+        -0x800..=0x7ff => out.put_slice(&[(0xc8 + (v >> 8)) as u8, v as u8]),
+        -0x40000..=0x3ffff => out.put_slice(&[(0xd4 + (v >> 16)) as u8, (v >> 8) as u8, v as u8]),
         _ => {
-            out.push(b'I');
-            out.extend_from_slice(&v.to_be_bytes());
+            out.put(b'I');
+            out.put_slice(&v.to_be_bytes());
         }
     }
 }
 
 /// Writes a Hessian `long` in its most compact form.
-fn write_long(out: &mut Vec<u8>, v: i64) {
+fn write_long<S: Sink + ?Sized>(out: &mut S, v: i64) {
     match v {
-        -0x08..=0x0f => out.push((0xe0 + v) as u8),
-        -0x800..=0x7ff => out.extend_from_slice(&[(0xf8 + (v >> 8)) as u8, v as u8]),
-        -0x40000..=0x3ffff => {
-            out.extend_from_slice(&[(0x3c + (v >> 16)) as u8, (v >> 8) as u8, v as u8])
-        }
+        -0x08..=0x0f => out.put((0xe0 + v) as u8),
+        -0x800..=0x7ff => out.put_slice(&[(0xf8 + (v >> 8)) as u8, v as u8]),
+        -0x40000..=0x3ffff => out.put_slice(&[(0x3c + (v >> 16)) as u8, (v >> 8) as u8, v as u8]),
         _ => match i32::try_from(v) {
             Ok(v32) => {
-                out.push(0x59);
-                out.extend_from_slice(&v32.to_be_bytes());
+                out.put(0x59);
+                out.put_slice(&v32.to_be_bytes());
             }
             Err(_) => {
-                out.push(b'L');
-                out.extend_from_slice(&v.to_be_bytes());
+                out.put(b'L');
+                out.put_slice(&v.to_be_bytes());
             }
         },
     }
@@ -196,19 +193,19 @@ fn utf16_len(s: &str) -> usize {
 }
 
 /// Writes `s` as Hessian's UTF-8: BMP characters as in UTF-8, others as a CESU-8 pair.
-fn write_utf8(out: &mut Vec<u8>, s: &str) {
+fn write_utf8<S: Sink + ?Sized>(out: &mut S, s: &str) {
     if s.bytes().all(|b| b < 0xf0) {
-        out.extend_from_slice(s.as_bytes());
+        out.put_slice(s.as_bytes());
         return;
     }
     for c in s.chars() {
         if c.len_utf16() == 1 {
             let mut buf = [0u8; 4];
-            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            out.put_slice(c.encode_utf8(&mut buf).as_bytes());
         } else {
             let mut units = [0u16; 2];
             for u in c.encode_utf16(&mut units) {
-                out.extend_from_slice(&[
+                out.put_slice(&[
                     0xe0 | (*u >> 12) as u8,
                     0x80 | ((*u >> 6) & 0x3f) as u8,
                     0x80 | (*u & 0x3f) as u8,
@@ -219,19 +216,25 @@ fn write_utf8(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Writes a Hessian `string`, chunked past [`MAX_CHUNK`] units without splitting a pair.
-fn write_string(out: &mut Vec<u8>, s: &str) {
+fn write_string<S: Sink + ?Sized>(out: &mut S, s: &str) {
     if s.len() <= 0x3ff && s.is_ascii() {
         // One unit per byte, one chunk: what the general code below writes, without its
         // passes over the characters.
         let units = s.len();
         if units <= 0x1f {
-            out.push(units as u8);
+            out.put(units as u8);
         } else {
-            out.extend_from_slice(&[0x30 + (units >> 8) as u8, units as u8]);
+            out.put_slice(&[0x30 + (units >> 8) as u8, units as u8]);
         }
-        out.extend_from_slice(s.as_bytes());
+        out.put_slice(s.as_bytes());
         return;
     }
+    write_string_general(out, s);
+}
+
+/// [`write_string`] for strings that are not short ASCII.
+#[inline(never)]
+fn write_string_general<S: Sink + ?Sized>(out: &mut S, s: &str) {
     let mut rest = s;
     let mut units = utf16_len(s);
     while units > MAX_CHUNK {
@@ -244,21 +247,21 @@ fn write_string(out: &mut Vec<u8>, s: &str) {
             n += c.len_utf16();
             end = i + c.len_utf8();
         }
-        out.push(b'R');
+        out.put(b'R');
         // n <= MAX_CHUNK (0xffff), so it fits 16 bits.
-        out.extend_from_slice(&(n as u16).to_be_bytes());
+        out.put_slice(&(n as u16).to_be_bytes());
         // `end` is a char boundary: it comes from `char_indices`.
         write_utf8(out, &rest[..end]);
         rest = &rest[end..];
         units -= n;
     }
     match units {
-        0..=0x1f => out.push(units as u8),
-        0x20..=0x3ff => out.extend_from_slice(&[0x30 + (units >> 8) as u8, units as u8]),
+        0..=0x1f => out.put(units as u8),
+        0x20..=0x3ff => out.put_slice(&[0x30 + (units >> 8) as u8, units as u8]),
         _ => {
-            out.push(b'S');
+            out.put(b'S');
             // units <= MAX_CHUNK here (the loop above ran until it was).
-            out.extend_from_slice(&(units as u16).to_be_bytes());
+            out.put_slice(&(units as u16).to_be_bytes());
         }
     }
     write_utf8(out, rest);
@@ -655,28 +658,28 @@ impl ser::SerializeStructVariant for Compound<'_, '_> {
 // ---------------------------------------------------------------------------------------------
 
 /// Writes the frame's map with the same forms as [`to_writer`] (property-tested).
-struct Writer<'a> {
-    out: &'a mut Vec<u8>,
+struct Writer<'a, S: Sink> {
+    out: &'a mut S,
 }
 
-impl MapSink for Writer<'_> {
+impl<S: Sink> MapSink for Writer<'_, S> {
     #[inline]
     fn map(&mut self, _entries: usize) -> Result<(), EncodeError> {
-        self.out.push(b'H');
+        self.out.put(b'H');
         Ok(())
     }
 
     #[inline]
     fn end_map(&mut self) {
-        self.out.push(b'Z');
+        self.out.put(b'Z');
     }
 
-    #[inline(always)]
+    #[inline]
     fn key(&mut self, key: &'static str) {
         // Our field names are ASCII and shorter than 32 bytes: a one-byte length.
         debug_assert!(key.len() <= 0x1f && key.is_ascii());
-        self.out.push(key.len() as u8);
-        self.out.extend_from_slice(key.as_bytes());
+        self.out.put(key.len() as u8);
+        self.out.put_slice(key.as_bytes());
     }
 
     #[inline]
@@ -694,16 +697,16 @@ impl MapSink for Writer<'_> {
 
     #[inline]
     fn bool(&mut self, v: bool) {
-        self.out.push(if v { b'T' } else { b'F' });
+        self.out.put(if v { b'T' } else { b'F' });
     }
 
     fn strs(&mut self, items: &[Str]) -> Result<(), EncodeError> {
         let n = items.len();
         if n <= 7 {
-            self.out.push(0x78 + n as u8);
+            self.out.put(0x78 + n as u8);
         } else {
             let n = i32::try_from(n).map_err(|_| EncodeError::TooLarge)?;
-            self.out.push(b'X');
+            self.out.put(b'X');
             write_int(self.out, n);
         }
         for s in items {

@@ -11,6 +11,7 @@ pub mod flatbuf;
 pub mod hessian;
 pub mod json;
 pub mod msgpack;
+mod out;
 pub mod protobuf;
 mod text;
 

@@ -17,6 +17,7 @@ use rmp::Marker;
 
 use super::direct::{self, set_once, target_of, MapSink, MapSource};
 use super::fields::{finish, serde_error, OpOnly, WireIn};
+use super::out::{write_sized, Sink};
 use super::text::slice_str;
 use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
 use crate::protocol::{Envelope, Ext, Limits, Resume, Str, Target};
@@ -28,12 +29,14 @@ impl Codec for MessagePack {
     const ID: CodecId = CodecId::MessagePack;
 
     fn encode(env: &Envelope, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-        let start = out.len();
-        let r = direct::write_envelope(&mut Writer { out }, env);
-        if r.is_err() {
-            out.truncate(start);
-        }
-        r
+        // A string of n bytes takes at most n + 5 (a str32 header).
+        let bound = direct::size_bound(env, |n| n.saturating_add(5));
+        write_sized(
+            out,
+            bound,
+            |o| direct::write_envelope(&mut Writer { out: o }, env),
+            |v| direct::write_envelope(&mut Writer { out: v }, env),
+        )
     }
 
     fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
@@ -70,29 +73,29 @@ pub fn decode_serde(bytes: &Bytes) -> Result<Envelope, DecodeError> {
 
 // ---- encoding ------------------------------------------------------------------------------
 
-struct Writer<'a> {
-    out: &'a mut Vec<u8>,
+struct Writer<'a, S: Sink> {
+    out: &'a mut S,
 }
 
-impl Writer<'_> {
+impl<S: Sink> Writer<'_, S> {
     /// A map or array header: fix form below 16, else 16 or 32 bits.
     #[inline]
     fn header(&mut self, n: usize, fix: u8, m16: u8, m32: u8) -> Result<(), EncodeError> {
         if n < 16 {
-            self.out.push(fix | n as u8);
+            self.out.put(fix | n as u8);
         } else if let Ok(n) = u16::try_from(n) {
-            self.out.push(m16);
-            self.out.extend_from_slice(&n.to_be_bytes());
+            self.out.put(m16);
+            self.out.put_slice(&n.to_be_bytes());
         } else {
             let n = u32::try_from(n).map_err(|_| EncodeError::TooLarge)?;
-            self.out.push(m32);
-            self.out.extend_from_slice(&n.to_be_bytes());
+            self.out.put(m32);
+            self.out.put_slice(&n.to_be_bytes());
         }
         Ok(())
     }
 }
 
-impl MapSink for Writer<'_> {
+impl<S: Sink> MapSink for Writer<'_, S> {
     #[inline]
     fn map(&mut self, entries: usize) -> Result<(), EncodeError> {
         self.header(entries, 0x80, 0xde, 0xdf)
@@ -101,55 +104,55 @@ impl MapSink for Writer<'_> {
     #[inline]
     fn end_map(&mut self) {}
 
-    #[inline]
+    #[inline(always)]
     fn key(&mut self, key: &'static str) {
         // Our field names are shorter than 32 bytes: a fixstr.
         debug_assert!(key.len() < 32);
-        self.out.push(0xa0 | key.len() as u8);
-        self.out.extend_from_slice(key.as_bytes());
+        self.out.put(0xa0 | key.len() as u8);
+        self.out.put_slice(key.as_bytes());
     }
 
-    #[inline]
+    #[inline(always)]
     fn str(&mut self, s: &str) -> Result<(), EncodeError> {
         let n = s.len();
         if n < 32 {
-            self.out.push(0xa0 | n as u8);
+            self.out.put(0xa0 | n as u8);
         } else if n < 256 {
-            self.out.extend_from_slice(&[0xd9, n as u8]);
+            self.out.put_slice(&[0xd9, n as u8]);
         } else if let Ok(n) = u16::try_from(n) {
-            self.out.push(0xda);
-            self.out.extend_from_slice(&n.to_be_bytes());
+            self.out.put(0xda);
+            self.out.put_slice(&n.to_be_bytes());
         } else {
             let n = u32::try_from(n).map_err(|_| EncodeError::TooLarge)?;
-            self.out.push(0xdb);
-            self.out.extend_from_slice(&n.to_be_bytes());
+            self.out.put(0xdb);
+            self.out.put_slice(&n.to_be_bytes());
         }
-        self.out.extend_from_slice(s.as_bytes());
+        self.out.put_slice(s.as_bytes());
         Ok(())
     }
 
-    #[inline]
+    #[inline(always)]
     fn uint(&mut self, v: u64) -> Result<(), EncodeError> {
         if v < 128 {
-            self.out.push(v as u8);
+            self.out.put(v as u8);
         } else if v < 256 {
-            self.out.extend_from_slice(&[0xcc, v as u8]);
+            self.out.put_slice(&[0xcc, v as u8]);
         } else if v < 65536 {
-            self.out.push(0xcd);
-            self.out.extend_from_slice(&(v as u16).to_be_bytes());
+            self.out.put(0xcd);
+            self.out.put_slice(&(v as u16).to_be_bytes());
         } else if v < 1 << 32 {
-            self.out.push(0xce);
-            self.out.extend_from_slice(&(v as u32).to_be_bytes());
+            self.out.put(0xce);
+            self.out.put_slice(&(v as u32).to_be_bytes());
         } else {
-            self.out.push(0xcf);
-            self.out.extend_from_slice(&v.to_be_bytes());
+            self.out.put(0xcf);
+            self.out.put_slice(&v.to_be_bytes());
         }
         Ok(())
     }
 
     #[inline]
     fn bool(&mut self, v: bool) {
-        self.out.push(if v { 0xc3 } else { 0xc2 });
+        self.out.put(if v { 0xc3 } else { 0xc2 });
     }
 
     fn strs(&mut self, items: &[Str]) -> Result<(), EncodeError> {
