@@ -741,16 +741,18 @@ struct Direct<'a, 'de> {
 impl<'de> Direct<'_, 'de> {
     /// A string that is one final chunk of plain UTF-8 (no CESU-8 surrogate pairs), as the
     /// input's bytes. Lengths count UTF-16 units: one per character, two for a 4-byte one.
+    #[inline]
     fn plain(&mut self) -> Option<&'de str> {
-        let tag = self.de.next().ok()?;
-        let units = match tag {
-            0x00..=0x1f => usize::from(tag),
-            0x30..=0x33 => (usize::from(tag - 0x30) << 8) + usize::from(self.de.next().ok()?),
-            b'S' => usize::from(u16::from_be_bytes(self.de.take_array().ok()?)),
+        let input = self.de.input;
+        let rest = input.get(self.de.pos..)?;
+        let (units, header) = match *rest {
+            [tag @ 0x00..=0x1f, ..] => (usize::from(tag), 1),
+            [tag @ 0x30..=0x33, b0, ..] => ((usize::from(tag - 0x30) << 8) + usize::from(b0), 2),
+            [b'S', b1, b0, ..] => (usize::from(u16::from_be_bytes([b1, b0])), 3),
             _ => return None,
         };
-        let input = self.de.input;
-        let start = self.de.pos;
+        let start = self.de.pos + header;
+        self.de.pos = start;
         if let Some(s) = input.get(start..start + units).and_then(ascii_str) {
             self.de.pos = start + units;
             return Some(s);
@@ -776,6 +778,19 @@ impl<'de> Direct<'_, 'de> {
         let s = std::str::from_utf8(input.get(start..end)?).ok()?;
         self.de.pos = end;
         Some(s)
+    }
+
+    /// [`MapSource::uint`] for the other int and long forms.
+    fn uint_other(&mut self) -> Option<u64> {
+        let tag = self.de.next().ok()?;
+        let v = if is_int_tag(tag) {
+            i64::from(self.de.int_body(tag).ok()?)
+        } else if is_long_tag(tag) {
+            self.de.long_body(tag).ok()?
+        } else {
+            return None;
+        };
+        u64::try_from(v).ok()
     }
 
     /// The entries of a nested untyped map: `entry` reads each value after its key, and
@@ -828,15 +843,26 @@ impl<'de> MapSource for Direct<'_, 'de> {
 
     #[inline]
     fn uint(&mut self) -> Option<u64> {
-        let tag = self.de.next().ok()?;
-        let v = if is_int_tag(tag) {
-            i64::from(self.de.int_body(tag).ok()?)
-        } else if is_long_tag(tag) {
-            self.de.long_body(tag).ok()?
-        } else {
-            return None;
+        let rest = self.de.input.get(self.de.pos..)?;
+        // The forms our encoder writes (non-negative longs), read in place.
+        let (v, n) = match *rest {
+            [t @ 0xe0..=0xef, ..] => (u64::from(t - 0xe0), 1),
+            [t @ 0xf8..=0xff, b0, ..] => ((u64::from(t - 0xf8) << 8) | u64::from(b0), 2),
+            [t @ 0x3c..=0x3f, b1, b0, ..] => (
+                (u64::from(t - 0x3c) << 16) | (u64::from(b1) << 8) | u64::from(b0),
+                3,
+            ),
+            [0x59, b3, b2, b1, b0, ..] => {
+                (u64::try_from(i32::from_be_bytes([b3, b2, b1, b0])).ok()?, 5)
+            }
+            [b'L', b7, b6, b5, b4, b3, b2, b1, b0, ..] => (
+                u64::try_from(i64::from_be_bytes([b7, b6, b5, b4, b3, b2, b1, b0])).ok()?,
+                9,
+            ),
+            _ => return self.uint_other(),
         };
-        u64::try_from(v).ok()
+        self.de.pos += n;
+        Some(v)
     }
 
     #[inline]

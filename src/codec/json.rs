@@ -16,7 +16,7 @@ use serde::de::{self, DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess,
 
 use super::direct::{self, set_once, target_of, MapSource};
 use super::fields::{finish, serde_error, BStr, OpOnly, WireIn};
-use super::text::share_str;
+use super::text::{ascii_str, share_str};
 use super::{Codec, CodecId, DecodeError, EncodeError};
 use crate::protocol::{Envelope, Ext, Limits, Resume, Str, Target};
 
@@ -34,9 +34,12 @@ impl Codec for Json {
     }
 
     fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
-        // Validate the whole payload once (ignored fields included); both paths then parse
-        // the `str` without re-checking any string.
-        let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?;
+        // Validate the whole payload once (ignored fields included; ASCII, the usual case,
+        // a word at a time); both paths then parse the `str` without re-checking any string.
+        let text = match ascii_str(bytes) {
+            Some(t) => t,
+            None => std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?,
+        };
         if let Some(env) = decode_direct(bytes, text) {
             return Ok(env);
         }
