@@ -2,8 +2,16 @@
 //!
 //! No maintained Hessian crate exists, so this module owns a minimal serde data format for
 //! Hessian 2.0 (written from the Hessian 2.0 serialization spec) and the [`Hessian`] codec on
-//! top of it. [`to_writer`] and [`from_slice`] are that format; [`Hessian`] encodes an
-//! [`Envelope`] through its `Serialize` impl and decodes through `WireIn` (see `fields.rs`).
+//! top of it. [`to_writer`] and [`from_slice`] are that format.
+//!
+//! [`Hessian`] writes the frame's map directly (`direct::write_envelope` with this module's
+//! primitive writers: the same bytes as [`to_writer`] on the `Serialize` impl, which
+//! [`encode_serde`] keeps as the tested reference). It decodes with the direct reader first
+//! (`direct::envelope`: an untyped map `H` read key by key into the op's message, plain UTF-8
+//! strings sliced from the input, the compact long forms read in place, unknown keys skipped
+//! with the general path's skipper), which gives up on anything else (typed maps, objects,
+//! class definitions, chunked or CESU-8 strings, dates, ...); those frames go through
+//! [`decode_serde`]: [`from_slice`] into `WireIn` (see `fields.rs` and `direct.rs`).
 //!
 //! # Writing
 //! - maps and structs: untyped map `H` (key value)* `Z`, struct keys as strings;
