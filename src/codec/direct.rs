@@ -35,8 +35,14 @@ pub(crate) trait MapSource {
     /// A key as found in the input (compared byte for byte with our field names).
     type Key: AsRef<[u8]>;
 
-    /// The next key of the top-level map, or `Some(None)` at its end.
+    /// The next key of the top-level map, or `Some(None)` at its end. A reader may leave
+    /// checking the key's encoding to [`MapSource::unknown_key`]: a key equal to one of our
+    /// (ASCII) names is well-formed.
     fn key(&mut self) -> Option<Option<Self::Key>>;
+    /// Called for a key that is none of our names, before its value is skipped.
+    fn unknown_key(&mut self, _key: &Self::Key) -> Option<()> {
+        Some(())
+    }
     /// A string value, as a slice of the input where possible.
     fn str(&mut self) -> Option<Str>;
     /// A string value that is only compared (`op`, `status`, `code`), passed to `f`.
@@ -145,19 +151,26 @@ fn set<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
 
 /// A key that is not one of the op's fields: `ref`, skipped if unknown, else give up.
 #[inline]
-fn other<S: MapSource>(s: &mut S, key: &[u8], reference: &mut Option<u64>) -> Option<()> {
-    if key == b"ref" {
+fn other<S: MapSource>(s: &mut S, key: &S::Key, reference: &mut Option<u64>) -> Option<()> {
+    let k = key.as_ref();
+    if k == b"ref" {
         let v = s.uint();
         set(reference, v)
-    } else if is_wire_field(key) {
+    } else if is_wire_field(k) {
         None
     } else {
+        s.unknown_key(key)?;
         s.skip()
     }
 }
 
-/// Reads the top-level map (after its header) into an envelope, or gives up.
-pub(crate) fn envelope<S: MapSource>(s: &mut S) -> Option<Envelope> {
+/// Reads the top-level map (after its header) into an envelope, or gives up. `done` checks
+/// what must hold after the map (nothing trailing) before the envelope is built.
+///
+/// Each format calls it from one place, so it is inlined there: the envelope is then built
+/// in the caller's result rather than moved through several return values.
+#[inline(always)]
+pub(crate) fn envelope<S: MapSource>(s: &mut S, done: impl FnOnce(&S) -> bool) -> Option<Envelope> {
     let first = s.key()??;
     if first.as_ref() != b"op" {
         return None;
@@ -170,7 +183,7 @@ pub(crate) fn envelope<S: MapSource>(s: &mut S) -> Option<Envelope> {
             while let Some(k) = s.key()? {
                 match k.as_ref() {
                     $($name => $action?,)*
-                    k => other(s, k, &mut reference)?,
+                    _ => other(s, &k, &mut reference)?,
                 }
             }
         };
@@ -384,6 +397,9 @@ pub(crate) fn envelope<S: MapSource>(s: &mut S) -> Option<Envelope> {
             })
         }
     };
+    if !done(s) {
+        return None;
+    }
     Some(Envelope { reference, msg })
 }
 

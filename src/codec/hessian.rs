@@ -727,6 +727,7 @@ impl<S: Sink> MapSink for Writer<'_, S> {
 /// The direct reader's attempt: the envelope, or `None` to leave the frame to
 /// [`decode_serde`]. Only an untyped map (`H`) at the top, untyped maps and lists inside, and
 /// single-chunk strings that are plain UTF-8 are read; the rest gives up.
+#[inline(always)]
 fn decode_direct(bytes: &Bytes) -> Option<Envelope> {
     let mut r = Direct {
         de: De::new(bytes),
@@ -737,8 +738,7 @@ fn decode_direct(bytes: &Bytes) -> Option<Envelope> {
     }
     // Inside the top-level map, as the general path's `visit_map` would be.
     r.de.depth = 1;
-    let env = direct::envelope(&mut r)?;
-    (r.de.pos == bytes.len()).then_some(env)
+    direct::envelope(&mut r, |r| r.de.pos == r.de.input.len())
 }
 
 struct Direct<'a, 'de> {
@@ -826,16 +826,62 @@ impl<'de> Direct<'_, 'de> {
     }
 }
 
+/// A key of the top-level map, first taken as `units` ASCII bytes from `start`: if it is one
+/// of our names it is exactly that; otherwise [`MapSource::unknown_key`] reads it properly.
+struct Key<'de> {
+    bytes: &'de [u8],
+    start: usize,
+    units: usize,
+}
+
+impl AsRef<[u8]> for Key<'_> {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
 impl<'de> MapSource for Direct<'_, 'de> {
-    type Key = &'de [u8];
+    type Key = Key<'de>;
 
     #[inline]
-    fn key(&mut self) -> Option<Option<&'de [u8]>> {
-        if self.de.peek().ok()? == b'Z' {
-            self.de.pos += 1;
-            return Some(None);
+    fn key(&mut self) -> Option<Option<Key<'de>>> {
+        let input = self.de.input;
+        let rest = input.get(self.de.pos..)?;
+        let (units, header) = match *rest {
+            [b'Z', ..] => {
+                self.de.pos += 1;
+                return Some(None);
+            }
+            [len @ 0x00..=0x1f, ..] => (usize::from(len), 1),
+            // Longer keys are none of ours: read them properly.
+            _ => {
+                let start = self.de.pos;
+                let k = self.plain()?.as_bytes();
+                return Some(Some(Key {
+                    bytes: k,
+                    start,
+                    units: usize::MAX,
+                }));
+            }
+        };
+        let start = self.de.pos + header;
+        let bytes = input.get(start..start + units)?;
+        self.de.pos = start + units;
+        Some(Some(Key {
+            bytes,
+            start,
+            units,
+        }))
+    }
+
+    fn unknown_key(&mut self, key: &Key<'de>) -> Option<()> {
+        if key.units == usize::MAX || key.bytes.is_ascii() {
+            // Already read as a string, or plain ASCII: one byte per unit.
+            return Some(());
         }
-        self.plain().map(|k| Some(k.as_bytes()))
+        // Back to the string's header and read it as any value string.
+        self.de.pos = key.start - 1;
+        self.plain().map(drop)
     }
 
     #[inline]

@@ -113,7 +113,7 @@ impl<'de> Visitor<'de> for Top<'_> {
             src: self.src,
             err: PhantomData,
         };
-        direct::envelope(&mut s).ok_or_else(give_up)
+        direct::envelope(&mut s, |_| true).ok_or_else(give_up)
     }
 }
 

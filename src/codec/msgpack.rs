@@ -167,6 +167,7 @@ impl<S: Sink> MapSink for Writer<'_, S> {
 // ---- direct decoding -----------------------------------------------------------------------
 
 /// The direct reader's attempt: the envelope, or `None` to leave the frame to [`decode_serde`].
+#[inline(always)]
 fn decode_direct(bytes: &Bytes) -> Option<Envelope> {
     let mut cur: &[u8] = bytes;
     let left = map_header(&mut cur)?;
@@ -175,9 +176,8 @@ fn decode_direct(bytes: &Bytes) -> Option<Envelope> {
         cur,
         left,
     };
-    let env = direct::envelope(&mut r)?;
     // The top-level map was read to its end; nothing may follow it.
-    r.cur.is_empty().then_some(env)
+    direct::envelope(&mut r, |r| r.cur.is_empty())
 }
 
 /// Splits `n` bytes off the front of `cur`.
