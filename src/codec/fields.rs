@@ -1,10 +1,13 @@
 //! The field mapping shared by the self-describing codecs (JSON, MessagePack, Hessian): one
 //! flat map per frame with an `op` string, the optional `ref`, and the op's fields by name.
 //!
-//! Encoding goes through [`Serialize`] for [`Envelope`] (a map, `None` fields left out).
-//! Decoding goes through [`WireIn`], a flat struct holding every field any op may carry, which
-//! serde fills in one pass without buffering; [`WireIn::into_envelope`] then checks that the
-//! op's required fields are present. Unknown fields are ignored (SPEC 3.3 versioning).
+//! Encoding goes through [`Serialize`] for [`Envelope`] (a map, `None` fields left out); JSON
+//! uses it directly, MessagePack and Hessian write the same entries with `direct.rs` and test
+//! against it. The general decoding path goes through [`WireIn`], a flat struct holding every
+//! field any op may carry, which serde fills in one pass without buffering;
+//! [`WireIn::into_envelope`] then checks that the op's required fields are present. Unknown
+//! fields are ignored (SPEC 3.3 versioning). The codecs try the direct readers of `direct.rs`
+//! first and use this path for the frames those give up on.
 
 use std::borrow::Cow;
 
