@@ -39,6 +39,12 @@ pub(crate) trait MapSource {
     /// checking the key's encoding to [`MapSource::unknown_key`]: a key equal to one of our
     /// (ASCII) names is well-formed.
     fn key(&mut self) -> Option<Option<Self::Key>>;
+    /// Whether the next key of the top-level map is `key`; if so it is consumed (and its
+    /// value is read next). Lets the op's fields be read in the order our encoders write
+    /// them without a dispatch; a reader that cannot look ahead answers `false`.
+    fn expect_key(&mut self, _key: &'static [u8]) -> bool {
+        false
+    }
     /// Called for a key that is none of our names, before its value is skipped.
     fn unknown_key(&mut self, _key: &Self::Key) -> Option<()> {
         Some(())
@@ -177,9 +183,21 @@ pub(crate) fn envelope<S: MapSource>(s: &mut S, done: impl FnOnce(&S) -> bool) -
     }
     let op = s.name(op_from_name)?;
     let mut reference = None;
-    // Reads the remaining keys: `$key => $action` for the op's fields, `ref`, unknown keys.
+    // `ref` comes right after `op` in our encodings.
+    if s.expect_key(b"ref") {
+        let v = s.uint();
+        set(&mut reference, v)?;
+    }
+    // Reads the remaining keys: `$key => $action` for the op's fields (listed in the order
+    // our encoders write them, which is tried first), then any key in any order: the op's
+    // fields, `ref`, unknown keys.
     macro_rules! fields {
         ($($name:literal => $action:expr,)*) => {
+            $(
+                if s.expect_key($name) {
+                    $action?;
+                }
+            )*
             while let Some(k) = s.key()? {
                 match k.as_ref() {
                     $($name => $action?,)*

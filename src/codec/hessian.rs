@@ -874,6 +874,19 @@ impl<'de> MapSource for Direct<'_, 'de> {
         }))
     }
 
+    #[inline(always)]
+    fn expect_key(&mut self, key: &'static [u8]) -> bool {
+        // Our names are ASCII strings of fewer than 32 units: the length, then the bytes.
+        let pos = self.de.pos;
+        match self.de.input.get(pos..) {
+            Some([len, rest @ ..]) if usize::from(*len) == key.len() && rest.starts_with(key) => {
+                self.de.pos = pos + 1 + key.len();
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn unknown_key(&mut self, key: &Key<'de>) -> Option<()> {
         if key.units == usize::MAX || key.bytes.is_ascii() {
             // Already read as a string, or plain ASCII: one byte per unit.

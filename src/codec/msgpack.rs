@@ -312,6 +312,21 @@ impl<'a> MapSource for Direct<'a> {
         str_bytes(&mut self.cur).map(Some)
     }
 
+    #[inline(always)]
+    fn expect_key(&mut self, key: &'static [u8]) -> bool {
+        // Our names are fixstrs: the marker, then the bytes.
+        match self.cur.split_first() {
+            Some((&m, rest))
+                if self.left > 0 && usize::from(m ^ 0xa0) == key.len() && rest.starts_with(key) =>
+            {
+                self.cur = &rest[key.len()..];
+                self.left -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
     #[inline]
     fn str(&mut self) -> Option<Str> {
         self.string()
