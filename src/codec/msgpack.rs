@@ -17,7 +17,7 @@ use rmp::Marker;
 
 use super::direct::{self, set_once, target_of, MapSink, MapSource};
 use super::fields::{finish, serde_error, OpOnly, WireIn};
-use super::out::{write_sized, Sink};
+use super::out::Sink;
 use super::text::slice_str;
 use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
 use crate::protocol::{Envelope, Ext, Limits, Resume, Str, Target};
@@ -29,14 +29,12 @@ impl Codec for MessagePack {
     const ID: CodecId = CodecId::MessagePack;
 
     fn encode(env: &Envelope, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-        // A string of n bytes takes at most n + 5 (a str32 header).
-        let bound = direct::size_bound(env, |n| n.saturating_add(5));
-        write_sized(
-            out,
-            bound,
-            |o| direct::write_envelope(&mut Writer { out: o }, env),
-            |v| direct::write_envelope(&mut Writer { out: v }, env),
-        )
+        let start = out.len();
+        let r = direct::write_envelope(&mut Writer { out }, env);
+        if r.is_err() {
+            out.truncate(start);
+        }
+        r
     }
 
     fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
