@@ -3,7 +3,7 @@
 mod common;
 
 use bytes::BytesMut;
-use imgw::codec::protobuf::{pb, to_pb};
+use imgw::codec::protobuf::{decode_prost, pb, to_pb};
 use imgw::codec::CodecId;
 use imgw::protocol::frame::{push_extension, write_frame, FrameDecoder, EXT_TRACE_ID};
 use imgw::protocol::{samples, Envelope};
@@ -59,6 +59,56 @@ proptest! {
         let theirs = to_pb(&env).encode_to_vec();
         prop_assert_eq!(&ours, &theirs);
         prop_assert_eq!(pb::Frame::decode(&ours[..]).unwrap(), to_pb(&env));
+    }
+
+    /// The direct Protobuf decoder agrees with prost's generated decoder (plus conversion) on
+    /// frames built to reach its merge rules: two frames concatenated (the same op merges,
+    /// another op replaces), with bytes flipped, inserted or cut off. Both give the same
+    /// message, or both refuse the input.
+    #[test]
+    fn protobuf_decoder_matches_prost(
+        a in common::envelope(),
+        b in proptest::option::of(common::envelope()),
+        // Low bits flip a key's wire type or nudge a length; any byte for the rest.
+        flips in proptest::collection::vec((any::<usize>(), prop_oneof![1u8..8, any::<u8>()]), 0..4),
+        insert in proptest::option::of((any::<usize>(), proptest::collection::vec(any::<u8>(), 1..6))),
+        cut in proptest::option::of(any::<usize>()),
+    ) {
+        let mut bytes = Vec::new();
+        CodecId::Protobuf.encode(&a, &mut bytes).unwrap();
+        if let Some(b) = &b {
+            CodecId::Protobuf.encode(b, &mut bytes).unwrap();
+        }
+        for (at, val) in &flips {
+            let n = bytes.len();
+            bytes[at % n] ^= val;
+        }
+        if let Some((at, extra)) = &insert {
+            let at = at % (bytes.len() + 1);
+            bytes.splice(at..at, extra.iter().copied());
+        }
+        if let Some(cut) = cut {
+            bytes.truncate(cut % (bytes.len() + 1));
+        }
+        let ours = CodecId::Protobuf.decode(&bytes);
+        let theirs = decode_prost(&bytes);
+        match (&ours, &theirs) {
+            (Ok(x), Ok(y)) => prop_assert_eq!(x, y),
+            (Err(_), Err(_)) => {}
+            _ => prop_assert!(false, "{:02x?}: ours {:?}, prost {:?}", bytes, ours, theirs),
+        }
+    }
+
+    /// Any bytes at all: both decoders accept the same inputs, with the same result.
+    #[test]
+    fn protobuf_decoder_matches_prost_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let ours = CodecId::Protobuf.decode(&bytes);
+        let theirs = decode_prost(&bytes);
+        match (&ours, &theirs) {
+            (Ok(x), Ok(y)) => prop_assert_eq!(x, y),
+            (Err(_), Err(_)) => {}
+            _ => prop_assert!(false, "{:02x?}: ours {:?}, prost {:?}", bytes, ours, theirs),
+        }
     }
 
     /// A stream of frames in any codec, cut at arbitrary points, decodes to the same messages.

@@ -1,10 +1,13 @@
 //! The field mapping shared by the self-describing codecs (JSON, MessagePack, Hessian): one
 //! flat map per frame with an `op` string, the optional `ref`, and the op's fields by name.
 //!
-//! Encoding goes through [`Serialize`] for [`Envelope`] (a map, `None` fields left out).
-//! Decoding goes through [`WireIn`], a flat struct holding every field any op may carry, which
-//! serde fills in one pass without buffering; [`WireIn::into_envelope`] then checks that the
-//! op's required fields are present. Unknown fields are ignored (SPEC 3.3 versioning).
+//! Encoding goes through [`Serialize`] for [`Envelope`] (a map, `None` fields left out); JSON
+//! uses it directly, MessagePack and Hessian write the same entries with `direct.rs` and test
+//! against it. The general decoding path goes through [`WireIn`], a flat struct holding every
+//! field any op may carry, which serde fills in one pass without buffering;
+//! [`WireIn::into_envelope`] then checks that the op's required fields are present. Unknown
+//! fields are ignored (SPEC 3.3 versioning). The codecs try the direct readers of `direct.rs`
+//! first and use this path for the frames those give up on.
 
 use std::borrow::Cow;
 
@@ -13,6 +16,7 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 
+use super::text::share_str;
 use super::DecodeError;
 use crate::protocol::{
     Ack, Deliver, Envelope, Error, ErrorCode, Ext, Goaway, GroupJoin, GroupLeave, Hello, Limits,
@@ -56,7 +60,7 @@ impl Serialize for LimitsSer<'_> {
 }
 
 /// Number of map entries `env` serializes to (some formats need it up front).
-fn entry_count(env: &Envelope) -> usize {
+pub(crate) fn entry_count(env: &Envelope) -> usize {
     let body = match &env.msg {
         Message::Hello(h) => {
             3 + usize::from(!h.codecs.is_empty()) + usize::from(h.resume.is_some())
@@ -187,7 +191,7 @@ impl Serialize for Envelope {
 /// A string as the deserializer found it: borrowed from the input when it could be (no
 /// escapes, plain UTF-8), owned otherwise. [`Src::str`] turns it into a [`Str`] without a copy
 /// in the borrowed case.
-pub(crate) struct BStr<'a>(Cow<'a, str>);
+pub(crate) struct BStr<'a>(pub(crate) Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for BStr<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -242,16 +246,7 @@ pub(crate) struct Src<'b>(pub(crate) &'b Bytes);
 impl Src<'_> {
     pub(crate) fn str(&self, s: BStr<'_>) -> Str {
         match s.0 {
-            Cow::Borrowed(b) => {
-                let base = self.0.as_ptr() as usize;
-                let at = b.as_ptr() as usize;
-                if at >= base && at + b.len() <= base + self.0.len() {
-                    // In range, so slice_ref cannot panic; the bytes are the str's, so UTF-8.
-                    Str::try_from(self.0.slice_ref(b.as_bytes())).unwrap_or_else(|_| Str::from(b))
-                } else {
-                    Str::from(b)
-                }
-            }
+            Cow::Borrowed(b) => share_str(self.0, b),
             Cow::Owned(o) => Str::from(o),
         }
     }

@@ -7,13 +7,15 @@
 //! - [`FlatBuffers::encode`] builds the frame with a per-thread, reused `FlatBufferBuilder`
 //!   (reset after every use, so steady-state encoding does not allocate a builder) and appends
 //!   the finished bytes to `out`.
-//! - [`FlatBuffers::decode`] checks the file identifier, runs the FlatBuffers verifier with
-//!   tight [`VerifierOptions`] (see [`verifier_options`]) and copies the frame into an owned
-//!   [`Envelope`], checking each op's required fields as the other codecs do.
+//! - [`FlatBuffers::decode_bytes`] is [`view`] followed by [`FrameView::to_envelope_in`]: it
+//!   checks the file identifier, runs the FlatBuffers verifier with tight [`VerifierOptions`]
+//!   (see [`verifier_options`]) and converts the frame into an [`Envelope`] whose strings are
+//!   slices of the input `Bytes` (the verifier checked them as UTF-8), checking each op's
+//!   required fields as the other codecs do.
 //! - [`view`] does the same checks but returns a borrowed [`FrameView`] whose accessors
 //!   (`op`, `reference`, `body`, `from`, `to`, ...) point into the input without copying; it is
 //!   for hot paths that only inspect or route a frame. [`FrameView::to_envelope`] converts a
-//!   view to the owned form (that is exactly what `decode` does).
+//!   view to an owned form that copies its strings (for input that is not held as `Bytes`).
 //!
 //! FlatBuffers carry no overall length: a frame is whatever the verifier can reach from the
 //! root. A prefix that drops only the builder's trailing alignment padding (up to 3 zero
@@ -37,6 +39,7 @@ use flatbuffers::{
     FlatBufferBuilder, ForwardsUOffset, InvalidFlatbuffer, Vector, VerifierOptions, WIPOffset,
 };
 
+use super::text::share_str;
 use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
 use crate::protocol::{
     Ack, Deliver, Envelope, Error, ErrorCode, Ext, Goaway, GroupJoin, GroupLeave, Hello, Limits,
@@ -104,7 +107,7 @@ impl Codec for FlatBuffers {
     }
 
     fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
-        view(bytes)?.to_envelope()
+        view(bytes)?.to_envelope_in(bytes)
     }
 }
 
@@ -516,9 +519,13 @@ impl<'a> TargetRef<'a> {
 
     /// The owned [`Target`].
     pub fn to_target(&self) -> Target {
+        self.target_with(&CopyStr)
+    }
+
+    fn target_with(&self, mk: &impl MakeStr) -> Target {
         match *self {
-            TargetRef::User(s) => Target::User(Str::from(s)),
-            TargetRef::Group(s) => Target::Group(Str::from(s)),
+            TargetRef::User(s) => Target::User(mk.str(s)),
+            TargetRef::Group(s) => Target::Group(mk.str(s)),
         }
     }
 }
@@ -536,26 +543,51 @@ fn req<T>(v: Option<T>, field: &'static str) -> Result<T, DecodeError> {
     v.ok_or(DecodeError::MissingField(field))
 }
 
-fn req_string(v: Option<&str>, field: &'static str) -> Result<Str, DecodeError> {
-    req(v, field).map(Str::from)
+fn req_string(mk: &impl MakeStr, v: Option<&str>, field: &'static str) -> Result<Str, DecodeError> {
+    req(v, field).map(|s| mk.str(s))
+}
+
+/// How [`FrameView`] turns the strings it reads into [`Str`]s.
+trait MakeStr {
+    fn str(&self, s: &str) -> Str;
+}
+
+/// Copies every string ([`FrameView::to_envelope`]).
+struct CopyStr;
+
+impl MakeStr for CopyStr {
+    fn str(&self, s: &str) -> Str {
+        Str::from(s)
+    }
+}
+
+/// Slices strings out of the input ([`FrameView::to_envelope_in`]); the verifier checked
+/// them as UTF-8 already.
+struct ShareStr<'a>(&'a Bytes);
+
+impl MakeStr for ShareStr<'_> {
+    fn str(&self, s: &str) -> Str {
+        share_str(self.0, s)
+    }
 }
 
 fn status(s: fb::Status) -> Result<Status, DecodeError> {
     Status::from_u8(s.0).ok_or(DecodeError::InvalidValue { field: "status" })
 }
 
-fn strings(v: flatbuffers::Vector<'_, ForwardsUOffset<&str>>) -> Vec<Str> {
-    v.iter().map(Str::from).collect()
+fn strings(mk: &impl MakeStr, v: flatbuffers::Vector<'_, ForwardsUOffset<&str>>) -> Vec<Str> {
+    v.iter().map(|s| mk.str(s)).collect()
 }
 
 fn ext(
+    mk: &impl MakeStr,
     v: Option<flatbuffers::Vector<'_, ForwardsUOffset<fb::KeyValue<'_>>>>,
 ) -> Result<Ext, DecodeError> {
-    let mut out = Ext::new();
+    let mut out = Ext::with_capacity(v.map_or(0, |v| v.len()));
     for kv in v.iter().flatten() {
         // `key` is required by the schema (it is the sort key), so the verifier checked it.
         let value = req(kv.value(), "value")?;
-        out.insert(kv.key(), value);
+        out.insert(mk.str(kv.key()), mk.str(value));
     }
     Ok(out)
 }
@@ -639,15 +671,25 @@ impl<'a> FrameView<'a> {
 
     /// Copies the frame into an owned [`Envelope`], checking the op's required fields.
     pub fn to_envelope(&self) -> Result<Envelope, DecodeError> {
+        self.convert(&CopyStr)
+    }
+
+    /// Converts the frame into an [`Envelope`] whose strings are slices of `src`, the
+    /// [`Bytes`] this view was made from (strings that are not inside `src` are copied).
+    pub fn to_envelope_in(&self, src: &Bytes) -> Result<Envelope, DecodeError> {
+        self.convert(&ShareStr(src))
+    }
+
+    fn convert(&self, mk: &impl MakeStr) -> Result<Envelope, DecodeError> {
         let f = self.frame;
         let msg = match self.op {
             Op::Hello => {
                 let h = union(f.msg_as_hello())?;
                 Message::Hello(Hello {
                     version: h.version(),
-                    token: req_string(h.token(), "token")?,
-                    device: req_string(h.device(), "device")?,
-                    codecs: h.codecs().map(strings).unwrap_or_default(),
+                    token: req_string(mk, h.token(), "token")?,
+                    device: req_string(mk, h.device(), "device")?,
+                    codecs: h.codecs().map(|v| strings(mk, v)).unwrap_or_default(),
                     resume: h.resume().map(|r| Resume {
                         inbox_seq: r.inbox_seq(),
                     }),
@@ -663,7 +705,7 @@ impl<'a> FrameView<'a> {
                 Message::Welcome(Welcome {
                     version: w.version(),
                     session: w.session(),
-                    user: req_string(w.user(), "user")?,
+                    user: req_string(mk, w.user(), "user")?,
                     heartbeat_ms: w.heartbeat_ms(),
                     server_time_ms: w.server_time_ms(),
                     limits,
@@ -678,17 +720,17 @@ impl<'a> FrameView<'a> {
             Op::Send => {
                 let s = union(f.msg_as_send())?;
                 Message::Send(Send {
-                    to: target_ref(req(s.to(), "to")?)?.to_target(),
-                    cmid: req_string(s.cmid(), "cmid")?,
-                    kind: s.type_().map(Str::from),
-                    body: req_string(s.body(), "body")?,
-                    ext: ext(s.ext())?,
+                    to: target_ref(req(s.to(), "to")?)?.target_with(mk),
+                    cmid: req_string(mk, s.cmid(), "cmid")?,
+                    kind: s.type_().map(|x| mk.str(x)),
+                    body: req_string(mk, s.body(), "body")?,
+                    ext: ext(mk, s.ext())?,
                 })
             }
             Op::SendAck => {
                 let a = union(f.msg_as_send_ack())?;
                 Message::SendAck(SendAck {
-                    cmid: req_string(a.cmid(), "cmid")?,
+                    cmid: req_string(mk, a.cmid(), "cmid")?,
                     mid: a.mid(),
                     seq: a.seq(),
                     ts: a.ts(),
@@ -698,13 +740,17 @@ impl<'a> FrameView<'a> {
                 let d = union(f.msg_as_deliver())?;
                 Message::Deliver(Deliver {
                     mid: d.mid(),
-                    from: req_string(d.from(), "from")?,
-                    to: d.to().map(target_ref).transpose()?.map(|t| t.to_target()),
+                    from: req_string(mk, d.from(), "from")?,
+                    to: d
+                        .to()
+                        .map(target_ref)
+                        .transpose()?
+                        .map(|t| t.target_with(mk)),
                     inbox_seq: d.inbox_seq(),
                     ts: d.ts(),
-                    kind: d.type_().map(Str::from),
-                    body: req_string(d.body(), "body")?,
-                    ext: ext(d.ext())?,
+                    kind: d.type_().map(|x| mk.str(x)),
+                    body: req_string(mk, d.body(), "body")?,
+                    ext: ext(mk, d.ext())?,
                 })
             }
             Op::Ack => Message::Ack(Ack {
@@ -728,21 +774,21 @@ impl<'a> FrameView<'a> {
                 status: status(union(f.msg_as_presence_set())?.status())?,
             }),
             Op::PresenceSub => Message::PresenceSub(PresenceSub {
-                users: strings(req(union(f.msg_as_presence_sub())?.users(), "users")?),
+                users: strings(mk, req(union(f.msg_as_presence_sub())?.users(), "users")?),
             }),
             Op::Presence => {
                 let p = union(f.msg_as_presence())?;
                 Message::Presence(Presence {
-                    user: req_string(p.user(), "user")?,
+                    user: req_string(mk, p.user(), "user")?,
                     status: status(p.status())?,
                     ts: p.ts(),
                 })
             }
             Op::GroupJoin => Message::GroupJoin(GroupJoin {
-                group: req_string(union(f.msg_as_group_join())?.group(), "group")?,
+                group: req_string(mk, union(f.msg_as_group_join())?.group(), "group")?,
             }),
             Op::GroupLeave => Message::GroupLeave(GroupLeave {
-                group: req_string(union(f.msg_as_group_leave())?.group(), "group")?,
+                group: req_string(mk, union(f.msg_as_group_leave())?.group(), "group")?,
             }),
             Op::Ok => {
                 union(f.msg_as_ok())?;
@@ -759,15 +805,15 @@ impl<'a> FrameView<'a> {
                 };
                 Message::Error(Error {
                     code,
-                    message: Str::from(e.message().unwrap_or_default()),
-                    cmid: e.cmid().map(Str::from),
+                    message: mk.str(e.message().unwrap_or_default()),
+                    cmid: e.cmid().map(|x| mk.str(x)),
                     retry_after_ms: e.retry_after_ms(),
                 })
             }
             Op::Goaway => {
                 let g = union(f.msg_as_goaway())?;
                 Message::Goaway(Goaway {
-                    reason: Str::from(g.reason().unwrap_or_default()),
+                    reason: mk.str(g.reason().unwrap_or_default()),
                     reconnect_ms: g.reconnect_ms(),
                 })
             }

@@ -2,8 +2,16 @@
 //!
 //! No maintained Hessian crate exists, so this module owns a minimal serde data format for
 //! Hessian 2.0 (written from the Hessian 2.0 serialization spec) and the [`Hessian`] codec on
-//! top of it. [`to_writer`] and [`from_slice`] are that format; [`Hessian`] encodes an
-//! [`Envelope`] through its `Serialize` impl and decodes through `WireIn` (see `fields.rs`).
+//! top of it. [`to_writer`] and [`from_slice`] are that format.
+//!
+//! [`Hessian`] writes the frame's map directly (`direct::write_envelope` with this module's
+//! primitive writers: the same bytes as [`to_writer`] on the `Serialize` impl, which
+//! [`encode_serde`] keeps as the tested reference). It decodes with the direct reader first
+//! (`direct::envelope`: an untyped map `H` read key by key into the op's message, plain UTF-8
+//! strings sliced from the input, the compact long forms read in place, unknown keys skipped
+//! with the general path's skipper), which gives up on anything else (typed maps, objects,
+//! class definitions, chunked or CESU-8 strings, dates, ...); those frames go through
+//! [`decode_serde`]: [`from_slice`] into `WireIn` (see `fields.rs` and `direct.rs`).
 //!
 //! # Writing
 //! - maps and structs: untyped map `H` (key value)* `Z`, struct keys as strings;
@@ -49,9 +57,12 @@ use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, V
 use serde::ser::{self, Serialize};
 use serde::Deserialize;
 
+use super::direct::{self, set_once, target_of, MapSink, MapSource};
 use super::fields::{finish, OpOnly, WireIn};
+use super::out::Sink;
+use super::text::{ascii_str, share_str};
 use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
-use crate::protocol::Envelope;
+use crate::protocol::{Envelope, Ext, Limits, Resume, Str, Target};
 
 const CODEC: &str = "hessian";
 
@@ -70,14 +81,34 @@ impl Codec for Hessian {
     const ID: CodecId = CodecId::Hessian;
 
     fn encode(env: &Envelope, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-        to_writer(env, out)
+        let start = out.len();
+        let r = direct::write_envelope(&mut Writer { out }, env);
+        if r.is_err() {
+            out.truncate(start);
+        }
+        r
     }
 
     fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
-        finish(bytes, from_slice::<WireIn>(bytes), || {
-            from_slice::<OpOnly>(bytes).ok()
-        })
+        if let Some(env) = decode_direct(bytes) {
+            return Ok(env);
+        }
+        decode_serde(bytes)
     }
+}
+
+/// Encodes through the serde data format ([`to_writer`]) and the `Serialize` impl: the
+/// reference [`Hessian::encode`] is tested against.
+pub fn encode_serde(env: &Envelope, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+    to_writer(env, out)
+}
+
+/// The general decoding path ([`from_slice`] into `WireIn`); it decides every frame the
+/// direct reader gives up on, and the tests compare the two.
+pub fn decode_serde(bytes: &Bytes) -> Result<Envelope, DecodeError> {
+    finish(bytes, from_slice::<WireIn>(bytes), || {
+        from_slice::<OpOnly>(bytes).ok()
+    })
 }
 
 /// Appends the Hessian 2.0 encoding of `value` to `out`. On error `out` is left as it was.
@@ -111,36 +142,32 @@ pub fn from_slice<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, Decod
 // ---------------------------------------------------------------------------------------------
 
 /// Writes a Hessian `int` in its most compact form.
-fn write_int(out: &mut Vec<u8>, v: i32) {
+fn write_int<S: Sink + ?Sized>(out: &mut S, v: i32) {
     match v {
-        -0x10..=0x2f => out.push((0x90 + v) as u8),
-        -0x800..=0x7ff => out.extend_from_slice(&[(0xc8 + (v >> 8)) as u8, v as u8]),
-        -0x40000..=0x3ffff => {
-            out.extend_from_slice(&[(0xd4 + (v >> 16)) as u8, (v >> 8) as u8, v as u8])
-        }
+        -0x10..=0x2f => out.put((0x90 + v) as u8),
+        -0x800..=0x7ff => out.put_slice(&[(0xc8 + (v >> 8)) as u8, v as u8]),
+        -0x40000..=0x3ffff => out.put_slice(&[(0xd4 + (v >> 16)) as u8, (v >> 8) as u8, v as u8]),
         _ => {
-            out.push(b'I');
-            out.extend_from_slice(&v.to_be_bytes());
+            out.put(b'I');
+            out.put_slice(&v.to_be_bytes());
         }
     }
 }
 
 /// Writes a Hessian `long` in its most compact form.
-fn write_long(out: &mut Vec<u8>, v: i64) {
+fn write_long<S: Sink + ?Sized>(out: &mut S, v: i64) {
     match v {
-        -0x08..=0x0f => out.push((0xe0 + v) as u8),
-        -0x800..=0x7ff => out.extend_from_slice(&[(0xf8 + (v >> 8)) as u8, v as u8]),
-        -0x40000..=0x3ffff => {
-            out.extend_from_slice(&[(0x3c + (v >> 16)) as u8, (v >> 8) as u8, v as u8])
-        }
+        -0x08..=0x0f => out.put((0xe0 + v) as u8),
+        -0x800..=0x7ff => out.put_slice(&[(0xf8 + (v >> 8)) as u8, v as u8]),
+        -0x40000..=0x3ffff => out.put_slice(&[(0x3c + (v >> 16)) as u8, (v >> 8) as u8, v as u8]),
         _ => match i32::try_from(v) {
             Ok(v32) => {
-                out.push(0x59);
-                out.extend_from_slice(&v32.to_be_bytes());
+                out.put(0x59);
+                out.put_slice(&v32.to_be_bytes());
             }
             Err(_) => {
-                out.push(b'L');
-                out.extend_from_slice(&v.to_be_bytes());
+                out.put(b'L');
+                out.put_slice(&v.to_be_bytes());
             }
         },
     }
@@ -174,19 +201,19 @@ fn utf16_len(s: &str) -> usize {
 }
 
 /// Writes `s` as Hessian's UTF-8: BMP characters as in UTF-8, others as a CESU-8 pair.
-fn write_utf8(out: &mut Vec<u8>, s: &str) {
+fn write_utf8<S: Sink + ?Sized>(out: &mut S, s: &str) {
     if s.bytes().all(|b| b < 0xf0) {
-        out.extend_from_slice(s.as_bytes());
+        out.put_slice(s.as_bytes());
         return;
     }
     for c in s.chars() {
         if c.len_utf16() == 1 {
             let mut buf = [0u8; 4];
-            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            out.put_slice(c.encode_utf8(&mut buf).as_bytes());
         } else {
             let mut units = [0u16; 2];
             for u in c.encode_utf16(&mut units) {
-                out.extend_from_slice(&[
+                out.put_slice(&[
                     0xe0 | (*u >> 12) as u8,
                     0x80 | ((*u >> 6) & 0x3f) as u8,
                     0x80 | (*u & 0x3f) as u8,
@@ -197,7 +224,25 @@ fn write_utf8(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Writes a Hessian `string`, chunked past [`MAX_CHUNK`] units without splitting a pair.
-fn write_string(out: &mut Vec<u8>, s: &str) {
+fn write_string<S: Sink + ?Sized>(out: &mut S, s: &str) {
+    if s.len() <= 0x3ff && s.is_ascii() {
+        // One unit per byte, one chunk: what the general code below writes, without its
+        // passes over the characters.
+        let units = s.len();
+        if units <= 0x1f {
+            out.put(units as u8);
+        } else {
+            out.put_slice(&[0x30 + (units >> 8) as u8, units as u8]);
+        }
+        out.put_slice(s.as_bytes());
+        return;
+    }
+    write_string_general(out, s);
+}
+
+/// [`write_string`] for strings that are not short ASCII.
+#[inline(never)]
+fn write_string_general<S: Sink + ?Sized>(out: &mut S, s: &str) {
     let mut rest = s;
     let mut units = utf16_len(s);
     while units > MAX_CHUNK {
@@ -210,21 +255,21 @@ fn write_string(out: &mut Vec<u8>, s: &str) {
             n += c.len_utf16();
             end = i + c.len_utf8();
         }
-        out.push(b'R');
+        out.put(b'R');
         // n <= MAX_CHUNK (0xffff), so it fits 16 bits.
-        out.extend_from_slice(&(n as u16).to_be_bytes());
+        out.put_slice(&(n as u16).to_be_bytes());
         // `end` is a char boundary: it comes from `char_indices`.
         write_utf8(out, &rest[..end]);
         rest = &rest[end..];
         units -= n;
     }
     match units {
-        0..=0x1f => out.push(units as u8),
-        0x20..=0x3ff => out.extend_from_slice(&[0x30 + (units >> 8) as u8, units as u8]),
+        0..=0x1f => out.put(units as u8),
+        0x20..=0x3ff => out.put_slice(&[0x30 + (units >> 8) as u8, units as u8]),
         _ => {
-            out.push(b'S');
+            out.put(b'S');
             // units <= MAX_CHUNK here (the loop above ran until it was).
-            out.extend_from_slice(&(units as u16).to_be_bytes());
+            out.put_slice(&(units as u16).to_be_bytes());
         }
     }
     write_utf8(out, rest);
@@ -613,6 +658,384 @@ impl ser::SerializeStructVariant for Compound<'_, '_> {
 
     fn end(self) -> Result<(), SerError> {
         self.finish()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Direct writer and reader of the frame's map (see `direct.rs`)
+// ---------------------------------------------------------------------------------------------
+
+/// Writes the frame's map with the same forms as [`to_writer`] (property-tested).
+struct Writer<'a, S: Sink> {
+    out: &'a mut S,
+}
+
+impl<S: Sink> MapSink for Writer<'_, S> {
+    #[inline]
+    fn map(&mut self, _entries: usize) -> Result<(), EncodeError> {
+        self.out.put(b'H');
+        Ok(())
+    }
+
+    #[inline]
+    fn end_map(&mut self) {
+        self.out.put(b'Z');
+    }
+
+    #[inline]
+    fn key(&mut self, key: &'static str) {
+        // Our field names are ASCII and shorter than 32 bytes: a one-byte length.
+        debug_assert!(key.len() <= 0x1f && key.is_ascii());
+        self.out.put(key.len() as u8);
+        self.out.put_slice(key.as_bytes());
+    }
+
+    #[inline]
+    fn str(&mut self, s: &str) -> Result<(), EncodeError> {
+        write_string(self.out, s);
+        Ok(())
+    }
+
+    #[inline]
+    fn uint(&mut self, v: u64) -> Result<(), EncodeError> {
+        let v = i64::try_from(v).map_err(|_| EncodeError::TooLarge)?;
+        write_long(self.out, v);
+        Ok(())
+    }
+
+    #[inline]
+    fn bool(&mut self, v: bool) {
+        self.out.put(if v { b'T' } else { b'F' });
+    }
+
+    fn strs(&mut self, items: &[Str]) -> Result<(), EncodeError> {
+        let n = items.len();
+        if n <= 7 {
+            self.out.put(0x78 + n as u8);
+        } else {
+            let n = i32::try_from(n).map_err(|_| EncodeError::TooLarge)?;
+            self.out.put(b'X');
+            write_int(self.out, n);
+        }
+        for s in items {
+            write_string(self.out, s);
+        }
+        Ok(())
+    }
+}
+
+/// The direct reader's attempt: the envelope, or `None` to leave the frame to
+/// [`decode_serde`]. Only an untyped map (`H`) at the top, untyped maps and lists inside, and
+/// single-chunk strings that are plain UTF-8 are read; the rest gives up.
+#[inline(always)]
+fn decode_direct(bytes: &Bytes) -> Option<Envelope> {
+    let mut r = Direct {
+        de: De::new(bytes),
+        src: bytes,
+    };
+    if r.de.next().ok()? != b'H' {
+        return None;
+    }
+    // Inside the top-level map, as the general path's `visit_map` would be.
+    r.de.depth = 1;
+    direct::envelope(&mut r, |r| r.de.pos == r.de.input.len())
+}
+
+struct Direct<'a, 'de> {
+    de: De<'de>,
+    src: &'a Bytes,
+}
+
+impl<'de> Direct<'_, 'de> {
+    /// A string that is one final chunk of plain UTF-8 (no CESU-8 surrogate pairs), as the
+    /// input's bytes. Lengths count UTF-16 units: one per character, two for a 4-byte one.
+    #[inline]
+    fn plain(&mut self) -> Option<&'de str> {
+        let input = self.de.input;
+        let rest = input.get(self.de.pos..)?;
+        let (units, header) = match *rest {
+            [tag @ 0x00..=0x1f, ..] => (usize::from(tag), 1),
+            [tag @ 0x30..=0x33, b0, ..] => ((usize::from(tag - 0x30) << 8) + usize::from(b0), 2),
+            [b'S', b1, b0, ..] => (usize::from(u16::from_be_bytes([b1, b0])), 3),
+            _ => return None,
+        };
+        let start = self.de.pos + header;
+        self.de.pos = start;
+        if let Some(s) = input.get(start..start + units).and_then(ascii_str) {
+            self.de.pos = start + units;
+            return Some(s);
+        }
+        // Not all ASCII: walk the characters to find the end.
+        let mut end = start;
+        let mut left = units;
+        while left > 0 {
+            let (width, n) = match *input.get(end)? {
+                0x00..=0x7f => (1, 1),
+                0xc0..=0xdf => (2, 1),
+                0xe0..=0xef => (3, 1),
+                0xf0..=0xf7 => (4, 2),
+                _ => return None,
+            };
+            if n > left {
+                return None;
+            }
+            end += width;
+            left -= n;
+        }
+        // Surrogates (CESU-8) are not UTF-8: such strings are left to the general path.
+        let s = std::str::from_utf8(input.get(start..end)?).ok()?;
+        self.de.pos = end;
+        Some(s)
+    }
+
+    /// [`MapSource::uint`] for the other int and long forms.
+    fn uint_other(&mut self) -> Option<u64> {
+        let tag = self.de.next().ok()?;
+        let v = if is_int_tag(tag) {
+            i64::from(self.de.int_body(tag).ok()?)
+        } else if is_long_tag(tag) {
+            self.de.long_body(tag).ok()?
+        } else {
+            return None;
+        };
+        u64::try_from(v).ok()
+    }
+
+    /// The entries of a nested untyped map: `entry` reads each value after its key, and
+    /// returns `None` for a key it does not know, which is skipped.
+    fn nested(
+        &mut self,
+        mut entry: impl FnMut(&mut Self, &[u8]) -> Option<Option<()>>,
+    ) -> Option<()> {
+        if self.de.next().ok()? != b'H' {
+            return None;
+        }
+        self.de.enter().ok()?;
+        loop {
+            if self.de.peek().ok()? == b'Z' {
+                self.de.pos += 1;
+                break;
+            }
+            let key = self.plain()?;
+            if entry(self, key.as_bytes())?.is_none() {
+                self.de.skip_value().ok()?;
+            }
+        }
+        self.de.leave();
+        Some(())
+    }
+}
+
+/// A key of the top-level map, first taken as `units` ASCII bytes from `start`: if it is one
+/// of our names it is exactly that; otherwise [`MapSource::unknown_key`] reads it properly.
+struct Key<'de> {
+    bytes: &'de [u8],
+    start: usize,
+    units: usize,
+}
+
+impl AsRef<[u8]> for Key<'_> {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
+impl<'de> MapSource for Direct<'_, 'de> {
+    type Key = Key<'de>;
+
+    #[inline]
+    fn key(&mut self) -> Option<Option<Key<'de>>> {
+        let input = self.de.input;
+        let rest = input.get(self.de.pos..)?;
+        let (units, header) = match *rest {
+            [b'Z', ..] => {
+                self.de.pos += 1;
+                return Some(None);
+            }
+            [len @ 0x00..=0x1f, ..] => (usize::from(len), 1),
+            // Longer keys are none of ours: read them properly.
+            _ => {
+                let start = self.de.pos;
+                let k = self.plain()?.as_bytes();
+                return Some(Some(Key {
+                    bytes: k,
+                    start,
+                    units: usize::MAX,
+                }));
+            }
+        };
+        let start = self.de.pos + header;
+        let bytes = input.get(start..start + units)?;
+        self.de.pos = start + units;
+        Some(Some(Key {
+            bytes,
+            start,
+            units,
+        }))
+    }
+
+    #[inline(always)]
+    fn expect_key(&mut self, key: &'static [u8]) -> bool {
+        // Our names are ASCII strings of fewer than 32 units: the length, then the bytes.
+        let pos = self.de.pos;
+        match self.de.input.get(pos..) {
+            Some([len, rest @ ..]) if usize::from(*len) == key.len() && rest.starts_with(key) => {
+                self.de.pos = pos + 1 + key.len();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn unknown_key(&mut self, key: &Key<'de>) -> Option<()> {
+        if key.units == usize::MAX || key.bytes.is_ascii() {
+            // Already read as a string, or plain ASCII: one byte per unit.
+            return Some(());
+        }
+        // Back to the string's header and read it as any value string.
+        self.de.pos = key.start - 1;
+        self.plain().map(drop)
+    }
+
+    #[inline]
+    fn str(&mut self) -> Option<Str> {
+        let s = self.plain()?;
+        Some(share_str(self.src, s))
+    }
+
+    #[inline]
+    fn name<T>(&mut self, f: impl FnOnce(&[u8]) -> Option<T>) -> Option<T> {
+        f(self.plain()?.as_bytes())
+    }
+
+    #[inline]
+    fn uint(&mut self) -> Option<u64> {
+        let rest = self.de.input.get(self.de.pos..)?;
+        // The forms our encoder writes (non-negative longs), read in place.
+        let (v, n) = match *rest {
+            [t @ 0xe0..=0xef, ..] => (u64::from(t - 0xe0), 1),
+            [t @ 0xf8..=0xff, b0, ..] => ((u64::from(t - 0xf8) << 8) | u64::from(b0), 2),
+            [t @ 0x3c..=0x3f, b1, b0, ..] => (
+                (u64::from(t - 0x3c) << 16) | (u64::from(b1) << 8) | u64::from(b0),
+                3,
+            ),
+            [0x59, b3, b2, b1, b0, ..] => {
+                (u64::try_from(i32::from_be_bytes([b3, b2, b1, b0])).ok()?, 5)
+            }
+            [b'L', b7, b6, b5, b4, b3, b2, b1, b0, ..] => (
+                u64::try_from(i64::from_be_bytes([b7, b6, b5, b4, b3, b2, b1, b0])).ok()?,
+                9,
+            ),
+            _ => return self.uint_other(),
+        };
+        self.de.pos += n;
+        Some(v)
+    }
+
+    #[inline]
+    fn bool(&mut self) -> Option<bool> {
+        match self.de.next().ok()? {
+            b'T' => Some(true),
+            b'F' => Some(false),
+            _ => None,
+        }
+    }
+
+    fn target(&mut self) -> Option<Target> {
+        let (mut user, mut group) = (None, None);
+        self.nested(|r, key| {
+            Some(match key {
+                b"user" => Some(set_once(&mut user, r.str())?),
+                b"group" => Some(set_once(&mut group, r.str())?),
+                _ => None,
+            })
+        })?;
+        target_of(user, group)
+    }
+
+    fn resume(&mut self) -> Option<Resume> {
+        let mut inbox_seq = None;
+        self.nested(|r, key| {
+            Some(match key {
+                b"inbox_seq" => Some(set_once(&mut inbox_seq, r.uint())?),
+                _ => None,
+            })
+        })?;
+        Some(Resume {
+            inbox_seq: inbox_seq.unwrap_or(0),
+        })
+    }
+
+    fn limits(&mut self) -> Option<Limits> {
+        let (mut max_frame_bytes, mut sends_per_sec, mut window) = (None, None, None);
+        let u32_of = |r: &mut Self| r.uint().and_then(|v| u32::try_from(v).ok());
+        self.nested(|r, key| {
+            Some(match key {
+                b"max_frame_bytes" => Some(set_once(&mut max_frame_bytes, u32_of(r))?),
+                b"sends_per_sec" => Some(set_once(&mut sends_per_sec, u32_of(r))?),
+                b"window" => Some(set_once(&mut window, u32_of(r))?),
+                _ => None,
+            })
+        })?;
+        Some(Limits {
+            max_frame_bytes: max_frame_bytes.unwrap_or(0),
+            sends_per_sec: sends_per_sec.unwrap_or(0),
+            window: window.unwrap_or(0),
+        })
+    }
+
+    fn ext(&mut self) -> Option<Ext> {
+        if self.de.next().ok()? != b'H' {
+            return None;
+        }
+        self.de.enter().ok()?;
+        let mut ext = Ext::new();
+        loop {
+            if self.de.peek().ok()? == b'Z' {
+                self.de.pos += 1;
+                break;
+            }
+            let k = self.str()?;
+            let v = self.str()?;
+            ext.insert(k, v);
+        }
+        self.de.leave();
+        Some(ext)
+    }
+
+    fn strs(&mut self) -> Option<Vec<Str>> {
+        let tag = self.de.next().ok()?;
+        let len = match tag {
+            0x78..=0x7f => Some(usize::from(tag - 0x78)),
+            b'X' => Some(self.de.read_count().ok()?),
+            b'W' => None,
+            _ => return None,
+        };
+        if let Some(n) = len {
+            self.de.check_declared(n).ok()?;
+        }
+        self.de.enter().ok()?;
+        let mut v = Vec::new();
+        match len {
+            Some(n) => {
+                for _ in 0..n {
+                    v.push(self.str()?);
+                }
+            }
+            None => loop {
+                if self.de.peek().ok()? == b'Z' {
+                    self.de.pos += 1;
+                    break;
+                }
+                v.push(self.str()?);
+            },
+        }
+        self.de.leave();
+        Some(v)
+    }
+
+    fn skip(&mut self) -> Option<()> {
+        self.de.skip_value().ok()
     }
 }
 

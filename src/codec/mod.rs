@@ -5,12 +5,15 @@
 //! are total: any input gives an [`Envelope`] or a [`DecodeError`], never a panic, and never
 //! allocate more than a small multiple of the input's length (tests/bad_input.rs proves it).
 
+mod direct;
 mod fields;
 pub mod flatbuf;
 pub mod hessian;
 pub mod json;
 pub mod msgpack;
+mod out;
 pub mod protobuf;
+mod text;
 
 use bytes::Bytes;
 

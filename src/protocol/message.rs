@@ -29,6 +29,11 @@ impl Ext {
         let value = value.into();
         // Decoders insert in key order: check the end first so that case is O(1).
         if self.0.last().is_none_or(|(k, _)| *k < key) {
+            if self.0.capacity() == 0 {
+                // Most maps are small: one allocation for the first few entries (cheaper
+                // than the growth path's).
+                self.0 = Vec::with_capacity(4);
+            }
             self.0.push((key, value));
             return None;
         }

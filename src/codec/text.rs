@@ -1,0 +1,106 @@
+//! Zero-copy strings: turning bytes of a received payload into [`Str`] slices of it.
+//!
+//! Every decoder checks UTF-8 exactly once. [`Str::try_from`] on a [`Bytes`] would check it a
+//! second time, so the two helpers here build the [`Str`] with
+//! [`bytestring::ByteString::from_bytes_unchecked`] instead, right next to the check that
+//! makes it sound. This module is the only place in the codecs that needs `unsafe`.
+
+use bytes::Bytes;
+
+use super::DecodeError;
+use crate::protocol::Str;
+
+/// `src[start..end]` as a [`Str`] sharing `src`'s memory, after checking that it is UTF-8.
+///
+/// Errors: [`DecodeError::Truncated`] when the range is not inside `src` (or reversed),
+/// [`DecodeError::InvalidUtf8`] when the bytes are not UTF-8.
+#[inline]
+pub(crate) fn slice_str(src: &Bytes, start: usize, end: usize) -> Result<Str, DecodeError> {
+    let raw = src.get(start..end).ok_or(DecodeError::Truncated)?;
+    // ASCII (most ids and much text) is checked a word at a time; anything else in full.
+    if !raw.is_ascii() && std::str::from_utf8(raw).is_err() {
+        return Err(DecodeError::InvalidUtf8);
+    }
+    if raw.is_empty() {
+        return Ok(Str::new());
+    }
+    let shared = src.slice(start..end);
+    // SAFETY: `shared` is `src[start..end]`, the very bytes `raw` checked as UTF-8 above
+    // (`Bytes` is immutable, so they cannot have changed in between).
+    #[allow(unsafe_code)]
+    let s = unsafe { Str::from_bytes_unchecked(shared) };
+    Ok(s)
+}
+
+/// `b` as a `&str` if it is ASCII (checked a word at a time), which is then UTF-8 without a
+/// full validation.
+#[inline]
+pub(crate) fn ascii_str(b: &[u8]) -> Option<&str> {
+    if !b.is_ascii() {
+        return None;
+    }
+    // SAFETY: every byte is below 0x80 (checked just above), and ASCII is valid UTF-8.
+    #[allow(unsafe_code)]
+    let s = unsafe { std::str::from_utf8_unchecked(b) };
+    Some(s)
+}
+
+/// `s` as a [`Str`]: a slice of `src` when `s` lies inside it (no copy, no second UTF-8
+/// check), else a copy.
+#[inline]
+pub(crate) fn share_str(src: &Bytes, s: &str) -> Str {
+    if s.is_empty() {
+        return Str::new();
+    }
+    let base = src.as_ptr() as usize;
+    let at = s.as_ptr() as usize;
+    if at < base || at - base > src.len() || s.len() > src.len() - (at - base) {
+        return Str::from(s);
+    }
+    let start = at - base;
+    let shared = src.slice(start..start + s.len());
+    // SAFETY: `shared` holds the same bytes as `s` (same address range of the immutable buffer
+    // behind `src`, checked just above), and `s` is a `&str`, so they are UTF-8.
+    #[allow(unsafe_code)]
+    let out = unsafe { Str::from_bytes_unchecked(shared) };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_share_memory() {
+        let src = Bytes::from_static(b"xxhello\xffyy");
+        let s = slice_str(&src, 2, 7).unwrap();
+        assert_eq!(&*s, "hello");
+        assert_eq!(s.as_bytes().as_ptr(), src[2..].as_ptr());
+        assert_eq!(slice_str(&src, 2, 8), Err(DecodeError::InvalidUtf8));
+        assert_eq!(slice_str(&src, 8, 7), Err(DecodeError::Truncated));
+        assert_eq!(slice_str(&src, 0, 11), Err(DecodeError::Truncated));
+        assert_eq!(slice_str(&src, 3, 3).unwrap(), Str::new());
+    }
+
+    #[test]
+    fn ascii_only() {
+        assert_eq!(ascii_str(b"abc"), Some("abc"));
+        assert_eq!(ascii_str(b""), Some(""));
+        assert_eq!(ascii_str("é".as_bytes()), None);
+        assert_eq!(ascii_str(&[b'a', 0xff]), None);
+    }
+
+    #[test]
+    fn share_str_copies_foreign_strings() {
+        let src = Bytes::from_static(b"abcdef");
+        let inner = std::str::from_utf8(&src[1..4]).unwrap();
+        let s = share_str(&src, inner);
+        assert_eq!(&*s, "bcd");
+        assert_eq!(s.as_bytes().as_ptr(), src[1..].as_ptr());
+        let other = String::from("bcd");
+        let t = share_str(&src, &other);
+        assert_eq!(&*t, "bcd");
+        assert_ne!(t.as_bytes().as_ptr(), src[1..].as_ptr());
+        assert_eq!(share_str(&src, ""), Str::new());
+    }
+}
