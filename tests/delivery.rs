@@ -244,3 +244,61 @@ fn a_slow_store_sheds_with_overloaded_instead_of_growing() {
         .unwrap();
     a.recv_until(|e| e.reference == Some(9), WAIT).unwrap();
 }
+
+#[test]
+fn group_messages_are_stored_on_the_timeline_before_the_ack() {
+    let g = local("");
+    let mut a = g.login(Transport::Ws, CodecId::Json, "ta", "d");
+    let mut b = g.login(Transport::Tcp, CodecId::Protobuf, "tb", "d");
+    for c in [&mut a, &mut b] {
+        let r = c.next_ref();
+        c.send(&Envelope::with_ref(
+            Message::GroupJoin(imgw::protocol::GroupJoin {
+                group: "durable-team".into(),
+            }),
+            r,
+        ))
+        .unwrap();
+        assert_eq!(
+            c.recv_until(|e| e.reference == Some(r), WAIT).unwrap().msg,
+            Message::Ok
+        );
+    }
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        let r = a.next_ref();
+        a.send(&Envelope::with_ref(
+            Message::Send(Send {
+                to: Target::Group("durable-team".into()),
+                cmid: format!("t{i}").into(),
+                kind: None,
+                body: format!("team {i}").into(),
+                ext: Default::default(),
+            }),
+            r,
+        ))
+        .unwrap();
+        match a.recv_until(|e| e.reference == Some(r), WAIT).unwrap().msg {
+            Message::SendAck(ack) => seqs.push(ack.seq),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(seqs, vec![1, 2, 3], "gapless group timeline");
+    for i in 0..3u64 {
+        let env = b
+            .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
+            .unwrap();
+        let Message::Deliver(d) = env.msg else {
+            unreachable!()
+        };
+        assert_eq!(
+            (d.inbox_seq, d.body.to_string()),
+            (i + 1, format!("team {i}"))
+        );
+        assert_eq!(d.to, Some(Target::Group("durable-team".into())));
+    }
+    assert!(
+        g.metric("imgw_store_ops_total", &[]) >= 5.0,
+        "joins and appends were stored"
+    );
+}

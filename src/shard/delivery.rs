@@ -64,7 +64,15 @@ pub(super) enum IoWait {
     },
     /// A pump page for a lagging device.
     Pump { conn: ConnId },
-    /// A write nobody waits for (cursor updates).
+    /// A group message being made durable on its timeline.
+    GroupAppend {
+        group: super::groups::GroupKey,
+        origin: Route,
+        reference: Option<u64>,
+        cmid: Str,
+        deliver: Deliver,
+    },
+    /// A write nobody waits for (cursor updates, membership).
     Nothing,
 }
 
@@ -100,6 +108,56 @@ impl Shard {
         }
         self.io_pending.insert(token, wait);
         true
+    }
+
+    /// A write whose result nobody waits for; skipped (and logged) when the I/O queue is full.
+    pub(super) fn submit_write(&mut self, op: Op) {
+        if !self.submit(IoRequest::Apply(vec![op]), IoWait::Nothing) {
+            tracing::debug!(
+                shard = self.id,
+                "I/O queue full: a bookkeeping write was skipped"
+            );
+        }
+    }
+
+    /// Group owner: append to the stored timeline, then ack and fan out (`on_io_done`).
+    pub(super) fn append_group(
+        &mut self,
+        group: super::groups::GroupKey,
+        origin: Route,
+        reference: Option<u64>,
+        deliver: Deliver,
+        cmid: Str,
+    ) {
+        let op = Op::AppendGroup {
+            group: crate::store::GroupRef {
+                tenant: group.tenant.clone(),
+                group: group.group.clone(),
+            },
+            sender: deliver.from.clone(),
+            cmid: cmid.clone(),
+            deliver: deliver.clone(),
+        };
+        let wait = IoWait::GroupAppend {
+            group,
+            origin,
+            reference,
+            cmid: cmid.clone(),
+            deliver,
+        };
+        if !self.submit(IoRequest::Apply(vec![op]), wait) {
+            let retry = Some(self.cfg.limits.retry_after_ms);
+            self.post_always(
+                usize::from(origin.shard),
+                ShardMsg::Rejected {
+                    conn: origin.conn,
+                    reference,
+                    cmid,
+                    code: ErrorCode::Overloaded,
+                    retry_after_ms: retry,
+                },
+            );
+        }
     }
 
     /// Owner side: make a 1:1 message durable, then deliver and ack (see `on_io_done`).
@@ -195,6 +253,46 @@ impl Shard {
                     },
                 );
             }
+            (
+                IoWait::GroupAppend {
+                    group,
+                    origin,
+                    reference,
+                    cmid,
+                    deliver,
+                },
+                IoReply::Applied(r),
+            ) => match r.ok().and_then(|v| v.into_iter().next()) {
+                Some(OpResult::Appended {
+                    seq,
+                    mid,
+                    ts,
+                    duplicate,
+                }) => self.group_appended(
+                    group,
+                    origin,
+                    reference,
+                    cmid,
+                    deliver,
+                    (seq, mid, ts, duplicate),
+                ),
+                other => {
+                    let code = match other {
+                        Some(OpResult::Refused(_)) => ErrorCode::Forbidden,
+                        _ => ErrorCode::Unavailable,
+                    };
+                    self.post_always(
+                        usize::from(origin.shard),
+                        ShardMsg::Rejected {
+                            conn: origin.conn,
+                            reference,
+                            cmid,
+                            code,
+                            retry_after_ms: None,
+                        },
+                    );
+                }
+            },
             (IoWait::Sync { conn, reference }, IoReply::Inbox(r)) => {
                 self.sync_page(conn, reference, r, false);
             }
@@ -421,7 +519,7 @@ impl Shard {
             device,
             seq: inbox_seq,
         };
-        let _ = self.submit(IoRequest::Apply(vec![op]), IoWait::Nothing);
+        self.submit_write(op);
         self.maybe_pump(conn);
     }
 

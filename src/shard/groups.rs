@@ -167,6 +167,26 @@ impl Shard {
                 owned.remove(&group);
             }
         }
+        if self.durable() {
+            // The stored member list authorizes the stored timeline's appends; the I/O queue
+            // keeps it ordered before any later send.
+            let g = crate::store::GroupRef {
+                tenant: group.tenant.clone(),
+                group: group.group.clone(),
+            };
+            let op = if join {
+                crate::store::Op::Join {
+                    group: g,
+                    member: member.clone(),
+                }
+            } else {
+                crate::store::Op::Leave {
+                    group: g,
+                    member: member.clone(),
+                }
+            };
+            self.submit_write(op);
+        }
         // The member's owner tracks the membership for online fan-out.
         let user = UserKey {
             tenant: group.tenant.clone(),
@@ -200,12 +220,20 @@ impl Shard {
             self.error_to(origin, reference, ErrorCode::Forbidden, Some(cmid));
             return;
         }
-        e.gseq += 1;
-        let gseq = e.gseq;
         let mid = self.next_mid();
         deliver.mid = mid;
-        deliver.inbox_seq = gseq;
         deliver.to = Some(Target::Group(group.group.clone()));
+        if self.durable() {
+            // Durability `local`: on the stored timeline before the ack and the pushes.
+            self.append_group(group, origin, reference, deliver, cmid);
+            return;
+        }
+        let Some(e) = self.groups.owned.get_mut(&group) else {
+            return;
+        };
+        e.gseq += 1;
+        let gseq = e.gseq;
+        deliver.inbox_seq = gseq;
         let ts = deliver.ts;
         self.post_always(
             usize::from(origin.shard),
@@ -221,8 +249,37 @@ impl Shard {
         self.group_fan_out(&group, deliver);
     }
 
+    /// Owner side, after the store accepted a group message: ack the sender, fan out.
+    pub(super) fn group_appended(
+        &mut self,
+        group: GroupKey,
+        origin: Route,
+        reference: Option<u64>,
+        cmid: Str,
+        mut deliver: Deliver,
+        (gseq, mid, ts, duplicate): (u64, u64, u64, bool),
+    ) {
+        self.post_always(
+            usize::from(origin.shard),
+            ShardMsg::Accepted {
+                conn: origin.conn,
+                reference,
+                cmid,
+                mid,
+                seq: gseq,
+                ts,
+            },
+        );
+        if !duplicate {
+            deliver.mid = mid;
+            deliver.inbox_seq = gseq;
+            deliver.ts = ts;
+            self.group_fan_out(&group, deliver);
+        }
+    }
+
     /// One message to every shard: each forwards to its online members.
-    fn group_fan_out(&mut self, group: &GroupKey, deliver: Deliver) {
+    pub(super) fn group_fan_out(&mut self, group: &GroupKey, deliver: Deliver) {
         for shard in 0..self.shards {
             self.post_always(
                 shard,

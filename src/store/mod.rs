@@ -253,5 +253,8 @@ pub fn open(cfg: &crate::config::Config) -> Result<Box<dyn Backend>, StoreError>
         max_group_members: u64::from(l.max_group_members),
         ..StoreOptions::default()
     };
-    Ok(Box::new(EmbeddedStore::open(&cfg.server.data_dir.join("store"), opts)?))
+    Ok(Box::new(EmbeddedStore::open(
+        &cfg.server.data_dir.join("store"),
+        opts,
+    )?))
 }
