@@ -62,8 +62,10 @@ pub(crate) trait MapSource {
     fn resume(&mut self) -> Option<Resume>;
     /// `limits`: a map with optional `max_frame_bytes`, `sends_per_sec`, `window`.
     fn limits(&mut self) -> Option<Limits>;
-    /// `ext`: a map of strings to strings; a repeated key keeps its last value.
-    fn ext(&mut self) -> Option<Ext>;
+    /// `ext`: a map of strings to strings, added to `into` (empty); a repeated key keeps its
+    /// last value. (Filled in place: moving a just-built value costs more than building it
+    /// where it stays.)
+    fn ext(&mut self, into: &mut Ext) -> Option<()>;
     /// `codecs`, `users`: a list of strings.
     fn strs(&mut self) -> Option<Vec<Str>>;
     /// Skips the value of a key we do not know.
@@ -155,6 +157,15 @@ fn set<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
     Some(())
 }
 
+/// `ext`, read into its slot (a repeated `ext` gives up).
+#[inline(always)]
+fn set_ext<S: MapSource>(s: &mut S, slot: &mut Option<Ext>) -> Option<()> {
+    if slot.is_some() {
+        return None;
+    }
+    s.ext(slot.insert(Ext::new()))
+}
+
 /// A key that is not one of the op's fields: `ref`, skipped if unknown, else give up.
 #[inline]
 fn other<S: MapSource>(s: &mut S, key: &S::Key, reference: &mut Option<u64>) -> Option<()> {
@@ -204,221 +215,227 @@ pub(crate) fn envelope<S: MapSource>(s: &mut S, done: impl FnOnce(&S) -> bool) -
                     _ => other(s, &k, &mut reference)?,
                 }
             }
+            if !done(s) {
+                return None;
+            }
         };
     }
-    let msg = match op {
-        Op::Hello => {
-            let (mut version, mut token, mut device, mut codecs, mut resume) =
-                (None, None, None, None, None);
-            fields! {
-                b"version" => set(&mut version, s.uint().and_then(|v| u8::try_from(v).ok())),
-                b"token" => set(&mut token, s.str()),
-                b"device" => set(&mut device, s.str()),
-                b"codecs" => set(&mut codecs, s.strs()),
-                b"resume" => set(&mut resume, s.resume()),
+    // Built in place: the match is the envelope's first field, and each op's fields check
+    // what must follow the map before the message is assembled.
+    Some(Envelope {
+        msg: match op {
+            Op::Hello => {
+                let (mut version, mut token, mut device, mut codecs, mut resume) =
+                    (None, None, None, None, None);
+                fields! {
+                    b"version" => set(&mut version, s.uint().and_then(|v| u8::try_from(v).ok())),
+                    b"token" => set(&mut token, s.str()),
+                    b"device" => set(&mut device, s.str()),
+                    b"codecs" => set(&mut codecs, s.strs()),
+                    b"resume" => set(&mut resume, s.resume()),
+                }
+                Message::Hello(Hello {
+                    version: version.unwrap_or(0),
+                    token: token?,
+                    device: device?,
+                    codecs: codecs.unwrap_or_default(),
+                    resume,
+                })
             }
-            Message::Hello(Hello {
-                version: version.unwrap_or(0),
-                token: token?,
-                device: device?,
-                codecs: codecs.unwrap_or_default(),
-                resume,
-            })
-        }
-        Op::Welcome => {
-            let (mut version, mut session, mut user, mut heartbeat_ms, mut server_time_ms) =
-                (None, None, None, None, None);
-            let mut limits = None;
-            fields! {
-                b"version" => set(&mut version, s.uint().and_then(|v| u8::try_from(v).ok())),
-                b"session" => set(&mut session, s.uint()),
-                b"user" => set(&mut user, s.str()),
-                b"heartbeat_ms" => set(&mut heartbeat_ms, s.uint()),
-                b"server_time_ms" => set(&mut server_time_ms, s.uint()),
-                b"limits" => set(&mut limits, s.limits()),
+            Op::Welcome => {
+                let (mut version, mut session, mut user, mut heartbeat_ms, mut server_time_ms) =
+                    (None, None, None, None, None);
+                let mut limits = None;
+                fields! {
+                    b"version" => set(&mut version, s.uint().and_then(|v| u8::try_from(v).ok())),
+                    b"session" => set(&mut session, s.uint()),
+                    b"user" => set(&mut user, s.str()),
+                    b"heartbeat_ms" => set(&mut heartbeat_ms, s.uint()),
+                    b"server_time_ms" => set(&mut server_time_ms, s.uint()),
+                    b"limits" => set(&mut limits, s.limits()),
+                }
+                Message::Welcome(Welcome {
+                    version: version.unwrap_or(0),
+                    session: session?,
+                    user: user?,
+                    heartbeat_ms: heartbeat_ms?,
+                    server_time_ms: server_time_ms?,
+                    limits: limits.unwrap_or_default(),
+                })
             }
-            Message::Welcome(Welcome {
-                version: version.unwrap_or(0),
-                session: session?,
-                user: user?,
-                heartbeat_ms: heartbeat_ms?,
-                server_time_ms: server_time_ms?,
-                limits: limits.unwrap_or_default(),
-            })
-        }
-        Op::Ping | Op::Pong => {
-            let mut ts = None;
-            fields! {
-                b"ts" => set(&mut ts, s.uint()),
+            Op::Ping | Op::Pong => {
+                let mut ts = None;
+                fields! {
+                    b"ts" => set(&mut ts, s.uint()),
+                }
+                let ts = ts.unwrap_or(0);
+                if op == Op::Ping {
+                    Message::Ping(Ping { ts })
+                } else {
+                    Message::Pong(Pong { ts })
+                }
             }
-            let ts = ts.unwrap_or(0);
-            if op == Op::Ping {
-                Message::Ping(Ping { ts })
-            } else {
-                Message::Pong(Pong { ts })
+            Op::Send => {
+                let (mut to, mut cmid, mut kind, mut body, mut ext) =
+                    (None, None, None, None, None);
+                fields! {
+                    b"to" => set(&mut to, s.target()),
+                    b"cmid" => set(&mut cmid, s.str()),
+                    b"type" => set(&mut kind, s.str()),
+                    b"body" => set(&mut body, s.str()),
+                    b"ext" => set_ext(s, &mut ext),
+                }
+                Message::Send(Send {
+                    to: to?,
+                    cmid: cmid?,
+                    kind,
+                    body: body?,
+                    ext: ext.unwrap_or_default(),
+                })
             }
-        }
-        Op::Send => {
-            let (mut to, mut cmid, mut kind, mut body, mut ext) = (None, None, None, None, None);
-            fields! {
-                b"to" => set(&mut to, s.target()),
-                b"cmid" => set(&mut cmid, s.str()),
-                b"type" => set(&mut kind, s.str()),
-                b"body" => set(&mut body, s.str()),
-                b"ext" => set(&mut ext, s.ext()),
+            Op::SendAck => {
+                let (mut cmid, mut mid, mut seq, mut ts) = (None, None, None, None);
+                fields! {
+                    b"cmid" => set(&mut cmid, s.str()),
+                    b"mid" => set(&mut mid, s.uint()),
+                    b"seq" => set(&mut seq, s.uint()),
+                    b"ts" => set(&mut ts, s.uint()),
+                }
+                Message::SendAck(SendAck {
+                    cmid: cmid?,
+                    mid: mid?,
+                    seq: seq?,
+                    ts: ts?,
+                })
             }
-            Message::Send(Send {
-                to: to?,
-                cmid: cmid?,
-                kind,
-                body: body?,
-                ext: ext.unwrap_or_default(),
-            })
-        }
-        Op::SendAck => {
-            let (mut cmid, mut mid, mut seq, mut ts) = (None, None, None, None);
-            fields! {
-                b"cmid" => set(&mut cmid, s.str()),
-                b"mid" => set(&mut mid, s.uint()),
-                b"seq" => set(&mut seq, s.uint()),
-                b"ts" => set(&mut ts, s.uint()),
+            Op::Deliver => {
+                let (mut mid, mut from, mut to, mut inbox_seq) = (None, None, None, None);
+                let (mut ts, mut kind, mut body, mut ext) = (None, None, None, None);
+                fields! {
+                    b"mid" => set(&mut mid, s.uint()),
+                    b"from" => set(&mut from, s.str()),
+                    b"to" => set(&mut to, s.target()),
+                    b"inbox_seq" => set(&mut inbox_seq, s.uint()),
+                    b"ts" => set(&mut ts, s.uint()),
+                    b"type" => set(&mut kind, s.str()),
+                    b"body" => set(&mut body, s.str()),
+                    b"ext" => set_ext(s, &mut ext),
+                }
+                Message::Deliver(Deliver {
+                    mid: mid?,
+                    from: from?,
+                    to,
+                    inbox_seq: inbox_seq?,
+                    ts: ts?,
+                    kind,
+                    body: body?,
+                    ext: ext.unwrap_or_default(),
+                })
             }
-            Message::SendAck(SendAck {
-                cmid: cmid?,
-                mid: mid?,
-                seq: seq?,
-                ts: ts?,
-            })
-        }
-        Op::Deliver => {
-            let (mut mid, mut from, mut to, mut inbox_seq) = (None, None, None, None);
-            let (mut ts, mut kind, mut body, mut ext) = (None, None, None, None);
-            fields! {
-                b"mid" => set(&mut mid, s.uint()),
-                b"from" => set(&mut from, s.str()),
-                b"to" => set(&mut to, s.target()),
-                b"inbox_seq" => set(&mut inbox_seq, s.uint()),
-                b"ts" => set(&mut ts, s.uint()),
-                b"type" => set(&mut kind, s.str()),
-                b"body" => set(&mut body, s.str()),
-                b"ext" => set(&mut ext, s.ext()),
+            Op::Ack => {
+                let mut inbox_seq = None;
+                fields! {
+                    b"inbox_seq" => set(&mut inbox_seq, s.uint()),
+                }
+                Message::Ack(Ack {
+                    inbox_seq: inbox_seq?,
+                })
             }
-            Message::Deliver(Deliver {
-                mid: mid?,
-                from: from?,
-                to,
-                inbox_seq: inbox_seq?,
-                ts: ts?,
-                kind,
-                body: body?,
-                ext: ext.unwrap_or_default(),
-            })
-        }
-        Op::Ack => {
-            let mut inbox_seq = None;
-            fields! {
-                b"inbox_seq" => set(&mut inbox_seq, s.uint()),
+            Op::Sync => {
+                let (mut after_inbox_seq, mut limit) = (None, None);
+                fields! {
+                    b"after_inbox_seq" => set(&mut after_inbox_seq, s.uint()),
+                    b"limit" => set(&mut limit, s.uint().and_then(|v| u32::try_from(v).ok())),
+                }
+                Message::Sync(Sync {
+                    after_inbox_seq: after_inbox_seq.unwrap_or(0),
+                    limit: limit.unwrap_or(0),
+                })
             }
-            Message::Ack(Ack {
-                inbox_seq: inbox_seq?,
-            })
-        }
-        Op::Sync => {
-            let (mut after_inbox_seq, mut limit) = (None, None);
-            fields! {
-                b"after_inbox_seq" => set(&mut after_inbox_seq, s.uint()),
-                b"limit" => set(&mut limit, s.uint().and_then(|v| u32::try_from(v).ok())),
+            Op::Synced => {
+                let (mut up_to, mut more) = (None, None);
+                fields! {
+                    b"up_to" => set(&mut up_to, s.uint()),
+                    b"more" => set(&mut more, s.bool()),
+                }
+                Message::Synced(Synced {
+                    up_to: up_to?,
+                    more: more.unwrap_or(false),
+                })
             }
-            Message::Sync(Sync {
-                after_inbox_seq: after_inbox_seq.unwrap_or(0),
-                limit: limit.unwrap_or(0),
-            })
-        }
-        Op::Synced => {
-            let (mut up_to, mut more) = (None, None);
-            fields! {
-                b"up_to" => set(&mut up_to, s.uint()),
-                b"more" => set(&mut more, s.bool()),
+            Op::PresenceSet => {
+                let mut status = None;
+                fields! {
+                    b"status" => set(&mut status, s.name(status_from_name)),
+                }
+                Message::PresenceSet(PresenceSet { status: status? })
             }
-            Message::Synced(Synced {
-                up_to: up_to?,
-                more: more.unwrap_or(false),
-            })
-        }
-        Op::PresenceSet => {
-            let mut status = None;
-            fields! {
-                b"status" => set(&mut status, s.name(status_from_name)),
+            Op::PresenceSub => {
+                let mut users = None;
+                fields! {
+                    b"users" => set(&mut users, s.strs()),
+                }
+                Message::PresenceSub(PresenceSub { users: users? })
             }
-            Message::PresenceSet(PresenceSet { status: status? })
-        }
-        Op::PresenceSub => {
-            let mut users = None;
-            fields! {
-                b"users" => set(&mut users, s.strs()),
+            Op::Presence => {
+                let (mut user, mut status, mut ts) = (None, None, None);
+                fields! {
+                    b"user" => set(&mut user, s.str()),
+                    b"status" => set(&mut status, s.name(status_from_name)),
+                    b"ts" => set(&mut ts, s.uint()),
+                }
+                Message::Presence(Presence {
+                    user: user?,
+                    status: status?,
+                    ts: ts.unwrap_or(0),
+                })
             }
-            Message::PresenceSub(PresenceSub { users: users? })
-        }
-        Op::Presence => {
-            let (mut user, mut status, mut ts) = (None, None, None);
-            fields! {
-                b"user" => set(&mut user, s.str()),
-                b"status" => set(&mut status, s.name(status_from_name)),
-                b"ts" => set(&mut ts, s.uint()),
+            Op::GroupJoin | Op::GroupLeave => {
+                let mut group = None;
+                fields! {
+                    b"group" => set(&mut group, s.str()),
+                }
+                let group = group?;
+                if op == Op::GroupJoin {
+                    Message::GroupJoin(GroupJoin { group })
+                } else {
+                    Message::GroupLeave(GroupLeave { group })
+                }
             }
-            Message::Presence(Presence {
-                user: user?,
-                status: status?,
-                ts: ts.unwrap_or(0),
-            })
-        }
-        Op::GroupJoin | Op::GroupLeave => {
-            let mut group = None;
-            fields! {
-                b"group" => set(&mut group, s.str()),
+            Op::Ok => {
+                fields! {}
+                Message::Ok
             }
-            let group = group?;
-            if op == Op::GroupJoin {
-                Message::GroupJoin(GroupJoin { group })
-            } else {
-                Message::GroupLeave(GroupLeave { group })
+            Op::Error => {
+                let (mut code, mut message, mut cmid, mut retry_after_ms) =
+                    (None, None, None, None);
+                fields! {
+                    b"code" => set(&mut code, s.name(code_from_name)),
+                    b"message" => set(&mut message, s.str()),
+                    b"cmid" => set(&mut cmid, s.str()),
+                    b"retry_after_ms" => set(&mut retry_after_ms, s.uint()),
+                }
+                Message::Error(Error {
+                    code: code?,
+                    message: message.unwrap_or_default(),
+                    cmid,
+                    retry_after_ms,
+                })
             }
-        }
-        Op::Ok => {
-            fields! {}
-            Message::Ok
-        }
-        Op::Error => {
-            let (mut code, mut message, mut cmid, mut retry_after_ms) = (None, None, None, None);
-            fields! {
-                b"code" => set(&mut code, s.name(code_from_name)),
-                b"message" => set(&mut message, s.str()),
-                b"cmid" => set(&mut cmid, s.str()),
-                b"retry_after_ms" => set(&mut retry_after_ms, s.uint()),
+            Op::Goaway => {
+                let (mut reason, mut reconnect_ms) = (None, None);
+                fields! {
+                    b"reason" => set(&mut reason, s.str()),
+                    b"reconnect_ms" => set(&mut reconnect_ms, s.uint()),
+                }
+                Message::Goaway(Goaway {
+                    reason: reason.unwrap_or_default(),
+                    reconnect_ms: reconnect_ms.unwrap_or(0),
+                })
             }
-            Message::Error(Error {
-                code: code?,
-                message: message.unwrap_or_default(),
-                cmid,
-                retry_after_ms,
-            })
-        }
-        Op::Goaway => {
-            let (mut reason, mut reconnect_ms) = (None, None);
-            fields! {
-                b"reason" => set(&mut reason, s.str()),
-                b"reconnect_ms" => set(&mut reconnect_ms, s.uint()),
-            }
-            Message::Goaway(Goaway {
-                reason: reason.unwrap_or_default(),
-                reconnect_ms: reconnect_ms.unwrap_or(0),
-            })
-        }
-    };
-    if !done(s) {
-        return None;
-    }
-    Some(Envelope { reference, msg })
+        },
+        reference,
+    })
 }
 
 /// Builds a [`Target`] from the `user` / `group` values a format reader found in `to`.

@@ -984,12 +984,11 @@ impl<'de> MapSource for Direct<'_, 'de> {
         })
     }
 
-    fn ext(&mut self) -> Option<Ext> {
+    fn ext(&mut self, ext: &mut Ext) -> Option<()> {
         if self.de.next().ok()? != b'H' {
             return None;
         }
         self.de.enter().ok()?;
-        let mut ext = Ext::new();
         loop {
             if self.de.peek().ok()? == b'Z' {
                 self.de.pos += 1;
@@ -1000,7 +999,7 @@ impl<'de> MapSource for Direct<'_, 'de> {
             ext.insert(k, v);
         }
         self.de.leave();
-        Some(ext)
+        Some(())
     }
 
     fn strs(&mut self) -> Option<Vec<Str>> {

@@ -211,15 +211,17 @@ impl<'de, A: MapAccess<'de>> MapSource for Source<'_, 'de, A> {
         })
     }
 
-    fn ext(&mut self) -> Option<Ext> {
-        self.nested(|src, m| {
+    fn ext(&mut self, into: &mut Ext) -> Option<()> {
+        let ext = self.nested(|src, m| {
             let mut ext = Ext::new();
             while let Some(k) = m.key()? {
                 let v = m.str(src)?;
                 ext.insert(to_str(src, BStr(k)), v);
             }
             Some(ext)
-        })
+        })?;
+        *into = ext;
+        Some(())
     }
 
     fn strs(&mut self) -> Option<Vec<Str>> {

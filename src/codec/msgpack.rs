@@ -403,15 +403,14 @@ impl<'a> MapSource for Direct<'a> {
         })
     }
 
-    fn ext(&mut self) -> Option<Ext> {
+    fn ext(&mut self, ext: &mut Ext) -> Option<()> {
         let n = map_header(&mut self.cur)?;
-        let mut ext = Ext::with_capacity(n.min(8));
         for _ in 0..n {
             let k = self.string()?;
             let v = self.string()?;
             ext.insert(k, v);
         }
-        Some(ext)
+        Some(())
     }
 
     fn strs(&mut self) -> Option<Vec<Str>> {
