@@ -141,7 +141,10 @@ impl Engine for Redb {
         let t = tx.open_table(INBOX)?;
         let (from, to) = (inbox_key(user, after + 1), inbox_key(user, u64::MAX));
         let mut n = 0;
-        for row in t.range(from.as_slice()..=to.as_slice())?.take(limit as usize) {
+        for row in t
+            .range(from.as_slice()..=to.as_slice())?
+            .take(limit as usize)
+        {
             let (k, v) = row?;
             n += usize::from(!k.value().is_empty() && !v.value().is_empty());
         }
@@ -284,7 +287,8 @@ impl Engine for Imgw {
             .collect();
         // The clock advances 10 ms per message: the 5-minute dedupe window fills after 30,000
         // messages, so the expiry collection runs in steady state.
-        self.store.apply(ops, T0 + 10 * batch.first().map_or(0, |m| m.mid))?;
+        self.store
+            .apply(ops, T0 + 10 * batch.first().map_or(0, |m| m.mid))?;
         Ok(())
     }
 
