@@ -49,7 +49,7 @@ pub struct StoreOptions {
     /// fjall journal size before memtables are flushed (at least 64 MiB): bounds the replay
     /// after a crash.
     pub journal_bytes: u64,
-    /// Largest memtable of the message tables, bytes.
+    /// Largest memtable of the message and dedupe tables, bytes (the other tables: a quarter).
     pub memtable_bytes: u64,
     /// fjall background threads (flushes, compactions).
     pub worker_threads: usize,
@@ -199,8 +199,9 @@ impl EmbeddedStore {
         let mut ks = Vec::with_capacity(KS.len());
         for (i, (kind, name)) in KS.iter().enumerate() {
             debug_assert_eq!(*kind as usize, i);
+            // The dedupe tables take a write per message too: same memtables as the messages.
             let memtable = match kind {
-                Ks::Inbox | Ks::Timeline => opts.memtable_bytes,
+                Ks::Inbox | Ks::Timeline | Ks::Dedupe | Ks::Expiry => opts.memtable_bytes,
                 _ => (opts.memtable_bytes / 4).max(1 << 20),
             };
             let handle = db
@@ -466,6 +467,9 @@ impl EmbeddedStore {
             return Ok(OpResult::Refused(Refusal::IdTooLong));
         };
         let dedupe = self.opts.dedupe_window_ms > 0;
+        // An expired record not yet collected, replaced below: its expiry entry goes with it,
+        // so that every expiry entry names the live version of its record.
+        let mut stale = None;
         if dedupe {
             if let Some(v) = self.tx_get(tx, Ks::Dedupe, &dkey)? {
                 let rec =
@@ -478,6 +482,7 @@ impl EmbeddedStore {
                         duplicate: true,
                     });
                 }
+                stale = Some(rec.stored_at_ms);
             }
         }
         let (mid, ts) = (deliver.mid, deliver.ts);
@@ -506,6 +511,9 @@ impl EmbeddedStore {
                 ts,
                 stored_at_ms: now_ms,
             };
+            if let Some(at) = stale {
+                tx.delete(Ks::Expiry, keys::expiry(at, &dkey));
+            }
             tx.put(Ks::Expiry, keys::expiry(now_ms, &dkey), Vec::new());
             tx.put(Ks::Dedupe, dkey, rec.encode().to_vec());
         }
@@ -610,7 +618,8 @@ impl EmbeddedStore {
     }
 
     /// Collects expired dedupe records, oldest first: at most `64 + 2 × appends` per batch,
-    /// so collection outpaces insertion and the tables stay within rate × window.
+    /// so collection outpaces insertion and the tables stay within rate × window. Costs one
+    /// range scan per batch and two deletes per record, no reads.
     fn collect_dedupe(&self, tx: &mut Tx, now_ms: u64) -> Result<(), StoreError> {
         let window = self.opts.dedupe_window_ms;
         if window == 0 {
@@ -633,17 +642,17 @@ impl EmbeddedStore {
             if stored_at.saturating_add(window) > now_ms {
                 break;
             }
-            expired.push((stored_at, k.to_vec()));
+            expired.push(k.to_vec());
         }
-        for (stored_at, k) in expired {
-            let dkey = &k[8..];
-            // The record may have been renewed after it expired: only delete this version.
-            if let Some(v) = self.tx_get(tx, Ks::Dedupe, dkey)? {
-                if DedupeRecord::decode(&v).is_none_or(|r| r.stored_at_ms == stored_at) {
-                    tx.delete(Ks::Dedupe, dkey.to_vec());
-                }
-            }
+        for k in expired {
             tx.gc_from = Some(k.clone());
+            // An entry this batch already deleted belongs to a record it renewed: keep that.
+            if tx.writes[Ks::Expiry as usize].contains_key(&k) {
+                continue;
+            }
+            // Every expiry entry names the live version of its record (a renewal deletes the
+            // old entry), so the record goes without being read.
+            tx.delete(Ks::Dedupe, k[8..].to_vec());
             tx.delete(Ks::Expiry, k);
         }
         Ok(())
