@@ -110,6 +110,27 @@ impl Shard {
         true
     }
 
+    /// Tells the sender's shard that its `send` was refused with `code`.
+    fn reject(
+        &mut self,
+        origin: Route,
+        reference: Option<u64>,
+        cmid: Str,
+        code: ErrorCode,
+        retry_after_ms: Option<u64>,
+    ) {
+        self.post_always(
+            usize::from(origin.shard),
+            ShardMsg::Rejected {
+                conn: origin.conn,
+                reference,
+                cmid,
+                code,
+                retry_after_ms,
+            },
+        );
+    }
+
     /// A write whose result nobody waits for; skipped (and logged) when the I/O queue is full.
     pub(super) fn submit_write(&mut self, op: Op) {
         if !self.submit(IoRequest::Apply(vec![op]), IoWait::Nothing) {
@@ -147,16 +168,7 @@ impl Shard {
         };
         if !self.submit(IoRequest::Apply(vec![op]), wait) {
             let retry = Some(self.cfg.limits.retry_after_ms);
-            self.post_always(
-                usize::from(origin.shard),
-                ShardMsg::Rejected {
-                    conn: origin.conn,
-                    reference,
-                    cmid,
-                    code: ErrorCode::Overloaded,
-                    retry_after_ms: retry,
-                },
-            );
+            self.reject(origin, reference, cmid, ErrorCode::Overloaded, retry);
         }
     }
 
@@ -184,16 +196,7 @@ impl Shard {
         };
         if !self.submit(IoRequest::Apply(vec![op]), wait) {
             let retry = Some(self.cfg.limits.retry_after_ms);
-            self.post_always(
-                usize::from(origin.shard),
-                ShardMsg::Rejected {
-                    conn: origin.conn,
-                    reference,
-                    cmid,
-                    code: ErrorCode::Overloaded,
-                    retry_after_ms: retry,
-                },
-            );
+            self.reject(origin, reference, cmid, ErrorCode::Overloaded, retry);
         }
     }
 
@@ -222,16 +225,8 @@ impl Shard {
                     duplicate,
                 }) = first
                 else {
-                    self.post_always(
-                        usize::from(origin.shard),
-                        ShardMsg::Rejected {
-                            conn: origin.conn,
-                            reference,
-                            cmid,
-                            code: ErrorCode::Unavailable,
-                            retry_after_ms: Some(self.cfg.limits.retry_after_ms),
-                        },
-                    );
+                    let retry = Some(self.cfg.limits.retry_after_ms);
+                    self.reject(origin, reference, cmid, ErrorCode::Unavailable, retry);
                     return;
                 };
                 if !duplicate {
@@ -281,16 +276,7 @@ impl Shard {
                         Some(OpResult::Refused(_)) => ErrorCode::Forbidden,
                         _ => ErrorCode::Unavailable,
                     };
-                    self.post_always(
-                        usize::from(origin.shard),
-                        ShardMsg::Rejected {
-                            conn: origin.conn,
-                            reference,
-                            cmid,
-                            code,
-                            retry_after_ms: None,
-                        },
-                    );
+                    self.reject(origin, reference, cmid, code, None);
                 }
             },
             (IoWait::Sync { conn, reference }, IoReply::Inbox(r)) => {
