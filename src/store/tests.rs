@@ -831,12 +831,15 @@ fn backend_is_object_safe_and_send() {
     assert_eq!(b.last_inbox_seq(&user("bob")).unwrap(), 1);
 }
 
+type DedupeKey = (String, String, String);
+
 /// A plain in-memory model of the store's rules, for the randomized comparison below.
 #[derive(Default)]
 struct Model {
     inbox: std::collections::HashMap<String, Vec<(u64, String)>>,
     timeline: std::collections::HashMap<String, Vec<(u64, String)>>,
-    dedupe: std::collections::HashMap<(String, String, String), (u64, u64, u64, u64)>,
+    /// (destination, sender, cmid) -> (seq, mid, ts, stored_at).
+    dedupe: std::collections::HashMap<DedupeKey, (u64, u64, u64, u64)>,
     cursor: std::collections::HashMap<(String, String), u64>,
     members: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
     gcursor: std::collections::HashMap<(String, String), u64>,
@@ -850,16 +853,17 @@ impl Model {
         list.last().map_or(0, |e| e.0)
     }
 
+    /// `dest`: (is a group, id).
     fn append(
         &mut self,
-        group: bool,
-        dest: &str,
+        dest: (bool, &str),
         sender: &str,
         cmid: &str,
-        mid: u64,
-        body: &str,
+        deliver: &Deliver,
         now: u64,
     ) -> OpResult {
+        let (group, dest) = dest;
+        let (mid, body) = (deliver.mid, &deliver.body);
         let dkey = (
             format!("{}{dest}", if group { "g" } else { "u" }),
             sender.to_string(),
@@ -901,29 +905,13 @@ impl Model {
                 sender,
                 cmid,
                 deliver,
-            } => self.append(
-                false,
-                &user.user,
-                sender,
-                cmid,
-                deliver.mid,
-                &deliver.body,
-                now,
-            ),
+            } => self.append((false, &user.user), sender, cmid, deliver, now),
             Op::AppendGroup {
                 group,
                 sender,
                 cmid,
                 deliver,
-            } => self.append(
-                true,
-                &group.group,
-                sender,
-                cmid,
-                deliver.mid,
-                &deliver.body,
-                now,
-            ),
+            } => self.append((true, &group.group), sender, cmid, deliver, now),
             Op::SetCursor { user, device, seq } => {
                 let last = self.inbox.get(&*user.user).map_or(0, |l| Self::last(l));
                 let c = self
