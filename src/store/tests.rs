@@ -830,3 +830,273 @@ fn backend_is_object_safe_and_send() {
         .unwrap();
     assert_eq!(b.last_inbox_seq(&user("bob")).unwrap(), 1);
 }
+
+type DedupeKey = (String, String, String);
+
+/// A plain in-memory model of the store's rules, for the randomized comparison below.
+#[derive(Default)]
+struct Model {
+    inbox: std::collections::HashMap<String, Vec<(u64, String)>>,
+    timeline: std::collections::HashMap<String, Vec<(u64, String)>>,
+    /// (destination, sender, cmid) -> (seq, mid, ts, stored_at).
+    dedupe: std::collections::HashMap<DedupeKey, (u64, u64, u64, u64)>,
+    cursor: std::collections::HashMap<(String, String), u64>,
+    members: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    gcursor: std::collections::HashMap<(String, String), u64>,
+}
+
+const KEEP: u64 = 7;
+const WINDOW: u64 = 1_000;
+
+impl Model {
+    fn last(list: &[(u64, String)]) -> u64 {
+        list.last().map_or(0, |e| e.0)
+    }
+
+    /// `dest`: (is a group, id).
+    fn append(
+        &mut self,
+        dest: (bool, &str),
+        sender: &str,
+        cmid: &str,
+        deliver: &Deliver,
+        now: u64,
+    ) -> OpResult {
+        let (group, dest) = dest;
+        let (mid, body) = (deliver.mid, &deliver.body);
+        let dkey = (
+            format!("{}{dest}", if group { "g" } else { "u" }),
+            sender.to_string(),
+            cmid.to_string(),
+        );
+        if let Some(&(seq, mid, ts, at)) = self.dedupe.get(&dkey) {
+            if now - at < WINDOW {
+                return OpResult::Appended {
+                    seq,
+                    mid,
+                    ts,
+                    duplicate: true,
+                };
+            }
+        }
+        let list = if group {
+            &mut self.timeline
+        } else {
+            &mut self.inbox
+        }
+        .entry(dest.to_string())
+        .or_default();
+        let seq = Self::last(list) + 1;
+        list.push((seq, body.to_string()));
+        list.retain(|e| e.0 + KEEP > seq);
+        self.dedupe.insert(dkey, (seq, mid, T0 + mid, now));
+        OpResult::Appended {
+            seq,
+            mid,
+            ts: T0 + mid,
+            duplicate: false,
+        }
+    }
+
+    fn apply(&mut self, op: &Op, now: u64) -> OpResult {
+        match op {
+            Op::AppendInbox {
+                user,
+                sender,
+                cmid,
+                deliver,
+            } => self.append((false, &user.user), sender, cmid, deliver, now),
+            Op::AppendGroup {
+                group,
+                sender,
+                cmid,
+                deliver,
+            } => self.append((true, &group.group), sender, cmid, deliver, now),
+            Op::SetCursor { user, device, seq } => {
+                let last = self.inbox.get(&*user.user).map_or(0, |l| Self::last(l));
+                let c = self
+                    .cursor
+                    .entry((user.user.to_string(), device.to_string()))
+                    .or_default();
+                *c = (*c).max((*seq).min(last));
+                OpResult::Cursor { seq: *c }
+            }
+            Op::SetGroupCursor {
+                group,
+                member,
+                gseq,
+            } => {
+                if !self
+                    .members
+                    .get(&*group.group)
+                    .is_some_and(|m| m.contains(&**member))
+                {
+                    return OpResult::Refused(Refusal::NotMember);
+                }
+                let last = self
+                    .timeline
+                    .get(&*group.group)
+                    .map_or(0, |l| Self::last(l));
+                let c = self
+                    .gcursor
+                    .entry((group.group.to_string(), member.to_string()))
+                    .or_default();
+                *c = (*c).max((*gseq).min(last));
+                OpResult::Cursor { seq: *c }
+            }
+            Op::Join { group, member } => {
+                let last = self
+                    .timeline
+                    .get(&*group.group)
+                    .map_or(0, |l| Self::last(l));
+                let m = self.members.entry(group.group.to_string()).or_default();
+                let changed = m.insert(member.to_string());
+                if changed {
+                    self.gcursor
+                        .insert((group.group.to_string(), member.to_string()), last);
+                }
+                OpResult::Membership {
+                    changed,
+                    members: m.len() as u64,
+                }
+            }
+            Op::Leave { group, member } => {
+                let m = self.members.entry(group.group.to_string()).or_default();
+                let changed = m.remove(&**member);
+                self.gcursor
+                    .remove(&(group.group.to_string(), member.to_string()));
+                OpResult::Membership {
+                    changed,
+                    members: m.len() as u64,
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn randomized_batches_match_a_model_across_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        inbox_keep: KEEP,
+        group_keep: KEEP,
+        dedupe_window_ms: WINDOW,
+        seq_cache_entries: 4,
+        ..StoreOptions::default()
+    };
+    let mut s = open(&dir, opts.clone());
+    let mut model = Model::default();
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let mut now = T0;
+    let mut mid = 0;
+    for batch in 0..300 {
+        now += next(WINDOW / 3);
+        let mut ops = Vec::new();
+        for _ in 0..next(12) {
+            let u = format!("u{}", next(4));
+            let g = format!("g{}", next(2));
+            // Few cmids, so resends within and after the window are common.
+            let cmid = format!("c{}", next(6));
+            mid += 1;
+            ops.push(match next(6) {
+                0 | 1 => append(&u, "s", &cmid, mid, &format!("m{mid}")),
+                2 => gappend(&g, "s", &cmid, mid, &format!("m{mid}")),
+                3 => Op::SetCursor {
+                    user: user(&u),
+                    device: format!("d{}", next(2)).into(),
+                    seq: next(40),
+                },
+                4 => Op::SetGroupCursor {
+                    group: group(&g),
+                    member: u.as_str().into(),
+                    gseq: next(40),
+                },
+                _ if next(2) == 0 => Op::Join {
+                    group: group(&g),
+                    member: u.as_str().into(),
+                },
+                _ => Op::Leave {
+                    group: group(&g),
+                    member: u.as_str().into(),
+                },
+            });
+        }
+        let want: Vec<OpResult> = ops.iter().map(|op| model.apply(op, now)).collect();
+        assert_eq!(s.apply(ops, now).unwrap(), want, "batch {batch}");
+        if batch % 50 == 49 {
+            drop(s);
+            s = open(&dir, opts.clone());
+        }
+    }
+    for u in 0..4 {
+        let u = format!("u{u}");
+        let page = s.read_inbox(&user(&u), 0, 100).unwrap();
+        let got: Vec<(u64, String)> = page
+            .messages
+            .iter()
+            .map(|d| (d.inbox_seq, d.body.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            model.inbox.get(&u).cloned().unwrap_or_default(),
+            "inbox {u}"
+        );
+        for d in 0..2 {
+            let d = format!("d{d}");
+            let want = model
+                .cursor
+                .get(&(u.clone(), d.clone()))
+                .copied()
+                .unwrap_or(0);
+            assert_eq!(s.cursor(&user(&u), &d).unwrap(), want);
+        }
+    }
+    for g in 0..2 {
+        let g = format!("g{g}");
+        let page = s.read_group(&group(&g), 0, 100).unwrap();
+        let got: Vec<(u64, String)> = page
+            .messages
+            .iter()
+            .map(|e| (e.gseq, e.deliver.body.to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            model.timeline.get(&g).cloned().unwrap_or_default(),
+            "timeline {g}"
+        );
+        let members: Vec<String> = s
+            .group_members(&group(&g), None, 100)
+            .unwrap()
+            .iter()
+            .map(|m| m.to_string())
+            .collect();
+        let want: Vec<String> = model
+            .members
+            .get(&g)
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default();
+        assert_eq!(members, want);
+        for m in &want {
+            let c = model
+                .gcursor
+                .get(&(g.clone(), m.clone()))
+                .copied()
+                .unwrap_or(0);
+            assert_eq!(s.group_cursor(&group(&g), m).unwrap(), c);
+        }
+    }
+    // Collection keeps up: only records of the last window (and a batch's lag) remain.
+    let live = model.dedupe.values().filter(|r| now - r.3 < WINDOW).count();
+    assert!(
+        s.table_len("dedupe") <= live + 64,
+        "{} > {live} + 64",
+        s.table_len("dedupe")
+    );
+    assert_eq!(s.table_len("dedupe"), s.table_len("dedupe_expiry"));
+}
