@@ -2783,7 +2783,7 @@ mod tests {
             let bytes: Vec<u8> = (0..len)
                 .map(|_| {
                     let r = rng.next();
-                    if r % 3 == 0 {
+                    if r.is_multiple_of(3) {
                         TAGS[(r >> 8) as usize % TAGS.len()]
                     } else {
                         (r >> 16) as u8
