@@ -110,6 +110,29 @@ impl Shard {
         true
     }
 
+    /// Tells the sender's shard that its `send` was accepted (`send_ack`).
+    pub(super) fn accepted(
+        &mut self,
+        origin: Route,
+        reference: Option<u64>,
+        cmid: Str,
+        mid: u64,
+        seq: u64,
+        ts: u64,
+    ) {
+        self.post_always(
+            usize::from(origin.shard),
+            ShardMsg::Accepted {
+                conn: origin.conn,
+                reference,
+                cmid,
+                mid,
+                seq,
+                ts,
+            },
+        );
+    }
+
     /// Tells the sender's shard that its `send` was refused with `code`.
     fn reject(
         &mut self,
@@ -236,17 +259,7 @@ impl Shard {
                     deliver.ts = ts;
                     self.push_to_devices(&to, deliver);
                 }
-                self.post_always(
-                    usize::from(origin.shard),
-                    ShardMsg::Accepted {
-                        conn: origin.conn,
-                        reference,
-                        cmid,
-                        mid,
-                        seq,
-                        ts,
-                    },
-                );
+                self.accepted(origin, reference, cmid, mid, seq, ts);
             }
             (
                 IoWait::GroupAppend {

@@ -235,17 +235,7 @@ impl Shard {
         let gseq = e.gseq;
         deliver.inbox_seq = gseq;
         let ts = deliver.ts;
-        self.post_always(
-            usize::from(origin.shard),
-            ShardMsg::Accepted {
-                conn: origin.conn,
-                reference,
-                cmid,
-                mid,
-                seq: gseq,
-                ts,
-            },
-        );
+        self.accepted(origin, reference, cmid, mid, gseq, ts);
         self.group_fan_out(&group, deliver);
     }
 
@@ -259,17 +249,7 @@ impl Shard {
         mut deliver: Deliver,
         (gseq, mid, ts, duplicate): (u64, u64, u64, bool),
     ) {
-        self.post_always(
-            usize::from(origin.shard),
-            ShardMsg::Accepted {
-                conn: origin.conn,
-                reference,
-                cmid,
-                mid,
-                seq: gseq,
-                ts,
-            },
-        );
+        self.accepted(origin, reference, cmid, mid, gseq, ts);
         if !duplicate {
             deliver.mid = mid;
             deliver.inbox_seq = gseq;

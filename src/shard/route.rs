@@ -114,17 +114,7 @@ impl Shard {
                 deliver.inbox_seq = seq;
                 let ts = deliver.ts;
                 self.push_to_devices(&to, deliver);
-                self.post_always(
-                    usize::from(origin.shard),
-                    ShardMsg::Accepted {
-                        conn: origin.conn,
-                        reference,
-                        cmid,
-                        mid,
-                        seq,
-                        ts,
-                    },
-                );
+                self.accepted(origin, reference, cmid, mid, seq, ts);
             }
             ShardMsg::Accepted {
                 conn,
