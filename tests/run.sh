@@ -6,9 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/setup.sh
+services_env=$(tests/services.sh start)
 set -a
-# shellcheck disable=SC1090
-source <(tests/services.sh start)
+eval "$services_env"
 set +a
 trap 'tests/services.sh stop' EXIT
 cargo nextest run --workspace --all-targets --no-fail-fast "$@"
