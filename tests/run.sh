@@ -6,10 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests/setup.sh
+# Services that already answer (the user's, or a previous run's) are used and left running.
+already_up=$(tests/services.sh status)
 services_env=$(tests/services.sh start)
 set -a
 eval "$services_env"
 set +a
-trap 'tests/services.sh stop' EXIT
+[ -n "$already_up" ] || trap 'tests/services.sh stop' EXIT
 cargo nextest run --workspace --all-targets --no-fail-fast "$@"
 tests/autobahn.sh
