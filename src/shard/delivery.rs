@@ -72,6 +72,22 @@ pub(super) enum IoWait {
         cmid: Str,
         deliver: Deliver,
     },
+    /// A group `sync` page for a connection.
+    GroupSync {
+        conn: ConnId,
+        reference: Option<u64>,
+        group: Str,
+    },
+    /// The unread-groups summary closing an inbox sync.
+    Unread {
+        conn: ConnId,
+        reference: Option<u64>,
+        up_to: u64,
+    },
+    /// A group's member list, read back after a restart (the group owner's side).
+    GroupLoad { group: super::groups::GroupKey },
+    /// A user's groups, read back when the user comes online (the member owner's side).
+    UserGroups { user: UserKey },
     /// A write nobody waits for (cursor updates, membership).
     Nothing,
 }
@@ -94,7 +110,7 @@ impl Shard {
         self.io.is_some()
     }
 
-    fn submit(&mut self, req: IoRequest, wait: IoWait) -> bool {
+    pub(super) fn submit(&mut self, req: IoRequest, wait: IoWait) -> bool {
         let Some(io) = &self.io else { return false };
         self.next_token += 1;
         let token = self.next_token;
@@ -134,7 +150,7 @@ impl Shard {
     }
 
     /// Tells the sender's shard that its `send` was refused with `code`.
-    fn reject(
+    pub(super) fn reject(
         &mut self,
         origin: Route,
         reference: Option<u64>,
@@ -302,6 +318,28 @@ impl Shard {
                 let after = r.unwrap_or(0);
                 self.sync_request(conn, reference, after, u32::MAX);
             }
+            (
+                IoWait::GroupSync {
+                    conn,
+                    reference,
+                    group,
+                },
+                IoReply::Group(r),
+            ) => self.group_sync_page(conn, reference, group, r),
+            (
+                IoWait::Unread {
+                    conn,
+                    reference,
+                    up_to,
+                },
+                IoReply::Groups(r),
+            ) => {
+                // A failed summary read still closes the sync; the groups are only a hint.
+                let groups = r.unwrap_or_default();
+                self.emit_synced(conn, reference, up_to, false, None, groups);
+            }
+            (IoWait::GroupLoad { group }, IoReply::Members(r)) => self.group_loaded(group, r),
+            (IoWait::UserGroups { user }, IoReply::Groups(r)) => self.user_groups_loaded(user, r),
             _ => {}
         }
     }
@@ -441,11 +479,41 @@ impl Shard {
                 s.window.last_pushed = up_to;
             }
         }
+        if !page.more {
+            // The last page: list the groups with unread messages in `synced`.
+            if let Some(user) = self.conns.get(conn).and_then(|c| c.session.as_ref()) {
+                let req = IoRequest::UnreadGroups {
+                    user: user_ref(&user.user),
+                };
+                let wait = IoWait::Unread {
+                    conn,
+                    reference,
+                    up_to,
+                };
+                if self.submit(req, wait) {
+                    return;
+                }
+            }
+        }
+        self.emit_synced(conn, reference, up_to, page.more, None, Vec::new());
+    }
+
+    pub(super) fn emit_synced(
+        &mut self,
+        conn: ConnId,
+        reference: Option<u64>,
+        up_to: u64,
+        more: bool,
+        group: Option<Str>,
+        groups: Vec<Str>,
+    ) {
         let env = Envelope {
             reference,
             msg: Message::Synced(Synced {
                 up_to,
-                more: page.more,
+                more,
+                group,
+                groups,
             }),
         };
         self.emit(conn, &env);
