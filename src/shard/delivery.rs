@@ -88,7 +88,15 @@ pub(super) enum IoWait {
     GroupLoad { group: super::groups::GroupKey },
     /// A user's groups, read back when the user comes online (the member owner's side).
     UserGroups { user: UserKey },
-    /// A write nobody waits for (cursor updates, membership).
+    /// A join or leave being stored; `ok` waits for it.
+    Membership {
+        group: super::groups::GroupKey,
+        member: Str,
+        join: bool,
+        origin: Route,
+        reference: Option<u64>,
+    },
+    /// A write nobody waits for (cursor updates).
     Nothing,
 }
 
@@ -339,6 +347,16 @@ impl Shard {
                 self.emit_synced(conn, reference, up_to, false, None, groups);
             }
             (IoWait::GroupLoad { group }, IoReply::Members(r)) => self.group_loaded(group, r),
+            (
+                IoWait::Membership {
+                    group,
+                    member,
+                    join,
+                    origin,
+                    reference,
+                },
+                IoReply::Applied(r),
+            ) => self.membership_stored((group, member, join), origin, reference, r),
             (IoWait::UserGroups { user }, IoReply::Groups(r)) => self.user_groups_loaded(user, r),
             _ => {}
         }

@@ -213,58 +213,134 @@ impl Shard {
         reference: Option<u64>,
     ) {
         let max = self.cfg.limits.max_group_members as usize;
-        let owned = &mut self.groups.owned;
+        let owned = &self.groups.owned;
         if join {
-            if !owned.contains_key(&group) && owned.len() >= MAX_GROUPS_PER_SHARD {
+            let full = match owned.get(&group) {
+                Some(e) => !e.members.contains(&member) && e.members.len() >= max,
+                None => owned.len() >= MAX_GROUPS_PER_SHARD,
+            };
+            if full {
                 self.error_to(origin, reference, ErrorCode::LimitExceeded, None);
                 return;
-            }
-            let e = owned.entry(group.clone()).or_default();
-            if !e.members.contains(&member) && e.members.len() >= max {
-                self.error_to(origin, reference, ErrorCode::LimitExceeded, None);
-                return;
-            }
-            e.members.insert(member.clone());
-        } else if let Some(e) = owned.get_mut(&group) {
-            e.members.remove(&member);
-            if e.members.is_empty() {
-                owned.remove(&group);
             }
         }
         if self.durable() {
-            // The stored member list authorizes the stored timeline's appends; the I/O queue
-            // keeps it ordered before any later send.
-            let g = crate::store::GroupRef {
-                tenant: group.tenant.clone(),
-                group: group.group.clone(),
-            };
+            // The stored member list authorizes the stored timeline's appends and survives a
+            // restart; the I/O queue keeps it ordered before any later send. `ok` waits for the
+            // commit (`membership_stored`).
+            let g = group_ref(&group);
+            let m = member.clone();
             let op = if join {
                 crate::store::Op::Join {
                     group: g,
-                    member: member.clone(),
+                    member: m,
                 }
             } else {
                 crate::store::Op::Leave {
                     group: g,
-                    member: member.clone(),
+                    member: m,
                 }
             };
-            self.submit_write(op);
+            let wait = IoWait::Membership {
+                group: group.clone(),
+                member: member.clone(),
+                join,
+                origin,
+                reference,
+            };
+            if !self.submit(crate::iocore::IoRequest::Apply(vec![op]), wait) {
+                let retry = Some(self.cfg.limits.retry_after_ms);
+                self.error_to_retry(origin, reference, ErrorCode::Overloaded, retry);
+                return;
+            }
         }
-        // The member's owner tracks the membership for online fan-out.
+        self.apply_membership(&group, &member, join);
+        if !self.durable() {
+            self.reply_to(
+                origin,
+                Envelope {
+                    reference,
+                    msg: Message::Ok,
+                },
+            );
+        }
+    }
+
+    /// Updates the owner's member list and tells the member's owner (online fan-out).
+    fn apply_membership(&mut self, group: &GroupKey, member: &Str, join: bool) {
+        let owned = &mut self.groups.owned;
+        if join {
+            owned
+                .entry(group.clone())
+                .or_default()
+                .members
+                .insert(member.clone());
+        } else if let Some(e) = owned.get_mut(group) {
+            e.members.remove(member);
+            if e.members.is_empty() {
+                owned.remove(group);
+            }
+        }
         let user = UserKey {
             tenant: group.tenant.clone(),
-            user: member,
+            user: member.clone(),
         };
         let dest = self.owner(&user);
+        let group = group.clone();
         self.post_always(dest, ShardMsg::MemberOf { user, group, join });
-        self.reply_to(
-            origin,
-            Envelope {
-                reference,
-                msg: Message::Ok,
-            },
-        );
+    }
+
+    /// Durability `local`: the store's answer to a join or leave. `ok` when it is stored; a
+    /// refusal (the store's group or per-user limits) undoes the change in memory.
+    pub(super) fn membership_stored(
+        &mut self,
+        (group, member, join): (GroupKey, Str, bool),
+        origin: Route,
+        reference: Option<u64>,
+        result: Result<Vec<crate::store::OpResult>, String>,
+    ) {
+        use crate::store::{OpResult, Refusal};
+        let code = match result.map(|v| v.into_iter().next()) {
+            Ok(Some(OpResult::Membership { .. })) => None,
+            Ok(Some(OpResult::Refused(Refusal::TooManyGroups | Refusal::GroupFull))) => {
+                Some(ErrorCode::LimitExceeded)
+            }
+            Ok(Some(OpResult::Refused(_))) => Some(ErrorCode::BadRequest),
+            _ => Some(ErrorCode::Unavailable),
+        };
+        match code {
+            None => self.reply_to(
+                origin,
+                Envelope {
+                    reference,
+                    msg: Message::Ok,
+                },
+            ),
+            Some(code) => {
+                // Not stored: memory follows the store.
+                self.apply_membership(&group, &member, !join);
+                self.error_to(origin, reference, code, None);
+            }
+        }
+    }
+
+    fn error_to_retry(
+        &mut self,
+        route: Route,
+        reference: Option<u64>,
+        code: ErrorCode,
+        retry_after_ms: Option<u64>,
+    ) {
+        let env = Envelope {
+            reference,
+            msg: Message::Error(Error {
+                code,
+                message: Str::from(code.name()),
+                cmid: None,
+                retry_after_ms,
+            }),
+        };
+        self.reply_to(route, env);
     }
 
     /// Owner side of a group `send`: members only; sequence, ack, fan out.
