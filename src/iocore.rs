@@ -37,7 +37,8 @@ pub enum IoRequest {
     /// A page of a group's timeline for one of its members: after `after`, or after the
     /// member's stored group cursor when `after` is 0. A non-member gets `Ok(None)`.
     ReadGroup {
-        member: UserRef,
+        /// Boxed: keeps [`IoCmd`] small (the queue holds it by value).
+        member: Box<UserRef>,
         group: Str,
         after: u64,
         limit: u32,

@@ -681,7 +681,7 @@ impl Shard {
         }
         let limit = limit.clamp(1, self.cfg.limits.max_sync_limit);
         let req = IoRequest::ReadGroup {
-            member: user_ref(&user),
+            member: Box::new(user_ref(&user)),
             group: group.clone(),
             after,
             limit,
