@@ -38,7 +38,15 @@ pub(super) struct Window {
     lagging: bool,
     /// A pump read is in flight.
     pumping: bool,
+    /// The highest `inbox_seq` acked and not yet handed to the store (0: none).
+    cursor: u64,
 }
+
+/// How long an acked inbox cursor may wait in memory before it is written. Acks arrive with
+/// nearly every delivery; writing each one made the I/O core commit batches of cursors alone
+/// between appends (an fsync each). Coalesced, a shard hands all its devices' cursors to the
+/// store in one command per interval, and a closing connection writes its own at once.
+pub const CURSOR_FLUSH_MS: u64 = 100;
 
 /// What an I/O completion belongs to. Appends dominate, so the size difference is the common
 /// case, not waste.
@@ -593,19 +601,56 @@ impl Shard {
             s.window.unacked.pop_front();
             confirmed += 1;
         }
-        let (user, device) = (user_ref(&s.user), s.device.clone());
+        // Coalesced (`CURSOR_FLUSH_MS`): only the latest ack per device is written.
+        if s.window.cursor == 0 && inbox_seq > 0 {
+            self.cursor_dirty.push(conn);
+        }
+        s.window.cursor = s.window.cursor.max(inbox_seq);
         let m = &self.metrics.shards[self.id];
         m.deliveries_pending.fetch_sub(confirmed as i64, Relaxed);
         m.deliveries_confirmed.fetch_add(confirmed, Relaxed);
-        // The cursor is advisory (a device resumes from its own cursor when it gives one):
-        // under overload the update is skipped rather than queued without bound.
-        let op = Op::SetCursor {
-            user,
-            device,
-            seq: inbox_seq,
-        };
-        self.submit_write(op);
         self.maybe_pump(conn);
+    }
+
+    /// Hands every pending device cursor to the store in one command. The cursor is advisory
+    /// (a device resumes from its own position when it gives one): when the I/O queue is
+    /// full the cursors stay pending for the next flush rather than queue without bound.
+    pub(super) fn flush_cursors(&mut self) {
+        if self.cursor_dirty.is_empty() || !self.durable() {
+            return;
+        }
+        let mut ops = Vec::with_capacity(self.cursor_dirty.len());
+        for &conn in &self.cursor_dirty {
+            let Some(s) = self.conns.get(conn).and_then(|c| c.session.as_ref()) else {
+                continue;
+            };
+            if s.window.cursor > 0 {
+                ops.push(Op::SetCursor {
+                    user: user_ref(&s.user),
+                    device: s.device.clone(),
+                    seq: s.window.cursor,
+                });
+            }
+        }
+        if !ops.is_empty() && !self.submit(IoRequest::Apply(ops), IoWait::Nothing) {
+            return;
+        }
+        for conn in std::mem::take(&mut self.cursor_dirty) {
+            if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
+                s.window.cursor = 0;
+            }
+        }
+    }
+
+    /// A closing device's pending cursor, written at once (skipped when the queue is full).
+    pub(super) fn write_cursor_now(&mut self, s: &super::Session) {
+        if s.window.cursor > 0 {
+            self.submit_write(Op::SetCursor {
+                user: user_ref(&s.user),
+                device: s.device.clone(),
+                seq: s.window.cursor,
+            });
+        }
     }
 
     /// Retransmits what is due on `conn`; returns the next retransmit deadline, or `None`.
