@@ -19,7 +19,7 @@ use std::time::Duration;
 use crossbeam_queue::ArrayQueue;
 
 use crate::protocol::Str;
-use crate::store::{Backend, InboxPage, Op, OpResult, UserRef};
+use crate::store::{Backend, GroupPage, GroupRef, InboxPage, Op, OpResult, UserRef};
 
 /// What a shard asks of the I/O core.
 #[derive(Debug)]
@@ -34,6 +34,21 @@ pub enum IoRequest {
     },
     /// The stored cursor of one device.
     Cursor { user: UserRef, device: Str },
+    /// A page of a group's timeline for one of its members: after `after`, or after the
+    /// member's stored group cursor when `after` is 0. A non-member gets `Ok(None)`.
+    ReadGroup {
+        /// Boxed: keeps [`IoCmd`] small (the queue holds it by value).
+        member: Box<UserRef>,
+        group: Str,
+        after: u64,
+        limit: u32,
+    },
+    /// The user's groups whose timeline has messages after the user's group cursor.
+    UnreadGroups { user: UserRef },
+    /// Every member of a group (at most the store's group size bound), to reload a group.
+    GroupMembers { group: GroupRef },
+    /// The groups a user is a member of, to reload a member's side after a restart.
+    UserGroups { user: UserRef },
 }
 
 /// The I/O core's answer.
@@ -42,6 +57,12 @@ pub enum IoReply {
     Applied(Result<Vec<OpResult>, String>),
     Inbox(Result<InboxPage, String>),
     Cursor(Result<u64, String>),
+    /// The cursor the page starts after, and the page; `None`: not a member of the group.
+    Group(Result<Option<(u64, GroupPage)>, String>),
+    /// Group ids (unread groups, or a user's groups).
+    Groups(Result<Vec<Str>, String>),
+    /// Member ids of one group.
+    Members(Result<Vec<Str>, String>),
 }
 
 #[derive(Debug)]
@@ -314,6 +335,23 @@ async fn run_batch(
             IoRequest::Cursor { user, device } => {
                 IoReply::Cursor(backend.cursor(&user, &device).map_err(|e| e.to_string()))
             }
+            IoRequest::ReadGroup {
+                member,
+                group,
+                after,
+                limit,
+            } => IoReply::Group(
+                read_group_for(backend, &member, group, after, limit).map_err(|e| e.to_string()),
+            ),
+            IoRequest::UnreadGroups { user } => {
+                IoReply::Groups(unread_groups(backend, &user).map_err(|e| e.to_string()))
+            }
+            IoRequest::GroupMembers { group } => {
+                IoReply::Members(all_members(backend, &group).map_err(|e| e.to_string()))
+            }
+            IoRequest::UserGroups { user } => {
+                IoReply::Groups(backend.user_groups(&user).map_err(|e| e.to_string()))
+            }
         };
         let Some(link) = links.get(usize::from(cmd.shard)) else {
             continue;
@@ -341,4 +379,69 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A member's page of a group timeline (`None` for a non-member), each message's
+/// `inbox_seq` set to its `gseq`.
+fn read_group_for(
+    backend: &mut dyn Backend,
+    member: &UserRef,
+    group: Str,
+    after: u64,
+    limit: u32,
+) -> Result<Option<(u64, GroupPage)>, crate::store::StoreError> {
+    // The user's groups are bounded (`max_groups_per_user`): a member check without a
+    // dedicated store call.
+    if !backend.user_groups(member)?.contains(&group) {
+        return Ok(None);
+    }
+    let g = GroupRef {
+        tenant: member.tenant.clone(),
+        group,
+    };
+    let after = if after == 0 {
+        backend.group_cursor(&g, &member.user)?
+    } else {
+        after
+    };
+    let mut page = backend.read_group(&g, after, limit)?;
+    for e in &mut page.messages {
+        e.deliver.inbox_seq = e.gseq;
+        e.deliver.to = Some(crate::protocol::Target::Group(g.group.clone()));
+    }
+    Ok(Some((after, page)))
+}
+
+/// The user's groups with messages after the user's group cursor (at most
+/// `max_groups_per_user`, two point reads each).
+fn unread_groups(
+    backend: &mut dyn Backend,
+    user: &UserRef,
+) -> Result<Vec<Str>, crate::store::StoreError> {
+    let mut out = Vec::new();
+    for group in backend.user_groups(user)? {
+        let g = GroupRef {
+            tenant: user.tenant.clone(),
+            group,
+        };
+        if backend.last_group_seq(&g)? > backend.group_cursor(&g, &user.user)? {
+            out.push(g.group);
+        }
+    }
+    Ok(out)
+}
+
+/// Every member of `group`, page by page (the store bounds a group's size).
+fn all_members(
+    backend: &mut dyn Backend,
+    group: &GroupRef,
+) -> Result<Vec<Str>, crate::store::StoreError> {
+    let mut out: Vec<Str> = Vec::new();
+    loop {
+        let page = backend.group_members(group, out.last().map(|s| &**s), u32::MAX)?;
+        if page.is_empty() {
+            return Ok(out);
+        }
+        out.extend(page);
+    }
 }

@@ -106,8 +106,11 @@ fn each_device_catches_up_from_its_own_cursor() {
     for (device, upto) in [("one", 2u64), ("two", 5)] {
         let mut c = g.login(Transport::Tcp, CodecId::Json, "multi", device);
         sync_all(&mut c, 0);
-        c.send(&Envelope::new(Message::Ack(Ack { inbox_seq: upto })))
-            .unwrap();
+        c.send(&Envelope::new(Message::Ack(Ack {
+            inbox_seq: upto,
+            group: None,
+        })))
+        .unwrap();
         // The cursor write is fire-and-forget: a ping round trip orders after it.
         c.send(&Envelope::with_ref(Message::Ping(Default::default()), 77))
             .unwrap();
@@ -190,6 +193,7 @@ fn a_resent_cmid_gets_the_same_ack_and_is_delivered_once() {
             assert!(seen.insert(d.inbox_seq), "delivered twice: {}", d.inbox_seq);
             let r = Envelope::new(Message::Ack(Ack {
                 inbox_seq: d.inbox_seq,
+                group: None,
             }));
             b.send(&r).unwrap();
         }

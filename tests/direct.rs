@@ -93,8 +93,8 @@ const STR_FIELDS: &[&str] = &[
     "token", "device", "user", "cmid", "type", "body", "from", "group", "message", "reason",
 ];
 const OTHER_FIELDS: &[&str] = &[
-    "version", "limit", "codecs", "users", "resume", "limits", "to", "ext", "more", "status",
-    "code", "op",
+    "version", "limit", "codecs", "users", "groups", "resume", "limits", "to", "ext", "more",
+    "status", "code", "op",
 ];
 const UNKNOWN: &[&str] = &["x", "trace", "é", "op2", ""];
 
@@ -159,7 +159,7 @@ fn value_for(name: &'static str) -> BoxedStrategy<V> {
             .prop_map(V::S)
             .boxed(),
             "op" => op_name().prop_map(V::S).boxed(),
-            "codecs" | "users" => proptest::collection::vec(text().prop_map(V::S), 0..10)
+            "codecs" | "users" | "groups" => proptest::collection::vec(text().prop_map(V::S), 0..10)
                 .prop_map(V::L)
                 .boxed(),
             "ext" => proptest::collection::vec((text(), text().prop_map(V::S)), 0..4)
@@ -247,9 +247,9 @@ fn op_fields(op: Op) -> &'static [&'static str] {
             "body",
             "ext",
         ],
-        Op::Ack => &["inbox_seq"],
-        Op::Sync => &["after_inbox_seq", "limit"],
-        Op::Synced => &["up_to", "more"],
+        Op::Ack => &["inbox_seq", "group"],
+        Op::Sync => &["after_inbox_seq", "limit", "group"],
+        Op::Synced => &["up_to", "more", "group", "groups"],
         Op::PresenceSet => &["status"],
         Op::PresenceSub => &["users"],
         Op::Presence => &["user", "status", "ts"],

@@ -608,7 +608,10 @@ impl<'a> Engine<'a> {
         if self.plan.client_ack && conn.ack_to > conn.acked_to {
             let upto = conn.ack_to;
             if let Some(client) = conn.client.as_mut() {
-                match client.send(&Envelope::new(Message::Ack(Ack { inbox_seq: upto }))) {
+                match client.send(&Envelope::new(Message::Ack(Ack {
+                    inbox_seq: upto,
+                    group: None,
+                }))) {
                     Ok(()) => conn.acked_to = upto,
                     Err(e) => self.drop_conn(i, format!("ack: {}", short_error(&e))),
                 }

@@ -105,6 +105,7 @@ fn is_wire_field(key: &[u8]) -> bool {
             | b"status"
             | b"users"
             | b"group"
+            | b"groups"
             | b"code"
             | b"message"
             | b"retry_after_ms"
@@ -333,34 +334,42 @@ pub(crate) fn envelope<S: MapSource>(s: &mut S, done: impl FnOnce(&S) -> bool) -
                 })
             }
             Op::Ack => {
-                let mut inbox_seq = None;
+                let (mut inbox_seq, mut group) = (None, None);
                 fields! {
                     b"inbox_seq" => set(&mut inbox_seq, s.uint()),
+                    b"group" => set(&mut group, s.str()),
                 }
                 Message::Ack(Ack {
                     inbox_seq: inbox_seq?,
+                    group,
                 })
             }
             Op::Sync => {
-                let (mut after_inbox_seq, mut limit) = (None, None);
+                let (mut after_inbox_seq, mut limit, mut group) = (None, None, None);
                 fields! {
                     b"after_inbox_seq" => set(&mut after_inbox_seq, s.uint()),
                     b"limit" => set(&mut limit, s.uint().and_then(|v| u32::try_from(v).ok())),
+                    b"group" => set(&mut group, s.str()),
                 }
                 Message::Sync(Sync {
                     after_inbox_seq: after_inbox_seq.unwrap_or(0),
                     limit: limit.unwrap_or(0),
+                    group,
                 })
             }
             Op::Synced => {
-                let (mut up_to, mut more) = (None, None);
+                let (mut up_to, mut more, mut group, mut groups) = (None, None, None, None);
                 fields! {
                     b"up_to" => set(&mut up_to, s.uint()),
                     b"more" => set(&mut more, s.bool()),
+                    b"group" => set(&mut group, s.str()),
+                    b"groups" => set(&mut groups, s.strs()),
                 }
                 Message::Synced(Synced {
                     up_to: up_to?,
                     more: more.unwrap_or(false),
+                    group,
+                    groups: groups.unwrap_or_default(),
                 })
             }
             Op::PresenceSet => {
@@ -600,18 +609,34 @@ pub(crate) fn write_envelope<W: MapSink>(w: &mut W, env: &Envelope) -> Result<()
         Message::Ack(a) => {
             w.key("inbox_seq");
             w.uint(a.inbox_seq)?;
+            if let Some(g) = &a.group {
+                w.key("group");
+                w.str(g)?;
+            }
         }
         Message::Sync(x) => {
             w.key("after_inbox_seq");
             w.uint(x.after_inbox_seq)?;
             w.key("limit");
             w.uint(x.limit.into())?;
+            if let Some(g) = &x.group {
+                w.key("group");
+                w.str(g)?;
+            }
         }
         Message::Synced(x) => {
             w.key("up_to");
             w.uint(x.up_to)?;
             w.key("more");
             w.bool(x.more);
+            if let Some(g) = &x.group {
+                w.key("group");
+                w.str(g)?;
+            }
+            if !x.groups.is_empty() {
+                w.key("groups");
+                w.strs(&x.groups)?;
+            }
         }
         Message::PresenceSet(p) => {
             w.key("status");

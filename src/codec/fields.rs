@@ -74,8 +74,11 @@ pub(crate) fn entry_count(env: &Envelope) -> usize {
                 + usize::from(d.kind.is_some())
                 + usize::from(!d.ext.is_empty())
         }
-        Message::Ack(_) => 1,
-        Message::Sync(_) | Message::Synced(_) => 2,
+        Message::Ack(a) => 1 + usize::from(a.group.is_some()),
+        Message::Sync(x) => 2 + usize::from(x.group.is_some()),
+        Message::Synced(x) => {
+            2 + usize::from(x.group.is_some()) + usize::from(!x.groups.is_empty())
+        }
         Message::PresenceSet(_) | Message::PresenceSub(_) => 1,
         Message::Presence(_) => 3,
         Message::GroupJoin(_) | Message::GroupLeave(_) => 1,
@@ -150,14 +153,28 @@ impl Serialize for Envelope {
                     m.serialize_entry("ext", &d.ext)?;
                 }
             }
-            Message::Ack(a) => m.serialize_entry("inbox_seq", &a.inbox_seq)?,
+            Message::Ack(a) => {
+                m.serialize_entry("inbox_seq", &a.inbox_seq)?;
+                if let Some(g) = &a.group {
+                    m.serialize_entry("group", g)?;
+                }
+            }
             Message::Sync(x) => {
                 m.serialize_entry("after_inbox_seq", &x.after_inbox_seq)?;
                 m.serialize_entry("limit", &x.limit)?;
+                if let Some(g) = &x.group {
+                    m.serialize_entry("group", g)?;
+                }
             }
             Message::Synced(x) => {
                 m.serialize_entry("up_to", &x.up_to)?;
                 m.serialize_entry("more", &x.more)?;
+                if let Some(g) = &x.group {
+                    m.serialize_entry("group", g)?;
+                }
+                if !x.groups.is_empty() {
+                    m.serialize_entry("groups", &x.groups)?;
+                }
             }
             Message::PresenceSet(p) => m.serialize_entry("status", p.status.name())?,
             Message::PresenceSub(p) => m.serialize_entry("users", &p.users)?,
@@ -346,6 +363,8 @@ pub(crate) struct WireIn<'a> {
     #[serde(borrow)]
     group: Option<BStr<'a>>,
     #[serde(borrow)]
+    groups: Option<Vec<BStr<'a>>>,
+    #[serde(borrow)]
     code: Option<BStr<'a>>,
     #[serde(borrow)]
     message: Option<BStr<'a>>,
@@ -490,14 +509,18 @@ impl WireIn<'_> {
             }),
             Op::Ack => Message::Ack(Ack {
                 inbox_seq: req(w.inbox_seq, "inbox_seq")?,
+                group: src.opt(w.group),
             }),
             Op::Sync => Message::Sync(Sync {
                 after_inbox_seq: w.after_inbox_seq.unwrap_or(0),
                 limit: w.limit.unwrap_or(0),
+                group: src.opt(w.group),
             }),
             Op::Synced => Message::Synced(Synced {
                 up_to: req(w.up_to, "up_to")?,
                 more: w.more.unwrap_or(false),
+                group: src.opt(w.group),
+                groups: src.list(w.groups.unwrap_or_default()),
             }),
             Op::PresenceSet => Message::PresenceSet(PresenceSet {
                 status: status(w.status)?,

@@ -296,29 +296,35 @@ impl Scratch {
                 };
                 fb::Deliver::create(&mut self.fbb, &args).as_union_value()
             }
-            Message::Ack(a) => fb::Ack::create(
-                &mut self.fbb,
-                &fb::AckArgs {
+            Message::Ack(a) => {
+                let group = self.opt_string(a.group.as_ref());
+                let args = fb::AckArgs {
                     inbox_seq: a.inbox_seq,
-                },
-            )
-            .as_union_value(),
-            Message::Sync(s) => fb::Sync::create(
-                &mut self.fbb,
-                &fb::SyncArgs {
+                    group,
+                };
+                fb::Ack::create(&mut self.fbb, &args).as_union_value()
+            }
+            Message::Sync(s) => {
+                let group = self.opt_string(s.group.as_ref());
+                let args = fb::SyncArgs {
                     after_inbox_seq: s.after_inbox_seq,
                     limit: s.limit,
-                },
-            )
-            .as_union_value(),
-            Message::Synced(s) => fb::Synced::create(
-                &mut self.fbb,
-                &fb::SyncedArgs {
+                    group,
+                };
+                fb::Sync::create(&mut self.fbb, &args).as_union_value()
+            }
+            Message::Synced(s) => {
+                let group = self.opt_string(s.group.as_ref());
+                // Absent when empty (an absent vector reads as empty).
+                let groups = (!s.groups.is_empty()).then(|| self.string_vector(&s.groups));
+                let args = fb::SyncedArgs {
                     up_to: s.up_to,
                     more: s.more,
-                },
-            )
-            .as_union_value(),
+                    group,
+                    groups,
+                };
+                fb::Synced::create(&mut self.fbb, &args).as_union_value()
+            }
             Message::PresenceSet(p) => fb::PresenceSet::create(
                 &mut self.fbb,
                 &fb::PresenceSetArgs {
@@ -422,13 +428,10 @@ fn size_bound(msg: &Message) -> usize {
         }
         Message::Error(e) => s(&e.message).saturating_add(opt(&e.cmid)),
         Message::Goaway(g) => s(&g.reason),
-        Message::Ping(_)
-        | Message::Pong(_)
-        | Message::Ack(_)
-        | Message::Sync(_)
-        | Message::Synced(_)
-        | Message::PresenceSet(_)
-        | Message::Ok => 0,
+        Message::Ack(a) => opt(&a.group),
+        Message::Sync(x) => opt(&x.group),
+        Message::Synced(x) => opt(&x.group).saturating_add(list(&x.groups)),
+        Message::Ping(_) | Message::Pong(_) | Message::PresenceSet(_) | Message::Ok => 0,
     };
     // Frame, message and nested tables with their vtables and scalars.
     strings.saturating_add(512)
@@ -753,14 +756,19 @@ impl<'a> FrameView<'a> {
                     ext: ext(mk, d.ext())?,
                 })
             }
-            Op::Ack => Message::Ack(Ack {
-                inbox_seq: union(f.msg_as_ack())?.inbox_seq(),
-            }),
+            Op::Ack => {
+                let a = union(f.msg_as_ack())?;
+                Message::Ack(Ack {
+                    inbox_seq: a.inbox_seq(),
+                    group: a.group().map(|x| mk.str(x)),
+                })
+            }
             Op::Sync => {
                 let s = union(f.msg_as_sync())?;
                 Message::Sync(Sync {
                     after_inbox_seq: s.after_inbox_seq(),
                     limit: s.limit(),
+                    group: s.group().map(|x| mk.str(x)),
                 })
             }
             Op::Synced => {
@@ -768,6 +776,8 @@ impl<'a> FrameView<'a> {
                 Message::Synced(Synced {
                     up_to: s.up_to(),
                     more: s.more(),
+                    group: s.group().map(|x| mk.str(x)),
+                    groups: s.groups().map(|v| strings(mk, v)).unwrap_or_default(),
                 })
             }
             Op::PresenceSet => Message::PresenceSet(PresenceSet {
@@ -929,19 +939,35 @@ mod tests {
                 body: "b".into(),
                 ext: Ext::new(),
             }),
-            Message::Ack(Ack { inbox_seq: 99 }),
+            Message::Ack(Ack {
+                inbox_seq: 99,
+                group: None,
+            }),
+            Message::Ack(Ack {
+                inbox_seq: 9,
+                group: Some("g".into()),
+            }),
             Message::Sync(Sync {
                 after_inbox_seq: 10,
                 limit: 100,
+                group: None,
             }),
             Message::Sync(Sync::default()),
+            Message::Sync(Sync {
+                after_inbox_seq: 0,
+                limit: 5,
+                group: Some("g".into()),
+            }),
             Message::Synced(Synced {
                 up_to: 110,
                 more: true,
+                ..Synced::default()
             }),
             Message::Synced(Synced {
                 up_to: 0,
                 more: false,
+                group: Some("g".into()),
+                groups: vec!["a".into(), "b".into()],
             }),
             Message::PresenceSet(PresenceSet {
                 status: Status::Busy,

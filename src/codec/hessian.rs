@@ -2004,11 +2004,27 @@ mod tests {
                 body: Str::new(),
                 ..deliver
             })),
-            Envelope::new(Message::Ack(Ack { inbox_seq: 15 })),
+            Envelope::new(Message::Ack(Ack {
+                inbox_seq: 15,
+                group: None,
+            })),
+            Envelope::new(Message::Ack(Ack {
+                inbox_seq: 15,
+                group: Some("g".into()),
+            })),
             Envelope::with_ref(
                 Message::Sync(Sync {
                     after_inbox_seq: 16,
                     limit: 100,
+                    group: None,
+                }),
+                5,
+            ),
+            Envelope::with_ref(
+                Message::Sync(Sync {
+                    after_inbox_seq: 0,
+                    limit: 100,
+                    group: Some("g".into()),
                 }),
                 5,
             ),
@@ -2016,12 +2032,15 @@ mod tests {
                 Message::Synced(Synced {
                     up_to: 2048,
                     more: true,
+                    ..Synced::default()
                 }),
                 5,
             ),
             Envelope::new(Message::Synced(Synced {
                 up_to: 0,
                 more: false,
+                group: Some("g".into()),
+                groups: vec!["a".into(), "b".into()],
             })),
             Envelope::with_ref(
                 Message::PresenceSet(PresenceSet {

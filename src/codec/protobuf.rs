@@ -236,13 +236,10 @@ fn size_hint(msg: &Message) -> usize {
         }
         Message::Error(e) => e.message.len() + opt(&e.cmid),
         Message::Goaway(g) => g.reason.len(),
-        Message::Ping(_)
-        | Message::Pong(_)
-        | Message::Ack(_)
-        | Message::Sync(_)
-        | Message::Synced(_)
-        | Message::PresenceSet(_)
-        | Message::Ok => 0,
+        Message::Ack(a) => opt(&a.group),
+        Message::Sync(x) => opt(&x.group),
+        Message::Synced(x) => opt(&x.group) + strs(&x.groups),
+        Message::Ping(_) | Message::Pong(_) | Message::PresenceSet(_) | Message::Ok => 0,
     }
 }
 
@@ -303,14 +300,28 @@ fn write_body(msg: &Message, out: &mut Vec<u8>) {
             put_str(7, &d.body, out);
             put_ext(8, &d.ext, out);
         }
-        Message::Ack(a) => put_u64(1, a.inbox_seq, out),
+        Message::Ack(a) => {
+            put_u64(1, a.inbox_seq, out);
+            if let Some(g) = &a.group {
+                put_opt_str(2, g, out);
+            }
+        }
         Message::Sync(s) => {
             put_u64(1, s.after_inbox_seq, out);
             put_u64(2, s.limit.into(), out);
+            if let Some(g) = &s.group {
+                put_opt_str(3, g, out);
+            }
         }
         Message::Synced(s) => {
             put_u64(1, s.up_to, out);
             put_u64(2, u64::from(s.more), out);
+            if let Some(g) = &s.group {
+                put_opt_str(3, g, out);
+            }
+            for g in &s.groups {
+                put_opt_str(4, g, out);
+            }
         }
         Message::PresenceSet(p) => put_u64(1, p.status as u64, out),
         Message::PresenceSub(p) => {
@@ -885,16 +896,18 @@ impl Reader<'_> {
                 })
             }
             Message::Ack(a) => fields(cur, depth, |c, tag, wt| {
-                if tag != 1 {
-                    return Ok(false);
+                match tag {
+                    1 => a.inbox_seq = u64_field(c, tag, wt)?,
+                    2 => a.group = Some(self.string(c, tag, wt)?),
+                    _ => return Ok(false),
                 }
-                a.inbox_seq = u64_field(c, tag, wt)?;
                 Ok(true)
             }),
             Message::Sync(s) => fields(cur, depth, |c, tag, wt| {
                 match tag {
                     1 => s.after_inbox_seq = u64_field(c, tag, wt)?,
                     2 => s.limit = u32_field(c, tag, wt)?,
+                    3 => s.group = Some(self.string(c, tag, wt)?),
                     _ => return Ok(false),
                 }
                 Ok(true)
@@ -903,6 +916,11 @@ impl Reader<'_> {
                 match tag {
                     1 => s.up_to = u64_field(c, tag, wt)?,
                     2 => s.more = u64_field(c, tag, wt)? != 0,
+                    3 => s.group = Some(self.string(c, tag, wt)?),
+                    4 => {
+                        let g = self.string(c, tag, wt)?;
+                        s.groups.push(g);
+                    }
                     _ => return Ok(false),
                 }
                 Ok(true)
@@ -1093,14 +1111,18 @@ fn from_pb(frame: pb::Frame) -> Result<Envelope, DecodeError> {
         }),
         M::Ack(a) => Message::Ack(Ack {
             inbox_seq: a.inbox_seq,
+            group: a.group.map(Str::from),
         }),
         M::Sync(s) => Message::Sync(Sync {
             after_inbox_seq: s.after_inbox_seq,
             limit: s.limit,
+            group: s.group.map(Str::from),
         }),
         M::Synced(s) => Message::Synced(Synced {
             up_to: s.up_to,
             more: s.more,
+            group: s.group.map(Str::from),
+            groups: s.groups.into_iter().map(Str::from).collect(),
         }),
         M::PresenceSet(p) => Message::PresenceSet(PresenceSet {
             status: status(p.status)?,
@@ -1204,14 +1226,18 @@ pub fn to_pb(env: &Envelope) -> pb::Frame {
         }),
         Message::Ack(a) => M::Ack(pb::Ack {
             inbox_seq: a.inbox_seq,
+            group: a.group.as_ref().map(|g| g.to_string()),
         }),
         Message::Sync(s) => M::Sync(pb::Sync {
             after_inbox_seq: s.after_inbox_seq,
             limit: s.limit,
+            group: s.group.as_ref().map(|g| g.to_string()),
         }),
         Message::Synced(s) => M::Synced(pb::Synced {
             up_to: s.up_to,
             more: s.more,
+            group: s.group.as_ref().map(|g| g.to_string()),
+            groups: s.groups.iter().map(|g| g.to_string()).collect(),
         }),
         Message::PresenceSet(p) => M::PresenceSet(pb::PresenceSet {
             status: p.status as i32,

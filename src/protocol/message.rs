@@ -380,19 +380,32 @@ pub struct Deliver {
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Ack {
+    /// Cumulative: everything up to here was received. The inbox's `inbox_seq`, or with
+    /// `group` the group timeline's `gseq`.
     pub inbox_seq: u64,
+    /// The group whose timeline is acked; `None`: the user's inbox.
+    pub group: Option<Str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Sync {
+    /// Messages after this sequence (`inbox_seq`, or `gseq` with `group`). 0 with `group`:
+    /// after the member's stored group cursor.
     pub after_inbox_seq: u64,
     pub limit: u32,
+    /// Page this group's timeline instead of the user's inbox.
+    pub group: Option<Str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Synced {
     pub up_to: u64,
     pub more: bool,
+    /// The group whose timeline was paged (echoes `sync.group`); `None`: the inbox.
+    pub group: Option<Str>,
+    /// On the last page of an inbox sync (`more` false): the user's groups with messages
+    /// after the member's group cursor, to be fetched with `sync {group}`.
+    pub groups: Vec<Str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -130,15 +130,40 @@ pub fn all() -> Vec<(&'static str, Envelope)> {
                 ext,
             })),
         ),
-        ("ack", Envelope::new(Message::Ack(Ack { inbox_seq: 4242 }))),
+        (
+            "ack",
+            Envelope::new(Message::Ack(Ack {
+                inbox_seq: 4242,
+                group: None,
+            })),
+        ),
+        (
+            "ack_group",
+            Envelope::new(Message::Ack(Ack {
+                inbox_seq: 17,
+                group: Some("g-42".into()),
+            })),
+        ),
         (
             "sync",
             Envelope::with_ref(
                 Message::Sync(Sync {
                     after_inbox_seq: 100,
                     limit: 50,
+                    group: None,
                 }),
                 3,
+            ),
+        ),
+        (
+            "sync_group",
+            Envelope::with_ref(
+                Message::Sync(Sync {
+                    after_inbox_seq: 0,
+                    limit: 100,
+                    group: Some("g-42".into()),
+                }),
+                4,
             ),
         ),
         (
@@ -147,6 +172,32 @@ pub fn all() -> Vec<(&'static str, Envelope)> {
                 Message::Synced(Synced {
                     up_to: 150,
                     more: true,
+                    group: None,
+                    groups: Vec::new(),
+                }),
+                3,
+            ),
+        ),
+        (
+            "synced_group",
+            Envelope::with_ref(
+                Message::Synced(Synced {
+                    up_to: 17,
+                    more: false,
+                    group: Some("g-42".into()),
+                    groups: Vec::new(),
+                }),
+                4,
+            ),
+        ),
+        (
+            "synced_unread_groups",
+            Envelope::with_ref(
+                Message::Synced(Synced {
+                    up_to: 4242,
+                    more: false,
+                    group: None,
+                    groups: vec!["g-42".into(), "team-7".into()],
                 }),
                 3,
             ),

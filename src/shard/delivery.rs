@@ -38,7 +38,15 @@ pub(super) struct Window {
     lagging: bool,
     /// A pump read is in flight.
     pumping: bool,
+    /// The highest `inbox_seq` acked and not yet handed to the store (0: none).
+    cursor: u64,
 }
+
+/// How long an acked inbox cursor may wait in memory before it is written. Acks arrive with
+/// nearly every delivery; writing each one made the I/O core commit batches of cursors alone
+/// between appends (an fsync each). Coalesced, a shard hands all its devices' cursors to the
+/// store in one command per interval, and a closing connection writes its own at once.
+pub const CURSOR_FLUSH_MS: u64 = 100;
 
 /// What an I/O completion belongs to. Appends dominate, so the size difference is the common
 /// case, not waste.
@@ -72,7 +80,31 @@ pub(super) enum IoWait {
         cmid: Str,
         deliver: Deliver,
     },
-    /// A write nobody waits for (cursor updates, membership).
+    /// A group `sync` page for a connection.
+    GroupSync {
+        conn: ConnId,
+        reference: Option<u64>,
+        group: Str,
+    },
+    /// The unread-groups summary closing an inbox sync.
+    Unread {
+        conn: ConnId,
+        reference: Option<u64>,
+        up_to: u64,
+    },
+    /// A group's member list, read back after a restart (the group owner's side).
+    GroupLoad { group: super::groups::GroupKey },
+    /// A user's groups, read back when the user comes online (the member owner's side).
+    UserGroups { user: UserKey },
+    /// A join or leave being stored; `ok` waits for it.
+    Membership {
+        group: super::groups::GroupKey,
+        member: Str,
+        join: bool,
+        origin: Route,
+        reference: Option<u64>,
+    },
+    /// A write nobody waits for (cursor updates).
     Nothing,
 }
 
@@ -94,7 +126,7 @@ impl Shard {
         self.io.is_some()
     }
 
-    fn submit(&mut self, req: IoRequest, wait: IoWait) -> bool {
+    pub(super) fn submit(&mut self, req: IoRequest, wait: IoWait) -> bool {
         let Some(io) = &self.io else { return false };
         self.next_token += 1;
         let token = self.next_token;
@@ -134,7 +166,7 @@ impl Shard {
     }
 
     /// Tells the sender's shard that its `send` was refused with `code`.
-    fn reject(
+    pub(super) fn reject(
         &mut self,
         origin: Route,
         reference: Option<u64>,
@@ -302,6 +334,38 @@ impl Shard {
                 let after = r.unwrap_or(0);
                 self.sync_request(conn, reference, after, u32::MAX);
             }
+            (
+                IoWait::GroupSync {
+                    conn,
+                    reference,
+                    group,
+                },
+                IoReply::Group(r),
+            ) => self.group_sync_page(conn, reference, group, r),
+            (
+                IoWait::Unread {
+                    conn,
+                    reference,
+                    up_to,
+                },
+                IoReply::Groups(r),
+            ) => {
+                // A failed summary read still closes the sync; the groups are only a hint.
+                let groups = r.unwrap_or_default();
+                self.emit_synced(conn, reference, up_to, false, None, groups);
+            }
+            (IoWait::GroupLoad { group }, IoReply::Members(r)) => self.group_loaded(group, r),
+            (
+                IoWait::Membership {
+                    group,
+                    member,
+                    join,
+                    origin,
+                    reference,
+                },
+                IoReply::Applied(r),
+            ) => self.membership_stored((group, member, join), origin, reference, r),
+            (IoWait::UserGroups { user }, IoReply::Groups(r)) => self.user_groups_loaded(user, r),
             _ => {}
         }
     }
@@ -441,11 +505,41 @@ impl Shard {
                 s.window.last_pushed = up_to;
             }
         }
+        if !page.more {
+            // The last page: list the groups with unread messages in `synced`.
+            if let Some(user) = self.conns.get(conn).and_then(|c| c.session.as_ref()) {
+                let req = IoRequest::UnreadGroups {
+                    user: user_ref(&user.user),
+                };
+                let wait = IoWait::Unread {
+                    conn,
+                    reference,
+                    up_to,
+                };
+                if self.submit(req, wait) {
+                    return;
+                }
+            }
+        }
+        self.emit_synced(conn, reference, up_to, page.more, None, Vec::new());
+    }
+
+    pub(super) fn emit_synced(
+        &mut self,
+        conn: ConnId,
+        reference: Option<u64>,
+        up_to: u64,
+        more: bool,
+        group: Option<Str>,
+        groups: Vec<Str>,
+    ) {
         let env = Envelope {
             reference,
             msg: Message::Synced(Synced {
                 up_to,
-                more: page.more,
+                more,
+                group,
+                groups,
             }),
         };
         self.emit(conn, &env);
@@ -507,19 +601,56 @@ impl Shard {
             s.window.unacked.pop_front();
             confirmed += 1;
         }
-        let (user, device) = (user_ref(&s.user), s.device.clone());
+        // Coalesced (`CURSOR_FLUSH_MS`): only the latest ack per device is written.
+        if s.window.cursor == 0 && inbox_seq > 0 {
+            self.cursor_dirty.push(conn);
+        }
+        s.window.cursor = s.window.cursor.max(inbox_seq);
         let m = &self.metrics.shards[self.id];
         m.deliveries_pending.fetch_sub(confirmed as i64, Relaxed);
         m.deliveries_confirmed.fetch_add(confirmed, Relaxed);
-        // The cursor is advisory (a device resumes from its own cursor when it gives one):
-        // under overload the update is skipped rather than queued without bound.
-        let op = Op::SetCursor {
-            user,
-            device,
-            seq: inbox_seq,
-        };
-        self.submit_write(op);
         self.maybe_pump(conn);
+    }
+
+    /// Hands every pending device cursor to the store in one command. The cursor is advisory
+    /// (a device resumes from its own position when it gives one): when the I/O queue is
+    /// full the cursors stay pending for the next flush rather than queue without bound.
+    pub(super) fn flush_cursors(&mut self) {
+        if self.cursor_dirty.is_empty() || !self.durable() {
+            return;
+        }
+        let mut ops = Vec::with_capacity(self.cursor_dirty.len());
+        for &conn in &self.cursor_dirty {
+            let Some(s) = self.conns.get(conn).and_then(|c| c.session.as_ref()) else {
+                continue;
+            };
+            if s.window.cursor > 0 {
+                ops.push(Op::SetCursor {
+                    user: user_ref(&s.user),
+                    device: s.device.clone(),
+                    seq: s.window.cursor,
+                });
+            }
+        }
+        if !ops.is_empty() && !self.submit(IoRequest::Apply(ops), IoWait::Nothing) {
+            return;
+        }
+        for conn in std::mem::take(&mut self.cursor_dirty) {
+            if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
+                s.window.cursor = 0;
+            }
+        }
+    }
+
+    /// A closing device's pending cursor, written at once (skipped when the queue is full).
+    pub(super) fn write_cursor_now(&mut self, s: &super::Session) {
+        if s.window.cursor > 0 {
+            self.submit_write(Op::SetCursor {
+                user: user_ref(&s.user),
+                device: s.device.clone(),
+                seq: s.window.cursor,
+            });
+        }
     }
 
     /// Retransmits what is due on `conn`; returns the next retransmit deadline, or `None`.

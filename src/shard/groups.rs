@@ -8,8 +8,11 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::delivery::IoWait;
 use super::{owner_shard, Clock, ConnId, Route, Shard, ShardMsg, UserKey};
+use crate::iocore::IoRequest;
 use crate::protocol::{Deliver, Envelope, Error, ErrorCode, Message, Str, Target};
+use crate::store::{GroupPage, GroupRef, UserRef};
 
 /// A group, scoped by tenant.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -35,9 +38,49 @@ pub(super) struct Groups {
     of_user: HashMap<UserKey, Vec<GroupKey>>,
     /// Per group, the members this shard owns that are online now.
     online: HashMap<GroupKey, HashSet<Str>>,
+    /// Durability `local`: groups whose member list is being read back from the store, with
+    /// the work that waits for it (at most [`MAX_WAITING_PER_GROUP`] each). One I/O read is
+    /// in flight per entry, so `store.queue_depth` bounds the map.
+    loading: HashMap<GroupKey, Vec<GroupWork>>,
+    /// Durability `local`: users whose groups are being read back from the store; `true` when
+    /// a membership change arrived meanwhile (the read is then repeated). Bounded like
+    /// `loading`: one I/O read in flight per entry.
+    user_loading: HashMap<UserKey, bool>,
 }
 
 pub const MAX_GROUPS_PER_SHARD: usize = 1_000_000;
+/// Sends and membership changes that wait for one group's member list to be read back.
+pub const MAX_WAITING_PER_GROUP: usize = 4096;
+
+/// Work for a group owner that waits for the group's member list.
+pub(super) enum GroupWork {
+    Send {
+        origin: Route,
+        reference: Option<u64>,
+        deliver: Deliver,
+        cmid: Str,
+    },
+    Membership {
+        member: Str,
+        join: bool,
+        origin: Route,
+        reference: Option<u64>,
+    },
+}
+
+fn group_ref(g: &GroupKey) -> GroupRef {
+    GroupRef {
+        tenant: g.tenant.clone(),
+        group: g.group.clone(),
+    }
+}
+
+fn user_ref(u: &UserKey) -> UserRef {
+    UserRef {
+        tenant: u.tenant.clone(),
+        user: u.user.clone(),
+    }
+}
 
 impl Shard {
     fn group_owner(&self, g: &GroupKey) -> usize {
@@ -148,63 +191,181 @@ impl Shard {
         origin: Route,
         reference: Option<u64>,
     ) {
+        if self.needs_load(&group) {
+            let work = GroupWork::Membership {
+                member,
+                join,
+                origin,
+                reference,
+            };
+            self.load_group_then(group, work);
+            return;
+        }
+        self.group_membership_now(group, member, join, origin, reference);
+    }
+
+    fn group_membership_now(
+        &mut self,
+        group: GroupKey,
+        member: Str,
+        join: bool,
+        origin: Route,
+        reference: Option<u64>,
+    ) {
         let max = self.cfg.limits.max_group_members as usize;
-        let owned = &mut self.groups.owned;
+        let owned = &self.groups.owned;
         if join {
-            if !owned.contains_key(&group) && owned.len() >= MAX_GROUPS_PER_SHARD {
+            let full = match owned.get(&group) {
+                Some(e) => !e.members.contains(&member) && e.members.len() >= max,
+                None => owned.len() >= MAX_GROUPS_PER_SHARD,
+            };
+            if full {
                 self.error_to(origin, reference, ErrorCode::LimitExceeded, None);
                 return;
-            }
-            let e = owned.entry(group.clone()).or_default();
-            if !e.members.contains(&member) && e.members.len() >= max {
-                self.error_to(origin, reference, ErrorCode::LimitExceeded, None);
-                return;
-            }
-            e.members.insert(member.clone());
-        } else if let Some(e) = owned.get_mut(&group) {
-            e.members.remove(&member);
-            if e.members.is_empty() {
-                owned.remove(&group);
             }
         }
         if self.durable() {
-            // The stored member list authorizes the stored timeline's appends; the I/O queue
-            // keeps it ordered before any later send.
-            let g = crate::store::GroupRef {
-                tenant: group.tenant.clone(),
-                group: group.group.clone(),
-            };
+            // The stored member list authorizes the stored timeline's appends and survives a
+            // restart; the I/O queue keeps it ordered before any later send. `ok` waits for the
+            // commit (`membership_stored`).
+            let g = group_ref(&group);
+            let m = member.clone();
             let op = if join {
                 crate::store::Op::Join {
                     group: g,
-                    member: member.clone(),
+                    member: m,
                 }
             } else {
                 crate::store::Op::Leave {
                     group: g,
-                    member: member.clone(),
+                    member: m,
                 }
             };
-            self.submit_write(op);
+            let wait = IoWait::Membership {
+                group: group.clone(),
+                member: member.clone(),
+                join,
+                origin,
+                reference,
+            };
+            if !self.submit(crate::iocore::IoRequest::Apply(vec![op]), wait) {
+                let retry = Some(self.cfg.limits.retry_after_ms);
+                self.error_to_retry(origin, reference, ErrorCode::Overloaded, retry);
+                return;
+            }
         }
-        // The member's owner tracks the membership for online fan-out.
+        self.apply_membership(&group, &member, join);
+        if !self.durable() {
+            self.reply_to(
+                origin,
+                Envelope {
+                    reference,
+                    msg: Message::Ok,
+                },
+            );
+        }
+    }
+
+    /// Updates the owner's member list and tells the member's owner (online fan-out).
+    fn apply_membership(&mut self, group: &GroupKey, member: &Str, join: bool) {
+        let owned = &mut self.groups.owned;
+        if join {
+            owned
+                .entry(group.clone())
+                .or_default()
+                .members
+                .insert(member.clone());
+        } else if let Some(e) = owned.get_mut(group) {
+            e.members.remove(member);
+            if e.members.is_empty() {
+                owned.remove(group);
+            }
+        }
         let user = UserKey {
             tenant: group.tenant.clone(),
-            user: member,
+            user: member.clone(),
         };
         let dest = self.owner(&user);
+        let group = group.clone();
         self.post_always(dest, ShardMsg::MemberOf { user, group, join });
-        self.reply_to(
-            origin,
-            Envelope {
-                reference,
-                msg: Message::Ok,
-            },
-        );
+    }
+
+    /// Durability `local`: the store's answer to a join or leave. `ok` when it is stored; a
+    /// refusal (the store's group or per-user limits) undoes the change in memory.
+    pub(super) fn membership_stored(
+        &mut self,
+        (group, member, join): (GroupKey, Str, bool),
+        origin: Route,
+        reference: Option<u64>,
+        result: Result<Vec<crate::store::OpResult>, String>,
+    ) {
+        use crate::store::{OpResult, Refusal};
+        let code = match result.map(|v| v.into_iter().next()) {
+            Ok(Some(OpResult::Membership { .. })) => None,
+            Ok(Some(OpResult::Refused(Refusal::TooManyGroups | Refusal::GroupFull))) => {
+                Some(ErrorCode::LimitExceeded)
+            }
+            Ok(Some(OpResult::Refused(_))) => Some(ErrorCode::BadRequest),
+            _ => Some(ErrorCode::Unavailable),
+        };
+        match code {
+            None => self.reply_to(
+                origin,
+                Envelope {
+                    reference,
+                    msg: Message::Ok,
+                },
+            ),
+            Some(code) => {
+                // Not stored: memory follows the store.
+                self.apply_membership(&group, &member, !join);
+                self.error_to(origin, reference, code, None);
+            }
+        }
+    }
+
+    fn error_to_retry(
+        &mut self,
+        route: Route,
+        reference: Option<u64>,
+        code: ErrorCode,
+        retry_after_ms: Option<u64>,
+    ) {
+        let env = Envelope {
+            reference,
+            msg: Message::Error(Error {
+                code,
+                message: Str::from(code.name()),
+                cmid: None,
+                retry_after_ms,
+            }),
+        };
+        self.reply_to(route, env);
     }
 
     /// Owner side of a group `send`: members only; sequence, ack, fan out.
     pub(super) fn group_send(
+        &mut self,
+        group: GroupKey,
+        origin: Route,
+        reference: Option<u64>,
+        deliver: Deliver,
+        cmid: Str,
+    ) {
+        if self.needs_load(&group) {
+            let work = GroupWork::Send {
+                origin,
+                reference,
+                deliver,
+                cmid,
+            };
+            self.load_group_then(group, work);
+            return;
+        }
+        self.group_send_now(group, origin, reference, deliver, cmid);
+    }
+
+    fn group_send_now(
         &mut self,
         group: GroupKey,
         origin: Route,
@@ -297,6 +458,10 @@ impl Shard {
 
     /// Member-owner side: `user` joined or left `group`.
     pub(super) fn member_of(&mut self, user: UserKey, group: GroupKey, join: bool) {
+        if let Some(dirty) = self.groups.user_loading.get_mut(&user) {
+            // The read in flight may predate this change: read again when it lands.
+            *dirty = true;
+        }
         let max = self.cfg.limits.max_groups_per_user as usize;
         let online = self.users.get(&user).is_some_and(|e| !e.devices.is_empty());
         let groups = self.groups.of_user.entry(user.clone()).or_default();
@@ -330,6 +495,10 @@ impl Shard {
 
     /// Member-owner side: `user` came online (first device) or went offline (last device).
     pub(super) fn user_online_changed(&mut self, user: &UserKey, online: bool) {
+        if online && self.durable() {
+            // The stored memberships are the truth after a restart: read them back.
+            self.load_user_groups(user.clone());
+        }
         let Some(groups) = self.groups.of_user.get(user) else {
             return;
         };
@@ -349,5 +518,247 @@ impl Shard {
         for conn in conns {
             self.emit(conn, &env);
         }
+    }
+}
+
+/// Durability `local`: offline catch-up on group timelines, and reloading memberships from
+/// the store after a restart (docs/ARCHITECTURE.md, "Groups").
+impl Shard {
+    /// Whether `group` must be read back from the store before this owner can decide.
+    fn needs_load(&self, group: &GroupKey) -> bool {
+        self.durable() && !self.groups.owned.contains_key(group)
+    }
+
+    /// Queues `work` behind a read of the group's members (starting the read if needed).
+    fn load_group_then(&mut self, group: GroupKey, work: GroupWork) {
+        if let Some(waiting) = self.groups.loading.get_mut(&group) {
+            if waiting.len() < MAX_WAITING_PER_GROUP {
+                waiting.push(work);
+            } else {
+                self.refuse_group_work(work, ErrorCode::Overloaded);
+            }
+            return;
+        }
+        let req = IoRequest::GroupMembers {
+            group: group_ref(&group),
+        };
+        if !self.submit(
+            req,
+            IoWait::GroupLoad {
+                group: group.clone(),
+            },
+        ) {
+            self.refuse_group_work(work, ErrorCode::Overloaded);
+            return;
+        }
+        self.groups.loading.insert(group, vec![work]);
+    }
+
+    fn refuse_group_work(&mut self, work: GroupWork, code: ErrorCode) {
+        let retry = Some(self.cfg.limits.retry_after_ms);
+        match work {
+            GroupWork::Send {
+                origin,
+                reference,
+                cmid,
+                ..
+            } => self.reject(origin, reference, cmid, code, retry),
+            GroupWork::Membership {
+                origin, reference, ..
+            } => self.error_to(origin, reference, code, None),
+        }
+    }
+
+    /// The group's stored members arrived: install them, then run the waiting work in order.
+    pub(super) fn group_loaded(&mut self, group: GroupKey, members: Result<Vec<Str>, String>) {
+        let Some(waiting) = self.groups.loading.remove(&group) else {
+            return;
+        };
+        let members = match members {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(shard = self.id, error = %e, "reading a group's members failed");
+                for w in waiting {
+                    self.refuse_group_work(w, ErrorCode::Unavailable);
+                }
+                return;
+            }
+        };
+        let owned = &mut self.groups.owned;
+        if !members.is_empty() && !owned.contains_key(&group) && owned.len() < MAX_GROUPS_PER_SHARD
+        {
+            let e = owned.entry(group.clone()).or_default();
+            e.members.extend(members);
+        }
+        // An absent group stays unloaded: a send gets `not_found`, a join creates it.
+        for w in waiting {
+            match w {
+                GroupWork::Send {
+                    origin,
+                    reference,
+                    deliver,
+                    cmid,
+                } => self.group_send_now(group.clone(), origin, reference, deliver, cmid),
+                GroupWork::Membership {
+                    member,
+                    join,
+                    origin,
+                    reference,
+                } => self.group_membership_now(group.clone(), member, join, origin, reference),
+            }
+        }
+    }
+
+    /// Member-owner side: reads the user's stored groups (on the user's first device).
+    fn load_user_groups(&mut self, user: UserKey) {
+        if self.groups.user_loading.contains_key(&user) {
+            return;
+        }
+        let req = IoRequest::UserGroups {
+            user: user_ref(&user),
+        };
+        if self.submit(req, IoWait::UserGroups { user: user.clone() }) {
+            self.groups.user_loading.insert(user, false);
+        }
+    }
+
+    /// Member-owner side: the user's stored groups replace what this shard knew.
+    pub(super) fn user_groups_loaded(&mut self, user: UserKey, groups: Result<Vec<Str>, String>) {
+        let Some(dirty) = self.groups.user_loading.remove(&user) else {
+            return;
+        };
+        if dirty {
+            self.load_user_groups(user);
+            return;
+        }
+        let Ok(groups) = groups else {
+            // Keep what this shard knows; the next login reads again.
+            return;
+        };
+        let max = self.cfg.limits.max_groups_per_user as usize;
+        let online = self.users.get(&user).is_some_and(|e| !e.devices.is_empty());
+        let old = self.groups.of_user.remove(&user).unwrap_or_default();
+        for g in &old {
+            self.set_group_online(&user, g, false);
+        }
+        let keys: Vec<GroupKey> = groups
+            .into_iter()
+            .take(max)
+            .map(|group| GroupKey {
+                tenant: user.tenant.clone(),
+                group,
+            })
+            .collect();
+        for g in &keys {
+            self.set_group_online(&user, g, online);
+        }
+        if !keys.is_empty() {
+            self.groups.of_user.insert(user, keys);
+        }
+    }
+
+    /// `sync {group}`: a page of the group's timeline after `after` (0: after the member's
+    /// stored group cursor). Read by the connection's shard straight from the store.
+    pub(super) fn group_sync_request(
+        &mut self,
+        conn: ConnId,
+        reference: Option<u64>,
+        group: Str,
+        after: u64,
+        limit: u32,
+    ) {
+        let Some(user) = self.session_user_key(conn) else {
+            return;
+        };
+        if group.is_empty() || group.len() > 128 {
+            self.reply_error(
+                conn,
+                reference,
+                ErrorCode::BadRequest,
+                "group must be 1 to 128 bytes",
+            );
+            return;
+        }
+        let limit = limit.clamp(1, self.cfg.limits.max_sync_limit);
+        let req = IoRequest::ReadGroup {
+            member: Box::new(user_ref(&user)),
+            group: group.clone(),
+            after,
+            limit,
+        };
+        let wait = IoWait::GroupSync {
+            conn,
+            reference,
+            group,
+        };
+        if !self.submit(req, wait) {
+            self.overloaded(conn, reference, None);
+        }
+    }
+
+    /// A group page for `conn`: the deliveries, then `synced {group}`.
+    pub(super) fn group_sync_page(
+        &mut self,
+        conn: ConnId,
+        reference: Option<u64>,
+        group: Str,
+        page: Result<Option<(u64, GroupPage)>, String>,
+    ) {
+        let (after, page) = match page {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                self.reply_error(conn, reference, ErrorCode::Forbidden, "not a member");
+                return;
+            }
+            Err(_) => {
+                self.reply_error(conn, reference, ErrorCode::Unavailable, "store read failed");
+                return;
+            }
+        };
+        let mut up_to = after;
+        for e in page.messages {
+            up_to = e.gseq;
+            self.emit(conn, &Envelope::new(Message::Deliver(e.deliver)));
+        }
+        self.emit_synced(conn, reference, up_to, page.more, Some(group), Vec::new());
+    }
+
+    /// `ack {group, inbox_seq}`: moves the member's group cursor (the store ignores a
+    /// non-member's and never moves a cursor backwards).
+    pub(super) fn on_group_ack(
+        &mut self,
+        conn: ConnId,
+        reference: Option<u64>,
+        group: Str,
+        gseq: u64,
+    ) {
+        let Some(user) = self.session_user_key(conn) else {
+            return;
+        };
+        if group.is_empty() || group.len() > 128 {
+            self.reply_error(
+                conn,
+                reference,
+                ErrorCode::BadRequest,
+                "group must be 1 to 128 bytes",
+            );
+            return;
+        }
+        self.set_group_cursor(
+            GroupRef {
+                tenant: user.tenant,
+                group,
+            },
+            user.user,
+            gseq,
+        );
+    }
+
+    fn set_group_cursor(&mut self, group: GroupRef, member: Str, gseq: u64) {
+        self.submit_write(crate::store::Op::SetGroupCursor {
+            group,
+            member,
+            gseq,
+        });
     }
 }

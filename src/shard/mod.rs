@@ -268,6 +268,11 @@ pub struct Shard {
     io: Option<crate::iocore::IoPort>,
     io_pending: HashMap<u64, delivery::IoWait>,
     next_token: u64,
+    /// Connections with an acked inbox cursor not yet handed to the store (each at most once:
+    /// bounded by the connection count); written together every [`delivery::CURSOR_FLUSH_MS`].
+    cursor_dirty: Vec<ConnId>,
+    /// Monotonic time of the next cursor flush.
+    cursor_flush_ms: u64,
 }
 
 impl Shard {
@@ -319,6 +324,8 @@ impl Shard {
             now_ms: clk.mono_ms,
             io,
             io_pending: HashMap::new(),
+            cursor_dirty: Vec::new(),
+            cursor_flush_ms: 0,
             next_token: 0,
         }
     }
@@ -463,6 +470,8 @@ impl Shard {
         tracing::debug!(shard = self.id, conn = ?id, reason = reason.name(), "closed");
         if let Some(s) = conn.session {
             self.fail_window(&s.window);
+            // The device's last ack is written now, not at the next flush.
+            self.write_cursor_now(&s);
             let m = &self.metrics.shards[self.id];
             m.authenticated
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -565,6 +574,10 @@ impl Shard {
             }
         }
         self.due = due;
+        if clk.mono_ms >= self.cursor_flush_ms {
+            self.cursor_flush_ms = clk.mono_ms + delivery::CURSOR_FLUSH_MS;
+            self.flush_cursors();
+        }
         let m = &self.metrics.shards[self.id];
         m.timers.store(
             self.wheel.len() as i64,

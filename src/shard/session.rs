@@ -10,8 +10,8 @@ use crate::codec::DecodeError;
 use crate::metrics::CloseReason;
 use crate::protocol::frame::FrameError;
 use crate::protocol::{
-    Deliver, Envelope, Error, ErrorCode, Hello, Limits, Message, Send, Str, Synced, Target,
-    Welcome, CURRENT_VERSION, PREVIOUS_VERSION,
+    Deliver, Envelope, Error, ErrorCode, Hello, Limits, Message, Send, Str, Target, Welcome,
+    CURRENT_VERSION, PREVIOUS_VERSION,
 };
 use crate::ws;
 
@@ -349,21 +349,18 @@ impl Shard {
             }
             Message::Pong(_) => {}
             Message::Send(s) => self.on_send(id, reference, s, clk),
-            Message::Ack(a) if self.durable() => self.on_ack(id, a.inbox_seq),
+            Message::Ack(a) if self.durable() => match a.group {
+                Some(g) => self.on_group_ack(id, reference, g, a.inbox_seq),
+                None => self.on_ack(id, a.inbox_seq),
+            },
             Message::Ack(_) => {}
-            Message::Sync(s) if self.durable() => {
-                self.sync_request(id, reference, s.after_inbox_seq, s.limit)
-            }
+            Message::Sync(s) if self.durable() => match s.group {
+                Some(g) => self.group_sync_request(id, reference, g, s.after_inbox_seq, s.limit),
+                None => self.sync_request(id, reference, s.after_inbox_seq, s.limit),
+            },
             Message::Sync(s) => {
                 // Durability `memory` keeps no inbox: nothing to replay (docs/ARCHITECTURE.md).
-                let env = Envelope {
-                    reference,
-                    msg: Message::Synced(Synced {
-                        up_to: s.after_inbox_seq,
-                        more: false,
-                    }),
-                };
-                self.emit(id, &env);
+                self.emit_synced(id, reference, s.after_inbox_seq, false, s.group, Vec::new());
             }
             Message::PresenceSet(p) => {
                 let Some(user) = self.session_user(id) else {

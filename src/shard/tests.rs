@@ -16,6 +16,8 @@ struct Sim {
     shards: Vec<Shard>,
     clk: Clock,
     metrics: Arc<Metrics>,
+    /// Durability `local`: the I/O core over a real embedded store.
+    io: Option<crate::iocore::IoCore>,
 }
 
 /// A client connection: which shard and id, plus its undecoded output.
@@ -44,11 +46,82 @@ impl Sim {
             shards,
             clk,
             metrics,
+            io: None,
         }
     }
 
-    /// Delivers every outbox batch until the network is quiet.
+    /// Shards at durability `local`, with an I/O core over the embedded store in `dir`. The
+    /// clock stays simulated; the store is real, so [`Sim::settle`] waits for its completions.
+    fn durable(n: usize, dir: &std::path::Path) -> Sim {
+        let mut cfg = Config::default();
+        cfg.auth.insecure_dev_auth = true;
+        cfg.server.data_dir = dir.to_path_buf();
+        let cfg = Arc::new(cfg);
+        let auth = Arc::new(Authenticator::from_config(&cfg.auth).unwrap());
+        let metrics = Arc::new(Metrics::new(n));
+        let clk = Clock {
+            mono_ms: 1_000,
+            unix_ms: 1_700_000_000_000,
+        };
+        let backend = crate::store::open(&cfg).unwrap();
+        let io_cfg = crate::iocore::IoConfig {
+            queue_depth: 1024,
+            batch_max: 64,
+            commit_delay_ms: 0,
+        };
+        let (core, ports) = crate::iocore::IoCore::start(backend, io_cfg, n, None).unwrap();
+        let shards = ports
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (c, a, m) = (cfg.clone(), auth.clone(), metrics.clone());
+                Shard::new(i, n, c, a, m, Some(p), clk)
+            })
+            .collect();
+        Sim {
+            shards,
+            clk,
+            metrics,
+            io: Some(core),
+        }
+    }
+
+    /// Stops the I/O core (the store is closed when this returns).
+    fn shutdown(mut self) {
+        self.shards.clear();
+        if let Some(io) = self.io.take() {
+            io.shutdown();
+        }
+    }
+
+    /// Delivers every outbox batch and every I/O completion until the network is quiet.
     fn settle(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            self.settle_mesh();
+            let mut waiting = false;
+            for s in &mut self.shards {
+                let mut done = Vec::new();
+                if let Some(io) = s.io_port() {
+                    io.take_done(&mut done);
+                }
+                waiting |= !s.io_pending.is_empty();
+                for d in done {
+                    s.on_io_done(d, self.clk);
+                }
+            }
+            let moved = self.shards.iter().any(|s| s.has_outbox());
+            if !waiting && !moved {
+                return;
+            }
+            if !moved {
+                assert!(std::time::Instant::now() < deadline, "I/O did not settle");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+
+    fn settle_mesh(&mut self) {
         for _ in 0..100 {
             let mut moved = false;
             for from in 0..self.shards.len() {
@@ -305,4 +378,157 @@ fn send_rate_limit_answers_rate_limited() {
     assert!(
         matches!(&got[2], Message::Error(e) if e.code == ErrorCode::RateLimited && e.retry_after_ms.is_some())
     );
+}
+
+fn to_group(group: &str, cmid: &str, body: &str) -> Envelope {
+    Envelope::with_ref(
+        Message::Send(SendMsg {
+            to: Target::Group(group.into()),
+            cmid: cmid.into(),
+            kind: None,
+            body: body.into(),
+            ext: Default::default(),
+        }),
+        8,
+    )
+}
+
+fn join(group: &str) -> Envelope {
+    Envelope::with_ref(
+        Message::GroupJoin(crate::protocol::GroupJoin {
+            group: group.into(),
+        }),
+        9,
+    )
+}
+
+fn sync_msg(group: Option<&str>, after: u64, limit: u32) -> Envelope {
+    Envelope::with_ref(
+        Message::Sync(crate::protocol::Sync {
+            after_inbox_seq: after,
+            limit,
+            group: group.map(Into::into),
+        }),
+        10,
+    )
+}
+
+/// (bodies of the deliveries, the `synced`) of one sync reply.
+fn synced_reply(got: Vec<Message>) -> (Vec<(u64, String)>, crate::protocol::Synced) {
+    let mut bodies = Vec::new();
+    let mut synced = None;
+    for m in got {
+        match m {
+            Message::Deliver(d) => bodies.push((d.inbox_seq, d.body.to_string())),
+            Message::Synced(s) => synced = Some(s),
+            other => panic!("{other:?}"),
+        }
+    }
+    (bodies, synced.expect("synced"))
+}
+
+#[test]
+fn offline_group_member_catches_up_by_group_sync_and_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sim = Sim::durable(2, dir.path());
+    let alice = sim.user_on(0, "alice");
+    let bob = sim.user_on(1, "bob");
+    let a = sim.connect(1);
+    let b = sim.connect(0);
+    sim.hello(a, &alice);
+    sim.hello(b, &bob);
+    sim.send(a, &join("g"));
+    sim.send(b, &join("g"));
+    assert!(matches!(&sim.recv(a)[..], [Message::Ok]));
+    assert!(matches!(&sim.recv(b)[..], [Message::Ok]));
+    // Bob goes offline; Alice writes three messages.
+    sim.shards[0].remove(b.id);
+    sim.settle();
+    for i in 0..3 {
+        sim.send(a, &to_group("g", &format!("c{i}"), &format!("m{i}")));
+    }
+    let acks: Vec<_> = sim.recv(a);
+    assert_eq!(acks.len(), 3, "{acks:?}");
+    // Bob is back: the inbox sync names the group with unread messages.
+    let b = sim.connect(1);
+    sim.hello(b, &bob);
+    sim.send(b, &sync_msg(None, 0, 100));
+    let (inbox, synced) = synced_reply(sim.recv(b));
+    assert!(inbox.is_empty());
+    assert_eq!(synced.groups, vec![Str::from("g")]);
+    // Two pages of the group's timeline, from the stored group cursor.
+    sim.send(b, &sync_msg(Some("g"), 0, 2));
+    let (page1, s1) = synced_reply(sim.recv(b));
+    assert_eq!(page1, [(1, "m0".into()), (2, "m1".into())]);
+    assert!(s1.more);
+    assert_eq!(s1.group.as_deref(), Some("g"));
+    sim.send(b, &sync_msg(Some("g"), s1.up_to, 2));
+    let (page2, s2) = synced_reply(sim.recv(b));
+    assert_eq!(page2, [(3, "m2".into())]);
+    assert!(!s2.more);
+    assert_eq!(s2.up_to, 3);
+    // The ack moves the member's group cursor: nothing is unread any more.
+    sim.send(
+        b,
+        &Envelope::new(Message::Ack(crate::protocol::Ack {
+            inbox_seq: 3,
+            group: Some("g".into()),
+        })),
+    );
+    sim.send(b, &sync_msg(Some("g"), 0, 100));
+    let (again, s3) = synced_reply(sim.recv(b));
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(s3.up_to, 3);
+    sim.send(b, &sync_msg(None, 0, 100));
+    let (_, s4) = synced_reply(sim.recv(b));
+    assert!(s4.groups.is_empty(), "{s4:?}");
+    // A non-member may not read the timeline.
+    let c = sim.connect(0);
+    sim.hello(c, "carol");
+    sim.send(c, &sync_msg(Some("g"), 0, 100));
+    assert!(
+        matches!(&sim.recv(c)[..], [Message::Error(e)] if e.code == ErrorCode::Forbidden),
+        "a non-member read the group"
+    );
+    sim.shutdown();
+}
+
+#[test]
+fn group_membership_is_read_back_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sim = Sim::durable(2, dir.path());
+    let alice = sim.user_on(0, "alice");
+    let bob = sim.user_on(1, "bob");
+    let a = sim.connect(0);
+    let b = sim.connect(1);
+    sim.hello(a, &alice);
+    sim.hello(b, &bob);
+    sim.send(a, &join("team"));
+    sim.send(b, &join("team"));
+    sim.recv(a);
+    sim.recv(b);
+    sim.shutdown();
+    // A new process on the same store: nothing in memory.
+    let mut sim = Sim::durable(2, dir.path());
+    let a = sim.connect(1);
+    let b = sim.connect(0);
+    sim.hello(a, &alice);
+    sim.hello(b, &bob);
+    sim.send(a, &to_group("team", "c1", "after restart"));
+    let got = sim.recv(a);
+    assert!(
+        matches!(&got[..], [Message::SendAck(ack)] if ack.seq == 1),
+        "{got:?}"
+    );
+    let got = sim.recv(b);
+    assert!(
+        matches!(&got[..], [Message::Deliver(d)] if d.body == "after restart" && d.to == Some(Target::Group("team".into()))),
+        "{got:?}"
+    );
+    // A stranger is still refused: the reloaded member list is the stored one.
+    let c = sim.connect(0);
+    sim.hello(c, "mallory");
+    sim.send(c, &to_group("team", "c2", "x"));
+    assert!(matches!(&sim.recv(c)[..], [Message::Error(e)] if e.code == ErrorCode::Forbidden),);
+    sim.shutdown();
 }

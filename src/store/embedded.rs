@@ -53,6 +53,9 @@ pub struct StoreOptions {
     pub memtable_bytes: u64,
     /// fjall background threads (flushes, compactions).
     pub worker_threads: usize,
+    /// Dedupe keys remembered in memory (about 40 bytes each) so that a new cmid skips the
+    /// dedupe table's lookup; 0 disables the filter (store/recent.rs).
+    pub recent_dedupe_keys: usize,
 }
 
 impl Default for StoreOptions {
@@ -68,6 +71,7 @@ impl Default for StoreOptions {
             seq_cache_entries: 1 << 18,
             cache_bytes: 64 << 20,
             journal_bytes: 64 << 20,
+            recent_dedupe_keys: 1 << 20,
             memtable_bytes: 16 << 20,
             worker_threads: 1,
         }
@@ -180,6 +184,8 @@ pub struct EmbeddedStore {
     /// Latest `now_ms` seen: dedupe dates never go backwards, so the expiry index stays in
     /// time order even if the wall clock steps back.
     last_now_ms: u64,
+    /// Dedupe keys stored recently: lets a new cmid skip the dedupe lookup.
+    recent: super::recent::RecentKeys,
 }
 
 impl EmbeddedStore {
@@ -218,8 +224,20 @@ impl EmbeddedStore {
             opts,
             gc_from: None,
             last_now_ms: 0,
+            recent: super::recent::RecentKeys::new(0, 0),
         };
         store.check_format()?;
+        // Records from an earlier process are all stored before the newest expiry entry.
+        let exact_since = match store.ks(Ks::Expiry).last_key_value() {
+            Some(g) => {
+                let k = g.key().map_err(engine)?;
+                keys::decode_u64(k.get(..8).unwrap_or_default())
+                    .ok_or_else(|| corrupt(Ks::Expiry, "key shorter than a timestamp"))?
+                    .saturating_add(1)
+            }
+            None => 0,
+        };
+        store.recent = super::recent::RecentKeys::new(store.opts.recent_dedupe_keys, exact_since);
         Ok(store)
     }
 
@@ -470,7 +488,12 @@ impl EmbeddedStore {
         // An expired record not yet collected, replaced below: its expiry entry goes with it,
         // so that every expiry entry names the live version of its record.
         let mut stale = None;
-        if dedupe {
+        let collected_before = tx
+            .gc_from
+            .as_ref()
+            .and_then(|k| keys::decode_u64(k.get(..8)?))
+            .unwrap_or(0);
+        if dedupe && !self.recent.surely_absent(&dkey, collected_before) {
             if let Some(v) = self.tx_get(tx, Ks::Dedupe, &dkey)? {
                 let rec =
                     DedupeRecord::decode(&v).ok_or_else(|| corrupt(Ks::Dedupe, "bad record"))?;
@@ -515,6 +538,7 @@ impl EmbeddedStore {
                 tx.delete(Ks::Expiry, keys::expiry(at, &dkey));
             }
             tx.put(Ks::Expiry, keys::expiry(now_ms, &dkey), Vec::new());
+            self.recent.insert(&dkey, now_ms);
             tx.put(Ks::Dedupe, dkey, rec.encode().to_vec());
         }
         tx.appends += 1;
@@ -753,6 +777,13 @@ impl Backend for EmbeddedStore {
             self.cache.insert(k, s);
         }
         self.gc_from = tx.gc_from;
+        if let Some(at) = self
+            .gc_from
+            .as_ref()
+            .and_then(|k| keys::decode_u64(k.get(..8)?))
+        {
+            self.recent.collected(at);
+        }
         self.last_now_ms = now_ms;
         Ok(results)
     }

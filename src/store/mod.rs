@@ -13,6 +13,7 @@
 
 mod embedded;
 mod keys;
+mod recent;
 mod seqcache;
 #[cfg(test)]
 mod tests;

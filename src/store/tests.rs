@@ -1100,3 +1100,65 @@ fn randomized_batches_match_a_model_across_reopens() {
     );
     assert_eq!(s.table_len("dedupe"), s.table_len("dedupe_expiry"));
 }
+
+/// The recent-key filter never hides a live dedupe record: not after a reopen (records of the
+/// earlier process), not when it is full (forgotten keys), and not after expiry.
+#[test]
+fn recent_key_filter_never_hides_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let window = 10_000;
+    let opts = StoreOptions {
+        dedupe_window_ms: window,
+        recent_dedupe_keys: 4,
+        ..StoreOptions::default()
+    };
+    let dup = |r: &OpResult| {
+        matches!(
+            r,
+            OpResult::Appended {
+                duplicate: true,
+                ..
+            }
+        )
+    };
+    let mut s = open(&dir, opts.clone());
+    // Ten keys through a filter of four: six are forgotten while their records live.
+    let ops = (0..10)
+        .map(|i| append("bob", "amy", &format!("c{i}"), i + 1, "x"))
+        .collect();
+    s.apply(ops, T0).unwrap();
+    for i in 0..10 {
+        let r = s
+            .apply(
+                vec![append("bob", "amy", &format!("c{i}"), 100, "x")],
+                T0 + 1,
+            )
+            .unwrap();
+        assert!(
+            dup(&r[0]),
+            "c{i} resent within the window was appended again"
+        );
+    }
+    drop(s);
+    // A new process: the earlier records are unknown to its filter, but still found.
+    let mut s = open(&dir, opts);
+    for i in 0..10 {
+        let r = s
+            .apply(
+                vec![append("bob", "amy", &format!("c{i}"), 100, "x")],
+                T0 + 2,
+            )
+            .unwrap();
+        assert!(dup(&r[0]), "c{i} after a reopen was appended again");
+    }
+    // After the window the records expire (collected or not): a resend is new again, once.
+    let later = T0 + window + 5;
+    let r = s
+        .apply(vec![append("bob", "amy", "c3", 200, "x")], later)
+        .unwrap();
+    assert!(!dup(&r[0]), "{r:?}");
+    let r = s
+        .apply(vec![append("bob", "amy", "c3", 201, "x")], later + 1)
+        .unwrap();
+    assert!(dup(&r[0]), "{r:?}");
+}

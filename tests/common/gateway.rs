@@ -196,8 +196,21 @@ impl Drop for Gateway {
 
 /// Sends `sync` pages of `limit` from `after` until `synced` says there is no more; returns
 /// every delivery in arrival order.
-pub fn sync_all(c: &mut Client, mut after: u64, limit: u32) -> Vec<imgw::protocol::Deliver> {
-    use imgw::protocol::{Envelope, Message, Sync};
+pub fn sync_all(c: &mut Client, after: u64, limit: u32) -> Vec<imgw::protocol::Deliver> {
+    sync_pages(c, None, after, limit).0
+}
+
+/// Like [`sync_all`] for any timeline (`group`: a group's, after the member's stored cursor
+/// when `after` is 0); also returns the last `synced`. Deliveries of another timeline that
+/// arrive meanwhile (pushes) are left out.
+#[allow(dead_code)]
+pub fn sync_pages(
+    c: &mut Client,
+    group: Option<&str>,
+    mut after: u64,
+    limit: u32,
+) -> (Vec<imgw::protocol::Deliver>, imgw::protocol::Synced) {
+    use imgw::protocol::{Envelope, Message, Sync, Target};
     let mut got = Vec::new();
     loop {
         let r = c.next_ref();
@@ -205,6 +218,7 @@ pub fn sync_all(c: &mut Client, mut after: u64, limit: u32) -> Vec<imgw::protoco
             Message::Sync(Sync {
                 after_inbox_seq: after,
                 limit,
+                group: group.map(Into::into),
             }),
             r,
         ))
@@ -212,10 +226,16 @@ pub fn sync_all(c: &mut Client, mut after: u64, limit: u32) -> Vec<imgw::protoco
         loop {
             let env = c.recv().expect("sync reply");
             match env.msg {
-                Message::Deliver(d) => got.push(d),
+                Message::Deliver(d) => {
+                    let in_group = matches!(&d.to, Some(Target::Group(g)) if Some(&**g) == group);
+                    let in_inbox = group.is_none() && !matches!(d.to, Some(Target::Group(_)));
+                    if in_group || in_inbox {
+                        got.push(d);
+                    }
+                }
                 Message::Synced(s) if env.reference == Some(r) => {
                     if !s.more {
-                        return got;
+                        return (got, s);
                     }
                     after = s.up_to;
                     break;

@@ -98,12 +98,23 @@ pub fn message() -> impl Strategy<Value = Message> {
                     ext,
                 })
             ),
-        n().prop_map(|inbox_seq| Message::Ack(Ack { inbox_seq })),
-        (n(), any::<u32>()).prop_map(|(after_inbox_seq, limit)| Message::Sync(Sync {
-            after_inbox_seq,
-            limit
-        })),
-        (n(), any::<bool>()).prop_map(|(up_to, more)| Message::Synced(Synced { up_to, more })),
+        (n(), option::of(s()))
+            .prop_map(|(inbox_seq, group)| Message::Ack(Ack { inbox_seq, group })),
+        (n(), any::<u32>(), option::of(s())).prop_map(|(after_inbox_seq, limit, group)| {
+            Message::Sync(Sync {
+                after_inbox_seq,
+                limit,
+                group,
+            })
+        }),
+        (n(), any::<bool>(), option::of(s()), vec(s(), 0..4)).prop_map(
+            |(up_to, more, group, groups)| Message::Synced(Synced {
+                up_to,
+                more,
+                group,
+                groups,
+            })
+        ),
         status().prop_map(|status| Message::PresenceSet(PresenceSet { status })),
         vec(s(), 0..4).prop_map(|users| Message::PresenceSub(PresenceSub { users })),
         (s(), status(), n()).prop_map(|(user, status, ts)| Message::Presence(Presence {

@@ -1799,6 +1799,7 @@ impl<'a> ::flatbuffers::Follow<'a> for Ack<'a> {
 
 impl<'a> Ack<'a> {
   pub const VT_INBOX_SEQ: ::flatbuffers::VOffsetT = 4;
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 6;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1807,10 +1808,11 @@ impl<'a> Ack<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args AckArgs
+    args: &'args AckArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Ack<'bldr>> {
     let mut builder = AckBuilder::new(_fbb);
     builder.add_inbox_seq(args.inbox_seq);
+    if let Some(x) = args.group { builder.add_group(x); }
     builder.finish()
   }
 
@@ -1822,6 +1824,13 @@ impl<'a> Ack<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(Ack::VT_INBOX_SEQ, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn group(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Ack::VT_GROUP, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Ack<'_> {
@@ -1831,18 +1840,21 @@ impl ::flatbuffers::Verifiable for Ack<'_> {
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
      .visit_field::<u64>("inbox_seq", Self::VT_INBOX_SEQ, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, false)?
      .finish();
     Ok(())
   }
 }
-pub struct AckArgs {
+pub struct AckArgs<'a> {
     pub inbox_seq: u64,
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
-impl<'a> Default for AckArgs {
+impl<'a> Default for AckArgs<'a> {
   #[inline]
   fn default() -> Self {
     AckArgs {
       inbox_seq: 0,
+      group: None,
     }
   }
 }
@@ -1855,6 +1867,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AckBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_inbox_seq(&mut self, inbox_seq: u64) {
     self.fbb_.push_slot::<u64>(Ack::VT_INBOX_SEQ, inbox_seq, 0);
+  }
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Ack::VT_GROUP, group);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AckBuilder<'a, 'b, A> {
@@ -1875,6 +1891,7 @@ impl ::core::fmt::Debug for Ack<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("Ack");
       ds.field("inbox_seq", &self.inbox_seq());
+      ds.field("group", &self.group());
       ds.finish()
   }
 }
@@ -1896,6 +1913,7 @@ impl<'a> ::flatbuffers::Follow<'a> for Sync<'a> {
 impl<'a> Sync<'a> {
   pub const VT_AFTER_INBOX_SEQ: ::flatbuffers::VOffsetT = 4;
   pub const VT_LIMIT: ::flatbuffers::VOffsetT = 6;
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1904,10 +1922,11 @@ impl<'a> Sync<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args SyncArgs
+    args: &'args SyncArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Sync<'bldr>> {
     let mut builder = SyncBuilder::new(_fbb);
     builder.add_after_inbox_seq(args.after_inbox_seq);
+    if let Some(x) = args.group { builder.add_group(x); }
     builder.add_limit(args.limit);
     builder.finish()
   }
@@ -1927,6 +1946,13 @@ impl<'a> Sync<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(Sync::VT_LIMIT, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn group(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Sync::VT_GROUP, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Sync<'_> {
@@ -1937,20 +1963,23 @@ impl ::flatbuffers::Verifiable for Sync<'_> {
     v.visit_table(pos)?
      .visit_field::<u64>("after_inbox_seq", Self::VT_AFTER_INBOX_SEQ, false)?
      .visit_field::<u32>("limit", Self::VT_LIMIT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, false)?
      .finish();
     Ok(())
   }
 }
-pub struct SyncArgs {
+pub struct SyncArgs<'a> {
     pub after_inbox_seq: u64,
     pub limit: u32,
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
-impl<'a> Default for SyncArgs {
+impl<'a> Default for SyncArgs<'a> {
   #[inline]
   fn default() -> Self {
     SyncArgs {
       after_inbox_seq: 0,
       limit: 0,
+      group: None,
     }
   }
 }
@@ -1967,6 +1996,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SyncBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_limit(&mut self, limit: u32) {
     self.fbb_.push_slot::<u32>(Sync::VT_LIMIT, limit, 0);
+  }
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Sync::VT_GROUP, group);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SyncBuilder<'a, 'b, A> {
@@ -1988,6 +2021,7 @@ impl ::core::fmt::Debug for Sync<'_> {
     let mut ds = f.debug_struct("Sync");
       ds.field("after_inbox_seq", &self.after_inbox_seq());
       ds.field("limit", &self.limit());
+      ds.field("group", &self.group());
       ds.finish()
   }
 }
@@ -2009,6 +2043,8 @@ impl<'a> ::flatbuffers::Follow<'a> for Synced<'a> {
 impl<'a> Synced<'a> {
   pub const VT_UP_TO: ::flatbuffers::VOffsetT = 4;
   pub const VT_MORE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 8;
+  pub const VT_GROUPS: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2017,10 +2053,12 @@ impl<'a> Synced<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args SyncedArgs
+    args: &'args SyncedArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Synced<'bldr>> {
     let mut builder = SyncedBuilder::new(_fbb);
     builder.add_up_to(args.up_to);
+    if let Some(x) = args.groups { builder.add_groups(x); }
+    if let Some(x) = args.group { builder.add_group(x); }
     builder.add_more(args.more);
     builder.finish()
   }
@@ -2040,6 +2078,20 @@ impl<'a> Synced<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<bool>(Synced::VT_MORE, Some(false)).unwrap()}
   }
+  #[inline]
+  pub fn group(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Synced::VT_GROUP, None)}
+  }
+  #[inline]
+  pub fn groups(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(Synced::VT_GROUPS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Synced<'_> {
@@ -2050,20 +2102,26 @@ impl ::flatbuffers::Verifiable for Synced<'_> {
     v.visit_table(pos)?
      .visit_field::<u64>("up_to", Self::VT_UP_TO, false)?
      .visit_field::<bool>("more", Self::VT_MORE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("groups", Self::VT_GROUPS, false)?
      .finish();
     Ok(())
   }
 }
-pub struct SyncedArgs {
+pub struct SyncedArgs<'a> {
     pub up_to: u64,
     pub more: bool,
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub groups: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
 }
-impl<'a> Default for SyncedArgs {
+impl<'a> Default for SyncedArgs<'a> {
   #[inline]
   fn default() -> Self {
     SyncedArgs {
       up_to: 0,
       more: false,
+      group: None,
+      groups: None,
     }
   }
 }
@@ -2080,6 +2138,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SyncedBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_more(&mut self, more: bool) {
     self.fbb_.push_slot::<bool>(Synced::VT_MORE, more, false);
+  }
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Synced::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_groups(&mut self, groups: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Synced::VT_GROUPS, groups);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SyncedBuilder<'a, 'b, A> {
@@ -2101,6 +2167,8 @@ impl ::core::fmt::Debug for Synced<'_> {
     let mut ds = f.debug_struct("Synced");
       ds.field("up_to", &self.up_to());
       ds.field("more", &self.more());
+      ds.field("group", &self.group());
+      ds.field("groups", &self.groups());
       ds.finish()
   }
 }

@@ -115,24 +115,34 @@ pub struct Deliver {
         ::prost::alloc::string::String,
     >,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+/// With `group`, `inbox_seq` / `after_inbox_seq` / `up_to` are the group timeline's gseq.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Ack {
     #[prost(uint64, tag = "1")]
     pub inbox_seq: u64,
+    #[prost(string, optional, tag = "2")]
+    pub group: ::core::option::Option<::prost::alloc::string::String>,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Sync {
     #[prost(uint64, tag = "1")]
     pub after_inbox_seq: u64,
     #[prost(uint32, tag = "2")]
     pub limit: u32,
+    #[prost(string, optional, tag = "3")]
+    pub group: ::core::option::Option<::prost::alloc::string::String>,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Synced {
     #[prost(uint64, tag = "1")]
     pub up_to: u64,
     #[prost(bool, tag = "2")]
     pub more: bool,
+    #[prost(string, optional, tag = "3")]
+    pub group: ::core::option::Option<::prost::alloc::string::String>,
+    /// Last page of an inbox sync: the user's groups with unread timeline messages.
+    #[prost(string, repeated, tag = "4")]
+    pub groups: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PresenceSet {
