@@ -12,6 +12,8 @@ use imgw::client::Transport;
 use imgw::codec::CodecId;
 use serde::{Deserialize, Serialize};
 
+pub use crate::peer::Protocol;
+
 /// What a run does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -111,6 +113,18 @@ pub struct Cli {
     /// json | protobuf | msgpack | flatbuffers | hessian [default: json].
     #[arg(long)]
     pub codec: Option<String>,
+    /// imgw | nats | plainws [default: imgw]. nats: NATS text protocol over WebSocket;
+    /// plainws: the JSON pub/sub of bench/peers/README.md (uWebSockets.js and tokio peers).
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// imgw fanout through one group per publisher (`group_join`, `send` to the group)
+    /// instead of one 1:1 `send` per subscriber. The peers' fanout is always one publish.
+    #[arg(long)]
+    pub group: bool,
+    /// The server's pid: report its RSS before connecting and once connected, and its CPU
+    /// time over the run per delivery (from /proc).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     /// Connections in all [default: 100].
     #[arg(long)]
     pub conns: Option<u64>,
@@ -187,6 +201,8 @@ pub struct FileOptions {
     pub scenario: Option<String>,
     pub target: Option<String>,
     pub codec: Option<String>,
+    pub protocol: Option<String>,
+    pub group: Option<bool>,
     pub conns: Option<u64>,
     pub rate: Option<f64>,
     pub duration: Option<String>,
@@ -238,6 +254,9 @@ pub struct Options {
     pub scenario: Scenario,
     pub target: Target,
     pub codec: CodecId,
+    pub protocol: Protocol,
+    pub group: bool,
+    pub server_pid: Option<u32>,
     pub conns: u64,
     pub rate: f64,
     pub duration: Duration,
@@ -382,6 +401,12 @@ impl Options {
         let codec = CodecId::from_name(&codec_name).ok_or_else(|| {
             format!("unknown codec {codec_name:?} (json, protobuf, msgpack, flatbuffers, hessian)")
         })?;
+        let protocol_name = cli
+            .protocol
+            .or(file.protocol)
+            .unwrap_or_else(|| "imgw".into());
+        let protocol = Protocol::from_name(&protocol_name)
+            .ok_or_else(|| format!("unknown protocol {protocol_name:?} (imgw, nats, plainws)"))?;
         let dur = |flag: Option<String>, file: Option<String>, default: &str| {
             parse_duration(flag.or(file).as_deref().unwrap_or(default))
         };
@@ -397,6 +422,9 @@ impl Options {
         let o = Options {
             scenario,
             codec,
+            protocol,
+            group: cli.group || file.group.unwrap_or(false),
+            server_pid: cli.server_pid,
             conns,
             rate: cli.rate.or(file.rate).unwrap_or(1000.0),
             duration: dur(cli.duration, file.duration, "10s")?,
@@ -432,6 +460,24 @@ impl Options {
                 "{}: not supported yet: {why}",
                 self.scenario.name()
             ));
+        }
+        if self.protocol != Protocol::Imgw {
+            if self.target.transport != Transport::Ws {
+                return Err(format!(
+                    "--protocol {} needs a ws:// target",
+                    self.protocol.name()
+                ));
+            }
+            if !matches!(
+                self.scenario,
+                Scenario::Idle | Scenario::Chat | Scenario::Fanout | Scenario::ConnectStorm
+            ) {
+                return Err(format!(
+                    "{} is not available with --protocol {} (idle, chat, fanout, connect-storm are)",
+                    self.scenario.name(),
+                    self.protocol.name()
+                ));
+            }
         }
         if self.conns == 0 {
             return Err("--conns must be at least 1".into());
@@ -508,6 +554,8 @@ impl Options {
                     scenario: self.scenario,
                     target: self.target.clone(),
                     codec: self.codec.name().to_owned(),
+                    protocol: self.protocol,
+                    group: self.group,
                     worker: i as u32,
                     threads: self.threads,
                     conns,
@@ -547,6 +595,11 @@ pub struct Plan {
     pub scenario: Scenario,
     pub target: Target,
     pub codec: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Fanout through a group (imgw) or a topic (peers): one publish per event.
+    #[serde(default)]
+    pub group: bool,
     pub worker: u32,
     pub threads: u32,
     /// Connections of this worker: `units` whole units, then `lone` connections.

@@ -26,9 +26,10 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use imgw::client::{Client, ClientConfig, ClientError};
-use imgw::protocol::{Ack, Envelope, Ext, Message, Ping, Pong, Send, Str, Target};
+use imgw::protocol::{Ack, Envelope, Ext, GroupJoin, Message, Ping, Pong, Send, Str, Target};
 
-use crate::config::{Plan, Scenario, ThreadShare, MIN_PAYLOAD};
+use crate::config::{Plan, Protocol, Scenario, ThreadShare, MIN_PAYLOAD};
+use crate::peer::{PeerConn, PeerError, Received};
 use crate::hist::Hist;
 use crate::integrity::{ConvTrack, Delivery};
 use crate::poller::Poller;
@@ -102,10 +103,18 @@ pub enum ThreadMsg {
 
 struct Conn {
     client: Option<Client>,
+    /// The connection when the protocol is a peer's (nats, plainws).
+    peer: Option<PeerConn>,
     user: Str,
     /// Highest `inbox_seq` delivered, and the highest acked to the server.
     ack_to: u64,
     acked_to: u64,
+}
+
+impl Conn {
+    fn alive(&self) -> bool {
+        self.client.is_some() || self.peer.is_some()
+    }
 }
 
 struct Conv {
@@ -164,6 +173,11 @@ pub struct Engine<'a> {
     fin: Final,
     open: u64,
     body: String,
+    /// Fanout: one publish per event to a group or topic (not one send per subscriber).
+    pubsub: bool,
+    /// Peer reads: the thread's read buffer and what a read completed.
+    scratch: Vec<u8>,
+    rx: Received,
 }
 
 impl<'a> Engine<'a> {
@@ -183,6 +197,7 @@ impl<'a> Engine<'a> {
         let conns: Vec<Conn> = (0..n)
             .map(|i| Conn {
                 client: None,
+                peer: None,
                 user: Str::from(format!(
                     "{}{}",
                     plan.user_prefix,
@@ -264,6 +279,14 @@ impl<'a> Engine<'a> {
             fin,
             open: 0,
             body: String::new(),
+            pubsub: plan.scenario == Scenario::Fanout
+                && (plan.group || plan.protocol != Protocol::Imgw),
+            scratch: if plan.protocol == Protocol::Imgw {
+                Vec::new()
+            } else {
+                vec![0; 64 * 1024]
+            },
+            rx: Received::default(),
         })
     }
 
@@ -406,6 +429,10 @@ impl<'a> Engine<'a> {
     }
 
     fn connect_one(&mut self, i: usize, intended: u64) {
+        if self.plan.protocol != Protocol::Imgw {
+            self.connect_peer(i, intended);
+            return;
+        }
         let start = self.now();
         self.first_attempt_us.get_or_insert(start);
         let worker_index = self.share.first_conn - self.plan.first_conn + i as u64;
@@ -415,6 +442,25 @@ impl<'a> Engine<'a> {
         }
         .and_then(|mut client| {
             let welcome = client.hello(&self.conns[i].user, "lg")?;
+            if let Some(group) = self.group_of(i) {
+                let r = client.next_ref();
+                let join = Message::GroupJoin(GroupJoin {
+                    group: Str::from(group),
+                });
+                client.send(&Envelope::with_ref(join, r))?;
+                let timeout = Duration::from_micros(self.plan.connect_timeout_us.max(1000));
+                let reply = client.recv_until(|e| e.reference == Some(r), timeout)?;
+                match reply.msg {
+                    Message::Ok => {}
+                    Message::Error(e) => return Err(ClientError::Refused(e)),
+                    other => {
+                        return Err(ClientError::Protocol(format!(
+                            "group_join answered with {}",
+                            other.op().name()
+                        )))
+                    }
+                }
+            }
             client.set_nonblocking(true)?;
             Ok((client, welcome))
         });
@@ -450,6 +496,78 @@ impl<'a> Engine<'a> {
                 self.tick_handshake.record(lat);
             }
             Err(e) => self.connect_failed(&e),
+        }
+    }
+
+    /// The group (imgw) or topic (peers) connection `i` joins or publishes to in pub/sub
+    /// fanout: one per publisher, named after the publisher's global connection index.
+    fn group_of(&self, i: usize) -> Option<String> {
+        if !self.pubsub {
+            return None;
+        }
+        let unit = self.plan.unit_size() as usize;
+        let base = i - i % unit;
+        if base + unit > self.share.units as usize * unit {
+            return None; // a lone connection
+        }
+        Some(format!(
+            "{}t{}",
+            self.plan.user_prefix,
+            self.share.first_conn + base as u64
+        ))
+    }
+
+    /// Connects to a peer server; subscribes to what the scenario needs.
+    fn connect_peer(&mut self, i: usize, intended: u64) {
+        let start = self.now();
+        self.first_attempt_us.get_or_insert(start);
+        let worker_index = self.share.first_conn - self.plan.first_conn + i as u64;
+        let timeout = Duration::from_micros(self.plan.connect_timeout_us.max(1000));
+        let topic = match self.plan.scenario {
+            Scenario::Chat if i < self.share.units as usize * 2 => {
+                Some(self.conns[i].user.to_string())
+            }
+            Scenario::Fanout => self
+                .group_of(i)
+                .filter(|_| i % self.plan.unit_size() as usize != 0),
+            _ => None,
+        };
+        let res = PeerConn::connect(
+            self.plan.protocol,
+            self.plan.target.addr,
+            &self.plan.target.ws_path,
+            self.plan.source(worker_index),
+            timeout,
+        )
+        .and_then(|mut c| {
+            if let Some(t) = &topic {
+                c.subscribe(t, timeout)?;
+            }
+            c.set_nonblocking(true)?;
+            Ok(c)
+        });
+        let done = self.now();
+        match res {
+            Ok(c) => {
+                if let Err(e) = self.poller.add(c.as_raw_fd(), i as u64) {
+                    self.connect_failed(&ClientError::Io(e));
+                    return;
+                }
+                self.conns[i].peer = Some(c);
+                self.open += 1;
+                self.connected += 1;
+                self.c.connects_ok += 1;
+                self.last_hello_us = done;
+                let lat = done.saturating_sub(intended.min(start));
+                self.fin.handshake.record(lat);
+                self.tick_handshake.record(lat);
+            }
+            Err(PeerError::Io(e)) => self.connect_failed(&ClientError::Io(e)),
+            Err(PeerError::Timeout) => self.connect_failed(&ClientError::Timeout),
+            Err(e) => {
+                self.c.connects_failed += 1;
+                self.error(format!("connect: {e}"));
+            }
         }
     }
 
@@ -508,6 +626,10 @@ impl<'a> Engine<'a> {
                 let c = (k % self.convs.len() as u64) as usize;
                 self.send_conv(c, intended);
             }
+            Scenario::Fanout if !self.publishers.is_empty() && self.pubsub => {
+                let p = (k % self.publishers.len() as u64) as usize;
+                self.publish_fanout(p, intended);
+            }
             Scenario::Fanout if !self.publishers.is_empty() => {
                 let p = (k % self.publishers.len() as u64) as usize;
                 for j in 0..self.publishers[p].len() {
@@ -519,19 +641,97 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn send_conv(&mut self, c: usize, intended: u64) {
-        let (from, to) = (self.convs[c].from, self.convs[c].to);
-        if self.conns[from].client.is_none() || self.conns[to].client.is_none() {
-            self.c.skipped += 1;
-            return;
-        }
-        let seq = self.convs[c].track.next_seq();
+    /// Fills `body` with `tag:seq:intended:` and padding; returns the header's length.
+    fn fill_body(&mut self, tag: usize, seq: u64, intended: u64) -> usize {
         self.body.clear();
-        let _ = write!(self.body, "{c}:{seq}:{intended}:");
+        let _ = write!(self.body, "{tag}:{seq}:{intended}:");
         let header = self.body.len() - 1;
         let want = self.plan.payload.max(MIN_PAYLOAD);
         while self.body.len() < want {
             self.body.push('x');
+        }
+        header
+    }
+
+    /// Pub/sub fanout: one publish to the publisher's group or topic; every subscriber's
+    /// conversation advances by the same sequence number. The body's tag is the publisher's
+    /// index in this thread.
+    fn publish_fanout(&mut self, p: usize, intended: u64) {
+        let first = self.publishers[p][0];
+        let from = self.convs[first].from;
+        if !self.conns[from].alive() {
+            self.c.skipped += self.publishers[p].len() as u64;
+            return;
+        }
+        let seq = self.convs[first].track.next_seq();
+        let header = self.fill_body(p, seq, intended);
+        let Some(group) = self.group_of(from) else {
+            return;
+        };
+        let res = if let Some(peer) = self.conns[from].peer.as_mut() {
+            peer.publish(&group, &self.body).map_err(|e| e.to_string())
+        } else if let Some(client) = self.conns[from].client.as_mut() {
+            let env = Envelope::new(Message::Send(Send {
+                to: Target::Group(Str::from(group)),
+                cmid: Str::from(&self.body[..header]),
+                kind: None,
+                body: Str::from(self.body.as_str()),
+                ext: Ext::new(),
+            }));
+            client.send(&env).map_err(|e| short_error(&e))
+        } else {
+            return;
+        };
+        match res {
+            Ok(()) => {
+                let peer = self.plan.protocol != Protocol::Imgw;
+                for j in 0..self.publishers[p].len() {
+                    let c = self.publishers[p][j];
+                    let track = &mut self.convs[c].track;
+                    track.mark_sent();
+                    if peer {
+                        // No acknowledgement in the peers' protocols: written counts as accepted.
+                        track.on_ack(seq);
+                    }
+                }
+                let n = self.publishers[p].len() as u64;
+                self.c.sent += n;
+                if peer {
+                    self.c.acked += n;
+                }
+                let now = self.now();
+                self.fin.send_lag.record(now.saturating_sub(intended));
+            }
+            Err(e) => self.drop_conn(from, format!("publish: {e}")),
+        }
+    }
+
+    fn send_conv(&mut self, c: usize, intended: u64) {
+        let (from, to) = (self.convs[c].from, self.convs[c].to);
+        if !self.conns[from].alive() || !self.conns[to].alive() {
+            self.c.skipped += 1;
+            return;
+        }
+        let seq = self.convs[c].track.next_seq();
+        let header = self.fill_body(c, seq, intended);
+        if self.conns[from].peer.is_some() {
+            let topic = self.conns[to].user.to_string();
+            let Some(peer) = self.conns[from].peer.as_mut() else {
+                return;
+            };
+            match peer.publish(&topic, &self.body) {
+                Ok(()) => {
+                    let track = &mut self.convs[c].track;
+                    track.mark_sent();
+                    track.on_ack(seq);
+                    self.c.sent += 1;
+                    self.c.acked += 1;
+                    let now = self.now();
+                    self.fin.send_lag.record(now.saturating_sub(intended));
+                }
+                Err(e) => self.drop_conn(from, format!("publish: {e}")),
+            }
+            return;
         }
         let env = Envelope::new(Message::Send(Send {
             to: Target::User(self.conns[to].user.clone()),
@@ -579,6 +779,10 @@ impl<'a> Engine<'a> {
     // Reading.
 
     fn read_conn(&mut self, i: usize) {
+        if self.plan.protocol != Protocol::Imgw {
+            self.read_peer(i);
+            return;
+        }
         loop {
             let Some(client) = self.conns.get_mut(i).and_then(|c| c.client.as_mut()) else {
                 return;
@@ -616,6 +820,75 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Reads what a peer connection has (one read, more only if the buffer filled).
+    fn read_peer(&mut self, i: usize) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut rx = std::mem::take(&mut self.rx);
+        for _ in 0..8 {
+            rx.clear();
+            let Some(peer) = self.conns.get_mut(i).and_then(|c| c.peer.as_mut()) else {
+                break;
+            };
+            let res = peer.read_some(&mut scratch, &mut rx);
+            let now = self.now();
+            for k in 0..rx.spans.len() {
+                let (a, b) = rx.spans[k];
+                match std::str::from_utf8(&rx.data[a..b]).ok().and_then(parse_tag) {
+                    Some((tag, seq, intended)) => self.on_data(i, tag, seq, intended, now),
+                    None => self.error("deliver: not a loadgen message".into()),
+                }
+            }
+            for note in rx.notes.drain(..) {
+                let key = format!("server: {}", note.chars().take(80).collect::<String>());
+                self.error(key);
+            }
+            match res {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    if matches!(e, PeerError::Closed(_)) {
+                        self.c.closed_by_server += 1;
+                    }
+                    self.drop_conn(i, format!("recv: {e}"));
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+        self.rx = rx;
+    }
+
+    /// A delivery to connection `i` whose body carries `tag:seq:intended`: the tag is the
+    /// conversation, or in pub/sub fanout the publisher's index in this thread.
+    fn on_data(&mut self, i: usize, tag: usize, seq: u64, intended: u64, now: u64) {
+        let conv = if self.pubsub {
+            self.publishers.get(tag).and_then(|convs| {
+                let from = self.convs[*convs.first()?].from;
+                let s = i.checked_sub(from + 1)?;
+                convs.get(s).copied()
+            })
+        } else {
+            Some(tag)
+        };
+        let Some(c) = conv.filter(|c| self.convs.get(*c).is_some_and(|cv| cv.to == i)) else {
+            self.error("deliver: to the wrong connection".into());
+            return;
+        };
+        match self.convs[c].track.on_deliver(seq) {
+            Delivery::InOrder | Delivery::OutOfOrder => {
+                self.c.delivered += 1;
+                let lat = now.saturating_sub(intended);
+                self.fin.latency.record(lat);
+                self.tick_latency.record(lat);
+            }
+            Delivery::Duplicate => {
+                self.c.duplicates += 1;
+                self.error("deliver: duplicate".into());
+            }
+            Delivery::Unknown => self.error("deliver: sequence never sent".into()),
+        }
+    }
+
     fn on_message(&mut self, i: usize, env: Envelope) {
         let now = self.now();
         match env.msg {
@@ -626,6 +899,14 @@ impl<'a> Engine<'a> {
                     self.error("deliver: not a loadgen message".into());
                     return;
                 };
+                if self.pubsub {
+                    if *d.from == *self.conns[i].user {
+                        // The publisher's own group message (not a delivery to count).
+                        return;
+                    }
+                    self.on_data(i, c, seq, intended, now);
+                    return;
+                }
                 let valid = self
                     .convs
                     .get(c)
@@ -648,6 +929,22 @@ impl<'a> Engine<'a> {
                     Delivery::Unknown => self.error("deliver: sequence never sent".into()),
                 }
             }
+            Message::SendAck(a) if self.pubsub => match parse_tag(&a.cmid) {
+                Some((p, seq, intended)) if p < self.publishers.len() => {
+                    let mut ok = false;
+                    for j in 0..self.publishers[p].len() {
+                        let c = self.publishers[p][j];
+                        ok |= self.convs[c].track.on_ack(seq);
+                        self.c.acked += 1;
+                    }
+                    if ok {
+                        self.fin.ack_latency.record(now.saturating_sub(intended));
+                    } else {
+                        self.error("send_ack: duplicate or unknown".into());
+                    }
+                }
+                _ => self.error("send_ack: unknown cmid".into()),
+            },
             Message::SendAck(a) => match parse_tag(&a.cmid) {
                 Some((c, seq, intended)) if c < self.convs.len() => {
                     if self.convs[c].track.on_ack(seq) {
@@ -662,7 +959,15 @@ impl<'a> Engine<'a> {
             Message::Error(e) => {
                 let key = format!("server error: {}", e.code.name());
                 if let Some((c, seq, _)) = e.cmid.as_deref().and_then(parse_tag) {
-                    if c < self.convs.len() && self.convs[c].track.on_refused(seq) {
+                    if self.pubsub {
+                        if let Some(convs) = self.publishers.get(c) {
+                            for &cv in convs {
+                                if self.convs[cv].track.on_refused(seq) {
+                                    self.c.refused += 1;
+                                }
+                            }
+                        }
+                    } else if c < self.convs.len() && self.convs[c].track.on_refused(seq) {
                         self.c.refused += 1;
                     }
                 }
@@ -690,6 +995,11 @@ impl<'a> Engine<'a> {
             let _ = self.poller.remove(client.as_raw_fd());
             self.open = self.open.saturating_sub(1);
             drop(client);
+        }
+        if let Some(peer) = self.conns[i].peer.take() {
+            let _ = self.poller.remove(peer.as_raw_fd());
+            self.open = self.open.saturating_sub(1);
+            drop(peer);
         }
         self.error(why);
     }

@@ -16,6 +16,7 @@ mod coord;
 mod engine;
 mod hist;
 mod integrity;
+mod peer;
 mod poller;
 mod report;
 mod schedule;
