@@ -29,9 +29,9 @@ use imgw::client::{Client, ClientConfig, ClientError};
 use imgw::protocol::{Ack, Envelope, Ext, GroupJoin, Message, Ping, Pong, Send, Str, Target};
 
 use crate::config::{Plan, Protocol, Scenario, ThreadShare, MIN_PAYLOAD};
-use crate::peer::{PeerConn, PeerError, Received};
 use crate::hist::Hist;
 use crate::integrity::{ConvTrack, Delivery};
+use crate::peer::{PeerConn, PeerError, Received};
 use crate::poller::Poller;
 use crate::schedule::Schedule;
 use crate::stats::{Counters, Final, ServerLimits, Stage, Tick};
@@ -529,7 +529,7 @@ impl<'a> Engine<'a> {
             }
             Scenario::Fanout => self
                 .group_of(i)
-                .filter(|_| i % self.plan.unit_size() as usize != 0),
+                .filter(|_| !i.is_multiple_of(self.plan.unit_size() as usize)),
             _ => None,
         };
         let res = PeerConn::connect(
@@ -688,10 +688,11 @@ impl<'a> Engine<'a> {
                 for j in 0..self.publishers[p].len() {
                     let c = self.publishers[p][j];
                     let track = &mut self.convs[c].track;
-                    track.mark_sent();
                     if peer {
                         // No acknowledgement in the peers' protocols: written counts as accepted.
-                        track.on_ack(seq);
+                        track.mark_sent_accepted();
+                    } else {
+                        track.mark_sent();
                     }
                 }
                 let n = self.publishers[p].len() as u64;
@@ -721,9 +722,7 @@ impl<'a> Engine<'a> {
             };
             match peer.publish(&topic, &self.body) {
                 Ok(()) => {
-                    let track = &mut self.convs[c].track;
-                    track.mark_sent();
-                    track.on_ack(seq);
+                    self.convs[c].track.mark_sent_accepted();
                     self.c.sent += 1;
                     self.c.acked += 1;
                     let now = self.now();
@@ -833,7 +832,7 @@ impl<'a> Engine<'a> {
             let now = self.now();
             for k in 0..rx.spans.len() {
                 let (a, b) = rx.spans[k];
-                match std::str::from_utf8(&rx.data[a..b]).ok().and_then(parse_tag) {
+                match parse_tag_bytes(&rx.data[a..b]) {
                     Some((tag, seq, intended)) => self.on_data(i, tag, seq, intended, now),
                     None => self.error("deliver: not a loadgen message".into()),
                 }
@@ -1106,6 +1105,36 @@ pub fn parse_tag(s: &str) -> Option<(usize, u64, u64)> {
     Some((c, seq, t))
 }
 
+/// [`parse_tag`] on bytes, without a UTF-8 check or a string split (the peers' hot path).
+pub fn parse_tag_bytes(s: &[u8]) -> Option<(usize, u64, u64)> {
+    fn field(s: &[u8], i: &mut usize, last: bool) -> Option<u64> {
+        let start = *i;
+        let mut v: u64 = 0;
+        while let Some(&b) = s.get(*i) {
+            if b.is_ascii_digit() {
+                v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+                *i += 1;
+            } else {
+                break;
+            }
+        }
+        if *i == start {
+            return None;
+        }
+        match s.get(*i) {
+            Some(b':') => *i += 1,
+            None if last => {}
+            _ => return None,
+        }
+        Some(v)
+    }
+    let mut i = 0;
+    let c = usize::try_from(field(s, &mut i, false)?).ok()?;
+    let seq = field(s, &mut i, false)?;
+    let t = field(s, &mut i, true)?;
+    Some((c, seq, t))
+}
+
 /// A short, stable description of an error, used as a key of the error map.
 fn short_error(e: &ClientError) -> String {
     match e {
@@ -1233,6 +1262,18 @@ mod tests {
         assert_eq!(parse_tag("hello"), None);
         assert_eq!(parse_tag("1:2"), None);
         assert_eq!(parse_tag("a:2:3"), None);
+        for s in [
+            "3:17:123456:xxxx",
+            "3:17:123456",
+            "hello",
+            "1:2",
+            "a:2:3",
+            "1::3",
+            "",
+        ] {
+            assert_eq!(parse_tag_bytes(s.as_bytes()), parse_tag(s), "{s}");
+        }
+        assert_eq!(parse_tag_bytes(b"1:2:99999999999999999999999"), None);
     }
 
     #[test]

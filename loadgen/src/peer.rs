@@ -94,7 +94,10 @@ impl From<io::Error> for PeerError {
 #[derive(Debug, PartialEq, Eq)]
 pub enum NatsOp<'a> {
     Info,
-    Msg { subject: &'a [u8], payload: &'a [u8] },
+    Msg {
+        subject: &'a [u8],
+        payload: &'a [u8],
+    },
     Ping,
     Pong,
     Ok,
@@ -320,7 +323,11 @@ impl PeerConn {
     ) -> Result<PeerConn, PeerError> {
         use socket2::{Domain, Protocol as SockProto, Socket, Type};
         let timeout = timeout.max(Duration::from_millis(1));
-        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProto::TCP))?;
+        let sock = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM,
+            Some(SockProto::TCP),
+        )?;
         if let Some(ip) = source {
             sock.bind(&SocketAddr::new(ip, 0).into())?;
         }
@@ -358,7 +365,12 @@ impl PeerConn {
         Ok(c)
     }
 
-    fn upgrade(&mut self, addr: SocketAddr, path: &str, deadline: Instant) -> Result<(), PeerError> {
+    fn upgrade(
+        &mut self,
+        addr: SocketAddr,
+        path: &str,
+        deadline: Instant,
+    ) -> Result<(), PeerError> {
         let mut nonce = [0u8; 16];
         nonce[..8].copy_from_slice(&self.next_u64().to_ne_bytes());
         nonce[8..].copy_from_slice(&self.next_u64().to_ne_bytes());
