@@ -26,7 +26,10 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use imgw::client::{Client, ClientConfig, ClientError};
-use imgw::protocol::{Ack, Envelope, Ext, GroupJoin, Message, Ping, Pong, Send, Str, Target};
+use imgw::protocol::{
+    Ack, Envelope, Ext, GroupJoin, Hello, Message, Ping, Pong, Resume, Send, Str, Target,
+    CURRENT_VERSION,
+};
 
 use crate::config::{Plan, Protocol, Scenario, ThreadShare, MIN_PAYLOAD};
 use crate::hist::Hist;
@@ -109,6 +112,10 @@ struct Conn {
     /// Highest `inbox_seq` delivered, and the highest acked to the server.
     ack_to: u64,
     acked_to: u64,
+    /// A heartbeat for this connection is in the queue.
+    ping_armed: bool,
+    /// Offline-sync: reconnect with `hello.resume` from this inbox sequence.
+    resume: Option<u64>,
 }
 
 impl Conn {
@@ -178,6 +185,12 @@ pub struct Engine<'a> {
     /// Peer reads: the thread's read buffer and what a read completed.
     scratch: Vec<u8>,
     rx: Received,
+    /// Offline-sync: 0 before, 1 offline, 2 back; the next pair to reconnect.
+    offline_state: u8,
+    offline_next: usize,
+    go_us: Option<u64>,
+    /// Mixed: reconnections of the idle half.
+    churn_sched: Option<Schedule>,
 }
 
 impl<'a> Engine<'a> {
@@ -205,6 +218,8 @@ impl<'a> Engine<'a> {
                 )),
                 ack_to: 0,
                 acked_to: 0,
+                ping_armed: false,
+                resume: None,
             })
             .collect();
         let mut convs = Vec::new();
@@ -212,7 +227,9 @@ impl<'a> Engine<'a> {
         for u in 0..share.units as usize {
             let base = u * unit as usize;
             match plan.scenario {
-                Scenario::Chat => {
+                // Mixed: only the first half of the pairs chat.
+                Scenario::Mixed if u >= (share.units as usize).div_ceil(2) => {}
+                Scenario::Chat | Scenario::OfflineSync | Scenario::Mixed => {
                     convs.push(Conv {
                         from: base,
                         to: base + 1,
@@ -287,6 +304,10 @@ impl<'a> Engine<'a> {
                 vec![0; 64 * 1024]
             },
             rx: Received::default(),
+            offline_state: 0,
+            offline_next: 0,
+            go_us: None,
+            churn_sched: None,
         })
     }
 
@@ -337,12 +358,19 @@ impl<'a> Engine<'a> {
                         self.send_event(k, intended);
                         burst += 1;
                     }
+                    if self.plan.scenario == Scenario::OfflineSync {
+                        self.offline_step(now);
+                    }
+                    self.mixed_churn(now);
                     if now >= self.run_end_us {
                         self.phase = Phase::Grace;
                         self.grace_end_us = self.run_end_us.saturating_add(self.plan.grace_us);
                     }
                 }
                 Phase::Grace => {
+                    if self.plan.scenario == Scenario::OfflineSync {
+                        self.offline_step(now);
+                    }
                     if now >= self.grace_end_us {
                         self.phase = Phase::Done;
                     } else if now >= self.next_settle_check_us {
@@ -386,7 +414,19 @@ impl<'a> Engine<'a> {
             Phase::Run => {
                 wake = wake
                     .min(self.sched.next_due().unwrap_or(self.run_end_us))
-                    .min(self.run_end_us)
+                    .min(self.run_end_us);
+                if let Some(due) = self.churn_sched.as_ref().and_then(Schedule::next_due) {
+                    wake = wake.min(due);
+                }
+                if let (Some(go), true) = (self.go_us, self.plan.scenario == Scenario::OfflineSync)
+                {
+                    let d = self.plan.duration_us;
+                    wake = match self.offline_state {
+                        0 => wake.min(go + d / 3),
+                        1 => wake.min((go + 2 * d / 3).max(now + 1)),
+                        _ => wake,
+                    };
+                }
             }
             Phase::Grace => wake = wake.min(self.next_settle_check_us).min(self.grace_end_us),
             Phase::Done => wake = now,
@@ -441,7 +481,16 @@ impl<'a> Engine<'a> {
             None => Client::connect(&self.cfg),
         }
         .and_then(|mut client| {
-            let welcome = client.hello(&self.conns[i].user, "lg")?;
+            let welcome = match self.conns[i].resume {
+                Some(seq) => client.hello_with(Hello {
+                    version: CURRENT_VERSION,
+                    token: self.conns[i].user.clone(),
+                    device: Str::from("lg"),
+                    codecs: Vec::new(),
+                    resume: Some(Resume { inbox_seq: seq }),
+                })?,
+                None => client.hello(&self.conns[i].user, "lg")?,
+            };
             if let Some(group) = self.group_of(i) {
                 let r = client.next_ref();
                 let join = Message::GroupJoin(GroupJoin {
@@ -480,7 +529,8 @@ impl<'a> Engine<'a> {
                 if self.hb_us == 0 {
                     self.hb_us = self.plan.heartbeat_ms.unwrap_or(welcome.heartbeat_ms) * 1000;
                 }
-                if self.hb_us > 0 {
+                if self.hb_us > 0 && !self.conns[i].ping_armed {
+                    self.conns[i].ping_armed = true;
                     // Spread the first pings over one interval (golden-ratio sequence).
                     let frac = (i as f64 * 0.618_033_988_75).fract();
                     let due = done + 1 + (self.hb_us as f64 * frac) as u64;
@@ -608,23 +658,36 @@ impl<'a> Engine<'a> {
             self.emit_tick(false);
         }
         self.stage = Stage::Run;
+        self.go_us = Some(go);
         self.tick_k = 0;
         self.next_tick_us = go + SECOND_US;
         self.run_end_us = go + self.plan.duration_us;
-        let rate = if self.plan.scenario.sends() {
+        let rate = if self.plan.scenario.scheduled() {
             self.share.rate
         } else {
             0.0
         };
         self.sched = Schedule::new(go, rate, self.share.phase, self.run_end_us);
+        if self.plan.scenario == Scenario::Mixed
+            && self.plan.churn_rate > 0.0
+            && self.plan.units > 0
+        {
+            let r = self.plan.churn_rate * self.share.units as f64 / self.plan.units as f64;
+            self.churn_sched = Some(Schedule::new(go, r, self.share.phase, self.run_end_us));
+        }
         self.phase = Phase::Run;
     }
 
     fn send_event(&mut self, k: u64, intended: u64) {
         match self.plan.scenario {
-            Scenario::Chat if !self.convs.is_empty() => {
+            Scenario::Chat | Scenario::OfflineSync | Scenario::Mixed if !self.convs.is_empty() => {
                 let c = (k % self.convs.len() as u64) as usize;
                 self.send_conv(c, intended);
+            }
+            Scenario::Churn if !self.conns.is_empty() => {
+                let i = (k % self.conns.len() as u64) as usize;
+                self.close_quietly(i);
+                self.connect_one(i, intended);
             }
             Scenario::Fanout if !self.publishers.is_empty() && self.pubsub => {
                 let p = (k % self.publishers.len() as u64) as usize;
@@ -709,7 +772,9 @@ impl<'a> Engine<'a> {
 
     fn send_conv(&mut self, c: usize, intended: u64) {
         let (from, to) = (self.convs[c].from, self.convs[c].to);
-        if !self.conns[from].alive() || !self.conns[to].alive() {
+        // Offline-sync sends to offline users on purpose: they get it when they come back.
+        let offline_ok = self.plan.scenario == Scenario::OfflineSync;
+        if !self.conns[from].alive() || !(offline_ok || self.conns[to].alive()) {
             self.c.skipped += 1;
             return;
         }
@@ -760,6 +825,7 @@ impl<'a> Engine<'a> {
             }
             self.pings.pop();
             let Some(client) = self.conns[i].client.as_mut() else {
+                self.conns[i].ping_armed = false;
                 continue;
             };
             let ping = Envelope::new(Message::Ping(Ping { ts: now }));
@@ -985,7 +1051,77 @@ impl<'a> Engine<'a> {
                 }
             }
             Message::Goaway(g) => self.error(format!("goaway: {}", g.reason)),
+            Message::Synced(_) => {}
             other => self.error(format!("unexpected {}", other.op().name())),
+        }
+    }
+
+    /// Offline-sync: a third into the run the second user of every pair goes offline; two
+    /// thirds in they come back (a few per call, so sending goes on meanwhile) with
+    /// `hello.resume` from the last inbox sequence each received.
+    fn offline_step(&mut self, now: u64) {
+        const RECONNECTS_PER_STEP: usize = 16;
+        let Some(go) = self.go_us else { return };
+        let d = self.plan.duration_us;
+        let pairs = self.share.units as usize;
+        if self.offline_state == 0 && now >= go + d / 3 {
+            self.offline_state = 1;
+            for u in 0..pairs {
+                let i = u * 2 + 1;
+                if self.conns[i].alive() {
+                    self.conns[i].resume = Some(self.conns[i].ack_to);
+                    self.close_quietly(i);
+                }
+            }
+            self.note(format!("{pairs} users went offline"));
+        }
+        if self.offline_state == 1 && now >= go + 2 * d / 3 {
+            let mut n = 0;
+            while self.offline_next < pairs && n < RECONNECTS_PER_STEP {
+                let i = self.offline_next * 2 + 1;
+                self.offline_next += 1;
+                if self.conns[i].resume.is_some() {
+                    let intended = self.now();
+                    self.connect_one(i, intended);
+                    n += 1;
+                }
+            }
+            if self.offline_next >= pairs {
+                self.offline_state = 2;
+                self.note(format!("{pairs} users came back with hello.resume"));
+            }
+        }
+    }
+
+    /// Mixed: reconnects the idle half's connections that are due, round robin.
+    fn mixed_churn(&mut self, now: u64) {
+        let pairs = self.share.units as usize;
+        let first_idle = pairs.div_ceil(2) * 2;
+        let idle = pairs * 2 - first_idle;
+        let mut burst = 0;
+        while burst < SEND_BURST {
+            let Some((k, intended)) = self.churn_sched.as_mut().and_then(|s| s.pop_due(now)) else {
+                break;
+            };
+            if idle == 0 {
+                continue;
+            }
+            let i = first_idle + (k % idle as u64) as usize;
+            self.close_quietly(i);
+            self.connect_one(i, intended);
+            burst += 1;
+        }
+    }
+
+    /// Closes connection `i` on purpose (churn): no error counted.
+    fn close_quietly(&mut self, i: usize) {
+        if let Some(client) = self.conns[i].client.take() {
+            let _ = self.poller.remove(client.as_raw_fd());
+            self.open = self.open.saturating_sub(1);
+        }
+        if let Some(peer) = self.conns[i].peer.take() {
+            let _ = self.poller.remove(peer.as_raw_fd());
+            self.open = self.open.saturating_sub(1);
         }
     }
 

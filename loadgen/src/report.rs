@@ -164,7 +164,7 @@ impl Report {
             conns: o.conns,
             connected: fin.connected,
             open_at_end: fin.open_at_end,
-            rate: if o.scenario.sends() { o.rate } else { 0.0 },
+            rate: if o.scenario.scheduled() { o.rate } else { 0.0 },
             fanout: (o.scenario == Scenario::Fanout).then_some(o.fanout),
             ramp: o.ramp,
             duration_s: o.duration.as_secs_f64(),
