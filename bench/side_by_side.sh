@@ -6,11 +6,13 @@
 #
 #   bench/side_by_side.sh [--duration 10s] [--repeats 3] [--servers "imgw nats uws tt"]
 #                         [--scenarios "idle fanout20 fanout50 fanout200 fanout600 chat"]
-#                         [--server-core 0] [--loadgen-core 1] [--out DIR]
+#                         [--server-core 0] [--loadgen-core 1] [--out DIR] [--table-only]
 #
 # Installs what is missing first: nats-server (apt), the uWebSockets.js package (npm, into
 # bench/peers/uws/node_modules), and builds tt-server, imgw and loadgen (release).
 # Environment: CARGO_TARGET_DIR (imgw and loadgen), TT_TARGET_DIR (tt-server).
+# Rows of servers not named in --servers stay from earlier runs (each invocation is listed in
+# the table); --table-only rebuilds the table from the runs in bench/results/side_by_side/.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -22,6 +24,7 @@ SCENARIOS="idle fanout20 fanout50 fanout200 fanout600 chat"
 SERVER_CORE=0
 LOADGEN_CORE=1
 OUT=$ROOT/bench/results
+TABLE_ONLY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --duration) DURATION=$2; shift 2 ;;
@@ -31,7 +34,8 @@ while [ $# -gt 0 ]; do
         --server-core) SERVER_CORE=$2; shift 2 ;;
         --loadgen-core) LOADGEN_CORE=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        --table-only) TABLE_ONLY=1; shift ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -46,6 +50,119 @@ WORK=$(mktemp -d /tmp/side-by-side.XXXXXX)
 mkdir -p "$RAW"
 
 say() { echo "[side-by-side $(date -u +%H:%M:%S)] $*" >&2; }
+
+make_table() {
+# ---- the table -----------------------------------------------------------------------------
+python3 - "$RAW" "$OUT" <<'PY'
+import json, os, statistics, sys, glob
+raw, out = sys.argv[1:3]
+invocations = []
+try:
+    with open(os.path.join(raw, "invocations.jsonl")) as f:
+        invocations = [json.loads(l) for l in f if l.strip()]
+except FileNotFoundError:
+    pass
+order_s = ["imgw", "nats", "uws", "tt"]
+names = {"imgw": "imgw", "nats": "NATS 2.9 (ws)", "uws": "uWebSockets.js", "tt": "tokio-tungstenite"}
+order_c = ["idle", "fanout20", "fanout50", "fanout200", "fanout600", "chat"]
+titles = {"idle": "2000 idle connections", "fanout20": "fan-out 2000 subs, 20 pub/s",
+          "fanout50": "fan-out 2000 subs, 50 pub/s", "fanout200": "fan-out 2000 subs, 200 pub/s",
+          "fanout600": "fan-out 2000 subs, 600 pub/s", "chat": "1:1 chat, 5000 msgs/s"}
+runs = {}
+for path in sorted(glob.glob(os.path.join(raw, "*.json"))):
+    base = os.path.basename(path)[:-5]
+    s, sc, rep = base.rsplit("-", 2)
+    try:
+        with open(path) as f:
+            runs.setdefault((s, sc), []).append(json.load(f))
+    except Exception as e:
+        print(f"skipping {path}: {e}", file=sys.stderr)
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+rows = []
+for s in order_s + sorted({k[0] for k in runs} - set(order_s)):
+    for sc in order_c + sorted({k[1] for k in runs} - set(order_c)):
+        rs = runs.get((s, sc))
+        if not rs:
+            continue
+        sp = [r.get("server_proc") or {} for r in rs]
+        idle = sc == "idle"
+        m = lambda f: med([f(r) for r in rs])
+        row = {
+            "server": s, "scenario": sc, "runs": len(rs),
+            "rss_per_idle_conn_bytes": med([p.get("rss_per_conn_bytes") for p in sp]) if idle else None,
+            "cpu_per_delivery_us": None if idle else med([p.get("cpu_per_delivery_us") for p in sp]),
+            "delivered_per_s": None if idle else m(lambda r: r["delivered_per_s"]),
+            "offered_deliveries_per_s": None if idle else m(lambda r: r["rate"] * (r.get("fanout") or 1)),
+            "p50_ms": None if idle else m(lambda r: r["latency_us"]["p50"] / 1000),
+            "p99_ms": None if idle else m(lambda r: r["latency_us"]["p99"] / 1000),
+            "p999_ms": None if idle else m(lambda r: r["latency_us"]["p999"] / 1000),
+            "loss": None if idle else m(lambda r: r["messages"]["lost"] + r["messages"]["unconfirmed"]),
+            "duplicates": None if idle else m(lambda r: r["messages"]["duplicates"]),
+            "connected": m(lambda r: r["connected"]),
+            "loadgen_send_lag_p99_ms": None if idle else m(lambda r: r["send_lag_us"]["p99"] / 1000),
+            "loadgen_cpu_wait_s": m(lambda r: r.get("loadgen_cpu_wait_s", 0)),
+            "errors": m(lambda r: sum(r.get("errors", {}).values())),
+        }
+        rows.append(row)
+def fmt(v, nd=2):
+    if v is None:
+        return "-"
+    return f"{v:,.{nd}f}"
+meta = {
+    "invocations": invocations,
+    "statistic": "median of the repeats", "host_cpus": os.cpu_count(),
+    "server_core": 0, "loadgen_core": 1,
+    "notes": [
+        "One shared 2-core machine with other builds running: figures are noisy.",
+        "RSS per idle connection: (VmRSS once all 2000 are up - VmRSS before) / 2000; "
+        "kernel socket memory is not in VmRSS.",
+        "CPU per delivery: server utime+stime from go to the end of the grace period / deliveries.",
+        "Latency: receive time minus intended send time (open loop, coordinated omission corrected).",
+        "loss = lost + unconfirmed: sent (written, or acked by imgw) and not delivered by the end of a 3 s grace; "
+        "where loadgen cannot keep up (high send lag, p50 in seconds) this counts copies still queued in the "
+        "server or the kernel when the grace ended, not copies the server dropped.",
+        "imgw subscribers send their cumulative `ack` after each read, as its clients do; the peers have no "
+        "acknowledgement, so imgw's server CPU per delivery includes reading those acks.",
+        "loadgen runs on one core; where its send lag p99 is high the row is loadgen-bound, not server-bound.",
+        "imgw fan-out uses one group (group_join + send to the group); the peers use one topic.",
+    ],
+}
+with open(os.path.join(out, "side_by_side.json"), "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=2)
+lines = [
+    "# Side-by-side: imgw and peer servers",
+    "",
+    "Written by `bench/side_by_side.sh`: medians of the repeats (runs column); server pinned to core 0, "
+    "loadgen to core 1, loopback, 64-byte bodies. A shared, noisy 2-core machine: other "
+    "sessions' builds ran meanwhile (load average 9-10 on 2 cores). Runs that produced these rows:",
+    "",
+] + [f"- {i['started']} to {i['finished']}: servers {i['servers']}; {i['duration']} per run, "
+     f"{i['repeats']} repeats; load average before {i['loadavg_before']}, after {i['loadavg_after']}"
+     for i in invocations] + [
+    "",
+    "| server | scenario | runs | RSS per idle conn (B) | server CPU per delivery (us) | delivered/s | p50 ms | p99 ms | p999 ms | loss | dups | loadgen send lag p99 ms |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+]
+for r in rows:
+    lines.append("| " + " | ".join([
+        names.get(r["server"], r["server"]), titles.get(r["scenario"], r["scenario"]), str(r["runs"]),
+        fmt(r["rss_per_idle_conn_bytes"], 0), fmt(r["cpu_per_delivery_us"], 3),
+        fmt(r["delivered_per_s"], 0), fmt(r["p50_ms"], 3), fmt(r["p99_ms"], 3),
+        fmt(r["p999_ms"], 3), fmt(r["loss"], 0), fmt(r["duplicates"], 0),
+        fmt(r["loadgen_send_lag_p99_ms"], 3)]) + " |")
+lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]] + [""]
+with open(os.path.join(out, "side_by_side.md"), "w") as f:
+    f.write("\n".join(lines))
+print("\n".join(lines))
+PY
+}
+
+if [ $TABLE_ONLY = 1 ]; then
+    make_table
+    exit 0
+fi
 
 # ---- install and build ---------------------------------------------------------------------
 need_apt_updated=1
@@ -139,7 +256,9 @@ scenario_args() {
 }
 
 # ---- runs ----------------------------------------------------------------------------------
-rm -f "$RAW"/*.json
+# Only this run's servers start afresh: rows of other servers already in $RAW stay, so one
+# server can be measured again (--servers imgw) and the table still has every row.
+for s in $SERVERS; do rm -f "$RAW/$s"-*.json; done
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 for rep in $(seq 1 "$REPEATS"); do
@@ -158,100 +277,8 @@ for rep in $(seq 1 "$REPEATS"); do
     done
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+printf '{"started":"%s","finished":"%s","servers":"%s","scenarios":"%s","duration":"%s","repeats":%s,"loadavg_before":"%s","loadavg_after":"%s"}\n' \
+    "$STARTED" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$SERVERS" "$SCENARIOS" "$DURATION" "$REPEATS" \
+    "$LOAD_BEFORE" "$LOAD_AFTER" >>"$RAW/invocations.jsonl"
 
-# ---- the table -----------------------------------------------------------------------------
-python3 - "$RAW" "$OUT" "$REPEATS" "$DURATION" "$STARTED" "$LOAD_BEFORE" "$LOAD_AFTER" <<'PY'
-import json, os, statistics, sys, glob, platform
-raw, out, repeats, duration, started, load_before, load_after = sys.argv[1:8]
-order_s = ["imgw", "nats", "uws", "tt"]
-names = {"imgw": "imgw", "nats": "NATS 2.9 (ws)", "uws": "uWebSockets.js", "tt": "tokio-tungstenite"}
-order_c = ["idle", "fanout20", "fanout50", "fanout200", "fanout600", "chat"]
-titles = {"idle": "2000 idle connections", "fanout20": "fan-out 2000 subs, 20 pub/s",
-          "fanout50": "fan-out 2000 subs, 50 pub/s", "fanout200": "fan-out 2000 subs, 200 pub/s",
-          "fanout600": "fan-out 2000 subs, 600 pub/s", "chat": "1:1 chat, 5000 msgs/s"}
-runs = {}
-for path in sorted(glob.glob(os.path.join(raw, "*.json"))):
-    base = os.path.basename(path)[:-5]
-    s, sc, rep = base.rsplit("-", 2)
-    try:
-        with open(path) as f:
-            runs.setdefault((s, sc), []).append(json.load(f))
-    except Exception as e:
-        print(f"skipping {path}: {e}", file=sys.stderr)
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-rows = []
-for s in order_s + sorted({k[0] for k in runs} - set(order_s)):
-    for sc in order_c + sorted({k[1] for k in runs} - set(order_c)):
-        rs = runs.get((s, sc))
-        if not rs:
-            continue
-        sp = [r.get("server_proc") or {} for r in rs]
-        idle = sc == "idle"
-        m = lambda f: med([f(r) for r in rs])
-        row = {
-            "server": s, "scenario": sc, "runs": len(rs),
-            "rss_per_idle_conn_bytes": med([p.get("rss_per_conn_bytes") for p in sp]) if idle else None,
-            "cpu_per_delivery_us": None if idle else med([p.get("cpu_per_delivery_us") for p in sp]),
-            "delivered_per_s": None if idle else m(lambda r: r["delivered_per_s"]),
-            "offered_deliveries_per_s": None if idle else m(lambda r: r["rate"] * (r.get("fanout") or 1)),
-            "p50_ms": None if idle else m(lambda r: r["latency_us"]["p50"] / 1000),
-            "p99_ms": None if idle else m(lambda r: r["latency_us"]["p99"] / 1000),
-            "p999_ms": None if idle else m(lambda r: r["latency_us"]["p999"] / 1000),
-            "loss": None if idle else m(lambda r: r["messages"]["lost"] + r["messages"]["unconfirmed"]),
-            "duplicates": None if idle else m(lambda r: r["messages"]["duplicates"]),
-            "connected": m(lambda r: r["connected"]),
-            "loadgen_send_lag_p99_ms": None if idle else m(lambda r: r["send_lag_us"]["p99"] / 1000),
-            "loadgen_cpu_wait_s": m(lambda r: r.get("loadgen_cpu_wait_s", 0)),
-            "errors": m(lambda r: sum(r.get("errors", {}).values())),
-        }
-        rows.append(row)
-def fmt(v, nd=2):
-    if v is None:
-        return "-"
-    return f"{v:,.{nd}f}"
-meta = {
-    "started": started, "duration_per_run": duration, "repeats": int(repeats),
-    "statistic": "median of the repeats", "host_cpus": os.cpu_count(),
-    "loadavg_before": load_before, "loadavg_after": load_after,
-    "server_core": 0, "loadgen_core": 1,
-    "notes": [
-        "One shared 2-core machine with other builds running: figures are noisy.",
-        "RSS per idle connection: (VmRSS once all 2000 are up - VmRSS before) / 2000; "
-        "kernel socket memory is not in VmRSS.",
-        "CPU per delivery: server utime+stime from go to the end of the grace period / deliveries.",
-        "Latency: receive time minus intended send time (open loop, coordinated omission corrected).",
-        "loss = lost + unconfirmed: sent (written, or acked by imgw) and not delivered by the end of a 3 s grace; "
-        "where loadgen cannot keep up (high send lag, p50 in seconds) this counts copies still queued in the "
-        "server or the kernel when the grace ended, not copies the server dropped.",
-        "imgw subscribers send their cumulative `ack` after each read, as its clients do; the peers have no "
-        "acknowledgement, so imgw's server CPU per delivery includes reading those acks.",
-        "loadgen runs on one core; where its send lag p99 is high the row is loadgen-bound, not server-bound.",
-        "imgw fan-out uses one group (group_join + send to the group); the peers use one topic.",
-    ],
-}
-with open(os.path.join(out, "side_by_side.json"), "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=2)
-lines = [
-    "# Side-by-side: imgw and peer servers",
-    "",
-    f"`bench/side_by_side.sh` on {started}: {duration} per run, medians of {repeats} runs; "
-    f"server on core 0, loadgen on core 1, loopback. Load average before/after: "
-    f"{load_before} / {load_after} (a shared, noisy 2-core machine: other builds ran meanwhile).",
-    "",
-    "| server | scenario | RSS per idle conn (B) | server CPU per delivery (us) | delivered/s | p50 ms | p99 ms | p999 ms | loss | dups | loadgen send lag p99 ms |",
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-]
-for r in rows:
-    lines.append("| " + " | ".join([
-        names.get(r["server"], r["server"]), titles.get(r["scenario"], r["scenario"]),
-        fmt(r["rss_per_idle_conn_bytes"], 0), fmt(r["cpu_per_delivery_us"], 3),
-        fmt(r["delivered_per_s"], 0), fmt(r["p50_ms"], 3), fmt(r["p99_ms"], 3),
-        fmt(r["p999_ms"], 3), fmt(r["loss"], 0), fmt(r["duplicates"], 0),
-        fmt(r["loadgen_send_lag_p99_ms"], 3)]) + " |")
-lines += ["", "Notes:", ""] + [f"- {n}" for n in meta["notes"]] + [""]
-with open(os.path.join(out, "side_by_side.md"), "w") as f:
-    f.write("\n".join(lines))
-print("\n".join(lines))
-PY
+make_table

@@ -24,8 +24,9 @@ pub enum Scenario {
     Idle,
     /// Connect and `hello` as fast as possible (or at the ramp rate), then hold.
     ConnectStorm,
-    /// Publishers send each message 1:1 to each of their K subscribers (the gateway has no
-    /// groups yet; this is fan-out as a client would do it without them).
+    /// Each publisher has K subscribers. imgw: by default the publisher sends each message
+    /// 1:1 to each subscriber; with `--group` they all join one group and each message is one
+    /// `send` to it. Peers (`--protocol nats|plainws`): one publish on one topic.
     Fanout,
     /// Idle connections, of which `--rate` per second are closed and at once reopened
     /// (connect, upgrade, `hello`), round robin; the reconnect time is the handshake latency.

@@ -42,6 +42,9 @@ use crate::stats::{Counters, Final, ServerLimits, Stage, Tick};
 const SECOND_US: u64 = 1_000_000;
 /// Most overdue sends taken before looking at the sockets again.
 const SEND_BURST: usize = 256;
+/// Group fan-out: deliveries per cumulative `ack`, and the sweep that acks the rest.
+const ACK_BATCH: u64 = 32;
+const ACK_SWEEP_US: u64 = 100_000;
 /// How often the grace period checks whether every conversation is settled.
 const SETTLE_CHECK_US: u64 = 10_000;
 /// Notes (shown live) per thread at most; later ones only count in the error map.
@@ -191,6 +194,7 @@ pub struct Engine<'a> {
     go_us: Option<u64>,
     /// Mixed: reconnections of the idle half.
     churn_sched: Option<Schedule>,
+    next_ack_sweep_us: u64,
 }
 
 impl<'a> Engine<'a> {
@@ -308,6 +312,7 @@ impl<'a> Engine<'a> {
             offline_next: 0,
             go_us: None,
             churn_sched: None,
+            next_ack_sweep_us: 0,
         })
     }
 
@@ -383,6 +388,13 @@ impl<'a> Engine<'a> {
                 Phase::Done => {}
             }
             self.heartbeats(now);
+            if self.pubsub && self.plan.protocol == Protocol::Imgw && now >= self.next_ack_sweep_us
+            {
+                self.next_ack_sweep_us = now + ACK_SWEEP_US;
+                for i in 0..self.conns.len() {
+                    self.send_ack(i);
+                }
+            }
             self.ticks(now);
             if self.phase == Phase::Done {
                 break;
@@ -405,6 +417,9 @@ impl<'a> Engine<'a> {
     /// When the loop must look again at the latest.
     fn next_wake(&self, now: u64) -> u64 {
         let mut wake = self.next_tick_us;
+        if self.pubsub && self.plan.protocol == Protocol::Imgw {
+            wake = wake.min(self.next_ack_sweep_us.max(now + 1));
+        }
         if let Some(Reverse((due, _))) = self.pings.peek() {
             wake = wake.min(*due);
         }
@@ -873,6 +888,16 @@ impl<'a> Engine<'a> {
                 }
             }
         }
+        // Group fan-out: a cumulative ack per ACK_BATCH deliveries (and the rest on the
+        // periodic sweep), as a client would batch them; otherwise after every read.
+        let batch = if self.pubsub { ACK_BATCH } else { 1 };
+        if self.conns[i].ack_to >= self.conns[i].acked_to + batch {
+            self.send_ack(i);
+        }
+    }
+
+    /// Sends a cumulative `ack` for what connection `i` received, if anything is unacked.
+    fn send_ack(&mut self, i: usize) {
         let conn = &mut self.conns[i];
         if self.plan.client_ack && conn.ack_to > conn.acked_to {
             let upto = conn.ack_to;
