@@ -868,7 +868,15 @@ impl<'a> Engine<'a> {
                 return;
             };
             match client.recv() {
-                Ok(env) => self.on_message(i, env),
+                Ok(env) => {
+                    // Level-triggered epoll reports the socket again if more arrived: no read
+                    // that would only find it empty.
+                    let more = client.has_buffered_input();
+                    self.on_message(i, env);
+                    if !more {
+                        break;
+                    }
+                }
                 Err(ClientError::Timeout) => break,
                 Err(ClientError::Closed { code, reason }) => {
                     self.c.closed_by_server += 1;

@@ -267,7 +267,9 @@ fn group_fanout_churn_and_offline_sync_against_a_real_gateway() {
     let sent = m["sent"].as_u64().unwrap();
     assert!(sent >= 20 * 70, "{m}");
     assert_eq!(m["delivered"].as_u64(), Some(sent), "{m}");
-    // Offline-sync: half the users leave and come back with hello.resume.
+    // Offline-sync: half the users leave and come back with hello.resume. Nothing may be
+    // lost; duplicates are counted, not failed on: a delivery pushed live while the resume
+    // page is read can arrive twice (at least once; a client drops it by inbox_seq).
     let out_json = g.dir.join("offline.json");
     let out = loadgen(&[
         "offline-sync",
@@ -279,7 +281,6 @@ fn group_fanout_churn_and_offline_sync_against_a_real_gateway() {
         "100",
         "--duration",
         "3s",
-        "--expect-no-loss",
         "--json",
         out_json.to_str().unwrap(),
     ]);
@@ -288,6 +289,11 @@ fn group_fanout_churn_and_offline_sync_against_a_real_gateway() {
     let r = json(&out_json);
     assert_eq!(r["connect"]["ok"].as_u64(), Some(30), "{}", r["connect"]);
     assert!(r["counters"]["skipped"].as_u64().unwrap() > 0);
+    let m = &r["messages"];
+    for zero in ["lost", "unconfirmed", "unknown"] {
+        assert_eq!(m[zero].as_u64(), Some(0), "{zero}: {m}");
+    }
+    assert!(m["delivered"].as_u64().unwrap() > 200, "{m}");
     // Mixed: 10 pairs, 5 chatting at 100 msgs/s, the idle 10 connections churning 10/s.
     let out_json = g.dir.join("mixed.json");
     let out = loadgen(&[
