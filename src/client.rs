@@ -271,6 +271,14 @@ impl Client {
         Ok(())
     }
 
+    /// True when received bytes are waiting to be decoded: the next [`Client::recv`] starts
+    /// with them rather than with a read. An event loop on a level-triggered poller can stop
+    /// calling `recv` once this is false (the poller reports the socket again if more came),
+    /// saving the read that would only find the socket empty.
+    pub fn has_buffered_input(&self) -> bool {
+        !self.rbuf.is_empty()
+    }
+
     /// The transport in use.
     pub fn transport(&self) -> Transport {
         self.transport

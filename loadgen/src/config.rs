@@ -12,6 +12,8 @@ use imgw::client::Transport;
 use imgw::codec::CodecId;
 use serde::{Deserialize, Serialize};
 
+pub use crate::peer::Protocol;
+
 /// What a run does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -22,11 +24,19 @@ pub enum Scenario {
     Idle,
     /// Connect and `hello` as fast as possible (or at the ramp rate), then hold.
     ConnectStorm,
-    /// Publishers send each message 1:1 to each of their K subscribers (the gateway has no
-    /// groups yet; this is fan-out as a client would do it without them).
+    /// Each publisher has K subscribers. imgw: by default the publisher sends each message
+    /// 1:1 to each subscriber; with `--group` they all join one group and each message is one
+    /// `send` to it. Peers (`--protocol nats|plainws`): one publish on one topic.
     Fanout,
+    /// Idle connections, of which `--rate` per second are closed and at once reopened
+    /// (connect, upgrade, `hello`), round robin; the reconnect time is the handshake latency.
     Churn,
+    /// Chat pairs; a third into the run the second user of every pair goes offline, and two
+    /// thirds in comes back with `hello.resume` (its last delivered inbox sequence): what was
+    /// sent to it meanwhile must arrive then, once. Needs a gateway with `--durability local`.
     OfflineSync,
+    /// Pairs of users: the first half of the pairs chat at `--rate`, the second half stay
+    /// idle, and `--churn-rate` of those idle connections per second reconnect.
     Mixed,
 }
 
@@ -57,38 +67,26 @@ impl Scenario {
         Scenario::ALL.into_iter().find(|x| x.name() == s)
     }
 
-    /// Why this scenario cannot run yet, if it cannot.
-    pub fn unsupported(self) -> Option<&'static str> {
-        match self {
-            Scenario::OfflineSync => Some(
-                "offline-sync needs offline delivery, which the gateway does not support yet: its \
-                 durability is `memory` (acked when accepted; offline users get nothing). It comes \
-                 with the reliable-delivery work; no figures are produced rather than fake ones.",
-            ),
-            Scenario::Churn => Some(
-                "churn (connect/disconnect at a rate) is not implemented in loadgen yet; \
-                 connect-storm measures connection setup meanwhile.",
-            ),
-            Scenario::Mixed => Some(
-                "mixed is not implemented in loadgen yet (it combines chat, idle and churn; \
-                 run those separately meanwhile).",
-            ),
-            _ => None,
-        }
-    }
-
     /// Connections that form one unit of the scenario (kept in one thread together).
     pub fn unit_size(self, fanout: u64) -> u64 {
         match self {
-            Scenario::Chat => 2,
+            Scenario::Chat | Scenario::OfflineSync | Scenario::Mixed => 2,
             Scenario::Fanout => 1 + fanout,
             _ => 1,
         }
     }
 
-    /// Whether `--rate` means anything for it.
+    /// Whether it sends messages (`--rate` is messages or publishes per second).
     pub fn sends(self) -> bool {
-        matches!(self, Scenario::Chat | Scenario::Fanout)
+        matches!(
+            self,
+            Scenario::Chat | Scenario::Fanout | Scenario::OfflineSync | Scenario::Mixed
+        )
+    }
+
+    /// Whether `--rate` means anything for it (churn: reconnections per second).
+    pub fn scheduled(self) -> bool {
+        self.sends() || self == Scenario::Churn
     }
 }
 
@@ -98,12 +96,12 @@ impl Scenario {
     name = "loadgen",
     version,
     about = "Load generator for imgw: open-loop scenarios, integrity checks, HdrHistogram latency",
-    after_help = "Scenarios: chat, idle, connect-storm, fanout (offline-sync, churn and mixed are \
-                  not available yet).\nExit codes: 0 ok, 1 --expect-no-loss failed or the run \
+    after_help = "Scenarios: chat, idle, connect-storm, fanout, churn, offline-sync, mixed.\nExit codes: 0 ok, 1 --expect-no-loss failed or the run \
                   could not complete, 2 usage."
 )]
 pub struct Cli {
-    /// chat | idle | connect-storm | fanout (or `scenario` in --scenario-file).
+    /// chat | idle | connect-storm | fanout | churn | offline-sync | mixed (or `scenario`
+    /// in --scenario-file).
     pub scenario: Option<String>,
     /// ws://HOST:PORT/PATH or tcp://HOST:PORT.
     #[arg(long)]
@@ -111,12 +109,28 @@ pub struct Cli {
     /// json | protobuf | msgpack | flatbuffers | hessian [default: json].
     #[arg(long)]
     pub codec: Option<String>,
+    /// imgw | nats | plainws [default: imgw]. nats: NATS text protocol over WebSocket;
+    /// plainws: the JSON pub/sub of bench/peers/README.md (uWebSockets.js and tokio peers).
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// imgw fanout through one group per publisher (`group_join`, `send` to the group)
+    /// instead of one 1:1 `send` per subscriber. The peers' fanout is always one publish.
+    #[arg(long)]
+    pub group: bool,
+    /// The server's pid: report its RSS before connecting and once connected, and its CPU
+    /// time over the run per delivery (from /proc).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
     /// Connections in all [default: 100].
     #[arg(long)]
     pub conns: Option<u64>,
-    /// Messages per second in all (chat) or publishes per second (fanout) [default: 1000].
+    /// Messages per second in all (chat), publishes per second (fanout) or reconnections per
+    /// second (churn) [default: 1000].
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Mixed: reconnections per second among its idle half [default: 0].
+    #[arg(long)]
+    pub churn_rate: Option<f64>,
     /// Length of the measured run: 30s, 500ms, 2m [default: 10s].
     #[arg(long)]
     pub duration: Option<String>,
@@ -187,8 +201,11 @@ pub struct FileOptions {
     pub scenario: Option<String>,
     pub target: Option<String>,
     pub codec: Option<String>,
+    pub protocol: Option<String>,
+    pub group: Option<bool>,
     pub conns: Option<u64>,
     pub rate: Option<f64>,
+    pub churn_rate: Option<f64>,
     pub duration: Option<String>,
     pub ramp: Option<f64>,
     pub payload: Option<usize>,
@@ -238,8 +255,12 @@ pub struct Options {
     pub scenario: Scenario,
     pub target: Target,
     pub codec: CodecId,
+    pub protocol: Protocol,
+    pub group: bool,
+    pub server_pid: Option<u32>,
     pub conns: u64,
     pub rate: f64,
+    pub churn_rate: f64,
     pub duration: Duration,
     pub ramp: f64,
     pub payload: usize,
@@ -371,7 +392,7 @@ impl Options {
             .or(file.scenario)
             .ok_or("no scenario: give one (chat, idle, connect-storm, fanout)")?;
         let scenario = Scenario::from_name(&scenario_name).ok_or_else(|| {
-            format!("unknown scenario {scenario_name:?} (chat, idle, connect-storm, fanout)")
+            format!("unknown scenario {scenario_name:?} (chat, idle, connect-storm, fanout, churn, offline-sync, mixed)")
         })?;
         let target = cli
             .target
@@ -382,6 +403,12 @@ impl Options {
         let codec = CodecId::from_name(&codec_name).ok_or_else(|| {
             format!("unknown codec {codec_name:?} (json, protobuf, msgpack, flatbuffers, hessian)")
         })?;
+        let protocol_name = cli
+            .protocol
+            .or(file.protocol)
+            .unwrap_or_else(|| "imgw".into());
+        let protocol = Protocol::from_name(&protocol_name)
+            .ok_or_else(|| format!("unknown protocol {protocol_name:?} (imgw, nats, plainws)"))?;
         let dur = |flag: Option<String>, file: Option<String>, default: &str| {
             parse_duration(flag.or(file).as_deref().unwrap_or(default))
         };
@@ -397,8 +424,12 @@ impl Options {
         let o = Options {
             scenario,
             codec,
+            protocol,
+            group: cli.group || file.group.unwrap_or(false),
+            server_pid: cli.server_pid,
             conns,
             rate: cli.rate.or(file.rate).unwrap_or(1000.0),
+            churn_rate: cli.churn_rate.or(file.churn_rate).unwrap_or(0.0),
             duration: dur(cli.duration, file.duration, "10s")?,
             ramp: cli.ramp.or(file.ramp).unwrap_or(0.0),
             payload: cli.payload.or(file.payload).unwrap_or(64),
@@ -427,11 +458,27 @@ impl Options {
     }
 
     fn check(&self) -> Result<(), String> {
-        if let Some(why) = self.scenario.unsupported() {
-            return Err(format!(
-                "{}: not supported yet: {why}",
-                self.scenario.name()
-            ));
+        if self.protocol != Protocol::Imgw {
+            if self.target.transport != Transport::Ws {
+                return Err(format!(
+                    "--protocol {} needs a ws:// target",
+                    self.protocol.name()
+                ));
+            }
+            if !matches!(
+                self.scenario,
+                Scenario::Idle
+                    | Scenario::Chat
+                    | Scenario::Fanout
+                    | Scenario::ConnectStorm
+                    | Scenario::Churn
+            ) {
+                return Err(format!(
+                    "{} is not available with --protocol {} (idle, chat, fanout, connect-storm, churn are)",
+                    self.scenario.name(),
+                    self.protocol.name()
+                ));
+            }
         }
         if self.conns == 0 {
             return Err("--conns must be at least 1".into());
@@ -445,7 +492,7 @@ impl Options {
             ));
         }
         let finite = |x: f64| x.is_finite() && x >= 0.0;
-        if !finite(self.rate) || !finite(self.ramp) {
+        if !finite(self.rate) || !finite(self.ramp) || !finite(self.churn_rate) {
             return Err("--rate and --ramp must be finite and not negative".into());
         }
         if self.payload > MAX_PAYLOAD {
@@ -508,6 +555,8 @@ impl Options {
                     scenario: self.scenario,
                     target: self.target.clone(),
                     codec: self.codec.name().to_owned(),
+                    protocol: self.protocol,
+                    group: self.group,
                     worker: i as u32,
                     threads: self.threads,
                     conns,
@@ -517,6 +566,7 @@ impl Options {
                     first_slice,
                     slices: w * u64::from(self.threads),
                     rate: self.rate * share,
+                    churn_rate: self.churn_rate * share,
                     ramp: if self.conns == 0 {
                         0.0
                     } else {
@@ -547,6 +597,11 @@ pub struct Plan {
     pub scenario: Scenario,
     pub target: Target,
     pub codec: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Fanout through a group (imgw) or a topic (peers): one publish per event.
+    #[serde(default)]
+    pub group: bool,
     pub worker: u32,
     pub threads: u32,
     /// Connections of this worker: `units` whole units, then `lone` connections.
@@ -560,6 +615,9 @@ pub struct Plan {
     pub slices: u64,
     /// Events per second of this worker: messages (chat) or publishes (fanout).
     pub rate: f64,
+    /// Mixed: reconnections per second of this worker.
+    #[serde(default)]
+    pub churn_rate: f64,
     /// New connections per second of this worker; 0 = as fast as possible.
     pub ramp: f64,
     pub payload: usize,
@@ -703,10 +761,18 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_scenarios_say_why() {
-        let e = Options::resolve(cli(&["offline-sync", "--target", "ws://127.0.0.1:1/ws"]))
-            .unwrap_err();
-        assert!(e.contains("gateway does not support yet"), "{e}");
+    fn unknown_and_unsupported_scenarios_say_why() {
+        let e = Options::resolve(cli(&["bogus", "--target", "ws://127.0.0.1:1/ws"])).unwrap_err();
+        assert!(e.contains("unknown scenario"), "{e}");
+        let e = Options::resolve(cli(&[
+            "offline-sync",
+            "--protocol",
+            "nats",
+            "--target",
+            "ws://127.0.0.1:1/",
+        ]))
+        .unwrap_err();
+        assert!(e.contains("not available with --protocol nats"), "{e}");
         assert!(Options::resolve(cli(&["chat"])).is_err(), "no target");
     }
 

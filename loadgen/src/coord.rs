@@ -39,6 +39,9 @@ pub fn run(o: &Options) -> ExitCode {
     let started = Instant::now();
     let mut progress = Progress::new(o.quiet, o.scenario.sends());
     let plans = o.plans();
+    let rss_before = o.server_pid.map(rss_kib);
+    let mut rss_connected = 0;
+    let mut cpu_at_go = 0.0;
     let (tx, rx) = mpsc::channel::<Event>();
     let mut workers = Vec::new();
     for plan in &plans {
@@ -175,6 +178,10 @@ pub fn run(o: &Options) -> ExitCode {
                 o.duration.as_secs_f64()
             ));
             go_at = Some(Instant::now());
+            if let Some(pid) = o.server_pid {
+                rss_connected = rss_kib(pid);
+                cpu_at_go = cpu_secs(pid);
+            }
             for w in &mut workers {
                 if let Some(stdin) = w.stdin.as_mut() {
                     let _ = stdin.write_all(b"go\n").and_then(|_| stdin.flush());
@@ -182,6 +189,10 @@ pub fn run(o: &Options) -> ExitCode {
             }
         }
     }
+    let cpu_run = o
+        .server_pid
+        .filter(|_| go_at.is_some())
+        .map(|pid| (cpu_secs(pid) - cpu_at_go).max(0.0));
     for t in merger.flush() {
         record(&t, &mut series, &mut setup_series);
         progress.tick(&t);
@@ -198,7 +209,27 @@ pub fn run(o: &Options) -> ExitCode {
         _ => Duration::ZERO,
     }
     .as_secs_f64();
-    let report = Report::new(o, &total, series, setup_series, problems, wall, run_s);
+    let mut report = Report::new(o, &total, series, setup_series, problems, wall, run_s);
+    if let (Some(pid), Some(before)) = (o.server_pid, rss_before) {
+        let cpu = cpu_run.unwrap_or(0.0);
+        let delivered = total.tally.delivered;
+        report.server_proc = Some(crate::report::ServerProc {
+            pid,
+            rss_before_kib: before,
+            rss_connected_kib: rss_connected,
+            rss_per_conn_bytes: if total.connected > 0 {
+                (rss_connected as f64 - before as f64) * 1024.0 / total.connected as f64
+            } else {
+                0.0
+            },
+            cpu_run_s: cpu,
+            cpu_per_delivery_us: if delivered > 0 {
+                cpu * 1e6 / delivered as f64
+            } else {
+                0.0
+            },
+        });
+    }
     print!("{}", report.summary());
     let mut ok = report.pass;
     if let Err(e) = write_outputs(o, &report, &total) {
@@ -339,4 +370,59 @@ fn write_outputs(o: &Options, report: &Report, total: &Final) -> Result<(), Stri
         .map_err(|e| format!("--svg {}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+/// VmRSS of a process in KiB (0 if unreadable).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// utime + stime of a process (all its threads) in seconds (0 if unreadable).
+pub fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    parse_stat_cpu(&stat).unwrap_or(0.0) / clock_ticks()
+}
+
+/// utime + stime, in clock ticks, from a /proc/PID/stat line (fields 14 and 15; the command
+/// name in parentheses may hold spaces).
+pub fn parse_stat_cpu(stat: &str) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": field 3 (state) is f[0], so field N is f[N - 3].
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a constant.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_cpu_fields() {
+        let line = "1234 (my (odd) proc) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 \
+                    4 0 100 1000000 300 18446744073709551615";
+        assert_eq!(parse_stat_cpu(line), Some(300.0));
+        assert_eq!(parse_stat_cpu("garbage"), None);
+        assert!(rss_kib(std::process::id()) > 0);
+        assert!(cpu_secs(std::process::id()) >= 0.0);
+    }
 }

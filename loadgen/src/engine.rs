@@ -26,11 +26,15 @@ use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use imgw::client::{Client, ClientConfig, ClientError};
-use imgw::protocol::{Ack, Envelope, Ext, Message, Ping, Pong, Send, Str, Target};
+use imgw::protocol::{
+    Ack, Envelope, Ext, GroupJoin, Hello, Message, Ping, Pong, Resume, Send, Str, Target,
+    CURRENT_VERSION,
+};
 
-use crate::config::{Plan, Scenario, ThreadShare, MIN_PAYLOAD};
+use crate::config::{Plan, Protocol, Scenario, ThreadShare, MIN_PAYLOAD};
 use crate::hist::Hist;
 use crate::integrity::{ConvTrack, Delivery};
+use crate::peer::{PeerConn, PeerError, Received};
 use crate::poller::Poller;
 use crate::schedule::Schedule;
 use crate::stats::{Counters, Final, ServerLimits, Stage, Tick};
@@ -38,6 +42,9 @@ use crate::stats::{Counters, Final, ServerLimits, Stage, Tick};
 const SECOND_US: u64 = 1_000_000;
 /// Most overdue sends taken before looking at the sockets again.
 const SEND_BURST: usize = 256;
+/// Group fan-out: deliveries per cumulative `ack`, and the sweep that acks the rest.
+const ACK_BATCH: u64 = 32;
+const ACK_SWEEP_US: u64 = 100_000;
 /// How often the grace period checks whether every conversation is settled.
 const SETTLE_CHECK_US: u64 = 10_000;
 /// Notes (shown live) per thread at most; later ones only count in the error map.
@@ -102,10 +109,22 @@ pub enum ThreadMsg {
 
 struct Conn {
     client: Option<Client>,
+    /// The connection when the protocol is a peer's (nats, plainws).
+    peer: Option<PeerConn>,
     user: Str,
     /// Highest `inbox_seq` delivered, and the highest acked to the server.
     ack_to: u64,
     acked_to: u64,
+    /// A heartbeat for this connection is in the queue.
+    ping_armed: bool,
+    /// Offline-sync: reconnect with `hello.resume` from this inbox sequence.
+    resume: Option<u64>,
+}
+
+impl Conn {
+    fn alive(&self) -> bool {
+        self.client.is_some() || self.peer.is_some()
+    }
 }
 
 struct Conv {
@@ -164,6 +183,18 @@ pub struct Engine<'a> {
     fin: Final,
     open: u64,
     body: String,
+    /// Fanout: one publish per event to a group or topic (not one send per subscriber).
+    pubsub: bool,
+    /// Peer reads: the thread's read buffer and what a read completed.
+    scratch: Vec<u8>,
+    rx: Received,
+    /// Offline-sync: 0 before, 1 offline, 2 back; the next pair to reconnect.
+    offline_state: u8,
+    offline_next: usize,
+    go_us: Option<u64>,
+    /// Mixed: reconnections of the idle half.
+    churn_sched: Option<Schedule>,
+    next_ack_sweep_us: u64,
 }
 
 impl<'a> Engine<'a> {
@@ -183,6 +214,7 @@ impl<'a> Engine<'a> {
         let conns: Vec<Conn> = (0..n)
             .map(|i| Conn {
                 client: None,
+                peer: None,
                 user: Str::from(format!(
                     "{}{}",
                     plan.user_prefix,
@@ -190,6 +222,8 @@ impl<'a> Engine<'a> {
                 )),
                 ack_to: 0,
                 acked_to: 0,
+                ping_armed: false,
+                resume: None,
             })
             .collect();
         let mut convs = Vec::new();
@@ -197,7 +231,9 @@ impl<'a> Engine<'a> {
         for u in 0..share.units as usize {
             let base = u * unit as usize;
             match plan.scenario {
-                Scenario::Chat => {
+                // Mixed: only the first half of the pairs chat.
+                Scenario::Mixed if u >= (share.units as usize).div_ceil(2) => {}
+                Scenario::Chat | Scenario::OfflineSync | Scenario::Mixed => {
                     convs.push(Conv {
                         from: base,
                         to: base + 1,
@@ -264,6 +300,19 @@ impl<'a> Engine<'a> {
             fin,
             open: 0,
             body: String::new(),
+            pubsub: plan.scenario == Scenario::Fanout
+                && (plan.group || plan.protocol != Protocol::Imgw),
+            scratch: if plan.protocol == Protocol::Imgw {
+                Vec::new()
+            } else {
+                vec![0; 64 * 1024]
+            },
+            rx: Received::default(),
+            offline_state: 0,
+            offline_next: 0,
+            go_us: None,
+            churn_sched: None,
+            next_ack_sweep_us: 0,
         })
     }
 
@@ -314,12 +363,19 @@ impl<'a> Engine<'a> {
                         self.send_event(k, intended);
                         burst += 1;
                     }
+                    if self.plan.scenario == Scenario::OfflineSync {
+                        self.offline_step(now);
+                    }
+                    self.mixed_churn(now);
                     if now >= self.run_end_us {
                         self.phase = Phase::Grace;
                         self.grace_end_us = self.run_end_us.saturating_add(self.plan.grace_us);
                     }
                 }
                 Phase::Grace => {
+                    if self.plan.scenario == Scenario::OfflineSync {
+                        self.offline_step(now);
+                    }
                     if now >= self.grace_end_us {
                         self.phase = Phase::Done;
                     } else if now >= self.next_settle_check_us {
@@ -332,6 +388,13 @@ impl<'a> Engine<'a> {
                 Phase::Done => {}
             }
             self.heartbeats(now);
+            if self.pubsub && self.plan.protocol == Protocol::Imgw && now >= self.next_ack_sweep_us
+            {
+                self.next_ack_sweep_us = now + ACK_SWEEP_US;
+                for i in 0..self.conns.len() {
+                    self.send_ack(i);
+                }
+            }
             self.ticks(now);
             if self.phase == Phase::Done {
                 break;
@@ -354,6 +417,9 @@ impl<'a> Engine<'a> {
     /// When the loop must look again at the latest.
     fn next_wake(&self, now: u64) -> u64 {
         let mut wake = self.next_tick_us;
+        if self.pubsub && self.plan.protocol == Protocol::Imgw {
+            wake = wake.min(self.next_ack_sweep_us.max(now + 1));
+        }
         if let Some(Reverse((due, _))) = self.pings.peek() {
             wake = wake.min(*due);
         }
@@ -363,7 +429,19 @@ impl<'a> Engine<'a> {
             Phase::Run => {
                 wake = wake
                     .min(self.sched.next_due().unwrap_or(self.run_end_us))
-                    .min(self.run_end_us)
+                    .min(self.run_end_us);
+                if let Some(due) = self.churn_sched.as_ref().and_then(Schedule::next_due) {
+                    wake = wake.min(due);
+                }
+                if let (Some(go), true) = (self.go_us, self.plan.scenario == Scenario::OfflineSync)
+                {
+                    let d = self.plan.duration_us;
+                    wake = match self.offline_state {
+                        0 => wake.min(go + d / 3),
+                        1 => wake.min((go + 2 * d / 3).max(now + 1)),
+                        _ => wake,
+                    };
+                }
             }
             Phase::Grace => wake = wake.min(self.next_settle_check_us).min(self.grace_end_us),
             Phase::Done => wake = now,
@@ -406,6 +484,10 @@ impl<'a> Engine<'a> {
     }
 
     fn connect_one(&mut self, i: usize, intended: u64) {
+        if self.plan.protocol != Protocol::Imgw {
+            self.connect_peer(i, intended);
+            return;
+        }
         let start = self.now();
         self.first_attempt_us.get_or_insert(start);
         let worker_index = self.share.first_conn - self.plan.first_conn + i as u64;
@@ -414,7 +496,35 @@ impl<'a> Engine<'a> {
             None => Client::connect(&self.cfg),
         }
         .and_then(|mut client| {
-            let welcome = client.hello(&self.conns[i].user, "lg")?;
+            let welcome = match self.conns[i].resume {
+                Some(seq) => client.hello_with(Hello {
+                    version: CURRENT_VERSION,
+                    token: self.conns[i].user.clone(),
+                    device: Str::from("lg"),
+                    codecs: Vec::new(),
+                    resume: Some(Resume { inbox_seq: seq }),
+                })?,
+                None => client.hello(&self.conns[i].user, "lg")?,
+            };
+            if let Some(group) = self.group_of(i) {
+                let r = client.next_ref();
+                let join = Message::GroupJoin(GroupJoin {
+                    group: Str::from(group),
+                });
+                client.send(&Envelope::with_ref(join, r))?;
+                let timeout = Duration::from_micros(self.plan.connect_timeout_us.max(1000));
+                let reply = client.recv_until(|e| e.reference == Some(r), timeout)?;
+                match reply.msg {
+                    Message::Ok => {}
+                    Message::Error(e) => return Err(ClientError::Refused(e)),
+                    other => {
+                        return Err(ClientError::Protocol(format!(
+                            "group_join answered with {}",
+                            other.op().name()
+                        )))
+                    }
+                }
+            }
             client.set_nonblocking(true)?;
             Ok((client, welcome))
         });
@@ -434,7 +544,8 @@ impl<'a> Engine<'a> {
                 if self.hb_us == 0 {
                     self.hb_us = self.plan.heartbeat_ms.unwrap_or(welcome.heartbeat_ms) * 1000;
                 }
-                if self.hb_us > 0 {
+                if self.hb_us > 0 && !self.conns[i].ping_armed {
+                    self.conns[i].ping_armed = true;
                     // Spread the first pings over one interval (golden-ratio sequence).
                     let frac = (i as f64 * 0.618_033_988_75).fract();
                     let due = done + 1 + (self.hb_us as f64 * frac) as u64;
@@ -450,6 +561,78 @@ impl<'a> Engine<'a> {
                 self.tick_handshake.record(lat);
             }
             Err(e) => self.connect_failed(&e),
+        }
+    }
+
+    /// The group (imgw) or topic (peers) connection `i` joins or publishes to in pub/sub
+    /// fanout: one per publisher, named after the publisher's global connection index.
+    fn group_of(&self, i: usize) -> Option<String> {
+        if !self.pubsub {
+            return None;
+        }
+        let unit = self.plan.unit_size() as usize;
+        let base = i - i % unit;
+        if base + unit > self.share.units as usize * unit {
+            return None; // a lone connection
+        }
+        Some(format!(
+            "{}t{}",
+            self.plan.user_prefix,
+            self.share.first_conn + base as u64
+        ))
+    }
+
+    /// Connects to a peer server; subscribes to what the scenario needs.
+    fn connect_peer(&mut self, i: usize, intended: u64) {
+        let start = self.now();
+        self.first_attempt_us.get_or_insert(start);
+        let worker_index = self.share.first_conn - self.plan.first_conn + i as u64;
+        let timeout = Duration::from_micros(self.plan.connect_timeout_us.max(1000));
+        let topic = match self.plan.scenario {
+            Scenario::Chat if i < self.share.units as usize * 2 => {
+                Some(self.conns[i].user.to_string())
+            }
+            Scenario::Fanout => self
+                .group_of(i)
+                .filter(|_| !i.is_multiple_of(self.plan.unit_size() as usize)),
+            _ => None,
+        };
+        let res = PeerConn::connect(
+            self.plan.protocol,
+            self.plan.target.addr,
+            &self.plan.target.ws_path,
+            self.plan.source(worker_index),
+            timeout,
+        )
+        .and_then(|mut c| {
+            if let Some(t) = &topic {
+                c.subscribe(t, timeout)?;
+            }
+            c.set_nonblocking(true)?;
+            Ok(c)
+        });
+        let done = self.now();
+        match res {
+            Ok(c) => {
+                if let Err(e) = self.poller.add(c.as_raw_fd(), i as u64) {
+                    self.connect_failed(&ClientError::Io(e));
+                    return;
+                }
+                self.conns[i].peer = Some(c);
+                self.open += 1;
+                self.connected += 1;
+                self.c.connects_ok += 1;
+                self.last_hello_us = done;
+                let lat = done.saturating_sub(intended.min(start));
+                self.fin.handshake.record(lat);
+                self.tick_handshake.record(lat);
+            }
+            Err(PeerError::Io(e)) => self.connect_failed(&ClientError::Io(e)),
+            Err(PeerError::Timeout) => self.connect_failed(&ClientError::Timeout),
+            Err(e) => {
+                self.c.connects_failed += 1;
+                self.error(format!("connect: {e}"));
+            }
         }
     }
 
@@ -490,23 +673,40 @@ impl<'a> Engine<'a> {
             self.emit_tick(false);
         }
         self.stage = Stage::Run;
+        self.go_us = Some(go);
         self.tick_k = 0;
         self.next_tick_us = go + SECOND_US;
         self.run_end_us = go + self.plan.duration_us;
-        let rate = if self.plan.scenario.sends() {
+        let rate = if self.plan.scenario.scheduled() {
             self.share.rate
         } else {
             0.0
         };
         self.sched = Schedule::new(go, rate, self.share.phase, self.run_end_us);
+        if self.plan.scenario == Scenario::Mixed
+            && self.plan.churn_rate > 0.0
+            && self.plan.units > 0
+        {
+            let r = self.plan.churn_rate * self.share.units as f64 / self.plan.units as f64;
+            self.churn_sched = Some(Schedule::new(go, r, self.share.phase, self.run_end_us));
+        }
         self.phase = Phase::Run;
     }
 
     fn send_event(&mut self, k: u64, intended: u64) {
         match self.plan.scenario {
-            Scenario::Chat if !self.convs.is_empty() => {
+            Scenario::Chat | Scenario::OfflineSync | Scenario::Mixed if !self.convs.is_empty() => {
                 let c = (k % self.convs.len() as u64) as usize;
                 self.send_conv(c, intended);
+            }
+            Scenario::Churn if !self.conns.is_empty() => {
+                let i = (k % self.conns.len() as u64) as usize;
+                self.close_quietly(i);
+                self.connect_one(i, intended);
+            }
+            Scenario::Fanout if !self.publishers.is_empty() && self.pubsub => {
+                let p = (k % self.publishers.len() as u64) as usize;
+                self.publish_fanout(p, intended);
             }
             Scenario::Fanout if !self.publishers.is_empty() => {
                 let p = (k % self.publishers.len() as u64) as usize;
@@ -519,19 +719,98 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn send_conv(&mut self, c: usize, intended: u64) {
-        let (from, to) = (self.convs[c].from, self.convs[c].to);
-        if self.conns[from].client.is_none() || self.conns[to].client.is_none() {
-            self.c.skipped += 1;
-            return;
-        }
-        let seq = self.convs[c].track.next_seq();
+    /// Fills `body` with `tag:seq:intended:` and padding; returns the header's length.
+    fn fill_body(&mut self, tag: usize, seq: u64, intended: u64) -> usize {
         self.body.clear();
-        let _ = write!(self.body, "{c}:{seq}:{intended}:");
+        let _ = write!(self.body, "{tag}:{seq}:{intended}:");
         let header = self.body.len() - 1;
         let want = self.plan.payload.max(MIN_PAYLOAD);
         while self.body.len() < want {
             self.body.push('x');
+        }
+        header
+    }
+
+    /// Pub/sub fanout: one publish to the publisher's group or topic; every subscriber's
+    /// conversation advances by the same sequence number. The body's tag is the publisher's
+    /// index in this thread.
+    fn publish_fanout(&mut self, p: usize, intended: u64) {
+        let first = self.publishers[p][0];
+        let from = self.convs[first].from;
+        if !self.conns[from].alive() {
+            self.c.skipped += self.publishers[p].len() as u64;
+            return;
+        }
+        let seq = self.convs[first].track.next_seq();
+        let header = self.fill_body(p, seq, intended);
+        let Some(group) = self.group_of(from) else {
+            return;
+        };
+        let res = if let Some(peer) = self.conns[from].peer.as_mut() {
+            peer.publish(&group, &self.body).map_err(|e| e.to_string())
+        } else if let Some(client) = self.conns[from].client.as_mut() {
+            let env = Envelope::new(Message::Send(Send {
+                to: Target::Group(Str::from(group)),
+                cmid: Str::from(&self.body[..header]),
+                kind: None,
+                body: Str::from(self.body.as_str()),
+                ext: Ext::new(),
+            }));
+            client.send(&env).map_err(|e| short_error(&e))
+        } else {
+            return;
+        };
+        match res {
+            Ok(()) => {
+                let peer = self.plan.protocol != Protocol::Imgw;
+                for j in 0..self.publishers[p].len() {
+                    let c = self.publishers[p][j];
+                    let track = &mut self.convs[c].track;
+                    if peer {
+                        // No acknowledgement in the peers' protocols: written counts as accepted.
+                        track.mark_sent_accepted();
+                    } else {
+                        track.mark_sent();
+                    }
+                }
+                let n = self.publishers[p].len() as u64;
+                self.c.sent += n;
+                if peer {
+                    self.c.acked += n;
+                }
+                let now = self.now();
+                self.fin.send_lag.record(now.saturating_sub(intended));
+            }
+            Err(e) => self.drop_conn(from, format!("publish: {e}")),
+        }
+    }
+
+    fn send_conv(&mut self, c: usize, intended: u64) {
+        let (from, to) = (self.convs[c].from, self.convs[c].to);
+        // Offline-sync sends to offline users on purpose: they get it when they come back.
+        let offline_ok = self.plan.scenario == Scenario::OfflineSync;
+        if !self.conns[from].alive() || !(offline_ok || self.conns[to].alive()) {
+            self.c.skipped += 1;
+            return;
+        }
+        let seq = self.convs[c].track.next_seq();
+        let header = self.fill_body(c, seq, intended);
+        if self.conns[from].peer.is_some() {
+            let topic = self.conns[to].user.to_string();
+            let Some(peer) = self.conns[from].peer.as_mut() else {
+                return;
+            };
+            match peer.publish(&topic, &self.body) {
+                Ok(()) => {
+                    self.convs[c].track.mark_sent_accepted();
+                    self.c.sent += 1;
+                    self.c.acked += 1;
+                    let now = self.now();
+                    self.fin.send_lag.record(now.saturating_sub(intended));
+                }
+                Err(e) => self.drop_conn(from, format!("publish: {e}")),
+            }
+            return;
         }
         let env = Envelope::new(Message::Send(Send {
             to: Target::User(self.conns[to].user.clone()),
@@ -561,6 +840,7 @@ impl<'a> Engine<'a> {
             }
             self.pings.pop();
             let Some(client) = self.conns[i].client.as_mut() else {
+                self.conns[i].ping_armed = false;
                 continue;
             };
             let ping = Envelope::new(Message::Ping(Ping { ts: now }));
@@ -579,12 +859,24 @@ impl<'a> Engine<'a> {
     // Reading.
 
     fn read_conn(&mut self, i: usize) {
+        if self.plan.protocol != Protocol::Imgw {
+            self.read_peer(i);
+            return;
+        }
         loop {
             let Some(client) = self.conns.get_mut(i).and_then(|c| c.client.as_mut()) else {
                 return;
             };
             match client.recv() {
-                Ok(env) => self.on_message(i, env),
+                Ok(env) => {
+                    // Level-triggered epoll reports the socket again if more arrived: no read
+                    // that would only find it empty.
+                    let more = client.has_buffered_input();
+                    self.on_message(i, env);
+                    if !more {
+                        break;
+                    }
+                }
                 Err(ClientError::Timeout) => break,
                 Err(ClientError::Closed { code, reason }) => {
                     self.c.closed_by_server += 1;
@@ -604,6 +896,16 @@ impl<'a> Engine<'a> {
                 }
             }
         }
+        // Group fan-out: a cumulative ack per ACK_BATCH deliveries (and the rest on the
+        // periodic sweep), as a client would batch them; otherwise after every read.
+        let batch = if self.pubsub { ACK_BATCH } else { 1 };
+        if self.conns[i].ack_to >= self.conns[i].acked_to + batch {
+            self.send_ack(i);
+        }
+    }
+
+    /// Sends a cumulative `ack` for what connection `i` received, if anything is unacked.
+    fn send_ack(&mut self, i: usize) {
         let conn = &mut self.conns[i];
         if self.plan.client_ack && conn.ack_to > conn.acked_to {
             let upto = conn.ack_to;
@@ -619,6 +921,75 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Reads what a peer connection has (one read, more only if the buffer filled).
+    fn read_peer(&mut self, i: usize) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut rx = std::mem::take(&mut self.rx);
+        for _ in 0..8 {
+            rx.clear();
+            let Some(peer) = self.conns.get_mut(i).and_then(|c| c.peer.as_mut()) else {
+                break;
+            };
+            let res = peer.read_some(&mut scratch, &mut rx);
+            let now = self.now();
+            for k in 0..rx.spans.len() {
+                let (a, b) = rx.spans[k];
+                match parse_tag_bytes(&rx.data[a..b]) {
+                    Some((tag, seq, intended)) => self.on_data(i, tag, seq, intended, now),
+                    None => self.error("deliver: not a loadgen message".into()),
+                }
+            }
+            for note in rx.notes.drain(..) {
+                let key = format!("server: {}", note.chars().take(80).collect::<String>());
+                self.error(key);
+            }
+            match res {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    if matches!(e, PeerError::Closed(_)) {
+                        self.c.closed_by_server += 1;
+                    }
+                    self.drop_conn(i, format!("recv: {e}"));
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+        self.rx = rx;
+    }
+
+    /// A delivery to connection `i` whose body carries `tag:seq:intended`: the tag is the
+    /// conversation, or in pub/sub fanout the publisher's index in this thread.
+    fn on_data(&mut self, i: usize, tag: usize, seq: u64, intended: u64, now: u64) {
+        let conv = if self.pubsub {
+            self.publishers.get(tag).and_then(|convs| {
+                let from = self.convs[*convs.first()?].from;
+                let s = i.checked_sub(from + 1)?;
+                convs.get(s).copied()
+            })
+        } else {
+            Some(tag)
+        };
+        let Some(c) = conv.filter(|c| self.convs.get(*c).is_some_and(|cv| cv.to == i)) else {
+            self.error("deliver: to the wrong connection".into());
+            return;
+        };
+        match self.convs[c].track.on_deliver(seq) {
+            Delivery::InOrder | Delivery::OutOfOrder => {
+                self.c.delivered += 1;
+                let lat = now.saturating_sub(intended);
+                self.fin.latency.record(lat);
+                self.tick_latency.record(lat);
+            }
+            Delivery::Duplicate => {
+                self.c.duplicates += 1;
+                self.error("deliver: duplicate".into());
+            }
+            Delivery::Unknown => self.error("deliver: sequence never sent".into()),
+        }
+    }
+
     fn on_message(&mut self, i: usize, env: Envelope) {
         let now = self.now();
         match env.msg {
@@ -629,6 +1000,14 @@ impl<'a> Engine<'a> {
                     self.error("deliver: not a loadgen message".into());
                     return;
                 };
+                if self.pubsub {
+                    if *d.from == *self.conns[i].user {
+                        // The publisher's own group message (not a delivery to count).
+                        return;
+                    }
+                    self.on_data(i, c, seq, intended, now);
+                    return;
+                }
                 let valid = self
                     .convs
                     .get(c)
@@ -651,6 +1030,22 @@ impl<'a> Engine<'a> {
                     Delivery::Unknown => self.error("deliver: sequence never sent".into()),
                 }
             }
+            Message::SendAck(a) if self.pubsub => match parse_tag(&a.cmid) {
+                Some((p, seq, intended)) if p < self.publishers.len() => {
+                    let mut ok = false;
+                    for j in 0..self.publishers[p].len() {
+                        let c = self.publishers[p][j];
+                        ok |= self.convs[c].track.on_ack(seq);
+                        self.c.acked += 1;
+                    }
+                    if ok {
+                        self.fin.ack_latency.record(now.saturating_sub(intended));
+                    } else {
+                        self.error("send_ack: duplicate or unknown".into());
+                    }
+                }
+                _ => self.error("send_ack: unknown cmid".into()),
+            },
             Message::SendAck(a) => match parse_tag(&a.cmid) {
                 Some((c, seq, intended)) if c < self.convs.len() => {
                     if self.convs[c].track.on_ack(seq) {
@@ -665,7 +1060,15 @@ impl<'a> Engine<'a> {
             Message::Error(e) => {
                 let key = format!("server error: {}", e.code.name());
                 if let Some((c, seq, _)) = e.cmid.as_deref().and_then(parse_tag) {
-                    if c < self.convs.len() && self.convs[c].track.on_refused(seq) {
+                    if self.pubsub {
+                        if let Some(convs) = self.publishers.get(c) {
+                            for &cv in convs {
+                                if self.convs[cv].track.on_refused(seq) {
+                                    self.c.refused += 1;
+                                }
+                            }
+                        }
+                    } else if c < self.convs.len() && self.convs[c].track.on_refused(seq) {
                         self.c.refused += 1;
                     }
                 }
@@ -684,7 +1087,77 @@ impl<'a> Engine<'a> {
                 }
             }
             Message::Goaway(g) => self.error(format!("goaway: {}", g.reason)),
+            Message::Synced(_) => {}
             other => self.error(format!("unexpected {}", other.op().name())),
+        }
+    }
+
+    /// Offline-sync: a third into the run the second user of every pair goes offline; two
+    /// thirds in they come back (a few per call, so sending goes on meanwhile) with
+    /// `hello.resume` from the last inbox sequence each received.
+    fn offline_step(&mut self, now: u64) {
+        const RECONNECTS_PER_STEP: usize = 16;
+        let Some(go) = self.go_us else { return };
+        let d = self.plan.duration_us;
+        let pairs = self.share.units as usize;
+        if self.offline_state == 0 && now >= go + d / 3 {
+            self.offline_state = 1;
+            for u in 0..pairs {
+                let i = u * 2 + 1;
+                if self.conns[i].alive() {
+                    self.conns[i].resume = Some(self.conns[i].ack_to);
+                    self.close_quietly(i);
+                }
+            }
+            self.note(format!("{pairs} users went offline"));
+        }
+        if self.offline_state == 1 && now >= go + 2 * d / 3 {
+            let mut n = 0;
+            while self.offline_next < pairs && n < RECONNECTS_PER_STEP {
+                let i = self.offline_next * 2 + 1;
+                self.offline_next += 1;
+                if self.conns[i].resume.is_some() {
+                    let intended = self.now();
+                    self.connect_one(i, intended);
+                    n += 1;
+                }
+            }
+            if self.offline_next >= pairs {
+                self.offline_state = 2;
+                self.note(format!("{pairs} users came back with hello.resume"));
+            }
+        }
+    }
+
+    /// Mixed: reconnects the idle half's connections that are due, round robin.
+    fn mixed_churn(&mut self, now: u64) {
+        let pairs = self.share.units as usize;
+        let first_idle = pairs.div_ceil(2) * 2;
+        let idle = pairs * 2 - first_idle;
+        let mut burst = 0;
+        while burst < SEND_BURST {
+            let Some((k, intended)) = self.churn_sched.as_mut().and_then(|s| s.pop_due(now)) else {
+                break;
+            };
+            if idle == 0 {
+                continue;
+            }
+            let i = first_idle + (k % idle as u64) as usize;
+            self.close_quietly(i);
+            self.connect_one(i, intended);
+            burst += 1;
+        }
+    }
+
+    /// Closes connection `i` on purpose (churn): no error counted.
+    fn close_quietly(&mut self, i: usize) {
+        if let Some(client) = self.conns[i].client.take() {
+            let _ = self.poller.remove(client.as_raw_fd());
+            self.open = self.open.saturating_sub(1);
+        }
+        if let Some(peer) = self.conns[i].peer.take() {
+            let _ = self.poller.remove(peer.as_raw_fd());
+            self.open = self.open.saturating_sub(1);
         }
     }
 
@@ -693,6 +1166,11 @@ impl<'a> Engine<'a> {
             let _ = self.poller.remove(client.as_raw_fd());
             self.open = self.open.saturating_sub(1);
             drop(client);
+        }
+        if let Some(peer) = self.conns[i].peer.take() {
+            let _ = self.poller.remove(peer.as_raw_fd());
+            self.open = self.open.saturating_sub(1);
+            drop(peer);
         }
         self.error(why);
     }
@@ -796,6 +1274,36 @@ pub fn parse_tag(s: &str) -> Option<(usize, u64, u64)> {
     let c = it.next()?.parse().ok()?;
     let seq = it.next()?.parse().ok()?;
     let t = it.next()?.parse().ok()?;
+    Some((c, seq, t))
+}
+
+/// [`parse_tag`] on bytes, without a UTF-8 check or a string split (the peers' hot path).
+pub fn parse_tag_bytes(s: &[u8]) -> Option<(usize, u64, u64)> {
+    fn field(s: &[u8], i: &mut usize, last: bool) -> Option<u64> {
+        let start = *i;
+        let mut v: u64 = 0;
+        while let Some(&b) = s.get(*i) {
+            if b.is_ascii_digit() {
+                v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+                *i += 1;
+            } else {
+                break;
+            }
+        }
+        if *i == start {
+            return None;
+        }
+        match s.get(*i) {
+            Some(b':') => *i += 1,
+            None if last => {}
+            _ => return None,
+        }
+        Some(v)
+    }
+    let mut i = 0;
+    let c = usize::try_from(field(s, &mut i, false)?).ok()?;
+    let seq = field(s, &mut i, false)?;
+    let t = field(s, &mut i, true)?;
     Some((c, seq, t))
 }
 
@@ -926,6 +1434,18 @@ mod tests {
         assert_eq!(parse_tag("hello"), None);
         assert_eq!(parse_tag("1:2"), None);
         assert_eq!(parse_tag("a:2:3"), None);
+        for s in [
+            "3:17:123456:xxxx",
+            "3:17:123456",
+            "hello",
+            "1:2",
+            "a:2:3",
+            "1::3",
+            "",
+        ] {
+            assert_eq!(parse_tag_bytes(s.as_bytes()), parse_tag(s), "{s}");
+        }
+        assert_eq!(parse_tag_bytes(b"1:2:99999999999999999999999"), None);
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct ConvTrack {
     out_of_order: u64,
     unknown: u64,
     dup_acks: u64,
+    /// Every message was accepted as it was written ([`ConvTrack::mark_sent_accepted`]):
+    /// `acked` is not kept.
+    implicit_acks: bool,
 }
 
 impl ConvTrack {
@@ -79,6 +82,22 @@ impl ConvTrack {
     /// The message with [`ConvTrack::next_seq`] was written to the server.
     pub fn mark_sent(&mut self) {
         self.sent += 1;
+    }
+
+    /// The message with [`ConvTrack::next_seq`] was written and counts as accepted at once
+    /// (protocols without acknowledgements: the peers). Do not mix with [`ConvTrack::on_ack`].
+    pub fn mark_sent_accepted(&mut self) {
+        self.implicit_acks = true;
+        self.sent += 1;
+        self.acked_n += 1;
+    }
+
+    fn is_acked(&self, seq: u64) -> bool {
+        if self.implicit_acks {
+            seq < self.sent
+        } else {
+            self.acked.get(seq)
+        }
     }
 
     /// The server acknowledged `seq` (`send_ack`). Returns false for a sequence number never
@@ -97,7 +116,7 @@ impl ConvTrack {
 
     /// The server refused `seq` (an `error` naming its `cmid`: rate limited, overloaded, ...).
     pub fn on_refused(&mut self, seq: u64) -> bool {
-        if seq >= self.sent || self.refused.get(seq) || self.acked.get(seq) {
+        if seq >= self.sent || self.refused.get(seq) || self.is_acked(seq) {
             return false;
         }
         self.refused.set(seq);
@@ -116,7 +135,7 @@ impl ConvTrack {
             return Delivery::Duplicate;
         }
         self.delivered_n += 1;
-        if self.acked.get(seq) {
+        if self.is_acked(seq) {
             self.acked_delivered += 1;
         }
         match self.max_delivered {
@@ -142,7 +161,7 @@ impl ConvTrack {
         // messages are neither lost nor unconfirmed: they arrived.
         let mut unconfirmed = 0;
         for seq in 0..self.sent {
-            if !self.acked.get(seq) && !self.refused.get(seq) && !self.delivered.get(seq) {
+            if !self.is_acked(seq) && !self.refused.get(seq) && !self.delivered.get(seq) {
                 unconfirmed += 1;
             }
         }
@@ -328,5 +347,24 @@ mod tests {
         assert_eq!(total.unconfirmed, 1);
         assert_eq!(total.duplicates, 1);
         assert_eq!(total.conversations_with_loss, 1);
+    }
+
+    #[test]
+    fn implicit_acks_count_written_messages_as_accepted() {
+        let mut t = ConvTrack::default();
+        for _ in 0..4 {
+            t.mark_sent_accepted();
+        }
+        assert_eq!(t.on_deliver(0), Delivery::InOrder);
+        assert_eq!(t.on_deliver(2), Delivery::InOrder);
+        assert_eq!(t.on_deliver(2), Delivery::Duplicate);
+        assert_eq!(t.on_deliver(1), Delivery::OutOfOrder);
+        assert_eq!(t.on_deliver(9), Delivery::Unknown);
+        assert!(!t.settled());
+        let tally = t.tally();
+        assert_eq!((tally.sent, tally.acked, tally.delivered), (4, 4, 3));
+        assert_eq!((tally.lost, tally.unconfirmed, tally.duplicates), (1, 0, 1));
+        assert_eq!(t.on_deliver(3), Delivery::InOrder);
+        assert!(t.settled());
     }
 }

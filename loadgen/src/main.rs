@@ -1,7 +1,9 @@
 //! `loadgen`: the bundled load generator for imgw (SPEC 7 and 9).
 //!
 //! `loadgen SCENARIO --target ws://HOST:PORT/ws|tcp://HOST:PORT [options]` runs a scenario
-//! (chat, idle, connect-storm, fanout) from one or more worker processes and prints a summary;
+//! (chat, idle, connect-storm, fanout, churn, offline-sync, mixed) from one or more worker
+//! processes and prints a summary; `--protocol nats|plainws` speaks a peer server's protocol
+//! instead of imgw's (side-by-side runs, see [`peer`]);
 //! `loadgen --help` lists the options. `loadgen worker` is the hidden entry point of a worker
 //! process (see [`worker`]).
 //!
@@ -9,13 +11,15 @@
 //! [`worker`] (a worker process), [`engine`] (one thread's event loop and scenarios),
 //! [`schedule`] (open-loop timing), [`integrity`] (loss/duplicate/order accounting),
 //! [`hist`] (HdrHistogram), [`stats`] (reports and their merge), [`poller`] (epoll and
-//! timerfd), [`report`] (progress, summary, JSON), [`svg`] (the plot).
+//! timerfd), [`report`] (progress, summary, JSON), [`svg`] (the plot), [`peer`] (NATS over
+//! WebSocket and plain-ws pub/sub).
 
 mod config;
 mod coord;
 mod engine;
 mod hist;
 mod integrity;
+mod peer;
 mod poller;
 mod report;
 mod schedule;

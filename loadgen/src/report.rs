@@ -52,6 +52,22 @@ pub struct ConnectReport {
     pub handshake_us: Percentiles,
 }
 
+/// The server process, sampled from /proc when `--server-pid` is given.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ServerProc {
+    pub pid: u32,
+    /// VmRSS before the first connection, and once every connection is up (before `go`).
+    pub rss_before_kib: u64,
+    pub rss_connected_kib: u64,
+    /// (connected - before) / connections, in bytes.
+    pub rss_per_conn_bytes: f64,
+    /// utime + stime of the server from `go` to the last worker's final report (the run
+    /// and its grace period).
+    pub cpu_run_s: f64,
+    /// `cpu_run_s` per delivery, in microseconds (0 without deliveries).
+    pub cpu_per_delivery_us: f64,
+}
+
 /// Every figure of a run.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
@@ -59,6 +75,7 @@ pub struct Report {
     pub target: String,
     pub transport: String,
     pub codec: String,
+    pub protocol: String,
     pub conns: u64,
     pub connected: u64,
     pub open_at_end: u64,
@@ -107,6 +124,8 @@ pub struct Report {
     /// What kept the run from completing as asked (workers that failed, connections missing).
     pub problems: Vec<String>,
     pub pass: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_proc: Option<ServerProc>,
 }
 
 impl Report {
@@ -141,10 +160,11 @@ impl Report {
             target: o.target.url.clone(),
             transport: o.target.transport.name().into(),
             codec: o.codec.name().into(),
+            protocol: o.protocol.name().into(),
             conns: o.conns,
             connected: fin.connected,
             open_at_end: fin.open_at_end,
-            rate: if o.scenario.sends() { o.rate } else { 0.0 },
+            rate: if o.scenario.scheduled() { o.rate } else { 0.0 },
             fanout: (o.scenario == Scenario::Fanout).then_some(o.fanout),
             ramp: o.ramp,
             duration_s: o.duration.as_secs_f64(),
@@ -188,6 +208,7 @@ impl Report {
             violations,
             problems,
             pass,
+            server_proc: None,
         }
     }
 
@@ -336,6 +357,21 @@ impl Report {
                 self.loadgen_preempted
             ),
         );
+        if let Some(sp) = &self.server_proc {
+            t.row(
+                "server",
+                format!(
+                    "pid {}: RSS {} -> {} KiB ({:.0} B per connection); CPU {:.3} s over the \
+                     run = {:.3} us per delivery",
+                    sp.pid,
+                    sp.rss_before_kib,
+                    sp.rss_connected_kib,
+                    sp.rss_per_conn_bytes,
+                    sp.cpu_run_s,
+                    sp.cpu_per_delivery_us
+                ),
+            );
+        }
         for p in &self.problems {
             t.row("problem", p.clone());
         }

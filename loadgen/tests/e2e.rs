@@ -47,6 +47,10 @@ struct Gateway {
 
 impl Gateway {
     fn start() -> Gateway {
+        Gateway::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Gateway {
         let (ws, tcp, admin) = (free_port(), free_port(), free_port());
         let dir =
             std::env::temp_dir().join(format!("loadgen-e2e-{}-{}", std::process::id(), ws.port()));
@@ -60,6 +64,7 @@ impl Gateway {
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(["--log", "warn"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -218,9 +223,227 @@ fn a_refused_target_fails_clearly() {
 
 #[test]
 fn usage_errors_exit_2() {
-    let out = loadgen(&["offline-sync", "--target", "ws://127.0.0.1:9/ws"]);
+    let out = loadgen(&["bogus", "--target", "ws://127.0.0.1:9/ws"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not support yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scenario"));
+    let out = loadgen(&[
+        "chat",
+        "--protocol",
+        "mqtt",
+        "--target",
+        "ws://127.0.0.1:9/",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
     let out = loadgen(&["chat", "--target", "ws://192.0.2.1:80/ws"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn group_fanout_churn_and_offline_sync_against_a_real_gateway() {
+    let g = Gateway::start_with(&["--durability", "local"]);
+    let target = format!("ws://{}/ws", g.ws);
+    // Fan-out through one group: one send per publish, 20 copies each.
+    let out_json = g.dir.join("fanout.json");
+    let out = loadgen(&[
+        "fanout",
+        "--group",
+        "--target",
+        &target,
+        "--conns",
+        "21",
+        "--fanout",
+        "20",
+        "--rate",
+        "40",
+        "--duration",
+        "2s",
+        "--expect-no-loss",
+        "--json",
+        out_json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "fanout failed\n{stdout}");
+    let m = json(&out_json)["messages"].clone();
+    let sent = m["sent"].as_u64().unwrap();
+    assert!(sent >= 20 * 70, "{m}");
+    assert_eq!(m["delivered"].as_u64(), Some(sent), "{m}");
+    // Offline-sync: half the users leave and come back with hello.resume. Nothing may be
+    // lost; duplicates are counted, not failed on: a delivery pushed live while the resume
+    // page is read can arrive twice (at least once; a client drops it by inbox_seq).
+    let out_json = g.dir.join("offline.json");
+    let out = loadgen(&[
+        "offline-sync",
+        "--target",
+        &target,
+        "--conns",
+        "20",
+        "--rate",
+        "100",
+        "--duration",
+        "3s",
+        "--json",
+        out_json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "offline-sync failed\n{stdout}");
+    let r = json(&out_json);
+    assert_eq!(r["connect"]["ok"].as_u64(), Some(30), "{}", r["connect"]);
+    assert!(r["counters"]["skipped"].as_u64().unwrap() > 0);
+    let m = &r["messages"];
+    for zero in ["lost", "unconfirmed", "unknown"] {
+        assert_eq!(m[zero].as_u64(), Some(0), "{zero}: {m}");
+    }
+    assert!(m["delivered"].as_u64().unwrap() > 200, "{m}");
+    // Mixed: 10 pairs, 5 chatting at 100 msgs/s, the idle 10 connections churning 10/s.
+    let out_json = g.dir.join("mixed.json");
+    let out = loadgen(&[
+        "mixed",
+        "--target",
+        &target,
+        "--conns",
+        "20",
+        "--rate",
+        "100",
+        "--churn-rate",
+        "10",
+        "--duration",
+        "2s",
+        "--expect-no-loss",
+        "--json",
+        out_json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "mixed failed\n{stdout}");
+    let r = json(&out_json);
+    assert_eq!(r["messages"]["conversations"].as_u64(), Some(10));
+    let ok = r["connect"]["ok"].as_u64().unwrap();
+    assert!((37..=42).contains(&ok), "connects {ok}");
+    // Churn: 20 connections, 20 reconnections a second.
+    let out_json = g.dir.join("churn.json");
+    let out = loadgen(&[
+        "churn",
+        "--target",
+        &target,
+        "--conns",
+        "20",
+        "--rate",
+        "20",
+        "--duration",
+        "2s",
+        "--json",
+        out_json.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "churn failed\n{stdout}");
+    let r = json(&out_json);
+    let ok = r["connect"]["ok"].as_u64().unwrap();
+    assert!((55..=62).contains(&ok), "connects {ok}");
+    assert_eq!(r["open_at_end"].as_u64(), Some(20));
+}
+
+/// A minimal plain-ws pub/sub server (bench/peers/README.md) on a free port, one thread per
+/// connection, built from imgw's server-side WebSocket pieces.
+fn plain_ws_server() -> SocketAddr {
+    use imgw::ws::{self, Decoder, Event, Handshake, HandshakeConfig, Limits, Role};
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    type Subs = Arc<Mutex<HashMap<String, Vec<TcpStream>>>>;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let subs: Subs = Arc::default();
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { continue };
+            let subs = Arc::clone(&subs);
+            std::thread::spawn(move || {
+                let cfg = HandshakeConfig {
+                    path: "/".into(),
+                    ..HandshakeConfig::default()
+                };
+                let (mut got, mut out, mut chunk) = (Vec::new(), Vec::new(), [0u8; 4096]);
+                let consumed = loop {
+                    let Ok(n @ 1..) = sock.read(&mut chunk) else {
+                        return;
+                    };
+                    got.extend_from_slice(&chunk[..n]);
+                    match ws::accept(&cfg, &got, &mut out) {
+                        Handshake::Incomplete => {}
+                        Handshake::Accepted(up) => break up.consumed,
+                        Handshake::Rejected(_) => return,
+                    }
+                };
+                if sock.write_all(&out).is_err() {
+                    return;
+                }
+                let mut dec = Decoder::new(Role::Server, Limits::default());
+                let mut pending = got.split_off(consumed);
+                loop {
+                    let mut input = &mut pending[..];
+                    loop {
+                        let text = match dec.next_event(&mut input) {
+                            Ok(Some(Event::Text(t))) => t.to_owned(),
+                            Ok(Some(_)) => continue,
+                            Ok(None) => break,
+                            Err(_) => return,
+                        };
+                        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+                            continue;
+                        };
+                        let topic = v["topic"].as_str().unwrap_or_default().to_owned();
+                        let mut subs = subs.lock().unwrap();
+                        match (v["op"].as_str(), v["data"].as_str()) {
+                            (Some("sub"), _) => {
+                                let clone = sock.try_clone().unwrap();
+                                subs.entry(topic).or_default().push(clone);
+                            }
+                            (Some("pub"), Some(data)) => {
+                                let mut frame = Vec::new();
+                                ws::write_text(&mut frame, data);
+                                for s in subs.get_mut(&topic).into_iter().flatten() {
+                                    let _ = s.write_all(&frame);
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    let Ok(n @ 1..) = sock.read(&mut chunk) else {
+                        return;
+                    };
+                    pending = chunk[..n].to_vec();
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn plainws_chat_and_fanout_against_a_pub_sub_server() {
+    let addr = plain_ws_server();
+    let target = format!("ws://{addr}/");
+    let dir = std::env::temp_dir().join(format!("loadgen-e2e-plain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (scenario, extra) in [
+        ("chat", &["--conns", "10", "--rate", "200"][..]),
+        (
+            "fanout",
+            &["--conns", "11", "--fanout", "10", "--rate", "50"][..],
+        ),
+    ] {
+        let out_json = dir.join(format!("{scenario}.json"));
+        let mut args = vec![scenario, "--protocol", "plainws", "--target", &target];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--duration", "2s", "--expect-no-loss", "--json"]);
+        args.push(out_json.to_str().unwrap());
+        let out = loadgen(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{scenario} failed\n{stdout}");
+        let m = json(&out_json)["messages"].clone();
+        let sent = m["sent"].as_u64().unwrap();
+        assert!(sent >= 300, "{scenario}: {m}");
+        assert_eq!(m["delivered"].as_u64(), Some(sent), "{scenario}: {m}");
+        assert_eq!(m["duplicates"].as_u64(), Some(0), "{scenario}: {m}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
