@@ -38,6 +38,11 @@ pub(super) struct Window {
     lagging: bool,
     /// A pump read is in flight.
     pumping: bool,
+    /// A `sync` (or `resume`) is under way: from its request until its last page (`more:
+    /// false`). Live pushes are held back meanwhile (the device is marked lagging) and the
+    /// pump resumes after the last page, so a message is never both pushed and paged, and
+    /// never pushed ahead of older pages.
+    syncing: bool,
     /// The highest `inbox_seq` acked and not yet handed to the store (0: none).
     cursor: u64,
 }
@@ -60,10 +65,11 @@ pub(super) enum IoWait {
         cmid: Str,
         deliver: Deliver,
     },
-    /// A `sync` (or `hello` with `resume`) page for a connection.
+    /// A `sync` (or `hello` with `resume`) page for a connection, after `after`.
     Sync {
         conn: ConnId,
         reference: Option<u64>,
+        after: u64,
     },
     /// `resume` without a sequence: the stored device cursor first, then a sync.
     ResumeCursor {
@@ -324,14 +330,25 @@ impl Shard {
                     self.reject(origin, reference, cmid, code, None);
                 }
             },
-            (IoWait::Sync { conn, reference }, IoReply::Inbox(r)) => {
-                self.sync_page(conn, reference, r, false);
+            (
+                IoWait::Sync {
+                    conn,
+                    reference,
+                    after,
+                },
+                IoReply::Inbox(r),
+            ) => {
+                self.sync_page(conn, reference, r, Some(after));
             }
             (IoWait::Pump { conn }, IoReply::Inbox(r)) => {
-                self.sync_page(conn, None, r, true);
+                self.sync_page(conn, None, r, None);
             }
             (IoWait::ResumeCursor { conn, reference }, IoReply::Cursor(r)) => {
                 let after = r.unwrap_or(0);
+                // `sync_request` holds pushes again, or lets them go if it is refused.
+                if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
+                    s.window.syncing = false;
+                }
                 self.sync_request(conn, reference, after, u32::MAX);
             }
             (
@@ -390,6 +407,11 @@ impl Shard {
         if seq <= w.last_pushed {
             return; // already pushed or synced
         }
+        if w.syncing {
+            // The sync's pages or the pump after them carry it (see `Window::syncing`).
+            w.lagging = true;
+            return;
+        }
         let in_order = w.last_pushed == 0 || seq == w.last_pushed + 1;
         if !in_order || w.lagging || w.pumping || w.unacked.len() >= w_max {
             if w.last_pushed == 0 {
@@ -430,7 +452,7 @@ impl Shard {
         };
         let Some(s) = c.session.as_mut() else { return };
         let room = w_max.saturating_sub(s.window.unacked.len());
-        if !s.window.lagging || s.window.pumping || room < w_max / 2 {
+        if !s.window.lagging || s.window.pumping || s.window.syncing || room < w_max / 2 {
             return;
         }
         s.window.pumping = true;
@@ -447,15 +469,17 @@ impl Shard {
         }
     }
 
-    /// A page from the store for `conn`: pumped pages enter the window; sync pages are sent
-    /// as they are and answered with `synced`.
+    /// A page from the store for `conn`: pumped pages (`sync_after` = `None`) enter the
+    /// window; sync pages (read after `sync_after`) are sent as they are and answered with
+    /// `synced`.
     fn sync_page(
         &mut self,
         conn: ConnId,
         reference: Option<u64>,
         page: Result<InboxPage, String>,
-        pump: bool,
+        sync_after: Option<u64>,
     ) {
+        let pump = sync_after.is_none();
         let clk = Clock {
             mono_ms: self.now_ms,
             unix_ms: 0,
@@ -464,7 +488,15 @@ impl Shard {
             Ok(p) => p,
             Err(_) => {
                 if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
-                    s.window.pumping = false;
+                    if pump {
+                        // Retried by the next ack or push, not at once.
+                        s.window.pumping = false;
+                    } else {
+                        s.window.syncing = false;
+                    }
+                }
+                if !pump {
+                    self.maybe_pump(conn);
                 }
                 if !pump {
                     self.reply_error(conn, reference, ErrorCode::Unavailable, "store read failed");
@@ -499,11 +531,16 @@ impl Shard {
             up_to = d.inbox_seq;
             self.emit(conn, &Envelope::new(Message::Deliver(d)));
         }
-        if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
-            if up_to > s.window.last_pushed && s.window.unacked.is_empty() {
-                // The device has everything up to here: pushes continue after it.
-                s.window.last_pushed = up_to;
+        if !page.more {
+            if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
+                // The device has everything up to here (an empty page: everything after the
+                // sync's start): pushes continue after it, and what was held back meanwhile
+                // comes through the pump, in order.
+                let through = up_to.max(sync_after.unwrap_or(0));
+                s.window.last_pushed = s.window.last_pushed.max(through);
+                s.window.syncing = false;
             }
+            self.maybe_pump(conn);
         }
         if !page.more {
             // The last page: list the groups with unread messages in `synced`.
@@ -554,7 +591,7 @@ impl Shard {
         limit: u32,
     ) {
         let limit = limit.clamp(1, self.cfg.limits.max_sync_limit);
-        let Some(s) = self.conns.get(conn).and_then(|c| c.session.as_ref()) else {
+        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
             return;
         };
         let req = IoRequest::ReadInbox {
@@ -562,7 +599,16 @@ impl Shard {
             after,
             limit,
         };
-        if !self.submit(req, IoWait::Sync { conn, reference }) {
+        let was_syncing = std::mem::replace(&mut s.window.syncing, true);
+        let wait = IoWait::Sync {
+            conn,
+            reference,
+            after,
+        };
+        if !self.submit(req, wait) {
+            if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
+                s.window.syncing = was_syncing;
+            }
             self.overloaded(conn, reference, None);
         }
     }
@@ -573,14 +619,19 @@ impl Shard {
             self.sync_request(conn, reference, inbox_seq, u32::MAX);
             return;
         }
-        let Some(s) = self.conns.get(conn).and_then(|c| c.session.as_ref()) else {
+        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
             return;
         };
         let req = IoRequest::Cursor {
             user: user_ref(&s.user),
             device: s.device.clone(),
         };
+        // Pushes wait from now: the cursor read and the pages after it come first.
+        let was_syncing = std::mem::replace(&mut s.window.syncing, true);
         if !self.submit(req, IoWait::ResumeCursor { conn, reference }) {
+            if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
+                s.window.syncing = was_syncing;
+            }
             self.overloaded(conn, reference, None);
         }
     }

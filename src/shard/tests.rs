@@ -532,3 +532,53 @@ fn group_membership_is_read_back_after_a_restart() {
     assert!(matches!(&sim.recv(c)[..], [Message::Error(e)] if e.code == ErrorCode::Forbidden),);
     sim.shutdown();
 }
+
+/// Writes a frame to a shard without settling: what it submits to the I/O core stays in flight.
+fn send_unsettled(sim: &mut Sim, c: Client, env: &Envelope) {
+    let mut bytes = Vec::new();
+    write_frame(&mut bytes, CodecId::Protobuf, &[], env).unwrap();
+    sim.shards[c.shard].on_read(c.id, &mut bytes, sim.clk);
+}
+
+#[test]
+fn a_push_racing_a_resume_is_delivered_once_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sim = Sim::durable(1, dir.path());
+    let a = sim.connect(0);
+    sim.hello(a, "alice");
+    // Bob is offline while the first message is stored.
+    sim.send(a, &send_to("bob", "c0", "m0"));
+    assert_eq!(sim.recv(a).len(), 1);
+    // The second append is still in flight when Bob's device resumes from its cursor: its
+    // push completes before the resume's page, which holds it too.
+    send_unsettled(&mut sim, a, &send_to("bob", "c1", "m1"));
+    let b = sim.connect(0);
+    let hello = Message::Hello(Hello {
+        version: 1,
+        token: "bob".into(),
+        device: "d".into(),
+        codecs: vec![],
+        resume: Some(crate::protocol::Resume { inbox_seq: 0 }),
+    });
+    send_unsettled(&mut sim, b, &Envelope::with_ref(hello, 1));
+    sim.settle();
+    let mut seqs = Vec::new();
+    for m in sim.recv(b) {
+        if let Message::Deliver(d) = m {
+            seqs.push((d.inbox_seq, d.body.to_string()));
+        }
+    }
+    assert_eq!(seqs, [(1, "m0".into()), (2, "m1".into())]);
+    // Pushes flow again after the resume.
+    sim.send(a, &send_to("bob", "c2", "m2"));
+    let live: Vec<_> = sim
+        .recv(b)
+        .into_iter()
+        .filter_map(|m| match m {
+            Message::Deliver(d) => Some(d.inbox_seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(live, [3]);
+    sim.shutdown();
+}
