@@ -19,7 +19,7 @@ use std::time::Duration;
 use crossbeam_queue::ArrayQueue;
 
 use crate::protocol::Str;
-use crate::store::{Backend, InboxPage, Op, OpResult, UserRef};
+use crate::store::{Backend, InboxPage, Op, OpResult, StoreError, UserRef};
 
 /// What a shard asks of the I/O core.
 #[derive(Debug)]
@@ -127,6 +127,25 @@ pub struct IoCore {
     pub stats: Arc<IoStats>,
 }
 
+/// Opens the backend on the I/O core's runtime (a network backend's connections live there).
+pub type BackendOpener = Box<
+    dyn FnOnce() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Box<dyn Backend>, StoreError>>>,
+        > + Send,
+>;
+
+/// Why the I/O core did not start.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum IoStartError {
+    /// The thread, its runtime or a wake-up socket could not be created.
+    #[error("starting the I/O core: {0}")]
+    Io(#[from] std::io::Error),
+    /// The durable store could not be opened (or migrated).
+    #[error("opening the store: {0}")]
+    Store(#[from] StoreError),
+}
+
 impl IoCore {
     /// Starts the I/O thread over `backend`; returns one port per shard.
     pub fn start(
@@ -134,7 +153,23 @@ impl IoCore {
         cfg: IoConfig,
         shards: usize,
         cpu: Option<usize>,
-    ) -> std::io::Result<(IoCore, Vec<IoPort>)> {
+    ) -> Result<(IoCore, Vec<IoPort>), IoStartError> {
+        Self::start_with(
+            Box::new(move || Box::pin(async move { Ok(backend) })),
+            cfg,
+            shards,
+            cpu,
+        )
+    }
+
+    /// Starts the I/O thread, opens the backend on it with `open` and returns one port per
+    /// shard once it is open (or the error that stopped it).
+    pub fn start_with(
+        open: BackendOpener,
+        cfg: IoConfig,
+        shards: usize,
+        cpu: Option<usize>,
+    ) -> Result<(IoCore, Vec<IoPort>), IoStartError> {
         let inbound = Arc::new(ArrayQueue::new(cfg.queue_depth.max(1)));
         let io_wake = Arc::new(tokio::sync::Notify::new());
         let stats = Arc::new(IoStats::default());
@@ -165,6 +200,7 @@ impl IoCore {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let (stop2, wake2, stats2) = (stop.clone(), io_wake.clone(), stats.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), IoStartError>>(1);
         let thread = std::thread::Builder::new()
             .name("imgw-io".into())
             .spawn(move || {
@@ -173,16 +209,40 @@ impl IoCore {
                 }
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_time()
+                    .enable_io()
                     .build()
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        tracing::error!(error = %e, "I/O core runtime failed to start");
+                        let _ = ready_tx.send(Err(e.into()));
                         return;
                     }
                 };
-                rt.block_on(io_loop(backend, cfg, inbound, links, wake2, stop2, stats2));
+                rt.block_on(async move {
+                    let backend = match open().await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.into()));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    io_loop(backend, cfg, inbound, links, wake2, stop2, stats2).await;
+                });
             })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(IoStartError::Io(std::io::Error::other(
+                    "the I/O core stopped while starting",
+                )));
+            }
+        }
         Ok((
             IoCore {
                 thread: Some(thread),
