@@ -18,7 +18,7 @@ MYSQL=${IMGW_MYSQL_URL:-mysql://imgw:imgw@127.0.0.1:3306/imgw}
 BASE=${MYSQL%/*}
 OUT=${OUT:-/tmp/imgw-bench-mysql}
 mkdir -p "$OUT"
-port=18080
+port=${PORT:-28380}
 
 run_one() { # durability run
     local dur=$1 n=$2 extra=()

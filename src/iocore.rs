@@ -77,6 +77,9 @@ pub struct IoStats {
     /// Commit latency sum (µs) and count, for the average.
     pub commit_us_sum: AtomicU64,
     pub queue_depth: AtomicU64,
+    /// When a failed commit was last logged (ms since the epoch): during an outage every
+    /// batch fails, so failures are logged at most once a second (the count is in `errors`).
+    last_error_log_ms: AtomicU64,
 }
 
 /// The shard's end: submit commands, take completions.
@@ -348,8 +351,12 @@ async fn run_batch(
         applied = Some(match r {
             Ok(results) => Ok(results.into_iter()),
             Err(e) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "store commit failed");
+                let failed = stats.errors.fetch_add(1, Ordering::Relaxed) + 1;
+                let now = now_ms();
+                if now.saturating_sub(stats.last_error_log_ms.load(Ordering::Relaxed)) >= 1_000 {
+                    stats.last_error_log_ms.store(now, Ordering::Relaxed);
+                    tracing::error!(error = %e, failed_batches_so_far = failed, "store commit failed");
+                }
                 Err(e.to_string())
             }
         });
