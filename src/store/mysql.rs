@@ -28,9 +28,11 @@ use crate::protocol::{Deliver, Envelope, Message, Str};
 /// bytes: the columns are `VARBINARY(255)` so that the composite keys fit InnoDB's index limit.
 pub const MYSQL_MAX_ID_BYTES: usize = 255;
 
-/// Rows per multi-row statement (keeps every statement far below the 65,535 placeholders a
-/// prepared statement may have).
+/// Rows per multi-row statement.
 const ROWS_PER_STATEMENT: usize = 1_000;
+/// Bytes of values per multi-row `INSERT` (hex-encoded: twice the raw size), well below
+/// MariaDB's default `max_allowed_packet` (16 MiB).
+const BYTES_PER_STATEMENT: usize = 4 << 20;
 
 /// The migrations, in order: (version, name, SQL). Each is applied once and recorded in
 /// `schema_migrations`; their statements are idempotent.
@@ -792,10 +794,8 @@ async fn prefetch(
             placeholders(chunk.len(), 2)
         );
         let params: Vec<Value> = chunk.iter().flat_map(|(t, u)| [b(t), b(u)]).collect();
-        let rows: Vec<(Vec<u8>, Vec<u8>, u64)> = sql
-            .exec(q, Params::Positional(params))
-            .await
-            .map_err(engine)?;
+        let rows: Vec<(Vec<u8>, Vec<u8>, u64)> =
+            sql.query(inline(&q, &params)?).await.map_err(engine)?;
         for (t, u, last) in rows {
             let key = (to_str(t, "inbox_head")?, to_str(u, "inbox_head")?);
             tx.inbox_heads.insert(
@@ -815,10 +815,8 @@ async fn prefetch(
             placeholders(chunk.len(), 2)
         );
         let params: Vec<Value> = chunk.iter().flat_map(|(t, g)| [b(t), b(g)]).collect();
-        let rows: Vec<(Vec<u8>, Vec<u8>, u64, u64)> = sql
-            .exec(q, Params::Positional(params))
-            .await
-            .map_err(engine)?;
+        let rows: Vec<(Vec<u8>, Vec<u8>, u64, u64)> =
+            sql.query(inline(&q, &params)?).await.map_err(engine)?;
         for (t, g, last, members) in rows {
             let key = (to_str(t, "group_head")?, to_str(g, "group_head")?);
             tx.group_heads.insert(
@@ -842,10 +840,7 @@ async fn prefetch(
             .iter()
             .flat_map(|(t, s, c, k, d)| [b(t), b(s), b(c), Value::from(*k), b(d)])
             .collect();
-        let rows: Vec<mysql_async::Row> = sql
-            .exec(q, Params::Positional(params))
-            .await
-            .map_err(engine)?;
+        let rows: Vec<mysql_async::Row> = sql.query(inline(&q, &params)?).await.map_err(engine)?;
         for row in rows {
             let (t, s, c, k, d, seq, mid, ts, stored_at): DedupeSqlRow =
                 mysql_async::from_row_opt(row).map_err(|e| StoreError::Corrupt {
@@ -885,10 +880,7 @@ async fn prefetch(
             .iter()
             .flat_map(|(t, u, d)| [b(t), b(u), b(d)])
             .collect();
-        let rows: Vec<TripleSqlRow> = sql
-            .exec(q, Params::Positional(params))
-            .await
-            .map_err(engine)?;
+        let rows: Vec<TripleSqlRow> = sql.query(inline(&q, &params)?).await.map_err(engine)?;
         for (t, u, d, seq) in rows {
             let key = (
                 to_str(t, "device_cursor")?,
@@ -912,10 +904,7 @@ async fn prefetch(
             .iter()
             .flat_map(|(t, g, m)| [b(t), b(g), b(m)])
             .collect();
-        let rows: Vec<TripleSqlRow> = sql
-            .exec(q, Params::Positional(params))
-            .await
-            .map_err(engine)?;
+        let rows: Vec<TripleSqlRow> = sql.query(inline(&q, &params)?).await.map_err(engine)?;
         for (t, g, m, c) in rows {
             let key = (
                 to_str(t, "group_member")?,
@@ -931,8 +920,9 @@ async fn prefetch(
     Ok(())
 }
 
-/// Runs `head` + `rows` placeholders-rows statements over `params` rows of `cols` values, in
-/// chunks, with `tail` after the VALUES list.
+/// `head VALUES (..),(..) tail` over `rows` of `cols` values each: one statement per at most
+/// [`ROWS_PER_STATEMENT`] rows and about [`BYTES_PER_STATEMENT`] bytes of values (at least one
+/// row), so that no statement nears the server's `max_allowed_packet`.
 async fn insert_rows(
     sql: &mut mysql_async::Transaction<'static>,
     head: &str,
@@ -940,15 +930,80 @@ async fn insert_rows(
     cols: usize,
     rows: Vec<Vec<Value>>,
 ) -> Result<(), StoreError> {
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+    let mut start = 0;
+    while start < rows.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < rows.len() && end - start < ROWS_PER_STATEMENT {
+            let row_bytes: usize = rows[end].iter().map(value_len).sum();
+            if end > start && bytes + row_bytes > BYTES_PER_STATEMENT {
+                break;
+            }
+            bytes += row_bytes;
+            end += 1;
+        }
+        let chunk = &rows[start..end];
         let mut q = String::with_capacity(head.len() + tail.len() + chunk.len() * cols * 2 + 8);
         let _ = write!(q, "{head} VALUES {}{tail}", placeholders(chunk.len(), cols));
         let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
-        sql.exec_drop(q, Params::Positional(params))
-            .await
-            .map_err(engine)?;
+        sql.query_drop(inline(&q, &params)?).await.map_err(engine)?;
+        start = end;
     }
     Ok(())
+}
+
+/// About how many bytes `v` takes in a statement.
+fn value_len(v: &Value) -> usize {
+    match v {
+        Value::Bytes(b) => 2 * b.len() + 3,
+        _ => 20,
+    }
+}
+
+/// `q` with each `?` replaced by the SQL literal of the next of `params`: the batch's
+/// statements differ in their row counts, so they go as text (one round trip) rather than as
+/// prepared statements (prepare, execute, and a cache that would rarely hit). Ids and messages
+/// become hex literals (`X'..'`) and numbers decimal digits, so no value can change the
+/// statement. The templates hold no `?` other than the placeholders.
+fn inline(q: &str, params: &[Value]) -> Result<String, StoreError> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let extra: usize = params.iter().map(value_len).sum();
+    let mut out = String::with_capacity(q.len() + extra);
+    let mut values = params.iter();
+    for ch in q.chars() {
+        if ch != '?' {
+            out.push(ch);
+            continue;
+        }
+        match values.next() {
+            Some(Value::Bytes(b)) if b.is_empty() => out.push_str("''"),
+            Some(Value::Bytes(b)) => {
+                out.push_str("X'");
+                for byte in b {
+                    out.push(char::from(HEX[usize::from(byte >> 4)]));
+                    out.push(char::from(HEX[usize::from(byte & 0xf)]));
+                }
+                out.push('\'');
+            }
+            Some(Value::UInt(n)) => {
+                let _ = write!(out, "{n}");
+            }
+            Some(Value::Int(n)) => {
+                let _ = write!(out, "{n}");
+            }
+            other => {
+                return Err(StoreError::Config(format!(
+                    "internal: no SQL literal for {other:?}"
+                )))
+            }
+        }
+    }
+    if values.next().is_some() {
+        return Err(StoreError::Config(
+            "internal: more values than placeholders".into(),
+        ));
+    }
+    Ok(out)
 }
 
 /// `DELETE FROM table WHERE (cols) IN (...)`, in chunks.
@@ -965,9 +1020,7 @@ async fn delete_rows(
             placeholders(chunk.len(), ncols)
         );
         let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
-        sql.exec_drop(q, Params::Positional(params))
-            .await
-            .map_err(engine)?;
+        sql.query_drop(inline(&q, &params)?).await.map_err(engine)?;
     }
     Ok(())
 }
@@ -1354,6 +1407,29 @@ impl MySqlStore {
         })
         .await
     }
+}
+
+#[cfg(test)]
+#[test]
+fn inline_makes_hex_and_decimal_literals() {
+    let q = inline(
+        "INSERT INTO t VALUES (?, ?, ?), (?, ?, ?)",
+        &[
+            Value::Bytes(b"a'?\\".to_vec()),
+            Value::UInt(7),
+            Value::Bytes(Vec::new()),
+            Value::Int(-1),
+            Value::Bytes(vec![0, 255]),
+            Value::UInt(u64::MAX),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        q,
+        "INSERT INTO t VALUES (X'61273f5c', 7, ''), (-1, X'00ff', 18446744073709551615)"
+    );
+    assert!(inline("?", &[]).is_err(), "fewer values than placeholders");
+    assert!(inline("", &[Value::UInt(1)]).is_err());
 }
 
 #[cfg(test)]
