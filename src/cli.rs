@@ -56,7 +56,8 @@ pub struct ServeArgs {
     /// When a send is acknowledged [default: memory].
     #[arg(long, value_name = "memory|local|backend")]
     pub durability: Option<Durability>,
-    /// MySQL URL (not available yet).
+    /// MySQL / MariaDB URL (mysql://user:password@host:port/db): the durable store of
+    /// durability `backend` (sets mysql.url).
     #[arg(long, value_name = "URL")]
     pub mysql: Option<String>,
     /// Redis URL (not available yet).
@@ -104,8 +105,8 @@ pub enum CliError {
     #[error("--jwt-secret-env {0}: the environment variable is unset or empty")]
     MissingSecret(String),
     #[error(
-        "backend durability / external backends not available yet (requested: {0}); \
-         use --durability memory or --durability local"
+        "external backends not available yet (requested: {0}); \
+         durability `backend` works with --mysql"
     )]
     BackendsUnavailable(String),
 }
@@ -136,6 +137,9 @@ pub fn apply_flags(
     if args.ws_echo {
         s.ws_echo = true;
     }
+    if let Some(url) = &args.mysql {
+        config.mysql.url = Some(url.clone());
+    }
     if let Some(n) = args.shards {
         config.runtime.shards = n;
     }
@@ -155,14 +159,9 @@ pub fn apply_flags(
 }
 
 /// What external backend the merged configuration asks for, if any.
-pub fn backends_requested(config: &Config, args: &ServeArgs) -> Option<String> {
+/// (`--mysql` and durability `backend` are served; Redis and Kafka are not yet.)
+pub fn backends_requested(_config: &Config, args: &ServeArgs) -> Option<String> {
     let mut what = Vec::new();
-    if config.server.durability == Durability::Backend {
-        what.push("durability backend");
-    }
-    if args.mysql.is_some() {
-        what.push("--mysql");
-    }
     if args.redis.is_some() {
         what.push("--redis");
     }
@@ -369,8 +368,20 @@ mod tests {
         std::fs::write(&file, "[server]\ndurability = \"backend\"\n").unwrap();
         assert!(matches!(
             serve_config(&parse(&["--config", path, "--insecure-dev-auth"]), &no_env),
-            Err(CliError::BackendsUnavailable(_))
+            Err(CliError::Config(ConfigError::Invalid(_)))
         ));
+        let c = serve_config(
+            &parse(&[
+                "--config",
+                path,
+                "--insecure-dev-auth",
+                "--mysql",
+                "mysql://u@127.0.0.1/imgw",
+            ]),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(c.mysql.url.as_deref(), Some("mysql://u@127.0.0.1/imgw"));
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(
             serve_config(&parse(&["--config", path]), &no_env),
@@ -391,9 +402,7 @@ mod tests {
     #[test]
     fn external_backends_are_refused_for_now() {
         for flags in [
-            &["--durability", "backend"][..],
-            &["--mysql", "mysql://u@127.0.0.1/imgw"],
-            &["--redis", "redis://127.0.0.1:6379"],
+            &["--redis", "redis://127.0.0.1:6379"][..],
             &["--kafka", "127.0.0.1:9092"],
         ] {
             let mut argv = vec!["--insecure-dev-auth"];
@@ -402,7 +411,7 @@ mod tests {
             assert!(matches!(err, CliError::BackendsUnavailable(_)), "{flags:?}");
             assert!(err
                 .to_string()
-                .contains("backend durability / external backends not available yet"));
+                .contains("external backends not available yet"));
         }
     }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use crossbeam_queue::ArrayQueue;
 
 use crate::protocol::Str;
-use crate::store::{Backend, GroupPage, GroupRef, InboxPage, Op, OpResult, UserRef};
+use crate::store::{Backend, GroupPage, GroupRef, InboxPage, Op, OpResult, StoreError, UserRef};
 
 /// What a shard asks of the I/O core.
 #[derive(Debug)]
@@ -98,6 +98,9 @@ pub struct IoStats {
     /// Commit latency sum (µs) and count, for the average.
     pub commit_us_sum: AtomicU64,
     pub queue_depth: AtomicU64,
+    /// When a failed commit was last logged (ms since the epoch): during an outage every
+    /// batch fails, so failures are logged at most once a second (the count is in `errors`).
+    last_error_log_ms: AtomicU64,
 }
 
 /// The shard's end: submit commands, take completions.
@@ -148,6 +151,25 @@ pub struct IoCore {
     pub stats: Arc<IoStats>,
 }
 
+/// Opens the backend on the I/O core's runtime (a network backend's connections live there).
+pub type BackendOpener = Box<
+    dyn FnOnce() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Box<dyn Backend>, StoreError>>>,
+        > + Send,
+>;
+
+/// Why the I/O core did not start.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum IoStartError {
+    /// The thread, its runtime or a wake-up socket could not be created.
+    #[error("starting the I/O core: {0}")]
+    Io(#[from] std::io::Error),
+    /// The durable store could not be opened (or migrated).
+    #[error("opening the store: {0}")]
+    Store(#[from] StoreError),
+}
+
 impl IoCore {
     /// Starts the I/O thread over `backend`; returns one port per shard.
     pub fn start(
@@ -155,7 +177,23 @@ impl IoCore {
         cfg: IoConfig,
         shards: usize,
         cpu: Option<usize>,
-    ) -> std::io::Result<(IoCore, Vec<IoPort>)> {
+    ) -> Result<(IoCore, Vec<IoPort>), IoStartError> {
+        Self::start_with(
+            Box::new(move || Box::pin(async move { Ok(backend) })),
+            cfg,
+            shards,
+            cpu,
+        )
+    }
+
+    /// Starts the I/O thread, opens the backend on it with `open` and returns one port per
+    /// shard once it is open (or the error that stopped it).
+    pub fn start_with(
+        open: BackendOpener,
+        cfg: IoConfig,
+        shards: usize,
+        cpu: Option<usize>,
+    ) -> Result<(IoCore, Vec<IoPort>), IoStartError> {
         let inbound = Arc::new(ArrayQueue::new(cfg.queue_depth.max(1)));
         let io_wake = Arc::new(tokio::sync::Notify::new());
         let stats = Arc::new(IoStats::default());
@@ -186,6 +224,7 @@ impl IoCore {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let (stop2, wake2, stats2) = (stop.clone(), io_wake.clone(), stats.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), IoStartError>>(1);
         let thread = std::thread::Builder::new()
             .name("imgw-io".into())
             .spawn(move || {
@@ -194,16 +233,40 @@ impl IoCore {
                 }
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_time()
+                    .enable_io()
                     .build()
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        tracing::error!(error = %e, "I/O core runtime failed to start");
+                        let _ = ready_tx.send(Err(e.into()));
                         return;
                     }
                 };
-                rt.block_on(io_loop(backend, cfg, inbound, links, wake2, stop2, stats2));
+                rt.block_on(async move {
+                    let backend = match open().await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.into()));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    io_loop(backend, cfg, inbound, links, wake2, stop2, stats2).await;
+                });
             })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(IoStartError::Io(std::io::Error::other(
+                    "the I/O core stopped while starting",
+                )));
+            }
+        }
         Ok((
             IoCore {
                 thread: Some(thread),
@@ -300,7 +363,7 @@ async fn run_batch(
         }
         let started = std::time::Instant::now();
         let n = ops.len() as u64;
-        let r = backend.apply(ops, now_ms());
+        let r = backend.apply(ops, now_ms()).await;
         stats
             .commit_us_sum
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -309,8 +372,12 @@ async fn run_batch(
         applied = Some(match r {
             Ok(results) => Ok(results.into_iter()),
             Err(e) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "store commit failed");
+                let failed = stats.errors.fetch_add(1, Ordering::Relaxed) + 1;
+                let now = now_ms();
+                if now.saturating_sub(stats.last_error_log_ms.load(Ordering::Relaxed)) >= 1_000 {
+                    stats.last_error_log_ms.store(now, Ordering::Relaxed);
+                    tracing::error!(error = %e, failed_batches_so_far = failed, "store commit failed");
+                }
                 Err(e.to_string())
             }
         });
@@ -330,27 +397,37 @@ async fn run_batch(
             IoRequest::ReadInbox { user, after, limit } => IoReply::Inbox(
                 backend
                     .read_inbox(&user, after, limit)
+                    .await
                     .map_err(|e| e.to_string()),
             ),
-            IoRequest::Cursor { user, device } => {
-                IoReply::Cursor(backend.cursor(&user, &device).map_err(|e| e.to_string()))
-            }
+            IoRequest::Cursor { user, device } => IoReply::Cursor(
+                backend
+                    .cursor(&user, &device)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
             IoRequest::ReadGroup {
                 member,
                 group,
                 after,
                 limit,
             } => IoReply::Group(
-                read_group_for(backend, &member, group, after, limit).map_err(|e| e.to_string()),
+                read_group_for(backend, &member, group, after, limit)
+                    .await
+                    .map_err(|e| e.to_string()),
             ),
-            IoRequest::UnreadGroups { user } => {
-                IoReply::Groups(unread_groups(backend, &user).map_err(|e| e.to_string()))
-            }
-            IoRequest::GroupMembers { group } => {
-                IoReply::Members(all_members(backend, &group).map_err(|e| e.to_string()))
-            }
+            IoRequest::UnreadGroups { user } => IoReply::Groups(
+                unread_groups(backend, &user)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
+            IoRequest::GroupMembers { group } => IoReply::Members(
+                all_members(backend, &group)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
             IoRequest::UserGroups { user } => {
-                IoReply::Groups(backend.user_groups(&user).map_err(|e| e.to_string()))
+                IoReply::Groups(backend.user_groups(&user).await.map_err(|e| e.to_string()))
             }
         };
         let Some(link) = links.get(usize::from(cmd.shard)) else {
@@ -383,7 +460,7 @@ fn now_ms() -> u64 {
 
 /// A member's page of a group timeline (`None` for a non-member), each message's
 /// `inbox_seq` set to its `gseq`.
-fn read_group_for(
+async fn read_group_for(
     backend: &mut dyn Backend,
     member: &UserRef,
     group: Str,
@@ -392,7 +469,7 @@ fn read_group_for(
 ) -> Result<Option<(u64, GroupPage)>, crate::store::StoreError> {
     // The user's groups are bounded (`max_groups_per_user`): a member check without a
     // dedicated store call.
-    if !backend.user_groups(member)?.contains(&group) {
+    if !backend.user_groups(member).await?.contains(&group) {
         return Ok(None);
     }
     let g = GroupRef {
@@ -400,11 +477,11 @@ fn read_group_for(
         group,
     };
     let after = if after == 0 {
-        backend.group_cursor(&g, &member.user)?
+        backend.group_cursor(&g, &member.user).await?
     } else {
         after
     };
-    let mut page = backend.read_group(&g, after, limit)?;
+    let mut page = backend.read_group(&g, after, limit).await?;
     for e in &mut page.messages {
         e.deliver.inbox_seq = e.gseq;
         e.deliver.to = Some(crate::protocol::Target::Group(g.group.clone()));
@@ -414,17 +491,17 @@ fn read_group_for(
 
 /// The user's groups with messages after the user's group cursor (at most
 /// `max_groups_per_user`, two point reads each).
-fn unread_groups(
+async fn unread_groups(
     backend: &mut dyn Backend,
     user: &UserRef,
 ) -> Result<Vec<Str>, crate::store::StoreError> {
     let mut out = Vec::new();
-    for group in backend.user_groups(user)? {
+    for group in backend.user_groups(user).await? {
         let g = GroupRef {
             tenant: user.tenant.clone(),
             group,
         };
-        if backend.last_group_seq(&g)? > backend.group_cursor(&g, &user.user)? {
+        if backend.last_group_seq(&g).await? > backend.group_cursor(&g, &user.user).await? {
             out.push(g.group);
         }
     }
@@ -432,13 +509,15 @@ fn unread_groups(
 }
 
 /// Every member of `group`, page by page (the store bounds a group's size).
-fn all_members(
+async fn all_members(
     backend: &mut dyn Backend,
     group: &GroupRef,
 ) -> Result<Vec<Str>, crate::store::StoreError> {
     let mut out: Vec<Str> = Vec::new();
     loop {
-        let page = backend.group_members(group, out.last().map(|s| &**s), u32::MAX)?;
+        let page = backend
+            .group_members(group, out.last().map(|s| &**s), u32::MAX)
+            .await?;
         if page.is_empty() {
             return Ok(out);
         }

@@ -46,9 +46,7 @@ fn serve_help_lists_the_contract_flags() {
 fn external_backends_exit_2_with_a_clear_message() {
     for flags in [
         &["--kafka", "127.0.0.1:9092"][..],
-        &["--mysql", "mysql://127.0.0.1/imgw"],
         &["--redis", "redis://127.0.0.1"],
-        &["--durability", "backend"],
     ] {
         let mut argv = vec![
             "serve",
@@ -60,11 +58,29 @@ fn external_backends_exit_2_with_a_clear_message() {
         let out = imgw(&argv);
         assert_eq!(out.status.code(), Some(2), "{flags:?}");
         assert!(
-            text(&out.stderr).contains("backend durability / external backends not available yet"),
+            text(&out.stderr).contains("external backends not available yet"),
             "{}",
             text(&out.stderr)
         );
     }
+}
+
+#[test]
+fn backend_durability_needs_a_backend() {
+    let out = imgw(&[
+        "serve",
+        "--insecure-dev-auth",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--durability",
+        "backend",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("durability `backend` needs a backend") && err.contains("--mysql"),
+        "{err}"
+    );
 }
 
 #[test]

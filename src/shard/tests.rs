@@ -63,7 +63,8 @@ impl Sim {
             mono_ms: 1_000,
             unix_ms: 1_700_000_000_000,
         };
-        let backend = crate::store::open(&cfg).unwrap();
+        // The embedded store opens without a runtime.
+        let backend = futures_lite::future::block_on(crate::store::open(&cfg)).unwrap();
         let io_cfg = crate::iocore::IoConfig {
             queue_depth: 1024,
             batch_max: 64,

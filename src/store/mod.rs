@@ -8,17 +8,22 @@
 //! MySQL backend is meant to implement the same trait.
 //!
 //! It knows nothing of sockets, shards or glommio. The gateway's I/O core is a single thread
-//! that owns one [`Backend`], batches the commands of the shards and hands each batch to
-//! [`Backend::apply`]: one atomic, durable commit per batch (group commit). Calls block.
+//! that owns one [`Backend`], batches the commands of the shards and awaits
+//! [`Backend::apply`] for each batch: one atomic, durable commit per batch (group commit).
 
 mod embedded;
 mod keys;
+mod mysql;
 mod recent;
 mod seqcache;
 #[cfg(test)]
 mod tests;
 
 pub use embedded::{EmbeddedStore, StoreOptions};
+pub use mysql::{testdb as mysql_testdb, MySqlOptions, MySqlStore, MYSQL_MAX_ID_BYTES};
+
+use std::future::Future;
+use std::pin::Pin;
 
 use crate::protocol::{Deliver, Str};
 
@@ -185,77 +190,125 @@ pub enum StoreError {
     /// a failed durable commit the engine refuses further writes: restart to recover.
     #[error("storage engine: {0}")]
     Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The backend's settings are unusable (a malformed MySQL URL, pool sizes).
+    #[error("store configuration: {0}")]
+    Config(String),
+    /// A network backend did not answer within its configured deadline (connect or query).
+    /// For an `apply`, the transaction was abandoned: the server rolls it back, unless the
+    /// deadline passed while its COMMIT was in flight, in which case it may have committed; a
+    /// resend of the same cmid is then deduplicated.
+    #[error("store did not answer within {ms} ms")]
+    Timeout { ms: u64 },
+    /// A schema migration of a network backend failed (docs/STORE.md, "MySQL backend").
+    #[error("schema migration {version}: {detail}")]
+    Migration { version: u32, detail: String },
 }
+
+/// The future every [`Backend`] method returns: boxed so that the trait stays object-safe, and
+/// `Send` so that a backend may be moved to the I/O core's thread.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 /// A durable store of inboxes, group timelines, cursors and memberships.
 ///
-/// Object-safe and `Send`: the I/O core owns one as `Box<dyn Backend>` on its thread. Every
-/// method blocks. Reads see exactly what earlier `apply` calls committed.
+/// Object-safe and `Send`: the I/O core owns one as `Box<dyn Backend>` on its thread and awaits
+/// each call on its tokio runtime. [`EmbeddedStore`] answers with ready futures (its work is
+/// synchronous: it blocks the I/O core, which owns nothing else); a network backend awaits the
+/// network. Reads see exactly what earlier `apply` calls committed. Callers await one call at a
+/// time (`&mut self`).
 pub trait Backend: Send {
-    /// Applies `ops` atomically with one durable commit (fsync) before returning; the results
-    /// are in the order of `ops`. `now_ms` (wall clock) dates the dedupe records. On `Err`
-    /// nothing of the batch was applied. A batch that writes nothing (only duplicates, refusals
-    /// and no-op cursors) commits nothing.
-    fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> Result<Vec<OpResult>, StoreError>;
+    /// Applies `ops` atomically with one durable commit before the future completes; the
+    /// results are in the order of `ops`. `now_ms` (wall clock) dates the dedupe records. On
+    /// `Err` nothing of the batch was applied. A batch that writes nothing (only duplicates,
+    /// refusals and no-op cursors) commits nothing.
+    fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> StoreFuture<'_, Vec<OpResult>>;
 
     /// Messages with `inbox_seq > after_seq`, ascending, at most `limit` (clamped to
     /// `1..=`[`StoreOptions::max_page`]).
-    fn read_inbox(
-        &mut self,
-        user: &UserRef,
+    fn read_inbox<'a>(
+        &'a mut self,
+        user: &'a UserRef,
         after_seq: u64,
         limit: u32,
-    ) -> Result<InboxPage, StoreError>;
+    ) -> StoreFuture<'a, InboxPage>;
 
     /// The user's last `inbox_seq` (0: nothing appended yet).
-    fn last_inbox_seq(&mut self, user: &UserRef) -> Result<u64, StoreError>;
+    fn last_inbox_seq<'a>(&'a mut self, user: &'a UserRef) -> StoreFuture<'a, u64>;
 
     /// The device's cursor (0: never set).
-    fn cursor(&mut self, user: &UserRef, device: &str) -> Result<u64, StoreError>;
+    fn cursor<'a>(&'a mut self, user: &'a UserRef, device: &'a str) -> StoreFuture<'a, u64>;
 
     /// Members in byte order, after `after` (exclusive), at most `limit` (clamped like
     /// [`Backend::read_inbox`]): page through a large group.
-    fn group_members(
-        &mut self,
-        group: &GroupRef,
-        after: Option<&str>,
+    fn group_members<'a>(
+        &'a mut self,
+        group: &'a GroupRef,
+        after: Option<&'a str>,
         limit: u32,
-    ) -> Result<Vec<Str>, StoreError>;
+    ) -> StoreFuture<'a, Vec<Str>>;
 
     /// The group's member count.
-    fn group_size(&mut self, group: &GroupRef) -> Result<u64, StoreError>;
+    fn group_size<'a>(&'a mut self, group: &'a GroupRef) -> StoreFuture<'a, u64>;
 
     /// The groups the user is a member of, in byte order (at most
     /// [`StoreOptions::max_groups_per_user`]).
-    fn user_groups(&mut self, user: &UserRef) -> Result<Vec<Str>, StoreError>;
+    fn user_groups<'a>(&'a mut self, user: &'a UserRef) -> StoreFuture<'a, Vec<Str>>;
 
     /// Timeline messages with `gseq > after_gseq`, ascending, at most `limit` (clamped).
-    fn read_group(
-        &mut self,
-        group: &GroupRef,
+    fn read_group<'a>(
+        &'a mut self,
+        group: &'a GroupRef,
         after_gseq: u64,
         limit: u32,
-    ) -> Result<GroupPage, StoreError>;
+    ) -> StoreFuture<'a, GroupPage>;
 
     /// The group's last `gseq` (0: nothing appended yet).
-    fn last_group_seq(&mut self, group: &GroupRef) -> Result<u64, StoreError>;
+    fn last_group_seq<'a>(&'a mut self, group: &'a GroupRef) -> StoreFuture<'a, u64>;
 
     /// The member's group cursor (0: not a member, or never set and joined before any message).
-    fn group_cursor(&mut self, group: &GroupRef, member: &str) -> Result<u64, StoreError>;
+    fn group_cursor<'a>(&'a mut self, group: &'a GroupRef, member: &'a str)
+        -> StoreFuture<'a, u64>;
 }
 
-/// Opens the embedded store under the configured data directory, with the gateway's limits.
-pub fn open(cfg: &crate::config::Config) -> Result<Box<dyn Backend>, StoreError> {
+/// The store's limits from the gateway's configuration.
+pub fn store_options(cfg: &crate::config::Config) -> StoreOptions {
     let l = &cfg.limits;
-    let opts = StoreOptions {
+    StoreOptions {
         dedupe_window_ms: cfg.store.dedupe_window_ms,
         max_devices_per_user: l.max_devices_per_user,
         max_groups_per_user: l.max_groups_per_user,
         max_group_members: u64::from(l.max_group_members),
         ..StoreOptions::default()
-    };
+    }
+}
+
+/// The MySQL backend's options from the gateway's configuration (`None`: no `mysql.url`).
+pub fn mysql_options(cfg: &crate::config::Config) -> Option<MySqlOptions> {
+    let m = &cfg.mysql;
+    Some(MySqlOptions {
+        url: m.url.clone()?,
+        pool_min: m.pool_min as usize,
+        pool_max: m.pool_max as usize,
+        connect_timeout_ms: m.connect_timeout_ms,
+        query_timeout_ms: m.query_timeout_ms,
+        stmt_cache: m.stmt_cache as usize,
+        store: store_options(cfg),
+    })
+}
+
+/// Opens the durable store the configuration selects: MySQL for durability `backend` with a
+/// `mysql.url`, otherwise the embedded store under the data directory. Runs on the I/O core's
+/// runtime (the MySQL pool lives there).
+pub async fn open(cfg: &crate::config::Config) -> Result<Box<dyn Backend>, StoreError> {
+    if cfg.server.durability == crate::config::Durability::Backend {
+        let Some(opts) = mysql_options(cfg) else {
+            return Err(StoreError::Config(
+                "durability `backend` without a backend: set mysql.url (--mysql URL)".into(),
+            ));
+        };
+        return Ok(Box::new(MySqlStore::connect(opts).await?));
+    }
     Ok(Box::new(EmbeddedStore::open(
         &cfg.server.data_dir.join("store"),
-        opts,
+        store_options(cfg),
     )?))
 }
