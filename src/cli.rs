@@ -151,23 +151,24 @@ pub fn apply_flags(
     if !args.allowed_origins.is_empty() {
         config.ws.allowed_origins = args.allowed_origins.clone();
     }
+    if let Some(url) = &args.redis {
+        config.redis.url = Some(url.clone());
+    }
+    if let Some(brokers) = &args.kafka {
+        config.kafka.brokers = Some(brokers.clone());
+    }
     Ok(())
 }
 
 /// What external backend the merged configuration asks for, if any.
 pub fn backends_requested(config: &Config, args: &ServeArgs) -> Option<String> {
     let mut what = Vec::new();
-    if config.server.durability == Durability::Backend {
-        what.push("durability backend");
+    // Durability `backend` needs a backend that confirms: Kafka (Redis confirms nothing).
+    if config.server.durability == Durability::Backend && config.kafka.brokers.is_none() {
+        what.push("durability backend without --kafka");
     }
     if args.mysql.is_some() {
         what.push("--mysql");
-    }
-    if args.redis.is_some() {
-        what.push("--redis");
-    }
-    if args.kafka.is_some() {
-        what.push("--kafka");
     }
     (!what.is_empty()).then(|| what.join(", "))
 }
@@ -389,12 +390,33 @@ mod tests {
     }
 
     #[test]
+    fn redis_and_kafka_flags_set_their_sections() {
+        let argv = [
+            "--insecure-dev-auth",
+            "--durability",
+            "backend",
+            "--redis",
+            "redis://127.0.0.1:6379",
+            "--kafka",
+            "127.0.0.1:9092",
+        ];
+        let c = serve_config(&parse(&argv), &no_env).unwrap();
+        assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:6379"));
+        assert_eq!(c.kafka.brokers.as_deref(), Some("127.0.0.1:9092"));
+        assert_eq!(c.server.durability, Durability::Backend);
+        // Services run on the I/O core: not at durability memory.
+        let argv = ["--insecure-dev-auth", "--redis", "redis://127.0.0.1:6379"];
+        assert!(matches!(
+            serve_config(&parse(&argv), &no_env),
+            Err(CliError::Config(ConfigError::Invalid(_)))
+        ));
+    }
+
+    #[test]
     fn external_backends_are_refused_for_now() {
         for flags in [
             &["--durability", "backend"][..],
             &["--mysql", "mysql://u@127.0.0.1/imgw"],
-            &["--redis", "redis://127.0.0.1:6379"],
-            &["--kafka", "127.0.0.1:9092"],
         ] {
             let mut argv = vec!["--insecure-dev-auth"];
             argv.extend_from_slice(flags);
