@@ -289,14 +289,14 @@ fn a_push_ingress_record_reaches_a_connected_user() {
     );
     let env = u
         .recv_until(
-            |e| matches!(&e.msg, Message::Deliver(d) if d.body.as_ref() == "hello from kafka"),
+            |e| matches!(&e.msg, Message::Deliver(d) if &*d.body == "hello from kafka"),
             Duration::from_secs(30),
         )
         .expect("the pushed record over the WebSocket");
     let Message::Deliver(d) = env.msg else {
         unreachable!()
     };
-    assert_eq!(d.from.as_ref(), "shop");
+    assert_eq!(&*d.from, "shop");
     assert_eq!(d.kind.as_deref(), Some("promo"));
     assert!(d.inbox_seq > 0, "stored in the inbox");
     assert_eq!(

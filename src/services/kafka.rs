@@ -421,8 +421,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.to, Target::User("u".into()));
-        assert_eq!(r.cmid.as_ref(), "kafka:2:7");
-        assert_eq!(r.from.as_ref(), "system");
+        assert_eq!(&*r.cmid, "kafka:2:7");
+        assert_eq!(&*r.from, "system");
         let g = parse_push(
             br#"{"tenant":"t","group":"g","body":"x","id":"k"}"#,
             0,
@@ -431,7 +431,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(g.to, Target::Group("g".into()));
-        assert_eq!(g.cmid.as_ref(), "k");
+        assert_eq!(&*g.cmid, "k");
         for bad in [
             &b"not json"[..],
             br#"{"tenant":"t","body":"no target"}"#,
