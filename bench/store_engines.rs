@@ -5,7 +5,7 @@
 //! fsync-class sync per commit); each message writes its inbox row and its dedupe row. Then
 //! range reads of single inboxes, and the time to reopen after an unclean exit. The raw engines
 //! get the same key/value bytes (big-endian composite keys, the store's layout); `imgw` is the
-//! store as built (`imgw::store::EmbeddedStore` on fjall, through `Backend::apply`).
+//! store as built (`imgw::store::EmbeddedStore` on fjall, through `EmbeddedStore::apply`).
 //!
 //! ```text
 //! cargo run --release --features store-bench --example store_engines -- \
@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use imgw::protocol::{Deliver, Ext};
-use imgw::store::{Backend, EmbeddedStore, Op, StoreOptions, UserRef};
+use imgw::store::{EmbeddedStore, Op, StoreOptions, UserRef};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -248,7 +248,7 @@ impl Engine for Sqlite {
     }
 }
 
-/// The store as built: ops through `Backend::apply` (dedupe lookups, Protobuf encoding).
+/// The store as built: ops through `EmbeddedStore::apply` (dedupe lookups, Protobuf encoding).
 struct Imgw {
     store: EmbeddedStore,
 }

@@ -626,7 +626,7 @@ async fn run_batch(
         }
         let started = std::time::Instant::now();
         let n = ops.len() as u64;
-        let r = backend.apply(ops, now_ms());
+        let r = backend.apply(ops, now_ms()).await;
         stats
             .commit_us_sum
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -683,11 +683,15 @@ async fn run_batch(
             IoRequest::ReadInbox { user, after, limit } => IoReply::Inbox(
                 backend
                     .read_inbox(&user, after, limit)
+                    .await
                     .map_err(|e| e.to_string()),
             ),
-            IoRequest::Cursor { user, device } => {
-                IoReply::Cursor(backend.cursor(&user, &device).map_err(|e| e.to_string()))
-            }
+            IoRequest::Cursor { user, device } => IoReply::Cursor(
+                backend
+                    .cursor(&user, &device)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
             IoRequest::Presence(_) => continue,
         };
         let Some(link) = links.get(usize::from(cmd.shard)) else {

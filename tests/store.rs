@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use imgw::protocol::{Deliver, Ext};
-use imgw::store::{Backend, EmbeddedStore, Op, OpResult, StoreOptions, UserRef};
+use imgw::store::{EmbeddedStore, Op, OpResult, StoreOptions, UserRef};
 
 const ENV_DIR: &str = "IMGW_STORE_CRASH_DIR";
 /// Users the batches write to, besides the marker user (whose inbox counts the batches).

@@ -14,7 +14,8 @@ use bytes::Bytes;
 use super::keys::{self, DedupeRecord, Dest, TooLong};
 use super::seqcache::SeqCache;
 use super::{
-    Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, Refusal, StoreError, UserRef,
+    Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, Refusal, StoreError,
+    StoreFuture, UserRef,
 };
 use crate::codec::CodecId;
 use crate::protocol::{Deliver, Envelope, Message, Str};
@@ -725,8 +726,10 @@ impl EmbeddedStore {
     }
 }
 
-impl Backend for EmbeddedStore {
-    fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> Result<Vec<OpResult>, StoreError> {
+/// The synchronous API: the same contract as [`Backend`], blocking. The [`Backend`] impl wraps
+/// these in ready futures; tests and benches call them directly.
+impl EmbeddedStore {
+    pub fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> Result<Vec<OpResult>, StoreError> {
         let now_ms = now_ms.max(self.last_now_ms);
         let mut tx = Tx::new(self.gc_from.clone());
         let mut results = Vec::with_capacity(ops.len());
@@ -757,7 +760,7 @@ impl Backend for EmbeddedStore {
         Ok(results)
     }
 
-    fn read_inbox(
+    pub fn read_inbox(
         &mut self,
         user: &UserRef,
         after_seq: u64,
@@ -777,14 +780,14 @@ impl Backend for EmbeddedStore {
         Ok(InboxPage { messages, more })
     }
 
-    fn last_inbox_seq(&mut self, user: &UserRef) -> Result<u64, StoreError> {
+    pub fn last_inbox_seq(&mut self, user: &UserRef) -> Result<u64, StoreError> {
         match keys::user(user) {
             Ok(prefix) => self.last_seq(None, SeqKind::Inbox, &prefix),
             Err(TooLong) => Ok(0),
         }
     }
 
-    fn cursor(&mut self, user: &UserRef, device: &str) -> Result<u64, StoreError> {
+    pub fn cursor(&mut self, user: &UserRef, device: &str) -> Result<u64, StoreError> {
         let Ok(key) = keys::user(user).and_then(|p| keys::with_name(&p, device)) else {
             return Ok(0);
         };
@@ -794,7 +797,7 @@ impl Backend for EmbeddedStore {
         }
     }
 
-    fn group_members(
+    pub fn group_members(
         &mut self,
         group: &GroupRef,
         after: Option<&str>,
@@ -806,7 +809,7 @@ impl Backend for EmbeddedStore {
         self.names_after(Ks::Member, &prefix, after, self.page_limit(limit))
     }
 
-    fn group_size(&mut self, group: &GroupRef) -> Result<u64, StoreError> {
+    pub fn group_size(&mut self, group: &GroupRef) -> Result<u64, StoreError> {
         let Ok(prefix) = keys::group(group) else {
             return Ok(0);
         };
@@ -816,7 +819,7 @@ impl Backend for EmbeddedStore {
         }
     }
 
-    fn user_groups(&mut self, user: &UserRef) -> Result<Vec<Str>, StoreError> {
+    pub fn user_groups(&mut self, user: &UserRef) -> Result<Vec<Str>, StoreError> {
         let Ok(prefix) = keys::user(user) else {
             return Ok(Vec::new());
         };
@@ -824,7 +827,7 @@ impl Backend for EmbeddedStore {
         self.names_after(Ks::Membership, &prefix, None, max.max(1))
     }
 
-    fn read_group(
+    pub fn read_group(
         &mut self,
         group: &GroupRef,
         after_gseq: u64,
@@ -842,14 +845,14 @@ impl Backend for EmbeddedStore {
         Ok(GroupPage { messages, more })
     }
 
-    fn last_group_seq(&mut self, group: &GroupRef) -> Result<u64, StoreError> {
+    pub fn last_group_seq(&mut self, group: &GroupRef) -> Result<u64, StoreError> {
         match keys::group(group) {
             Ok(prefix) => self.last_seq(None, SeqKind::Group, &prefix),
             Err(TooLong) => Ok(0),
         }
     }
 
-    fn group_cursor(&mut self, group: &GroupRef, member: &str) -> Result<u64, StoreError> {
+    pub fn group_cursor(&mut self, group: &GroupRef, member: &str) -> Result<u64, StoreError> {
         let Ok(key) = keys::group(group).and_then(|p| keys::with_name(&p, member)) else {
             return Ok(0);
         };
@@ -857,6 +860,81 @@ impl Backend for EmbeddedStore {
             Some(v) => keys::decode_u64(&v).ok_or_else(|| corrupt(Ks::GroupCursor, "not a u64")),
             None => Ok(0),
         }
+    }
+}
+
+impl Backend for EmbeddedStore {
+    fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> StoreFuture<'_, Vec<OpResult>> {
+        Box::pin(std::future::ready(EmbeddedStore::apply(self, ops, now_ms)))
+    }
+
+    fn read_inbox<'a>(
+        &'a mut self,
+        user: &'a UserRef,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreFuture<'a, InboxPage> {
+        Box::pin(std::future::ready(EmbeddedStore::read_inbox(
+            self, user, after_seq, limit,
+        )))
+    }
+
+    fn last_inbox_seq<'a>(&'a mut self, user: &'a UserRef) -> StoreFuture<'a, u64> {
+        Box::pin(std::future::ready(EmbeddedStore::last_inbox_seq(
+            self, user,
+        )))
+    }
+
+    fn cursor<'a>(&'a mut self, user: &'a UserRef, device: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(std::future::ready(EmbeddedStore::cursor(
+            self, user, device,
+        )))
+    }
+
+    fn group_members<'a>(
+        &'a mut self,
+        group: &'a GroupRef,
+        after: Option<&'a str>,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<Str>> {
+        Box::pin(std::future::ready(EmbeddedStore::group_members(
+            self, group, after, limit,
+        )))
+    }
+
+    fn group_size<'a>(&'a mut self, group: &'a GroupRef) -> StoreFuture<'a, u64> {
+        Box::pin(std::future::ready(EmbeddedStore::group_size(self, group)))
+    }
+
+    fn user_groups<'a>(&'a mut self, user: &'a UserRef) -> StoreFuture<'a, Vec<Str>> {
+        Box::pin(std::future::ready(EmbeddedStore::user_groups(self, user)))
+    }
+
+    fn read_group<'a>(
+        &'a mut self,
+        group: &'a GroupRef,
+        after_gseq: u64,
+        limit: u32,
+    ) -> StoreFuture<'a, GroupPage> {
+        Box::pin(std::future::ready(EmbeddedStore::read_group(
+            self, group, after_gseq, limit,
+        )))
+    }
+
+    fn last_group_seq<'a>(&'a mut self, group: &'a GroupRef) -> StoreFuture<'a, u64> {
+        Box::pin(std::future::ready(EmbeddedStore::last_group_seq(
+            self, group,
+        )))
+    }
+
+    fn group_cursor<'a>(
+        &'a mut self,
+        group: &'a GroupRef,
+        member: &'a str,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(std::future::ready(EmbeddedStore::group_cursor(
+            self, group, member,
+        )))
     }
 }
 

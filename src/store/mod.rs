@@ -8,8 +8,8 @@
 //! MySQL backend is meant to implement the same trait.
 //!
 //! It knows nothing of sockets, shards or glommio. The gateway's I/O core is a single thread
-//! that owns one [`Backend`], batches the commands of the shards and hands each batch to
-//! [`Backend::apply`]: one atomic, durable commit per batch (group commit). Calls block.
+//! that owns one [`Backend`], batches the commands of the shards and awaits
+//! [`Backend::apply`] for each batch: one atomic, durable commit per batch (group commit).
 
 mod embedded;
 mod keys;
@@ -18,6 +18,9 @@ mod seqcache;
 mod tests;
 
 pub use embedded::{EmbeddedStore, StoreOptions};
+
+use std::future::Future;
+use std::pin::Pin;
 
 use crate::protocol::{Deliver, Str};
 
@@ -186,61 +189,69 @@ pub enum StoreError {
     Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// The future every [`Backend`] method returns: boxed so that the trait stays object-safe, and
+/// `Send` so that a backend may be moved to the I/O core's thread.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
 /// A durable store of inboxes, group timelines, cursors and memberships.
 ///
-/// Object-safe and `Send`: the I/O core owns one as `Box<dyn Backend>` on its thread. Every
-/// method blocks. Reads see exactly what earlier `apply` calls committed.
+/// Object-safe and `Send`: the I/O core owns one as `Box<dyn Backend>` on its thread and awaits
+/// each call on its tokio runtime. [`EmbeddedStore`] answers with ready futures (its work is
+/// synchronous: it blocks the I/O core, which owns nothing else); a network backend awaits the
+/// network. Reads see exactly what earlier `apply` calls committed. Callers await one call at a
+/// time (`&mut self`).
 pub trait Backend: Send {
-    /// Applies `ops` atomically with one durable commit (fsync) before returning; the results
-    /// are in the order of `ops`. `now_ms` (wall clock) dates the dedupe records. On `Err`
-    /// nothing of the batch was applied. A batch that writes nothing (only duplicates, refusals
-    /// and no-op cursors) commits nothing.
-    fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> Result<Vec<OpResult>, StoreError>;
+    /// Applies `ops` atomically with one durable commit before the future completes; the
+    /// results are in the order of `ops`. `now_ms` (wall clock) dates the dedupe records. On
+    /// `Err` nothing of the batch was applied. A batch that writes nothing (only duplicates,
+    /// refusals and no-op cursors) commits nothing.
+    fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> StoreFuture<'_, Vec<OpResult>>;
 
     /// Messages with `inbox_seq > after_seq`, ascending, at most `limit` (clamped to
     /// `1..=`[`StoreOptions::max_page`]).
-    fn read_inbox(
-        &mut self,
-        user: &UserRef,
+    fn read_inbox<'a>(
+        &'a mut self,
+        user: &'a UserRef,
         after_seq: u64,
         limit: u32,
-    ) -> Result<InboxPage, StoreError>;
+    ) -> StoreFuture<'a, InboxPage>;
 
     /// The user's last `inbox_seq` (0: nothing appended yet).
-    fn last_inbox_seq(&mut self, user: &UserRef) -> Result<u64, StoreError>;
+    fn last_inbox_seq<'a>(&'a mut self, user: &'a UserRef) -> StoreFuture<'a, u64>;
 
     /// The device's cursor (0: never set).
-    fn cursor(&mut self, user: &UserRef, device: &str) -> Result<u64, StoreError>;
+    fn cursor<'a>(&'a mut self, user: &'a UserRef, device: &'a str) -> StoreFuture<'a, u64>;
 
     /// Members in byte order, after `after` (exclusive), at most `limit` (clamped like
     /// [`Backend::read_inbox`]): page through a large group.
-    fn group_members(
-        &mut self,
-        group: &GroupRef,
-        after: Option<&str>,
+    fn group_members<'a>(
+        &'a mut self,
+        group: &'a GroupRef,
+        after: Option<&'a str>,
         limit: u32,
-    ) -> Result<Vec<Str>, StoreError>;
+    ) -> StoreFuture<'a, Vec<Str>>;
 
     /// The group's member count.
-    fn group_size(&mut self, group: &GroupRef) -> Result<u64, StoreError>;
+    fn group_size<'a>(&'a mut self, group: &'a GroupRef) -> StoreFuture<'a, u64>;
 
     /// The groups the user is a member of, in byte order (at most
     /// [`StoreOptions::max_groups_per_user`]).
-    fn user_groups(&mut self, user: &UserRef) -> Result<Vec<Str>, StoreError>;
+    fn user_groups<'a>(&'a mut self, user: &'a UserRef) -> StoreFuture<'a, Vec<Str>>;
 
     /// Timeline messages with `gseq > after_gseq`, ascending, at most `limit` (clamped).
-    fn read_group(
-        &mut self,
-        group: &GroupRef,
+    fn read_group<'a>(
+        &'a mut self,
+        group: &'a GroupRef,
         after_gseq: u64,
         limit: u32,
-    ) -> Result<GroupPage, StoreError>;
+    ) -> StoreFuture<'a, GroupPage>;
 
     /// The group's last `gseq` (0: nothing appended yet).
-    fn last_group_seq(&mut self, group: &GroupRef) -> Result<u64, StoreError>;
+    fn last_group_seq<'a>(&'a mut self, group: &'a GroupRef) -> StoreFuture<'a, u64>;
 
     /// The member's group cursor (0: not a member, or never set and joined before any message).
-    fn group_cursor(&mut self, group: &GroupRef, member: &str) -> Result<u64, StoreError>;
+    fn group_cursor<'a>(&'a mut self, group: &'a GroupRef, member: &'a str)
+        -> StoreFuture<'a, u64>;
 }
 
 /// Opens the embedded store under the configured data directory, with the gateway's limits.

@@ -826,9 +826,12 @@ fn backend_is_object_safe_and_send() {
     assert_send::<Box<dyn Backend>>();
     let dir = tempfile::tempdir().unwrap();
     let mut b: Box<dyn Backend> = Box::new(open(&dir, StoreOptions::default()));
-    b.apply(vec![append("bob", "amy", "c", 1, "x")], T0)
-        .unwrap();
-    assert_eq!(b.last_inbox_seq(&user("bob")).unwrap(), 1);
+    futures_lite::future::block_on(async {
+        b.apply(vec![append("bob", "amy", "c", 1, "x")], T0)
+            .await
+            .unwrap();
+        assert_eq!(b.last_inbox_seq(&user("bob")).await.unwrap(), 1);
+    });
 }
 
 type DedupeKey = (String, String, String);
