@@ -291,10 +291,26 @@ async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoS
     if let Some(kc) = &cfg.kafka {
         max_in_flight = kc.max_in_flight.max(1) as usize;
         produce_timeout = Duration::from_millis(kc.produce_timeout_ms);
-        match crate::services::kafka::ensure_topics(kc).await {
-            Ok(()) => tracing::info!(topic = %kc.messages_topic, "kafka topics ready"),
-            Err(e) => tracing::error!(error = %e, "kafka topics not created"),
-        }
+        // Topics are created in the background, retried until the broker answers: a broker
+        // that is down at start delays nothing else (the producer waits for the topics).
+        let topics = kc.clone();
+        tokio::task::spawn_local(async move {
+            let mut warned = false;
+            loop {
+                match crate::services::kafka::ensure_topics(&topics).await {
+                    Ok(()) => {
+                        tracing::info!(topic = %topics.messages_topic, "kafka topics ready");
+                        return;
+                    }
+                    Err(e) if !warned => {
+                        tracing::warn!(error = %e, "kafka topics not created yet; retrying");
+                        warned = true;
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
         match Kafka::new(kc, svc.clone()) {
             Ok(k) => kafka = Some(Rc::new(RefCell::new(k))),
             Err(e) => tracing::error!(error = %e, "kafka producer not started"),

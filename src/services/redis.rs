@@ -251,11 +251,13 @@ impl Worker {
         let mut conn: Option<MultiplexedConnection> = None;
         let mut next_try = Instant::now();
         let mut buf = Vec::with_capacity(max);
+        let mut failing = false;
         loop {
             if conn.is_none() && Instant::now() >= next_try {
                 match self.connect().await {
                     Ok(mut c) => {
                         self.stats.redis_connects.fetch_add(1, Relaxed);
+                        failing = false;
                         if self.republish(&mut c).await {
                             tracing::info!(devices = self.mirror.len(), "redis connected");
                             self.stats.redis_up.store(1, Relaxed);
@@ -265,7 +267,11 @@ impl Worker {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "redis connect failed");
+                        // One warning per outage, not one per attempt.
+                        if !failing {
+                            tracing::warn!(error = %e, "redis connect failed; retrying");
+                        }
+                        failing = true;
                         self.stats.redis_errors.fetch_add(1, Relaxed);
                         next_try = Instant::now() + retry;
                     }
