@@ -450,8 +450,9 @@ fn start_tansu(port: u16) -> Proc {
     Proc(child)
 }
 
-/// Sends one message per round from `a` to `b` while `during` runs, resending each cmid until
-/// it is acked; pings between sends. Returns (acked cmids, errors seen, worst ping).
+/// Sends one message per round from `a` to `to`, resending each unacked cmid in later rounds;
+/// pings between rounds. Records acked cmids and error codes; returns the worst ping.
+#[allow(clippy::too_many_arguments)]
 fn load(
     a: &mut Client,
     to: &str,

@@ -342,7 +342,7 @@ pub fn start_push_consumer<F>(
     sink: F,
 ) -> Result<(), ServiceError>
 where
-    F: Fn(PushRecord) -> Result<(), PushRecord> + Send + 'static,
+    F: Fn(Box<PushRecord>) -> Result<(), Box<PushRecord>> + Send + 'static,
 {
     let mut c = client_config(cfg)?;
     c.set("group.id", &cfg.push_group)
@@ -365,7 +365,7 @@ where
                         .ok_or_else(|| "empty record".to_string())
                         .and_then(|p| parse_push(p, m.partition(), m.offset(), max_body));
                     match parsed {
-                        Ok(r) => r,
+                        Ok(r) => Box::new(r),
                         Err(e) => {
                             stats.push_bad.fetch_add(1, Relaxed);
                             tracing::debug!(error = %e, "push record dropped");

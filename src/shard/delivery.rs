@@ -236,7 +236,7 @@ impl Shard {
         if done.token == 0 {
             // Nobody waits for token 0: a record of the push ingress.
             if let IoReply::Push(rec) = done.reply {
-                self.on_push(rec, clk);
+                self.on_push(*rec, clk);
             }
             return;
         }

@@ -41,7 +41,7 @@ impl Shard {
         let cmd = IoCmd {
             shard: self.id as u16,
             token: 0,
-            req: IoRequest::Presence(event),
+            req: IoRequest::Presence(Box::new(event)),
         };
         if io.submit(cmd).is_err() {
             io.stats.svc.redis_dropped.fetch_add(1, Relaxed);
