@@ -550,22 +550,32 @@ async fn confirm(
     // against a report that never comes.
     let limit = limit + Duration::from_secs(5);
     let wait = |p: Produced| async move {
-        let ok = matches!(tokio::time::timeout(limit, p.report).await, Ok(Ok(Ok(_))));
-        (p.mid, ok)
+        let error = match tokio::time::timeout(limit, p.report).await {
+            Ok(Ok(Ok(_))) => None,
+            Ok(Ok(Err((e, _)))) => {
+                tracing::debug!(mid = p.mid, error = %e, "kafka did not confirm");
+                Some(e)
+            }
+            Ok(Err(_)) | Err(_) => {
+                tracing::debug!(mid = p.mid, "kafka delivery report lost");
+                Some(rdkafka::error::KafkaError::Canceled)
+            }
+        };
+        (p.mid, error)
     };
     let mut outcomes = Vec::with_capacity(deferred.len());
     for d in deferred {
         let mut all_ok = true;
         for p in d.reports {
-            let (mid, ok) = wait(p).await;
-            settle(&kafka, &stats, mid, ok);
-            all_ok &= ok;
+            let (mid, error) = wait(p).await;
+            all_ok &= error.is_none();
+            settle(&kafka, &stats, mid, error);
         }
         outcomes.push((d.shard, d.token, d.results, all_ok));
     }
     for p in local_reports {
-        let (mid, ok) = wait(p).await;
-        settle(&kafka, &stats, mid, ok);
+        let (mid, error) = wait(p).await;
+        settle(&kafka, &stats, mid, error);
     }
     stats
         .kafka_confirm_us_sum
@@ -597,8 +607,14 @@ async fn confirm(
     drop(permit);
 }
 
-fn settle(kafka: &Rc<RefCell<Kafka>>, stats: &ServiceStats, mid: u64, ok: bool) {
-    kafka.borrow_mut().settle(mid, ok);
+fn settle(
+    kafka: &Rc<RefCell<Kafka>>,
+    stats: &ServiceStats,
+    mid: u64,
+    error: Option<rdkafka::error::KafkaError>,
+) {
+    let ok = error.is_none();
+    kafka.borrow_mut().settle(mid, ok, error.as_ref());
     if ok {
         stats.kafka_produced.fetch_add(1, Ordering::Relaxed);
     } else {

@@ -19,8 +19,6 @@ use common::gateway::{Gateway, DEV_TOML};
 use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::{Envelope, ErrorCode, Message, Ping, Send, Target};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -66,36 +64,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-fn create_topics(brokers: &str, names: &[&str]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    let topics: Vec<NewTopic> = names
-        .iter()
-        .map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1)))
-        .collect();
-    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-    let r = block_on(admin.create_topics(topics.iter(), &opts)).expect("create topics");
-    for t in r {
-        if let Err((name, code)) = t {
-            assert_eq!(
-                code,
-                rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
-                "{name}"
-            );
-        }
-    }
 }
 
 /// Every record of `topic` from the beginning, until `want` arrived and `quiet` passed with
@@ -391,6 +359,15 @@ fn dedupe_keys_and_clean_logout_in_redis() {
     }
 }
 
+fn signal(p: &Proc, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &p.0.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
 /// A private server process, killed on drop.
 struct Proc(Child);
 
@@ -592,11 +569,28 @@ fn redis_outage_loses_nothing_and_presence_is_republished() {
 fn broker_outage_fails_acks_explicitly_and_recovers() {
     let port = free_port();
     let brokers = format!("127.0.0.1:{port}");
-    let mut broker = Some(start_tansu(port));
+    let broker = start_tansu(port);
     let (messages, push) = ("outage.messages", "outage.push");
-    let extra = "produce_timeout_ms = 1500\n";
-    let g = gateway("backend", &kafka_toml(&brokers, messages, push, extra));
+    // librdkafka scans for timed-out records about once a second: a send fails within
+    // produce_timeout_ms + 1 s, and the client waits silently, so the idle timeout is raised.
+    let extra = "produce_timeout_ms = 800\n";
+    let toml = format!(
+        "{}\n{}",
+        DEV_TOML.replace("idle_timeout_ms = 1500", "idle_timeout_ms = 6000"),
+        kafka_toml(&brokers, messages, push, extra)
+    );
+    let g = Gateway::start(
+        &toml,
+        &[
+            "--shards",
+            "2",
+            "--insecure-dev-auth",
+            "--durability",
+            "backend",
+        ],
+    );
     let mut a = g.login(Transport::Tcp, CodecId::Json, "jack", "d");
+
     let (mut pending, mut acked, mut errors) = (Vec::new(), BTreeSet::new(), BTreeMap::new());
     let pause = Duration::from_millis(20);
     load(
@@ -613,8 +607,11 @@ fn broker_outage_fails_acks_explicitly_and_recovers() {
         errors.is_empty() && pending.is_empty(),
         "{errors:?} {pending:?}"
     );
-    drop(broker.take()); // the broker goes away
+    // The broker stops answering (SIGSTOP: a hung or partitioned broker; its memory storage
+    // would not survive a restart, a real broker's log does).
+    signal(&broker, "-STOP");
     let outage = Instant::now();
+
     let worst = load_with(
         &mut a,
         "kate",
@@ -635,9 +632,8 @@ fn broker_outage_fails_acks_explicitly_and_recovers() {
     let mut c = g.login(Transport::Ws, CodecId::Json, "liam", "d");
     assert!(ping(&mut c) < Duration::from_secs(1));
     let _ = worst;
-    // The broker returns (its memory storage starts empty: recreate the topics).
-    broker = Some(start_tansu(port));
-    create_topics(&brokers, &[messages, push]);
+    // The broker comes back.
+    signal(&broker, "-CONT");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut i = 24;
     while !pending.is_empty() {

@@ -22,7 +22,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +74,10 @@ pub fn conversation_key(tenant: &str, from: &str, dest: &Dest) -> String {
 /// The producer and what it needs to pick topics.
 pub struct Kafka {
     producer: FutureProducer,
+    /// The producer's configuration, to replace it after a fatal error.
+    producer_cfg: ClientConfig,
+    /// When the producer was last replaced.
+    replaced_at: Option<std::time::Instant>,
     pub cfg: KafkaConfig,
     pub stats: Arc<ServiceStats>,
     /// Mids confirmed on the messages topic, newest last, at most `confirmed_max`.
@@ -120,6 +124,8 @@ impl Kafka {
             .map_err(|e| ServiceError::KafkaClient(e.to_string()))?;
         Ok(Kafka {
             producer,
+            producer_cfg: c,
+            replaced_at: None,
             cfg: cfg.clone(),
             stats,
             confirmed: HashSet::new(),
@@ -138,9 +144,22 @@ impl Kafka {
         self.in_flight.contains(&mid)
     }
 
-    /// Records the outcome of `mid`'s produce.
-    pub fn settle(&mut self, mid: u64, ok: bool) {
+    /// Records the outcome of `mid`'s produce; `error` is the failure, if any.
+    pub fn settle(&mut self, mid: u64, ok: bool, error: Option<&rdkafka::error::KafkaError>) {
         self.in_flight.remove(&mid);
+        if !ok {
+            let fenced = error.and_then(|e| e.rdkafka_error_code()).is_some_and(|c| {
+                matches!(
+                    c,
+                    RDKafkaErrorCode::ProducerFenced
+                        | RDKafkaErrorCode::InvalidProducerEpoch
+                        | RDKafkaErrorCode::UnknownProducerId
+                        | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                        | RDKafkaErrorCode::InvalidProducerIdMapping
+                )
+            });
+            self.recover_if_fatal(fenced);
+        }
         if ok && self.confirmed.insert(mid) {
             self.confirmed_order.push_back(mid);
             while self.confirmed_order.len() > self.cfg.confirmed_max as usize {
@@ -148,6 +167,40 @@ impl Kafka {
                     self.confirmed.remove(&old);
                 }
             }
+        }
+    }
+
+    /// An idempotent producer that hit a fatal error (e.g. fenced: after timed-out records it
+    /// bumps its epoch, and a broker that lost its state refuses it) fails every later record.
+    /// Replace it with a fresh producer (a new producer id); the old one's records fail, so
+    /// their sends got `unavailable` and are produced again when resent.
+    fn recover_if_fatal(&mut self, fenced: bool) {
+        let fatal = self.producer.client().fatal_error();
+        if fatal.is_none() && !fenced {
+            return;
+        }
+        // One replacement per second at most: the old producer's pending records all fail
+        // with the same error.
+        let now = std::time::Instant::now();
+        if self
+            .replaced_at
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.replaced_at = Some(now);
+        let (code, reason) = fatal.unwrap_or((RDKafkaErrorCode::ProducerFenced, "fenced".into()));
+        match self.producer_cfg.create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::warn!(?code, %reason, "kafka producer failed fatally; replaced");
+                self.stats.kafka_resets.fetch_add(1, Relaxed);
+                let old = std::mem::replace(&mut self.producer, fresh);
+                // Dropping a producer purges and joins its thread: not on the I/O core.
+                let _ = std::thread::Builder::new()
+                    .name("imgw-kafka-drop".into())
+                    .spawn(move || drop(old));
+            }
+            Err(e) => tracing::warn!(error = %e, "kafka producer could not be replaced"),
         }
     }
 
@@ -356,9 +409,11 @@ where
         .subscribe(&[&cfg.push_topic])
         .map_err(|e| ServiceError::KafkaClient(e.to_string()))?;
     tokio::spawn(async move {
+        let mut failing = false;
         loop {
             let rec = match consumer.recv().await {
                 Ok(m) => {
+                    failing = false;
                     stats.push_received.fetch_add(1, Relaxed);
                     let parsed = m
                         .payload()
@@ -374,7 +429,11 @@ where
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "push consumer");
+                    // One warning per outage (librdkafka logs the details itself).
+                    if !failing {
+                        tracing::warn!(error = %e, "push consumer failing; retrying");
+                    }
+                    failing = true;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }

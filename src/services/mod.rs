@@ -47,6 +47,8 @@ pub struct ServiceStats {
     pub kafka_failed: AtomicU64,
     /// A resent `cmid` whose first produce was not confirmed: produced again.
     pub kafka_reproduced: AtomicU64,
+    /// Producers replaced after a fatal error.
+    pub kafka_resets: AtomicU64,
     /// Batches whose delivery reports are being awaited.
     pub kafka_in_flight: AtomicU64,
     /// Time from produce to the last delivery report of a batch (µs sum, count).
@@ -62,7 +64,7 @@ impl ServiceStats {
     /// Appends the Prometheus text of these counters.
     pub fn render(&self, o: &mut String) {
         let r = Ordering::Relaxed;
-        let rows: [(&str, &str, &str, &AtomicU64); 15] = [
+        let rows: &[(&str, &str, &str, &AtomicU64)] = &[
             (
                 "imgw_redis_up",
                 "gauge",
@@ -122,6 +124,12 @@ impl ServiceStats {
                 "counter",
                 "Resent messages produced again after a failed produce.",
                 &self.kafka_reproduced,
+            ),
+            (
+                "imgw_kafka_producer_resets_total",
+                "counter",
+                "Producers replaced after a fatal error.",
+                &self.kafka_resets,
             ),
             (
                 "imgw_kafka_in_flight",
