@@ -119,7 +119,8 @@ pub struct KafkaConfig {
     /// Business-event routes (default none): `[[kafka.routes]] prefix = "order." topic = "orders"`.
     pub routes: Vec<KafkaRoute>,
     /// How long a produce may take before it fails (librdkafka `message.timeout.ms`; default
-    /// 5 000 ms). At durability `backend` the `send` then gets `unavailable`.
+    /// 5 000 ms; librdkafka checks about once a second). At durability `backend` the `send`
+    /// then gets `unavailable`.
     pub produce_timeout_ms: u64,
     /// Batches whose delivery reports are awaited at once (default 64); the I/O core waits for
     /// a slot beyond it (back-pressure into its bounded queue).

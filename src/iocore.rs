@@ -1,6 +1,6 @@
 //! The I/O core: one dedicated thread (pinned to the core the shards leave free) running a
-//! tokio current-thread runtime, the only place that touches the durable store and, later,
-//! MySQL, Redis and Kafka (SPEC 2).
+//! tokio current-thread runtime, the only place that touches the durable store, Redis and
+//! Kafka (SPEC 2; the services are in src/services).
 //!
 //! Shards never block on it. They push commands into one bounded lock-free queue and return at
 //! once; a full queue is an explicit refusal that the shard turns into `overloaded`. The I/O
