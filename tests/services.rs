@@ -129,6 +129,16 @@ fn produce(brokers: &str, topic: &str, value: &str) {
     p.flush(Duration::from_secs(10)).unwrap();
 }
 
+fn join(c: &mut Client, group: &str) {
+    let r = c.next_ref();
+    let msg = Message::GroupJoin(imgw::protocol::GroupJoin {
+        group: group.into(),
+    });
+    c.send(&Envelope::with_ref(msg, r)).unwrap();
+    let env = c.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
+    assert_eq!(env.msg, Message::Ok);
+}
+
 fn send_env(to: &str, cmid: &str, kind: Option<&str>, body: &str) -> Message {
     Message::Send(Send {
         to: Target::User(to.into()),
@@ -216,13 +226,38 @@ fn every_accepted_message_is_on_the_topic_exactly_once_and_routes_work() {
     }
     let order_mid = send(&mut a, "bob", "o1", Some("order.created")).unwrap();
     acked.insert(order_mid, "o1".into());
+    // Group messages too, keyed by the group.
+    join(&mut a, "team");
+    join(&mut b, "team");
+    for i in 0..5 {
+        let cmid = format!("g{i}");
+        let r = a.next_ref();
+        let msg = Message::Send(Send {
+            to: Target::Group("team".into()),
+            cmid: cmid.as_str().into(),
+            kind: None,
+            body: "to the team".into(),
+            ext: Default::default(),
+        });
+        a.send(&Envelope::with_ref(msg, r)).unwrap();
+        let env = a.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
+        let Message::SendAck(ack) = env.msg else {
+            panic!("{env:?}")
+        };
+        acked.insert(ack.mid, cmid);
+    }
 
     let got = consume(&brokers, &messages, acked.len(), Duration::from_secs(20));
     let mut seen = BTreeMap::new();
     for (key, mid, v) in &got {
         *seen.entry(*mid).or_insert(0) += 1;
         assert_eq!(v["mid"].as_u64(), Some(*mid));
-        assert_eq!(key, "dev/u/alice/bob", "keyed by conversation");
+        let want = if v["group"].is_string() {
+            "dev/g/team"
+        } else {
+            "dev/u/alice/bob"
+        };
+        assert_eq!(key, want, "keyed by conversation");
         assert_eq!(v["cmid"].as_str(), acked.get(mid).map(String::as_str));
     }
     assert_eq!(
