@@ -44,8 +44,79 @@ pub struct Config {
     pub auth: AuthConfig,
     pub runtime: RuntimeConfig,
     pub store: StoreConfig,
+    pub mysql: MysqlConfig,
     pub redis: RedisConfig,
     pub kafka: KafkaConfig,
+}
+
+/// The MySQL / MariaDB backend (durability `backend`; docs/STORE.md, "MySQL backend").
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MysqlConfig {
+    /// `mysql://user:password@host:port/database` (`--mysql URL`). Unset: no MySQL backend.
+    /// With durability `backend`, the durable store lives there and `send_ack` follows its
+    /// commit.
+    pub url: Option<String>,
+    /// Connections the pool keeps open.
+    pub pool_min: u32,
+    /// Connections at most (the I/O core runs one call at a time; more serve reads that
+    /// overlap a commit in a later version).
+    pub pool_max: u32,
+    /// Deadline for getting a connection: a new one's TCP connect, handshake and login.
+    pub connect_timeout_ms: u64,
+    /// Deadline of one store call: a whole batch's transaction (the group commit) or one read.
+    /// Past it the call fails, the transaction is rolled back and the sends of the batch get
+    /// `unavailable`: this bounds how long a send waits while MySQL is down.
+    pub query_timeout_ms: u64,
+    /// Prepared statements cached per connection.
+    pub stmt_cache: u32,
+}
+
+impl Default for MysqlConfig {
+    fn default() -> Self {
+        MysqlConfig {
+            url: None,
+            pool_min: 1,
+            pool_max: 4,
+            connect_timeout_ms: 2_000,
+            query_timeout_ms: 5_000,
+            stmt_cache: 128,
+        }
+    }
+}
+
+impl std::fmt::Debug for MysqlConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("pool_min", &self.pool_min)
+            .field("pool_max", &self.pool_max)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("query_timeout_ms", &self.query_timeout_ms)
+            .field("stmt_cache", &self.stmt_cache)
+            .finish()
+    }
+}
+
+/// `url` with the password of its user-info part (`scheme://user:PASSWORD@host`) replaced by
+/// `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let Some(at) = rest.rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:***{}",
+            &url[..scheme_end],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_string(),
+    }
 }
 
 /// Redis on the I/O core (docs/ARCHITECTURE.md "Services"): presence with a TTL, user ->
@@ -427,6 +498,22 @@ impl Config {
         if self.store.queue_depth == 0 || self.store.batch_max == 0 {
             return bad("store.queue_depth and store.batch_max must be positive");
         }
+        if self.server.durability == Durability::Backend
+            && self.mysql.url.is_none()
+            && self.kafka.brokers.is_none()
+        {
+            return bad(
+                "durability `backend` needs a backend: set mysql.url (--mysql URL) or \
+                 kafka.brokers (--kafka HOST:PORT), or use --durability local",
+            );
+        }
+        let m = &self.mysql;
+        if m.pool_max == 0 || m.pool_min > m.pool_max {
+            return bad("mysql.pool_max must be positive and at least mysql.pool_min");
+        }
+        if m.connect_timeout_ms == 0 || m.query_timeout_ms == 0 {
+            return bad("mysql.connect_timeout_ms and mysql.query_timeout_ms must be positive");
+        }
         let services = self.redis.url.is_some() || self.kafka.brokers.is_some();
         if services && self.server.durability == Durability::Memory {
             return bad("redis and kafka run on the I/O core: use durability local or backend");
@@ -495,6 +582,28 @@ mod tests {
         assert_eq!(c.server.ws_listen.port(), 1);
         assert_eq!(c.limits.idle_timeout_ms, 5000);
         assert!(toml::from_str::<Config>("[server]\nbogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn mysql_section_and_backend_selection() {
+        let mut c: Config = toml::from_str(
+            "[server]\ndurability = \"backend\"\n[auth]\ninsecure_dev_auth = true\n\
+             [mysql]\npool_max = 2\nquery_timeout_ms = 100\n",
+        )
+        .unwrap();
+        assert_eq!(c.mysql.pool_max, 2);
+        assert!(
+            c.validate().is_err(),
+            "backend without a backend configured"
+        );
+        c.mysql.url = Some("mysql://u:secret@127.0.0.1/imgw".into());
+        c.validate().unwrap();
+        assert!(!format!("{:?}", c.mysql).contains("secret"));
+        assert_eq!(
+            redact_url("mysql://u:secret@h:1/db"),
+            "mysql://u:***@h:1/db"
+        );
+        assert_eq!(redact_url("mysql://u@h/db"), "mysql://u@h/db");
     }
 
     #[test]

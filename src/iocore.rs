@@ -26,7 +26,7 @@ use crate::protocol::{Deliver, Str, Target};
 use crate::services::kafka::{Dest, Kafka, Produced, PushRecord};
 use crate::services::redis::{PresenceEvent, RedisCmd, RedisHandle};
 use crate::services::ServiceStats;
-use crate::store::{Backend, InboxPage, Op, OpResult, UserRef};
+use crate::store::{Backend, InboxPage, Op, OpResult, StoreError, UserRef};
 
 /// What a shard asks of the I/O core.
 #[derive(Debug)]
@@ -108,6 +108,9 @@ pub struct IoStats {
     pub queue_depth: AtomicU64,
     /// Redis and Kafka counters.
     pub svc: Arc<ServiceStats>,
+    /// When a failed commit was last logged (ms since the epoch): during an outage every
+    /// batch fails, so failures are logged at most once a second (the count is in `errors`).
+    last_error_log_ms: AtomicU64,
 }
 
 /// The shard's end: submit commands, take completions.
@@ -164,6 +167,25 @@ pub struct IoCore {
     pub stats: Arc<IoStats>,
 }
 
+/// Opens the backend on the I/O core's runtime (a network backend's connections live there).
+pub type BackendOpener = Box<
+    dyn FnOnce() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Box<dyn Backend>, StoreError>>>,
+        > + Send,
+>;
+
+/// Why the I/O core did not start.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum IoStartError {
+    /// The thread, its runtime or a wake-up socket could not be created.
+    #[error("starting the I/O core: {0}")]
+    Io(#[from] std::io::Error),
+    /// The durable store could not be opened (or migrated).
+    #[error("opening the store: {0}")]
+    Store(#[from] StoreError),
+}
+
 impl IoCore {
     /// Starts the I/O thread over `backend`; returns one port per shard.
     pub fn start(
@@ -171,7 +193,23 @@ impl IoCore {
         cfg: IoConfig,
         shards: usize,
         cpu: Option<usize>,
-    ) -> std::io::Result<(IoCore, Vec<IoPort>)> {
+    ) -> Result<(IoCore, Vec<IoPort>), IoStartError> {
+        Self::start_with(
+            Box::new(move || Box::pin(async move { Ok(backend) })),
+            cfg,
+            shards,
+            cpu,
+        )
+    }
+
+    /// Starts the I/O thread, opens the backend on it with `open` and returns one port per
+    /// shard once it is open (or the error that stopped it).
+    pub fn start_with(
+        open: BackendOpener,
+        cfg: IoConfig,
+        shards: usize,
+        cpu: Option<usize>,
+    ) -> Result<(IoCore, Vec<IoPort>), IoStartError> {
         let inbound = Arc::new(ArrayQueue::new(cfg.queue_depth.max(1)));
         let io_wake = Arc::new(tokio::sync::Notify::new());
         let stats = Arc::new(IoStats::default());
@@ -202,6 +240,7 @@ impl IoCore {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let (stop2, wake2, stats2) = (stop.clone(), io_wake.clone(), stats.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), IoStartError>>(1);
         let thread = std::thread::Builder::new()
             .name("imgw-io".into())
             .spawn(move || {
@@ -214,17 +253,37 @@ impl IoCore {
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        tracing::error!(error = %e, "I/O core runtime failed to start");
+                        let _ = ready_tx.send(Err(e.into()));
                         return;
                     }
                 };
                 // A LocalSet: the services' tasks share the producer through Rc, on this thread.
                 let local = tokio::task::LocalSet::new();
-                local.block_on(
-                    &rt,
-                    io_loop(backend, cfg, inbound, Arc::new(links), wake2, stop2, stats2),
-                );
+                local.block_on(&rt, async move {
+                    let backend = match open().await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.into()));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    io_loop(backend, cfg, inbound, Arc::new(links), wake2, stop2, stats2).await;
+                });
             })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(IoStartError::Io(std::io::Error::other(
+                    "the I/O core stopped while starting",
+                )));
+            }
+        }
         Ok((
             IoCore {
                 thread: Some(thread),
@@ -668,8 +727,12 @@ async fn run_batch(
         applied = Some(match r {
             Ok(results) => Ok(results.into_iter()),
             Err(e) => {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "store commit failed");
+                let failed = stats.errors.fetch_add(1, Ordering::Relaxed) + 1;
+                let now = now_ms();
+                if now.saturating_sub(stats.last_error_log_ms.load(Ordering::Relaxed)) >= 1_000 {
+                    stats.last_error_log_ms.store(now, Ordering::Relaxed);
+                    tracing::error!(error = %e, failed_batches_so_far = failed, "store commit failed");
+                }
                 Err(e.to_string())
             }
         });

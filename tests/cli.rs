@@ -44,16 +44,8 @@ fn serve_help_lists_the_contract_flags() {
 
 #[test]
 fn external_backends_exit_2_with_a_clear_message() {
-    // MySQL, and `backend` with nothing that confirms, are not available.
     for (flags, says) in [
-        (
-            &["--mysql", "mysql://127.0.0.1/imgw"][..],
-            "backend durability / external backends not available yet",
-        ),
-        (
-            &["--durability", "backend"],
-            "backend durability / external backends not available yet",
-        ),
+        (&["--durability", "backend"][..], "needs a backend"),
         // Redis and Kafka need the I/O core: not at durability memory.
         (
             &["--kafka", "127.0.0.1:9092"],
@@ -75,6 +67,24 @@ fn external_backends_exit_2_with_a_clear_message() {
         assert_eq!(out.status.code(), Some(2), "{flags:?}");
         assert!(text(&out.stderr).contains(says), "{}", text(&out.stderr));
     }
+}
+
+#[test]
+fn backend_durability_needs_a_backend() {
+    let out = imgw(&[
+        "serve",
+        "--insecure-dev-auth",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--durability",
+        "backend",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("durability `backend` needs a backend") && err.contains("--mysql"),
+        "{err}"
+    );
 }
 
 #[test]

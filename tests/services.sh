@@ -10,6 +10,11 @@
 #                              # one service, for outage experiments by hand (only what this
 #                              # script started can be stopped; tests/services.rs starts its
 #                              # own private servers for its outage tests)
+#   tests/services.sh start-mysql | stop-mysql | kill-mysql
+#                              # MariaDB alone: start it (installed already), stop it (SIGTERM),
+#                              # or SIGKILL it; stop/kill only act on a MariaDB this script
+#                              # started. With IMGW_SERVICES_DIR and IMGW_MYSQL_PORT the outage
+#                              # tests run a private instance this way (tests/mysql.rs).
 #
 #   MariaDB 10.11  Debian package mariadb-server      IMGW_MYSQL_URL  mysql://imgw:imgw@127.0.0.1:3306/imgw
 #   Redis 7        Debian package redis-server        IMGW_REDIS_URL  redis://127.0.0.1:6379/
@@ -179,7 +184,41 @@ status() {
     return 0
 }
 
+kill_mysql() {
+    local pidfile="$DIR/mariadb/mariadbd.pid"
+    [ -f "$DIR/mariadb/started-by-us" ] && [ -f "$pidfile" ] || {
+        log "no MariaDB started by this script under $DIR"
+        return 1
+    }
+    local pid
+    pid=$(cat "$pidfile")
+    kill -9 "$pid" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    rm -f "$pidfile"
+    log "killed MariaDB (SIGKILL)"
+}
+
 case "${1:-}" in
+start-mysql)
+    command -v mariadbd >/dev/null || {
+        log "mariadbd is not installed: run $0 start"
+        exit 1
+    }
+    mkdir -p "$DIR"
+    start_mysql
+    echo "IMGW_MYSQL_URL=mysql://imgw:imgw@127.0.0.1:$MYSQL_PORT/imgw"
+    ;;
+stop-mysql)
+    [ -f "$DIR/mariadb/started-by-us" ] || {
+        log "no MariaDB started by this script under $DIR"
+        exit 1
+    }
+    stop_pidfile "$DIR/mariadb/mariadbd.pid" MariaDB
+    ;;
+kill-mysql) kill_mysql ;;
 start)
     install_all
     mkdir -p "$DIR"
@@ -196,7 +235,7 @@ start-kafka) mkdir -p "$DIR" && start_kafka ;;
 status) status ;;
 env) urls ;;
 *)
-    echo "usage: $0 start|stop|status|env|stop-redis|start-redis|stop-kafka|start-kafka" >&2
+    echo "usage: $0 start|stop|status|env|start-mysql|stop-mysql|kill-mysql|stop-redis|start-redis|stop-kafka|start-kafka" >&2
     exit 2
     ;;
 esac

@@ -73,9 +73,14 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
     }
     // Durability `local`: the I/O core owns the store; shards reach it through ports.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // `backend` (with Kafka) commits to the embedded store too, then waits for Kafka.
-    let (io_core, ports) = if cfg.server.durability != Durability::Memory {
-        let backend = crate::store::open(&cfg).map_err(|e| RuntimeError::Config(e.to_string()))?;
+    // Durability `backend`: the same, over the MySQL store (send_ack after its commit).
+    let (io_core, ports) = if matches!(
+        cfg.server.durability,
+        Durability::Local | Durability::Backend
+    ) {
+        let store_cfg = cfg.clone();
+        let open: crate::iocore::BackendOpener =
+            Box::new(move || Box::pin(async move { crate::store::open(&store_cfg).await }));
         let io_cfg = IoConfig {
             queue_depth: cfg.store.queue_depth as usize,
             batch_max: cfg.store.batch_max as usize,
@@ -84,8 +89,8 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
         };
         // The I/O core takes the core after the shards', when there is one.
         let cpu = (cfg.runtime.pin && shards < cpus).then_some(shards);
-        let (core, ports) = IoCore::start(backend, io_cfg, shards, cpu)
-            .map_err(|e| RuntimeError::Config(format!("starting the I/O core: {e}")))?;
+        let (core, ports) = IoCore::start_with(open, io_cfg, shards, cpu)
+            .map_err(|e| RuntimeError::Config(e.to_string()))?;
         let _ = metrics.io.set(core.stats.clone());
         (Some(core), ports.into_iter().map(Some).collect())
     } else {

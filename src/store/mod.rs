@@ -13,11 +13,13 @@
 
 mod embedded;
 mod keys;
+mod mysql;
 mod seqcache;
 #[cfg(test)]
 mod tests;
 
 pub use embedded::{EmbeddedStore, StoreOptions};
+pub use mysql::{testdb as mysql_testdb, MySqlOptions, MySqlStore, MYSQL_MAX_ID_BYTES};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -187,6 +189,18 @@ pub enum StoreError {
     /// a failed durable commit the engine refuses further writes: restart to recover.
     #[error("storage engine: {0}")]
     Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The backend's settings are unusable (a malformed MySQL URL, pool sizes).
+    #[error("store configuration: {0}")]
+    Config(String),
+    /// A network backend did not answer within its configured deadline (connect or query).
+    /// For an `apply`, the transaction was abandoned: the server rolls it back, unless the
+    /// deadline passed while its COMMIT was in flight, in which case it may have committed; a
+    /// resend of the same cmid is then deduplicated.
+    #[error("store did not answer within {ms} ms")]
+    Timeout { ms: u64 },
+    /// A schema migration of a network backend failed (docs/STORE.md, "MySQL backend").
+    #[error("schema migration {version}: {detail}")]
+    Migration { version: u32, detail: String },
 }
 
 /// The future every [`Backend`] method returns: boxed so that the trait stays object-safe, and
@@ -254,18 +268,48 @@ pub trait Backend: Send {
         -> StoreFuture<'a, u64>;
 }
 
-/// Opens the embedded store under the configured data directory, with the gateway's limits.
-pub fn open(cfg: &crate::config::Config) -> Result<Box<dyn Backend>, StoreError> {
+/// The store's limits from the gateway's configuration.
+pub fn store_options(cfg: &crate::config::Config) -> StoreOptions {
     let l = &cfg.limits;
-    let opts = StoreOptions {
+    StoreOptions {
         dedupe_window_ms: cfg.store.dedupe_window_ms,
         max_devices_per_user: l.max_devices_per_user,
         max_groups_per_user: l.max_groups_per_user,
         max_group_members: u64::from(l.max_group_members),
         ..StoreOptions::default()
-    };
+    }
+}
+
+/// The MySQL backend's options from the gateway's configuration (`None`: no `mysql.url`).
+pub fn mysql_options(cfg: &crate::config::Config) -> Option<MySqlOptions> {
+    let m = &cfg.mysql;
+    Some(MySqlOptions {
+        url: m.url.clone()?,
+        pool_min: m.pool_min as usize,
+        pool_max: m.pool_max as usize,
+        connect_timeout_ms: m.connect_timeout_ms,
+        query_timeout_ms: m.query_timeout_ms,
+        stmt_cache: m.stmt_cache as usize,
+        store: store_options(cfg),
+    })
+}
+
+/// Opens the durable store the configuration selects: MySQL for durability `backend` with a
+/// `mysql.url`, otherwise the embedded store under the data directory. Runs on the I/O core's
+/// runtime (the MySQL pool lives there).
+pub async fn open(cfg: &crate::config::Config) -> Result<Box<dyn Backend>, StoreError> {
+    // `backend` with Kafka only: the embedded store, and Kafka confirms (src/iocore.rs).
+    let kafka_only = cfg.mysql.url.is_none() && cfg.kafka.brokers.is_some();
+    if cfg.server.durability == crate::config::Durability::Backend && !kafka_only {
+        let Some(opts) = mysql_options(cfg) else {
+            return Err(StoreError::Config(
+                "durability `backend` without a backend: set mysql.url (--mysql URL)".into(),
+            ));
+        };
+        return Ok(Box::new(MySqlStore::connect(opts).await?));
+    }
     Ok(Box::new(EmbeddedStore::open(
         &cfg.server.data_dir.join("store"),
-        opts,
+        store_options(cfg),
     )?))
 }

@@ -1,0 +1,1501 @@
+//! The MySQL / MariaDB backend: the same contract as [`super::EmbeddedStore`] on a server
+//! (docs/STORE.md, "MySQL backend").
+//!
+//! One `apply` is one InnoDB transaction: the counter rows of every inbox and group the batch
+//! touches are read with `SELECT ... FOR UPDATE` (so the seqs stay gapless even with several
+//! writers), the batch runs in memory against what was read (later ops of a batch see the
+//! earlier ones), and its writes go out as multi-row `INSERT`s and `DELETE`s before one
+//! `COMMIT`. Any error rolls the whole transaction back. Every call is bounded by
+//! `query_timeout_ms`, every new connection by `connect_timeout_ms`; the pool reconnects by
+//! itself when the server comes back.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, TxOpts, Value};
+
+use super::{
+    Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, Refusal, StoreError,
+    StoreFuture, StoreOptions, UserRef,
+};
+use crate::codec::CodecId;
+use crate::protocol::{Deliver, Envelope, Message, Str};
+
+/// The longest id (tenant, user, group, member, device, sender, cmid) this backend stores, in
+/// bytes: the columns are `VARBINARY(255)` so that the composite keys fit InnoDB's index limit.
+pub const MYSQL_MAX_ID_BYTES: usize = 255;
+
+/// Rows per multi-row statement.
+const ROWS_PER_STATEMENT: usize = 1_000;
+/// Bytes of values per multi-row `INSERT` (hex-encoded: twice the raw size), well below
+/// MariaDB's default `max_allowed_packet` (16 MiB).
+const BYTES_PER_STATEMENT: usize = 4 << 20;
+
+/// The migrations, in order: (version, name, SQL). Each is applied once and recorded in
+/// `schema_migrations`; their statements are idempotent.
+const MIGRATIONS: &[(u32, &str, &str)] =
+    &[(1, "init", include_str!("../../schemas/mysql/001_init.sql"))];
+
+/// How to reach the server and the bounds of the pool.
+#[derive(Clone)]
+pub struct MySqlOptions {
+    /// `mysql://user:password@host:port/database`.
+    pub url: String,
+    /// Connections the pool keeps open.
+    pub pool_min: usize,
+    /// Connections at most.
+    pub pool_max: usize,
+    /// Deadline for getting a connection (a new one: TCP, handshake, authentication).
+    pub connect_timeout_ms: u64,
+    /// Deadline of one call: a whole `apply` transaction, or one read.
+    pub query_timeout_ms: u64,
+    /// Prepared statements cached per connection.
+    pub stmt_cache: usize,
+    /// The store's limits (dedupe window, kept messages, devices, groups, members, pages);
+    /// the fjall tunables in it are not used.
+    pub store: StoreOptions,
+}
+
+impl std::fmt::Debug for MySqlOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MySqlOptions")
+            .field("url", &crate::config::redact_url(&self.url))
+            .field("pool_min", &self.pool_min)
+            .field("pool_max", &self.pool_max)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("query_timeout_ms", &self.query_timeout_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The durable store on MySQL / MariaDB.
+pub struct MySqlStore {
+    pool: Pool,
+    opts: MySqlOptions,
+    /// The largest `now_ms` used so far: dedupe records are never dated backwards.
+    last_now_ms: u64,
+}
+
+fn engine(e: mysql_async::Error) -> StoreError {
+    StoreError::Engine(Box::new(e))
+}
+
+/// A (tenant, name) pair: a user's inbox or a group.
+type Owner = (Str, Str);
+/// (tenant, owner, name): a device cursor (user, device) or a membership (group, member).
+type Triple = (Str, Str, Str);
+/// (tenant, sender, cmid, dest kind, dest).
+type DedupeKey = (Str, Str, Str, u8, Str);
+
+/// A row of `dedupe` as read.
+type DedupeSqlRow = (Vec<u8>, Vec<u8>, Vec<u8>, u8, Vec<u8>, u64, u64, u64, u64);
+/// Three ids and a number: a `device_cursor` or `group_member` row as read.
+type TripleSqlRow = (Vec<u8>, Vec<u8>, Vec<u8>, u64);
+
+const DEST_INBOX: u8 = 0;
+const DEST_GROUP: u8 = 1;
+
+#[derive(Clone, Copy, Debug)]
+struct DedupeRow {
+    seq: u64,
+    mid: u64,
+    ts: u64,
+    stored_at: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Head {
+    last: u64,
+    /// Groups only: the member count.
+    members: u64,
+    dirty: bool,
+}
+
+/// A batch in memory: what was read under lock, and the writes it will commit.
+#[derive(Default)]
+struct Tx {
+    inbox_heads: HashMap<Owner, Head>,
+    group_heads: HashMap<Owner, Head>,
+    /// Device cursors: `None` = no row.
+    cursors: HashMap<Triple, Option<u64>>,
+    cursors_dirty: HashSet<Triple>,
+    /// Users whose every cursor is in `cursors`.
+    cursors_loaded: HashSet<Owner>,
+    /// Memberships and their group cursors: `None` = not a member.
+    members: HashMap<Triple, Option<u64>>,
+    members_dirty: HashSet<Triple>,
+    /// (tenant, member) whose every membership is in `members`.
+    groups_loaded: HashSet<Owner>,
+    /// Dedupe records: `None` = no row.
+    dedupe: HashMap<DedupeKey, Option<DedupeRow>>,
+    /// Keys that had a row when the batch read them (an expired one is overwritten).
+    dedupe_in_db: HashSet<DedupeKey>,
+    /// Keys this batch writes, in order.
+    dedupe_written: HashSet<DedupeKey>,
+    dedupe_order: Vec<DedupeKey>,
+    inbox_rows: Vec<(Owner, u64, Vec<u8>)>,
+    inbox_trim: Vec<(Owner, u64)>,
+    timeline_rows: Vec<(Owner, u64, Vec<u8>)>,
+    timeline_trim: Vec<(Owner, u64)>,
+    appends: usize,
+}
+
+fn ids_fit(ids: &[&str]) -> bool {
+    ids.iter().all(|s| s.len() <= MYSQL_MAX_ID_BYTES)
+}
+
+fn b(s: &str) -> Value {
+    Value::Bytes(s.as_bytes().to_vec())
+}
+
+fn to_str(v: Vec<u8>, table: &'static str) -> Result<Str, StoreError> {
+    String::from_utf8(v)
+        .map(Str::from)
+        .map_err(|_| StoreError::Corrupt {
+            table,
+            detail: "id is not UTF-8".into(),
+        })
+}
+
+/// `(?,?,...)` of `cols` placeholders, `rows` times, comma-separated.
+fn placeholders(rows: usize, cols: usize) -> String {
+    let mut one = String::from("(");
+    for i in 0..cols {
+        one.push_str(if i == 0 { "?" } else { ",?" });
+    }
+    one.push(')');
+    let mut s = String::with_capacity(rows * (one.len() + 1));
+    for i in 0..rows {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&one);
+    }
+    s
+}
+
+fn encode_deliver(deliver: Deliver) -> Option<Vec<u8>> {
+    let mut value = Vec::with_capacity(64 + deliver.body.len());
+    let env = Envelope::new(Message::Deliver(Deliver {
+        inbox_seq: 0,
+        ..deliver
+    }));
+    CodecId::Protobuf.encode(&env, &mut value).ok()?;
+    Some(value)
+}
+
+fn decode_deliver(table: &'static str, v: Vec<u8>) -> Result<Deliver, StoreError> {
+    match CodecId::Protobuf.decode_bytes(&Bytes::from(v)) {
+        Ok(Envelope {
+            msg: Message::Deliver(d),
+            ..
+        }) => Ok(d),
+        Ok(other) => Err(StoreError::Corrupt {
+            table,
+            detail: format!("not a deliver: {:?}", other.msg.op()),
+        }),
+        Err(e) => Err(StoreError::Corrupt {
+            table,
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// Splits `sql` into statements: `;` at the end of a line ends one; `--` lines are comments.
+fn statements(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in sql.lines() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with("--") {
+            continue;
+        }
+        cur.push_str(line);
+        cur.push('\n');
+        if t.ends_with(';') {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+impl MySqlStore {
+    /// Connects, applies the migrations not yet applied and returns the store. Must run on a
+    /// tokio runtime with I/O and time enabled (the pool lives on it).
+    pub async fn connect(opts: MySqlOptions) -> Result<MySqlStore, StoreError> {
+        let parsed = Opts::from_url(&opts.url).map_err(|e| StoreError::Config(e.to_string()))?;
+        let (min, max) = (opts.pool_min, opts.pool_max.max(1));
+        let constraints = PoolConstraints::new(min.min(max), max).ok_or_else(|| {
+            StoreError::Config(format!("mysql pool sizes: min {min} > max {max}"))
+        })?;
+        let pool_opts = PoolOpts::default()
+            .with_constraints(constraints)
+            // Every transaction ends with COMMIT or ROLLBACK and no session state is changed,
+            // so a returned connection needs no reset (which would drop its prepared
+            // statements).
+            .with_reset_connection(false);
+        let builder = OptsBuilder::from_opts(parsed)
+            .pool_opts(pool_opts)
+            .stmt_cache_size(opts.stmt_cache);
+        let pool = Pool::new(builder);
+        let mut store = MySqlStore {
+            pool,
+            opts,
+            last_now_ms: 0,
+        };
+        let t = store.opts.query_timeout_ms.max(1) * (MIGRATIONS.len() as u64 + 1);
+        match tokio::time::timeout(Duration::from_millis(t), store.migrate()).await {
+            Ok(r) => r?,
+            Err(_) => return Err(StoreError::Timeout { ms: t }),
+        }
+        Ok(store)
+    }
+
+    /// The options the store was opened with.
+    pub fn options(&self) -> &MySqlOptions {
+        &self.opts
+    }
+
+    /// Closes the pool's connections.
+    pub async fn disconnect(self) {
+        let _ = self.pool.disconnect().await;
+    }
+
+    async fn conn(&self) -> Result<mysql_async::Conn, StoreError> {
+        let ms = self.opts.connect_timeout_ms.max(1);
+        match tokio::time::timeout(Duration::from_millis(ms), self.pool.get_conn()).await {
+            Ok(r) => r.map_err(engine),
+            Err(_) => Err(StoreError::Timeout { ms }),
+        }
+    }
+
+    /// Bounds `fut` by `query_timeout_ms`.
+    async fn bounded<T>(
+        ms: u64,
+        fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let ms = ms.max(1);
+        match tokio::time::timeout(Duration::from_millis(ms), fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout { ms }),
+        }
+    }
+
+    async fn migrate(&mut self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        conn.query_drop(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (\
+               version INT UNSIGNED NOT NULL PRIMARY KEY, \
+               name VARCHAR(255) NOT NULL, \
+               applied_at_ms BIGINT UNSIGNED NOT NULL) ENGINE = InnoDB",
+        )
+        .await
+        .map_err(engine)?;
+        // One imgw migrates at a time (several may start together against one database).
+        let lock: Option<i64> = conn
+            .query_first("SELECT GET_LOCK('imgw_schema_migrations', 30)")
+            .await
+            .map_err(engine)?;
+        if lock != Some(1) {
+            return Err(StoreError::Migration {
+                version: 0,
+                detail: "could not take the migration lock within 30 s".into(),
+            });
+        }
+        let result = async {
+            let done: Vec<u32> = conn
+                .query("SELECT version FROM schema_migrations")
+                .await
+                .map_err(engine)?;
+            for (version, name, sql) in MIGRATIONS {
+                if done.contains(version) {
+                    continue;
+                }
+                for stmt in statements(sql) {
+                    conn.query_drop(stmt)
+                        .await
+                        .map_err(|e| StoreError::Migration {
+                            version: *version,
+                            detail: e.to_string(),
+                        })?;
+                }
+                conn.exec_drop(
+                    "INSERT IGNORE INTO schema_migrations (version, name, applied_at_ms) \
+                     VALUES (?, ?, ?)",
+                    (*version, *name, super_now_ms()),
+                )
+                .await
+                .map_err(engine)?;
+                tracing::info!(version, name, "mysql migration applied");
+            }
+            Ok(())
+        }
+        .await;
+        let _ = conn
+            .query_drop("DO RELEASE_LOCK('imgw_schema_migrations')")
+            .await;
+        result
+    }
+
+    fn page_limit(&self, limit: u32) -> usize {
+        limit.clamp(1, self.opts.store.max_page.max(1)) as usize
+    }
+
+    async fn apply_inner(
+        &mut self,
+        ops: Vec<Op>,
+        now_ms: u64,
+    ) -> Result<Vec<OpResult>, StoreError> {
+        let mut sql = self
+            .pool
+            .start_transaction(TxOpts::default())
+            .await
+            .map_err(engine)?;
+        let mut tx = Tx::default();
+        prefetch(
+            &mut sql,
+            &mut tx,
+            &ops,
+            self.opts.store.dedupe_window_ms > 0,
+        )
+        .await?;
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            results.push(self.op(&mut sql, &mut tx, op, now_ms).await?);
+        }
+        write(&mut sql, &mut tx).await?;
+        let window = self.opts.store.dedupe_window_ms;
+        if window > 0 && now_ms > window {
+            // Expired records, oldest first, at most 64 + 2 × appends per batch: collection
+            // outpaces insertion and the work per batch is bounded.
+            let budget = 64 + 2 * tx.appends as u64;
+            sql.exec_drop(
+                "DELETE FROM dedupe WHERE stored_at <= ? ORDER BY stored_at LIMIT ?",
+                (now_ms - window, budget),
+            )
+            .await
+            .map_err(engine)?;
+        }
+        sql.commit().await.map_err(engine)?;
+        Ok(results)
+    }
+
+    async fn op(
+        &mut self,
+        sql: &mut mysql_async::Transaction<'static>,
+        tx: &mut Tx,
+        op: Op,
+        now_ms: u64,
+    ) -> Result<OpResult, StoreError> {
+        let store = &self.opts.store;
+        let r = match op {
+            Op::AppendInbox {
+                user,
+                sender,
+                cmid,
+                deliver,
+            } => {
+                if !ids_fit(&[&user.tenant, &user.user, &sender, &cmid]) {
+                    return Ok(OpResult::Refused(Refusal::IdTooLong));
+                }
+                let dkey = (
+                    user.tenant.clone(),
+                    sender,
+                    cmid,
+                    DEST_INBOX,
+                    user.user.clone(),
+                );
+                append(
+                    store,
+                    tx,
+                    (user.tenant, user.user),
+                    false,
+                    dkey,
+                    deliver,
+                    now_ms,
+                )
+            }
+            Op::AppendGroup {
+                group,
+                sender,
+                cmid,
+                deliver,
+            } => {
+                if !ids_fit(&[&group.tenant, &group.group, &sender, &cmid]) {
+                    return Ok(OpResult::Refused(Refusal::IdTooLong));
+                }
+                let dkey = (
+                    group.tenant.clone(),
+                    sender,
+                    cmid,
+                    DEST_GROUP,
+                    group.group.clone(),
+                );
+                append(
+                    store,
+                    tx,
+                    (group.tenant, group.group),
+                    true,
+                    dkey,
+                    deliver,
+                    now_ms,
+                )
+            }
+            Op::SetCursor { user, device, seq } => {
+                if !ids_fit(&[&user.tenant, &user.user, &device]) {
+                    return Ok(OpResult::Refused(Refusal::IdTooLong));
+                }
+                let owner = (user.tenant, user.user);
+                let last = tx.inbox_heads.get(&owner).map_or(0, |h| h.last);
+                let key = (owner.0.clone(), owner.1.clone(), device);
+                let old = tx.cursors.get(&key).copied().flatten();
+                let new = seq.min(last);
+                match old {
+                    Some(old) if old >= new => OpResult::Cursor { seq: old },
+                    None if new == 0 => OpResult::Cursor { seq: 0 },
+                    _ => {
+                        if old.is_none() {
+                            let max = store.max_devices_per_user.max(1) as usize;
+                            make_room_for_device(sql, tx, &owner, max).await?;
+                        }
+                        tx.cursors.insert(key.clone(), Some(new));
+                        tx.cursors_dirty.insert(key);
+                        OpResult::Cursor { seq: new }
+                    }
+                }
+            }
+            Op::SetGroupCursor {
+                group,
+                member,
+                gseq,
+            } => {
+                if !ids_fit(&[&group.tenant, &group.group, &member]) {
+                    return Ok(OpResult::Refused(Refusal::IdTooLong));
+                }
+                let owner = (group.tenant, group.group);
+                let last = tx.group_heads.get(&owner).map_or(0, |h| h.last);
+                let key = (owner.0, owner.1, member);
+                let Some(old) = tx.members.get(&key).copied().flatten() else {
+                    return Ok(OpResult::Refused(Refusal::NotMember));
+                };
+                let new = gseq.min(last);
+                if new > old {
+                    tx.members.insert(key.clone(), Some(new));
+                    tx.members_dirty.insert(key);
+                    OpResult::Cursor { seq: new }
+                } else {
+                    OpResult::Cursor { seq: old }
+                }
+            }
+            Op::Join { group, member } => {
+                if !ids_fit(&[&group.tenant, &group.group, &member]) {
+                    return Ok(OpResult::Refused(Refusal::IdTooLong));
+                }
+                let owner = (group.tenant, group.group);
+                let head = tx.group_heads.get(&owner).copied().unwrap_or_default();
+                let key = (owner.0.clone(), owner.1.clone(), member);
+                if tx.members.get(&key).copied().flatten().is_some() {
+                    return Ok(OpResult::Membership {
+                        changed: false,
+                        members: head.members,
+                    });
+                }
+                if head.members >= store.max_group_members {
+                    return Ok(OpResult::Refused(Refusal::GroupFull));
+                }
+                let groups = user_group_count(sql, tx, &key.0, &key.2).await?;
+                if groups >= store.max_groups_per_user as usize {
+                    return Ok(OpResult::Refused(Refusal::TooManyGroups));
+                }
+                tx.members.insert(key.clone(), Some(head.last));
+                tx.members_dirty.insert(key);
+                let members = head.members + 1;
+                tx.group_heads.insert(
+                    owner,
+                    Head {
+                        last: head.last,
+                        members,
+                        dirty: true,
+                    },
+                );
+                OpResult::Membership {
+                    changed: true,
+                    members,
+                }
+            }
+            Op::Leave { group, member } => {
+                if !ids_fit(&[&group.tenant, &group.group, &member]) {
+                    return Ok(OpResult::Refused(Refusal::IdTooLong));
+                }
+                let owner = (group.tenant, group.group);
+                let head = tx.group_heads.get(&owner).copied().unwrap_or_default();
+                let key = (owner.0.clone(), owner.1.clone(), member);
+                if tx.members.get(&key).copied().flatten().is_none() {
+                    return Ok(OpResult::Membership {
+                        changed: false,
+                        members: head.members,
+                    });
+                }
+                tx.members.insert(key.clone(), None);
+                tx.members_dirty.insert(key);
+                let members = head.members.saturating_sub(1);
+                tx.group_heads.insert(
+                    owner,
+                    Head {
+                        last: head.last,
+                        members,
+                        dirty: true,
+                    },
+                );
+                OpResult::Membership {
+                    changed: true,
+                    members,
+                }
+            }
+        };
+        Ok(r)
+    }
+}
+
+fn super_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One append against the batch's state (the counter row and the dedupe record were read by
+/// [`prefetch`]).
+fn append(
+    store: &StoreOptions,
+    tx: &mut Tx,
+    owner: Owner,
+    group: bool,
+    dkey: DedupeKey,
+    deliver: Deliver,
+    now_ms: u64,
+) -> OpResult {
+    let window = store.dedupe_window_ms;
+    if window > 0 {
+        if let Some(Some(rec)) = tx.dedupe.get(&dkey) {
+            if now_ms.saturating_sub(rec.stored_at) < window {
+                return OpResult::Appended {
+                    seq: rec.seq,
+                    mid: rec.mid,
+                    ts: rec.ts,
+                    duplicate: true,
+                };
+            }
+        }
+    }
+    let (mid, ts) = (deliver.mid, deliver.ts);
+    let Some(value) = encode_deliver(deliver) else {
+        return OpResult::Refused(Refusal::Unencodable);
+    };
+    let heads = if group {
+        &mut tx.group_heads
+    } else {
+        &mut tx.inbox_heads
+    };
+    let head = heads.entry(owner.clone()).or_default();
+    head.last += 1;
+    head.dirty = true;
+    let seq = head.last;
+    let keep = if group {
+        store.group_keep.max(1)
+    } else {
+        store.inbox_keep.max(1)
+    };
+    let (rows, trim) = if group {
+        (&mut tx.timeline_rows, &mut tx.timeline_trim)
+    } else {
+        (&mut tx.inbox_rows, &mut tx.inbox_trim)
+    };
+    if seq > keep {
+        trim.push((owner.clone(), seq - keep));
+    }
+    rows.push((owner, seq, value));
+    if window > 0 {
+        if tx.dedupe_written.insert(dkey.clone()) {
+            tx.dedupe_order.push(dkey.clone());
+        }
+        tx.dedupe.insert(
+            dkey,
+            Some(DedupeRow {
+                seq,
+                mid,
+                ts,
+                stored_at: now_ms,
+            }),
+        );
+    }
+    tx.appends += 1;
+    OpResult::Appended {
+        seq,
+        mid,
+        ts,
+        duplicate: false,
+    }
+}
+
+/// Before a new device cursor is written: evicts the lowest cursors of a user who has `max`.
+async fn make_room_for_device(
+    sql: &mut mysql_async::Transaction<'static>,
+    tx: &mut Tx,
+    owner: &Owner,
+    max: usize,
+) -> Result<(), StoreError> {
+    if !tx.cursors_loaded.contains(owner) {
+        let rows: Vec<(Vec<u8>, u64)> = sql
+            .exec(
+                "SELECT device_id, seq FROM device_cursor WHERE tenant = ? AND user_id = ? \
+                 FOR UPDATE",
+                (b(&owner.0), b(&owner.1)),
+            )
+            .await
+            .map_err(engine)?;
+        for (device, seq) in rows {
+            let key = (
+                owner.0.clone(),
+                owner.1.clone(),
+                to_str(device, "device_cursor")?,
+            );
+            tx.cursors.entry(key).or_insert(Some(seq));
+        }
+        tx.cursors_loaded.insert(owner.clone());
+    }
+    let mut by_seq: Vec<(u64, Str)> = tx
+        .cursors
+        .iter()
+        .filter(|((t, u, _), v)| t == &owner.0 && u == &owner.1 && v.is_some())
+        .map(|((_, _, d), v)| (v.unwrap_or(0), d.clone()))
+        .collect();
+    if by_seq.len() < max {
+        return Ok(());
+    }
+    by_seq.sort_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| a.1.as_bytes().cmp(b.1.as_bytes()))
+    });
+    let evict = by_seq.len() + 1 - max;
+    for (_, d) in by_seq.into_iter().take(evict) {
+        let key = (owner.0.clone(), owner.1.clone(), d);
+        tx.cursors.insert(key.clone(), None);
+        tx.cursors_dirty.insert(key);
+    }
+    Ok(())
+}
+
+/// The number of groups `member` is in, as of this batch.
+async fn user_group_count(
+    sql: &mut mysql_async::Transaction<'static>,
+    tx: &mut Tx,
+    tenant: &Str,
+    member: &Str,
+) -> Result<usize, StoreError> {
+    let who = (tenant.clone(), member.clone());
+    if !tx.groups_loaded.contains(&who) {
+        let rows: Vec<(Vec<u8>, u64)> = sql
+            .exec(
+                "SELECT group_id, cursor_gseq FROM group_member \
+                 WHERE tenant = ? AND member_id = ? FOR UPDATE",
+                (b(tenant), b(member)),
+            )
+            .await
+            .map_err(engine)?;
+        for (g, c) in rows {
+            let key = (tenant.clone(), to_str(g, "group_member")?, member.clone());
+            tx.members.entry(key).or_insert(Some(c));
+        }
+        tx.groups_loaded.insert(who);
+    }
+    Ok(tx
+        .members
+        .iter()
+        .filter(|((t, _, m), v)| t == tenant && m == member && v.is_some())
+        .count())
+}
+
+/// Reads, under lock, every counter row, dedupe record, cursor and membership the batch
+/// names, in a few multi-row `SELECT ... FOR UPDATE`s. Absent rows are recorded as such.
+async fn prefetch(
+    sql: &mut mysql_async::Transaction<'static>,
+    tx: &mut Tx,
+    ops: &[Op],
+    dedupe: bool,
+) -> Result<(), StoreError> {
+    let mut users: HashSet<Owner> = HashSet::new();
+    let mut groups: HashSet<Owner> = HashSet::new();
+    let mut dkeys: HashSet<DedupeKey> = HashSet::new();
+    let mut cursors: HashSet<Triple> = HashSet::new();
+    let mut members: HashSet<Triple> = HashSet::new();
+    for op in ops {
+        match op {
+            Op::AppendInbox {
+                user, sender, cmid, ..
+            } if ids_fit(&[&user.tenant, &user.user, sender, cmid]) => {
+                users.insert((user.tenant.clone(), user.user.clone()));
+                if dedupe {
+                    dkeys.insert((
+                        user.tenant.clone(),
+                        sender.clone(),
+                        cmid.clone(),
+                        DEST_INBOX,
+                        user.user.clone(),
+                    ));
+                }
+            }
+            Op::AppendGroup {
+                group,
+                sender,
+                cmid,
+                ..
+            } if ids_fit(&[&group.tenant, &group.group, sender, cmid]) => {
+                groups.insert((group.tenant.clone(), group.group.clone()));
+                if dedupe {
+                    dkeys.insert((
+                        group.tenant.clone(),
+                        sender.clone(),
+                        cmid.clone(),
+                        DEST_GROUP,
+                        group.group.clone(),
+                    ));
+                }
+            }
+            Op::SetCursor { user, device, .. } if ids_fit(&[&user.tenant, &user.user, device]) => {
+                users.insert((user.tenant.clone(), user.user.clone()));
+                cursors.insert((user.tenant.clone(), user.user.clone(), device.clone()));
+            }
+            Op::SetGroupCursor { group, member, .. }
+            | Op::Join { group, member }
+            | Op::Leave { group, member }
+                if ids_fit(&[&group.tenant, &group.group, member]) =>
+            {
+                groups.insert((group.tenant.clone(), group.group.clone()));
+                members.insert((group.tenant.clone(), group.group.clone(), member.clone()));
+            }
+            _ => {}
+        }
+    }
+    // Sorted, so that concurrent writers lock rows in one order (no deadlock between them).
+    let mut users: Vec<Owner> = users.into_iter().collect();
+    users.sort();
+    let mut groups: Vec<Owner> = groups.into_iter().collect();
+    groups.sort();
+    for chunk in users.chunks(ROWS_PER_STATEMENT) {
+        let q = format!(
+            "SELECT tenant, user_id, last_seq FROM inbox_head WHERE (tenant, user_id) IN ({}) \
+             FOR UPDATE",
+            placeholders(chunk.len(), 2)
+        );
+        let params: Vec<Value> = chunk.iter().flat_map(|(t, u)| [b(t), b(u)]).collect();
+        let rows: Vec<(Vec<u8>, Vec<u8>, u64)> =
+            sql.query(inline(&q, &params)?).await.map_err(engine)?;
+        for (t, u, last) in rows {
+            let key = (to_str(t, "inbox_head")?, to_str(u, "inbox_head")?);
+            tx.inbox_heads.insert(
+                key,
+                Head {
+                    last,
+                    members: 0,
+                    dirty: false,
+                },
+            );
+        }
+    }
+    for chunk in groups.chunks(ROWS_PER_STATEMENT) {
+        let q = format!(
+            "SELECT tenant, group_id, last_gseq, members FROM group_head \
+             WHERE (tenant, group_id) IN ({}) FOR UPDATE",
+            placeholders(chunk.len(), 2)
+        );
+        let params: Vec<Value> = chunk.iter().flat_map(|(t, g)| [b(t), b(g)]).collect();
+        let rows: Vec<(Vec<u8>, Vec<u8>, u64, u64)> =
+            sql.query(inline(&q, &params)?).await.map_err(engine)?;
+        for (t, g, last, members) in rows {
+            let key = (to_str(t, "group_head")?, to_str(g, "group_head")?);
+            tx.group_heads.insert(
+                key,
+                Head {
+                    last,
+                    members,
+                    dirty: false,
+                },
+            );
+        }
+    }
+    let dkeys: Vec<DedupeKey> = dkeys.into_iter().collect();
+    for chunk in dkeys.chunks(ROWS_PER_STATEMENT) {
+        let q = format!(
+            "SELECT tenant, sender, cmid, dest_kind, dest, seq, mid, ts, stored_at FROM dedupe \
+             WHERE (tenant, sender, cmid, dest_kind, dest) IN ({}) FOR UPDATE",
+            placeholders(chunk.len(), 5)
+        );
+        let params: Vec<Value> = chunk
+            .iter()
+            .flat_map(|(t, s, c, k, d)| [b(t), b(s), b(c), Value::from(*k), b(d)])
+            .collect();
+        let rows: Vec<mysql_async::Row> = sql.query(inline(&q, &params)?).await.map_err(engine)?;
+        for row in rows {
+            let (t, s, c, k, d, seq, mid, ts, stored_at): DedupeSqlRow =
+                mysql_async::from_row_opt(row).map_err(|e| StoreError::Corrupt {
+                    table: "dedupe",
+                    detail: e.to_string(),
+                })?;
+            let key = (
+                to_str(t, "dedupe")?,
+                to_str(s, "dedupe")?,
+                to_str(c, "dedupe")?,
+                k,
+                to_str(d, "dedupe")?,
+            );
+            tx.dedupe_in_db.insert(key.clone());
+            tx.dedupe.insert(
+                key,
+                Some(DedupeRow {
+                    seq,
+                    mid,
+                    ts,
+                    stored_at,
+                }),
+            );
+        }
+        for key in chunk {
+            tx.dedupe.entry(key.clone()).or_insert(None);
+        }
+    }
+    let cursors: Vec<Triple> = cursors.into_iter().collect();
+    for chunk in cursors.chunks(ROWS_PER_STATEMENT) {
+        let q = format!(
+            "SELECT tenant, user_id, device_id, seq FROM device_cursor \
+             WHERE (tenant, user_id, device_id) IN ({}) FOR UPDATE",
+            placeholders(chunk.len(), 3)
+        );
+        let params: Vec<Value> = chunk
+            .iter()
+            .flat_map(|(t, u, d)| [b(t), b(u), b(d)])
+            .collect();
+        let rows: Vec<TripleSqlRow> = sql.query(inline(&q, &params)?).await.map_err(engine)?;
+        for (t, u, d, seq) in rows {
+            let key = (
+                to_str(t, "device_cursor")?,
+                to_str(u, "device_cursor")?,
+                to_str(d, "device_cursor")?,
+            );
+            tx.cursors.insert(key, Some(seq));
+        }
+        for key in chunk {
+            tx.cursors.entry(key.clone()).or_insert(None);
+        }
+    }
+    let members: Vec<Triple> = members.into_iter().collect();
+    for chunk in members.chunks(ROWS_PER_STATEMENT) {
+        let q = format!(
+            "SELECT tenant, group_id, member_id, cursor_gseq FROM group_member \
+             WHERE (tenant, group_id, member_id) IN ({}) FOR UPDATE",
+            placeholders(chunk.len(), 3)
+        );
+        let params: Vec<Value> = chunk
+            .iter()
+            .flat_map(|(t, g, m)| [b(t), b(g), b(m)])
+            .collect();
+        let rows: Vec<TripleSqlRow> = sql.query(inline(&q, &params)?).await.map_err(engine)?;
+        for (t, g, m, c) in rows {
+            let key = (
+                to_str(t, "group_member")?,
+                to_str(g, "group_member")?,
+                to_str(m, "group_member")?,
+            );
+            tx.members.insert(key, Some(c));
+        }
+        for key in chunk {
+            tx.members.entry(key.clone()).or_insert(None);
+        }
+    }
+    Ok(())
+}
+
+/// `head VALUES (..),(..) tail` over `rows` of `cols` values each: one statement per at most
+/// [`ROWS_PER_STATEMENT`] rows and about [`BYTES_PER_STATEMENT`] bytes of values (at least one
+/// row), so that no statement nears the server's `max_allowed_packet`.
+async fn insert_rows(
+    sql: &mut mysql_async::Transaction<'static>,
+    head: &str,
+    tail: &str,
+    cols: usize,
+    rows: Vec<Vec<Value>>,
+) -> Result<(), StoreError> {
+    let mut start = 0;
+    while start < rows.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < rows.len() && end - start < ROWS_PER_STATEMENT {
+            let row_bytes: usize = rows[end].iter().map(value_len).sum();
+            if end > start && bytes + row_bytes > BYTES_PER_STATEMENT {
+                break;
+            }
+            bytes += row_bytes;
+            end += 1;
+        }
+        let chunk = &rows[start..end];
+        let mut q = String::with_capacity(head.len() + tail.len() + chunk.len() * cols * 2 + 8);
+        let _ = write!(q, "{head} VALUES {}{tail}", placeholders(chunk.len(), cols));
+        let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
+        sql.query_drop(inline(&q, &params)?).await.map_err(engine)?;
+        start = end;
+    }
+    Ok(())
+}
+
+/// About how many bytes `v` takes in a statement.
+fn value_len(v: &Value) -> usize {
+    match v {
+        Value::Bytes(b) => 2 * b.len() + 3,
+        _ => 20,
+    }
+}
+
+/// `q` with each `?` replaced by the SQL literal of the next of `params`: the batch's
+/// statements differ in their row counts, so they go as text (one round trip) rather than as
+/// prepared statements (prepare, execute, and a cache that would rarely hit). Ids and messages
+/// become hex literals (`X'..'`) and numbers decimal digits, so no value can change the
+/// statement. The templates hold no `?` other than the placeholders.
+fn inline(q: &str, params: &[Value]) -> Result<String, StoreError> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let extra: usize = params.iter().map(value_len).sum();
+    let mut out = String::with_capacity(q.len() + extra);
+    let mut values = params.iter();
+    for ch in q.chars() {
+        if ch != '?' {
+            out.push(ch);
+            continue;
+        }
+        match values.next() {
+            Some(Value::Bytes(b)) if b.is_empty() => out.push_str("''"),
+            Some(Value::Bytes(b)) => {
+                out.push_str("X'");
+                for byte in b {
+                    out.push(char::from(HEX[usize::from(byte >> 4)]));
+                    out.push(char::from(HEX[usize::from(byte & 0xf)]));
+                }
+                out.push('\'');
+            }
+            Some(Value::UInt(n)) => {
+                let _ = write!(out, "{n}");
+            }
+            Some(Value::Int(n)) => {
+                let _ = write!(out, "{n}");
+            }
+            other => {
+                return Err(StoreError::Config(format!(
+                    "internal: no SQL literal for {other:?}"
+                )))
+            }
+        }
+    }
+    if values.next().is_some() {
+        return Err(StoreError::Config(
+            "internal: more values than placeholders".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// `DELETE FROM table WHERE (cols) IN (...)`, in chunks.
+async fn delete_rows(
+    sql: &mut mysql_async::Transaction<'static>,
+    table: &str,
+    cols: &str,
+    ncols: usize,
+    rows: Vec<Vec<Value>>,
+) -> Result<(), StoreError> {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let q = format!(
+            "DELETE FROM {table} WHERE ({cols}) IN ({})",
+            placeholders(chunk.len(), ncols)
+        );
+        let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
+        sql.query_drop(inline(&q, &params)?).await.map_err(engine)?;
+    }
+    Ok(())
+}
+
+/// Writes the batch: multi-row statements, one per table and kind of change.
+async fn write(sql: &mut mysql_async::Transaction<'static>, tx: &mut Tx) -> Result<(), StoreError> {
+    let msg_row = |((t, o), seq, v): (Owner, u64, Vec<u8>)| {
+        vec![b(&t), b(&o), Value::from(seq), Value::Bytes(v)]
+    };
+    let trim_row = |((t, o), seq): (Owner, u64)| vec![b(&t), b(&o), Value::from(seq)];
+    let rows: Vec<_> = std::mem::take(&mut tx.inbox_rows)
+        .into_iter()
+        .map(msg_row)
+        .collect();
+    insert_rows(
+        sql,
+        "INSERT INTO inbox (tenant, user_id, seq, msg)",
+        "",
+        4,
+        rows,
+    )
+    .await?;
+    let rows: Vec<_> = std::mem::take(&mut tx.inbox_trim)
+        .into_iter()
+        .map(trim_row)
+        .collect();
+    delete_rows(sql, "inbox", "tenant, user_id, seq", 3, rows).await?;
+    let rows: Vec<_> = std::mem::take(&mut tx.timeline_rows)
+        .into_iter()
+        .map(msg_row)
+        .collect();
+    insert_rows(
+        sql,
+        "INSERT INTO timeline (tenant, group_id, gseq, msg)",
+        "",
+        4,
+        rows,
+    )
+    .await?;
+    let rows: Vec<_> = std::mem::take(&mut tx.timeline_trim)
+        .into_iter()
+        .map(trim_row)
+        .collect();
+    delete_rows(sql, "timeline", "tenant, group_id, gseq", 3, rows).await?;
+
+    let rows: Vec<_> = tx
+        .inbox_heads
+        .iter()
+        .filter(|(_, h)| h.dirty)
+        .map(|((t, u), h)| vec![b(t), b(u), Value::from(h.last)])
+        .collect();
+    insert_rows(
+        sql,
+        "INSERT INTO inbox_head (tenant, user_id, last_seq)",
+        " ON DUPLICATE KEY UPDATE last_seq = VALUES(last_seq)",
+        3,
+        rows,
+    )
+    .await?;
+    let rows: Vec<_> = tx
+        .group_heads
+        .iter()
+        .filter(|(_, h)| h.dirty)
+        .map(|((t, g), h)| vec![b(t), b(g), Value::from(h.last), Value::from(h.members)])
+        .collect();
+    insert_rows(
+        sql,
+        "INSERT INTO group_head (tenant, group_id, last_gseq, members)",
+        " ON DUPLICATE KEY UPDATE last_gseq = VALUES(last_gseq), members = VALUES(members)",
+        4,
+        rows,
+    )
+    .await?;
+
+    let (mut up, mut del) = (Vec::new(), Vec::new());
+    for key in tx.cursors_dirty.drain() {
+        let (t, u, d) = &key;
+        match tx.cursors.get(&key).copied().flatten() {
+            Some(seq) => up.push(vec![b(t), b(u), b(d), Value::from(seq)]),
+            None => del.push(vec![b(t), b(u), b(d)]),
+        }
+    }
+    delete_rows(sql, "device_cursor", "tenant, user_id, device_id", 3, del).await?;
+    insert_rows(
+        sql,
+        "INSERT INTO device_cursor (tenant, user_id, device_id, seq)",
+        " ON DUPLICATE KEY UPDATE seq = VALUES(seq)",
+        4,
+        up,
+    )
+    .await?;
+
+    let (mut up, mut del) = (Vec::new(), Vec::new());
+    for key in tx.members_dirty.drain() {
+        let (t, g, m) = &key;
+        match tx.members.get(&key).copied().flatten() {
+            Some(c) => up.push(vec![b(t), b(g), b(m), Value::from(c)]),
+            None => del.push(vec![b(t), b(g), b(m)]),
+        }
+    }
+    delete_rows(sql, "group_member", "tenant, group_id, member_id", 3, del).await?;
+    insert_rows(
+        sql,
+        "INSERT INTO group_member (tenant, group_id, member_id, cursor_gseq)",
+        " ON DUPLICATE KEY UPDATE cursor_gseq = VALUES(cursor_gseq)",
+        4,
+        up,
+    )
+    .await?;
+
+    let dedupe_row = |tx: &Tx, key: &DedupeKey| {
+        let rec = tx.dedupe.get(key).copied().flatten().unwrap_or(DedupeRow {
+            seq: 0,
+            mid: 0,
+            ts: 0,
+            stored_at: 0,
+        });
+        let (t, s, c, k, d) = key;
+        vec![
+            b(t),
+            b(s),
+            b(c),
+            Value::from(*k),
+            b(d),
+            Value::from(rec.seq),
+            Value::from(rec.mid),
+            Value::from(rec.ts),
+            Value::from(rec.stored_at),
+        ]
+    };
+    let cols =
+        "INSERT INTO dedupe (tenant, sender, cmid, dest_kind, dest, seq, mid, ts, stored_at)";
+    let (renewed, new): (Vec<&DedupeKey>, Vec<&DedupeKey>) = tx
+        .dedupe_order
+        .iter()
+        .partition(|k| tx.dedupe_in_db.contains(*k));
+    let rows: Vec<_> = new.into_iter().map(|k| dedupe_row(tx, k)).collect();
+    // A plain INSERT: a concurrent writer that stored the same key first makes this batch
+    // fail (and roll back) instead of appending the message twice.
+    insert_rows(sql, cols, "", 9, rows).await?;
+    let rows: Vec<_> = renewed.into_iter().map(|k| dedupe_row(tx, k)).collect();
+    insert_rows(
+        sql,
+        cols,
+        " ON DUPLICATE KEY UPDATE seq = VALUES(seq), mid = VALUES(mid), ts = VALUES(ts), \
+         stored_at = VALUES(stored_at)",
+        9,
+        rows,
+    )
+    .await?;
+    Ok(())
+}
+
+impl Backend for MySqlStore {
+    fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> StoreFuture<'_, Vec<OpResult>> {
+        Box::pin(async move {
+            if ops.is_empty() {
+                return Ok(Vec::new());
+            }
+            let now_ms = now_ms.max(self.last_now_ms);
+            let ms = self.opts.query_timeout_ms;
+            let r = Self::bounded(ms, self.apply_inner(ops, now_ms)).await;
+            if r.is_ok() {
+                self.last_now_ms = now_ms;
+            }
+            r
+        })
+    }
+
+    fn read_inbox<'a>(
+        &'a mut self,
+        user: &'a UserRef,
+        after_seq: u64,
+        limit: u32,
+    ) -> StoreFuture<'a, InboxPage> {
+        Box::pin(async move {
+            if !ids_fit(&[&user.tenant, &user.user]) {
+                return Ok(InboxPage::default());
+            }
+            let limit = self.page_limit(limit);
+            Self::bounded(self.opts.query_timeout_ms, async {
+                let mut conn = self.conn().await?;
+                let rows: Vec<(u64, Vec<u8>)> = conn
+                    .exec(
+                        "SELECT seq, msg FROM inbox WHERE tenant = ? AND user_id = ? AND seq > ? \
+                         ORDER BY seq LIMIT ?",
+                        (b(&user.tenant), b(&user.user), after_seq, limit as u64 + 1),
+                    )
+                    .await
+                    .map_err(engine)?;
+                let more = rows.len() > limit;
+                let mut messages = Vec::with_capacity(rows.len().min(limit));
+                for (seq, v) in rows.into_iter().take(limit) {
+                    let mut d = decode_deliver("inbox", v)?;
+                    d.inbox_seq = seq;
+                    messages.push(d);
+                }
+                Ok(InboxPage { messages, more })
+            })
+            .await
+        })
+    }
+
+    fn last_inbox_seq<'a>(&'a mut self, user: &'a UserRef) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            if !ids_fit(&[&user.tenant, &user.user]) {
+                return Ok(0);
+            }
+            self.first_u64(
+                "SELECT last_seq FROM inbox_head WHERE tenant = ? AND user_id = ?",
+                vec![b(&user.tenant), b(&user.user)],
+            )
+            .await
+        })
+    }
+
+    fn cursor<'a>(&'a mut self, user: &'a UserRef, device: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            if !ids_fit(&[&user.tenant, &user.user, device]) {
+                return Ok(0);
+            }
+            self.first_u64(
+                "SELECT seq FROM device_cursor WHERE tenant = ? AND user_id = ? AND device_id = ?",
+                vec![b(&user.tenant), b(&user.user), b(device)],
+            )
+            .await
+        })
+    }
+
+    fn group_members<'a>(
+        &'a mut self,
+        group: &'a GroupRef,
+        after: Option<&'a str>,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<Str>> {
+        Box::pin(async move {
+            if !ids_fit(&[&group.tenant, &group.group]) {
+                return Ok(Vec::new());
+            }
+            let limit = self.page_limit(limit) as u64;
+            let (q, params) = match after {
+                Some(a) => (
+                    "SELECT member_id FROM group_member WHERE tenant = ? AND group_id = ? \
+                     AND member_id > ? ORDER BY member_id LIMIT ?",
+                    vec![b(&group.tenant), b(&group.group), b(a), Value::from(limit)],
+                ),
+                None => (
+                    "SELECT member_id FROM group_member WHERE tenant = ? AND group_id = ? \
+                     ORDER BY member_id LIMIT ?",
+                    vec![b(&group.tenant), b(&group.group), Value::from(limit)],
+                ),
+            };
+            self.names(q, params, "group_member").await
+        })
+    }
+
+    fn group_size<'a>(&'a mut self, group: &'a GroupRef) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            if !ids_fit(&[&group.tenant, &group.group]) {
+                return Ok(0);
+            }
+            self.first_u64(
+                "SELECT members FROM group_head WHERE tenant = ? AND group_id = ?",
+                vec![b(&group.tenant), b(&group.group)],
+            )
+            .await
+        })
+    }
+
+    fn user_groups<'a>(&'a mut self, user: &'a UserRef) -> StoreFuture<'a, Vec<Str>> {
+        Box::pin(async move {
+            if !ids_fit(&[&user.tenant, &user.user]) {
+                return Ok(Vec::new());
+            }
+            let max = u64::from(self.opts.store.max_groups_per_user.max(1));
+            self.names(
+                "SELECT group_id FROM group_member WHERE tenant = ? AND member_id = ? \
+                 ORDER BY group_id LIMIT ?",
+                vec![b(&user.tenant), b(&user.user), Value::from(max)],
+                "group_member",
+            )
+            .await
+        })
+    }
+
+    fn read_group<'a>(
+        &'a mut self,
+        group: &'a GroupRef,
+        after_gseq: u64,
+        limit: u32,
+    ) -> StoreFuture<'a, GroupPage> {
+        Box::pin(async move {
+            if !ids_fit(&[&group.tenant, &group.group]) {
+                return Ok(GroupPage::default());
+            }
+            let limit = self.page_limit(limit);
+            Self::bounded(self.opts.query_timeout_ms, async {
+                let mut conn = self.conn().await?;
+                let rows: Vec<(u64, Vec<u8>)> = conn
+                    .exec(
+                        "SELECT gseq, msg FROM timeline WHERE tenant = ? AND group_id = ? \
+                         AND gseq > ? ORDER BY gseq LIMIT ?",
+                        (
+                            b(&group.tenant),
+                            b(&group.group),
+                            after_gseq,
+                            limit as u64 + 1,
+                        ),
+                    )
+                    .await
+                    .map_err(engine)?;
+                let more = rows.len() > limit;
+                let mut messages = Vec::with_capacity(rows.len().min(limit));
+                for (gseq, v) in rows.into_iter().take(limit) {
+                    let deliver = decode_deliver("timeline", v)?;
+                    messages.push(GroupEntry { gseq, deliver });
+                }
+                Ok(GroupPage { messages, more })
+            })
+            .await
+        })
+    }
+
+    fn last_group_seq<'a>(&'a mut self, group: &'a GroupRef) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            if !ids_fit(&[&group.tenant, &group.group]) {
+                return Ok(0);
+            }
+            self.first_u64(
+                "SELECT last_gseq FROM group_head WHERE tenant = ? AND group_id = ?",
+                vec![b(&group.tenant), b(&group.group)],
+            )
+            .await
+        })
+    }
+
+    fn group_cursor<'a>(
+        &'a mut self,
+        group: &'a GroupRef,
+        member: &'a str,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            if !ids_fit(&[&group.tenant, &group.group, member]) {
+                return Ok(0);
+            }
+            self.first_u64(
+                "SELECT cursor_gseq FROM group_member WHERE tenant = ? AND group_id = ? \
+                 AND member_id = ?",
+                vec![b(&group.tenant), b(&group.group), b(member)],
+            )
+            .await
+        })
+    }
+}
+
+impl MySqlStore {
+    /// The first column of the first row as a u64 (0: no row).
+    async fn first_u64(&self, q: &str, params: Vec<Value>) -> Result<u64, StoreError> {
+        Self::bounded(self.opts.query_timeout_ms, async {
+            let mut conn = self.conn().await?;
+            let v: Option<u64> = conn
+                .exec_first(q, Params::Positional(params))
+                .await
+                .map_err(engine)?;
+            Ok(v.unwrap_or(0))
+        })
+        .await
+    }
+
+    /// The first column of every row, as ids.
+    async fn names(
+        &self,
+        q: &str,
+        params: Vec<Value>,
+        table: &'static str,
+    ) -> Result<Vec<Str>, StoreError> {
+        Self::bounded(self.opts.query_timeout_ms, async {
+            let mut conn = self.conn().await?;
+            let rows: Vec<Vec<u8>> = conn
+                .exec(q, Params::Positional(params))
+                .await
+                .map_err(engine)?;
+            rows.into_iter().map(|v| to_str(v, table)).collect()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn inline_makes_hex_and_decimal_literals() {
+    let q = inline(
+        "INSERT INTO t VALUES (?, ?, ?), (?, ?, ?)",
+        &[
+            Value::Bytes(b"a'?\\".to_vec()),
+            Value::UInt(7),
+            Value::Bytes(Vec::new()),
+            Value::Int(-1),
+            Value::Bytes(vec![0, 255]),
+            Value::UInt(u64::MAX),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        q,
+        "INSERT INTO t VALUES (X'61273f5c', 7, ''), (-1, X'00ff', 18446744073709551615)"
+    );
+    assert!(inline("?", &[]).is_err(), "fewer values than placeholders");
+    assert!(inline("", &[Value::UInt(1)]).is_err());
+}
+
+#[cfg(test)]
+impl MySqlStore {
+    /// The first column of `q`'s first row (tests count rows with it).
+    pub(super) async fn count(&self, q: &str) -> Result<u64, StoreError> {
+        self.first_u64(q, Vec::new()).await
+    }
+}
+
+/// Test support: fresh databases on the MariaDB the tests use.
+pub mod testdb {
+    use mysql_async::prelude::Queryable;
+
+    use super::{engine, StoreError};
+
+    /// The server the tests use: `IMGW_MYSQL_URL`, by default the one `tests/services.sh start`
+    /// runs.
+    pub fn base_url() -> String {
+        std::env::var("IMGW_MYSQL_URL")
+            .unwrap_or_else(|_| "mysql://imgw:imgw@127.0.0.1:3306/imgw".to_string())
+    }
+
+    /// `url` with its database replaced by `db`.
+    pub fn with_database(url: &str, db: &str) -> String {
+        let host_start = url.find("://").map_or(0, |i| i + 3);
+        let (head, query) = match url.find('?') {
+            Some(q) => (&url[..q], &url[q..]),
+            None => (url, ""),
+        };
+        let base = match head[host_start..].find('/') {
+            Some(i) => &head[..host_start + i],
+            None => head,
+        };
+        format!("{base}/{db}{query}")
+    }
+
+    /// Drops and creates the database `name` (the test user may create `imgw_*` databases)
+    /// and returns its URL. Fails when the server is not reachable within 10 s.
+    pub fn fresh(name: &str) -> Result<String, StoreError> {
+        if !name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') || name.len() > 64 {
+            return Err(StoreError::Config(format!(
+                "bad test database name {name:?}"
+            )));
+        }
+        let url = base_url();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Engine(Box::new(e)))?;
+        rt.block_on(async {
+            let opts =
+                mysql_async::Opts::from_url(&url).map_err(|e| StoreError::Config(e.to_string()))?;
+            let connect = mysql_async::Conn::new(opts);
+            let mut conn = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
+                .await
+                .map_err(|_| StoreError::Timeout { ms: 10_000 })?
+                .map_err(engine)?;
+            conn.query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
+                .await
+                .map_err(engine)?;
+            conn.query_drop(format!("CREATE DATABASE `{name}`"))
+                .await
+                .map_err(engine)?;
+            let _ = conn.disconnect().await;
+            Ok(with_database(&url, name))
+        })
+    }
+}
