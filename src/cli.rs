@@ -155,19 +155,19 @@ pub fn apply_flags(
     if !args.allowed_origins.is_empty() {
         config.ws.allowed_origins = args.allowed_origins.clone();
     }
+    if let Some(url) = &args.redis {
+        config.redis.url = Some(url.clone());
+    }
+    if let Some(brokers) = &args.kafka {
+        config.kafka.brokers = Some(brokers.clone());
+    }
     Ok(())
 }
 
-/// What external backend the merged configuration asks for, if any.
-/// (`--mysql` and durability `backend` are served; Redis and Kafka are not yet.)
-pub fn backends_requested(_config: &Config, args: &ServeArgs) -> Option<String> {
-    let mut what = Vec::new();
-    if args.redis.is_some() {
-        what.push("--redis");
-    }
-    if args.kafka.is_some() {
-        what.push("--kafka");
-    }
+/// What external backend the merged configuration asks for that this build cannot serve, if
+/// any. (MySQL, Redis and Kafka are all served; `Config::validate` checks their combination.)
+pub fn backends_requested(_config: &Config, _args: &ServeArgs) -> Option<String> {
+    let what: Vec<&str> = Vec::new();
     (!what.is_empty()).then(|| what.join(", "))
 }
 
@@ -400,18 +400,40 @@ mod tests {
     }
 
     #[test]
-    fn external_backends_are_refused_for_now() {
-        for flags in [
-            &["--redis", "redis://127.0.0.1:6379"][..],
-            &["--kafka", "127.0.0.1:9092"],
+    fn redis_and_kafka_flags_set_their_sections() {
+        let argv = [
+            "--insecure-dev-auth",
+            "--durability",
+            "backend",
+            "--redis",
+            "redis://127.0.0.1:6379",
+            "--kafka",
+            "127.0.0.1:9092",
+        ];
+        let c = serve_config(&parse(&argv), &no_env).unwrap();
+        assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:6379"));
+        assert_eq!(c.kafka.brokers.as_deref(), Some("127.0.0.1:9092"));
+        assert_eq!(c.server.durability, Durability::Backend);
+        // Services run on the I/O core: not at durability memory.
+        let argv = ["--insecure-dev-auth", "--redis", "redis://127.0.0.1:6379"];
+        assert!(matches!(
+            serve_config(&parse(&argv), &no_env),
+            Err(CliError::Config(ConfigError::Invalid(_)))
+        ));
+    }
+
+    #[test]
+    fn backend_durability_needs_a_backend() {
+        let argv = ["--insecure-dev-auth", "--durability", "backend"];
+        let err = serve_config(&parse(&argv), &no_env).unwrap_err();
+        assert!(err.to_string().contains("needs a backend"), "{err}");
+        for extra in [
+            ["--kafka", "127.0.0.1:9092"],
+            ["--mysql", "mysql://u@127.0.0.1/imgw"],
         ] {
-            let mut argv = vec!["--insecure-dev-auth"];
-            argv.extend_from_slice(flags);
-            let err = serve_config(&parse(&argv), &no_env).unwrap_err();
-            assert!(matches!(err, CliError::BackendsUnavailable(_)), "{flags:?}");
-            assert!(err
-                .to_string()
-                .contains("external backends not available yet"));
+            let mut a = argv.to_vec();
+            a.extend_from_slice(&extra);
+            serve_config(&parse(&a), &no_env).unwrap();
         }
     }
 

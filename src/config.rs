@@ -45,6 +45,8 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub store: StoreConfig,
     pub mysql: MysqlConfig,
+    pub redis: RedisConfig,
+    pub kafka: KafkaConfig,
 }
 
 /// The MySQL / MariaDB backend (durability `backend`; docs/STORE.md, "MySQL backend").
@@ -114,6 +116,111 @@ pub fn redact_url(url: &str) -> String {
             &rest[at..]
         ),
         None => url.to_string(),
+    }
+}
+
+/// Redis on the I/O core (docs/ARCHITECTURE.md "Services"): presence with a TTL, user ->
+/// session routes, send dedupe keys. Off unless `url` is set (or `--redis URL`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://HOST:PORT/DB`; `None` (the default) turns Redis off.
+    pub url: Option<String>,
+    /// Prefix of every key imgw writes (default `imgw:`), so several deployments or tests can
+    /// share one Redis.
+    pub key_prefix: String,
+    /// This node's name in session routes (default: empty = the WebSocket listen address).
+    pub node: String,
+    /// Lifetime of a presence/route key (default 30 000 ms). Refreshed by heartbeats (at most
+    /// once per a third of it per device), so keys of a node that died expire after it.
+    pub presence_ttl_ms: u64,
+    /// Connect and per-pipeline timeout (default 1 000 ms).
+    pub timeout_ms: u64,
+    /// Commands per pipeline (default 512): a batch of presence events becomes one round trip.
+    pub pipeline_max: u32,
+    /// Presence events waiting for Redis (default 65 536). Beyond it events are dropped and
+    /// counted (`imgw_redis_dropped_total`); a re-publish after reconnect repairs the state.
+    pub queue_max: u32,
+    /// Delay between reconnect attempts while Redis is down (default 500 ms).
+    pub reconnect_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            key_prefix: "imgw:".into(),
+            node: String::new(),
+            presence_ttl_ms: 30_000,
+            timeout_ms: 1_000,
+            pipeline_max: 512,
+            queue_max: 65_536,
+            reconnect_ms: 500,
+        }
+    }
+}
+
+/// One business-event routing rule: a `send` whose `type` starts with `prefix` is also
+/// appended to `topic` (besides the normal delivery and the messages topic).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaRoute {
+    pub prefix: String,
+    pub topic: String,
+}
+
+/// Kafka on the I/O core (docs/ARCHITECTURE.md "Services"): the messages topic, routed
+/// business events, the push ingress topic. Off unless `brokers` is set (or `--kafka`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `HOST:PORT[,HOST:PORT...]`; `None` (the default) turns Kafka off.
+    pub brokers: Option<String>,
+    /// Every accepted message, keyed by conversation (default `imgw.messages`).
+    pub messages_topic: String,
+    /// Records imgw consumes and delivers to users or groups (default `imgw.push`); empty
+    /// turns the consumer off.
+    pub push_topic: String,
+    /// Consumer group of the push ingress (default `imgw-push`).
+    pub push_group: String,
+    /// Partitions of the topics imgw creates at start (default 3).
+    pub partitions: i32,
+    /// Replication factor of the topics imgw creates (default 1).
+    pub replication: i32,
+    /// Business-event routes (default none): `[[kafka.routes]] prefix = "order." topic = "orders"`.
+    pub routes: Vec<KafkaRoute>,
+    /// How long a produce may take before it fails (librdkafka `message.timeout.ms`; default
+    /// 5 000 ms; librdkafka checks about once a second). At durability `backend` the `send`
+    /// then gets `unavailable`.
+    pub produce_timeout_ms: u64,
+    /// Batches whose delivery reports are awaited at once (default 64); the I/O core waits for
+    /// a slot beyond it (back-pressure into its bounded queue).
+    pub max_in_flight: u32,
+    /// Records librdkafka may buffer (default 100 000); beyond it a produce fails at once.
+    pub queue_max: u32,
+    /// Message ids remembered as confirmed on the topic (default 100 000), so a resent `cmid`
+    /// after a failed produce is produced again only if it never was confirmed.
+    pub confirmed_max: u32,
+    /// Producer linger (librdkafka `linger.ms`; default 2 ms).
+    pub linger_ms: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: None,
+            messages_topic: "imgw.messages".into(),
+            push_topic: "imgw.push".into(),
+            push_group: "imgw-push".into(),
+            partitions: 3,
+            replication: 1,
+            routes: Vec::new(),
+            produce_timeout_ms: 5_000,
+            max_in_flight: 64,
+            queue_max: 100_000,
+            confirmed_max: 100_000,
+            linger_ms: 2,
+        }
     }
 }
 
@@ -391,10 +498,13 @@ impl Config {
         if self.store.queue_depth == 0 || self.store.batch_max == 0 {
             return bad("store.queue_depth and store.batch_max must be positive");
         }
-        if self.server.durability == Durability::Backend && self.mysql.url.is_none() {
+        if self.server.durability == Durability::Backend
+            && self.mysql.url.is_none()
+            && self.kafka.brokers.is_none()
+        {
             return bad(
-                "durability `backend` needs a backend: set mysql.url (--mysql URL), \
-                 or use --durability local",
+                "durability `backend` needs a backend: set mysql.url (--mysql URL) or \
+                 kafka.brokers (--kafka HOST:PORT), or use --durability local",
             );
         }
         let m = &self.mysql;
@@ -403,6 +513,32 @@ impl Config {
         }
         if m.connect_timeout_ms == 0 || m.query_timeout_ms == 0 {
             return bad("mysql.connect_timeout_ms and mysql.query_timeout_ms must be positive");
+        }
+        let services = self.redis.url.is_some() || self.kafka.brokers.is_some();
+        if services && self.server.durability == Durability::Memory {
+            return bad("redis and kafka run on the I/O core: use durability local or backend");
+        }
+        if self.redis.presence_ttl_ms < 300
+            || self.redis.timeout_ms == 0
+            || self.redis.pipeline_max == 0
+            || self.redis.queue_max == 0
+            || self.redis.reconnect_ms == 0
+        {
+            return bad("redis: presence_ttl_ms >= 300, other bounds positive");
+        }
+        let k = &self.kafka;
+        if k.messages_topic.is_empty()
+            || k.partitions < 1
+            || k.replication < 1
+            || k.produce_timeout_ms == 0
+            || k.max_in_flight == 0
+            || k.queue_max == 0
+            || k.confirmed_max == 0
+            || k.routes
+                .iter()
+                .any(|r| r.prefix.is_empty() || r.topic.is_empty())
+        {
+            return bad("kafka: topics and route fields non-empty, bounds positive");
         }
         if self.ws.allowed_origins.iter().any(|o| o.is_empty()) {
             return bad("ws.allowed_origins holds an empty entry");

@@ -1,6 +1,6 @@
 //! The I/O core: one dedicated thread (pinned to the core the shards leave free) running a
-//! tokio current-thread runtime, the only place that touches the durable store and, later,
-//! MySQL, Redis and Kafka (SPEC 2).
+//! tokio current-thread runtime, the only place that touches the durable store, Redis and
+//! Kafka (SPEC 2; the services are in src/services).
 //!
 //! Shards never block on it. They push commands into one bounded lock-free queue and return at
 //! once; a full queue is an explicit refusal that the shard turns into `overloaded`. The I/O
@@ -16,9 +16,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use crossbeam_queue::ArrayQueue;
 
-use crate::protocol::Str;
+use crate::config::{KafkaConfig, RedisConfig};
+use crate::protocol::{Deliver, Str, Target};
+use crate::services::kafka::{Dest, Kafka, Produced, PushRecord};
+use crate::services::redis::{PresenceEvent, RedisCmd, RedisHandle};
+use crate::services::ServiceStats;
 use crate::store::{Backend, GroupPage, GroupRef, InboxPage, Op, OpResult, StoreError, UserRef};
 
 /// What a shard asks of the I/O core.
@@ -49,6 +56,9 @@ pub enum IoRequest {
     GroupMembers { group: GroupRef },
     /// The groups a user is a member of, to reload a member's side after a restart.
     UserGroups { user: UserRef },
+    /// A device's presence/route change, for Redis. No completion; dropped (and counted)
+    /// by the shard when the queue is full.
+    Presence(Box<PresenceEvent>),
 }
 
 /// The I/O core's answer.
@@ -63,6 +73,9 @@ pub enum IoReply {
     Groups(Result<Vec<Str>, String>),
     /// Member ids of one group.
     Members(Result<Vec<Str>, String>),
+    /// A push ingress record for this shard, the owner of its user or group (token 0:
+    /// nobody waits for it).
+    Push(Box<PushRecord>),
 }
 
 #[derive(Debug)]
@@ -87,6 +100,22 @@ pub struct IoConfig {
     pub batch_max: usize,
     /// Test-only: sleep this long before each commit, to simulate a slow disk.
     pub commit_delay_ms: u64,
+    /// The external services, when configured.
+    pub services: Services,
+}
+
+/// The services the I/O core runs beside the store (src/services).
+#[derive(Clone, Debug, Default)]
+pub struct Services {
+    /// Redis, and this node's name in session routes.
+    pub redis: Option<(RedisConfig, String)>,
+    pub kafka: Option<KafkaConfig>,
+    /// Durability `backend`: a `send` completes only after Kafka confirmed it.
+    pub kafka_confirms: bool,
+    /// The store's dedupe window (TTL of the Redis dedupe keys).
+    pub dedupe_window_ms: u64,
+    /// Largest push ingress body accepted.
+    pub max_push_body: usize,
 }
 
 /// Counters of the I/O core, read by /metrics.
@@ -98,6 +127,8 @@ pub struct IoStats {
     /// Commit latency sum (µs) and count, for the average.
     pub commit_us_sum: AtomicU64,
     pub queue_depth: AtomicU64,
+    /// Redis and Kafka counters.
+    pub svc: Arc<ServiceStats>,
     /// When a failed commit was last logged (ms since the epoch): during an outage every
     /// batch fails, so failures are logged at most once a second (the count is in `errors`).
     last_error_log_ms: AtomicU64,
@@ -119,6 +150,12 @@ pub struct IoPort {
 impl IoPort {
     /// Queues a command; `Err` gives it back when the I/O queue is full.
     pub fn submit(&self, cmd: IoCmd) -> Result<(), IoCmd> {
+        if matches!(cmd.req, IoRequest::Presence(_))
+            && self.inbound.len() * 2 > self.inbound.capacity()
+        {
+            // Presence never takes the second half of the queue: that is kept for messages.
+            return Err(cmd);
+        }
         self.inbound.push(cmd)?;
         self.stats
             .queue_depth
@@ -232,8 +269,7 @@ impl IoCore {
                     pin_to(cpu);
                 }
                 let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .enable_io()
+                    .enable_all()
                     .build()
                 {
                     Ok(rt) => rt,
@@ -242,7 +278,9 @@ impl IoCore {
                         return;
                     }
                 };
-                rt.block_on(async move {
+                // A LocalSet: the services' tasks share the producer through Rc, on this thread.
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, async move {
                     let backend = match open().await {
                         Ok(b) => b,
                         Err(e) => {
@@ -251,7 +289,7 @@ impl IoCore {
                         }
                     };
                     let _ = ready_tx.send(Ok(()));
-                    io_loop(backend, cfg, inbound, links, wake2, stop2, stats2).await;
+                    io_loop(backend, cfg, inbound, Arc::new(links), wake2, stop2, stats2).await;
                 });
             })?;
         match ready_rx.recv() {
@@ -305,15 +343,129 @@ fn pin_to(cpu: usize) {
     }
 }
 
+/// The services as the I/O loop holds them.
+struct Running {
+    redis: Option<RedisHandle>,
+    kafka: Option<Rc<RefCell<Kafka>>>,
+    confirms: bool,
+    /// Bounds the batches whose delivery reports are awaited (`kafka.max_in_flight`).
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Completes when the previous batch's deferred completions were handed out: batches
+    /// complete in order, so per-conversation order survives Kafka's confirmations.
+    previous: Option<tokio::sync::oneshot::Receiver<()>>,
+    produce_timeout: Duration,
+}
+
+/// Starts the services on the I/O core's runtime. A service that cannot start is logged and
+/// left off (an unreachable broker or Redis is not an error: clients reconnect by themselves).
+async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoStats) -> Running {
+    let svc = stats.svc.clone();
+    let redis = cfg.redis.as_ref().and_then(|(rc, node)| {
+        crate::services::redis::start(rc, node.clone(), cfg.dedupe_window_ms, svc.clone())
+            .map_err(|e| tracing::error!(error = %e, "redis not started"))
+            .ok()
+    });
+    let mut kafka = None;
+    let mut max_in_flight = 1;
+    let mut produce_timeout = Duration::from_secs(5);
+    if let Some(kc) = &cfg.kafka {
+        max_in_flight = kc.max_in_flight.max(1) as usize;
+        produce_timeout = Duration::from_millis(kc.produce_timeout_ms);
+        // Topics are created in the background, retried until the broker answers: a broker
+        // that is down at start delays nothing else (the producer waits for the topics).
+        let topics = kc.clone();
+        tokio::task::spawn_local(async move {
+            let mut warned = false;
+            loop {
+                match crate::services::kafka::ensure_topics(&topics).await {
+                    Ok(()) => {
+                        tracing::info!(topic = %topics.messages_topic, "kafka topics ready");
+                        return;
+                    }
+                    Err(e) if !warned => {
+                        tracing::warn!(error = %e, "kafka topics not created yet; retrying");
+                        warned = true;
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+        match Kafka::new(kc, svc.clone()) {
+            Ok(k) => kafka = Some(Rc::new(RefCell::new(k))),
+            Err(e) => tracing::error!(error = %e, "kafka producer not started"),
+        }
+        if !kc.push_topic.is_empty() {
+            let links = links.clone();
+            let shards = links.len();
+            let sink = move |rec: Box<PushRecord>| {
+                let id = match &rec.to {
+                    Target::User(u) | Target::Group(u) => u,
+                };
+                let dest = crate::shard::owner_shard(&rec.tenant, id, shards);
+                let Some(link) = links.get(dest) else {
+                    return Ok(());
+                };
+                let done = IoDone {
+                    token: 0,
+                    reply: IoReply::Push(rec),
+                };
+                match link.done.push(done) {
+                    Ok(()) => {
+                        wake(link);
+                        Ok(())
+                    }
+                    Err(IoDone {
+                        reply: IoReply::Push(rec),
+                        ..
+                    }) => Err(rec),
+                    Err(_) => Ok(()),
+                }
+            };
+            if let Err(e) =
+                crate::services::kafka::start_push_consumer(kc, cfg.max_push_body, svc, sink)
+            {
+                tracing::error!(error = %e, "push ingress consumer not started");
+            }
+        }
+    }
+    Running {
+        redis,
+        kafka,
+        confirms: cfg.kafka_confirms,
+        slots: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
+        previous: None,
+        produce_timeout,
+    }
+}
+
+fn wake(link: &ShardLink) {
+    if !link.notified.swap(true, Ordering::AcqRel) {
+        // A full socket buffer means unread wake-ups are pending: that is enough.
+        let _ = (&link.wake_writer).write(&[1]);
+    }
+}
+
+/// Hands a completion to its shard; waits (briefly, repeatedly) while the shard's completion
+/// queue is full.
+async fn complete(link: &ShardLink, mut done: IoDone) {
+    while let Err(back) = link.done.push(done) {
+        done = back;
+        wake(link);
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
+}
+
 async fn io_loop(
     mut backend: Box<dyn Backend>,
     cfg: IoConfig,
     inbound: Arc<ArrayQueue<IoCmd>>,
-    links: Vec<ShardLink>,
+    links: Arc<Vec<ShardLink>>,
     wake: Arc<tokio::sync::Notify>,
     stop: Arc<AtomicBool>,
     stats: Arc<IoStats>,
 ) {
+    let mut services = start_services(&cfg.services, &links, &stats).await;
     let mut batch: Vec<IoCmd> = Vec::with_capacity(cfg.batch_max);
     loop {
         while batch.len() < cfg.batch_max {
@@ -324,6 +476,10 @@ async fn io_loop(
         }
         if batch.is_empty() {
             if stop.load(Ordering::Acquire) {
+                // Let the last batches' confirmations finish.
+                if let Some(prev) = services.previous.take() {
+                    let _ = prev.await;
+                }
                 return;
             }
             // Re-check after registering interest so a push between pop and wait is not lost.
@@ -336,7 +492,213 @@ async fn io_loop(
         stats
             .queue_depth
             .store(inbound.len() as u64, Ordering::Relaxed);
-        run_batch(&mut *backend, &cfg, &mut batch, &links, &stats).await;
+        run_batch(
+            &mut *backend,
+            &cfg,
+            &mut batch,
+            &links,
+            &stats,
+            &mut services,
+        )
+        .await;
+    }
+}
+
+/// What an append needs for Kafka and Redis once the store accepted it.
+struct Noted {
+    tenant: Str,
+    dest: Dest,
+    cmid: Str,
+    deliver: Deliver,
+}
+
+fn note(op: &Op) -> Option<Noted> {
+    match op {
+        Op::AppendInbox {
+            user,
+            cmid,
+            deliver,
+            ..
+        } => Some(Noted {
+            tenant: user.tenant.clone(),
+            dest: Dest::User(user.user.clone()),
+            cmid: cmid.clone(),
+            deliver: deliver.clone(),
+        }),
+        Op::AppendGroup {
+            group,
+            cmid,
+            deliver,
+            ..
+        } => Some(Noted {
+            tenant: group.tenant.clone(),
+            dest: Dest::Group(group.group.clone()),
+            cmid: cmid.clone(),
+            deliver: deliver.clone(),
+        }),
+        _ => None,
+    }
+}
+
+/// A completion held back until Kafka confirmed its records (durability `backend`).
+struct Deferred {
+    shard: u16,
+    token: u64,
+    results: Vec<OpResult>,
+    reports: Vec<Produced>,
+}
+
+/// After the store accepted the appends of one command: records dedupe keys in Redis and
+/// produces to Kafka. Returns the reports to await before completing (`backend`), or `Err`
+/// when the command must fail (`backend` and the records could not be enqueued, or a resend
+/// of a message whose first produce is still unconfirmed).
+fn publish(
+    results: &mut [OpResult],
+    notes: &mut [Option<Noted>],
+    svc: &Running,
+) -> Result<Vec<Produced>, String> {
+    let mut reports = Vec::new();
+    for (r, n) in results.iter_mut().zip(notes.iter_mut()) {
+        let (
+            Some(n),
+            OpResult::Appended {
+                seq,
+                mid,
+                ts,
+                duplicate,
+            },
+        ) = (n.take(), r)
+        else {
+            continue;
+        };
+        if let Some(redis) = &svc.redis {
+            if !*duplicate {
+                redis.send(RedisCmd::Dedupe {
+                    tenant: n.tenant.clone(),
+                    sender: n.deliver.from.clone(),
+                    cmid: n.cmid.clone(),
+                    mid: *mid,
+                });
+            }
+        }
+        let Some(kafka) = &svc.kafka else { continue };
+        let mut k = kafka.borrow_mut();
+        if *duplicate {
+            // Only at `backend` can a stored message lack its record: its produce failed and
+            // the client resends the cmid. Produce it again, unless it was confirmed (then
+            // the resend is a plain duplicate) or is still awaited (the client retries).
+            if !svc.confirms || k.is_confirmed(*mid) {
+                continue;
+            }
+            if k.is_in_flight(*mid) {
+                return Err("kafka confirmation of the first attempt pending".into());
+            }
+            k.stats.kafka_reproduced.fetch_add(1, Ordering::Relaxed);
+            // The first attempt was refused before delivery: deliver it now.
+            *duplicate = false;
+        }
+        let mut d = n.deliver;
+        d.mid = *mid;
+        d.inbox_seq = *seq;
+        d.ts = *ts;
+        match k.produce(&n.tenant, &n.dest, &n.cmid, &d) {
+            Ok(mut p) => reports.append(&mut p),
+            Err(e) if svc.confirms => return Err(e),
+            Err(e) => tracing::debug!(error = %e, "kafka produce skipped"),
+        }
+    }
+    Ok(reports)
+}
+
+/// Awaits the delivery reports of one batch, then hands out its completions (after the
+/// previous batch's), and frees the in-flight slot.
+#[allow(clippy::too_many_arguments)] // one call site, all distinct roles
+async fn confirm(
+    deferred: Vec<Deferred>,
+    local_reports: Vec<Produced>,
+    kafka: Rc<RefCell<Kafka>>,
+    links: Arc<Vec<ShardLink>>,
+    previous: Option<tokio::sync::oneshot::Receiver<()>>,
+    next: tokio::sync::oneshot::Sender<()>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    limit: Duration,
+) {
+    let started = std::time::Instant::now();
+    let stats = kafka.borrow().stats.clone();
+    stats.kafka_in_flight.fetch_add(1, Ordering::Relaxed);
+    // librdkafka fails a record after `message.timeout.ms`; the extra margin only guards
+    // against a report that never comes.
+    let limit = limit + Duration::from_secs(5);
+    let wait = |p: Produced| async move {
+        let error = match tokio::time::timeout(limit, p.report).await {
+            Ok(Ok(Ok(_))) => None,
+            Ok(Ok(Err((e, _)))) => {
+                tracing::debug!(mid = p.mid, error = %e, "kafka did not confirm");
+                Some(e)
+            }
+            Ok(Err(_)) | Err(_) => {
+                tracing::debug!(mid = p.mid, "kafka delivery report lost");
+                Some(rdkafka::error::KafkaError::Canceled)
+            }
+        };
+        (p.mid, error)
+    };
+    let mut outcomes = Vec::with_capacity(deferred.len());
+    for d in deferred {
+        let mut all_ok = true;
+        for p in d.reports {
+            let (mid, error) = wait(p).await;
+            all_ok &= error.is_none();
+            settle(&kafka, &stats, mid, error);
+        }
+        outcomes.push((d.shard, d.token, d.results, all_ok));
+    }
+    for p in local_reports {
+        let (mid, error) = wait(p).await;
+        settle(&kafka, &stats, mid, error);
+    }
+    stats
+        .kafka_confirm_us_sum
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    stats.kafka_confirm_count.fetch_add(1, Ordering::Relaxed);
+    if let Some(prev) = previous {
+        let _ = prev.await;
+    }
+    let mut woken = vec![false; links.len()];
+    for (shard, token, results, ok) in outcomes {
+        let Some(link) = links.get(usize::from(shard)) else {
+            continue;
+        };
+        let reply = if ok {
+            IoReply::Applied(Ok(results))
+        } else {
+            IoReply::Applied(Err("kafka did not confirm the message".into()))
+        };
+        complete(link, IoDone { token, reply }).await;
+        woken[usize::from(shard)] = true;
+    }
+    for (i, link) in links.iter().enumerate() {
+        if woken[i] {
+            wake(link);
+        }
+    }
+    stats.kafka_in_flight.fetch_sub(1, Ordering::Relaxed);
+    let _ = next.send(());
+    drop(permit);
+}
+
+fn settle(
+    kafka: &Rc<RefCell<Kafka>>,
+    stats: &ServiceStats,
+    mid: u64,
+    error: Option<rdkafka::error::KafkaError>,
+) {
+    let ok = error.is_none();
+    kafka.borrow_mut().settle(mid, ok, error.as_ref());
+    if ok {
+        stats.kafka_produced.fetch_add(1, Ordering::Relaxed);
+    } else {
+        stats.kafka_failed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -344,16 +706,30 @@ async fn run_batch(
     backend: &mut dyn Backend,
     cfg: &IoConfig,
     batch: &mut Vec<IoCmd>,
-    links: &[ShardLink],
+    links: &Arc<Vec<ShardLink>>,
     stats: &IoStats,
+    svc: &mut Running,
 ) {
     // Every write of the batch in one apply: one durable commit.
     let mut ops = Vec::new();
     let mut spans = Vec::new();
+    let noting = svc.kafka.is_some() || svc.redis.is_some();
+    let mut notes: Vec<Option<Noted>> = Vec::new();
     for cmd in batch.iter_mut() {
-        if let IoRequest::Apply(o) = &mut cmd.req {
-            spans.push(o.len());
-            ops.append(o);
+        match &mut cmd.req {
+            IoRequest::Apply(o) => {
+                spans.push(o.len());
+                if noting {
+                    notes.extend(o.iter().map(note));
+                }
+                ops.append(o);
+            }
+            IoRequest::Presence(e) => {
+                if let Some(r) = &svc.redis {
+                    r.send(RedisCmd::Presence((**e).clone()));
+                }
+            }
+            _ => {}
         }
     }
     let mut applied: Option<Result<std::vec::IntoIter<OpResult>, String>> = None;
@@ -383,13 +759,40 @@ async fn run_batch(
         });
     }
     let mut spans = spans.into_iter();
+    let mut notes = notes.into_iter();
     let mut woken = vec![false; links.len()];
+    let mut deferred = Vec::new();
+    let mut local_reports = Vec::new();
     for cmd in batch.drain(..) {
         let reply = match cmd.req {
             IoRequest::Apply(_) => {
                 let n = spans.next().unwrap_or(0);
+                let mut cmd_notes: Vec<Option<Noted>> = if noting {
+                    notes.by_ref().take(n).collect()
+                } else {
+                    Vec::new()
+                };
                 match &mut applied {
-                    Some(Ok(it)) => IoReply::Applied(Ok(it.by_ref().take(n).collect())),
+                    Some(Ok(it)) => {
+                        let mut results: Vec<OpResult> = it.by_ref().take(n).collect();
+                        match publish(&mut results, &mut cmd_notes, svc) {
+                            Ok(reports) if reports.is_empty() => IoReply::Applied(Ok(results)),
+                            Ok(reports) if svc.confirms => {
+                                deferred.push(Deferred {
+                                    shard: cmd.shard,
+                                    token: cmd.token,
+                                    results,
+                                    reports,
+                                });
+                                continue;
+                            }
+                            Ok(mut reports) => {
+                                local_reports.append(&mut reports);
+                                IoReply::Applied(Ok(results))
+                            }
+                            Err(e) => IoReply::Applied(Err(e)),
+                        }
+                    }
                     Some(Err(e)) => IoReply::Applied(Err(e.clone())),
                     None => IoReply::Applied(Err("internal: no apply".into())),
                 }
@@ -429,27 +832,49 @@ async fn run_batch(
             IoRequest::UserGroups { user } => {
                 IoReply::Groups(backend.user_groups(&user).await.map_err(|e| e.to_string()))
             }
+            IoRequest::Presence(_) => continue,
         };
         let Some(link) = links.get(usize::from(cmd.shard)) else {
             continue;
         };
-        let mut done = IoDone {
-            token: cmd.token,
-            reply,
-        };
-        // Cannot stay full (see IoCore::start); if it ever does, wait for the shard.
-        while let Err(back) = link.done.push(done) {
-            done = back;
-            tokio::time::sleep(Duration::from_micros(100)).await;
-        }
+        complete(
+            link,
+            IoDone {
+                token: cmd.token,
+                reply,
+            },
+        )
+        .await;
         woken[usize::from(cmd.shard)] = true;
     }
     for (i, link) in links.iter().enumerate() {
-        if woken[i] && !link.notified.swap(true, Ordering::AcqRel) {
-            // A full socket buffer means unread wake-ups are pending: that is enough.
-            let _ = (&link.wake_writer).write(&[1]);
+        if woken[i] {
+            wake(link);
         }
     }
+    if deferred.is_empty() && local_reports.is_empty() {
+        return;
+    }
+    let Some(kafka) = svc.kafka.clone() else {
+        return;
+    };
+    // At most `max_in_flight` batches await reports: beyond, the loop waits here (its queue
+    // then fills and shards answer `overloaded`); each wait is bounded by the produce timeout.
+    let Ok(permit) = svc.slots.clone().acquire_owned().await else {
+        return; // the semaphore is never closed
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let previous = svc.previous.replace(rx);
+    tokio::task::spawn_local(confirm(
+        deferred,
+        local_reports,
+        kafka,
+        links.clone(),
+        previous,
+        tx,
+        permit,
+        svc.produce_timeout,
+    ));
 }
 
 fn now_ms() -> u64 {

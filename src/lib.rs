@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod preflight;
 pub mod protocol;
 pub mod runtime;
+pub mod services;
 pub mod shard;
 pub mod store;
 pub mod ws;

@@ -385,6 +385,7 @@ impl Metrics {
             let _ = writeln!(o, "# HELP imgw_store_errors_total Failed commits.\n# TYPE imgw_store_errors_total counter\nimgw_store_errors_total {}", io.errors.load(r));
             let _ = writeln!(o, "# HELP imgw_store_commit_seconds Time spent committing.\n# TYPE imgw_store_commit_seconds summary\nimgw_store_commit_seconds_sum {:.6}\nimgw_store_commit_seconds_count {batches}", io.commit_us_sum.load(r) as f64 / 1e6);
             let _ = writeln!(o, "# HELP imgw_io_queue_depth Commands waiting for the I/O core.\n# TYPE imgw_io_queue_depth gauge\nimgw_io_queue_depth {}", io.queue_depth.load(r));
+            io.svc.render(&mut o);
         }
         let mut tenants: BTreeMap<String, TenantStats> = BTreeMap::new();
         for s in &self.shards {

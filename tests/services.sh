@@ -6,6 +6,10 @@
 #   tests/services.sh stop     # stop what `start` started (services found already running stay)
 #   tests/services.sh status   # print the URLs of what answers
 #   tests/services.sh env      # the URLs only, for `eval "$(tests/services.sh env)"`
+#   tests/services.sh stop-redis|start-redis|stop-kafka|start-kafka
+#                              # one service, for outage experiments by hand (only what this
+#                              # script started can be stopped; tests/services.rs starts its
+#                              # own private servers for its outage tests)
 #   tests/services.sh start-mysql | stop-mysql | kill-mysql
 #                              # MariaDB alone: start it (installed already), stop it (SIGTERM),
 #                              # or SIGKILL it; stop/kill only act on a MariaDB this script
@@ -224,10 +228,14 @@ start)
     urls
     ;;
 stop) stop_all ;;
+stop-redis) [ -f "$DIR/redis/started-by-us" ] && stop_pidfile "$DIR/redis/redis.pid" Redis ;;
+start-redis) mkdir -p "$DIR" && start_redis ;;
+stop-kafka) [ -f "$DIR/tansu/started-by-us" ] && stop_pidfile "$DIR/tansu/tansu.pid" tansu ;;
+start-kafka) mkdir -p "$DIR" && start_kafka ;;
 status) status ;;
 env) urls ;;
 *)
-    echo "usage: $0 start|stop|status|env|start-mysql|stop-mysql|kill-mysql" >&2
+    echo "usage: $0 start|stop|status|env|start-mysql|stop-mysql|kill-mysql|stop-redis|start-redis|stop-kafka|start-kafka" >&2
     exit 2
     ;;
 esac

@@ -85,6 +85,7 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
             queue_depth: cfg.store.queue_depth as usize,
             batch_max: cfg.store.batch_max as usize,
             commit_delay_ms: cfg.store.commit_delay_ms,
+            services: services(&cfg),
         };
         // The I/O core takes the core after the shards', when there is one.
         let cpu = (cfg.runtime.pin && shards < cpus).then_some(shards);
@@ -148,6 +149,22 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
         core.shutdown();
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// The services the I/O core runs, from the configuration.
+fn services(cfg: &Config) -> crate::iocore::Services {
+    let node = if cfg.redis.node.is_empty() {
+        cfg.server.ws_listen.to_string()
+    } else {
+        cfg.redis.node.clone()
+    };
+    crate::iocore::Services {
+        redis: cfg.redis.url.is_some().then(|| (cfg.redis.clone(), node)),
+        kafka: cfg.kafka.brokers.is_some().then(|| cfg.kafka.clone()),
+        kafka_confirms: cfg.server.durability == Durability::Backend,
+        dedupe_window_ms: cfg.store.dedupe_window_ms,
+        max_push_body: cfg.ws.max_message_bytes as usize,
+    }
 }
 
 fn clock(base: Instant) -> Clock {

@@ -110,6 +110,13 @@ pub(super) enum IoWait {
         origin: Route,
         reference: Option<u64>,
     },
+    /// A push ingress record being stored in a user's inbox.
+    PushUser { to: UserKey, deliver: Deliver },
+    /// A push ingress record being stored on a group's timeline.
+    PushGroup {
+        group: super::groups::GroupKey,
+        deliver: Deliver,
+    },
     /// A write nobody waits for (cursor updates).
     Nothing,
 }
@@ -264,6 +271,13 @@ impl Shard {
     /// Completions from the I/O core.
     pub fn on_io_done(&mut self, done: IoDone, clk: Clock) {
         self.now_ms = clk.mono_ms;
+        if done.token == 0 {
+            // Nobody waits for token 0: a record of the push ingress.
+            if let IoReply::Push(rec) = done.reply {
+                self.on_push(*rec, clk);
+            }
+            return;
+        }
         let Some(wait) = self.io_pending.remove(&done.token) else {
             return;
         };
@@ -330,6 +344,34 @@ impl Shard {
                     self.reject(origin, reference, cmid, code, None);
                 }
             },
+            (IoWait::PushUser { to, mut deliver }, IoReply::Applied(r)) => {
+                if let Some(OpResult::Appended {
+                    seq,
+                    mid,
+                    ts,
+                    duplicate: false,
+                }) = r.ok().and_then(|v| v.into_iter().next())
+                {
+                    deliver.mid = mid;
+                    deliver.inbox_seq = seq;
+                    deliver.ts = ts;
+                    self.push_to_devices(&to, deliver);
+                }
+            }
+            (IoWait::PushGroup { group, mut deliver }, IoReply::Applied(r)) => {
+                if let Some(OpResult::Appended {
+                    seq,
+                    mid,
+                    ts,
+                    duplicate: false,
+                }) = r.ok().and_then(|v| v.into_iter().next())
+                {
+                    deliver.mid = mid;
+                    deliver.inbox_seq = seq;
+                    deliver.ts = ts;
+                    self.group_fan_out(&group, deliver);
+                }
+            }
             (
                 IoWait::Sync {
                     conn,

@@ -12,6 +12,7 @@
 //! with `overloaded` (never blocked on).
 
 mod delivery;
+mod external;
 mod groups;
 pub mod ratelimit;
 mod route;
@@ -177,6 +178,8 @@ struct Session {
     window: delivery::Window,
     /// Users this connection subscribed to, for cleanup (bounded by `max_presence_subs`).
     subs: Vec<UserKey>,
+    /// Monotonic time of the last presence refresh sent to Redis.
+    presence_ms: u64,
 }
 
 /// One connection. Kept small: an idle connection holds no buffers (SPEC 2).
@@ -476,6 +479,12 @@ impl Shard {
             m.authenticated
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             m.tenant(&s.user.tenant, -1, 0);
+            self.presence_event(
+                &s.user,
+                &s.device,
+                id,
+                crate::services::redis::PresenceKind::Down,
+            );
             let route = self.route(id);
             for target in s.subs {
                 let dest = self.owner(&target);

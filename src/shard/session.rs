@@ -224,6 +224,9 @@ impl Shard {
                 WsIn::Text(p) => (p, true),
                 WsIn::Binary(p) => (p, false),
                 WsIn::Ping | WsIn::Pong => {
+                    if matches!(input, WsIn::Ping) {
+                        self.heartbeat(id, clk);
+                    }
                     if let Some(c) = self.conns.get_mut(id) {
                         if let Some(w) = &c.waker {
                             w.wake_by_ref();
@@ -341,6 +344,7 @@ impl Shard {
         }
         match env.msg {
             Message::Ping(p) => {
+                self.heartbeat(id, clk);
                 let pong = Envelope {
                     reference,
                     msg: Message::Pong(crate::protocol::Pong { ts: p.ts }),
@@ -515,11 +519,20 @@ impl Shard {
                 device: h.device,
                 window: Default::default(),
                 subs: Vec::new(),
+                presence_ms: clk.mono_ms,
             }));
             // Replace the handshake deadline by the idle one.
             c.armed_ms = 0;
         }
         self.arm(id, idle);
+        if let Some((u, d)) = self
+            .conns
+            .get(id)
+            .and_then(|c| c.session.as_ref())
+            .map(|s| (s.user.clone(), s.device.clone()))
+        {
+            self.presence_event(&u, &d, id, crate::services::redis::PresenceKind::Up);
+        }
         self.emit(id, &welcome);
         if let (Some(r), true) = (h.resume, self.durable()) {
             self.resume(id, reference, r.inbox_seq);

@@ -69,6 +69,7 @@ impl Sim {
             queue_depth: 1024,
             batch_max: 64,
             commit_delay_ms: 0,
+            services: Default::default(),
         };
         let (core, ports) = crate::iocore::IoCore::start(backend, io_cfg, n, None).unwrap();
         let shards = ports

@@ -299,7 +299,9 @@ pub fn mysql_options(cfg: &crate::config::Config) -> Option<MySqlOptions> {
 /// `mysql.url`, otherwise the embedded store under the data directory. Runs on the I/O core's
 /// runtime (the MySQL pool lives there).
 pub async fn open(cfg: &crate::config::Config) -> Result<Box<dyn Backend>, StoreError> {
-    if cfg.server.durability == crate::config::Durability::Backend {
+    // `backend` with Kafka only: the embedded store, and Kafka confirms (src/iocore.rs).
+    let kafka_only = cfg.mysql.url.is_none() && cfg.kafka.brokers.is_some();
+    if cfg.server.durability == crate::config::Durability::Backend && !kafka_only {
         let Some(opts) = mysql_options(cfg) else {
             return Err(StoreError::Config(
                 "durability `backend` without a backend: set mysql.url (--mysql URL)".into(),

@@ -1,0 +1,118 @@
+//! The shard's side of the external services (src/services): presence events for Redis
+//! (device up, heartbeat refresh, device down) and records of the Kafka push ingress, which
+//! the I/O core hands to the owner shard of their user or group.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::groups::GroupKey;
+use super::{Clock, ConnId, Shard, UserKey};
+use crate::iocore::{IoCmd, IoRequest};
+use crate::protocol::{Deliver, Str, Target};
+use crate::services::kafka::PushRecord;
+use crate::services::redis::{PresenceEvent, PresenceKind};
+use crate::store::{GroupRef, Op, UserRef};
+
+impl Shard {
+    fn redis_on(&self) -> bool {
+        self.io.is_some() && self.cfg.redis.url.is_some()
+    }
+
+    /// Tells Redis (through the I/O core) about a device; never waits: a full queue drops
+    /// the event and counts it.
+    pub(super) fn presence_event(
+        &mut self,
+        user: &UserKey,
+        device: &Str,
+        conn: ConnId,
+        kind: PresenceKind,
+    ) {
+        if !self.redis_on() {
+            return;
+        }
+        let Some(io) = &self.io else { return };
+        let event = PresenceEvent {
+            kind,
+            tenant: user.tenant.clone(),
+            user: user.user.clone(),
+            device: device.clone(),
+            shard: self.id as u16,
+            conn: (u64::from(conn.generation) << 32) | u64::from(conn.index),
+        };
+        let cmd = IoCmd {
+            shard: self.id as u16,
+            token: 0,
+            req: IoRequest::Presence(Box::new(event)),
+        };
+        if io.submit(cmd).is_err() {
+            io.stats.svc.redis_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A heartbeat from `id`: refreshes its presence TTL, at most once per third of the TTL.
+    pub(super) fn heartbeat(&mut self, id: ConnId, clk: Clock) {
+        if !self.redis_on() {
+            return;
+        }
+        let every = self.cfg.redis.presence_ttl_ms / 3;
+        let Some(s) = self.conns.get_mut(id).and_then(|c| c.session.as_mut()) else {
+            return;
+        };
+        if clk.mono_ms < s.presence_ms + every {
+            return;
+        }
+        s.presence_ms = clk.mono_ms;
+        let (user, device) = (s.user.clone(), s.device.clone());
+        self.presence_event(&user, &device, id, PresenceKind::Refresh);
+    }
+
+    /// A push ingress record for a user or group this shard owns: stored like a `send`
+    /// (inbox or timeline, deduped by its id), then delivered to the online devices.
+    pub fn on_push(&mut self, rec: PushRecord, clk: Clock) {
+        let mid = self.next_mid();
+        let mut deliver = Deliver {
+            mid,
+            from: rec.from.clone(),
+            to: None,
+            inbox_seq: 0,
+            ts: clk.unix_ms,
+            kind: rec.kind,
+            body: rec.body,
+            ext: Default::default(),
+        };
+        let (op, wait) = match rec.to {
+            Target::User(u) => {
+                let to = UserKey {
+                    tenant: rec.tenant.clone(),
+                    user: u.clone(),
+                };
+                let op = Op::AppendInbox {
+                    user: UserRef::new(rec.tenant, u),
+                    sender: rec.from,
+                    cmid: rec.cmid,
+                    deliver: deliver.clone(),
+                };
+                (op, super::delivery::IoWait::PushUser { to, deliver })
+            }
+            Target::Group(g) => {
+                deliver.to = Some(Target::Group(g.clone()));
+                let group = GroupKey {
+                    tenant: rec.tenant.clone(),
+                    group: g.clone(),
+                };
+                let op = Op::AppendGroup {
+                    group: GroupRef::new(rec.tenant, g),
+                    sender: rec.from,
+                    cmid: rec.cmid,
+                    deliver: deliver.clone(),
+                };
+                (op, super::delivery::IoWait::PushGroup { group, deliver })
+            }
+        };
+        if !self.submit(IoRequest::Apply(vec![op]), wait) {
+            // The I/O queue is full: the record is dropped (counted). Its id dedupes a replay.
+            if let Some(io) = &self.io {
+                io.stats.svc.push_bad.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
