@@ -5,13 +5,13 @@
 //! in an overlay (so later ops of a batch see earlier ones), then written as one fjall write
 //! batch that is journaled and `fdatasync`ed before `apply` returns.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
 
 use bytes::Bytes;
 
-use super::keys::{self, DedupeRecord, Dest, TooLong};
+use super::keys::{self, DedupeRecord, Dest, FastMap, TooLong};
 use super::seqcache::SeqCache;
 use super::{
     Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, Refusal, StoreError, UserRef,
@@ -133,36 +133,64 @@ fn corrupt(ks: Ks, detail: impl Into<String>) -> StoreError {
     }
 }
 
-/// Writes of the batch being built: per keyspace, key → value (`None`: delete).
+/// Writes of the batch being built: per keyspace, key → value (`None`: delete). The tables
+/// written once or more per message (inbox, timeline, dedupe, expiry) are only looked up by
+/// key, so they go in hash maps; the others in ordered maps, for the prefix scans
+/// ([`EmbeddedStore::tx_prefix`]).
 struct Tx {
     writes: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; KS.len()],
+    hot: [FastMap<Vec<u8>, Option<Vec<u8>>>; KS.len()],
     /// Last seqs assigned in this batch (cache key → seq), merged into the cache on commit.
-    seqs: HashMap<Vec<u8>, u64>,
+    seqs: FastMap<Vec<u8>, u64>,
     /// Where the next dedupe GC scan starts, if this batch commits.
     gc_from: Option<Vec<u8>>,
     appends: usize,
+}
+
+/// Tables of [`Tx::hot`]: written per message, never scanned by prefix within a batch.
+fn is_hot(ks: Ks) -> bool {
+    matches!(ks, Ks::Inbox | Ks::Timeline | Ks::Dedupe | Ks::Expiry)
 }
 
 impl Tx {
     fn new(gc_from: Option<Vec<u8>>) -> Self {
         Tx {
             writes: Default::default(),
-            seqs: HashMap::new(),
+            hot: Default::default(),
+            seqs: FastMap::default(),
             gc_from,
             appends: 0,
         }
     }
 
+    fn set(&mut self, ks: Ks, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if is_hot(ks) {
+            self.hot[ks as usize].insert(key, value);
+        } else {
+            self.writes[ks as usize].insert(key, value);
+        }
+    }
+
     fn put(&mut self, ks: Ks, key: Vec<u8>, value: Vec<u8>) {
-        self.writes[ks as usize].insert(key, Some(value));
+        self.set(ks, key, Some(value));
     }
 
     fn delete(&mut self, ks: Ks, key: Vec<u8>) {
-        self.writes[ks as usize].insert(key, None);
+        self.set(ks, key, None);
     }
 
-    fn is_empty(&self) -> bool {
-        self.writes.iter().all(BTreeMap::is_empty)
+    /// This batch's write of `key`, if any (`Some(None)`: deleted).
+    fn pending(&self, ks: Ks, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        if is_hot(ks) {
+            self.hot[ks as usize].get(key)
+        } else {
+            self.writes[ks as usize].get(key)
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.writes.iter().map(BTreeMap::len).sum::<usize>()
+            + self.hot.iter().map(|m| m.len()).sum::<usize>()
     }
 }
 
@@ -291,7 +319,7 @@ impl EmbeddedStore {
 
     /// A value as the batch sees it: its own writes first, then committed data.
     fn tx_get(&self, tx: &Tx, ks: Ks, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match tx.writes[ks as usize].get(key) {
+        match tx.pending(ks, key) {
             Some(v) => Ok(v.clone()),
             None => Ok(self.get(ks, key)?.map(|v| v.to_vec())),
         }
@@ -314,6 +342,7 @@ impl EmbeddedStore {
         ks: Ks,
         prefix: &[u8],
     ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StoreError> {
+        debug_assert!(!is_hot(ks), "prefix scans only on the ordered tables");
         let mut rows = BTreeMap::new();
         for g in self.ks(ks).prefix(prefix) {
             let (k, v) = g.into_inner().map_err(engine)?;
@@ -671,7 +700,7 @@ impl EmbeddedStore {
         for k in expired {
             tx.gc_from = Some(k.clone());
             // An entry this batch already deleted belongs to a record it renewed: keep that.
-            if tx.writes[Ks::Expiry as usize].contains_key(&k) {
+            if tx.pending(Ks::Expiry, &k).is_some() {
                 continue;
             }
             // Every expiry entry names the live version of its record (a renewal deletes the
@@ -758,17 +787,22 @@ impl Backend for EmbeddedStore {
             results.push(self.op(&mut tx, op, now_ms)?);
         }
         self.collect_dedupe(&mut tx, now_ms)?;
-        if !tx.is_empty() {
-            let n = tx.writes.iter().map(BTreeMap::len).sum();
+        let n = tx.len();
+        if n > 0 {
             let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), n)
                 .durability(Some(fjall::PersistMode::SyncData));
+            let stage = |batch: &mut fjall::OwnedWriteBatch, i: usize, k, v| match v {
+                Some(v) => batch.insert(&self.ks[i], k, v),
+                None => batch.remove(&self.ks[i], k),
+            };
             for (i, writes) in std::mem::take(&mut tx.writes).into_iter().enumerate() {
-                let ks = &self.ks[i];
                 for (k, v) in writes {
-                    match v {
-                        Some(v) => batch.insert(ks, k, v),
-                        None => batch.remove(ks, k),
-                    }
+                    stage(&mut batch, i, k, v);
+                }
+            }
+            for (i, writes) in std::mem::take(&mut tx.hot).into_iter().enumerate() {
+                for (k, v) in writes {
+                    stage(&mut batch, i, k, v);
                 }
             }
             batch.commit().map_err(engine)?;

@@ -13,15 +13,17 @@
 //! passed `exact_since`, so those are gone too. Expired records still waiting for collection
 //! are therefore never skipped (the append must delete their expiry entry).
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::Hasher;
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+
+use super::keys::{FastMap, FastState};
 
 pub(super) struct RecentKeys {
     /// (stored_at, fingerprint) in insertion order (`stored_at` never decreases: the store's
     /// clock does not go back).
     order: VecDeque<(u64, u64)>,
     /// Fingerprint -> entries of `order` holding it.
-    counts: HashMap<u64, u32>,
+    counts: FastMap<u64, u32>,
     /// At most this many entries; 0 disables the filter.
     max: usize,
     /// Every record stored at or after this time is held (or was collected).
@@ -29,10 +31,9 @@ pub(super) struct RecentKeys {
 }
 
 fn fingerprint(key: &[u8]) -> u64 {
-    // SipHash with fixed keys: deterministic, and well mixed for a hash map.
-    let mut h = std::hash::DefaultHasher::new();
-    h.write(key);
-    h.finish()
+    // The store's keyed hash: fixed for the life of the process, which is all a fingerprint
+    // needs (the filter is not persisted).
+    FastState::default().hash_one(key)
 }
 
 impl RecentKeys {
@@ -40,7 +41,7 @@ impl RecentKeys {
     pub(super) fn new(max: usize, exact_since: u64) -> RecentKeys {
         RecentKeys {
             order: VecDeque::new(),
-            counts: HashMap::new(),
+            counts: FastMap::default(),
             max,
             exact_since,
         }
