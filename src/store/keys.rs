@@ -57,7 +57,9 @@ impl Default for FastState {
     fn default() -> Self {
         use std::hash::BuildHasher;
         static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-        FastState(*SEED.get_or_init(|| std::collections::hash_map::RandomState::new().hash_one(0u64)))
+        FastState(
+            *SEED.get_or_init(|| std::collections::hash_map::RandomState::new().hash_one(0u64)),
+        )
     }
 }
 
@@ -146,14 +148,6 @@ pub fn dedupe(tenant: &str, sender: &str, cmid: &str, dest: Dest<'_>) -> Result<
     k.push(kind);
     put_id(&mut k, id)?;
     Ok(k)
-}
-
-/// `stored_at_ms ‖ dedupe key`: the expiry index, oldest first.
-pub fn expiry(stored_at_ms: u64, dedupe_key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + dedupe_key.len());
-    k.extend_from_slice(&stored_at_ms.to_be_bytes());
-    k.extend_from_slice(dedupe_key);
-    k
 }
 
 /// A dedupe record's value: the original result and when it was stored.
