@@ -158,11 +158,18 @@ fn is_hot(ks: Ks) -> bool {
 }
 
 impl Tx {
-    fn new() -> Self {
+    /// A batch of `ops` operations: the per-message maps sized for one write each.
+    fn new(ops: usize) -> Self {
+        let mut hot: [FastMap<Vec<u8>, Option<Vec<u8>>>; KS.len()] = Default::default();
+        for ks in [Ks::Inbox, Ks::Dedupe] {
+            hot[ks as usize].reserve(ops);
+        }
+        let mut seqs = FastMap::default();
+        seqs.reserve(ops);
         Tx {
             writes: Default::default(),
-            hot: Default::default(),
-            seqs: FastMap::default(),
+            hot,
+            seqs,
         }
     }
 
@@ -832,7 +839,7 @@ impl EmbeddedStore {
 impl Backend for EmbeddedStore {
     fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> Result<Vec<OpResult>, StoreError> {
         let now_ms = now_ms.max(self.last_now_ms);
-        let mut tx = Tx::new();
+        let mut tx = Tx::new(ops.len());
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
             results.push(self.op(&mut tx, op, now_ms)?);
