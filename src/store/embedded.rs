@@ -276,7 +276,8 @@ pub struct EmbeddedStore {
     /// Latest `now_ms` seen (at open: the persisted clock): dedupe dates never go backwards,
     /// even if the wall clock steps back.
     last_now_ms: u64,
-    /// `last_now_ms`, shared with the dedupe table's compaction filter.
+    /// The persisted clock (the latest committed `now_ms`), shared with the dedupe table's
+    /// compaction filter.
     clock: Arc<AtomicU64>,
     /// Dedupe keys stored recently: lets a new cmid skip the dedupe lookup.
     recent: super::recent::RecentKeys,
@@ -865,6 +866,9 @@ impl Backend for EmbeddedStore {
                 }
             }
             batch.commit().map_err(engine)?;
+            // The compaction filter follows the persisted clock only: after a restart the
+            // clock resumes from there, and no record it still counts as live was dropped.
+            self.clock.store(now_ms, Ordering::Release);
         }
         for (k, s) in tx.seqs {
             self.cache.insert(k, s);
@@ -872,7 +876,6 @@ impl Backend for EmbeddedStore {
         self.recent
             .expired(expired_before(now_ms, self.opts.dedupe_window_ms));
         self.last_now_ms = now_ms;
-        self.clock.store(now_ms, Ordering::Release);
         Ok(results)
     }
 
