@@ -991,6 +991,11 @@ impl EmbeddedStore {
             .map_or(0, |(ks, _)| self.ks(*ks).iter().count())
     }
 
+    /// Whether the engine holds a keyspace of that name (tables of older formats too).
+    pub(super) fn has_keyspace(&self, name: &str) -> bool {
+        self.db.keyspace_exists(name)
+    }
+
     /// Flushes a table's memtable and compacts it whole (runs its compaction filter).
     pub(super) fn compact(&self, name: &str) {
         let (ks, _) = KS.iter().find(|(_, n)| *n == name).expect("table");
