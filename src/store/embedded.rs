@@ -5,13 +5,15 @@
 //! in an overlay (so later ops of a batch see earlier ones), then written as one fjall write
 //! batch that is journaled and `fdatasync`ed before `apply` returns.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::keys::{self, DedupeRecord, Dest, TooLong};
+use super::keys::{self, DedupeRecord, Dest, FastMap, TooLong};
 use super::seqcache::SeqCache;
 use super::{
     Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, Refusal, StoreError,
@@ -21,7 +23,16 @@ use crate::codec::CodecId;
 use crate::protocol::{Deliver, Envelope, Message, Str};
 
 /// Version of the key and value layout; bumped on any incompatible change.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
+
+/// Format 1 had a `dedupe_expiry` index and collected expired records by deleting them; format
+/// 2 drops them in compactions (see [`DedupeTtl`]). A format-1 store is upgraded at open.
+const FORMAT_V1: u32 = 1;
+const V1_EXPIRY: &str = "dedupe_expiry";
+
+/// `meta` key of the store's clock: the latest `now_ms` of a committed batch (u64). Every
+/// dedupe record is stored at or before it.
+const CLOCK: &[u8] = b"clock";
 
 /// Tunables and bounds of the embedded store. Every table's bound derives from these
 /// (docs/STORE.md, "Bounds").
@@ -98,13 +109,11 @@ enum Ks {
     GroupSize,
     /// dedupe key → [`DedupeRecord`].
     Dedupe,
-    /// `stored_at ‖ dedupe key` → empty.
-    Expiry,
     /// `"format"` → u32.
     Meta,
 }
 
-const KS: [(Ks, &str); 10] = [
+const KS: [(Ks, &str); 9] = [
     (Ks::Inbox, "inbox"),
     (Ks::Timeline, "timeline"),
     (Ks::Cursor, "cursor"),
@@ -113,7 +122,6 @@ const KS: [(Ks, &str); 10] = [
     (Ks::Membership, "membership"),
     (Ks::GroupSize, "group_size"),
     (Ks::Dedupe, "dedupe"),
-    (Ks::Expiry, "dedupe_expiry"),
     (Ks::Meta, "meta"),
 ];
 
@@ -134,36 +142,122 @@ fn corrupt(ks: Ks, detail: impl Into<String>) -> StoreError {
     }
 }
 
-/// Writes of the batch being built: per keyspace, key → value (`None`: delete).
+/// Writes of the batch being built: per keyspace, key → value (`None`: delete). The tables
+/// written once or more per message (inbox, timeline, dedupe) are only looked up by
+/// key, so they go in hash maps; the others in ordered maps, for the prefix scans
+/// ([`EmbeddedStore::tx_prefix`]).
 struct Tx {
     writes: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; KS.len()],
+    hot: [FastMap<Vec<u8>, Option<Vec<u8>>>; KS.len()],
     /// Last seqs assigned in this batch (cache key → seq), merged into the cache on commit.
-    seqs: HashMap<Vec<u8>, u64>,
-    /// Where the next dedupe GC scan starts, if this batch commits.
-    gc_from: Option<Vec<u8>>,
-    appends: usize,
+    seqs: FastMap<Vec<u8>, u64>,
+}
+
+/// Tables of [`Tx::hot`]: written per message, never scanned by prefix within a batch.
+fn is_hot(ks: Ks) -> bool {
+    matches!(ks, Ks::Inbox | Ks::Timeline | Ks::Dedupe)
 }
 
 impl Tx {
-    fn new(gc_from: Option<Vec<u8>>) -> Self {
+    /// A batch of `ops` operations: the per-message maps sized for one write each.
+    fn new(ops: usize) -> Self {
+        let mut hot: [FastMap<Vec<u8>, Option<Vec<u8>>>; KS.len()] = Default::default();
+        for ks in [Ks::Inbox, Ks::Dedupe] {
+            hot[ks as usize].reserve(ops);
+        }
+        let mut seqs = FastMap::default();
+        seqs.reserve(ops);
         Tx {
             writes: Default::default(),
-            seqs: HashMap::new(),
-            gc_from,
-            appends: 0,
+            hot,
+            seqs,
+        }
+    }
+
+    fn set(&mut self, ks: Ks, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if is_hot(ks) {
+            self.hot[ks as usize].insert(key, value);
+        } else {
+            self.writes[ks as usize].insert(key, value);
         }
     }
 
     fn put(&mut self, ks: Ks, key: Vec<u8>, value: Vec<u8>) {
-        self.writes[ks as usize].insert(key, Some(value));
+        self.set(ks, key, Some(value));
     }
 
     fn delete(&mut self, ks: Ks, key: Vec<u8>) {
-        self.writes[ks as usize].insert(key, None);
+        self.set(ks, key, None);
     }
 
-    fn is_empty(&self) -> bool {
-        self.writes.iter().all(BTreeMap::is_empty)
+    /// This batch's write of `key`, if any (`Some(None)`: deleted).
+    fn pending(&self, ks: Ks, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        if is_hot(ks) {
+            self.hot[ks as usize].get(key)
+        } else {
+            self.writes[ks as usize].get(key)
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.writes.iter().map(BTreeMap::len).sum::<usize>()
+            + self.hot.iter().map(|m| m.len()).sum::<usize>()
+    }
+}
+
+/// Every dedupe record stored before this time is expired at `now_ms`: its resend is new.
+fn expired_before(now_ms: u64, window_ms: u64) -> u64 {
+    if window_ms == 0 {
+        return u64::MAX;
+    }
+    now_ms.checked_sub(window_ms).map_or(0, |t| t + 1)
+}
+
+/// The dedupe table's compaction filter: drops the records expired at the store's clock.
+/// Expired records cost nothing until then (an append overwrites one it meets), so they need
+/// no index and no deletes: the store writes one dedupe row per append and nothing more.
+struct DedupeTtl {
+    clock: Arc<AtomicU64>,
+    window_ms: u64,
+}
+
+struct DedupeTtlFilter {
+    expired_before: u64,
+}
+
+impl fjall::compaction::filter::Factory for DedupeTtl {
+    fn name(&self) -> &str {
+        "imgw-dedupe-ttl"
+    }
+
+    fn make_filter(
+        &self,
+        _: &fjall::compaction::filter::Context,
+    ) -> Box<dyn fjall::compaction::filter::CompactionFilter> {
+        let now = self.clock.load(Ordering::Acquire);
+        Box::new(DedupeTtlFilter {
+            // Before the first commit of a process the clock is unknown (0): keep everything.
+            expired_before: if now == 0 {
+                0
+            } else {
+                expired_before(now, self.window_ms)
+            },
+        })
+    }
+}
+
+impl fjall::compaction::filter::CompactionFilter for DedupeTtlFilter {
+    fn filter_item(
+        &mut self,
+        item: fjall::compaction::filter::ItemAccessor<'_>,
+        _: &fjall::compaction::filter::Context,
+    ) -> fjall::compaction::filter::CompactionFilterResult {
+        use fjall::compaction::filter::Verdict;
+        let value = item.value()?;
+        Ok(match DedupeRecord::decode(&value) {
+            Some(rec) if rec.stored_at_ms < self.expired_before => Verdict::Remove,
+            _ => Verdict::Keep,
+        })
     }
 }
 
@@ -180,11 +274,12 @@ pub struct EmbeddedStore {
     ks: Vec<fjall::Keyspace>,
     opts: StoreOptions,
     cache: SeqCache,
-    /// Start of the next dedupe expiry scan (everything before it was collected).
-    gc_from: Option<Vec<u8>>,
-    /// Latest `now_ms` seen: dedupe dates never go backwards, so the expiry index stays in
-    /// time order even if the wall clock steps back.
+    /// Latest `now_ms` seen (at open: the persisted clock): dedupe dates never go backwards,
+    /// even if the wall clock steps back.
     last_now_ms: u64,
+    /// The persisted clock (the latest committed `now_ms`), shared with the dedupe table's
+    /// compaction filter.
+    clock: Arc<AtomicU64>,
     /// Dedupe keys stored recently: lets a new cmid skip the dedupe lookup.
     recent: super::recent::RecentKeys,
 }
@@ -197,18 +292,26 @@ impl EmbeddedStore {
             path: dir.to_path_buf(),
             source,
         })?;
+        let clock = Arc::new(AtomicU64::new(0));
+        let ttl: Arc<dyn fjall::compaction::filter::Factory> = Arc::new(DedupeTtl {
+            clock: clock.clone(),
+            window_ms: opts.dedupe_window_ms,
+        });
         let db = fjall::Database::builder(dir.join("fjall"))
             .cache_size(opts.cache_bytes)
             .max_journaling_size(opts.journal_bytes.max(64 << 20))
             .worker_threads(opts.worker_threads.max(1))
+            .with_compaction_filter_factories(Arc::new(move |name: &str| {
+                (name == Ks::Dedupe.name()).then(|| ttl.clone())
+            }))
             .open()
             .map_err(engine)?;
         let mut ks = Vec::with_capacity(KS.len());
         for (i, (kind, name)) in KS.iter().enumerate() {
             debug_assert_eq!(*kind as usize, i);
-            // The dedupe tables take a write per message too: same memtables as the messages.
+            // The dedupe table takes a write per message too: same memtables as the messages.
             let memtable = match kind {
-                Ks::Inbox | Ks::Timeline | Ks::Dedupe | Ks::Expiry => opts.memtable_bytes,
+                Ks::Inbox | Ks::Timeline | Ks::Dedupe => opts.memtable_bytes,
                 _ => (opts.memtable_bytes / 4).max(1 << 20),
             };
             let handle = db
@@ -223,18 +326,16 @@ impl EmbeddedStore {
             ks,
             cache: SeqCache::new(opts.seq_cache_entries.max(2)),
             opts,
-            gc_from: None,
             last_now_ms: 0,
+            clock,
             recent: super::recent::RecentKeys::new(0, 0),
         };
-        store.check_format()?;
-        // Records from an earlier process are all stored before the newest expiry entry.
-        let exact_since = match store.ks(Ks::Expiry).last_key_value() {
-            Some(g) => {
-                let k = g.key().map_err(engine)?;
-                keys::decode_u64(k.get(..8).unwrap_or_default())
-                    .ok_or_else(|| corrupt(Ks::Expiry, "key shorter than a timestamp"))?
-                    .saturating_add(1)
+        // Every dedupe record of an earlier process was stored at or before the clock.
+        let exact_since = match store.check_format()? {
+            Some(clock) => {
+                store.last_now_ms = clock;
+                store.clock.store(clock, Ordering::Release);
+                clock.saturating_add(1)
             }
             None => 0,
         };
@@ -242,29 +343,64 @@ impl EmbeddedStore {
         Ok(store)
     }
 
-    fn check_format(&mut self) -> Result<(), StoreError> {
-        match self.ks(Ks::Meta).get(b"format").map_err(engine)? {
-            Some(v) => {
-                let found = <[u8; 4]>::try_from(&*v)
+    /// Checks (or writes) the format version, upgrades a format-1 store, and returns the
+    /// persisted clock (`None`: no dedupe record was ever stored).
+    fn check_format(&mut self) -> Result<Option<u64>, StoreError> {
+        let meta = self.ks(Ks::Meta);
+        let found = match meta.get(b"format").map_err(engine)? {
+            Some(v) => Some(
+                <[u8; 4]>::try_from(&*v)
                     .map(u32::from_be_bytes)
-                    .map_err(|_| corrupt(Ks::Meta, "format is not a u32"))?;
-                if found != FORMAT {
-                    return Err(StoreError::Format {
-                        found,
-                        expected: FORMAT,
-                    });
+                    .map_err(|_| corrupt(Ks::Meta, "format is not a u32"))?,
+            ),
+            None => None,
+        };
+        let mut clock = match meta.get(CLOCK).map_err(engine)? {
+            Some(v) => Some(keys::decode_u64(&v).ok_or_else(|| corrupt(Ks::Meta, "bad clock"))?),
+            None => None,
+        };
+        match found {
+            Some(FORMAT) => {}
+            Some(FORMAT_V1) | None => {
+                // Format 1: its records were all stored before the newest expiry entry.
+                if found.is_some() && self.db.keyspace_exists(V1_EXPIRY) {
+                    let expiry = self
+                        .db
+                        .keyspace(V1_EXPIRY, fjall::KeyspaceCreateOptions::default)
+                        .map_err(engine)?;
+                    if let Some(g) = expiry.last_key_value() {
+                        let k = g.key().map_err(engine)?;
+                        let at = keys::decode_u64(k.get(..8).unwrap_or_default())
+                            .ok_or_else(|| corrupt(Ks::Dedupe, "v1 expiry key too short"))?;
+                        clock = Some(clock.unwrap_or(0).max(at));
+                    }
                 }
-            }
-            None => {
                 let mut b = self
                     .db
                     .batch()
                     .durability(Some(fjall::PersistMode::SyncAll));
-                b.insert(self.ks(Ks::Meta), &b"format"[..], &FORMAT.to_be_bytes()[..]);
+                b.insert(meta, &b"format"[..], &FORMAT.to_be_bytes()[..]);
+                if let Some(c) = clock {
+                    b.insert(meta, CLOCK, &c.to_be_bytes()[..]);
+                }
                 b.commit().map_err(engine)?;
             }
+            Some(found) => {
+                return Err(StoreError::Format {
+                    found,
+                    expected: FORMAT,
+                })
+            }
         }
-        Ok(())
+        // The format-1 expiry index (also after a crash during the upgrade above).
+        if self.db.keyspace_exists(V1_EXPIRY) {
+            let expiry = self
+                .db
+                .keyspace(V1_EXPIRY, fjall::KeyspaceCreateOptions::default)
+                .map_err(engine)?;
+            self.db.delete_keyspace(expiry).map_err(engine)?;
+        }
+        Ok(clock)
     }
 
     fn ks(&self, ks: Ks) -> &fjall::Keyspace {
@@ -292,7 +428,7 @@ impl EmbeddedStore {
 
     /// A value as the batch sees it: its own writes first, then committed data.
     fn tx_get(&self, tx: &Tx, ks: Ks, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match tx.writes[ks as usize].get(key) {
+        match tx.pending(ks, key) {
             Some(v) => Ok(v.clone()),
             None => Ok(self.get(ks, key)?.map(|v| v.to_vec())),
         }
@@ -315,6 +451,7 @@ impl EmbeddedStore {
         ks: Ks,
         prefix: &[u8],
     ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StoreError> {
+        debug_assert!(!is_hot(ks), "prefix scans only on the ordered tables");
         let mut rows = BTreeMap::new();
         for g in self.ks(ks).prefix(prefix) {
             let (k, v) = g.into_inner().map_err(engine)?;
@@ -485,20 +622,18 @@ impl EmbeddedStore {
         let (Ok(prefix), Ok(dkey)) = (prefix, dkey) else {
             return Ok(OpResult::Refused(Refusal::IdTooLong));
         };
-        let dedupe = self.opts.dedupe_window_ms > 0;
-        // An expired record not yet collected, replaced below: its expiry entry goes with it,
-        // so that every expiry entry names the live version of its record.
-        let mut stale = None;
-        let collected_before = tx
-            .gc_from
-            .as_ref()
-            .and_then(|k| keys::decode_u64(k.get(..8)?))
-            .unwrap_or(0);
-        if dedupe && !self.recent.surely_absent(&dkey, collected_before) {
+        let window = self.opts.dedupe_window_ms;
+        let dedupe = window > 0;
+        if dedupe
+            && !self
+                .recent
+                .surely_absent(&dkey, expired_before(now_ms, window))
+        {
             if let Some(v) = self.tx_get(tx, Ks::Dedupe, &dkey)? {
                 let rec =
                     DedupeRecord::decode(&v).ok_or_else(|| corrupt(Ks::Dedupe, "bad record"))?;
-                if now_ms.saturating_sub(rec.stored_at_ms) < self.opts.dedupe_window_ms {
+                // An expired record not yet dropped by a compaction is overwritten below.
+                if now_ms.saturating_sub(rec.stored_at_ms) < window {
                     return Ok(OpResult::Appended {
                         seq: rec.seq,
                         mid: rec.mid,
@@ -506,7 +641,6 @@ impl EmbeddedStore {
                         duplicate: true,
                     });
                 }
-                stale = Some(rec.stored_at_ms);
             }
         }
         let (mid, ts) = (deliver.mid, deliver.ts);
@@ -535,14 +669,9 @@ impl EmbeddedStore {
                 ts,
                 stored_at_ms: now_ms,
             };
-            if let Some(at) = stale {
-                tx.delete(Ks::Expiry, keys::expiry(at, &dkey));
-            }
-            tx.put(Ks::Expiry, keys::expiry(now_ms, &dkey), Vec::new());
             self.recent.insert(&dkey, now_ms);
             tx.put(Ks::Dedupe, dkey, rec.encode().to_vec());
         }
-        tx.appends += 1;
         Ok(OpResult::Appended {
             seq,
             mid,
@@ -642,47 +771,6 @@ impl EmbeddedStore {
         })
     }
 
-    /// Collects expired dedupe records, oldest first: at most `64 + 2 × appends` per batch,
-    /// so collection outpaces insertion and the tables stay within rate × window. Costs one
-    /// range scan per batch and two deletes per record, no reads.
-    fn collect_dedupe(&self, tx: &mut Tx, now_ms: u64) -> Result<(), StoreError> {
-        let window = self.opts.dedupe_window_ms;
-        if window == 0 {
-            return Ok(());
-        }
-        let budget = 64 + 2 * tx.appends;
-        let start = match &tx.gc_from {
-            Some(k) => Bound::Excluded(k.clone()),
-            None => Bound::Unbounded,
-        };
-        let mut expired = Vec::new();
-        for g in self
-            .ks(Ks::Expiry)
-            .range::<Vec<u8>, _>((start, Bound::Unbounded))
-            .take(budget)
-        {
-            let k = g.key().map_err(engine)?;
-            let stored_at = keys::decode_u64(k.get(..8).unwrap_or_default())
-                .ok_or_else(|| corrupt(Ks::Expiry, "key shorter than a timestamp"))?;
-            if stored_at.saturating_add(window) > now_ms {
-                break;
-            }
-            expired.push(k.to_vec());
-        }
-        for k in expired {
-            tx.gc_from = Some(k.clone());
-            // An entry this batch already deleted belongs to a record it renewed: keep that.
-            if tx.writes[Ks::Expiry as usize].contains_key(&k) {
-                continue;
-            }
-            // Every expiry entry names the live version of its record (a renewal deletes the
-            // old entry), so the record goes without being read.
-            tx.delete(Ks::Dedupe, k[8..].to_vec());
-            tx.delete(Ks::Expiry, k);
-        }
-        Ok(())
-    }
-
     fn decode_deliver(ks: Ks, v: &[u8]) -> Result<Deliver, StoreError> {
         match CodecId::Protobuf.decode_bytes(&Bytes::copy_from_slice(v)) {
             Ok(Envelope {
@@ -755,38 +843,41 @@ impl EmbeddedStore {
 impl EmbeddedStore {
     pub fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> Result<Vec<OpResult>, StoreError> {
         let now_ms = now_ms.max(self.last_now_ms);
-        let mut tx = Tx::new(self.gc_from.clone());
+        let mut tx = Tx::new(ops.len());
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
             results.push(self.op(&mut tx, op, now_ms)?);
         }
-        self.collect_dedupe(&mut tx, now_ms)?;
-        if !tx.is_empty() {
-            let n = tx.writes.iter().map(BTreeMap::len).sum();
-            let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), n)
+        let n = tx.len();
+        if n > 0 {
+            let mut batch = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), n + 1)
                 .durability(Some(fjall::PersistMode::SyncData));
+            // Every record of the batch is stored at or before the clock it persists.
+            batch.insert(self.ks(Ks::Meta), CLOCK, &now_ms.to_be_bytes()[..]);
+            let stage = |batch: &mut fjall::OwnedWriteBatch, i: usize, k, v| match v {
+                Some(v) => batch.insert(&self.ks[i], k, v),
+                None => batch.remove(&self.ks[i], k),
+            };
             for (i, writes) in std::mem::take(&mut tx.writes).into_iter().enumerate() {
-                let ks = &self.ks[i];
                 for (k, v) in writes {
-                    match v {
-                        Some(v) => batch.insert(ks, k, v),
-                        None => batch.remove(ks, k),
-                    }
+                    stage(&mut batch, i, k, v);
+                }
+            }
+            for (i, writes) in std::mem::take(&mut tx.hot).into_iter().enumerate() {
+                for (k, v) in writes {
+                    stage(&mut batch, i, k, v);
                 }
             }
             batch.commit().map_err(engine)?;
+            // The compaction filter follows the persisted clock only: after a restart the
+            // clock resumes from there, and no record it still counts as live was dropped.
+            self.clock.store(now_ms, Ordering::Release);
         }
         for (k, s) in tx.seqs {
             self.cache.insert(k, s);
         }
-        self.gc_from = tx.gc_from;
-        if let Some(at) = self
-            .gc_from
-            .as_ref()
-            .and_then(|k| keys::decode_u64(k.get(..8)?))
-        {
-            self.recent.collected(at);
-        }
+        self.recent
+            .expired(expired_before(now_ms, self.opts.dedupe_window_ms));
         self.last_now_ms = now_ms;
         Ok(results)
     }
@@ -976,5 +1067,18 @@ impl EmbeddedStore {
         KS.iter()
             .find(|(_, n)| *n == name)
             .map_or(0, |(ks, _)| self.ks(*ks).iter().count())
+    }
+
+    /// Whether the engine holds a keyspace of that name (tables of older formats too).
+    pub(super) fn has_keyspace(&self, name: &str) -> bool {
+        self.db.keyspace_exists(name)
+    }
+
+    /// Flushes a table's memtable and compacts it whole (runs its compaction filter).
+    pub(super) fn compact(&self, name: &str) {
+        let (ks, _) = KS.iter().find(|(_, n)| *n == name).expect("table");
+        let t = self.ks(*ks);
+        t.rotate_memtable_and_wait().unwrap();
+        t.major_compact().unwrap();
     }
 }

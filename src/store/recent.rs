@@ -2,37 +2,39 @@
 //!
 //! Nearly every append carries a new cmid, so the dedupe lookup is a point read of an absent
 //! key (memtables and every L0 table's filter searched: several µs under load). This filter
-//! answers "certainly absent" without the engine when it can, and otherwise defers to the
-//! table. It is exact in one direction only: a key it does not hold has no live record, when
-//! [`RecentKeys::surely_absent`] says so; a key it holds (or a fingerprint collision) is read.
+//! answers "certainly no live record" without the engine when it can, and otherwise defers to
+//! the table. It is exact in one direction only: a key it does not hold has no live record,
+//! when [`RecentKeys::surely_absent`] says so; a key it holds (or a fingerprint collision) is
+//! read.
 //!
-//! Why a key not held has no record: every record stored by this process is held until the
-//! collector has deleted it (entries leave in `stored_at` order once the collection position
-//! passed them), and records from before this process, or forgotten early because the filter
-//! was full, are all older than `exact_since`; the filter only answers once the collector has
-//! passed `exact_since`, so those are gone too. Expired records still waiting for collection
-//! are therefore never skipped (the append must delete their expiry entry).
+//! Why a key not held has no live record: every record stored by this process is held until it
+//! expires (entries leave in `stored_at` order once they are older than the dedupe window), and
+//! records from before this process, or forgotten early because the filter was full, are all
+//! older than `exact_since`; the filter only answers once everything before `exact_since` has
+//! expired. An expired record may still be in the table (compactions drop it later): the
+//! append overwrites it, as it would after reading it.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::Hasher;
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+
+use super::keys::{FastMap, FastState};
 
 pub(super) struct RecentKeys {
     /// (stored_at, fingerprint) in insertion order (`stored_at` never decreases: the store's
     /// clock does not go back).
     order: VecDeque<(u64, u64)>,
     /// Fingerprint -> entries of `order` holding it.
-    counts: HashMap<u64, u32>,
+    counts: FastMap<u64, u32>,
     /// At most this many entries; 0 disables the filter.
     max: usize,
-    /// Every record stored at or after this time is held (or was collected).
+    /// Every record stored at or after this time is held (or has expired).
     exact_since: u64,
 }
 
 fn fingerprint(key: &[u8]) -> u64 {
-    // SipHash with fixed keys: deterministic, and well mixed for a hash map.
-    let mut h = std::hash::DefaultHasher::new();
-    h.write(key);
-    h.finish()
+    // The store's keyed hash: fixed for the life of the process, which is all a fingerprint
+    // needs (the filter is not persisted).
+    FastState::default().hash_one(key)
 }
 
 impl RecentKeys {
@@ -40,17 +42,17 @@ impl RecentKeys {
     pub(super) fn new(max: usize, exact_since: u64) -> RecentKeys {
         RecentKeys {
             order: VecDeque::new(),
-            counts: HashMap::new(),
+            counts: FastMap::default(),
             max,
             exact_since,
         }
     }
 
-    /// Whether `key` certainly has no record, given that every record stored before
-    /// `collected_before` was collected.
-    pub(super) fn surely_absent(&self, key: &[u8], collected_before: u64) -> bool {
+    /// Whether `key` certainly has no live record, given that every record stored before
+    /// `expired_before` has expired.
+    pub(super) fn surely_absent(&self, key: &[u8], expired_before: u64) -> bool {
         self.max > 0
-            && collected_before >= self.exact_since
+            && expired_before >= self.exact_since
             && !self.counts.contains_key(&fingerprint(key))
     }
 
@@ -60,8 +62,8 @@ impl RecentKeys {
             return;
         }
         if self.order.len() >= self.max {
-            // Forgotten while its record may live: the filter stays silent until the
-            // collector has passed it.
+            // Forgotten while its record may live: the filter stays silent until it has
+            // expired.
             if let Some((at, _)) = self.pop() {
                 self.exact_since = self.exact_since.max(at.saturating_add(1));
             }
@@ -71,12 +73,12 @@ impl RecentKeys {
         *self.counts.entry(fp).or_insert(0) += 1;
     }
 
-    /// The collector deleted every record stored before `collected_before`.
-    pub(super) fn collected(&mut self, collected_before: u64) {
+    /// Every record stored before `expired_before` has expired.
+    pub(super) fn expired(&mut self, expired_before: u64) {
         while self
             .order
             .front()
-            .is_some_and(|&(at, _)| at < collected_before)
+            .is_some_and(|&(at, _)| at < expired_before)
         {
             self.pop();
         }
@@ -119,7 +121,7 @@ mod tests {
         assert!(r.surely_absent(b"c", 121));
         // The renewed `a` is still held (counted twice, forgotten once).
         assert!(!r.surely_absent(b"a", 1_000));
-        r.collected(135);
+        r.expired(135);
         assert!(r.surely_absent(b"a", 1_000));
         assert!(!r.surely_absent(b"b", 1_000));
         assert!(!RecentKeys::new(0, 0).surely_absent(b"x", 10));

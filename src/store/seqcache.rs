@@ -3,11 +3,11 @@
 //! the old generation move to the new one, and when the new one is full the old one is dropped.
 //! At most `2 × half` entries.
 
-use std::collections::HashMap;
+use super::keys::FastMap;
 
 pub struct SeqCache {
-    young: HashMap<Vec<u8>, u64>,
-    old: HashMap<Vec<u8>, u64>,
+    young: FastMap<Vec<u8>, u64>,
+    old: FastMap<Vec<u8>, u64>,
     half: usize,
 }
 
@@ -15,8 +15,8 @@ impl SeqCache {
     /// A cache of at most `capacity` entries (at least 2).
     pub fn new(capacity: usize) -> Self {
         SeqCache {
-            young: HashMap::new(),
-            old: HashMap::new(),
+            young: FastMap::default(),
+            old: FastMap::default(),
             half: (capacity / 2).max(1),
         }
     }

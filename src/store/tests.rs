@@ -423,7 +423,7 @@ fn dedupe_returns_the_original_and_appends_nothing(f: &Fixture) {
 }
 
 #[test]
-fn expired_dedupe_records_are_collected_with_bounded_work() {
+fn expired_dedupe_records_are_dropped_by_compactions() {
     let dir = tempfile::tempdir().unwrap();
     let window = 1_000;
     let mut s = open(
@@ -438,41 +438,42 @@ fn expired_dedupe_records_are_collected_with_bounded_work() {
         .collect();
     s.apply(ops, T0).unwrap();
     assert_eq!(s.table_len("dedupe"), 500);
-    assert_eq!(s.table_len("dedupe_expiry"), 500);
-    // Not yet expired: nothing collected.
+    // One dedupe row per append, nothing else: no expiry index.
+    assert!(!s.has_keyspace("dedupe_expiry"));
+    // Not yet expired: a compaction keeps them.
     s.apply(vec![append("bob", "amy", "n0", 1000, "x")], T0 + window - 1)
         .unwrap();
+    s.compact("dedupe");
     assert_eq!(s.table_len("dedupe"), 501);
-    // Each apply with one append collects at most 64 + 2 records.
-    let mut rounds = 0;
-    let mut now = T0 + 10 * window;
-    while s.table_len("dedupe_expiry") > 1 {
-        let before = s.table_len("dedupe_expiry");
-        rounds += 1;
-        now += 1;
-        s.apply(
-            vec![append(
-                "carl",
-                "amy",
-                &format!("m{rounds}"),
-                2000 + rounds,
-                "x",
-            )],
-            now,
+    // Expired at the store's clock: the next compaction drops them, not the live one.
+    s.apply(vec![append("carl", "amy", "m1", 2000, "x")], T0 + window)
+        .unwrap();
+    assert_eq!(s.table_len("dedupe"), 502);
+    s.compact("dedupe");
+    assert_eq!(s.table_len("dedupe"), 2);
+    // The survivors still dedupe, after a reopen too.
+    drop(s);
+    let mut s = open(
+        &dir,
+        StoreOptions {
+            dedupe_window_ms: window,
+            ..StoreOptions::default()
+        },
+    );
+    let r = s
+        .apply(
+            vec![append("carl", "amy", "m1", 2001, "x")],
+            T0 + window + 1,
         )
         .unwrap();
-        let after = s.table_len("dedupe_expiry");
-        // One record added, at most 66 collected.
-        assert!(before + 1 - after <= 66, "collected {}", before + 1 - after);
-        assert!(rounds < 100);
-        // Records of this run are not expired until `now + window`.
-        if after <= rounds as usize {
-            break;
+    assert!(matches!(
+        r[0],
+        OpResult::Appended {
+            duplicate: true,
+            mid: 2000,
+            ..
         }
-    }
-    assert!(rounds >= 501 / 66);
-    assert_eq!(s.table_len("dedupe"), s.table_len("dedupe_expiry"));
-    assert!(s.table_len("dedupe") <= rounds as usize + 1);
+    ));
     // A window of 0 disables dedupe: no records at all.
     let dir = tempfile::tempdir().unwrap();
     let mut s = open(
@@ -923,7 +924,7 @@ fn refuses_another_format_version() {
     match EmbeddedStore::open(dir.path(), StoreOptions::default()) {
         Err(StoreError::Format {
             found: 99,
-            expected: 1,
+            expected: 2,
         }) => {}
         Err(e) => panic!("wrong error {e}"),
         Ok(_) => panic!("opened a store of another format"),
@@ -1212,17 +1213,67 @@ fn randomized_batches_match_a_model_across_reopens(f: &Fixture) {
             assert_eq!(s.group_cursor(&group(&g), m).unwrap(), c);
         }
     }
-    // Collection keeps up: only records of the last window (and a batch's lag) remain.
+    // A compaction leaves only the records of the last window.
     let live = model.dedupe.values().filter(|r| now - r.3 < WINDOW).count();
-    assert!(
-        s.table_len("dedupe") <= live + 64,
-        "{} > {live} + 64",
-        s.table_len("dedupe")
-    );
-    if matches!(s, TestStore::Embedded(_)) {
-        // The embedded store's expiry index names exactly the live records.
-        assert_eq!(s.table_len("dedupe"), s.table_len("dedupe_expiry"));
+    match &mut s {
+        TestStore::Embedded(e) => {
+            e.compact("dedupe");
+            assert_eq!(e.table_len("dedupe"), live);
+        }
+        // MySQL collects in the batches: a batch's lag of records may remain.
+        _ => assert!(
+            s.table_len("dedupe") <= live + 64,
+            "{} > {live} + 64",
+            s.table_len("dedupe")
+        ),
     }
+}
+
+/// A format-1 store (with its `dedupe_expiry` index) opens as format 2: its records still
+/// dedupe, and the index is gone.
+#[test]
+fn upgrades_format_1() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut s = open(&dir, StoreOptions::default());
+        s.apply(vec![append("bob", "amy", "c1", 7, "hi")], T0)
+            .unwrap();
+    }
+    {
+        // What format 1 left: version 1, an expiry entry per record, no clock.
+        let db = fjall::Database::builder(dir.path().join("fjall"))
+            .open()
+            .unwrap();
+        let meta = db
+            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        meta.insert(&b"format"[..], &1u32.to_be_bytes()[..])
+            .unwrap();
+        meta.remove(&b"clock"[..]).unwrap();
+        let expiry = db
+            .keyspace("dedupe_expiry", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        let mut k = T0.to_be_bytes().to_vec();
+        k.extend_from_slice(b"dedupe key");
+        expiry.insert(k, &b""[..]).unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let mut s = open(&dir, StoreOptions::default());
+    assert!(!s.has_keyspace("dedupe_expiry"));
+    let r = s
+        .apply(vec![append("bob", "amy", "c1", 8, "hi")], T0 + 1)
+        .unwrap();
+    assert!(matches!(
+        r[0],
+        OpResult::Appended {
+            duplicate: true,
+            seq: 1,
+            ..
+        }
+    ));
+    drop(s);
+    let s = open(&dir, StoreOptions::default());
+    assert_eq!(s.table_len("dedupe"), 1);
 }
 
 /// The recent-key filter never hides a live dedupe record: not after a reopen (records of the
