@@ -121,6 +121,24 @@ pub(super) enum IoWait {
     Nothing,
 }
 
+/// Whether a push ingress record was stored as a new message; if so, `deliver` takes its
+/// stored position (seq, mid, ts). A duplicate or a failed write pushes nothing.
+fn stored_fresh(r: Result<Vec<OpResult>, String>, deliver: &mut Deliver) -> bool {
+    let Some(OpResult::Appended {
+        seq,
+        mid,
+        ts,
+        duplicate: false,
+    }) = r.ok().and_then(|v| v.into_iter().next())
+    else {
+        return false;
+    };
+    deliver.mid = mid;
+    deliver.inbox_seq = seq;
+    deliver.ts = ts;
+    true
+}
+
 fn user_ref(u: &UserKey) -> UserRef {
     UserRef {
         tenant: u.tenant.clone(),
@@ -345,30 +363,14 @@ impl Shard {
                 }
             },
             (IoWait::PushUser { to, mut deliver }, IoReply::Applied(r)) => {
-                if let Some(OpResult::Appended {
-                    seq,
-                    mid,
-                    ts,
-                    duplicate: false,
-                }) = r.ok().and_then(|v| v.into_iter().next())
-                {
-                    deliver.mid = mid;
-                    deliver.inbox_seq = seq;
-                    deliver.ts = ts;
+                let fresh = stored_fresh(r, &mut deliver);
+                if fresh {
                     self.push_to_devices(&to, deliver);
                 }
             }
             (IoWait::PushGroup { group, mut deliver }, IoReply::Applied(r)) => {
-                if let Some(OpResult::Appended {
-                    seq,
-                    mid,
-                    ts,
-                    duplicate: false,
-                }) = r.ok().and_then(|v| v.into_iter().next())
-                {
-                    deliver.mid = mid;
-                    deliver.inbox_seq = seq;
-                    deliver.ts = ts;
+                let fresh = stored_fresh(r, &mut deliver);
+                if fresh {
                     self.group_fan_out(&group, deliver);
                 }
             }

@@ -869,52 +869,52 @@ async fn prefetch(
             tx.dedupe.entry(key.clone()).or_insert(None);
         }
     }
-    let cursors: Vec<Triple> = cursors.into_iter().collect();
-    for chunk in cursors.chunks(ROWS_PER_STATEMENT) {
-        let q = format!(
-            "SELECT tenant, user_id, device_id, seq FROM device_cursor \
-             WHERE (tenant, user_id, device_id) IN ({}) FOR UPDATE",
-            placeholders(chunk.len(), 3)
-        );
+    lock_triples(
+        sql,
+        cursors,
+        "SELECT tenant, user_id, device_id, seq FROM device_cursor \
+         WHERE (tenant, user_id, device_id) IN ({}) FOR UPDATE",
+        "device_cursor",
+        &mut tx.cursors,
+    )
+    .await?;
+    lock_triples(
+        sql,
+        members,
+        "SELECT tenant, group_id, member_id, cursor_gseq FROM group_member \
+         WHERE (tenant, group_id, member_id) IN ({}) FOR UPDATE",
+        "group_member",
+        &mut tx.members,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Locks the rows of `table` named by `keys` (three key columns and one value, in `select`,
+/// whose `{}` takes the placeholders), in key order like every lock of a batch, and records
+/// each key's value in `out` (`None`: no row).
+async fn lock_triples(
+    sql: &mut mysql_async::Transaction<'static>,
+    keys: HashSet<Triple>,
+    select: &str,
+    table: &'static str,
+    out: &mut HashMap<Triple, Option<u64>>,
+) -> Result<(), StoreError> {
+    let mut keys: Vec<Triple> = keys.into_iter().collect();
+    keys.sort();
+    for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+        let q = select.replace("{}", &placeholders(chunk.len(), 3));
         let params: Vec<Value> = chunk
             .iter()
-            .flat_map(|(t, u, d)| [b(t), b(u), b(d)])
+            .flat_map(|(a, b2, c)| [b(a), b(b2), b(c)])
             .collect();
         let rows: Vec<TripleSqlRow> = sql.query(inline(&q, &params)?).await.map_err(engine)?;
-        for (t, u, d, seq) in rows {
-            let key = (
-                to_str(t, "device_cursor")?,
-                to_str(u, "device_cursor")?,
-                to_str(d, "device_cursor")?,
-            );
-            tx.cursors.insert(key, Some(seq));
+        for (a, b2, c, v) in rows {
+            let key = (to_str(a, table)?, to_str(b2, table)?, to_str(c, table)?);
+            out.insert(key, Some(v));
         }
         for key in chunk {
-            tx.cursors.entry(key.clone()).or_insert(None);
-        }
-    }
-    let members: Vec<Triple> = members.into_iter().collect();
-    for chunk in members.chunks(ROWS_PER_STATEMENT) {
-        let q = format!(
-            "SELECT tenant, group_id, member_id, cursor_gseq FROM group_member \
-             WHERE (tenant, group_id, member_id) IN ({}) FOR UPDATE",
-            placeholders(chunk.len(), 3)
-        );
-        let params: Vec<Value> = chunk
-            .iter()
-            .flat_map(|(t, g, m)| [b(t), b(g), b(m)])
-            .collect();
-        let rows: Vec<TripleSqlRow> = sql.query(inline(&q, &params)?).await.map_err(engine)?;
-        for (t, g, m, c) in rows {
-            let key = (
-                to_str(t, "group_member")?,
-                to_str(g, "group_member")?,
-                to_str(m, "group_member")?,
-            );
-            tx.members.insert(key, Some(c));
-        }
-        for key in chunk {
-            tx.members.entry(key.clone()).or_insert(None);
+            out.entry(key.clone()).or_insert(None);
         }
     }
     Ok(())
