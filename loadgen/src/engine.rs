@@ -995,6 +995,13 @@ impl<'a> Engine<'a> {
         match env.msg {
             Message::Deliver(d) => {
                 let conn = &mut self.conns[i];
+                let inbox = d.inbox_seq > 0 && !matches!(d.to, Some(Target::Group(_)));
+                if inbox && d.inbox_seq <= conn.ack_to {
+                    // A retransmit of an inbox position already processed (the server
+                    // resends until acked): a client drops it by `inbox_seq`.
+                    self.c.redelivered += 1;
+                    return;
+                }
                 conn.ack_to = conn.ack_to.max(d.inbox_seq);
                 let Some((c, seq, intended)) = parse_tag(&d.body) else {
                     self.error("deliver: not a loadgen message".into());
@@ -1260,6 +1267,7 @@ fn delta(later: &Counters, earlier: &Counters) -> Counters {
         refused: later.refused - earlier.refused,
         delivered: later.delivered - earlier.delivered,
         duplicates: later.duplicates - earlier.duplicates,
+        redelivered: later.redelivered - earlier.redelivered,
         skipped: later.skipped - earlier.skipped,
         pings: later.pings - earlier.pings,
         pongs: later.pongs - earlier.pongs,

@@ -291,8 +291,15 @@ impl Report {
             t.row(
                 "integrity",
                 format!(
-                    "lost {}, unconfirmed {}, duplicates {}, out of order {}, unknown {} ({} conversations)",
-                    m.lost, m.unconfirmed, m.duplicates, m.out_of_order, m.unknown, m.conversations
+                    "lost {}, unconfirmed {}, duplicates {}, out of order {}, unknown {} ({} conversations); \
+                     retransmits dropped by inbox_seq {}",
+                    m.lost,
+                    m.unconfirmed,
+                    m.duplicates,
+                    m.out_of_order,
+                    m.unknown,
+                    m.conversations,
+                    self.counters.redelivered
                 ),
             );
             t.row(

@@ -24,6 +24,11 @@ pub struct Counters {
     pub refused: u64,
     pub delivered: u64,
     pub duplicates: u64,
+    /// Deliveries whose `inbox_seq` the connection had already seen: retransmits (the server
+    /// resends until acked), dropped by `inbox_seq` as a client does. Not duplicates: a
+    /// duplicate is one message stored or delivered under two positions.
+    #[serde(default)]
+    pub redelivered: u64,
     /// Sends skipped because an end of the conversation was not connected.
     pub skipped: u64,
     pub pings: u64,
@@ -42,6 +47,7 @@ impl Counters {
         self.refused += o.refused;
         self.delivered += o.delivered;
         self.duplicates += o.duplicates;
+        self.redelivered += o.redelivered;
         self.skipped += o.skipped;
         self.pings += o.pings;
         self.pongs += o.pongs;

@@ -446,3 +446,47 @@ fn plainws_chat_and_fanout_against_a_pub_sub_server() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With retransmits faster than loadgen's batched fan-out acks, deliveries are resent: loadgen drops
+/// them by `inbox_seq` (counted as retransmits), and they are neither duplicates nor losses.
+#[test]
+fn retransmits_are_counted_apart_from_duplicates() {
+    let cfg = std::env::temp_dir().join(format!(
+        "loadgen-e2e-retransmit-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&cfg, "[limits]\nretransmit_base_ms = 5\nretry_limit = 60\n").unwrap();
+    let g = Gateway::start_with(&["--durability", "local", "--config", cfg.to_str().unwrap()]);
+    let out_json = g.dir.join("retransmit.json");
+    let target = format!("ws://{}/ws", g.ws);
+    // Fan-out subscribers ack every 32 deliveries or on a 100 ms sweep: later than 5 ms.
+    let out = loadgen(&[
+        "fanout",
+        "--target",
+        &target,
+        "--conns",
+        "11",
+        "--fanout",
+        "10",
+        "--rate",
+        "20",
+        "--duration",
+        "3s",
+        "--expect-no-loss",
+        "--json",
+        out_json.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_file(&cfg);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "loadgen failed\n{stdout}");
+    let r = json(&out_json);
+    let m = &r["messages"];
+    for zero in ["lost", "unconfirmed", "duplicates", "unknown"] {
+        assert_eq!(m[zero].as_u64(), Some(0), "{zero}: {m}");
+    }
+    assert!(
+        r["counters"]["redelivered"].as_u64().unwrap() > 0,
+        "no retransmit seen: {}",
+        r["counters"]
+    );
+}
