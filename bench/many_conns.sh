@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# 100,000 idle WebSocket connections on this machine's limits (issue 5, "Scale").
+#
+#   bench/many_conns.sh [CONNS] [GATEWAYS] [WORKERS] [DURATION]   # defaults 100000 7 8 30s
+#
+# One process may hold at most 20,000 open files here (a hard limit), so both sides are spread:
+# GATEWAYS imgw processes bind the SAME WebSocket and TCP ports with SO_REUSEPORT (the kernel
+# spreads the accepted connections over them; each has its own admin port and data directory),
+# and loadgen runs WORKERS worker processes over the source addresses 127.0.0.2-127.0.0.9 (one
+# source address has about 28,000 ephemeral ports towards one target). Every connection does
+# the WebSocket upgrade and `hello`, then heartbeats. At the end the script prints loadgen's
+# summary and each gateway's connection count (/metrics) and RSS, and writes
+# bench/results/many_conns.json. It stops what it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONNS=${1:-100000}
+GATEWAYS=${2:-7}
+WORKERS=${3:-8}
+DURATION=${4:-30s}
+WS_PORT=${IMGW_MANY_WS_PORT:-28480}
+TCP_PORT=${IMGW_MANY_TCP_PORT:-28490}
+ADMIN_BASE=${IMGW_MANY_ADMIN_BASE:-28500}
+DIR=$(mktemp -d /tmp/imgw-many.XXXXXX)
+OUT=bench/results/many_conns.json
+
+cargo build --release --quiet -p imgw --bin imgw
+cargo build --release --quiet -p loadgen
+IMGW=target/release/imgw
+LOADGEN=target/release/loadgen
+
+cat >"$DIR/imgw.toml" <<'EOF'
+[limits]
+idle_timeout_ms = 600000
+heartbeat_ms = 30000
+EOF
+
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+for ((i = 0; i < GATEWAYS; i++)); do
+    "$IMGW" serve --config "$DIR/imgw.toml" --insecure-dev-auth --shards 1 \
+        --ws-listen "127.0.0.1:$WS_PORT" --tcp-listen "127.0.0.1:$TCP_PORT" \
+        --admin-listen "127.0.0.1:$((ADMIN_BASE + i))" --data-dir "$DIR/data$i" \
+        --log warn >"$DIR/imgw$i.log" 2>&1 &
+    pids+=($!)
+done
+for ((i = 0; i < GATEWAYS; i++)); do
+    for _ in $(seq 1 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$((ADMIN_BASE + i))") 2>/dev/null && break
+        sleep 0.1
+    done
+done
+
+# While loadgen holds the connections, sample every gateway every 5 s (connections from
+# /metrics, RSS from /proc) and keep the sample with the most connections.
+sample_once() {
+    local total=0 i n rss
+    for ((i = 0; i < GATEWAYS; i++)); do
+        n=$(curl -s "http://127.0.0.1:$((ADMIN_BASE + i))/metrics" |
+            awk '/^imgw_connections_authenticated[{ ]/ {s += $NF} END {print s + 0}')
+        rss=$(awk '/VmRSS/ {print $2}' "/proc/${pids[$i]}/status")
+        echo "gateway $i: $n authenticated connections, RSS $rss KiB"
+        total=$((total + n))
+    done
+    echo "all gateways: $total authenticated connections"
+}
+sampler() {
+    local best=0 total
+    while sleep 5; do
+        sample_once >"$DIR/now.txt"
+        total=$(awk '/^all gateways/ {print $3}' "$DIR/now.txt")
+        if [ "$total" -ge "$best" ]; then
+            best=$total
+            cp "$DIR/now.txt" "$DIR/sample.txt"
+        fi
+    done
+}
+sampler &
+sampler_pid=$!
+pids+=("$sampler_pid")
+
+status=0
+"$LOADGEN" idle --target "ws://127.0.0.1:$WS_PORT/ws" --conns "$CONNS" --workers "$WORKERS" \
+    --sources 127.0.0.2-127.0.0.9 --ramp 10000 --duration "$DURATION" --json "$OUT" || status=$?
+kill "$sampler_pid" 2>/dev/null || true
+echo "peak sample:"
+cat "$DIR/sample.txt" 2>/dev/null || echo "(no sample)"
+echo "loadgen exit status $status; JSON in $OUT"
+exit "$status"
