@@ -126,7 +126,7 @@ meta = {
     "statistic": "median of the repeats", "host_cpus": os.cpu_count(),
     "server_core": 0, "loadgen_core": 1,
     "notes": [
-        "One shared 2-core machine with other builds running: figures are noisy.",
+        "Two cores in all: loadgen shares the machine with the server, and anything else running shows in the load average above.",
         "RSS per idle connection: (VmRSS once all 2000 are up - VmRSS before) / 2000; "
         "kernel socket memory is not in VmRSS.",
         "CPU per delivery: server utime+stime from go to the end of the grace period / deliveries.",
@@ -150,8 +150,8 @@ lines = [
     "# Side-by-side: imgw and peer servers",
     "",
     "Written by `bench/side_by_side.sh`: medians of the repeats (runs column); server pinned to core 0, "
-    "loadgen to core 1, loopback, 64-byte bodies. A shared, noisy 2-core machine: other "
-    "sessions' builds ran meanwhile (load average 9-10 on 2 cores). Runs that produced these rows:",
+    "loadgen to core 1, loopback, 64-byte bodies, on a 2-core machine: the load average before "
+    "and after each invocation says how quiet it was. Runs that produced these rows:",
     "",
 ] + [f"- {i['started']} to {i['finished']}: {', '.join(names.get(x, x) for x in i['used_for'])}; "
      f"{i['duration']} per run, {i['repeats']} repeats; load average before {i['loadavg_before']}, "
