@@ -975,6 +975,11 @@ impl<'a> Engine<'a> {
             self.error("deliver: to the wrong connection".into());
             return;
         };
+        self.count_delivery(c, seq, intended, now);
+    }
+
+    /// Counts a delivery of `seq` in conversation `c` (integrity and latency).
+    fn count_delivery(&mut self, c: usize, seq: u64, intended: u64, now: u64) {
         match self.convs[c].track.on_deliver(seq) {
             Delivery::InOrder | Delivery::OutOfOrder => {
                 self.c.delivered += 1;
@@ -1023,19 +1028,7 @@ impl<'a> Engine<'a> {
                     self.error("deliver: to the wrong connection or from the wrong user".into());
                     return;
                 }
-                match self.convs[c].track.on_deliver(seq) {
-                    Delivery::InOrder | Delivery::OutOfOrder => {
-                        self.c.delivered += 1;
-                        let lat = now.saturating_sub(intended);
-                        self.fin.latency.record(lat);
-                        self.tick_latency.record(lat);
-                    }
-                    Delivery::Duplicate => {
-                        self.c.duplicates += 1;
-                        self.error("deliver: duplicate".into());
-                    }
-                    Delivery::Unknown => self.error("deliver: sequence never sent".into()),
-                }
+                self.count_delivery(c, seq, intended, now);
             }
             Message::SendAck(a) if self.pubsub => match parse_tag(&a.cmid) {
                 Some((p, seq, intended)) if p < self.publishers.len() => {

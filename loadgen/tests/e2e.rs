@@ -447,31 +447,34 @@ fn plainws_chat_and_fanout_against_a_pub_sub_server() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// With retransmits faster than loadgen's batched fan-out acks, deliveries are resent: loadgen drops
-/// them by `inbox_seq` (counted as retransmits), and they are neither duplicates nor losses.
+/// A receiver that never acks is retransmitted to (every 5 ms, backing off): loadgen drops the
+/// resent positions by `inbox_seq` (counted as retransmits), and they are neither duplicates
+/// nor losses. 30 messages per receiver stay inside the window, and 60 retries outlast the run.
 #[test]
 fn retransmits_are_counted_apart_from_duplicates() {
     let cfg = std::env::temp_dir().join(format!(
         "loadgen-e2e-retransmit-{}.toml",
         std::process::id()
     ));
-    std::fs::write(&cfg, "[limits]\nretransmit_base_ms = 5\nretry_limit = 60\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[limits]\nretransmit_base_ms = 5\nretry_limit = 60\nwindow = 256\n",
+    )
+    .unwrap();
     let g = Gateway::start_with(&["--durability", "local", "--config", cfg.to_str().unwrap()]);
     let out_json = g.dir.join("retransmit.json");
     let target = format!("ws://{}/ws", g.ws);
-    // Fan-out subscribers ack every 32 deliveries or on a 100 ms sweep: later than 5 ms.
     let out = loadgen(&[
-        "fanout",
+        "chat",
         "--target",
         &target,
         "--conns",
-        "11",
-        "--fanout",
         "10",
         "--rate",
-        "20",
+        "50",
         "--duration",
         "3s",
+        "--no-client-ack",
         "--expect-no-loss",
         "--json",
         out_json.to_str().unwrap(),
