@@ -690,17 +690,13 @@ impl EmbeddedStore {
         group: &GroupRef,
         member: &str,
     ) -> Result<OpResult, StoreError> {
-        let user = UserRef {
-            tenant: group.tenant.clone(),
-            user: Str::from(member),
-        };
-        let (Ok(gprefix), Ok(uprefix)) = (keys::group(group), keys::user(&user)) else {
-            return Ok(OpResult::Refused(Refusal::IdTooLong));
-        };
-        let (Ok(mkey), Ok(rkey)) = (
-            keys::with_name(&gprefix, member),
-            keys::with_name(&uprefix, &group.group),
-        ) else {
+        let Some(MembershipKeys {
+            group: gprefix,
+            user: uprefix,
+            member: mkey,
+            membership: rkey,
+        }) = membership_keys(group, member)
+        else {
             return Ok(OpResult::Refused(Refusal::IdTooLong));
         };
         let members = self.group_size_tx(tx, &gprefix)?;
@@ -736,17 +732,13 @@ impl EmbeddedStore {
         group: &GroupRef,
         member: &str,
     ) -> Result<OpResult, StoreError> {
-        let user = UserRef {
-            tenant: group.tenant.clone(),
-            user: Str::from(member),
-        };
-        let (Ok(gprefix), Ok(uprefix)) = (keys::group(group), keys::user(&user)) else {
-            return Ok(OpResult::Refused(Refusal::IdTooLong));
-        };
-        let (Ok(mkey), Ok(rkey)) = (
-            keys::with_name(&gprefix, member),
-            keys::with_name(&uprefix, &group.group),
-        ) else {
+        let Some(MembershipKeys {
+            group: gprefix,
+            member: mkey,
+            membership: rkey,
+            ..
+        }) = membership_keys(group, member)
+        else {
             return Ok(OpResult::Refused(Refusal::IdTooLong));
         };
         let members = self.group_size_tx(tx, &gprefix)?;
@@ -1081,4 +1073,32 @@ impl EmbeddedStore {
         t.rotate_memtable_and_wait().unwrap();
         t.major_compact().unwrap();
     }
+}
+
+/// The keys of one membership.
+struct MembershipKeys {
+    /// The group's prefix, and the member user's.
+    group: Vec<u8>,
+    user: Vec<u8>,
+    /// The member under the group, and the group under the member.
+    member: Vec<u8>,
+    membership: Vec<u8>,
+}
+
+/// The keys of `member` in `group`; `None` when an id is too long for a key.
+fn membership_keys(group: &GroupRef, member: &str) -> Option<MembershipKeys> {
+    let user = UserRef {
+        tenant: group.tenant.clone(),
+        user: Str::from(member),
+    };
+    let gprefix = keys::group(group).ok()?;
+    let uprefix = keys::user(&user).ok()?;
+    let mkey = keys::with_name(&gprefix, member).ok()?;
+    let rkey = keys::with_name(&uprefix, &group.group).ok()?;
+    Some(MembershipKeys {
+        group: gprefix,
+        user: uprefix,
+        member: mkey,
+        membership: rkey,
+    })
 }

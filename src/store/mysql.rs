@@ -1007,6 +1007,35 @@ fn inline(q: &str, params: &[Value]) -> Result<String, StoreError> {
 }
 
 /// `DELETE FROM table WHERE (cols) IN (...)`, in chunks.
+/// Writes the `dirty` rows of `table` (three key columns `keys`, one value column `value`): a
+/// key whose value in `values` is `None` is deleted, the others are upserted.
+async fn write_triples(
+    sql: &mut mysql_async::Transaction<'static>,
+    dirty: HashSet<Triple>,
+    values: &HashMap<Triple, Option<u64>>,
+    table: &str,
+    keys: &str,
+    value: &str,
+) -> Result<(), StoreError> {
+    let (mut up, mut del) = (Vec::new(), Vec::new());
+    for key in dirty {
+        let (x, y, z) = &key;
+        match values.get(&key).copied().flatten() {
+            Some(v) => up.push(vec![b(x), b(y), b(z), Value::from(v)]),
+            None => del.push(vec![b(x), b(y), b(z)]),
+        }
+    }
+    delete_rows(sql, table, keys, 3, del).await?;
+    insert_rows(
+        sql,
+        &format!("INSERT INTO {table} ({keys}, {value})"),
+        &format!(" ON DUPLICATE KEY UPDATE {value} = VALUES({value})"),
+        4,
+        up,
+    )
+    .await
+}
+
 async fn delete_rows(
     sql: &mut mysql_async::Transaction<'static>,
     table: &str,
@@ -1095,39 +1124,24 @@ async fn write(sql: &mut mysql_async::Transaction<'static>, tx: &mut Tx) -> Resu
     )
     .await?;
 
-    let (mut up, mut del) = (Vec::new(), Vec::new());
-    for key in tx.cursors_dirty.drain() {
-        let (t, u, d) = &key;
-        match tx.cursors.get(&key).copied().flatten() {
-            Some(seq) => up.push(vec![b(t), b(u), b(d), Value::from(seq)]),
-            None => del.push(vec![b(t), b(u), b(d)]),
-        }
-    }
-    delete_rows(sql, "device_cursor", "tenant, user_id, device_id", 3, del).await?;
-    insert_rows(
+    let dirty = std::mem::take(&mut tx.cursors_dirty);
+    write_triples(
         sql,
-        "INSERT INTO device_cursor (tenant, user_id, device_id, seq)",
-        " ON DUPLICATE KEY UPDATE seq = VALUES(seq)",
-        4,
-        up,
+        dirty,
+        &tx.cursors,
+        "device_cursor",
+        "tenant, user_id, device_id",
+        "seq",
     )
     .await?;
-
-    let (mut up, mut del) = (Vec::new(), Vec::new());
-    for key in tx.members_dirty.drain() {
-        let (t, g, m) = &key;
-        match tx.members.get(&key).copied().flatten() {
-            Some(c) => up.push(vec![b(t), b(g), b(m), Value::from(c)]),
-            None => del.push(vec![b(t), b(g), b(m)]),
-        }
-    }
-    delete_rows(sql, "group_member", "tenant, group_id, member_id", 3, del).await?;
-    insert_rows(
+    let dirty = std::mem::take(&mut tx.members_dirty);
+    write_triples(
         sql,
-        "INSERT INTO group_member (tenant, group_id, member_id, cursor_gseq)",
-        " ON DUPLICATE KEY UPDATE cursor_gseq = VALUES(cursor_gseq)",
-        4,
-        up,
+        dirty,
+        &tx.members,
+        "group_member",
+        "tenant, group_id, member_id",
+        "cursor_gseq",
     )
     .await?;
 
