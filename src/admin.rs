@@ -131,7 +131,7 @@ pub fn route(method: &str, path: &str, control: &Control, metrics: &Metrics) -> 
         "/metrics" if get => {
             let mut body = metrics.render();
             body.push_str(&format!(
-                "# HELP imgw_ready 1 when every shard serves and no drain has started.\n\
+                "# HELP imgw_ready 1 when every shard serves, the backends are ready and no drain has started.\n\
                  # TYPE imgw_ready gauge\nimgw_ready {}\n\
                  # HELP imgw_draining 1 once a drain has started.\n\
                  # TYPE imgw_draining gauge\nimgw_draining {}\n",
@@ -149,6 +149,8 @@ pub fn route(method: &str, path: &str, control: &Control, metrics: &Metrics) -> 
                 Response::text(200, "ready\n")
             } else if control.draining() {
                 Response::text(503, "draining\n")
+            } else if control.waiting_for_backends() {
+                Response::text(503, "waiting for backends\n")
             } else {
                 Response::text(503, "starting\n")
             }
@@ -527,6 +529,11 @@ mod tests {
     fn routing_without_sockets() {
         let c = Control::new(0);
         let m = Metrics::new(0);
+        assert_eq!(route("GET", "/readyz", &c, &m).status, 200);
+        c.backend_pending();
+        let r = route("GET", "/readyz", &c, &m);
+        assert_eq!((r.status, r.body.as_str()), (503, "waiting for backends\n"));
+        c.backend_ready();
         assert_eq!(route("GET", "/readyz", &c, &m).status, 200);
         assert_eq!(route("PUT", "/drain", &c, &m).status, 405);
         assert_eq!(route("POST", "/drain", &c, &m).status, 202);

@@ -13,6 +13,9 @@ pub struct Control {
     shards_ready: AtomicUsize,
     /// Shards in this process.
     shards_total: AtomicUsize,
+    /// Backends that must be ready before clients are sent here (Kafka's topics): a send
+    /// that needs them would only wait and fail.
+    backends_pending: AtomicUsize,
 }
 
 impl Control {
@@ -21,6 +24,7 @@ impl Control {
             drain: AtomicBool::new(false),
             shards_ready: AtomicUsize::new(0),
             shards_total: AtomicUsize::new(shards_total),
+            backends_pending: AtomicUsize::new(0),
         }
     }
 
@@ -36,9 +40,25 @@ impl Control {
         self.shards_ready.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Ready: every shard is serving and no drain has started.
+    /// One more backend to wait for; `backend_ready` releases it.
+    pub fn backend_pending(&self) {
+        self.backends_pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn backend_ready(&self) {
+        let before = self.backends_pending.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "backend_ready without backend_pending");
+    }
+
+    /// Whether a backend that clients need is not ready yet.
+    pub fn waiting_for_backends(&self) -> bool {
+        self.backends_pending.load(Ordering::Acquire) > 0
+    }
+
+    /// Ready: every shard is serving, every backend is ready and no drain has started.
     pub fn ready(&self) -> bool {
         !self.draining()
+            && !self.waiting_for_backends()
             && self.shards_ready.load(Ordering::Acquire)
                 >= self.shards_total.load(Ordering::Acquire)
     }

@@ -116,6 +116,9 @@ pub struct Services {
     pub dedupe_window_ms: u64,
     /// Largest push ingress body accepted.
     pub max_push_body: usize,
+    /// Told when Kafka's topics exist (`Control::backend_ready`; the caller counted Kafka
+    /// as pending).
+    pub control: Option<Arc<crate::control::Control>>,
 }
 
 /// Counters of the I/O core, read by /metrics.
@@ -374,12 +377,16 @@ async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoS
         // Topics are created in the background, retried until the broker answers: a broker
         // that is down at start delays nothing else (the producer waits for the topics).
         let topics = kc.clone();
+        let control = cfg.control.clone();
         tokio::task::spawn_local(async move {
             let mut warned = false;
             loop {
                 match crate::services::kafka::ensure_topics(&topics).await {
                     Ok(()) => {
                         tracing::info!(topic = %topics.messages_topic, "kafka topics ready");
+                        if let Some(c) = &control {
+                            c.backend_ready();
+                        }
                         return;
                     }
                     Err(e) if !warned => {

@@ -85,7 +85,7 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
             queue_depth: cfg.store.queue_depth as usize,
             batch_max: cfg.store.batch_max as usize,
             commit_delay_ms: cfg.store.commit_delay_ms,
-            services: services(&cfg),
+            services: services(&cfg, &control),
         };
         // The I/O core takes the core after the shards', when there is one.
         let cpu = (cfg.runtime.pin && shards < cpus).then_some(shards);
@@ -152,7 +152,8 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
 }
 
 /// The services the I/O core runs, from the configuration.
-fn services(cfg: &Config) -> crate::iocore::Services {
+/// A configured Kafka holds readiness until its topics exist.
+fn services(cfg: &Config, control: &Arc<Control>) -> crate::iocore::Services {
     let node = if cfg.redis.node.is_empty() {
         cfg.server.ws_listen.to_string()
     } else {
@@ -160,7 +161,11 @@ fn services(cfg: &Config) -> crate::iocore::Services {
     };
     crate::iocore::Services {
         redis: cfg.redis.url.is_some().then(|| (cfg.redis.clone(), node)),
-        kafka: cfg.kafka.brokers.is_some().then(|| cfg.kafka.clone()),
+        kafka: cfg.kafka.brokers.is_some().then(|| {
+            control.backend_pending();
+            cfg.kafka.clone()
+        }),
+        control: Some(control.clone()),
         kafka_confirms: cfg.server.durability == Durability::Backend,
         dedupe_window_ms: cfg.store.dedupe_window_ms,
         max_push_body: cfg.ws.max_message_bytes as usize,
