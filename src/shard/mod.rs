@@ -69,11 +69,29 @@ pub fn owner_shard(tenant: &str, id: &str, shards: usize) -> usize {
     (h % shards.max(1) as u64) as usize
 }
 
+/// What the `welcome` of a `hello` needs once the owner has registered the device: a client
+/// that got its `welcome` is routable, so a message sent to it right after is delivered.
+#[derive(Clone, Copy, Debug)]
+pub struct HelloDone {
+    pub reference: Option<u64>,
+    pub version: u8,
+    pub session: u64,
+    /// `hello.resume`'s `inbox_seq`.
+    pub resume: Option<u64>,
+}
+
 /// Messages between shards. Batched per destination by the sender.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// To the user's owner: a device came online.
-    Register { user: UserKey, route: Route },
+    /// To the user's owner: a device came online. The owner answers `Registered` (or
+    /// `RegisterRefused`), handing `hello` back.
+    Register {
+        user: UserKey,
+        route: Route,
+        hello: HelloDone,
+    },
+    /// To a device's shard: the owner routes to it now; send the `welcome`.
+    Registered { conn: ConnId, hello: HelloDone },
     /// To the user's owner: a device went away.
     Unregister { user: UserKey, route: Route },
     /// To a device's shard: the owner refused the registration (too many devices).

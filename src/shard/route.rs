@@ -23,7 +23,18 @@ impl Shard {
 
     fn on_shard_msg(&mut self, msg: ShardMsg, clk: Clock) {
         match msg {
-            ShardMsg::Register { user, route } => self.on_register(user, route, clk),
+            ShardMsg::Register { user, route, hello } => {
+                if self.on_register(user, route, clk) {
+                    self.post_always(
+                        usize::from(route.shard),
+                        ShardMsg::Registered {
+                            conn: route.conn,
+                            hello,
+                        },
+                    );
+                }
+            }
+            ShardMsg::Registered { conn, hello } => self.welcome(conn, hello, clk),
             ShardMsg::Unregister { user, route } => {
                 let Some(e) = self.users.get_mut(&user) else {
                     return;
@@ -187,7 +198,8 @@ impl Shard {
         }
     }
 
-    fn on_register(&mut self, user: UserKey, route: Route, clk: Clock) {
+    /// Adds the device to its user's routes; false when refused (`RegisterRefused` sent).
+    fn on_register(&mut self, user: UserKey, route: Route, clk: Clock) -> bool {
         if !self.users.contains_key(&user) && self.users.len() >= MAX_USERS_PER_SHARD {
             self.post_always(
                 usize::from(route.shard),
@@ -196,7 +208,7 @@ impl Shard {
                     message: Str::from_static("shard user table full"),
                 },
             );
-            return;
+            return false;
         }
         let max = self.cfg.limits.max_devices_per_user as usize;
         let e = self.users.entry(user.clone()).or_default();
@@ -208,7 +220,7 @@ impl Shard {
                     message: Str::from_static("too many devices online"),
                 },
             );
-            return;
+            return false;
         }
         let before = e.effective_status();
         e.devices.push(route);
@@ -216,6 +228,7 @@ impl Shard {
             self.user_online_changed(&user, true);
         }
         self.presence_changed(&user, before, clk);
+        true
     }
 
     /// Tells subscribers when the user's effective status differs from `before`.

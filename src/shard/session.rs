@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 
-use super::{ConnId, Phase, Proto, Session, Shard, ShardMsg, UserKey};
+use super::{ConnId, HelloDone, Phase, Proto, Session, Shard, ShardMsg, UserKey};
 use crate::codec::DecodeError;
 use crate::metrics::CloseReason;
 use crate::protocol::frame::FrameError;
@@ -477,34 +477,25 @@ impl Shard {
         self.next_session += 1;
         let route = self.route(id);
         let dest = self.owner(&user);
+        let hello = HelloDone {
+            reference,
+            version,
+            session: session_id,
+            resume: h.resume.map(|r| r.inbox_seq),
+        };
         if !self.post(
             dest,
             ShardMsg::Register {
                 user: user.clone(),
                 route,
+                hello,
             },
         ) {
             self.overloaded(id, reference, None);
             self.close(id, CloseReason::Limit);
             return;
         }
-        let l = &self.cfg.limits;
-        let welcome = Envelope {
-            reference,
-            msg: Message::Welcome(Welcome {
-                version,
-                session: session_id,
-                user: user.user.clone(),
-                heartbeat_ms: l.heartbeat_ms,
-                server_time_ms: clk.unix_ms,
-                limits: Limits {
-                    max_frame_bytes: l.max_frame_bytes,
-                    sends_per_sec: l.sends_per_sec,
-                    window: l.window,
-                },
-            }),
-        };
-        let idle = clk.mono_ms + l.idle_timeout_ms;
+        let idle = clk.mono_ms + self.cfg.limits.idle_timeout_ms;
         let m = &self.metrics.shards[self.id];
         m.handshakes_ok
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -533,9 +524,37 @@ impl Shard {
         {
             self.presence_event(&u, &d, id, crate::services::redis::PresenceKind::Up);
         }
+    }
+
+    /// The owner registered connection `id`'s device: `welcome`, then the `resume` replay.
+    pub(super) fn welcome(&mut self, id: ConnId, hello: HelloDone, clk: Clock) {
+        let Some(user) = self
+            .conns
+            .get(id)
+            .and_then(|c| c.session.as_ref())
+            .map(|s| s.user.user.clone())
+        else {
+            return; // closed meanwhile (its Unregister follows the Register)
+        };
+        let l = &self.cfg.limits;
+        let welcome = Envelope {
+            reference: hello.reference,
+            msg: Message::Welcome(Welcome {
+                version: hello.version,
+                session: hello.session,
+                user,
+                heartbeat_ms: l.heartbeat_ms,
+                server_time_ms: clk.unix_ms,
+                limits: Limits {
+                    max_frame_bytes: l.max_frame_bytes,
+                    sends_per_sec: l.sends_per_sec,
+                    window: l.window,
+                },
+            }),
+        };
         self.emit(id, &welcome);
-        if let (Some(r), true) = (h.resume, self.durable()) {
-            self.resume(id, reference, r.inbox_seq);
+        if let (Some(seq), true) = (hello.resume, self.durable()) {
+            self.resume(id, hello.reference, seq);
         }
     }
 

@@ -584,3 +584,43 @@ fn a_push_racing_a_resume_is_delivered_once_and_in_order() {
     assert_eq!(live, [3]);
     sim.shutdown();
 }
+
+#[test]
+fn welcome_waits_until_the_owner_routes_to_the_device() {
+    let mut sim = Sim::new(2, |c| c.limits.max_devices_per_user = 1);
+    let bob = sim.user_on(1, "bob");
+    let hello = Envelope::with_ref(
+        Message::Hello(Hello {
+            version: 1,
+            token: bob.as_str().into(),
+            device: "d".into(),
+            codecs: vec![],
+            resume: None,
+        }),
+        1,
+    );
+    let mut bytes = Vec::new();
+    write_frame(&mut bytes, CodecId::Protobuf, &[], &hello).unwrap();
+    // Bob's first device on shard 0: nothing until shard 1 (his owner) has his route.
+    let b = sim.connect(0);
+    sim.shards[0].on_read(b.id, &mut bytes.clone(), sim.clk);
+    assert!(
+        sim.recv(b).is_empty(),
+        "welcome before the owner registered"
+    );
+    sim.settle();
+    assert!(matches!(sim.recv(b).as_slice(), [Message::Welcome(_)]));
+    // A message sent right after the welcome is routed to him.
+    let a = sim.connect(1);
+    sim.hello(a, "alice");
+    sim.send(a, &send_to(&bob, "c0", "hi"));
+    assert!(matches!(sim.recv(b).as_slice(), [Message::Deliver(_)]));
+    // A second device is refused by the owner: an error and no welcome.
+    let b2 = sim.connect(1);
+    sim.send_raw(b2, &mut bytes);
+    let got = sim.recv(b2);
+    assert!(
+        matches!(got.as_slice(), [Message::Error(e)] if e.code == ErrorCode::LimitExceeded),
+        "{got:?}"
+    );
+}
