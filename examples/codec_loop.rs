@@ -38,7 +38,7 @@ fn main() {
                 // vector, building the envelope, and dropping it all.
                 let b = std::hint::black_box(&strings);
                 let s = |i: usize, n: usize| {
-                    bytestring::ByteString::try_from(b.slice(i..i + n)).unwrap_or_default()
+                    imgw::protocol::Str::try_from(b.slice(i..i + n)).unwrap_or_default()
                 };
                 let mut ext = imgw::protocol::Ext::new();
                 ext.insert(s(0, 6), s(6, 3));

@@ -1,16 +1,19 @@
 //! Zero-copy strings: turning bytes of a received payload into [`Str`] slices of it.
 //!
 //! Every decoder checks UTF-8 exactly once. [`Str::try_from`] on a [`Bytes`] would check it a
-//! second time, so the two helpers here build the [`Str`] with
-//! [`bytestring::ByteString::from_bytes_unchecked`] instead, right next to the check that
-//! makes it sound. This module is the only place in the codecs that needs `unsafe`.
+//! second time, so the helpers here build the [`Str`] unchecked instead, right next to the
+//! check that makes it sound. A short string is copied inline (no slice of `src` is taken,
+//! so no reference count is touched); a long one is a slice sharing `src`'s memory. This
+//! module is the only place in the codecs that needs `unsafe`.
 
 use bytes::Bytes;
 
 use super::DecodeError;
+use crate::protocol::str::INLINE_MAX;
 use crate::protocol::Str;
 
-/// `src[start..end]` as a [`Str`] sharing `src`'s memory, after checking that it is UTF-8.
+/// `src[start..end]` as a [`Str`] (inline, or sharing `src`'s memory when longer than
+/// [`INLINE_MAX`]), after checking that it is UTF-8.
 ///
 /// Errors: [`DecodeError::Truncated`] when the range is not inside `src` (or reversed),
 /// [`DecodeError::InvalidUtf8`] when the bytes are not UTF-8.
@@ -21,8 +24,11 @@ pub(crate) fn slice_str(src: &Bytes, start: usize, end: usize) -> Result<Str, De
     if !raw.is_ascii() && std::str::from_utf8(raw).is_err() {
         return Err(DecodeError::InvalidUtf8);
     }
-    if raw.is_empty() {
-        return Ok(Str::new());
+    if raw.len() <= INLINE_MAX {
+        // SAFETY: `raw` was checked as UTF-8 just above.
+        #[allow(unsafe_code)]
+        let s = unsafe { std::str::from_utf8_unchecked(raw) };
+        return Ok(Str::from(s));
     }
     let shared = src.slice(start..end);
     // SAFETY: `shared` is `src[start..end]`, the very bytes `raw` checked as UTF-8 above
@@ -45,12 +51,12 @@ pub(crate) fn ascii_str(b: &[u8]) -> Option<&str> {
     Some(s)
 }
 
-/// `s` as a [`Str`]: a slice of `src` when `s` lies inside it (no copy, no second UTF-8
-/// check), else a copy.
+/// `s` as a [`Str`]: inline when short, else a slice of `src` when `s` lies inside it (no
+/// copy, no second UTF-8 check), else a copy.
 #[inline]
 pub(crate) fn share_str(src: &Bytes, s: &str) -> Str {
-    if s.is_empty() {
-        return Str::new();
+    if s.len() <= INLINE_MAX {
+        return Str::from(s);
     }
     let base = src.as_ptr() as usize;
     let at = s.as_ptr() as usize;
@@ -75,11 +81,19 @@ mod tests {
         let src = Bytes::from_static(b"xxhello\xffyy");
         let s = slice_str(&src, 2, 7).unwrap();
         assert_eq!(&*s, "hello");
-        assert_eq!(s.as_bytes().as_ptr(), src[2..].as_ptr());
+        assert_ne!(s.as_bytes().as_ptr(), src[2..].as_ptr(), "short: inline");
         assert_eq!(slice_str(&src, 2, 8), Err(DecodeError::InvalidUtf8));
         assert_eq!(slice_str(&src, 8, 7), Err(DecodeError::Truncated));
         assert_eq!(slice_str(&src, 0, 11), Err(DecodeError::Truncated));
         assert_eq!(slice_str(&src, 3, 3).unwrap(), Str::new());
+        let long = Bytes::from(format!("__{}\u{e9}", "z".repeat(INLINE_MAX)));
+        let l = slice_str(&long, 2, long.len()).unwrap();
+        assert_eq!(l.len(), INLINE_MAX + 2);
+        assert_eq!(l.as_bytes().as_ptr(), long[2..].as_ptr(), "long: shared");
+        assert_eq!(
+            slice_str(&long, 2, long.len() - 1),
+            Err(DecodeError::InvalidUtf8)
+        );
     }
 
     #[test]
@@ -92,15 +106,16 @@ mod tests {
 
     #[test]
     fn share_str_copies_foreign_strings() {
-        let src = Bytes::from_static(b"abcdef");
-        let inner = std::str::from_utf8(&src[1..4]).unwrap();
+        let src = Bytes::from(format!("a{}", "b".repeat(40)));
+        let inner = std::str::from_utf8(&src[1..]).unwrap();
         let s = share_str(&src, inner);
-        assert_eq!(&*s, "bcd");
+        assert_eq!(&*s, inner);
         assert_eq!(s.as_bytes().as_ptr(), src[1..].as_ptr());
-        let other = String::from("bcd");
+        let other = inner.to_string();
         let t = share_str(&src, &other);
-        assert_eq!(&*t, "bcd");
+        assert_eq!(&*t, inner);
         assert_ne!(t.as_bytes().as_ptr(), src[1..].as_ptr());
         assert_eq!(share_str(&src, ""), Str::new());
+        assert_eq!(share_str(&src, &inner[..3]), "bbb");
     }
 }

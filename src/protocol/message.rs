@@ -4,10 +4,7 @@
 //! `crate::codec`) translate between these types and bytes; the session state machine consumes
 //! and produces them. Nothing here does I/O.
 
-/// An immutable UTF-8 string backed by [`bytes::Bytes`]: decoders hand out slices of the
-/// received frame instead of copying, and cloning one (to fan a message out) is a reference
-/// count increment.
-pub type Str = bytestring::ByteString;
+pub use super::str::Str;
 
 /// Extension map carried by `send` and `deliver` (`ext`): entries sorted by key, keys unique,
 /// so encodings are deterministic. A sorted vector: one allocation, cheap to scan.

@@ -4,5 +4,7 @@
 pub mod frame;
 pub mod message;
 pub mod samples;
+pub mod str;
 
 pub use message::*;
+pub use str::Str;

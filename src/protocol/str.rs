@@ -1,0 +1,358 @@
+//! [`Str`], the model's immutable UTF-8 string.
+//!
+//! Short strings (ids, device names, `ext` keys and values: most strings of a frame) are kept
+//! inline, copied out of the received payload: making, cloning and dropping one touches no
+//! shared memory. Longer ones (bodies) are [`Bytes`] slices of the payload: no copy, and
+//! cloning one to fan a message out is a reference count increment. Decoding the typical
+//! message with four reference-counted slices spent a quarter of its time on their atomic
+//! increments and decrements (`perf`, bench/codecs.rs); inline, three of the four are gone.
+//!
+//! Invariant (what makes `as_str` sound): the bytes behind a `Str` are UTF-8. Every
+//! constructor either takes a `str`, checks the bytes, or is `unsafe` and says so.
+
+use std::borrow::{Borrow, Cow};
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::ops::Deref;
+
+use bytes::Bytes;
+
+/// Longest string kept inline. With the length byte this is the size of a `Bytes` minus its
+/// niche, so a `Str` is no larger than the `Bytes` it would otherwise be (a test checks).
+pub const INLINE_MAX: usize = 23;
+
+/// An immutable UTF-8 string: inline up to [`INLINE_MAX`] bytes, else a shared [`Bytes`].
+#[derive(Clone)]
+pub struct Str(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    /// `buf[..len]` is the string; `len <= INLINE_MAX`.
+    Inline { len: u8, buf: [u8; INLINE_MAX] },
+    /// Longer than `INLINE_MAX`, or static.
+    Shared(Bytes),
+}
+
+impl Str {
+    /// The empty string (no allocation).
+    pub const fn new() -> Str {
+        Str(Repr::Inline {
+            len: 0,
+            buf: [0; INLINE_MAX],
+        })
+    }
+
+    /// A string pointing at static memory (no copy, no allocation).
+    pub const fn from_static(s: &'static str) -> Str {
+        Str(Repr::Shared(Bytes::from_static(s.as_bytes())))
+    }
+
+    /// `b` inline when it fits.
+    fn inline(b: &[u8]) -> Option<Str> {
+        if b.len() > INLINE_MAX {
+            return None;
+        }
+        let mut buf = [0; INLINE_MAX];
+        buf[..b.len()].copy_from_slice(b);
+        // Cannot truncate: b.len() <= INLINE_MAX < 256.
+        let len = b.len() as u8;
+        Some(Str(Repr::Inline { len, buf }))
+    }
+
+    /// `b` as a `Str` without checking that it is UTF-8: short strings are copied inline,
+    /// longer ones share `b`'s memory.
+    ///
+    /// # Safety
+    /// `b` must be valid UTF-8.
+    #[allow(unsafe_code)]
+    pub unsafe fn from_bytes_unchecked(b: Bytes) -> Str {
+        Str::inline(&b).unwrap_or(Str(Repr::Shared(b)))
+    }
+
+    /// `b` as a `Str` if it is UTF-8.
+    pub fn from_utf8(b: Bytes) -> Result<Str, std::str::Utf8Error> {
+        std::str::from_utf8(&b)?;
+        // SAFETY: checked just above.
+        #[allow(unsafe_code)]
+        let s = unsafe { Str::from_bytes_unchecked(b) };
+        Ok(s)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Inline { len, buf } => &buf[..usize::from(*len)],
+            Repr::Shared(b) => b,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // SAFETY: the bytes of a `Str` are UTF-8 (module invariant: every constructor
+        // takes a `str`, checks, or is `unsafe` with that requirement).
+        #[allow(unsafe_code)]
+        let s = unsafe { std::str::from_utf8_unchecked(self.as_bytes()) };
+        s
+    }
+
+    /// The bytes as a `Bytes`: shared when they already are, else copied.
+    pub fn into_bytes(self) -> Bytes {
+        match self.0 {
+            Repr::Inline { .. } => Bytes::copy_from_slice(self.as_bytes()),
+            Repr::Shared(b) => b,
+        }
+    }
+}
+
+impl Default for Str {
+    fn default() -> Str {
+        Str::new()
+    }
+}
+
+impl Deref for Str {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Str {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<[u8]> for Str {
+    fn as_ref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl Borrow<str> for Str {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+// Equality, order and hash are the `str`'s, whatever the representation (and `Borrow<str>`
+// needs the hash to be the `str`'s).
+impl<T: AsRef<str> + ?Sized> PartialEq<T> for Str {
+    fn eq(&self, other: &T) -> bool {
+        self.as_str() == other.as_ref()
+    }
+}
+
+impl Eq for Str {}
+
+impl PartialEq<Str> for str {
+    fn eq(&self, other: &Str) -> bool {
+        self == other.as_str()
+    }
+}
+
+impl PartialEq<Str> for &str {
+    fn eq(&self, other: &Str) -> bool {
+        *self == other.as_str()
+    }
+}
+
+impl PartialEq<Str> for String {
+    fn eq(&self, other: &Str) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl PartialOrd for Str {
+    fn partial_cmp(&self, other: &Str) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Str {
+    fn cmp(&self, other: &Str) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl Hash for Str {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl fmt::Debug for Str {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Str {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self.as_str(), f)
+    }
+}
+
+impl From<&str> for Str {
+    fn from(s: &str) -> Str {
+        Str::inline(s.as_bytes())
+            .unwrap_or_else(|| Str(Repr::Shared(Bytes::copy_from_slice(s.as_bytes()))))
+    }
+}
+
+impl From<&String> for Str {
+    fn from(s: &String) -> Str {
+        Str::from(s.as_str())
+    }
+}
+
+impl From<String> for Str {
+    fn from(s: String) -> Str {
+        Str::inline(s.as_bytes()).unwrap_or_else(|| Str(Repr::Shared(Bytes::from(s))))
+    }
+}
+
+impl From<Box<str>> for Str {
+    fn from(s: Box<str>) -> Str {
+        Str::from(String::from(s))
+    }
+}
+
+impl From<Cow<'_, str>> for Str {
+    fn from(s: Cow<'_, str>) -> Str {
+        match s {
+            Cow::Borrowed(s) => Str::from(s),
+            Cow::Owned(s) => Str::from(s),
+        }
+    }
+}
+
+impl From<Str> for String {
+    fn from(s: Str) -> String {
+        s.as_str().to_owned()
+    }
+}
+
+impl TryFrom<Bytes> for Str {
+    type Error = std::str::Utf8Error;
+    fn try_from(b: Bytes) -> Result<Str, Self::Error> {
+        Str::from_utf8(b)
+    }
+}
+
+impl TryFrom<&[u8]> for Str {
+    type Error = std::str::Utf8Error;
+    fn try_from(b: &[u8]) -> Result<Str, Self::Error> {
+        Ok(Str::from(std::str::from_utf8(b)?))
+    }
+}
+
+impl TryFrom<Vec<u8>> for Str {
+    type Error = std::string::FromUtf8Error;
+    fn try_from(b: Vec<u8>) -> Result<Str, Self::Error> {
+        Ok(Str::from(String::from_utf8(b)?))
+    }
+}
+
+impl serde::Serialize for Str {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Str {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Str, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Str;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Str, E> {
+                Ok(Str::from(v))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Str, E> {
+                Ok(Str::from(v))
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Str, E> {
+                Str::try_from(v)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Bytes(v), &self))
+            }
+        }
+        d.deserialize_string(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn no_larger_than_bytes() {
+        assert_eq!(std::mem::size_of::<Str>(), std::mem::size_of::<Bytes>());
+    }
+
+    #[test]
+    fn inline_up_to_the_limit_then_shared() {
+        let short = "x".repeat(INLINE_MAX);
+        let long = "x".repeat(INLINE_MAX + 1);
+        assert!(matches!(Str::from(short.as_str()).0, Repr::Inline { .. }));
+        assert!(matches!(Str::from(long.as_str()).0, Repr::Shared(_)));
+        let src = Bytes::from(format!("{long}!"));
+        let s = Str::from_utf8(src.slice(..INLINE_MAX + 1)).unwrap();
+        assert_eq!(
+            s.as_bytes().as_ptr(),
+            src.as_ptr(),
+            "long strings share the buffer"
+        );
+        let t = Str::from_utf8(src.slice(..3)).unwrap();
+        assert_eq!(t, "xxx");
+        assert_ne!(
+            t.as_bytes().as_ptr(),
+            src.as_ptr(),
+            "short strings are copied"
+        );
+        assert_eq!(Str::from(String::from("é✓")).as_str(), "é✓");
+        assert_eq!(Str::from(long.clone()).into_bytes(), long.as_bytes());
+        assert_eq!(Str::from("ab").into_bytes(), &b"ab"[..]);
+    }
+
+    #[test]
+    fn invalid_utf8_is_refused() {
+        assert!(Str::from_utf8(Bytes::from_static(b"a\xff")).is_err());
+        assert!(Str::try_from(&b"\xc3"[..]).is_err());
+        assert!(Str::try_from(vec![0xffu8]).is_err());
+    }
+
+    #[test]
+    fn equal_hash_and_order_whatever_the_representation() {
+        let long = "y".repeat(40);
+        let a = Str::from(long.as_str());
+        // SAFETY: ASCII.
+        #[allow(unsafe_code)]
+        let b = unsafe { Str::from_bytes_unchecked(Bytes::from(long.clone())) };
+        assert_eq!(a, b);
+        assert_eq!(Str::from_static("id"), Str::from("id"));
+        let (a, b) = (Str::from("a"), Str::from_static("b"));
+        assert!(a < b);
+        let mut m: HashMap<Str, u8> = HashMap::new();
+        m.insert(Str::from_static("key"), 1);
+        assert_eq!(m.get("key"), Some(&1));
+        assert_eq!(
+            format!("{:?} {}", Str::from("q\""), Str::from("d")),
+            "\"q\\\"\" d"
+        );
+        assert_eq!(Str::default(), "");
+        let k = Str::from("k");
+        let owned = String::from("k");
+        assert!("k" == k && *"k" == k && owned == k);
+    }
+
+    #[test]
+    fn serde_round_trip() {
+        let s = Str::from("héllo");
+        let j = serde_json::to_string(&s).unwrap();
+        assert_eq!(j, "\"héllo\"");
+        let back: Str = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, s);
+    }
+}
