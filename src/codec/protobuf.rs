@@ -763,40 +763,43 @@ impl Reader<'_> {
 
     fn frame(&self) -> Res<Envelope> {
         let mut cur: &[u8] = self.src;
-        let mut reference = None;
-        let mut msg: Option<Message> = None;
+        // The message is read in place (no 200-byte moves of a finished message): `op` says
+        // whether `env.msg` holds a real op yet or still the placeholder.
+        let mut env = Envelope {
+            reference: None,
+            msg: Message::Ping(Ping::default()),
+        };
+        let mut op: Option<Op> = None;
         let mut pending = Pending::default();
         while !cur.is_empty() {
             let (tag, wire_type) = key(&mut cur)?;
-            if let Some(op) = u8::try_from(tag).ok().and_then(Op::from_u8) {
+            if let Some(next) = u8::try_from(tag).ok().and_then(Op::from_u8) {
                 want(tag, wire_type, LEN)?;
                 // oneof: the same op again merges into it, another op replaces it.
-                let m = match &mut msg {
-                    Some(m) if m.op() == op => m,
-                    slot => {
-                        pending = Pending::default();
-                        slot.insert(empty(op))
-                    }
-                };
+                if op != Some(next) {
+                    pending = Pending::default();
+                    env.msg = empty(next);
+                    op = Some(next);
+                }
                 let depth = enter(0)?;
                 let mut inner = delimited(&mut cur)?;
-                self.message(&mut inner, m, &mut pending, depth)?;
+                self.message(&mut inner, &mut env.msg, &mut pending, depth)?;
             } else if tag == REF_TAG {
                 want(tag, wire_type, VARINT)?;
-                reference = Some(varint(&mut cur)?);
+                env.reference = Some(varint(&mut cur)?);
             } else {
                 skip(&mut cur, tag, wire_type, 0)?;
             }
         }
-        let Some(mut msg) = msg else {
+        if op.is_none() {
             // An op added after this version: its oneof field is unknown here and was skipped.
             return Err(DecodeError::UnknownOp {
                 op: "unknown".into(),
-                reference,
+                reference: env.reference,
             });
-        };
-        finish(&mut msg, &pending)?;
-        Ok(Envelope { reference, msg })
+        }
+        finish(&mut env.msg, &pending)?;
+        Ok(env)
     }
 
     /// Merges the fields in `cur` into the op's message `m`.
