@@ -47,7 +47,10 @@ impl Str {
         Str(Repr::Shared(Bytes::from_static(s.as_bytes())))
     }
 
-    /// `b` inline when it fits.
+    /// `b` inline when it fits. Always inlined, as [`copy_short`] is: a decoder then builds the
+    /// string in the field that keeps it, instead of in a temporary that is copied there
+    /// (loading a temporary's bytes right after storing them piecewise stalls the CPU).
+    #[inline(always)]
     fn inline(b: &[u8]) -> Option<Str> {
         if b.len() > INLINE_MAX {
             return None;
@@ -216,6 +219,7 @@ impl fmt::Display for Str {
 }
 
 impl From<&str> for Str {
+    #[inline(always)]
     fn from(s: &str) -> Str {
         Str::inline(s.as_bytes())
             .unwrap_or_else(|| Str(Repr::Shared(Bytes::copy_from_slice(s.as_bytes()))))
