@@ -18,7 +18,7 @@ use rmp::Marker;
 use super::direct::{self, set_once, target_of, MapSink, MapSource};
 use super::fields::{finish, serde_error, OpOnly, WireIn};
 use super::out::Sink;
-use super::text::slice_str;
+use super::text::sub_str;
 use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
 use crate::protocol::{Envelope, Ext, Limits, Resume, Str, Target};
 
@@ -270,12 +270,11 @@ struct Direct<'a> {
 }
 
 impl<'a> Direct<'a> {
-    /// A string value as a slice of the input (checked as UTF-8).
+    /// A string value (checked as UTF-8): inline when short, else a slice of the input.
     #[inline(always)]
     fn string(&mut self) -> Option<Str> {
         let b = str_bytes(&mut self.cur)?;
-        let start = b.as_ptr() as usize - self.src.as_ptr() as usize;
-        slice_str(self.src, start, start + b.len()).ok()
+        sub_str(self.src, b)
     }
 
     /// The entries of a nested map (level 1, in the top-level map): `entry` reads each value
@@ -325,7 +324,7 @@ impl<'a> MapSource for Direct<'a> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn str(&mut self) -> Option<Str> {
         self.string()
     }
@@ -335,7 +334,7 @@ impl<'a> MapSource for Direct<'a> {
         f(str_bytes(&mut self.cur)?)
     }
 
-    #[inline]
+    #[inline(always)]
     fn uint(&mut self) -> Option<u64> {
         let (&m, rest) = self.cur.split_first()?;
         self.cur = rest;

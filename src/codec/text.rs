@@ -38,6 +38,49 @@ pub(crate) fn slice_str(src: &Bytes, start: usize, end: usize) -> Result<Str, De
     Ok(s)
 }
 
+/// `raw`, a subslice of `src` (a reader's view of the input), as a [`Str`] if it is UTF-8:
+/// [`slice_str`] for a reader that holds the bytes rather than their offsets.
+///
+/// The short case (checked and copied inline) is inlined into the reader, so the string is
+/// built where it is stored rather than returned through memory; the long case (a shared
+/// slice) is not.
+///
+/// `raw` must lie inside `src`; a reader passes slices it split off `src` itself.
+#[inline(always)]
+pub(crate) fn sub_str(src: &Bytes, raw: &[u8]) -> Option<Str> {
+    if raw.len() > INLINE_MAX {
+        return sub_str_shared(src, raw);
+    }
+    if !raw.is_ascii() {
+        return std::str::from_utf8(raw).ok().map(Str::from);
+    }
+    // SAFETY: every byte is below 0x80 (checked just above), and ASCII is valid UTF-8.
+    #[allow(unsafe_code)]
+    let s = unsafe { std::str::from_utf8_unchecked(raw) };
+    Some(Str::from(s))
+}
+
+/// [`sub_str`] beyond [`INLINE_MAX`]: a slice sharing `src`'s memory.
+#[inline(never)]
+fn sub_str_shared(src: &Bytes, raw: &[u8]) -> Option<Str> {
+    if !raw.is_ascii() && std::str::from_utf8(raw).is_err() {
+        return None;
+    }
+    // Bytes::slice_ref would panic on a `raw` outside `src`: check instead (never fails for
+    // the slices readers pass).
+    let start = (raw.as_ptr() as usize).checked_sub(src.as_ptr() as usize)?;
+    let end = start.checked_add(raw.len())?;
+    if end > src.len() {
+        return None;
+    }
+    let shared = src.slice(start..end);
+    // SAFETY: `shared` is `src[start..end]`, the very bytes of `raw` (same addresses in the
+    // immutable buffer behind `src`, checked just above), checked as UTF-8 above.
+    #[allow(unsafe_code)]
+    let s = unsafe { Str::from_bytes_unchecked(shared) };
+    Some(s)
+}
+
 /// `b` as a `&str` if it is ASCII (checked a word at a time), which is then UTF-8 without a
 /// full validation.
 #[inline]
@@ -94,6 +137,32 @@ mod tests {
             slice_str(&long, 2, long.len() - 1),
             Err(DecodeError::InvalidUtf8)
         );
+    }
+
+    #[test]
+    fn sub_str_inline_shared_and_refused() {
+        let long = Bytes::from(format!("__{}\u{e9}!", "z".repeat(INLINE_MAX)));
+        let s = sub_str(&long, &long[2..5]).unwrap();
+        assert_eq!(&*s, "zzz");
+        assert_ne!(s.as_bytes().as_ptr(), long[2..].as_ptr(), "short: inline");
+        let l = sub_str(&long, &long[2..long.len() - 1]).unwrap();
+        assert_eq!(l.len(), INLINE_MAX + 2);
+        assert_eq!(l.as_bytes().as_ptr(), long[2..].as_ptr(), "long: shared");
+        let e = sub_str(&long, &long[INLINE_MAX..INLINE_MAX + 4]).unwrap();
+        assert_eq!(&*e, "zz\u{e9}");
+        assert_eq!(
+            sub_str(&long, &long[2..long.len() - 2]),
+            None,
+            "cut é (long)"
+        );
+        assert_eq!(
+            sub_str(&long, &long[INLINE_MAX + 1..long.len() - 2]),
+            None,
+            "cut é (short)"
+        );
+        let foreign = "y".repeat(INLINE_MAX + 1);
+        assert_eq!(sub_str(&long, foreign.as_bytes()), None, "outside src");
+        assert_eq!(sub_str(&long, &long[3..3]).unwrap(), Str::new());
     }
 
     #[test]

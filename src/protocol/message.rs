@@ -21,10 +21,12 @@ impl Ext {
     }
 
     /// Inserts or replaces; returns the previous value of `key`.
+    #[inline(always)]
     pub fn insert(&mut self, key: impl Into<Str>, value: impl Into<Str>) -> Option<Str> {
         let key = key.into();
         let value = value.into();
-        // Decoders insert in key order: check the end first so that case is O(1).
+        // Decoders insert in key order: check the end first so that case is O(1) (and
+        // inlined: the strings are then stored straight into the vector).
         if self.0.last().is_none_or(|(k, _)| *k < key) {
             if self.0.capacity() == 0 {
                 // Most maps are small: one allocation for the first few entries (cheaper
@@ -34,6 +36,12 @@ impl Ext {
             self.0.push((key, value));
             return None;
         }
+        self.insert_inside(key, value)
+    }
+
+    /// [`Ext::insert`] of a key not greater than the last one.
+    #[inline(never)]
+    fn insert_inside(&mut self, key: Str, value: Str) -> Option<Str> {
         match self.0.binary_search_by(|(k, _)| k.cmp(&key)) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
