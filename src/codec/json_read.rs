@@ -619,6 +619,27 @@ mod tests {
     }
 
     #[test]
+    fn integers_up_to_u64_max() {
+        for n in [
+            0u64,
+            7,
+            10,
+            4242,
+            1_700_000_000_123,
+            u64::MAX / 10,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
+            let text = format!(r#"{{"op":"ping","ts":{n}}}"#);
+            let env = direct(&text).unwrap();
+            assert_eq!(
+                env.msg,
+                crate::protocol::Message::Ping(crate::protocol::Ping { ts: n })
+            );
+        }
+    }
+
+    #[test]
     fn long_strings_share_the_input() {
         let text = r#"{"op":"deliver","mid":1,"from":"a","inbox_seq":2,"ts":3,"body":"0123456789abcdefghijklmnopqrstuvwxyz"}"#;
         let src = Bytes::from(text);
