@@ -10,6 +10,7 @@ mod fields;
 pub mod flatbuf;
 pub mod hessian;
 pub mod json;
+mod json_read;
 pub mod msgpack;
 mod out;
 pub mod protobuf;
