@@ -1484,11 +1484,29 @@ pub mod testdb {
     /// Drops and creates the database `name` (the test user may create `imgw_*` databases)
     /// and returns its URL. Fails when the server is not reachable within 10 s.
     pub fn fresh(name: &str) -> Result<String, StoreError> {
+        run_on_server(&[
+            format!("DROP DATABASE IF EXISTS `{}`", checked(name)?),
+            format!("CREATE DATABASE `{name}`"),
+        ])?;
+        Ok(with_database(&base_url(), name))
+    }
+
+    /// Drops the database `name`, if it exists.
+    pub fn drop_database(name: &str) -> Result<(), StoreError> {
+        run_on_server(&[format!("DROP DATABASE IF EXISTS `{}`", checked(name)?)])
+    }
+
+    fn checked(name: &str) -> Result<&str, StoreError> {
         if !name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') || name.len() > 64 {
             return Err(StoreError::Config(format!(
                 "bad test database name {name:?}"
             )));
         }
+        Ok(name)
+    }
+
+    /// Runs `statements` on one connection to the server of [`base_url`].
+    fn run_on_server(statements: &[String]) -> Result<(), StoreError> {
         let url = base_url();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1502,14 +1520,11 @@ pub mod testdb {
                 .await
                 .map_err(|_| StoreError::Timeout { ms: 10_000 })?
                 .map_err(engine)?;
-            conn.query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
-                .await
-                .map_err(engine)?;
-            conn.query_drop(format!("CREATE DATABASE `{name}`"))
-                .await
-                .map_err(engine)?;
+            for sql in statements {
+                conn.query_drop(sql).await.map_err(engine)?;
+            }
             let _ = conn.disconnect().await;
-            Ok(with_database(&url, name))
+            Ok(())
         })
     }
 }

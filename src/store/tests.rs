@@ -88,7 +88,16 @@ contract!(
 /// Where a contract test's store lives: a temporary directory, or a fresh MySQL database.
 enum Fixture {
     Embedded(tempfile::TempDir),
-    MySql(String),
+    /// The URL and the database, dropped with the fixture.
+    MySql(String, String),
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Fixture::MySql(_, db) = self {
+            let _ = crate::store::mysql_testdb::drop_database(db);
+        }
+    }
 }
 
 impl Fixture {
@@ -96,12 +105,14 @@ impl Fixture {
         Fixture::Embedded(tempfile::tempdir().unwrap())
     }
 
-    /// A fresh database `imgw_t_NAME` on the MariaDB of `IMGW_MYSQL_URL` (CI starts it with
-    /// tests/services.sh). Fails, never skips, when the server is not reachable.
+    /// A fresh database `imgw_t_NAME_PID` on the MariaDB of `IMGW_MYSQL_URL` (CI starts it
+    /// with tests/services.sh): the process id keeps two test runs at once (two checkouts)
+    /// apart. Fails, never skips, when the server is not reachable.
     fn mysql(name: &str) -> Fixture {
-        let db = format!("imgw_t_{name}");
+        let name = &name[..name.len().min(40)];
+        let db = format!("imgw_t_{name}_{}", std::process::id());
         match crate::store::mysql_testdb::fresh(&db) {
-            Ok(url) => Fixture::MySql(url),
+            Ok(url) => Fixture::MySql(url, db),
             Err(e) => panic!(
                 "MariaDB not reachable at {} ({e}): start it with `tests/services.sh start`",
                 crate::config::redact_url(&crate::store::mysql_testdb::base_url())
@@ -112,7 +123,7 @@ impl Fixture {
     fn open(&self, opts: StoreOptions) -> TestStore {
         match self {
             Fixture::Embedded(dir) => TestStore::Embedded(open(dir, opts)),
-            Fixture::MySql(url) => {
+            Fixture::MySql(url, _) => {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
