@@ -222,44 +222,6 @@ fn field_name() -> BoxedStrategy<&'static str> {
         .boxed()
 }
 
-/// The fields of each op, as the named-map formats carry them.
-fn op_fields(op: Op) -> &'static [&'static str] {
-    match op {
-        Op::Hello => &["version", "token", "device", "codecs", "resume"],
-        Op::Welcome => &[
-            "version",
-            "session",
-            "user",
-            "heartbeat_ms",
-            "server_time_ms",
-            "limits",
-        ],
-        Op::Ping | Op::Pong => &["ts"],
-        Op::Send => &["to", "cmid", "type", "body", "ext"],
-        Op::SendAck => &["cmid", "mid", "seq", "ts"],
-        Op::Deliver => &[
-            "mid",
-            "from",
-            "to",
-            "inbox_seq",
-            "ts",
-            "type",
-            "body",
-            "ext",
-        ],
-        Op::Ack => &["inbox_seq", "group"],
-        Op::Sync => &["after_inbox_seq", "limit", "group"],
-        Op::Synced => &["up_to", "more", "group", "groups"],
-        Op::PresenceSet => &["status"],
-        Op::PresenceSub => &["users"],
-        Op::Presence => &["user", "status", "ts"],
-        Op::GroupJoin | Op::GroupLeave => &["group"],
-        Op::Ok => &[],
-        Op::Error => &["code", "message", "cmid", "retry_after_ms"],
-        Op::Goaway => &["reason", "reconnect_ms"],
-    }
-}
-
 /// A frame's map: usually `op` first, then most of the op's own fields (so that many frames
 /// are accepted), in any order, plus sometimes a repeated field, `ref`, an unknown key or
 /// another op's field.
@@ -279,14 +241,14 @@ fn frame_map() -> BoxedStrategy<V> {
         prop_oneof![8 => Just(0usize), 1 => 0..8usize],
     )
         .prop_flat_map(|(op, odd_op, keep, extras, op_at)| {
-            let mut names: Vec<&'static str> = op_fields(op)
+            let mut names: Vec<&'static str> = imgw::codec::map_keys(op)
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| keep & (1 << i) != 0 || keep % 5 != 0)
                 .map(|(_, n)| *n)
                 .collect();
             for e in extras {
-                match (e, op_fields(op).first()) {
+                match (e, imgw::codec::map_keys(op).first()) {
                     ("<dup>", Some(first)) => names.push(first),
                     ("<dup>", None) => {}
                     (n, _) => names.push(n),

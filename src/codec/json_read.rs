@@ -1012,44 +1012,6 @@ mod tests {
         "trace",
     ];
 
-    /// The fields of each op.
-    fn op_fields(op: Op) -> &'static [&'static str] {
-        match op {
-            Op::Hello => &["version", "token", "device", "codecs", "resume"],
-            Op::Welcome => &[
-                "version",
-                "session",
-                "user",
-                "heartbeat_ms",
-                "server_time_ms",
-                "limits",
-            ],
-            Op::Ping | Op::Pong => &["ts"],
-            Op::Send => &["to", "cmid", "type", "body", "ext"],
-            Op::SendAck => &["cmid", "mid", "seq", "ts"],
-            Op::Deliver => &[
-                "mid",
-                "from",
-                "to",
-                "inbox_seq",
-                "ts",
-                "type",
-                "body",
-                "ext",
-            ],
-            Op::Ack => &["inbox_seq", "group"],
-            Op::Sync => &["after_inbox_seq", "limit", "group"],
-            Op::Synced => &["up_to", "more", "group", "groups"],
-            Op::PresenceSet => &["status"],
-            Op::PresenceSub => &["users"],
-            Op::Presence => &["user", "status", "ts"],
-            Op::GroupJoin | Op::GroupLeave => &["group"],
-            Op::Ok => &[],
-            Op::Error => &["code", "message", "cmid", "retry_after_ms"],
-            Op::Goaway => &["reason", "reconnect_ms"],
-        }
-    }
-
     /// `op` (usually first), most of the op's fields, and a few fields of any op, in any
     /// order.
     fn frame() -> BoxedStrategy<J> {
@@ -1060,7 +1022,7 @@ mod tests {
             prop_oneof![8 => Just(0usize), 1 => 0..8usize],
         )
             .prop_flat_map(|(op, keep, extra, op_at)| {
-                let mut names: Vec<&'static str> = op_fields(op)
+                let mut names: Vec<&'static str> = crate::codec::map_keys(op)
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| keep % 4 != 0 || keep & (1 << i) != 0)

@@ -181,3 +181,43 @@ impl CodecId {
         }
     }
 }
+
+/// The keys an op's map may carry in the named-map formats (JSON, MessagePack, Hessian),
+/// besides `op` and `ref` (docs/PROTOCOL.md). For tests and tools that build frames by hand.
+pub fn map_keys(op: crate::protocol::Op) -> &'static [&'static str] {
+    use crate::protocol::Op;
+    match op {
+        Op::Hello => &["version", "token", "device", "codecs", "resume"],
+        Op::Welcome => &[
+            "version",
+            "session",
+            "user",
+            "heartbeat_ms",
+            "server_time_ms",
+            "limits",
+        ],
+        Op::Ping | Op::Pong => &["ts"],
+        Op::Send => &["to", "cmid", "type", "body", "ext"],
+        Op::SendAck => &["cmid", "mid", "seq", "ts"],
+        Op::Deliver => &[
+            "mid",
+            "from",
+            "to",
+            "inbox_seq",
+            "ts",
+            "type",
+            "body",
+            "ext",
+        ],
+        Op::Ack => &["inbox_seq", "group"],
+        Op::Sync => &["after_inbox_seq", "limit", "group"],
+        Op::Synced => &["up_to", "more", "group", "groups"],
+        Op::PresenceSet => &["status"],
+        Op::PresenceSub => &["users"],
+        Op::Presence => &["user", "status", "ts"],
+        Op::GroupJoin | Op::GroupLeave => &["group"],
+        Op::Ok => &[],
+        Op::Error => &["code", "message", "cmid", "retry_after_ms"],
+        Op::Goaway => &["reason", "reconnect_ms"],
+    }
+}
