@@ -15,9 +15,9 @@
 //!
 //! # Decoding
 //! [`Protobuf::decode_bytes`] reads the frame in place: strings are checked as UTF-8 once and
-//! become slices of the input (`Str` sharing its memory), unknown fields are skipped, and the
-//! only allocations are the ones the message itself needs (`ext`, `codecs`, `users`). It
-//! follows prost's (proto3) semantics exactly, so that it accepts and refuses the same inputs
+//! become `Str`s (short ones copied inline, longer ones slices sharing the input's memory),
+//! unknown fields are skipped, and the only allocations are the ones the message itself needs
+//! (`ext` past its first entry, `codecs`, `users`). It follows prost's (proto3) semantics exactly, so that it accepts and refuses the same inputs
 //! and gives the same message as [`decode_prost`] (prost's generated decoder plus conversion):
 //! - a scalar or string field given twice: the last value wins; numbers are read as 64-bit
 //!   varints and truncated to the field's width (`uint32`, `int32` enum) as prost does;

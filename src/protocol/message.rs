@@ -5,19 +5,21 @@
 //! and produces them. Nothing here does I/O.
 
 pub use super::str::Str;
+use smallvec::SmallVec;
 
 /// Extension map carried by `send` and `deliver` (`ext`): entries sorted by key, keys unique,
-/// so encodings are deterministic. A sorted vector: one allocation, cheap to scan.
+/// so encodings are deterministic. A sorted vector, cheap to scan, whose first entry is kept
+/// inline (most messages carry one entry or none: no allocation then).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Ext(Vec<(Str, Str)>);
+pub struct Ext(SmallVec<[(Str, Str); 1]>);
 
 impl Ext {
     pub fn new() -> Self {
-        Ext(Vec::new())
+        Ext(SmallVec::new())
     }
 
     pub fn with_capacity(n: usize) -> Self {
-        Ext(Vec::with_capacity(n))
+        Ext(SmallVec::with_capacity(n))
     }
 
     /// Inserts or replaces; returns the previous value of `key`.
@@ -28,10 +30,10 @@ impl Ext {
         // Decoders insert in key order: check the end first so that case is O(1) (and
         // inlined: the strings are then stored straight into the vector).
         if self.0.last().is_none_or(|(k, _)| *k < key) {
-            if self.0.capacity() == 0 {
-                // Most maps are small: one allocation for the first few entries (cheaper
-                // than the growth path's).
-                self.0 = Vec::with_capacity(4);
+            if self.0.len() == 1 && !self.0.spilled() {
+                // Past the inline entry: one allocation for the next few (cheaper than the
+                // growth path's).
+                self.0.reserve_exact(3);
             }
             self.0.push((key, value));
             return None;

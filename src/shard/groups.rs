@@ -53,6 +53,9 @@ pub const MAX_GROUPS_PER_SHARD: usize = 1_000_000;
 pub const MAX_WAITING_PER_GROUP: usize = 4096;
 
 /// Work for a group owner that waits for the group's member list.
+// Most waiting work is `Send`: boxing its `Deliver` would add an allocation to the common
+// case and save nothing for it.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum GroupWork {
     Send {
         origin: Route,
