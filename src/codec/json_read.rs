@@ -179,20 +179,31 @@ impl<'a> Reader<'a> {
         Some(k)
     }
 
-    /// A string value: a slice of the input without escapes, else the unescaped copy.
+    /// A string value's opening quote and plain run: `Ok(start..end)` of a string without
+    /// escapes (consumed, closing quote included), or `Err((start, end))` with `end` at its
+    /// first backslash (for [`Reader::unescape`]).
     #[inline(always)]
-    fn string(&mut self) -> Option<Str> {
+    fn plain(&mut self) -> Option<Result<std::ops::Range<usize>, (usize, usize)>> {
         self.byte(b'"')?;
         let start = self.pos;
         let end = plain_run(self.b, start);
         match self.b.get(end)? {
             b'"' => {
                 self.pos = end + 1;
-                // Cut at ASCII quotes of a `str`: on character boundaries.
-                Some(share_str(self.src, self.text.get(start..end)?))
+                Some(Ok(start..end))
             }
-            b'\\' => self.unescape(start, end),
+            b'\\' => Some(Err((start, end))),
             _ => None,
+        }
+    }
+
+    /// A string value: a slice of the input without escapes, else the unescaped copy.
+    #[inline(always)]
+    fn string(&mut self) -> Option<Str> {
+        match self.plain()? {
+            // Cut at ASCII quotes of a `str`: on character boundaries.
+            Ok(r) => Some(share_str(self.src, self.text.get(r)?)),
+            Err((start, end)) => self.unescape(start, end),
         }
     }
 
@@ -460,16 +471,9 @@ impl<'a> MapSource for Reader<'a> {
 
     #[inline]
     fn name<T>(&mut self, f: impl FnOnce(&[u8]) -> Option<T>) -> Option<T> {
-        self.byte(b'"')?;
-        let start = self.pos;
-        let end = plain_run(self.b, start);
-        match self.b.get(end)? {
-            b'"' => {
-                self.pos = end + 1;
-                f(self.b.get(start..end)?)
-            }
-            b'\\' => f(self.unescape(start, end)?.as_bytes()),
-            _ => None,
+        match self.plain()? {
+            Ok(r) => f(self.b.get(r)?),
+            Err((start, end)) => f(self.unescape(start, end)?.as_bytes()),
         }
     }
 
