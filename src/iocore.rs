@@ -116,8 +116,8 @@ pub struct Services {
     pub dedupe_window_ms: u64,
     /// Largest push ingress body accepted.
     pub max_push_body: usize,
-    /// Told when Kafka's topics exist (`Control::backend_ready`; the caller counted Kafka
-    /// as pending).
+    /// Readiness: a configured Kafka is counted pending at start, ready once its topics
+    /// exist (`Control::backend_pending` / `backend_ready`).
     pub control: Option<Arc<crate::control::Control>>,
 }
 
@@ -234,6 +234,10 @@ impl IoCore {
         shards: usize,
         cpu: Option<usize>,
     ) -> Result<(IoCore, Vec<IoPort>), IoStartError> {
+        // Counted before any shard can report ready; released by the topic task.
+        if let (Some(_), Some(c)) = (&cfg.services.kafka, &cfg.services.control) {
+            c.backend_pending();
+        }
         let inbound = Arc::new(ArrayQueue::new(cfg.queue_depth.max(1)));
         let io_wake = Arc::new(tokio::sync::Notify::new());
         let stats = Arc::new(IoStats::default());

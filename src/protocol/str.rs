@@ -10,7 +10,7 @@
 //! Invariant (what makes `as_str` sound): the bytes behind a `Str` are UTF-8. Every
 //! constructor either takes a `str`, checks the bytes, or is `unsafe` and says so.
 
-use std::borrow::{Borrow, Cow};
+use std::borrow::Borrow;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::ops::Deref;
@@ -239,36 +239,9 @@ impl From<&str> for Str {
     }
 }
 
-impl From<&String> for Str {
-    fn from(s: &String) -> Str {
-        Str::from(s.as_str())
-    }
-}
-
 impl From<String> for Str {
     fn from(s: String) -> Str {
         Str::inline(s.as_bytes()).unwrap_or_else(|| Str(Repr::Shared(Bytes::from(s))))
-    }
-}
-
-impl From<Box<str>> for Str {
-    fn from(s: Box<str>) -> Str {
-        Str::from(String::from(s))
-    }
-}
-
-impl From<Cow<'_, str>> for Str {
-    fn from(s: Cow<'_, str>) -> Str {
-        match s {
-            Cow::Borrowed(s) => Str::from(s),
-            Cow::Owned(s) => Str::from(s),
-        }
-    }
-}
-
-impl From<Str> for String {
-    fn from(s: Str) -> String {
-        s.as_str().to_owned()
     }
 }
 
@@ -283,13 +256,6 @@ impl TryFrom<&[u8]> for Str {
     type Error = std::str::Utf8Error;
     fn try_from(b: &[u8]) -> Result<Str, Self::Error> {
         Ok(Str::from(std::str::from_utf8(b)?))
-    }
-}
-
-impl TryFrom<Vec<u8>> for Str {
-    type Error = std::string::FromUtf8Error;
-    fn try_from(b: Vec<u8>) -> Result<Str, Self::Error> {
-        Ok(Str::from(String::from_utf8(b)?))
     }
 }
 
@@ -377,7 +343,6 @@ mod tests {
     fn invalid_utf8_is_refused() {
         assert!(Str::from_utf8(Bytes::from_static(b"a\xff")).is_err());
         assert!(Str::try_from(&b"\xc3"[..]).is_err());
-        assert!(Str::try_from(vec![0xffu8]).is_err());
     }
 
     #[test]

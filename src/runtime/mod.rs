@@ -152,7 +152,6 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
 }
 
 /// The services the I/O core runs, from the configuration.
-/// A configured Kafka holds readiness until its topics exist.
 fn services(cfg: &Config, control: &Arc<Control>) -> crate::iocore::Services {
     let node = if cfg.redis.node.is_empty() {
         cfg.server.ws_listen.to_string()
@@ -161,10 +160,7 @@ fn services(cfg: &Config, control: &Arc<Control>) -> crate::iocore::Services {
     };
     crate::iocore::Services {
         redis: cfg.redis.url.is_some().then(|| (cfg.redis.clone(), node)),
-        kafka: cfg.kafka.brokers.is_some().then(|| {
-            control.backend_pending();
-            cfg.kafka.clone()
-        }),
+        kafka: cfg.kafka.brokers.is_some().then(|| cfg.kafka.clone()),
         control: Some(control.clone()),
         kafka_confirms: cfg.server.durability == Durability::Backend,
         dedupe_window_ms: cfg.store.dedupe_window_ms,
