@@ -38,7 +38,7 @@
 use bytes::Bytes;
 use prost::Message as _;
 
-use super::text::slice_str;
+use super::text::sub_str_into;
 use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
 use crate::protocol::{
     Ack, Deliver, Envelope, Error, ErrorCode, Ext, Goaway, GroupJoin, GroupLeave, Hello, Limits,
@@ -85,7 +85,19 @@ impl Codec for Protobuf {
     }
 
     fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
-        Reader { src: bytes }.frame()
+        // The message is read in place, in the value that is returned: every path returns
+        // `out`, so the compiler builds it in the caller's slot. (Building an `Envelope` and
+        // returning `Ok` of it copied all 256 bytes, reading back the strings just stored.)
+        let mut out = Ok(Envelope {
+            reference: None,
+            msg: Message::Ok,
+        });
+        if let Ok(env) = &mut out {
+            if let Err(e) = (Reader { src: bytes }).frame(env) {
+                out = Err(e);
+            }
+        }
+        out
     }
 }
 
@@ -625,13 +637,25 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    /// A string field's value as a slice of the input.
+    /// A string field's value, written into `out`: inline when short, else a slice of the
+    /// input. (Written in place rather than returned: see [`Str::assign`].)
     #[inline(always)]
-    fn string(&self, cur: &mut &[u8], tag: u32, wire_type: u8) -> Res<Str> {
+    fn string_into(&self, cur: &mut &[u8], tag: u32, wire_type: u8, out: &mut Str) -> Res<()> {
         want(tag, wire_type, LEN)?;
         let s = delimited(cur)?;
-        let start = s.as_ptr() as usize - self.src.as_ptr() as usize;
-        slice_str(self.src, start, start + s.len())
+        // `s` was split off `src`, so this fails only on invalid UTF-8.
+        if sub_str_into(self.src, s, out) {
+            Ok(())
+        } else {
+            Err(DecodeError::InvalidUtf8)
+        }
+    }
+
+    /// [`Reader::string_into`] a new `Str`, for values that are pushed or wrapped.
+    fn string(&self, cur: &mut &[u8], tag: u32, wire_type: u8) -> Res<Str> {
+        let mut s = Str::new();
+        self.string_into(cur, tag, wire_type, &mut s)?;
+        Ok(s)
     }
 
     /// `deliver`'s fields in the order encoders write them (field number order, one-byte
@@ -660,7 +684,7 @@ impl Reader<'_> {
             d.mid = varint(cur)?;
         }
         if next(cur, 0x12) {
-            d.from = self.string(cur, 2, LEN)?;
+            self.string_into(cur, 2, LEN, &mut d.from)?;
         }
         if cur.first() == Some(&0x1a) {
             *cur = &cur[1..];
@@ -673,10 +697,10 @@ impl Reader<'_> {
             d.ts = varint(cur)?;
         }
         if next(cur, 0x32) {
-            d.kind = Some(self.string(cur, 6, LEN)?);
+            self.string_into(cur, 6, LEN, d.kind.get_or_insert_with(Str::new))?;
         }
         if next(cur, 0x3a) {
-            d.body = self.string(cur, 7, LEN)?;
+            self.string_into(cur, 7, LEN, &mut d.body)?;
         }
         while next(cur, 0x42) {
             self.ext_entry(cur, 8, LEN, depth, &mut d.ext)?;
@@ -726,6 +750,7 @@ impl Reader<'_> {
     }
 
     /// A `map<string, string>` entry: a nested message with the key (1) and value (2).
+    #[inline(always)]
     fn ext_entry(
         &self,
         cur: &mut &[u8],
@@ -737,38 +762,33 @@ impl Reader<'_> {
         want(tag, wire_type, LEN)?;
         let depth = enter(depth)?;
         let mut inner = delimited(cur)?;
-        let mut key = Str::new();
-        let mut value = Str::new();
-        // The usual entry: key then value, one-byte keys, nothing else.
-        if inner.first() == Some(&0x0a) {
-            inner = &inner[1..];
-            key = self.string(&mut inner, 1, LEN)?;
-            if inner.first() == Some(&0x12) {
+        ext.insert_with(|key, value| {
+            // The usual entry: key then value, one-byte keys, nothing else.
+            if inner.first() == Some(&0x0a) {
                 inner = &inner[1..];
-                value = self.string(&mut inner, 2, LEN)?;
+                self.string_into(&mut inner, 1, LEN, key)?;
+                if inner.first() == Some(&0x12) {
+                    inner = &inner[1..];
+                    self.string_into(&mut inner, 2, LEN, value)?;
+                }
             }
-        }
-        // Anything else (other order, unknown fields, repeats): the general loop.
-        fields(&mut inner, depth, |c, tag, wt| {
-            match tag {
-                1 => key = self.string(c, tag, wt)?,
-                2 => value = self.string(c, tag, wt)?,
-                _ => return Ok(false),
-            }
-            Ok(true)
-        })?;
-        ext.insert(key, value);
-        Ok(())
+            // Anything else (other order, unknown fields, repeats): the general loop.
+            fields(&mut inner, depth, |c, tag, wt| {
+                match tag {
+                    1 => self.string_into(c, tag, wt, key)?,
+                    2 => self.string_into(c, tag, wt, value)?,
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            })
+        })
     }
 
-    fn frame(&self) -> Res<Envelope> {
+    /// Reads the frame into `env`, which holds a placeholder message.
+    #[inline(always)]
+    fn frame(&self, env: &mut Envelope) -> Res<()> {
         let mut cur: &[u8] = self.src;
-        // The message is read in place (no 200-byte moves of a finished message): `op` says
-        // whether `env.msg` holds a real op yet or still the placeholder.
-        let mut env = Envelope {
-            reference: None,
-            msg: Message::Ping(Ping::default()),
-        };
+        // `op` says whether `env.msg` holds a real op yet or still the placeholder.
         let mut op: Option<Op> = None;
         let mut pending = Pending::default();
         while !cur.is_empty() {
@@ -798,18 +818,18 @@ impl Reader<'_> {
                 reference: env.reference,
             });
         }
-        finish(&mut env.msg, &pending)?;
-        Ok(env)
+        finish(&mut env.msg, &pending)
     }
 
     /// Merges the fields in `cur` into the op's message `m`.
+    #[inline(always)]
     fn message(&self, cur: &mut &[u8], m: &mut Message, p: &mut Pending, depth: usize) -> Res<()> {
         match m {
             Message::Hello(h) => fields(cur, depth, |c, tag, wt| {
                 match tag {
                     1 => p.version = u32_field(c, tag, wt)?,
-                    2 => h.token = self.string(c, tag, wt)?,
-                    3 => h.device = self.string(c, tag, wt)?,
+                    2 => self.string_into(c, tag, wt, &mut h.token)?,
+                    3 => self.string_into(c, tag, wt, &mut h.device)?,
                     4 => {
                         let s = self.string(c, tag, wt)?;
                         h.codecs.push(s);
@@ -832,7 +852,7 @@ impl Reader<'_> {
                 match tag {
                     1 => p.version = u32_field(c, tag, wt)?,
                     2 => w.session = u64_field(c, tag, wt)?,
-                    3 => w.user = self.string(c, tag, wt)?,
+                    3 => self.string_into(c, tag, wt, &mut w.user)?,
                     4 => w.heartbeat_ms = u64_field(c, tag, wt)?,
                     5 => w.server_time_ms = u64_field(c, tag, wt)?,
                     6 => {
@@ -863,9 +883,9 @@ impl Reader<'_> {
             Message::Send(s) => fields(cur, depth, |c, tag, wt| {
                 match tag {
                     1 => self.target(c, tag, wt, depth, &mut p.to, &mut |t| s.to = t)?,
-                    2 => s.cmid = self.string(c, tag, wt)?,
-                    3 => s.kind = Some(self.string(c, tag, wt)?),
-                    4 => s.body = self.string(c, tag, wt)?,
+                    2 => self.string_into(c, tag, wt, &mut s.cmid)?,
+                    3 => self.string_into(c, tag, wt, s.kind.get_or_insert_with(Str::new))?,
+                    4 => self.string_into(c, tag, wt, &mut s.body)?,
                     5 => self.ext_entry(c, tag, wt, depth, &mut s.ext)?,
                     _ => return Ok(false),
                 }
@@ -873,7 +893,7 @@ impl Reader<'_> {
             }),
             Message::SendAck(a) => fields(cur, depth, |c, tag, wt| {
                 match tag {
-                    1 => a.cmid = self.string(c, tag, wt)?,
+                    1 => self.string_into(c, tag, wt, &mut a.cmid)?,
                     2 => a.mid = u64_field(c, tag, wt)?,
                     3 => a.seq = u64_field(c, tag, wt)?,
                     4 => a.ts = u64_field(c, tag, wt)?,
@@ -886,12 +906,12 @@ impl Reader<'_> {
                 fields(cur, depth, |c, tag, wt| {
                     match tag {
                         1 => d.mid = u64_field(c, tag, wt)?,
-                        2 => d.from = self.string(c, tag, wt)?,
+                        2 => self.string_into(c, tag, wt, &mut d.from)?,
                         3 => self.target(c, tag, wt, depth, &mut p.to, &mut |t| d.to = Some(t))?,
                         4 => d.inbox_seq = u64_field(c, tag, wt)?,
                         5 => d.ts = u64_field(c, tag, wt)?,
-                        6 => d.kind = Some(self.string(c, tag, wt)?),
-                        7 => d.body = self.string(c, tag, wt)?,
+                        6 => self.string_into(c, tag, wt, d.kind.get_or_insert_with(Str::new))?,
+                        7 => self.string_into(c, tag, wt, &mut d.body)?,
                         8 => self.ext_entry(c, tag, wt, depth, &mut d.ext)?,
                         _ => return Ok(false),
                     }
@@ -901,7 +921,7 @@ impl Reader<'_> {
             Message::Ack(a) => fields(cur, depth, |c, tag, wt| {
                 match tag {
                     1 => a.inbox_seq = u64_field(c, tag, wt)?,
-                    2 => a.group = Some(self.string(c, tag, wt)?),
+                    2 => self.string_into(c, tag, wt, a.group.get_or_insert_with(Str::new))?,
                     _ => return Ok(false),
                 }
                 Ok(true)
@@ -910,7 +930,7 @@ impl Reader<'_> {
                 match tag {
                     1 => s.after_inbox_seq = u64_field(c, tag, wt)?,
                     2 => s.limit = u32_field(c, tag, wt)?,
-                    3 => s.group = Some(self.string(c, tag, wt)?),
+                    3 => self.string_into(c, tag, wt, s.group.get_or_insert_with(Str::new))?,
                     _ => return Ok(false),
                 }
                 Ok(true)
@@ -919,7 +939,7 @@ impl Reader<'_> {
                 match tag {
                     1 => s.up_to = u64_field(c, tag, wt)?,
                     2 => s.more = u64_field(c, tag, wt)? != 0,
-                    3 => s.group = Some(self.string(c, tag, wt)?),
+                    3 => self.string_into(c, tag, wt, s.group.get_or_insert_with(Str::new))?,
                     4 => {
                         let g = self.string(c, tag, wt)?;
                         s.groups.push(g);
@@ -945,7 +965,7 @@ impl Reader<'_> {
             }),
             Message::Presence(x) => fields(cur, depth, |c, tag, wt| {
                 match tag {
-                    1 => x.user = self.string(c, tag, wt)?,
+                    1 => self.string_into(c, tag, wt, &mut x.user)?,
                     2 => p.status = i32_field(c, tag, wt)?,
                     3 => x.ts = u64_field(c, tag, wt)?,
                     _ => return Ok(false),
@@ -957,7 +977,7 @@ impl Reader<'_> {
                     if tag != 1 {
                         return Ok(false);
                     }
-                    *group = self.string(c, tag, wt)?;
+                    self.string_into(c, tag, wt, group)?;
                     Ok(true)
                 })
             }
@@ -965,8 +985,8 @@ impl Reader<'_> {
             Message::Error(e) => fields(cur, depth, |c, tag, wt| {
                 match tag {
                     1 => p.code = u32_field(c, tag, wt)?,
-                    2 => e.message = self.string(c, tag, wt)?,
-                    3 => e.cmid = Some(self.string(c, tag, wt)?),
+                    2 => self.string_into(c, tag, wt, &mut e.message)?,
+                    3 => self.string_into(c, tag, wt, e.cmid.get_or_insert_with(Str::new))?,
                     4 => e.retry_after_ms = Some(u64_field(c, tag, wt)?),
                     _ => return Ok(false),
                 }
@@ -974,7 +994,7 @@ impl Reader<'_> {
             }),
             Message::Goaway(g) => fields(cur, depth, |c, tag, wt| {
                 match tag {
-                    1 => g.reason = self.string(c, tag, wt)?,
+                    1 => self.string_into(c, tag, wt, &mut g.reason)?,
                     2 => g.reconnect_ms = u64_field(c, tag, wt)?,
                     _ => return Ok(false),
                 }

@@ -8,38 +8,11 @@
 
 use bytes::Bytes;
 
-use super::DecodeError;
 use crate::protocol::str::INLINE_MAX;
 use crate::protocol::Str;
 
-/// `src[start..end]` as a [`Str`] (inline, or sharing `src`'s memory when longer than
-/// [`INLINE_MAX`]), after checking that it is UTF-8.
-///
-/// Errors: [`DecodeError::Truncated`] when the range is not inside `src` (or reversed),
-/// [`DecodeError::InvalidUtf8`] when the bytes are not UTF-8.
-#[inline]
-pub(crate) fn slice_str(src: &Bytes, start: usize, end: usize) -> Result<Str, DecodeError> {
-    let raw = src.get(start..end).ok_or(DecodeError::Truncated)?;
-    // ASCII (most ids and much text) is checked a word at a time; anything else in full.
-    if !raw.is_ascii() && std::str::from_utf8(raw).is_err() {
-        return Err(DecodeError::InvalidUtf8);
-    }
-    if raw.len() <= INLINE_MAX {
-        // SAFETY: `raw` was checked as UTF-8 just above.
-        #[allow(unsafe_code)]
-        let s = unsafe { std::str::from_utf8_unchecked(raw) };
-        return Ok(Str::from(s));
-    }
-    let shared = src.slice(start..end);
-    // SAFETY: `shared` is `src[start..end]`, the very bytes `raw` checked as UTF-8 above
-    // (`Bytes` is immutable, so they cannot have changed in between).
-    #[allow(unsafe_code)]
-    let s = unsafe { Str::from_bytes_unchecked(shared) };
-    Ok(s)
-}
-
 /// `raw`, a subslice of `src` (a reader's view of the input), as a [`Str`] if it is UTF-8:
-/// [`slice_str`] for a reader that holds the bytes rather than their offsets.
+/// inline when short, else a slice sharing `src`'s memory.
 ///
 /// The short case (checked and copied inline) is inlined into the reader, so the string is
 /// built where it is stored rather than returned through memory; the long case (a shared
@@ -58,6 +31,28 @@ pub(crate) fn sub_str(src: &Bytes, raw: &[u8]) -> Option<Str> {
     #[allow(unsafe_code)]
     let s = unsafe { std::str::from_utf8_unchecked(raw) };
     Some(Str::from(s))
+}
+
+/// [`sub_str`] into `out` (see [`Str::assign`]); `false`, leaving `out` as it was, where
+/// [`sub_str`] gives `None`.
+#[inline(always)]
+pub(crate) fn sub_str_into(src: &Bytes, raw: &[u8], out: &mut Str) -> bool {
+    if raw.len() > INLINE_MAX {
+        return match sub_str_shared(src, raw) {
+            Some(s) => {
+                *out = s;
+                true
+            }
+            None => false,
+        };
+    }
+    match ascii_str(raw).or_else(|| std::str::from_utf8(raw).ok()) {
+        Some(s) => {
+            out.assign(s);
+            true
+        }
+        None => false,
+    }
 }
 
 /// [`sub_str`] beyond [`INLINE_MAX`]: a slice sharing `src`'s memory.
@@ -118,26 +113,6 @@ pub(crate) fn share_str(src: &Bytes, s: &str) -> Str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn slices_share_memory() {
-        let src = Bytes::from_static(b"xxhello\xffyy");
-        let s = slice_str(&src, 2, 7).unwrap();
-        assert_eq!(&*s, "hello");
-        assert_ne!(s.as_bytes().as_ptr(), src[2..].as_ptr(), "short: inline");
-        assert_eq!(slice_str(&src, 2, 8), Err(DecodeError::InvalidUtf8));
-        assert_eq!(slice_str(&src, 8, 7), Err(DecodeError::Truncated));
-        assert_eq!(slice_str(&src, 0, 11), Err(DecodeError::Truncated));
-        assert_eq!(slice_str(&src, 3, 3).unwrap(), Str::new());
-        let long = Bytes::from(format!("__{}\u{e9}", "z".repeat(INLINE_MAX)));
-        let l = slice_str(&long, 2, long.len()).unwrap();
-        assert_eq!(l.len(), INLINE_MAX + 2);
-        assert_eq!(l.as_bytes().as_ptr(), long[2..].as_ptr(), "long: shared");
-        assert_eq!(
-            slice_str(&long, 2, long.len() - 1),
-            Err(DecodeError::InvalidUtf8)
-        );
-    }
 
     #[test]
     fn sub_str_inline_shared_and_refused() {

@@ -27,19 +27,37 @@ pub struct Str(Repr);
 
 #[derive(Clone)]
 enum Repr {
-    /// `buf[..len]` is the string; `len <= INLINE_MAX`.
-    Inline { len: u8, buf: [u8; INLINE_MAX] },
+    /// Up to `INLINE_MAX` bytes, copied.
+    Inline(Inline),
     /// Longer than `INLINE_MAX`, or static.
     Shared(Bytes),
+}
+
+/// An inline string: bytes `0..len` are the string and the rest are zero, except the last
+/// byte, which is `len` (at most [`INLINE_MAX`]). Word-aligned, so a decoder writes it as
+/// whole words and a copy reads it back the same way (a `len: u8` field in front of a
+/// `[u8; 23]` made the compiler store the bytes at odd offsets, and the wide loads of the
+/// next copy then stalled: `perf` on the Protobuf decoder).
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Inline([u8; INLINE_MAX + 1]);
+
+impl Inline {
+    const EMPTY: Inline = Inline([0; INLINE_MAX + 1]);
+
+    fn as_bytes(&self) -> &[u8] {
+        // The length byte is at most INLINE_MAX (type invariant), so the range is in bounds;
+        // `get` keeps that from being a panic path if it ever were not.
+        self.0
+            .get(..usize::from(self.0[INLINE_MAX]))
+            .unwrap_or_default()
+    }
 }
 
 impl Str {
     /// The empty string (no allocation).
     pub const fn new() -> Str {
-        Str(Repr::Inline {
-            len: 0,
-            buf: [0; INLINE_MAX],
-        })
+        Str(Repr::Inline(Inline::EMPTY))
     }
 
     /// A string pointing at static memory (no copy, no allocation).
@@ -55,10 +73,7 @@ impl Str {
         if b.len() > INLINE_MAX {
             return None;
         }
-        let buf = short_buf(b);
-        // Cannot truncate: b.len() <= INLINE_MAX < 256.
-        let len = b.len() as u8;
-        Some(Str(Repr::Inline { len, buf }))
+        Some(Str(Repr::Inline(short_buf(b))))
     }
 
     /// `b` as a `Str` without checking that it is UTF-8: short strings are copied inline,
@@ -67,6 +82,7 @@ impl Str {
     /// # Safety
     /// `b` must be valid UTF-8.
     #[allow(unsafe_code)]
+    #[inline(always)]
     pub unsafe fn from_bytes_unchecked(b: Bytes) -> Str {
         Str::inline(&b).unwrap_or(Str(Repr::Shared(b)))
     }
@@ -80,9 +96,20 @@ impl Str {
         Ok(s)
     }
 
+    /// Sets the string to `s`. When both are short, `s`'s bytes are written over the inline
+    /// buffer in place: a decoder that fills a field this way leaves no temporary `Str` to
+    /// move into it (moving one right after building it stalls the CPU; see [`short_buf`]).
+    #[inline(always)]
+    pub fn assign(&mut self, s: &str) {
+        match &mut self.0 {
+            Repr::Inline(i) if s.len() <= INLINE_MAX => *i = short_buf(s.as_bytes()),
+            _ => *self = Str::from(s),
+        }
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         match &self.0 {
-            Repr::Inline { len, buf } => &buf[..usize::from(*len)],
+            Repr::Inline(i) => i.as_bytes(),
             Repr::Shared(b) => b,
         }
     }
@@ -98,27 +125,28 @@ impl Str {
     /// The bytes as a `Bytes`: shared when they already are, else copied.
     pub fn into_bytes(self) -> Bytes {
         match self.0 {
-            Repr::Inline { .. } => Bytes::copy_from_slice(self.as_bytes()),
+            Repr::Inline(_) => Bytes::copy_from_slice(self.as_bytes()),
             Repr::Shared(b) => b,
         }
     }
 }
 
-/// `b` (at most [`INLINE_MAX`] bytes) zero-padded to `INLINE_MAX` bytes, assembled in two
-/// registers from overlapping loads of constant size (16, 8, 4 or 1 bytes) and stored as two
-/// words. Neither a `memcpy` call (which costs more than the copy itself at these lengths: a
-/// profile of the Protobuf decoder showed the calls) nor piecewise stores into the buffer
-/// (which stall the wide loads that copy the string next: a profile of the MessagePack
-/// decoder showed those).
+/// `b` (at most [`INLINE_MAX`] bytes) as an [`Inline`], assembled in registers from
+/// overlapping loads of constant size (16, 8, 4 or 1 bytes) and stored as whole words.
+/// Neither a `memcpy` call (which costs more than the copy itself at these lengths: a profile
+/// of the Protobuf decoder showed the calls) nor piecewise stores into the buffer (which
+/// stall the wide loads that copy the string next: a profile of the MessagePack decoder
+/// showed those).
 #[inline(always)]
-fn short_buf(b: &[u8]) -> [u8; INLINE_MAX] {
+fn short_buf(b: &[u8]) -> Inline {
     let n = b.len();
     debug_assert!(n <= INLINE_MAX);
-    // `lo`: bytes 0..16 of the buffer; `hi`: bytes 15..23 (byte 15 is in both, equal).
+    // `lo`: bytes 0..16; `hi`: bytes 16..24, whose last byte is the length.
     let (lo, hi) = if let (Some(a), Some(t)) = (b.first_chunk::<16>(), b.last_chunk::<8>()) {
-        // b[n - 8..] holds b[15] at byte 23 - n.
-        let shift = 8 * (INLINE_MAX.saturating_sub(n) as u32);
-        (u128::from_le_bytes(*a), u64::from_le_bytes(*t) >> shift)
+        // Byte i of `t` is b[n - 8 + i], so b[16] is its byte 24 - n (1 to 8 for 16..=23).
+        let shift = 8 * (INLINE_MAX + 1).saturating_sub(n) as u32;
+        let tail = u64::from_le_bytes(*t).checked_shr(shift).unwrap_or(0);
+        (u128::from_le_bytes(*a), tail)
     } else if let (Some(a), Some(c)) = (b.first_chunk::<8>(), b.last_chunk::<8>()) {
         // Two words overlapping on b[n - 8..8] (equal bytes, so or-ing them is exact).
         let c = u128::from(u64::from_le_bytes(*c)) << (8 * (n - 8));
@@ -136,10 +164,13 @@ fn short_buf(b: &[u8]) -> [u8; INLINE_MAX] {
     } else {
         (0, 0)
     };
-    let mut buf = [0; INLINE_MAX];
+    // Cannot truncate: n <= INLINE_MAX < 256. Byte 7 of `hi` (byte 23) is zero above, as
+    // b[23] would be the 24th byte.
+    let hi = hi | (n as u64) << 56;
+    let mut buf = [0; INLINE_MAX + 1];
     buf[..16].copy_from_slice(&lo.to_le_bytes());
-    buf[15..].copy_from_slice(&hi.to_le_bytes());
-    buf
+    buf[16..].copy_from_slice(&hi.to_le_bytes());
+    Inline(buf)
 }
 
 impl Default for Str {
@@ -302,7 +333,7 @@ mod tests {
     fn inline_up_to_the_limit_then_shared() {
         let short = "x".repeat(INLINE_MAX);
         let long = "x".repeat(INLINE_MAX + 1);
-        assert!(matches!(Str::from(short.as_str()).0, Repr::Inline { .. }));
+        assert!(matches!(Str::from(short.as_str()).0, Repr::Inline(_)));
         assert!(matches!(Str::from(long.as_str()).0, Repr::Shared(_)));
         let src = Bytes::from(format!("{long}!"));
         let s = Str::from_utf8(src.slice(..INLINE_MAX + 1)).unwrap();
@@ -329,13 +360,14 @@ mod tests {
         for n in 0..=INLINE_MAX {
             let s = Str::from(&text[..n]);
             assert_eq!(s.as_str(), &text[..n], "length {n}");
-            let Repr::Inline { buf, .. } = s.0 else {
+            let Repr::Inline(Inline(buf)) = s.0 else {
                 panic!("length {n}: not inline")
             };
             assert!(
-                buf[n..].iter().all(|&b| b == 0),
+                buf[n..INLINE_MAX].iter().all(|&b| b == 0),
                 "length {n}: padding {buf:?}"
             );
+            assert_eq!(usize::from(buf[INLINE_MAX]), n, "length byte");
         }
     }
 
