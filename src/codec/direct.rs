@@ -24,9 +24,9 @@
 
 use super::EncodeError;
 use crate::protocol::{
-    Ack, Deliver, Envelope, Error, ErrorCode, Ext, Goaway, GroupJoin, GroupLeave, Hello, Limits,
-    Message, Op, Ping, Pong, Presence, PresenceSet, PresenceSub, Resume, Send, SendAck, Status,
-    Str, Sync, Synced, Target, Welcome,
+    Ack, Envelope, Error, ErrorCode, Ext, Goaway, GroupJoin, GroupLeave, Hello, Limits, Message,
+    Op, Ping, Pong, Presence, PresenceSet, PresenceSub, Resume, SendAck, Status, Str, Sync, Synced,
+    Target, Welcome,
 };
 
 /// One format's reader, positioned inside the frame's top-level map after its header. Every
@@ -51,6 +51,13 @@ pub(crate) trait MapSource {
     }
     /// A string value, as a slice of the input where possible.
     fn str(&mut self) -> Option<Str>;
+    /// [`MapSource::str`] written into `out`, for the fields read in place. A reader that can
+    /// build the string in `out` (see [`Str::assign`]) does.
+    #[inline(always)]
+    fn str_into(&mut self, out: &mut Str) -> Option<()> {
+        *out = self.str()?;
+        Some(())
+    }
     /// A string value that is only compared (`op`, `status`, `code`), passed to `f`.
     fn name<T>(&mut self, f: impl FnOnce(&[u8]) -> Option<T>) -> Option<T>;
     /// A non-negative integer value.
@@ -158,13 +165,28 @@ fn set<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
     Some(())
 }
 
-/// `ext`, read into its slot (a repeated `ext` gives up).
-#[inline(always)]
-fn set_ext<S: MapSource>(s: &mut S, slot: &mut Option<Ext>) -> Option<()> {
-    if slot.is_some() {
-        return None;
+/// Which of an op's fields a frame has given, for the ops read in place (bit `i`: the
+/// `i`-th field of the op).
+#[derive(Default)]
+struct Seen(u32);
+
+impl Seen {
+    /// Marks field `bit` as given; a repeated field gives up.
+    #[inline(always)]
+    fn once(&mut self, bit: u32) -> Option<()> {
+        let m = 1 << bit;
+        if self.0 & m != 0 {
+            return None;
+        }
+        self.0 |= m;
+        Some(())
     }
-    s.ext(slot.insert(Ext::new()))
+
+    /// Gives up unless every field in `required` was given.
+    #[inline(always)]
+    fn all(&self, required: u32) -> Option<()> {
+        (self.0 & required == required).then_some(())
+    }
 }
 
 /// A key that is not one of the op's fields: `ref`, skipped if unknown, else give up.
@@ -182,13 +204,17 @@ fn other<S: MapSource>(s: &mut S, key: &S::Key, reference: &mut Option<u64>) -> 
     }
 }
 
-/// Reads the top-level map (after its header) into an envelope, or gives up. `done` checks
-/// what must hold after the map (nothing trailing) before the envelope is built.
+/// Reads the top-level map (after its header) into `env`, or gives up (`env` then holds some
+/// of the fields read). `done` checks what must hold after the map (nothing trailing).
 ///
-/// Each format calls it from one place, so it is inlined there: the envelope is then built
-/// in the caller's result rather than moved through several return values.
+/// Each format calls it from one place, so it is inlined there, into the value the decoder
+/// returns ([`super::read_in_place`]).
 #[inline(always)]
-pub(crate) fn envelope<S: MapSource>(s: &mut S, done: impl FnOnce(&S) -> bool) -> Option<Envelope> {
+pub(crate) fn envelope<S: MapSource>(
+    s: &mut S,
+    done: impl FnOnce(&S) -> bool,
+    env: &mut Envelope,
+) -> Option<()> {
     let first = s.key()??;
     if first.as_ref() != b"op" {
         return None;
@@ -221,230 +247,229 @@ pub(crate) fn envelope<S: MapSource>(s: &mut S, done: impl FnOnce(&S) -> bool) -
             }
         };
     }
-    // Built in place: the match is the envelope's first field, and each op's fields check
-    // what must follow the map before the message is assembled.
-    Some(Envelope {
-        msg: match op {
-            Op::Hello => {
-                let (mut version, mut token, mut device, mut codecs, mut resume) =
-                    (None, None, None, None, None);
-                fields! {
-                    b"version" => set(&mut version, s.uint().and_then(|v| u8::try_from(v).ok())),
-                    b"token" => set(&mut token, s.str()),
-                    b"device" => set(&mut device, s.str()),
-                    b"codecs" => set(&mut codecs, s.strs()),
-                    b"resume" => set(&mut resume, s.resume()),
-                }
-                Message::Hello(Hello {
-                    version: version.unwrap_or(0),
-                    token: token?,
-                    device: device?,
-                    codecs: codecs.unwrap_or_default(),
-                    resume,
-                })
+    match op {
+        // The ops that carry messages (the hot ones) are read in place, into the message
+        // that is returned: strings are built where they stay (moving a just-built message
+        // reads back what was just stored, which stalls the CPU: `perf`, MessagePack).
+        Op::Send => {
+            env.msg = Message::empty(op);
+            let Message::Send(m) = &mut env.msg else {
+                return None;
+            };
+            let mut seen = Seen::default();
+            fields! {
+                b"to" => { seen.once(0)?; m.to = s.target()?; Some(()) },
+                b"cmid" => { seen.once(1)?; s.str_into(&mut m.cmid) },
+                b"type" => { seen.once(2)?; s.str_into(m.kind.get_or_insert_with(Str::new)) },
+                b"body" => { seen.once(3)?; s.str_into(&mut m.body) },
+                b"ext" => { seen.once(4)?; s.ext(&mut m.ext) },
             }
-            Op::Welcome => {
-                let (mut version, mut session, mut user, mut heartbeat_ms, mut server_time_ms) =
-                    (None, None, None, None, None);
-                let mut limits = None;
-                fields! {
-                    b"version" => set(&mut version, s.uint().and_then(|v| u8::try_from(v).ok())),
-                    b"session" => set(&mut session, s.uint()),
-                    b"user" => set(&mut user, s.str()),
-                    b"heartbeat_ms" => set(&mut heartbeat_ms, s.uint()),
-                    b"server_time_ms" => set(&mut server_time_ms, s.uint()),
-                    b"limits" => set(&mut limits, s.limits()),
-                }
-                Message::Welcome(Welcome {
-                    version: version.unwrap_or(0),
-                    session: session?,
-                    user: user?,
-                    heartbeat_ms: heartbeat_ms?,
-                    server_time_ms: server_time_ms?,
-                    limits: limits.unwrap_or_default(),
-                })
+            // `to`, `cmid` and `body` are required.
+            seen.all(0b1011)?;
+        }
+        Op::Deliver => {
+            env.msg = Message::empty(op);
+            let Message::Deliver(m) = &mut env.msg else {
+                return None;
+            };
+            let mut seen = Seen::default();
+            fields! {
+                b"mid" => { seen.once(0)?; m.mid = s.uint()?; Some(()) },
+                b"from" => { seen.once(1)?; s.str_into(&mut m.from) },
+                b"to" => { seen.once(2)?; m.to = Some(s.target()?); Some(()) },
+                b"inbox_seq" => { seen.once(3)?; m.inbox_seq = s.uint()?; Some(()) },
+                b"ts" => { seen.once(4)?; m.ts = s.uint()?; Some(()) },
+                b"type" => { seen.once(5)?; s.str_into(m.kind.get_or_insert_with(Str::new)) },
+                b"body" => { seen.once(6)?; s.str_into(&mut m.body) },
+                b"ext" => { seen.once(7)?; s.ext(&mut m.ext) },
             }
-            Op::Ping | Op::Pong => {
-                let mut ts = None;
-                fields! {
-                    b"ts" => set(&mut ts, s.uint()),
+            // `mid`, `from`, `inbox_seq`, `ts` and `body` are required.
+            seen.all(0b101_1011)?;
+        }
+        _ => {
+            env.msg = match op {
+                Op::Hello => {
+                    let (mut version, mut token, mut device, mut codecs, mut resume) =
+                        (None, None, None, None, None);
+                    fields! {
+                        b"version" => set(&mut version, s.uint().and_then(|v| u8::try_from(v).ok())),
+                        b"token" => set(&mut token, s.str()),
+                        b"device" => set(&mut device, s.str()),
+                        b"codecs" => set(&mut codecs, s.strs()),
+                        b"resume" => set(&mut resume, s.resume()),
+                    }
+                    Message::Hello(Hello {
+                        version: version.unwrap_or(0),
+                        token: token?,
+                        device: device?,
+                        codecs: codecs.unwrap_or_default(),
+                        resume,
+                    })
                 }
-                let ts = ts.unwrap_or(0);
-                if op == Op::Ping {
-                    Message::Ping(Ping { ts })
-                } else {
-                    Message::Pong(Pong { ts })
+                Op::Welcome => {
+                    let (mut version, mut session, mut user, mut heartbeat_ms, mut server_time_ms) =
+                        (None, None, None, None, None);
+                    let mut limits = None;
+                    fields! {
+                        b"version" => set(&mut version, s.uint().and_then(|v| u8::try_from(v).ok())),
+                        b"session" => set(&mut session, s.uint()),
+                        b"user" => set(&mut user, s.str()),
+                        b"heartbeat_ms" => set(&mut heartbeat_ms, s.uint()),
+                        b"server_time_ms" => set(&mut server_time_ms, s.uint()),
+                        b"limits" => set(&mut limits, s.limits()),
+                    }
+                    Message::Welcome(Welcome {
+                        version: version.unwrap_or(0),
+                        session: session?,
+                        user: user?,
+                        heartbeat_ms: heartbeat_ms?,
+                        server_time_ms: server_time_ms?,
+                        limits: limits.unwrap_or_default(),
+                    })
+                }
+                Op::Ping | Op::Pong => {
+                    let mut ts = None;
+                    fields! {
+                        b"ts" => set(&mut ts, s.uint()),
+                    }
+                    let ts = ts.unwrap_or(0);
+                    if op == Op::Ping {
+                        Message::Ping(Ping { ts })
+                    } else {
+                        Message::Pong(Pong { ts })
+                    }
+                }
+                Op::SendAck => {
+                    let (mut cmid, mut mid, mut seq, mut ts) = (None, None, None, None);
+                    fields! {
+                        b"cmid" => set(&mut cmid, s.str()),
+                        b"mid" => set(&mut mid, s.uint()),
+                        b"seq" => set(&mut seq, s.uint()),
+                        b"ts" => set(&mut ts, s.uint()),
+                    }
+                    Message::SendAck(SendAck {
+                        cmid: cmid?,
+                        mid: mid?,
+                        seq: seq?,
+                        ts: ts?,
+                    })
+                }
+                // Read in place above.
+                Op::Send | Op::Deliver => return None,
+                Op::Ack => {
+                    let (mut inbox_seq, mut group) = (None, None);
+                    fields! {
+                        b"inbox_seq" => set(&mut inbox_seq, s.uint()),
+                        b"group" => set(&mut group, s.str()),
+                    }
+                    Message::Ack(Ack {
+                        inbox_seq: inbox_seq?,
+                        group,
+                    })
+                }
+                Op::Sync => {
+                    let (mut after_inbox_seq, mut limit, mut group) = (None, None, None);
+                    fields! {
+                        b"after_inbox_seq" => set(&mut after_inbox_seq, s.uint()),
+                        b"limit" => set(&mut limit, s.uint().and_then(|v| u32::try_from(v).ok())),
+                        b"group" => set(&mut group, s.str()),
+                    }
+                    Message::Sync(Sync {
+                        after_inbox_seq: after_inbox_seq.unwrap_or(0),
+                        limit: limit.unwrap_or(0),
+                        group,
+                    })
+                }
+                Op::Synced => {
+                    let (mut up_to, mut more, mut group, mut groups) = (None, None, None, None);
+                    fields! {
+                        b"up_to" => set(&mut up_to, s.uint()),
+                        b"more" => set(&mut more, s.bool()),
+                        b"group" => set(&mut group, s.str()),
+                        b"groups" => set(&mut groups, s.strs()),
+                    }
+                    Message::Synced(Synced {
+                        up_to: up_to?,
+                        more: more.unwrap_or(false),
+                        group,
+                        groups: groups.unwrap_or_default(),
+                    })
+                }
+                Op::PresenceSet => {
+                    let mut status = None;
+                    fields! {
+                        b"status" => set(&mut status, s.name(status_from_name)),
+                    }
+                    Message::PresenceSet(PresenceSet { status: status? })
+                }
+                Op::PresenceSub => {
+                    let mut users = None;
+                    fields! {
+                        b"users" => set(&mut users, s.strs()),
+                    }
+                    Message::PresenceSub(PresenceSub { users: users? })
+                }
+                Op::Presence => {
+                    let (mut user, mut status, mut ts) = (None, None, None);
+                    fields! {
+                        b"user" => set(&mut user, s.str()),
+                        b"status" => set(&mut status, s.name(status_from_name)),
+                        b"ts" => set(&mut ts, s.uint()),
+                    }
+                    Message::Presence(Presence {
+                        user: user?,
+                        status: status?,
+                        ts: ts.unwrap_or(0),
+                    })
+                }
+                Op::GroupJoin | Op::GroupLeave => {
+                    let mut group = None;
+                    fields! {
+                        b"group" => set(&mut group, s.str()),
+                    }
+                    let group = group?;
+                    if op == Op::GroupJoin {
+                        Message::GroupJoin(GroupJoin { group })
+                    } else {
+                        Message::GroupLeave(GroupLeave { group })
+                    }
+                }
+                Op::Ok => {
+                    fields! {}
+                    Message::Ok
+                }
+                Op::Error => {
+                    let (mut code, mut message, mut cmid, mut retry_after_ms) =
+                        (None, None, None, None);
+                    fields! {
+                        b"code" => set(&mut code, s.name(code_from_name)),
+                        b"message" => set(&mut message, s.str()),
+                        b"cmid" => set(&mut cmid, s.str()),
+                        b"retry_after_ms" => set(&mut retry_after_ms, s.uint()),
+                    }
+                    Message::Error(Error {
+                        code: code?,
+                        message: message.unwrap_or_default(),
+                        cmid,
+                        retry_after_ms,
+                    })
+                }
+                Op::Goaway => {
+                    let (mut reason, mut reconnect_ms) = (None, None);
+                    fields! {
+                        b"reason" => set(&mut reason, s.str()),
+                        b"reconnect_ms" => set(&mut reconnect_ms, s.uint()),
+                    }
+                    Message::Goaway(Goaway {
+                        reason: reason.unwrap_or_default(),
+                        reconnect_ms: reconnect_ms.unwrap_or(0),
+                    })
                 }
             }
-            Op::Send => {
-                let (mut to, mut cmid, mut kind, mut body, mut ext) =
-                    (None, None, None, None, None);
-                fields! {
-                    b"to" => set(&mut to, s.target()),
-                    b"cmid" => set(&mut cmid, s.str()),
-                    b"type" => set(&mut kind, s.str()),
-                    b"body" => set(&mut body, s.str()),
-                    b"ext" => set_ext(s, &mut ext),
-                }
-                Message::Send(Send {
-                    to: to?,
-                    cmid: cmid?,
-                    kind,
-                    body: body?,
-                    ext: ext.unwrap_or_default(),
-                })
-            }
-            Op::SendAck => {
-                let (mut cmid, mut mid, mut seq, mut ts) = (None, None, None, None);
-                fields! {
-                    b"cmid" => set(&mut cmid, s.str()),
-                    b"mid" => set(&mut mid, s.uint()),
-                    b"seq" => set(&mut seq, s.uint()),
-                    b"ts" => set(&mut ts, s.uint()),
-                }
-                Message::SendAck(SendAck {
-                    cmid: cmid?,
-                    mid: mid?,
-                    seq: seq?,
-                    ts: ts?,
-                })
-            }
-            Op::Deliver => {
-                let (mut mid, mut from, mut to, mut inbox_seq) = (None, None, None, None);
-                let (mut ts, mut kind, mut body, mut ext) = (None, None, None, None);
-                fields! {
-                    b"mid" => set(&mut mid, s.uint()),
-                    b"from" => set(&mut from, s.str()),
-                    b"to" => set(&mut to, s.target()),
-                    b"inbox_seq" => set(&mut inbox_seq, s.uint()),
-                    b"ts" => set(&mut ts, s.uint()),
-                    b"type" => set(&mut kind, s.str()),
-                    b"body" => set(&mut body, s.str()),
-                    b"ext" => set_ext(s, &mut ext),
-                }
-                Message::Deliver(Deliver {
-                    mid: mid?,
-                    from: from?,
-                    to,
-                    inbox_seq: inbox_seq?,
-                    ts: ts?,
-                    kind,
-                    body: body?,
-                    ext: ext.unwrap_or_default(),
-                })
-            }
-            Op::Ack => {
-                let (mut inbox_seq, mut group) = (None, None);
-                fields! {
-                    b"inbox_seq" => set(&mut inbox_seq, s.uint()),
-                    b"group" => set(&mut group, s.str()),
-                }
-                Message::Ack(Ack {
-                    inbox_seq: inbox_seq?,
-                    group,
-                })
-            }
-            Op::Sync => {
-                let (mut after_inbox_seq, mut limit, mut group) = (None, None, None);
-                fields! {
-                    b"after_inbox_seq" => set(&mut after_inbox_seq, s.uint()),
-                    b"limit" => set(&mut limit, s.uint().and_then(|v| u32::try_from(v).ok())),
-                    b"group" => set(&mut group, s.str()),
-                }
-                Message::Sync(Sync {
-                    after_inbox_seq: after_inbox_seq.unwrap_or(0),
-                    limit: limit.unwrap_or(0),
-                    group,
-                })
-            }
-            Op::Synced => {
-                let (mut up_to, mut more, mut group, mut groups) = (None, None, None, None);
-                fields! {
-                    b"up_to" => set(&mut up_to, s.uint()),
-                    b"more" => set(&mut more, s.bool()),
-                    b"group" => set(&mut group, s.str()),
-                    b"groups" => set(&mut groups, s.strs()),
-                }
-                Message::Synced(Synced {
-                    up_to: up_to?,
-                    more: more.unwrap_or(false),
-                    group,
-                    groups: groups.unwrap_or_default(),
-                })
-            }
-            Op::PresenceSet => {
-                let mut status = None;
-                fields! {
-                    b"status" => set(&mut status, s.name(status_from_name)),
-                }
-                Message::PresenceSet(PresenceSet { status: status? })
-            }
-            Op::PresenceSub => {
-                let mut users = None;
-                fields! {
-                    b"users" => set(&mut users, s.strs()),
-                }
-                Message::PresenceSub(PresenceSub { users: users? })
-            }
-            Op::Presence => {
-                let (mut user, mut status, mut ts) = (None, None, None);
-                fields! {
-                    b"user" => set(&mut user, s.str()),
-                    b"status" => set(&mut status, s.name(status_from_name)),
-                    b"ts" => set(&mut ts, s.uint()),
-                }
-                Message::Presence(Presence {
-                    user: user?,
-                    status: status?,
-                    ts: ts.unwrap_or(0),
-                })
-            }
-            Op::GroupJoin | Op::GroupLeave => {
-                let mut group = None;
-                fields! {
-                    b"group" => set(&mut group, s.str()),
-                }
-                let group = group?;
-                if op == Op::GroupJoin {
-                    Message::GroupJoin(GroupJoin { group })
-                } else {
-                    Message::GroupLeave(GroupLeave { group })
-                }
-            }
-            Op::Ok => {
-                fields! {}
-                Message::Ok
-            }
-            Op::Error => {
-                let (mut code, mut message, mut cmid, mut retry_after_ms) =
-                    (None, None, None, None);
-                fields! {
-                    b"code" => set(&mut code, s.name(code_from_name)),
-                    b"message" => set(&mut message, s.str()),
-                    b"cmid" => set(&mut cmid, s.str()),
-                    b"retry_after_ms" => set(&mut retry_after_ms, s.uint()),
-                }
-                Message::Error(Error {
-                    code: code?,
-                    message: message.unwrap_or_default(),
-                    cmid,
-                    retry_after_ms,
-                })
-            }
-            Op::Goaway => {
-                let (mut reason, mut reconnect_ms) = (None, None);
-                fields! {
-                    b"reason" => set(&mut reason, s.str()),
-                    b"reconnect_ms" => set(&mut reconnect_ms, s.uint()),
-                }
-                Message::Goaway(Goaway {
-                    reason: reason.unwrap_or_default(),
-                    reconnect_ms: reconnect_ms.unwrap_or(0),
-                })
-            }
-        },
-        reference,
-    })
+        }
+    }
+    env.reference = reference;
+    Some(())
 }
 
 /// Builds a [`Target`] from the `user` / `group` values a format reader found in `to`.

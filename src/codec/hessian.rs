@@ -90,10 +90,10 @@ impl Codec for Hessian {
     }
 
     fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
-        if let Some(env) = decode_direct(bytes) {
-            return Ok(env);
-        }
-        decode_serde(bytes)
+        read_in_place!(
+            |env| decode_direct(bytes, env).ok_or(()),
+            |()| decode_serde(bytes)
+        )
     }
 }
 
@@ -728,7 +728,7 @@ impl<S: Sink> MapSink for Writer<'_, S> {
 /// [`decode_serde`]. Only an untyped map (`H`) at the top, untyped maps and lists inside, and
 /// single-chunk strings that are plain UTF-8 are read; the rest gives up.
 #[inline(always)]
-fn decode_direct(bytes: &Bytes) -> Option<Envelope> {
+fn decode_direct(bytes: &Bytes, env: &mut Envelope) -> Option<()> {
     let mut r = Direct {
         de: De::new(bytes),
         src: bytes,
@@ -738,7 +738,7 @@ fn decode_direct(bytes: &Bytes) -> Option<Envelope> {
     }
     // Inside the top-level map, as the general path's `visit_map` would be.
     r.de.depth = 1;
-    direct::envelope(&mut r, |r| r.de.pos == r.de.input.len())
+    direct::envelope(&mut r, |r| r.de.pos == r.de.input.len(), env)
 }
 
 struct Direct<'a, 'de> {

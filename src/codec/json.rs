@@ -38,10 +38,10 @@ impl Codec for Json {
             Some(t) => t,
             None => std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidUtf8)?,
         };
-        if let Some(env) = json_read::envelope(bytes, text) {
-            return Ok(env);
-        }
-        general(bytes, text)
+        read_in_place!(
+            |env| json_read::envelope(bytes, text, env).ok_or(()),
+            |()| general(bytes, text)
+        )
     }
 }
 

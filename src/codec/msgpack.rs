@@ -18,7 +18,7 @@ use rmp::Marker;
 use super::direct::{self, set_once, target_of, MapSink, MapSource};
 use super::fields::{finish, serde_error, OpOnly, WireIn};
 use super::out::Sink;
-use super::text::sub_str;
+use super::text::{sub_str, sub_str_into};
 use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
 use crate::protocol::{Envelope, Ext, Limits, Resume, Str, Target};
 
@@ -38,10 +38,10 @@ impl Codec for MessagePack {
     }
 
     fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
-        if let Some(env) = decode_direct(bytes) {
-            return Ok(env);
-        }
-        decode_serde(bytes)
+        read_in_place!(
+            |env| decode_direct(bytes, env).ok_or(()),
+            |()| decode_serde(bytes)
+        )
     }
 }
 
@@ -164,9 +164,9 @@ impl<S: Sink> MapSink for Writer<'_, S> {
 
 // ---- direct decoding -----------------------------------------------------------------------
 
-/// The direct reader's attempt: the envelope, or `None` to leave the frame to [`decode_serde`].
+/// The direct reader's attempt, into `env`; `None` leaves the frame to [`decode_serde`].
 #[inline(always)]
-fn decode_direct(bytes: &Bytes) -> Option<Envelope> {
+fn decode_direct(bytes: &Bytes, env: &mut Envelope) -> Option<()> {
     let mut cur: &[u8] = bytes;
     let left = map_header(&mut cur)?;
     let mut r = Direct {
@@ -175,7 +175,7 @@ fn decode_direct(bytes: &Bytes) -> Option<Envelope> {
         left,
     };
     // The top-level map was read to its end; nothing may follow it.
-    direct::envelope(&mut r, |r| r.cur.is_empty())
+    direct::envelope(&mut r, |r| r.cur.is_empty(), env)
 }
 
 /// Splits `n` bytes off the front of `cur`.
@@ -277,6 +277,15 @@ impl<'a> Direct<'a> {
         sub_str(self.src, b)
     }
 
+    /// [`Direct::string`] into `out` (see [`Str::assign`]); `false` to give up.
+    #[inline(always)]
+    fn string_into(&mut self, out: &mut Str) -> bool {
+        match str_bytes(&mut self.cur) {
+            Some(b) => sub_str_into(self.src, b, out),
+            None => false,
+        }
+    }
+
     /// The entries of a nested map (level 1, in the top-level map): `entry` reads each value
     /// after its key, and returns `None` for a key it does not know, which is skipped.
     fn nested(
@@ -327,6 +336,11 @@ impl<'a> MapSource for Direct<'a> {
     #[inline(always)]
     fn str(&mut self) -> Option<Str> {
         self.string()
+    }
+
+    #[inline(always)]
+    fn str_into(&mut self, out: &mut Str) -> Option<()> {
+        self.string_into(out).then_some(())
     }
 
     #[inline]
@@ -405,9 +419,15 @@ impl<'a> MapSource for Direct<'a> {
     fn ext(&mut self, ext: &mut Ext) -> Option<()> {
         let n = map_header(&mut self.cur)?;
         for _ in 0..n {
-            let k = self.string()?;
-            let v = self.string()?;
-            ext.insert(k, v);
+            // Key and value are read straight into the entry (see `Ext::insert_with`).
+            ext.insert_with(|k, v| {
+                if self.string_into(k) && self.string_into(v) {
+                    Ok(())
+                } else {
+                    Err(())
+                }
+            })
+            .ok()?;
         }
         Some(())
     }

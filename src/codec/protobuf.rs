@@ -85,19 +85,7 @@ impl Codec for Protobuf {
     }
 
     fn decode_bytes(bytes: &Bytes) -> Result<Envelope, DecodeError> {
-        // The message is read in place, in the value that is returned: every path returns
-        // `out`, so the compiler builds it in the caller's slot. (Building an `Envelope` and
-        // returning `Ok` of it copied all 256 bytes, reading back the strings just stored.)
-        let mut out = Ok(Envelope {
-            reference: None,
-            msg: Message::Ok,
-        });
-        if let Ok(env) = &mut out {
-            if let Err(e) = (Reader { src: bytes }).frame(env) {
-                out = Err(e);
-            }
-        }
-        out
+        read_in_place!(|env| Reader { src: bytes }.frame(env), |e| Err(e))
     }
 }
 
@@ -562,56 +550,6 @@ enum ToState {
     Set,
 }
 
-/// The empty message (every field at its default) of `op`.
-fn empty(op: Op) -> Message {
-    match op {
-        Op::Hello => Message::Hello(Hello::default()),
-        Op::Welcome => Message::Welcome(Welcome::default()),
-        Op::Ping => Message::Ping(Ping::default()),
-        Op::Pong => Message::Pong(Pong::default()),
-        Op::Send => Message::Send(Send {
-            to: Target::User(Str::new()),
-            cmid: Str::new(),
-            kind: None,
-            body: Str::new(),
-            ext: Ext::new(),
-        }),
-        Op::SendAck => Message::SendAck(SendAck::default()),
-        Op::Deliver => Message::Deliver(Deliver {
-            mid: 0,
-            from: Str::new(),
-            to: None,
-            inbox_seq: 0,
-            ts: 0,
-            kind: None,
-            body: Str::new(),
-            ext: Ext::new(),
-        }),
-        Op::Ack => Message::Ack(Ack::default()),
-        Op::Sync => Message::Sync(Sync::default()),
-        Op::Synced => Message::Synced(Synced::default()),
-        Op::PresenceSet => Message::PresenceSet(PresenceSet {
-            status: Status::Offline,
-        }),
-        Op::PresenceSub => Message::PresenceSub(PresenceSub::default()),
-        Op::Presence => Message::Presence(Presence {
-            user: Str::new(),
-            status: Status::Offline,
-            ts: 0,
-        }),
-        Op::GroupJoin => Message::GroupJoin(GroupJoin::default()),
-        Op::GroupLeave => Message::GroupLeave(GroupLeave::default()),
-        Op::Ok => Message::Ok,
-        Op::Error => Message::Error(Error {
-            code: ErrorCode::BadFrame,
-            message: Str::new(),
-            cmid: None,
-            retry_after_ms: None,
-        }),
-        Op::Goaway => Message::Goaway(Goaway::default()),
-    }
-}
-
 /// Checks what [`Pending`] holds (as [`from_pb`] does) and stores it into `msg`.
 fn finish(msg: &mut Message, p: &Pending) -> Res<()> {
     let to = || match p.to {
@@ -798,7 +736,7 @@ impl Reader<'_> {
                 // oneof: the same op again merges into it, another op replaces it.
                 if op != Some(next) {
                     pending = Pending::default();
-                    env.msg = empty(next);
+                    env.msg = Message::empty(next);
                     op = Some(next);
                 }
                 let depth = enter(0)?;

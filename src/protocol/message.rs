@@ -512,6 +512,58 @@ pub enum Message {
 }
 
 impl Message {
+    /// The message of `op` with every field at its default (required strings empty): what a
+    /// decoder fills in place.
+    #[inline]
+    pub fn empty(op: Op) -> Message {
+        match op {
+            Op::Hello => Message::Hello(Hello::default()),
+            Op::Welcome => Message::Welcome(Welcome::default()),
+            Op::Ping => Message::Ping(Ping::default()),
+            Op::Pong => Message::Pong(Pong::default()),
+            Op::Send => Message::Send(Send {
+                to: Target::User(Str::new()),
+                cmid: Str::new(),
+                kind: None,
+                body: Str::new(),
+                ext: Ext::new(),
+            }),
+            Op::SendAck => Message::SendAck(SendAck::default()),
+            Op::Deliver => Message::Deliver(Deliver {
+                mid: 0,
+                from: Str::new(),
+                to: None,
+                inbox_seq: 0,
+                ts: 0,
+                kind: None,
+                body: Str::new(),
+                ext: Ext::new(),
+            }),
+            Op::Ack => Message::Ack(Ack::default()),
+            Op::Sync => Message::Sync(Sync::default()),
+            Op::Synced => Message::Synced(Synced::default()),
+            Op::PresenceSet => Message::PresenceSet(PresenceSet {
+                status: Status::Offline,
+            }),
+            Op::PresenceSub => Message::PresenceSub(PresenceSub::default()),
+            Op::Presence => Message::Presence(Presence {
+                user: Str::new(),
+                status: Status::Offline,
+                ts: 0,
+            }),
+            Op::GroupJoin => Message::GroupJoin(GroupJoin::default()),
+            Op::GroupLeave => Message::GroupLeave(GroupLeave::default()),
+            Op::Ok => Message::Ok,
+            Op::Error => Message::Error(Error {
+                code: ErrorCode::BadFrame,
+                message: Str::new(),
+                cmid: None,
+                retry_after_ms: None,
+            }),
+            Op::Goaway => Message::Goaway(Goaway::default()),
+        }
+    }
+
     pub fn op(&self) -> Op {
         match self {
             Message::Hello(_) => Op::Hello,
