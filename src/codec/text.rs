@@ -24,13 +24,8 @@ pub(crate) fn sub_str(src: &Bytes, raw: &[u8]) -> Option<Str> {
     if raw.len() > INLINE_MAX {
         return sub_str_shared(src, raw);
     }
-    if !raw.is_ascii() {
-        return std::str::from_utf8(raw).ok().map(Str::from);
-    }
-    // SAFETY: every byte is below 0x80 (checked just above), and ASCII is valid UTF-8.
-    #[allow(unsafe_code)]
-    let s = unsafe { std::str::from_utf8_unchecked(raw) };
-    Some(Str::from(s))
+    let mut s = Str::new();
+    s.assign_utf8(raw).then_some(s)
 }
 
 /// [`sub_str`] into `out` (see [`Str::assign`]); `false`, leaving `out` as it was, where
@@ -46,13 +41,7 @@ pub(crate) fn sub_str_into(src: &Bytes, raw: &[u8], out: &mut Str) -> bool {
             None => false,
         };
     }
-    match ascii_str(raw).or_else(|| std::str::from_utf8(raw).ok()) {
-        Some(s) => {
-            out.assign(s);
-            true
-        }
-        None => false,
-    }
+    out.assign_utf8(raw)
 }
 
 /// [`sub_str`] beyond [`INLINE_MAX`]: a slice sharing `src`'s memory.

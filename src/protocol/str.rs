@@ -107,6 +107,32 @@ impl Str {
         }
     }
 
+    /// Sets the string to `b` if it is UTF-8, else returns `false` and leaves it as it was.
+    /// A short `b` is copied inline in place (as [`Str::assign`] does) and, when ASCII (the
+    /// usual ids and keys), checked on the words that copy it, with no pass of its own.
+    /// A longer one is copied into a new buffer (decoders share the input instead).
+    #[inline(always)]
+    pub fn assign_utf8(&mut self, b: &[u8]) -> bool {
+        if b.len() > INLINE_MAX {
+            return match std::str::from_utf8(b) {
+                Ok(s) => {
+                    *self = Str::from(s);
+                    true
+                }
+                Err(_) => false,
+            };
+        }
+        let inline = short_buf(b);
+        if !inline.is_ascii() && std::str::from_utf8(b).is_err() {
+            return false;
+        }
+        match &mut self.0 {
+            Repr::Inline(i) => *i = inline,
+            _ => *self = Str(Repr::Inline(inline)),
+        }
+        true
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         match &self.0 {
             Repr::Inline(i) => i.as_bytes(),
@@ -171,6 +197,21 @@ fn short_buf(b: &[u8]) -> Inline {
     buf[..16].copy_from_slice(&lo.to_le_bytes());
     buf[16..].copy_from_slice(&hi.to_le_bytes());
     Inline(buf)
+}
+
+impl Inline {
+    /// Whether the string is ASCII: one test over the words that hold it (the length byte is
+    /// at most 23, below 0x80, and the padding is zero).
+    #[inline(always)]
+    fn is_ascii(&self) -> bool {
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        let w = |i: usize| {
+            let mut word = [0; 8];
+            word.copy_from_slice(&self.0[i..i + 8]);
+            u64::from_le_bytes(word)
+        };
+        (w(0) | w(8) | w(16)) & HIGH == 0
+    }
 }
 
 impl Default for Str {
@@ -369,6 +410,37 @@ mod tests {
             );
             assert_eq!(usize::from(buf[INLINE_MAX]), n, "length byte");
         }
+    }
+
+    #[test]
+    fn assign_utf8_checks_and_writes_in_place() {
+        let mut s = Str::from("previous");
+        // ASCII of every short length, then a non-ASCII one, each over the last.
+        let text = "abcdefghijklmnopqrstuvw";
+        for n in 0..=INLINE_MAX {
+            assert!(s.assign_utf8(&text.as_bytes()[..n]));
+            assert_eq!(s, &text[..n]);
+        }
+        assert!(s.assign_utf8("héllo ✓".as_bytes()));
+        assert_eq!(s, "héllo ✓");
+        // Invalid UTF-8 (short, at each end and in the word past 16 bytes; long) is refused
+        // and leaves the string as it was.
+        for bad in [
+            &b"\xff"[..],
+            b"ab\xc3",
+            b"0123456789abcdefgh\xe2\x82",
+            b"0123456789abcdefghijklmnopqrstuvwxyz\xff",
+        ] {
+            assert!(!s.assign_utf8(bad), "{bad:?}");
+            assert_eq!(s, "héllo ✓");
+        }
+        // Over a shared string, and a long one (copied).
+        let long = "z".repeat(INLINE_MAX + 5);
+        let mut t = Str::from(long.as_str());
+        assert!(t.assign_utf8(b"id"));
+        assert_eq!(t, "id");
+        assert!(t.assign_utf8(long.as_bytes()));
+        assert_eq!(t, long.as_str());
     }
 
     #[test]
