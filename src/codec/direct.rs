@@ -52,7 +52,7 @@ pub(crate) trait MapSource {
     /// A string value, as a slice of the input where possible.
     fn str(&mut self) -> Option<Str>;
     /// [`MapSource::str`] written into `out`, for the fields read in place. A reader that can
-    /// build the string in `out` (see [`Str::assign`]) does.
+    /// build the string in `out` (see [`Str::assign_utf8`]) does.
     #[inline(always)]
     fn str_into(&mut self, out: &mut Str) -> Option<()> {
         *out = self.str()?;

@@ -277,7 +277,7 @@ impl<'a> Direct<'a> {
         sub_str(self.src, b)
     }
 
-    /// [`Direct::string`] into `out` (see [`Str::assign`]); `false` to give up.
+    /// [`Direct::string`] into `out` (see [`Str::assign_utf8`]); `false` to give up.
     #[inline(always)]
     fn string_into(&mut self, out: &mut Str) -> bool {
         match str_bytes(&mut self.cur) {

@@ -576,7 +576,7 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     /// A string field's value, written into `out`: inline when short, else a slice of the
-    /// input. (Written in place rather than returned: see [`Str::assign`].)
+    /// input. (Written in place rather than returned: see [`Str::assign_utf8`].)
     #[inline(always)]
     fn string_into(&self, cur: &mut &[u8], tag: u32, wire_type: u8, out: &mut Str) -> Res<()> {
         want(tag, wire_type, LEN)?;

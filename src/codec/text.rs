@@ -28,7 +28,7 @@ pub(crate) fn sub_str(src: &Bytes, raw: &[u8]) -> Option<Str> {
     s.assign_utf8(raw).then_some(s)
 }
 
-/// [`sub_str`] into `out` (see [`Str::assign`]); `false`, leaving `out` as it was, where
+/// [`sub_str`] into `out` (see [`Str::assign_utf8`]); `false`, leaving `out` as it was, where
 /// [`sub_str`] gives `None`.
 #[inline(always)]
 pub(crate) fn sub_str_into(src: &Bytes, raw: &[u8], out: &mut Str) -> bool {

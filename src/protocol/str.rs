@@ -96,21 +96,14 @@ impl Str {
         Ok(s)
     }
 
-    /// Sets the string to `s`. When both are short, `s`'s bytes are written over the inline
-    /// buffer in place: a decoder that fills a field this way leaves no temporary `Str` to
-    /// move into it (moving one right after building it stalls the CPU; see [`short_buf`]).
-    #[inline(always)]
-    pub fn assign(&mut self, s: &str) {
-        match &mut self.0 {
-            Repr::Inline(i) if s.len() <= INLINE_MAX => *i = short_buf(s.as_bytes()),
-            _ => *self = Str::from(s),
-        }
-    }
-
     /// Sets the string to `b` if it is UTF-8, else returns `false` and leaves it as it was.
-    /// A short `b` is copied inline in place (as [`Str::assign`] does) and, when ASCII (the
-    /// usual ids and keys), checked on the words that copy it, with no pass of its own.
-    /// A longer one is copied into a new buffer (decoders share the input instead).
+    ///
+    /// A short `b` is written over the inline buffer in place, so a decoder that fills a field
+    /// this way leaves no temporary `Str` to move into it (moving one right after building it
+    /// stalls the CPU; see [`short_buf`]). When it is ASCII (the usual ids and keys), it is
+    /// checked on the words that copy it, with no pass of its own: with the byte loop of
+    /// `<[u8]>::is_ascii` on short strings, Protobuf decoding took 126 ns instead of 111.
+    /// A longer `b` is copied into a new buffer (decoders share the input instead).
     #[inline(always)]
     pub fn assign_utf8(&mut self, b: &[u8]) -> bool {
         if b.len() > INLINE_MAX {
