@@ -629,3 +629,61 @@ impl serde::Serialize for Ext {
         m.end()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(e: &Ext) -> Vec<(String, String)> {
+        e.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn ext_keeps_keys_sorted_and_unique() {
+        let mut e = Ext::new();
+        assert_eq!(e.insert("m", "1"), None);
+        assert_eq!(e.insert("a", "2"), None);
+        assert_eq!(e.insert("z", "3"), None);
+        assert_eq!(e.insert("m", "4"), Some(Str::from("1")));
+        assert_eq!(entries(&e), pairs(&[("a", "2"), ("m", "4"), ("z", "3")]));
+        assert_eq!(e.get("z"), Some(&Str::from("3")));
+        assert_eq!(e.get("b"), None);
+    }
+
+    #[test]
+    fn insert_with_fills_in_place_and_sorts_like_insert() {
+        let fill = |k: &'static str, v: &'static str| {
+            move |key: &mut Str, value: &mut Str| -> Result<(), ()> {
+                *key = Str::from(k);
+                *value = Str::from(v);
+                Ok(())
+            }
+        };
+        let mut e = Ext::new();
+        // In order (the usual case), past the inline entry, out of order, and a repeated key
+        // (its last value is kept, as with `insert`).
+        for (k, v) in [("b", "1"), ("d", "2"), ("a", "3"), ("c", "4"), ("b", "5")] {
+            e.insert_with(fill(k, v)).unwrap();
+        }
+        assert_eq!(
+            entries(&e),
+            pairs(&[("a", "3"), ("b", "5"), ("c", "4"), ("d", "2")])
+        );
+        // A failed fill leaves no entry behind, whatever it wrote first.
+        let failed = e.insert_with(|key: &mut Str, _: &mut Str| {
+            *key = Str::from("e");
+            Err("bad value")
+        });
+        assert_eq!(failed, Err("bad value"));
+        assert_eq!(e.len(), 4);
+        assert_eq!(e.get("e"), None);
+    }
+}
