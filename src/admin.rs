@@ -1,4 +1,5 @@
-//! The admin HTTP/1.1 server (SPEC 7): /metrics, /healthz, /readyz and POST /drain.
+//! The admin HTTP/1.1 server (SPEC 7): /metrics, /healthz, /readyz, POST /drain and
+//! POST /push.
 //!
 //! This module owns the admin port. It runs on one plain std thread with blocking sockets,
 //! off the shards: one short-lived connection at a time, `Connection: close` on every answer,
@@ -8,12 +9,14 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::control::Control;
 use crate::metrics::Metrics;
+use crate::services::push::parse_push;
 
 /// Largest request accepted (request line, headers and body together).
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -124,7 +127,14 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// Routes one parsed request. `path` may carry a query string, which is ignored.
-pub fn route(method: &str, path: &str, control: &Control, metrics: &Metrics) -> Response {
+/// `body` is the request's body (empty without one).
+pub fn route(
+    method: &str,
+    path: &str,
+    body: &[u8],
+    control: &Control,
+    metrics: &Metrics,
+) -> Response {
     let path = path.split_once('?').map_or(path, |(p, _)| p);
     let get = matches!(method, "GET" | "HEAD");
     match path {
@@ -134,9 +144,15 @@ pub fn route(method: &str, path: &str, control: &Control, metrics: &Metrics) -> 
                 "# HELP imgw_ready 1 when every shard serves, the backends are ready and no drain has started.\n\
                  # TYPE imgw_ready gauge\nimgw_ready {}\n\
                  # HELP imgw_draining 1 once a drain has started.\n\
-                 # TYPE imgw_draining gauge\nimgw_draining {}\n",
+                 # TYPE imgw_draining gauge\nimgw_draining {}\n\
+                 # HELP imgw_admin_pushes_total POST /push requests, by outcome.\n\
+                 # TYPE imgw_admin_pushes_total counter\n\
+                 imgw_admin_pushes_total{{outcome=\"queued\"}} {}\n\
+                 imgw_admin_pushes_total{{outcome=\"refused\"}} {}\n",
                 u8::from(control.ready()),
-                u8::from(control.draining())
+                u8::from(control.draining()),
+                control.admin_pushes.load(Ordering::Relaxed),
+                control.admin_pushes_refused.load(Ordering::Relaxed),
             ));
             Response {
                 content_type: "text/plain; version=0.0.4",
@@ -162,9 +178,58 @@ pub fn route(method: &str, path: &str, control: &Control, metrics: &Metrics) -> 
             control.start_drain();
             Response::text(202, "draining\n")
         }
+        "/push" if method == "POST" => {
+            let r = push(body, control);
+            let counter = if r.status == 202 {
+                &control.admin_pushes
+            } else {
+                &control.admin_pushes_refused
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            r
+        }
         "/metrics" | "/healthz" | "/readyz" => Response::not_allowed("GET, HEAD"),
-        "/drain" => Response::not_allowed("POST"),
+        "/drain" | "/push" => Response::not_allowed("POST"),
         _ => Response::text(404, "not found\n"),
+    }
+}
+
+/// `POST /push`: a push record (docs/PROTOCOL.md "Push records") for the owner shard of its
+/// user or group, which stores it, then delivers it. 202 with the record's idempotency key
+/// once queued; 400 for a bad record; 503 while draining or when the shard's queue is full
+/// (retry, with the same `id` to stay idempotent); 501 at durability `memory` (no I/O core).
+fn push(body: &[u8], control: &Control) -> Response {
+    /// Makes unique default ids: this process's start time and a count.
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    static START_US: OnceLock<u128> = OnceLock::new();
+    let Some(pusher) = control.pusher() else {
+        return Response::text(501, "push needs durability local or backend\n");
+    };
+    if control.draining() {
+        return Response::text(503, "draining\n");
+    }
+    let default_id = || {
+        let start = START_US.get_or_init(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros())
+        });
+        format!("admin:{start}:{}", SEQ.fetch_add(1, Ordering::Relaxed))
+    };
+    let rec = match parse_push(body, default_id, pusher.max_body) {
+        Ok(r) => r,
+        Err(e) => return Response::text(400, format!("{e}\n")),
+    };
+    let id = rec.cmid.clone();
+    match pusher.push(Box::new(rec)) {
+        Ok(()) => Response {
+            content_type: "application/json",
+            ..Response::text(
+                202,
+                format!("{}\n", serde_json::json!({ "id": id.as_str() })),
+            )
+        },
+        Err(_) => Response::text(503, "overloaded; retry with the same id\n"),
     }
 }
 
@@ -173,6 +238,7 @@ enum Incoming {
     Request {
         method: String,
         path: String,
+        body: Vec<u8>,
     },
     /// Answer with this and close.
     Refuse(Response),
@@ -253,7 +319,7 @@ fn read_request(stream: &mut TcpStream, deadline: Instant) -> io::Result<Incomin
         // A complete head parsed, so method and path are present (httparse's invariant).
         let method = req.method.unwrap_or_default().to_string();
         let path = req.path.unwrap_or_default().to_string();
-        // Read (and discard) the body, so closing does not reset the connection.
+        // Read the body (to the end, so closing does not reset the connection).
         let mut have = len - head_len;
         while have < body_len {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -279,7 +345,12 @@ fn read_request(stream: &mut TcpStream, deadline: Instant) -> io::Result<Incomin
                 Err(e) => return Err(e),
             }
         }
-        return Ok(Incoming::Request { method, path });
+        // The head is complete and the body in, within MAX_REQUEST_BYTES (checked above).
+        let body = buf
+            .get(head_len..head_len + body_len)
+            .unwrap_or_default()
+            .to_vec();
+        return Ok(Incoming::Request { method, path, body });
     }
 }
 
@@ -331,8 +402,8 @@ fn handle(mut stream: TcpStream, control: &Control, metrics: &Metrics) -> io::Re
             linger(&mut stream);
             Ok(())
         }
-        Incoming::Request { method, path } => {
-            let r = route(&method, &path, control, metrics);
+        Incoming::Request { method, path, body } => {
+            let r = route(&method, &path, &body, control, metrics);
             tracing::debug!(%method, %path, status = r.status, "admin request");
             write_response(&mut stream, &r, method == "HEAD")?;
             let _ = stream.shutdown(Shutdown::Write);
@@ -529,14 +600,14 @@ mod tests {
     fn routing_without_sockets() {
         let c = Control::new(0);
         let m = Metrics::new(0);
-        assert_eq!(route("GET", "/readyz", &c, &m).status, 200);
+        assert_eq!(route("GET", "/readyz", b"", &c, &m).status, 200);
         c.backend_pending();
-        let r = route("GET", "/readyz", &c, &m);
+        let r = route("GET", "/readyz", b"", &c, &m);
         assert_eq!((r.status, r.body.as_str()), (503, "waiting for backends\n"));
         c.backend_ready();
-        assert_eq!(route("GET", "/readyz", &c, &m).status, 200);
-        assert_eq!(route("PUT", "/drain", &c, &m).status, 405);
-        assert_eq!(route("POST", "/drain", &c, &m).status, 202);
-        assert_eq!(route("GET", "/readyz", &c, &m).status, 503);
+        assert_eq!(route("GET", "/readyz", b"", &c, &m).status, 200);
+        assert_eq!(route("PUT", "/drain", b"", &c, &m).status, 405);
+        assert_eq!(route("POST", "/drain", b"", &c, &m).status, 202);
+        assert_eq!(route("GET", "/readyz", b"", &c, &m).status, 503);
     }
 }

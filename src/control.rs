@@ -1,8 +1,12 @@
 //! Process-wide control flags shared by the shards, the admin server and signal handlers.
 //!
-//! Only atomics live here: shards poll them on their sweep tick, nothing blocks on them.
+//! Only atomics and set-once cells live here: shards poll them on their sweep tick, nothing
+//! blocks on them.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use crate::iocore::Pusher;
 
 /// Lifecycle flags of one gateway process.
 #[derive(Debug, Default)]
@@ -16,6 +20,12 @@ pub struct Control {
     /// Backends that must be ready before clients are sent here (Kafka's topics): a send
     /// that needs them would only wait and fail.
     backends_pending: AtomicUsize,
+    /// Queues push records for their owner shards; set once the I/O core runs (durability
+    /// `local` or `backend`), for the admin API's `POST /push`.
+    pusher: OnceLock<Pusher>,
+    /// `POST /push` requests queued, and refused (bad record, overloaded, unavailable).
+    pub admin_pushes: AtomicU64,
+    pub admin_pushes_refused: AtomicU64,
 }
 
 impl Control {
@@ -25,7 +35,20 @@ impl Control {
             shards_ready: AtomicUsize::new(0),
             shards_total: AtomicUsize::new(shards_total),
             backends_pending: AtomicUsize::new(0),
+            pusher: OnceLock::new(),
+            admin_pushes: AtomicU64::new(0),
+            admin_pushes_refused: AtomicU64::new(0),
         }
+    }
+
+    /// Makes pushes possible (the I/O core has started). Only the first call counts.
+    pub fn set_pusher(&self, pusher: Pusher) {
+        let _ = self.pusher.set(pusher);
+    }
+
+    /// The push handle, once the I/O core runs; `None` at durability `memory`.
+    pub fn pusher(&self) -> Option<&Pusher> {
+        self.pusher.get()
     }
 
     pub fn start_drain(&self) {

@@ -23,7 +23,8 @@ use crossbeam_queue::ArrayQueue;
 
 use crate::config::{KafkaConfig, RedisConfig};
 use crate::protocol::{Deliver, Str, Target};
-use crate::services::kafka::{Dest, Kafka, Produced, PushRecord};
+use crate::services::kafka::{Dest, Kafka, Produced};
+use crate::services::push::PushRecord;
 use crate::services::redis::{PresenceEvent, RedisCmd, RedisHandle};
 use crate::services::ServiceStats;
 use crate::store::{Backend, GroupPage, GroupRef, InboxPage, Op, OpResult, StoreError, UserRef};
@@ -177,10 +178,52 @@ impl IoPort {
     }
 }
 
+#[derive(Debug)]
 struct ShardLink {
     done: Arc<ArrayQueue<IoDone>>,
     notified: Arc<AtomicBool>,
     wake_writer: UnixStream,
+}
+
+/// Hands push records to the owner shard of their user or group, from any thread: the Kafka
+/// push consumer and the admin API's `POST /push`. The shard stores the record, then
+/// delivers it (`ShardCore::on_push`).
+#[derive(Clone, Debug)]
+pub struct Pusher {
+    links: Arc<Vec<ShardLink>>,
+    /// Largest body a push may carry (the WebSocket message limit).
+    pub max_body: usize,
+}
+
+impl Pusher {
+    /// Queues `rec` for its owner shard; gives it back when that shard's completion queue is
+    /// full (the caller waits and retries, or answers `overloaded`).
+    pub fn push(&self, rec: Box<PushRecord>) -> Result<(), Box<PushRecord>> {
+        let id = match &rec.to {
+            Target::User(u) | Target::Group(u) => u,
+        };
+        let dest = crate::shard::owner_shard(&rec.tenant, id, self.links.len());
+        let Some(link) = self.links.get(dest) else {
+            // Not reached: owner_shard answers below the number of shards, one link each.
+            return Ok(());
+        };
+        let done = IoDone {
+            token: 0,
+            reply: IoReply::Push(rec),
+        };
+        match link.done.push(done) {
+            Ok(()) => {
+                wake(link);
+                Ok(())
+            }
+            Err(IoDone {
+                reply: IoReply::Push(rec),
+                ..
+            }) => Err(rec),
+            // The queue gives back what it was given, a Push.
+            Err(_) => Ok(()),
+        }
+    }
 }
 
 /// A running I/O core.
@@ -189,6 +232,7 @@ pub struct IoCore {
     stop: Arc<AtomicBool>,
     io_wake: Arc<tokio::sync::Notify>,
     pub stats: Arc<IoStats>,
+    pusher: Pusher,
 }
 
 /// Opens the backend on the I/O core's runtime (a network backend's connections live there).
@@ -266,6 +310,11 @@ impl IoCore {
                 wake_writer: writer,
             });
         }
+        let links = Arc::new(links);
+        let pusher = Pusher {
+            links: links.clone(),
+            max_body: cfg.services.max_push_body,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let (stop2, wake2, stats2) = (stop.clone(), io_wake.clone(), stats.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), IoStartError>>(1);
@@ -296,7 +345,7 @@ impl IoCore {
                         }
                     };
                     let _ = ready_tx.send(Ok(()));
-                    io_loop(backend, cfg, inbound, Arc::new(links), wake2, stop2, stats2).await;
+                    io_loop(backend, cfg, inbound, links, wake2, stop2, stats2).await;
                 });
             })?;
         match ready_rx.recv() {
@@ -318,9 +367,15 @@ impl IoCore {
                 stop,
                 io_wake,
                 stats,
+                pusher,
             },
             ports,
         ))
+    }
+
+    /// A handle that queues push records for their owner shards, from any thread.
+    pub fn pusher(&self) -> Pusher {
+        self.pusher.clone()
     }
 
     /// Finishes the commands already queued, then stops the thread.
@@ -407,32 +462,11 @@ async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoS
             Err(e) => tracing::error!(error = %e, "kafka producer not started"),
         }
         if !kc.push_topic.is_empty() {
-            let links = links.clone();
-            let shards = links.len();
-            let sink = move |rec: Box<PushRecord>| {
-                let id = match &rec.to {
-                    Target::User(u) | Target::Group(u) => u,
-                };
-                let dest = crate::shard::owner_shard(&rec.tenant, id, shards);
-                let Some(link) = links.get(dest) else {
-                    return Ok(());
-                };
-                let done = IoDone {
-                    token: 0,
-                    reply: IoReply::Push(rec),
-                };
-                match link.done.push(done) {
-                    Ok(()) => {
-                        wake(link);
-                        Ok(())
-                    }
-                    Err(IoDone {
-                        reply: IoReply::Push(rec),
-                        ..
-                    }) => Err(rec),
-                    Err(_) => Ok(()),
-                }
+            let pusher = Pusher {
+                links: links.clone(),
+                max_body: cfg.max_push_body,
             };
+            let sink = move |rec: Box<PushRecord>| pusher.push(rec);
             if let Err(e) =
                 crate::services::kafka::start_push_consumer(kc, cfg.max_push_body, svc, sink)
             {

@@ -92,6 +92,7 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
         let (core, ports) = IoCore::start_with(open, io_cfg, shards, cpu)
             .map_err(|e| RuntimeError::Config(e.to_string()))?;
         let _ = metrics.io.set(core.stats.clone());
+        control.set_pusher(core.pusher());
         (Some(core), ports.into_iter().map(Some).collect())
     } else {
         (None, (0..shards).map(|_| None).collect())

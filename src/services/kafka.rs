@@ -26,9 +26,10 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer a
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
+use super::push::{parse_push, PushRecord};
 use super::{ServiceError, ServiceStats};
 use crate::config::KafkaConfig;
-use crate::protocol::{Deliver, Str, Target};
+use crate::protocol::{Deliver, Str};
 
 /// The JSON value of a record on the messages topic (and on routed topics).
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -309,82 +310,6 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<(), ServiceError> {
     Ok(())
 }
 
-/// A record of the push ingress topic (JSON, docs/PROTOCOL.md "Kafka records"):
-/// `{"tenant": "t", "user": "u", "type": "promo", "body": "...", "from": "shop", "id": "x"}`
-/// or with `"group": "g"` instead of `"user"`.
-#[derive(Debug, Deserialize, PartialEq, Eq)]
-pub struct PushJson {
-    pub tenant: String,
-    #[serde(default)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub group: Option<String>,
-    #[serde(rename = "type", default)]
-    pub kind: Option<String>,
-    pub body: String,
-    /// The sender shown to the recipient (default `system`).
-    #[serde(default)]
-    pub from: Option<String>,
-    /// Idempotency key (the dedupe `cmid`); default `kafka:{partition}:{offset}`.
-    #[serde(default)]
-    pub id: Option<String>,
-}
-
-/// A validated push ingress record, ready for its owner shard.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PushRecord {
-    pub tenant: Str,
-    pub to: Target,
-    pub from: Str,
-    pub cmid: Str,
-    pub kind: Option<Str>,
-    pub body: Str,
-}
-
-/// Longest id (tenant, user, group, from, type, id) a push record may carry.
-pub const MAX_PUSH_ID: usize = 256;
-
-/// Parses and checks one push record; `Err` says why it is dropped.
-pub fn parse_push(
-    bytes: &[u8],
-    partition: i32,
-    offset: i64,
-    max_body: usize,
-) -> Result<PushRecord, String> {
-    let j: PushJson =
-        serde_json::from_slice(bytes).map_err(|e| format!("not a push record: {e}"))?;
-    let to = match (j.user, j.group) {
-        (Some(u), None) => Target::User(Str::from(u)),
-        (None, Some(g)) => Target::Group(Str::from(g)),
-        _ => return Err("exactly one of user and group".into()),
-    };
-    let from = j.from.unwrap_or_else(|| "system".into());
-    let cmid =
-        j.id.unwrap_or_else(|| format!("kafka:{partition}:{offset}"));
-    let ids = [&j.tenant, &from, &cmid];
-    let target = match &to {
-        Target::User(u) | Target::Group(u) => u.len(),
-    };
-    if ids.iter().any(|s| s.is_empty() || s.len() > MAX_PUSH_ID)
-        || target == 0
-        || target > MAX_PUSH_ID
-        || j.kind.as_ref().is_some_and(|k| k.len() > MAX_PUSH_ID)
-    {
-        return Err("an id is empty or too long".into());
-    }
-    if j.body.len() > max_body {
-        return Err("body too large".into());
-    }
-    Ok(PushRecord {
-        tenant: Str::from(j.tenant),
-        to,
-        from: Str::from(from),
-        cmid: Str::from(cmid),
-        kind: j.kind.map(Str::from),
-        body: Str::from(j.body),
-    })
-}
-
 /// Consumes the push ingress topic until the runtime stops, handing each valid record to
 /// `sink`. `sink` gives the record back when the shard's queue is full: the consumer then
 /// waits and retries (back-pressure on the topic, never a drop of a valid record).
@@ -418,7 +343,10 @@ where
                     let parsed = m
                         .payload()
                         .ok_or_else(|| "empty record".to_string())
-                        .and_then(|p| parse_push(p, m.partition(), m.offset(), max_body));
+                        .and_then(|p| {
+                            let id = || format!("kafka:{}:{}", m.partition(), m.offset());
+                            parse_push(p, id, max_body)
+                        });
                     match parsed {
                         Ok(r) => Box::new(r),
                         Err(e) => {
@@ -468,42 +396,5 @@ mod tests {
             conversation_key("t", "x", &Dest::Group("g".into())),
             "t/g/g"
         );
-    }
-
-    #[test]
-    fn push_records_parse_or_are_refused() {
-        let r = parse_push(
-            br#"{"tenant":"t","user":"u","type":"promo","body":"hi"}"#,
-            2,
-            7,
-            100,
-        )
-        .unwrap();
-        assert_eq!(r.to, Target::User("u".into()));
-        assert_eq!(&*r.cmid, "kafka:2:7");
-        assert_eq!(&*r.from, "system");
-        let g = parse_push(
-            br#"{"tenant":"t","group":"g","body":"x","id":"k"}"#,
-            0,
-            0,
-            100,
-        )
-        .unwrap();
-        assert_eq!(g.to, Target::Group("g".into()));
-        assert_eq!(&*g.cmid, "k");
-        for bad in [
-            &b"not json"[..],
-            br#"{"tenant":"t","body":"no target"}"#,
-            br#"{"tenant":"t","user":"u","group":"g","body":"both"}"#,
-            br#"{"tenant":"","user":"u","body":"x"}"#,
-            br#"{"tenant":"t","user":"u","body":"far too long for the limit"}"#,
-            br#"{"tenant":"t","user":"u"}"#,
-        ] {
-            assert!(
-                parse_push(bad, 0, 0, 10).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
     }
 }

@@ -7,6 +7,7 @@
 //! delivery report: those are awaited by one task per batch.
 
 pub mod kafka;
+pub mod push;
 pub mod redis;
 
 use std::fmt::Write as _;

@@ -8,7 +8,7 @@ use super::groups::GroupKey;
 use super::{Clock, ConnId, Shard, UserKey};
 use crate::iocore::{IoCmd, IoRequest};
 use crate::protocol::{Deliver, Str, Target};
-use crate::services::kafka::PushRecord;
+use crate::services::push::PushRecord;
 use crate::services::redis::{PresenceEvent, PresenceKind};
 use crate::store::{GroupRef, Op, UserRef};
 
