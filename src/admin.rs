@@ -1,5 +1,5 @@
-//! The admin HTTP/1.1 server (SPEC 7): /metrics, /healthz, /readyz, POST /drain and
-//! POST /push.
+//! The admin HTTP/1.1 server (SPEC 7): /metrics, /healthz, /readyz, POST /drain, POST /push
+//! and POST /kick.
 //!
 //! This module owns the admin port. It runs on one plain std thread with blocking sockets,
 //! off the shards: one short-lived connection at a time, `Connection: close` on every answer,
@@ -16,7 +16,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::control::Control;
 use crate::metrics::Metrics;
-use crate::services::push::parse_push;
+use crate::protocol::Str;
+use crate::services::push::{parse_push, MAX_PUSH_ID};
+use crate::shard::UserKey;
 
 /// Largest request accepted (request line, headers and body together).
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -188,8 +190,9 @@ pub fn route(
             counter.fetch_add(1, Ordering::Relaxed);
             r
         }
+        "/kick" if method == "POST" => kick(body, control),
         "/metrics" | "/healthz" | "/readyz" => Response::not_allowed("GET, HEAD"),
-        "/drain" | "/push" => Response::not_allowed("POST"),
+        "/drain" | "/push" | "/kick" => Response::not_allowed("POST"),
         _ => Response::text(404, "not found\n"),
     }
 }
@@ -230,6 +233,41 @@ fn push(body: &[u8], control: &Control) -> Response {
             )
         },
         Err(_) => Response::text(503, "overloaded; retry with the same id\n"),
+    }
+}
+
+/// The body of `POST /kick`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KickJson {
+    tenant: String,
+    user: String,
+}
+
+/// `POST /kick` (`{"tenant": "t", "user": "u"}`): every device of the user gets `goaway`
+/// (reason `kicked`) and is closed; the user may log in again. 202 once queued for the
+/// user's owner shard; 400 for a bad body; 503 when that shard's queue is full; 501 at
+/// durability `memory` (no I/O core to reach the shards through).
+fn kick(body: &[u8], control: &Control) -> Response {
+    let Some(pusher) = control.pusher() else {
+        return Response::text(501, "kick needs durability local or backend\n");
+    };
+    let k: KickJson = match serde_json::from_slice(body) {
+        Ok(k) => k,
+        Err(e) => return Response::text(400, format!("not a kick: {e}\n")),
+    };
+    let bad = |id: &str| id.is_empty() || id.len() > MAX_PUSH_ID;
+    if bad(&k.tenant) || bad(&k.user) {
+        return Response::text(400, "an id is empty or too long\n");
+    }
+    let user = UserKey {
+        tenant: Str::from(k.tenant),
+        user: Str::from(k.user),
+    };
+    if pusher.kick(user) {
+        Response::text(202, "kicking\n")
+    } else {
+        Response::text(503, "overloaded; retry\n")
     }
 }
 

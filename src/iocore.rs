@@ -27,6 +27,7 @@ use crate::services::kafka::{Dest, Kafka, Produced};
 use crate::services::push::PushRecord;
 use crate::services::redis::{PresenceEvent, RedisCmd, RedisHandle};
 use crate::services::ServiceStats;
+use crate::shard::UserKey;
 use crate::store::{Backend, GroupPage, GroupRef, InboxPage, Op, OpResult, StoreError, UserRef};
 
 /// What a shard asks of the I/O core.
@@ -77,6 +78,9 @@ pub enum IoReply {
     /// A push ingress record for this shard, the owner of its user or group (token 0:
     /// nobody waits for it).
     Push(Box<PushRecord>),
+    /// An admin kick of a user this shard owns: every device gets `goaway` and is closed
+    /// (token 0).
+    Kick(Box<UserKey>),
 }
 
 #[derive(Debug)]
@@ -185,9 +189,9 @@ struct ShardLink {
     wake_writer: UnixStream,
 }
 
-/// Hands push records to the owner shard of their user or group, from any thread: the Kafka
-/// push consumer and the admin API's `POST /push`. The shard stores the record, then
-/// delivers it (`ShardCore::on_push`).
+/// Hands work from outside the shards to the owner shard of a user or group, from any
+/// thread: push records (the Kafka push consumer and the admin API's `POST /push`; the shard
+/// stores the record, then delivers it) and admin kicks.
 #[derive(Clone, Debug)]
 pub struct Pusher {
     links: Arc<Vec<ShardLink>>,
@@ -203,25 +207,32 @@ impl Pusher {
             Target::User(u) | Target::Group(u) => u,
         };
         let dest = crate::shard::owner_shard(&rec.tenant, id, self.links.len());
+        match self.queue(dest, IoReply::Push(rec)) {
+            Err(IoReply::Push(rec)) => Err(rec),
+            // The queue gives back what it was given, a Push.
+            _ => Ok(()),
+        }
+    }
+
+    /// Queues a kick of `user` for its owner shard; `false` when that shard's queue is full.
+    pub fn kick(&self, user: UserKey) -> bool {
+        let dest = crate::shard::owner_shard(&user.tenant, &user.user, self.links.len());
+        self.queue(dest, IoReply::Kick(Box::new(user))).is_ok()
+    }
+
+    /// Queues `reply` (token 0: nobody waits for it) for shard `dest`; gives it back when the
+    /// shard's completion queue is full.
+    fn queue(&self, dest: usize, reply: IoReply) -> Result<(), IoReply> {
         let Some(link) = self.links.get(dest) else {
             // Not reached: owner_shard answers below the number of shards, one link each.
             return Ok(());
         };
-        let done = IoDone {
-            token: 0,
-            reply: IoReply::Push(rec),
-        };
-        match link.done.push(done) {
+        match link.done.push(IoDone { token: 0, reply }) {
             Ok(()) => {
                 wake(link);
                 Ok(())
             }
-            Err(IoDone {
-                reply: IoReply::Push(rec),
-                ..
-            }) => Err(rec),
-            // The queue gives back what it was given, a Push.
-            Err(_) => Ok(()),
+            Err(back) => Err(back.reply),
         }
     }
 }

@@ -544,13 +544,64 @@ fn admin_push_reaches_users_groups_and_offline_inboxes() {
 }
 
 #[test]
-fn admin_push_needs_a_durable_store() {
+fn admin_push_and_kick_need_a_durable_store() {
     let g = Gateway::dev();
-    let (status, body) = http_post(
-        g.admin,
-        "/push",
-        r#"{"tenant":"dev","user":"carol","body":"x"}"#,
-    )
-    .unwrap();
-    assert_eq!(status, 501, "{body}");
+    for (path, body) in [
+        ("/push", r#"{"tenant":"dev","user":"carol","body":"x"}"#),
+        ("/kick", r#"{"tenant":"dev","user":"carol"}"#),
+    ] {
+        let (status, answer) = http_post(g.admin, path, body).unwrap();
+        assert_eq!(status, 501, "{path}: {answer}");
+    }
+}
+
+#[test]
+fn admin_kick_closes_every_device_of_the_user_only() {
+    let g = Gateway::start(
+        DEV_TOML,
+        &[
+            "--shards",
+            "2",
+            "--insecure-dev-auth",
+            "--durability",
+            "local",
+        ],
+    );
+    let mut phone = g.login(Transport::Ws, CodecId::Json, "eve", "phone");
+    let mut laptop = g.login(Transport::Tcp, CodecId::Protobuf, "eve", "laptop");
+    let mut other = g.login(Transport::Tcp, CodecId::MessagePack, "frank", "phone");
+    let (status, body) = http_post(g.admin, "/kick", r#"{"tenant":"dev","user":"eve"}"#).unwrap();
+    assert_eq!(status, 202, "{body}");
+    for c in [&mut phone, &mut laptop] {
+        let env = c
+            .recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT)
+            .expect("goaway");
+        let Message::Goaway(gw) = env.msg else {
+            unreachable!()
+        };
+        assert_eq!(gw.reason, "kicked");
+        // Then the connection closes (not a timeout).
+        let end = c.recv_until(|_| false, WAIT);
+        assert!(
+            matches!(end, Err(ClientError::Closed { .. } | ClientError::Io(_))),
+            "{end:?}"
+        );
+    }
+    // Another user is untouched, and the kicked user may log in again.
+    other
+        .send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 7))
+        .unwrap();
+    other
+        .recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
+        .unwrap();
+    let mut again = g.login(Transport::Ws, CodecId::Json, "eve", "phone");
+    again
+        .send(&Envelope::with_ref(Message::Ping(Ping { ts: 2 }), 8))
+        .unwrap();
+    again
+        .recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
+        .unwrap();
+    for bad in ["{}", r#"{"tenant":"dev","user":""}"#, "not json"] {
+        assert_eq!(http_post(g.admin, "/kick", bad).unwrap().0, 400, "{bad}");
+    }
 }

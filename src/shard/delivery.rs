@@ -290,9 +290,11 @@ impl Shard {
     pub fn on_io_done(&mut self, done: IoDone, clk: Clock) {
         self.now_ms = clk.mono_ms;
         if done.token == 0 {
-            // Nobody waits for token 0: a record of the push ingress.
-            if let IoReply::Push(rec) = done.reply {
-                self.on_push(*rec, clk);
+            // Nobody waits for token 0: work from outside the shards (`iocore::Pusher`).
+            match done.reply {
+                IoReply::Push(rec) => self.on_push(*rec, clk),
+                IoReply::Kick(user) => self.kick(&user),
+                _ => {}
             }
             return;
         }
@@ -432,6 +434,20 @@ impl Shard {
     }
 
     /// Owner side: `deliver` to every online device of `to`, one message per device shard.
+    /// Owner side of an admin kick: every device of `user` gets `goaway` and is closed by
+    /// its shard (the owner drops the routes when the devices unregister).
+    fn kick(&mut self, user: &UserKey) {
+        let Some(e) = self.users.get(user) else {
+            return;
+        };
+        for route in e.devices.clone() {
+            self.post_always(
+                usize::from(route.shard),
+                ShardMsg::Kick { conn: route.conn },
+            );
+        }
+    }
+
     pub(super) fn push_to_devices(&mut self, to: &UserKey, deliver: Deliver) {
         if let Some(e) = self.users.get(to) {
             let routes = e.devices.clone();

@@ -96,6 +96,8 @@ pub enum ShardMsg {
     Unregister { user: UserKey, route: Route },
     /// To a device's shard: the owner refused the registration (too many devices).
     RegisterRefused { conn: ConnId, message: Str },
+    /// To a device's shard: an admin kicked its user; `goaway` and close the connection.
+    Kick { conn: ConnId },
     /// To the user's owner: the user set busy/away/online.
     SetStatus { user: UserKey, status: Status },
     /// To the target's owner: `subscriber` wants presence events of `target`.

@@ -47,6 +47,13 @@ impl Shard {
                 self.presence_changed(&user, before, clk);
                 self.gc_user(&user);
             }
+            ShardMsg::Kick { conn } => {
+                // A connection that is gone (or replaced: the id's generation) is left alone.
+                if self.conns.get(conn).is_some() {
+                    self.goaway(conn, "kicked", 0);
+                    self.close(conn, CloseReason::Drain);
+                }
+            }
             ShardMsg::RegisterRefused { conn, message } => {
                 let env = Envelope::new(Message::Error(Error {
                     code: ErrorCode::LimitExceeded,
