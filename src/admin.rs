@@ -147,15 +147,22 @@ pub fn route(
                  # TYPE imgw_ready gauge\nimgw_ready {}\n\
                  # HELP imgw_draining 1 once a drain has started.\n\
                  # TYPE imgw_draining gauge\nimgw_draining {}\n\
-                 # HELP imgw_admin_pushes_total POST /push requests, by outcome.\n\
-                 # TYPE imgw_admin_pushes_total counter\n\
-                 imgw_admin_pushes_total{{outcome=\"queued\"}} {}\n\
-                 imgw_admin_pushes_total{{outcome=\"refused\"}} {}\n",
+                 # HELP imgw_admin_requests_total Admin requests that queue work for the shards, by outcome.\n\
+                 # TYPE imgw_admin_requests_total counter\n",
                 u8::from(control.ready()),
                 u8::from(control.draining()),
-                control.admin_pushes.load(Ordering::Relaxed),
-                control.admin_pushes_refused.load(Ordering::Relaxed),
             ));
+            for (path, counts) in [
+                ("/push", &control.admin_pushes),
+                ("/kick", &control.admin_kicks),
+            ] {
+                for (outcome, n) in ["queued", "refused"].iter().zip(counts) {
+                    body.push_str(&format!(
+                        "imgw_admin_requests_total{{path=\"{path}\",outcome=\"{outcome}\"}} {}\n",
+                        n.load(Ordering::Relaxed)
+                    ));
+                }
+            }
             Response {
                 content_type: "text/plain; version=0.0.4",
                 ..Response::text(200, body)
@@ -180,21 +187,19 @@ pub fn route(
             control.start_drain();
             Response::text(202, "draining\n")
         }
-        "/push" if method == "POST" => {
-            let r = push(body, control);
-            let counter = if r.status == 202 {
-                &control.admin_pushes
-            } else {
-                &control.admin_pushes_refused
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            r
-        }
-        "/kick" if method == "POST" => kick(body, control),
+        "/push" if method == "POST" => counted(push(body, control), &control.admin_pushes),
+        "/kick" if method == "POST" => counted(kick(body, control), &control.admin_kicks),
         "/metrics" | "/healthz" | "/readyz" => Response::not_allowed("GET, HEAD"),
         "/drain" | "/push" | "/kick" => Response::not_allowed("POST"),
         _ => Response::text(404, "not found\n"),
     }
+}
+
+/// Counts `r` as queued (202) or refused in `counts`.
+fn counted(r: Response, counts: &[AtomicU64; 2]) -> Response {
+    let i = usize::from(r.status != 202);
+    counts[i].fetch_add(1, Ordering::Relaxed);
+    r
 }
 
 /// `POST /push`: a push record (docs/PROTOCOL.md "Push records") for the owner shard of its

@@ -23,9 +23,10 @@ pub struct Control {
     /// Queues push records for their owner shards; set once the I/O core runs (durability
     /// `local` or `backend`), for the admin API's `POST /push`.
     pusher: OnceLock<Pusher>,
-    /// `POST /push` requests queued, and refused (bad record, overloaded, unavailable).
-    pub admin_pushes: AtomicU64,
-    pub admin_pushes_refused: AtomicU64,
+    /// Admin API requests that queue work for the shards (`POST /push`, `POST /kick`):
+    /// queued (index 0) and refused (1: a bad body, overloaded, unavailable).
+    pub admin_pushes: [AtomicU64; 2],
+    pub admin_kicks: [AtomicU64; 2],
 }
 
 impl Control {
@@ -36,8 +37,8 @@ impl Control {
             shards_total: AtomicUsize::new(shards_total),
             backends_pending: AtomicUsize::new(0),
             pusher: OnceLock::new(),
-            admin_pushes: AtomicU64::new(0),
-            admin_pushes_refused: AtomicU64::new(0),
+            admin_pushes: Default::default(),
+            admin_kicks: Default::default(),
         }
     }
 

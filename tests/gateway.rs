@@ -533,14 +533,11 @@ fn admin_push_reaches_users_groups_and_offline_inboxes() {
         assert_eq!(push(bad).0, 400, "{bad}");
     }
     assert_eq!(common::gateway::http_get(g.admin, "/push").unwrap().0, 405);
-    assert_eq!(
-        g.metric("imgw_admin_pushes_total", &[r#"outcome="queued""#]),
-        5.0
-    );
-    assert_eq!(
-        g.metric("imgw_admin_pushes_total", &[r#"outcome="refused""#]),
-        3.0
-    );
+    let pushes = |outcome: &str| {
+        let o = format!(r#"outcome="{outcome}""#);
+        g.metric("imgw_admin_requests_total", &[r#"path="/push""#, &o])
+    };
+    assert_eq!((pushes("queued"), pushes("refused")), (5.0, 3.0));
 }
 
 #[test]
@@ -604,4 +601,9 @@ fn admin_kick_closes_every_device_of_the_user_only() {
     for bad in ["{}", r#"{"tenant":"dev","user":""}"#, "not json"] {
         assert_eq!(http_post(g.admin, "/kick", bad).unwrap().0, 400, "{bad}");
     }
+    let kicks = |outcome: &str| {
+        let o = format!(r#"outcome="{outcome}""#);
+        g.metric("imgw_admin_requests_total", &[r#"path="/kick""#, &o])
+    };
+    assert_eq!((kicks("queued"), kicks("refused")), (1.0, 3.0));
 }
