@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::gateway::{Gateway, DEV_TOML};
+use common::gateway::Gateway;
 use imgw::client::{Client, ClientConfig, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::{Envelope, Message, Send, Target};
@@ -33,16 +33,7 @@ fn sync_all(c: &mut Client) -> BTreeMap<u64, String> {
 
 #[test]
 fn sigkill_under_load_loses_no_acked_message() {
-    let mut g = Gateway::start(
-        DEV_TOML,
-        &[
-            "--shards",
-            "2",
-            "--insecure-dev-auth",
-            "--durability",
-            "local",
-        ],
-    );
+    let mut g = Gateway::local();
     // (recipient, seq) -> body of every acked message.
     let acked: Arc<Mutex<BTreeMap<(usize, u64), String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));

@@ -19,16 +19,7 @@ const WAIT: Duration = Duration::from_secs(5);
 fn local_with(limits: &str, extra: &str) -> Gateway {
     let toml = DEV_TOML.replace("[limits]\n", &format!("[limits]\n{limits}\n"));
     let toml = format!("{toml}\n{extra}\n");
-    Gateway::start(
-        &toml,
-        &[
-            "--shards",
-            "2",
-            "--insecure-dev-auth",
-            "--durability",
-            "local",
-        ],
-    )
+    Gateway::local_with(&toml)
 }
 
 fn local(extra: &str) -> Gateway {

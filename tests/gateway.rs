@@ -459,16 +459,7 @@ fn next_push(c: &mut Client) -> (String, Option<String>, String, Option<Target>)
 
 #[test]
 fn admin_push_reaches_users_groups_and_offline_inboxes() {
-    let g = Gateway::start(
-        DEV_TOML,
-        &[
-            "--shards",
-            "2",
-            "--insecure-dev-auth",
-            "--durability",
-            "local",
-        ],
-    );
+    let g = Gateway::local();
     let push = |json: &str| http_post(g.admin, "/push", json).expect("POST /push");
     let mut carol = g.login(Transport::Ws, CodecId::Json, "carol", "phone");
     let first = r#"{"tenant":"dev","user":"carol","type":"promo","body":"hello from admin","from":"shop","id":"p1"}"#;
@@ -554,16 +545,7 @@ fn admin_push_and_kick_need_a_durable_store() {
 
 #[test]
 fn admin_kick_closes_every_device_of_the_user_only() {
-    let g = Gateway::start(
-        DEV_TOML,
-        &[
-            "--shards",
-            "2",
-            "--insecure-dev-auth",
-            "--durability",
-            "local",
-        ],
-    );
+    let g = Gateway::local();
     let mut phone = g.login(Transport::Ws, CodecId::Json, "eve", "phone");
     let mut laptop = g.login(Transport::Tcp, CodecId::Protobuf, "eve", "laptop");
     let mut other = g.login(Transport::Tcp, CodecId::MessagePack, "frank", "phone");

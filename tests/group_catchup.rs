@@ -7,25 +7,12 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::gateway::{sync_pages, Gateway, DEV_TOML};
+use common::gateway::{sync_pages, Gateway};
 use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::{Ack, Envelope, ErrorCode, GroupJoin, Message, Send, SendAck, Str, Target};
 
 const WAIT: Duration = Duration::from_secs(5);
-
-fn local() -> Gateway {
-    Gateway::start(
-        DEV_TOML,
-        &[
-            "--shards",
-            "2",
-            "--insecure-dev-auth",
-            "--durability",
-            "local",
-        ],
-    )
-}
 
 fn join(c: &mut Client, group: &str) {
     let r = c.next_ref();
@@ -69,7 +56,7 @@ fn ack_group(c: &mut Client, group: &str, gseq: u64) {
 
 #[test]
 fn offline_member_syncs_the_group_once_in_order_then_nothing_after_ack() {
-    let g = local();
+    let g = Gateway::local();
     for codec in [
         CodecId::Json,
         CodecId::Protobuf,
@@ -138,7 +125,7 @@ fn offline_member_syncs_the_group_once_in_order_then_nothing_after_ack() {
 
 #[test]
 fn a_non_member_cannot_read_or_write_a_group() {
-    let g = local();
+    let g = Gateway::local();
     let mut a = g.login(Transport::Tcp, CodecId::Json, "nm-alice", "d");
     join(&mut a, "private");
     send_group(&mut a, "private", "c1", "secret");
@@ -161,7 +148,7 @@ fn a_non_member_cannot_read_or_write_a_group() {
 
 #[test]
 fn memberships_survive_a_sigkill_and_online_members_get_pushes() {
-    let mut g = local();
+    let mut g = Gateway::local();
     let members = ["rs-alice", "rs-bob", "rs-carol"];
     for m in members {
         let mut c = g.login(Transport::Tcp, CodecId::Protobuf, m, "d");

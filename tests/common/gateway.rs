@@ -120,6 +120,23 @@ impl Gateway {
         Gateway::start(DEV_TOML, &["--shards", "2", "--insecure-dev-auth"])
     }
 
+    /// [`Gateway::dev`] at durability `local` with `toml` as its config file.
+    pub fn local_with(toml: &str) -> Gateway {
+        let args = [
+            "--shards",
+            "2",
+            "--insecure-dev-auth",
+            "--durability",
+            "local",
+        ];
+        Gateway::start(toml, &args)
+    }
+
+    /// [`Gateway::dev`] at durability `local`.
+    pub fn local() -> Gateway {
+        Gateway::local_with(DEV_TOML)
+    }
+
     pub fn config(&self, transport: Transport, codec: CodecId) -> ClientConfig {
         let addr = match transport {
             Transport::Ws => self.ws,
