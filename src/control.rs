@@ -20,8 +20,8 @@ pub struct Control {
     /// Backends that must be ready before clients are sent here (Kafka's topics): a send
     /// that needs them would only wait and fail.
     backends_pending: AtomicUsize,
-    /// Queues push records for their owner shards; set once the I/O core runs (durability
-    /// `local` or `backend`), for the admin API's `POST /push`.
+    /// Queues push records and kicks for their owner shards; set once the I/O core runs
+    /// (durability `local` or `backend`), for the admin API's `POST /push` and `POST /kick`.
     pusher: OnceLock<Pusher>,
     /// Admin API requests that queue work for the shards (`POST /push`, `POST /kick`):
     /// queued (index 0) and refused (1: a bad body, overloaded, unavailable).
@@ -42,12 +42,12 @@ impl Control {
         }
     }
 
-    /// Makes pushes possible (the I/O core has started). Only the first call counts.
+    /// Makes pushes and kicks possible (the I/O core has started). Only the first call counts.
     pub fn set_pusher(&self, pusher: Pusher) {
         let _ = self.pusher.set(pusher);
     }
 
-    /// The push handle, once the I/O core runs; `None` at durability `memory`.
+    /// The handle to the shards, once the I/O core runs; `None` at durability `memory`.
     pub fn pusher(&self) -> Option<&Pusher> {
         self.pusher.get()
     }

@@ -302,8 +302,9 @@ impl IoCore {
             let (reader, writer) = UnixStream::pair()?;
             reader.set_nonblocking(true)?;
             writer.set_nonblocking(true)?;
-            // Completions per shard never exceed the commands in flight, which the inbound
-            // bound caps: the completion queue cannot overflow.
+            // The shard's own completions never exceed its commands in flight, which the
+            // inbound bound caps; pushes and kicks from outside (`Pusher`) wait or are
+            // refused when it is full.
             let done = Arc::new(ArrayQueue::new(cfg.queue_depth.max(1)));
             let notified = Arc::new(AtomicBool::new(false));
             ports.push(IoPort {
@@ -384,7 +385,7 @@ impl IoCore {
         ))
     }
 
-    /// A handle that queues push records for their owner shards, from any thread.
+    /// A handle that queues push records and kicks for their owner shards, from any thread.
     pub fn pusher(&self) -> Pusher {
         self.pusher.clone()
     }
