@@ -26,14 +26,31 @@ use imgw::store::{mysql_testdb, Backend, GroupRef, MySqlOptions, MySqlStore, Sto
 
 const WAIT: Duration = Duration::from_secs(5);
 
-/// A fresh database on the test MariaDB; panics with how to start it when unreachable.
-fn fresh_db(name: &str) -> String {
-    mysql_testdb::fresh(name).unwrap_or_else(|e| {
-        panic!(
-            "MariaDB not reachable at {} ({e}): start it with `tests/services.sh start`",
-            imgw::config::redact_url(&mysql_testdb::base_url())
-        )
-    })
+/// A fresh database on the test MariaDB, named `{name}_{pid}` so that two test runs at once
+/// (two checkouts) do not share it, and dropped with the value; panics with how to start
+/// MariaDB when unreachable.
+struct FreshDb {
+    name: String,
+    url: String,
+}
+
+impl FreshDb {
+    fn new(name: &str) -> FreshDb {
+        let name = format!("{name}_{}", std::process::id());
+        let url = mysql_testdb::fresh(&name).unwrap_or_else(|e| {
+            panic!(
+                "MariaDB not reachable at {} ({e}): start it with `tests/services.sh start`",
+                imgw::config::redact_url(&mysql_testdb::base_url())
+            )
+        });
+        FreshDb { name, url }
+    }
+}
+
+impl Drop for FreshDb {
+    fn drop(&mut self) {
+        let _ = mysql_testdb::drop_database(&self.name);
+    }
 }
 
 fn backend(url: &str, mysql_toml: &str) -> Gateway {
@@ -110,7 +127,8 @@ fn resume(g: &Gateway, u: &str, device: &str) -> Vec<u64> {
 
 #[test]
 fn messages_cursors_and_groups_round_trip_through_mysql_across_a_restart() {
-    let url = fresh_db("imgw_it_roundtrip");
+    let db = FreshDb::new("imgw_it_roundtrip");
+    let url = db.url.clone();
     let mut g = backend(&url, "");
     let mut a = g.login(Transport::Ws, CodecId::Json, "rt-amy", "d");
     let seqs: Vec<u64> = (0..10)
