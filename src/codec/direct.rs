@@ -63,12 +63,58 @@ pub(crate) trait MapSource {
     /// A non-negative integer value.
     fn uint(&mut self) -> Option<u64>;
     fn bool(&mut self) -> Option<bool>;
+    /// The entries of a nested map (one level below the top-level map): `entry` reads the
+    /// value of a key it knows and answers `true`, answers `false` for a key whose value is
+    /// to be skipped, or `None` to give up.
+    fn nested(&mut self, entry: impl FnMut(&mut Self, &[u8]) -> Option<bool>) -> Option<()>
+    where
+        Self: Sized;
     /// `to`: a map holding exactly one of `user` / `group` (other keys skipped).
-    fn target(&mut self) -> Option<Target>;
+    fn target(&mut self) -> Option<Target>
+    where
+        Self: Sized,
+    {
+        let (mut user, mut group) = (None, None);
+        self.nested(|r, key| match key {
+            b"user" => set(&mut user, r.str()).map(|()| true),
+            b"group" => set(&mut group, r.str()).map(|()| true),
+            _ => Some(false),
+        })?;
+        target_of(user, group)
+    }
     /// `resume`: a map with an optional `inbox_seq` (other keys skipped).
-    fn resume(&mut self) -> Option<Resume>;
+    fn resume(&mut self) -> Option<Resume>
+    where
+        Self: Sized,
+    {
+        let mut inbox_seq = None;
+        self.nested(|r, key| match key {
+            b"inbox_seq" => set(&mut inbox_seq, r.uint()).map(|()| true),
+            _ => Some(false),
+        })?;
+        Some(Resume {
+            inbox_seq: inbox_seq.unwrap_or(0),
+        })
+    }
     /// `limits`: a map with optional `max_frame_bytes`, `sends_per_sec`, `window`.
-    fn limits(&mut self) -> Option<Limits>;
+    fn limits(&mut self) -> Option<Limits>
+    where
+        Self: Sized,
+    {
+        let (mut max_frame_bytes, mut sends_per_sec, mut window) = (None, None, None);
+        let u32_of = |r: &mut Self| r.uint().and_then(|v| u32::try_from(v).ok());
+        self.nested(|r, key| match key {
+            b"max_frame_bytes" => set(&mut max_frame_bytes, u32_of(r)).map(|()| true),
+            b"sends_per_sec" => set(&mut sends_per_sec, u32_of(r)).map(|()| true),
+            b"window" => set(&mut window, u32_of(r)).map(|()| true),
+            _ => Some(false),
+        })?;
+        Some(Limits {
+            max_frame_bytes: max_frame_bytes.unwrap_or(0),
+            sends_per_sec: sends_per_sec.unwrap_or(0),
+            window: window.unwrap_or(0),
+        })
+    }
     /// `ext`: a map of strings to strings, added to `into` (empty); a repeated key keeps its
     /// last value. (Filled in place: moving a just-built value costs more than building it
     /// where it stays.)
@@ -472,19 +518,13 @@ pub(crate) fn envelope<S: MapSource>(
     Some(())
 }
 
-/// Builds a [`Target`] from the `user` / `group` values a format reader found in `to`.
-pub(crate) fn target_of(user: Option<Str>, group: Option<Str>) -> Option<Target> {
+/// Builds a [`Target`] from the `user` / `group` values found in `to`.
+fn target_of(user: Option<Str>, group: Option<Str>) -> Option<Target> {
     match (user, group) {
         (Some(u), None) => Some(Target::User(u)),
         (None, Some(g)) => Some(Target::Group(g)),
         _ => None,
     }
-}
-
-/// Stores the first value of a nested map's field; a repeated field gives up. For readers.
-#[inline(always)]
-pub(crate) fn set_once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
-    set(slot, value)
 }
 
 /// One format's writer for the named map. Keys are our field names (ASCII).

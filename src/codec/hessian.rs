@@ -57,12 +57,12 @@ use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, V
 use serde::ser::{self, Serialize};
 use serde::Deserialize;
 
-use super::direct::{self, set_once, target_of, MapSink, MapSource};
+use super::direct::{self, MapSink, MapSource};
 use super::fields::{finish, OpOnly, WireIn};
 use super::out::Sink;
 use super::text::{ascii_str, share_str};
 use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
-use crate::protocol::{Envelope, Ext, Limits, Resume, Str, Target};
+use crate::protocol::{Envelope, Ext, Str};
 
 const CODEC: &str = "hessian";
 
@@ -800,30 +800,6 @@ impl<'de> Direct<'_, 'de> {
         };
         u64::try_from(v).ok()
     }
-
-    /// The entries of a nested untyped map: `entry` reads each value after its key, and
-    /// returns `None` for a key it does not know, which is skipped.
-    fn nested(
-        &mut self,
-        mut entry: impl FnMut(&mut Self, &[u8]) -> Option<Option<()>>,
-    ) -> Option<()> {
-        if self.de.next().ok()? != b'H' {
-            return None;
-        }
-        self.de.enter().ok()?;
-        loop {
-            if self.de.peek().ok()? == b'Z' {
-                self.de.pos += 1;
-                break;
-            }
-            let key = self.plain()?;
-            if entry(self, key.as_bytes())?.is_none() {
-                self.de.skip_value().ok()?;
-            }
-        }
-        self.de.leave();
-        Some(())
-    }
 }
 
 /// A key of the top-level map, first taken as `units` ASCII bytes from `start`: if it is one
@@ -841,6 +817,25 @@ impl AsRef<[u8]> for Key<'_> {
 }
 
 impl<'de> MapSource for Direct<'_, 'de> {
+    fn nested(&mut self, mut entry: impl FnMut(&mut Self, &[u8]) -> Option<bool>) -> Option<()> {
+        if self.de.next().ok()? != b'H' {
+            return None;
+        }
+        self.de.enter().ok()?;
+        loop {
+            if self.de.peek().ok()? == b'Z' {
+                self.de.pos += 1;
+                break;
+            }
+            let key = self.plain()?;
+            if !entry(self, key.as_bytes())? {
+                self.de.skip_value().ok()?;
+            }
+        }
+        self.de.leave();
+        Some(())
+    }
+
     type Key = Key<'de>;
 
     #[inline]
@@ -939,49 +934,6 @@ impl<'de> MapSource for Direct<'_, 'de> {
             b'F' => Some(false),
             _ => None,
         }
-    }
-
-    fn target(&mut self) -> Option<Target> {
-        let (mut user, mut group) = (None, None);
-        self.nested(|r, key| {
-            Some(match key {
-                b"user" => Some(set_once(&mut user, r.str())?),
-                b"group" => Some(set_once(&mut group, r.str())?),
-                _ => None,
-            })
-        })?;
-        target_of(user, group)
-    }
-
-    fn resume(&mut self) -> Option<Resume> {
-        let mut inbox_seq = None;
-        self.nested(|r, key| {
-            Some(match key {
-                b"inbox_seq" => Some(set_once(&mut inbox_seq, r.uint())?),
-                _ => None,
-            })
-        })?;
-        Some(Resume {
-            inbox_seq: inbox_seq.unwrap_or(0),
-        })
-    }
-
-    fn limits(&mut self) -> Option<Limits> {
-        let (mut max_frame_bytes, mut sends_per_sec, mut window) = (None, None, None);
-        let u32_of = |r: &mut Self| r.uint().and_then(|v| u32::try_from(v).ok());
-        self.nested(|r, key| {
-            Some(match key {
-                b"max_frame_bytes" => Some(set_once(&mut max_frame_bytes, u32_of(r))?),
-                b"sends_per_sec" => Some(set_once(&mut sends_per_sec, u32_of(r))?),
-                b"window" => Some(set_once(&mut window, u32_of(r))?),
-                _ => None,
-            })
-        })?;
-        Some(Limits {
-            max_frame_bytes: max_frame_bytes.unwrap_or(0),
-            sends_per_sec: sends_per_sec.unwrap_or(0),
-            window: window.unwrap_or(0),
-        })
     }
 
     fn ext(&mut self, ext: &mut Ext) -> Option<()> {

@@ -27,10 +27,10 @@
 
 use bytes::Bytes;
 
-use super::direct::{self, set_once, target_of, MapSource};
+use super::direct::{self, MapSource};
 use super::text::share_str;
 use super::MAX_DEPTH;
-use crate::protocol::{Envelope, Ext, Limits, Resume, Str, Target};
+use crate::protocol::{Envelope, Ext, Str};
 
 /// Reads `text` (the payload `src`, checked as UTF-8) as one frame, or gives up.
 #[inline(always)]
@@ -408,10 +408,9 @@ impl<'a> Reader<'a> {
             _ => None,
         }
     }
+}
 
-    /// The entries of a nested object (a value of the top-level object): `entry` reads the
-    /// value of each key and returns `false` for a key it does not know, whose value is then
-    /// skipped.
+impl<'a> MapSource for Reader<'a> {
     #[inline(always)]
     fn nested(&mut self, mut entry: impl FnMut(&mut Self, &[u8]) -> Option<bool>) -> Option<()> {
         self.byte(b'{')?;
@@ -425,9 +424,7 @@ impl<'a> Reader<'a> {
         }
         Some(())
     }
-}
 
-impl<'a> MapSource for Reader<'a> {
     type Key = &'a [u8];
 
     #[inline(always)]
@@ -491,43 +488,6 @@ impl<'a> MapSource for Reader<'a> {
         self.literal(b"false").map(|()| false)
     }
 
-    fn target(&mut self) -> Option<Target> {
-        let (mut user, mut group) = (None, None);
-        self.nested(|r, key| match key {
-            b"user" => set_once(&mut user, r.string()).map(|()| true),
-            b"group" => set_once(&mut group, r.string()).map(|()| true),
-            _ => Some(false),
-        })?;
-        target_of(user, group)
-    }
-
-    fn resume(&mut self) -> Option<Resume> {
-        let mut inbox_seq = None;
-        self.nested(|r, key| match key {
-            b"inbox_seq" => set_once(&mut inbox_seq, r.uint()).map(|()| true),
-            _ => Some(false),
-        })?;
-        Some(Resume {
-            inbox_seq: inbox_seq.unwrap_or(0),
-        })
-    }
-
-    fn limits(&mut self) -> Option<Limits> {
-        let (mut max_frame_bytes, mut sends_per_sec, mut window) = (None, None, None);
-        let u32_of = |r: &mut Self| r.uint().and_then(|v| u32::try_from(v).ok());
-        self.nested(|r, key| match key {
-            b"max_frame_bytes" => set_once(&mut max_frame_bytes, u32_of(r)).map(|()| true),
-            b"sends_per_sec" => set_once(&mut sends_per_sec, u32_of(r)).map(|()| true),
-            b"window" => set_once(&mut window, u32_of(r)).map(|()| true),
-            _ => Some(false),
-        })?;
-        Some(Limits {
-            max_frame_bytes: max_frame_bytes.unwrap_or(0),
-            sends_per_sec: sends_per_sec.unwrap_or(0),
-            window: window.unwrap_or(0),
-        })
-    }
-
     fn ext(&mut self, into: &mut Ext) -> Option<()> {
         self.byte(b'{')?;
         let mut first = true;
@@ -575,7 +535,7 @@ mod tests {
     use crate::codec::json::decode_serde;
     use crate::codec::{Codec, CodecId};
     use crate::protocol::samples;
-    use crate::protocol::{ErrorCode, Op, Status};
+    use crate::protocol::{ErrorCode, Op, Status, Target};
     use proptest::prelude::*;
 
     /// [`envelope`] into a fresh envelope.

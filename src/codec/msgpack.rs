@@ -15,12 +15,12 @@
 use bytes::Bytes;
 use rmp::Marker;
 
-use super::direct::{self, set_once, target_of, MapSink, MapSource};
+use super::direct::{self, MapSink, MapSource};
 use super::fields::{finish, serde_error, OpOnly, WireIn};
 use super::out::Sink;
 use super::text::{sub_str, sub_str_into};
 use super::{Codec, CodecId, DecodeError, EncodeError, MAX_DEPTH};
-use crate::protocol::{Envelope, Ext, Limits, Resume, Str, Target};
+use crate::protocol::{Envelope, Ext, Str};
 
 /// MessagePack encoding; travels in WebSocket binary frames.
 pub struct MessagePack;
@@ -285,26 +285,21 @@ impl<'a> Direct<'a> {
             None => false,
         }
     }
+}
 
-    /// The entries of a nested map (level 1, in the top-level map): `entry` reads each value
-    /// after its key, and returns `None` for a key it does not know, which is skipped.
-    fn nested(
-        &mut self,
-        mut entry: impl FnMut(&mut Self, &[u8]) -> Option<Option<()>>,
-    ) -> Option<()> {
+impl<'a> MapSource for Direct<'a> {
+    fn nested(&mut self, mut entry: impl FnMut(&mut Self, &[u8]) -> Option<bool>) -> Option<()> {
         let n = map_header(&mut self.cur)?;
         for _ in 0..n {
             let key = str_bytes(&mut self.cur)?;
-            if entry(self, key)?.is_none() {
+            if !entry(self, key)? {
                 // Values of this map are 2 containers deep.
                 skip_value(&mut self.cur, 2)?;
             }
         }
         Some(())
     }
-}
 
-impl<'a> MapSource for Direct<'a> {
     type Key = &'a [u8];
 
     #[inline]
@@ -371,49 +366,6 @@ impl<'a> MapSource for Direct<'a> {
             0xc3 => Some(true),
             _ => None,
         }
-    }
-
-    fn target(&mut self) -> Option<Target> {
-        let (mut user, mut group) = (None, None);
-        self.nested(|r, key| {
-            Some(match key {
-                b"user" => Some(set_once(&mut user, r.string())?),
-                b"group" => Some(set_once(&mut group, r.string())?),
-                _ => None,
-            })
-        })?;
-        target_of(user, group)
-    }
-
-    fn resume(&mut self) -> Option<Resume> {
-        let mut inbox_seq = None;
-        self.nested(|r, key| {
-            Some(match key {
-                b"inbox_seq" => Some(set_once(&mut inbox_seq, r.uint())?),
-                _ => None,
-            })
-        })?;
-        Some(Resume {
-            inbox_seq: inbox_seq.unwrap_or(0),
-        })
-    }
-
-    fn limits(&mut self) -> Option<Limits> {
-        let (mut max_frame_bytes, mut sends_per_sec, mut window) = (None, None, None);
-        let u32_of = |r: &mut Self| r.uint().and_then(|v| u32::try_from(v).ok());
-        self.nested(|r, key| {
-            Some(match key {
-                b"max_frame_bytes" => Some(set_once(&mut max_frame_bytes, u32_of(r))?),
-                b"sends_per_sec" => Some(set_once(&mut sends_per_sec, u32_of(r))?),
-                b"window" => Some(set_once(&mut window, u32_of(r))?),
-                _ => None,
-            })
-        })?;
-        Some(Limits {
-            max_frame_bytes: max_frame_bytes.unwrap_or(0),
-            sends_per_sec: sends_per_sec.unwrap_or(0),
-            window: window.unwrap_or(0),
-        })
     }
 
     fn ext(&mut self, ext: &mut Ext) -> Option<()> {
