@@ -21,11 +21,8 @@ use crate::protocol::Str;
 /// `raw` must lie inside `src`; a reader passes slices it split off `src` itself.
 #[inline(always)]
 pub(crate) fn sub_str(src: &Bytes, raw: &[u8]) -> Option<Str> {
-    if raw.len() > INLINE_MAX {
-        return sub_str_shared(src, raw);
-    }
     let mut s = Str::new();
-    s.assign_utf8(raw).then_some(s)
+    sub_str_into(src, raw, &mut s).then_some(s)
 }
 
 /// [`sub_str`] into `out` (see [`Str::assign_utf8`]); `false`, leaving `out` as it was, where
