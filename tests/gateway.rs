@@ -40,6 +40,14 @@ fn send(c: &mut Client, to: &str, cmid: &str, body: &str) {
     .unwrap();
 }
 
+/// A ping round trip: the connection is served (and everything before it was processed).
+fn ping(c: &mut Client) {
+    c.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 99))
+        .unwrap();
+    c.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
+        .unwrap();
+}
+
 fn expect_error(c: &mut Client, code: ErrorCode) {
     let env = c
         .recv_until(|e| matches!(e.msg, Message::Error(_)), WAIT)
@@ -78,10 +86,7 @@ fn users_on_different_shards_chat_in_every_codec_and_transport() {
             let mut b = g.login(tb, codec, &bob, "phone");
             // The owner must know bob's device before alice sends: a ping round trip on b
             // orders after its registration.
-            b.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 99))
-                .unwrap();
-            b.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
-                .unwrap();
+            ping(&mut b);
             for i in 0..5 {
                 send(&mut a, &bob, &format!("c{i}"), &format!("hello {i} 你好"));
             }
@@ -121,10 +126,7 @@ fn a_user_with_two_devices_gets_each_message_on_both() {
     let mut b1 = g.login(Transport::Ws, CodecId::Json, "ben", "phone");
     let mut b2 = g.login(Transport::Tcp, CodecId::MessagePack, "ben", "tablet");
     for b in [&mut b1, &mut b2] {
-        b.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 99))
-            .unwrap();
-        b.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
-            .unwrap();
+        ping(b);
     }
     for i in 0..3 {
         send(&mut a, "ben", &format!("m{i}"), &format!("body {i}"));
@@ -567,19 +569,8 @@ fn admin_kick_closes_every_device_of_the_user_only() {
         );
     }
     // Another user is untouched, and the kicked user may log in again.
-    other
-        .send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 7))
-        .unwrap();
-    other
-        .recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
-        .unwrap();
-    let mut again = g.login(Transport::Ws, CodecId::Json, "eve", "phone");
-    again
-        .send(&Envelope::with_ref(Message::Ping(Ping { ts: 2 }), 8))
-        .unwrap();
-    again
-        .recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
-        .unwrap();
+    ping(&mut other);
+    ping(&mut g.login(Transport::Ws, CodecId::Json, "eve", "phone"));
     for bad in ["{}", r#"{"tenant":"dev","user":""}"#, "not json"] {
         assert_eq!(http_post(g.admin, "/kick", bad).unwrap().0, 400, "{bad}");
     }
