@@ -60,12 +60,16 @@ pub struct ServeArgs {
     /// durability `backend` (sets mysql.url).
     #[arg(long, value_name = "URL")]
     pub mysql: Option<String>,
-    /// Redis URL (not available yet).
+    /// Redis URL: presence, device routes and dedupe keys (sets redis.url).
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
-    /// Kafka bootstrap broker (not available yet).
+    /// Kafka bootstrap brokers: the messages, push and route topics (sets kafka.brokers).
     #[arg(long, value_name = "HOST:PORT")]
     pub kafka: Option<String>,
+    /// Cluster mode: this node's name (sets cluster.node_id). Needs --durability backend,
+    /// --mysql, --redis and --kafka.
+    #[arg(long, value_name = "NAME")]
+    pub node_id: Option<String>,
     /// Accept token = user id in tenant "dev". Demos only; loudly logged.
     #[arg(long)]
     pub insecure_dev_auth: bool,
@@ -160,6 +164,9 @@ pub fn apply_flags(
     }
     if let Some(brokers) = &args.kafka {
         config.kafka.brokers = Some(brokers.clone());
+    }
+    if let Some(id) = &args.node_id {
+        config.cluster.node_id = Some(id.clone());
     }
     Ok(())
 }

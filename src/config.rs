@@ -47,6 +47,53 @@ pub struct Config {
     pub mysql: MysqlConfig,
     pub redis: RedisConfig,
     pub kafka: KafkaConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// Cluster mode (docs/ARCHITECTURE.md "Cluster", src/cluster.rs): several nodes share one
+/// MariaDB (the store), one Redis (node registry, device routes) and one Kafka (a topic per
+/// node for cross-node delivery). Off unless `node_id` is set (`--node-id NAME`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name (`[A-Za-z0-9._-]`, 1 to 64 bytes); `None` (the default): one node.
+    pub node_id: Option<String>,
+    /// How often the node refreshes its registration in Redis (default 1 000 ms).
+    pub heartbeat_ms: u64,
+    /// A node whose registration was not refreshed for this long is dead (default 5 000 ms):
+    /// its key expires and the survivors drop it from the node set.
+    pub dead_after_ms: u64,
+    /// Recipients whose nodes a node remembers (default 65 536; two generations, like the
+    /// store's sequence cache).
+    pub route_cache_entries: u32,
+    /// How long a remembered recipient's node list is used before Redis is asked again
+    /// (default 1 000 ms). A stale entry can only lack a node the recipient logged in to
+    /// meanwhile: that device then gets the message from the store (at its next gap or sync).
+    pub route_cache_ttl_ms: u64,
+    /// Accepted messages waiting to be relayed to other nodes (default 65 536); beyond it a
+    /// relay is dropped and counted (the store has the message; the device catches up).
+    pub relay_queue_max: u32,
+    /// Node topics are `{topic_prefix}{node_id}` (default `imgw.node.`).
+    pub topic_prefix: String,
+    /// Set at start from the slot this node claimed in Redis (0..MAX_NODES): the node's bits
+    /// in message ids. Not a configuration key.
+    #[serde(skip)]
+    pub slot: Option<u8>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_id: None,
+            heartbeat_ms: 1_000,
+            dead_after_ms: 5_000,
+            route_cache_entries: 65_536,
+            route_cache_ttl_ms: 1_000,
+            relay_queue_max: 65_536,
+            topic_prefix: "imgw.node.".into(),
+            slot: None,
+        }
+    }
 }
 
 /// The MySQL / MariaDB backend (durability `backend`; docs/STORE.md, "MySQL backend").
@@ -540,6 +587,7 @@ impl Config {
         {
             return bad("kafka: topics and route fields non-empty, bounds positive");
         }
+        self.validate_cluster()?;
         if self.ws.allowed_origins.iter().any(|o| o.is_empty()) {
             return bad("ws.allowed_origins holds an empty entry");
         }
@@ -550,6 +598,55 @@ impl Config {
             return bad(
                 "no authentication configured: set auth.jwt_hs256_secret or \
                  auth.jwt_rs256_public_key_file, or pass --insecure-dev-auth for a demo",
+            );
+        }
+        Ok(())
+    }
+
+    /// Cluster mode's rules: the shared store, registry and transport must all be there.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        let Some(id) = &c.node_id else {
+            return Ok(());
+        };
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let id_ok = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        if !id_ok {
+            return bad(format!("--node-id {id:?}: use 1 to 64 of [A-Za-z0-9._-]"));
+        }
+        let mut missing = Vec::new();
+        if self.server.durability != Durability::Backend {
+            missing.push("--durability backend");
+        }
+        if self.mysql.url.is_none() {
+            missing.push("--mysql URL");
+        }
+        if self.redis.url.is_none() {
+            missing.push("--redis URL");
+        }
+        if self.kafka.brokers.is_none() {
+            missing.push("--kafka HOST:PORT");
+        }
+        if !missing.is_empty() {
+            return bad(format!(
+                "cluster mode (--node-id) needs {}: the nodes share MariaDB, Redis and Kafka",
+                missing.join(", ")
+            ));
+        }
+        if c.heartbeat_ms == 0
+            || c.dead_after_ms < 2 * c.heartbeat_ms
+            || c.route_cache_entries == 0
+            || c.relay_queue_max == 0
+            || c.topic_prefix.is_empty()
+        {
+            return bad(
+                "cluster: dead_after_ms at least twice heartbeat_ms, bounds positive, \
+                 topic_prefix non-empty"
+                    .into(),
             );
         }
         Ok(())
@@ -604,6 +701,29 @@ mod tests {
             "mysql://u:***@h:1/db"
         );
         assert_eq!(redact_url("mysql://u@h/db"), "mysql://u@h/db");
+    }
+
+    #[test]
+    fn cluster_mode_needs_every_shared_service() {
+        let mut c = Config::default();
+        c.auth.insecure_dev_auth = true;
+        c.cluster.node_id = Some("a".into());
+        let e = c.validate().unwrap_err().to_string();
+        for want in ["--durability backend", "--mysql", "--redis", "--kafka"] {
+            assert!(e.contains(want), "{e}");
+        }
+        c.server.durability = Durability::Backend;
+        c.mysql.url = Some("mysql://u@h/db".into());
+        c.redis.url = Some("redis://h/".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--kafka") && !e.contains("--mysql"), "{e}");
+        c.kafka.brokers = Some("h:9092".into());
+        c.validate().unwrap();
+        c.cluster.node_id = Some("a b".into());
+        assert!(c.validate().is_err(), "space in a node id");
+        c.cluster.node_id = Some("n-1.x_y".into());
+        c.cluster.dead_after_ms = c.cluster.heartbeat_ms;
+        assert!(c.validate().is_err(), "dead_after_ms below two heartbeats");
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub enum IoReply {
     /// An admin kick of a user this shard owns: every device gets `goaway` and is closed
     /// (token 0).
     Kick(Box<UserKey>),
+    /// A message another cluster node stored, for this node's devices of a user or group
+    /// this shard owns (token 0; src/services/cluster.rs).
+    Relayed(Box<crate::services::cluster::Relayed>),
 }
 
 #[derive(Debug)]
@@ -124,6 +127,9 @@ pub struct Services {
     /// Readiness: a configured Kafka is counted pending at start, ready once its topics
     /// exist (`Control::backend_pending` / `backend_ready`).
     pub control: Option<Arc<crate::control::Control>>,
+    /// Cluster mode (`cluster.node_id` set, slot claimed), with where clients reach this
+    /// node (published in its registration).
+    pub cluster: Option<(crate::config::ClusterConfig, String)>,
 }
 
 /// Counters of the I/O core, read by /metrics.
@@ -137,6 +143,8 @@ pub struct IoStats {
     pub queue_depth: AtomicU64,
     /// Redis and Kafka counters.
     pub svc: Arc<ServiceStats>,
+    /// Cluster counters (zero and not rendered on a single node).
+    pub cluster: Arc<crate::services::cluster::ClusterStats>,
     /// When a failed commit was last logged (ms since the epoch): during an outage every
     /// batch fails, so failures are logged at most once a second (the count is in `errors`).
     last_error_log_ms: AtomicU64,
@@ -210,6 +218,23 @@ impl Pusher {
         match self.queue(dest, IoReply::Push(rec)) {
             Err(IoReply::Push(rec)) => Err(rec),
             // The queue gives back what it was given, a Push.
+            _ => Ok(()),
+        }
+    }
+
+    /// Queues a relayed message for the owner shard of its user or group; gives it back when
+    /// that shard's completion queue is full.
+    pub fn relayed(
+        &self,
+        r: Box<crate::services::cluster::Relayed>,
+    ) -> Result<(), Box<crate::services::cluster::Relayed>> {
+        let id = match &r.to {
+            Target::User(u) | Target::Group(u) => u,
+        };
+        let dest = crate::shard::owner_shard(&r.tenant, id, self.links.len());
+        match self.queue(dest, IoReply::Relayed(r)) {
+            Err(IoReply::Relayed(r)) => Err(r),
+            // The queue gives back what it was given, a Relayed.
             _ => Ok(()),
         }
     }
@@ -428,6 +453,8 @@ struct Running {
     /// complete in order, so per-conversation order survives Kafka's confirmations.
     previous: Option<tokio::sync::oneshot::Receiver<()>>,
     produce_timeout: Duration,
+    /// Cluster mode: relays to other nodes, registration.
+    cluster: Option<crate::services::cluster::Node>,
 }
 
 /// Starts the services on the I/O core's runtime. A service that cannot start is logged and
@@ -449,10 +476,14 @@ async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoS
         // that is down at start delays nothing else (the producer waits for the topics).
         let topics = kc.clone();
         let control = cfg.control.clone();
+        let node_topic = cfg.cluster.as_ref().and_then(|(c, _)| {
+            let id = c.node_id.as_deref()?;
+            Some(crate::services::cluster::node_topic(c, id))
+        });
         tokio::task::spawn_local(async move {
             let mut warned = false;
             loop {
-                match crate::services::kafka::ensure_topics(&topics).await {
+                match crate::services::kafka::ensure_topics(&topics, node_topic.as_deref()).await {
                     Ok(()) => {
                         tracing::info!(topic = %topics.messages_topic, "kafka topics ready");
                         if let Some(c) = &control {
@@ -486,6 +517,35 @@ async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoS
             }
         }
     }
+    let cluster = match (&cfg.cluster, &cfg.redis, &cfg.kafka, &kafka) {
+        (Some((cc, info)), Some((rc, _)), Some(kc), Some(producer)) => {
+            let setup = crate::services::cluster::Setup {
+                cluster: cc,
+                redis: rc,
+                kafka: kc,
+                info: info.clone(),
+                producer: producer.clone(),
+                stats: stats.cluster.clone(),
+                ready: cfg.control.clone(),
+            };
+            let pusher = Pusher {
+                links: links.clone(),
+                max_body: cfg.max_push_body,
+            };
+            match crate::services::cluster::start(setup, move |r| pusher.relayed(r)) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::error!(error = %e, "cluster mode not started");
+                    None
+                }
+            }
+        }
+        (Some(_), ..) => {
+            tracing::error!("cluster mode needs Redis and a Kafka producer; not started");
+            None
+        }
+        _ => None,
+    };
     Running {
         redis,
         kafka,
@@ -493,6 +553,7 @@ async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoS
         slots: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
         previous: None,
         produce_timeout,
+        cluster,
     }
 }
 
@@ -536,6 +597,9 @@ async fn io_loop(
                 // Let the last batches' confirmations finish.
                 if let Some(prev) = services.previous.take() {
                     let _ = prev.await;
+                }
+                if let Some(c) = &services.cluster {
+                    c.leave().await;
                 }
                 return;
             }
@@ -658,6 +722,13 @@ fn publish(
         d.mid = *mid;
         d.inbox_seq = *seq;
         d.ts = *ts;
+        if let Some(c) = &svc.cluster {
+            c.relay(crate::services::cluster::RelayItem {
+                tenant: n.tenant.clone(),
+                dest: n.dest.clone(),
+                deliver: d.clone(),
+            });
+        }
         match k.produce(&n.tenant, &n.dest, &n.cmid, &d) {
             Ok(mut p) => reports.append(&mut p),
             Err(e) if svc.confirms => return Err(e),

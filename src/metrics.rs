@@ -97,6 +97,8 @@ pub struct ShardMetrics {
     pub deliveries_confirmed: AtomicU64,
     pub deliveries_failed: AtomicU64,
     pub retransmits: AtomicU64,
+    /// Cluster mode: login catch-up reads started (src/shard/delivery.rs `catchup_ms`).
+    pub catchups: AtomicU64,
     pub cross_shard_sent: AtomicU64,
     pub cross_shard_shed: AtomicU64,
     pub outbox_depth: AtomicI64,
@@ -123,6 +125,7 @@ impl Default for ShardMetrics {
             deliveries_confirmed: AtomicU64::new(0),
             deliveries_failed: AtomicU64::new(0),
             retransmits: AtomicU64::new(0),
+            catchups: AtomicU64::new(0),
             cross_shard_sent: AtomicU64::new(0),
             cross_shard_shed: AtomicU64::new(0),
             outbox_depth: AtomicI64::new(0),
@@ -279,6 +282,13 @@ impl Metrics {
         );
         per_shard_i(
             &mut o,
+            "imgw_cluster_catchups_total",
+            "Login catch-up reads of the store (cluster mode).",
+            "counter",
+            &|s| s.catchups.load(r) as i64,
+        );
+        per_shard_i(
+            &mut o,
             "imgw_cross_shard_sent_total",
             "Messages sent to other shards.",
             "counter",
@@ -386,6 +396,9 @@ impl Metrics {
             let _ = writeln!(o, "# HELP imgw_store_commit_seconds Time spent committing.\n# TYPE imgw_store_commit_seconds summary\nimgw_store_commit_seconds_sum {:.6}\nimgw_store_commit_seconds_count {batches}", io.commit_us_sum.load(r) as f64 / 1e6);
             let _ = writeln!(o, "# HELP imgw_io_queue_depth Commands waiting for the I/O core.\n# TYPE imgw_io_queue_depth gauge\nimgw_io_queue_depth {}", io.queue_depth.load(r));
             io.svc.render(&mut o);
+            if io.cluster.enabled.load(r) {
+                io.cluster.render(&mut o);
+            }
         }
         let mut tenants: BTreeMap<String, TenantStats> = BTreeMap::new();
         for s in &self.shards {

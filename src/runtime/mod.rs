@@ -58,8 +58,13 @@ pub enum RuntimeError {
 type Batch = Vec<ShardMsg>;
 
 /// Runs the gateway until a drain completes. Blocks the calling thread.
-pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<(), RuntimeError> {
+pub fn run(
+    mut cfg: Config,
+    control: Arc<Control>,
+    metrics: Arc<Metrics>,
+) -> Result<(), RuntimeError> {
     let shards = cfg.shard_count();
+    join_cluster(&mut cfg)?;
     let auth = Arc::new(
         Authenticator::from_config(&cfg.auth).map_err(|e| RuntimeError::Config(e.to_string()))?,
     );
@@ -152,6 +157,33 @@ pub fn run(cfg: Config, control: Arc<Control>, metrics: Arc<Metrics>) -> Result<
     first_error.map_or(Ok(()), Err)
 }
 
+/// Cluster mode: claims this node's slot in Redis before any shard mints a message id (the
+/// slot is the node's bits in them), retrying while Redis is unreachable for up to
+/// `cluster.dead_after_ms` × 4, and names the node in its session routes.
+fn join_cluster(cfg: &mut Config) -> Result<(), RuntimeError> {
+    let (Some(id), Some(url)) = (cfg.cluster.node_id.clone(), cfg.redis.url.clone()) else {
+        return Ok(());
+    };
+    let ttl = cfg.cluster.dead_after_ms;
+    let timeout = Duration::from_millis(cfg.redis.timeout_ms);
+    let deadline = Instant::now() + Duration::from_millis(ttl * 4);
+    let prefix = cfg.redis.key_prefix.clone();
+    let slot = loop {
+        match crate::services::cluster::claim_slot(&url, &prefix, &id, ttl, timeout) {
+            Ok(slot) => break slot,
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "cluster slot not claimed yet; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(RuntimeError::Config(format!("joining the cluster: {e}"))),
+        }
+    };
+    tracing::info!(node = %id, slot, "cluster slot claimed");
+    cfg.cluster.slot = Some(slot);
+    cfg.redis.node = id;
+    Ok(())
+}
+
 /// The services the I/O core runs, from the configuration.
 fn services(cfg: &Config, control: &Arc<Control>) -> crate::iocore::Services {
     let node = if cfg.redis.node.is_empty() {
@@ -159,6 +191,7 @@ fn services(cfg: &Config, control: &Arc<Control>) -> crate::iocore::Services {
     } else {
         cfg.redis.node.clone()
     };
+    let info = format!("ws={} tcp={}", cfg.server.ws_listen, cfg.server.tcp_listen);
     crate::iocore::Services {
         redis: cfg.redis.url.is_some().then(|| (cfg.redis.clone(), node)),
         kafka: cfg.kafka.brokers.is_some().then(|| cfg.kafka.clone()),
@@ -166,6 +199,11 @@ fn services(cfg: &Config, control: &Arc<Control>) -> crate::iocore::Services {
         kafka_confirms: cfg.server.durability == Durability::Backend,
         dedupe_window_ms: cfg.store.dedupe_window_ms,
         max_push_body: cfg.ws.max_message_bytes as usize,
+        cluster: cfg
+            .cluster
+            .slot
+            .is_some()
+            .then(|| (cfg.cluster.clone(), info)),
     }
 }
 

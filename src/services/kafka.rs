@@ -270,8 +270,22 @@ impl Kafka {
     }
 }
 
-/// Creates the messages, push and route topics; "already exists" counts as success.
-pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<(), ServiceError> {
+impl Kafka {
+    /// Enqueues one record as it is (cluster relays: src/services/cluster.rs); `Err` when
+    /// librdkafka refused it at once (queue full).
+    pub fn send_raw(
+        &self,
+        rec: FutureRecord<'_, String, Vec<u8>>,
+    ) -> Result<DeliveryFuture, String> {
+        self.producer
+            .send_result(rec)
+            .map_err(|(e, _)| format!("kafka enqueue: {e}"))
+    }
+}
+
+/// Creates the messages, push and route topics and `extra` (a cluster node's own topic);
+/// "already exists" counts as success.
+pub async fn ensure_topics(cfg: &KafkaConfig, extra: Option<&str>) -> Result<(), ServiceError> {
     let admin: AdminClient<DefaultClientContext> = client_config(cfg)?
         .create()
         .map_err(|e| ServiceError::KafkaClient(e.to_string()))?;
@@ -284,6 +298,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<(), ServiceError> {
             names.push(&r.topic);
         }
     }
+    names.extend(extra);
     let topics: Vec<NewTopic> = names
         .iter()
         .map(|n| NewTopic::new(n, cfg.partitions, TopicReplication::Fixed(cfg.replication)))

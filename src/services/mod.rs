@@ -6,6 +6,7 @@
 //! waits for Redis; it waits for Kafka only for a free in-flight slot (bounded), never for a
 //! delivery report: those are awaited by one task per batch.
 
+pub mod cluster;
 pub mod kafka;
 pub mod push;
 pub mod redis;
@@ -163,17 +164,22 @@ impl ServiceStats {
                 &self.push_bad,
             ),
         ];
-        for (name, kind, help, v) in rows {
-            let _ = writeln!(
-                o,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
-                v.load(r)
-            );
-        }
+        render_rows(o, rows);
         let _ = writeln!(
             o,
             "# HELP imgw_kafka_confirm_seconds_sum Produce-to-confirm time of batches.\n# TYPE imgw_kafka_confirm_seconds_sum counter\nimgw_kafka_confirm_seconds_sum {:.6}",
             self.kafka_confirm_us_sum.load(r) as f64 / 1e6
+        );
+    }
+}
+
+/// Appends one Prometheus metric per row: (name, type, help, value).
+pub(crate) fn render_rows(o: &mut String, rows: &[(&str, &str, &str, &AtomicU64)]) {
+    for (name, kind, help, v) in rows {
+        let _ = writeln!(
+            o,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+            v.load(Ordering::Relaxed)
         );
     }
 }

@@ -45,7 +45,16 @@ pub(super) struct Window {
     syncing: bool,
     /// The highest `inbox_seq` acked and not yet handed to the store (0: none).
     cursor: u64,
+    /// Cluster mode: when to read the store once after login (0: not due). Other nodes learn
+    /// that this device is here through Redis and their route caches, so a message accepted
+    /// elsewhere right after the login's sync may not be relayed here; this one read, after
+    /// the caches expired, closes that gap (src/services/cluster.rs).
+    catchup_ms: u64,
 }
+
+/// How long after the route caches' TTL the login catch-up read waits (the route itself
+/// reaches Redis through the presence pipeline, usually within milliseconds).
+pub const CATCHUP_MARGIN_MS: u64 = 500;
 
 /// How long an acked inbox cursor may wait in memory before it is written. Acks arrive with
 /// nearly every delivery; writing each one made the I/O core commit batches of cursors alone
@@ -294,6 +303,7 @@ impl Shard {
             match done.reply {
                 IoReply::Push(rec) => self.on_push(*rec, clk),
                 IoReply::Kick(user) => self.kick(&user),
+                IoReply::Relayed(r) => self.on_relayed(*r),
                 _ => {}
             }
             return;
@@ -791,7 +801,24 @@ impl Shard {
             p.due_ms = clk.mono_ms + backoff + jitter;
             resend.push(p.deliver.clone());
         }
-        let next = s.window.unacked.iter().map(|p| p.due_ms).min();
+        let mut catchup = false;
+        if s.window.catchup_ms != 0 && s.window.catchup_ms <= clk.mono_ms {
+            s.window.catchup_ms = 0;
+            // Only a device with a known position: one that never synced nor got a push
+            // takes live messages from its first push on (as on a single node).
+            if s.window.last_pushed > 0 {
+                s.window.lagging = true;
+                catchup = true;
+            }
+        }
+        let pending_catchup = (s.window.catchup_ms != 0).then_some(s.window.catchup_ms);
+        let next = s
+            .window
+            .unacked
+            .iter()
+            .map(|p| p.due_ms)
+            .chain(pending_catchup)
+            .min();
         if failed {
             let n = s.window.unacked.len() as u64;
             s.window.unacked.clear();
@@ -807,7 +834,24 @@ impl Shard {
         for d in resend {
             self.emit(conn, &Envelope::new(Message::Deliver(d)));
         }
+        if catchup {
+            self.metrics.shards[self.id].catchups.fetch_add(1, Relaxed);
+            self.maybe_pump(conn);
+        }
         next
+    }
+
+    /// Cluster mode: schedules the login catch-up read of `conn` (see `Window::catchup_ms`).
+    pub(super) fn schedule_catchup(&mut self, conn: ConnId, clk: Clock) {
+        if self.cfg.cluster.slot.is_none() || !self.durable() {
+            return;
+        }
+        let at = clk.mono_ms + self.cfg.cluster.route_cache_ttl_ms + CATCHUP_MARGIN_MS;
+        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+            return;
+        };
+        s.window.catchup_ms = at;
+        self.arm(conn, at);
     }
 
     /// A closing device's unacked deliveries become FAILED (the device recovers them by sync).

@@ -65,6 +65,28 @@ impl Shard {
         self.presence_event(&user, &device, id, PresenceKind::Refresh);
     }
 
+    /// A message another cluster node stored, for this node's devices of a user or group
+    /// this shard owns: delivered like a local one (the device shard keeps pushes gapless,
+    /// reading any gap from the shared store), never stored again.
+    pub fn on_relayed(&mut self, r: crate::services::cluster::Relayed) {
+        match r.to {
+            Target::User(user) => {
+                let to = UserKey {
+                    tenant: r.tenant,
+                    user,
+                };
+                self.push_to_devices(&to, r.deliver);
+            }
+            Target::Group(group) => {
+                let group = GroupKey {
+                    tenant: r.tenant,
+                    group,
+                };
+                self.group_fan_out(&group, r.deliver);
+            }
+        }
+    }
+
     /// A push ingress record for a user or group this shard owns: stored like a `send`
     /// (inbox or timeline, deduped by its id), then delivered to the online devices.
     pub fn on_push(&mut self, rec: PushRecord, clk: Clock) {

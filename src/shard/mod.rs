@@ -59,6 +59,10 @@ pub struct UserKey {
     pub user: Str,
 }
 
+/// 2025-01-01T00:00:00Z: where a cluster node's message id counter starts counting
+/// milliseconds (src/shard/route.rs `next_mid`).
+pub const MID_EPOCH_MS: u64 = 1_735_689_600_000;
+
 /// The shard that owns `(tenant, id)`: FNV-1a, stable across runs and builds.
 pub fn owner_shard(tenant: &str, id: &str, shards: usize) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -321,6 +325,11 @@ impl Shard {
             allowed_origins: vec!["*".into()],
             ..hs.clone()
         });
+        let next_mid = if cfg.cluster.slot.is_some() {
+            clk.unix_ms.saturating_sub(MID_EPOCH_MS)
+        } else {
+            clk.unix_ms
+        };
         Shard {
             id,
             shards,
@@ -339,7 +348,7 @@ impl Shard {
             echo_hs,
             // Message ids: shard index in the low 8 bits keeps them unique across shards;
             // the counter starts at the wall clock so ids grow across restarts.
-            next_mid: clk.unix_ms,
+            next_mid,
             next_session: 1,
             draining: false,
             drain_started_ms: 0,

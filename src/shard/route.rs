@@ -311,6 +311,13 @@ impl Shard {
         self.next_mid += 1;
         // Low 8 bits: the shard, so shards never mint the same id. Stays below 2^53 for
         // JavaScript clients for the next few thousand years of milliseconds.
-        (self.next_mid << 8) | (self.id as u64 & 0xff)
+        let shard = self.id as u64 & 0xff;
+        match self.cfg.cluster.slot {
+            // A cluster node's slot (6 bits) above the shard: nodes never mint the same id.
+            // The counter starts at milliseconds since 2025 (`MID_EPOCH_MS`), so ids stay
+            // below 2^53 for about 17 years of milliseconds.
+            Some(slot) => (self.next_mid << 14) | (u64::from(slot & 0x3f) << 8) | shard,
+            None => (self.next_mid << 8) | shard,
+        }
     }
 }

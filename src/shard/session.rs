@@ -556,6 +556,7 @@ impl Shard {
         if let (Some(seq), true) = (hello.resume, self.durable()) {
             self.resume(id, hello.reference, seq);
         }
+        self.schedule_catchup(id, clk);
     }
 
     fn on_send(&mut self, id: ConnId, reference: Option<u64>, s: Send, clk: Clock) {

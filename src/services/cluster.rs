@@ -1,0 +1,900 @@
+//! Cluster mode on the I/O core (SPEC 8; docs/ARCHITECTURE.md "Cluster"): what one node does
+//! so that a fleet of nodes sharing one MariaDB, one Redis and one Kafka behaves as one
+//! gateway. There is no node-to-node protocol beyond records on Kafka.
+//!
+//! This module owns:
+//! - **Membership.** At start, before any shard mints a message id, the node claims a slot
+//!   (`0..MAX_NODES`) in Redis ([`claim_slot`]); the slot is the node's bits in message ids, so
+//!   two nodes never mint the same `mid`. A task then refreshes `{p}node:{id}` and the slot
+//!   every `cluster.heartbeat_ms` with a TTL of `cluster.dead_after_ms`, keeps `{p}nodes` (the
+//!   set of node ids), and drops from it the nodes whose key expired: a node that stopped
+//!   refreshing is declared dead within `dead_after_ms` + one heartbeat. At shutdown the node
+//!   deletes its keys (leaves at once).
+//! - **Relay.** After the store commit, each fresh 1:1 message is relayed to every *other*
+//!   live node where the recipient has a device (the nodes named in the Redis route hash), and
+//!   each fresh group message to every other live node: one record per destination node,
+//!   never one per device, on that node's topic `{topic_prefix}{node}`, keyed by the
+//!   conversation's recipient so one recipient's records keep their order.
+//! - **Ingress.** The node consumes its own topic, starting at its end when the node starts
+//!   (records produced while it was down are not needed: the store has every message, and a
+//!   reconnecting device syncs from its cursor), and hands each record to the owner shard of
+//!   its user or group, which delivers to this node's devices without writing the store.
+//!
+//! Correctness never depends on a relay: per-device pushes are gapless (a device whose next
+//! push does not follow its last one reads the gap from the shared store), so a relay that is
+//! dropped, late or out of order costs latency, not messages.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::rc::Rc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
+use redis::aio::MultiplexedConnection;
+
+use super::kafka::{Dest, Kafka};
+use crate::codec::CodecId;
+use crate::config::{ClusterConfig, KafkaConfig, RedisConfig};
+use crate::protocol::{Deliver, Envelope, Message, Str, Target};
+
+/// Slots a cluster has: the node's bits in message ids (6 bits).
+pub const MAX_NODES: u8 = 64;
+
+/// Why cluster mode could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// Redis could not be reached or refused a command.
+    #[error("redis: {0}")]
+    Redis(String),
+    /// Every slot is held by another live node.
+    #[error("all {MAX_NODES} node slots are taken by live nodes")]
+    Full,
+}
+
+/// Counters of cluster mode, rendered on /metrics.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// Set when cluster mode starts: only then are these rendered.
+    pub enabled: std::sync::atomic::AtomicBool,
+    /// Live nodes in the registry as last read (this one included).
+    pub nodes: AtomicU64,
+    /// 1 while this node's registration is fresh in Redis.
+    pub registered: AtomicU64,
+    /// Nodes this node declared dead (their registration expired).
+    pub dead: AtomicU64,
+    /// Records produced to other nodes' topics, and those Kafka did not confirm.
+    pub relayed: AtomicU64,
+    pub relay_failed: AtomicU64,
+    /// Relays dropped: the relay queue was full, or the recipient's nodes were unknown
+    /// because Redis failed.
+    pub relay_dropped: AtomicU64,
+    /// Route lookups answered by the cache, and by Redis.
+    pub route_cache_hits: AtomicU64,
+    pub route_lookups: AtomicU64,
+    /// Records consumed from this node's topic and handed to a shard; malformed ones.
+    pub ingress: AtomicU64,
+    pub ingress_bad: AtomicU64,
+}
+
+impl ClusterStats {
+    /// Appends the Prometheus text of these counters.
+    pub fn render(&self, o: &mut String) {
+        let rows: &[(&str, &str, &str, &AtomicU64)] = &[
+            (
+                "imgw_cluster_nodes",
+                "gauge",
+                "Live nodes in the registry (this one included).",
+                &self.nodes,
+            ),
+            (
+                "imgw_cluster_registered",
+                "gauge",
+                "1 while this node's registration is fresh.",
+                &self.registered,
+            ),
+            (
+                "imgw_cluster_nodes_dead_total",
+                "counter",
+                "Nodes declared dead by this node.",
+                &self.dead,
+            ),
+            (
+                "imgw_cluster_relayed_total",
+                "counter",
+                "Records produced to other nodes' topics and confirmed.",
+                &self.relayed,
+            ),
+            (
+                "imgw_cluster_relay_failed_total",
+                "counter",
+                "Relay records Kafka did not confirm.",
+                &self.relay_failed,
+            ),
+            (
+                "imgw_cluster_relay_dropped_total",
+                "counter",
+                "Relays dropped (queue full, or routes unknown while Redis failed).",
+                &self.relay_dropped,
+            ),
+            (
+                "imgw_cluster_route_cache_hits_total",
+                "counter",
+                "Recipient node lookups answered by the route cache.",
+                &self.route_cache_hits,
+            ),
+            (
+                "imgw_cluster_route_lookups_total",
+                "counter",
+                "Recipient node lookups sent to Redis.",
+                &self.route_lookups,
+            ),
+            (
+                "imgw_cluster_ingress_total",
+                "counter",
+                "Records from this node's topic handed to a shard.",
+                &self.ingress,
+            ),
+            (
+                "imgw_cluster_ingress_bad_total",
+                "counter",
+                "Malformed records on this node's topic (skipped).",
+                &self.ingress_bad,
+            ),
+        ];
+        super::render_rows(o, rows);
+    }
+}
+
+fn node_key(prefix: &str, id: &str) -> String {
+    format!("{prefix}node:{id}")
+}
+
+fn slot_key(prefix: &str, slot: u8) -> String {
+    format!("{prefix}slot:{slot}")
+}
+
+fn nodes_key(prefix: &str) -> String {
+    format!("{prefix}nodes")
+}
+
+/// The topic of node `id`.
+pub fn node_topic(cfg: &ClusterConfig, id: &str) -> String {
+    format!("{}{id}", cfg.topic_prefix)
+}
+
+/// Claims a slot for `node_id`: the first slot that is free or already this node's (a restart
+/// within `dead_after_ms`). Blocking: called once at start, before the shards run.
+pub fn claim_slot(
+    redis_url: &str,
+    prefix: &str,
+    node_id: &str,
+    ttl_ms: u64,
+    timeout: Duration,
+) -> Result<u8, ClusterError> {
+    let err = |e: redis::RedisError| ClusterError::Redis(e.to_string());
+    let client = redis::Client::open(redis_url).map_err(err)?;
+    let mut c = client.get_connection_with_timeout(timeout).map_err(err)?;
+    c.set_read_timeout(Some(timeout)).map_err(err)?;
+    c.set_write_timeout(Some(timeout)).map_err(err)?;
+    for slot in 0..MAX_NODES {
+        let key = slot_key(prefix, slot);
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(node_id)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query(&mut c)
+            .map_err(err)?;
+        let holder: Option<String> = if set.is_some() {
+            Some(node_id.to_string())
+        } else {
+            redis::cmd("GET").arg(&key).query(&mut c).map_err(err)?
+        };
+        if holder.as_deref() == Some(node_id) {
+            return Ok(slot);
+        }
+    }
+    Err(ClusterError::Full)
+}
+
+/// A remembered recipient: the nodes holding its devices, and when Redis said so.
+#[derive(Clone, Debug)]
+struct Routes {
+    nodes: Vec<Str>,
+    at: Instant,
+}
+
+/// Recipient -> nodes, bounded: two generations approximate LRU (as the store's sequence
+/// cache), at most `2 × half` entries. Invalidation: an entry is used for `ttl` after Redis
+/// answered, then asked again.
+struct RouteCache {
+    young: HashMap<(Str, Str), Routes>,
+    old: HashMap<(Str, Str), Routes>,
+    half: usize,
+    ttl: Duration,
+}
+
+impl RouteCache {
+    fn new(capacity: usize, ttl: Duration) -> Self {
+        RouteCache {
+            young: HashMap::new(),
+            old: HashMap::new(),
+            half: (capacity / 2).max(1),
+            ttl,
+        }
+    }
+
+    /// A fresh entry, if any.
+    fn get(&mut self, key: &(Str, Str), now: Instant) -> Option<&Routes> {
+        if !self.young.contains_key(key) {
+            let (k, v) = self.old.remove_entry(key)?;
+            self.insert(k, v);
+        }
+        self.young
+            .get(key)
+            .filter(|r| now.duration_since(r.at) < self.ttl)
+    }
+
+    fn insert(&mut self, key: (Str, Str), routes: Routes) {
+        if self.young.len() >= self.half && !self.young.contains_key(&key) {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(key, routes);
+    }
+}
+
+/// One accepted message to relay to other nodes.
+#[derive(Debug)]
+pub struct RelayItem {
+    pub tenant: Str,
+    pub dest: Dest,
+    pub deliver: Deliver,
+}
+
+/// A relayed record, for the owner shard of its user or group on this node.
+#[derive(Debug)]
+pub struct Relayed {
+    pub tenant: Str,
+    pub to: Target,
+    pub deliver: Deliver,
+}
+
+/// Cluster mode as the I/O loop holds it.
+pub struct Node {
+    relay: tokio::sync::mpsc::Sender<RelayItem>,
+    stats: Arc<ClusterStats>,
+    leave: Rc<Registry>,
+}
+
+impl Node {
+    /// Queues a relay; never waits (a full queue drops it and counts it).
+    pub fn relay(&self, item: RelayItem) {
+        if self.relay.try_send(item).is_err() {
+            self.stats.relay_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Deletes this node's registration, so the others stop relaying to it at once.
+    pub async fn leave(&self) {
+        self.leave.leave().await;
+    }
+}
+
+/// What the registry task and `leave` share.
+struct Registry {
+    cfg: ClusterConfig,
+    prefix: String,
+    id: String,
+    slot: u8,
+    /// What other nodes may read about this one.
+    info: String,
+    client: redis::Client,
+    timeout: Duration,
+    stats: Arc<ClusterStats>,
+    /// Live node ids as last read (this one included).
+    alive: RefCell<BTreeSet<Str>>,
+}
+
+impl Registry {
+    async fn connect(&self) -> Result<MultiplexedConnection, String> {
+        let t = Some(self.timeout);
+        let c = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(t)
+            .set_response_timeout(t);
+        self.client
+            .get_multiplexed_async_connection_with_config(&c)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// One heartbeat: refresh this node's keys, read the node set, drop the dead.
+    async fn beat(&self, c: &mut MultiplexedConnection) -> Result<(), String> {
+        let ttl = self.cfg.dead_after_ms;
+        let (nk, sk, set) = (
+            node_key(&self.prefix, &self.id),
+            slot_key(&self.prefix, self.slot),
+            nodes_key(&self.prefix),
+        );
+        let mut p = redis::pipe();
+        p.cmd("SET").arg(&nk).arg(&self.info).arg("PX").arg(ttl);
+        p.cmd("GET").arg(&sk);
+        p.cmd("SADD").arg(&set).arg(&self.id).ignore();
+        p.cmd("SMEMBERS").arg(&set);
+        let (_, holder, members): (String, Option<String>, Vec<String>) =
+            p.query_async(c).await.map_err(|e| e.to_string())?;
+        match holder.as_deref() {
+            Some(h) if h != self.id => {
+                // The slot expired and another node took it: this node was declared dead
+                // (it did not refresh for `dead_after_ms`). Message ids could now collide.
+                tracing::error!(
+                    slot = self.slot,
+                    holder = h,
+                    "cluster slot taken by another node; restart this node"
+                );
+                self.stats.registered.store(0, Relaxed);
+                return Err("slot lost".into());
+            }
+            _ => {
+                redis::cmd("SET")
+                    .arg(&sk)
+                    .arg(&self.id)
+                    .arg("PX")
+                    .arg(ttl)
+                    .query_async::<()>(c)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let mut alive = BTreeSet::new();
+        if !members.is_empty() {
+            let keys: Vec<String> = members.iter().map(|m| node_key(&self.prefix, m)).collect();
+            let infos: Vec<Option<String>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(c)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut dead = Vec::new();
+            for (m, info) in members.iter().zip(infos) {
+                if info.is_some() || *m == self.id {
+                    alive.insert(Str::from(m.as_str()));
+                } else {
+                    dead.push(m.clone());
+                }
+            }
+            if !dead.is_empty() {
+                let removed: u64 = redis::cmd("SREM")
+                    .arg(&set)
+                    .arg(&dead)
+                    .query_async(c)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // Several survivors race to remove a node: the one that removed it counts it.
+                self.stats.dead.fetch_add(removed, Relaxed);
+                if removed > 0 {
+                    tracing::warn!(nodes = ?dead, "cluster nodes declared dead");
+                }
+            }
+        }
+        self.stats.nodes.store(alive.len() as u64, Relaxed);
+        self.stats.registered.store(1, Relaxed);
+        *self.alive.borrow_mut() = alive;
+        Ok(())
+    }
+
+    async fn leave(&self) {
+        let Ok(mut c) = self.connect().await else {
+            return;
+        };
+        let mut p = redis::pipe();
+        p.cmd("DEL")
+            .arg(node_key(&self.prefix, &self.id))
+            .arg(slot_key(&self.prefix, self.slot))
+            .ignore();
+        p.cmd("SREM")
+            .arg(nodes_key(&self.prefix))
+            .arg(&self.id)
+            .ignore();
+        let r = tokio::time::timeout(self.timeout, p.query_async::<()>(&mut c)).await;
+        if matches!(r, Ok(Ok(()))) {
+            self.stats.registered.store(0, Relaxed);
+            tracing::info!(node = %self.id, "left the cluster");
+        }
+    }
+
+    fn is_alive(&self, node: &str) -> bool {
+        self.alive.borrow().contains(node)
+    }
+}
+
+/// What starting cluster mode needs.
+pub struct Setup<'a> {
+    pub cluster: &'a ClusterConfig,
+    pub redis: &'a RedisConfig,
+    pub kafka: &'a KafkaConfig,
+    /// Where clients reach this node (published in its registration).
+    pub info: String,
+    pub producer: Rc<RefCell<Kafka>>,
+    pub stats: Arc<ClusterStats>,
+    /// Released once registered, and once the ingress consumer is positioned.
+    pub ready: Option<Arc<crate::control::Control>>,
+}
+
+/// Starts the registry, relay and ingress tasks on the current (I/O core's) runtime.
+/// `sink` hands a relayed record to its owner shard and gives it back when that shard's queue
+/// is full (the consumer then waits: back-pressure, never a drop).
+pub fn start<F>(s: Setup<'_>, sink: F) -> Result<Node, ClusterError>
+where
+    F: Fn(Box<Relayed>) -> Result<(), Box<Relayed>> + Send + 'static,
+{
+    let cfg = s.cluster.clone();
+    let (Some(id), Some(slot), Some(url)) = (&cfg.node_id, cfg.slot, &s.redis.url) else {
+        return Err(ClusterError::Redis(
+            "cluster mode without a node id, slot or redis".into(),
+        ));
+    };
+    let client =
+        redis::Client::open(url.as_str()).map_err(|e| ClusterError::Redis(e.to_string()))?;
+    let registry = Rc::new(Registry {
+        prefix: s.redis.key_prefix.clone(),
+        id: id.clone(),
+        slot,
+        info: s.info,
+        client,
+        timeout: Duration::from_millis(s.redis.timeout_ms),
+        stats: s.stats.clone(),
+        alive: RefCell::new(BTreeSet::new()),
+        cfg: cfg.clone(),
+    });
+    s.stats.enabled.store(true, Relaxed);
+    if let Some(c) = &s.ready {
+        c.backend_pending(); // registration
+        c.backend_pending(); // ingress positioned
+    }
+    tokio::task::spawn_local(heartbeat(registry.clone(), s.ready.clone()));
+    let (tx, rx) = tokio::sync::mpsc::channel(cfg.relay_queue_max.max(1) as usize);
+    tokio::task::spawn_local(relay_task(
+        registry.clone(),
+        s.producer,
+        rx,
+        s.redis.key_prefix.clone(),
+    ));
+    let topic = node_topic(&cfg, id);
+    start_ingress(s.kafka, topic, id.clone(), s.stats.clone(), s.ready, sink);
+    Ok(Node {
+        relay: tx,
+        stats: s.stats,
+        leave: registry,
+    })
+}
+
+async fn heartbeat(reg: Rc<Registry>, ready: Option<Arc<crate::control::Control>>) {
+    let every = Duration::from_millis(reg.cfg.heartbeat_ms);
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut ready = ready;
+    let mut failing = false;
+    loop {
+        if conn.is_none() {
+            conn = reg.connect().await.ok();
+        }
+        if let Some(c) = conn.as_mut() {
+            match tokio::time::timeout(reg.timeout, reg.beat(c)).await {
+                Ok(Ok(())) => {
+                    failing = false;
+                    if let Some(ctl) = ready.take() {
+                        tracing::info!(node = %reg.id, slot = reg.slot, "registered in the cluster");
+                        ctl.backend_ready();
+                    }
+                }
+                Ok(Err(e)) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "cluster heartbeat failed; retrying");
+                    }
+                    failing = true;
+                    conn = None;
+                }
+                Err(_) => {
+                    if !failing {
+                        tracing::warn!("cluster heartbeat timed out; retrying");
+                    }
+                    failing = true;
+                    conn = None;
+                }
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// The nodes named by a route hash's values (`{node}/{shard}/{conn}`), deduplicated.
+fn route_nodes(values: &[String]) -> Vec<Str> {
+    let mut nodes: Vec<Str> = Vec::new();
+    for v in values {
+        let node = v.rsplitn(3, '/').nth(2).unwrap_or("");
+        if !node.is_empty() && !nodes.iter().any(|n| &**n == node) {
+            nodes.push(Str::from(node));
+        }
+    }
+    nodes
+}
+
+/// Relays, in the order the store accepted them, batch by batch: the recipients whose nodes
+/// are not cached are looked up in one Redis pipeline, then one record per destination node.
+async fn relay_task(
+    reg: Rc<Registry>,
+    kafka: Rc<RefCell<Kafka>>,
+    mut rx: tokio::sync::mpsc::Receiver<RelayItem>,
+    prefix: String,
+) {
+    const BATCH: usize = 512;
+    let mut cache = RouteCache::new(
+        reg.cfg.route_cache_entries as usize,
+        Duration::from_millis(reg.cfg.route_cache_ttl_ms),
+    );
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut buf = Vec::with_capacity(BATCH);
+    let stats = reg.stats.clone();
+    loop {
+        if rx.recv_many(&mut buf, BATCH).await == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut missing: Vec<(Str, Str)> = Vec::new();
+        for it in &buf {
+            if let Dest::User(u) = &it.dest {
+                let k = (it.tenant.clone(), u.clone());
+                if cache.get(&k, now).is_some() {
+                    stats.route_cache_hits.fetch_add(1, Relaxed);
+                } else if !missing.contains(&k) {
+                    missing.push(k);
+                }
+            }
+        }
+        let mut looked_up = false;
+        if !missing.is_empty() {
+            if conn.is_none() {
+                conn = reg.connect().await.ok();
+            }
+            if let Some(c) = conn.as_mut() {
+                let mut p = redis::pipe();
+                for (t, u) in &missing {
+                    p.cmd("HVALS").arg(format!("{prefix}route:{t}:{u}"));
+                }
+                match tokio::time::timeout(reg.timeout, p.query_async::<Vec<Vec<String>>>(c)).await
+                {
+                    Ok(Ok(rows)) => {
+                        looked_up = true;
+                        stats.route_lookups.fetch_add(missing.len() as u64, Relaxed);
+                        for (k, values) in missing.drain(..).zip(rows) {
+                            let nodes = route_nodes(&values);
+                            cache.insert(k, Routes { nodes, at: now });
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "route lookup failed");
+                        conn = None;
+                    }
+                    Err(_) => conn = None,
+                }
+            }
+        }
+        let alive: Vec<Str> = reg
+            .alive
+            .borrow()
+            .iter()
+            .filter(|n| ***n != *reg.id)
+            .cloned()
+            .collect();
+        for it in buf.drain(..) {
+            let targets: Vec<Str> = match &it.dest {
+                Dest::Group(_) => alive.clone(),
+                Dest::User(u) => {
+                    let k = (it.tenant.clone(), u.clone());
+                    match cache.get(&k, now) {
+                        Some(r) => r
+                            .nodes
+                            .iter()
+                            .filter(|n| ***n != *reg.id && reg.is_alive(n))
+                            .cloned()
+                            .collect(),
+                        None => {
+                            if !looked_up {
+                                stats.relay_dropped.fetch_add(1, Relaxed);
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            if targets.is_empty() {
+                continue;
+            }
+            let Some((key, payload, headers)) = record(&it) else {
+                stats.relay_failed.fetch_add(targets.len() as u64, Relaxed);
+                continue;
+            };
+            for node in targets {
+                let topic = node_topic(&reg.cfg, &node);
+                let rec = FutureRecord::to(&topic)
+                    .key(&key)
+                    .payload(&payload)
+                    .headers(headers.clone());
+                let sent = kafka.borrow().send_raw(rec);
+                match sent {
+                    Ok(report) => {
+                        let stats = stats.clone();
+                        tokio::task::spawn_local(async move {
+                            match report.await {
+                                Ok(Ok(_)) => stats.relayed.fetch_add(1, Relaxed),
+                                _ => stats.relay_failed.fetch_add(1, Relaxed),
+                            };
+                        });
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, node = %node, "relay not enqueued");
+                        stats.relay_failed.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A relay record: key `{tenant}/{recipient}`, headers `tenant` and `user` or `group`, the
+/// deliver (with its sequence) as a Protobuf envelope.
+fn record(it: &RelayItem) -> Option<(String, Vec<u8>, OwnedHeaders)> {
+    let (kind, id) = match &it.dest {
+        Dest::User(u) => ("user", u),
+        Dest::Group(g) => ("group", g),
+    };
+    let mut payload = Vec::with_capacity(64 + it.deliver.body.len());
+    let env = Envelope::new(Message::Deliver(it.deliver.clone()));
+    CodecId::Protobuf.encode(&env, &mut payload).ok()?;
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "tenant",
+            value: Some(it.tenant.as_bytes()),
+        })
+        .insert(Header {
+            key: kind,
+            value: Some(id.as_bytes()),
+        });
+    Some((format!("{}/{id}", it.tenant), payload, headers))
+}
+
+/// Parses a relay record (the inverse of [`record`]).
+pub fn parse_record<H: Headers + ?Sized>(
+    headers: Option<&H>,
+    payload: &[u8],
+) -> Result<Relayed, String> {
+    let mut tenant = None;
+    let mut to = None;
+    if let Some(h) = headers {
+        for i in 0..h.count() {
+            let hd = h.get(i);
+            let Some(v) = hd.value else { continue };
+            let v = std::str::from_utf8(v).map_err(|_| "header not UTF-8".to_string())?;
+            match hd.key {
+                "tenant" => tenant = Some(Str::from(v)),
+                "user" => to = Some(Target::User(Str::from(v))),
+                "group" => to = Some(Target::Group(Str::from(v))),
+                _ => {}
+            }
+        }
+    }
+    let (Some(tenant), Some(to)) = (tenant, to) else {
+        return Err("missing tenant or recipient header".into());
+    };
+    let env = CodecId::Protobuf
+        .decode_bytes(&Bytes::copy_from_slice(payload))
+        .map_err(|e| e.to_string())?;
+    let Message::Deliver(deliver) = env.msg else {
+        return Err("not a deliver".into());
+    };
+    if deliver.inbox_seq == 0 {
+        return Err("deliver without a sequence".into());
+    }
+    Ok(Relayed {
+        tenant,
+        to,
+        deliver,
+    })
+}
+
+/// Positions a consumer at the end of every partition of `topic` (blocking; retried until the
+/// topic exists), then hands every record to `sink`.
+fn start_ingress<F>(
+    kcfg: &KafkaConfig,
+    topic: String,
+    node: String,
+    stats: Arc<ClusterStats>,
+    ready: Option<Arc<crate::control::Control>>,
+    sink: F,
+) where
+    F: Fn(Box<Relayed>) -> Result<(), Box<Relayed>> + Send + 'static,
+{
+    let brokers = kcfg.brokers.clone().unwrap_or_default();
+    tokio::task::spawn_local(async move {
+        let consumer = loop {
+            let (b, t, n) = (brokers.clone(), topic.clone(), node.clone());
+            match tokio::task::spawn_blocking(move || position(&b, &t, &n)).await {
+                Ok(Ok(c)) => break c,
+                Ok(Err(e)) => tracing::debug!(error = %e, "node topic not ready; retrying"),
+                Err(e) => tracing::warn!(error = %e, "node topic positioning panicked"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        tracing::info!(topic = %topic, "consuming this node's topic");
+        if let Some(c) = ready {
+            c.backend_ready();
+        }
+        let mut failing = false;
+        loop {
+            let rec = match consumer.recv().await {
+                Ok(m) => {
+                    failing = false;
+                    let parsed = m
+                        .payload()
+                        .ok_or_else(|| "empty record".to_string())
+                        .and_then(|p| parse_record(m.headers(), p));
+                    match parsed {
+                        Ok(r) => Box::new(r),
+                        Err(e) => {
+                            stats.ingress_bad.fetch_add(1, Relaxed);
+                            tracing::debug!(error = %e, "relay record dropped");
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "node topic consumer failing; retrying");
+                    }
+                    failing = true;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let mut rec = rec;
+            loop {
+                match sink(rec) {
+                    Ok(()) => break,
+                    Err(back) => {
+                        rec = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+            stats.ingress.fetch_add(1, Relaxed);
+        }
+    });
+}
+
+fn position(brokers: &str, topic: &str, node: &str) -> Result<StreamConsumer, String> {
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("imgw-node-{node}"))
+        .set("enable.auto.commit", "false")
+        .set("socket.timeout.ms", "5000")
+        .set("fetch.wait.max.ms", "10")
+        .set("reconnect.backoff.ms", "100")
+        .set("reconnect.backoff.max.ms", "1000")
+        .create()
+        .map_err(|e| e.to_string())?;
+    let t = Duration::from_secs(5);
+    let md = consumer
+        .fetch_metadata(Some(topic), t)
+        .map_err(|e| e.to_string())?;
+    let parts: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|m| m.name() == topic && m.error().is_none())
+        .flat_map(|m| m.partitions().iter().map(|p| p.id()))
+        .collect();
+    if parts.is_empty() {
+        return Err(format!("topic {topic} has no partitions yet"));
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in parts {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, t)
+            .map_err(|e| e.to_string())?;
+        tpl.add_partition_offset(topic, p, Offset::Offset(high))
+            .map_err(|e| e.to_string())?;
+    }
+    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    Ok(consumer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_values_name_their_nodes_once() {
+        let v = vec![
+            "a/0/4294967296".to_string(),
+            "b.x/1/7".to_string(),
+            "a/1/9".to_string(),
+            "127.0.0.1:8080/0/1".to_string(),
+            "garbage".to_string(),
+        ];
+        let nodes = route_nodes(&v);
+        let names: Vec<&str> = nodes.iter().map(|n| &**n).collect();
+        assert_eq!(names, ["a", "b.x", "127.0.0.1:8080"]);
+    }
+
+    #[test]
+    fn route_cache_is_bounded_and_expires() {
+        let mut c = RouteCache::new(4, Duration::from_millis(50));
+        let t0 = Instant::now();
+        let key = |i: u32| (Str::from("t"), Str::from(i.to_string().as_str()));
+        for i in 0..10 {
+            c.insert(
+                key(i),
+                Routes {
+                    nodes: vec![],
+                    at: t0,
+                },
+            );
+            assert!(c.young.len() + c.old.len() <= 4);
+        }
+        assert!(c.get(&key(9), t0).is_some());
+        assert!(c.get(&key(0), t0).is_none(), "evicted");
+        assert!(
+            c.get(&key(9), t0 + Duration::from_millis(50)).is_none(),
+            "expired after the TTL"
+        );
+    }
+
+    #[test]
+    fn records_round_trip_and_bad_ones_are_refused() {
+        let deliver = Deliver {
+            mid: 7,
+            from: "alice".into(),
+            to: None,
+            inbox_seq: 3,
+            ts: 9,
+            kind: Some("chat".into()),
+            body: "hi".into(),
+            ext: Default::default(),
+        };
+        let it = RelayItem {
+            tenant: "t1".into(),
+            dest: Dest::User("bob".into()),
+            deliver: deliver.clone(),
+        };
+        let (key, payload, headers) = record(&it).unwrap();
+        assert_eq!(key, "t1/bob");
+        let back = parse_record(Some(&headers), &payload).unwrap();
+        assert_eq!(&*back.tenant, "t1");
+        assert_eq!(back.to, Target::User("bob".into()));
+        assert_eq!(back.deliver, deliver);
+        let none: Option<&OwnedHeaders> = None;
+        assert!(parse_record(none, &payload).is_err(), "no headers");
+        assert!(
+            parse_record(Some(&headers), b"\xff\xff").is_err(),
+            "bad payload"
+        );
+        let unsequenced = RelayItem {
+            deliver: Deliver {
+                inbox_seq: 0,
+                ..deliver
+            },
+            ..it
+        };
+        let (_, payload, headers) = record(&unsequenced).unwrap();
+        assert!(
+            parse_record(Some(&headers), &payload).is_err(),
+            "no sequence"
+        );
+    }
+}
