@@ -61,6 +61,9 @@ pub enum IoRequest {
     /// A device's presence/route change, for Redis. No completion; dropped (and counted)
     /// by the shard when the queue is full.
     Presence(Box<PresenceEvent>),
+    /// Cluster mode: something other nodes must hear (a stored join or leave, an admin
+    /// kick). No completion.
+    Relay(Box<crate::services::cluster::RelayItem>),
 }
 
 /// The I/O core's answer.
@@ -228,10 +231,8 @@ impl Pusher {
         &self,
         r: Box<crate::services::cluster::Relayed>,
     ) -> Result<(), Box<crate::services::cluster::Relayed>> {
-        let id = match &r.to {
-            Target::User(u) | Target::Group(u) => u,
-        };
-        let dest = crate::shard::owner_shard(&r.tenant, id, self.links.len());
+        let (tenant, id) = r.owner_key();
+        let dest = crate::shard::owner_shard(tenant, id, self.links.len());
         match self.queue(dest, IoReply::Relayed(r)) {
             Err(IoReply::Relayed(r)) => Err(r),
             // The queue gives back what it was given, a Relayed.
@@ -462,9 +463,16 @@ struct Running {
 async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoStats) -> Running {
     let svc = stats.svc.clone();
     let redis = cfg.redis.as_ref().and_then(|(rc, node)| {
-        crate::services::redis::start(rc, node.clone(), cfg.dedupe_window_ms, svc.clone())
-            .map_err(|e| tracing::error!(error = %e, "redis not started"))
-            .ok()
+        let announce = cfg.cluster.is_some();
+        crate::services::redis::start(
+            rc,
+            node.clone(),
+            cfg.dedupe_window_ms,
+            announce,
+            svc.clone(),
+        )
+        .map_err(|e| tracing::error!(error = %e, "redis not started"))
+        .ok()
     });
     let mut kafka = None;
     let mut max_in_flight = 1;
@@ -723,7 +731,7 @@ fn publish(
         d.inbox_seq = *seq;
         d.ts = *ts;
         if let Some(c) = &svc.cluster {
-            c.relay(crate::services::cluster::RelayItem {
+            c.relay(crate::services::cluster::RelayItem::Message {
                 tenant: n.tenant.clone(),
                 dest: n.dest.clone(),
                 deliver: d.clone(),
@@ -857,6 +865,7 @@ async fn run_batch(
                     r.send(RedisCmd::Presence((**e).clone()));
                 }
             }
+
             _ => {}
         }
     }
@@ -961,6 +970,12 @@ async fn run_batch(
                 IoReply::Groups(backend.user_groups(&user).await.map_err(|e| e.to_string()))
             }
             IoRequest::Presence(_) => continue,
+            IoRequest::Relay(item) => {
+                if let Some(c) = &svc.cluster {
+                    c.relay(*item);
+                }
+                continue;
+            }
         };
         let Some(link) = links.get(usize::from(cmd.shard)) else {
             continue;

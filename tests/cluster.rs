@@ -164,7 +164,7 @@ fn expect_bodies(c: &mut Client, want: &[String]) -> Vec<u64> {
         assert!(!left.is_zero(), "got {got:?}, want {want:?}");
         let env = c
             .recv_until(|e| matches!(e.msg, Message::Deliver(_)), left)
-            .unwrap_or_else(|e| panic!("got {got:?}, want {want:?}: {e}"));
+            .unwrap_or_else(|e| panic!("got {got:?} (seqs {seqs:?}), want {want:?}: {e}"));
         let Message::Deliver(d) = env.msg else {
             unreachable!()
         };
@@ -217,18 +217,17 @@ fn users_on_different_nodes_chat_both_ways_in_every_codec_over_both_transports()
             let (ua, ub) = (format!("a{combo}"), format!("b{combo}"));
             let mut a = login(&nodes[na], transport, codec, &ua, "d");
             let mut b = login(&nodes[nb], transport, codec, &ub, "d");
-            // Both directions, interleaved, several messages each way.
-            let mut to_b = Vec::new();
-            let mut to_a = Vec::new();
-            for i in 0..4 {
-                let m = format!("{ua}>{ub}#{i}");
-                all_mids.insert(send(&mut a, &ub, &m));
-                to_b.push(m);
-                let m = format!("{ub}>{ua}#{i}");
-                all_mids.insert(send(&mut b, &ua, &m));
-                to_a.push(m);
+            // Both directions, several messages each way (`send` waits for its ack and
+            // skips what arrives meanwhile, so each side sends its turn whole).
+            let to_b: Vec<String> = (0..4).map(|i| format!("{ua}>{ub}#{i}")).collect();
+            for m in &to_b {
+                all_mids.insert(send(&mut a, &ub, m));
             }
             let mids_b = expect_bodies(&mut b, &to_b);
+            let to_a: Vec<String> = (0..4).map(|i| format!("{ub}>{ua}#{i}")).collect();
+            for m in &to_a {
+                all_mids.insert(send(&mut b, &ua, m));
+            }
             let mids_a = expect_bodies(&mut a, &to_a);
             assert!(mids_a.iter().chain(&mids_b).all(|m| all_mids.contains(m)));
         }

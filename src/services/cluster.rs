@@ -79,6 +79,8 @@ pub struct ClusterStats {
     /// Route lookups answered by the cache, and by Redis.
     pub route_cache_hits: AtomicU64,
     pub route_lookups: AtomicU64,
+    /// Route announcements heard (each evicts one cached user).
+    pub route_announcements: AtomicU64,
     /// Records consumed from this node's topic and handed to a shard; malformed ones.
     pub ingress: AtomicU64,
     pub ingress_bad: AtomicU64,
@@ -135,6 +137,12 @@ impl ClusterStats {
                 "counter",
                 "Recipient node lookups sent to Redis.",
                 &self.route_lookups,
+            ),
+            (
+                "imgw_cluster_route_announcements_total",
+                "counter",
+                "Devices coming up on any node, heard on the routes channel.",
+                &self.route_announcements,
             ),
             (
                 "imgw_cluster_ingress_total",
@@ -214,7 +222,9 @@ struct Routes {
 }
 
 /// Recipient -> nodes, bounded: two generations approximate LRU (as the store's sequence
-/// cache), at most `2 × half` entries. Invalidation: an entry is used for `ttl` after Redis
+/// cache), at most `2 × half` entries. Invalidation: a device coming up on any node is
+/// announced on `{p}routes` and evicts that user's entry on every node; as a backstop for a
+/// lost announcement (the subscription was down), an entry is used for `ttl` after Redis
 /// answered, then asked again.
 struct RouteCache {
     young: HashMap<(Str, Str), Routes>,
@@ -244,6 +254,11 @@ impl RouteCache {
             .filter(|r| now.duration_since(r.at) < self.ttl)
     }
 
+    fn evict(&mut self, key: &(Str, Str)) {
+        self.young.remove(key);
+        self.old.remove(key);
+    }
+
     fn insert(&mut self, key: (Str, Str), routes: Routes) {
         if self.young.len() >= self.half && !self.young.contains_key(&key) {
             self.old = std::mem::take(&mut self.young);
@@ -252,20 +267,89 @@ impl RouteCache {
     }
 }
 
-/// One accepted message to relay to other nodes.
+/// What a node tells the other nodes.
 #[derive(Debug)]
-pub struct RelayItem {
-    pub tenant: Str,
-    pub dest: Dest,
-    pub deliver: Deliver,
+pub enum RelayItem {
+    /// An accepted message (its sequence assigned): to the nodes holding the recipient's
+    /// devices, or for a group to every other live node.
+    Message {
+        tenant: Str,
+        dest: Dest,
+        deliver: Deliver,
+    },
+    /// A stored join or leave: to the nodes holding the member's devices, whose owner shard
+    /// then fans the group's messages out to them (or stops).
+    Member {
+        tenant: Str,
+        user: Str,
+        group: Str,
+        join: bool,
+    },
+    /// An admin kick: to the nodes holding the user's devices.
+    Kick { tenant: Str, user: Str },
+}
+
+impl RelayItem {
+    fn tenant(&self) -> &Str {
+        match self {
+            RelayItem::Message { tenant, .. }
+            | RelayItem::Member { tenant, .. }
+            | RelayItem::Kick { tenant, .. } => tenant,
+        }
+    }
+
+    /// The user whose devices' nodes receive it; `None`: every other live node.
+    fn user(&self) -> Option<&Str> {
+        match self {
+            RelayItem::Message {
+                dest: Dest::User(u),
+                ..
+            }
+            | RelayItem::Member { user: u, .. }
+            | RelayItem::Kick { user: u, .. } => Some(u),
+            RelayItem::Message {
+                dest: Dest::Group(_),
+                ..
+            } => None,
+        }
+    }
 }
 
 /// A relayed record, for the owner shard of its user or group on this node.
-#[derive(Debug)]
-pub struct Relayed {
-    pub tenant: Str,
-    pub to: Target,
-    pub deliver: Deliver,
+#[derive(Debug, PartialEq, Eq)]
+pub enum Relayed {
+    Deliver {
+        tenant: Str,
+        to: Target,
+        deliver: Deliver,
+    },
+    Member {
+        tenant: Str,
+        user: Str,
+        group: Str,
+        join: bool,
+    },
+    Kick {
+        tenant: Str,
+        user: Str,
+    },
+}
+
+impl Relayed {
+    /// The tenant and the id (user or group) whose owner shard takes it.
+    pub fn owner_key(&self) -> (&Str, &Str) {
+        match self {
+            Relayed::Deliver {
+                tenant,
+                to: Target::User(id) | Target::Group(id),
+                ..
+            }
+            | Relayed::Member {
+                tenant, user: id, ..
+            }
+            | Relayed::Kick { tenant, user: id } => (tenant, id),
+        }
+    }
 }
 
 /// Cluster mode as the I/O loop holds it.
@@ -461,10 +545,16 @@ where
     }
     tokio::task::spawn_local(heartbeat(registry.clone(), s.ready.clone()));
     let (tx, rx) = tokio::sync::mpsc::channel(cfg.relay_queue_max.max(1) as usize);
+    let cache = Rc::new(RefCell::new(RouteCache::new(
+        cfg.route_cache_entries as usize,
+        Duration::from_millis(cfg.route_cache_ttl_ms),
+    )));
+    tokio::task::spawn_local(announcements(registry.clone(), cache.clone()));
     tokio::task::spawn_local(relay_task(
         registry.clone(),
         s.producer,
         rx,
+        cache,
         s.redis.key_prefix.clone(),
     ));
     let topic = node_topic(&cfg, id);
@@ -474,6 +564,45 @@ where
         stats: s.stats,
         leave: registry,
     })
+}
+
+/// Listens on `{p}routes` and evicts each announced user from the route cache; resubscribes
+/// after a failure (entries then fall back to their TTL).
+async fn announcements(reg: Rc<Registry>, cache: Rc<RefCell<RouteCache>>) {
+    use futures_lite::StreamExt as _;
+    let channel = format!("{}routes", reg.prefix);
+    let mut failing = false;
+    loop {
+        let sub = async {
+            let mut ps = reg.client.get_async_pubsub().await?;
+            ps.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(ps)
+        };
+        match tokio::time::timeout(reg.timeout, sub).await {
+            Ok(Ok(ps)) => {
+                failing = false;
+                let mut stream = ps.into_on_message();
+                while let Some(msg) = stream.next().await {
+                    let Ok(text) = std::str::from_utf8(msg.get_payload_bytes()) else {
+                        continue;
+                    };
+                    if let Some((tenant, user)) = text.split_once('\n') {
+                        reg.stats.route_announcements.fetch_add(1, Relaxed);
+                        cache
+                            .borrow_mut()
+                            .evict(&(Str::from(tenant), Str::from(user)));
+                    }
+                }
+            }
+            _ => {
+                if !failing {
+                    tracing::warn!("route announcements not subscribed; retrying");
+                }
+                failing = true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(reg.cfg.heartbeat_ms)).await;
+    }
 }
 
 async fn heartbeat(reg: Rc<Registry>, ready: Option<Arc<crate::control::Control>>) {
@@ -532,33 +661,39 @@ async fn relay_task(
     reg: Rc<Registry>,
     kafka: Rc<RefCell<Kafka>>,
     mut rx: tokio::sync::mpsc::Receiver<RelayItem>,
+    cache: Rc<RefCell<RouteCache>>,
     prefix: String,
 ) {
     const BATCH: usize = 512;
-    let mut cache = RouteCache::new(
-        reg.cfg.route_cache_entries as usize,
-        Duration::from_millis(reg.cfg.route_cache_ttl_ms),
-    );
     let mut conn: Option<MultiplexedConnection> = None;
     let mut buf = Vec::with_capacity(BATCH);
     let stats = reg.stats.clone();
+    // This batch's recipients and their nodes (from the cache or Redis); `None`: unknown.
+    let mut resolved: HashMap<(Str, Str), Option<Vec<Str>>> = HashMap::new();
     loop {
         if rx.recv_many(&mut buf, BATCH).await == 0 {
             return;
         }
         let now = Instant::now();
+        resolved.clear();
         let mut missing: Vec<(Str, Str)> = Vec::new();
-        for it in &buf {
-            if let Dest::User(u) = &it.dest {
-                let k = (it.tenant.clone(), u.clone());
-                if cache.get(&k, now).is_some() {
-                    stats.route_cache_hits.fetch_add(1, Relaxed);
-                } else if !missing.contains(&k) {
-                    missing.push(k);
+        {
+            let mut cache = cache.borrow_mut();
+            for it in &buf {
+                let Some(u) = it.user() else { continue };
+                let k = (it.tenant().clone(), u.clone());
+                if resolved.contains_key(&k) {
+                    continue;
                 }
+                let hit = cache.get(&k, now).map(|r| r.nodes.clone());
+                if hit.is_some() {
+                    stats.route_cache_hits.fetch_add(1, Relaxed);
+                } else {
+                    missing.push(k.clone());
+                }
+                resolved.insert(k, hit);
             }
         }
-        let mut looked_up = false;
         if !missing.is_empty() {
             if conn.is_none() {
                 conn = reg.connect().await.ok();
@@ -568,14 +703,28 @@ async fn relay_task(
                 for (t, u) in &missing {
                     p.cmd("HVALS").arg(format!("{prefix}route:{t}:{u}"));
                 }
-                match tokio::time::timeout(reg.timeout, p.query_async::<Vec<Vec<String>>>(c)).await
-                {
+                let announced = stats.route_announcements.load(Relaxed);
+                let lookup = p.query_async::<Vec<Vec<String>>>(c);
+                match tokio::time::timeout(reg.timeout, lookup).await {
                     Ok(Ok(rows)) => {
-                        looked_up = true;
                         stats.route_lookups.fetch_add(missing.len() as u64, Relaxed);
+                        // An announcement heard meanwhile may postdate this answer: then the
+                        // answer serves this batch only and is not cached.
+                        let quiet = stats.route_announcements.load(Relaxed) == announced;
+                        let mut cache = cache.borrow_mut();
                         for (k, values) in missing.drain(..).zip(rows) {
                             let nodes = route_nodes(&values);
-                            cache.insert(k, Routes { nodes, at: now });
+                            if quiet {
+                                let at = now;
+                                cache.insert(
+                                    k.clone(),
+                                    Routes {
+                                        nodes: nodes.clone(),
+                                        at,
+                                    },
+                                );
+                            }
+                            resolved.insert(k, Some(nodes));
                         }
                     }
                     Ok(Err(e)) => {
@@ -594,25 +743,21 @@ async fn relay_task(
             .cloned()
             .collect();
         for it in buf.drain(..) {
-            let targets: Vec<Str> = match &it.dest {
-                Dest::Group(_) => alive.clone(),
-                Dest::User(u) => {
-                    let k = (it.tenant.clone(), u.clone());
-                    match cache.get(&k, now) {
-                        Some(r) => r
-                            .nodes
-                            .iter()
-                            .filter(|n| ***n != *reg.id && reg.is_alive(n))
-                            .cloned()
-                            .collect(),
-                        None => {
-                            if !looked_up {
-                                stats.relay_dropped.fetch_add(1, Relaxed);
-                            }
-                            continue;
-                        }
+            let targets: Vec<Str> = match it.user() {
+                None => alive.clone(),
+                Some(u) => match resolved.get(&(it.tenant().clone(), u.clone())) {
+                    Some(Some(nodes)) => nodes
+                        .iter()
+                        .filter(|n| ***n != *reg.id && reg.is_alive(n))
+                        .cloned()
+                        .collect(),
+                    _ => {
+                        // Redis failed: the recipient's other nodes are unknown. The store
+                        // has the message; those devices get it at their next gap or sync.
+                        stats.relay_dropped.fetch_add(1, Relaxed);
+                        continue;
                     }
-                }
+                },
             };
             if targets.is_empty() {
                 continue;
@@ -648,26 +793,49 @@ async fn relay_task(
     }
 }
 
-/// A relay record: key `{tenant}/{recipient}`, headers `tenant` and `user` or `group`, the
-/// deliver (with its sequence) as a Protobuf envelope.
+/// A relay record: key `{tenant}/{user or group}` (one recipient's records keep their
+/// order), headers `op` (`deliver`, `member`, `kick`), `tenant`, `user` and/or `group`, and
+/// `join` (`1`/`0`) for `member`; a `deliver`'s payload is the deliver (with its sequence) as
+/// a Protobuf envelope, the others have none.
 fn record(it: &RelayItem) -> Option<(String, Vec<u8>, OwnedHeaders)> {
-    let (kind, id) = match &it.dest {
-        Dest::User(u) => ("user", u),
-        Dest::Group(g) => ("group", g),
-    };
-    let mut payload = Vec::with_capacity(64 + it.deliver.body.len());
-    let env = Envelope::new(Message::Deliver(it.deliver.clone()));
-    CodecId::Protobuf.encode(&env, &mut payload).ok()?;
-    let headers = OwnedHeaders::new()
-        .insert(Header {
-            key: "tenant",
-            value: Some(it.tenant.as_bytes()),
+    let h = |hs: OwnedHeaders, key: &str, v: &str| {
+        hs.insert(Header {
+            key,
+            value: Some(v.as_bytes()),
         })
-        .insert(Header {
-            key: kind,
-            value: Some(id.as_bytes()),
-        });
-    Some((format!("{}/{id}", it.tenant), payload, headers))
+    };
+    let tenant = it.tenant();
+    let mut headers = h(OwnedHeaders::new(), "tenant", tenant);
+    let mut payload = Vec::new();
+    let id = match it {
+        RelayItem::Message { dest, deliver, .. } => {
+            headers = h(headers, "op", "deliver");
+            let (kind, id) = match dest {
+                Dest::User(u) => ("user", u),
+                Dest::Group(g) => ("group", g),
+            };
+            headers = h(headers, kind, id);
+            payload.reserve(64 + deliver.body.len());
+            let env = Envelope::new(Message::Deliver(deliver.clone()));
+            CodecId::Protobuf.encode(&env, &mut payload).ok()?;
+            id
+        }
+        RelayItem::Member {
+            user, group, join, ..
+        } => {
+            headers = h(headers, "op", "member");
+            headers = h(headers, "user", user);
+            headers = h(headers, "group", group);
+            headers = h(headers, "join", if *join { "1" } else { "0" });
+            user
+        }
+        RelayItem::Kick { user, .. } => {
+            headers = h(headers, "op", "kick");
+            headers = h(headers, "user", user);
+            user
+        }
+    };
+    Some((format!("{tenant}/{id}"), payload, headers))
 }
 
 /// Parses a relay record (the inverse of [`record`]).
@@ -675,38 +843,62 @@ pub fn parse_record<H: Headers + ?Sized>(
     headers: Option<&H>,
     payload: &[u8],
 ) -> Result<Relayed, String> {
-    let mut tenant = None;
-    let mut to = None;
+    let (mut op, mut tenant, mut user, mut group, mut join) = (None, None, None, None, None);
     if let Some(h) = headers {
         for i in 0..h.count() {
             let hd = h.get(i);
             let Some(v) = hd.value else { continue };
             let v = std::str::from_utf8(v).map_err(|_| "header not UTF-8".to_string())?;
-            match hd.key {
-                "tenant" => tenant = Some(Str::from(v)),
-                "user" => to = Some(Target::User(Str::from(v))),
-                "group" => to = Some(Target::Group(Str::from(v))),
-                _ => {}
-            }
+            let slot = match hd.key {
+                "op" => &mut op,
+                "tenant" => &mut tenant,
+                "user" => &mut user,
+                "group" => &mut group,
+                "join" => &mut join,
+                _ => continue,
+            };
+            *slot = Some(Str::from(v));
         }
     }
-    let (Some(tenant), Some(to)) = (tenant, to) else {
-        return Err("missing tenant or recipient header".into());
-    };
-    let env = CodecId::Protobuf
-        .decode_bytes(&Bytes::copy_from_slice(payload))
-        .map_err(|e| e.to_string())?;
-    let Message::Deliver(deliver) = env.msg else {
-        return Err("not a deliver".into());
-    };
-    if deliver.inbox_seq == 0 {
-        return Err("deliver without a sequence".into());
+    let tenant = tenant.ok_or("no tenant header")?;
+    match (op.as_deref(), user, group) {
+        (Some("deliver"), user, group) => {
+            let to = match (user, group) {
+                (Some(u), None) => Target::User(u),
+                (None, Some(g)) => Target::Group(g),
+                _ => return Err("a deliver names one user or one group".into()),
+            };
+            let env = CodecId::Protobuf
+                .decode_bytes(&Bytes::copy_from_slice(payload))
+                .map_err(|e| e.to_string())?;
+            let Message::Deliver(deliver) = env.msg else {
+                return Err("not a deliver".into());
+            };
+            if deliver.inbox_seq == 0 {
+                return Err("deliver without a sequence".into());
+            }
+            Ok(Relayed::Deliver {
+                tenant,
+                to,
+                deliver,
+            })
+        }
+        (Some("member"), Some(user), Some(group)) => {
+            let join = match join.as_deref() {
+                Some("1") => true,
+                Some("0") => false,
+                _ => return Err("member without join 1 or 0".into()),
+            };
+            Ok(Relayed::Member {
+                tenant,
+                user,
+                group,
+                join,
+            })
+        }
+        (Some("kick"), Some(user), None) => Ok(Relayed::Kick { tenant, user }),
+        (op, ..) => Err(format!("bad relay record (op {op:?})")),
     }
-    Ok(Relayed {
-        tenant,
-        to,
-        deliver,
-    })
 }
 
 /// Positions a consumer at the end of every partition of `topic` (blocking; retried until the
@@ -867,7 +1059,7 @@ mod tests {
             body: "hi".into(),
             ext: Default::default(),
         };
-        let it = RelayItem {
+        let it = RelayItem::Message {
             tenant: "t1".into(),
             dest: Dest::User("bob".into()),
             deliver: deliver.clone(),
@@ -875,26 +1067,68 @@ mod tests {
         let (key, payload, headers) = record(&it).unwrap();
         assert_eq!(key, "t1/bob");
         let back = parse_record(Some(&headers), &payload).unwrap();
-        assert_eq!(&*back.tenant, "t1");
-        assert_eq!(back.to, Target::User("bob".into()));
-        assert_eq!(back.deliver, deliver);
+        let want = Relayed::Deliver {
+            tenant: "t1".into(),
+            to: Target::User("bob".into()),
+            deliver: deliver.clone(),
+        };
+        assert_eq!(back, want);
+        assert_eq!(back.owner_key(), (&Str::from("t1"), &Str::from("bob")));
         let none: Option<&OwnedHeaders> = None;
         assert!(parse_record(none, &payload).is_err(), "no headers");
-        assert!(
-            parse_record(Some(&headers), b"\xff\xff").is_err(),
-            "bad payload"
-        );
-        let unsequenced = RelayItem {
+        let bad = parse_record(Some(&headers), b"\xff\xff");
+        assert!(bad.is_err(), "bad payload");
+        let unsequenced = RelayItem::Message {
+            tenant: "t1".into(),
+            dest: Dest::Group("g".into()),
             deliver: Deliver {
                 inbox_seq: 0,
                 ..deliver
             },
-            ..it
         };
-        let (_, payload, headers) = record(&unsequenced).unwrap();
+        let (key, payload, headers) = record(&unsequenced).unwrap();
+        assert_eq!(key, "t1/g");
+        let bad = parse_record(Some(&headers), &payload);
+        assert!(bad.is_err(), "no sequence");
+        let member = RelayItem::Member {
+            tenant: "t".into(),
+            user: "u".into(),
+            group: "g".into(),
+            join: false,
+        };
+        let member_back = Relayed::Member {
+            tenant: "t".into(),
+            user: "u".into(),
+            group: "g".into(),
+            join: false,
+        };
+        let kick = RelayItem::Kick {
+            tenant: "t".into(),
+            user: "u".into(),
+        };
+        let kick_back = Relayed::Kick {
+            tenant: "t".into(),
+            user: "u".into(),
+        };
+        for (it, want) in [(member, member_back), (kick, kick_back)] {
+            let (key, payload, headers) = record(&it).unwrap();
+            assert_eq!(key, "t/u");
+            assert_eq!(parse_record(Some(&headers), &payload).unwrap(), want);
+        }
+        let h = |hs: OwnedHeaders, key: &str, v: &str| {
+            hs.insert(Header {
+                key,
+                value: Some(v),
+            })
+        };
+        let odd = h(
+            h(h(OwnedHeaders::new(), "tenant", "t"), "op", "member"),
+            "user",
+            "u",
+        );
         assert!(
-            parse_record(Some(&headers), &payload).is_err(),
-            "no sequence"
+            parse_record(Some(&odd), b"").is_err(),
+            "member without group"
         );
     }
 }

@@ -78,10 +78,14 @@ impl RedisHandle {
 }
 
 /// Starts the Redis task on the current tokio runtime (the I/O core's).
+/// `announce`: cluster mode, where each device that comes up is also published on
+/// `{p}routes` (`{tenant}\n{user}`), so other nodes drop their cached routes of that user at
+/// once (src/services/cluster.rs).
 pub fn start(
     cfg: &RedisConfig,
     node: String,
     dedupe_window_ms: u64,
+    announce: bool,
     stats: Arc<ServiceStats>,
 ) -> Result<RedisHandle, ServiceError> {
     let url = cfg
@@ -94,6 +98,7 @@ pub fn start(
         cfg: cfg.clone(),
         node,
         dedupe_window_ms,
+        announce,
         client,
         stats: stats.clone(),
         mirror: HashMap::new(),
@@ -113,6 +118,8 @@ struct Worker {
     cfg: RedisConfig,
     node: String,
     dedupe_window_ms: u64,
+    /// Publish each device that comes up on `{p}routes` (cluster mode).
+    announce: bool,
     client: redis::Client,
     stats: Arc<ServiceStats>,
     /// Online devices: (tenant, user, device) -> session. Bounded by the connections the
@@ -147,6 +154,14 @@ impl Worker {
                 match e.kind {
                     PresenceKind::Up | PresenceKind::Refresh => {
                         self.up(p, &e.tenant, &e.user, &e.device, s);
+                        if self.announce && e.kind == PresenceKind::Up {
+                            // After the route's HSET in the same pipeline: a node that
+                            // hears it and looks the user up again finds the new route.
+                            p.cmd("PUBLISH")
+                                .arg(format!("{}routes", self.cfg.key_prefix))
+                                .arg(format!("{}\n{}", e.tenant, e.user))
+                                .ignore();
+                        }
                         self.mirror.insert((e.tenant, e.user, e.device), s);
                     }
                     PresenceKind::Down => {

@@ -34,6 +34,9 @@ pub(super) struct Window {
     unacked: VecDeque<Pending>,
     /// Highest `inbox_seq` pushed (or synced) to this device.
     last_pushed: u64,
+    /// `last_pushed` is the device's real position (a sync finished, or something was
+    /// pushed), even at 0: an empty inbox synced. Until then the first push sets it.
+    positioned: bool,
     /// Pushes were dropped: the store holds messages after `last_pushed` not yet pushed.
     lagging: bool,
     /// A pump read is in flight.
@@ -302,7 +305,12 @@ impl Shard {
             // Nobody waits for token 0: work from outside the shards (`iocore::Pusher`).
             match done.reply {
                 IoReply::Push(rec) => self.on_push(*rec, clk),
-                IoReply::Kick(user) => self.kick(&user),
+                IoReply::Kick(user) => {
+                    // An admin kick reaches this node's devices here, the others' by relay.
+                    self.kick(&user);
+                    let (tenant, user) = (user.tenant.clone(), user.user.clone());
+                    self.relay(crate::services::cluster::RelayItem::Kick { tenant, user });
+                }
                 IoReply::Relayed(r) => self.on_relayed(*r),
                 _ => {}
             }
@@ -446,7 +454,7 @@ impl Shard {
     /// Owner side: `deliver` to every online device of `to`, one message per device shard.
     /// Owner side of an admin kick: every device of `user` gets `goaway` and is closed by
     /// its shard (the owner drops the routes when the devices unregister).
-    fn kick(&mut self, user: &UserKey) {
+    pub(super) fn kick(&mut self, user: &UserKey) {
         let Some(e) = self.users.get(user) else {
             return;
         };
@@ -482,9 +490,10 @@ impl Shard {
             w.lagging = true;
             return;
         }
-        let in_order = w.last_pushed == 0 || seq == w.last_pushed + 1;
+        let unknown = !w.positioned && w.last_pushed == 0;
+        let in_order = unknown || seq == w.last_pushed + 1;
         if !in_order || w.lagging || w.pumping || w.unacked.len() >= w_max {
-            if w.last_pushed == 0 {
+            if unknown {
                 w.last_pushed = seq.saturating_sub(1);
             }
             w.lagging = true;
@@ -501,6 +510,7 @@ impl Shard {
         };
         let Some(s) = c.session.as_mut() else { return };
         s.window.last_pushed = deliver.inbox_seq;
+        s.window.positioned = true;
         let due_ms = clk.mono_ms + base;
         s.window.unacked.push_back(Pending {
             deliver: deliver.clone(),
@@ -608,6 +618,7 @@ impl Shard {
                 // comes through the pump, in order.
                 let through = up_to.max(sync_after.unwrap_or(0));
                 s.window.last_pushed = s.window.last_pushed.max(through);
+                s.window.positioned = true;
                 s.window.syncing = false;
             }
             self.maybe_pump(conn);
@@ -806,7 +817,7 @@ impl Shard {
             s.window.catchup_ms = 0;
             // Only a device with a known position: one that never synced nor got a push
             // takes live messages from its first push on (as on a single node).
-            if s.window.last_pushed > 0 {
+            if s.window.positioned {
                 s.window.lagging = true;
                 catchup = true;
             }

@@ -69,21 +69,49 @@ impl Shard {
     /// this shard owns: delivered like a local one (the device shard keeps pushes gapless,
     /// reading any gap from the shared store), never stored again.
     pub fn on_relayed(&mut self, r: crate::services::cluster::Relayed) {
-        match r.to {
-            Target::User(user) => {
-                let to = UserKey {
-                    tenant: r.tenant,
-                    user,
-                };
-                self.push_to_devices(&to, r.deliver);
-            }
-            Target::Group(group) => {
+        use crate::services::cluster::Relayed;
+        match r {
+            Relayed::Deliver {
+                tenant,
+                to: Target::User(user),
+                deliver,
+            } => self.push_to_devices(&UserKey { tenant, user }, deliver),
+            Relayed::Deliver {
+                tenant,
+                to: Target::Group(group),
+                deliver,
+            } => self.group_fan_out(&GroupKey { tenant, group }, deliver),
+            Relayed::Member {
+                tenant,
+                user,
+                group,
+                join,
+            } => {
                 let group = GroupKey {
-                    tenant: r.tenant,
+                    tenant: tenant.clone(),
                     group,
                 };
-                self.group_fan_out(&group, r.deliver);
+                self.member_of(UserKey { tenant, user }, group, join);
             }
+            Relayed::Kick { tenant, user } => self.kick(&UserKey { tenant, user }),
+        }
+    }
+
+    /// Cluster mode: tells the other nodes (through the I/O core); never waits: a full queue
+    /// drops it and counts it (a missed join is repaired at the member's next login, a missed
+    /// kick leaves the devices connected).
+    pub(super) fn relay(&mut self, item: crate::services::cluster::RelayItem) {
+        if self.cfg.cluster.slot.is_none() {
+            return;
+        }
+        let Some(io) = &self.io else { return };
+        let cmd = IoCmd {
+            shard: self.id as u16,
+            token: 0,
+            req: IoRequest::Relay(Box::new(item)),
+        };
+        if io.submit(cmd).is_err() {
+            io.stats.cluster.relay_dropped.fetch_add(1, Relaxed);
         }
     }
 

@@ -312,13 +312,22 @@ impl Shard {
             _ => Some(ErrorCode::Unavailable),
         };
         match code {
-            None => self.reply_to(
-                origin,
-                Envelope {
-                    reference,
-                    msg: Message::Ok,
-                },
-            ),
+            None => {
+                // Cluster mode: the member's devices on other nodes follow the group too.
+                self.relay(crate::services::cluster::RelayItem::Member {
+                    tenant: group.tenant.clone(),
+                    user: member,
+                    group: group.group.clone(),
+                    join,
+                });
+                self.reply_to(
+                    origin,
+                    Envelope {
+                        reference,
+                        msg: Message::Ok,
+                    },
+                )
+            }
             Some(code) => {
                 // Not stored: memory follows the store.
                 self.apply_membership(&group, &member, !join);
@@ -380,7 +389,9 @@ impl Shard {
             self.error_to(origin, reference, ErrorCode::NotFound, Some(cmid));
             return;
         };
-        if !e.members.contains(&deliver.from) {
+        // Cluster mode: this node's copy of the member list may miss a join made on another
+        // node; the store checks membership as it appends (`Refusal::NotMember`).
+        if !e.members.contains(&deliver.from) && self.cfg.cluster.slot.is_none() {
             self.error_to(origin, reference, ErrorCode::Forbidden, Some(cmid));
             return;
         }
