@@ -348,3 +348,388 @@ fn cluster_mode_refuses_to_start_without_the_shared_services() {
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
+
+fn join(c: &mut Client, group: &str) {
+    let r = c.next_ref();
+    let msg = Message::GroupJoin(imgw::protocol::GroupJoin {
+        group: group.into(),
+    });
+    c.send(&Envelope::with_ref(msg, r)).unwrap();
+    let env = c.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
+    assert_eq!(env.msg, Message::Ok, "join {group}");
+}
+
+/// Every record on `topic` from its beginning, until `quiet` passed with nothing new: the
+/// `op` and `group` headers of each.
+fn topic_ops(topic: &str, quiet: Duration) -> Vec<(String, Option<String>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message as _};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_addr())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..2 {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    let started = Instant::now();
+    while last.elapsed() < quiet && started.elapsed() < Duration::from_secs(30) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            last = Instant::now();
+            let header = |k: &str| {
+                m.headers()
+                    .and_then(|h| h.iter().find(|h| h.key == k))
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).to_string())
+            };
+            out.push((header("op").unwrap_or_default(), header("group")));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_group_spread_over_three_nodes_gets_each_message_once_with_one_record_per_node() {
+    const MEMBERS: usize = 300;
+    const MESSAGES: usize = 5;
+    let shared = Shared::new("group");
+    let names = ["g1", "g2", "g3"];
+    let nodes: Vec<Gateway> = names.iter().map(|n| shared.node(n)).collect();
+    wait_metric(&nodes[0], "imgw_cluster_nodes", 3.0, WAIT);
+    let mut members: Vec<Client> = (0..MEMBERS)
+        .map(|i| {
+            let transport = if i % 2 == 0 {
+                Transport::Ws
+            } else {
+                Transport::Tcp
+            };
+            let codec = CodecId::ALL[i % CodecId::ALL.len()];
+            let mut c = login(&nodes[i % 3], transport, codec, &format!("gm{i}"), "d");
+            join(&mut c, "big");
+            c
+        })
+        .collect();
+    // The sender is member 0 (on node g1); it does not get its own messages.
+    let mut sender = members.remove(0);
+    let bodies: Vec<String> = (0..MESSAGES).map(|i| format!("group#{i}")).collect();
+    for b in &bodies {
+        let r = sender.next_ref();
+        let msg = Message::Send(Send {
+            to: Target::Group("big".into()),
+            cmid: b.as_str().into(),
+            kind: None,
+            body: b.as_str().into(),
+            ext: Default::default(),
+        });
+        sender.send(&Envelope::with_ref(msg, r)).unwrap();
+        let env = sender.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
+        assert!(matches!(env.msg, Message::SendAck(_)), "{env:?}");
+    }
+    for (i, m) in members.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < MESSAGES {
+            let env = m
+                .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
+                .unwrap_or_else(|e| panic!("member {} got {got:?}: {e}", i + 1));
+            let Message::Deliver(d) = env.msg else {
+                unreachable!()
+            };
+            assert_eq!(d.to, Some(Target::Group("big".into())));
+            got.push(d.body.to_string());
+        }
+        assert_eq!(got, bodies, "member {}: each once, in order", i + 1);
+    }
+    // Nothing more: a ping's answer comes before any second copy would.
+    for m in members.iter_mut().step_by(7) {
+        let r = m.next_ref();
+        m.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), r))
+            .unwrap();
+        let env = m
+            .recv_until(
+                |e| e.reference == Some(r) || matches!(e.msg, Message::Deliver(_)),
+                WAIT,
+            )
+            .unwrap();
+        assert!(
+            matches!(env.msg, Message::Pong(_)),
+            "a second copy: {env:?}"
+        );
+    }
+    // One record per group message on each other node's topic, none on the sender's.
+    for (i, name) in names.iter().enumerate() {
+        let topic = format!("{}.node.{name}", shared.db);
+        let group_records = topic_ops(&topic, Duration::from_secs(2))
+            .into_iter()
+            .filter(|(op, g)| op == "deliver" && g.as_deref() == Some("big"))
+            .count();
+        let want = if i == 0 { 0 } else { MESSAGES };
+        assert_eq!(group_records, want, "group records on {topic}");
+    }
+}
+
+#[test]
+fn kick_and_push_on_one_node_reach_the_user_on_the_others() {
+    let shared = Shared::new("admin");
+    let nodes: Vec<Gateway> = ["k1", "k2", "k3"].iter().map(|n| shared.node(n)).collect();
+    wait_metric(&nodes[0], "imgw_cluster_nodes", 3.0, WAIT);
+    let mut phone = login(&nodes[0], Transport::Tcp, CodecId::Protobuf, "kim", "phone");
+    let mut laptop = login(&nodes[1], Transport::Ws, CodecId::Json, "kim", "laptop");
+    // A push on the third node, where kim has no device, reaches both devices.
+    let body = r#"{"tenant":"dev","user":"kim","body":"from the shop","from":"shop","id":"p1"}"#;
+    let (status, _) = common::gateway::http_post(nodes[2].admin, "/push", body).unwrap();
+    assert_eq!(status, 202);
+    for c in [&mut phone, &mut laptop] {
+        let env = c
+            .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
+            .expect("the push");
+        let Message::Deliver(d) = env.msg else {
+            unreachable!()
+        };
+        assert_eq!(&*d.body, "from the shop");
+        assert_eq!(d.inbox_seq, 1);
+    }
+    // A kick on the third node closes both.
+    let (status, _) =
+        common::gateway::http_post(nodes[2].admin, "/kick", r#"{"tenant":"dev","user":"kim"}"#)
+            .unwrap();
+    assert_eq!(status, 202);
+    for c in [&mut phone, &mut laptop] {
+        let env = c
+            .recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT)
+            .expect("goaway");
+        let Message::Goaway(g) = env.msg else {
+            unreachable!()
+        };
+        assert_eq!(&*g.reason, "kicked");
+        assert!(c.is_closed_by_peer(WAIT));
+    }
+    // Someone else on those nodes is untouched.
+    let mut other = login(&nodes[0], Transport::Tcp, CodecId::Json, "kam", "d");
+    let r = other.next_ref();
+    other
+        .send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), r))
+        .unwrap();
+    assert!(other.recv_until(|e| e.reference == Some(r), WAIT).is_ok());
+}
+
+/// One device that follows the cluster: on a failure it reconnects to the next node of
+/// `addrs` (a dead node refuses at once) with `hello.resume` from the last sequence it has.
+struct Roamer {
+    addrs: Vec<std::net::SocketAddr>,
+    transport: Transport,
+    codec: CodecId,
+    user: String,
+    next: usize,
+    client: Option<Client>,
+    /// Highest inbox_seq shown (receivers).
+    last_seq: u64,
+    reconnects: u32,
+}
+
+impl Roamer {
+    fn client(&mut self) -> &mut Client {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.client.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: no node took it back",
+                self.user
+            );
+            let addr = self.addrs[self.next % self.addrs.len()];
+            self.next += 1;
+            let mut cfg = imgw::client::ClientConfig::new(self.transport, self.codec, addr);
+            cfg.read_timeout = Duration::from_secs(2);
+            let Ok(mut c) = Client::connect(&cfg) else {
+                continue;
+            };
+            let hello = Hello {
+                version: 1,
+                token: self.user.as_str().into(),
+                device: "d".into(),
+                codecs: vec![],
+                resume: Some(Resume {
+                    inbox_seq: self.last_seq,
+                }),
+            };
+            if c.hello_with(hello).is_ok() {
+                self.reconnects += 1;
+                self.client = Some(c);
+            }
+        }
+        self.client.as_mut().expect("connected above")
+    }
+
+    fn failed(&mut self) {
+        self.client = None;
+    }
+}
+
+#[test]
+fn sigkill_of_a_node_under_load_loses_nothing_shows_nothing_twice_and_keeps_order() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    const CONVERSATIONS: usize = 4;
+    const MESSAGES: usize = 80;
+    let shared = Shared::new("failover");
+    let mut nodes: Vec<Gateway> = ["f1", "f2", "f3"].iter().map(|n| shared.node(n)).collect();
+    wait_metric(&nodes[0], "imgw_cluster_nodes", 3.0, WAIT);
+    // Conversations 0 and 1: sender on f1, receiver on f2 (killed). 2 and 3: sender on f2
+    // (killed), receiver on f3. Each device roams to the next node when its own dies.
+    let homes = [(0, 1), (0, 1), (1, 2), (1, 2)];
+    let acked: Vec<Arc<Mutex<Vec<String>>>> = (0..CONVERSATIONS)
+        .map(|_| Arc::new(Mutex::new(Vec::new())))
+        .collect();
+    let senders_done = Arc::new(AtomicBool::new(false));
+    let roamer = |g: usize, k: usize, user: String| {
+        let transport = if k % 2 == 0 {
+            Transport::Ws
+        } else {
+            Transport::Tcp
+        };
+        let mut addrs: Vec<_> = nodes
+            .iter()
+            .map(|n| match transport {
+                Transport::Ws => n.ws,
+                Transport::Tcp => n.tcp,
+            })
+            .collect();
+        addrs.rotate_left(g);
+        Roamer {
+            addrs,
+            transport,
+            codec: CodecId::ALL[k % CodecId::ALL.len()],
+            user,
+            next: 0,
+            client: None,
+            last_seq: 0,
+            reconnects: 0,
+        }
+    };
+    let mut receivers = Vec::new();
+    for (k, &(_, rx_home)) in homes.iter().enumerate() {
+        let mut r = roamer(rx_home, k, format!("rx{k}"));
+        let acked = acked[k].clone();
+        let done = senders_done.clone();
+        receivers.push(std::thread::spawn(move || {
+            let mut shown: Vec<String> = Vec::new();
+            let mut last_seq = 0u64;
+            let mut redelivered = 0u32;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if done.load(Ordering::Acquire) && shown.len() >= acked.lock().unwrap().len() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "rx{k} stuck at {}", shown.len());
+                r.last_seq = last_seq;
+                let c = r.client();
+                match c.recv_until(
+                    |e| matches!(e.msg, Message::Deliver(_)),
+                    Duration::from_millis(300),
+                ) {
+                    Ok(env) => {
+                        let Message::Deliver(d) = env.msg else {
+                            unreachable!()
+                        };
+                        if d.inbox_seq <= last_seq {
+                            redelivered += 1; // the client already shows it: not shown twice
+                        } else {
+                            assert_eq!(d.inbox_seq, last_seq + 1, "rx{k}: a gap after {shown:?}");
+                            last_seq = d.inbox_seq;
+                            shown.push(d.body.to_string());
+                        }
+                        let ack = Message::Ack(Ack {
+                            inbox_seq: d.inbox_seq,
+                            group: None,
+                        });
+                        if c.send(&Envelope::new(ack)).is_err() {
+                            r.failed();
+                        }
+                    }
+                    Err(imgw::client::ClientError::Timeout) => {}
+                    Err(_) => r.failed(),
+                }
+            }
+            (shown, redelivered, r.reconnects)
+        }));
+    }
+    let mut senders = Vec::new();
+    for (k, &(tx_home, _)) in homes.iter().enumerate() {
+        let mut s = roamer(tx_home, k, format!("tx{k}"));
+        let acked = acked[k].clone();
+        senders.push(std::thread::spawn(move || {
+            for i in 0..MESSAGES {
+                let cmid = format!("c{k}-{i}");
+                let deadline = Instant::now() + Duration::from_secs(30);
+                // The same cmid until acked: a resend after a crash is delivered once.
+                loop {
+                    assert!(Instant::now() < deadline, "tx{k}: {cmid} never acked");
+                    let c = s.client();
+                    let r = c.next_ref();
+                    let msg = Message::Send(Send {
+                        to: Target::User(format!("rx{k}").as_str().into()),
+                        cmid: cmid.as_str().into(),
+                        kind: None,
+                        body: cmid.as_str().into(),
+                        ext: Default::default(),
+                    });
+                    if c.send(&Envelope::with_ref(msg, r)).is_err() {
+                        s.failed();
+                        continue;
+                    }
+                    match c.recv_until(|e| e.reference == Some(r), Duration::from_secs(3)) {
+                        Ok(Envelope {
+                            msg: Message::SendAck(_),
+                            ..
+                        }) => break,
+                        Ok(_) => std::thread::sleep(Duration::from_millis(100)), // retry later
+                        Err(_) => s.failed(),
+                    }
+                }
+                acked.lock().unwrap().push(cmid);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            s.reconnects
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    nodes[1].kill9();
+    let sender_reconnects: Vec<u32> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+    senders_done.store(true, Ordering::Release);
+    for (k, t) in receivers.into_iter().enumerate() {
+        let (shown, redelivered, reconnects) = t.join().unwrap();
+        let acked = acked[k].lock().unwrap().clone();
+        assert_eq!(acked.len(), MESSAGES);
+        assert_eq!(
+            shown, acked,
+            "conversation {k}: every acked message once, in order"
+        );
+        eprintln!(
+            "conversation {k}: {} shown, {redelivered} redelivered and skipped, receiver \
+             connected {reconnects}x, sender {}x",
+            shown.len(),
+            sender_reconnects[k]
+        );
+        if homes[k].1 == 1 {
+            assert!(reconnects >= 2, "rx{k} was on the killed node and moved");
+        }
+        if homes[k].0 == 1 {
+            assert!(
+                sender_reconnects[k] >= 2,
+                "tx{k} was on the killed node and moved"
+            );
+        }
+    }
+    // The node comes back and serves again.
+    nodes[1].spawn();
+    wait_metric(&nodes[0], "imgw_cluster_nodes", 3.0, WAIT);
+    let mut a = login(&nodes[1], Transport::Tcp, CodecId::Protobuf, "back-a", "d");
+    let mut b = login(&nodes[2], Transport::Ws, CodecId::Json, "back-b", "d");
+    send(&mut a, "back-b", "after the restart");
+    expect_bodies(&mut b, &["after the restart".to_string()]);
+}
