@@ -404,7 +404,7 @@ fn a_group_spread_over_three_nodes_gets_each_message_once_with_one_record_per_no
     wait_metric(&nodes[0], "imgw_cluster_nodes", 3.0, WAIT);
     let mut members: Vec<Client> = (0..MEMBERS)
         .map(|i| {
-            let transport = if i % 2 == 0 {
+            let transport = if i.is_multiple_of(2) {
                 Transport::Ws
             } else {
                 Transport::Tcp
@@ -587,7 +587,7 @@ fn sigkill_of_a_node_under_load_loses_nothing_shows_nothing_twice_and_keeps_orde
         .collect();
     let senders_done = Arc::new(AtomicBool::new(false));
     let roamer = |g: usize, k: usize, user: String| {
-        let transport = if k % 2 == 0 {
+        let transport = if k.is_multiple_of(2) {
             Transport::Ws
         } else {
             Transport::Tcp

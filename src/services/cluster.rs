@@ -268,6 +268,9 @@ impl RouteCache {
 }
 
 /// What a node tells the other nodes.
+// Messages are nearly every item: boxing their deliver would cost an allocation per relay to
+// save memory on the rare joins and kicks.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum RelayItem {
     /// An accepted message (its sequence assigned): to the nodes holding the recipient's
@@ -316,6 +319,7 @@ impl RelayItem {
 }
 
 /// A relayed record, for the owner shard of its user or group on this node.
+#[allow(clippy::large_enum_variant)] // as RelayItem: delivers dominate
 #[derive(Debug, PartialEq, Eq)]
 pub enum Relayed {
     Deliver {
