@@ -169,6 +169,17 @@ pub fn route(
             }
         }
         "/healthz" if get => Response::text(200, "ok\n"),
+        "/cluster" if get => match metrics
+            .io
+            .get()
+            .filter(|io| io.cluster.enabled.load(Ordering::Relaxed))
+        {
+            Some(io) => Response {
+                content_type: "application/json",
+                ..Response::text(200, io.cluster.view_json() + "\n")
+            },
+            None => Response::text(404, "not a cluster node (start with --node-id)\n"),
+        },
         "/readyz" if get => {
             if control.ready() {
                 Response::text(200, "ready\n")
@@ -189,7 +200,7 @@ pub fn route(
         }
         "/push" if method == "POST" => counted(push(body, control), &control.admin_pushes),
         "/kick" if method == "POST" => counted(kick(body, control), &control.admin_kicks),
-        "/metrics" | "/healthz" | "/readyz" => Response::not_allowed("GET, HEAD"),
+        "/metrics" | "/healthz" | "/readyz" | "/cluster" => Response::not_allowed("GET, HEAD"),
         "/drain" | "/push" | "/kick" => Response::not_allowed("POST"),
         _ => Response::text(404, "not found\n"),
     }

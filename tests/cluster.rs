@@ -248,6 +248,25 @@ fn a_node_that_stops_is_declared_dead_and_a_drained_node_leaves_at_once() {
     let mut b = shared.node("b");
     let c = shared.node("c");
     wait_metric(&a, "imgw_cluster_nodes", 3.0, WAIT);
+    // GET /cluster: how clients and load balancers find the nodes.
+    let (status, body) = common::gateway::http_get(a.admin, "/cluster").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["node"], "a");
+    let listed: Vec<(String, String, String)> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let f = |k: &str| n[k].as_str().unwrap().to_string();
+            (f("id"), f("ws"), f("tcp"))
+        })
+        .collect();
+    let want: Vec<(String, String, String)> = [("a", &a), ("b", &b), ("c", &c)]
+        .iter()
+        .map(|(id, g)| (id.to_string(), g.ws.to_string(), g.tcp.to_string()))
+        .collect();
+    assert_eq!(listed, want);
     // SIGKILL: its registration expires after dead_after_ms (1 s); a survivor removes it.
     b.kill9();
     let started = Instant::now();

@@ -84,6 +84,33 @@ pub struct ClusterStats {
     /// Records consumed from this node's topic and handed to a shard; malformed ones.
     pub ingress: AtomicU64,
     pub ingress_bad: AtomicU64,
+    /// This node's id and the live nodes with what they publish (`ws=ADDR tcp=ADDR`), as
+    /// last read: `GET /cluster` on the admin port.
+    pub view: std::sync::Mutex<(String, Vec<(String, String)>)>,
+}
+
+impl ClusterStats {
+    /// `GET /cluster`: `{"node":ID,"nodes":[{"id":..,"ws":..,"tcp":..}]}`, nodes by id.
+    pub fn view_json(&self) -> String {
+        let view = match self.view.lock() {
+            Ok(v) => v,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let nodes: Vec<serde_json::Value> = view
+            .1
+            .iter()
+            .map(|(id, info)| {
+                let field = |k: &str| {
+                    info.split(' ')
+                        .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                        .unwrap_or("")
+                        .to_string()
+                };
+                serde_json::json!({"id": id, "ws": field("ws"), "tcp": field("tcp")})
+            })
+            .collect();
+        serde_json::json!({"node": view.0, "nodes": nodes}).to_string()
+    }
 }
 
 impl ClusterStats {
@@ -451,12 +478,21 @@ impl Registry {
                 .await
                 .map_err(|e| e.to_string())?;
             let mut dead = Vec::new();
+            let mut view = Vec::new();
             for (m, info) in members.iter().zip(infos) {
-                if info.is_some() || *m == self.id {
+                if let Some(info) = info {
                     alive.insert(Str::from(m.as_str()));
+                    view.push((m.clone(), info));
+                } else if *m == self.id {
+                    alive.insert(Str::from(m.as_str()));
+                    view.push((m.clone(), self.info.clone()));
                 } else {
                     dead.push(m.clone());
                 }
+            }
+            view.sort();
+            if let Ok(mut v) = self.stats.view.lock() {
+                *v = (self.id.clone(), view);
             }
             if !dead.is_empty() {
                 let removed: u64 = redis::cmd("SREM")
