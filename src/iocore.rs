@@ -43,6 +43,8 @@ pub enum IoRequest {
     },
     /// The stored cursor of one device.
     Cursor { user: UserRef, device: Str },
+    /// The last `inbox_seq` of a user's inbox (answered as [`IoReply::Cursor`]).
+    LastInboxSeq { user: UserRef },
     /// A page of a group's timeline for one of its members: after `after`, or after the
     /// member's stored group cursor when `after` is 0. A non-member gets `Ok(None)`.
     ReadGroup {
@@ -943,6 +945,12 @@ async fn run_batch(
             IoRequest::Cursor { user, device } => IoReply::Cursor(
                 backend
                     .cursor(&user, &device)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
+            IoRequest::LastInboxSeq { user } => IoReply::Cursor(
+                backend
+                    .last_inbox_seq(&user)
                     .await
                     .map_err(|e| e.to_string()),
             ),

@@ -103,9 +103,15 @@ pub struct Cli {
     /// chat | idle | connect-storm | fanout | churn | offline-sync | mixed (or `scenario`
     /// in --scenario-file).
     pub scenario: Option<String>,
-    /// ws://HOST:PORT/PATH or tcp://HOST:PORT.
+    /// ws://HOST:PORT/PATH or tcp://HOST:PORT. Repeatable: the connections are spread over
+    /// the targets round robin (the nodes of a cluster).
     #[arg(long)]
-    pub target: Option<String>,
+    pub target: Vec<String>,
+    /// A connection the server closed, or that failed, during the run reconnects to the next
+    /// target with `hello.resume` from the last inbox sequence it has, and resends its unacked
+    /// sends with their `cmid` (a failover run; imgw protocol only).
+    #[arg(long)]
+    pub reconnect: bool,
     /// json | protobuf | msgpack | flatbuffers | hessian [default: json].
     #[arg(long)]
     pub codec: Option<String>,
@@ -180,7 +186,7 @@ pub struct Cli {
     /// Write an SVG plot: latency percentiles, and latency and delivered/s over time.
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
-    /// Exit 1 on any lost, unconfirmed, duplicated or unknown delivery.
+    /// Exit 1 on any lost, unconfirmed, duplicated, out-of-order or unknown delivery.
     #[arg(long)]
     pub expect_no_loss: bool,
     /// Read the scenario and any of these options from a TOML file (flags win).
@@ -200,6 +206,9 @@ pub struct Cli {
 pub struct FileOptions {
     pub scenario: Option<String>,
     pub target: Option<String>,
+    /// More targets (after `target`).
+    pub targets: Option<Vec<String>>,
+    pub reconnect: Option<bool>,
     pub codec: Option<String>,
     pub protocol: Option<String>,
     pub group: Option<bool>,
@@ -253,7 +262,10 @@ mod transport_name {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub scenario: Scenario,
+    /// The first target; `targets` holds every one (this one first).
     pub target: Target,
+    pub targets: Vec<Target>,
+    pub reconnect: bool,
     pub codec: CodecId,
     pub protocol: Protocol,
     pub group: bool,
@@ -394,11 +406,22 @@ impl Options {
         let scenario = Scenario::from_name(&scenario_name).ok_or_else(|| {
             format!("unknown scenario {scenario_name:?} (chat, idle, connect-storm, fanout, churn, offline-sync, mixed)")
         })?;
-        let target = cli
-            .target
-            .or(file.target)
+        let urls: Vec<String> = if cli.target.is_empty() {
+            file.target
+                .into_iter()
+                .chain(file.targets.unwrap_or_default())
+                .collect()
+        } else {
+            cli.target
+        };
+        let targets = urls
+            .iter()
+            .map(|u| parse_target(u, cli.allow_remote))
+            .collect::<Result<Vec<Target>, String>>()?;
+        let target = targets
+            .first()
+            .cloned()
             .ok_or("--target is required (ws://127.0.0.1:8080/ws or tcp://127.0.0.1:9000)")?;
-        let target = parse_target(&target, cli.allow_remote)?;
         let codec_name = cli.codec.or(file.codec).unwrap_or_else(|| "json".into());
         let codec = CodecId::from_name(&codec_name).ok_or_else(|| {
             format!("unknown codec {codec_name:?} (json, protobuf, msgpack, flatbuffers, hessian)")
@@ -452,6 +475,8 @@ impl Options {
             expect_no_loss: cli.expect_no_loss || file.expect_no_loss.unwrap_or(false),
             quiet: cli.quiet,
             target,
+            targets,
+            reconnect: cli.reconnect || file.reconnect.unwrap_or(false),
         };
         o.check()?;
         Ok(o)
@@ -459,6 +484,12 @@ impl Options {
 
     fn check(&self) -> Result<(), String> {
         if self.protocol != Protocol::Imgw {
+            if self.targets.len() > 1 || self.reconnect {
+                return Err(format!(
+                    "several --target and --reconnect need --protocol imgw, not {}",
+                    self.protocol.name()
+                ));
+            }
             if self.target.transport != Transport::Ws {
                 return Err(format!(
                     "--protocol {} needs a ws:// target",
@@ -507,7 +538,7 @@ impl Options {
         if self.heartbeat_ms == Some(0) {
             return Err("--heartbeat-ms must be positive".into());
         }
-        if self.target.addr.ip().is_loopback() {
+        if self.targets.iter().any(|t| t.addr.ip().is_loopback()) {
             if let Some(bad) = self.sources.iter().find(|s| !s.is_loopback()) {
                 return Err(format!(
                     "--sources: {bad} is not a loopback address (the target is on loopback)"
@@ -554,6 +585,8 @@ impl Options {
                 let plan = Plan {
                     scenario: self.scenario,
                     target: self.target.clone(),
+                    targets: self.targets.clone(),
+                    reconnect: self.reconnect,
                     codec: self.codec.name().to_owned(),
                     protocol: self.protocol,
                     group: self.group,
@@ -596,6 +629,12 @@ impl Options {
 pub struct Plan {
     pub scenario: Scenario,
     pub target: Target,
+    /// Every target, `target` first; connection `i` starts on `targets[i % len]`.
+    #[serde(default)]
+    pub targets: Vec<Target>,
+    /// Reconnect closed connections to the next target (`--reconnect`).
+    #[serde(default)]
+    pub reconnect: bool,
     pub codec: String,
     #[serde(default)]
     pub protocol: Protocol,
@@ -688,6 +727,16 @@ impl Plan {
     }
 
     /// The source address of the worker's `i`-th connection, if any.
+    /// Target number `k` (wrapping): connection `i` starts on `k = i` and moves to the next
+    /// one at each reconnect.
+    pub fn target_at(&self, k: u64) -> &Target {
+        if self.targets.is_empty() {
+            &self.target
+        } else {
+            &self.targets[(k % self.targets.len() as u64) as usize]
+        }
+    }
+
     pub fn source(&self, i: u64) -> Option<IpAddr> {
         if self.sources.is_empty() {
             None

@@ -60,8 +60,12 @@ pub fn run(o: &Options) -> ExitCode {
         }
     }
     drop(tx);
+    let more = match o.targets.len() {
+        0 | 1 => String::new(),
+        n => format!(" and {} more target(s)", n - 1),
+    };
     progress.say(&format!(
-        "loadgen {}: {} connections to {} ({} {}), {} worker(s) x {} thread(s)",
+        "loadgen {}: {} connections to {}{more} ({} {}), {} worker(s) x {} thread(s)",
         o.scenario.name(),
         o.conns,
         o.target.url,

@@ -18,7 +18,7 @@
 //! the same clock as the receive time, and integrity is checked without any coordination.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::fmt::Write as _;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -119,7 +119,19 @@ struct Conn {
     ping_armed: bool,
     /// Offline-sync: reconnect with `hello.resume` from this inbox sequence.
     resume: Option<u64>,
+    /// The target this connection uses (`Plan::target_at`); the next one after a reconnect.
+    target: u64,
+    /// `--reconnect`: sends not yet acked or refused, in send order: (conversation, its
+    /// sequence number, cmid, body), resent with the same cmid after a reconnect. At most
+    /// `MAX_PENDING_SENDS`; a sender with that many unanswered stops sending until answers
+    /// come (counted as skipped).
+    pending: VecDeque<(usize, u64, Str, Str)>,
 }
+
+/// `--reconnect`: unanswered sends one connection keeps for resending.
+const MAX_PENDING_SENDS: usize = 4_096;
+/// `--reconnect`: the wait before reconnecting a closed connection, and between attempts.
+const RECONNECT_DELAY_US: u64 = 100_000;
 
 impl Conn {
     fn alive(&self) -> bool {
@@ -195,6 +207,9 @@ pub struct Engine<'a> {
     /// Mixed: reconnections of the idle half.
     churn_sched: Option<Schedule>,
     next_ack_sweep_us: u64,
+    /// `--reconnect`: connections to reconnect, with when (in order of when).
+    reconnect_due: VecDeque<(u64, usize)>,
+    reconnects: u64,
 }
 
 impl<'a> Engine<'a> {
@@ -224,6 +239,8 @@ impl<'a> Engine<'a> {
                 acked_to: 0,
                 ping_armed: false,
                 resume: None,
+                target: share.first_conn + i as u64,
+                pending: VecDeque::new(),
             })
             .collect();
         let mut convs = Vec::new();
@@ -313,6 +330,8 @@ impl<'a> Engine<'a> {
             go_us: None,
             churn_sched: None,
             next_ack_sweep_us: 0,
+            reconnect_due: VecDeque::new(),
+            reconnects: 0,
         })
     }
 
@@ -387,6 +406,9 @@ impl<'a> Engine<'a> {
                 }
                 Phase::Done => {}
             }
+            if matches!(self.phase, Phase::Run | Phase::Grace) {
+                self.reconnect_step(now);
+            }
             self.heartbeats(now);
             if self.pubsub && self.plan.protocol == Protocol::Imgw && now >= self.next_ack_sweep_us
             {
@@ -422,6 +444,9 @@ impl<'a> Engine<'a> {
         }
         if let Some(Reverse((due, _))) = self.pings.peek() {
             wake = wake.min(*due);
+        }
+        if let Some(&(due, _)) = self.reconnect_due.front() {
+            wake = wake.min(due.max(now + 1));
         }
         match self.phase {
             Phase::Connect => wake = wake.min(self.next_connect_due(now)),
@@ -491,9 +516,13 @@ impl<'a> Engine<'a> {
         let start = self.now();
         self.first_attempt_us.get_or_insert(start);
         let worker_index = self.share.first_conn - self.plan.first_conn + i as u64;
+        let mut cfg = self.cfg.clone();
+        let target = self.plan.target_at(self.conns[i].target);
+        (cfg.transport, cfg.addr) = (target.transport, target.addr);
+        cfg.ws_path.clone_from(&target.ws_path);
         let res = match self.plan.source(worker_index) {
-            Some(ip) => Client::connect_from(&self.cfg, ip),
-            None => Client::connect(&self.cfg),
+            Some(ip) => Client::connect_from(&cfg, ip),
+            None => Client::connect(&cfg),
         }
         .and_then(|mut client| {
             let welcome = match self.conns[i].resume {
@@ -812,11 +841,19 @@ impl<'a> Engine<'a> {
             }
             return;
         }
+        if self.plan.reconnect && self.conns[from].pending.len() >= MAX_PENDING_SENDS {
+            self.c.skipped += 1;
+            return;
+        }
+        let (cmid, body) = (
+            Str::from(&self.body[..header]),
+            Str::from(self.body.as_str()),
+        );
         let env = Envelope::new(Message::Send(Send {
             to: Target::User(self.conns[to].user.clone()),
-            cmid: Str::from(&self.body[..header]),
+            cmid: cmid.clone(),
             kind: None,
-            body: Str::from(self.body.as_str()),
+            body: body.clone(),
             ext: Ext::new(),
         }));
         let Some(client) = self.conns[from].client.as_mut() else {
@@ -824,6 +861,9 @@ impl<'a> Engine<'a> {
         };
         match client.send(&env) {
             Ok(()) => {
+                if self.plan.reconnect {
+                    self.conns[from].pending.push_back((c, seq, cmid, body));
+                }
                 self.convs[c].track.mark_sent();
                 self.c.sent += 1;
                 let now = self.now();
@@ -1048,6 +1088,7 @@ impl<'a> Engine<'a> {
             },
             Message::SendAck(a) => match parse_tag(&a.cmid) {
                 Some((c, seq, intended)) if c < self.convs.len() => {
+                    self.answered(i, c, seq);
                     if self.convs[c].track.on_ack(seq) {
                         self.c.acked += 1;
                         self.fin.ack_latency.record(now.saturating_sub(intended));
@@ -1068,8 +1109,11 @@ impl<'a> Engine<'a> {
                                 }
                             }
                         }
-                    } else if c < self.convs.len() && self.convs[c].track.on_refused(seq) {
-                        self.c.refused += 1;
+                    } else if c < self.convs.len() {
+                        self.answered(i, c, seq);
+                        if self.convs[c].track.on_refused(seq) {
+                            self.c.refused += 1;
+                        }
                     }
                 }
                 self.error(key);
@@ -1161,6 +1205,56 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// `--reconnect`: send `seq` of conversation `c` from connection `i` was answered.
+    fn answered(&mut self, i: usize, c: usize, seq: u64) {
+        let pending = &mut self.conns[i].pending;
+        if let Some(k) = pending.iter().position(|p| p.0 == c && p.1 == seq) {
+            pending.remove(k);
+        }
+    }
+
+    /// `--reconnect`: reconnects what is due, each to its next target; a failed attempt is
+    /// tried again, on the target after, `RECONNECT_DELAY_US` later.
+    fn reconnect_step(&mut self, now: u64) {
+        while let Some(&(due, i)) = self.reconnect_due.front() {
+            if due > now {
+                break;
+            }
+            self.reconnect_due.pop_front();
+            if self.conns[i].alive() {
+                continue;
+            }
+            self.connect_one(i, now);
+            if !self.conns[i].alive() {
+                self.conns[i].target += 1;
+                self.reconnect_due.push_back((now + RECONNECT_DELAY_US, i));
+                continue;
+            }
+            self.reconnects += 1;
+            // Unanswered sends again, in order, with their cmid: stored once by the dedupe
+            // window, acked now.
+            let pending: Vec<(usize, u64, Str, Str)> =
+                self.conns[i].pending.iter().cloned().collect();
+            for (c, _, cmid, body) in pending {
+                let to = self.conns[self.convs[c].to].user.clone();
+                let env = Envelope::new(Message::Send(Send {
+                    to: Target::User(to),
+                    cmid,
+                    kind: None,
+                    body,
+                    ext: Ext::new(),
+                }));
+                let Some(client) = self.conns[i].client.as_mut() else {
+                    break;
+                };
+                if let Err(e) = client.send(&env) {
+                    self.drop_conn(i, format!("resend: {}", short_error(&e)));
+                    break;
+                }
+            }
+        }
+    }
+
     fn drop_conn(&mut self, i: usize, why: String) {
         if let Some(client) = self.conns[i].client.take() {
             let _ = self.poller.remove(client.as_raw_fd());
@@ -1171,6 +1265,13 @@ impl<'a> Engine<'a> {
             let _ = self.poller.remove(peer.as_raw_fd());
             self.open = self.open.saturating_sub(1);
             drop(peer);
+        }
+        if self.plan.reconnect && matches!(self.phase, Phase::Run | Phase::Grace) {
+            let conn = &mut self.conns[i];
+            conn.resume = Some(conn.ack_to);
+            conn.target += 1;
+            self.reconnect_due
+                .push_back((self.shared.now_us() + RECONNECT_DELAY_US, i));
         }
         self.error(why);
     }
@@ -1232,6 +1333,12 @@ impl<'a> Engine<'a> {
     fn finish(mut self) {
         if self.phase == Phase::Connect {
             self.enter_ready();
+        }
+        if self.reconnects > 0 {
+            self.note(format!(
+                "{} reconnects to the next target (--reconnect)",
+                self.reconnects
+            ));
         }
         self.emit_tick(true);
         let mut fin = std::mem::take(&mut self.fin);

@@ -215,7 +215,8 @@ impl Tally {
         self.conversations_with_loss += o.conversations_with_loss;
     }
 
-    /// What `--expect-no-loss` forbids: lost, unconfirmed, duplicated or unknown deliveries.
+    /// What `--expect-no-loss` forbids: lost, unconfirmed, duplicated, out-of-order or unknown
+    /// deliveries.
     pub fn violations(&self) -> Vec<String> {
         let mut v = Vec::new();
         for (n, what) in [
@@ -225,6 +226,10 @@ impl Tally {
                 "unconfirmed (sent, never acked nor delivered)",
             ),
             (self.duplicates, "duplicated deliveries"),
+            (
+                self.out_of_order,
+                "out-of-order deliveries within a conversation",
+            ),
             (self.unknown, "deliveries of messages never sent"),
         ] {
             if n > 0 {
@@ -302,7 +307,13 @@ mod tests {
             ),
             (6, 2, 2, 0)
         );
-        assert_eq!(tally.violations(), ["2 duplicated deliveries"]);
+        assert_eq!(
+            tally.violations(),
+            [
+                "2 duplicated deliveries",
+                "2 out-of-order deliveries within a conversation"
+            ]
+        );
     }
 
     #[test]

@@ -42,6 +42,7 @@ struct Gateway {
     child: Child,
     ws: SocketAddr,
     tcp: SocketAddr,
+    admin: SocketAddr,
     dir: PathBuf,
 }
 
@@ -74,6 +75,7 @@ impl Gateway {
             child,
             ws,
             tcp,
+            admin,
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -85,6 +87,28 @@ impl Gateway {
             std::thread::sleep(Duration::from_millis(50));
         }
         g
+    }
+}
+
+impl Gateway {
+    /// Waits until `/readyz` answers 200 (a cluster node: registered, its topic consumed).
+    fn wait_ready(&self) {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = TcpStream::connect(self.admin).is_ok_and(|mut s| {
+                let _ =
+                    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut text = String::new();
+                let _ = s.read_to_string(&mut text);
+                text.starts_with("HTTP/1.1 200")
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "imgw not ready within 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -491,5 +515,108 @@ fn retransmits_are_counted_apart_from_duplicates() {
         r["counters"]["redelivered"].as_u64().unwrap() > 0,
         "no retransmit seen: {}",
         r["counters"]
+    );
+}
+
+/// SPEC 8 and issue 11: one loadgen command spread over three cluster nodes, with
+/// `--reconnect` and `--expect-no-loss`, while one node is SIGKILLed: every acked message is
+/// delivered once and in order. Needs MariaDB, Redis and the broker (`tests/services.sh start`).
+#[test]
+fn a_cluster_failover_run_loses_nothing() {
+    let db = format!("imgw_lg_failover_{}", std::process::id());
+    let mysql = imgw::store::mysql_testdb::fresh(&db)
+        .unwrap_or_else(|e| panic!("MariaDB not reachable ({e}): run `tests/services.sh start`"));
+    let redis =
+        std::env::var("IMGW_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    let kafka = std::env::var("IMGW_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let config = std::env::temp_dir().join(format!("{db}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[limits]\nsends_per_sec = 10000\nsend_burst = 10000\n\
+             [redis]\nkey_prefix = \"{db}:\"\n\
+             [kafka]\nmessages_topic = \"{db}.messages\"\npush_topic = \"\"\n\
+             [cluster]\nheartbeat_ms = 200\ndead_after_ms = 1000\ntopic_prefix = \"{db}.node.\"\n"
+        ),
+    )
+    .unwrap();
+    let mut nodes: Vec<Gateway> = (1..=3)
+        .map(|n| {
+            let node = format!("n{n}");
+            Gateway::start_with(&[
+                "--config",
+                config.to_str().unwrap(),
+                "--durability",
+                "backend",
+                "--mysql",
+                &mysql,
+                "--redis",
+                &redis,
+                "--kafka",
+                &kafka,
+                "--node-id",
+                &node,
+            ])
+        })
+        .collect();
+    for g in &nodes {
+        g.wait_ready();
+    }
+    let out_json = nodes[0].dir.join("failover.json");
+    let targets = [
+        format!("ws://{}/ws", nodes[0].ws),
+        format!("tcp://{}", nodes[1].tcp),
+        format!("ws://{}/ws", nodes[2].ws),
+    ];
+    let args: Vec<String> = [
+        "chat",
+        "--target",
+        &targets[0],
+        "--target",
+        &targets[1],
+        "--target",
+        &targets[2],
+        "--conns",
+        "150",
+        "--rate",
+        "600",
+        "--duration",
+        "8s",
+        "--reconnect",
+        "--expect-no-loss",
+        "--json",
+        out_json.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let run = std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        loadgen(&args)
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let _ = nodes[1].child.kill(); // SIGKILL
+    let out = run.join().unwrap();
+    let _ = imgw::store::mysql_testdb::drop_database(&db);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "loadgen failed\n{stdout}\n{stderr}");
+    let r = json(&out_json);
+    let m = &r["messages"];
+    for zero in [
+        "lost",
+        "unconfirmed",
+        "duplicates",
+        "out_of_order",
+        "unknown",
+    ] {
+        assert_eq!(m[zero].as_u64(), Some(0), "{zero}: {m}");
+    }
+    assert!(m["acked"].as_u64().unwrap() > 3000, "{m}");
+    // The node's third of the connections came back elsewhere.
+    let connects = r["connect"]["ok"].as_u64().unwrap();
+    assert!(
+        connects >= 150 + 40,
+        "reconnects: {connects} connects for 150 connections"
     );
 }

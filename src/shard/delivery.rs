@@ -90,6 +90,12 @@ pub(super) enum IoWait {
     },
     /// A pump page for a lagging device.
     Pump { conn: ConnId },
+    /// Cluster mode, `hello` without `resume`: the inbox's last sequence at login, where the
+    /// device's pushes start; the `welcome` waits for it.
+    Position {
+        conn: ConnId,
+        hello: super::HelloDone,
+    },
     /// A group message being made durable on its timeline.
     GroupAppend {
         group: super::groups::GroupKey,
@@ -406,6 +412,9 @@ impl Shard {
             }
             (IoWait::Pump { conn }, IoReply::Inbox(r)) => {
                 self.sync_page(conn, None, r, None);
+            }
+            (IoWait::Position { conn, hello }, IoReply::Cursor(r)) => {
+                self.positioned(conn, hello, r, clk);
             }
             (IoWait::ResumeCursor { conn, reference }, IoReply::Cursor(r)) => {
                 let after = r.unwrap_or(0);
@@ -850,6 +859,56 @@ impl Shard {
             self.maybe_pump(conn);
         }
         next
+    }
+
+    /// Cluster mode: a device that logs in without `resume` takes the messages stored after
+    /// its login. On one node the owner shard's order makes the first push the next message;
+    /// in a cluster a message stored elsewhere may be relayed after a later one, so the
+    /// position is read from the store (the inbox's last sequence) before the `welcome`, and
+    /// pushes wait for it. `false`: not needed, carry on with the `welcome`.
+    pub(super) fn position_first(&mut self, conn: ConnId, hello: &super::HelloDone) -> bool {
+        if self.cfg.cluster.slot.is_none() || !self.durable() || hello.resume.is_some() {
+            return false;
+        }
+        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+            return false;
+        };
+        let req = IoRequest::LastInboxSeq {
+            user: user_ref(&s.user),
+        };
+        let was_syncing = std::mem::replace(&mut s.window.syncing, true);
+        let wait = IoWait::Position {
+            conn,
+            hello: *hello,
+        };
+        if self.submit(req, wait) {
+            return true;
+        }
+        // The I/O queue is full: the welcome goes now, and the first push sets the position.
+        if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
+            s.window.syncing = was_syncing;
+        }
+        false
+    }
+
+    fn positioned(
+        &mut self,
+        conn: ConnId,
+        hello: super::HelloDone,
+        last: Result<u64, String>,
+        clk: Clock,
+    ) {
+        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+            return;
+        };
+        s.window.syncing = false;
+        if let Ok(last) = last {
+            s.window.last_pushed = s.window.last_pushed.max(last);
+            s.window.positioned = true;
+        }
+        self.emit_welcome(conn, hello, clk);
+        // Pushes held back meanwhile come from the store, in order.
+        self.maybe_pump(conn);
     }
 
     /// Cluster mode: schedules the login catch-up read of `conn` (see `Window::catchup_ms`).

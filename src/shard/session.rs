@@ -528,6 +528,13 @@ impl Shard {
 
     /// The owner registered connection `id`'s device: `welcome`, then the `resume` replay.
     pub(super) fn welcome(&mut self, id: ConnId, hello: HelloDone, clk: Clock) {
+        if self.position_first(id, &hello) {
+            return; // `emit_welcome` follows the position read
+        }
+        self.emit_welcome(id, hello, clk);
+    }
+
+    pub(super) fn emit_welcome(&mut self, id: ConnId, hello: HelloDone, clk: Clock) {
         let Some(user) = self
             .conns
             .get(id)

@@ -83,6 +83,21 @@ fn engine(e: mysql_async::Error) -> StoreError {
     StoreError::Engine(Box::new(e))
 }
 
+/// Runs of one batch's transaction when InnoDB chose it as a deadlock victim.
+const DEADLOCK_ATTEMPTS: u32 = 4;
+
+/// A transaction InnoDB rolled back whole and that may succeed when run again: a deadlock
+/// (1213) or a lock wait timeout (1205).
+fn retryable(e: &StoreError) -> bool {
+    let StoreError::Engine(inner) = e else {
+        return false;
+    };
+    matches!(
+        inner.downcast_ref::<mysql_async::Error>(),
+        Some(mysql_async::Error::Server(s)) if s.code == 1213 || s.code == 1205
+    )
+}
+
 /// A (tenant, name) pair: a user's inbox or a group.
 type Owner = (Str, Str);
 /// (tenant, owner, name): a device cursor (user, device) or a membership (group, member).
@@ -1196,7 +1211,28 @@ impl Backend for MySqlStore {
             }
             let now_ms = now_ms.max(self.last_now_ms);
             let ms = self.opts.query_timeout_ms;
-            let r = Self::bounded(ms, self.apply_inner(ops, now_ms)).await;
+            let attempts = async {
+                let mut attempt = 1;
+                loop {
+                    // Several writers (cluster nodes) can deadlock on the rows they lock;
+                    // InnoDB then rolls one transaction back whole, and it is run again.
+                    match self.apply_inner(ops.clone(), now_ms).await {
+                        Err(e) if attempt < DEADLOCK_ATTEMPTS && retryable(&e) => {
+                            tracing::debug!(attempt, error = %e, "transaction retried");
+                            // Apart in time from the other victim, which retries too: up to
+                            // 4 ms times the attempt, from the clock's nanoseconds.
+                            let nanos = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.subsec_nanos());
+                            let us = u64::from(nanos % 4_000) * u64::from(attempt);
+                            tokio::time::sleep(Duration::from_micros(us)).await;
+                            attempt += 1;
+                        }
+                        r => break r,
+                    }
+                }
+            };
+            let r = Self::bounded(ms, attempts).await;
             if r.is_ok() {
                 self.last_now_ms = now_ms;
             }
@@ -1421,6 +1457,27 @@ impl MySqlStore {
         })
         .await
     }
+}
+
+#[cfg(test)]
+#[test]
+fn deadlocks_and_lock_wait_timeouts_are_retried_other_errors_are_not() {
+    let server = |code| {
+        StoreError::Engine(Box::new(mysql_async::Error::Server(
+            mysql_async::ServerError {
+                code,
+                message: String::new(),
+                state: String::new(),
+            },
+        )))
+    };
+    assert!(retryable(&server(1213)));
+    assert!(retryable(&server(1205)));
+    assert!(
+        !retryable(&server(1062)),
+        "a duplicate key is a bug, not a race"
+    );
+    assert!(!retryable(&StoreError::Timeout { ms: 1 }));
 }
 
 #[cfg(test)]
