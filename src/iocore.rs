@@ -45,6 +45,8 @@ pub enum IoRequest {
     Cursor { user: UserRef, device: Str },
     /// The last `inbox_seq` of a user's inbox (answered as [`IoReply::Cursor`]).
     LastInboxSeq { user: UserRef },
+    /// Cluster mode: the live nodes holding a user's devices (Redis routes).
+    RouteNodes { user: UserRef },
     /// A page of a group's timeline for one of its members: after `after`, or after the
     /// member's stored group cursor when `after` is 0. A non-member gets `Ok(None)`.
     ReadGroup {
@@ -80,6 +82,8 @@ pub enum IoReply {
     Groups(Result<Vec<Str>, String>),
     /// Member ids of one group.
     Members(Result<Vec<Str>, String>),
+    /// Cluster node ids.
+    Nodes(Result<Vec<Str>, String>),
     /// A push ingress record for this shard, the owner of its user or group (token 0:
     /// nobody waits for it).
     Push(Box<PushRecord>),
@@ -239,6 +243,17 @@ impl Pusher {
             Err(IoReply::Relayed(r)) => Err(r),
             // The queue gives back what it was given, a Relayed.
             _ => Ok(()),
+        }
+    }
+
+    /// Tells every shard that cluster node `node` is gone; a shard whose queue is full misses
+    /// it (counted in `imgw_cluster_relay_dropped_total`).
+    pub fn node_down(&self, node: &Str, stats: &crate::services::cluster::ClusterStats) {
+        for dest in 0..self.links.len() {
+            let r = crate::services::cluster::Relayed::NodeDown { node: node.clone() };
+            if self.queue(dest, IoReply::Relayed(Box::new(r))).is_err() {
+                stats.relay_dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -529,6 +544,11 @@ async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoS
     }
     let cluster = match (&cfg.cluster, &cfg.redis, &cfg.kafka, &kafka) {
         (Some((cc, info)), Some((rc, _)), Some(kc), Some(producer)) => {
+            let pusher = Pusher {
+                links: links.clone(),
+                max_body: cfg.max_push_body,
+            };
+            let (down, down_stats) = (pusher.clone(), stats.cluster.clone());
             let setup = crate::services::cluster::Setup {
                 cluster: cc,
                 redis: rc,
@@ -537,10 +557,7 @@ async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoS
                 producer: producer.clone(),
                 stats: stats.cluster.clone(),
                 ready: cfg.control.clone(),
-            };
-            let pusher = Pusher {
-                links: links.clone(),
-                max_body: cfg.max_push_body,
+                node_down: Box::new(move |node| down.node_down(&node, &down_stats)),
             };
             match crate::services::cluster::start(setup, move |r| pusher.relayed(r)) {
                 Ok(n) => Some(n),
@@ -948,6 +965,10 @@ async fn run_batch(
                     .await
                     .map_err(|e| e.to_string()),
             ),
+            IoRequest::RouteNodes { user } => IoReply::Nodes(match &svc.cluster {
+                Some(c) => c.route_nodes(&user).await,
+                None => Ok(Vec::new()),
+            }),
             IoRequest::LastInboxSeq { user } => IoReply::Cursor(
                 backend
                     .last_inbox_seq(&user)

@@ -752,3 +752,68 @@ fn sigkill_of_a_node_under_load_loses_nothing_shows_nothing_twice_and_keeps_orde
     send(&mut a, "back-b", "after the restart");
     expect_bodies(&mut b, &["after the restart".to_string()]);
 }
+
+fn subscribe(c: &mut Client, user: &str) {
+    let msg = Message::PresenceSub(imgw::protocol::PresenceSub {
+        users: vec![user.into()],
+    });
+    let r = c.next_ref();
+    c.send(&Envelope::with_ref(msg, r)).unwrap();
+}
+
+/// The next presence event about `user`.
+fn presence_of(c: &mut Client, user: &str, within: Duration) -> imgw::protocol::Status {
+    let env = c
+        .recv_until(
+            |e| matches!(&e.msg, Message::Presence(p) if &*p.user == user),
+            within,
+        )
+        .unwrap_or_else(|e| panic!("no presence of {user}: {e}"));
+    let Message::Presence(p) = env.msg else {
+        unreachable!()
+    };
+    p.status
+}
+
+#[test]
+fn presence_crosses_nodes_and_a_dead_node_takes_its_users_offline() {
+    use imgw::protocol::{PresenceSet, Status};
+    let shared = Shared::new("presence");
+    let mut nodes: Vec<Gateway> = ["p1", "p2"].iter().map(|n| shared.node(n)).collect();
+    wait_metric(&nodes[0], "imgw_cluster_nodes", 2.0, WAIT);
+    // A watcher on p1, the watched user logging in and out on p2.
+    let mut w = login(&nodes[0], Transport::Ws, CodecId::Json, "watcher", "d");
+    subscribe(&mut w, "pat");
+    assert_eq!(presence_of(&mut w, "pat", WAIT), Status::Offline);
+    let mut pat = login(&nodes[1], Transport::Tcp, CodecId::Protobuf, "pat", "d");
+    assert_eq!(presence_of(&mut w, "pat", WAIT), Status::Online);
+    pat.send(&Envelope::with_ref(
+        Message::PresenceSet(PresenceSet {
+            status: Status::Busy,
+        }),
+        9,
+    ))
+    .unwrap();
+    assert_eq!(presence_of(&mut w, "pat", WAIT), Status::Busy);
+    pat.close();
+    assert_eq!(presence_of(&mut w, "pat", WAIT), Status::Offline);
+    // Already online on p2 when the subscription starts on p1: offline at once (p1 has heard
+    // nothing), then online once p1 asked Redis which nodes hold the user's devices.
+    let _kim = login(&nodes[1], Transport::Ws, CodecId::Hessian, "kim", "d");
+    std::thread::sleep(Duration::from_millis(300)); // the route reaches Redis
+    subscribe(&mut w, "kim");
+    assert_eq!(presence_of(&mut w, "kim", WAIT), Status::Offline);
+    assert_eq!(presence_of(&mut w, "kim", WAIT), Status::Online);
+    // SIGKILL p2: its users go offline for p1's subscribers once p2 is declared dead.
+    nodes[1].kill9();
+    let started = Instant::now();
+    assert_eq!(
+        presence_of(&mut w, "kim", Duration::from_secs(5)),
+        Status::Offline
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -42,7 +42,7 @@ use redis::aio::MultiplexedConnection;
 use super::kafka::{Dest, Kafka};
 use crate::codec::CodecId;
 use crate::config::{ClusterConfig, KafkaConfig, RedisConfig};
-use crate::protocol::{Deliver, Envelope, Message, Str, Target};
+use crate::protocol::{Deliver, Envelope, Message, Status, Str, Target};
 
 /// Slots a cluster has: the node's bits in message ids (6 bits).
 pub const MAX_NODES: u8 = 64;
@@ -317,6 +317,13 @@ pub enum RelayItem {
     },
     /// An admin kick: to the nodes holding the user's devices.
     Kick { tenant: Str, user: Str },
+    /// The status of a user's devices on this node changed (`Offline` when the last one
+    /// left): to every other live node, whose owner shard of the user tells its subscribers.
+    Presence {
+        tenant: Str,
+        user: Str,
+        status: Status,
+    },
 }
 
 impl RelayItem {
@@ -324,7 +331,8 @@ impl RelayItem {
         match self {
             RelayItem::Message { tenant, .. }
             | RelayItem::Member { tenant, .. }
-            | RelayItem::Kick { tenant, .. } => tenant,
+            | RelayItem::Kick { tenant, .. }
+            | RelayItem::Presence { tenant, .. } => tenant,
         }
     }
 
@@ -340,7 +348,8 @@ impl RelayItem {
             RelayItem::Message {
                 dest: Dest::Group(_),
                 ..
-            } => None,
+            }
+            | RelayItem::Presence { .. } => None,
         }
     }
 }
@@ -364,6 +373,18 @@ pub enum Relayed {
         tenant: Str,
         user: Str,
     },
+    /// The user's devices on `node` now have `status`.
+    Presence {
+        tenant: Str,
+        user: Str,
+        node: Str,
+        status: Status,
+    },
+    /// Not a record: the registry declared `node` dead; every shard forgets the presence it
+    /// heard from it.
+    NodeDown {
+        node: Str,
+    },
 }
 
 impl Relayed {
@@ -378,7 +399,12 @@ impl Relayed {
             | Relayed::Member {
                 tenant, user: id, ..
             }
-            | Relayed::Kick { tenant, user: id } => (tenant, id),
+            | Relayed::Kick { tenant, user: id }
+            | Relayed::Presence {
+                tenant, user: id, ..
+            } => (tenant, id),
+            // Sent to every shard, not to an owner (`Pusher::node_down`).
+            Relayed::NodeDown { node } => (node, node),
         }
     }
 }
@@ -396,6 +422,28 @@ impl Node {
         if self.relay.try_send(item).is_err() {
             self.stats.relay_dropped.fetch_add(1, Relaxed);
         }
+    }
+
+    /// The live nodes holding `user`'s devices, from its Redis route hash (one round trip
+    /// on a fresh connection, bounded by the Redis timeout).
+    pub async fn route_nodes(&self, user: &crate::store::UserRef) -> Result<Vec<Str>, String> {
+        let reg = &self.leave;
+        let key = format!("{}route:{}:{}", reg.prefix, user.tenant, user.user);
+        let lookup = async {
+            let mut c = reg.connect().await?;
+            redis::cmd("HVALS")
+                .arg(key)
+                .query_async::<Vec<String>>(&mut c)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let values = tokio::time::timeout(reg.timeout, lookup)
+            .await
+            .map_err(|_| "redis timed out".to_string())??;
+        Ok(route_nodes(&values)
+            .into_iter()
+            .filter(|n| reg.is_alive(n))
+            .collect())
     }
 
     /// Deletes this node's registration, so the others stop relaying to it at once.
@@ -417,18 +465,13 @@ struct Registry {
     stats: Arc<ClusterStats>,
     /// Live node ids as last read (this one included).
     alive: RefCell<BTreeSet<Str>>,
+    /// Tells every shard that a node is gone (its presence no longer holds).
+    node_down: Box<dyn Fn(Str)>,
 }
 
 impl Registry {
     async fn connect(&self) -> Result<MultiplexedConnection, String> {
-        let t = Some(self.timeout);
-        let c = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(t)
-            .set_response_timeout(t);
-        self.client
-            .get_multiplexed_async_connection_with_config(&c)
-            .await
-            .map_err(|e| e.to_string())
+        super::redis::connect(&self.client, self.timeout).await
     }
 
     /// One heartbeat: refresh this node's keys, read the node set, drop the dead.
@@ -503,6 +546,7 @@ impl Registry {
                     .map_err(|e| e.to_string())?;
                 // Several survivors race to remove a node: the one that removed it counts it.
                 self.stats.dead.fetch_add(removed, Relaxed);
+
                 if removed > 0 {
                     tracing::warn!(nodes = ?dead, "cluster nodes declared dead");
                 }
@@ -510,7 +554,12 @@ impl Registry {
         }
         self.stats.nodes.store(alive.len() as u64, Relaxed);
         self.stats.registered.store(1, Relaxed);
-        *self.alive.borrow_mut() = alive;
+        let before = std::mem::replace(&mut *self.alive.borrow_mut(), alive);
+        // Gone since the last beat (dead, whoever removed it, or drained): what this node
+        // heard from it no longer holds.
+        for gone in before.iter().filter(|n| !self.alive.borrow().contains(*n)) {
+            (self.node_down)(gone.clone());
+        }
         Ok(())
     }
 
@@ -550,6 +599,8 @@ pub struct Setup<'a> {
     pub stats: Arc<ClusterStats>,
     /// Released once registered, and once the ingress consumer is positioned.
     pub ready: Option<Arc<crate::control::Control>>,
+    /// Tells every shard that a node is gone.
+    pub node_down: Box<dyn Fn(Str)>,
 }
 
 /// Starts the registry, relay and ingress tasks on the current (I/O core's) runtime.
@@ -576,6 +627,7 @@ where
         timeout: Duration::from_millis(s.redis.timeout_ms),
         stats: s.stats.clone(),
         alive: RefCell::new(BTreeSet::new()),
+        node_down: s.node_down,
         cfg: cfg.clone(),
     });
     s.stats.enabled.store(true, Relaxed);
@@ -802,7 +854,7 @@ async fn relay_task(
             if targets.is_empty() {
                 continue;
             }
-            let Some((key, payload, headers)) = record(&it) else {
+            let Some((key, payload, headers)) = record(&it, &reg.id) else {
                 stats.relay_failed.fetch_add(targets.len() as u64, Relaxed);
                 continue;
             };
@@ -837,7 +889,7 @@ async fn relay_task(
 /// order), headers `op` (`deliver`, `member`, `kick`), `tenant`, `user` and/or `group`, and
 /// `join` (`1`/`0`) for `member`; a `deliver`'s payload is the deliver (with its sequence) as
 /// a Protobuf envelope, the others have none.
-fn record(it: &RelayItem) -> Option<(String, Vec<u8>, OwnedHeaders)> {
+fn record(it: &RelayItem, node: &str) -> Option<(String, Vec<u8>, OwnedHeaders)> {
     let h = |hs: OwnedHeaders, key: &str, v: &str| {
         hs.insert(Header {
             key,
@@ -874,6 +926,13 @@ fn record(it: &RelayItem) -> Option<(String, Vec<u8>, OwnedHeaders)> {
             headers = h(headers, "user", user);
             user
         }
+        RelayItem::Presence { user, status, .. } => {
+            headers = h(headers, "op", "presence");
+            headers = h(headers, "user", user);
+            headers = h(headers, "node", node);
+            headers = h(headers, "status", status.name());
+            user
+        }
     };
     Some((format!("{tenant}/{id}"), payload, headers))
 }
@@ -884,6 +943,7 @@ pub fn parse_record<H: Headers + ?Sized>(
     payload: &[u8],
 ) -> Result<Relayed, String> {
     let (mut op, mut tenant, mut user, mut group, mut join) = (None, None, None, None, None);
+    let (mut node, mut status) = (None, None);
     if let Some(h) = headers {
         for i in 0..h.count() {
             let hd = h.get(i);
@@ -895,6 +955,8 @@ pub fn parse_record<H: Headers + ?Sized>(
                 "user" => &mut user,
                 "group" => &mut group,
                 "join" => &mut join,
+                "node" => &mut node,
+                "status" => &mut status,
                 _ => continue,
             };
             *slot = Some(Str::from(v));
@@ -937,6 +999,18 @@ pub fn parse_record<H: Headers + ?Sized>(
             })
         }
         (Some("kick"), Some(user), None) => Ok(Relayed::Kick { tenant, user }),
+        (Some("presence"), Some(user), None) => {
+            let status = status
+                .and_then(|s| Status::ALL.into_iter().find(|x| x.name() == &*s))
+                .ok_or("presence without a known status")?;
+            let node = node.ok_or("presence without its node")?;
+            Ok(Relayed::Presence {
+                tenant,
+                user,
+                node,
+                status,
+            })
+        }
         (op, ..) => Err(format!("bad relay record (op {op:?})")),
     }
 }
@@ -968,45 +1042,16 @@ fn start_ingress<F>(
         if let Some(c) = ready {
             c.backend_ready();
         }
-        let mut failing = false;
-        loop {
-            let rec = match consumer.recv().await {
-                Ok(m) => {
-                    failing = false;
-                    let parsed = m
-                        .payload()
-                        .ok_or_else(|| "empty record".to_string())
-                        .and_then(|p| parse_record(m.headers(), p));
-                    match parsed {
-                        Ok(r) => Box::new(r),
-                        Err(e) => {
-                            stats.ingress_bad.fetch_add(1, Relaxed);
-                            tracing::debug!(error = %e, "relay record dropped");
-                            continue;
-                        }
-                    }
-                }
-                Err(e) => {
-                    if !failing {
-                        tracing::warn!(error = %e, "node topic consumer failing; retrying");
-                    }
-                    failing = true;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            let mut rec = rec;
-            loop {
-                match sink(rec) {
-                    Ok(()) => break,
-                    Err(back) => {
-                        rec = back;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-            }
-            stats.ingress.fetch_add(1, Relaxed);
-        }
+        let parse = |m: &rdkafka::message::BorrowedMessage<'_>| {
+            let payload = m.payload().ok_or_else(|| "empty record".to_string())?;
+            parse_record(m.headers(), payload).map(Box::new)
+        };
+        let counts = super::kafka::Counts {
+            what: "node topic",
+            bad: || stats.ingress_bad.fetch_add(1, Relaxed),
+            ok: || stats.ingress.fetch_add(1, Relaxed),
+        };
+        super::kafka::consume(consumer, parse, sink, counts).await;
     });
 }
 
@@ -1104,7 +1149,7 @@ mod tests {
             dest: Dest::User("bob".into()),
             deliver: deliver.clone(),
         };
-        let (key, payload, headers) = record(&it).unwrap();
+        let (key, payload, headers) = record(&it, "n").unwrap();
         assert_eq!(key, "t1/bob");
         let back = parse_record(Some(&headers), &payload).unwrap();
         let want = Relayed::Deliver {
@@ -1126,7 +1171,7 @@ mod tests {
                 ..deliver
             },
         };
-        let (key, payload, headers) = record(&unsequenced).unwrap();
+        let (key, payload, headers) = record(&unsequenced, "n").unwrap();
         assert_eq!(key, "t1/g");
         let bad = parse_record(Some(&headers), &payload);
         assert!(bad.is_err(), "no sequence");
@@ -1150,8 +1195,23 @@ mod tests {
             tenant: "t".into(),
             user: "u".into(),
         };
-        for (it, want) in [(member, member_back), (kick, kick_back)] {
-            let (key, payload, headers) = record(&it).unwrap();
+        let presence = RelayItem::Presence {
+            tenant: "t".into(),
+            user: "u".into(),
+            status: Status::Away,
+        };
+        let presence_back = Relayed::Presence {
+            tenant: "t".into(),
+            user: "u".into(),
+            node: "n".into(),
+            status: Status::Away,
+        };
+        for (it, want) in [
+            (member, member_back),
+            (kick, kick_back),
+            (presence, presence_back),
+        ] {
+            let (key, payload, headers) = record(&it, "n").unwrap();
             assert_eq!(key, "t/u");
             assert_eq!(parse_record(Some(&headers), &payload).unwrap(), want);
         }

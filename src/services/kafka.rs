@@ -348,53 +348,80 @@ where
     consumer
         .subscribe(&[&cfg.push_topic])
         .map_err(|e| ServiceError::KafkaClient(e.to_string()))?;
-    tokio::spawn(async move {
-        let mut failing = false;
-        loop {
-            let rec = match consumer.recv().await {
-                Ok(m) => {
-                    failing = false;
-                    stats.push_received.fetch_add(1, Relaxed);
-                    let parsed = m
-                        .payload()
-                        .ok_or_else(|| "empty record".to_string())
-                        .and_then(|p| {
-                            let id = || format!("kafka:{}:{}", m.partition(), m.offset());
-                            parse_push(p, id, max_body)
-                        });
-                    match parsed {
-                        Ok(r) => Box::new(r),
-                        Err(e) => {
-                            stats.push_bad.fetch_add(1, Relaxed);
-                            tracing::debug!(error = %e, "push record dropped");
-                            continue;
-                        }
-                    }
-                }
-                Err(e) => {
-                    // One warning per outage (librdkafka logs the details itself).
-                    if !failing {
-                        tracing::warn!(error = %e, "push consumer failing; retrying");
-                    }
-                    failing = true;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            let mut rec = rec;
-            loop {
-                match sink(rec) {
-                    Ok(()) => break,
-                    Err(back) => {
-                        rec = back;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
+    let (received, bad, delivered) = (stats.clone(), stats.clone(), stats);
+    let parse = move |m: &rdkafka::message::BorrowedMessage<'_>| {
+        received.push_received.fetch_add(1, Relaxed);
+        let payload = m.payload().ok_or_else(|| "empty record".to_string())?;
+        let id = || format!("kafka:{}:{}", m.partition(), m.offset());
+        parse_push(payload, id, max_body).map(Box::new)
+    };
+    let counts = Counts {
+        what: "push",
+        bad: move || bad.push_bad.fetch_add(1, Relaxed),
+        ok: move || delivered.push_delivered.fetch_add(1, Relaxed),
+    };
+    tokio::spawn(consume(consumer, parse, sink, counts));
+    Ok(())
+}
+
+/// What [`consume`] counts: malformed records and records handed over.
+pub(crate) struct Counts<B, O> {
+    /// Names the consumer in its log lines.
+    pub what: &'static str,
+    pub bad: B,
+    pub ok: O,
+}
+
+/// Hands every record of `consumer` that `parse` accepts to `sink`, until the runtime stops.
+/// A malformed record is counted and skipped; `sink` gives a record back when its shard's
+/// queue is full, and the consumer then waits and retries (back-pressure on the topic, never
+/// a drop of a valid record). A failing consumer is retried every 200 ms, with one warning
+/// per outage (librdkafka logs the details itself).
+pub(crate) async fn consume<T, P, F, B, O>(
+    consumer: StreamConsumer,
+    parse: P,
+    sink: F,
+    counts: Counts<B, O>,
+) where
+    P: Fn(&rdkafka::message::BorrowedMessage<'_>) -> Result<Box<T>, String>,
+    F: Fn(Box<T>) -> Result<(), Box<T>>,
+    B: Fn() -> u64,
+    O: Fn() -> u64,
+{
+    let mut failing = false;
+    loop {
+        let mut rec = match consumer.recv().await {
+            Ok(m) => {
+                failing = false;
+                match parse(&m) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        (counts.bad)();
+                        tracing::debug!(error = %e, consumer = counts.what, "record dropped");
+                        continue;
                     }
                 }
             }
-            stats.push_delivered.fetch_add(1, Relaxed);
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, consumer = counts.what, "consumer failing; retrying");
+                }
+                failing = true;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        loop {
+            match sink(rec) {
+                Ok(()) => break,
+                Err(back) => {
+                    rec = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
         }
-    });
-    Ok(())
+        (counts.ok)();
+    }
 }
 
 #[cfg(test)]

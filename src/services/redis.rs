@@ -77,6 +77,21 @@ impl RedisHandle {
     }
 }
 
+/// A multiplexed connection whose connect and every response are bounded by `timeout`.
+pub(crate) async fn connect(
+    client: &redis::Client,
+    timeout: Duration,
+) -> Result<MultiplexedConnection, String> {
+    let t = Some(timeout);
+    let c = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(t)
+        .set_response_timeout(t);
+    client
+        .get_multiplexed_async_connection_with_config(&c)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// Starts the Redis task on the current tokio runtime (the I/O core's).
 /// `announce`: cluster mode, where each device that comes up is also published on
 /// `{p}routes` (`{tenant}\n{user}`), so other nodes drop their cached routes of that user at
@@ -202,14 +217,7 @@ impl Worker {
     }
 
     async fn connect(&self) -> Result<MultiplexedConnection, String> {
-        let t = Some(Duration::from_millis(self.cfg.timeout_ms));
-        let c = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(t)
-            .set_response_timeout(t);
-        self.client
-            .get_multiplexed_async_connection_with_config(&c)
-            .await
-            .map_err(|e| e.to_string())
+        connect(&self.client, Duration::from_millis(self.cfg.timeout_ms)).await
     }
 
     async fn exec(&self, conn: &mut MultiplexedConnection, p: &redis::Pipeline) -> bool {

@@ -130,6 +130,8 @@ pub(super) enum IoWait {
     },
     /// A push ingress record being stored in a user's inbox.
     PushUser { to: UserKey, deliver: Deliver },
+    /// Cluster mode: the nodes holding a user's devices, for its first subscriber here.
+    PresenceProbe { user: UserKey },
     /// A push ingress record being stored on a group's timeline.
     PushGroup {
         group: super::groups::GroupKey,
@@ -317,7 +319,7 @@ impl Shard {
                     let (tenant, user) = (user.tenant.clone(), user.user.clone());
                     self.relay(crate::services::cluster::RelayItem::Kick { tenant, user });
                 }
-                IoReply::Relayed(r) => self.on_relayed(*r),
+                IoReply::Relayed(r) => self.on_relayed(*r, clk),
                 _ => {}
             }
             return;
@@ -456,6 +458,9 @@ impl Shard {
                 IoReply::Applied(r),
             ) => self.membership_stored((group, member, join), origin, reference, r),
             (IoWait::UserGroups { user }, IoReply::Groups(r)) => self.user_groups_loaded(user, r),
+            (IoWait::PresenceProbe { user }, IoReply::Nodes(r)) => {
+                self.presence_probed(user, r, clk)
+            }
             _ => {}
         }
     }

@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use super::groups::GroupKey;
 use super::{Clock, ConnId, Shard, UserKey};
 use crate::iocore::{IoCmd, IoRequest};
-use crate::protocol::{Deliver, Str, Target};
+use crate::protocol::{Deliver, Status, Str, Target};
+use crate::services::cluster::MAX_NODES;
 use crate::services::push::PushRecord;
 use crate::services::redis::{PresenceEvent, PresenceKind};
 use crate::store::{GroupRef, Op, UserRef};
@@ -68,7 +69,7 @@ impl Shard {
     /// A message another cluster node stored, for this node's devices of a user or group
     /// this shard owns: delivered like a local one (the device shard keeps pushes gapless,
     /// reading any gap from the shared store), never stored again.
-    pub fn on_relayed(&mut self, r: crate::services::cluster::Relayed) {
+    pub fn on_relayed(&mut self, r: crate::services::cluster::Relayed, clk: Clock) {
         use crate::services::cluster::Relayed;
         match r {
             Relayed::Deliver {
@@ -94,6 +95,74 @@ impl Shard {
                 self.member_of(UserKey { tenant, user }, group, join);
             }
             Relayed::Kick { tenant, user } => self.kick(&UserKey { tenant, user }),
+            Relayed::Presence {
+                tenant,
+                user,
+                node,
+                status,
+            } => self.remote_presence(&UserKey { tenant, user }, &[(node, status)], clk),
+            Relayed::NodeDown { node } => {
+                let affected: Vec<UserKey> = self
+                    .users
+                    .iter()
+                    .filter(|(_, e)| e.remote.iter().any(|(n, _)| *n == node))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for user in affected {
+                    self.remote_presence(&user, &[(node.clone(), Status::Offline)], clk);
+                }
+            }
+        }
+    }
+
+    /// Cluster mode: `user`'s devices on other nodes now have these statuses; subscribers
+    /// here hear of a change of what they see. Only a user with an entry here (devices or
+    /// subscribers) is tracked.
+    fn remote_presence(&mut self, user: &UserKey, reports: &[(Str, Status)], clk: Clock) {
+        let Some(e) = self.users.get_mut(user) else {
+            return;
+        };
+        let before = e.statuses();
+        for (node, status) in reports {
+            e.remote.retain(|(n, _)| n != node);
+            if *status != Status::Offline && e.remote.len() < usize::from(MAX_NODES) {
+                e.remote.push((node.clone(), *status));
+            }
+        }
+        self.presence_changed(user, before, clk);
+    }
+
+    /// Cluster mode, first subscriber of a user with no devices here: which other nodes hold
+    /// its devices (Redis routes, live nodes only); each counts as online until it reports.
+    pub(super) fn probe_presence(&mut self, user: UserKey) {
+        let req = IoRequest::RouteNodes {
+            user: UserRef::new(user.tenant.clone(), user.user.clone()),
+        };
+        // A full queue skips the probe: the subscriber hears of the next change.
+        let _ = self.submit(req, super::delivery::IoWait::PresenceProbe { user });
+    }
+
+    /// The answer to [`Shard::probe_presence`].
+    pub(super) fn presence_probed(
+        &mut self,
+        user: UserKey,
+        nodes: Result<Vec<Str>, String>,
+        clk: Clock,
+    ) {
+        let own = self.cfg.cluster.node_id.as_deref().unwrap_or("");
+        let Ok(nodes) = nodes else { return };
+        let known: Vec<Str> = self
+            .users
+            .get(&user)
+            .map(|e| e.remote.iter().map(|(n, _)| n.clone()).collect())
+            .unwrap_or_default();
+        let reports: Vec<(Str, Status)> = nodes
+            .into_iter()
+            .filter(|n| &**n != own && !known.contains(n))
+            .map(|n| (n, Status::Online))
+            .collect();
+        if !reports.is_empty() {
+            self.remote_presence(&user, &reports, clk);
         }
     }
 

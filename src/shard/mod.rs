@@ -236,15 +236,38 @@ struct UserEntry {
     /// Status set by the user (online unless busy/away); offline when no device is connected.
     status: Option<Status>,
     subscribers: Vec<Route>,
+    /// Cluster mode: the status of this user's devices on other nodes, as they relayed it
+    /// (only nodes where it is not offline; at most one entry per node, so at most
+    /// `MAX_NODES`). Kept only while the user has an entry here (devices or subscribers).
+    remote: Vec<(Str, Status)>,
 }
 
 impl UserEntry {
-    fn effective_status(&self) -> Status {
+    /// The status of the user's devices on this node.
+    fn local_status(&self) -> Status {
         if self.devices.is_empty() {
             Status::Offline
         } else {
             self.status.unwrap_or(Status::Online)
         }
+    }
+
+    /// What subscribers see: this node's devices first, else the most available status
+    /// another node reported.
+    fn effective_status(&self) -> Status {
+        let local = self.local_status();
+        if local != Status::Offline {
+            return local;
+        }
+        [Status::Online, Status::Busy, Status::Away]
+            .into_iter()
+            .find(|s| self.remote.iter().any(|(_, r)| r == s))
+            .unwrap_or(Status::Offline)
+    }
+
+    /// (effective, local), before a change: see `Shard::presence_changed`.
+    fn statuses(&self) -> (Status, Status) {
+        (self.effective_status(), self.local_status())
     }
 }
 

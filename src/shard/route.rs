@@ -39,7 +39,7 @@ impl Shard {
                 let Some(e) = self.users.get_mut(&user) else {
                     return;
                 };
-                let before = e.effective_status();
+                let before = e.statuses();
                 e.devices.retain(|r| *r != route);
                 if e.devices.is_empty() {
                     self.user_online_changed(&user, false);
@@ -68,7 +68,7 @@ impl Shard {
                 let Some(e) = self.users.get_mut(&user) else {
                     return;
                 };
-                let before = e.effective_status();
+                let before = e.statuses();
                 e.status = Some(status);
                 self.presence_changed(&user, before, clk);
             }
@@ -76,12 +76,19 @@ impl Shard {
                 if !self.users.contains_key(&target) && self.users.len() >= MAX_USERS_PER_SHARD {
                     return;
                 }
+                let cluster = self.cfg.cluster.slot.is_some() && self.durable();
                 let e = self.users.entry(target.clone()).or_default();
                 if e.subscribers.len() < MAX_SUBSCRIBERS_PER_USER
                     && !e.subscribers.contains(&subscriber)
                 {
                     e.subscribers.push(subscriber);
                 }
+                // Cluster mode: the target may be online on other nodes only, and this node
+                // may have heard nothing of it yet: ask Redis which nodes hold its devices.
+                let probe = e.devices.is_empty()
+                    && e.remote.is_empty()
+                    && e.subscribers.len() == 1
+                    && cluster;
                 // The subscriber learns the current status at once.
                 let presence = Presence {
                     user: target.user.clone(),
@@ -95,6 +102,9 @@ impl Shard {
                         presence,
                     },
                 );
+                if probe {
+                    self.probe_presence(target);
+                }
             }
             ShardMsg::Unsubscribe { target, subscriber } => {
                 if let Some(e) = self.users.get_mut(&target) {
@@ -229,7 +239,7 @@ impl Shard {
             );
             return false;
         }
-        let before = e.effective_status();
+        let before = e.statuses();
         e.devices.push(route);
         if e.devices.len() == 1 {
             self.user_online_changed(&user, true);
@@ -238,13 +248,30 @@ impl Shard {
         true
     }
 
-    /// Tells subscribers when the user's effective status differs from `before`.
-    fn presence_changed(&mut self, user: &UserKey, before: Status, clk: Clock) {
+    /// Tells subscribers when the user's effective status differs from `before.0`; in a
+    /// cluster, tells the other nodes when the status of the devices here differs from
+    /// `before.1`.
+    pub(super) fn presence_changed(
+        &mut self,
+        user: &UserKey,
+        before: (Status, Status),
+        clk: Clock,
+    ) {
         let Some(e) = self.users.get(user) else {
             return;
         };
-        let now = e.effective_status();
-        if now == before || e.subscribers.is_empty() {
+        let (now, local) = e.statuses();
+        if local != before.1 {
+            self.relay(crate::services::cluster::RelayItem::Presence {
+                tenant: user.tenant.clone(),
+                user: user.user.clone(),
+                status: local,
+            });
+        }
+        let Some(e) = self.users.get(user) else {
+            return;
+        };
+        if now == before.0 || e.subscribers.is_empty() {
             return;
         }
         let presence = Presence {
