@@ -84,6 +84,13 @@ pub struct ClusterStats {
     /// Records consumed from this node's topic and handed to a shard; malformed ones.
     pub ingress: AtomicU64,
     pub ingress_bad: AtomicU64,
+    /// Time from the store's commit to the relay's produce (µs, sum; count: items taken by
+    /// the relay task).
+    pub relay_queue_us: AtomicU64,
+    pub relay_queue_count: AtomicU64,
+    /// Time from a record's creation on the sending node to its consumption here (ms, sum
+    /// over `ingress`; both clocks are the hosts' wall clocks).
+    pub transit_ms: AtomicU64,
     /// This node's id and the live nodes with what they publish (`ws=ADDR tcp=ADDR`), as
     /// last read: `GET /cluster` on the admin port.
     pub view: std::sync::Mutex<(String, Vec<(String, String)>)>,
@@ -185,6 +192,22 @@ impl ClusterStats {
             ),
         ];
         super::render_rows(o, rows);
+        let r = Relaxed;
+        let _ = std::fmt::Write::write_fmt(
+            o,
+            format_args!(
+                "# HELP imgw_cluster_relay_queue_seconds From the store's commit to the relay's produce.\n\
+                 # TYPE imgw_cluster_relay_queue_seconds summary\n\
+                 imgw_cluster_relay_queue_seconds_sum {:.6}\nimgw_cluster_relay_queue_seconds_count {}\n\
+                 # HELP imgw_cluster_relay_transit_seconds From a relay record's creation on its node to its consumption here.\n\
+                 # TYPE imgw_cluster_relay_transit_seconds summary\n\
+                 imgw_cluster_relay_transit_seconds_sum {:.3}\nimgw_cluster_relay_transit_seconds_count {}\n",
+                self.relay_queue_us.load(r) as f64 / 1e6,
+                self.relay_queue_count.load(r),
+                self.transit_ms.load(r) as f64 / 1e3,
+                self.ingress.load(r),
+            ),
+        );
     }
 }
 
@@ -411,7 +434,7 @@ impl Relayed {
 
 /// Cluster mode as the I/O loop holds it.
 pub struct Node {
-    relay: tokio::sync::mpsc::Sender<RelayItem>,
+    relay: tokio::sync::mpsc::Sender<(Instant, RelayItem)>,
     stats: Arc<ClusterStats>,
     leave: Rc<Registry>,
 }
@@ -419,7 +442,7 @@ pub struct Node {
 impl Node {
     /// Queues a relay; never waits (a full queue drops it and counts it).
     pub fn relay(&self, item: RelayItem) {
-        if self.relay.try_send(item).is_err() {
+        if self.relay.try_send((Instant::now(), item)).is_err() {
             self.stats.relay_dropped.fetch_add(1, Relaxed);
         }
     }
@@ -752,7 +775,7 @@ fn route_nodes(values: &[String]) -> Vec<Str> {
 async fn relay_task(
     reg: Rc<Registry>,
     kafka: Rc<RefCell<Kafka>>,
-    mut rx: tokio::sync::mpsc::Receiver<RelayItem>,
+    mut rx: tokio::sync::mpsc::Receiver<(Instant, RelayItem)>,
     cache: Rc<RefCell<RouteCache>>,
     prefix: String,
 ) {
@@ -771,7 +794,7 @@ async fn relay_task(
         let mut missing: Vec<(Str, Str)> = Vec::new();
         {
             let mut cache = cache.borrow_mut();
-            for it in &buf {
+            for (_, it) in &buf {
                 let Some(u) = it.user() else { continue };
                 let k = (it.tenant().clone(), u.clone());
                 if resolved.contains_key(&k) {
@@ -834,7 +857,10 @@ async fn relay_task(
             .filter(|n| ***n != *reg.id)
             .cloned()
             .collect();
-        for it in buf.drain(..) {
+        for (queued, it) in buf.drain(..) {
+            stats.relay_queue_count.fetch_add(1, Relaxed);
+            let waited = queued.elapsed().as_micros() as u64;
+            stats.relay_queue_us.fetch_add(waited, Relaxed);
             let targets: Vec<Str> = match it.user() {
                 None => alive.clone(),
                 Some(u) => match resolved.get(&(it.tenant().clone(), u.clone())) {
@@ -1043,6 +1069,13 @@ fn start_ingress<F>(
             c.backend_ready();
         }
         let parse = |m: &rdkafka::message::BorrowedMessage<'_>| {
+            if let Some(created_ms) = m.timestamp().to_millis() {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                let transit = u64::try_from(now_ms - created_ms).unwrap_or(0);
+                stats.transit_ms.fetch_add(transit, Relaxed);
+            }
             let payload = m.payload().ok_or_else(|| "empty record".to_string())?;
             parse_record(m.headers(), payload).map(Box::new)
         };
