@@ -72,6 +72,8 @@ pub struct ClusterStats {
     pub dead: AtomicU64,
     /// Records produced to other nodes' topics, and those Kafka did not confirm.
     pub relayed: AtomicU64,
+    /// Of `relayed`, the presence changes (one per other node per login and logout).
+    pub relayed_presence: AtomicU64,
     pub relay_failed: AtomicU64,
     /// Relays dropped: the relay queue was full, or the recipient's nodes were unknown
     /// because Redis failed.
@@ -147,6 +149,12 @@ impl ClusterStats {
                 "counter",
                 "Records produced to other nodes' topics and confirmed.",
                 &self.relayed,
+            ),
+            (
+                "imgw_cluster_relayed_presence_total",
+                "counter",
+                "Of the relayed records, presence changes.",
+                &self.relayed_presence,
             ),
             (
                 "imgw_cluster_relay_failed_total",
@@ -880,6 +888,7 @@ async fn relay_task(
             if targets.is_empty() {
                 continue;
             }
+            let presence = matches!(it, RelayItem::Presence { .. });
             let Some((key, payload, headers)) = record(&it, &reg.id) else {
                 stats.relay_failed.fetch_add(targets.len() as u64, Relaxed);
                 continue;
@@ -896,8 +905,15 @@ async fn relay_task(
                         let stats = stats.clone();
                         tokio::task::spawn_local(async move {
                             match report.await {
-                                Ok(Ok(_)) => stats.relayed.fetch_add(1, Relaxed),
-                                _ => stats.relay_failed.fetch_add(1, Relaxed),
+                                Ok(Ok(_)) => {
+                                    stats.relayed.fetch_add(1, Relaxed);
+                                    if presence {
+                                        stats.relayed_presence.fetch_add(1, Relaxed);
+                                    }
+                                }
+                                _ => {
+                                    stats.relay_failed.fetch_add(1, Relaxed);
+                                }
                             };
                         });
                     }
