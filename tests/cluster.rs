@@ -12,21 +12,13 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::gateway::Gateway;
+use common::gateway::{join, kafka_addr, redis_url, Gateway};
 use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::{Ack, Envelope, Hello, Message, Ping, Resume, Send, Target};
 use imgw::store::mysql_testdb;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn redis_url() -> String {
-    std::env::var("IMGW_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
-}
-
-fn kafka_addr() -> String {
-    std::env::var("IMGW_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
 
 /// A name no other test run uses (letters, digits and `_` only: also a database name).
 fn unique(tag: &str) -> String {
@@ -366,16 +358,6 @@ fn cluster_mode_refuses_to_start_without_the_shared_services() {
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-}
-
-fn join(c: &mut Client, group: &str) {
-    let r = c.next_ref();
-    let msg = Message::GroupJoin(imgw::protocol::GroupJoin {
-        group: group.into(),
-    });
-    c.send(&Envelope::with_ref(msg, r)).unwrap();
-    let env = c.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
-    assert_eq!(env.msg, Message::Ok, "join {group}");
 }
 
 /// Every record on `topic` from its beginning, until `quiet` passed with nothing new: the

@@ -15,7 +15,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::gateway::{Gateway, DEV_TOML};
+use common::gateway::{join, kafka_addr, redis_url, Gateway, DEV_TOML};
 use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::{Envelope, ErrorCode, Message, Ping, Send, Target};
@@ -26,14 +26,6 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 const WAIT: Duration = Duration::from_secs(10);
 const PARTITIONS: i32 = 3;
-
-fn redis_url() -> String {
-    std::env::var("IMGW_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
-}
-
-fn kafka_addr() -> String {
-    std::env::var("IMGW_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
 
 fn reachable(host_port: &str, what: &str) {
     let addr: SocketAddr = host_port
@@ -127,16 +119,6 @@ fn produce(brokers: &str, topic: &str, value: &str) {
         .map_err(|(e, _)| e)
         .unwrap();
     p.flush(Duration::from_secs(10)).unwrap();
-}
-
-fn join(c: &mut Client, group: &str) {
-    let r = c.next_ref();
-    let msg = Message::GroupJoin(imgw::protocol::GroupJoin {
-        group: group.into(),
-    });
-    c.send(&Envelope::with_ref(msg, r)).unwrap();
-    let env = c.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
-    assert_eq!(env.msg, Message::Ok);
 }
 
 fn send_env(to: &str, cmid: &str, kind: Option<&str>, body: &str) -> Message {

@@ -290,3 +290,27 @@ tick_ms = 10
 drain_timeout_ms = 3000
 drain_reconnect_spread_ms = 1000
 "#;
+
+/// The Redis of `tests/services.sh` (`IMGW_REDIS_URL`).
+pub fn redis_url() -> String {
+    std::env::var("IMGW_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+/// The broker of `tests/services.sh` (`IMGW_KAFKA`).
+pub fn kafka_addr() -> String {
+    std::env::var("IMGW_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// `group_join` and its `ok`, within 10 s.
+pub fn join(c: &mut Client, group: &str) {
+    use imgw::protocol::{Envelope, GroupJoin, Message};
+    let r = c.next_ref();
+    let msg = Message::GroupJoin(GroupJoin {
+        group: group.into(),
+    });
+    c.send(&Envelope::with_ref(msg, r)).unwrap();
+    let env = c
+        .recv_until(|e| e.reference == Some(r), Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(env.msg, Message::Ok, "join {group}");
+}
