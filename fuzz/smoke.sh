@@ -12,9 +12,17 @@ cargo fuzz build --sanitizer none
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
   echo "fuzz: $t for ${secs}s"
-  cargo fuzz run --sanitizer none "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=1024 2>&1 | grep -E "^(#[0-9]+ +DONE|Done|==|SUMMARY|thread)" || true
+  log=$(mktemp)
+  rc=0
+  cargo fuzz run --sanitizer none "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=1024 >"$log" 2>&1 || rc=$?
+  grep -E "^(#[0-9]+ +DONE|Done|==|SUMMARY|thread)" "$log" || true
   if [ -d "artifacts/$t" ] && [ -n "$(ls -A "artifacts/$t" 2>/dev/null)" ]; then
     echo "fuzz: $t found a crash: fuzz/artifacts/$t"; exit 1
   fi
+  if [ "$rc" -ne 0 ]; then
+    # The fuzzer failed without an artifact (it did not build or start, ran out of memory, ...).
+    tail -20 "$log"; echo "fuzz: $t failed (exit $rc)"; exit 1
+  fi
+  rm -f "$log"
 done
 echo "fuzz: all targets ran ${secs}s without a crash"
