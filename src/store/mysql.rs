@@ -86,15 +86,17 @@ fn engine(e: mysql_async::Error) -> StoreError {
 /// Runs of one batch's transaction when InnoDB chose it as a deadlock victim.
 const DEADLOCK_ATTEMPTS: u32 = 4;
 
-/// A transaction InnoDB rolled back whole and that may succeed when run again: a deadlock
-/// (1213) or a lock wait timeout (1205).
+/// A transaction that failed whole and may succeed when run again: a deadlock (1213), a lock
+/// wait timeout (1205), or a duplicate key (1062): two writers that both found no counter row
+/// for a new inbox or group, or no dedupe record for a new cmid, both insert it; run again,
+/// the loser reads the winner's row (the next seq, or the duplicate's first ack).
 fn retryable(e: &StoreError) -> bool {
     let StoreError::Engine(inner) = e else {
         return false;
     };
     matches!(
         inner.downcast_ref::<mysql_async::Error>(),
-        Some(mysql_async::Error::Server(s)) if s.code == 1213 || s.code == 1205
+        Some(mysql_async::Error::Server(s)) if matches!(s.code, 1213 | 1205 | 1062)
     )
 }
 
@@ -1214,8 +1216,9 @@ impl Backend for MySqlStore {
             let attempts = async {
                 let mut attempt = 1;
                 loop {
-                    // Several writers (cluster nodes) can deadlock on the rows they lock;
-                    // InnoDB then rolls one transaction back whole, and it is run again.
+                    // Several writers (cluster nodes) can deadlock on the rows they lock, or
+                    // race to insert one new row; the loser's transaction is rolled back whole
+                    // and run again.
                     match self.apply_inner(ops.clone(), now_ms).await {
                         Err(e) if attempt < DEADLOCK_ATTEMPTS && retryable(&e) => {
                             tracing::debug!(attempt, error = %e, "transaction retried");
@@ -1474,9 +1477,10 @@ fn deadlocks_and_lock_wait_timeouts_are_retried_other_errors_are_not() {
     assert!(retryable(&server(1213)));
     assert!(retryable(&server(1205)));
     assert!(
-        !retryable(&server(1062)),
-        "a duplicate key is a bug, not a race"
+        retryable(&server(1062)),
+        "two writers inserting one new row"
     );
+    assert!(!retryable(&server(1146)), "a missing table is no race");
     assert!(!retryable(&StoreError::Timeout { ms: 1 }));
 }
 
