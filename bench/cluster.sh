@@ -16,6 +16,8 @@
 #   commandstats), MariaDB statements (Questions) and Kafka records (imgw's counters).
 # Every node has one shard; the machine's two cores are shared by the nodes, the services and
 # loadgen, so the figures are the cluster's costs, not a fleet's capacity.
+# tansu's memory storage slows as topics pile up (every test and run makes its own): start
+# from a fresh broker (tests/services.sh stop-kafka; tests/services.sh start-kafka).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -193,6 +195,7 @@ lines = [
     "`backend` (MySQL + Kafka confirmations before `send_ack`). The broker is tansu with memory",
     "storage (tests/services.sh): its produce confirmation and the relay's transit through it",
     "(both from imgw's own counters) are given apart, as they dominate the cross-node figures.",
+    "Measured against a freshly started broker: its memory storage slows as topics pile up.",
     "",
     f"## 1:1 chat, {conns} connections",
     "",
