@@ -884,7 +884,6 @@ async fn run_batch(
                     r.send(RedisCmd::Presence((**e).clone()));
                 }
             }
-
             _ => {}
         }
     }
@@ -965,10 +964,23 @@ async fn run_batch(
                     .await
                     .map_err(|e| e.to_string()),
             ),
-            IoRequest::RouteNodes { user } => IoReply::Nodes(match &svc.cluster {
-                Some(c) => c.route_nodes(&user).await,
-                None => Ok(Vec::new()),
-            }),
+            IoRequest::RouteNodes { user } => match &svc.cluster {
+                // A Redis round trip: answered by a task of its own, so that the batch's
+                // other completions do not wait for it.
+                Some(c) => {
+                    let (lookup, links) = (c.route_nodes(&user), links.clone());
+                    let (shard, token) = (usize::from(cmd.shard), cmd.token);
+                    tokio::task::spawn_local(async move {
+                        let reply = IoReply::Nodes(lookup.await);
+                        if let Some(link) = links.get(shard) {
+                            complete(link, IoDone { token, reply }).await;
+                            wake(link);
+                        }
+                    });
+                    continue;
+                }
+                None => IoReply::Nodes(Ok(Vec::new())),
+            },
             IoRequest::LastInboxSeq { user } => IoReply::Cursor(
                 backend
                     .last_inbox_seq(&user)

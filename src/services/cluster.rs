@@ -219,6 +219,10 @@ impl ClusterStats {
     }
 }
 
+fn route_key(prefix: &str, tenant: &str, user: &str) -> String {
+    super::redis::user_key(prefix, "route", tenant, user)
+}
+
 fn node_key(prefix: &str, id: &str) -> String {
     format!("{prefix}node:{id}")
 }
@@ -444,7 +448,7 @@ impl Relayed {
 pub struct Node {
     relay: tokio::sync::mpsc::Sender<(Instant, RelayItem)>,
     stats: Arc<ClusterStats>,
-    leave: Rc<Registry>,
+    registry: Rc<Registry>,
 }
 
 impl Node {
@@ -455,31 +459,37 @@ impl Node {
         }
     }
 
-    /// The live nodes holding `user`'s devices, from its Redis route hash (one round trip
-    /// on a fresh connection, bounded by the Redis timeout).
-    pub async fn route_nodes(&self, user: &crate::store::UserRef) -> Result<Vec<Str>, String> {
-        let reg = &self.leave;
-        let key = format!("{}route:{}:{}", reg.prefix, user.tenant, user.user);
-        let lookup = async {
-            let mut c = reg.connect().await?;
-            redis::cmd("HVALS")
-                .arg(key)
-                .query_async::<Vec<String>>(&mut c)
+    /// The live nodes holding `user`'s devices, from its Redis route hash: one round trip,
+    /// bounded by the Redis timeout. The future owns what it needs, so the I/O loop can run it
+    /// as a task of its own instead of waiting for it.
+    pub fn route_nodes(
+        &self,
+        user: &crate::store::UserRef,
+    ) -> impl std::future::Future<Output = Result<Vec<Str>, String>> + 'static {
+        let reg = self.registry.clone();
+        let key = route_key(&reg.prefix, &user.tenant, &user.user);
+        async move {
+            let lookup = async {
+                let mut c = reg.conn().await?;
+                let r = redis::cmd("HVALS")
+                    .arg(key)
+                    .query_async::<Vec<String>>(&mut c)
+                    .await;
+                r.map_err(|e| reg.failed(e))
+            };
+            let values = tokio::time::timeout(reg.timeout, lookup)
                 .await
-                .map_err(|e| e.to_string())
-        };
-        let values = tokio::time::timeout(reg.timeout, lookup)
-            .await
-            .map_err(|_| "redis timed out".to_string())??;
-        Ok(route_nodes(&values)
-            .into_iter()
-            .filter(|n| reg.is_alive(n))
-            .collect())
+                .map_err(|_| "redis timed out".to_string())??;
+            Ok(route_nodes(&values)
+                .into_iter()
+                .filter(|n| reg.is_alive(n))
+                .collect())
+        }
     }
 
     /// Deletes this node's registration, so the others stop relaying to it at once.
     pub async fn leave(&self) {
-        self.leave.leave().await;
+        self.registry.leave().await;
     }
 }
 
@@ -498,11 +508,27 @@ struct Registry {
     alive: RefCell<BTreeSet<Str>>,
     /// Tells every shard that a node is gone (its presence no longer holds).
     node_down: Box<dyn Fn(Str)>,
+    /// The one connection the heartbeat, the relay's route lookups, the presence probes and
+    /// `leave` share (a multiplexed connection: a clone is a handle); `None` after a failure,
+    /// until the next use connects again.
+    shared: RefCell<Option<MultiplexedConnection>>,
 }
 
 impl Registry {
-    async fn connect(&self) -> Result<MultiplexedConnection, String> {
-        super::redis::connect(&self.client, self.timeout).await
+    /// The shared connection, connecting it first when there is none.
+    async fn conn(&self) -> Result<MultiplexedConnection, String> {
+        if let Some(c) = self.shared.borrow().clone() {
+            return Ok(c);
+        }
+        let c = super::redis::connect(&self.client, self.timeout).await?;
+        *self.shared.borrow_mut() = Some(c.clone());
+        Ok(c)
+    }
+
+    /// A command on the shared connection failed: the next use connects again.
+    fn failed(&self, e: impl std::fmt::Display) -> String {
+        *self.shared.borrow_mut() = None;
+        e.to_string()
     }
 
     /// One heartbeat: refresh this node's keys, read the node set, drop the dead.
@@ -595,7 +621,7 @@ impl Registry {
     }
 
     async fn leave(&self) {
-        let Ok(mut c) = self.connect().await else {
+        let Ok(mut c) = self.conn().await else {
             return;
         };
         let mut p = redis::pipe();
@@ -659,6 +685,7 @@ where
         stats: s.stats.clone(),
         alive: RefCell::new(BTreeSet::new()),
         node_down: s.node_down,
+        shared: RefCell::new(None),
         cfg: cfg.clone(),
     });
     s.stats.enabled.store(true, Relaxed);
@@ -673,19 +700,13 @@ where
         Duration::from_millis(cfg.route_cache_ttl_ms),
     )));
     tokio::task::spawn_local(announcements(registry.clone(), cache.clone()));
-    tokio::task::spawn_local(relay_task(
-        registry.clone(),
-        s.producer,
-        rx,
-        cache,
-        s.redis.key_prefix.clone(),
-    ));
+    tokio::task::spawn_local(relay_task(registry.clone(), s.producer, rx, cache));
     let topic = node_topic(&cfg, id);
     start_ingress(s.kafka, topic, id.clone(), s.stats.clone(), s.ready, sink);
     Ok(Node {
         relay: tx,
         stats: s.stats,
-        leave: registry,
+        registry,
     })
 }
 
@@ -730,36 +751,30 @@ async fn announcements(reg: Rc<Registry>, cache: Rc<RefCell<RouteCache>>) {
 
 async fn heartbeat(reg: Rc<Registry>, ready: Option<Arc<crate::control::Control>>) {
     let every = Duration::from_millis(reg.cfg.heartbeat_ms);
-    let mut conn: Option<MultiplexedConnection> = None;
     let mut ready = ready;
     let mut failing = false;
     loop {
-        if conn.is_none() {
-            conn = reg.connect().await.ok();
-        }
-        if let Some(c) = conn.as_mut() {
-            match tokio::time::timeout(reg.timeout, reg.beat(c)).await {
-                Ok(Ok(())) => {
-                    failing = false;
-                    if let Some(ctl) = ready.take() {
-                        tracing::info!(node = %reg.id, slot = reg.slot, "registered in the cluster");
-                        ctl.backend_ready();
-                    }
+        let beat = async {
+            let mut c = reg.conn().await?;
+            reg.beat(&mut c).await.map_err(|e| reg.failed(e))
+        };
+        let outcome = match tokio::time::timeout(reg.timeout, beat).await {
+            Ok(r) => r,
+            Err(_) => Err(reg.failed("timed out")),
+        };
+        match outcome {
+            Ok(()) => {
+                failing = false;
+                if let Some(ctl) = ready.take() {
+                    tracing::info!(node = %reg.id, slot = reg.slot, "registered in the cluster");
+                    ctl.backend_ready();
                 }
-                Ok(Err(e)) => {
-                    if !failing {
-                        tracing::warn!(error = %e, "cluster heartbeat failed; retrying");
-                    }
-                    failing = true;
-                    conn = None;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "cluster heartbeat failed; retrying");
                 }
-                Err(_) => {
-                    if !failing {
-                        tracing::warn!("cluster heartbeat timed out; retrying");
-                    }
-                    failing = true;
-                    conn = None;
-                }
+                failing = true;
             }
         }
         tokio::time::sleep(every).await;
@@ -785,10 +800,8 @@ async fn relay_task(
     kafka: Rc<RefCell<Kafka>>,
     mut rx: tokio::sync::mpsc::Receiver<(Instant, RelayItem)>,
     cache: Rc<RefCell<RouteCache>>,
-    prefix: String,
 ) {
     const BATCH: usize = 512;
-    let mut conn: Option<MultiplexedConnection> = None;
     let mut buf = Vec::with_capacity(BATCH);
     let stats = reg.stats.clone();
     // This batch's recipients and their nodes (from the cache or Redis); `None`: unknown.
@@ -818,16 +831,13 @@ async fn relay_task(
             }
         }
         if !missing.is_empty() {
-            if conn.is_none() {
-                conn = reg.connect().await.ok();
-            }
-            if let Some(c) = conn.as_mut() {
+            if let Ok(mut c) = reg.conn().await {
                 let mut p = redis::pipe();
                 for (t, u) in &missing {
-                    p.cmd("HVALS").arg(format!("{prefix}route:{t}:{u}"));
+                    p.cmd("HVALS").arg(route_key(&reg.prefix, t, u));
                 }
                 let announced = stats.route_announcements.load(Relaxed);
-                let lookup = p.query_async::<Vec<Vec<String>>>(c);
+                let lookup = p.query_async::<Vec<Vec<String>>>(&mut c);
                 match tokio::time::timeout(reg.timeout, lookup).await {
                     Ok(Ok(rows)) => {
                         stats.route_lookups.fetch_add(missing.len() as u64, Relaxed);
@@ -852,9 +862,11 @@ async fn relay_task(
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "route lookup failed");
-                        conn = None;
+                        reg.failed(e);
                     }
-                    Err(_) => conn = None,
+                    Err(_) => {
+                        reg.failed("route lookup timed out");
+                    }
                 }
             }
         }

@@ -268,9 +268,7 @@ impl Kafka {
         self.in_flight.insert(deliver.mid);
         Ok(out)
     }
-}
 
-impl Kafka {
     /// Enqueues one record as it is (cluster relays: src/services/cluster.rs); `Err` when
     /// librdkafka refused it at once (queue full).
     pub fn send_raw(

@@ -77,6 +77,11 @@ impl RedisHandle {
     }
 }
 
+/// The key of one user's `presence` or `route` hash (the module docs list the keys).
+pub(crate) fn user_key(prefix: &str, what: &str, tenant: &str, user: &str) -> String {
+    format!("{prefix}{what}:{tenant}:{user}")
+}
+
 /// A multiplexed connection whose connect and every response are bounded by `timeout`.
 pub(crate) async fn connect(
     client: &redis::Client,
@@ -144,7 +149,7 @@ struct Worker {
 
 impl Worker {
     fn key(&self, what: &str, tenant: &str, user: &str) -> String {
-        format!("{}{what}:{tenant}:{user}", self.cfg.key_prefix)
+        user_key(&self.cfg.key_prefix, what, tenant, user)
     }
 
     fn up(&self, p: &mut redis::Pipeline, tenant: &str, user: &str, device: &str, s: Session) {
