@@ -106,9 +106,16 @@ pub struct MysqlConfig {
     pub url: Option<String>,
     /// Connections the pool keeps open.
     pub pool_min: u32,
-    /// Connections at most (the I/O core runs one call at a time; more serve reads that
-    /// overlap a commit in a later version).
+    /// Connections at most.
     pub pool_max: u32,
+    /// Transactions a batch runs at once (at most `pool_max` of them), split by inbox and
+    /// group: one inbox or group is only ever written by one of them. 1 runs each batch as one
+    /// transaction.
+    pub writers: u32,
+    /// Ops per transaction below which a batch is not split: a batch of fewer than
+    /// `2 × writer_min_ops` ops runs as one transaction (under light load one transaction
+    /// costs the server less than several, and is as fast).
+    pub writer_min_ops: u32,
     /// Deadline for getting a connection: a new one's TCP connect, handshake and login.
     pub connect_timeout_ms: u64,
     /// Deadline of one store call: a whole batch's transaction (the group commit) or one read.
@@ -125,6 +132,8 @@ impl Default for MysqlConfig {
             url: None,
             pool_min: 1,
             pool_max: 4,
+            writers: 4,
+            writer_min_ops: 128,
             connect_timeout_ms: 2_000,
             query_timeout_ms: 5_000,
             stmt_cache: 128,
@@ -138,6 +147,8 @@ impl std::fmt::Debug for MysqlConfig {
             .field("url", &self.url.as_deref().map(redact_url))
             .field("pool_min", &self.pool_min)
             .field("pool_max", &self.pool_max)
+            .field("writers", &self.writers)
+            .field("writer_min_ops", &self.writer_min_ops)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("query_timeout_ms", &self.query_timeout_ms)
             .field("stmt_cache", &self.stmt_cache)
@@ -557,6 +568,9 @@ impl Config {
         let m = &self.mysql;
         if m.pool_max == 0 || m.pool_min > m.pool_max {
             return bad("mysql.pool_max must be positive and at least mysql.pool_min");
+        }
+        if m.writers == 0 || m.writer_min_ops == 0 {
+            return bad("mysql.writers and mysql.writer_min_ops must be positive");
         }
         if m.connect_timeout_ms == 0 || m.query_timeout_ms == 0 {
             return bad("mysql.connect_timeout_ms and mysql.query_timeout_ms must be positive");

@@ -211,6 +211,8 @@ fn messages_cursors_and_groups_round_trip_through_mysql_across_a_restart() {
             connect_timeout_ms: 5_000,
             query_timeout_ms: 10_000,
             stmt_cache: 16,
+            writers: 1,
+            writer_min_ops: 1,
             store: StoreOptions::default(),
         })
         .await

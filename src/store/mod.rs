@@ -291,6 +291,8 @@ pub fn mysql_options(cfg: &crate::config::Config) -> Option<MySqlOptions> {
         connect_timeout_ms: m.connect_timeout_ms,
         query_timeout_ms: m.query_timeout_ms,
         stmt_cache: m.stmt_cache as usize,
+        writers: m.writers.min(m.pool_max) as usize,
+        writer_min_ops: m.writer_min_ops as usize,
         store: store_options(cfg),
     })
 }

@@ -34,6 +34,11 @@ const ROWS_PER_STATEMENT: usize = 1_000;
 /// MariaDB's default `max_allowed_packet` (16 MiB).
 const BYTES_PER_STATEMENT: usize = 4 << 20;
 
+/// Bytes of one multi-statement query (several statements, one round trip), half of
+/// MariaDB's default `max_allowed_packet` (16 MiB); a single statement is at most about
+/// [`BYTES_PER_STATEMENT`].
+const PACKET_BYTES: usize = 8 << 20;
+
 /// The migrations, in order: (version, name, SQL). Each is applied once and recorded in
 /// `schema_migrations`; their statements are idempotent.
 const MIGRATIONS: &[(u32, &str, &str)] =
@@ -54,6 +59,13 @@ pub struct MySqlOptions {
     pub query_timeout_ms: u64,
     /// Prepared statements cached per connection.
     pub stmt_cache: usize,
+    /// Transactions one `apply` runs at once, each on its own connection (at most
+    /// `pool_max`): the batch is split by inbox and group, so that one inbox or group is only
+    /// ever written by one of them.
+    pub writers: usize,
+    /// Ops per transaction below which a batch is not split further: a small batch runs as
+    /// one transaction (fewer statements for the server to run).
+    pub writer_min_ops: usize,
     /// The store's limits (dedupe window, kept messages, devices, groups, members, pages);
     /// the fjall tunables in it are not used.
     pub store: StoreOptions,
@@ -67,6 +79,8 @@ impl std::fmt::Debug for MySqlOptions {
             .field("pool_max", &self.pool_max)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("query_timeout_ms", &self.query_timeout_ms)
+            .field("writers", &self.writers)
+            .field("writer_min_ops", &self.writer_min_ops)
             .finish_non_exhaustive()
     }
 }
@@ -157,7 +171,6 @@ struct Tx {
     inbox_trim: Vec<(Owner, u64)>,
     timeline_rows: Vec<(Owner, u64, Vec<u8>)>,
     timeline_trim: Vec<(Owner, u64)>,
-    appends: usize,
 }
 
 fn ids_fit(ids: &[&str]) -> bool {
@@ -364,10 +377,13 @@ impl MySqlStore {
         limit.clamp(1, self.opts.store.max_page.max(1)) as usize
     }
 
+    /// One transaction over `ops`; with `collect` > 0 it also deletes up to that many expired
+    /// dedupe records.
     async fn apply_inner(
-        &mut self,
+        &self,
         ops: Vec<Op>,
         now_ms: u64,
+        collect: u64,
     ) -> Result<Vec<OpResult>, StoreError> {
         let mut sql = self
             .pool
@@ -386,25 +402,54 @@ impl MySqlStore {
         for op in ops {
             results.push(self.op(&mut sql, &mut tx, op, now_ms).await?);
         }
-        write(&mut sql, &mut tx).await?;
+        let mut script = Vec::new();
+        write(&mut script, &mut tx)?;
         let window = self.opts.store.dedupe_window_ms;
-        if window > 0 && now_ms > window {
-            // Expired records, oldest first, at most 64 + 2 × appends per batch: collection
-            // outpaces insertion and the work per batch is bounded.
-            let budget = 64 + 2 * tx.appends as u64;
-            sql.exec_drop(
-                "DELETE FROM dedupe WHERE stored_at <= ? ORDER BY stored_at LIMIT ?",
-                (now_ms - window, budget),
-            )
-            .await
-            .map_err(engine)?;
+        if window > 0 && now_ms > window && collect > 0 {
+            script.push(format!(
+                "DELETE FROM dedupe WHERE stored_at <= {} ORDER BY stored_at LIMIT {collect}",
+                now_ms - window
+            ));
+        }
+        for packet in packets(&script) {
+            sql.query_drop(packet).await.map_err(engine)?;
         }
         sql.commit().await.map_err(engine)?;
         Ok(results)
     }
 
+    /// One lane's transaction, run again when InnoDB picked it as a deadlock victim, a lock
+    /// wait timed out, or it raced another writer to insert one new row.
+    async fn run_lane(
+        &self,
+        ops: Vec<Op>,
+        now_ms: u64,
+        collect: u64,
+    ) -> Result<Vec<OpResult>, StoreError> {
+        let mut attempt = 1;
+        loop {
+            // Several writers (lanes, cluster nodes) can deadlock on the rows they lock, or
+            // race to insert one new row; the loser's transaction is rolled back whole and run
+            // again.
+            match self.apply_inner(ops.clone(), now_ms, collect).await {
+                Err(e) if attempt < DEADLOCK_ATTEMPTS && retryable(&e) => {
+                    tracing::debug!(attempt, error = %e, "transaction retried");
+                    // Apart in time from the other victim, which retries too: up to 4 ms times
+                    // the attempt, from the clock's nanoseconds.
+                    let nanos = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_nanos());
+                    let us = u64::from(nanos % 4_000) * u64::from(attempt);
+                    tokio::time::sleep(Duration::from_micros(us)).await;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
     async fn op(
-        &mut self,
+        &self,
         sql: &mut mysql_async::Transaction<'static>,
         tx: &mut Tx,
         op: Op,
@@ -651,7 +696,6 @@ fn append(
             }),
         );
     }
-    tx.appends += 1;
     OpResult::Appended {
         seq,
         mid,
@@ -804,6 +848,14 @@ async fn prefetch(
     users.sort();
     let mut groups: Vec<Owner> = groups.into_iter().collect();
     groups.sort();
+    let mut cursors: Vec<Triple> = cursors.into_iter().collect();
+    cursors.sort();
+    let mut members: Vec<Triple> = members.into_iter().collect();
+    members.sort();
+    let dkeys: Vec<DedupeKey> = dkeys.into_iter().collect();
+    // Every read of the batch, in one multi-statement query (one round trip) unless they are
+    // very large: each statement with what its result set fills.
+    let mut reads: Vec<(String, Read)> = Vec::new();
     for chunk in users.chunks(ROWS_PER_STATEMENT) {
         let q = format!(
             "SELECT tenant, user_id, last_seq FROM inbox_head WHERE (tenant, user_id) IN ({}) \
@@ -811,19 +863,7 @@ async fn prefetch(
             placeholders(chunk.len(), 2)
         );
         let params: Vec<Value> = chunk.iter().flat_map(|(t, u)| [b(t), b(u)]).collect();
-        let rows: Vec<(Vec<u8>, Vec<u8>, u64)> =
-            sql.query(inline(&q, &params)?).await.map_err(engine)?;
-        for (t, u, last) in rows {
-            let key = (to_str(t, "inbox_head")?, to_str(u, "inbox_head")?);
-            tx.inbox_heads.insert(
-                key,
-                Head {
-                    last,
-                    members: 0,
-                    dirty: false,
-                },
-            );
-        }
+        reads.push((inline(&q, &params)?, Read::InboxHeads));
     }
     for chunk in groups.chunks(ROWS_PER_STATEMENT) {
         let q = format!(
@@ -832,21 +872,8 @@ async fn prefetch(
             placeholders(chunk.len(), 2)
         );
         let params: Vec<Value> = chunk.iter().flat_map(|(t, g)| [b(t), b(g)]).collect();
-        let rows: Vec<(Vec<u8>, Vec<u8>, u64, u64)> =
-            sql.query(inline(&q, &params)?).await.map_err(engine)?;
-        for (t, g, last, members) in rows {
-            let key = (to_str(t, "group_head")?, to_str(g, "group_head")?);
-            tx.group_heads.insert(
-                key,
-                Head {
-                    last,
-                    members,
-                    dirty: false,
-                },
-            );
-        }
+        reads.push((inline(&q, &params)?, Read::GroupHeads));
     }
-    let dkeys: Vec<DedupeKey> = dkeys.into_iter().collect();
     for chunk in dkeys.chunks(ROWS_PER_STATEMENT) {
         let q = format!(
             "SELECT tenant, sender, cmid, dest_kind, dest, seq, mid, ts, stored_at FROM dedupe \
@@ -857,82 +884,139 @@ async fn prefetch(
             .iter()
             .flat_map(|(t, s, c, k, d)| [b(t), b(s), b(c), Value::from(*k), b(d)])
             .collect();
-        let rows: Vec<mysql_async::Row> = sql.query(inline(&q, &params)?).await.map_err(engine)?;
-        for row in rows {
-            let (t, s, c, k, d, seq, mid, ts, stored_at): DedupeSqlRow =
-                mysql_async::from_row_opt(row).map_err(|e| StoreError::Corrupt {
-                    table: "dedupe",
-                    detail: e.to_string(),
-                })?;
-            let key = (
-                to_str(t, "dedupe")?,
-                to_str(s, "dedupe")?,
-                to_str(c, "dedupe")?,
-                k,
-                to_str(d, "dedupe")?,
-            );
-            tx.dedupe_in_db.insert(key.clone());
-            tx.dedupe.insert(
-                key,
-                Some(DedupeRow {
+        reads.push((inline(&q, &params)?, Read::Dedupe(chunk.to_vec())));
+    }
+    for chunk in cursors.chunks(ROWS_PER_STATEMENT) {
+        let q = format!(
+            "SELECT tenant, user_id, device_id, seq FROM device_cursor \
+             WHERE (tenant, user_id, device_id) IN ({}) FOR UPDATE",
+            placeholders(chunk.len(), 3)
+        );
+        reads.push((inline(&q, &triple_params(chunk))?, Read::Cursors(chunk.to_vec())));
+    }
+    for chunk in members.chunks(ROWS_PER_STATEMENT) {
+        let q = format!(
+            "SELECT tenant, group_id, member_id, cursor_gseq FROM group_member \
+             WHERE (tenant, group_id, member_id) IN ({}) FOR UPDATE",
+            placeholders(chunk.len(), 3)
+        );
+        reads.push((inline(&q, &triple_params(chunk))?, Read::Members(chunk.to_vec())));
+    }
+    let texts: Vec<String> = reads.iter().map(|(q, _)| q.clone()).collect();
+    let mut reads = reads.into_iter().map(|(_, r)| r);
+    for packet in packets(&texts) {
+        let mut result = sql.query_iter(packet).await.map_err(engine)?;
+        while !result.is_empty() {
+            let rows: Vec<mysql_async::Row> = result.collect().await.map_err(engine)?;
+            let Some(read) = reads.next() else {
+                return Err(StoreError::Corrupt {
+                    table: "batch",
+                    detail: "more result sets than reads".into(),
+                });
+            };
+            fill(tx, read, rows)?;
+        }
+    }
+    Ok(())
+}
+
+/// What one locking read of [`prefetch`] fills in a [`Tx`]; the keys are those the read named
+/// (absent rows are recorded as `None`).
+enum Read {
+    InboxHeads,
+    GroupHeads,
+    Dedupe(Vec<DedupeKey>),
+    Cursors(Vec<Triple>),
+    Members(Vec<Triple>),
+}
+
+fn typed<T: mysql_async::prelude::FromRow>(
+    row: mysql_async::Row,
+    table: &'static str,
+) -> Result<T, StoreError> {
+    mysql_async::from_row_opt(row).map_err(|e| StoreError::Corrupt {
+        table,
+        detail: e.to_string(),
+    })
+}
+
+fn triple_params(keys: &[Triple]) -> Vec<Value> {
+    keys.iter()
+        .flat_map(|(x, y, z)| [b(x), b(y), b(z)])
+        .collect()
+}
+
+/// Records the rows of one read in `tx`.
+fn fill(tx: &mut Tx, read: Read, rows: Vec<mysql_async::Row>) -> Result<(), StoreError> {
+    match read {
+        Read::InboxHeads => {
+            for row in rows {
+                let (t, u, last): (Vec<u8>, Vec<u8>, u64) = typed(row, "inbox_head")?;
+                let key = (to_str(t, "inbox_head")?, to_str(u, "inbox_head")?);
+                let head = Head {
+                    last,
+                    members: 0,
+                    dirty: false,
+                };
+                tx.inbox_heads.insert(key, head);
+            }
+        }
+        Read::GroupHeads => {
+            for row in rows {
+                let (t, g, last, members): (Vec<u8>, Vec<u8>, u64, u64) = typed(row, "group_head")?;
+                let key = (to_str(t, "group_head")?, to_str(g, "group_head")?);
+                let head = Head {
+                    last,
+                    members,
+                    dirty: false,
+                };
+                tx.group_heads.insert(key, head);
+            }
+        }
+        Read::Dedupe(keys) => {
+            for row in rows {
+                let (t, s, c, k, d, seq, mid, ts, stored_at): DedupeSqlRow = typed(row, "dedupe")?;
+                let key = (
+                    to_str(t, "dedupe")?,
+                    to_str(s, "dedupe")?,
+                    to_str(c, "dedupe")?,
+                    k,
+                    to_str(d, "dedupe")?,
+                );
+                tx.dedupe_in_db.insert(key.clone());
+                let rec = DedupeRow {
                     seq,
                     mid,
                     ts,
                     stored_at,
-                }),
-            );
+                };
+                tx.dedupe.insert(key, Some(rec));
+            }
+            for key in keys {
+                tx.dedupe.entry(key).or_insert(None);
+            }
         }
-        for key in chunk {
-            tx.dedupe.entry(key.clone()).or_insert(None);
-        }
+        Read::Cursors(keys) => fill_triples(&mut tx.cursors, keys, rows, "device_cursor")?,
+        Read::Members(keys) => fill_triples(&mut tx.members, keys, rows, "group_member")?,
     }
-    lock_triples(
-        sql,
-        cursors,
-        "SELECT tenant, user_id, device_id, seq FROM device_cursor \
-         WHERE (tenant, user_id, device_id) IN ({}) FOR UPDATE",
-        "device_cursor",
-        &mut tx.cursors,
-    )
-    .await?;
-    lock_triples(
-        sql,
-        members,
-        "SELECT tenant, group_id, member_id, cursor_gseq FROM group_member \
-         WHERE (tenant, group_id, member_id) IN ({}) FOR UPDATE",
-        "group_member",
-        &mut tx.members,
-    )
-    .await?;
     Ok(())
 }
 
-/// Locks the rows of `table` named by `keys` (three key columns and one value, in `select`,
-/// whose `{}` takes the placeholders), in key order like every lock of a batch, and records
-/// each key's value in `out` (`None`: no row).
-async fn lock_triples(
-    sql: &mut mysql_async::Transaction<'static>,
-    keys: HashSet<Triple>,
-    select: &str,
-    table: &'static str,
+/// Records `device_cursor` or `group_member` rows (three ids and a number) in `out`, and the
+/// keys read without a row as `None`.
+fn fill_triples(
     out: &mut HashMap<Triple, Option<u64>>,
+    keys: Vec<Triple>,
+    rows: Vec<mysql_async::Row>,
+    table: &'static str,
 ) -> Result<(), StoreError> {
-    let mut keys: Vec<Triple> = keys.into_iter().collect();
-    keys.sort();
-    for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-        let q = select.replace("{}", &placeholders(chunk.len(), 3));
-        let params: Vec<Value> = chunk
-            .iter()
-            .flat_map(|(a, b2, c)| [b(a), b(b2), b(c)])
-            .collect();
-        let rows: Vec<TripleSqlRow> = sql.query(inline(&q, &params)?).await.map_err(engine)?;
-        for (a, b2, c, v) in rows {
-            let key = (to_str(a, table)?, to_str(b2, table)?, to_str(c, table)?);
-            out.insert(key, Some(v));
-        }
-        for key in chunk {
-            out.entry(key.clone()).or_insert(None);
-        }
+    for row in rows {
+        let (x, y, z, v): TripleSqlRow = typed(row, table)?;
+        let key = (to_str(x, table)?, to_str(y, table)?, to_str(z, table)?);
+        out.insert(key, Some(v));
+    }
+    for key in keys {
+        out.entry(key).or_insert(None);
     }
     Ok(())
 }
@@ -940,8 +1024,8 @@ async fn lock_triples(
 /// `head VALUES (..),(..) tail` over `rows` of `cols` values each: one statement per at most
 /// [`ROWS_PER_STATEMENT`] rows and about [`BYTES_PER_STATEMENT`] bytes of values (at least one
 /// row), so that no statement nears the server's `max_allowed_packet`.
-async fn insert_rows(
-    sql: &mut mysql_async::Transaction<'static>,
+fn insert_rows(
+    script: &mut Vec<String>,
     head: &str,
     tail: &str,
     cols: usize,
@@ -963,7 +1047,7 @@ async fn insert_rows(
         let mut q = String::with_capacity(head.len() + tail.len() + chunk.len() * cols * 2 + 8);
         let _ = write!(q, "{head} VALUES {}{tail}", placeholders(chunk.len(), cols));
         let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
-        sql.query_drop(inline(&q, &params)?).await.map_err(engine)?;
+        script.push(inline(&q, &params)?);
         start = end;
     }
     Ok(())
@@ -1023,11 +1107,33 @@ fn inline(q: &str, params: &[Value]) -> Result<String, StoreError> {
     Ok(out)
 }
 
+/// The statements of `script` joined into multi-statement queries of at most about
+/// [`PACKET_BYTES`] each (at least one statement per query): one round trip per query instead
+/// of one per statement. The server stops a query at its first failing statement and the
+/// error fails the transaction.
+fn packets(script: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for stmt in script {
+        if !cur.is_empty() && cur.len() + stmt.len() + 1 > PACKET_BYTES {
+            out.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(';');
+        }
+        cur.push_str(stmt);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
 /// `DELETE FROM table WHERE (cols) IN (...)`, in chunks.
 /// Writes the `dirty` rows of `table` (three key columns `keys`, one value column `value`): a
 /// key whose value in `values` is `None` is deleted, the others are upserted.
-async fn write_triples(
-    sql: &mut mysql_async::Transaction<'static>,
+fn write_triples(
+    script: &mut Vec<String>,
     dirty: HashSet<Triple>,
     values: &HashMap<Triple, Option<u64>>,
     table: &str,
@@ -1042,19 +1148,18 @@ async fn write_triples(
             None => del.push(vec![b(x), b(y), b(z)]),
         }
     }
-    delete_rows(sql, table, keys, 3, del).await?;
+    delete_rows(script, table, keys, 3, del)?;
     insert_rows(
-        sql,
+        script,
         &format!("INSERT INTO {table} ({keys}, {value})"),
         &format!(" ON DUPLICATE KEY UPDATE {value} = VALUES({value})"),
         4,
         up,
     )
-    .await
 }
 
-async fn delete_rows(
-    sql: &mut mysql_async::Transaction<'static>,
+fn delete_rows(
+    script: &mut Vec<String>,
     table: &str,
     cols: &str,
     ncols: usize,
@@ -1066,13 +1171,14 @@ async fn delete_rows(
             placeholders(chunk.len(), ncols)
         );
         let params: Vec<Value> = chunk.iter().flatten().cloned().collect();
-        sql.query_drop(inline(&q, &params)?).await.map_err(engine)?;
+        script.push(inline(&q, &params)?);
     }
     Ok(())
 }
 
-/// Writes the batch: multi-row statements, one per table and kind of change.
-async fn write(sql: &mut mysql_async::Transaction<'static>, tx: &mut Tx) -> Result<(), StoreError> {
+/// The batch's writes: multi-row statements, one per table and kind of change, appended to
+/// `script`.
+fn write(script: &mut Vec<String>, tx: &mut Tx) -> Result<(), StoreError> {
     let msg_row = |((t, o), seq, v): (Owner, u64, Vec<u8>)| {
         vec![b(&t), b(&o), Value::from(seq), Value::Bytes(v)]
     };
@@ -1082,35 +1188,33 @@ async fn write(sql: &mut mysql_async::Transaction<'static>, tx: &mut Tx) -> Resu
         .map(msg_row)
         .collect();
     insert_rows(
-        sql,
+        script,
         "INSERT INTO inbox (tenant, user_id, seq, msg)",
         "",
         4,
         rows,
-    )
-    .await?;
+    )?;
     let rows: Vec<_> = std::mem::take(&mut tx.inbox_trim)
         .into_iter()
         .map(trim_row)
         .collect();
-    delete_rows(sql, "inbox", "tenant, user_id, seq", 3, rows).await?;
+    delete_rows(script, "inbox", "tenant, user_id, seq", 3, rows)?;
     let rows: Vec<_> = std::mem::take(&mut tx.timeline_rows)
         .into_iter()
         .map(msg_row)
         .collect();
     insert_rows(
-        sql,
+        script,
         "INSERT INTO timeline (tenant, group_id, gseq, msg)",
         "",
         4,
         rows,
-    )
-    .await?;
+    )?;
     let rows: Vec<_> = std::mem::take(&mut tx.timeline_trim)
         .into_iter()
         .map(trim_row)
         .collect();
-    delete_rows(sql, "timeline", "tenant, group_id, gseq", 3, rows).await?;
+    delete_rows(script, "timeline", "tenant, group_id, gseq", 3, rows)?;
 
     let rows: Vec<_> = tx
         .inbox_heads
@@ -1119,13 +1223,12 @@ async fn write(sql: &mut mysql_async::Transaction<'static>, tx: &mut Tx) -> Resu
         .map(|((t, u), h)| vec![b(t), b(u), Value::from(h.last)])
         .collect();
     insert_rows(
-        sql,
+        script,
         "INSERT INTO inbox_head (tenant, user_id, last_seq)",
         " ON DUPLICATE KEY UPDATE last_seq = VALUES(last_seq)",
         3,
         rows,
-    )
-    .await?;
+    )?;
     let rows: Vec<_> = tx
         .group_heads
         .iter()
@@ -1133,34 +1236,31 @@ async fn write(sql: &mut mysql_async::Transaction<'static>, tx: &mut Tx) -> Resu
         .map(|((t, g), h)| vec![b(t), b(g), Value::from(h.last), Value::from(h.members)])
         .collect();
     insert_rows(
-        sql,
+        script,
         "INSERT INTO group_head (tenant, group_id, last_gseq, members)",
         " ON DUPLICATE KEY UPDATE last_gseq = VALUES(last_gseq), members = VALUES(members)",
         4,
         rows,
-    )
-    .await?;
+    )?;
 
     let dirty = std::mem::take(&mut tx.cursors_dirty);
     write_triples(
-        sql,
+        script,
         dirty,
         &tx.cursors,
         "device_cursor",
         "tenant, user_id, device_id",
         "seq",
-    )
-    .await?;
+    )?;
     let dirty = std::mem::take(&mut tx.members_dirty);
     write_triples(
-        sql,
+        script,
         dirty,
         &tx.members,
         "group_member",
         "tenant, group_id, member_id",
         "cursor_gseq",
-    )
-    .await?;
+    )?;
 
     let dedupe_row = |tx: &Tx, key: &DedupeKey| {
         let rec = tx.dedupe.get(key).copied().flatten().unwrap_or(DedupeRow {
@@ -1191,18 +1291,61 @@ async fn write(sql: &mut mysql_async::Transaction<'static>, tx: &mut Tx) -> Resu
     let rows: Vec<_> = new.into_iter().map(|k| dedupe_row(tx, k)).collect();
     // A plain INSERT: a concurrent writer that stored the same key first makes this batch
     // fail (and roll back) instead of appending the message twice.
-    insert_rows(sql, cols, "", 9, rows).await?;
+    insert_rows(script, cols, "", 9, rows)?;
     let rows: Vec<_> = renewed.into_iter().map(|k| dedupe_row(tx, k)).collect();
     insert_rows(
-        sql,
+        script,
         cols,
         " ON DUPLICATE KEY UPDATE seq = VALUES(seq), mid = VALUES(mid), ts = VALUES(ts), \
          stored_at = VALUES(stored_at)",
         9,
         rows,
-    )
-    .await?;
+    )?;
     Ok(())
+}
+
+/// Splits a batch into at most `writers` lanes by the inbox or group each op writes (ops of
+/// one inbox or group keep their order in one lane), each with the ops' positions in the batch.
+/// A join counts the member's groups, which other lanes may be changing: a batch with a join
+/// or a leave keeps all its group ops in one lane, so they see each other in batch order as in
+/// one transaction (batches without one, nearly all of them, spread their groups).
+fn split_lanes(ops: Vec<Op>, writers: usize) -> Vec<(Vec<usize>, Vec<Op>)> {
+    use std::hash::{Hash, Hasher};
+    let writers = writers.max(1);
+    if writers == 1 {
+        return vec![((0..ops.len()).collect(), ops)];
+    }
+    let memberships = ops
+        .iter()
+        .any(|o| matches!(o, Op::Join { .. } | Op::Leave { .. }));
+    let mut lanes: Vec<(Vec<usize>, Vec<Op>)> = (0..writers).map(|_| Default::default()).collect();
+    for (i, op) in ops.into_iter().enumerate() {
+        let mut h = std::hash::DefaultHasher::new();
+        match &op {
+            Op::AppendInbox { user, .. } | Op::SetCursor { user, .. } => {
+                (DEST_INBOX, &user.tenant, &user.user).hash(&mut h)
+            }
+            Op::AppendGroup { .. }
+            | Op::SetGroupCursor { .. }
+            | Op::Join { .. }
+            | Op::Leave { .. }
+                if memberships =>
+            {
+                DEST_GROUP.hash(&mut h)
+            }
+            Op::AppendGroup { group, .. }
+            | Op::SetGroupCursor { group, .. }
+            | Op::Join { group, .. }
+            | Op::Leave { group, .. } => (DEST_GROUP, &group.tenant, &group.group).hash(&mut h),
+        }
+        let lane = (h.finish() % writers as u64) as usize;
+        if let Some(l) = lanes.get_mut(lane) {
+            l.0.push(i);
+            l.1.push(op);
+        }
+    }
+    lanes.retain(|l| !l.1.is_empty());
+    lanes
 }
 
 impl Backend for MySqlStore {
@@ -1212,34 +1355,47 @@ impl Backend for MySqlStore {
                 return Ok(Vec::new());
             }
             let now_ms = now_ms.max(self.last_now_ms);
+            // Expired dedupe records, oldest first, at most 64 + 2 × appends per batch:
+            // collection outpaces insertion and the work per batch is bounded. Only the first
+            // lane collects, so that the lanes do not contend for the oldest rows.
+            let appends = ops
+                .iter()
+                .filter(|o| matches!(o, Op::AppendInbox { .. } | Op::AppendGroup { .. }))
+                .count() as u64;
+            let mut collect = 64 + 2 * appends;
+            let wanted = ops.len() / self.opts.writer_min_ops.max(1);
+            let lanes = split_lanes(ops, wanted.clamp(1, self.opts.writers.max(1)));
+            let total: usize = lanes.iter().map(|l| l.0.len()).sum();
+            let runs = lanes.into_iter().map(|(at, ops)| {
+                let lane_collect = std::mem::take(&mut collect);
+                let run = self.run_lane(ops, now_ms, lane_collect);
+                async move { run.await.map(|results| (at, results)) }
+            });
             let ms = self.opts.query_timeout_ms;
-            let attempts = async {
-                let mut attempt = 1;
-                loop {
-                    // Several writers (cluster nodes) can deadlock on the rows they lock, or
-                    // race to insert one new row; the loser's transaction is rolled back whole
-                    // and run again.
-                    match self.apply_inner(ops.clone(), now_ms).await {
-                        Err(e) if attempt < DEADLOCK_ATTEMPTS && retryable(&e) => {
-                            tracing::debug!(attempt, error = %e, "transaction retried");
-                            // Apart in time from the other victim, which retries too: up to
-                            // 4 ms times the attempt, from the clock's nanoseconds.
-                            let nanos = std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .map_or(0, |d| d.subsec_nanos());
-                            let us = u64::from(nanos % 4_000) * u64::from(attempt);
-                            tokio::time::sleep(Duration::from_micros(us)).await;
-                            attempt += 1;
-                        }
-                        r => break r,
+            let done = Self::bounded(ms, async {
+                let mut out = Vec::new();
+                for r in futures_util::future::join_all(runs).await {
+                    out.push(r?);
+                }
+                Ok(out)
+            })
+            .await?;
+            // Each lane's results back in the batch's order.
+            let mut results: Vec<Option<OpResult>> = (0..total).map(|_| None).collect();
+            for (at, lane) in done {
+                for (i, r) in at.into_iter().zip(lane) {
+                    if let Some(slot) = results.get_mut(i) {
+                        *slot = Some(r);
                     }
                 }
-            };
-            let r = Self::bounded(ms, attempts).await;
-            if r.is_ok() {
-                self.last_now_ms = now_ms;
             }
-            r
+            let results: Option<Vec<OpResult>> = results.into_iter().collect();
+            let results = results.ok_or_else(|| StoreError::Corrupt {
+                table: "batch",
+                detail: "a lane returned fewer results than ops".into(),
+            })?;
+            self.last_now_ms = now_ms;
+            Ok(results)
         })
     }
 
@@ -1587,5 +1743,96 @@ pub mod testdb {
             let _ = conn.disconnect().await;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn lanes_keep_each_inbox_and_group_in_one_lane_in_batch_order() {
+    let user = |u: &str| UserRef::new("t", u);
+    let group = |g: &str| GroupRef::new("t", g);
+    let mut ops = Vec::new();
+    for i in 0..200u64 {
+        let to = format!("u{}", i % 13);
+        ops.push(Op::AppendInbox {
+            user: user(&to),
+            sender: "s".into(),
+            cmid: format!("c{i}").into(),
+            deliver: Deliver {
+                mid: i,
+                from: "s".into(),
+                to: None,
+                inbox_seq: 0,
+                ts: i,
+                kind: None,
+                body: "b".into(),
+                ext: crate::protocol::Ext::new(),
+            },
+        });
+        if i % 3 == 0 {
+            ops.push(Op::SetCursor {
+                user: user(&to),
+                device: "d".into(),
+                seq: i,
+            });
+        }
+        if i % 5 == 0 {
+            let g = format!("g{}", i % 7);
+            ops.push(Op::Join {
+                group: group(&g),
+                member: to.clone().into(),
+            });
+            ops.push(Op::SetGroupCursor {
+                group: group(&g),
+                member: to.into(),
+                gseq: i,
+            });
+        }
+    }
+    let owner = |op: &Op| match op {
+        Op::AppendInbox { user, .. } | Op::SetCursor { user, .. } => format!("u:{}", user.user),
+        Op::AppendGroup { .. }
+        | Op::SetGroupCursor { .. }
+        | Op::Join { .. }
+        | Op::Leave { .. } => "groups".to_string(), // the batch has joins: one lane
+    };
+    let n = ops.len();
+    let owners: Vec<String> = ops.iter().map(owner).collect();
+    let lanes = split_lanes(ops.clone(), 4);
+    assert!(lanes.len() > 1 && lanes.len() <= 4, "{} lanes", lanes.len());
+    let mut seen = vec![false; n];
+    let mut lane_of = HashMap::new();
+    for (k, (at, lane_ops)) in lanes.iter().enumerate() {
+        assert_eq!(at.len(), lane_ops.len());
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "batch order kept");
+        for (&i, op) in at.iter().zip(lane_ops) {
+            assert!(!std::mem::replace(&mut seen[i], true), "op {i} twice");
+            assert_eq!(owner(op), owners[i]);
+            assert_eq!(*lane_of.entry(owners[i].clone()).or_insert(k), k, "{}", owners[i]);
+        }
+    }
+    assert!(seen.iter().all(|s| *s), "every op in a lane");
+    // One writer: the batch as it came.
+    let one = split_lanes(ops.clone(), 1);
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].0, (0..n).collect::<Vec<_>>());
+    // Without joins and leaves the groups spread over the lanes, each group in one.
+    let sends: Vec<Op> = (0..64u64)
+        .map(|i| Op::SetGroupCursor {
+            group: group(&format!("g{}", i % 16)),
+            member: "m".into(),
+            gseq: i,
+        })
+        .collect();
+    let lanes = split_lanes(sends, 4);
+    assert!(lanes.len() > 1);
+    let mut lane_of = HashMap::new();
+    for (k, (_, lane_ops)) in lanes.iter().enumerate() {
+        for op in lane_ops {
+            let Op::SetGroupCursor { group, .. } = op else {
+                unreachable!()
+            };
+            assert_eq!(*lane_of.entry(group.group.clone()).or_insert(k), k);
+        }
     }
 }

@@ -136,6 +136,8 @@ impl Fixture {
                         connect_timeout_ms: 5_000,
                         query_timeout_ms: 30_000,
                         stmt_cache: 64,
+                        writers: 2,
+                        writer_min_ops: 1,
                         store: opts,
                     }))
                     .unwrap();
