@@ -34,9 +34,13 @@ run_one() { # variant run
     local data="$OUT/data-$dur-$n"
     rm -rf "$data"
     if [ "$dur" = backend ]; then
-        local writers=${variant#*:}
+        # backend:WRITERS[:WRITER_MIN_OPS]
+        local spec=${variant#*:}
+        local writers=${spec%%:*} min_ops=128
+        [ "$spec" != "$writers" ] && min_ops=${spec#*:}
         mariadb -h127.0.0.1 -uimgw -pimgw -e "DROP DATABASE IF EXISTS imgw_bench; CREATE DATABASE imgw_bench"
-        printf '[mysql]\npool_max = %s\nwriters = %s\n' "$writers" "$writers" >"$OUT/writers.toml"
+        printf '[mysql]\npool_min = %s\npool_max = %s\nwriters = %s\nwriter_min_ops = %s\n' "$writers" "$writers" "$writers" \
+            "$min_ops" >"$OUT/writers.toml"
         extra=(--mysql "$BASE/imgw_bench" --config "$OUT/writers.toml")
     fi
     "$BIN/imgw" serve --insecure-dev-auth --shards 1 --durability "$dur" "${extra[@]}" \

@@ -104,7 +104,7 @@ pub struct MysqlConfig {
     /// With durability `backend`, the durable store lives there and `send_ack` follows its
     /// commit.
     pub url: Option<String>,
-    /// Connections the pool keeps open.
+    /// Connections the pool keeps open (at least `writers`).
     pub pool_min: u32,
     /// Connections at most.
     pub pool_max: u32,
@@ -133,7 +133,7 @@ impl Default for MysqlConfig {
             pool_min: 1,
             pool_max: 4,
             writers: 4,
-            writer_min_ops: 128,
+            writer_min_ops: 512,
             connect_timeout_ms: 2_000,
             query_timeout_ms: 5_000,
             stmt_cache: 128,

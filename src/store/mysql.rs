@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mysql_async::prelude::Queryable;
-use mysql_async::{Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, TxOpts, Value};
+use mysql_async::{
+    IsolationLevel, Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, TxOpts, Value,
+};
 
 use super::{
     Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, Refusal, StoreError,
@@ -260,7 +262,9 @@ impl MySqlStore {
     /// tokio runtime with I/O and time enabled (the pool lives on it).
     pub async fn connect(opts: MySqlOptions) -> Result<MySqlStore, StoreError> {
         let parsed = Opts::from_url(&opts.url).map_err(|e| StoreError::Config(e.to_string()))?;
-        let (min, max) = (opts.pool_min, opts.pool_max.max(1));
+        // The lanes' connections stay open: a batch that splits does not wait for new ones.
+        let max = opts.pool_max.max(1);
+        let min = opts.pool_min.max(opts.writers).min(max);
         let constraints = PoolConstraints::new(min.min(max), max).ok_or_else(|| {
             StoreError::Config(format!("mysql pool sizes: min {min} > max {max}"))
         })?;
@@ -272,6 +276,11 @@ impl MySqlStore {
             .with_reset_connection(false);
         let builder = OptsBuilder::from_opts(parsed)
             .pool_opts(pool_opts)
+            // No gap locks: the lanes of a batch (and other nodes) lock only the rows they
+            // read; two writers that both find a row absent and insert it collide on the
+            // primary key instead, and the loser runs again (`retryable`). Joins keep
+            // REPEATABLE READ (`apply_inner`).
+            .setup(vec!["SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"])
             .stmt_cache_size(opts.stmt_cache);
         let pool = Pool::new(builder);
         let mut store = MySqlStore {
@@ -385,11 +394,14 @@ impl MySqlStore {
         now_ms: u64,
         collect: u64,
     ) -> Result<Vec<OpResult>, StoreError> {
-        let mut sql = self
-            .pool
-            .start_transaction(TxOpts::default())
-            .await
-            .map_err(engine)?;
+        let mut opts = TxOpts::default();
+        if ops.iter().any(|o| matches!(o, Op::Join { .. })) {
+            // A join counts the member's groups and may create the group's counter row: the
+            // gap locks of REPEATABLE READ make a concurrent join of the same member, or to
+            // the same new group, wait instead of exceeding a limit or losing a count.
+            opts.with_isolation_level(IsolationLevel::RepeatableRead);
+        }
+        let mut sql = self.pool.start_transaction(opts).await.map_err(engine)?;
         let mut tx = Tx::default();
         prefetch(
             &mut sql,
@@ -1152,7 +1164,8 @@ fn write_triples(
     insert_rows(
         script,
         &format!("INSERT INTO {table} ({keys}, {value})"),
-        &format!(" ON DUPLICATE KEY UPDATE {value} = VALUES({value})"),
+        // Cursors only move forward, whoever wrote the row last (another node's batch).
+        &format!(" ON DUPLICATE KEY UPDATE {value} = GREATEST({value}, VALUES({value}))"),
         4,
         up,
     )
