@@ -68,6 +68,9 @@ pub enum IoRequest {
     /// Cluster mode: something other nodes must hear (a stored join or leave, an admin
     /// kick). No completion.
     Relay(Box<crate::services::cluster::RelayItem>),
+    /// Cluster mode: the shard now has online members of `group` (`here`) or no longer has
+    /// any. No completion; repeating one changes nothing.
+    GroupHere { group: GroupRef, here: bool },
 }
 
 /// The I/O core's answer.
@@ -1014,6 +1017,12 @@ async fn run_batch(
             IoRequest::Relay(item) => {
                 if let Some(c) = &svc.cluster {
                     c.relay(*item);
+                }
+                continue;
+            }
+            IoRequest::GroupHere { group, here } => {
+                if let Some(c) = &svc.cluster {
+                    c.group_here(cmd.shard, &group.tenant, &group.group, here);
                 }
                 continue;
             }

@@ -486,6 +486,64 @@ fn a_group_spread_over_three_nodes_gets_each_message_once_with_one_record_per_no
         let want = if i == 0 { 0 } else { MESSAGES };
         assert_eq!(group_records, want, "group records on {topic}");
     }
+
+    // Every member on g3 goes offline: g3 leaves the group's node set, and the next messages
+    // go to g2 only. Member j is user gm{j+1} on node (j+1) % 3.
+    let (on_g3, mut others): (Vec<(usize, Client)>, Vec<(usize, Client)>) = members
+        .into_iter()
+        .enumerate()
+        .partition(|(j, _)| (j + 1) % 3 == 2);
+    drop(on_g3);
+    wait_metric(&nodes[2], "imgw_cluster_groups_here", 0.0, WAIT);
+    // Past the senders' cache TTL (removals are not announced).
+    std::thread::sleep(Duration::from_millis(1_200));
+    let send_group = |sender: &mut Client, body: &str| {
+        let r = sender.next_ref();
+        let msg = Message::Send(Send {
+            to: Target::Group("big".into()),
+            cmid: body.into(),
+            kind: None,
+            body: body.into(),
+            ext: Default::default(),
+        });
+        sender.send(&Envelope::with_ref(msg, r)).unwrap();
+        let env = sender.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
+        assert!(matches!(env.msg, Message::SendAck(_)), "{env:?}");
+    };
+    send_group(&mut sender, "after#0");
+    for (j, m) in others.iter_mut().step_by(5) {
+        let env = m
+            .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
+            .unwrap_or_else(|e| panic!("member {} missed after#0: {e}", *j + 1));
+        let Message::Deliver(d) = env.msg else {
+            unreachable!()
+        };
+        assert_eq!(&*d.body, "after#0");
+    }
+    let group_records = |name: &str| {
+        topic_ops(
+            &format!("{}.node.{name}", shared.db),
+            Duration::from_secs(2),
+        )
+        .into_iter()
+        .filter(|(op, g)| op == "deliver" && g.as_deref() == Some("big"))
+        .count()
+    };
+    assert_eq!(group_records("g2"), MESSAGES + 1, "g2 still has members");
+    assert_eq!(group_records("g3"), MESSAGES, "g3 has no member online");
+
+    // One comes back on g3: g3 announces itself again and gets the next message.
+    let mut back = login(&nodes[2], Transport::Ws, CodecId::Json, "gm2", "d");
+    wait_metric(&nodes[2], "imgw_cluster_groups_here", 1.0, WAIT);
+    send_group(&mut sender, "after#1");
+    let env = back
+        .recv_until(
+            |e| matches!(&e.msg, Message::Deliver(d) if &*d.body == "after#1"),
+            WAIT,
+        )
+        .unwrap();
+    assert!(matches!(env.msg, Message::Deliver(_)));
+    assert_eq!(group_records("g3"), MESSAGES + 1, "g3 has a member again");
 }
 
 #[test]

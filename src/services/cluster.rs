@@ -25,7 +25,7 @@
 //! dropped, late or out of order costs latency, not messages.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
@@ -81,8 +81,12 @@ pub struct ClusterStats {
     /// Route lookups answered by the cache, and by Redis.
     pub route_cache_hits: AtomicU64,
     pub route_lookups: AtomicU64,
-    /// Route announcements heard (each evicts one cached user).
+    /// Route announcements heard (each evicts one cached user or group).
     pub route_announcements: AtomicU64,
+    /// Groups with online members on this node, as written to Redis (`{p}gnodes:..`).
+    pub groups_here: AtomicU64,
+    /// Group node sets read from Redis (the others came from the cache).
+    pub group_lookups: AtomicU64,
     /// Records consumed from this node's topic and handed to a shard; malformed ones.
     pub ingress: AtomicU64,
     pub ingress_bad: AtomicU64,
@@ -187,6 +191,18 @@ impl ClusterStats {
                 &self.route_announcements,
             ),
             (
+                "imgw_cluster_groups_here",
+                "gauge",
+                "Groups with online members on this node (announced in Redis).",
+                &self.groups_here,
+            ),
+            (
+                "imgw_cluster_group_lookups_total",
+                "counter",
+                "Group node sets read from Redis for group relays.",
+                &self.group_lookups,
+            ),
+            (
                 "imgw_cluster_ingress_total",
                 "counter",
                 "Records from this node's topic handed to a shard.",
@@ -221,6 +237,17 @@ impl ClusterStats {
 
 fn route_key(prefix: &str, tenant: &str, user: &str) -> String {
     super::redis::user_key(prefix, "route", tenant, user)
+}
+
+/// The nodes with online members of a group (a set of node ids, at most one per slot).
+fn group_nodes_key(prefix: &str, tenant: &str, group: &str) -> String {
+    super::redis::user_key(prefix, "gnodes", tenant, group)
+}
+
+/// The groups a node announced itself in (`tenant\ngroup`), to take it out of them when it
+/// leaves, restarts or is declared dead.
+fn node_groups_key(prefix: &str, id: &str) -> String {
+    format!("{prefix}ngroups:{id}")
 }
 
 fn node_key(prefix: &str, id: &str) -> String {
@@ -336,7 +363,7 @@ impl RouteCache {
 #[derive(Debug)]
 pub enum RelayItem {
     /// An accepted message (its sequence assigned): to the nodes holding the recipient's
-    /// devices, or for a group to every other live node.
+    /// devices, or for a group to the other nodes with online members of it.
     Message {
         tenant: Str,
         dest: Dest,
@@ -371,7 +398,19 @@ impl RelayItem {
         }
     }
 
-    /// The user whose devices' nodes receive it; `None`: every other live node.
+    /// The group whose nodes with online members receive it.
+    fn group(&self) -> Option<&Str> {
+        match self {
+            RelayItem::Message {
+                dest: Dest::Group(g),
+                ..
+            } => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The user whose devices' nodes receive it; `None`: a group's nodes ([`Self::group`]),
+    /// or every other live node.
     fn user(&self) -> Option<&Str> {
         match self {
             RelayItem::Message {
@@ -449,6 +488,20 @@ pub struct Node {
     relay: tokio::sync::mpsc::Sender<(Instant, RelayItem)>,
     stats: Arc<ClusterStats>,
     registry: Rc<Registry>,
+    here: Rc<GroupsHere>,
+}
+
+/// Which groups have online members on this node, and what Redis must be told of it.
+#[derive(Default)]
+struct GroupsHere {
+    /// Per group, the shards with online members of it (a shard reports each change; a
+    /// report repeated after a full I/O queue changes nothing). Bounded by the shards' own
+    /// bounds on groups with online members.
+    shards: RefCell<HashMap<(Str, Str), Vec<u16>>>,
+    /// Groups whose presence on this node changed and is not yet in Redis: `true` when it
+    /// has online members now. Bounded like `shards` (one entry per group).
+    dirty: RefCell<HashMap<(Str, Str), bool>>,
+    wake: tokio::sync::Notify,
 }
 
 impl Node {
@@ -487,7 +540,36 @@ impl Node {
         }
     }
 
-    /// Deletes this node's registration, so the others stop relaying to it at once.
+    /// A shard now has online members of `group` (`here`), or no longer has any. When the
+    /// node as a whole changes, the group task adds it to or removes it from the group's node
+    /// set in Redis, which senders read to relay group messages only to nodes with members.
+    pub fn group_here(&self, shard: u16, tenant: &Str, group: &Str, here: bool) {
+        let key = (tenant.clone(), group.clone());
+        let mut all = self.here.shards.borrow_mut();
+        let before = all.contains_key(&key);
+        match (here, all.get_mut(&key)) {
+            (true, Some(v)) if !v.contains(&shard) => v.push(shard),
+            (true, Some(_)) => {}
+            (true, None) => {
+                all.insert(key.clone(), vec![shard]);
+            }
+            (false, Some(v)) => {
+                v.retain(|s| *s != shard);
+                if v.is_empty() {
+                    all.remove(&key);
+                }
+            }
+            (false, None) => {}
+        }
+        let after = all.contains_key(&key);
+        if before != after {
+            self.here.dirty.borrow_mut().insert(key, after);
+            self.here.wake.notify_one();
+        }
+    }
+
+    /// Deletes this node's registration, so the others stop relaying to it at once, and takes
+    /// it out of the group node sets.
     pub async fn leave(&self) {
         self.registry.leave().await;
     }
@@ -607,6 +689,10 @@ impl Registry {
                 if removed > 0 {
                     tracing::warn!(nodes = ?dead, "cluster nodes declared dead");
                 }
+                // Out of the group node sets too (every survivor may do it: idempotent).
+                for d in &dead {
+                    leave_groups(&self.prefix, d, c).await?;
+                }
             }
         }
         self.stats.nodes.store(alive.len() as u64, Relaxed);
@@ -638,6 +724,8 @@ impl Registry {
             self.stats.registered.store(0, Relaxed);
             tracing::info!(node = %self.id, "left the cluster");
         }
+        let clean = leave_groups(&self.prefix, &self.id, &mut c);
+        let _ = tokio::time::timeout(self.timeout, clean).await;
     }
 
     fn is_alive(&self, node: &str) -> bool {
@@ -699,27 +787,48 @@ where
         cfg.route_cache_entries as usize,
         Duration::from_millis(cfg.route_cache_ttl_ms),
     )));
-    tokio::task::spawn_local(announcements(registry.clone(), cache.clone()));
-    tokio::task::spawn_local(relay_task(registry.clone(), s.producer, rx, cache));
+    let group_cache = Rc::new(RefCell::new(RouteCache::new(
+        cfg.route_cache_entries as usize,
+        Duration::from_millis(cfg.route_cache_ttl_ms),
+    )));
+    let caches = Caches {
+        users: cache,
+        groups: group_cache,
+    };
+    let here = Rc::new(GroupsHere::default());
+    tokio::task::spawn_local(announcements(registry.clone(), caches.clone()));
+    tokio::task::spawn_local(relay_task(registry.clone(), s.producer, rx, caches));
+    tokio::task::spawn_local(group_task(registry.clone(), here.clone()));
     let topic = node_topic(&cfg, id);
     start_ingress(s.kafka, topic, id.clone(), s.stats.clone(), s.ready, sink);
     Ok(Node {
         relay: tx,
         stats: s.stats,
         registry,
+        here,
     })
 }
 
-/// Listens on `{p}routes` and evicts each announced user from the route cache; resubscribes
-/// after a failure (entries then fall back to their TTL).
-async fn announcements(reg: Rc<Registry>, cache: Rc<RefCell<RouteCache>>) {
+/// The route caches: a user's nodes (from its route hash) and a group's nodes with online
+/// members (from its node set).
+#[derive(Clone)]
+struct Caches {
+    users: Rc<RefCell<RouteCache>>,
+    groups: Rc<RefCell<RouteCache>>,
+}
+
+/// Listens on `{p}routes` (a device came up) and `{p}gnodes` (a node now has online members of
+/// a group) and evicts the announced user or group from its cache; resubscribes after a
+/// failure (entries then fall back to their TTL).
+async fn announcements(reg: Rc<Registry>, caches: Caches) {
     use futures_lite::StreamExt as _;
-    let channel = format!("{}routes", reg.prefix);
+    let users = format!("{}routes", reg.prefix);
+    let groups = format!("{}gnodes", reg.prefix);
     let mut failing = false;
     loop {
         let sub = async {
             let mut ps = reg.client.get_async_pubsub().await?;
-            ps.subscribe(&channel).await?;
+            ps.subscribe(&[&users, &groups]).await?;
             Ok::<_, redis::RedisError>(ps)
         };
         match tokio::time::timeout(reg.timeout, sub).await {
@@ -730,11 +839,16 @@ async fn announcements(reg: Rc<Registry>, cache: Rc<RefCell<RouteCache>>) {
                     let Ok(text) = std::str::from_utf8(msg.get_payload_bytes()) else {
                         continue;
                     };
-                    if let Some((tenant, user)) = text.split_once('\n') {
+                    let cache = if msg.get_channel_name() == groups {
+                        &caches.groups
+                    } else {
+                        &caches.users
+                    };
+                    if let Some((tenant, id)) = text.split_once('\n') {
                         reg.stats.route_announcements.fetch_add(1, Relaxed);
                         cache
                             .borrow_mut()
-                            .evict(&(Str::from(tenant), Str::from(user)));
+                            .evict(&(Str::from(tenant), Str::from(id)));
                     }
                 }
             }
@@ -746,6 +860,120 @@ async fn announcements(reg: Rc<Registry>, cache: Rc<RefCell<RouteCache>>) {
             }
         }
         tokio::time::sleep(Duration::from_millis(reg.cfg.heartbeat_ms)).await;
+    }
+}
+
+/// Takes `node` out of every group node set it announced itself in, and drops its index.
+async fn leave_groups(
+    prefix: &str,
+    node: &str,
+    c: &mut MultiplexedConnection,
+) -> Result<(), String> {
+    let index = node_groups_key(prefix, node);
+    let groups: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&index)
+        .query_async(c)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut p = redis::pipe();
+    for g in &groups {
+        if let Some((tenant, group)) = g.split_once('\n') {
+            p.cmd("SREM")
+                .arg(group_nodes_key(prefix, tenant, group))
+                .arg(node)
+                .ignore();
+        }
+    }
+    p.cmd("DEL").arg(&index).ignore();
+    p.query_async::<()>(c).await.map_err(|e| e.to_string())
+}
+
+/// Group node sets changed per pipeline.
+const GROUP_CHANGES_PER_WRITE: usize = 4_096;
+
+/// Tells Redis which groups have online members on this node: first takes the node out of
+/// the sets a previous run left behind, then writes the changes the shards report, batched
+/// (a group that came and went before a write costs nothing), announcing each addition on
+/// `{p}gnodes` so that senders stop using a cached set without this node. A removal is not
+/// announced: a stale set only costs a record the node drops, for at most the cache's TTL.
+/// A failed write is retried after a heartbeat period, unless a newer change replaced it.
+async fn group_task(reg: Rc<Registry>, here: Rc<GroupsHere>) {
+    let every = Duration::from_millis(reg.cfg.heartbeat_ms);
+    loop {
+        let clean = async {
+            let mut c = reg.conn().await?;
+            leave_groups(&reg.prefix, &reg.id, &mut c)
+                .await
+                .map_err(|e| reg.failed(e))
+        };
+        match tokio::time::timeout(reg.timeout, clean).await {
+            Ok(Ok(())) => break,
+            _ => tokio::time::sleep(every).await,
+        }
+    }
+    let index = node_groups_key(&reg.prefix, &reg.id);
+    let channel = format!("{}gnodes", reg.prefix);
+    // What Redis holds of this node (the `groups_here` gauge).
+    let mut announced: HashSet<(Str, Str)> = HashSet::new();
+    loop {
+        if here.dirty.borrow().is_empty() {
+            here.wake.notified().await;
+            continue;
+        }
+        let batch: Vec<((Str, Str), bool)> = {
+            let mut dirty = here.dirty.borrow_mut();
+            let keys: Vec<(Str, Str)> = dirty
+                .keys()
+                .take(GROUP_CHANGES_PER_WRITE)
+                .cloned()
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| dirty.remove_entry(&k))
+                .collect()
+        };
+        let mut p = redis::pipe();
+        let mut writes = 0;
+        for (k, on) in &batch {
+            if announced.contains(k) == *on {
+                continue; // came and went before the last write
+            }
+            writes += 1;
+            let (tenant, group) = k;
+            let key = group_nodes_key(&reg.prefix, tenant, group);
+            let member = format!("{tenant}\n{group}");
+            if *on {
+                p.cmd("SADD").arg(&key).arg(&reg.id).ignore();
+                p.cmd("SADD").arg(&index).arg(&member).ignore();
+                p.cmd("PUBLISH").arg(&channel).arg(&member).ignore();
+            } else {
+                p.cmd("SREM").arg(&key).arg(&reg.id).ignore();
+                p.cmd("SREM").arg(&index).arg(&member).ignore();
+            }
+        }
+        let write = async {
+            if writes == 0 {
+                return Ok(());
+            }
+            let mut c = reg.conn().await?;
+            p.query_async::<()>(&mut c).await.map_err(|e| reg.failed(e))
+        };
+        if matches!(tokio::time::timeout(reg.timeout, write).await, Ok(Ok(()))) {
+            for (k, on) in batch {
+                if on {
+                    announced.insert(k);
+                } else {
+                    announced.remove(&k);
+                }
+            }
+            reg.stats.groups_here.store(announced.len() as u64, Relaxed);
+        } else {
+            let mut dirty = here.dirty.borrow_mut();
+            for (k, v) in batch {
+                dirty.entry(k).or_insert(v);
+            }
+            drop(dirty);
+            tokio::time::sleep(every).await;
+        }
     }
 }
 
@@ -793,29 +1021,47 @@ fn route_nodes(values: &[String]) -> Vec<Str> {
     nodes
 }
 
-/// Relays, in the order the store accepted them, batch by batch: the recipients whose nodes
-/// are not cached are looked up in one Redis pipeline, then one record per destination node.
+/// Relays, in the order the store accepted them, batch by batch: the recipients and groups
+/// whose nodes are not cached are looked up in one Redis pipeline, then one record per
+/// destination node.
 async fn relay_task(
     reg: Rc<Registry>,
     kafka: Rc<RefCell<Kafka>>,
     mut rx: tokio::sync::mpsc::Receiver<(Instant, RelayItem)>,
-    cache: Rc<RefCell<RouteCache>>,
+    caches: Caches,
 ) {
     const BATCH: usize = 512;
     let mut buf = Vec::with_capacity(BATCH);
     let stats = reg.stats.clone();
-    // This batch's recipients and their nodes (from the cache or Redis); `None`: unknown.
+    // This batch's recipients and groups and their nodes (from the caches or Redis); `None`:
+    // unknown.
     let mut resolved: HashMap<(Str, Str), Option<Vec<Str>>> = HashMap::new();
+    let mut gresolved: HashMap<(Str, Str), Option<Vec<Str>>> = HashMap::new();
     loop {
         if rx.recv_many(&mut buf, BATCH).await == 0 {
             return;
         }
         let now = Instant::now();
         resolved.clear();
+        gresolved.clear();
         let mut missing: Vec<(Str, Str)> = Vec::new();
+        let mut gmissing: Vec<(Str, Str)> = Vec::new();
         {
-            let mut cache = cache.borrow_mut();
+            let mut cache = caches.users.borrow_mut();
+            let mut gcache = caches.groups.borrow_mut();
             for (_, it) in &buf {
+                if let Some(g) = it.group() {
+                    let k = (it.tenant().clone(), g.clone());
+                    if gresolved.contains_key(&k) {
+                        continue;
+                    }
+                    let hit = gcache.get(&k, now).map(|r| r.nodes.clone());
+                    if hit.is_none() {
+                        gmissing.push(k.clone());
+                    }
+                    gresolved.insert(k, hit);
+                    continue;
+                }
                 let Some(u) = it.user() else { continue };
                 let k = (it.tenant().clone(), u.clone());
                 if resolved.contains_key(&k) {
@@ -830,34 +1076,53 @@ async fn relay_task(
                 resolved.insert(k, hit);
             }
         }
-        if !missing.is_empty() {
+        if !missing.is_empty() || !gmissing.is_empty() {
             if let Ok(mut c) = reg.conn().await {
                 let mut p = redis::pipe();
                 for (t, u) in &missing {
                     p.cmd("HVALS").arg(route_key(&reg.prefix, t, u));
                 }
+                for (t, g) in &gmissing {
+                    p.cmd("SMEMBERS").arg(group_nodes_key(&reg.prefix, t, g));
+                }
                 let announced = stats.route_announcements.load(Relaxed);
                 let lookup = p.query_async::<Vec<Vec<String>>>(&mut c);
                 match tokio::time::timeout(reg.timeout, lookup).await {
-                    Ok(Ok(rows)) => {
+                    Ok(Ok(mut rows)) => {
                         stats.route_lookups.fetch_add(missing.len() as u64, Relaxed);
+                        stats
+                            .group_lookups
+                            .fetch_add(gmissing.len() as u64, Relaxed);
                         // An announcement heard meanwhile may postdate this answer: then the
                         // answer serves this batch only and is not cached.
                         let quiet = stats.route_announcements.load(Relaxed) == announced;
-                        let mut cache = cache.borrow_mut();
+                        let group_rows = rows.split_off(missing.len().min(rows.len()));
+                        let mut cache = caches.users.borrow_mut();
                         for (k, values) in missing.drain(..).zip(rows) {
                             let nodes = route_nodes(&values);
                             if quiet {
                                 let at = now;
-                                cache.insert(
-                                    k.clone(),
-                                    Routes {
-                                        nodes: nodes.clone(),
-                                        at,
-                                    },
-                                );
+                                let routes = Routes {
+                                    nodes: nodes.clone(),
+                                    at,
+                                };
+                                cache.insert(k.clone(), routes);
                             }
                             resolved.insert(k, Some(nodes));
+                        }
+                        let mut gcache = caches.groups.borrow_mut();
+                        for (k, members) in gmissing.drain(..).zip(group_rows) {
+                            let nodes: Vec<Str> =
+                                members.iter().map(|m| Str::from(m.as_str())).collect();
+                            if quiet {
+                                let at = now;
+                                let routes = Routes {
+                                    nodes: nodes.clone(),
+                                    at,
+                                };
+                                gcache.insert(k.clone(), routes);
+                            }
+                            gresolved.insert(k, Some(nodes));
                         }
                     }
                     Ok(Err(e)) => {
@@ -881,9 +1146,19 @@ async fn relay_task(
             stats.relay_queue_count.fetch_add(1, Relaxed);
             let waited = queued.elapsed().as_micros() as u64;
             stats.relay_queue_us.fetch_add(waited, Relaxed);
-            let targets: Vec<Str> = match it.user() {
-                None => alive.clone(),
-                Some(u) => match resolved.get(&(it.tenant().clone(), u.clone())) {
+            let group = it
+                .group()
+                .map(|g| gresolved.get(&(it.tenant().clone(), g.clone())));
+            let targets: Vec<Str> = match (group, it.user()) {
+                // Redis failed: every other live node (a superset), so members miss nothing.
+                (Some(None | Some(None)), _) => alive.clone(),
+                (Some(Some(Some(nodes))), _) => nodes
+                    .iter()
+                    .filter(|n| ***n != *reg.id && reg.is_alive(n))
+                    .cloned()
+                    .collect(),
+                (None, None) => alive.clone(),
+                (None, Some(u)) => match resolved.get(&(it.tenant().clone(), u.clone())) {
                     Some(Some(nodes)) => nodes
                         .iter()
                         .filter(|n| ***n != *reg.id && reg.is_alive(n))

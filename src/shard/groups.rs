@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::delivery::IoWait;
 use super::{owner_shard, Clock, ConnId, Route, Shard, ShardMsg, UserKey};
-use crate::iocore::IoRequest;
+use crate::iocore::{IoCmd, IoRequest};
 use crate::protocol::{Deliver, Envelope, Error, ErrorCode, Message, Str, Target};
 use crate::store::{GroupPage, GroupRef, UserRef};
 
@@ -46,6 +46,10 @@ pub(super) struct Groups {
     /// a membership change arrived meanwhile (the read is then repeated). Bounded like
     /// `loading`: one I/O read in flight per entry.
     user_loading: HashMap<UserKey, bool>,
+    /// Cluster mode: groups whose having online members here changed and the I/O core has
+    /// not been told yet (its queue was full): `true` when they have some now. At most one
+    /// entry per group in `online` or just left it.
+    pub(super) here_pending: HashMap<GroupKey, bool>,
 }
 
 pub const MAX_GROUPS_PER_SHARD: usize = 1_000_000;
@@ -493,6 +497,45 @@ impl Shard {
     }
 
     fn set_group_online(&mut self, user: &UserKey, group: &GroupKey, online: bool) {
+        let before = self.groups.online.contains_key(group);
+        self.set_group_online_now(user, group, online);
+        if before != self.groups.online.contains_key(group) && self.cfg.cluster.slot.is_some() {
+            self.groups.here_pending.insert(group.clone(), !before);
+            self.flush_group_here();
+        }
+    }
+
+    /// Cluster mode: tells the I/O core of each group whose online members on this shard
+    /// came or went (the node then tells the other nodes, which relay the group's messages
+    /// only to nodes with members). What a full I/O queue refuses waits for the next tick.
+    pub(super) fn flush_group_here(&mut self) {
+        let Some(io) = &self.io else {
+            self.groups.here_pending.clear();
+            return;
+        };
+        while let Some(group) = self.groups.here_pending.keys().next().cloned() {
+            let here = self
+                .groups
+                .here_pending
+                .get(&group)
+                .copied()
+                .unwrap_or(false);
+            let cmd = IoCmd {
+                shard: self.id as u16,
+                token: 0,
+                req: IoRequest::GroupHere {
+                    group: group_ref(&group),
+                    here,
+                },
+            };
+            if io.submit(cmd).is_err() {
+                return;
+            }
+            self.groups.here_pending.remove(&group);
+        }
+    }
+
+    fn set_group_online_now(&mut self, user: &UserKey, group: &GroupKey, online: bool) {
         if online {
             self.groups
                 .online

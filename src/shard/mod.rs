@@ -584,6 +584,9 @@ impl Shard {
     /// Advances the timer wheel: closes connections past their handshake or idle deadline.
     pub fn tick(&mut self, clk: Clock) {
         self.now_ms = clk.mono_ms;
+        if !self.groups.here_pending.is_empty() {
+            self.flush_group_here();
+        }
         let mut due = std::mem::take(&mut self.due);
         self.wheel.advance(clk.mono_ms, &mut due);
         for (fired, id) in due.drain(..) {

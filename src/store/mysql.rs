@@ -280,7 +280,9 @@ impl MySqlStore {
             // read; two writers that both find a row absent and insert it collide on the
             // primary key instead, and the loser runs again (`retryable`). Joins keep
             // REPEATABLE READ (`apply_inner`).
-            .setup(vec!["SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"])
+            .setup(vec![
+                "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            ])
             .stmt_cache_size(opts.stmt_cache);
         let pool = Pool::new(builder);
         let mut store = MySqlStore {
@@ -904,7 +906,10 @@ async fn prefetch(
              WHERE (tenant, user_id, device_id) IN ({}) FOR UPDATE",
             placeholders(chunk.len(), 3)
         );
-        reads.push((inline(&q, &triple_params(chunk))?, Read::Cursors(chunk.to_vec())));
+        reads.push((
+            inline(&q, &triple_params(chunk))?,
+            Read::Cursors(chunk.to_vec()),
+        ));
     }
     for chunk in members.chunks(ROWS_PER_STATEMENT) {
         let q = format!(
@@ -912,7 +917,10 @@ async fn prefetch(
              WHERE (tenant, group_id, member_id) IN ({}) FOR UPDATE",
             placeholders(chunk.len(), 3)
         );
-        reads.push((inline(&q, &triple_params(chunk))?, Read::Members(chunk.to_vec())));
+        reads.push((
+            inline(&q, &triple_params(chunk))?,
+            Read::Members(chunk.to_vec()),
+        ));
     }
     let texts: Vec<String> = reads.iter().map(|(q, _)| q.clone()).collect();
     let mut reads = reads.into_iter().map(|(_, r)| r);
@@ -1804,10 +1812,9 @@ fn lanes_keep_each_inbox_and_group_in_one_lane_in_batch_order() {
     }
     let owner = |op: &Op| match op {
         Op::AppendInbox { user, .. } | Op::SetCursor { user, .. } => format!("u:{}", user.user),
-        Op::AppendGroup { .. }
-        | Op::SetGroupCursor { .. }
-        | Op::Join { .. }
-        | Op::Leave { .. } => "groups".to_string(), // the batch has joins: one lane
+        Op::AppendGroup { .. } | Op::SetGroupCursor { .. } | Op::Join { .. } | Op::Leave { .. } => {
+            "groups".to_string()
+        } // the batch has joins: one lane
     };
     let n = ops.len();
     let owners: Vec<String> = ops.iter().map(owner).collect();
@@ -1821,7 +1828,12 @@ fn lanes_keep_each_inbox_and_group_in_one_lane_in_batch_order() {
         for (&i, op) in at.iter().zip(lane_ops) {
             assert!(!std::mem::replace(&mut seen[i], true), "op {i} twice");
             assert_eq!(owner(op), owners[i]);
-            assert_eq!(*lane_of.entry(owners[i].clone()).or_insert(k), k, "{}", owners[i]);
+            assert_eq!(
+                *lane_of.entry(owners[i].clone()).or_insert(k),
+                k,
+                "{}",
+                owners[i]
+            );
         }
     }
     assert!(seen.iter().all(|s| *s), "every op in a lane");
