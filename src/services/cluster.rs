@@ -967,11 +967,12 @@ async fn group_task(reg: Rc<Registry>, here: Rc<GroupsHere>) {
             }
             reg.stats.groups_here.store(announced.len() as u64, Relaxed);
         } else {
-            let mut dirty = here.dirty.borrow_mut();
-            for (k, v) in batch {
-                dirty.entry(k).or_insert(v);
+            {
+                let mut dirty = here.dirty.borrow_mut();
+                for (k, v) in batch {
+                    dirty.entry(k).or_insert(v);
+                }
             }
-            drop(dirty);
             tokio::time::sleep(every).await;
         }
     }
