@@ -489,7 +489,8 @@ fn a_group_spread_over_three_nodes_gets_each_message_once_with_one_record_per_no
 
     // Every member on g3 goes offline: g3 leaves the group's node set, and the next messages
     // go to g2 only. Member j is user gm{j+1} on node (j+1) % 3.
-    let (on_g3, mut others): (Vec<(usize, Client)>, Vec<(usize, Client)>) = members
+    type Numbered = Vec<(usize, Client)>;
+    let (on_g3, mut others): (Numbered, Numbered) = members
         .into_iter()
         .enumerate()
         .partition(|(j, _)| (j + 1) % 3 == 2);
