@@ -7,6 +7,11 @@
 #   cargo build --release -p loadgen -p imgw --bins
 #   bench/mysql_vs_local.sh [RATE] [RUNS] [DURATION]      # defaults 5000 3 15s
 #   VARIANTS="backend:1 backend:8" bench/mysql_vs_local.sh 40000 3 10s
+#   OLD_BIN=/tmp/oldtarget/release VARIANTS="old@backend backend" bench/mysql_vs_local.sh
+#
+# A variant is `local`, `backend` (the [mysql] defaults), or `backend:WRITERS[:WRITER_MIN_OPS]`;
+# an `old@` prefix runs $OLD_BIN/imgw instead (an older build, side by side; loadgen is always
+# this build's).
 #
 # Each run starts a fresh imgw (1 shard, dev auth, a fresh data directory or a fresh database
 # `imgw_bench`), runs `loadgen chat` against it and keeps its JSON.
@@ -16,6 +21,7 @@ RUNS=${2:-3}
 DURATION=${3:-15s}
 CONNS=${CONNS:-1000}
 VARIANTS=${VARIANTS:-local backend:1 backend:4}
+OLD_BIN=${OLD_BIN:-}
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release}
 MYSQL=${IMGW_MYSQL_URL:-mysql://imgw:imgw@127.0.0.1:3306/imgw}
 BASE=${MYSQL%/*}
@@ -29,21 +35,28 @@ ticks() { # utime + stime of a process, in clock ticks (0 when it is gone)
 MARIADB_PID=$(pgrep -o -x mariadbd || true)
 
 run_one() { # variant run
-    local variant=$1 n=$2 extra=()
-    local dur=${variant%%:*}
+    local variant=$1 n=$2 extra=() imgw=$BIN/imgw
+    local spec_all=$variant
+    if [ "${variant#old@}" != "$variant" ]; then
+        imgw=$OLD_BIN/imgw spec_all=${variant#old@}
+    fi
+    local dur=${spec_all%%:*}
     local data="$OUT/data-$dur-$n"
     rm -rf "$data"
     if [ "$dur" = backend ]; then
-        # backend:WRITERS[:WRITER_MIN_OPS]
-        local spec=${variant#*:}
-        local writers=${spec%%:*} min_ops=128
-        [ "$spec" != "$writers" ] && min_ops=${spec#*:}
         mariadb -h127.0.0.1 -uimgw -pimgw -e "DROP DATABASE IF EXISTS imgw_bench; CREATE DATABASE imgw_bench"
-        printf '[mysql]\npool_min = %s\npool_max = %s\nwriters = %s\nwriter_min_ops = %s\n' "$writers" "$writers" "$writers" \
-            "$min_ops" >"$OUT/writers.toml"
-        extra=(--mysql "$BASE/imgw_bench" --config "$OUT/writers.toml")
+        extra=(--mysql "$BASE/imgw_bench")
+        if [ "$spec_all" != backend ]; then
+            # backend:WRITERS[:WRITER_MIN_OPS]
+            local spec=${spec_all#*:}
+            local writers=${spec%%:*} min_ops=512
+            [ "$spec" != "$writers" ] && min_ops=${spec#*:}
+            printf '[mysql]\npool_min = %s\npool_max = %s\nwriters = %s\nwriter_min_ops = %s\n' \
+                "$writers" "$writers" "$writers" "$min_ops" >"$OUT/writers.toml"
+            extra+=(--config "$OUT/writers.toml")
+        fi
     fi
-    "$BIN/imgw" serve --insecure-dev-auth --shards 1 --durability "$dur" "${extra[@]}" \
+    "$imgw" serve --insecure-dev-auth --shards 1 --durability "$dur" "${extra[@]}" \
         --data-dir "$data" --ws-listen 127.0.0.1:$port --tcp-listen 127.0.0.1:$((port + 1)) \
         --admin-listen 127.0.0.1:$((port + 2)) --log warn 2>"$OUT/imgw-$dur-$n.log" &
     local pid=$!
@@ -88,7 +101,7 @@ for dur in variants:
         a = j["ack_latency_us"]
         rows.append((m["acked"] / j["run_s"], a["p50"] / 1000, a["p99"] / 1000, a["p999"] / 1000,
                      j["latency_us"]["p99"] / 1000, imgw_t * 1e6 / hz / acked,
-                     maria_t * 1e6 / hz / acked if dur.startswith("backend") else 0.0,
+                     maria_t * 1e6 / hz / acked if "backend" in dur else 0.0,
                      m["lost"], m["duplicates"]))
     if not rows:
         print(f"| {dur} | no data | | | | | | | | |")
