@@ -30,4 +30,5 @@ pub mod runtime;
 pub mod services;
 pub mod shard;
 pub mod store;
+pub mod twogen;
 pub mod ws;

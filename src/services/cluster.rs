@@ -43,6 +43,7 @@ use super::kafka::{Dest, Kafka};
 use crate::codec::CodecId;
 use crate::config::{ClusterConfig, KafkaConfig, RedisConfig};
 use crate::protocol::{Deliver, Envelope, Message, Status, Str, Target};
+use crate::twogen::TwoGen;
 
 /// Slots a cluster has: the node's bits in message ids (6 bits).
 pub const MAX_NODES: u8 = 64;
@@ -310,49 +311,36 @@ struct Routes {
     at: Instant,
 }
 
-/// Recipient -> nodes, bounded: two generations approximate LRU (as the store's sequence
-/// cache), at most `2 × half` entries. Invalidation: a device coming up on any node is
-/// announced on `{p}routes` and evicts that user's entry on every node; as a backstop for a
+/// Recipient (or group) -> nodes, bounded ([`TwoGen`], at most `capacity` entries).
+/// Invalidation: a device coming up on any node is announced on `{p}routes` (a node gaining a
+/// group's members on `{p}gnodes`) and evicts that entry on every node; as a backstop for a
 /// lost announcement (the subscription was down), an entry is used for `ttl` after Redis
 /// answered, then asked again.
 struct RouteCache {
-    young: HashMap<(Str, Str), Routes>,
-    old: HashMap<(Str, Str), Routes>,
-    half: usize,
+    map: TwoGen<(Str, Str), Routes>,
     ttl: Duration,
 }
 
 impl RouteCache {
     fn new(capacity: usize, ttl: Duration) -> Self {
         RouteCache {
-            young: HashMap::new(),
-            old: HashMap::new(),
-            half: (capacity / 2).max(1),
+            map: TwoGen::new(capacity),
             ttl,
         }
     }
 
     /// A fresh entry, if any.
     fn get(&mut self, key: &(Str, Str), now: Instant) -> Option<&Routes> {
-        if !self.young.contains_key(key) {
-            let (k, v) = self.old.remove_entry(key)?;
-            self.insert(k, v);
-        }
-        self.young
-            .get(key)
-            .filter(|r| now.duration_since(r.at) < self.ttl)
+        let ttl = self.ttl;
+        self.map.get(key).filter(|r| now.duration_since(r.at) < ttl)
     }
 
     fn evict(&mut self, key: &(Str, Str)) {
-        self.young.remove(key);
-        self.old.remove(key);
+        self.map.remove(key);
     }
 
     fn insert(&mut self, key: (Str, Str), routes: Routes) {
-        if self.young.len() >= self.half && !self.young.contains_key(&key) {
-            self.old = std::mem::take(&mut self.young);
-        }
-        self.young.insert(key, routes);
+        self.map.insert(key, routes);
     }
 }
 
@@ -1459,7 +1447,7 @@ mod tests {
                     at: t0,
                 },
             );
-            assert!(c.young.len() + c.old.len() <= 4);
+            assert!(c.map.len() <= 4);
         }
         assert!(c.get(&key(9), t0).is_some());
         assert!(c.get(&key(0), t0).is_none(), "evicted");

@@ -41,11 +41,13 @@ pub(super) struct Window {
     lagging: bool,
     /// A pump read is in flight.
     pumping: bool,
+    /// A pump read could not be made and is in `Shard::pump_retry`.
+    pump_retry: bool,
     /// A `sync` (or `resume`) is under way: from its request until its last page (`more:
     /// false`). Live pushes are held back meanwhile (the device is marked lagging) and the
     /// pump resumes after the last page, so a message is never both pushed and paged, and
     /// never pushed ahead of older pages.
-    syncing: bool,
+    pub(super) syncing: bool,
     /// The highest `inbox_seq` acked and not yet handed to the store (0: none).
     cursor: u64,
     /// Cluster mode: when to read the store once after login (0: not due). Other nodes learn
@@ -557,10 +559,37 @@ impl Shard {
             limit: room as u32,
         };
         if !self.submit(req, IoWait::Pump { conn }) {
-            if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
-                s.window.pumping = false;
+            self.pump_failed(conn);
+        }
+    }
+
+    /// A pump read was refused or failed: the connection is retried on the next tick.
+    pub(super) fn pump_failed(&mut self, conn: ConnId) {
+        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+            return;
+        };
+        s.window.pumping = false;
+        if !s.window.pump_retry {
+            s.window.pump_retry = true;
+            self.pump_retry.push(conn);
+        }
+    }
+
+    /// The tick's retry of the pump reads that could not be made, until one is refused again
+    /// (the I/O queue is still full: the rest wait for the next tick).
+    pub(super) fn retry_pumps(&mut self) {
+        let mut waiting = std::mem::take(&mut self.pump_retry).into_iter();
+        for conn in waiting.by_ref() {
+            let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+                continue;
+            };
+            s.window.pump_retry = false;
+            self.maybe_pump(conn);
+            if !self.pump_retry.is_empty() {
+                break;
             }
         }
+        self.pump_retry.extend(waiting);
     }
 
     /// A page from the store for `conn`: pumped pages (`sync_after` = `None`) enter the
@@ -581,20 +610,16 @@ impl Shard {
         let page = match page {
             Ok(p) => p,
             Err(_) => {
+                if pump {
+                    // Retried on the next tick (or by the next ack or push before it).
+                    self.pump_failed(conn);
+                    return;
+                }
                 if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
-                    if pump {
-                        // Retried by the next ack or push, not at once.
-                        s.window.pumping = false;
-                    } else {
-                        s.window.syncing = false;
-                    }
+                    s.window.syncing = false;
                 }
-                if !pump {
-                    self.maybe_pump(conn);
-                }
-                if !pump {
-                    self.reply_error(conn, reference, ErrorCode::Unavailable, "store read failed");
-                }
+                self.maybe_pump(conn);
+                self.reply_error(conn, reference, ErrorCode::Unavailable, "store read failed");
                 return;
             }
         };

@@ -323,6 +323,11 @@ pub struct Shard {
     cursor_dirty: Vec<ConnId>,
     /// Monotonic time of the next cursor flush.
     cursor_flush_ms: u64,
+    /// Lagging connections whose store read could not be made (the I/O queue was full, or
+    /// the read failed), retried on the next tick: without it, a device with nothing in
+    /// flight would wait for its next message. Each at most once (`Window::pump_retry`):
+    /// bounded by the connection count.
+    pump_retry: Vec<ConnId>,
 }
 
 impl Shard {
@@ -381,6 +386,7 @@ impl Shard {
             io_pending: HashMap::new(),
             cursor_dirty: Vec::new(),
             cursor_flush_ms: 0,
+            pump_retry: Vec::new(),
             next_token: 0,
         }
     }
@@ -586,6 +592,9 @@ impl Shard {
         self.now_ms = clk.mono_ms;
         if !self.groups.here_pending.is_empty() {
             self.flush_group_here();
+        }
+        if !self.pump_retry.is_empty() {
+            self.retry_pumps();
         }
         let mut due = std::mem::take(&mut self.due);
         self.wheel.advance(clk.mono_ms, &mut due);

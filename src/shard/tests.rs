@@ -624,3 +624,45 @@ fn welcome_waits_until_the_owner_routes_to_the_device() {
         "{got:?}"
     );
 }
+
+#[test]
+fn a_pump_read_that_could_not_be_made_is_retried_on_the_next_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sim = Sim::durable(1, dir.path());
+    let a = sim.connect(0);
+    let b = sim.connect(0);
+    sim.hello(a, "alice");
+    sim.hello(b, "bob");
+    sim.send(a, &send_to("bob", "c0", "m0"));
+    sim.recv(a);
+    assert!(matches!(&sim.recv(b)[..], [Message::Deliver(d)] if d.inbox_seq == 1));
+    sim.send(
+        b,
+        &Envelope::new(Message::Ack(crate::protocol::Ack {
+            inbox_seq: 1,
+            group: None,
+        })),
+    );
+    // Bob's window holds pushes back (as during a sync): m1 is stored, not pushed, and Bob is
+    // lagging with nothing in flight. Then his pump read is refused (the I/O queue was full).
+    fn window(sim: &mut Sim, c: Client) -> &mut super::delivery::Window {
+        let conn = sim.shards[c.shard].conns.get_mut(c.id).unwrap();
+        &mut conn.session.as_mut().unwrap().window
+    }
+    window(&mut sim, b).syncing = true;
+    sim.send(a, &send_to("bob", "c1", "m1"));
+    sim.recv(a);
+    assert!(sim.recv(b).is_empty());
+    window(&mut sim, b).syncing = false;
+    sim.shards[0].pump_failed(b.id);
+    assert!(sim.recv(b).is_empty(), "nothing until the tick");
+    // No other message and no ack come: the tick reads the store again and pushes m1.
+    sim.advance(10);
+    let got = sim.recv(b);
+    assert!(
+        matches!(&got[..], [Message::Deliver(d)] if d.inbox_seq == 2 && d.body == "m1"),
+        "{got:?}"
+    );
+    assert!(sim.shards[0].pump_retry.is_empty());
+    sim.shutdown();
+}

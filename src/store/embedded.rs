@@ -13,14 +13,15 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::keys::FastState;
 use super::keys::{self, DedupeRecord, Dest, FastMap, TooLong};
-use super::seqcache::SeqCache;
 use super::{
     Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, Refusal, StoreError,
     StoreFuture, UserRef,
 };
 use crate::codec::CodecId;
 use crate::protocol::{Deliver, Envelope, Message, Str};
+use crate::twogen::TwoGen;
 
 /// Version of the key and value layout; bumped on any incompatible change.
 const FORMAT: u32 = 2;
@@ -273,7 +274,9 @@ pub struct EmbeddedStore {
     db: fjall::Database,
     ks: Vec<fjall::Keyspace>,
     opts: StoreOptions,
-    cache: SeqCache,
+    /// The last seq of recently used inboxes and timelines, so an append does not read the
+    /// engine.
+    cache: TwoGen<Vec<u8>, u64, FastState>,
     /// Latest `now_ms` seen (at open: the persisted clock): dedupe dates never go backwards,
     /// even if the wall clock steps back.
     last_now_ms: u64,
@@ -324,7 +327,7 @@ impl EmbeddedStore {
         let mut store = EmbeddedStore {
             db,
             ks,
-            cache: SeqCache::new(opts.seq_cache_entries.max(2)),
+            cache: TwoGen::new(opts.seq_cache_entries.max(2)),
             opts,
             last_now_ms: 0,
             clock,
@@ -488,7 +491,7 @@ impl EmbeddedStore {
             return Ok(*s);
         }
         if let Some(s) = self.cache.get(&ckey) {
-            return Ok(s);
+            return Ok(*s);
         }
         // Trimming never removes the newest row, so the last row holds the last seq.
         let last = match self.ks(ks).prefix(prefix).next_back() {

@@ -15,7 +15,6 @@ mod embedded;
 mod keys;
 mod mysql;
 mod recent;
-mod seqcache;
 #[cfg(test)]
 mod tests;
 
