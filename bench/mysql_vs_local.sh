@@ -22,6 +22,10 @@ DURATION=${3:-15s}
 CONNS=${CONNS:-1000}
 VARIANTS=${VARIANTS:-local backend:1 backend:4}
 OLD_BIN=${OLD_BIN:-}
+# Past the run, loadgen waits this long for what is in flight (it ends early once settled).
+# Above saturation the latency reaches seconds: with loadgen's default of 3 s the run could end
+# between a message's ack and its delivery, which then counted as lost.
+GRACE=${GRACE:-15s}
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release}
 MYSQL=${IMGW_MYSQL_URL:-mysql://imgw:imgw@127.0.0.1:3306/imgw}
 BASE=${MYSQL%/*}
@@ -67,7 +71,7 @@ run_one() { # variant run
     local i0 m0
     i0=$(ticks "$pid") m0=$(ticks "${MARIADB_PID:-0}")
     "$BIN/loadgen" chat --target "ws://127.0.0.1:$port/ws" --conns "$CONNS" --rate "$RATE" \
-        --duration "$DURATION" --json "$OUT/$variant-$RATE-$n.json" >"$OUT/$variant-$RATE-$n.txt" 2>/dev/null || true
+        --duration "$DURATION" --grace "$GRACE" --json "$OUT/$variant-$RATE-$n.json" >"$OUT/$variant-$RATE-$n.txt" 2>/dev/null || true
     echo "$(($(ticks "$pid") - i0)) $(($(ticks "${MARIADB_PID:-0}") - m0)) $(getconf CLK_TCK)" \
         >"$OUT/$variant-$RATE-$n.cpu"
     kill "$pid"

@@ -302,6 +302,16 @@ impl Report {
                     self.counters.redelivered
                 ),
             );
+            if m.unconfirmed > 0 {
+                // The grace period ended with messages in flight: an ack read just before the
+                // end whose delivery was not read yet counts as lost.
+                t.row(
+                    "not settled",
+                    "messages were in flight when --grace ran out: lost may count deliveries \
+                     still on their way; raise --grace"
+                        .to_string(),
+                );
+            }
             t.row(
                 "latency (ms)",
                 format!(
