@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::gateway::{join, kafka_addr, redis_url, Gateway};
+use common::gateway::{join, kafka_addr, redis_url, start_redis, Gateway};
 use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::{Ack, Envelope, Hello, Message, Ping, Resume, Send, Target};
@@ -81,7 +81,12 @@ topic_prefix = "{db}.node."
     }
 
     fn node(&self, id: &str) -> Gateway {
-        let (redis, kafka) = (redis_url(), kafka_addr());
+        self.node_on(id, &redis_url())
+    }
+
+    /// A node using the Redis at `redis`.
+    fn node_on(&self, id: &str, redis: &str) -> Gateway {
+        let kafka = kafka_addr();
         let args = [
             "--shards",
             "2",
@@ -91,7 +96,7 @@ topic_prefix = "{db}.node."
             "--mysql",
             &self.mysql,
             "--redis",
-            &redis,
+            redis,
             "--kafka",
             &kafka,
             "--node-id",
@@ -871,4 +876,68 @@ fn presence_crosses_nodes_and_a_dead_node_takes_its_users_offline() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn group_node_sets_are_written_again_when_redis_comes_back_empty() {
+    let shared = Shared::new("gredis");
+    // A private Redis that can restart empty (no persistence).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis = start_redis(port);
+    let url = format!("redis://127.0.0.1:{port}/");
+    let n1 = shared.node_on("r1", &url);
+    let n2 = shared.node_on("r2", &url);
+    wait_metric(&n1, "imgw_cluster_nodes", 2.0, WAIT);
+    let mut sender = login(&n1, Transport::Ws, CodecId::Json, "rs", "d");
+    join(&mut sender, "team");
+    let mut member = login(&n2, Transport::Tcp, CodecId::Protobuf, "rm", "d");
+    join(&mut member, "team");
+    wait_metric(&n2, "imgw_cluster_groups_here", 1.0, WAIT);
+    let mut sent = 0;
+    let mut send = |sender: &mut Client| {
+        sent += 1;
+        let body = format!("m{sent}");
+        let r = sender.next_ref();
+        let msg = Message::Send(Send {
+            to: Target::Group("team".into()),
+            cmid: body.as_str().into(),
+            kind: None,
+            body: body.as_str().into(),
+            ext: Default::default(),
+        });
+        sender.send(&Envelope::with_ref(msg, r)).unwrap();
+        let env = sender.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
+        assert!(matches!(env.msg, Message::SendAck(_)), "{env:?}");
+        body
+    };
+    let first = send(&mut sender);
+    let env = member
+        .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
+        .unwrap();
+    assert!(matches!(&env.msg, Message::Deliver(d) if *d.body == *first));
+    // Redis restarts empty: r2 must write itself into the group's node set again, or r1
+    // relays the group's messages to nobody (past its cache's TTL).
+    drop(redis);
+    redis = start_redis(port);
+    std::thread::sleep(Duration::from_millis(1_500));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no group message reached r2 after Redis came back"
+        );
+        let body = send(&mut sender);
+        if let Ok(env) = member.recv_until(
+            |e| matches!(&e.msg, Message::Deliver(d) if *d.body == *body),
+            Duration::from_millis(500),
+        ) {
+            assert!(matches!(env.msg, Message::Deliver(_)));
+            break;
+        }
+    }
+    drop(redis);
 }

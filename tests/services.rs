@@ -12,10 +12,12 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::gateway::{join, kafka_addr, redis_url, Gateway, DEV_TOML};
+use common::gateway::{
+    join, kafka_addr, redis_url, start_redis, wait_port, Gateway, Proc, DEV_TOML,
+};
 use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::{Envelope, ErrorCode, Message, Ping, Send, Target};
@@ -383,36 +385,6 @@ fn signal(p: &Proc, sig: &str) {
         .unwrap()
         .success();
     assert!(ok, "kill {sig}");
-}
-
-/// A private server process, killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not open port {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn start_redis(port: u16) -> Proc {
-    let child = Command::new("redis-server")
-        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server (tests/services.sh start installs it)");
-    wait_port(port, "redis-server");
-    Proc(child)
 }
 
 fn tansu_bin() -> String {

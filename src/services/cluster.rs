@@ -489,6 +489,8 @@ struct GroupsHere {
     /// Groups whose presence on this node changed and is not yet in Redis: `true` when it
     /// has online members now. Bounded like `shards` (one entry per group).
     dirty: RefCell<HashMap<(Str, Str), bool>>,
+    /// Redis failed since the last write: write every group again.
+    reassert: std::cell::Cell<bool>,
     wake: tokio::sync::Notify,
 }
 
@@ -582,6 +584,9 @@ struct Registry {
     /// `leave` share (a multiplexed connection: a clone is a handle); `None` after a failure,
     /// until the next use connects again.
     shared: RefCell<Option<MultiplexedConnection>>,
+    /// This node's groups with online members (their writes to Redis are redone after a
+    /// failure: Redis may have come back empty).
+    here: Rc<GroupsHere>,
 }
 
 impl Registry {
@@ -595,9 +600,13 @@ impl Registry {
         Ok(c)
     }
 
-    /// A command on the shared connection failed: the next use connects again.
+    /// A command on the shared connection failed: the next use connects again, and the
+    /// group task writes every group node set of this node again (a restarted Redis without
+    /// persistence lost them; routes are republished by the Redis worker the same way).
     fn failed(&self, e: impl std::fmt::Display) -> String {
         *self.shared.borrow_mut() = None;
+        self.here.reassert.set(true);
+        self.here.wake.notify_one();
         e.to_string()
     }
 
@@ -751,7 +760,9 @@ where
     };
     let client =
         redis::Client::open(url.as_str()).map_err(|e| ClusterError::Redis(e.to_string()))?;
+    let here = Rc::new(GroupsHere::default());
     let registry = Rc::new(Registry {
+        here: here.clone(),
         prefix: s.redis.key_prefix.clone(),
         id: id.clone(),
         slot,
@@ -783,7 +794,6 @@ where
         users: cache,
         groups: group_cache,
     };
-    let here = Rc::new(GroupsHere::default());
     tokio::task::spawn_local(announcements(registry.clone(), caches.clone()));
     tokio::task::spawn_local(relay_task(registry.clone(), s.producer, rx, caches));
     tokio::task::spawn_local(group_task(registry.clone(), here.clone()));
@@ -884,7 +894,9 @@ const GROUP_CHANGES_PER_WRITE: usize = 4_096;
 /// (a group that came and went before a write costs nothing), announcing each addition on
 /// `{p}gnodes` so that senders stop using a cached set without this node. A removal is not
 /// announced: a stale set only costs a record the node drops, for at most the cache's TTL.
-/// A failed write is retried after a heartbeat period, unless a newer change replaced it.
+/// A failed write is retried after a heartbeat period, unless a newer change replaced it;
+/// after any failure on the shared connection every group is written again (Redis may have
+/// restarted empty).
 async fn group_task(reg: Rc<Registry>, here: Rc<GroupsHere>) {
     let every = Duration::from_millis(reg.cfg.heartbeat_ms);
     loop {
@@ -903,7 +915,21 @@ async fn group_task(reg: Rc<Registry>, here: Rc<GroupsHere>) {
     let channel = format!("{}gnodes", reg.prefix);
     // What Redis holds of this node (the `groups_here` gauge).
     let mut announced: HashSet<(Str, Str)> = HashSet::new();
+    // Groups to write whatever `announced` says (after a Redis failure).
+    let mut forced: HashSet<(Str, Str)> = HashSet::new();
     loop {
+        if here.reassert.replace(false) {
+            let shards = here.shards.borrow();
+            let mut dirty = here.dirty.borrow_mut();
+            for k in announced.iter().filter(|k| !shards.contains_key(*k)) {
+                dirty.entry(k.clone()).or_insert(false);
+                forced.insert(k.clone());
+            }
+            for k in shards.keys() {
+                dirty.entry(k.clone()).or_insert(true);
+                forced.insert(k.clone());
+            }
+        }
         if here.dirty.borrow().is_empty() {
             here.wake.notified().await;
             continue;
@@ -922,7 +948,7 @@ async fn group_task(reg: Rc<Registry>, here: Rc<GroupsHere>) {
         let mut p = redis::pipe();
         let mut writes = 0;
         for (k, on) in &batch {
-            if announced.contains(k) == *on {
+            if !forced.remove(k) && announced.contains(k) == *on {
                 continue; // came and went before the last write
             }
             writes += 1;
@@ -958,6 +984,8 @@ async fn group_task(reg: Rc<Registry>, here: Rc<GroupsHere>) {
             {
                 let mut dirty = here.dirty.borrow_mut();
                 for (k, v) in batch {
+                    // Whether or not it reached Redis, write it again.
+                    forced.insert(k.clone());
                     dirty.entry(k).or_insert(v);
                 }
             }

@@ -937,6 +937,12 @@ async fn prefetch(
             fill(tx, read, rows)?;
         }
     }
+    if reads.next().is_some() {
+        return Err(StoreError::Corrupt {
+            table: "batch",
+            detail: "fewer result sets than reads".into(),
+        });
+    }
     Ok(())
 }
 

@@ -314,3 +314,35 @@ pub fn join(c: &mut Client, group: &str) {
         .unwrap();
     assert_eq!(env.msg, Message::Ok, "join {group}");
 }
+
+/// A private server process (Redis, a broker), killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn wait_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not open port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A private `redis-server` without persistence on 127.0.0.1:`port` (a restart comes back
+/// empty).
+pub fn start_redis(port: u16) -> Proc {
+    let child = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (tests/services.sh start installs it)");
+    wait_port(port, "redis-server");
+    Proc(child)
+}
