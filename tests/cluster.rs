@@ -864,6 +864,27 @@ fn presence_crosses_nodes_and_a_dead_node_takes_its_users_offline() {
     subscribe(&mut w, "kim");
     assert_eq!(presence_of(&mut w, "kim", WAIT), Status::Offline);
     assert_eq!(presence_of(&mut w, "kim", WAIT), Status::Online);
+    // Busy on p2 before the subscription on p1 starts: p1 asks p2, which answers busy.
+    let mut lee = login(&nodes[1], Transport::Tcp, CodecId::MessagePack, "lee", "d");
+    let r = lee.next_ref();
+    let busy = Message::PresenceSet(PresenceSet {
+        status: Status::Busy,
+    });
+    lee.send(&Envelope::with_ref(busy, r)).unwrap();
+    lee.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // the route reaches Redis
+    subscribe(&mut w, "lee");
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    while seen.last() != Some(&Status::Busy) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        seen.push(presence_of(&mut w, "lee", left));
+    }
+    assert!(
+        seen.iter()
+            .all(|s| matches!(s, Status::Offline | Status::Online | Status::Busy)),
+        "{seen:?}"
+    );
     // SIGKILL p2: its users go offline for p1's subscribers once p2 is declared dead.
     nodes[1].kill9();
     let started = Instant::now();

@@ -367,6 +367,10 @@ pub enum RelayItem {
     },
     /// An admin kick: to the nodes holding the user's devices.
     Kick { tenant: Str, user: Str },
+    /// A first subscriber on this node of a user with no devices here: to the nodes holding
+    /// the user's devices, each of which answers with a `Presence` of its devices' status (a
+    /// `busy` set before the subscription would otherwise show as `online`).
+    Query { tenant: Str, user: Str },
     /// The status of a user's devices on this node changed (`Offline` when the last one
     /// left): to every other live node, whose owner shard of the user tells its subscribers.
     Presence {
@@ -382,6 +386,7 @@ impl RelayItem {
             RelayItem::Message { tenant, .. }
             | RelayItem::Member { tenant, .. }
             | RelayItem::Kick { tenant, .. }
+            | RelayItem::Query { tenant, .. }
             | RelayItem::Presence { tenant, .. } => tenant,
         }
     }
@@ -406,7 +411,8 @@ impl RelayItem {
                 ..
             }
             | RelayItem::Member { user: u, .. }
-            | RelayItem::Kick { user: u, .. } => Some(u),
+            | RelayItem::Kick { user: u, .. }
+            | RelayItem::Query { user: u, .. } => Some(u),
             RelayItem::Message {
                 dest: Dest::Group(_),
                 ..
@@ -432,6 +438,11 @@ pub enum Relayed {
         join: bool,
     },
     Kick {
+        tenant: Str,
+        user: Str,
+    },
+    /// Another node asks for the status of the user's devices here.
+    Query {
         tenant: Str,
         user: Str,
     },
@@ -462,6 +473,7 @@ impl Relayed {
                 tenant, user: id, ..
             }
             | Relayed::Kick { tenant, user: id }
+            | Relayed::Query { tenant, user: id }
             | Relayed::Presence {
                 tenant, user: id, ..
             } => (tenant, id),
@@ -1272,6 +1284,11 @@ fn record(it: &RelayItem, node: &str) -> Option<(String, Vec<u8>, OwnedHeaders)>
             headers = h(headers, "user", user);
             user
         }
+        RelayItem::Query { user, .. } => {
+            headers = h(headers, "op", "query");
+            headers = h(headers, "user", user);
+            user
+        }
         RelayItem::Presence { user, status, .. } => {
             headers = h(headers, "op", "presence");
             headers = h(headers, "user", user);
@@ -1345,6 +1362,7 @@ pub fn parse_record<H: Headers + ?Sized>(
             })
         }
         (Some("kick"), Some(user), None) => Ok(Relayed::Kick { tenant, user }),
+        (Some("query"), Some(user), None) => Ok(Relayed::Query { tenant, user }),
         (Some("presence"), Some(user), None) => {
             let status = status
                 .and_then(|s| Status::ALL.into_iter().find(|x| x.name() == &*s))
@@ -1559,9 +1577,18 @@ mod tests {
             node: "n".into(),
             status: Status::Away,
         };
+        let query = RelayItem::Query {
+            tenant: "t".into(),
+            user: "u".into(),
+        };
+        let query_back = Relayed::Query {
+            tenant: "t".into(),
+            user: "u".into(),
+        };
         for (it, want) in [
             (member, member_back),
             (kick, kick_back),
+            (query, query_back),
             (presence, presence_back),
         ] {
             let (key, payload, headers) = record(&it, "n").unwrap();

@@ -95,6 +95,20 @@ impl Shard {
                 self.member_of(UserKey { tenant, user }, group, join);
             }
             Relayed::Kick { tenant, user } => self.kick(&UserKey { tenant, user }),
+            Relayed::Query { tenant, user } => {
+                // The status of the user's devices here (offline if none), to every other
+                // node: the asking node's subscribers then see it.
+                let key = UserKey { tenant, user };
+                let status = self
+                    .users
+                    .get(&key)
+                    .map_or(Status::Offline, |e| e.statuses().1);
+                self.relay(crate::services::cluster::RelayItem::Presence {
+                    tenant: key.tenant,
+                    user: key.user,
+                    status,
+                });
+            }
             Relayed::Presence {
                 tenant,
                 user,
@@ -133,13 +147,17 @@ impl Shard {
     }
 
     /// Cluster mode, first subscriber of a user with no devices here: which other nodes hold
-    /// its devices (Redis routes, live nodes only); each counts as online until it reports.
+    /// its devices (Redis routes, live nodes only); each counts as online until it answers
+    /// the query relayed to it with its devices' status.
     pub(super) fn probe_presence(&mut self, user: UserKey) {
         let req = IoRequest::RouteNodes {
             user: UserRef::new(user.tenant.clone(), user.user.clone()),
         };
         // A full queue skips the probe: the subscriber hears of the next change.
+        let (tenant, id) = (user.tenant.clone(), user.user.clone());
         let _ = self.submit(req, super::delivery::IoWait::PresenceProbe { user });
+        // The probe counts each node online; their answers say busy or away.
+        self.relay(crate::services::cluster::RelayItem::Query { tenant, user: id });
     }
 
     /// The answer to [`Shard::probe_presence`].
