@@ -6,9 +6,11 @@
 //!
 //! ```text
 //! tests/services.sh start
-//! cargo run --release --example relay_topics -- [NODES] [RECORDS_PER_S] [SECONDS] [PARTITIONS]
+//! cargo run --release --example relay_topics -- [NODES] [RECORDS_PER_S] [SECONDS] [PARTITIONS] [LAYOUT]
 //! ```
-//! Defaults: 3 nodes, 5,000 records/s, 10 s, 3 partitions per node topic (`kafka.partitions`).
+//! Defaults: 3 nodes, 5,000 records/s, 10 s, 3 partitions per node topic (`kafka.partitions`),
+//! both layouts (LAYOUT `node` or `partition` runs one). tansu's memory storage slows as
+//! topics pile up, so compare layouts each on a freshly started broker (bench/relay_topics.sh).
 //! One producer sends records of 200 bytes round robin to the nodes, keyed by recipient (1,000
 //! recipients); one consumer thread per node. Prints per layout: records produced per second,
 //! records consumed, and produce-to-consume latency p50 / p99 / max (ms), each layout on fresh
@@ -38,7 +40,10 @@ fn layout(per_node: bool, run: &str, nodes: usize, partitions: i32) -> Vec<(Stri
     (0..nodes)
         .map(|i| {
             if per_node {
-                (format!("imgw.bench.{run}.node{i}"), (0..partitions).collect())
+                (
+                    format!("imgw.bench.{run}.node{i}"),
+                    (0..partitions).collect(),
+                )
             } else {
                 (format!("imgw.bench.{run}.nodes"), vec![i as i32])
             }
@@ -101,7 +106,11 @@ fn run_layout(
     let mut topics: Vec<(String, i32)> = Vec::new();
     for (t, parts) in &reads {
         if !topics.iter().any(|(x, _)| x == t) {
-            let n = if per_node { parts.len() as i32 } else { nodes as i32 };
+            let n = if per_node {
+                parts.len() as i32
+            } else {
+                nodes as i32
+            };
             topics.push((t.clone(), n));
         }
     }
@@ -189,10 +198,9 @@ fn run_layout(
 }
 
 fn main() -> Res<()> {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<u64> = raw.iter().filter_map(|a| a.parse().ok()).collect();
+    let only = raw.iter().find(|a| a.parse::<u64>().is_err()).cloned();
     let nodes = args.first().copied().unwrap_or(3) as usize;
     let rate = args.get(1).copied().unwrap_or(5_000);
     let seconds = args.get(2).copied().unwrap_or(10);
@@ -201,7 +209,12 @@ fn main() -> Res<()> {
     println!("| layout | nodes | produced/s | consumed | p50 ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for per_node in [true, false] {
-        run_layout(per_node, &brokers, nodes, rate, seconds, partitions)?;
+        match (only.as_deref(), per_node) {
+            (None, _) | (Some("node"), true) | (Some("partition"), false) => {
+                run_layout(per_node, &brokers, nodes, rate, seconds, partitions)?
+            }
+            _ => {}
+        }
     }
     Ok(())
 }
