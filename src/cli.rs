@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// Embedded store directory [default: ./imgw-data].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Write the bound listener addresses to FILE as JSON (`{"ws":..,"tcp":..,"admin":..}`)
+    /// once bound: with port 0 in a listen address, the port the kernel chose.
+    #[arg(long, value_name = "FILE")]
+    pub ports_file: Option<PathBuf>,
     /// Shard executors; 0 = all cores but one.
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
@@ -134,6 +138,9 @@ pub fn apply_flags(
     }
     if let Some(d) = &args.data_dir {
         s.data_dir = d.clone();
+    }
+    if let Some(f) = &args.ports_file {
+        s.ports_file = Some(f.clone());
     }
     if let Some(d) = args.durability {
         s.durability = d;

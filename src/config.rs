@@ -327,6 +327,10 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     /// Accept a WebSocket echo endpoint at `/echo` (conformance testing only).
     pub ws_echo: bool,
+    /// Where to write the bound addresses once the listeners are bound, as JSON
+    /// `{"ws":ADDR,"tcp":ADDR,"admin":ADDR}` (`--ports-file`): how a script or test learns
+    /// the ports of listeners given port 0.
+    pub ports_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -427,6 +431,7 @@ impl Default for ServerConfig {
             drain_reconnect_spread_ms: 5_000,
             drain_timeout_ms: 5_000,
             ws_echo: false,
+            ports_file: None,
         }
     }
 }

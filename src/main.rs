@@ -44,7 +44,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         eprintln!("imgw: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
-    let config = match cli::serve_config(args, &|var| std::env::var(var).ok()) {
+    let mut config = match cli::serve_config(args, &|var| std::env::var(var).ok()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("imgw: {e}");
@@ -85,7 +85,11 @@ fn serve(args: &ServeArgs) -> ExitCode {
         return ExitCode::from(EXIT_FAIL);
     }
     let admin = match start_admin(&config, &control, &metrics) {
-        Ok(addr) => addr,
+        Ok(addr) => {
+            // The bound address (port 0 resolved), for the ports file.
+            config.server.admin_listen = addr;
+            addr
+        }
         Err(e) => {
             eprintln!("imgw: admin listener {}: {e}", config.server.admin_listen);
             return ExitCode::from(EXIT_FAIL);

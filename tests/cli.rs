@@ -34,6 +34,7 @@ fn serve_help_lists_the_contract_flags() {
         "--jwt-secret-env",
         "--allowed-origin",
         "--ws-echo",
+        "--ports-file",
         "--log",
     ] {
         assert!(help.contains(flag), "serve --help lacks {flag}");

@@ -580,3 +580,29 @@ fn admin_kick_closes_every_device_of_the_user_only() {
     };
     assert_eq!((kicks("queued"), kicks("refused")), (1.0, 3.0));
 }
+
+#[test]
+fn listeners_on_port_0_get_their_own_ports_and_the_ports_file_names_them() {
+    // Gateway::start listens on port 0 and reads the addresses back from --ports-file.
+    let a = Gateway::dev();
+    let b = Gateway::dev();
+    let ports: std::collections::BTreeSet<u16> = [a.ws, a.tcp, a.admin, b.ws, b.tcp, b.admin]
+        .iter()
+        .map(|p| p.port())
+        .collect();
+    assert_eq!(ports.len(), 6, "every listener its own port");
+    assert!(!ports.contains(&0));
+    // Both transports answer on the reported ports of each gateway (2 shards each).
+    for g in [&a, &b] {
+        for t in [Transport::Ws, Transport::Tcp] {
+            let mut c = g.login(t, CodecId::Json, "porty", "d");
+            let r = c.next_ref();
+            c.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), r))
+                .unwrap();
+            let env = c
+                .recv_until(|e| e.reference == Some(r), Duration::from_secs(5))
+                .unwrap();
+            assert!(matches!(env.msg, Message::Pong(_)), "{env:?}");
+        }
+    }
+}

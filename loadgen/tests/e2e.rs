@@ -51,17 +51,27 @@ impl Gateway {
         Gateway::start_with(&[])
     }
 
+    /// `imgw serve` on ports the kernel picks (port 0, read back from `--ports-file`).
     fn start_with(extra: &[&str]) -> Gateway {
-        let (ws, tcp, admin) = (free_port(), free_port(), free_port());
-        let dir =
-            std::env::temp_dir().join(format!("loadgen-e2e-{}-{}", std::process::id(), ws.port()));
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("loadgen-e2e-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        let ports = dir.join("ports.json");
+        let any = "127.0.0.1:0";
         let child = Command::new(imgw_binary())
             .args(["serve", "--insecure-dev-auth", "--shards", "2"])
-            .args(["--ws-listen", &ws.to_string()])
-            .args(["--tcp-listen", &tcp.to_string()])
-            .args(["--admin-listen", &admin.to_string()])
+            .args([
+                "--ws-listen",
+                any,
+                "--tcp-listen",
+                any,
+                "--admin-listen",
+                any,
+            ])
+            .arg("--ports-file")
+            .arg(&ports)
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(["--log", "warn"])
@@ -71,22 +81,34 @@ impl Gateway {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn imgw");
+        let unbound = SocketAddr::from(([127, 0, 0, 1], 0));
         let mut g = Gateway {
             child,
-            ws,
-            tcp,
-            admin,
+            ws: unbound,
+            tcp: unbound,
+            admin: unbound,
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(ws).is_err() || TcpStream::connect(tcp).is_err() {
+        loop {
             if let Ok(Some(status)) = g.child.try_wait() {
                 panic!("imgw exited before listening: {status}");
+            }
+            if let Ok(text) = std::fs::read_to_string(&ports) {
+                let v: serde_json::Value = serde_json::from_str(&text).expect("ports file");
+                let addr = |k: &str| -> SocketAddr {
+                    v[k].as_str()
+                        .and_then(|a| a.parse().ok())
+                        .expect("an address in the ports file")
+                };
+                (g.ws, g.tcp, g.admin) = (addr("ws"), addr("tcp"), addr("admin"));
+                if TcpStream::connect(g.ws).is_ok() && TcpStream::connect(g.tcp).is_ok() {
+                    return g;
+                }
             }
             assert!(Instant::now() < deadline, "imgw not listening within 20 s");
             std::thread::sleep(Duration::from_millis(50));
         }
-        g
     }
 }
 

@@ -69,12 +69,32 @@ pub fn run(
         Authenticator::from_config(&cfg.auth).map_err(|e| RuntimeError::Config(e.to_string()))?,
     );
     // Bind once here so a bad address fails fast with a clear error; each shard then binds
-    // its own SO_REUSEPORT socket on the same address.
-    for addr in [cfg.server.ws_listen, cfg.server.tcp_listen] {
-        let probe = bind_listener(addr, cfg.server.backlog);
-        if let Err(source) = probe {
-            return Err(RuntimeError::Bind { addr, source });
+    // its own SO_REUSEPORT socket on the same address. Port 0 becomes the port the kernel
+    // chose, held by a bound socket that does not listen (so it takes no connections) until
+    // the gateway stops, so no other process gets it meanwhile.
+    let mut reserved = Vec::new();
+    for addr in [&mut cfg.server.ws_listen, &mut cfg.server.tcp_listen] {
+        let bound = if addr.port() == 0 {
+            reserve_port(*addr).map(|(sock, at)| {
+                reserved.push(sock);
+                at
+            })
+        } else {
+            bind_listener(*addr, cfg.server.backlog).map(|_| *addr)
+        };
+        match bound {
+            Ok(at) => *addr = at,
+            Err(source) => {
+                return Err(RuntimeError::Bind {
+                    addr: *addr,
+                    source,
+                })
+            }
         }
+    }
+    if let Some(path) = &cfg.server.ports_file {
+        write_ports_file(path, &cfg.server)
+            .map_err(|e| RuntimeError::Config(format!("ports file {}: {e}", path.display())))?;
     }
     // Durability `local`: the I/O core owns the store; shards reach it through ports.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -227,6 +247,37 @@ fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<socket2::Soc
     sock.bind(&addr.into())?;
     sock.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(sock)
+}
+
+/// A socket bound (not listening) to `addr` with port 0, with SO_REUSEPORT so that the
+/// shards' listeners can bind the same port: the address the kernel chose.
+fn reserve_port(addr: SocketAddr) -> std::io::Result<(socket2::Socket, SocketAddr)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    let at = sock
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("not an IP socket"))?;
+    Ok((sock, at))
+}
+
+/// `{"ws":ADDR,"tcp":ADDR,"admin":ADDR}`, written to a temporary file and renamed, so that a
+/// reader never sees half of it.
+fn write_ports_file(
+    path: &std::path::Path,
+    s: &crate::config::ServerConfig,
+) -> std::io::Result<()> {
+    let json = serde_json::json!({
+        "ws": s.ws_listen.to_string(),
+        "tcp": s.tcp_listen.to_string(),
+        "admin": s.admin_listen.to_string(),
+    });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{json}\n"))?;
+    std::fs::rename(&tmp, path)
 }
 
 fn glommio_listener(addr: SocketAddr, backlog: u32) -> Result<TcpListener, RuntimeError> {

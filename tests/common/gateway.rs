@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -18,11 +18,6 @@ pub struct Gateway {
     pub admin: SocketAddr,
     pub dir: PathBuf,
     args: Vec<String>,
-}
-
-fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 /// A plain HTTP/1.1 GET against the admin port: (status, body).
@@ -58,19 +53,21 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> std::io::Resu
 }
 
 impl Gateway {
-    /// Starts `imgw serve` with `toml` as its config file plus `args`, and waits until /readyz.
+    /// Starts `imgw serve` with `toml` as its config file plus `args`, on ports the kernel
+    /// picks (port 0, read back from `--ports-file`), and waits until /readyz.
     pub fn start(toml: &str, args: &[&str]) -> Gateway {
-        let (ws, tcp, admin) = (free_port(), free_port(), free_port());
-        let dir =
-            std::env::temp_dir().join(format!("imgw-test-{}-{}", std::process::id(), tcp.port()));
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("imgw-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("imgw.toml"), toml).unwrap();
+        let unbound = SocketAddr::from(([127, 0, 0, 1], 0));
         let mut g = Gateway {
             child: None,
-            ws,
-            tcp,
-            admin,
+            ws: unbound,
+            tcp: unbound,
+            admin: unbound,
             dir,
             args: args.iter().map(|a| a.to_string()).collect(),
         };
@@ -78,10 +75,13 @@ impl Gateway {
         g
     }
 
-    /// Starts the process (again) on the same ports, config and data directory.
+    /// Starts the process (again) with the same config and data directory: on the ports it
+    /// had (a restart), or on new ones the first time.
     pub fn spawn(&mut self) {
         let (ws, tcp, admin) = (self.ws, self.tcp, self.admin);
         let config = self.dir.join("imgw.toml");
+        let ports = self.dir.join("ports.json");
+        let _ = std::fs::remove_file(&ports);
         let child = Command::new(env!("CARGO_BIN_EXE_imgw"))
             .arg("serve")
             .arg("--config")
@@ -89,6 +89,8 @@ impl Gateway {
             .args(["--ws-listen", &ws.to_string()])
             .args(["--tcp-listen", &tcp.to_string()])
             .args(["--admin-listen", &admin.to_string()])
+            .arg("--ports-file")
+            .arg(&ports)
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(&self.args)
@@ -100,15 +102,24 @@ impl Gateway {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((200, _)) = http_get(admin, "/readyz") {
-                return;
-            }
             if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 panic!("imgw exited before ready: {status}");
+            }
+            if let Ok(text) = std::fs::read_to_string(&ports) {
+                let v: serde_json::Value = serde_json::from_str(&text).expect("ports file");
+                let addr = |k: &str| -> SocketAddr {
+                    v[k].as_str()
+                        .and_then(|a| a.parse().ok())
+                        .expect("an address in the ports file")
+                };
+                (self.ws, self.tcp, self.admin) = (addr("ws"), addr("tcp"), addr("admin"));
+                if let Ok((200, _)) = http_get(self.admin, "/readyz") {
+                    return;
+                }
             }
             assert!(Instant::now() < deadline, "imgw not ready within 20 s");
             std::thread::sleep(Duration::from_millis(50));
