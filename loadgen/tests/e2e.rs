@@ -94,14 +94,8 @@ impl Gateway {
             if let Ok(Some(status)) = g.child.try_wait() {
                 panic!("imgw exited before listening: {status}");
             }
-            if let Ok(text) = std::fs::read_to_string(&ports) {
-                let v: serde_json::Value = serde_json::from_str(&text).expect("ports file");
-                let addr = |k: &str| -> SocketAddr {
-                    v[k].as_str()
-                        .and_then(|a| a.parse().ok())
-                        .expect("an address in the ports file")
-                };
-                (g.ws, g.tcp, g.admin) = (addr("ws"), addr("tcp"), addr("admin"));
+            if let Some(p) = imgw::runtime::Ports::read(&ports) {
+                (g.ws, g.tcp, g.admin) = (p.ws, p.tcp, p.admin);
                 if TcpStream::connect(g.ws).is_ok() && TcpStream::connect(g.tcp).is_ok() {
                     return g;
                 }

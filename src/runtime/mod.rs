@@ -264,17 +264,34 @@ fn reserve_port(addr: SocketAddr) -> std::io::Result<(socket2::Socket, SocketAdd
     Ok((sock, at))
 }
 
-/// `{"ws":ADDR,"tcp":ADDR,"admin":ADDR}`, written to a temporary file and renamed, so that a
-/// reader never sees half of it.
+/// The listeners' bound addresses, as `--ports-file` holds them:
+/// `{"ws":ADDR,"tcp":ADDR,"admin":ADDR}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ports {
+    pub ws: SocketAddr,
+    pub tcp: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Ports {
+    /// Reads a ports file: `None` while it does not exist (it is written whole, by a rename).
+    pub fn read(path: &std::path::Path) -> Option<Ports> {
+        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+    }
+}
+
+/// Writes the ports file to a temporary file and renames it, so that a reader never sees half
+/// of it.
 fn write_ports_file(
     path: &std::path::Path,
     s: &crate::config::ServerConfig,
 ) -> std::io::Result<()> {
-    let json = serde_json::json!({
-        "ws": s.ws_listen.to_string(),
-        "tcp": s.tcp_listen.to_string(),
-        "admin": s.admin_listen.to_string(),
-    });
+    let ports = Ports {
+        ws: s.ws_listen,
+        tcp: s.tcp_listen,
+        admin: s.admin_listen,
+    };
+    let json = serde_json::to_string(&ports).map_err(std::io::Error::other)?;
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{json}\n"))?;
     std::fs::rename(&tmp, path)

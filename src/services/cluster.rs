@@ -1126,32 +1126,26 @@ async fn relay_task(
                         // answer serves this batch only and is not cached.
                         let quiet = stats.route_announcements.load(Relaxed) == announced;
                         let group_rows = rows.split_off(missing.len().min(rows.len()));
-                        let mut cache = caches.users.borrow_mut();
+                        // This batch's answer, cached unless an announcement intervened.
+                        let keep = |cache: &RefCell<RouteCache>,
+                                    out: &mut HashMap<(Str, Str), Option<Vec<Str>>>,
+                                    k: (Str, Str),
+                                    nodes: Vec<Str>| {
+                            if quiet {
+                                let routes = Routes {
+                                    nodes: nodes.clone(),
+                                    at: now,
+                                };
+                                cache.borrow_mut().insert(k.clone(), routes);
+                            }
+                            out.insert(k, Some(nodes));
+                        };
                         for (k, values) in missing.drain(..).zip(rows) {
-                            let nodes = route_nodes(&values);
-                            if quiet {
-                                let at = now;
-                                let routes = Routes {
-                                    nodes: nodes.clone(),
-                                    at,
-                                };
-                                cache.insert(k.clone(), routes);
-                            }
-                            resolved.insert(k, Some(nodes));
+                            keep(&caches.users, &mut resolved, k, route_nodes(&values));
                         }
-                        let mut gcache = caches.groups.borrow_mut();
                         for (k, members) in gmissing.drain(..).zip(group_rows) {
-                            let nodes: Vec<Str> =
-                                members.iter().map(|m| Str::from(m.as_str())).collect();
-                            if quiet {
-                                let at = now;
-                                let routes = Routes {
-                                    nodes: nodes.clone(),
-                                    at,
-                                };
-                                gcache.insert(k.clone(), routes);
-                            }
-                            gresolved.insert(k, Some(nodes));
+                            let nodes = members.iter().map(|m| Str::from(m.as_str())).collect();
+                            keep(&caches.groups, &mut gresolved, k, nodes);
                         }
                     }
                     Ok(Err(e)) => {

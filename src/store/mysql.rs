@@ -900,27 +900,26 @@ async fn prefetch(
             .collect();
         reads.push((inline(&q, &params)?, Read::Dedupe(chunk.to_vec())));
     }
-    for chunk in cursors.chunks(ROWS_PER_STATEMENT) {
-        let q = format!(
+    type TripleRead = (Vec<Triple>, &'static str, fn(Vec<Triple>) -> Read);
+    let triples: [TripleRead; 2] = [
+        (
+            cursors,
             "SELECT tenant, user_id, device_id, seq FROM device_cursor \
-             WHERE (tenant, user_id, device_id) IN ({}) FOR UPDATE",
-            placeholders(chunk.len(), 3)
-        );
-        reads.push((
-            inline(&q, &triple_params(chunk))?,
-            Read::Cursors(chunk.to_vec()),
-        ));
-    }
-    for chunk in members.chunks(ROWS_PER_STATEMENT) {
-        let q = format!(
+             WHERE (tenant, user_id, device_id)",
+            Read::Cursors,
+        ),
+        (
+            members,
             "SELECT tenant, group_id, member_id, cursor_gseq FROM group_member \
-             WHERE (tenant, group_id, member_id) IN ({}) FOR UPDATE",
-            placeholders(chunk.len(), 3)
-        );
-        reads.push((
-            inline(&q, &triple_params(chunk))?,
-            Read::Members(chunk.to_vec()),
-        ));
+             WHERE (tenant, group_id, member_id)",
+            Read::Members,
+        ),
+    ];
+    for (keys, select, read) in triples {
+        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+            let q = format!("{select} IN ({}) FOR UPDATE", placeholders(chunk.len(), 3));
+            reads.push((inline(&q, &triple_params(chunk))?, read(chunk.to_vec())));
+        }
     }
     let texts: Vec<String> = reads.iter().map(|(q, _)| q.clone()).collect();
     let mut reads = reads.into_iter().map(|(_, r)| r);

@@ -109,14 +109,8 @@ impl Gateway {
             {
                 panic!("imgw exited before ready: {status}");
             }
-            if let Ok(text) = std::fs::read_to_string(&ports) {
-                let v: serde_json::Value = serde_json::from_str(&text).expect("ports file");
-                let addr = |k: &str| -> SocketAddr {
-                    v[k].as_str()
-                        .and_then(|a| a.parse().ok())
-                        .expect("an address in the ports file")
-                };
-                (self.ws, self.tcp, self.admin) = (addr("ws"), addr("tcp"), addr("admin"));
+            if let Some(p) = imgw::runtime::Ports::read(&ports) {
+                (self.ws, self.tcp, self.admin) = (p.ws, p.tcp, p.admin);
                 if let Ok((200, _)) = http_get(self.admin, "/readyz") {
                     return;
                 }
