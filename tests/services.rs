@@ -274,14 +274,27 @@ fn a_push_ingress_record_reaches_a_connected_user() {
         &push,
         r#"{"tenant":"dev","user":"carol","type":"promo","body":"hello from kafka","from":"shop"}"#,
     );
-    let env = u
-        .recv_until(
+    // The push consumer joins its group after the topic exists, which can take longer than
+    // the test config's idle timeout: the client pings meanwhile, as a real one would.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let d = loop {
+        assert!(Instant::now() < deadline, "no pushed record within 30 s");
+        let r = u.next_ref();
+        u.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), r))
+            .unwrap();
+        match u.recv_until(
             |e| matches!(&e.msg, Message::Deliver(d) if &*d.body == "hello from kafka"),
-            Duration::from_secs(30),
-        )
-        .expect("the pushed record over the WebSocket");
-    let Message::Deliver(d) = env.msg else {
-        unreachable!()
+            Duration::from_millis(500),
+        ) {
+            Ok(env) => {
+                let Message::Deliver(d) = env.msg else {
+                    unreachable!()
+                };
+                break d;
+            }
+            Err(imgw::client::ClientError::Timeout) => continue,
+            Err(e) => panic!("the pushed record over the WebSocket: {e}"),
+        }
     };
     assert_eq!(&*d.from, "shop");
     assert_eq!(d.kind.as_deref(), Some("promo"));
