@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::gateway::{join, kafka_addr, redis_url, start_redis, Gateway};
+use common::gateway::{free_port, join, kafka_addr, redis_url, start_redis, Gateway};
 use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::{Ack, Envelope, Hello, Message, Ping, Resume, Send, Target};
@@ -131,9 +131,19 @@ fn login(g: &Gateway, transport: Transport, codec: CodecId, user: &str, device: 
 
 /// Sends a 1:1 message and returns its `send_ack`'s mid.
 fn send(c: &mut Client, to: &str, cmid: &str) -> u64 {
+    send_to(c, Target::User(to.into()), cmid)
+}
+
+/// Sends a message to a group and returns its `send_ack`'s mid.
+fn send_group(c: &mut Client, group: &str, cmid: &str) -> u64 {
+    send_to(c, Target::Group(group.into()), cmid)
+}
+
+/// Sends `cmid` (also its body) to `to` and returns its `send_ack`'s mid.
+fn send_to(c: &mut Client, to: Target, cmid: &str) -> u64 {
     let r = c.next_ref();
     let msg = Message::Send(Send {
-        to: Target::User(to.into()),
+        to,
         cmid: cmid.into(),
         kind: None,
         body: cmid.into(),
@@ -439,17 +449,7 @@ fn a_group_spread_over_three_nodes_gets_each_message_once_with_one_record_per_no
     let mut sender = members.remove(0);
     let bodies: Vec<String> = (0..MESSAGES).map(|i| format!("group#{i}")).collect();
     for b in &bodies {
-        let r = sender.next_ref();
-        let msg = Message::Send(Send {
-            to: Target::Group("big".into()),
-            cmid: b.as_str().into(),
-            kind: None,
-            body: b.as_str().into(),
-            ext: Default::default(),
-        });
-        sender.send(&Envelope::with_ref(msg, r)).unwrap();
-        let env = sender.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
-        assert!(matches!(env.msg, Message::SendAck(_)), "{env:?}");
+        send_group(&mut sender, "big", b);
     }
     for (i, m) in members.iter_mut().enumerate() {
         let mut got = Vec::new();
@@ -503,20 +503,7 @@ fn a_group_spread_over_three_nodes_gets_each_message_once_with_one_record_per_no
     wait_metric(&nodes[2], "imgw_cluster_groups_here", 0.0, WAIT);
     // Past the senders' cache TTL (removals are not announced).
     std::thread::sleep(Duration::from_millis(1_200));
-    let send_group = |sender: &mut Client, body: &str| {
-        let r = sender.next_ref();
-        let msg = Message::Send(Send {
-            to: Target::Group("big".into()),
-            cmid: body.into(),
-            kind: None,
-            body: body.into(),
-            ext: Default::default(),
-        });
-        sender.send(&Envelope::with_ref(msg, r)).unwrap();
-        let env = sender.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
-        assert!(matches!(env.msg, Message::SendAck(_)), "{env:?}");
-    };
-    send_group(&mut sender, "after#0");
+    send_group(&mut sender, "big", "after#0");
     for (j, m) in others.iter_mut().step_by(5) {
         let env = m
             .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
@@ -541,7 +528,7 @@ fn a_group_spread_over_three_nodes_gets_each_message_once_with_one_record_per_no
     // One comes back on g3: g3 announces itself again and gets the next message.
     let mut back = login(&nodes[2], Transport::Ws, CodecId::Json, "gm2", "d");
     wait_metric(&nodes[2], "imgw_cluster_groups_here", 1.0, WAIT);
-    send_group(&mut sender, "after#1");
+    send_group(&mut sender, "big", "after#1");
     let env = back
         .recv_until(
             |e| matches!(&e.msg, Message::Deliver(d) if &*d.body == "after#1"),
@@ -903,11 +890,7 @@ fn presence_crosses_nodes_and_a_dead_node_takes_its_users_offline() {
 fn group_node_sets_are_written_again_when_redis_comes_back_empty() {
     let shared = Shared::new("gredis");
     // A private Redis that can restart empty (no persistence).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut redis = start_redis(port);
     let url = format!("redis://127.0.0.1:{port}/");
     let n1 = shared.node_on("r1", &url);
@@ -918,40 +901,24 @@ fn group_node_sets_are_written_again_when_redis_comes_back_empty() {
     let mut member = login(&n2, Transport::Tcp, CodecId::Protobuf, "rm", "d");
     join(&mut member, "team");
     wait_metric(&n2, "imgw_cluster_groups_here", 1.0, WAIT);
-    let mut sent = 0;
-    let mut send = |sender: &mut Client| {
-        sent += 1;
-        let body = format!("m{sent}");
-        let r = sender.next_ref();
-        let msg = Message::Send(Send {
-            to: Target::Group("team".into()),
-            cmid: body.as_str().into(),
-            kind: None,
-            body: body.as_str().into(),
-            ext: Default::default(),
-        });
-        sender.send(&Envelope::with_ref(msg, r)).unwrap();
-        let env = sender.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
-        assert!(matches!(env.msg, Message::SendAck(_)), "{env:?}");
-        body
-    };
-    let first = send(&mut sender);
+    send_group(&mut sender, "team", "m0");
     let env = member
         .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
         .unwrap();
-    assert!(matches!(&env.msg, Message::Deliver(d) if *d.body == *first));
+    assert!(matches!(&env.msg, Message::Deliver(d) if &*d.body == "m0"));
     // Redis restarts empty: r2 must write itself into the group's node set again, or r1
     // relays the group's messages to nobody (past its cache's TTL).
     drop(redis);
     redis = start_redis(port);
     std::thread::sleep(Duration::from_millis(1_500));
     let deadline = Instant::now() + WAIT;
-    loop {
+    for n in 1.. {
         assert!(
             Instant::now() < deadline,
             "no group message reached r2 after Redis came back"
         );
-        let body = send(&mut sender);
+        let body = format!("m{n}");
+        send_group(&mut sender, "team", &body);
         if let Ok(env) = member.recv_until(
             |e| matches!(&e.msg, Message::Deliver(d) if *d.body == *body),
             Duration::from_millis(500),

@@ -11,12 +11,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::gateway::{
-    join, kafka_addr, redis_url, start_redis, wait_port, Gateway, Proc, DEV_TOML,
+    free_port, join, kafka_addr, redis_url, start_redis, wait_port, Gateway, Proc, DEV_TOML,
 };
 use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
@@ -50,14 +50,6 @@ fn unique(tag: &str) -> String {
         .unwrap()
         .subsec_nanos();
     format!("t{}-{nanos}-{tag}", std::process::id())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Every record of `topic` from the beginning, until `want` arrived and `quiet` passed with

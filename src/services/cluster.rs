@@ -549,19 +549,16 @@ impl Node {
         let key = (tenant.clone(), group.clone());
         let mut all = self.here.shards.borrow_mut();
         let before = all.contains_key(&key);
-        match (here, all.get_mut(&key)) {
-            (true, Some(v)) if !v.contains(&shard) => v.push(shard),
-            (true, Some(_)) => {}
-            (true, None) => {
-                all.insert(key.clone(), vec![shard]);
+        if here {
+            let shards = all.entry(key.clone()).or_default();
+            if !shards.contains(&shard) {
+                shards.push(shard);
             }
-            (false, Some(v)) => {
-                v.retain(|s| *s != shard);
-                if v.is_empty() {
-                    all.remove(&key);
-                }
+        } else if let Some(shards) = all.get_mut(&key) {
+            shards.retain(|s| *s != shard);
+            if shards.is_empty() {
+                all.remove(&key);
             }
-            (false, None) => {}
         }
         let after = all.contains_key(&key);
         if before != after {
@@ -1079,28 +1076,21 @@ async fn relay_task(
             let mut cache = caches.users.borrow_mut();
             let mut gcache = caches.groups.borrow_mut();
             for (_, it) in &buf {
-                if let Some(g) = it.group() {
-                    let k = (it.tenant().clone(), g.clone());
-                    if gresolved.contains_key(&k) {
-                        continue;
-                    }
-                    let hit = gcache.get(&k, now).map(|r| r.nodes.clone());
-                    if hit.is_none() {
-                        gmissing.push(k.clone());
-                    }
-                    gresolved.insert(k, hit);
-                    continue;
-                }
-                let Some(u) = it.user() else { continue };
-                let k = (it.tenant().clone(), u.clone());
+                let (id, cache, resolved, missing) = match (it.group(), it.user()) {
+                    (Some(g), _) => (g, &mut gcache, &mut gresolved, &mut gmissing),
+                    (None, Some(u)) => (u, &mut cache, &mut resolved, &mut missing),
+                    (None, None) => continue,
+                };
+                let k = (it.tenant().clone(), id.clone());
                 if resolved.contains_key(&k) {
                     continue;
                 }
                 let hit = cache.get(&k, now).map(|r| r.nodes.clone());
-                if hit.is_some() {
-                    stats.route_cache_hits.fetch_add(1, Relaxed);
-                } else {
+                if hit.is_none() {
                     missing.push(k.clone());
+                } else if it.group().is_none() {
+                    // Counted for recipients only, as before groups had a cache.
+                    stats.route_cache_hits.fetch_add(1, Relaxed);
                 }
                 resolved.insert(k, hit);
             }

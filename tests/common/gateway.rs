@@ -320,6 +320,16 @@ pub fn join(c: &mut Client, group: &str) {
     assert_eq!(env.msg, Message::Ok, "join {group}");
 }
 
+/// A port that was free a moment ago, for a private server that takes a port number (Redis,
+/// the broker); imgw itself listens on port 0 instead.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A private server process (Redis, a broker), killed on drop.
 pub struct Proc(pub Child);
 
