@@ -71,6 +71,69 @@ impl CloseReason {
     }
 }
 
+/// A stage of a message's way through a shard, timed into a [`LatencyHist`] (label `stage`
+/// of `imgw_stage_seconds`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Stage {
+    /// A batch of messages between shards (or a shard's own local queue: fan-out, owner
+    /// work): from the first message posted to the batch handled by its shard.
+    ShardQueue = 0,
+    /// A connection's output: from the first frame queued on an empty output to the output
+    /// fully written to the socket (the connection's task being woken, run and writing).
+    OutputWait,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 2] = [Stage::ShardQueue, Stage::OutputWait];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stage::ShardQueue => "shard_queue",
+            Stage::OutputWait => "output_wait",
+        }
+    }
+}
+
+/// Upper bounds of [`LatencyHist`]'s buckets in µs (a last, unbounded bucket follows).
+pub const LATENCY_BOUNDS_US: [u64; 15] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    1_000_000,
+];
+
+/// A latency histogram with fixed buckets: one writer (its shard), relaxed atomics.
+#[derive(Debug)]
+pub struct LatencyHist {
+    buckets: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Default for LatencyHist {
+    fn default() -> Self {
+        LatencyHist {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LatencyHist {
+    pub fn record_us(&self, us: u64) {
+        let i = LATENCY_BOUNDS_US.partition_point(|b| *b < us);
+        inc(&self.buckets[i]);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Counts per bucket (not cumulative), the last one unbounded.
+    pub fn counts(&self) -> [u64; LATENCY_BOUNDS_US.len() + 1] {
+        std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed))
+    }
+
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Ordering::Relaxed)
+    }
+}
+
 /// Per-tenant figures.
 #[derive(Debug, Default, Clone)]
 pub struct TenantStats {
@@ -103,6 +166,8 @@ pub struct ShardMetrics {
     pub cross_shard_shed: AtomicU64,
     pub outbox_depth: AtomicI64,
     pub timers: AtomicI64,
+    /// Stage latencies, indexed by [`Stage`].
+    pub stages: [LatencyHist; Stage::ALL.len()],
     tenants: Mutex<BTreeMap<String, TenantStats>>,
 }
 
@@ -130,6 +195,7 @@ impl Default for ShardMetrics {
             cross_shard_shed: AtomicU64::new(0),
             outbox_depth: AtomicI64::new(0),
             timers: AtomicI64::new(0),
+            stages: std::array::from_fn(|_| LatencyHist::default()),
             tenants: Mutex::new(BTreeMap::new()),
         }
     }
@@ -156,6 +222,10 @@ impl ShardMetrics {
 
     pub fn close(&self, reason: CloseReason) {
         inc(&self.closes[reason as usize]);
+    }
+
+    pub fn frames_out_total(&self, op: Op, codec: CodecId) -> u64 {
+        self.frames_out[op as usize][codec as usize].load(Ordering::Relaxed)
     }
 
     pub fn errors_total(&self, code: ErrorCode) -> u64 {
@@ -315,6 +385,37 @@ impl Metrics {
             "gauge",
             &|s| s.timers.load(r),
         );
+
+        let _ = writeln!(
+            o,
+            "# HELP imgw_stage_seconds Time a message spends in a stage of its shard \
+             (shard_queue: posted to handled; output_wait: queued to written).\n\
+             # TYPE imgw_stage_seconds histogram"
+        );
+        for (i, s) in self.shards.iter().enumerate() {
+            for stage in Stage::ALL {
+                let h = &s.stages[stage as usize];
+                let labels = format!("shard=\"{i}\",stage=\"{}\"", stage.name());
+                let mut total = 0;
+                for (k, n) in h.counts().into_iter().enumerate() {
+                    total += n;
+                    let le = match LATENCY_BOUNDS_US.get(k) {
+                        Some(b) => format!("{}", *b as f64 / 1e6),
+                        None => "+Inf".to_string(),
+                    };
+                    let _ = writeln!(
+                        o,
+                        "imgw_stage_seconds_bucket{{{labels},le=\"{le}\"}} {total}"
+                    );
+                }
+                let _ = writeln!(
+                    o,
+                    "imgw_stage_seconds_sum{{{labels}}} {}",
+                    h.sum_us() as f64 / 1e6
+                );
+                let _ = writeln!(o, "imgw_stage_seconds_count{{{labels}}} {total}");
+            }
+        }
 
         let _ = writeln!(
             o,

@@ -27,7 +27,7 @@ use crate::config::{Config, Durability};
 use crate::control::Control;
 use crate::iocore::{IoConfig, IoCore, IoPort};
 use crate::metrics::Metrics;
-use crate::shard::{Clock, ConnId, Shard, ShardMsg, Transport};
+use crate::shard::{Batch, Clock, ConnId, Shard, Transport};
 
 /// Bytes read from a socket in one go (per shard, shared by all its connections).
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -54,8 +54,6 @@ pub enum RuntimeError {
     #[error("shard {shard} failed: {detail}")]
     Shard { shard: usize, detail: String },
 }
-
-type Batch = Vec<ShardMsg>;
 
 /// Runs the gateway until a drain completes. Blocks the calling thread.
 pub fn run(
@@ -227,9 +225,18 @@ fn services(cfg: &Config, control: &Arc<Control>) -> crate::iocore::Services {
     }
 }
 
+/// The origin of every shard's monotonic clock: one per process, so that times stamped on one
+/// shard (a batch posted) can be compared on another (the batch handled).
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 fn clock(base: Instant) -> Clock {
+    let mono_us = base.elapsed().as_micros() as u64;
     Clock {
-        mono_ms: base.elapsed().as_millis() as u64,
+        mono_ms: mono_us / 1_000,
+        mono_us,
         unix_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
@@ -324,7 +331,7 @@ async fn shard_main(
     })?;
     // The mesh numbers peers in join order: that is the shard index routing uses.
     let id = senders.peer_id();
-    let base = Instant::now();
+    let base = epoch();
     let shards = senders.nr_consumers();
     let mut port = ports
         .lock()
@@ -491,7 +498,7 @@ fn poll_conn(
             if !out.is_empty() {
                 match Pin::new(&mut *stream).poll_write(cx, out) {
                     Poll::Ready(Ok(n)) => {
-                        s.wrote(id, n);
+                        s.wrote(id, n, clock(base));
                         progressed = n > 0;
                     }
                     Poll::Ready(Err(_)) => {
@@ -553,12 +560,12 @@ async fn flush_loop(shard: Rc<RefCell<Shard>>, senders: Rc<Senders<Batch>>, base
             };
             // Local messages first, processed in arrival order.
             let local = shard.borrow_mut().take_batch(me);
-            if !local.is_empty() {
+            if !local.msgs.is_empty() {
                 shard.borrow_mut().on_batch(local, clock(base));
             }
             for dest in (0..n).filter(|d| *d != me) {
                 let batch = shard.borrow_mut().take_batch(dest);
-                if batch.is_empty() {
+                if batch.msgs.is_empty() {
                     continue;
                 }
                 match senders.try_send_to(dest, batch) {

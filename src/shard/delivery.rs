@@ -310,7 +310,7 @@ impl Shard {
 
     /// Completions from the I/O core.
     pub fn on_io_done(&mut self, done: IoDone, clk: Clock) {
-        self.now_ms = clk.mono_ms;
+        self.set_now(clk);
         if done.token == 0 {
             // Nobody waits for token 0: work from outside the shards (`iocore::Pusher`).
             match done.reply {
@@ -605,6 +605,7 @@ impl Shard {
         let pump = sync_after.is_none();
         let clk = Clock {
             mono_ms: self.now_ms,
+            mono_us: self.now_us,
             unix_ms: 0,
         };
         let page = match page {

@@ -572,9 +572,7 @@ impl Shard {
     /// member's inbox, so they bypass the inbox window (members catch up by group sync).
     pub(super) fn deliver_group_push(&mut self, conns: Vec<ConnId>, deliver: Deliver, _clk: Clock) {
         let env = Envelope::new(Message::Deliver(deliver));
-        for conn in conns {
-            self.emit(conn, &env);
-        }
+        self.emit_many(&conns, &env);
     }
 }
 

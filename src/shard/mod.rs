@@ -30,7 +30,7 @@ use smallvec::SmallVec;
 use crate::auth::Authenticator;
 use crate::codec::CodecId;
 use crate::config::Config;
-use crate::metrics::{CloseReason, Metrics, ShardMetrics};
+use crate::metrics::{CloseReason, Metrics, ShardMetrics, Stage};
 use crate::protocol::frame::{write_frame, FrameDecoder};
 use crate::protocol::{Deliver, Envelope, ErrorCode, Message, Presence, Status, Str};
 use crate::ws;
@@ -42,6 +42,9 @@ use timer::TimerWheel;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Clock {
     pub mono_ms: u64,
+    /// The same monotonic clock in microseconds (stage latencies); one origin for every
+    /// shard of the process, so times taken on two shards compare.
+    pub mono_us: u64,
     pub unix_ms: u64,
 }
 
@@ -221,6 +224,9 @@ pub struct Conn {
     last_rx_ms: u64,
     /// Deadline currently armed in the wheel (0: none).
     armed_ms: u64,
+    /// When the oldest byte now in `out` was queued: the low 32 bits of the monotonic clock
+    /// in µs (wraps every 71 minutes; 0: `out` is empty), for the `output_wait` stage.
+    out_since_us: u32,
     /// Set when the connection is to be closed once `out` is flushed.
     closing: Option<CloseReason>,
     sends: TokenBucket,
@@ -303,6 +309,9 @@ pub struct Shard {
     /// Outgoing messages per destination shard (index == shard id; ours is the local queue).
     outbox: Vec<Vec<ShardMsg>>,
     outbox_len: usize,
+    /// Per destination: when the oldest message waiting in `outbox` was posted (µs; 0 when
+    /// empty), carried with the batch for the `shard_queue` stage latency.
+    outbox_since_us: Vec<u64>,
     outbox_waker: Option<Waker>,
     hs: ws::HandshakeConfig,
     echo_hs: Option<ws::HandshakeConfig>,
@@ -314,6 +323,8 @@ pub struct Shard {
     due: Vec<(u64, ConnId)>,
     /// Monotonic time of the latest input (for deadlines set outside `tick`).
     now_ms: u64,
+    /// The same in microseconds (stage latencies).
+    now_us: u64,
     /// The I/O core (durability `local`); `None` for `memory`.
     io: Option<crate::iocore::IoPort>,
     io_pending: HashMap<u64, delivery::IoWait>,
@@ -328,6 +339,9 @@ pub struct Shard {
     /// flight would wait for its next message. Each at most once (`Window::pump_retry`):
     /// bounded by the connection count.
     pump_retry: Vec<ConnId>,
+    /// [`Shard::emit_many`]'s encodings of one envelope, one per (WebSocket?, codec): at
+    /// most ten, empty between calls (kept only to reuse the allocation).
+    encoded: Vec<((bool, CodecId), Vec<u8>)>,
 }
 
 impl Shard {
@@ -371,6 +385,7 @@ impl Shard {
             groups: groups::Groups::default(),
             outbox: (0..shards).map(|_| Vec::new()).collect(),
             outbox_len: 0,
+            outbox_since_us: vec![0; shards],
             outbox_waker: None,
             hs,
             echo_hs,
@@ -381,7 +396,9 @@ impl Shard {
             draining: false,
             drain_started_ms: 0,
             due: Vec::new(),
+            encoded: Vec::new(),
             now_ms: clk.mono_ms,
+            now_us: clk.mono_us,
             io,
             io_pending: HashMap::new(),
             cursor_dirty: Vec::new(),
@@ -415,7 +432,7 @@ impl Shard {
     /// Registers an accepted socket; `None` when the shard is at its connection limit or
     /// draining (the runtime then drops the socket).
     pub fn accept(&mut self, transport: Transport, clk: Clock) -> Option<ConnId> {
-        self.now_ms = clk.mono_ms;
+        self.set_now(clk);
         self.m()
             .accepted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -433,6 +450,7 @@ impl Shard {
             session: None,
             inbuf: BytesMut::new(),
             out: Vec::new(),
+            out_since_us: 0,
             waker: None,
             opened_ms: clk.mono_ms,
             last_rx_ms: clk.mono_ms,
@@ -473,13 +491,18 @@ impl Shard {
     }
 
     /// Records `n` bytes written from the front of the output and releases an emptied buffer.
-    pub fn wrote(&mut self, id: ConnId, n: usize) {
+    pub fn wrote(&mut self, id: ConnId, n: usize, clk: Clock) {
         let m = &self.metrics.shards[self.id];
         if let Some(c) = self.conns.get_mut(id) {
             c.out.drain(..n.min(c.out.len()));
             if c.out.is_empty() {
                 // An idle connection keeps no output buffer.
                 c.out = Vec::new();
+                if c.out_since_us != 0 {
+                    let waited = (clk.mono_us as u32).wrapping_sub(c.out_since_us);
+                    m.stages[Stage::OutputWait as usize].record_us(u64::from(waited));
+                    c.out_since_us = 0;
+                }
             }
             m.bytes_out
                 .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
@@ -589,7 +612,7 @@ impl Shard {
 
     /// Advances the timer wheel: closes connections past their handshake or idle deadline.
     pub fn tick(&mut self, clk: Clock) {
-        self.now_ms = clk.mono_ms;
+        self.set_now(clk);
         if !self.groups.here_pending.is_empty() {
             self.flush_group_here();
         }
@@ -664,7 +687,7 @@ impl Shard {
         if self.draining {
             return;
         }
-        self.now_ms = clk.mono_ms;
+        self.set_now(clk);
         self.draining = true;
         self.drain_started_ms = clk.mono_ms;
         let spread = self.cfg.server.drain_reconnect_spread_ms.max(1);
@@ -679,32 +702,72 @@ impl Shard {
         }
     }
 
+    /// The time of the input being handled (deadlines and stamps set while handling it).
+    fn set_now(&mut self, clk: Clock) {
+        self.now_ms = clk.mono_ms;
+        self.now_us = clk.mono_us;
+    }
+
     // ---- output ----------------------------------------------------------------------------
 
     /// Encodes `env` onto `id`'s output in its codec and transport, and wakes its task.
     fn emit(&mut self, id: ConnId, env: &Envelope) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if encode_onto(&mut c.out, &c.proto, c.codec, env) {
+            self.queued(id, env);
+        }
+    }
+
+    /// [`Shard::emit`] of one envelope to many connections (a group message, a presence
+    /// change, a user's devices): encoded once per transport and codec in use, and those
+    /// bytes copied onto each connection's output.
+    fn emit_many(&mut self, ids: &[ConnId], env: &Envelope) {
+        if let [id] = ids {
+            return self.emit(*id, env);
+        }
+        let mut encoded = std::mem::take(&mut self.encoded);
+        encoded.clear();
+        for &id in ids {
+            let Some(c) = self.conns.get_mut(id) else {
+                continue;
+            };
+            let key = match c.proto {
+                Proto::Tcp => (false, c.codec),
+                Proto::Ws(_) => (true, c.codec),
+                Proto::WsHandshake => continue,
+            };
+            let frame = match encoded.iter().position(|(k, _)| *k == key) {
+                Some(i) => &encoded[i].1,
+                None => {
+                    let mut frame = Vec::new();
+                    if !encode_onto(&mut frame, &c.proto, c.codec, env) {
+                        continue;
+                    }
+                    encoded.push((key, frame));
+                    &encoded[encoded.len() - 1].1
+                }
+            };
+            c.out.extend_from_slice(frame);
+            self.queued(id, env);
+        }
+        encoded.clear();
+        self.encoded = encoded;
+    }
+
+    /// Bookkeeping after a frame was queued on `id`'s output: counts it, wakes the
+    /// connection's task, and closes a connection whose unread output passed the bound.
+    fn queued(&mut self, id: ConnId, env: &Envelope) {
         let max_out = self.cfg.limits.max_outbound_bytes as usize;
         let m = &self.metrics.shards[self.id];
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        let codec = c.codec;
-        let r = match c.proto {
-            Proto::Tcp => write_frame(&mut c.out, codec, &[], env),
-            Proto::Ws(_) => {
-                let op = if codec.is_text() {
-                    ws::OpCode::Text
-                } else {
-                    ws::OpCode::Binary
-                };
-                ws::write_message_with(&mut c.out, op, |o| codec.encode(env, o))
-            }
-            Proto::WsHandshake => return,
-        };
-        if r.is_err() {
-            return;
+        m.frame_out(env.msg.op(), c.codec);
+        if c.out_since_us == 0 {
+            c.out_since_us = (self.now_us as u32).max(1);
         }
-        m.frame_out(env.msg.op(), codec);
         if let Message::Error(e) = &env.msg {
             m.error(e.code);
         }
@@ -755,17 +818,16 @@ impl Shard {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return false;
         }
-        self.outbox[dest].push(msg);
-        self.outbox_len += 1;
-        if let Some(w) = &self.outbox_waker {
-            w.wake_by_ref();
-        }
+        self.post_always(dest, msg);
         true
     }
 
     /// Like [`Shard::post`], for bookkeeping that must not be lost (unregister, unsubscribe):
     /// goes past the bound, which is why only cleanup uses it.
     fn post_always(&mut self, dest: usize, msg: ShardMsg) {
+        if self.outbox[dest].is_empty() {
+            self.outbox_since_us[dest] = self.now_us;
+        }
         self.outbox[dest].push(msg);
         self.outbox_len += 1;
         if let Some(w) = &self.outbox_waker {
@@ -782,13 +844,18 @@ impl Shard {
     }
 
     /// Takes the batch queued for `dest` (empty if none).
-    pub fn take_batch(&mut self, dest: usize) -> Vec<ShardMsg> {
-        let batch = std::mem::take(&mut self.outbox[dest]);
-        self.outbox_len -= batch.len();
-        if !batch.is_empty() && dest != self.id {
-            self.m()
-                .cross_shard_sent
-                .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    pub fn take_batch(&mut self, dest: usize) -> Batch {
+        let msgs = std::mem::take(&mut self.outbox[dest]);
+        let batch = Batch {
+            posted_us: std::mem::take(&mut self.outbox_since_us[dest]),
+            msgs,
+        };
+        self.outbox_len -= batch.msgs.len();
+        if !batch.msgs.is_empty() && dest != self.id {
+            self.m().cross_shard_sent.fetch_add(
+                batch.msgs.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         self.m()
             .outbox_depth
@@ -797,10 +864,11 @@ impl Shard {
     }
 
     /// Puts back a batch the channel refused (full): it goes first next time.
-    pub fn return_batch(&mut self, dest: usize, mut batch: Vec<ShardMsg>) {
-        self.outbox_len += batch.len();
-        batch.append(&mut self.outbox[dest]);
-        self.outbox[dest] = batch;
+    pub fn return_batch(&mut self, dest: usize, mut batch: Batch) {
+        self.outbox_len += batch.msgs.len();
+        batch.msgs.append(&mut self.outbox[dest]);
+        self.outbox[dest] = batch.msgs;
+        self.outbox_since_us[dest] = batch.posted_us;
     }
 
     pub fn has_outbox(&self) -> bool {
@@ -810,6 +878,32 @@ impl Shard {
     pub fn shard_count(&self) -> usize {
         self.shards
     }
+}
+
+/// Messages from one shard to another (or to itself), handed over together.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// When the first of them was posted (µs on the process-wide monotonic clock).
+    pub posted_us: u64,
+    pub msgs: Vec<ShardMsg>,
+}
+
+/// Appends `env` as one frame of `proto` in `codec`; false (nothing appended) when it cannot
+/// be encoded or the WebSocket upgrade is not done.
+fn encode_onto(out: &mut Vec<u8>, proto: &Proto, codec: CodecId, env: &Envelope) -> bool {
+    let r = match proto {
+        Proto::Tcp => write_frame(out, codec, &[], env),
+        Proto::Ws(_) => {
+            let op = if codec.is_text() {
+                ws::OpCode::Text
+            } else {
+                ws::OpCode::Binary
+            };
+            ws::write_message_with(out, op, |o| codec.encode(env, o))
+        }
+        Proto::WsHandshake => return false,
+    };
+    r.is_ok()
 }
 
 #[cfg(test)]

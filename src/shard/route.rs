@@ -4,19 +4,24 @@
 //! delivery, however many of the user's devices live there.
 
 use super::{
-    Clock, ConnId, Route, Shard, ShardMsg, UserEntry, UserKey, MAX_SUBSCRIBERS_PER_USER,
+    Batch, Clock, ConnId, Route, Shard, ShardMsg, UserEntry, UserKey, MAX_SUBSCRIBERS_PER_USER,
     MAX_USERS_PER_SHARD,
 };
-use crate::metrics::CloseReason;
+use crate::metrics::{CloseReason, Stage};
 use crate::protocol::{
     Deliver, Envelope, Error, ErrorCode, Message, Presence, SendAck, Status, Str,
 };
 
 impl Shard {
     /// Handles a batch that arrived from shard `_from` (or from our own local queue).
-    pub fn on_batch(&mut self, batch: Vec<ShardMsg>, clk: Clock) {
-        self.now_ms = clk.mono_ms;
-        for msg in batch {
+    pub fn on_batch(&mut self, batch: Batch, clk: Clock) {
+        self.set_now(clk);
+        if batch.msgs.is_empty() {
+            return;
+        }
+        self.metrics.shards[self.id].stages[Stage::ShardQueue as usize]
+            .record_us(clk.mono_us.saturating_sub(batch.posted_us));
+        for msg in batch.msgs {
             self.on_shard_msg(msg, clk);
         }
     }
@@ -114,9 +119,7 @@ impl Shard {
             }
             ShardMsg::PresenceEvent { conns, presence } => {
                 let env = Envelope::new(Message::Presence(presence));
-                for conn in conns {
-                    self.emit(conn, &env);
-                }
+                self.emit_many(&conns, &env);
             }
             ShardMsg::Direct {
                 to,
@@ -208,9 +211,7 @@ impl Shard {
                 let m = &self.metrics.shards[self.id];
                 m.deliveries_confirmed
                     .fetch_add(conns.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                for conn in conns {
-                    self.emit(conn, &env);
-                }
+                self.emit_many(&conns, &env);
             }
         }
     }

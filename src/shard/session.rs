@@ -37,7 +37,7 @@ impl Shard {
         let m = &self.metrics.shards[self.id];
         m.bytes_in
             .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        self.now_ms = clk.mono_ms;
+        self.set_now(clk);
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };

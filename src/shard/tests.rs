@@ -10,7 +10,7 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::frame::{write_frame, FrameDecoder};
-use crate::protocol::{Hello, Ping, PresenceSub, Send as SendMsg, Status, Target};
+use crate::protocol::{Hello, Op, Ping, PresenceSub, Send as SendMsg, Status, Target};
 
 struct Sim {
     shards: Vec<Shard>,
@@ -25,6 +25,8 @@ struct Sim {
 struct Client {
     shard: usize,
     id: ConnId,
+    /// The codec of every frame the client sends (its `hello`'s makes it the connection's).
+    codec: CodecId,
 }
 
 impl Sim {
@@ -37,6 +39,7 @@ impl Sim {
         let metrics = Arc::new(Metrics::new(n));
         let clk = Clock {
             mono_ms: 1_000,
+            mono_us: 1_000_000,
             unix_ms: 1_700_000_000_000,
         };
         let shards = (0..n)
@@ -61,6 +64,7 @@ impl Sim {
         let metrics = Arc::new(Metrics::new(n));
         let clk = Clock {
             mono_ms: 1_000,
+            mono_us: 1_000_000,
             unix_ms: 1_700_000_000_000,
         };
         // The embedded store opens without a runtime.
@@ -129,7 +133,7 @@ impl Sim {
             for from in 0..self.shards.len() {
                 for to in 0..self.shards.len() {
                     let batch = self.shards[from].take_batch(to);
-                    if !batch.is_empty() {
+                    if !batch.msgs.is_empty() {
                         moved = true;
                         self.shards[to].on_batch(batch, self.clk);
                     }
@@ -144,6 +148,7 @@ impl Sim {
 
     fn advance(&mut self, ms: u64) {
         self.clk.mono_ms += ms;
+        self.clk.mono_us += ms * 1_000;
         self.clk.unix_ms += ms;
         for s in &mut self.shards {
             s.tick(self.clk);
@@ -152,13 +157,17 @@ impl Sim {
     }
 
     fn connect(&mut self, shard: usize) -> Client {
+        self.connect_in(shard, CodecId::Protobuf)
+    }
+
+    fn connect_in(&mut self, shard: usize, codec: CodecId) -> Client {
         let id = self.shards[shard].accept(Transport::Tcp, self.clk).unwrap();
-        Client { shard, id }
+        Client { shard, id, codec }
     }
 
     fn send(&mut self, c: Client, env: &Envelope) {
         let mut bytes = Vec::new();
-        write_frame(&mut bytes, CodecId::Protobuf, &[], env).unwrap();
+        write_frame(&mut bytes, c.codec, &[], env).unwrap();
         self.send_raw(c, &mut bytes);
     }
 
@@ -174,7 +183,7 @@ impl Sim {
         };
         let mut buf = BytesMut::from(&out[..]);
         let n = out.len();
-        self.shards[c.shard].wrote(c.id, n);
+        self.shards[c.shard].wrote(c.id, n, self.clk);
         let mut msgs = Vec::new();
         while let Some(f) = FrameDecoder::default().decode(&mut buf).unwrap() {
             msgs.push(f.header.codec.decode_bytes(&f.payload).unwrap().msg);
@@ -427,6 +436,72 @@ fn synced_reply(got: Vec<Message>) -> (Vec<(u64, String)>, crate::protocol::Sync
         }
     }
     (bodies, synced.expect("synced"))
+}
+
+/// A group message goes to members in several codecs on one shard (encoded once per codec):
+/// each gets it once, in its own codec, and each frame is counted.
+#[test]
+fn a_group_message_reaches_members_of_every_codec_on_a_shard_once() {
+    let mut sim = Sim::new(1, |_| {});
+    let a = sim.connect(0);
+    sim.hello(a, "ga");
+    sim.send(a, &join("g"));
+    sim.recv(a);
+    let codecs = [
+        CodecId::Json,
+        CodecId::Protobuf,
+        CodecId::Json,
+        CodecId::MessagePack,
+        CodecId::Protobuf,
+        CodecId::Hessian,
+        CodecId::FlatBuffers,
+        CodecId::Json,
+    ];
+    let members: Vec<Client> = codecs
+        .iter()
+        .enumerate()
+        .map(|(i, codec)| {
+            let c = sim.connect_in(0, *codec);
+            sim.hello(c, &format!("m{i}"));
+            sim.send(c, &join("g"));
+            assert_eq!(sim.recv(c), vec![Message::Ok]);
+            c
+        })
+        .collect();
+    let out_before: u64 = CodecId::ALL
+        .iter()
+        .map(|codec| sim.metrics.shards[0].frames_out_total(Op::Deliver, *codec))
+        .sum();
+    for i in 0..3 {
+        sim.send(a, &to_group("g", &format!("c{i}"), &format!("body {i}")));
+    }
+    for c in &members {
+        // Every frame is in the member's own codec.
+        let out = sim.shards[0].output(c.id).cloned().unwrap_or_default();
+        let mut buf = BytesMut::from(&out[..]);
+        while let Some(f) = FrameDecoder::default().decode(&mut buf).unwrap() {
+            assert_eq!(f.header.codec, c.codec);
+        }
+        let got = sim.recv(*c);
+        let bodies: Vec<String> = got
+            .iter()
+            .map(|m| match m {
+                Message::Deliver(d) => {
+                    assert_eq!(d.from, "ga");
+                    assert_eq!(d.to, Some(Target::Group("g".into())));
+                    d.body.to_string()
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(bodies, ["body 0", "body 1", "body 2"], "{:?}", c.codec);
+    }
+    let out_after: u64 = CodecId::ALL
+        .iter()
+        .map(|codec| sim.metrics.shards[0].frames_out_total(Op::Deliver, *codec))
+        .sum();
+    // Counted once per connection, not once per encoding.
+    assert_eq!(out_after - out_before, codecs.len() as u64 * 3);
 }
 
 #[test]
