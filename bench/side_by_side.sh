@@ -135,7 +135,8 @@ meta = {
         "where loadgen cannot keep up (high send lag, p50 in seconds) this counts copies still queued in the "
         "server or the kernel when the grace ended, not copies the server dropped.",
         "imgw subscribers acknowledge what they received (fan-out: a cumulative `ack` every 32 deliveries and "
-        "a sweep every 100 ms, so up to 10 acks/s per subscriber at low rates; chat: after each read), as its "
+        "a sweep every 100 ms in 20 slices of the connections, so up to 10 acks/s per subscriber at low rates; "
+        "chat: after each read), as its "
         "clients do; the peers have no acknowledgement, so imgw's server CPU per delivery includes reading "
         "those acks, and imgw's chat messages are also acked to the sender (`send_ack`).",
         "imgw (Protobuf): the same gateway and scenarios with `--codec protobuf`; loadgen decodes a Protobuf "
@@ -153,7 +154,8 @@ lines = [
     "loadgen to core 1, loopback, 64-byte bodies, on a 2-core machine: the load average before "
     "and after each invocation says how quiet it was. Runs that produced these rows:",
     "",
-] + [f"- {i['started']} to {i['finished']}: {', '.join(names.get(x, x) for x in i['used_for'])}; "
+] + [f"- {i['started']} to {i['finished']}, commit {i.get('commit', 'not recorded')}: "
+     f"{', '.join(names.get(x, x) for x in i['used_for'])}; "
      f"{i['duration']} per run, {i['repeats']} repeats; load average before {i['loadavg_before']}, "
      f"after {i['loadavg_after']}"
      for i in used] + [
@@ -204,6 +206,10 @@ for s in $SERVERS; do
 done
 command -v taskset >/dev/null || apt_install util-linux
 NATS_SERVER=$(command -v nats-server || echo /usr/sbin/nats-server)
+# The commit measured (imgw and loadgen are built from the work tree).
+COMMIT=$(git -C "$ROOT" rev-parse --short HEAD)
+git -C "$ROOT" diff --quiet HEAD -- src loadgen Cargo.toml Cargo.lock ||
+    COMMIT="$COMMIT with uncommitted changes"
 say "building imgw and loadgen (release)"
 (cd "$ROOT" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -q -p imgw --bin imgw \
     -p loadgen)
@@ -294,8 +300,8 @@ for rep in $(seq 1 "$REPEATS"); do
     done
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
-printf '{"started":"%s","finished":"%s","servers":"%s","scenarios":"%s","duration":"%s","repeats":%s,"loadavg_before":"%s","loadavg_after":"%s"}\n' \
+printf '{"started":"%s","finished":"%s","servers":"%s","scenarios":"%s","duration":"%s","repeats":%s,"loadavg_before":"%s","loadavg_after":"%s","commit":"%s"}\n' \
     "$STARTED" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$SERVERS" "$SCENARIOS" "$DURATION" "$REPEATS" \
-    "$LOAD_BEFORE" "$LOAD_AFTER" >>"$RAW/invocations.jsonl"
+    "$LOAD_BEFORE" "$LOAD_AFTER" "$COMMIT" >>"$RAW/invocations.jsonl"
 
 make_table
