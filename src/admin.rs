@@ -15,10 +15,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::control::Control;
+use crate::ids::UserKey;
 use crate::metrics::Metrics;
 use crate::protocol::Str;
 use crate::services::push::{parse_push, MAX_PUSH_ID};
-use crate::shard::UserKey;
 
 /// Largest request accepted (request line, headers and body together).
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;

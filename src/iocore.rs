@@ -22,12 +22,12 @@ use std::rc::Rc;
 use crossbeam_queue::ArrayQueue;
 
 use crate::config::{KafkaConfig, RedisConfig};
+use crate::ids::{owner_shard, UserKey};
 use crate::protocol::{Deliver, Str, Target};
 use crate::services::kafka::{Dest, Kafka, Produced};
 use crate::services::push::PushRecord;
 use crate::services::redis::{PresenceEvent, RedisCmd, RedisHandle};
 use crate::services::ServiceStats;
-use crate::shard::UserKey;
 use crate::store::{Backend, GroupPage, GroupRef, InboxPage, Op, OpResult, StoreError, UserRef};
 
 /// What a shard asks of the I/O core.
@@ -226,7 +226,7 @@ impl Pusher {
         let id = match &rec.to {
             Target::User(u) | Target::Group(u) => u,
         };
-        let dest = crate::shard::owner_shard(&rec.tenant, id, self.links.len());
+        let dest = owner_shard(&rec.tenant, id, self.links.len());
         match self.queue(dest, IoReply::Push(rec)) {
             Err(IoReply::Push(rec)) => Err(rec),
             // The queue gives back what it was given, a Push.
@@ -241,7 +241,7 @@ impl Pusher {
         r: Box<crate::services::cluster::Relayed>,
     ) -> Result<(), Box<crate::services::cluster::Relayed>> {
         let (tenant, id) = r.owner_key();
-        let dest = crate::shard::owner_shard(tenant, id, self.links.len());
+        let dest = owner_shard(tenant, id, self.links.len());
         match self.queue(dest, IoReply::Relayed(r)) {
             Err(IoReply::Relayed(r)) => Err(r),
             // The queue gives back what it was given, a Relayed.
@@ -262,7 +262,7 @@ impl Pusher {
 
     /// Queues a kick of `user` for its owner shard; `false` when that shard's queue is full.
     pub fn kick(&self, user: UserKey) -> bool {
-        let dest = crate::shard::owner_shard(&user.tenant, &user.user, self.links.len());
+        let dest = owner_shard(&user.tenant, &user.user, self.links.len());
         self.queue(dest, IoReply::Kick(Box::new(user))).is_ok()
     }
 

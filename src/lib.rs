@@ -5,6 +5,7 @@
 //! - [`codec`]: the five payload encodings (JSON, Protobuf, MessagePack, FlatBuffers, Hessian).
 //! - [`ws`]: WebSocket (RFC 6455) handshake and framing (sans-IO).
 //! - [`auth`]: verification of `hello.token` (JWT HS256/RS256, insecure dev mode).
+//! - [`ids`]: the keys every layer shares (users, owner shards) and message id minting.
 //! - [`shard`]: one shard's connections, sessions, routing and presence (sans-IO).
 //! - [`runtime`]: the glommio executors, sockets and channels that drive the shards.
 //! - [`store`]: the durable store (inboxes, cursors, groups, dedupe) behind a backend trait.
@@ -22,6 +23,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod ids;
 pub mod iocore;
 pub mod metrics;
 pub mod preflight;

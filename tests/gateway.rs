@@ -10,10 +10,10 @@ use std::time::Duration;
 use common::gateway::{http_post, sync_all, Gateway, DEV_TOML};
 use imgw::client::{Client, ClientError, Transport};
 use imgw::codec::CodecId;
+use imgw::ids::owner_shard;
 use imgw::protocol::{
     Envelope, ErrorCode, Message, Ping, PresenceSet, PresenceSub, Send, Status, Str, Target,
 };
-use imgw::shard::owner_shard;
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -403,6 +403,9 @@ fn group_messages_reach_every_online_member_once_per_device() {
     assert!(
         matches!(send_group(&mut outsider, "nope", "x2", "hi"), Message::Error(e) if e.code == ErrorCode::NotFound)
     );
+    let stage =
+        |stage: &str| g.metric("imgw_stage_seconds_count", &[&format!("stage=\"{stage}\"")]);
+    let written_before = stage("output_wait");
     for i in 0..3u64 {
         let Message::SendAck(ack) =
             send_group(&mut a, "team", &format!("g{i}"), &format!("to all {i}"))
@@ -420,6 +423,19 @@ fn group_messages_reach_every_online_member_once_per_device() {
             assert_eq!(d.body, format!("to all {i}").as_str());
         }
     }
+    // The stage latencies saw the batches between shards and the outputs being written, and
+    // the histogram's buckets are cumulative up to the count.
+    assert!(stage("shard_queue") > 0.0);
+    assert!(
+        stage("output_wait") >= written_before + 3.0,
+        "{}",
+        g.metrics()
+    );
+    let inf = g.metric(
+        "imgw_stage_seconds_bucket",
+        &["stage=\"output_wait\"", "le=\"+Inf\""],
+    );
+    assert_eq!(inf, stage("output_wait"));
     // The sender does not get its own message; a member who left gets nothing more.
     let r = c.next_ref();
     c.send(&Envelope::with_ref(
@@ -605,4 +621,53 @@ fn listeners_on_port_0_get_their_own_ports_and_the_ports_file_names_them() {
             assert!(matches!(env.msg, Message::Pong(_)), "{env:?}");
         }
     }
+}
+
+/// Message ids stay unique across a restart even after a burst of more than one id per
+/// millisecond: ids count up from the clock's milliseconds, so such a burst runs ahead of the
+/// clock, and the restarted gateway must start above the lease it wrote (src/ids.rs) rather
+/// than at the clock, or it would hand out the burst's ids again.
+#[test]
+fn message_ids_grow_across_a_restart_after_a_burst_faster_than_the_clock() {
+    const BURST: usize = 5_000;
+    let mut g = Gateway::dev();
+    let mut a = g.login(Transport::Tcp, CodecId::Protobuf, "mid-a", "d");
+    let mut highest = 0;
+    let mut acked = 0;
+    let started = std::time::Instant::now();
+    for chunk in 0..BURST / 500 {
+        for i in 0..500 {
+            send(&mut a, "mid-b", &format!("c{chunk}-{i}"), "x");
+        }
+        for _ in 0..500 {
+            let env = a
+                .recv_until(|e| matches!(e.msg, Message::SendAck(_)), WAIT)
+                .unwrap();
+            let Message::SendAck(ack) = env.msg else {
+                unreachable!()
+            };
+            highest = highest.max(ack.mid);
+            acked += 1;
+        }
+    }
+    assert_eq!(acked, BURST);
+    // The point of the test: the burst ran ahead of the clock by more than the restart takes.
+    let burst_ms = started.elapsed().as_millis() as usize;
+    assert!(burst_ms < BURST / 2, "the burst took {burst_ms} ms");
+    drop(a);
+    g.kill9();
+    g.spawn();
+    let mut a = g.login(Transport::Tcp, CodecId::Protobuf, "mid-a", "d");
+    send(&mut a, "mid-b", "after", "x");
+    let env = a
+        .recv_until(|e| matches!(e.msg, Message::SendAck(_)), WAIT)
+        .unwrap();
+    let Message::SendAck(ack) = env.msg else {
+        unreachable!()
+    };
+    assert!(
+        ack.mid > highest,
+        "mid {} after the restart, {highest} before it",
+        ack.mid
+    );
 }

@@ -351,6 +351,21 @@ async fn shard_main(
         port,
         clock(base),
     )));
+    let mids = crate::ids::MidMint::open(
+        &cfg.server.data_dir,
+        id,
+        cfg.cluster.slot,
+        clock(base).unix_ms,
+    )
+    .map_err(|e| RuntimeError::Shard {
+        shard: id,
+        detail: format!(
+            "message id lease in {}: {e} (a garbled mids-{id}.lease may be removed: ids then \
+             restart from the clock)",
+            cfg.server.data_dir.display()
+        ),
+    })?;
+    shard.borrow_mut().set_mid_mint(mids);
     let io_task = wake_reader.map(|r| glommio::spawn_local(io_completions(shard.clone(), r, base)));
     let scratch = Rc::new(RefCell::new(vec![0u8; SCRATCH_BYTES]));
 

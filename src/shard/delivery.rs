@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::{Clock, ConnId, Route, Shard, ShardMsg, UserKey};
+use super::{Clock, ConnId, Origin, Route, Shard, ShardMsg, UserKey};
 use crate::iocore::{IoCmd, IoDone, IoReply, IoRequest};
 use crate::metrics::CloseReason;
 use crate::protocol::{Deliver, Envelope, ErrorCode, Message, Str, Synced};
@@ -74,9 +74,7 @@ pub(super) enum IoWait {
     /// A 1:1 message being made durable for `to`.
     Append {
         to: UserKey,
-        origin: Route,
-        reference: Option<u64>,
-        cmid: Str,
+        origin: Origin,
         deliver: Deliver,
     },
     /// A `sync` (or `hello` with `resume`) page for a connection, after `after`.
@@ -101,9 +99,7 @@ pub(super) enum IoWait {
     /// A group message being made durable on its timeline.
     GroupAppend {
         group: super::groups::GroupKey,
-        origin: Route,
-        reference: Option<u64>,
-        cmid: Str,
+        origin: Origin,
         deliver: Deliver,
     },
     /// A group `sync` page for a connection.
@@ -196,21 +192,12 @@ impl Shard {
     }
 
     /// Tells the sender's shard that its `send` was accepted (`send_ack`).
-    pub(super) fn accepted(
-        &mut self,
-        origin: Route,
-        reference: Option<u64>,
-        cmid: Str,
-        mid: u64,
-        seq: u64,
-        ts: u64,
-    ) {
+    pub(super) fn accepted(&mut self, origin: Origin, mid: u64, seq: u64, ts: u64) {
+        let shard = usize::from(origin.route.shard);
         self.post_always(
-            usize::from(origin.shard),
+            shard,
             ShardMsg::Accepted {
-                conn: origin.conn,
-                reference,
-                cmid,
+                origin,
                 mid,
                 seq,
                 ts,
@@ -219,20 +206,12 @@ impl Shard {
     }
 
     /// Tells the sender's shard that its `send` was refused with `code`.
-    pub(super) fn reject(
-        &mut self,
-        origin: Route,
-        reference: Option<u64>,
-        cmid: Str,
-        code: ErrorCode,
-        retry_after_ms: Option<u64>,
-    ) {
+    pub(super) fn reject(&mut self, origin: Origin, code: ErrorCode, retry_after_ms: Option<u64>) {
+        let shard = usize::from(origin.route.shard);
         self.post_always(
-            usize::from(origin.shard),
+            shard,
             ShardMsg::Rejected {
-                conn: origin.conn,
-                reference,
-                cmid,
+                origin,
                 code,
                 retry_after_ms,
             },
@@ -253,10 +232,8 @@ impl Shard {
     pub(super) fn append_group(
         &mut self,
         group: super::groups::GroupKey,
-        origin: Route,
-        reference: Option<u64>,
+        origin: Origin,
         deliver: Deliver,
-        cmid: Str,
     ) {
         let op = Op::AppendGroup {
             group: crate::store::GroupRef {
@@ -264,47 +241,38 @@ impl Shard {
                 group: group.group.clone(),
             },
             sender: deliver.from.clone(),
-            cmid: cmid.clone(),
+            cmid: origin.cmid.clone(),
             deliver: deliver.clone(),
         };
+        let refused = origin.clone();
         let wait = IoWait::GroupAppend {
             group,
             origin,
-            reference,
-            cmid: cmid.clone(),
             deliver,
         };
         if !self.submit(IoRequest::Apply(vec![op]), wait) {
             let retry = Some(self.cfg.limits.retry_after_ms);
-            self.reject(origin, reference, cmid, ErrorCode::Overloaded, retry);
+            self.reject(refused, ErrorCode::Overloaded, retry);
         }
     }
 
     /// Owner side: make a 1:1 message durable, then deliver and ack (see `on_io_done`).
-    pub(super) fn append_direct(
-        &mut self,
-        to: UserKey,
-        origin: Route,
-        reference: Option<u64>,
-        deliver: Deliver,
-        cmid: Str,
-    ) {
+    pub(super) fn append_direct(&mut self, to: UserKey, origin: Origin, deliver: Deliver) {
         let op = Op::AppendInbox {
             user: user_ref(&to),
             sender: deliver.from.clone(),
-            cmid: cmid.clone(),
+            cmid: origin.cmid.clone(),
             deliver: deliver.clone(),
         };
+        let refused = origin.clone();
         let wait = IoWait::Append {
             to,
             origin,
-            reference,
-            cmid: cmid.clone(),
             deliver,
         };
         if !self.submit(IoRequest::Apply(vec![op]), wait) {
             let retry = Some(self.cfg.limits.retry_after_ms);
-            self.reject(origin, reference, cmid, ErrorCode::Overloaded, retry);
+            self.reject(refused, ErrorCode::Overloaded, retry);
         }
     }
 
@@ -334,8 +302,6 @@ impl Shard {
                 IoWait::Append {
                     to,
                     origin,
-                    reference,
-                    cmid,
                     mut deliver,
                 },
                 IoReply::Applied(r),
@@ -349,7 +315,7 @@ impl Shard {
                 }) = first
                 else {
                     let retry = Some(self.cfg.limits.retry_after_ms);
-                    self.reject(origin, reference, cmid, ErrorCode::Unavailable, retry);
+                    self.reject(origin, ErrorCode::Unavailable, retry);
                     return;
                 };
                 if !duplicate {
@@ -359,14 +325,12 @@ impl Shard {
                     deliver.ts = ts;
                     self.push_to_devices(&to, deliver);
                 }
-                self.accepted(origin, reference, cmid, mid, seq, ts);
+                self.accepted(origin, mid, seq, ts);
             }
             (
                 IoWait::GroupAppend {
                     group,
                     origin,
-                    reference,
-                    cmid,
                     deliver,
                 },
                 IoReply::Applied(r),
@@ -376,20 +340,13 @@ impl Shard {
                     mid,
                     ts,
                     duplicate,
-                }) => self.group_appended(
-                    group,
-                    origin,
-                    reference,
-                    cmid,
-                    deliver,
-                    (seq, mid, ts, duplicate),
-                ),
+                }) => self.group_appended(group, origin, deliver, (seq, mid, ts, duplicate)),
                 other => {
                     let code = match other {
                         Some(OpResult::Refused(_)) => ErrorCode::Forbidden,
                         _ => ErrorCode::Unavailable,
                     };
-                    self.reject(origin, reference, cmid, code, None);
+                    self.reject(origin, code, None);
                 }
             },
             (IoWait::PushUser { to, mut deliver }, IoReply::Applied(r)) => {

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::delivery::IoWait;
-use super::{owner_shard, Clock, ConnId, Route, Shard, ShardMsg, UserKey};
+use super::{owner_shard, Clock, ConnId, Origin, Route, Shard, ShardMsg, UserKey};
 use crate::iocore::{IoCmd, IoRequest};
 use crate::protocol::{Deliver, Envelope, Error, ErrorCode, Message, Str, Target};
 use crate::store::{GroupPage, GroupRef, UserRef};
@@ -62,10 +62,8 @@ pub const MAX_WAITING_PER_GROUP: usize = 4096;
 #[allow(clippy::large_enum_variant)]
 pub(super) enum GroupWork {
     Send {
-        origin: Route,
-        reference: Option<u64>,
+        origin: Origin,
         deliver: Deliver,
-        cmid: Str,
     },
     Membership {
         member: Str,
@@ -148,15 +146,18 @@ impl Shard {
             group,
         };
         let dest = self.group_owner(&key);
-        let msg = ShardMsg::GroupSend {
-            group: key,
-            origin: self.route(id),
+        let origin = Origin {
+            route: self.route(id),
             reference,
-            deliver,
             cmid: cmid.clone(),
         };
+        let msg = ShardMsg::GroupSend {
+            group: key,
+            origin,
+            deliver,
+        };
         if !self.post(dest, msg) {
-            self.overloaded(id, reference, None);
+            self.overloaded(id, reference, Some(cmid));
         }
     }
 
@@ -360,43 +361,23 @@ impl Shard {
     }
 
     /// Owner side of a group `send`: members only; sequence, ack, fan out.
-    pub(super) fn group_send(
-        &mut self,
-        group: GroupKey,
-        origin: Route,
-        reference: Option<u64>,
-        deliver: Deliver,
-        cmid: Str,
-    ) {
+    pub(super) fn group_send(&mut self, group: GroupKey, origin: Origin, deliver: Deliver) {
         if self.needs_load(&group) {
-            let work = GroupWork::Send {
-                origin,
-                reference,
-                deliver,
-                cmid,
-            };
-            self.load_group_then(group, work);
+            self.load_group_then(group, GroupWork::Send { origin, deliver });
             return;
         }
-        self.group_send_now(group, origin, reference, deliver, cmid);
+        self.group_send_now(group, origin, deliver);
     }
 
-    fn group_send_now(
-        &mut self,
-        group: GroupKey,
-        origin: Route,
-        reference: Option<u64>,
-        mut deliver: Deliver,
-        cmid: Str,
-    ) {
+    fn group_send_now(&mut self, group: GroupKey, origin: Origin, mut deliver: Deliver) {
         let Some(e) = self.groups.owned.get_mut(&group) else {
-            self.error_to(origin, reference, ErrorCode::NotFound, Some(cmid));
+            self.reject(origin, ErrorCode::NotFound, None);
             return;
         };
         // Cluster mode: this node's copy of the member list may miss a join made on another
         // node; the store checks membership as it appends (`Refusal::NotMember`).
         if !e.members.contains(&deliver.from) && self.cfg.cluster.slot.is_none() {
-            self.error_to(origin, reference, ErrorCode::Forbidden, Some(cmid));
+            self.reject(origin, ErrorCode::Forbidden, None);
             return;
         }
         let mid = self.next_mid();
@@ -404,7 +385,7 @@ impl Shard {
         deliver.to = Some(Target::Group(group.group.clone()));
         if self.durable() {
             // Durability `local`: on the stored timeline before the ack and the pushes.
-            self.append_group(group, origin, reference, deliver, cmid);
+            self.append_group(group, origin, deliver);
             return;
         }
         let Some(e) = self.groups.owned.get_mut(&group) else {
@@ -414,7 +395,7 @@ impl Shard {
         let gseq = e.gseq;
         deliver.inbox_seq = gseq;
         let ts = deliver.ts;
-        self.accepted(origin, reference, cmid, mid, gseq, ts);
+        self.accepted(origin, mid, gseq, ts);
         self.group_fan_out(&group, deliver);
     }
 
@@ -422,13 +403,11 @@ impl Shard {
     pub(super) fn group_appended(
         &mut self,
         group: GroupKey,
-        origin: Route,
-        reference: Option<u64>,
-        cmid: Str,
+        origin: Origin,
         mut deliver: Deliver,
         (gseq, mid, ts, duplicate): (u64, u64, u64, bool),
     ) {
-        self.accepted(origin, reference, cmid, mid, gseq, ts);
+        self.accepted(origin, mid, gseq, ts);
         if !duplicate {
             deliver.mid = mid;
             deliver.inbox_seq = gseq;
@@ -612,12 +591,7 @@ impl Shard {
     fn refuse_group_work(&mut self, work: GroupWork, code: ErrorCode) {
         let retry = Some(self.cfg.limits.retry_after_ms);
         match work {
-            GroupWork::Send {
-                origin,
-                reference,
-                cmid,
-                ..
-            } => self.reject(origin, reference, cmid, code, retry),
+            GroupWork::Send { origin, .. } => self.reject(origin, code, retry),
             GroupWork::Membership {
                 origin, reference, ..
             } => self.error_to(origin, reference, code, None),
@@ -648,12 +622,9 @@ impl Shard {
         // An absent group stays unloaded: a send gets `not_found`, a join creates it.
         for w in waiting {
             match w {
-                GroupWork::Send {
-                    origin,
-                    reference,
-                    deliver,
-                    cmid,
-                } => self.group_send_now(group.clone(), origin, reference, deliver, cmid),
+                GroupWork::Send { origin, deliver } => {
+                    self.group_send_now(group.clone(), origin, deliver)
+                }
                 GroupWork::Membership {
                     member,
                     join,

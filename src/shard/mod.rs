@@ -55,26 +55,8 @@ pub struct Route {
     pub conn: ConnId,
 }
 
-/// A user, scoped by tenant: nothing crosses tenants.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct UserKey {
-    pub tenant: Str,
-    pub user: Str,
-}
-
-/// 2025-01-01T00:00:00Z: where a cluster node's message id counter starts counting
-/// milliseconds (src/shard/route.rs `next_mid`).
-pub const MID_EPOCH_MS: u64 = 1_735_689_600_000;
-
-/// The shard that owns `(tenant, id)`: FNV-1a, stable across runs and builds.
-pub fn owner_shard(tenant: &str, id: &str, shards: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in tenant.bytes().chain([0xff]).chain(id.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % shards.max(1) as u64) as usize
-}
+use crate::ids::MidMint;
+use crate::ids::{owner_shard, UserKey};
 
 /// What the `welcome` of a `hello` needs once the owner has registered the device: a client
 /// that got its `welcome` is routable, so a message sent to it right after is delivered.
@@ -85,6 +67,15 @@ pub struct HelloDone {
     pub session: u64,
     /// `hello.resume`'s `inbox_seq`.
     pub resume: Option<u64>,
+}
+
+/// A `send` on its way: the sender's connection, the request's `ref` and the client's
+/// message id, which the `send_ack` or the refusal carry back.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub route: Route,
+    pub reference: Option<u64>,
+    pub cmid: Str,
 }
 
 /// Messages between shards. Batched per destination by the sender.
@@ -119,25 +110,19 @@ pub enum ShardMsg {
     /// To the recipient's owner: a 1:1 message to sequence and fan out.
     Direct {
         to: UserKey,
-        origin: Route,
-        reference: Option<u64>,
+        origin: Origin,
         deliver: Deliver,
-        cmid: Str,
     },
     /// To the sender's shard: the message was accepted (`send_ack`).
     Accepted {
-        conn: ConnId,
-        reference: Option<u64>,
-        cmid: Str,
+        origin: Origin,
         mid: u64,
         seq: u64,
         ts: u64,
     },
     /// To the sender's shard: the message was refused.
     Rejected {
-        conn: ConnId,
-        reference: Option<u64>,
-        cmid: Str,
+        origin: Origin,
         code: ErrorCode,
         retry_after_ms: Option<u64>,
     },
@@ -157,10 +142,8 @@ pub enum ShardMsg {
     /// To a group's owner: a message to the group.
     GroupSend {
         group: groups::GroupKey,
-        origin: Route,
-        reference: Option<u64>,
+        origin: Origin,
         deliver: Deliver,
-        cmid: Str,
     },
     /// To every shard: forward a group message to its online members' devices.
     GroupFanout {
@@ -316,7 +299,7 @@ pub struct Shard {
     hs: ws::HandshakeConfig,
     echo_hs: Option<ws::HandshakeConfig>,
     frames: FrameDecoder,
-    next_mid: u64,
+    mids: MidMint,
     next_session: u64,
     draining: bool,
     drain_started_ms: u64,
@@ -367,11 +350,7 @@ impl Shard {
             allowed_origins: vec!["*".into()],
             ..hs.clone()
         });
-        let next_mid = if cfg.cluster.slot.is_some() {
-            clk.unix_ms.saturating_sub(MID_EPOCH_MS)
-        } else {
-            clk.unix_ms
-        };
+        let mids = MidMint::unleased(id, cfg.cluster.slot, clk.unix_ms);
         Shard {
             id,
             shards,
@@ -389,9 +368,8 @@ impl Shard {
             outbox_waker: None,
             hs,
             echo_hs,
-            // Message ids: shard index in the low 8 bits keeps them unique across shards;
-            // the counter starts at the wall clock so ids grow across restarts.
-            next_mid,
+            // Without a lease until the runtime gives one (`Shard::set_mid_mint`).
+            mids,
             next_session: 1,
             draining: false,
             drain_started_ms: 0,
@@ -700,6 +678,12 @@ impl Shard {
             }
             self.close(id, CloseReason::Drain);
         }
+    }
+
+    /// Mints message ids from `mids` from now on (the runtime's, leased in the data
+    /// directory: see [`crate::ids`]).
+    pub fn set_mid_mint(&mut self, mids: MidMint) {
+        self.mids = mids;
     }
 
     /// The time of the input being handled (deadlines and stamps set while handling it).

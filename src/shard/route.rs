@@ -124,14 +124,12 @@ impl Shard {
             ShardMsg::Direct {
                 to,
                 origin,
-                reference,
                 mut deliver,
-                cmid,
             } => {
                 let mid = self.next_mid();
                 deliver.mid = mid;
                 if self.durable() {
-                    self.append_direct(to, origin, reference, deliver, cmid);
+                    self.append_direct(to, origin, deliver);
                     return;
                 }
                 let seq = match self.users.get_mut(&to) {
@@ -145,39 +143,40 @@ impl Shard {
                 deliver.inbox_seq = seq;
                 let ts = deliver.ts;
                 self.push_to_devices(&to, deliver);
-                self.accepted(origin, reference, cmid, mid, seq, ts);
+                self.accepted(origin, mid, seq, ts);
             }
             ShardMsg::Accepted {
-                conn,
-                reference,
-                cmid,
+                origin,
                 mid,
                 seq,
                 ts,
             } => {
                 let env = Envelope {
-                    reference,
-                    msg: Message::SendAck(SendAck { cmid, mid, seq, ts }),
+                    reference: origin.reference,
+                    msg: Message::SendAck(SendAck {
+                        cmid: origin.cmid,
+                        mid,
+                        seq,
+                        ts,
+                    }),
                 };
-                self.emit(conn, &env);
+                self.emit(origin.route.conn, &env);
             }
             ShardMsg::Rejected {
-                conn,
-                reference,
-                cmid,
+                origin,
                 code,
                 retry_after_ms,
             } => {
                 let env = Envelope {
-                    reference,
+                    reference: origin.reference,
                     msg: Message::Error(Error {
                         code,
                         message: Str::from(code.name()),
-                        cmid: Some(cmid),
+                        cmid: Some(origin.cmid),
                         retry_after_ms,
                     }),
                 };
-                self.emit(conn, &env);
+                self.emit(origin.route.conn, &env);
             }
             ShardMsg::GroupMembership {
                 group,
@@ -189,10 +188,8 @@ impl Shard {
             ShardMsg::GroupSend {
                 group,
                 origin,
-                reference,
                 deliver,
-                cmid,
-            } => self.group_send(group, origin, reference, deliver, cmid),
+            } => self.group_send(group, origin, deliver),
             ShardMsg::GroupFanout { group, deliver } => self.group_fanout_local(group, deliver),
             ShardMsg::MemberOf { user, group, join } => self.member_of(user, group, join),
             ShardMsg::Reply { conn, env } => self.emit(conn, &env),
@@ -336,16 +333,6 @@ impl Shard {
     }
 
     pub(super) fn next_mid(&mut self) -> u64 {
-        self.next_mid += 1;
-        // Low 8 bits: the shard, so shards never mint the same id. Stays below 2^53 for
-        // JavaScript clients for the next few thousand years of milliseconds.
-        let shard = self.id as u64 & 0xff;
-        match self.cfg.cluster.slot {
-            // A cluster node's slot (6 bits) above the shard: nodes never mint the same id.
-            // The counter starts at milliseconds since 2025 (`MID_EPOCH_MS`), so ids stay
-            // below 2^53 for about 17 years of milliseconds.
-            Some(slot) => (self.next_mid << 14) | (u64::from(slot & 0x3f) << 8) | shard,
-            None => (self.next_mid << 8) | shard,
-        }
+        self.mids.mint()
     }
 }

@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 
-use super::{ConnId, HelloDone, Phase, Proto, Session, Shard, ShardMsg, UserKey};
+use super::{ConnId, HelloDone, Origin, Phase, Proto, Session, Shard, ShardMsg, UserKey};
 use crate::codec::DecodeError;
 use crate::metrics::CloseReason;
 use crate::protocol::frame::FrameError;
@@ -622,16 +622,18 @@ impl Shard {
             }
         };
         let dest = self.owner(&to);
-        let origin = self.route(id);
         let cmid = s.cmid;
+        let origin = Origin {
+            route: self.route(id),
+            reference,
+            cmid: cmid.clone(),
+        };
         if !self.post(
             dest,
             ShardMsg::Direct {
                 to,
                 origin,
-                reference,
                 deliver,
-                cmid: cmid.clone(),
             },
         ) {
             self.overloaded(id, reference, Some(cmid));
