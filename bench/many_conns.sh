@@ -4,7 +4,11 @@
 #   bench/many_conns.sh [CONNS] [GATEWAYS] [WORKERS] [DURATION] [SOURCES] [RAMP]
 #   defaults: 100000 7 8 30s 127.0.0.2-127.0.0.9 10000 (connections opened per second)
 #   one million: bench/many_conns.sh 1000000 64 64 60s 127.0.0.2-127.0.0.65 20000
-#   (IMGW_MANY_OUT names the JSON file; default bench/results/many_conns.json)
+#   (IMGW_MANY_OUT names the JSON file, default bench/results/many_conns.json; LOADGEN_THREADS
+#   threads per worker, default 1: each thread does one blocking handshake at a time, so more
+#   threads keep more handshakes in flight when 100 processes share two cores;
+#   SETUP_TIMEOUT, default 300s, bounds the connecting phase; HEARTBEAT_MS, default 30000, is
+#   the gateways' heartbeat interval, which loadgen follows)
 #
 # One process may hold at most 20,000 open files here (a hard limit), so both sides are spread:
 # GATEWAYS imgw processes bind the SAME WebSocket and TCP ports with SO_REUSEPORT (the kernel
@@ -36,10 +40,10 @@ cargo build --release --quiet -p loadgen
 IMGW=target/release/imgw
 LOADGEN=target/release/loadgen
 
-cat >"$DIR/imgw.toml" <<'EOF'
+cat >"$DIR/imgw.toml" <<EOF
 [limits]
 idle_timeout_ms = 600000
-heartbeat_ms = 30000
+heartbeat_ms = ${HEARTBEAT_MS:-30000}
 EOF
 
 SLAB_BEFORE=$(awk '/^Slab:/ {print $2}' /proc/meminfo)
@@ -109,13 +113,15 @@ pids+=("$sampler_pid")
 
 status=0
 "$LOADGEN" idle --target "ws://127.0.0.1:$WS_PORT/ws" --conns "$CONNS" --workers "$WORKERS" \
+    --threads "${LOADGEN_THREADS:-1}" --setup-timeout "${SETUP_TIMEOUT:-300s}" \
     --sources "$SOURCES" --ramp "$RAMP" --duration "$DURATION" --json "$OUT" || status=$?
 kill "$sampler_pid" 2>/dev/null || true
 echo "peak sample:"
 cat "$DIR/sample.txt" 2>/dev/null || echo "(no sample)"
 {
     echo "commit $(git rev-parse --short HEAD); $CONNS connections, $GATEWAYS gateways," \
-        "$WORKERS loadgen workers, sources $SOURCES, ramp $RAMP/s, $DURATION"
+        "$WORKERS loadgen workers x ${LOADGEN_THREADS:-1} threads, sources $SOURCES," \
+        "ramp $RAMP/s, held $DURATION, heartbeat every ${HEARTBEAT_MS:-30000} ms"
     cat "$DIR/sample.txt" 2>/dev/null || echo "(no sample)"
 } >"${OUT%.json}.peak.txt"
 echo "loadgen exit status $status; JSON in $OUT"
