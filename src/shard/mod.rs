@@ -468,8 +468,9 @@ impl Shard {
         self.conns.get_mut(id).map(|c| &mut c.out)
     }
 
-    /// Records `n` bytes written from the front of the output and releases an emptied buffer.
-    pub fn wrote(&mut self, id: ConnId, n: usize, clk: Clock) {
+    /// Records `n` bytes written from the front of the output and releases an emptied buffer
+    /// (`now_us`: the monotonic clock, for the `output_wait` stage).
+    pub fn wrote(&mut self, id: ConnId, n: usize, now_us: u64) {
         let m = &self.metrics.shards[self.id];
         if let Some(c) = self.conns.get_mut(id) {
             c.out.drain(..n.min(c.out.len()));
@@ -477,7 +478,7 @@ impl Shard {
                 // An idle connection keeps no output buffer.
                 c.out = Vec::new();
                 if c.out_since_us != 0 {
-                    let waited = (clk.mono_us as u32).wrapping_sub(c.out_since_us);
+                    let waited = (now_us as u32).wrapping_sub(c.out_since_us);
                     m.stages[Stage::OutputWait as usize].record_us(u64::from(waited));
                     c.out_since_us = 0;
                 }

@@ -183,7 +183,7 @@ impl Sim {
         };
         let mut buf = BytesMut::from(&out[..]);
         let n = out.len();
-        self.shards[c.shard].wrote(c.id, n, self.clk);
+        self.shards[c.shard].wrote(c.id, n, self.clk.mono_us);
         let mut msgs = Vec::new();
         while let Some(f) = FrameDecoder::default().decode(&mut buf).unwrap() {
             msgs.push(f.header.codec.decode_bytes(&f.payload).unwrap().msg);
