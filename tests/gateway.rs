@@ -295,6 +295,50 @@ fn bad_input_gets_errors_is_counted_and_spares_neighbours() {
     assert!(g.metric("imgw_closes_total", &["reason=\"protocol\""]) >= 2.0);
 }
 
+/// A `hello` in a protocol version the server does not speak is refused with
+/// `version_unsupported` naming the versions it speaks, on both transports, and closed.
+#[test]
+fn an_unsupported_hello_version_is_refused_naming_the_supported_ones() {
+    let g = Gateway::dev();
+    for transport in [Transport::Ws, Transport::Tcp] {
+        let mut c = g.client(transport, CodecId::Json);
+        let r = c.hello_with(imgw::protocol::Hello {
+            version: 9,
+            token: "v9".into(),
+            device: "d".into(),
+            codecs: vec![],
+            resume: None,
+        });
+        match r {
+            Err(ClientError::Refused(e)) => {
+                assert_eq!(e.code, ErrorCode::VersionUnsupported);
+                assert_eq!(
+                    e.message,
+                    "protocol version 9 not spoken here: this server speaks 1 to 1"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(c.is_closed_by_peer(WAIT));
+    }
+    assert_eq!(
+        g.metric("imgw_errors_total", &["code=\"version_unsupported\""]),
+        2.0
+    );
+    // Version 0 (absent) means 1.
+    let mut c = g.client(Transport::Tcp, CodecId::Protobuf);
+    let w = c
+        .hello_with(imgw::protocol::Hello {
+            version: 0,
+            token: "v0".into(),
+            device: "d".into(),
+            codecs: vec![],
+            resume: None,
+        })
+        .unwrap();
+    assert_eq!(w.version, 1);
+}
+
 #[test]
 fn bad_tokens_are_refused_with_unauthorized() {
     let secret = "test-secret-0123456789-abcdefghijklmnop";

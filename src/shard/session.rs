@@ -450,11 +450,12 @@ impl Shard {
             s.close(id, CloseReason::AuthFailed);
         };
         if version != CURRENT_VERSION && version != PREVIOUS_VERSION {
-            refuse(
-                self,
-                ErrorCode::VersionUnsupported,
-                "protocol version not spoken here",
+            let msg = format!(
+                "protocol version {version} not spoken here: this server speaks {} to {}",
+                PREVIOUS_VERSION.min(CURRENT_VERSION),
+                CURRENT_VERSION.max(PREVIOUS_VERSION)
             );
+            refuse(self, ErrorCode::VersionUnsupported, &msg);
             return;
         }
         if h.device.is_empty() || h.device.len() > 128 {
