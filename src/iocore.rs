@@ -73,20 +73,63 @@ pub enum IoRequest {
     GroupHere { group: GroupRef, here: bool },
 }
 
+/// Why the I/O core could not do what a shard asked; the shard answers the client with the
+/// error code [`IoError::code`] names.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IoError {
+    /// The store, or a service the request needs (Redis, the Kafka broker's confirmation), did
+    /// not answer within its deadline. Retryable: a resent `cmid` is deduplicated.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The store or a needed service cannot serve now: an engine failure (a full disk, a
+    /// failed commit), a refused or broken connection, a refused Kafka produce.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record could not be decoded: the data is damaged (or a bug wrote it). Not
+    /// retryable by the client.
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+}
+
+impl IoError {
+    /// The client error for this failure (docs/PROTOCOL.md section 5): `unavailable` when a
+    /// retry may succeed, `internal` for damaged data.
+    pub fn code(&self) -> crate::protocol::ErrorCode {
+        match self {
+            IoError::Timeout(_) | IoError::Unavailable(_) => {
+                crate::protocol::ErrorCode::Unavailable
+            }
+            IoError::Corrupt(_) => crate::protocol::ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for IoError {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError as E;
+        match e {
+            E::Timeout { .. } => IoError::Timeout(e.to_string()),
+            E::Corrupt { .. } => IoError::Corrupt(e.to_string()),
+            other => IoError::Unavailable(other.to_string()),
+        }
+    }
+}
+
 /// The I/O core's answer.
 #[derive(Debug)]
 pub enum IoReply {
-    Applied(Result<Vec<OpResult>, String>),
-    Inbox(Result<InboxPage, String>),
-    Cursor(Result<u64, String>),
+    Applied(Result<Vec<OpResult>, IoError>),
+    Inbox(Result<InboxPage, IoError>),
+    Cursor(Result<u64, IoError>),
     /// The cursor the page starts after, and the page; `None`: not a member of the group.
-    Group(Result<Option<(u64, GroupPage)>, String>),
+    Group(Result<Option<(u64, GroupPage)>, IoError>),
     /// Group ids (unread groups, or a user's groups).
-    Groups(Result<Vec<Str>, String>),
+    Groups(Result<Vec<Str>, IoError>),
     /// Member ids of one group.
-    Members(Result<Vec<Str>, String>),
+    Members(Result<Vec<Str>, IoError>),
     /// Cluster node ids.
-    Nodes(Result<Vec<Str>, String>),
+    Nodes(Result<Vec<Str>, IoError>),
     /// A push ingress record for this shard, the owner of its user or group (token 0:
     /// nobody waits for it).
     Push(Box<PushRecord>),
@@ -707,7 +750,7 @@ fn publish(
     results: &mut [OpResult],
     notes: &mut [Option<Noted>],
     svc: &Running,
-) -> Result<Vec<Produced>, String> {
+) -> Result<Vec<Produced>, IoError> {
     let mut reports = Vec::new();
     for (r, n) in results.iter_mut().zip(notes.iter_mut()) {
         let (
@@ -742,7 +785,9 @@ fn publish(
                 continue;
             }
             if k.is_in_flight(*mid) {
-                return Err("kafka confirmation of the first attempt pending".into());
+                return Err(IoError::Unavailable(
+                    "kafka confirmation of the first attempt pending".into(),
+                ));
             }
             k.stats.kafka_reproduced.fetch_add(1, Ordering::Relaxed);
             // The first attempt was refused before delivery: deliver it now.
@@ -761,7 +806,7 @@ fn publish(
         }
         match k.produce(&n.tenant, &n.dest, &n.cmid, &d) {
             Ok(mut p) => reports.append(&mut p),
-            Err(e) if svc.confirms => return Err(e),
+            Err(e) if svc.confirms => return Err(IoError::Unavailable(e)),
             Err(e) => tracing::debug!(error = %e, "kafka produce skipped"),
         }
     }
@@ -830,7 +875,9 @@ async fn confirm(
         let reply = if ok {
             IoReply::Applied(Ok(results))
         } else {
-            IoReply::Applied(Err("kafka did not confirm the message".into()))
+            IoReply::Applied(Err(IoError::Timeout(
+                "kafka did not confirm the message".into(),
+            )))
         };
         complete(link, IoDone { token, reply }).await;
         woken[usize::from(shard)] = true;
@@ -890,7 +937,7 @@ async fn run_batch(
             _ => {}
         }
     }
-    let mut applied: Option<Result<std::vec::IntoIter<OpResult>, String>> = None;
+    let mut applied: Option<Result<std::vec::IntoIter<OpResult>, IoError>> = None;
     if !spans.is_empty() {
         if cfg.commit_delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(cfg.commit_delay_ms)).await;
@@ -912,7 +959,7 @@ async fn run_batch(
                     stats.last_error_log_ms.store(now, Ordering::Relaxed);
                     tracing::error!(error = %e, failed_batches_so_far = failed, "store commit failed");
                 }
-                Err(e.to_string())
+                Err(IoError::from(e))
             }
         });
     }
@@ -952,21 +999,19 @@ async fn run_batch(
                         }
                     }
                     Some(Err(e)) => IoReply::Applied(Err(e.clone())),
-                    None => IoReply::Applied(Err("internal: no apply".into())),
+                    // Not reached: a batch with an `Apply` always ran `apply`.
+                    None => IoReply::Applied(Err(IoError::Unavailable("no apply ran".into()))),
                 }
             }
             IoRequest::ReadInbox { user, after, limit } => IoReply::Inbox(
                 backend
                     .read_inbox(&user, after, limit)
                     .await
-                    .map_err(|e| e.to_string()),
+                    .map_err(IoError::from),
             ),
-            IoRequest::Cursor { user, device } => IoReply::Cursor(
-                backend
-                    .cursor(&user, &device)
-                    .await
-                    .map_err(|e| e.to_string()),
-            ),
+            IoRequest::Cursor { user, device } => {
+                IoReply::Cursor(backend.cursor(&user, &device).await.map_err(IoError::from))
+            }
             IoRequest::RouteNodes { user } => match &svc.cluster {
                 // A Redis round trip: answered by a task of its own, so that the batch's
                 // other completions do not wait for it.
@@ -984,12 +1029,9 @@ async fn run_batch(
                 }
                 None => IoReply::Nodes(Ok(Vec::new())),
             },
-            IoRequest::LastInboxSeq { user } => IoReply::Cursor(
-                backend
-                    .last_inbox_seq(&user)
-                    .await
-                    .map_err(|e| e.to_string()),
-            ),
+            IoRequest::LastInboxSeq { user } => {
+                IoReply::Cursor(backend.last_inbox_seq(&user).await.map_err(IoError::from))
+            }
             IoRequest::ReadGroup {
                 member,
                 group,
@@ -998,20 +1040,16 @@ async fn run_batch(
             } => IoReply::Group(
                 read_group_for(backend, &member, group, after, limit)
                     .await
-                    .map_err(|e| e.to_string()),
+                    .map_err(IoError::from),
             ),
-            IoRequest::UnreadGroups { user } => IoReply::Groups(
-                unread_groups(backend, &user)
-                    .await
-                    .map_err(|e| e.to_string()),
-            ),
-            IoRequest::GroupMembers { group } => IoReply::Members(
-                all_members(backend, &group)
-                    .await
-                    .map_err(|e| e.to_string()),
-            ),
+            IoRequest::UnreadGroups { user } => {
+                IoReply::Groups(unread_groups(backend, &user).await.map_err(IoError::from))
+            }
+            IoRequest::GroupMembers { group } => {
+                IoReply::Members(all_members(backend, &group).await.map_err(IoError::from))
+            }
             IoRequest::UserGroups { user } => {
-                IoReply::Groups(backend.user_groups(&user).await.map_err(|e| e.to_string()))
+                IoReply::Groups(backend.user_groups(&user).await.map_err(IoError::from))
             }
             IoRequest::Presence(_) => continue,
             IoRequest::Relay(item) => {
@@ -1140,5 +1178,34 @@ async fn all_members(
             return Ok(out);
         }
         out.extend(page);
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::IoError;
+    use crate::protocol::ErrorCode;
+    use crate::store::StoreError;
+
+    /// Each store failure reaches the client as its documented code: a timeout or an engine
+    /// failure is `unavailable` (retry), damaged data is `internal`.
+    #[test]
+    fn store_errors_map_to_the_documented_client_codes() {
+        let timeout = IoError::from(StoreError::Timeout { ms: 500 });
+        assert!(matches!(timeout, IoError::Timeout(_)));
+        assert_eq!(timeout.code(), ErrorCode::Unavailable);
+        let corrupt = IoError::from(StoreError::Corrupt {
+            table: "inbox",
+            detail: "short record".into(),
+        });
+        assert!(matches!(corrupt, IoError::Corrupt(_)));
+        assert_eq!(corrupt.code(), ErrorCode::Internal);
+        assert_eq!(
+            corrupt.to_string(),
+            "corrupt store data: corrupt record in `inbox`: short record"
+        );
+        let engine = IoError::from(StoreError::Engine("disk full".into()));
+        assert!(matches!(engine, IoError::Unavailable(_)));
+        assert_eq!(engine.code(), ErrorCode::Unavailable);
     }
 }

@@ -520,21 +520,22 @@ impl Node {
     pub fn route_nodes(
         &self,
         user: &crate::store::UserRef,
-    ) -> impl std::future::Future<Output = Result<Vec<Str>, String>> + 'static {
+    ) -> impl std::future::Future<Output = Result<Vec<Str>, crate::iocore::IoError>> + 'static {
+        use crate::iocore::IoError;
         let reg = self.registry.clone();
         let key = route_key(&reg.prefix, &user.tenant, &user.user);
         async move {
             let lookup = async {
-                let mut c = reg.conn().await?;
+                let mut c = reg.conn().await.map_err(IoError::Unavailable)?;
                 let r = redis::cmd("HVALS")
                     .arg(key)
                     .query_async::<Vec<String>>(&mut c)
                     .await;
-                r.map_err(|e| reg.failed(e))
+                r.map_err(|e| IoError::Unavailable(reg.failed(e)))
             };
             let values = tokio::time::timeout(reg.timeout, lookup)
                 .await
-                .map_err(|_| "redis timed out".to_string())??;
+                .map_err(|_| IoError::Timeout("redis did not answer".into()))??;
             Ok(route_nodes(&values)
                 .into_iter()
                 .filter(|n| reg.is_alive(n))

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::{Clock, ConnId, Origin, Route, Shard, ShardMsg, UserKey};
-use crate::iocore::{IoCmd, IoDone, IoReply, IoRequest};
+use crate::iocore::{IoCmd, IoDone, IoError, IoReply, IoRequest};
 use crate::metrics::CloseReason;
 use crate::protocol::{Deliver, Envelope, ErrorCode, Message, Str, Synced};
 use crate::store::{InboxPage, Op, OpResult, UserRef};
@@ -141,7 +141,16 @@ pub(super) enum IoWait {
 
 /// Whether a push ingress record was stored as a new message; if so, `deliver` takes its
 /// stored position (seq, mid, ts). A duplicate or a failed write pushes nothing.
-fn stored_fresh(r: Result<Vec<OpResult>, String>, deliver: &mut Deliver) -> bool {
+/// The client error for a failed store call: the error's own code (`unavailable`, or
+/// `internal` for damaged data), `unavailable` when the call answered but not as expected.
+fn stored_error<T>(r: &Result<T, IoError>) -> ErrorCode {
+    match r {
+        Err(e) => e.code(),
+        Ok(_) => ErrorCode::Unavailable,
+    }
+}
+
+fn stored_fresh(r: Result<Vec<OpResult>, IoError>, deliver: &mut Deliver) -> bool {
     let Some(OpResult::Appended {
         seq,
         mid,
@@ -306,6 +315,7 @@ impl Shard {
                 },
                 IoReply::Applied(r),
             ) => {
+                let code = stored_error(&r);
                 let first = r.ok().and_then(|v| v.into_iter().next());
                 let Some(OpResult::Appended {
                     seq,
@@ -314,8 +324,9 @@ impl Shard {
                     duplicate,
                 }) = first
                 else {
-                    let retry = Some(self.cfg.limits.retry_after_ms);
-                    self.reject(origin, ErrorCode::Unavailable, retry);
+                    let retry =
+                        (code == ErrorCode::Unavailable).then_some(self.cfg.limits.retry_after_ms);
+                    self.reject(origin, code, retry);
                     return;
                 };
                 if !duplicate {
@@ -334,21 +345,19 @@ impl Shard {
                     deliver,
                 },
                 IoReply::Applied(r),
-            ) => match r.ok().and_then(|v| v.into_iter().next()) {
-                Some(OpResult::Appended {
-                    seq,
-                    mid,
-                    ts,
-                    duplicate,
-                }) => self.group_appended(group, origin, deliver, (seq, mid, ts, duplicate)),
-                other => {
-                    let code = match other {
-                        Some(OpResult::Refused(_)) => ErrorCode::Forbidden,
-                        _ => ErrorCode::Unavailable,
-                    };
-                    self.reject(origin, code, None);
+            ) => {
+                let code = stored_error(&r);
+                match r.ok().and_then(|v| v.into_iter().next()) {
+                    Some(OpResult::Appended {
+                        seq,
+                        mid,
+                        ts,
+                        duplicate,
+                    }) => self.group_appended(group, origin, deliver, (seq, mid, ts, duplicate)),
+                    Some(OpResult::Refused(_)) => self.reject(origin, ErrorCode::Forbidden, None),
+                    _ => self.reject(origin, code, None),
                 }
-            },
+            }
             (IoWait::PushUser { to, mut deliver }, IoReply::Applied(r)) => {
                 let fresh = stored_fresh(r, &mut deliver);
                 if fresh {
@@ -556,7 +565,7 @@ impl Shard {
         &mut self,
         conn: ConnId,
         reference: Option<u64>,
-        page: Result<InboxPage, String>,
+        page: Result<InboxPage, IoError>,
         sync_after: Option<u64>,
     ) {
         let pump = sync_after.is_none();
@@ -567,7 +576,7 @@ impl Shard {
         };
         let page = match page {
             Ok(p) => p,
-            Err(_) => {
+            Err(e) => {
                 if pump {
                     // Retried on the next tick (or by the next ack or push before it).
                     self.pump_failed(conn);
@@ -577,7 +586,7 @@ impl Shard {
                     s.window.syncing = false;
                 }
                 self.maybe_pump(conn);
-                self.reply_error(conn, reference, ErrorCode::Unavailable, "store read failed");
+                self.reply_error(conn, reference, e.code(), "store read failed");
                 return;
             }
         };
@@ -883,7 +892,7 @@ impl Shard {
         &mut self,
         conn: ConnId,
         hello: super::HelloDone,
-        last: Result<u64, String>,
+        last: Result<u64, IoError>,
         clk: Clock,
     ) {
         let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {

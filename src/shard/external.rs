@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::groups::GroupKey;
 use super::{Clock, ConnId, Shard, UserKey};
-use crate::iocore::{IoCmd, IoRequest};
+use crate::iocore::{IoCmd, IoError, IoRequest};
 use crate::protocol::{Deliver, Status, Str, Target};
 use crate::services::cluster::MAX_NODES;
 use crate::services::push::PushRecord;
@@ -164,7 +164,7 @@ impl Shard {
     pub(super) fn presence_probed(
         &mut self,
         user: UserKey,
-        nodes: Result<Vec<Str>, String>,
+        nodes: Result<Vec<Str>, IoError>,
         clk: Clock,
     ) {
         let own = self.cfg.cluster.node_id.as_deref().unwrap_or("");

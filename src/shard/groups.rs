@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::delivery::IoWait;
 use super::{owner_shard, Clock, ConnId, Origin, Route, Shard, ShardMsg, UserKey};
-use crate::iocore::{IoCmd, IoRequest};
+use crate::iocore::{IoCmd, IoError, IoRequest};
 use crate::protocol::{Deliver, Envelope, Error, ErrorCode, Message, Str, Target};
 use crate::store::{GroupPage, GroupRef, UserRef};
 
@@ -305,7 +305,7 @@ impl Shard {
         (group, member, join): (GroupKey, Str, bool),
         origin: Route,
         reference: Option<u64>,
-        result: Result<Vec<crate::store::OpResult>, String>,
+        result: Result<Vec<crate::store::OpResult>, IoError>,
     ) {
         use crate::store::{OpResult, Refusal};
         let code = match result.map(|v| v.into_iter().next()) {
@@ -314,7 +314,8 @@ impl Shard {
                 Some(ErrorCode::LimitExceeded)
             }
             Ok(Some(OpResult::Refused(_))) => Some(ErrorCode::BadRequest),
-            _ => Some(ErrorCode::Unavailable),
+            Ok(_) => Some(ErrorCode::Unavailable),
+            Err(e) => Some(e.code()),
         };
         match code {
             None => {
@@ -589,7 +590,9 @@ impl Shard {
     }
 
     fn refuse_group_work(&mut self, work: GroupWork, code: ErrorCode) {
-        let retry = Some(self.cfg.limits.retry_after_ms);
+        // A retry hint only where retrying can help (not for damaged data: `internal`).
+        let retry = matches!(code, ErrorCode::Overloaded | ErrorCode::Unavailable)
+            .then_some(self.cfg.limits.retry_after_ms);
         match work {
             GroupWork::Send { origin, .. } => self.reject(origin, code, retry),
             GroupWork::Membership {
@@ -599,7 +602,7 @@ impl Shard {
     }
 
     /// The group's stored members arrived: install them, then run the waiting work in order.
-    pub(super) fn group_loaded(&mut self, group: GroupKey, members: Result<Vec<Str>, String>) {
+    pub(super) fn group_loaded(&mut self, group: GroupKey, members: Result<Vec<Str>, IoError>) {
         let Some(waiting) = self.groups.loading.remove(&group) else {
             return;
         };
@@ -608,7 +611,7 @@ impl Shard {
             Err(e) => {
                 tracing::warn!(shard = self.id, error = %e, "reading a group's members failed");
                 for w in waiting {
-                    self.refuse_group_work(w, ErrorCode::Unavailable);
+                    self.refuse_group_work(w, e.code());
                 }
                 return;
             }
@@ -649,7 +652,7 @@ impl Shard {
     }
 
     /// Member-owner side: the user's stored groups replace what this shard knew.
-    pub(super) fn user_groups_loaded(&mut self, user: UserKey, groups: Result<Vec<Str>, String>) {
+    pub(super) fn user_groups_loaded(&mut self, user: UserKey, groups: Result<Vec<Str>, IoError>) {
         let Some(dirty) = self.groups.user_loading.remove(&user) else {
             return;
         };
@@ -728,7 +731,7 @@ impl Shard {
         conn: ConnId,
         reference: Option<u64>,
         group: Str,
-        page: Result<Option<(u64, GroupPage)>, String>,
+        page: Result<Option<(u64, GroupPage)>, IoError>,
     ) {
         let (after, page) = match page {
             Ok(Some(p)) => p,
@@ -736,8 +739,8 @@ impl Shard {
                 self.reply_error(conn, reference, ErrorCode::Forbidden, "not a member");
                 return;
             }
-            Err(_) => {
-                self.reply_error(conn, reference, ErrorCode::Unavailable, "store read failed");
+            Err(e) => {
+                self.reply_error(conn, reference, e.code(), "store read failed");
                 return;
             }
         };
