@@ -55,8 +55,7 @@ pub struct Route {
     pub conn: ConnId,
 }
 
-use crate::ids::MidMint;
-use crate::ids::{owner_shard, UserKey};
+use crate::ids::{owner_shard, MidMint, UserKey};
 
 /// What the `welcome` of a `hello` needs once the owner has registered the device: a client
 /// that got its `welcome` is routable, so a message sent to it right after is delivered.
