@@ -48,6 +48,30 @@ pub struct Config {
     pub redis: RedisConfig,
     pub kafka: KafkaConfig,
     pub cluster: ClusterConfig,
+    /// Per-tenant settings over the defaults in `[limits]`: `[tenants.NAME]`.
+    pub tenants: std::collections::BTreeMap<String, TenantConfig>,
+}
+
+/// One tenant's own limits (`[tenants.NAME]`); what is absent comes from `[limits]`.
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Authenticated connections of the tenant over the whole process (default
+    /// `limits.max_conns_per_tenant`).
+    pub max_conns: Option<u32>,
+}
+
+/// Tenants with settings of their own, at most.
+pub const MAX_TENANTS_CONFIGURED: usize = 100_000;
+
+impl Config {
+    /// The connection limit of `tenant`: its own, or `limits.max_conns_per_tenant`.
+    pub fn max_conns_of(&self, tenant: &str) -> u32 {
+        self.tenants
+            .get(tenant)
+            .and_then(|t| t.max_conns)
+            .unwrap_or(self.limits.max_conns_per_tenant)
+    }
 }
 
 /// Cluster mode (docs/ARCHITECTURE.md "Cluster", src/cluster.rs): several nodes share one
@@ -534,6 +558,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.tenants.len() > MAX_TENANTS_CONFIGURED {
+            return bad("at most 100000 [tenants.NAME] tables");
+        }
         if l.max_frame_bytes < crate::protocol::frame::HEADER_LEN as u32 + 16 {
             return bad("limits.max_frame_bytes is too small");
         }
@@ -687,6 +714,18 @@ mod tests {
             c.ws.allowed_origins.is_empty(),
             "allow-all is never the default"
         );
+    }
+
+    #[test]
+    fn a_tenant_table_overrides_the_default_connection_limit() {
+        let c: Config = toml::from_str(
+            "[limits]\nmax_conns_per_tenant = 7\n[tenants.acme]\nmax_conns = 2\n[tenants.\"big co\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_conns_of("acme"), 2);
+        assert_eq!(c.max_conns_of("big co"), 7);
+        assert_eq!(c.max_conns_of("other"), 7);
+        assert!(toml::from_str::<Config>("[tenants.acme]\nmax_con = 2\n").is_err());
     }
 
     #[test]

@@ -139,6 +139,60 @@ impl LatencyHist {
 pub struct TenantStats {
     pub connections: i64,
     pub sends: u64,
+    /// `hello`s refused because the tenant was at its connection limit.
+    pub refused: u64,
+}
+
+/// Authenticated connections per tenant over every shard of the process: the one count
+/// `limits.max_conns_per_tenant` is checked against. A short lock per `hello` and per close
+/// of an authenticated connection (a limit across shards needs one count; handshakes are
+/// rare next to messages). Holds a tenant only while it has connections: bounded by the
+/// connection count.
+#[derive(Debug, Default)]
+pub struct TenantConns {
+    map: Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl TenantConns {
+    /// Counts one more connection of `tenant` unless it has `max` already (false: refused,
+    /// nothing counted).
+    pub fn try_add(&self, tenant: &str, max: u32) -> bool {
+        let Ok(mut map) = self.map.lock() else {
+            return false;
+        };
+        match map.get_mut(tenant) {
+            Some(n) if *n >= max => false,
+            Some(n) => {
+                *n += 1;
+                true
+            }
+            None if max == 0 => false,
+            None => {
+                map.insert(tenant.to_string(), 1);
+                true
+            }
+        }
+    }
+
+    /// One connection of `tenant` fewer.
+    pub fn remove(&self, tenant: &str) {
+        let Ok(mut map) = self.map.lock() else {
+            return;
+        };
+        if let Some(n) = map.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(tenant);
+            }
+        }
+    }
+
+    /// The tenant's authenticated connections now.
+    pub fn get(&self, tenant: &str) -> u32 {
+        self.map
+            .lock()
+            .map_or(0, |m| m.get(tenant).copied().unwrap_or(0))
+    }
 }
 
 /// One shard's block.
@@ -250,6 +304,19 @@ impl ShardMetrics {
         e.connections += connections;
         e.sends += sends;
     }
+
+    /// A `hello` of `tenant` refused at the tenant's connection limit.
+    pub fn tenant_refused(&self, tenant: &str) {
+        let Ok(mut map) = self.tenants.lock() else {
+            return;
+        };
+        let key = if map.contains_key(tenant) || map.len() < MAX_TENANTS_TRACKED {
+            tenant
+        } else {
+            "_other"
+        };
+        map.entry(key.to_string()).or_default().refused += 1;
+    }
 }
 
 /// All shards' blocks.
@@ -258,6 +325,8 @@ pub struct Metrics {
     pub shards: Vec<ShardMetrics>,
     /// The I/O core's counters, once it runs (durability `local`).
     pub io: std::sync::OnceLock<std::sync::Arc<crate::iocore::IoStats>>,
+    /// Connections per tenant over all shards (`limits.max_conns_per_tenant`).
+    pub tenant_conns: TenantConns,
 }
 
 impl Metrics {
@@ -265,6 +334,7 @@ impl Metrics {
         Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             io: std::sync::OnceLock::new(),
+            tenant_conns: TenantConns::default(),
         }
     }
 
@@ -508,6 +578,7 @@ impl Metrics {
                     let e = tenants.entry(t.clone()).or_default();
                     e.connections += st.connections;
                     e.sends += st.sends;
+                    e.refused += st.refused;
                 }
             }
         }
@@ -527,6 +598,15 @@ impl Metrics {
                 "imgw_tenant_sends_total{{tenant=\"{}\"}} {}",
                 escape(t),
                 st.sends
+            );
+        }
+        let _ = writeln!(o, "# HELP imgw_tenant_refused_total Hellos refused at the tenant's connection limit.\n# TYPE imgw_tenant_refused_total counter");
+        for (t, st) in &tenants {
+            let _ = writeln!(
+                o,
+                "imgw_tenant_refused_total{{tenant=\"{}\"}} {}",
+                escape(t),
+                st.refused
             );
         }
         o

@@ -339,6 +339,79 @@ fn an_unsupported_hello_version_is_refused_naming_the_supported_ones() {
     assert_eq!(w.version, 1);
 }
 
+/// `limits.max_conns_per_tenant`, and a tenant's own `[tenants.NAME] max_conns`, hold over
+/// both shards: the connection past the limit is refused with `limit_exceeded` and closed,
+/// other tenants are untouched, a closed connection frees its place, and refusals are
+/// counted per tenant.
+#[test]
+fn a_tenant_at_its_connection_limit_is_refused_and_others_are_not() {
+    let secret = "test-secret-0123456789-abcdefghijklmnop";
+    let toml = format!(
+        "{DEV_TOML}\n[auth]\njwt_hs256_secret = \"{secret}\"\n[tenants.acme]\nmax_conns = 3\n"
+    );
+    let g = Gateway::start(&toml, &["--shards", "2"]);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token =
+        |tenant: &str, user: &str| imgw::auth::issue_hs256(secret.as_bytes(), tenant, user, exp);
+    // Three of acme's users on both transports (the listeners spread them over the shards).
+    let mut acme = Vec::new();
+    for (i, t) in [Transport::Ws, Transport::Tcp, Transport::Ws]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = g.client(t, CodecId::Json);
+        c.hello(&token("acme", &format!("a{i}")), "d").unwrap();
+        acme.push(c);
+    }
+    for t in [Transport::Tcp, Transport::Ws] {
+        let mut c = g.client(t, CodecId::Json);
+        match c.hello(&token("acme", "a9"), "d") {
+            Err(ClientError::Refused(e)) => {
+                assert_eq!(e.code, ErrorCode::LimitExceeded);
+                assert_eq!(e.message, "tenant connection limit reached (3)");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(c.is_closed_by_peer(WAIT));
+    }
+    // Another tenant is not limited by acme's count.
+    let mut others = Vec::new();
+    for i in 0..5 {
+        let mut c = g.client(Transport::Tcp, CodecId::Protobuf);
+        c.hello(&token("globex", &format!("g{i}")), "d").unwrap();
+        others.push(c);
+    }
+    assert_eq!(
+        g.metric("imgw_tenant_refused_total", &["tenant=\"acme\""]),
+        2.0
+    );
+    assert_eq!(
+        g.metric("imgw_tenant_refused_total", &["tenant=\"globex\""]),
+        0.0
+    );
+    // A closed connection gives its place back.
+    drop(acme.pop());
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut c = g.client(Transport::Ws, CodecId::Json);
+        match c.hello(&token("acme", "a3"), "d") {
+            Ok(_) => break,
+            Err(ClientError::Refused(e)) if e.code == ErrorCode::LimitExceeded => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the place was not freed"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
 #[test]
 fn bad_tokens_are_refused_with_unauthorized() {
     let secret = "test-secret-0123456789-abcdefghijklmnop";

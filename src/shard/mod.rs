@@ -538,6 +538,7 @@ impl Shard {
             m.authenticated
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             m.tenant(&s.user.tenant, -1, 0);
+            self.metrics.tenant_conns.remove(&s.user.tenant);
             self.presence_event(
                 &s.user,
                 &s.device,

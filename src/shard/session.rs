@@ -474,6 +474,19 @@ impl Shard {
             tenant: identity.tenant,
             user: identity.user,
         };
+        // The tenant's connection limit over every shard (released in `Shard::remove`, or
+        // below when the registration cannot even be queued).
+        let max = self.cfg.max_conns_of(&user.tenant);
+        if !self.metrics.tenant_conns.try_add(&user.tenant, max) {
+            let msg = format!("tenant connection limit reached ({max})");
+            self.reply_error(id, reference, ErrorCode::LimitExceeded, &msg);
+            let m = self.m();
+            m.tenant_refused(&user.tenant);
+            m.handshakes_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.close(id, CloseReason::Limit);
+            return;
+        }
         let session_id = ((self.next_session) << 8) | self.id as u64;
         self.next_session += 1;
         let route = self.route(id);
@@ -492,6 +505,7 @@ impl Shard {
                 hello,
             },
         ) {
+            self.metrics.tenant_conns.remove(&user.tenant);
             self.overloaded(id, reference, None);
             self.close(id, CloseReason::Limit);
             return;
