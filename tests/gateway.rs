@@ -412,6 +412,81 @@ fn a_tenant_at_its_connection_limit_is_refused_and_others_are_not() {
     }
 }
 
+/// Nothing crosses tenants, whatever ids a client guesses: the same user ids and group id in
+/// two tenants are different users and groups. A send from tenant A to "bob" does not reach
+/// tenant B's online "bob", A's presence subscription to "bob" sees A's bob (offline), and a
+/// message to group "team" from A does not reach B's members of "team".
+#[test]
+fn nothing_crosses_tenants_whatever_ids_are_guessed() {
+    let secret = "test-secret-0123456789-abcdefghijklmnop";
+    let toml = format!("{DEV_TOML}\n[auth]\njwt_hs256_secret = \"{secret}\"\n");
+    let g = Gateway::start(&toml, &["--shards", "2"]);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let login = |tenant: &str, user: &str, t: Transport| {
+        let mut c = g.client(t, CodecId::Json);
+        c.hello(
+            &imgw::auth::issue_hs256(secret.as_bytes(), tenant, user, exp),
+            "d",
+        )
+        .unwrap();
+        c
+    };
+    let mut a_alice = login("tenant-a", "alice", Transport::Ws);
+    let mut b_bob = login("tenant-b", "bob", Transport::Tcp);
+    let mut b_carol = login("tenant-b", "carol", Transport::Ws);
+    // Tenant B's group "team": bob and carol.
+    assert_eq!(join(&mut b_bob, "team"), Message::Ok);
+    assert_eq!(join(&mut b_carol, "team"), Message::Ok);
+    // A's alice sends to "bob" (offline in tenant A: accepted, stored nowhere at memory).
+    send(&mut a_alice, "bob", "x1", "for a's bob");
+    a_alice
+        .recv_until(|e| matches!(e.msg, Message::SendAck(_)), WAIT)
+        .unwrap();
+    // A's alice watches "bob": A's bob is offline although B's bob is online.
+    let r = a_alice.next_ref();
+    a_alice
+        .send(&Envelope::with_ref(
+            Message::PresenceSub(PresenceSub {
+                users: vec![Str::from("bob")],
+            }),
+            r,
+        ))
+        .unwrap();
+    let env = a_alice
+        .recv_until(|e| matches!(e.msg, Message::Presence(_)), WAIT)
+        .unwrap();
+    let Message::Presence(p) = env.msg else {
+        unreachable!()
+    };
+    assert_eq!(p.status, Status::Offline);
+    // A's alice joins "team": A's own group, with her alone; her message reaches nobody in B.
+    assert_eq!(join(&mut a_alice, "team"), Message::Ok);
+    assert!(matches!(
+        send_group(&mut a_alice, "team", "x2", "to a's team"),
+        Message::SendAck(_)
+    ));
+    // B's bob sends to B's team: carol gets it, and A's alice (a member of A's team) does not.
+    assert!(matches!(
+        send_group(&mut b_bob, "team", "y1", "to b's team"),
+        Message::SendAck(_)
+    ));
+    assert_eq!(deliveries(&mut b_carol, 1)[0].body, "to b's team");
+    // Nothing of the above reached tenant B's bob or tenant A's alice.
+    for c in [&mut b_bob, &mut a_alice] {
+        ping(c);
+        assert!(c
+            .recv_until(
+                |e| matches!(e.msg, Message::Deliver(_)),
+                Duration::from_millis(300)
+            )
+            .is_err());
+    }
+}
+
 #[test]
 fn bad_tokens_are_refused_with_unauthorized() {
     let secret = "test-secret-0123456789-abcdefghijklmnop";
