@@ -59,6 +59,10 @@ pub struct TenantConfig {
     /// Authenticated connections of the tenant over the whole process (default
     /// `limits.max_conns_per_tenant`).
     pub max_conns: Option<u32>,
+    /// The tenant's send bucket (defaults `limits.tenant_sends_per_sec` and
+    /// `limits.tenant_send_burst`; a rate of 0: none).
+    pub sends_per_sec: Option<u32>,
+    pub send_burst: Option<u32>,
 }
 
 /// Tenants with settings of their own, at most.
@@ -71,6 +75,19 @@ impl Config {
             .get(tenant)
             .and_then(|t| t.max_conns)
             .unwrap_or(self.limits.max_conns_per_tenant)
+    }
+
+    /// The send bucket of `tenant` as (rate, burst); `None`: no tenant rate. A burst below
+    /// one send is one send.
+    pub fn tenant_sends_of(&self, tenant: &str) -> Option<(u32, u32)> {
+        let t = self.tenants.get(tenant);
+        let rate = t
+            .and_then(|t| t.sends_per_sec)
+            .unwrap_or(self.limits.tenant_sends_per_sec);
+        let burst = t
+            .and_then(|t| t.send_burst)
+            .unwrap_or(self.limits.tenant_send_burst);
+        (rate > 0).then_some((rate, burst.max(1)))
     }
 }
 
@@ -376,6 +393,10 @@ pub struct Limits {
     /// Connections per process (all shards together) and per tenant.
     pub max_conns: u32,
     pub max_conns_per_tenant: u32,
+    /// Token bucket per tenant over all its connections and shards: sustained sends per
+    /// second and burst (0: no tenant rate, only the per-connection one).
+    pub tenant_sends_per_sec: u32,
+    pub tenant_send_burst: u32,
     /// Online devices per user.
     pub max_devices_per_user: u32,
     /// Users one connection may subscribe to for presence.
@@ -472,6 +493,8 @@ impl Default for Limits {
             bytes_per_sec: 1 << 20,
             max_conns: 1_000_000,
             max_conns_per_tenant: 1_000_000,
+            tenant_sends_per_sec: 0,
+            tenant_send_burst: 0,
             max_devices_per_user: 16,
             max_presence_subs: 1_000,
             max_groups_per_user: 1_000,
@@ -726,6 +749,16 @@ mod tests {
         assert_eq!(c.max_conns_of("big co"), 7);
         assert_eq!(c.max_conns_of("other"), 7);
         assert!(toml::from_str::<Config>("[tenants.acme]\nmax_con = 2\n").is_err());
+        // No tenant rate by default; a tenant's own rate, with the default or its own burst.
+        assert_eq!(c.tenant_sends_of("acme"), None);
+        let c: Config = toml::from_str(
+            "[limits]\ntenant_sends_per_sec = 100\ntenant_send_burst = 50\n\
+             [tenants.a]\nsends_per_sec = 5\n[tenants.b]\nsends_per_sec = 0\n",
+        )
+        .unwrap();
+        assert_eq!(c.tenant_sends_of("a"), Some((5, 50)));
+        assert_eq!(c.tenant_sends_of("b"), None);
+        assert_eq!(c.tenant_sends_of("c"), Some((100, 50)));
     }
 
     #[test]

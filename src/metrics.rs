@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::codec::CodecId;
 use crate::protocol::{ErrorCode, Op};
@@ -141,57 +141,116 @@ pub struct TenantStats {
     pub sends: u64,
     /// `hello`s refused because the tenant was at its connection limit.
     pub refused: u64,
+    /// Sends refused by the tenant's send bucket.
+    pub rate_limited: u64,
 }
 
-/// Authenticated connections per tenant over every shard of the process: the one count
-/// `limits.max_conns_per_tenant` is checked against. A short lock per `hello` and per close
-/// of an authenticated connection (a limit across shards needs one count; handshakes are
-/// rare next to messages). Holds a tenant only while it has connections: bounded by the
-/// connection count.
+/// What a tenant was refused (per-tenant counters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TenantRefusal {
+    /// A `hello` past `limits.max_conns_per_tenant`.
+    Conns,
+    /// A `send` past the tenant's send bucket.
+    Rate,
+}
+
+/// What the shards share per tenant, for the limits that hold over the whole process:
+/// authenticated connections (`limits.max_conns_per_tenant`) and the tenant's send bucket
+/// (`limits.tenant_sends_per_sec`). A short lock per `hello` and per close of an
+/// authenticated connection; a tenant is held only while it has connections (bounded by the
+/// connection count). It lives beside the metrics because every shard already holds them.
 #[derive(Debug, Default)]
-pub struct TenantConns {
-    map: Mutex<std::collections::HashMap<String, u32>>,
+pub struct TenantShared {
+    map: Mutex<std::collections::HashMap<String, TenantEntry>>,
 }
 
-impl TenantConns {
-    /// Counts one more connection of `tenant` unless it has `max` already (false: refused,
-    /// nothing counted).
-    pub fn try_add(&self, tenant: &str, max: u32) -> bool {
-        let Ok(mut map) = self.map.lock() else {
-            return false;
-        };
-        match map.get_mut(tenant) {
-            Some(n) if *n >= max => false,
-            Some(n) => {
-                *n += 1;
-                true
-            }
-            None if max == 0 => false,
-            None => {
-                map.insert(tenant.to_string(), 1);
-                true
-            }
+#[derive(Debug)]
+struct TenantEntry {
+    conns: u32,
+    sends: Option<Arc<SendBucket>>,
+}
+
+/// A tenant's send rate over all its connections and shards: a token bucket behind a lock
+/// of its own, taken once per `send` of the tenant (uncontended unless two shards send for
+/// the same tenant at the same moment).
+#[derive(Debug)]
+pub struct SendBucket {
+    rate: u32,
+    burst: u32,
+    bucket: Mutex<crate::shard::ratelimit::TokenBucket>,
+}
+
+impl SendBucket {
+    /// Takes one send; `Err(ms)`: refused, retry after `ms`.
+    pub fn take(&self, now_ms: u64) -> Result<(), u64> {
+        match self.bucket.lock() {
+            Ok(mut b) => b.take(1, self.rate, self.burst, now_ms),
+            // A poisoned lock (a panic while held) must not stop the tenant's sends.
+            Err(_) => Ok(()),
         }
+    }
+}
+
+impl TenantShared {
+    /// Counts one more connection of `tenant` unless it has `max_conns` already (`None`:
+    /// refused, nothing counted). Otherwise the tenant's send bucket, created full with
+    /// `sends` (rate, burst) for the tenant's first connection; `None` inside when `sends`
+    /// is `None` (no tenant rate).
+    pub fn admit(
+        &self,
+        tenant: &str,
+        max_conns: u32,
+        sends: Option<(u32, u32)>,
+        now_ms: u64,
+    ) -> Option<Option<Arc<SendBucket>>> {
+        let Ok(mut map) = self.map.lock() else {
+            return None;
+        };
+        if let Some(e) = map.get_mut(tenant) {
+            if e.conns >= max_conns {
+                return None;
+            }
+            e.conns += 1;
+            return Some(e.sends.clone());
+        }
+        if max_conns == 0 {
+            return None;
+        }
+        let sends = sends.map(|(rate, burst)| {
+            Arc::new(SendBucket {
+                rate,
+                burst,
+                bucket: Mutex::new(crate::shard::ratelimit::TokenBucket::new(burst, now_ms)),
+            })
+        });
+        map.insert(
+            tenant.to_string(),
+            TenantEntry {
+                conns: 1,
+                sends: sends.clone(),
+            },
+        );
+        Some(sends)
     }
 
     /// One connection of `tenant` fewer.
-    pub fn remove(&self, tenant: &str) {
+    pub fn release(&self, tenant: &str) {
         let Ok(mut map) = self.map.lock() else {
             return;
         };
-        if let Some(n) = map.get_mut(tenant) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+        if let Some(e) = map.get_mut(tenant) {
+            e.conns = e.conns.saturating_sub(1);
+            if e.conns == 0 {
                 map.remove(tenant);
             }
         }
     }
 
     /// The tenant's authenticated connections now.
-    pub fn get(&self, tenant: &str) -> u32 {
+    pub fn conns(&self, tenant: &str) -> u32 {
         self.map
             .lock()
-            .map_or(0, |m| m.get(tenant).copied().unwrap_or(0))
+            .map_or(0, |m| m.get(tenant).map_or(0, |e| e.conns))
     }
 }
 
@@ -305,8 +364,8 @@ impl ShardMetrics {
         e.sends += sends;
     }
 
-    /// A `hello` of `tenant` refused at the tenant's connection limit.
-    pub fn tenant_refused(&self, tenant: &str) {
+    /// A `hello` or a `send` of `tenant` refused at one of the tenant's limits.
+    pub fn tenant_refused(&self, tenant: &str, what: TenantRefusal) {
         let Ok(mut map) = self.tenants.lock() else {
             return;
         };
@@ -315,7 +374,11 @@ impl ShardMetrics {
         } else {
             "_other"
         };
-        map.entry(key.to_string()).or_default().refused += 1;
+        let e = map.entry(key.to_string()).or_default();
+        match what {
+            TenantRefusal::Conns => e.refused += 1,
+            TenantRefusal::Rate => e.rate_limited += 1,
+        }
     }
 }
 
@@ -325,8 +388,8 @@ pub struct Metrics {
     pub shards: Vec<ShardMetrics>,
     /// The I/O core's counters, once it runs (durability `local`).
     pub io: std::sync::OnceLock<std::sync::Arc<crate::iocore::IoStats>>,
-    /// Connections per tenant over all shards (`limits.max_conns_per_tenant`).
-    pub tenant_conns: TenantConns,
+    /// Per-tenant state over all shards: connection counts and send buckets.
+    pub tenants_shared: TenantShared,
 }
 
 impl Metrics {
@@ -334,7 +397,7 @@ impl Metrics {
         Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             io: std::sync::OnceLock::new(),
-            tenant_conns: TenantConns::default(),
+            tenants_shared: TenantShared::default(),
         }
     }
 
@@ -579,6 +642,7 @@ impl Metrics {
                     e.connections += st.connections;
                     e.sends += st.sends;
                     e.refused += st.refused;
+                    e.rate_limited += st.rate_limited;
                 }
             }
         }
@@ -607,6 +671,15 @@ impl Metrics {
                 "imgw_tenant_refused_total{{tenant=\"{}\"}} {}",
                 escape(t),
                 st.refused
+            );
+        }
+        let _ = writeln!(o, "# HELP imgw_tenant_rate_limited_total Sends refused by the tenant's send bucket.\n# TYPE imgw_tenant_rate_limited_total counter");
+        for (t, st) in &tenants {
+            let _ = writeln!(
+                o,
+                "imgw_tenant_rate_limited_total{{tenant=\"{}\"}} {}",
+                escape(t),
+                st.rate_limited
             );
         }
         o

@@ -487,6 +487,88 @@ fn nothing_crosses_tenants_whatever_ids_are_guessed() {
     }
 }
 
+/// `[tenants.NAME] sends_per_sec` / `send_burst`: one bucket over all the tenant's
+/// connections (on any shard). Past the burst its sends get `rate_limited` with a retry hint,
+/// counted per tenant; another tenant's sends are not limited by it.
+#[test]
+fn a_tenant_send_rate_holds_over_all_its_connections() {
+    let secret = "test-secret-0123456789-abcdefghijklmnop";
+    let toml = format!(
+        "{DEV_TOML}\n[auth]\njwt_hs256_secret = \"{secret}\"\n\
+         [tenants.acme]\nsends_per_sec = 2\nsend_burst = 10\n"
+    );
+    let g = Gateway::start(&toml, &["--shards", "2"]);
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let login = |tenant: &str, user: &str, t: Transport| {
+        let mut c = g.client(t, CodecId::Protobuf);
+        c.hello(
+            &imgw::auth::issue_hs256(secret.as_bytes(), tenant, user, exp),
+            "d",
+        )
+        .unwrap();
+        c
+    };
+    let mut acme = [
+        login("acme", "a0", Transport::Tcp),
+        login("acme", "a1", Transport::Ws),
+        login("acme", "a2", Transport::Tcp),
+    ];
+    let mut other = login("globex", "g0", Transport::Tcp);
+    let started = std::time::Instant::now();
+    let (mut acked, mut limited) = (0u64, 0u64);
+    for i in 0..30 {
+        let c = &mut acme[i % 3];
+        let r = c.next_ref();
+        c.send(&Envelope::with_ref(
+            Message::Send(Send {
+                to: Target::User("peer".into()),
+                cmid: format!("t{i}").as_str().into(),
+                kind: None,
+                body: "x".into(),
+                ext: Default::default(),
+            }),
+            r,
+        ))
+        .unwrap();
+        match c.recv_until(|e| e.reference == Some(r), WAIT).unwrap().msg {
+            Message::SendAck(_) => acked += 1,
+            Message::Error(e) => {
+                assert_eq!(e.code, ErrorCode::RateLimited);
+                assert_eq!(e.message, "tenant send rate exceeded");
+                assert!(e.retry_after_ms.is_some_and(|ms| ms > 0));
+                limited += 1;
+            }
+            m => panic!("{m:?}"),
+        }
+    }
+    // The burst of 10, plus 2 a second for the time the 30 sends took.
+    let most = 10 + (started.elapsed().as_secs_f64() * 2.0).ceil() as u64;
+    assert!(
+        acked >= 10 && acked <= most,
+        "{acked} acked, at most {most}"
+    );
+    assert_eq!(acked + limited, 30);
+    assert_eq!(
+        g.metric("imgw_tenant_rate_limited_total", &["tenant=\"acme\""]),
+        limited as f64
+    );
+    // Another tenant is not limited by acme's bucket.
+    for i in 0..30 {
+        send(&mut other, "peer", &format!("o{i}"), "x");
+        let env = other
+            .recv_until(
+                |e| matches!(e.msg, Message::SendAck(_) | Message::Error(_)),
+                WAIT,
+            )
+            .unwrap();
+        assert!(matches!(env.msg, Message::SendAck(_)), "{env:?}");
+    }
+}
+
 #[test]
 fn bad_tokens_are_refused_with_unauthorized() {
     let secret = "test-secret-0123456789-abcdefghijklmnop";

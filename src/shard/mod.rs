@@ -185,6 +185,9 @@ struct Session {
     device: Str,
     /// Unacked deliveries (durability `local`).
     window: delivery::Window,
+    /// The tenant's send bucket, shared with the tenant's other connections (`None`: no
+    /// tenant rate).
+    tenant_sends: Option<std::sync::Arc<crate::metrics::SendBucket>>,
     /// Users this connection subscribed to, for cleanup (bounded by `max_presence_subs`).
     subs: Vec<UserKey>,
     /// Monotonic time of the last presence refresh sent to Redis.
@@ -538,7 +541,7 @@ impl Shard {
             m.authenticated
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             m.tenant(&s.user.tenant, -1, 0);
-            self.metrics.tenant_conns.remove(&s.user.tenant);
+            self.metrics.tenants_shared.release(&s.user.tenant);
             self.presence_event(
                 &s.user,
                 &s.device,

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::{ConnId, HelloDone, Origin, Phase, Proto, Session, Shard, ShardMsg, UserKey};
 use crate::codec::DecodeError;
-use crate::metrics::CloseReason;
+use crate::metrics::{CloseReason, TenantRefusal};
 use crate::protocol::frame::FrameError;
 use crate::protocol::{
     Deliver, Envelope, Error, ErrorCode, Hello, Limits, Message, Send, Str, Target, Welcome,
@@ -477,16 +477,21 @@ impl Shard {
         // The tenant's connection limit over every shard (released in `Shard::remove`, or
         // below when the registration cannot even be queued).
         let max = self.cfg.max_conns_of(&user.tenant);
-        if !self.metrics.tenant_conns.try_add(&user.tenant, max) {
+        let sends = self.cfg.tenant_sends_of(&user.tenant);
+        let admitted = self
+            .metrics
+            .tenants_shared
+            .admit(&user.tenant, max, sends, clk.mono_ms);
+        let Some(tenant_sends) = admitted else {
             let msg = format!("tenant connection limit reached ({max})");
             self.reply_error(id, reference, ErrorCode::LimitExceeded, &msg);
             let m = self.m();
-            m.tenant_refused(&user.tenant);
+            m.tenant_refused(&user.tenant, TenantRefusal::Conns);
             m.handshakes_failed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.close(id, CloseReason::Limit);
             return;
-        }
+        };
         let session_id = ((self.next_session) << 8) | self.id as u64;
         self.next_session += 1;
         let route = self.route(id);
@@ -505,7 +510,7 @@ impl Shard {
                 hello,
             },
         ) {
-            self.metrics.tenant_conns.remove(&user.tenant);
+            self.metrics.tenants_shared.release(&user.tenant);
             self.overloaded(id, reference, None);
             self.close(id, CloseReason::Limit);
             return;
@@ -524,6 +529,7 @@ impl Shard {
                 user,
                 device: h.device,
                 window: Default::default(),
+                tenant_sends,
                 subs: Vec::new(),
                 presence_ms: clk.mono_ms,
             }));
@@ -602,6 +608,21 @@ impl Shard {
         let Some(sess) = c.session.as_ref() else {
             return;
         };
+        if let Some(Err(wait_ms)) = sess.tenant_sends.as_ref().map(|b| b.take(clk.mono_ms)) {
+            let tenant = sess.user.tenant.clone();
+            self.m().tenant_refused(&tenant, TenantRefusal::Rate);
+            let env = Envelope {
+                reference,
+                msg: Message::Error(Error {
+                    code: ErrorCode::RateLimited,
+                    message: Str::from_static("tenant send rate exceeded"),
+                    cmid: Some(s.cmid),
+                    retry_after_ms: Some(wait_ms.max(1)),
+                }),
+            };
+            self.emit(id, &env);
+            return;
+        }
         let from = sess.user.clone();
         if s.cmid.is_empty() || s.cmid.len() > 128 {
             self.send_error(id, reference, s.cmid, ErrorCode::BadRequest);
