@@ -6,6 +6,10 @@
 //! a request (head and body) of at most [`MAX_REQUEST_BYTES`] and a deadline of
 //! [`REQUEST_DEADLINE`] per connection, so a slow or hostile client holds it only briefly.
 //! It reads shard state only through [`Metrics::render`] and [`Control`].
+//!
+//! With a bearer token (`--admin-token-env VAR`), every request but the probes (`/healthz`,
+//! `/readyz`) must carry `Authorization: Bearer TOKEN`, or gets 401. The configuration
+//! refuses an admin address beyond loopback without a token.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -35,6 +39,8 @@ const MAX_HEADERS: usize = 32;
 #[derive(Debug)]
 pub struct AdminServer {
     listener: TcpListener,
+    /// The bearer token requests must carry (`None`: none needed, loopback only).
+    token: Option<String>,
 }
 
 impl AdminServer {
@@ -42,7 +48,14 @@ impl AdminServer {
     pub fn bind(addr: SocketAddr) -> io::Result<AdminServer> {
         Ok(AdminServer {
             listener: TcpListener::bind(addr)?,
+            token: None,
         })
+    }
+
+    /// Requires `Authorization: Bearer TOKEN` on every request but the probes.
+    pub fn with_token(mut self, token: Option<String>) -> AdminServer {
+        self.token = token.filter(|t| !t.is_empty());
+        self
     }
 
     /// The bound address (the real port when bound to port 0).
@@ -61,7 +74,7 @@ impl AdminServer {
         for conn in self.listener.incoming() {
             match conn {
                 Ok(stream) => {
-                    if let Err(e) = handle(stream, control, metrics) {
+                    if let Err(e) = handle(stream, self.token.as_deref(), control, metrics) {
                         tracing::debug!(error = %e, "admin connection");
                     }
                 }
@@ -92,6 +105,8 @@ pub struct Response {
     pub body: String,
     /// `Allow` header for 405.
     pub allow: Option<&'static str>,
+    /// `WWW-Authenticate: Bearer` with a 401.
+    pub challenge: bool,
 }
 
 impl Response {
@@ -101,6 +116,7 @@ impl Response {
             content_type: "text/plain; charset=utf-8",
             body: body.into(),
             allow: None,
+            challenge: false,
         }
     }
 
@@ -110,6 +126,34 @@ impl Response {
             ..Response::text(405, "method not allowed\n")
         }
     }
+
+    fn unauthorized() -> Response {
+        Response {
+            challenge: true,
+            ..Response::text(
+                401,
+                "unauthorized: send Authorization: Bearer <admin token>\n",
+            )
+        }
+    }
+}
+
+/// Whether a request for `path` carrying `bearer` may pass: always for the probes and when
+/// no token is set; otherwise only with the token (compared in constant time).
+fn authorized(path: &str, bearer: Option<&[u8]>, token: Option<&str>) -> bool {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let Some(token) = token else {
+        return true;
+    };
+    if matches!(path, "/healthz" | "/readyz") {
+        return true;
+    }
+    let Some(given) = bearer else {
+        return false;
+    };
+    let want = token.as_bytes();
+    // Constant time over the token's length: no early exit on the first differing byte.
+    given.len() == want.len() && given.iter().zip(want).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
 }
 
 fn reason(status: u16) -> &'static str {
@@ -117,6 +161,7 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         202 => "Accepted",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
@@ -147,10 +192,13 @@ pub fn route(
                  # TYPE imgw_ready gauge\nimgw_ready {}\n\
                  # HELP imgw_draining 1 once a drain has started.\n\
                  # TYPE imgw_draining gauge\nimgw_draining {}\n\
+                 # HELP imgw_admin_unauthorized_total Admin requests refused for a missing or wrong bearer token.\n\
+                 # TYPE imgw_admin_unauthorized_total counter\nimgw_admin_unauthorized_total {}\n\
                  # HELP imgw_admin_requests_total Admin requests that queue work for the shards, by outcome.\n\
                  # TYPE imgw_admin_requests_total counter\n",
                 u8::from(control.ready()),
                 u8::from(control.draining()),
+                control.admin_unauthorized.load(Ordering::Relaxed),
             ));
             for (path, counts) in [
                 ("/push", &control.admin_pushes),
@@ -293,6 +341,8 @@ enum Incoming {
         method: String,
         path: String,
         body: Vec<u8>,
+        /// The token of an `Authorization: Bearer` header.
+        bearer: Option<Vec<u8>>,
     },
     /// Answer with this and close.
     Refuse(Response),
@@ -345,7 +395,14 @@ fn read_request(stream: &mut TcpStream, deadline: Instant) -> io::Result<Incomin
             }
         };
         let mut body_len = 0usize;
+        let mut bearer = None;
         for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("authorization") {
+                bearer = h
+                    .value
+                    .strip_prefix(b"Bearer ")
+                    .map(|t| t.trim_ascii().to_vec());
+            }
             if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 return Ok(Incoming::Refuse(Response::text(
                     501,
@@ -404,7 +461,12 @@ fn read_request(stream: &mut TcpStream, deadline: Instant) -> io::Result<Incomin
             .get(head_len..head_len + body_len)
             .unwrap_or_default()
             .to_vec();
-        return Ok(Incoming::Request { method, path, body });
+        return Ok(Incoming::Request {
+            method,
+            path,
+            body,
+            bearer,
+        });
     }
 }
 
@@ -418,6 +480,9 @@ fn write_response(stream: &mut TcpStream, r: &Response, head_only: bool) -> io::
     );
     if let Some(allow) = r.allow {
         out.push_str(&format!("Allow: {allow}\r\n"));
+    }
+    if r.challenge {
+        out.push_str("WWW-Authenticate: Bearer realm=\"imgw admin\"\r\n");
     }
     out.push_str("\r\n");
     if !head_only {
@@ -445,7 +510,12 @@ fn linger(stream: &mut TcpStream) {
     }
 }
 
-fn handle(mut stream: TcpStream, control: &Control, metrics: &Metrics) -> io::Result<()> {
+fn handle(
+    mut stream: TcpStream,
+    token: Option<&str>,
+    control: &Control,
+    metrics: &Metrics,
+) -> io::Result<()> {
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let deadline = Instant::now() + REQUEST_DEADLINE;
     match read_request(&mut stream, deadline)? {
@@ -456,8 +526,18 @@ fn handle(mut stream: TcpStream, control: &Control, metrics: &Metrics) -> io::Re
             linger(&mut stream);
             Ok(())
         }
-        Incoming::Request { method, path, body } => {
-            let r = route(&method, &path, &body, control, metrics);
+        Incoming::Request {
+            method,
+            path,
+            body,
+            bearer,
+        } => {
+            let r = if authorized(&path, bearer.as_deref(), token) {
+                route(&method, &path, &body, control, metrics)
+            } else {
+                control.admin_unauthorized.fetch_add(1, Ordering::Relaxed);
+                Response::unauthorized()
+            };
             tracing::debug!(%method, %path, status = r.status, "admin request");
             write_response(&mut stream, &r, method == "HEAD")?;
             let _ = stream.shutdown(Shutdown::Write);
@@ -476,9 +556,15 @@ mod tests {
     }
 
     fn start(shards: usize) -> Fixture {
+        start_with(shards, None)
+    }
+
+    fn start_with(shards: usize, token: Option<&str>) -> Fixture {
         let control = Arc::new(Control::new(shards));
         let metrics = Arc::new(Metrics::new(shards));
-        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap())
+            .unwrap()
+            .with_token(token.map(String::from));
         let addr = server.local_addr().unwrap();
         server.spawn(control.clone(), metrics).unwrap();
         Fixture { addr, control }
@@ -663,5 +749,57 @@ mod tests {
         assert_eq!(route("PUT", "/drain", b"", &c, &m).status, 405);
         assert_eq!(route("POST", "/drain", b"", &c, &m).status, 202);
         assert_eq!(route("GET", "/readyz", b"", &c, &m).status, 503);
+    }
+
+    /// With a token, every request but the probes needs `Authorization: Bearer TOKEN`: 401
+    /// with a `WWW-Authenticate` challenge otherwise (counted), whatever the method or path.
+    #[test]
+    fn a_bearer_token_guards_everything_but_the_probes() {
+        let token = "0123456789abcdef-admin";
+        let f = start_with(1, Some(token));
+        let ask = |extra: &str, method: &str, path: &str| {
+            exchange(
+                f.addr,
+                format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n").as_bytes(),
+            )
+        };
+        for (method, path) in [("GET", "/metrics"), ("POST", "/drain"), ("POST", "/kick")] {
+            for extra in [
+                "",
+                "Authorization: Bearer wrong-token-0000000\r\n",
+                "Authorization: Basic MDEyMzQ1Njc4OWFiY2RlZi1hZG1pbg==\r\n",
+                "Authorization: Bearer 0123456789abcdef-admin-and-more\r\n",
+            ] {
+                let r = ask(extra, method, path);
+                assert!(
+                    r.starts_with("HTTP/1.1 401 "),
+                    "{method} {path} {extra:?}: {r}"
+                );
+                assert!(r.contains("WWW-Authenticate: Bearer"), "{r}");
+            }
+        }
+        assert!(!f.control.draining(), "an unauthorized drain was obeyed");
+        for path in ["/healthz", "/readyz"] {
+            let r = ask("", "GET", path);
+            assert!(!r.starts_with("HTTP/1.1 401 "), "{path}: {r}");
+        }
+        let auth = format!("Authorization: Bearer {token}\r\n");
+        let r = ask(&auth, "GET", "/metrics");
+        assert!(r.starts_with("HTTP/1.1 200 "), "{r}");
+        assert!(r.contains("imgw_admin_unauthorized_total 12\n"), "{r}");
+        assert!(ask(&auth, "POST", "/drain").starts_with("HTTP/1.1 202 "));
+        assert!(f.control.draining());
+    }
+
+    #[test]
+    fn without_a_token_nothing_is_asked() {
+        assert!(authorized("/metrics", None, None));
+        assert!(authorized("/drain", Some(b"anything"), None));
+        assert!(authorized(
+            "/readyz?verbose=1",
+            None,
+            Some("0123456789abcdef")
+        ));
+        assert!(!authorized("/metrics?x=1", None, Some("0123456789abcdef")));
     }
 }

@@ -437,6 +437,7 @@ mod tests {
             jwt_hs256_secret: hs.then(|| SECRET.to_string()),
             jwt_rs256_public_key_file: rs.then(|| key_path("TEST_ONLY_rs256_public.pem")),
             insecure_dev_auth: dev,
+            admin_token: None,
         }
     }
 

@@ -80,6 +80,10 @@ pub struct ServeArgs {
     /// Read the HS256 JWT secret from this environment variable (never from argv).
     #[arg(long, value_name = "VAR")]
     pub jwt_secret_env: Option<String>,
+    /// Read the admin API's bearer token from this environment variable (required to listen
+    /// for admin requests beyond loopback).
+    #[arg(long, value_name = "VAR")]
+    pub admin_token_env: Option<String>,
     /// Allowed WebSocket Origin (repeatable; replaces the file's list; "*" allows all).
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,
@@ -112,6 +116,8 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error("--jwt-secret-env {0}: the environment variable is unset or empty")]
     MissingSecret(String),
+    #[error("--admin-token-env {0}: the environment variable is unset or empty")]
+    MissingAdminToken(String),
     #[error(
         "external backends not available yet (requested: {0}); \
          durability `backend` works with --mysql"
@@ -161,6 +167,12 @@ pub fn apply_flags(
         match env(var) {
             Some(secret) if !secret.is_empty() => config.auth.jwt_hs256_secret = Some(secret),
             _ => return Err(CliError::MissingSecret(var.clone())),
+        }
+    }
+    if let Some(var) = &args.admin_token_env {
+        match env(var) {
+            Some(token) if !token.is_empty() => config.auth.admin_token = Some(token),
+            _ => return Err(CliError::MissingAdminToken(var.clone())),
         }
     }
     if !args.allowed_origins.is_empty() {

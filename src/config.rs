@@ -445,6 +445,9 @@ pub struct AuthConfig {
     pub jwt_rs256_public_key_file: Option<PathBuf>,
     /// Token = user id, tenant "dev". Demos only; loudly logged.
     pub insecure_dev_auth: bool,
+    /// Bearer token of the admin API (`--admin-token-env VAR` reads it from the environment);
+    /// required when `server.admin_listen` is beyond loopback.
+    pub admin_token: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -583,6 +586,17 @@ impl Config {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if self.tenants.len() > MAX_TENANTS_CONFIGURED {
             return bad("at most 100000 [tenants.NAME] tables");
+        }
+        let admin_token = self.auth.admin_token.as_deref().unwrap_or("");
+        if !self.server.admin_listen.ip().is_loopback() && admin_token.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "server.admin_listen {} is beyond loopback: give the admin API a bearer token \
+                 (--admin-token-env VAR) or listen on 127.0.0.1",
+                self.server.admin_listen
+            )));
+        }
+        if !admin_token.is_empty() && admin_token.len() < 16 {
+            return bad("the admin token must be at least 16 bytes");
         }
         if l.max_frame_bytes < crate::protocol::frame::HEADER_LEN as u32 + 16 {
             return bad("limits.max_frame_bytes is too small");

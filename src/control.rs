@@ -27,6 +27,8 @@ pub struct Control {
     /// queued (index 0) and refused (1: a bad body, overloaded, unavailable).
     pub admin_pushes: [AtomicU64; 2],
     pub admin_kicks: [AtomicU64; 2],
+    /// Admin requests refused for a missing or wrong bearer token.
+    pub admin_unauthorized: AtomicU64,
 }
 
 impl Control {
@@ -39,6 +41,7 @@ impl Control {
             pusher: OnceLock::new(),
             admin_pushes: Default::default(),
             admin_kicks: Default::default(),
+            admin_unauthorized: AtomicU64::new(0),
         }
     }
 

@@ -124,7 +124,8 @@ fn start_admin(
     control: &Arc<Control>,
     metrics: &Arc<Metrics>,
 ) -> std::io::Result<std::net::SocketAddr> {
-    let server = imgw::admin::AdminServer::bind(config.server.admin_listen)?;
+    let server = imgw::admin::AdminServer::bind(config.server.admin_listen)?
+        .with_token(config.auth.admin_token.clone());
     let addr = server.local_addr()?;
     server.spawn(Arc::clone(control), Arc::clone(metrics))?;
     Ok(addr)

@@ -32,6 +32,7 @@ fn serve_help_lists_the_contract_flags() {
         "--kafka",
         "--insecure-dev-auth",
         "--jwt-secret-env",
+        "--admin-token-env",
         "--allowed-origin",
         "--ws-echo",
         "--ports-file",
@@ -68,6 +69,48 @@ fn external_backends_exit_2_with_a_clear_message() {
         assert_eq!(out.status.code(), Some(2), "{flags:?}");
         assert!(text(&out.stderr).contains(says), "{}", text(&out.stderr));
     }
+}
+
+/// The admin API is not served beyond loopback without a bearer token, and a token variable
+/// that is unset or short is refused, all before anything listens.
+#[test]
+fn an_admin_port_beyond_loopback_needs_a_token() {
+    let out = imgw(&[
+        "serve",
+        "--insecure-dev-auth",
+        "--admin-listen",
+        "0.0.0.0:0",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("beyond loopback") && err.contains("--admin-token-env"),
+        "{err}"
+    );
+    let out = imgw(&[
+        "serve",
+        "--insecure-dev-auth",
+        "--admin-listen",
+        "0.0.0.0:0",
+        "--admin-token-env",
+        "IMGW_TEST_ADMIN_TOKEN_UNSET",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("IMGW_TEST_ADMIN_TOKEN_UNSET"));
+    let out = Command::new(env!("CARGO_BIN_EXE_imgw"))
+        .args([
+            "serve",
+            "--insecure-dev-auth",
+            "--admin-listen",
+            "0.0.0.0:0",
+            "--admin-token-env",
+            "IMGW_TEST_ADMIN_TOKEN",
+        ])
+        .env("IMGW_TEST_ADMIN_TOKEN", "short")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("at least 16 bytes"));
 }
 
 #[test]
