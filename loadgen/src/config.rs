@@ -198,6 +198,14 @@ pub struct Cli {
     /// No live progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// Log in with HS256 JWTs signed with the secret in this environment variable (the
+    /// gateway's `--jwt-secret-env` secret) instead of the dev token (`--insecure-dev-auth`).
+    #[arg(long, value_name = "VAR")]
+    pub jwt_secret_env: Option<String>,
+    /// Spread the users over this many tenants (`t0`, `t1`, ...; a conversation or a fan-out
+    /// group stays within one); needs --jwt-secret-env [default: 1].
+    #[arg(long)]
+    pub tenants: Option<u32>,
 }
 
 /// The scenario file: the same options as the flags, snake_case keys.
@@ -291,6 +299,9 @@ pub struct Options {
     pub svg: Option<PathBuf>,
     pub expect_no_loss: bool,
     pub quiet: bool,
+    /// The HS256 secret tokens are signed with (`None`: dev tokens, the user id).
+    pub jwt_secret: Option<String>,
+    pub tenants: u32,
 }
 
 /// Bodies are padded to at least this many bytes. The integrity header
@@ -474,6 +485,18 @@ impl Options {
             svg: cli.svg.or(file.svg),
             expect_no_loss: cli.expect_no_loss || file.expect_no_loss.unwrap_or(false),
             quiet: cli.quiet,
+            jwt_secret: match &cli.jwt_secret_env {
+                Some(var) => match std::env::var(var) {
+                    Ok(s) if !s.is_empty() => Some(s),
+                    _ => {
+                        return Err(format!(
+                            "--jwt-secret-env {var}: the environment variable is unset or empty"
+                        ))
+                    }
+                },
+                None => None,
+            },
+            tenants: cli.tenants.unwrap_or(1),
             target,
             targets,
             reconnect: cli.reconnect || file.reconnect.unwrap_or(false),
@@ -548,6 +571,12 @@ impl Options {
         if self.user_prefix.is_empty() || self.user_prefix.contains(char::is_whitespace) {
             return Err("--user-prefix must be non-empty without spaces".into());
         }
+        if self.tenants == 0 || self.tenants > 100_000 {
+            return Err("--tenants must be between 1 and 100000".into());
+        }
+        if self.tenants > 1 && self.jwt_secret.is_none() {
+            return Err("--tenants needs --jwt-secret-env (a dev token has one tenant)".into());
+        }
         Ok(())
     }
 
@@ -615,6 +644,8 @@ impl Options {
                     client_ack: self.client_ack,
                     user_prefix: self.user_prefix.clone(),
                     sources,
+                    jwt_secret: self.jwt_secret.clone(),
+                    tenants: self.tenants,
                 };
                 first_conn += conns;
                 first_slice += u64::from(self.threads);
@@ -669,6 +700,16 @@ pub struct Plan {
     pub client_ack: bool,
     pub user_prefix: String,
     pub sources: Vec<Ipv4Addr>,
+    /// HS256 secret for the tokens (`None`: dev tokens). Sent to the worker on its stdin,
+    /// never on a command line.
+    #[serde(default)]
+    pub jwt_secret: Option<String>,
+    #[serde(default = "one_tenant")]
+    pub tenants: u32,
+}
+
+fn one_tenant() -> u32 {
+    1
 }
 
 /// One thread's share of a worker's plan.
@@ -686,6 +727,22 @@ pub struct ThreadShare {
 }
 
 impl Plan {
+    /// The `hello.token` of global connection `conn` with user id `user`: the user id with
+    /// dev tokens, else a JWT for tenant `t{unit % tenants}` (whole units share a tenant, so
+    /// conversations and fan-out groups stay within one), valid for a day.
+    pub fn token(&self, conn: u64, user: &str) -> String {
+        let Some(secret) = &self.jwt_secret else {
+            return user.to_string();
+        };
+        let unit = conn / self.scenario.unit_size(self.fanout).max(1);
+        let tenant = format!("t{}", unit % u64::from(self.tenants.max(1)));
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            + 86_400;
+        imgw::auth::issue_hs256(secret.as_bytes(), &tenant, user, exp)
+    }
+
     pub fn codec(&self) -> Result<CodecId, String> {
         CodecId::from_name(&self.codec).ok_or_else(|| format!("unknown codec {}", self.codec))
     }
@@ -754,6 +811,39 @@ mod tests {
 
     fn cli(args: &[&str]) -> Cli {
         Cli::parse_from(std::iter::once("loadgen").chain(args.iter().copied()))
+    }
+
+    /// Tokens: the user id without a secret; with one, a JWT whose tenant is shared by a
+    /// whole unit (both ends of a conversation), and `--tenants` needs the secret.
+    #[test]
+    fn tokens_and_tenants() {
+        let t = ["chat", "--target", "ws://127.0.0.1:1/ws"];
+        let e = Options::resolve(cli(&[&t[..], &["--tenants", "3"]].concat())).unwrap_err();
+        assert!(e.contains("--jwt-secret-env"), "{e}");
+        let mut o = Options::resolve(cli(&[&t[..], &["--conns", "12"]].concat())).unwrap();
+        assert_eq!(o.plans()[0].token(5, "u5"), "u5");
+        o.jwt_secret = Some("0123456789abcdef0123456789abcdef".into());
+        o.tenants = 3;
+        let plan = &o.plans()[0];
+        let auth = imgw::auth::Authenticator::from_config(&imgw::config::AuthConfig {
+            jwt_hs256_secret: o.jwt_secret.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let tenant = |conn: u64| {
+            let id = auth.verify(&plan.token(conn, "u"), now).unwrap();
+            assert_eq!(&*id.user, "u");
+            id.tenant.to_string()
+        };
+        // Chat units are pairs: 0 and 1 share t0, 2 and 3 share t1, 6 is t0 again.
+        assert_eq!((tenant(0), tenant(1)), ("t0".into(), "t0".into()));
+        assert_eq!((tenant(2), tenant(3)), ("t1".into(), "t1".into()));
+        assert_eq!(tenant(4), "t2");
+        assert_eq!(tenant(6), "t0");
     }
 
     #[test]

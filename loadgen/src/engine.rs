@@ -531,15 +531,18 @@ impl<'a> Engine<'a> {
             None => Client::connect(&cfg),
         }
         .and_then(|mut client| {
+            let token = self
+                .plan
+                .token(self.share.first_conn + i as u64, &self.conns[i].user);
             let welcome = match self.conns[i].resume {
                 Some(seq) => client.hello_with(Hello {
                     version: CURRENT_VERSION,
-                    token: self.conns[i].user.clone(),
+                    token: Str::from(token.as_str()),
                     device: Str::from("lg"),
                     codecs: Vec::new(),
                     resume: Some(Resume { inbox_seq: seq }),
                 })?,
-                None => client.hello(&self.conns[i].user, "lg")?,
+                None => client.hello(&token, "lg")?,
             };
             if let Some(group) = self.group_of(i) {
                 let r = client.next_ref();
