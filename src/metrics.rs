@@ -646,45 +646,49 @@ impl Metrics {
                 }
             }
         }
-        let _ = writeln!(o, "# HELP imgw_tenant_connections Open connections per tenant.\n# TYPE imgw_tenant_connections gauge");
-        for (t, st) in &tenants {
-            let _ = writeln!(
-                o,
-                "imgw_tenant_connections{{tenant=\"{}\"}} {}",
-                escape(t),
-                st.connections
-            );
-        }
-        let _ = writeln!(o, "# HELP imgw_tenant_sends_total Accepted sends per tenant.\n# TYPE imgw_tenant_sends_total counter");
-        for (t, st) in &tenants {
-            let _ = writeln!(
-                o,
-                "imgw_tenant_sends_total{{tenant=\"{}\"}} {}",
-                escape(t),
-                st.sends
-            );
-        }
-        let _ = writeln!(o, "# HELP imgw_tenant_refused_total Hellos refused at the tenant's connection limit.\n# TYPE imgw_tenant_refused_total counter");
-        for (t, st) in &tenants {
-            let _ = writeln!(
-                o,
-                "imgw_tenant_refused_total{{tenant=\"{}\"}} {}",
-                escape(t),
-                st.refused
-            );
-        }
-        let _ = writeln!(o, "# HELP imgw_tenant_rate_limited_total Sends refused by the tenant's send bucket.\n# TYPE imgw_tenant_rate_limited_total counter");
-        for (t, st) in &tenants {
-            let _ = writeln!(
-                o,
-                "imgw_tenant_rate_limited_total{{tenant=\"{}\"}} {}",
-                escape(t),
-                st.rate_limited
-            );
+        let per_tenant: [PerTenant; 4] = [
+            (
+                "imgw_tenant_connections",
+                "Open connections per tenant.",
+                "gauge",
+                |st| st.connections,
+            ),
+            (
+                "imgw_tenant_sends_total",
+                "Accepted sends per tenant.",
+                "counter",
+                |st| st.sends as i64,
+            ),
+            (
+                "imgw_tenant_refused_total",
+                "Hellos refused at the tenant's connection limit.",
+                "counter",
+                |st| st.refused as i64,
+            ),
+            (
+                "imgw_tenant_rate_limited_total",
+                "Sends refused by the tenant's send bucket.",
+                "counter",
+                |st| st.rate_limited as i64,
+            ),
+        ];
+        for (name, help, kind, value) in per_tenant {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (t, st) in &tenants {
+                let _ = writeln!(o, "{name}{{tenant=\"{}\"}} {}", escape(t), value(st));
+            }
         }
         o
     }
 }
+
+/// One per-tenant metric: name, help, type and its value from a tenant's figures.
+type PerTenant = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&TenantStats) -> i64,
+);
 
 /// Escapes a Prometheus label value.
 fn escape(v: &str) -> String {

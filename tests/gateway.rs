@@ -339,24 +339,40 @@ fn an_unsupported_hello_version_is_refused_naming_the_supported_ones() {
     assert_eq!(w.version, 1);
 }
 
+/// The HS256 secret of [`jwt_gateway`].
+const JWT_SECRET: &str = "test-secret-0123456789-abcdefghijklmnop";
+
+/// A 2-shard gateway that takes JWTs signed with [`JWT_SECRET`] (no dev tokens), with
+/// `extra_toml` appended to its configuration.
+fn jwt_gateway(extra_toml: &str) -> Gateway {
+    let toml = format!("{DEV_TOML}\n[auth]\njwt_hs256_secret = \"{JWT_SECRET}\"\n{extra_toml}");
+    Gateway::start(&toml, &["--shards", "2"])
+}
+
+/// A token of `user` in `tenant`, valid for ten minutes.
+fn jwt(tenant: &str, user: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    imgw::auth::issue_hs256(JWT_SECRET.as_bytes(), tenant, user, exp)
+}
+
+/// A client of `user` in `tenant`, logged in over `transport` (JSON).
+fn jwt_login(g: &Gateway, transport: Transport, tenant: &str, user: &str) -> Client {
+    let mut c = g.client(transport, CodecId::Json);
+    c.hello(&jwt(tenant, user), "d").unwrap();
+    c
+}
+
 /// `limits.max_conns_per_tenant`, and a tenant's own `[tenants.NAME] max_conns`, hold over
 /// both shards: the connection past the limit is refused with `limit_exceeded` and closed,
 /// other tenants are untouched, a closed connection frees its place, and refusals are
 /// counted per tenant.
 #[test]
 fn a_tenant_at_its_connection_limit_is_refused_and_others_are_not() {
-    let secret = "test-secret-0123456789-abcdefghijklmnop";
-    let toml = format!(
-        "{DEV_TOML}\n[auth]\njwt_hs256_secret = \"{secret}\"\n[tenants.acme]\nmax_conns = 3\n"
-    );
-    let g = Gateway::start(&toml, &["--shards", "2"]);
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let token =
-        |tenant: &str, user: &str| imgw::auth::issue_hs256(secret.as_bytes(), tenant, user, exp);
+    let g = jwt_gateway("[tenants.acme]\nmax_conns = 3\n");
     // Three of acme's users on both transports (the listeners spread them over the shards).
     let mut acme = Vec::new();
     for (i, t) in [Transport::Ws, Transport::Tcp, Transport::Ws]
@@ -364,12 +380,12 @@ fn a_tenant_at_its_connection_limit_is_refused_and_others_are_not() {
         .enumerate()
     {
         let mut c = g.client(t, CodecId::Json);
-        c.hello(&token("acme", &format!("a{i}")), "d").unwrap();
+        c.hello(&jwt("acme", &format!("a{i}")), "d").unwrap();
         acme.push(c);
     }
     for t in [Transport::Tcp, Transport::Ws] {
         let mut c = g.client(t, CodecId::Json);
-        match c.hello(&token("acme", "a9"), "d") {
+        match c.hello(&jwt("acme", "a9"), "d") {
             Err(ClientError::Refused(e)) => {
                 assert_eq!(e.code, ErrorCode::LimitExceeded);
                 assert_eq!(e.message, "tenant connection limit reached (3)");
@@ -382,7 +398,7 @@ fn a_tenant_at_its_connection_limit_is_refused_and_others_are_not() {
     let mut others = Vec::new();
     for i in 0..5 {
         let mut c = g.client(Transport::Tcp, CodecId::Protobuf);
-        c.hello(&token("globex", &format!("g{i}")), "d").unwrap();
+        c.hello(&jwt("globex", &format!("g{i}")), "d").unwrap();
         others.push(c);
     }
     assert_eq!(
@@ -398,7 +414,7 @@ fn a_tenant_at_its_connection_limit_is_refused_and_others_are_not() {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let mut c = g.client(Transport::Ws, CodecId::Json);
-        match c.hello(&token("acme", "a3"), "d") {
+        match c.hello(&jwt("acme", "a3"), "d") {
             Ok(_) => break,
             Err(ClientError::Refused(e)) if e.code == ErrorCode::LimitExceeded => {
                 assert!(
@@ -418,23 +434,8 @@ fn a_tenant_at_its_connection_limit_is_refused_and_others_are_not() {
 /// message to group "team" from A does not reach B's members of "team".
 #[test]
 fn nothing_crosses_tenants_whatever_ids_are_guessed() {
-    let secret = "test-secret-0123456789-abcdefghijklmnop";
-    let toml = format!("{DEV_TOML}\n[auth]\njwt_hs256_secret = \"{secret}\"\n");
-    let g = Gateway::start(&toml, &["--shards", "2"]);
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let login = |tenant: &str, user: &str, t: Transport| {
-        let mut c = g.client(t, CodecId::Json);
-        c.hello(
-            &imgw::auth::issue_hs256(secret.as_bytes(), tenant, user, exp),
-            "d",
-        )
-        .unwrap();
-        c
-    };
+    let g = jwt_gateway("");
+    let login = |tenant: &str, user: &str, t: Transport| jwt_login(&g, t, tenant, user);
     let mut a_alice = login("tenant-a", "alice", Transport::Ws);
     let mut b_bob = login("tenant-b", "bob", Transport::Tcp);
     let mut b_carol = login("tenant-b", "carol", Transport::Ws);
@@ -492,26 +493,8 @@ fn nothing_crosses_tenants_whatever_ids_are_guessed() {
 /// counted per tenant; another tenant's sends are not limited by it.
 #[test]
 fn a_tenant_send_rate_holds_over_all_its_connections() {
-    let secret = "test-secret-0123456789-abcdefghijklmnop";
-    let toml = format!(
-        "{DEV_TOML}\n[auth]\njwt_hs256_secret = \"{secret}\"\n\
-         [tenants.acme]\nsends_per_sec = 2\nsend_burst = 10\n"
-    );
-    let g = Gateway::start(&toml, &["--shards", "2"]);
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let login = |tenant: &str, user: &str, t: Transport| {
-        let mut c = g.client(t, CodecId::Protobuf);
-        c.hello(
-            &imgw::auth::issue_hs256(secret.as_bytes(), tenant, user, exp),
-            "d",
-        )
-        .unwrap();
-        c
-    };
+    let g = jwt_gateway("[tenants.acme]\nsends_per_sec = 2\nsend_burst = 10\n");
+    let login = |tenant: &str, user: &str, t: Transport| jwt_login(&g, t, tenant, user);
     let mut acme = [
         login("acme", "a0", Transport::Tcp),
         login("acme", "a1", Transport::Ws),

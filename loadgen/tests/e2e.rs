@@ -145,8 +145,14 @@ impl Drop for Gateway {
 }
 
 fn loadgen(args: &[&str]) -> std::process::Output {
+    loadgen_env(args, &[])
+}
+
+/// [`loadgen`] with `env` variables set.
+fn loadgen_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(args)
+        .envs(env.iter().copied())
         .arg("--quiet")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -182,8 +188,8 @@ fn chat_with_jwts_over_three_tenants_loses_nothing() {
     );
     let out_json = g.dir.join("out.json");
     let target = format!("ws://{}/ws", g.ws);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args([
+    let out = loadgen_env(
+        &[
             "chat",
             "--target",
             &target,
@@ -198,25 +204,11 @@ fn chat_with_jwts_over_three_tenants_loses_nothing() {
             "--jwt-secret-env",
             "LOADGEN_E2E_JWT",
             "--expect-no-loss",
-            "--quiet",
             "--json",
             out_json.to_str().unwrap(),
-        ])
-        .env("LOADGEN_E2E_JWT", SECRET)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn loadgen");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("loadgen did not finish within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+        ],
+        &[("LOADGEN_E2E_JWT", SECRET)],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
