@@ -351,21 +351,22 @@ impl ShardMetrics {
 
     /// Adjusts a tenant's figures (connect: +1, disconnect: -1; sends).
     pub fn tenant(&self, tenant: &str, connections: i64, sends: u64) {
-        let Ok(mut map) = self.tenants.lock() else {
-            return;
-        };
-        let key = if map.contains_key(tenant) || map.len() < MAX_TENANTS_TRACKED {
-            tenant
-        } else {
-            "_other"
-        };
-        let e = map.entry(key.to_string()).or_default();
-        e.connections += connections;
-        e.sends += sends;
+        self.with_tenant(tenant, |e| {
+            e.connections += connections;
+            e.sends += sends;
+        });
     }
 
     /// A `hello` or a `send` of `tenant` refused at one of the tenant's limits.
     pub fn tenant_refused(&self, tenant: &str, what: TenantRefusal) {
+        self.with_tenant(tenant, |e| match what {
+            TenantRefusal::Conns => e.refused += 1,
+            TenantRefusal::Rate => e.rate_limited += 1,
+        });
+    }
+
+    /// Applies `f` to the figures of `tenant` (of `_other` once the map is full).
+    fn with_tenant(&self, tenant: &str, f: impl FnOnce(&mut TenantStats)) {
         let Ok(mut map) = self.tenants.lock() else {
             return;
         };
@@ -374,11 +375,7 @@ impl ShardMetrics {
         } else {
             "_other"
         };
-        let e = map.entry(key.to_string()).or_default();
-        match what {
-            TenantRefusal::Conns => e.refused += 1,
-            TenantRefusal::Rate => e.rate_limited += 1,
-        }
+        f(map.entry(key.to_string()).or_default());
     }
 }
 
