@@ -700,11 +700,15 @@ impl Shard {
 
     /// Encodes `env` onto `id`'s output in its codec and transport, and wakes its task.
     fn emit(&mut self, id: ConnId, env: &Envelope) {
+        let max_out = self.cfg.limits.max_outbound_bytes as usize;
+        let m = &self.metrics.shards[self.id];
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        if encode_onto(&mut c.out, &c.proto, c.codec, env) {
-            self.queued(id, env);
+        if encode_onto(&mut c.out, &c.proto, c.codec, env)
+            && queued(c, m, env, self.now_us, max_out)
+        {
+            self.close(id, CloseReason::SlowConsumer);
         }
     }
 
@@ -715,6 +719,7 @@ impl Shard {
         if let [id] = ids {
             return self.emit(*id, env);
         }
+        let max_out = self.cfg.limits.max_outbound_bytes as usize;
         let mut encoded = std::mem::take(&mut self.encoded);
         encoded.clear();
         for &id in ids {
@@ -738,35 +743,12 @@ impl Shard {
                 }
             };
             c.out.extend_from_slice(frame);
-            self.queued(id, env);
+            if queued(c, &self.metrics.shards[self.id], env, self.now_us, max_out) {
+                self.close(id, CloseReason::SlowConsumer);
+            }
         }
         encoded.clear();
         self.encoded = encoded;
-    }
-
-    /// Bookkeeping after a frame was queued on `id`'s output: counts it, wakes the
-    /// connection's task, and closes a connection whose unread output passed the bound.
-    fn queued(&mut self, id: ConnId, env: &Envelope) {
-        let max_out = self.cfg.limits.max_outbound_bytes as usize;
-        let m = &self.metrics.shards[self.id];
-        let Some(c) = self.conns.get_mut(id) else {
-            return;
-        };
-        m.frame_out(env.msg.op(), c.codec);
-        if c.out_since_us == 0 {
-            c.out_since_us = (self.now_us as u32).max(1);
-        }
-        if let Message::Error(e) = &env.msg {
-            m.error(e.code);
-        }
-        if let Some(w) = &c.waker {
-            w.wake_by_ref();
-        }
-        if c.out.len() > max_out && c.closing.is_none() {
-            // The client does not read: drop what is queued and close it.
-            c.out = Vec::new();
-            self.close(id, CloseReason::SlowConsumer);
-        }
     }
 
     fn reply_error(&mut self, id: ConnId, reference: Option<u64>, code: ErrorCode, message: &str) {
@@ -866,6 +848,28 @@ impl Shard {
     pub fn shard_count(&self) -> usize {
         self.shards
     }
+}
+
+/// Bookkeeping after a frame was queued on `c`'s output: counts it, stamps when the output
+/// started waiting, wakes the connection's task. True when the unread output passed
+/// `max_out`: the output is dropped and the caller closes the connection (slow consumer).
+fn queued(c: &mut Conn, m: &ShardMetrics, env: &Envelope, now_us: u64, max_out: usize) -> bool {
+    m.frame_out(env.msg.op(), c.codec);
+    if c.out_since_us == 0 {
+        c.out_since_us = (now_us as u32).max(1);
+    }
+    if let Message::Error(e) = &env.msg {
+        m.error(e.code);
+    }
+    if let Some(w) = &c.waker {
+        w.wake_by_ref();
+    }
+    if c.out.len() > max_out && c.closing.is_none() {
+        // The client does not read: drop what is queued.
+        c.out = Vec::new();
+        return true;
+    }
+    false
 }
 
 /// Messages from one shard to another (or to itself), handed over together.
