@@ -245,13 +245,6 @@ impl TenantShared {
             }
         }
     }
-
-    /// The tenant's authenticated connections now.
-    pub fn conns(&self, tenant: &str) -> u32 {
-        self.map
-            .lock()
-            .map_or(0, |m| m.get(tenant).map_or(0, |e| e.conns))
-    }
 }
 
 /// One shard's block.

@@ -447,7 +447,11 @@ impl Shard {
             s.m()
                 .handshakes_failed
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            s.close(id, CloseReason::AuthFailed);
+            let reason = match code {
+                ErrorCode::LimitExceeded => CloseReason::Limit,
+                _ => CloseReason::AuthFailed,
+            };
+            s.close(id, reason);
         };
         if version != CURRENT_VERSION && version != PREVIOUS_VERSION {
             let msg = format!(
@@ -483,13 +487,9 @@ impl Shard {
             .tenants_shared
             .admit(&user.tenant, max, sends, clk.mono_ms);
         let Some(tenant_sends) = admitted else {
+            self.m().tenant_refused(&user.tenant, TenantRefusal::Conns);
             let msg = format!("tenant connection limit reached ({max})");
-            self.reply_error(id, reference, ErrorCode::LimitExceeded, &msg);
-            let m = self.m();
-            m.tenant_refused(&user.tenant, TenantRefusal::Conns);
-            m.handshakes_failed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.close(id, CloseReason::Limit);
+            refuse(self, ErrorCode::LimitExceeded, &msg);
             return;
         };
         let session_id = ((self.next_session) << 8) | self.id as u64;
@@ -593,16 +593,7 @@ impl Shard {
         };
         let l = &self.cfg.limits;
         if let Err(wait_ms) = c.sends.take(1, l.sends_per_sec, l.send_burst, clk.mono_ms) {
-            let env = Envelope {
-                reference,
-                msg: Message::Error(Error {
-                    code: ErrorCode::RateLimited,
-                    message: Str::from_static("send rate exceeded"),
-                    cmid: Some(s.cmid),
-                    retry_after_ms: Some(wait_ms.max(1)),
-                }),
-            };
-            self.emit(id, &env);
+            self.rate_limited(id, reference, s.cmid, "send rate exceeded", wait_ms);
             return;
         }
         let Some(sess) = c.session.as_ref() else {
@@ -611,16 +602,7 @@ impl Shard {
         if let Some(Err(wait_ms)) = sess.tenant_sends.as_ref().map(|b| b.take(clk.mono_ms)) {
             let tenant = sess.user.tenant.clone();
             self.m().tenant_refused(&tenant, TenantRefusal::Rate);
-            let env = Envelope {
-                reference,
-                msg: Message::Error(Error {
-                    code: ErrorCode::RateLimited,
-                    message: Str::from_static("tenant send rate exceeded"),
-                    cmid: Some(s.cmid),
-                    retry_after_ms: Some(wait_ms.max(1)),
-                }),
-            };
-            self.emit(id, &env);
+            self.rate_limited(id, reference, s.cmid, "tenant send rate exceeded", wait_ms);
             return;
         }
         let from = sess.user.clone();
@@ -674,6 +656,27 @@ impl Shard {
         ) {
             self.overloaded(id, reference, Some(cmid));
         }
+    }
+
+    /// A `send` refused by a token bucket: `rate_limited`, retry after `wait_ms`.
+    fn rate_limited(
+        &mut self,
+        id: ConnId,
+        reference: Option<u64>,
+        cmid: Str,
+        message: &'static str,
+        wait_ms: u64,
+    ) {
+        let env = Envelope {
+            reference,
+            msg: Message::Error(Error {
+                code: ErrorCode::RateLimited,
+                message: Str::from_static(message),
+                cmid: Some(cmid),
+                retry_after_ms: Some(wait_ms.max(1)),
+            }),
+        };
+        self.emit(id, &env);
     }
 
     fn send_error(&mut self, id: ConnId, reference: Option<u64>, cmid: Str, code: ErrorCode) {
