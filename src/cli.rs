@@ -44,6 +44,18 @@ pub struct ServeArgs {
     /// Raw-TCP listener [default: 127.0.0.1:9000].
     #[arg(long, value_name = "ADDR")]
     pub tcp_listen: Option<SocketAddr>,
+    /// WebSocket over TLS listener (`wss://`); needs --tls-cert and --tls-key.
+    #[arg(long, value_name = "ADDR")]
+    pub wss_listen: Option<SocketAddr>,
+    /// Raw-TCP over TLS listener; needs --tls-cert and --tls-key.
+    #[arg(long, value_name = "ADDR")]
+    pub tls_listen: Option<SocketAddr>,
+    /// TLS certificate chain (PEM), reloaded on SIGHUP (sets tls.cert_file).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM), reloaded on SIGHUP (sets tls.key_file).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// Admin HTTP listener: /metrics, /healthz, /readyz, POST /drain [default: 127.0.0.1:9090].
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
@@ -141,6 +153,18 @@ pub fn apply_flags(
     }
     if let Some(a) = args.admin_listen {
         s.admin_listen = a;
+    }
+    if let Some(a) = args.wss_listen {
+        s.wss_listen = Some(a);
+    }
+    if let Some(a) = args.tls_listen {
+        s.tls_listen = Some(a);
+    }
+    if let Some(f) = &args.tls_cert {
+        config.tls.cert_file = Some(f.clone());
+    }
+    if let Some(f) = &args.tls_key {
+        config.tls.key_file = Some(f.clone());
     }
     if let Some(d) = &args.data_dir {
         s.data_dir = d.clone();

@@ -26,6 +26,7 @@
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -95,6 +96,84 @@ pub struct ClientConfig {
     /// Largest frame (raw TCP: header + extensions + payload) or WebSocket message accepted
     /// from the server. Default [`frame::DEFAULT_MAX_FRAME_BYTES`].
     pub max_frame_bytes: u32,
+    /// Speak TLS to the gateway's TLS listener (`--wss-listen`, `--tls-listen`). Default none.
+    pub tls: Option<TlsClient>,
+}
+
+/// The TLS side of a [`ClientConfig`]: what to trust and the name to ask for (SNI, and the
+/// name the certificate must carry).
+#[derive(Clone, Debug)]
+pub struct TlsClient {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl TlsClient {
+    /// Trusts the PEM certificates in `ca_pem` for `server_name` (a DNS name or an IP
+    /// address), over TLS 1.3 and 1.2 or only the versions given.
+    pub fn new(
+        ca_pem: &[u8],
+        server_name: &str,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Result<TlsClient, ClientError> {
+        let config = crate::tls::client_config(ca_pem, versions)
+            .map_err(|e| ClientError::Protocol(format!("TLS: {e}")))?;
+        let server_name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+            .map_err(|e| ClientError::Protocol(format!("TLS server name: {e}")))?;
+        Ok(TlsClient {
+            config,
+            server_name,
+        })
+    }
+}
+
+impl PartialEq for TlsClient {
+    fn eq(&self, other: &TlsClient) -> bool {
+        Arc::ptr_eq(&self.config, &other.config) && self.server_name == other.server_name
+    }
+}
+
+impl Eq for TlsClient {}
+
+/// The client's socket: plain, or under a rustls client session.
+#[derive(Debug)]
+enum Sock {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Sock {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Sock::Plain(s) => s,
+            Sock::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Plain(s) => s.read(buf),
+            Sock::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Plain(s) => s.write(buf),
+            Sock::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sock::Plain(s) => s.flush(),
+            Sock::Tls(t) => t.flush(),
+        }
+    }
 }
 
 impl ClientConfig {
@@ -109,6 +188,7 @@ impl ClientConfig {
             offer_subprotocol: true,
             read_timeout: Duration::from_secs(5),
             max_frame_bytes: frame::DEFAULT_MAX_FRAME_BYTES,
+            tls: None,
         }
     }
 }
@@ -162,7 +242,7 @@ pub enum ClientError {
 /// One blocking connection to the gateway. See the module documentation.
 #[derive(Debug)]
 pub struct Client {
-    sock: TcpStream,
+    sock: Sock,
     transport: Transport,
     codec: CodecId,
     /// Received bytes not consumed yet. Raw TCP: the start of the next frame(s). WebSocket:
@@ -214,6 +294,23 @@ impl Client {
     fn start(cfg: &ClientConfig, sock: TcpStream) -> Result<Client, ClientError> {
         sock.set_nodelay(true)?;
         sock.set_read_timeout(Some(cfg.read_timeout.max(MIN_TIMEOUT)))?;
+        let sock = match &cfg.tls {
+            None => Sock::Plain(sock),
+            Some(tls) => {
+                // The handshake runs on the first read or write, within the read timeout.
+                let conn =
+                    rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone())
+                        .map_err(|e| ClientError::Protocol(format!("TLS: {e}")))?;
+                let mut stream = rustls::StreamOwned::new(conn, sock);
+                stream
+                    .sock
+                    .set_write_timeout(Some(cfg.read_timeout.max(MIN_TIMEOUT)))?;
+                while stream.conn.is_handshaking() {
+                    stream.conn.complete_io(&mut stream.sock)?;
+                }
+                Sock::Tls(Box::new(stream))
+            }
+        };
         let max = cfg.max_frame_bytes;
         let mut client = Client {
             sock,
@@ -291,7 +388,7 @@ impl Client {
 
     /// The local address of the connection.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.sock.local_addr()
+        self.sock.tcp().local_addr()
     }
 
     /// A fresh correlation id (`ref`): 1, 2, 3, ... per connection.
@@ -304,7 +401,7 @@ impl Client {
     /// Sets how long [`Client::recv`] waits for bytes (at least 1 ms).
     pub fn set_read_timeout(&mut self, d: Duration) -> Result<(), ClientError> {
         self.read_timeout = d;
-        self.sock.set_read_timeout(Some(d.max(MIN_TIMEOUT)))?;
+        self.sock.tcp().set_read_timeout(Some(d.max(MIN_TIMEOUT)))?;
         self.timeout_changed = false;
         Ok(())
     }
@@ -320,7 +417,7 @@ impl Client {
     /// mode, bounded by the read timeout (a frame that cannot be finished in that time leaves
     /// the connection unusable and is reported as [`ClientError::Io`]).
     pub fn set_nonblocking(&mut self, on: bool) -> Result<(), ClientError> {
-        self.sock.set_nonblocking(on)?;
+        self.sock.tcp().set_nonblocking(on)?;
         self.nonblocking = on;
         Ok(())
     }
@@ -505,7 +602,11 @@ impl Client {
             write_client_close(&mut self.wbuf, mask, Some(CloseCode::Normal), "");
             let _ = self.write_wbuf();
         }
-        let _ = self.sock.shutdown(Shutdown::Write);
+        if let Sock::Tls(t) = &mut self.sock {
+            t.conn.send_close_notify();
+            let _ = t.flush();
+        }
+        let _ = self.sock.tcp().shutdown(Shutdown::Write);
         if self.closed.is_some() {
             return;
         }
@@ -514,6 +615,7 @@ impl Client {
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             if self
                 .sock
+                .tcp()
                 .set_read_timeout(Some(left.max(MIN_TIMEOUT)))
                 .is_err()
             {
@@ -667,7 +769,9 @@ impl Client {
                     .checked_duration_since(Instant::now())
                     .filter(|l| !l.is_zero())
                     .ok_or(ClientError::Timeout)?;
-                self.sock.set_read_timeout(Some(left.max(MIN_TIMEOUT)))?;
+                self.sock
+                    .tcp()
+                    .set_read_timeout(Some(left.max(MIN_TIMEOUT)))?;
                 self.timeout_changed = true;
             }
             None => self.restore_timeout()?,
@@ -701,6 +805,11 @@ impl Client {
             Ok(_) => Ok(()),
             Err(e) => match e.kind() {
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Err(ClientError::Timeout),
+                // TLS: the end of the stream without a close_notify.
+                io::ErrorKind::UnexpectedEof => {
+                    self.closed = Some((None, "eof".to_owned()));
+                    Err(self.closed_error())
+                }
                 io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => {
                     self.closed = Some((None, "connection reset".to_owned()));
                     Err(self.closed_error())
@@ -714,6 +823,7 @@ impl Client {
     fn restore_timeout(&mut self) -> Result<(), ClientError> {
         if self.timeout_changed {
             self.sock
+                .tcp()
                 .set_read_timeout(Some(self.read_timeout.max(MIN_TIMEOUT)))?;
             self.timeout_changed = false;
         }
@@ -743,21 +853,27 @@ impl std::os::fd::AsRawFd for Client {
     /// The socket's descriptor, for readiness polling only: reading or writing it directly
     /// would desynchronise the client's framing.
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.sock.as_raw_fd()
+        self.sock.tcp().as_raw_fd()
     }
 }
 
 /// Writes `buf` whole. On a non-blocking socket whose send buffer fills up, finishes the
 /// frame in blocking mode with `timeout` as the write timeout, then goes back to non-blocking,
 /// so that a frame is never left half-written while the caller moves on.
-fn write_out(
-    sock: &mut TcpStream,
-    buf: &[u8],
-    nonblocking: bool,
-    timeout: Duration,
-) -> io::Result<()> {
+fn write_out(sock: &mut Sock, buf: &[u8], nonblocking: bool, timeout: Duration) -> io::Result<()> {
     if !nonblocking {
-        return sock.write_all(buf);
+        sock.write_all(buf)?;
+        // TLS: the records rustls made of it go out now.
+        return sock.flush();
+    }
+    if let Sock::Tls(_) = sock {
+        // Whole records only: finish in blocking mode, bounded by the timeout.
+        sock.tcp().set_nonblocking(false)?;
+        sock.tcp()
+            .set_write_timeout(Some(timeout.max(MIN_TIMEOUT)))?;
+        let res = sock.write_all(buf).and_then(|()| sock.flush());
+        sock.tcp().set_nonblocking(true)?;
+        return res;
     }
     let mut rest = buf;
     while !rest.is_empty() {
@@ -766,11 +882,12 @@ fn write_out(
             Ok(n) => rest = &rest[n..],
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                sock.set_nonblocking(false)?;
-                sock.set_write_timeout(Some(timeout.max(MIN_TIMEOUT)))?;
+                let tcp = sock.tcp();
+                tcp.set_nonblocking(false)?;
+                tcp.set_write_timeout(Some(timeout.max(MIN_TIMEOUT)))?;
                 let res = sock.write_all(rest);
-                sock.set_write_timeout(None)?;
-                sock.set_nonblocking(true)?;
+                sock.tcp().set_write_timeout(None)?;
+                sock.tcp().set_nonblocking(true)?;
                 return res;
             }
             Err(e) => return Err(e),

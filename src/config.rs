@@ -48,8 +48,20 @@ pub struct Config {
     pub redis: RedisConfig,
     pub kafka: KafkaConfig,
     pub cluster: ClusterConfig,
+    pub tls: TlsConfig,
     /// Per-tenant settings over the defaults in `[limits]`: `[tenants.NAME]`.
     pub tenants: std::collections::BTreeMap<String, TenantConfig>,
+}
+
+/// The TLS listeners' certificate and key (`[tls]`, or `--tls-cert` / `--tls-key`): PEM
+/// files, read at start and again on SIGHUP.
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
 }
 
 /// One tenant's own limits (`[tenants.NAME]`); what is absent comes from `[limits]`.
@@ -356,6 +368,10 @@ pub struct ServerConfig {
     pub ws_listen: SocketAddr,
     /// Raw-TCP listener (docs/PROTOCOL.md frames).
     pub tcp_listen: SocketAddr,
+    /// WebSocket over TLS (`wss://`), beside the plain listener; needs `[tls]`.
+    pub wss_listen: Option<SocketAddr>,
+    /// Raw-TCP frames over TLS, beside the plain listener; needs `[tls]`.
+    pub tls_listen: Option<SocketAddr>,
     /// Admin HTTP: /metrics, /healthz, /readyz.
     pub admin_listen: SocketAddr,
     pub data_dir: PathBuf,
@@ -472,6 +488,8 @@ impl Default for ServerConfig {
         ServerConfig {
             ws_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             tcp_listen: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            wss_listen: None,
+            tls_listen: None,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             data_dir: PathBuf::from("./imgw-data"),
             durability: Durability::Memory,
@@ -597,6 +615,14 @@ impl Config {
         }
         if !admin_token.is_empty() && admin_token.len() < 16 {
             return bad("the admin token must be at least 16 bytes");
+        }
+        let tls_listeners = self.server.wss_listen.is_some() || self.server.tls_listen.is_some();
+        let tls_files = (self.tls.cert_file.is_some(), self.tls.key_file.is_some());
+        if tls_listeners && tls_files != (true, true) {
+            return bad(
+                "a TLS listener (server.wss_listen, server.tls_listen) needs tls.cert_file and \
+                 tls.key_file (--tls-cert FILE --tls-key FILE)",
+            );
         }
         if l.max_frame_bytes < crate::protocol::frame::HEADER_LEN as u32 + 16 {
             return bad("limits.max_frame_bytes is too small");

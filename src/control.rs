@@ -4,9 +4,10 @@
 //! blocks on them.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use crate::iocore::Pusher;
+use crate::tls::Certs;
 
 /// Lifecycle flags of one gateway process.
 #[derive(Debug, Default)]
@@ -23,6 +24,9 @@ pub struct Control {
     /// Queues push records and kicks for their owner shards; set once the I/O core runs
     /// (durability `local` or `backend`), for the admin API's `POST /push` and `POST /kick`.
     pusher: OnceLock<Pusher>,
+    /// The TLS listeners' certificate, set once at start when they are configured; SIGHUP
+    /// reloads it.
+    tls: OnceLock<Arc<Certs>>,
     /// Admin API requests that queue work for the shards (`POST /push`, `POST /kick`):
     /// queued (index 0) and refused (1: a bad body, overloaded, unavailable).
     pub admin_pushes: [AtomicU64; 2],
@@ -39,6 +43,7 @@ impl Control {
             shards_total: AtomicUsize::new(shards_total),
             backends_pending: AtomicUsize::new(0),
             pusher: OnceLock::new(),
+            tls: OnceLock::new(),
             admin_pushes: Default::default(),
             admin_kicks: Default::default(),
             admin_unauthorized: AtomicU64::new(0),
@@ -53,6 +58,16 @@ impl Control {
     /// The handle to the shards, once the I/O core runs; `None` at durability `memory`.
     pub fn pusher(&self) -> Option<&Pusher> {
         self.pusher.get()
+    }
+
+    /// Installs the TLS certificate (start-up). Only the first call counts.
+    pub fn set_tls(&self, certs: Arc<Certs>) {
+        let _ = self.tls.set(certs);
+    }
+
+    /// The TLS certificate, when TLS listeners are configured.
+    pub fn tls(&self) -> Option<&Arc<Certs>> {
+        self.tls.get()
     }
 
     pub fn start_drain(&self) {

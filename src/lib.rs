@@ -32,5 +32,6 @@ pub mod runtime;
 pub mod services;
 pub mod shard;
 pub mod store;
+pub mod tls;
 pub mod twogen;
 pub mod ws;

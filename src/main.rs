@@ -79,8 +79,17 @@ fn serve(args: &ServeArgs) -> ExitCode {
 
     let shards = config.shard_count();
     let control = Arc::new(Control::new(shards));
+    if let (Some(cert), Some(key)) = (&config.tls.cert_file, &config.tls.key_file) {
+        match imgw::tls::Certs::load(cert, key) {
+            Ok(certs) => control.set_tls(Arc::new(certs)),
+            Err(e) => {
+                eprintln!("imgw: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
     let metrics = Arc::new(Metrics::new(shards));
-    if let Err(e) = install_signals(Arc::clone(&control)) {
+    if let Err(e) = install_signals(Arc::clone(&control), Arc::clone(&metrics)) {
         eprintln!("imgw: installing signal handlers: {e}");
         return ExitCode::from(EXIT_FAIL);
     }
@@ -98,6 +107,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
     tracing::info!(
         ws = %config.server.ws_listen,
         tcp = %config.server.tcp_listen,
+        wss = ?config.server.wss_listen,
+        tls = ?config.server.tls_listen,
         admin = %admin,
         shards,
         durability = ?config.server.durability,
@@ -188,8 +199,22 @@ fn init_logging(flag: Option<&str>) -> Result<(), String> {
 }
 
 /// SIGTERM/SIGINT start a drain; a second one exits at once with status 130.
-fn install_signals(control: Arc<Control>) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
+/// SIGHUP: reads the TLS certificate and key again; a refused pair leaves the old one.
+fn reload_tls(control: &Control, metrics: &Metrics) {
+    let Some(certs) = control.tls() else {
+        tracing::info!("SIGHUP: no TLS listener, nothing to reload");
+        return;
+    };
+    match certs.reload(&metrics.tls) {
+        Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded; new connections get it"),
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: TLS certificate refused; keeping the old one")
+        }
+    }
+}
+
+fn install_signals(control: Arc<Control>, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let armed = Arc::new(AtomicBool::new(false));
     for sig in [SIGTERM, SIGINT] {
         // Order matters: the exit action runs before the flag is set, so the first signal only
@@ -197,11 +222,16 @@ fn install_signals(control: Arc<Control>) -> std::io::Result<()> {
         signal_hook::flag::register_conditional_shutdown(sig, EXIT_SIGNAL, Arc::clone(&armed))?;
         signal_hook::flag::register(sig, Arc::clone(&armed))?;
     }
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    // SIGHUP reloads the TLS certificate (and is otherwise ignored rather than fatal).
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     std::thread::Builder::new()
         .name("imgw-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                if sig == SIGHUP {
+                    reload_tls(&control, &metrics);
+                    continue;
+                }
                 let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
                 tracing::warn!(
                     signal = name,

@@ -380,6 +380,8 @@ pub struct Metrics {
     pub io: std::sync::OnceLock<std::sync::Arc<crate::iocore::IoStats>>,
     /// Per-tenant state over all shards: connection counts and send buckets.
     pub tenants_shared: TenantShared,
+    /// TLS handshakes, failures and certificate reloads (all shards).
+    pub tls: crate::tls::TlsStats,
 }
 
 impl Metrics {
@@ -388,6 +390,7 @@ impl Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             io: std::sync::OnceLock::new(),
             tenants_shared: TenantShared::default(),
+            tls: crate::tls::TlsStats::default(),
         }
     }
 
@@ -624,6 +627,37 @@ impl Metrics {
                 io.cluster.render(&mut o);
             }
         }
+        let t = &self.tls;
+        let tls: [(&str, &str, &AtomicU64); 4] = [
+            (
+                "imgw_tls_handshakes_total",
+                "TLS handshakes completed.",
+                &t.handshakes,
+            ),
+            (
+                "imgw_tls_record_errors_total",
+                "Established TLS connections closed on a bad record.",
+                &t.record_errors,
+            ),
+            (
+                "imgw_tls_reloads_total",
+                "Certificate reloads (SIGHUP) that took effect.",
+                &t.reloads,
+            ),
+            (
+                "imgw_tls_reload_failures_total",
+                "Certificate reloads refused; the old certificate stays.",
+                &t.reload_failures,
+            ),
+        ];
+        for (name, help, v) in tls {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(r)
+            );
+        }
+        let _ = writeln!(o, "# HELP imgw_tls_handshake_failures_total TLS handshakes that failed, by reason.\n# TYPE imgw_tls_handshake_failures_total counter\nimgw_tls_handshake_failures_total{{reason=\"error\"}} {}\nimgw_tls_handshake_failures_total{{reason=\"timeout\"}} {}", t.handshake_failures.load(r), t.handshake_timeouts.load(r));
         let mut tenants: BTreeMap<String, TenantStats> = BTreeMap::new();
         for s in &self.shards {
             if let Ok(map) = s.tenants.lock() {

@@ -11,15 +11,13 @@
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::channels::channel_mesh::{MeshBuilder, Senders};
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpListener;
 use glommio::{GlommioError, LocalExecutorBuilder, Placement, ResourceType};
 
 use crate::auth::Authenticator;
@@ -28,6 +26,10 @@ use crate::control::Control;
 use crate::iocore::{IoConfig, IoCore, IoPort};
 use crate::metrics::Metrics;
 use crate::shard::{Batch, Clock, ConnId, Shard, Transport};
+use crate::tls::{Certs, ShardTls, TlsStats};
+
+mod io;
+use io::Io;
 
 /// Bytes read from a socket in one go (per shard, shared by all its connections).
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -71,14 +73,18 @@ pub fn run(
     // chose, held by a bound socket that does not listen (so it takes no connections) until
     // the gateway stops, so no other process gets it meanwhile.
     let mut reserved = Vec::new();
-    for addr in [&mut cfg.server.ws_listen, &mut cfg.server.tcp_listen] {
+    let backlog = cfg.server.backlog;
+    let server = &mut cfg.server;
+    let tls_addrs = [server.wss_listen.as_mut(), server.tls_listen.as_mut()];
+    let addrs = [Some(&mut server.ws_listen), Some(&mut server.tcp_listen)];
+    for addr in addrs.into_iter().chain(tls_addrs).flatten() {
         let bound = if addr.port() == 0 {
             reserve_port(*addr).map(|(sock, at)| {
                 reserved.push(sock);
                 at
             })
         } else {
-            bind_listener(*addr, cfg.server.backlog).map(|_| *addr)
+            bind_listener(*addr, backlog).map(|_| *addr)
         };
         match bound {
             Ok(at) => *addr = at,
@@ -121,6 +127,7 @@ pub fn run(
         (None, (0..shards).map(|_| None).collect())
     };
     let ports: Arc<std::sync::Mutex<Vec<Option<IoPort>>>> = Arc::new(std::sync::Mutex::new(ports));
+    let certs = tls_certs(&cfg, &control)?;
     let cfg = Arc::new(cfg);
     let mesh: MeshBuilder<Batch, _> =
         MeshBuilder::full(shards, cfg.limits.shard_channel_batches as usize);
@@ -132,26 +139,33 @@ pub fn run(
         } else {
             Placement::Unbound
         };
-        let (cfg, auth, metrics, control, mesh, ports) = (
+        let (cfg, auth, metrics, control, mesh, ports, certs) = (
             cfg.clone(),
             auth.clone(),
             metrics.clone(),
             control.clone(),
             mesh.clone(),
             ports.clone(),
+            certs.clone(),
         );
-        let h =
-            LocalExecutorBuilder::new(placement)
-                .name(&format!("imgw-shard-{i}"))
-                .io_memory(cfg.runtime.io_memory_kib * 1024)
-                .ring_depth(cfg.runtime.ring_depth)
-                .spawn(move || async move {
-                    shard_main(i, cfg, auth, metrics, control, mesh, ports).await
-                })
-                .map_err(|e| RuntimeError::Executor {
-                    shard: i,
-                    detail: e.to_string(),
-                })?;
+        let h = LocalExecutorBuilder::new(placement)
+            .name(&format!("imgw-shard-{i}"))
+            .io_memory(cfg.runtime.io_memory_kib * 1024)
+            .ring_depth(cfg.runtime.ring_depth)
+            .spawn(move || async move {
+                let links = Links {
+                    auth,
+                    metrics,
+                    control,
+                    ports,
+                    certs,
+                };
+                shard_main(i, cfg, links, mesh).await
+            })
+            .map_err(|e| RuntimeError::Executor {
+                shard: i,
+                detail: e.to_string(),
+            })?;
         handles.push(h);
     }
     let mut first_error = None;
@@ -173,6 +187,41 @@ pub fn run(
         core.shutdown();
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// The TLS listeners' certificate: the one `main` loaded (so that SIGHUP reloads it), or
+/// loaded here for a caller that did not; `None` without TLS listeners.
+fn tls_certs(cfg: &Config, control: &Control) -> Result<Option<Arc<Certs>>, RuntimeError> {
+    if cfg.server.wss_listen.is_none() && cfg.server.tls_listen.is_none() {
+        return Ok(None);
+    }
+    if let Some(c) = control.tls() {
+        return Ok(Some(c.clone()));
+    }
+    let (Some(cert), Some(key)) = (&cfg.tls.cert_file, &cfg.tls.key_file) else {
+        return Err(RuntimeError::Config(
+            "TLS listeners need tls.cert_file and tls.key_file".into(),
+        ));
+    };
+    let certs = Arc::new(Certs::load(cert, key).map_err(|e| RuntimeError::Config(e.to_string()))?);
+    control.set_tls(certs.clone());
+    Ok(Some(certs))
+}
+
+/// What a shard shares with the rest of the process.
+struct Links {
+    auth: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
+    control: Arc<Control>,
+    ports: Arc<std::sync::Mutex<Vec<Option<IoPort>>>>,
+    certs: Option<Arc<Certs>>,
+}
+
+/// One listener of a shard: its transport and whether TLS runs under it.
+struct Listener {
+    socket: TcpListener,
+    transport: Transport,
+    tls: Option<Rc<RefCell<ShardTls>>>,
 }
 
 /// Cluster mode: claims this node's slot in Redis before any shard mints a message id (the
@@ -272,12 +321,16 @@ fn reserve_port(addr: SocketAddr) -> std::io::Result<(socket2::Socket, SocketAdd
 }
 
 /// The listeners' bound addresses, as `--ports-file` holds them:
-/// `{"ws":ADDR,"tcp":ADDR,"admin":ADDR}`.
+/// `{"ws":ADDR,"tcp":ADDR,"admin":ADDR}`, with `"wss"` and `"tls"` when those listen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Ports {
     pub ws: SocketAddr,
     pub tcp: SocketAddr,
     pub admin: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wss: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<SocketAddr>,
 }
 
 impl Ports {
@@ -297,6 +350,8 @@ fn write_ports_file(
         ws: s.ws_listen,
         tcp: s.tcp_listen,
         admin: s.admin_listen,
+        wss: s.wss_listen,
+        tls: s.tls_listen,
     };
     let json = serde_json::to_string(&ports).map_err(std::io::Error::other)?;
     let tmp = path.with_extension("tmp");
@@ -319,12 +374,16 @@ fn glommio_listener(addr: SocketAddr, backlog: u32) -> Result<TcpListener, Runti
 async fn shard_main(
     index: usize,
     cfg: Arc<Config>,
-    auth: Arc<Authenticator>,
-    metrics: Arc<Metrics>,
-    control: Arc<Control>,
+    links: Links,
     mesh: MeshBuilder<Batch, glommio::channels::channel_mesh::Full>,
-    ports: Arc<std::sync::Mutex<Vec<Option<IoPort>>>>,
 ) -> Result<(), RuntimeError> {
+    let Links {
+        auth,
+        metrics,
+        control,
+        ports,
+        certs,
+    } = links;
     let (senders, mut receivers) = mesh.join().await.map_err(|_| RuntimeError::Shard {
         shard: index,
         detail: "joining the shard mesh failed".into(),
@@ -347,7 +406,7 @@ async fn shard_main(
         shards,
         cfg.clone(),
         auth,
-        metrics,
+        metrics.clone(),
         port,
         clock(base),
     )));
@@ -369,22 +428,30 @@ async fn shard_main(
     let io_task = wake_reader.map(|r| glommio::spawn_local(io_completions(shard.clone(), r, base)));
     let scratch = Rc::new(RefCell::new(vec![0u8; SCRATCH_BYTES]));
 
-    let ws = glommio_listener(cfg.server.ws_listen, cfg.server.backlog)?;
-    let tcp = glommio_listener(cfg.server.tcp_listen, cfg.server.backlog)?;
-    let accept_ws = glommio::spawn_local(accept_loop(
-        ws,
-        Transport::Ws,
-        shard.clone(),
-        scratch.clone(),
-        base,
-    ));
-    let accept_tcp = glommio::spawn_local(accept_loop(
-        tcp,
-        Transport::Tcp,
-        shard.clone(),
-        scratch.clone(),
-        base,
-    ));
+    let tls = certs.map(|c| Rc::new(RefCell::new(ShardTls::new(c))));
+    let s = &cfg.server;
+    let listeners = [
+        (Some(s.ws_listen), Transport::Ws, None),
+        (Some(s.tcp_listen), Transport::Tcp, None),
+        (s.wss_listen, Transport::Ws, tls.clone()),
+        (s.tls_listen, Transport::Tcp, tls),
+    ];
+    let mut accepting = Vec::new();
+    for (addr, transport, tls) in listeners {
+        let Some(addr) = addr else { continue };
+        let listener = Listener {
+            socket: glommio_listener(addr, s.backlog)?,
+            transport,
+            tls,
+        };
+        let conns = Conns {
+            shard: shard.clone(),
+            scratch: scratch.clone(),
+            metrics: metrics.clone(),
+            base,
+        };
+        accepting.push(glommio::spawn_local(accept_loop(listener, conns)));
+    }
 
     let senders = Rc::new(senders);
     let mut receiver_tasks = Vec::new();
@@ -402,7 +469,6 @@ async fn shard_main(
 
     // The sweep timer: one per shard, for every connection's deadlines.
     let tick = Duration::from_millis(cfg.runtime.tick_ms);
-    let mut accepting = Some((accept_ws, accept_tcp));
     loop {
         glommio::timer::sleep(tick).await;
         let clk = clock(base);
@@ -412,7 +478,7 @@ async fn shard_main(
             tracing::info!(shard = id, connections = s.connections(), "draining");
             s.start_drain(clk);
             // Dropping the accept tasks closes the listeners.
-            accepting = None;
+            accepting.clear();
         }
         if s.drained(clk) && !s.has_outbox() {
             break;
@@ -458,15 +524,19 @@ async fn io_completions(
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    transport: Transport,
+/// What every connection task of a shard shares.
+#[derive(Clone)]
+struct Conns {
     shard: Rc<RefCell<Shard>>,
+    /// The shard's read buffer (plaintext lands here, TLS or not).
     scratch: Rc<RefCell<Vec<u8>>>,
+    metrics: Arc<Metrics>,
     base: Instant,
-) {
+}
+
+async fn accept_loop(listener: Listener, conns: Conns) {
     loop {
-        let stream = match listener.accept().await {
+        let stream = match listener.socket.accept().await {
             Ok(s) => s,
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -476,62 +546,78 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let id = shard.borrow_mut().accept(transport, clock(base));
+        let io = match &listener.tls {
+            None => Io::Plain(stream),
+            Some(tls) => match tls.borrow_mut().accept() {
+                Ok(conn) => Io::Tls(Box::new(io::Tls::new(stream, conn))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS session refused");
+                    continue;
+                }
+            },
+        };
+        let id = conns
+            .shard
+            .borrow_mut()
+            .accept(listener.transport, clock(conns.base));
         let Some(id) = id else {
             continue; // over the limit or draining: dropping the stream closes it
         };
-        glommio::spawn_local(conn_task(shard.clone(), scratch.clone(), id, stream, base)).detach();
+        glommio::spawn_local(conn_task(conns.clone(), id, io)).detach();
     }
 }
 
 /// Drives one connection: writes what the shard queued for it, reads into the shard's
 /// scratch buffer and feeds the shard, until the shard or the peer closes it.
-async fn conn_task(
-    shard: Rc<RefCell<Shard>>,
-    scratch: Rc<RefCell<Vec<u8>>>,
-    id: ConnId,
-    mut stream: TcpStream,
-    base: Instant,
-) {
-    poll_fn(|cx| poll_conn(&shard, &scratch, id, &mut stream, base, cx)).await;
+async fn conn_task(conns: Conns, id: ConnId, mut io: Io) {
+    poll_fn(|cx| poll_conn(&conns, id, &mut io, cx)).await;
     // Dropping the stream closes the socket.
 }
 
-fn poll_conn(
-    shard: &Rc<RefCell<Shard>>,
-    scratch: &Rc<RefCell<Vec<u8>>>,
-    id: ConnId,
-    stream: &mut TcpStream,
-    base: Instant,
-    cx: &mut Context<'_>,
-) -> Poll<()> {
-    let mut s = shard.borrow_mut();
+fn poll_conn(conns: &Conns, id: ConnId, io: &mut Io, cx: &mut Context<'_>) -> Poll<()> {
+    let mut s = conns.shard.borrow_mut();
+    let base = conns.base;
     for _ in 0..MAX_ROUNDS_PER_POLL {
-        let mut progressed = false;
+        // TLS records rustls still holds go first (none on a plain socket).
+        let mut progressed = match io.send_pending(cx) {
+            Ok(wrote) => wrote,
+            Err(_) => {
+                s.remove(id);
+                return Poll::Ready(());
+            }
+        };
         // Write everything queued, in as few sends as the kernel allows.
         if let Some(out) = s.output(id) {
             if !out.is_empty() {
-                match Pin::new(&mut *stream).poll_write(cx, out) {
-                    Poll::Ready(Ok(n)) => {
+                match io.poll_write(cx, out) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
                         // One clock read per write: only the monotonic one.
                         s.wrote(id, n, base.elapsed().as_micros() as u64);
-                        progressed = n > 0;
+                        progressed = true;
                     }
+                    Poll::Ready(Ok(_)) | Poll::Pending => {}
                     Poll::Ready(Err(_)) => {
                         s.remove(id);
                         return Poll::Ready(());
                     }
-                    Poll::Pending => {}
                 }
             }
         }
         if s.should_close(id) {
+            if io.handshaking() {
+                TlsStats::add(&conns.metrics.tls.handshake_timeouts);
+            }
+            // TLS: the close_notify and the last records, unless the deadline has passed.
+            if io.closing(cx) && !s.close_overdue(id) {
+                s.set_waker(id, cx.waker());
+                return Poll::Pending;
+            }
             s.remove(id);
             return Poll::Ready(());
         }
         if !s.is_closing(id) {
-            let mut buf = scratch.borrow_mut();
-            match Pin::new(&mut *stream).poll_read(cx, &mut buf[..]) {
+            let mut buf = conns.scratch.borrow_mut();
+            match io.poll_read(cx, &mut buf[..], &conns.metrics) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     s.remove(id);
                     return Poll::Ready(());

@@ -499,6 +499,14 @@ impl Shard {
         }
     }
 
+    /// The connection is closing and its flush deadline ([`CLOSE_FLUSH_MS`]) has passed: the
+    /// runtime closes it even if bytes below the shard (TLS records) are still unsent.
+    pub fn close_overdue(&self, id: ConnId) -> bool {
+        self.conns
+            .get(id)
+            .is_none_or(|c| c.closing.is_some() && self.now_ms >= c.last_rx_ms + CLOSE_FLUSH_MS)
+    }
+
     /// The connection wants no more input (closing).
     pub fn is_closing(&self, id: ConnId) -> bool {
         self.conns.get(id).is_none_or(|c| c.closing.is_some())

@@ -16,6 +16,9 @@ pub struct Gateway {
     pub ws: SocketAddr,
     pub tcp: SocketAddr,
     pub admin: SocketAddr,
+    /// The TLS listeners, when the arguments asked for them (`--wss-listen`, `--tls-listen`).
+    pub wss: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
     pub dir: PathBuf,
     args: Vec<String>,
 }
@@ -68,6 +71,8 @@ impl Gateway {
             ws: unbound,
             tcp: unbound,
             admin: unbound,
+            wss: None,
+            tls: None,
             dir,
             args: args.iter().map(|a| a.to_string()).collect(),
         };
@@ -111,6 +116,7 @@ impl Gateway {
             }
             if let Some(p) = imgw::runtime::Ports::read(&ports) {
                 (self.ws, self.tcp, self.admin) = (p.ws, p.tcp, p.admin);
+                (self.wss, self.tls) = (p.wss, p.tls);
                 if let Ok((200, _)) = http_get(self.admin, "/readyz") {
                     return;
                 }
