@@ -264,6 +264,72 @@ impl Authenticator {
 
 /// Issues an HS256 token for `tenant`/`user` expiring at `exp_unix_s`: for tests and the loadgen.
 pub fn issue_hs256(secret: &[u8], tenant: &str, user: &str, exp_unix_s: u64) -> String {
+    // Invariant: serializing two strings and an integer to JSON cannot fail, and HMAC-SHA256
+    // accepts a key of any length, so encode has no error to return here.
+    issue(
+        &EncodingKey::from_secret(secret),
+        Algorithm::HS256,
+        tenant,
+        user,
+        exp_unix_s,
+    )
+    .expect("HS256 encoding of plain claims cannot fail")
+}
+
+/// An RS256 token with the claims [`issue_hs256`] writes, signed with the RSA private key
+/// `private_pem` (PKCS#1 or PKCS#8 PEM): what a business backend using RS256 issues (the
+/// gateway checks it with `auth.jwt_rs256_public_key_file`). Errors name a bad key.
+pub fn issue_rs256(
+    private_pem: &[u8],
+    tenant: &str,
+    user: &str,
+    exp_unix_s: u64,
+) -> Result<String, String> {
+    Rs256Signer::new(private_pem)?.issue(tenant, user, exp_unix_s)
+}
+
+/// An RSA private key parsed once, for issuing many RS256 tokens (the loadgen: one per
+/// connection).
+pub struct Rs256Signer(EncodingKey);
+
+impl std::fmt::Debug for Rs256Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Rs256Signer")
+    }
+}
+
+impl Rs256Signer {
+    /// Parses the PEM private key (PKCS#8 `PRIVATE KEY` or PKCS#1 `RSA PRIVATE KEY`).
+    pub fn new(private_pem: &[u8]) -> Result<Rs256Signer, String> {
+        use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
+        use rsa::pkcs8::DecodePrivateKey;
+        let pem = std::str::from_utf8(private_pem).map_err(|_| "not PEM text".to_string())?;
+        let key = rsa::RsaPrivateKey::from_pkcs8_pem(pem)
+            .or_else(|_| rsa::RsaPrivateKey::from_pkcs1_pem(pem))
+            .map_err(|_| {
+                "not an RSA private key in PEM (expected BEGIN PRIVATE KEY or BEGIN RSA \
+                 PRIVATE KEY)"
+                    .to_string()
+            })?;
+        let der = key
+            .to_pkcs1_der()
+            .map_err(|e| format!("re-encoding the RSA key: {e}"))?;
+        Ok(Rs256Signer(EncodingKey::from_rsa_der(der.as_bytes())))
+    }
+
+    /// A token like [`issue_rs256`]'s.
+    pub fn issue(&self, tenant: &str, user: &str, exp_unix_s: u64) -> Result<String, String> {
+        issue(&self.0, Algorithm::RS256, tenant, user, exp_unix_s).map_err(|e| e.to_string())
+    }
+}
+
+fn issue(
+    key: &EncodingKey,
+    alg: Algorithm,
+    tenant: &str,
+    user: &str,
+    exp_unix_s: u64,
+) -> Result<String, jsonwebtoken::errors::Error> {
     #[derive(serde::Serialize)]
     struct Out<'a> {
         sub: &'a str,
@@ -275,14 +341,7 @@ pub fn issue_hs256(secret: &[u8], tenant: &str, user: &str, exp_unix_s: u64) -> 
         tenant,
         exp: exp_unix_s,
     };
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(secret),
-    )
-    // Invariant: serializing two strings and an integer to JSON cannot fail, and HMAC-SHA256
-    // accepts a key of any length, so encode has no error to return here.
-    .expect("HS256 encoding of plain claims cannot fail")
+    jsonwebtoken::encode(&Header::new(alg), &claims, key)
 }
 
 /// The claims this module reads; all others are ignored. Kept as JSON values so that a claim

@@ -202,10 +202,21 @@ pub struct Cli {
     /// gateway's `--jwt-secret-env` secret) instead of the dev token (`--insecure-dev-auth`).
     #[arg(long, value_name = "VAR")]
     pub jwt_secret_env: Option<String>,
+    /// Log in with RS256 JWTs signed with this private key (PEM; the gateway checks them
+    /// with the public key in `auth.jwt_rs256_public_key_file`). One RSA signature per
+    /// connection: slower to set up than HS256.
+    #[arg(long, value_name = "FILE")]
+    pub jwt_rs256_key_file: Option<PathBuf>,
     /// Spread the users over this many tenants (`t0`, `t1`, ...; a conversation or a fan-out
-    /// group stays within one); needs --jwt-secret-env [default: 1].
+    /// group stays within one); needs --jwt-secret-env or --jwt-rs256-key-file [default: 1].
     #[arg(long)]
     pub tenants: Option<u32>,
+    /// The certificates (PEM) to trust for `wss://` and `tls://` targets.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// The name the gateway's certificate must carry (and the SNI sent) [default: localhost].
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
 }
 
 /// The scenario file: the same options as the flags, snake_case keys.
@@ -250,6 +261,9 @@ pub struct Target {
     pub transport: Transport,
     pub addr: SocketAddr,
     pub ws_path: String,
+    /// `wss://` or `tls://`: TLS under the transport.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 mod transport_name {
@@ -301,7 +315,12 @@ pub struct Options {
     pub quiet: bool,
     /// The HS256 secret tokens are signed with (`None`: dev tokens, the user id).
     pub jwt_secret: Option<String>,
+    /// Or the RS256 private key (PEM) they are signed with.
+    pub jwt_rs256_key: Option<String>,
     pub tenants: u32,
+    /// TLS targets: the certificates to trust (PEM) and the name to ask for.
+    pub tls_ca: Option<String>,
+    pub tls_server_name: String,
 }
 
 /// Bodies are padded to at least this many bytes. The integrity header
@@ -356,19 +375,16 @@ pub fn parse_sources(s: &str) -> Result<Vec<Ipv4Addr>, String> {
     Ok(out)
 }
 
-/// `ws://HOST:PORT/PATH` or `tcp://HOST:PORT`.
+/// `ws://HOST:PORT/PATH`, `tcp://HOST:PORT`, or the same over TLS: `wss://`, `tls://`.
 pub fn parse_target(url: &str, allow_remote: bool) -> Result<Target, String> {
     let (scheme, rest) = url.split_once("://").ok_or_else(|| {
         format!("--target {url:?}: expected ws://HOST:PORT/ws or tcp://HOST:PORT")
     })?;
-    let transport = match scheme {
-        "ws" => Transport::Ws,
-        "tcp" => Transport::Tcp,
-        "wss" | "tls" => {
-            return Err(format!(
-                "--target {url:?}: TLS is not supported by the gateway or loadgen yet"
-            ))
-        }
+    let (transport, tls) = match scheme {
+        "ws" => (Transport::Ws, false),
+        "tcp" => (Transport::Tcp, false),
+        "wss" => (Transport::Ws, true),
+        "tls" => (Transport::Tcp, true),
         other => return Err(format!("--target {url:?}: unknown scheme {other:?}")),
     };
     let (hostport, path) = match rest.find('/') {
@@ -395,6 +411,7 @@ pub fn parse_target(url: &str, allow_remote: bool) -> Result<Target, String> {
         transport,
         addr,
         ws_path: path.to_owned(),
+        tls,
     })
 }
 
@@ -496,7 +513,22 @@ impl Options {
                 },
                 None => None,
             },
+            jwt_rs256_key: match &cli.jwt_rs256_key_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .map_err(|e| format!("--jwt-rs256-key-file {}: {e}", f.display()))?,
+                ),
+                None => None,
+            },
             tenants: cli.tenants.unwrap_or(1),
+            tls_ca: match &cli.tls_ca {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .map_err(|e| format!("--tls-ca {}: {e}", f.display()))?,
+                ),
+                None => None,
+            },
+            tls_server_name: cli.tls_server_name.unwrap_or_else(|| "localhost".into()),
             target,
             targets,
             reconnect: cli.reconnect || file.reconnect.unwrap_or(false),
@@ -574,8 +606,26 @@ impl Options {
         if self.tenants == 0 || self.tenants > 100_000 {
             return Err("--tenants must be between 1 and 100000".into());
         }
-        if self.tenants > 1 && self.jwt_secret.is_none() {
-            return Err("--tenants needs --jwt-secret-env (a dev token has one tenant)".into());
+        if self.tenants > 1 && self.jwt_secret.is_none() && self.jwt_rs256_key.is_none() {
+            return Err(
+                "--tenants needs --jwt-secret-env or --jwt-rs256-key-file (a dev token has one \
+                 tenant)"
+                    .into(),
+            );
+        }
+        if self.jwt_secret.is_some() && self.jwt_rs256_key.is_some() {
+            return Err("--jwt-secret-env and --jwt-rs256-key-file: choose one".into());
+        }
+        if let Some(pem) = &self.jwt_rs256_key {
+            imgw::auth::issue_rs256(pem.as_bytes(), "t0", "check", 0)
+                .map_err(|e| format!("--jwt-rs256-key-file: {e}"))?;
+        }
+        if self.targets.iter().any(|t| t.tls) {
+            let Some(ca) = &self.tls_ca else {
+                return Err("wss:// and tls:// targets need --tls-ca FILE".into());
+            };
+            imgw::client::TlsClient::new(ca.as_bytes(), &self.tls_server_name, &[])
+                .map_err(|e| format!("--tls-ca / --tls-server-name: {e}"))?;
         }
         Ok(())
     }
@@ -645,7 +695,11 @@ impl Options {
                     user_prefix: self.user_prefix.clone(),
                     sources,
                     jwt_secret: self.jwt_secret.clone(),
+                    jwt_rs256_key: self.jwt_rs256_key.clone(),
                     tenants: self.tenants,
+                    tls_ca: self.tls_ca.clone(),
+                    tls_server_name: self.tls_server_name.clone(),
+                    rs256: Default::default(),
                 };
                 first_conn += conns;
                 first_slice += u64::from(self.threads);
@@ -704,8 +758,19 @@ pub struct Plan {
     /// never on a command line.
     #[serde(default)]
     pub jwt_secret: Option<String>,
+    /// Or the RS256 private key (PEM), sent the same way.
+    #[serde(default)]
+    pub jwt_rs256_key: Option<String>,
     #[serde(default = "one_tenant")]
     pub tenants: u32,
+    /// TLS targets: the certificates to trust (PEM) and the server name.
+    #[serde(default)]
+    pub tls_ca: Option<String>,
+    #[serde(default)]
+    pub tls_server_name: String,
+    /// `jwt_rs256_key` parsed, on first use.
+    #[serde(skip)]
+    pub rs256: std::sync::OnceLock<Option<std::sync::Arc<imgw::auth::Rs256Signer>>>,
 }
 
 fn one_tenant() -> u32 {
@@ -731,16 +796,42 @@ impl Plan {
     /// dev tokens, else a JWT for tenant `t{unit % tenants}` (whole units share a tenant, so
     /// conversations and fan-out groups stay within one), valid for a day.
     pub fn token(&self, conn: u64, user: &str) -> String {
-        let Some(secret) = &self.jwt_secret else {
+        if self.jwt_secret.is_none() && self.jwt_rs256_key.is_none() {
             return user.to_string();
-        };
+        }
         let unit = conn / self.scenario.unit_size(self.fanout).max(1);
         let tenant = format!("t{}", unit % u64::from(self.tenants.max(1)));
         let exp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
             + 86_400;
-        imgw::auth::issue_hs256(secret.as_bytes(), &tenant, user, exp)
+        match (&self.jwt_secret, &self.jwt_rs256_key) {
+            (Some(secret), _) => imgw::auth::issue_hs256(secret.as_bytes(), &tenant, user, exp),
+            // The key was checked by `Options::validate`; a failure here yields a token the
+            // gateway refuses, which the run reports as a failed hello.
+            (None, Some(pem)) => {
+                let signer = self.rs256.get_or_init(|| {
+                    imgw::auth::Rs256Signer::new(pem.as_bytes())
+                        .ok()
+                        .map(std::sync::Arc::new)
+                });
+                signer
+                    .as_ref()
+                    .and_then(|s| s.issue(&tenant, user, exp).ok())
+                    .unwrap_or_default()
+            }
+            (None, None) => user.to_string(),
+        }
+    }
+
+    /// The TLS client for `wss://` and `tls://` targets (checked by `Options::validate`).
+    pub fn tls_client(&self) -> Result<Option<imgw::client::TlsClient>, String> {
+        match &self.tls_ca {
+            Some(ca) => imgw::client::TlsClient::new(ca.as_bytes(), &self.tls_server_name, &[])
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            None => Ok(None),
+        }
     }
 
     pub fn codec(&self) -> Result<CodecId, String> {
@@ -862,7 +953,10 @@ mod tests {
         assert_eq!((t.transport, t.ws_path.as_str()), (Transport::Ws, "/ws"));
         let t = parse_target("tcp://127.0.0.1:9000", false).unwrap();
         assert_eq!(t.transport, Transport::Tcp);
-        assert!(parse_target("wss://127.0.0.1:8443/ws", false).is_err());
+        let t = parse_target("wss://127.0.0.1:8443/ws", false).unwrap();
+        assert_eq!((t.transport, t.tls), (Transport::Ws, true));
+        let t = parse_target("tls://127.0.0.1:9443", false).unwrap();
+        assert_eq!((t.transport, t.tls), (Transport::Tcp, true));
         assert!(parse_target("http://127.0.0.1", false).is_err());
         assert!(parse_target("ws://10.1.2.3:80/ws", false)
             .unwrap_err()

@@ -165,6 +165,8 @@ pub struct Engine<'a> {
     shared: &'a Shared,
     tx: Sender<ThreadMsg>,
     cfg: ClientConfig,
+    /// The TLS client for `wss://` and `tls://` targets.
+    tls: Option<imgw::client::TlsClient>,
     poller: Poller,
     ready: Vec<u64>,
     conns: Vec<Conn>,
@@ -229,6 +231,7 @@ impl<'a> Engine<'a> {
         let codec = plan.codec()?;
         let mut cfg = ClientConfig::new(plan.target.transport, codec, plan.target.addr);
         cfg.ws_path = plan.target.ws_path.clone();
+        let tls = plan.tls_client()?;
         cfg.read_timeout = Duration::from_micros(plan.connect_timeout_us.max(1000));
         let poller = Poller::new().map_err(|e| format!("epoll: {e}"))?;
         let unit = plan.unit_size();
@@ -294,6 +297,7 @@ impl<'a> Engine<'a> {
             shared,
             tx,
             cfg,
+            tls,
             poller,
             ready: Vec::with_capacity(256),
             conns,
@@ -526,6 +530,7 @@ impl<'a> Engine<'a> {
         let target = self.plan.target_at(self.conns[i].target);
         (cfg.transport, cfg.addr) = (target.transport, target.addr);
         cfg.ws_path.clone_from(&target.ws_path);
+        cfg.tls = if target.tls { self.tls.clone() } else { None };
         let res = match self.plan.source(worker_index) {
             Some(ip) => Client::connect_from(&cfg, ip),
             None => Client::connect(&cfg),

@@ -2,7 +2,7 @@
 //! and the real `loadgen` binary against it, checked through its exit code and `--json`.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,9 @@ struct Gateway {
     ws: SocketAddr,
     tcp: SocketAddr,
     admin: SocketAddr,
+    /// The TLS listeners, when `extra` asked for them.
+    wss: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
     dir: PathBuf,
 }
 
@@ -95,6 +98,8 @@ impl Gateway {
             ws: unbound,
             tcp: unbound,
             admin: unbound,
+            wss: None,
+            tls: None,
             dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -104,6 +109,7 @@ impl Gateway {
             }
             if let Some(p) = imgw::runtime::Ports::read(&ports) {
                 (g.ws, g.tcp, g.admin) = (p.ws, p.tcp, p.admin);
+                (g.wss, g.tls) = (p.wss, p.tls);
                 if TcpStream::connect(g.ws).is_ok() && TcpStream::connect(g.tcp).is_ok() {
                     return g;
                 }
@@ -231,6 +237,109 @@ fn chat_with_jwts_over_three_tenants_loses_nothing() {
         assert!(n > 50.0, "{line}");
     }
     assert!(!metrics.contains("tenant=\"dev\""), "{metrics}");
+}
+
+/// A production-shaped gateway: TLS listeners with a certificate made here, RS256 JWTs
+/// checked with a public key. loadgen drives `wss://` and `tls://` targets with tokens signed
+/// by the private key, over two tenants, and loses nothing.
+#[test]
+fn chat_over_wss_and_tls_with_rs256_tokens_loses_nothing() {
+    use rcgen::{CertificateParams, KeyPair};
+    let dir = std::env::temp_dir().join(format!("loadgen-e2e-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_file, key_file, config) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("imgw.toml"),
+    );
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let keys = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/keys");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\njwt_rs256_public_key_file = {:?}\n",
+            keys.join("TEST_ONLY_rs256_public.pem")
+        ),
+    )
+    .unwrap();
+    let g = Gateway::launch(
+        &["--config", config.to_str().unwrap()],
+        &[
+            "--wss-listen",
+            "127.0.0.1:0",
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert_file.to_str().unwrap(),
+            "--tls-key",
+            key_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let out_json = g.dir.join("out.json");
+    let (wss, tls) = (
+        format!("wss://{}/ws", g.wss.unwrap()),
+        format!("tls://{}", g.tls.unwrap()),
+    );
+    let out = loadgen_env(
+        &[
+            "chat",
+            "--target",
+            &wss,
+            "--target",
+            &tls,
+            "--conns",
+            "24",
+            "--rate",
+            "300",
+            "--duration",
+            "2s",
+            "--tenants",
+            "2",
+            "--jwt-rs256-key-file",
+            keys.join("TEST_ONLY_rs256_private.pem").to_str().unwrap(),
+            "--tls-ca",
+            cert_file.to_str().unwrap(),
+            "--expect-no-loss",
+            "--json",
+            out_json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&out_json);
+    assert_eq!(r["connected"].as_u64(), Some(24));
+    let m = &r["messages"];
+    assert_eq!(m["delivered"].as_u64(), m["sent"].as_u64(), "{m}");
+    assert!(m["sent"].as_u64().unwrap() > 400, "{m}");
+    let metrics = http_get(g.admin, "/metrics");
+    let handshakes: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("imgw_tls_handshakes_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        handshakes >= 24.0,
+        "{handshakes} TLS handshakes for 24 connections"
+    );
+    for t in ["t0", "t1"] {
+        assert!(
+            metrics.contains(&format!("imgw_tenant_sends_total{{tenant=\"{t}\"}}")),
+            "{metrics}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The body of `GET path` on the admin port.
