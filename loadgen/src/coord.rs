@@ -40,6 +40,7 @@ pub fn run(o: &Options) -> ExitCode {
     let mut progress = Progress::new(o.quiet, o.scenario.sends());
     let plans = o.plans();
     let rss_before = o.server_pid.map(rss_kib);
+    let cpu_before = o.server_pid.map_or(0.0, cpu_secs);
     let mut rss_connected = 0;
     let mut cpu_at_go = 0.0;
     let (tx, rx) = mpsc::channel::<Event>();
@@ -229,6 +230,12 @@ pub fn run(o: &Options) -> ExitCode {
             cpu_run_s: cpu,
             cpu_per_delivery_us: if delivered > 0 {
                 cpu * 1e6 / delivered as f64
+            } else {
+                0.0
+            },
+            cpu_setup_s: (cpu_at_go - cpu_before).max(0.0),
+            cpu_per_connect_us: if total.connected > 0 {
+                (cpu_at_go - cpu_before).max(0.0) * 1e6 / total.connected as f64
             } else {
                 0.0
             },

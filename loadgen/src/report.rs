@@ -66,6 +66,10 @@ pub struct ServerProc {
     pub cpu_run_s: f64,
     /// `cpu_run_s` per delivery, in microseconds (0 without deliveries).
     pub cpu_per_delivery_us: f64,
+    /// utime + stime of the server from loadgen's start until every connection was up
+    /// (accepts, TLS handshakes, upgrades, hellos), and per connection, in microseconds.
+    pub cpu_setup_s: f64,
+    pub cpu_per_connect_us: f64,
 }
 
 /// Every figure of a run.
@@ -378,12 +382,14 @@ impl Report {
             t.row(
                 "server",
                 format!(
-                    "pid {}: RSS {} -> {} KiB ({:.0} B per connection); CPU {:.3} s over the \
-                     run = {:.3} us per delivery",
+                    "pid {}: RSS {} -> {} KiB ({:.0} B per connection); CPU {:.3} s to connect \
+                     = {:.1} us per connection; CPU {:.3} s over the run = {:.3} us per delivery",
                     sp.pid,
                     sp.rss_before_kib,
                     sp.rss_connected_kib,
                     sp.rss_per_conn_bytes,
+                    sp.cpu_setup_s,
+                    sp.cpu_per_connect_us,
                     sp.cpu_run_s,
                     sp.cpu_per_delivery_us
                 ),
