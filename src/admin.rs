@@ -375,10 +375,14 @@ fn post(
     dest: usize,
     cmd: AdminCmd,
 ) -> Result<(), Response> {
-    queues.post(dest, cmd).map_err(|_| {
-        control.admin_queue_full.fetch_add(1, Ordering::Relaxed);
-        json_error(503, "overloaded: the shard's admin queue is full; retry")
-    })
+    if queues.post(dest, cmd) {
+        return Ok(());
+    }
+    control.admin_queue_full.fetch_add(1, Ordering::Relaxed);
+    Err(json_error(
+        503,
+        "overloaded: the shard's admin queue is full; retry",
+    ))
 }
 
 /// Queues a command that answers, built around its reply channel, for shard `dest`, and

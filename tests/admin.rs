@@ -360,7 +360,7 @@ fn admin_broadcast_reaches_each_online_device_of_the_tenant_once_and_no_other_te
         login("acme", "u5", "d", Transport::Ws, CodecId::Protobuf),
     ];
     // The other tenant has a user of the same id.
-    let mut others = vec![
+    let mut others = [
         login("globex", "u1", "phone", Transport::Ws, CodecId::Json),
         login("globex", "u9", "d", Transport::Tcp, CodecId::Json),
     ];
@@ -542,4 +542,47 @@ fn admin_token_guards_the_new_routes() {
         metrics.contains(&format!("imgw_admin_unauthorized_total {refused}\n")),
         "{metrics}"
     );
+}
+
+/// At durability `local` group management goes through the store: the changes are stored
+/// before the answer, and the stored member list is what the group owner reads back after a
+/// restart.
+#[test]
+fn admin_groups_at_durability_local_are_stored() {
+    let mut g = Gateway::local();
+    let (status, v) = req(
+        &g,
+        "POST",
+        "/groups",
+        r#"{"tenant":"dev","group":"ops","users":["ola","pia","pia"]}"#,
+    );
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(
+        (v["changed"].as_u64(), v["refused"].as_u64()),
+        (Some(2), Some(0))
+    );
+    let (status, v) = req(
+        &g,
+        "POST",
+        "/groups/dev/ops/members",
+        r#"{"users":["ron"]}"#,
+    );
+    assert_eq!((status, v["members"].as_u64()), (200, Some(3)), "{v}");
+    assert_eq!(req(&g, "DELETE", "/groups/dev/ops/members/pia", "").0, 200);
+    assert_eq!(members(&g, "ops"), ["ola", "ron"]);
+
+    // After a SIGKILL and restart the owner reads the stored members back, and they get the messages.
+    g.kill9();
+    g.spawn();
+    assert_eq!(members(&g, "ops"), ["ola", "ron"]);
+    let mut ola = g.login(Transport::Ws, CodecId::Json, "ola", "d");
+    let mut ron = g.login(Transport::Tcp, CodecId::Protobuf, "ron", "d");
+    assert!(matches!(
+        send_group(&mut ola, "ops", "s1", "stored"),
+        Message::SendAck(_)
+    ));
+    assert_eq!(deliver(&mut ron).body, "stored");
+    quiet(&mut [&mut ola, &mut ron]);
+    assert_eq!(req(&g, "DELETE", "/groups/dev/ops", "").1["removed"], 2);
+    assert_eq!(req(&g, "GET", "/groups/dev/ops/members", "").0, 404);
 }

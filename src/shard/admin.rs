@@ -149,13 +149,10 @@ impl AdminQueues {
         self.queues.len()
     }
 
-    /// Queues `cmd` for shard `dest`; gives it back when that queue is full (or there is
-    /// no such shard).
-    pub fn post(&self, dest: usize, cmd: AdminCmd) -> Result<(), AdminCmd> {
-        match self.queues.get(dest) {
-            Some(q) => q.push(cmd),
-            None => Err(cmd),
-        }
+    /// Queues `cmd` for shard `dest`; `false` (the command dropped) when that queue is full
+    /// or there is no such shard.
+    pub fn post(&self, dest: usize, cmd: AdminCmd) -> bool {
+        self.queues.get(dest).is_some_and(|q| q.push(cmd).is_ok())
     }
 
     /// The next command for shard `shard`, if any.
@@ -399,10 +396,9 @@ impl Shard {
                 join,
                 reply,
             };
-            if !self.submit(crate::iocore::IoRequest::Apply(ops), wait) {
-                // `submit` dropped the wait with its reply channel; the admin thread sees
-                // the channel closed and answers 503.
-            }
+            // A full store queue drops `wait` and its reply channel with it: the admin
+            // thread sees the channel closed and answers 503.
+            let _ = self.submit(crate::iocore::IoRequest::Apply(ops), wait);
             return;
         }
         for u in &users {
