@@ -1,11 +1,15 @@
-//! The admin HTTP/1.1 server (SPEC 7): /metrics, /healthz, /readyz, POST /drain, POST /push
-//! and POST /kick.
+//! The admin HTTP/1.1 server (SPEC 7): /metrics, /healthz, /readyz, /cluster, POST /drain,
+//! POST /push, POST /kick, POST /broadcast, group management under /groups and user
+//! inspection under /users (docs/ADMIN.md lists the routes and their status codes).
 //!
 //! This module owns the admin port. It runs on one plain std thread with blocking sockets,
 //! off the shards: one short-lived connection at a time, `Connection: close` on every answer,
 //! a request (head and body) of at most [`MAX_REQUEST_BYTES`] and a deadline of
 //! [`REQUEST_DEADLINE`] per connection, so a slow or hostile client holds it only briefly.
-//! It reads shard state only through [`Metrics::render`] and [`Control`].
+//! It reads shard state only through [`Metrics::render`] and [`Control`], and reaches the
+//! shards through their admin queues ([`crate::shard::admin`], bounded, one per shard, never
+//! waited on: a full queue is a 503). A request that needs a shard's answer carries a
+//! `sync_channel(1)` and waits at most [`REPLY_TIMEOUT`] for it (504 after that).
 //!
 //! With a bearer token (`--admin-token-env VAR`), every request but the probes (`/healthz`,
 //! `/readyz`) must carry `Authorization: Bearer TOKEN`, or gets 401. The configuration
@@ -19,10 +23,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::control::Control;
-use crate::ids::UserKey;
+use crate::ids::{owner_shard, UserKey};
 use crate::metrics::Metrics;
-use crate::protocol::Str;
+use crate::protocol::{Str, Target};
 use crate::services::push::{parse_push, MAX_PUSH_ID};
+use crate::shard::admin::{AdminAnswer, AdminCmd, AdminQueues, DeviceInfo, GroupOp};
+use crate::shard::GroupKey;
 
 /// Largest request accepted (request line, headers and body together).
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -34,6 +40,13 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const LINGER: Duration = Duration::from_millis(250);
 const LINGER_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 32;
+/// How long a request waits for a shard's answer (a shard drains its admin queue every
+/// `runtime.tick_ms`, 10 ms by default; the store may take a commit more at `local`).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Users one `POST /groups` or `POST /groups/{tenant}/{group}/members` may name.
+pub const MAX_USERS_PER_REQUEST: usize = 1000;
+/// Longest group id (as for a client's `group_join`).
+pub const MAX_GROUP_ID: usize = 128;
 
 /// A bound, not yet serving, admin listener.
 #[derive(Debug)]
@@ -159,16 +172,20 @@ fn authorized(path: &str, bearer: Option<&[u8]>, token: Option<&str>) -> bool {
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        201 => "Created",
         202 => "Accepted",
         400 => "Bad Request",
         401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        409 => "Conflict",
         413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         501 => "Not Implemented",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Unknown",
     }
 }
@@ -200,17 +217,38 @@ pub fn route(
                 u8::from(control.draining()),
                 control.admin_unauthorized.load(Ordering::Relaxed),
             ));
-            for (path, counts) in [
-                ("/push", &control.admin_pushes),
-                ("/kick", &control.admin_kicks),
+            for (path, counts, done) in [
+                ("/push", &control.admin_pushes, "queued"),
+                ("/kick", &control.admin_kicks, "queued"),
+                ("/broadcast", &control.admin_broadcasts, "queued"),
+                ("/groups", &control.admin_groups, "ok"),
+                ("/users", &control.admin_users, "ok"),
             ] {
-                for (outcome, n) in ["queued", "refused"].iter().zip(counts) {
+                for (outcome, n) in [done, "refused"].iter().zip(counts) {
                     body.push_str(&format!(
                         "imgw_admin_requests_total{{path=\"{path}\",outcome=\"{outcome}\"}} {}\n",
                         n.load(Ordering::Relaxed)
                     ));
                 }
             }
+            let (broadcast, pushed) = control.admin().map_or((0, 0), |q| {
+                (
+                    q.stats.broadcast_deliveries.load(Ordering::Relaxed),
+                    q.stats.pushes_delivered.load(Ordering::Relaxed),
+                )
+            });
+            body.push_str(&format!(
+                "# HELP imgw_admin_queue_full_total Admin requests refused (503) because a shard's admin queue was full.\n\
+                 # TYPE imgw_admin_queue_full_total counter\nimgw_admin_queue_full_total {}\n\
+                 # HELP imgw_admin_timeouts_total Admin requests whose shard answer came too late (504).\n\
+                 # TYPE imgw_admin_timeouts_total counter\nimgw_admin_timeouts_total {}\n\
+                 # HELP imgw_admin_broadcast_deliveries_total Connections reached by admin broadcasts.\n\
+                 # TYPE imgw_admin_broadcast_deliveries_total counter\nimgw_admin_broadcast_deliveries_total {broadcast}\n\
+                 # HELP imgw_admin_memory_pushes_delivered_total Admin pushes delivered to online devices at durability memory.\n\
+                 # TYPE imgw_admin_memory_pushes_delivered_total counter\nimgw_admin_memory_pushes_delivered_total {pushed}\n",
+                control.admin_queue_full.load(Ordering::Relaxed),
+                control.admin_timeouts.load(Ordering::Relaxed),
+            ));
             Response {
                 content_type: "text/plain; version=0.0.4",
                 ..Response::text(200, body)
@@ -249,29 +287,139 @@ pub fn route(
         "/push" if method == "POST" => counted(push(body, control), &control.admin_pushes),
         "/kick" if method == "POST" => counted(kick(body, control), &control.admin_kicks),
         "/metrics" | "/healthz" | "/readyz" | "/cluster" => Response::not_allowed("GET, HEAD"),
-        "/drain" | "/push" | "/kick" => Response::not_allowed("POST"),
+        "/broadcast" if method == "POST" => {
+            counted(broadcast(body, control), &control.admin_broadcasts)
+        }
+        "/drain" | "/push" | "/kick" | "/broadcast" => Response::not_allowed("POST"),
+        _ => resource(method, path, body, control),
+    }
+}
+
+/// The routes with ids in their path: `/groups...` and `/users/{tenant}/{user}`.
+fn resource(method: &str, path: &str, body: &[u8], control: &Control) -> Response {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let get = matches!(method, "GET" | "HEAD");
+    match segments.as_slice() {
+        ["groups"] => match method {
+            "POST" => counted(create_group(body, control), &control.admin_groups),
+            _ => Response::not_allowed("POST"),
+        },
+        ["groups", tenant, group] => match method {
+            "DELETE" => counted(
+                group_path(tenant, group, control, || Ok(GroupOp::Delete)),
+                &control.admin_groups,
+            ),
+            _ => Response::not_allowed("DELETE"),
+        },
+        ["groups", tenant, group, "members"] => {
+            let r = match method {
+                _ if get => group_path(tenant, group, control, || Ok(GroupOp::List)),
+                "POST" => group_path(tenant, group, control, || {
+                    members_body(body).map(GroupOp::Add)
+                }),
+                _ => return Response::not_allowed("GET, HEAD, POST"),
+            };
+            counted(r, &control.admin_groups)
+        }
+        ["groups", tenant, group, "members", user] => match method {
+            "DELETE" => counted(
+                group_path(tenant, group, control, || {
+                    path_id(user, MAX_PUSH_ID).map(GroupOp::Remove)
+                }),
+                &control.admin_groups,
+            ),
+            _ => Response::not_allowed("DELETE"),
+        },
+        ["users", tenant, user] => match method {
+            _ if get => counted(inspect_user(tenant, user, control), &control.admin_users),
+            _ => Response::not_allowed("GET, HEAD"),
+        },
         _ => Response::text(404, "not found\n"),
     }
 }
 
-/// Counts `r` as queued (202) or refused in `counts`.
+/// Counts `r` as done (2xx: queued or served) or refused in `counts`.
 fn counted(r: Response, counts: &[AtomicU64; 2]) -> Response {
-    let i = usize::from(r.status != 202);
+    let i = usize::from(!(200..300).contains(&r.status));
     counts[i].fetch_add(1, Ordering::Relaxed);
     r
 }
 
+/// A JSON answer.
+fn json(status: u16, value: serde_json::Value) -> Response {
+    Response {
+        content_type: "application/json",
+        ..Response::text(status, format!("{value}\n"))
+    }
+}
+
+/// A JSON error answer: `{"error": "..."}`.
+fn json_error(status: u16, message: impl std::fmt::Display) -> Response {
+    json(status, serde_json::json!({ "error": message.to_string() }))
+}
+
+/// The shards' admin queues, when the shards run and no drain has started.
+fn admin_queues(control: &Control) -> Result<&AdminQueues, Response> {
+    if control.draining() {
+        return Err(json_error(503, "draining"));
+    }
+    match control.admin() {
+        Some(q) => Ok(q),
+        None => Err(json_error(503, "the shards are not running yet")),
+    }
+}
+
+/// Queues `cmd` for shard `dest`; a full queue is a 503 (counted).
+fn post(
+    control: &Control,
+    queues: &AdminQueues,
+    dest: usize,
+    cmd: AdminCmd,
+) -> Result<(), Response> {
+    if queues.post(dest, cmd) {
+        return Ok(());
+    }
+    control.admin_queue_full.fetch_add(1, Ordering::Relaxed);
+    Err(json_error(
+        503,
+        "overloaded: the shard's admin queue is full; retry",
+    ))
+}
+
+/// Queues a command that answers, built around its reply channel, for shard `dest`, and
+/// waits for the answer: 503 for a full queue or a request the shard dropped (its store
+/// queue was full), 504 after [`REPLY_TIMEOUT`] (counted).
+fn ask(
+    control: &Control,
+    queues: &AdminQueues,
+    dest: usize,
+    make: impl FnOnce(crate::shard::admin::ReplyTx) -> AdminCmd,
+) -> Result<AdminAnswer, Response> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    post(control, queues, dest, make(tx))?;
+    match rx.recv_timeout(REPLY_TIMEOUT) {
+        Ok(a) => Ok(a),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            control.admin_timeouts.fetch_add(1, Ordering::Relaxed);
+            Err(json_error(504, "the shard did not answer in time"))
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(json_error(
+            503,
+            "overloaded: the store's queue is full; retry",
+        )),
+    }
+}
+
 /// `POST /push`: a push record (docs/PROTOCOL.md "Push records") for the owner shard of its
-/// user or group, which stores it, then delivers it. 202 with the record's idempotency key
-/// once queued; 400 for a bad record; 503 while draining or when the shard's queue is full
-/// (retry, with the same `id` to stay idempotent); 501 at durability `memory` (no I/O core).
+/// user or group. With an I/O core (durability `local`, `backend`) the shard stores it, then
+/// delivers it; at `memory` it reaches the online devices only (nothing is kept for anyone
+/// offline). 202 with the record's idempotency key once queued; 400 for a bad record; 503
+/// while draining or when the shard's queue is full (retry, with the same `id` to stay
+/// idempotent where the record is stored).
 fn push(body: &[u8], control: &Control) -> Response {
     /// Makes unique default ids: this process's start time and a count.
     static SEQ: AtomicU64 = AtomicU64::new(0);
     static START_US: OnceLock<u128> = OnceLock::new();
-    let Some(pusher) = control.pusher() else {
-        return Response::text(501, "push needs durability local or backend\n");
-    };
     if control.draining() {
         return Response::text(503, "draining\n");
     }
@@ -283,20 +431,31 @@ fn push(body: &[u8], control: &Control) -> Response {
         });
         format!("admin:{start}:{}", SEQ.fetch_add(1, Ordering::Relaxed))
     };
-    let rec = match parse_push(body, default_id, pusher.max_body) {
+    let max_body = match (control.pusher(), control.admin()) {
+        (Some(p), _) => p.max_body,
+        (None, Some(q)) => q.max_body,
+        (None, None) => return Response::text(503, "the shards are not running yet\n"),
+    };
+    let rec = match parse_push(body, default_id, max_body) {
         Ok(r) => r,
         Err(e) => return Response::text(400, format!("{e}\n")),
     };
     let id = rec.cmid.clone();
-    match pusher.push(Box::new(rec)) {
-        Ok(()) => Response {
-            content_type: "application/json",
-            ..Response::text(
-                202,
-                format!("{}\n", serde_json::json!({ "id": id.as_str() })),
-            )
-        },
-        Err(_) => Response::text(503, "overloaded; retry with the same id\n"),
+    let queued = match (control.pusher(), control.admin()) {
+        (Some(pusher), _) => pusher.push(Box::new(rec)).is_ok(),
+        (None, Some(q)) => {
+            let target = match &rec.to {
+                Target::User(u) | Target::Group(u) => u,
+            };
+            let dest = owner_shard(&rec.tenant, target, q.shards());
+            post(control, q, dest, AdminCmd::Push(Box::new(rec))).is_ok()
+        }
+        (None, None) => false,
+    };
+    if queued {
+        json(202, serde_json::json!({ "id": id.as_str() }))
+    } else {
+        Response::text(503, "overloaded; retry with the same id\n")
     }
 }
 
@@ -310,12 +469,8 @@ struct KickJson {
 
 /// `POST /kick` (`{"tenant": "t", "user": "u"}`): every device of the user gets `goaway`
 /// (reason `kicked`) and is closed; the user may log in again. 202 once queued for the
-/// user's owner shard; 400 for a bad body; 503 when that shard's queue is full; 501 at
-/// durability `memory` (no I/O core to reach the shards through).
+/// user's owner shard; 400 for a bad body; 503 when that shard's queue is full.
 fn kick(body: &[u8], control: &Control) -> Response {
-    let Some(pusher) = control.pusher() else {
-        return Response::text(501, "kick needs durability local or backend\n");
-    };
     let k: KickJson = match serde_json::from_slice(body) {
         Ok(k) => k,
         Err(e) => return Response::text(400, format!("not a kick: {e}\n")),
@@ -328,11 +483,331 @@ fn kick(body: &[u8], control: &Control) -> Response {
         tenant: Str::from(k.tenant),
         user: Str::from(k.user),
     };
-    if pusher.kick(user) {
+    let queued = match (control.pusher(), control.admin()) {
+        // With an I/O core its path also relays the kick to the other cluster nodes.
+        (Some(pusher), _) => pusher.kick(user),
+        (None, Some(q)) => {
+            let dest = owner_shard(&user.tenant, &user.user, q.shards());
+            post(control, q, dest, AdminCmd::Kick(user)).is_ok()
+        }
+        (None, None) => return Response::text(503, "the shards are not running yet\n"),
+    };
+    if queued {
         Response::text(202, "kicking\n")
     } else {
         Response::text(503, "overloaded; retry\n")
     }
+}
+
+/// The body of `POST /broadcast`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastJson {
+    tenant: String,
+    body: String,
+    #[serde(default)]
+    kind: Option<String>,
+    /// The sender shown (default `system`).
+    #[serde(default)]
+    from: Option<String>,
+}
+
+/// `POST /broadcast` (`{"tenant": "t", "body": "...", "kind": "notice"}`): one `deliver` to
+/// every online connection of the tenant, not stored. One command per shard, each delivering
+/// to its own connections. 202 with `{"shards": n}` queued; 400 for a bad body; 503 when no
+/// shard could take it (or while draining). A shard whose queue was full is skipped and
+/// named in `skipped` (its connections miss the broadcast).
+fn broadcast(body: &[u8], control: &Control) -> Response {
+    let q = match admin_queues(control) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let b: BroadcastJson = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => return json_error(400, format_args!("not a broadcast: {e}")),
+    };
+    let from = b.from.unwrap_or_else(|| "system".into());
+    let bad = |id: &str| id.is_empty() || id.len() > MAX_PUSH_ID;
+    if bad(&b.tenant) || bad(&from) || b.kind.as_deref().is_some_and(bad) {
+        return json_error(400, "tenant, from and kind must be 1 to 256 bytes");
+    }
+    if b.body.len() > q.max_body {
+        return json_error(400, "body too large");
+    }
+    let (tenant, from, body) = (Str::from(b.tenant), Str::from(from), Str::from(b.body));
+    let kind = b.kind.map(Str::from);
+    let mut skipped = Vec::new();
+    for shard in 0..q.shards() {
+        let cmd = AdminCmd::Broadcast {
+            tenant: tenant.clone(),
+            from: from.clone(),
+            kind: kind.clone(),
+            body: body.clone(),
+        };
+        if post(control, q, shard, cmd).is_err() {
+            skipped.push(shard);
+        }
+    }
+    let queued = q.shards() - skipped.len();
+    if queued == 0 {
+        return json_error(503, "overloaded: every shard's admin queue is full; retry");
+    }
+    json(
+        202,
+        serde_json::json!({ "shards": queued, "skipped": skipped }),
+    )
+}
+
+/// Decodes one path segment (`%XX` escapes) into an id of 1 to `max` bytes of UTF-8.
+fn path_id(segment: &str, max: usize) -> Result<Str, Response> {
+    let raw = segment.as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%' {
+            let hex = raw
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            let Some(b) = hex else {
+                return Err(json_error(400, "bad %-escape in the path"));
+            };
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(raw[i]);
+            i += 1;
+        }
+    }
+    let Ok(id) = String::from_utf8(out) else {
+        return Err(json_error(400, "an id in the path is not UTF-8"));
+    };
+    if id.is_empty() || id.len() > max {
+        return Err(json_error(
+            400,
+            format_args!("an id in the path is empty or longer than {max} bytes"),
+        ));
+    }
+    Ok(Str::from(id))
+}
+
+/// Checks a list of user ids from a body: 1 to [`MAX_USERS_PER_REQUEST`] ids of 1 to 256
+/// bytes; duplicates are dropped (the first kept).
+fn user_list(users: Vec<String>) -> Result<Vec<Str>, Response> {
+    if users.is_empty() || users.len() > MAX_USERS_PER_REQUEST {
+        return Err(json_error(
+            400,
+            format_args!("users must list 1 to {MAX_USERS_PER_REQUEST} ids"),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(users.len());
+    for u in users {
+        if u.is_empty() || u.len() > MAX_PUSH_ID {
+            return Err(json_error(
+                400,
+                "a user id is empty or longer than 256 bytes",
+            ));
+        }
+        if seen.insert(u.clone()) {
+            out.push(Str::from(u));
+        }
+    }
+    Ok(out)
+}
+
+/// The body of `POST /groups/{tenant}/{group}/members`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MembersJson {
+    users: Vec<String>,
+}
+
+fn members_body(body: &[u8]) -> Result<Vec<Str>, Response> {
+    let m: MembersJson = serde_json::from_slice(body)
+        .map_err(|e| json_error(400, format_args!("expected {{\"users\": [...]}}: {e}")))?;
+    user_list(m.users)
+}
+
+/// The body of `POST /groups`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateGroupJson {
+    tenant: String,
+    group: String,
+    users: Vec<String>,
+}
+
+/// `POST /groups` (`{"tenant": "t", "group": "g", "users": ["a", "b"]}`): creates the group
+/// with its first members. A group is its member list (as for clients' joins, and as the
+/// store keeps it), so at least one member is needed. 201; 409 if the group exists.
+fn create_group(body: &[u8], control: &Control) -> Response {
+    let c: CreateGroupJson = match serde_json::from_slice(body) {
+        Ok(c) => c,
+        Err(e) => {
+            return json_error(
+                400,
+                format_args!("expected {{\"tenant\": .., \"group\": .., \"users\": [..]}}: {e}"),
+            )
+        }
+    };
+    if c.tenant.is_empty() || c.tenant.len() > MAX_PUSH_ID {
+        return json_error(400, "tenant must be 1 to 256 bytes");
+    }
+    if c.group.is_empty() || c.group.len() > MAX_GROUP_ID {
+        return json_error(400, "group must be 1 to 128 bytes");
+    }
+    let users = match user_list(c.users) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let group = GroupKey {
+        tenant: Str::from(c.tenant),
+        group: Str::from(c.group),
+    };
+    group_request(group, GroupOp::Create(users), control)
+}
+
+/// A route under `/groups/{tenant}/{group}`: decodes the ids, builds the operation (which
+/// may read the body) and asks the group's owner shard.
+fn group_path(
+    tenant: &str,
+    group: &str,
+    control: &Control,
+    op: impl FnOnce() -> Result<GroupOp, Response>,
+) -> Response {
+    let key = match (path_id(tenant, MAX_PUSH_ID), path_id(group, MAX_GROUP_ID)) {
+        (Ok(tenant), Ok(group)) => GroupKey { tenant, group },
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    match op() {
+        Ok(op) => group_request(key, op, control),
+        Err(r) => r,
+    }
+}
+
+/// Asks the group's owner shard to run `op`, and answers with what it did.
+fn group_request(group: GroupKey, op: GroupOp, control: &Control) -> Response {
+    let q = match admin_queues(control) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let creating = matches!(op, GroupOp::Create(_));
+    let deleting = matches!(op, GroupOp::Delete);
+    let dest = owner_shard(&group.tenant, &group.group, q.shards());
+    let names = (group.tenant.clone(), group.group.clone());
+    let answer = match ask(control, q, dest, |reply| AdminCmd::Group {
+        group,
+        op,
+        reply,
+    }) {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let (tenant, group) = (names.0.as_str(), names.1.as_str());
+    match answer {
+        AdminAnswer::Members(m) => {
+            let members: Vec<&str> = m.iter().map(|u| u.as_str()).collect();
+            json(
+                200,
+                serde_json::json!({ "tenant": tenant, "group": group, "members": members }),
+            )
+        }
+        AdminAnswer::Changed {
+            changed,
+            members,
+            refused,
+        } => {
+            if creating && changed == 0 {
+                return json_error(409, "the store refused every member: no group");
+            }
+            let status = if creating { 201 } else { 200 };
+            let key = if deleting { "removed" } else { "changed" };
+            json(
+                status,
+                serde_json::json!({
+                    "tenant": tenant, "group": group, key: changed,
+                    "members": members, "refused": refused,
+                }),
+            )
+        }
+        AdminAnswer::NotFound => json_error(404, "no such group or member"),
+        AdminAnswer::Exists => json_error(409, "the group exists"),
+        AdminAnswer::Limit => json_error(409, "a group or shard limit would be passed"),
+        AdminAnswer::Unavailable => json_error(503, "the store is unavailable; retry"),
+        AdminAnswer::User { .. } | AdminAnswer::Devices(_) => {
+            json_error(500, "unexpected answer from the shard")
+        }
+    }
+}
+
+/// `GET /users/{tenant}/{user}`: the user's presence and online devices (each with its
+/// shard, transport and codec) on this node; in cluster mode also the other nodes where
+/// the user has devices, with their status. Asks the user's owner shard for the routes,
+/// then each device shard for the details. A user nobody knows is `offline` with no
+/// devices (200): users are not registered anywhere.
+fn inspect_user(tenant: &str, user: &str, control: &Control) -> Response {
+    let key = match (path_id(tenant, MAX_PUSH_ID), path_id(user, MAX_PUSH_ID)) {
+        (Ok(tenant), Ok(user)) => UserKey { tenant, user },
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let q = match admin_queues(control) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let dest = owner_shard(&key.tenant, &key.user, q.shards());
+    let (tenant, user) = (key.tenant.clone(), key.user.clone());
+    let (routes, status, remote) = match ask(control, q, dest, |reply| AdminCmd::User {
+        user: key,
+        reply,
+    }) {
+        Ok(AdminAnswer::User {
+            devices,
+            status,
+            remote,
+        }) => (devices, status, remote),
+        Ok(_) => return json_error(500, "unexpected answer from the shard"),
+        Err(r) => return r,
+    };
+    let mut devices: Vec<DeviceInfo> = Vec::new();
+    for shard in 0..q.shards() {
+        let conns: Vec<_> = routes
+            .iter()
+            .filter(|r| usize::from(r.shard) == shard)
+            .map(|r| r.conn)
+            .collect();
+        if conns.is_empty() {
+            continue;
+        }
+        match ask(control, q, shard, |reply| AdminCmd::Devices {
+            conns,
+            reply,
+        }) {
+            Ok(AdminAnswer::Devices(d)) => devices.extend(d),
+            Ok(_) => return json_error(500, "unexpected answer from the shard"),
+            Err(r) => return r,
+        }
+    }
+    let devices: Vec<serde_json::Value> = devices
+        .iter()
+        .map(|d| {
+            serde_json::json!({
+                "device": d.device.as_str(), "shard": d.shard,
+                "transport": d.transport, "codec": d.codec,
+            })
+        })
+        .collect();
+    let nodes: Vec<serde_json::Value> = remote
+        .iter()
+        .map(|(node, s)| serde_json::json!({ "node": node.as_str(), "status": s.name() }))
+        .collect();
+    json(
+        200,
+        serde_json::json!({
+            "tenant": tenant.as_str(), "user": user.as_str(), "status": status.name(),
+            "devices": devices, "other_nodes": nodes,
+        }),
+    )
 }
 
 /// What reading a request produced.

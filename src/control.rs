@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::iocore::Pusher;
+use crate::shard::admin::AdminQueues;
 use crate::tls::Certs;
 
 /// Lifecycle flags of one gateway process.
@@ -24,6 +25,9 @@ pub struct Control {
     /// Queues push records and kicks for their owner shards; set once the I/O core runs
     /// (durability `local` or `backend`), for the admin API's `POST /push` and `POST /kick`.
     pusher: OnceLock<Pusher>,
+    /// The admin API's own bounded way into the shards (one queue per shard), set once by
+    /// the runtime before the shards start, at every durability.
+    admin: OnceLock<Arc<AdminQueues>>,
     /// The TLS listeners' certificate, set once at start when they are configured; SIGHUP
     /// reloads it.
     tls: OnceLock<Arc<Certs>>,
@@ -31,6 +35,15 @@ pub struct Control {
     /// queued (index 0) and refused (1: a bad body, overloaded, unavailable).
     pub admin_pushes: [AtomicU64; 2],
     pub admin_kicks: [AtomicU64; 2],
+    /// The same for `POST /broadcast`, for group management (`/groups...`: done, refused)
+    /// and for user inspection (`GET /users/...`).
+    pub admin_broadcasts: [AtomicU64; 2],
+    pub admin_groups: [AtomicU64; 2],
+    pub admin_users: [AtomicU64; 2],
+    /// Admin requests answered 503 because a shard's admin queue was full.
+    pub admin_queue_full: AtomicU64,
+    /// Admin requests whose shard answer did not come in time (504).
+    pub admin_timeouts: AtomicU64,
     /// Admin requests refused for a missing or wrong bearer token.
     pub admin_unauthorized: AtomicU64,
 }
@@ -43,9 +56,15 @@ impl Control {
             shards_total: AtomicUsize::new(shards_total),
             backends_pending: AtomicUsize::new(0),
             pusher: OnceLock::new(),
+            admin: OnceLock::new(),
             tls: OnceLock::new(),
             admin_pushes: Default::default(),
             admin_kicks: Default::default(),
+            admin_broadcasts: Default::default(),
+            admin_groups: Default::default(),
+            admin_users: Default::default(),
+            admin_queue_full: AtomicU64::new(0),
+            admin_timeouts: AtomicU64::new(0),
             admin_unauthorized: AtomicU64::new(0),
         }
     }
@@ -58,6 +77,17 @@ impl Control {
     /// The handle to the shards, once the I/O core runs; `None` at durability `memory`.
     pub fn pusher(&self) -> Option<&Pusher> {
         self.pusher.get()
+    }
+
+    /// Installs the shards' admin queues (the runtime, before the shards start). Only the
+    /// first call counts.
+    pub fn set_admin(&self, queues: Arc<AdminQueues>) {
+        let _ = self.admin.set(queues);
+    }
+
+    /// The shards' admin queues, once the runtime created them.
+    pub fn admin(&self) -> Option<&Arc<AdminQueues>> {
+        self.admin.get()
     }
 
     /// Installs the TLS certificate (start-up). Only the first call counts.

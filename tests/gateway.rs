@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::gateway::{http_post, sync_all, Gateway, DEV_TOML};
+use common::gateway::{http_post, jwt, jwt_gateway, jwt_login, sync_all, Gateway, DEV_TOML};
 use imgw::client::{Client, ClientError, Transport};
 use imgw::codec::CodecId;
 use imgw::ids::owner_shard;
@@ -337,33 +337,6 @@ fn an_unsupported_hello_version_is_refused_naming_the_supported_ones() {
         })
         .unwrap();
     assert_eq!(w.version, 1);
-}
-
-/// The HS256 secret of [`jwt_gateway`].
-const JWT_SECRET: &str = "test-secret-0123456789-abcdefghijklmnop";
-
-/// A 2-shard gateway that takes JWTs signed with [`JWT_SECRET`] (no dev tokens), with
-/// `extra_toml` appended to its configuration.
-fn jwt_gateway(extra_toml: &str) -> Gateway {
-    let toml = format!("{DEV_TOML}\n[auth]\njwt_hs256_secret = \"{JWT_SECRET}\"\n{extra_toml}");
-    Gateway::start(&toml, &["--shards", "2"])
-}
-
-/// A token of `user` in `tenant`, valid for ten minutes.
-fn jwt(tenant: &str, user: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    imgw::auth::issue_hs256(JWT_SECRET.as_bytes(), tenant, user, exp)
-}
-
-/// A client of `user` in `tenant`, logged in over `transport` (JSON).
-fn jwt_login(g: &Gateway, transport: Transport, tenant: &str, user: &str) -> Client {
-    let mut c = g.client(transport, CodecId::Json);
-    c.hello(&jwt(tenant, user), "d").unwrap();
-    c
 }
 
 /// `limits.max_conns_per_tenant`, and a tenant's own `[tenants.NAME] max_conns`, hold over
@@ -804,18 +777,6 @@ fn admin_push_reaches_users_groups_and_offline_inboxes() {
         g.metric("imgw_admin_requests_total", &[r#"path="/push""#, &o])
     };
     assert_eq!((pushes("queued"), pushes("refused")), (5.0, 3.0));
-}
-
-#[test]
-fn admin_push_and_kick_need_a_durable_store() {
-    let g = Gateway::dev();
-    for (path, body) in [
-        ("/push", r#"{"tenant":"dev","user":"carol","body":"x"}"#),
-        ("/kick", r#"{"tenant":"dev","user":"carol"}"#),
-    ] {
-        let (status, answer) = http_post(g.admin, path, body).unwrap();
-        assert_eq!(status, 501, "{path}: {answer}");
-    }
 }
 
 #[test]

@@ -127,6 +127,11 @@ pub fn run(
         (None, (0..shards).map(|_| None).collect())
     };
     let ports: Arc<std::sync::Mutex<Vec<Option<IoPort>>>> = Arc::new(std::sync::Mutex::new(ports));
+    // The admin API's way into the shards, at every durability (src/shard/admin.rs).
+    let max_body = cfg.ws.max_message_bytes as usize;
+    control.set_admin(Arc::new(crate::shard::admin::AdminQueues::new(
+        shards, max_body,
+    )));
     let certs = tls_certs(&cfg, &control)?;
     let cfg = Arc::new(cfg);
     let mesh: MeshBuilder<Batch, _> =
@@ -474,6 +479,14 @@ async fn shard_main(
         let clk = clock(base);
         let mut s = shard.borrow_mut();
         s.tick(clk);
+        if let Some(admin) = control.admin() {
+            // Bounded by the queue's depth: the admin thread cannot add faster than this
+            // drains, since every command it adds was counted against ADMIN_QUEUE_DEPTH.
+            for _ in 0..crate::shard::admin::ADMIN_QUEUE_DEPTH {
+                let Some(cmd) = admin.pop(id) else { break };
+                s.on_admin(cmd, &admin.stats, clk);
+            }
+        }
         if control.draining() && !s.is_draining() {
             tracing::info!(shard = id, connections = s.connections(), "draining");
             s.start_drain(clk);

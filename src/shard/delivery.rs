@@ -126,6 +126,14 @@ pub(super) enum IoWait {
         origin: Route,
         reference: Option<u64>,
     },
+    /// An admin API membership change (src/shard/admin.rs) being stored; `users` in the
+    /// order of the batch's ops.
+    AdminMembers {
+        group: super::groups::GroupKey,
+        users: Vec<Str>,
+        join: bool,
+        reply: super::admin::ReplyTx,
+    },
     /// A push ingress record being stored in a user's inbox.
     PushUser { to: UserKey, deliver: Deliver },
     /// Cluster mode: the nodes holding a user's devices, for its first subscriber here.
@@ -425,6 +433,15 @@ impl Shard {
                 },
                 IoReply::Applied(r),
             ) => self.membership_stored((group, member, join), origin, reference, r),
+            (
+                IoWait::AdminMembers {
+                    group,
+                    users,
+                    join,
+                    reply,
+                },
+                IoReply::Applied(r),
+            ) => self.admin_members_stored(group, users, join, reply, r),
             (IoWait::UserGroups { user }, IoReply::Groups(r)) => self.user_groups_loaded(user, r),
             (IoWait::PresenceProbe { user }, IoReply::Nodes(r)) => {
                 self.presence_probed(user, r, clk)

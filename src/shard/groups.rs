@@ -24,16 +24,16 @@ pub struct GroupKey {
 /// A group owned by this shard.
 #[derive(Default)]
 pub(super) struct GroupEntry {
-    members: HashSet<Str>,
+    pub(super) members: HashSet<Str>,
     /// Last timeline sequence (durability `memory`; the store assigns it at `local`).
-    gseq: u64,
+    pub(super) gseq: u64,
 }
 
 /// Group state of one shard.
 #[derive(Default)]
 pub(super) struct Groups {
     /// Groups this shard owns; bounded by [`MAX_GROUPS_PER_SHARD`].
-    owned: HashMap<GroupKey, GroupEntry>,
+    pub(super) owned: HashMap<GroupKey, GroupEntry>,
     /// Groups of the users this shard owns (bounded by `limits.max_groups_per_user` each).
     of_user: HashMap<UserKey, Vec<GroupKey>>,
     /// Per group, the members this shard owns that are online now.
@@ -71,9 +71,14 @@ pub(super) enum GroupWork {
         origin: Route,
         reference: Option<u64>,
     },
+    /// An admin API group request (src/shard/admin.rs).
+    Admin {
+        op: super::admin::GroupOp,
+        reply: super::admin::ReplyTx,
+    },
 }
 
-fn group_ref(g: &GroupKey) -> GroupRef {
+pub(super) fn group_ref(g: &GroupKey) -> GroupRef {
     GroupRef {
         tenant: g.tenant.clone(),
         group: g.group.clone(),
@@ -275,7 +280,7 @@ impl Shard {
     }
 
     /// Updates the owner's member list and tells the member's owner (online fan-out).
-    fn apply_membership(&mut self, group: &GroupKey, member: &Str, join: bool) {
+    pub(super) fn apply_membership(&mut self, group: &GroupKey, member: &Str, join: bool) {
         let owned = &mut self.groups.owned;
         if join {
             owned
@@ -560,12 +565,12 @@ impl Shard {
 /// the store after a restart (docs/ARCHITECTURE.md, "Groups").
 impl Shard {
     /// Whether `group` must be read back from the store before this owner can decide.
-    fn needs_load(&self, group: &GroupKey) -> bool {
+    pub(super) fn needs_load(&self, group: &GroupKey) -> bool {
         self.durable() && !self.groups.owned.contains_key(group)
     }
 
     /// Queues `work` behind a read of the group's members (starting the read if needed).
-    fn load_group_then(&mut self, group: GroupKey, work: GroupWork) {
+    pub(super) fn load_group_then(&mut self, group: GroupKey, work: GroupWork) {
         if let Some(waiting) = self.groups.loading.get_mut(&group) {
             if waiting.len() < MAX_WAITING_PER_GROUP {
                 waiting.push(work);
@@ -598,6 +603,9 @@ impl Shard {
             GroupWork::Membership {
                 origin, reference, ..
             } => self.error_to(origin, reference, code, None),
+            GroupWork::Admin { reply, .. } => {
+                let _ = reply.try_send(super::admin::AdminAnswer::Unavailable);
+            }
         }
     }
 
@@ -634,6 +642,7 @@ impl Shard {
                     origin,
                     reference,
                 } => self.group_membership_now(group.clone(), member, join, origin, reference),
+                GroupWork::Admin { op, reply } => self.admin_group_now(group.clone(), op, reply),
             }
         }
     }

@@ -11,6 +11,7 @@
 //! Cross-shard traffic is batched per destination; when an outbox is full new work is shed
 //! with `overloaded` (never blocked on).
 
+pub mod admin;
 mod delivery;
 mod external;
 mod groups;
@@ -34,6 +35,7 @@ use crate::metrics::{CloseReason, Metrics, ShardMetrics, Stage};
 use crate::protocol::frame::{write_frame, FrameDecoder};
 use crate::protocol::{Deliver, Envelope, ErrorCode, Message, Presence, Status, Str};
 use crate::ws;
+pub use groups::GroupKey;
 use ratelimit::TokenBucket;
 pub use slab::ConnId;
 use timer::TimerWheel;

@@ -21,6 +21,8 @@ pub struct Gateway {
     pub tls: Option<SocketAddr>,
     pub dir: PathBuf,
     args: Vec<String>,
+    /// Environment variables set for the process (beside the test's own).
+    envs: Vec<(String, String)>,
 }
 
 /// A plain HTTP/1.1 GET against the admin port: (status, body).
@@ -34,11 +36,24 @@ pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> std::io::Result<(u
 }
 
 fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, method, path, body, None)
+}
+
+/// An HTTP/1.1 request against the admin port, with `Authorization: Bearer` when `bearer` is
+/// given: (status, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    bearer: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut text = String::new();
@@ -59,6 +74,11 @@ impl Gateway {
     /// Starts `imgw serve` with `toml` as its config file plus `args`, on ports the kernel
     /// picks (port 0, read back from `--ports-file`), and waits until /readyz.
     pub fn start(toml: &str, args: &[&str]) -> Gateway {
+        Gateway::start_with_env(toml, args, &[])
+    }
+
+    /// [`Gateway::start`] with these environment variables set for the process.
+    pub fn start_with_env(toml: &str, args: &[&str], envs: &[(&str, &str)]) -> Gateway {
         static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("imgw-test-{}-{n}", std::process::id()));
@@ -75,6 +95,10 @@ impl Gateway {
             tls: None,
             dir,
             args: args.iter().map(|a| a.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         g.spawn();
         g
@@ -99,6 +123,7 @@ impl Gateway {
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -352,6 +377,33 @@ pub fn wait_port(port: u16, what: &str) {
         assert!(Instant::now() < deadline, "{what} did not open port {port}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The HS256 secret of [`jwt_gateway`].
+pub const JWT_SECRET: &str = "test-secret-0123456789-abcdefghijklmnop";
+
+/// A 2-shard gateway that takes JWTs signed with [`JWT_SECRET`] (no dev tokens), with
+/// `extra_toml` appended to its configuration.
+pub fn jwt_gateway(extra_toml: &str) -> Gateway {
+    let toml = format!("{DEV_TOML}\n[auth]\njwt_hs256_secret = \"{JWT_SECRET}\"\n{extra_toml}");
+    Gateway::start(&toml, &["--shards", "2"])
+}
+
+/// A token of `user` in `tenant`, valid for ten minutes.
+pub fn jwt(tenant: &str, user: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    imgw::auth::issue_hs256(JWT_SECRET.as_bytes(), tenant, user, exp)
+}
+
+/// A client of `user` in `tenant`, logged in over `transport` (JSON).
+pub fn jwt_login(g: &Gateway, transport: Transport, tenant: &str, user: &str) -> Client {
+    let mut c = g.client(transport, CodecId::Json);
+    c.hello(&jwt(tenant, user), "d").unwrap();
+    c
 }
 
 /// A private `redis-server` without persistence on 127.0.0.1:`port` (a restart comes back
