@@ -617,13 +617,13 @@ fn poll_conn(conns: &Conns, id: ConnId, io: &mut Io, cx: &mut Context<'_>) -> Po
             }
         }
         if s.should_close(id) {
-            if io.handshaking() {
-                TlsStats::add(&conns.metrics.tls.handshake_timeouts);
-            }
             // TLS: the close_notify and the last records, unless the deadline has passed.
             if io.closing(cx) && !s.close_overdue(id) {
                 s.set_waker(id, cx.waker());
                 return Poll::Pending;
+            }
+            if io.handshaking() {
+                TlsStats::add(&conns.metrics.tls.handshake_timeouts);
             }
             s.remove(id);
             return Poll::Ready(());
