@@ -384,6 +384,10 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     /// Accept a WebSocket echo endpoint at `/echo` (conformance testing only).
     pub ws_echo: bool,
+    /// A 1:1 message also goes into its sender's inbox, `to` naming the peer: the sender's
+    /// other devices get it at once and an offline one at `sync` (docs/PROTOCOL.md). Costs a
+    /// second inbox append per message; `false` turns it off.
+    pub sync_sent: bool,
     /// Where to write the bound addresses once the listeners are bound, as JSON
     /// `{"ws":ADDR,"tcp":ADDR,"admin":ADDR}` (`--ports-file`): how a script or test learns
     /// the ports of listeners given port 0.
@@ -497,6 +501,7 @@ impl Default for ServerConfig {
             drain_reconnect_spread_ms: 5_000,
             drain_timeout_ms: 5_000,
             ws_echo: false,
+            sync_sent: true,
             ports_file: None,
         }
     }

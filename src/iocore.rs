@@ -765,6 +765,21 @@ fn publish(
         else {
             continue;
         };
+        if matches!(n.deliver.to, Some(crate::protocol::Target::User(_))) {
+            // The sender's copy of a 1:1 message (`server.sync_sent`): not a message of its
+            // own, so no dedupe key and no Kafka record; other nodes with the sender's
+            // devices get it by relay.
+            if let (false, Some(c)) = (*duplicate, &svc.cluster) {
+                let mut d = n.deliver;
+                (d.mid, d.inbox_seq, d.ts) = (*mid, *seq, *ts);
+                c.relay(crate::services::cluster::RelayItem::Message {
+                    tenant: n.tenant.clone(),
+                    dest: n.dest.clone(),
+                    deliver: d,
+                });
+            }
+            continue;
+        }
         if let Some(redis) = &svc.redis {
             if !*duplicate {
                 redis.send(RedisCmd::Dedupe {

@@ -140,6 +140,78 @@ fn a_user_with_two_devices_gets_each_message_on_both() {
     }
 }
 
+/// Multi-device consistency (issue 12): what one device of a user sends reaches the user's
+/// other online devices (`to` naming the peer, in the sender's inbox), not the device that
+/// sent it, and a device that was offline gets the whole conversation at `sync`, in order.
+#[test]
+fn a_users_own_messages_reach_its_other_devices_and_an_offline_one_at_sync() {
+    for durable in [false, true] {
+        let g = if durable {
+            Gateway::local()
+        } else {
+            Gateway::dev()
+        };
+        let ann = user_on(0, "ann");
+        let bob = user_on(1, "bob");
+        let mut laptop = g.login(Transport::Tcp, CodecId::Json, &ann, "laptop");
+        let mut phone = g.login(Transport::Ws, CodecId::Protobuf, &ann, "phone");
+        let mut b = g.login(Transport::Tcp, CodecId::MessagePack, &bob, "phone");
+        for c in [&mut laptop, &mut phone, &mut b] {
+            ping(c);
+        }
+        for i in 0..3 {
+            send(
+                &mut laptop,
+                &bob,
+                &format!("m{i}"),
+                &format!("from ann {i}"),
+            );
+        }
+        for d in deliveries(&mut b, 3).iter().enumerate() {
+            assert_eq!(d.1.body, format!("from ann {}", d.0).as_str());
+            assert_eq!(d.1.to, None, "bob's copy names no peer");
+        }
+        let copies = deliveries(&mut phone, 3);
+        for (i, d) in copies.iter().enumerate() {
+            assert_eq!(
+                d.body,
+                format!("from ann {i}").as_str(),
+                "durable {durable}"
+            );
+            assert_eq!(d.from, ann.as_str());
+            assert_eq!(d.to, Some(Target::User(bob.as_str().into())));
+            assert_eq!(d.inbox_seq, i as u64 + 1, "ann's own inbox numbers it");
+        }
+        // bob answers: both of ann's devices get it, and the laptop's next delivery is that
+        // answer, not an echo of what it sent itself.
+        ping(&mut b);
+        send(&mut b, &ann, "r0", "from bob");
+        for c in [&mut laptop, &mut phone] {
+            let d = deliveries(c, 1).remove(0);
+            assert_eq!((d.body.as_ref(), d.to.as_ref()), ("from bob", None));
+            assert_eq!(d.inbox_seq, 4);
+        }
+        if durable {
+            // A device that was offline syncs the whole conversation, in order.
+            let mut tablet = g.login(Transport::Tcp, CodecId::Hessian, &ann, "tablet");
+            let all = sync_all(&mut tablet, 0, 10);
+            let got: Vec<(u64, &str, bool)> = all
+                .iter()
+                .map(|d| (d.inbox_seq, d.body.as_ref(), d.to.is_some()))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    (1, "from ann 0", true),
+                    (2, "from ann 1", true),
+                    (3, "from ann 2", true),
+                    (4, "from bob", false)
+                ]
+            );
+        }
+    }
+}
+
 #[test]
 fn presence_changes_reach_subscribers() {
     let g = Gateway::dev();

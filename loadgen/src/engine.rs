@@ -1074,6 +1074,11 @@ impl<'a> Engine<'a> {
                     return;
                 }
                 conn.ack_to = conn.ack_to.max(d.inbox_seq);
+                if matches!(d.to, Some(Target::User(_))) && *d.from == *conn.user {
+                    // This user's own message, as its inbox holds it for its devices
+                    // (`server.sync_sent`): acked with the rest, not a delivery to count.
+                    return;
+                }
                 let Some((c, seq, intended)) = parse_tag(&d.body) else {
                     self.error("deliver: not a loadgen message".into());
                     return;

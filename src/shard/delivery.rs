@@ -71,11 +71,13 @@ pub const CURSOR_FLUSH_MS: u64 = 100;
 /// case, not waste.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum IoWait {
-    /// A 1:1 message being made durable for `to`.
+    /// A 1:1 message being made durable for `to` (and `copy` for its sender, in the same
+    /// batch).
     Append {
         to: UserKey,
         origin: Origin,
         deliver: Deliver,
+        copy: Option<UserKey>,
     },
     /// A `sync` (or `hello` with `resume`) page for a connection, after `after`.
     Sync {
@@ -151,6 +153,21 @@ pub(super) enum IoWait {
 /// stored position (seq, mid, ts). A duplicate or a failed write pushes nothing.
 /// The client error for a failed store call: the error's own code (`unavailable`, or
 /// `internal` for damaged data), `unavailable` when the call answered but not as expected.
+/// The sender's copy of a 1:1 message to `to` (`server.sync_sent`): the sender's inbox, `to`
+/// naming the peer. None for a message to oneself (the recipient's inbox is the sender's).
+pub(super) fn sender_copy(to: &UserKey, deliver: &Deliver) -> Option<(UserKey, Deliver)> {
+    if deliver.from == to.user {
+        return None;
+    }
+    let sender = UserKey {
+        tenant: to.tenant.clone(),
+        user: deliver.from.clone(),
+    };
+    let mut copy = deliver.clone();
+    copy.to = Some(crate::protocol::Target::User(to.user.clone()));
+    Some((sender, copy))
+}
+
 fn stored_error<T>(r: &Result<T, IoError>) -> ErrorCode {
     match r {
         Err(e) => e.code(),
@@ -275,19 +292,36 @@ impl Shard {
 
     /// Owner side: make a 1:1 message durable, then deliver and ack (see `on_io_done`).
     pub(super) fn append_direct(&mut self, to: UserKey, origin: Origin, deliver: Deliver) {
-        let op = Op::AppendInbox {
+        let mut ops = vec![Op::AppendInbox {
             user: user_ref(&to),
             sender: deliver.from.clone(),
             cmid: origin.cmid.clone(),
             deliver: deliver.clone(),
-        };
+        }];
+        // The sender's copy commits with the message: acked means both are stored.
+        let copy = self
+            .cfg
+            .server
+            .sync_sent
+            .then(|| sender_copy(&to, &deliver))
+            .flatten()
+            .map(|(sender, copy)| {
+                ops.push(Op::AppendInbox {
+                    user: user_ref(&sender),
+                    sender: copy.from.clone(),
+                    cmid: origin.cmid.clone(),
+                    deliver: copy,
+                });
+                sender
+            });
         let refused = origin.clone();
         let wait = IoWait::Append {
             to,
             origin,
             deliver,
+            copy,
         };
-        if !self.submit(IoRequest::Apply(vec![op]), wait) {
+        if !self.submit(IoRequest::Apply(ops), wait) {
             let retry = Some(self.cfg.limits.retry_after_ms);
             self.reject(refused, ErrorCode::Overloaded, retry);
         }
@@ -320,11 +354,14 @@ impl Shard {
                     to,
                     origin,
                     mut deliver,
+                    copy,
                 },
                 IoReply::Applied(r),
             ) => {
                 let code = stored_error(&r);
-                let first = r.ok().and_then(|v| v.into_iter().next());
+                let mut results = r.ok().map(Vec::into_iter);
+                let first = results.as_mut().and_then(Iterator::next);
+                let copied = results.as_mut().and_then(Iterator::next);
                 let Some(OpResult::Appended {
                     seq,
                     mid,
@@ -337,6 +374,30 @@ impl Shard {
                     self.reject(origin, code, retry);
                     return;
                 };
+                if let (
+                    Some(sender),
+                    Some(OpResult::Appended {
+                        seq,
+                        mid,
+                        ts,
+                        duplicate: false,
+                    }),
+                ) = (copy, copied)
+                {
+                    let mut c = deliver.clone();
+                    (c.mid, c.inbox_seq, c.ts) = (mid, seq, ts);
+                    c.to = Some(crate::protocol::Target::User(to.user.clone()));
+                    let owner = self.owner(&sender);
+                    let except = origin.route;
+                    self.post_always(
+                        owner,
+                        ShardMsg::SentCopy {
+                            to: sender,
+                            except,
+                            deliver: c,
+                        },
+                    );
+                }
                 if !duplicate {
                     // A resent cmid was delivered the first time: never twice.
                     deliver.mid = mid;
@@ -469,6 +530,19 @@ impl Shard {
         if let Some(e) = self.users.get(to) {
             let routes = e.devices.clone();
             self.fan_out(&routes, deliver);
+        }
+    }
+
+    /// Device side: this device's own message took `seq` in its user's inbox (the sender's
+    /// copy). In step, the window steps over it: the device has the message. Out of step (a
+    /// sync or pump under way, a gap), the pump brings the copy like any other message.
+    pub(super) fn sent_seq(&mut self, conn: ConnId, seq: u64) {
+        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+            return;
+        };
+        let w = &mut s.window;
+        if w.positioned && !w.syncing && !w.lagging && !w.pumping && w.last_pushed + 1 == seq {
+            w.last_pushed = seq;
         }
     }
 

@@ -114,6 +114,17 @@ pub enum ShardMsg {
         origin: Origin,
         deliver: Deliver,
     },
+    /// To the sender's owner: the sender's copy of a 1:1 message (`to` naming the peer), for
+    /// the sender's devices but `except`, the one that sent it. At durability `memory` the
+    /// owner numbers it in the sender's inbox; durable copies come numbered by the store.
+    SentCopy {
+        to: UserKey,
+        except: Route,
+        deliver: Deliver,
+    },
+    /// To the sending device's shard: its own message took `seq` in its user's inbox; the
+    /// device's window steps over it (the device has the message already).
+    SentSeq { conn: ConnId, seq: u64 },
     /// To the sender's shard: the message was accepted (`send_ack`).
     Accepted {
         origin: Origin,

@@ -142,9 +142,33 @@ impl Shard {
                 };
                 deliver.inbox_seq = seq;
                 let ts = deliver.ts;
+                let copy = if self.cfg.server.sync_sent {
+                    super::delivery::sender_copy(&to, &deliver)
+                } else {
+                    None
+                };
                 self.push_to_devices(&to, deliver);
+                if let Some((sender, deliver)) = copy {
+                    let owner = self.owner(&sender);
+                    let except = origin.route;
+                    // Best effort at `memory`, like the message itself: shed when overloaded.
+                    let _ = self.post(
+                        owner,
+                        ShardMsg::SentCopy {
+                            to: sender,
+                            except,
+                            deliver,
+                        },
+                    );
+                }
                 self.accepted(origin, mid, seq, ts);
             }
+            ShardMsg::SentCopy {
+                to,
+                except,
+                mut deliver,
+            } => self.sent_copy(to, except, &mut deliver),
+            ShardMsg::SentSeq { conn, seq } => self.sent_seq(conn, seq),
             ShardMsg::Accepted {
                 origin,
                 mid,
@@ -318,6 +342,33 @@ impl Shard {
         }
         if let Some((s, conns)) = last {
             self.post_always(s, ShardMsg::Deliver { conns, deliver });
+        }
+    }
+
+    /// Owner of a sender: its copy of a 1:1 message to every device of the user but the one
+    /// that sent it, which only learns the copy's place in the inbox (durable).
+    fn sent_copy(&mut self, to: UserKey, except: Route, deliver: &mut Deliver) {
+        let durable = self.durable();
+        let Some(e) = self.users.get_mut(&to) else {
+            return; // no device online: a durable copy waits in the inbox for `sync`
+        };
+        if !durable {
+            e.inbox_seq += 1;
+            deliver.inbox_seq = e.inbox_seq;
+        }
+        let routes: Vec<Route> = e.devices.iter().copied().filter(|r| *r != except).collect();
+        if durable && e.devices.contains(&except) {
+            let seq = deliver.inbox_seq;
+            self.post_always(
+                usize::from(except.shard),
+                ShardMsg::SentSeq {
+                    conn: except.conn,
+                    seq,
+                },
+            );
+        }
+        if !routes.is_empty() {
+            self.fan_out(&routes, deliver.clone());
         }
     }
 
