@@ -3,7 +3,7 @@
 //! This module owns the server's certificate and key: loading them from PEM files, the rustls
 //! server configuration every new TLS connection takes, its reload on SIGHUP (a bad new pair
 //! is refused and the old one kept), and the process-wide TLS counters. It does no I/O on
-//! connections: src/runtime drives one [`rustls::ServerConnection`] per connection as a
+//! connections: src/runtime drives one [`rustls::server::UnbufferedServerConnection`] per connection as a
 //! sans-IO state machine between the socket and the shard, which only ever sees plaintext.
 //!
 //! Protocols: TLS 1.3 and 1.2, with rustls's `ring` provider (its cipher suites and key
@@ -131,11 +131,11 @@ impl ShardTls {
     }
 
     /// A server-side TLS state machine for a connection just accepted.
-    pub fn accept(&mut self) -> Result<rustls::ServerConnection, rustls::Error> {
+    pub fn accept(&mut self) -> Result<rustls::server::UnbufferedServerConnection, rustls::Error> {
         if self.certs.generation.load(Ordering::Acquire) != self.generation {
             (self.generation, self.config) = self.certs.current();
         }
-        rustls::ServerConnection::new(self.config.clone())
+        rustls::server::UnbufferedServerConnection::new(self.config.clone())
     }
 }
 

@@ -1,26 +1,42 @@
 //! A connection's byte stream as the connection task sees it: the plain socket, or the socket
-//! with a [`rustls::ServerConnection`] between it and the shard.
+//! with rustls's unbuffered server state machine between it and the shard.
 //!
-//! TLS is pumped sans-IO: rustls reads records from the socket through [`Polled`], an
-//! `io::Read`/`io::Write` view of the socket that turns glommio's `Pending` into
-//! `WouldBlock` (and leaves the waker registered), and the shard only ever sees plaintext.
-//! Encrypted output rustls holds is bounded by its buffer limit (64 KiB, rustls's default):
-//! a write of plaintext beyond it takes only what fits, so a slow reader is held back by the
-//! shard's own outbound bound as on a plain connection.
+//! TLS is pumped sans-IO and the runtime owns every buffer: ciphertext is read into one buffer
+//! per shard and processed there, so a connection keeps only the unfinished tail of a record;
+//! records rustls makes go to the connection's output buffer, bounded by
+//! [`MAX_TLS_OUT_BYTES`] (a write of plaintext beyond it takes only what fits, so a slow reader
+//! is held back by the shard's own outbound bound as on a plain connection). Every buffer is
+//! released when it empties: an idle TLS connection holds rustls's state (keys, record
+//! counters) and nothing else. The shard only ever sees plaintext.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError};
+
 use crate::metrics::Metrics;
 use crate::tls::TlsStats;
 
-/// Records processed per read call before yielding (a peer sending tiny records cannot keep
-/// the task in one poll for long).
+/// Socket reads processed per read call before yielding (a peer sending tiny records cannot
+/// keep the task in one poll for long).
 const MAX_RECORD_ROUNDS: usize = 64;
+/// Ciphertext read from a socket in one go (per shard).
+const CIPHER_BYTES: usize = 64 * 1024;
+/// Encrypted output one connection may hold before the shard's output waits (as a plain
+/// socket's send buffer would make it).
+const MAX_TLS_OUT_BYTES: usize = 64 * 1024;
+/// Unprocessed ciphertext one connection may hold: a read's worth and a handshake message.
+const MAX_TLS_IN_BYTES: usize = CIPHER_BYTES + 64 * 1024;
+/// Room first offered to rustls for one handshake record.
+const ENCODE_RESERVE: usize = 4096;
+/// A TLS record's payload limit and the bytes a record adds at most (header, type, tag).
+const MAX_FRAGMENT_BYTES: usize = 16 * 1024;
+const RECORD_OVERHEAD_BYTES: usize = 64;
 
 /// The socket of one connection.
 pub(super) enum Io {
@@ -28,54 +44,47 @@ pub(super) enum Io {
     Tls(Box<Tls>),
 }
 
-/// A TLS connection: the socket and the rustls state machine.
+/// A TLS connection: the socket and rustls's unbuffered state machine, with buffers that
+/// hold bytes only while they are in flight (an idle connection allocates none of them).
 pub(super) struct Tls {
     stream: TcpStream,
-    conn: rustls::ServerConnection,
+    conn: UnbufferedServerConnection,
+    /// Ciphertext read but not yet processed: the start of a record (or of a handshake
+    /// message) whose rest has not arrived.
+    inbuf: Vec<u8>,
+    /// Records made but not yet written.
+    outbuf: Vec<u8>,
+    /// Plaintext decrypted beyond what the caller's buffer took.
+    plain: Vec<u8>,
     /// The handshake finished (counted once).
     established: bool,
     /// The close_notify alert is queued.
     close_sent: bool,
+    /// The peer closed (close_notify, or the end of the stream).
+    eof: bool,
 }
 
 impl Tls {
-    pub(super) fn new(stream: TcpStream, conn: rustls::ServerConnection) -> Tls {
+    pub(super) fn new(stream: TcpStream, conn: UnbufferedServerConnection) -> Tls {
         Tls {
             stream,
             conn,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            plain: Vec::new(),
             established: false,
             close_sent: false,
+            eof: false,
         }
     }
 }
 
-/// The socket as a blocking-style reader/writer inside one poll: `Pending` becomes
-/// `WouldBlock`, with the task's waker registered for the readiness it waits for.
-struct Polled<'a, 'b> {
-    stream: &'a mut TcpStream,
-    cx: &'a mut Context<'b>,
-}
-
-impl Read for Polled<'_, '_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match Pin::new(&mut *self.stream).poll_read(self.cx, buf) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
-}
-
-impl Write for Polled<'_, '_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match Pin::new(&mut *self.stream).poll_write(self.cx, buf) {
-            Poll::Ready(r) => r,
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
+/// What processing the received records led to.
+enum Step {
+    /// Waiting for more bytes from the peer.
+    NeedData,
+    /// The peer closed the TLS stream.
+    Closed,
 }
 
 impl Io {
@@ -99,7 +108,9 @@ impl Io {
         match self {
             Io::Plain(s) => Pin::new(s).poll_write(cx, out),
             Io::Tls(t) => {
-                let n = t.conn.writer().write(out)?;
+                let n = t
+                    .encrypt(out)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
                 t.send_pending(cx)?;
                 Poll::Ready(Ok(n))
             }
@@ -130,10 +141,16 @@ impl Io {
         };
         if !t.close_sent {
             t.close_sent = true;
-            t.conn.send_close_notify();
+            let status = t.conn.process_tls_records(&mut []);
+            if let Ok(ConnectionState::WriteTraffic(mut w)) = status.state {
+                let start = t.outbuf.len();
+                t.outbuf.resize(start + RECORD_OVERHEAD_BYTES * 2, 0);
+                let n = w.queue_close_notify(&mut t.outbuf[start..]).unwrap_or(0);
+                t.outbuf.truncate(start + n);
+            }
         }
         match t.send_pending(cx) {
-            Ok(_) => t.conn.wants_write(),
+            Ok(_) => !t.outbuf.is_empty(),
             Err(_) => false,
         }
     }
@@ -148,21 +165,118 @@ impl Io {
 }
 
 impl Tls {
+    /// Writes the records made so far until the socket would block (`Ok(true)`: something
+    /// was written). An emptied buffer is released.
     fn send_pending(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
         let mut wrote = false;
-        while self.conn.wants_write() {
-            let mut sock = Polled {
-                stream: &mut self.stream,
-                cx,
-            };
-            match self.conn.write_tls(&mut sock) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => wrote = true,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
+        while !self.outbuf.is_empty() {
+            match Pin::new(&mut self.stream).poll_write(cx, &self.outbuf) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    self.outbuf.drain(..n);
+                    wrote = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(wrote),
             }
         }
+        self.outbuf = Vec::new();
         Ok(wrote)
+    }
+
+    /// Runs rustls over `incoming` until it needs more bytes (or the peer closed): handshake
+    /// records it makes go to `outbuf`, decrypted application data to `plain`. Returns how
+    /// many bytes of `incoming` it consumed.
+    fn process(
+        conn: &mut UnbufferedServerConnection,
+        incoming: &mut [u8],
+        outbuf: &mut Vec<u8>,
+        plain: &mut Vec<u8>,
+    ) -> Result<(usize, Step), rustls::Error> {
+        let mut used = 0;
+        loop {
+            let status = conn.process_tls_records(&mut incoming[used..]);
+            let discard = status.discard;
+            let step = match status.state? {
+                ConnectionState::ReadTraffic(mut r) => {
+                    while let Some(rec) = r.next_record() {
+                        plain.extend_from_slice(rec?.payload);
+                    }
+                    None
+                }
+                ConnectionState::ReadEarlyData(mut r) => {
+                    while let Some(rec) = r.next_record() {
+                        plain.extend_from_slice(rec?.payload);
+                    }
+                    None
+                }
+                ConnectionState::EncodeTlsData(mut e) => {
+                    let start = outbuf.len();
+                    outbuf.resize(start + ENCODE_RESERVE, 0);
+                    let n = match e.encode(&mut outbuf[start..]) {
+                        Ok(n) => n,
+                        Err(EncodeError::InsufficientSize(need)) => {
+                            outbuf.resize(start + need.required_size, 0);
+                            e.encode(&mut outbuf[start..]).unwrap_or(0)
+                        }
+                        Err(_) => 0,
+                    };
+                    outbuf.truncate(start + n);
+                    None
+                }
+                // `outbuf` is written by the caller; rustls only needs to know it is taken.
+                ConnectionState::TransmitTlsData(t) => {
+                    t.done();
+                    None
+                }
+                ConnectionState::PeerClosed | ConnectionState::Closed => Some(Step::Closed),
+                // BlockedHandshake, WriteTraffic (nothing left to read), and anything newer.
+                _ => Some(Step::NeedData),
+            };
+            used += discard;
+            if let Some(step) = step {
+                return Ok((used, step));
+            }
+        }
+    }
+
+    /// Encrypts as much of `out` as the record buffer bound allows into `outbuf`; 0 while
+    /// the handshake has not reached application data yet.
+    fn encrypt(&mut self, out: &[u8]) -> Result<usize, rustls::Error> {
+        // Records (tickets, key updates) rustls has to say first.
+        let (_, _) = Self::process(&mut self.conn, &mut [], &mut self.outbuf, &mut self.plain)?;
+        let room = MAX_TLS_OUT_BYTES.saturating_sub(self.outbuf.len());
+        let take = out.len().min(room);
+        if take == 0 {
+            return Ok(0);
+        }
+        let status = self.conn.process_tls_records(&mut []);
+        let Ok(ConnectionState::WriteTraffic(mut w)) = status.state else {
+            return Ok(0);
+        };
+        let start = self.outbuf.len();
+        // TLS 1.3 adds 22 bytes per record of at most 16 KiB, TLS 1.2 with AES-GCM 29.
+        let reserve = take + (take / MAX_FRAGMENT_BYTES + 1) * RECORD_OVERHEAD_BYTES;
+        self.outbuf.resize(start + reserve, 0);
+        let n = match w.encrypt(&out[..take], &mut self.outbuf[start..]) {
+            Ok(n) => n,
+            Err(EncryptError::InsufficientSize(need)) => {
+                self.outbuf.resize(start + need.required_size, 0);
+                match w.encrypt(&out[..take], &mut self.outbuf[start..]) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        self.outbuf.truncate(start);
+                        return Err(rustls::Error::EncryptError);
+                    }
+                }
+            }
+            Err(_) => {
+                self.outbuf.truncate(start);
+                return Err(rustls::Error::EncryptError);
+            }
+        };
+        self.outbuf.truncate(start + n);
+        Ok(take)
     }
 
     fn poll_read(
@@ -172,45 +286,107 @@ impl Tls {
         stats: &TlsStats,
     ) -> Poll<io::Result<usize>> {
         for _ in 0..MAX_RECORD_ROUNDS {
-            match self.conn.reader().read(buf) {
-                Ok(n) => return Poll::Ready(Ok(n)), // 0: the peer's close_notify
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Err(e)),
+            if !self.plain.is_empty() {
+                let n = self.plain.len().min(buf.len());
+                buf[..n].copy_from_slice(&self.plain[..n]);
+                self.plain.drain(..n);
+                if self.plain.is_empty() {
+                    self.plain = Vec::new();
+                }
+                return Poll::Ready(Ok(n));
             }
-            let mut sock = Polled {
-                stream: &mut self.stream,
-                cx,
-            };
-            match self.conn.read_tls(&mut sock) {
-                Ok(0) => {
+            if self.eof {
+                return Poll::Ready(Ok(0));
+            }
+            let read = CIPHER.with(|cell| {
+                let mut cipher = cell.borrow_mut();
+                if cipher.is_empty() {
+                    cipher.resize(CIPHER_BYTES, 0);
+                }
+                let n = match Pin::new(&mut self.stream).poll_read(cx, &mut cipher[..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Ok(None)),
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                };
+                // Records complete in this read are processed where they landed; only an
+                // unfinished one is kept, in the connection's own buffer.
+                let res = if self.inbuf.is_empty() {
+                    Self::process(
+                        &mut self.conn,
+                        &mut cipher[..n],
+                        &mut self.outbuf,
+                        &mut self.plain,
+                    )
+                    .map(|(used, step)| {
+                        self.inbuf.extend_from_slice(&cipher[used..n]);
+                        step
+                    })
+                } else {
+                    self.inbuf.extend_from_slice(&cipher[..n]);
+                    Self::process(
+                        &mut self.conn,
+                        &mut self.inbuf,
+                        &mut self.outbuf,
+                        &mut self.plain,
+                    )
+                    .map(|(used, step)| {
+                        self.inbuf.drain(..used);
+                        if self.inbuf.is_empty() {
+                            self.inbuf = Vec::new();
+                        }
+                        step
+                    })
+                };
+                Poll::Ready(Ok(Some(res)))
+            });
+            let step = match read {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(None)) => {
+                    // The end of the stream (without close_notify).
                     if self.conn.is_handshaking() {
                         TlsStats::add(&stats.handshake_failures);
                     }
-                    return Poll::Ready(Ok(0));
+                    self.eof = true;
+                    continue;
                 }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-            if let Err(e) = self.conn.process_new_packets() {
-                TlsStats::add(if self.conn.is_handshaking() {
-                    &stats.handshake_failures
-                } else {
-                    &stats.record_errors
-                });
-                // The alert rustls queued, if the socket takes it now.
-                let _ = self.send_pending(cx);
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+                Poll::Ready(Ok(Some(step))) => step,
+            };
+            let step = match step {
+                Ok(step) => step,
+                Err(e) => {
+                    TlsStats::add(if self.conn.is_handshaking() {
+                        &stats.handshake_failures
+                    } else {
+                        &stats.record_errors
+                    });
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+                }
+            };
+            if self.inbuf.len() > MAX_TLS_IN_BYTES {
+                // Only a handshake message can grow this (rustls caps them at 64 KiB).
+                TlsStats::add(&stats.handshake_failures);
+                return Poll::Ready(Err(io::ErrorKind::InvalidData.into()));
             }
             if !self.established && !self.conn.is_handshaking() {
                 self.established = true;
                 TlsStats::add(&stats.handshakes);
             }
-            // Handshake replies (and key updates) go out at once.
+            if matches!(step, Step::Closed) {
+                self.eof = true;
+            }
+            // Handshake replies go out at once.
             self.send_pending(cx)?;
         }
         // Plenty done: come back after the other tasks.
         cx.waker().wake_by_ref();
         Poll::Pending
     }
+}
+
+thread_local! {
+    /// Per-shard buffer ciphertext is read into (and decrypted from) before the plaintext is
+    /// handed on, so that an idle TLS connection keeps no read buffer of its own.
+    static CIPHER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
