@@ -54,8 +54,9 @@ start_gateway() {
         --admin-listen "127.0.0.1:$((PORT_BASE + 4))" --tls-cert "$DIR/cert.pem" \
         --tls-key "$DIR/key.pem" --data-dir "$DIR/data" --log warn >"$DIR/imgw.log" 2>&1 &
     gw_pid=$!
+    # /readyz: every shard has bound its listeners (the admin port answers before they do).
     for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$((PORT_BASE + 4))") 2>/dev/null && return
+        curl -sf "http://127.0.0.1:$((PORT_BASE + 4))/readyz" >/dev/null && return
         sleep 0.1
     done
     echo "gateway did not start" >&2
@@ -65,6 +66,16 @@ stop_gateway() {
     kill "$gw_pid" 2>/dev/null || true
     wait "$gw_pid" 2>/dev/null || true
     gw_pid=
+}
+# Each listener's run connects from its own source addresses: a run leaves its client ports
+# in TIME_WAIT for a minute, and four runs of 19,000 from the same four addresses exhaust them.
+sources() {
+    case $1 in
+    tcp) echo 127.0.0.2-127.0.0.5 ;;
+    tls) echo 127.0.0.6-127.0.0.9 ;;
+    ws) echo 127.0.0.10-127.0.0.13 ;;
+    wss) echo 127.0.0.14-127.0.0.17 ;;
+    esac
 }
 target() {
     case $1 in
@@ -79,7 +90,7 @@ for run in $(seq 1 "$RUNS"); do
     for l in tcp tls ws wss; do
         start_gateway
         "$LOADGEN" idle --target "$(target "$l")" --conns "$CONNS" --workers 4 --ramp 0 \
-            --sources 127.0.0.2-127.0.0.5 --duration 3s --setup-timeout 120s \
+            --sources "$(sources "$l")" --duration 3s --setup-timeout 120s \
             --tls-ca "$DIR/cert.pem" --server-pid "$gw_pid" --quiet \
             --json "$DIR/idle-$l-$run.json" >/dev/null
         stop_gateway

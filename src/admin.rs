@@ -1068,6 +1068,48 @@ mod tests {
         head.lines().next().unwrap()
     }
 
+    /// The admin queues' bound: once a shard's queue holds ADMIN_QUEUE_DEPTH commands the
+    /// routes that need it answer 503 (counted); a shard that never answers gets 504.
+    #[test]
+    fn full_admin_queues_answer_503_and_a_silent_shard_504() {
+        use crate::shard::admin::{AdminCmd, AdminQueues, ADMIN_QUEUE_DEPTH};
+        let control = Control::new(2);
+        let metrics = Metrics::new(2);
+        let queues = Arc::new(AdminQueues::new(2, 1024));
+        control.set_admin(queues.clone());
+        // Nothing drains (no shard runs): a request that waits for an answer times out.
+        let r = route("GET", "/users/dev/ann", b"", &control, &metrics);
+        assert_eq!(r.status, 504, "{}", r.body);
+        let kick = || {
+            AdminCmd::Kick(UserKey {
+                tenant: "dev".into(),
+                user: "x".into(),
+            })
+        };
+        let mut posted = 0;
+        for shard in 0..2 {
+            while queues.post(shard, kick()) {
+                posted += 1;
+            }
+        }
+        // Each queue took exactly its bound (the 504 request left one command in one).
+        assert_eq!(posted, 2 * ADMIN_QUEUE_DEPTH - 1);
+        let body = br#"{"tenant":"dev","body":"hi"}"#;
+        let r = route("POST", "/broadcast", body, &control, &metrics);
+        assert_eq!(r.status, 503, "{}", r.body);
+        let r = route(
+            "POST",
+            "/groups",
+            br#"{"tenant":"dev","group":"g","users":["a"]}"#,
+            &control,
+            &metrics,
+        );
+        assert_eq!(r.status, 503, "{}", r.body);
+        // The broadcast counted once per full shard, the group create once.
+        assert_eq!(control.admin_queue_full.load(Ordering::Relaxed), 3);
+        assert_eq!(control.admin_timeouts.load(Ordering::Relaxed), 1);
+    }
+
     #[test]
     fn health_ready_drain_cycle() {
         let f = start(2);
