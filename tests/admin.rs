@@ -7,12 +7,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::gateway::{http_request, jwt, jwt_gateway, Gateway};
+use common::gateway::{http_request, jwt, jwt_gateway, send_group, Gateway};
 use imgw::client::{Client, ClientError, Transport};
 use imgw::codec::CodecId;
-use imgw::protocol::{
-    Deliver, Envelope, ErrorCode, Message, Ping, PresenceSet, Send, Status, Target,
-};
+use imgw::protocol::{Deliver, Envelope, ErrorCode, Message, Ping, PresenceSet, Status, Target};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -53,23 +51,6 @@ fn quiet(clients: &mut [&mut Client]) {
             .unwrap();
         assert!(matches!(env.msg, Message::Pong(_)), "unexpected {env:?}");
     }
-}
-
-/// A group `send`; the answer to it (`send_ack` or `error`).
-fn send_group(c: &mut Client, group: &str, cmid: &str, body: &str) -> Message {
-    let r = c.next_ref();
-    c.send(&Envelope::with_ref(
-        Message::Send(Send {
-            to: Target::Group(group.into()),
-            cmid: cmid.into(),
-            kind: None,
-            body: body.into(),
-            ext: Default::default(),
-        }),
-        r,
-    ))
-    .unwrap();
-    c.recv_until(|e| e.reference == Some(r), WAIT).unwrap().msg
 }
 
 fn members(g: &Gateway, group: &str) -> Vec<String> {

@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::gateway::{http_post, jwt, jwt_gateway, jwt_login, sync_all, Gateway, DEV_TOML};
+use common::gateway::{
+    http_post, jwt, jwt_gateway, jwt_login, send_group, sync_all, Gateway, DEV_TOML,
+};
 use imgw::client::{Client, ClientError, Transport};
 use imgw::codec::CodecId;
 use imgw::ids::owner_shard;
@@ -664,22 +666,6 @@ fn join(c: &mut Client, group: &str) -> Message {
     c.send(&Envelope::with_ref(
         Message::GroupJoin(imgw::protocol::GroupJoin {
             group: group.into(),
-        }),
-        r,
-    ))
-    .unwrap();
-    c.recv_until(|e| e.reference == Some(r), WAIT).unwrap().msg
-}
-
-fn send_group(c: &mut Client, group: &str, cmid: &str, body: &str) -> Message {
-    let r = c.next_ref();
-    c.send(&Envelope::with_ref(
-        Message::Send(Send {
-            to: Target::Group(group.into()),
-            cmid: cmid.into(),
-            kind: None,
-            body: body.into(),
-            ext: Default::default(),
         }),
         r,
     ))

@@ -28,19 +28,7 @@ fn join(c: &mut Client, group: &str) {
 }
 
 fn send_group(c: &mut Client, group: &str, cmid: &str, body: &str) -> SendAck {
-    let r = c.next_ref();
-    c.send(&Envelope::with_ref(
-        Message::Send(Send {
-            to: Target::Group(group.into()),
-            cmid: cmid.into(),
-            kind: None,
-            body: body.into(),
-            ext: Default::default(),
-        }),
-        r,
-    ))
-    .unwrap();
-    match c.recv_until(|e| e.reference == Some(r), WAIT).unwrap().msg {
+    match common::gateway::send_group(c, group, cmid, body) {
         Message::SendAck(a) => a,
         other => panic!("{other:?}"),
     }

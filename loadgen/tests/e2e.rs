@@ -215,17 +215,7 @@ fn chat_with_jwts_over_three_tenants_loses_nothing() {
         ],
         &[("LOADGEN_E2E_JWT", SECRET)],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = json(&out_json);
-    assert_eq!(r["connected"].as_u64(), Some(24));
-    let m = &r["messages"];
-    assert_eq!(m["delivered"].as_u64(), m["sent"].as_u64(), "{m}");
-    assert!(m["sent"].as_u64().unwrap() > 400, "{m}");
+    chat_passed(&out, &out_json, 24, 400);
     // The gateway saw sends in each of the three tenants, and in no dev tenant.
     let metrics = http_get(g.admin, "/metrics");
     for t in ["t0", "t1", "t2"] {
@@ -312,17 +302,7 @@ fn chat_over_wss_and_tls_with_rs256_tokens_loses_nothing() {
         ],
         &[],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = json(&out_json);
-    assert_eq!(r["connected"].as_u64(), Some(24));
-    let m = &r["messages"];
-    assert_eq!(m["delivered"].as_u64(), m["sent"].as_u64(), "{m}");
-    assert!(m["sent"].as_u64().unwrap() > 400, "{m}");
+    chat_passed(&out, &out_json, 24, 400);
     let metrics = http_get(g.admin, "/metrics");
     let handshakes: f64 = metrics
         .lines()
@@ -340,6 +320,22 @@ fn chat_over_wss_and_tls_with_rs256_tokens_loses_nothing() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A chat run that exited 0 with all `conns` connected, more than `min_sent` messages sent
+/// and every one delivered.
+fn chat_passed(out: &std::process::Output, out_json: &Path, conns: u64, min_sent: u64) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(out_json);
+    assert_eq!(r["connected"].as_u64(), Some(conns));
+    let m = &r["messages"];
+    assert_eq!(m["delivered"].as_u64(), m["sent"].as_u64(), "{m}");
+    assert!(m["sent"].as_u64().unwrap() > min_sent, "{m}");
 }
 
 /// The body of `GET path` on the admin port.

@@ -351,6 +351,23 @@ pub fn join(c: &mut Client, group: &str) {
     assert_eq!(env.msg, Message::Ok, "join {group}");
 }
 
+/// A group `send`; the answer to it (`send_ack` or `error`), within 5 s.
+pub fn send_group(c: &mut Client, group: &str, cmid: &str, body: &str) -> imgw::protocol::Message {
+    use imgw::protocol::{Envelope, Message, Send, Target};
+    let r = c.next_ref();
+    let send = Send {
+        to: Target::Group(group.into()),
+        cmid: cmid.into(),
+        kind: None,
+        body: body.into(),
+        ext: Default::default(),
+    };
+    c.send(&Envelope::with_ref(Message::Send(send), r)).unwrap();
+    c.recv_until(|e| e.reference == Some(r), Duration::from_secs(5))
+        .unwrap()
+        .msg
+}
+
 /// A port that was free a moment ago, for a private server that takes a port number (Redis,
 /// the broker); imgw itself listens on port 0 instead.
 pub fn free_port() -> u16 {
