@@ -7,14 +7,14 @@ cd "$(dirname "$0")"
 secs=${1:-20}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 # --sanitizer none builds on the stable toolchain (AddressSanitizer would need nightly flags).
-targets=(frame json protobuf msgpack flatbuffers hessian)
+targets=(frame json protobuf msgpack flatbuffers hessian ws_frame ws_handshake jwt admin_http)
 cargo fuzz build --sanitizer none
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
   echo "fuzz: $t for ${secs}s"
   log=$(mktemp)
   rc=0
-  cargo fuzz run --sanitizer none "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=1024 >"$log" 2>&1 || rc=$?
+  cargo fuzz run --sanitizer none "$t" "corpus/$t" "seeds/$t" -- -max_total_time="$secs" -rss_limit_mb=1024 >"$log" 2>&1 || rc=$?
   grep -E "^(#[0-9]+ +DONE|Done|==|SUMMARY|thread)" "$log" || true
   if [ -d "artifacts/$t" ] && [ -n "$(ls -A "artifacts/$t" 2>/dev/null)" ]; then
     echo "fuzz: $t found a crash: fuzz/artifacts/$t"; exit 1

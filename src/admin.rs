@@ -825,6 +825,68 @@ enum Incoming {
     Gone,
 }
 
+/// A request head parsed from the bytes received so far.
+#[derive(Debug)]
+pub struct Head {
+    /// Bytes of the head; the body follows.
+    pub head_len: usize,
+    /// `Content-Length` (0 without one).
+    pub body_len: usize,
+    pub method: String,
+    pub path: String,
+    /// The token of `Authorization: Bearer TOKEN`.
+    pub bearer: Option<Vec<u8>>,
+}
+
+/// Parses the request head at the start of `buf` (the bytes received so far): `Ok(None)`
+/// while it is incomplete, `Err` with the answer for a request refused as it stands (bad
+/// syntax, too many headers, chunked bodies, a bad or too large `Content-Length`).
+pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, Response> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(h)) => h,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Response::text(431, "too many headers\n"))
+        }
+        Err(e) => return Err(Response::text(400, format!("bad request: {e}\n"))),
+    };
+    let mut body_len = 0usize;
+    let mut bearer = None;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("authorization") {
+            bearer = h
+                .value
+                .strip_prefix(b"Bearer ")
+                .map(|t| t.trim_ascii().to_vec());
+        }
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(Response::text(501, "transfer-encoding not supported\n"));
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let parsed = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            match parsed {
+                Some(n) => body_len = n,
+                None => return Err(Response::text(400, "bad content-length\n")),
+            }
+        }
+    }
+    if head_len.saturating_add(body_len) > MAX_REQUEST_BYTES {
+        return Err(Response::text(413, "request too large\n"));
+    }
+    // A complete head parsed, so method and path are present (httparse's invariant).
+    Ok(Some(Head {
+        head_len,
+        body_len,
+        method: req.method.unwrap_or_default().to_string(),
+        path: req.path.unwrap_or_default().to_string(),
+        bearer,
+    }))
+}
+
 /// Reads one request within the size limit and the deadline.
 fn read_request(stream: &mut TcpStream, deadline: Instant) -> io::Result<Incoming> {
     let mut buf = vec![0u8; MAX_REQUEST_BYTES];
@@ -854,57 +916,18 @@ fn read_request(stream: &mut TcpStream, deadline: Instant) -> io::Result<Incomin
             Err(e) => return Err(e),
         };
         len += n;
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        let head_len = match req.parse(&buf[..len]) {
-            Ok(httparse::Status::Complete(h)) => h,
-            Ok(httparse::Status::Partial) => continue,
-            Err(httparse::Error::TooManyHeaders) => {
-                return Ok(Incoming::Refuse(Response::text(431, "too many headers\n")))
-            }
-            Err(e) => {
-                return Ok(Incoming::Refuse(Response::text(
-                    400,
-                    format!("bad request: {e}\n"),
-                )))
-            }
+        let head = match parse_head(&buf[..len]) {
+            Ok(Some(h)) => h,
+            Ok(None) => continue,
+            Err(refusal) => return Ok(Incoming::Refuse(refusal)),
         };
-        let mut body_len = 0usize;
-        let mut bearer = None;
-        for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case("authorization") {
-                bearer = h
-                    .value
-                    .strip_prefix(b"Bearer ")
-                    .map(|t| t.trim_ascii().to_vec());
-            }
-            if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                return Ok(Incoming::Refuse(Response::text(
-                    501,
-                    "transfer-encoding not supported\n",
-                )));
-            }
-            if h.name.eq_ignore_ascii_case("content-length") {
-                let parsed = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<usize>().ok());
-                match parsed {
-                    Some(n) => body_len = n,
-                    None => {
-                        return Ok(Incoming::Refuse(Response::text(
-                            400,
-                            "bad content-length\n",
-                        )))
-                    }
-                }
-            }
-        }
-        if head_len.saturating_add(body_len) > MAX_REQUEST_BYTES {
-            return Ok(Incoming::Refuse(Response::text(413, "request too large\n")));
-        }
-        // A complete head parsed, so method and path are present (httparse's invariant).
-        let method = req.method.unwrap_or_default().to_string();
-        let path = req.path.unwrap_or_default().to_string();
+        let Head {
+            head_len,
+            body_len,
+            method,
+            path,
+            bearer,
+        } = head;
         // Read the body (to the end, so closing does not reset the connection).
         let mut have = len - head_len;
         while have < body_len {
