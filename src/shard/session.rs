@@ -702,6 +702,7 @@ impl Shard {
         };
         let tenant = sess.user.tenant.clone();
         let mut fresh = Vec::new();
+        let mut refused = false;
         for u in users {
             if u.is_empty() || u.len() > 128 {
                 continue;
@@ -714,12 +715,14 @@ impl Shard {
                 continue;
             }
             if sess.subs.len() >= max {
+                refused = true;
                 break;
             }
             sess.subs.push(key.clone());
             fresh.push(key);
         }
-        let over = sess.subs.len() >= max && !fresh.is_empty();
+        // Past the limit the rest of the list is refused (what fitted is subscribed).
+        let over = refused;
         let route = self.route(id);
         for target in fresh {
             let dest = self.owner(&target);
