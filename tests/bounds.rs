@@ -288,6 +288,46 @@ fn a_user_has_at_most_max_devices_per_user() {
 }
 
 #[test]
+fn a_user_joins_at_most_max_groups_per_user() {
+    let g = dev("max_groups_per_user = 2", "2");
+    let mut a = g.login(Transport::Tcp, CodecId::Json, "joiner", "d1");
+    let mut a2 = g.login(Transport::Ws, CodecId::Json, "joiner", "d2");
+    join(&mut a, "g1");
+    join(&mut a2, "g2");
+    // Rejoining a group the user is in is not one more.
+    join(&mut a, "g1");
+    // The user's owner learns of g2 from the group's owner, beside the `ok`: a moment later.
+    std::thread::sleep(Duration::from_millis(100));
+    for (c, r) in [(&mut a, 5), (&mut a2, 6)] {
+        c.send(&Envelope::with_ref(
+            Message::GroupJoin(GroupJoin { group: "g3".into() }),
+            r,
+        ))
+        .unwrap();
+        expect_error(c, ErrorCode::LimitExceeded);
+    }
+    // A leave makes room.
+    let r = a.next_ref();
+    a.send(&Envelope::with_ref(
+        Message::GroupLeave(imgw::protocol::GroupLeave { group: "g2".into() }),
+        r,
+    ))
+    .unwrap();
+    let env = a.recv_until(|e| e.reference == Some(r), WAIT).unwrap();
+    assert_eq!(env.msg, Message::Ok);
+    join(&mut a2, "g3");
+    // g3 is one of its groups now: both devices get its messages.
+    let mut other = g.login(Transport::Tcp, CodecId::Json, "other", "d");
+    join(&mut other, "g3");
+    assert!(matches!(
+        send_group(&mut other, "g3", "x1", "to g3"),
+        Message::SendAck(_)
+    ));
+    assert_eq!(next_deliver(&mut a, WAIT).unwrap().body, "to g3");
+    assert_eq!(next_deliver(&mut a2, WAIT).unwrap().body, "to g3");
+}
+
+#[test]
 fn a_group_stops_at_max_group_members() {
     let g = dev("max_group_members = 2", "1");
     let mut a = g.login(Transport::Tcp, CodecId::Json, "ga", "d");

@@ -121,17 +121,66 @@ impl Shard {
             tenant: user.tenant.clone(),
             group,
         };
-        let dest = self.group_owner(&key);
-        let msg = ShardMsg::GroupMembership {
-            group: key,
-            member: user.user,
-            join,
-            origin: self.route(id),
-            reference,
+        let origin = self.route(id);
+        // A join asks the user's owner first, which knows how many groups the user has.
+        let (dest, msg) = if join {
+            let msg = ShardMsg::JoinCheck {
+                group: key,
+                member: user.user.clone(),
+                origin,
+                reference,
+            };
+            (self.owner(&user), msg)
+        } else {
+            let msg = ShardMsg::GroupMembership {
+                group: key.clone(),
+                member: user.user,
+                join,
+                origin,
+                reference,
+            };
+            (self.group_owner(&key), msg)
         };
         if !self.post(dest, msg) {
             self.overloaded(id, reference, None);
         }
+    }
+
+    /// Member-owner side of a `group_join`: refuses a join past `limits.max_groups_per_user`
+    /// (rejoining a group the user is in is not one more), else passes it to the group's
+    /// owner. While the user's stored groups are still loading the count is not known yet,
+    /// and the join goes on.
+    pub(super) fn join_check(
+        &mut self,
+        group: GroupKey,
+        member: Str,
+        origin: Route,
+        reference: Option<u64>,
+    ) {
+        let max = self.cfg.limits.max_groups_per_user as usize;
+        let user = UserKey {
+            tenant: group.tenant.clone(),
+            user: member.clone(),
+        };
+        let full = self
+            .groups
+            .of_user
+            .get(&user)
+            .is_some_and(|gs| gs.len() >= max && !gs.contains(&group));
+        if full {
+            self.error_to(origin, reference, ErrorCode::LimitExceeded, None);
+            return;
+        }
+        let dest = self.group_owner(&group);
+        let msg = ShardMsg::GroupMembership {
+            group,
+            member,
+            join: true,
+            origin,
+            reference,
+        };
+        // Like the membership it forwards: bookkeeping that must not be shed half way.
+        self.post_always(dest, msg);
     }
 
     /// A `send` to a group from a connection.
@@ -465,15 +514,26 @@ impl Shard {
             // The read in flight may predate this change: read again when it lands.
             *dirty = true;
         }
-        let max = self.cfg.limits.max_groups_per_user as usize;
+        // Joins are checked against `max_groups_per_user` before they happen (`join_check`);
+        // joins checked at the same time from several devices, and admin additions, may pass
+        // it by a little. This list follows the stored membership up to twice the limit (its
+        // memory bound), and says so when it cannot.
+        let max = 2 * self.cfg.limits.max_groups_per_user as usize;
         let online = self.users.get(&user).is_some_and(|e| !e.devices.is_empty());
         let groups = self.groups.of_user.entry(user.clone()).or_default();
-        if join {
-            if !groups.contains(&group) && groups.len() < max {
-                groups.push(group.clone());
-            }
-        } else {
+        if !join {
             groups.retain(|g| *g != group);
+        } else if groups.contains(&group) {
+            // A rejoin: nothing new.
+        } else if groups.len() < max {
+            groups.push(group.clone());
+        } else {
+            tracing::warn!(
+                tenant = %user.tenant,
+                user = %user.user,
+                group = %group.group,
+                "member of more than twice limits.max_groups_per_user: group not routed"
+            );
         }
         if groups.is_empty() {
             self.groups.of_user.remove(&user);

@@ -143,6 +143,15 @@ pub enum ShardMsg {
         conns: Vec<ConnId>,
         deliver: Deliver,
     },
+    /// To the joining user's owner, first: is there room for one more group of the user
+    /// (`limits.max_groups_per_user`)? If so it goes on to the group's owner as
+    /// `GroupMembership`; if not the joining connection gets `limit_exceeded`.
+    JoinCheck {
+        group: groups::GroupKey,
+        member: Str,
+        origin: Route,
+        reference: Option<u64>,
+    },
     /// To a group's owner: join or leave.
     GroupMembership {
         group: groups::GroupKey,

@@ -202,6 +202,12 @@ impl Shard {
                 };
                 self.emit(origin.route.conn, &env);
             }
+            ShardMsg::JoinCheck {
+                group,
+                member,
+                origin,
+                reference,
+            } => self.join_check(group, member, origin, reference),
             ShardMsg::GroupMembership {
                 group,
                 member,
