@@ -88,9 +88,9 @@ enum Step {
 }
 
 impl Io {
-    /// TLS: writes the records rustls holds (handshake messages, alerts, encrypted output)
-    /// until the socket would block. `Ok(true)` when something was written. Plain: nothing
-    /// to do.
+    /// TLS: writes the records made so far (handshake messages, encrypted output,
+    /// close_notify) until the socket would block. `Ok(true)` when something was written.
+    /// Plain: nothing to do.
     pub(super) fn send_pending(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
         match self {
             Io::Plain(_) => Ok(false),
@@ -99,7 +99,8 @@ impl Io {
     }
 
     /// Hands `out` (plaintext) to the connection: the number of bytes taken, which may be 0
-    /// when TLS's buffer is full; `Pending` when the socket would block (waker registered).
+    /// when TLS's record buffer is full or the handshake has not finished; `Pending` when the
+    /// socket would block (waker registered).
     pub(super) fn poll_write(
         &mut self,
         cx: &mut Context<'_>,
@@ -119,7 +120,7 @@ impl Io {
 
     /// Reads plaintext into `buf`: `Ok(0)` at the end of the stream; `Pending` (waker
     /// registered) when the socket has nothing now. TLS errors are counted in `metrics` and
-    /// reported as `InvalidData` after the alert was sent (best effort).
+    /// reported as `InvalidData`, and the caller closes the connection (without an alert).
     pub(super) fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
