@@ -64,7 +64,8 @@ for ((i = 0; i < GATEWAYS; i++)); do
 done
 for ((i = 0; i < GATEWAYS; i++)); do
     for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$((ADMIN_BASE + i))") 2>/dev/null && break
+        # /readyz: the shards listen (the admin port answers before they do).
+        curl -sf "http://127.0.0.1:$((ADMIN_BASE + i))/readyz" >/dev/null && break
         sleep 0.1
     done
 done
