@@ -523,8 +523,18 @@ fn nothing_crosses_tenants_whatever_ids_are_guessed() {
         Message::SendAck(_)
     ));
     assert_eq!(deliveries(&mut b_carol, 1)[0].body, "to b's team");
-    // Nothing of the above reached tenant B's bob or tenant A's alice.
-    for c in [&mut b_bob, &mut a_alice] {
+    // The business side pushes to tenant A's "carol": tenant B's carol gets nothing. And to
+    // tenant B's: she gets that one.
+    for (tenant, id) in [("tenant-a", "pa"), ("tenant-b", "pb")] {
+        let body = format!(
+            r#"{{"tenant":"{tenant}","user":"carol","type":"note","body":"{id}","from":"ops","id":"{id}"}}"#
+        );
+        let (status, _) = http_post(g.admin, "/push", &body).unwrap();
+        assert_eq!(status, 202);
+    }
+    assert_eq!(deliveries(&mut b_carol, 1)[0].body, "pb");
+    // Nothing of the above reached tenant B's bob or tenant A's alice (nor carol twice).
+    for c in [&mut b_bob, &mut a_alice, &mut b_carol] {
         ping(c);
         assert!(c
             .recv_until(
