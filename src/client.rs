@@ -1,7 +1,8 @@
 //! A small blocking client for imgw's two transports, in any codec.
 //!
 //! This module owns the client end of a connection over `std::net` (no async runtime): the
-//! TCP connect (optionally from a chosen source address), the WebSocket upgrade with the codec's
+//! TCP connect (optionally from a chosen source address), TLS when asked for
+//! ([`ClientConfig::tls`]), the WebSocket upgrade with the codec's
 //! subprotocol, encoding each [`Envelope`] into one raw-TCP frame or one masked WebSocket
 //! message (text for JSON, binary otherwise), and the incremental decoding of what the server
 //! sends. WebSocket pings are answered with pongs transparently, a server Close is answered and
@@ -297,7 +298,8 @@ impl Client {
         let sock = match &cfg.tls {
             None => Sock::Plain(sock),
             Some(tls) => {
-                // The handshake runs on the first read or write, within the read timeout.
+                // The TLS handshake completes here, each step bounded by the socket's read
+                // and write timeouts.
                 let conn =
                     rustls::ClientConnection::new(tls.config.clone(), tls.server_name.clone())
                         .map_err(|e| ClientError::Protocol(format!("TLS: {e}")))?;
