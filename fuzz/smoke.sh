@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 secs=${1:-20}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 # --sanitizer none builds on the stable toolchain (AddressSanitizer would need nightly flags).
-targets=(frame json protobuf msgpack flatbuffers hessian ws_frame ws_handshake jwt admin_http)
+targets=(frame json protobuf msgpack flatbuffers hessian ws_frame ws_handshake jwt admin_http session)
 cargo fuzz build --sanitizer none
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
