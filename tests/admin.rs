@@ -7,8 +7,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::gateway::{http_request, jwt, jwt_gateway, send_group, Gateway};
-use imgw::client::{Client, ClientError, Transport};
+use common::gateway::{expect_kicked, http_request, jwt, jwt_gateway, send_group, Gateway};
+use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::{Deliver, Envelope, ErrorCode, Message, Ping, PresenceSet, Status, Target};
 use serde_json::Value;
@@ -450,18 +450,7 @@ fn admin_push_and_kick_work_at_durability_memory() {
     let (status, v) = req(&g, "POST", "/kick", r#"{"tenant":"dev","user":"pat"}"#);
     assert_eq!(status, 202, "{v}");
     for c in [&mut phone, &mut laptop] {
-        let env = c
-            .recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT)
-            .expect("goaway");
-        let Message::Goaway(gw) = env.msg else {
-            unreachable!()
-        };
-        assert_eq!(gw.reason, "kicked");
-        let end = c.recv_until(|_| false, WAIT);
-        assert!(
-            matches!(end, Err(ClientError::Closed { .. } | ClientError::Io(_))),
-            "{end:?}"
-        );
+        expect_kicked(c);
     }
     // quin is untouched.
     quiet(&mut [&mut other]);

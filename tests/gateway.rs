@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::gateway::{
-    http_post, jwt, jwt_gateway, jwt_login, send_group, sync_all, Gateway, DEV_TOML,
+    expect_kicked, http_post, jwt, jwt_gateway, jwt_login, send_group, sync_all, Gateway, DEV_TOML,
 };
 use imgw::client::{Client, ClientError, Transport};
 use imgw::codec::CodecId;
@@ -856,19 +856,7 @@ fn admin_kick_closes_every_device_of_the_user_only() {
     let (status, body) = http_post(g.admin, "/kick", r#"{"tenant":"dev","user":"eve"}"#).unwrap();
     assert_eq!(status, 202, "{body}");
     for c in [&mut phone, &mut laptop] {
-        let env = c
-            .recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT)
-            .expect("goaway");
-        let Message::Goaway(gw) = env.msg else {
-            unreachable!()
-        };
-        assert_eq!(gw.reason, "kicked");
-        // Then the connection closes (not a timeout).
-        let end = c.recv_until(|_| false, WAIT);
-        assert!(
-            matches!(end, Err(ClientError::Closed { .. } | ClientError::Io(_))),
-            "{end:?}"
-        );
+        expect_kicked(c);
     }
     // Another user is untouched, and the kicked user may log in again.
     ping(&mut other);

@@ -351,6 +351,25 @@ pub fn join(c: &mut Client, group: &str) {
     assert_eq!(env.msg, Message::Ok, "join {group}");
 }
 
+/// An admin kick as the client sees it: `goaway` `kicked`, then the close (not a timeout).
+pub fn expect_kicked(c: &mut Client) {
+    use imgw::client::ClientError;
+    use imgw::protocol::Message;
+    let wait = Duration::from_secs(5);
+    let env = c
+        .recv_until(|e| matches!(e.msg, Message::Goaway(_)), wait)
+        .expect("goaway");
+    let Message::Goaway(gw) = env.msg else {
+        unreachable!()
+    };
+    assert_eq!(gw.reason, "kicked");
+    let end = c.recv_until(|_| false, wait);
+    assert!(
+        matches!(end, Err(ClientError::Closed { .. } | ClientError::Io(_))),
+        "{end:?}"
+    );
+}
+
 /// A group `send`; the answer to it (`send_ack` or `error`), within 5 s.
 pub fn send_group(c: &mut Client, group: &str, cmid: &str, body: &str) -> imgw::protocol::Message {
     use imgw::protocol::{Envelope, Message, Send, Target};
