@@ -742,8 +742,9 @@ fn group_request(group: GroupKey, op: GroupOp, control: &Control) -> Response {
 }
 
 /// `GET /users/{tenant}/{user}`: the user's presence and online devices (each with its
-/// shard, transport and codec) on this node; in cluster mode also the other nodes where
-/// the user has devices, with their status. Asks the user's owner shard for the routes,
+/// shard, transport and codec) on this node, `node` naming this node (null outside a
+/// cluster); in cluster mode also the other nodes where the user has devices, with their
+/// status. Asks the user's owner shard for the routes,
 /// then each device shard for the details. A user nobody knows is `offline` with no
 /// devices (200): users are not registered anywhere.
 fn inspect_user(tenant: &str, user: &str, control: &Control) -> Response {
@@ -805,7 +806,7 @@ fn inspect_user(tenant: &str, user: &str, control: &Control) -> Response {
         200,
         serde_json::json!({
             "tenant": tenant.as_str(), "user": user.as_str(), "status": status.name(),
-            "devices": devices, "other_nodes": nodes,
+            "node": q.node.as_deref(), "devices": devices, "other_nodes": nodes,
         }),
     )
 }

@@ -262,6 +262,7 @@ fn admin_user_inspection_shows_each_device_with_its_shard_transport_and_presence
     let (status, v) = req(&g, "GET", "/users/dev/ivy", "");
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["status"], "online");
+    assert!(v["node"].is_null(), "not a cluster node: {v}");
     assert_eq!(
         (v["tenant"].as_str(), v["user"].as_str()),
         (Some("dev"), Some("ivy"))

@@ -560,6 +560,23 @@ fn kick_and_push_on_one_node_reach_the_user_on_the_others() {
         assert_eq!(&*d.body, "from the shop");
         assert_eq!(d.inbox_seq, 1);
     }
+    // Inspection on the first node: its own device, named by node and shard, and the second
+    // node (where the laptop is) among the others, once presence has crossed.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = common::gateway::http_get(nodes[0].admin, "/users/dev/kim").unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["node"], "k1", "{v}");
+        assert_eq!(v["devices"][0]["device"], "phone", "{v}");
+        assert!(v["devices"][0]["shard"].is_u64(), "{v}");
+        let others = v["other_nodes"].as_array().cloned().unwrap_or_default();
+        if others.iter().any(|n| n["node"] == "k2") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "k2 never listed: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // A kick on the third node closes both.
     let (status, _) =
         common::gateway::http_post(nodes[2].admin, "/kick", r#"{"tenant":"dev","user":"kim"}"#)

@@ -129,9 +129,9 @@ pub fn run(
     let ports: Arc<std::sync::Mutex<Vec<Option<IoPort>>>> = Arc::new(std::sync::Mutex::new(ports));
     // The admin API's way into the shards, at every durability (src/shard/admin.rs).
     let max_body = cfg.ws.max_message_bytes as usize;
-    control.set_admin(Arc::new(crate::shard::admin::AdminQueues::new(
-        shards, max_body,
-    )));
+    let queues = crate::shard::admin::AdminQueues::new(shards, max_body)
+        .with_node(cfg.cluster.node_id.clone());
+    control.set_admin(Arc::new(queues));
     let certs = tls_certs(&cfg, &control)?;
     let cfg = Arc::new(cfg);
     let mesh: MeshBuilder<Batch, _> =

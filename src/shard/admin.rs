@@ -131,6 +131,8 @@ pub struct AdminQueues {
     queues: Vec<ArrayQueue<AdminCmd>>,
     /// Largest body a push or broadcast may carry (the WebSocket message limit).
     pub max_body: usize,
+    /// This node's name in a cluster (`--node-id`), which user inspection reports.
+    pub node: Option<String>,
     pub stats: AdminStats,
 }
 
@@ -141,8 +143,15 @@ impl AdminQueues {
                 .map(|_| ArrayQueue::new(ADMIN_QUEUE_DEPTH))
                 .collect(),
             max_body,
+            node: None,
             stats: AdminStats::default(),
         }
+    }
+
+    /// Names this node (cluster mode).
+    pub fn with_node(mut self, node: Option<String>) -> AdminQueues {
+        self.node = node;
+        self
     }
 
     pub fn shards(&self) -> usize {
