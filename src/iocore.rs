@@ -765,30 +765,17 @@ fn publish(
         else {
             continue;
         };
-        if matches!(n.deliver.to, Some(crate::protocol::Target::User(_))) {
-            // The sender's copy of a 1:1 message (`server.sync_sent`): not a message of its
-            // own, so no dedupe key and no Kafka record; other nodes with the sender's
-            // devices get it by relay.
-            if let (false, Some(c)) = (*duplicate, &svc.cluster) {
-                let mut d = n.deliver;
-                (d.mid, d.inbox_seq, d.ts) = (*mid, *seq, *ts);
-                c.relay(crate::services::cluster::RelayItem::Message {
-                    tenant: n.tenant.clone(),
-                    dest: n.dest.clone(),
-                    deliver: d,
-                });
-            }
-            continue;
-        }
-        if let Some(redis) = &svc.redis {
-            if !*duplicate {
-                redis.send(RedisCmd::Dedupe {
-                    tenant: n.tenant.clone(),
-                    sender: n.deliver.from.clone(),
-                    cmid: n.cmid.clone(),
-                    mid: *mid,
-                });
-            }
+        // The sender's copy of a 1:1 message (`server.sync_sent`) is not a message of its
+        // own: no dedupe key and no Kafka record, only the relay to the other nodes with the
+        // sender's devices (a cluster always has Kafka).
+        let copy = matches!(n.deliver.to, Some(crate::protocol::Target::User(_)));
+        if let (Some(redis), false, false) = (&svc.redis, *duplicate, copy) {
+            redis.send(RedisCmd::Dedupe {
+                tenant: n.tenant.clone(),
+                sender: n.deliver.from.clone(),
+                cmid: n.cmid.clone(),
+                mid: *mid,
+            });
         }
         let Some(kafka) = &svc.kafka else { continue };
         let mut k = kafka.borrow_mut();
@@ -796,7 +783,7 @@ fn publish(
             // Only at `backend` can a stored message lack its record: its produce failed and
             // the client resends the cmid. Produce it again, unless it was confirmed (then
             // the resend is a plain duplicate) or is still awaited (the client retries).
-            if !svc.confirms || k.is_confirmed(*mid) {
+            if copy || !svc.confirms || k.is_confirmed(*mid) {
                 continue;
             }
             if k.is_in_flight(*mid) {
@@ -818,6 +805,9 @@ fn publish(
                 dest: n.dest.clone(),
                 deliver: d.clone(),
             });
+        }
+        if copy {
+            continue;
         }
         match k.produce(&n.tenant, &n.dest, &n.cmid, &d) {
             Ok(mut p) => reports.append(&mut p),

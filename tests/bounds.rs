@@ -6,12 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::gateway::{join, send_group, Gateway, DEV_TOML};
+use common::gateway::{direct, join, send_group, Gateway, DEV_TOML};
 use imgw::client::{Client, ClientError, Transport};
 use imgw::codec::CodecId;
 use imgw::ids::owner_shard;
 use imgw::protocol::{
-    frame, Ack, Envelope, ErrorCode, GroupJoin, Message, Ping, PresenceSub, Send, Sync, Target,
+    frame, Ack, Envelope, ErrorCode, GroupJoin, Message, Ping, PresenceSub, Sync,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -44,19 +44,6 @@ fn ping(c: &mut Client) {
         .unwrap();
     c.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
         .unwrap();
-}
-
-fn send_to(to: &str, cmid: &str, body: &str, r: u64) -> Envelope {
-    Envelope::with_ref(
-        Message::Send(Send {
-            to: Target::User(to.into()),
-            cmid: cmid.into(),
-            kind: None,
-            body: body.into(),
-            ext: Default::default(),
-        }),
-        r,
-    )
 }
 
 fn expect_error(c: &mut Client, code: ErrorCode) {
@@ -125,7 +112,7 @@ fn the_inbound_byte_rate_closes_a_flooding_connection_only() {
     let body = "x".repeat(3000);
     for i in 0..6 {
         if flood
-            .send(&send_to("quiet", &format!("f{i}"), &body, i + 1))
+            .send(&direct("quiet", &format!("f{i}"), &body, i + 1))
             .is_err()
         {
             break;
@@ -149,7 +136,7 @@ fn a_consumer_that_does_not_read_is_closed_and_the_sender_goes_on() {
     let body = "y".repeat(3500);
     for i in 0..4000u64 {
         sender
-            .send(&send_to("stuck", &format!("s{i}"), &body, i + 1))
+            .send(&direct("stuck", &format!("s{i}"), &body, i + 1))
             .unwrap();
         sender
             .recv_until(|e| matches!(e.msg, Message::SendAck(_)), WAIT)
@@ -177,7 +164,7 @@ fn the_delivery_window_holds_back_pushes_until_acked() {
     let mut b = g.login(Transport::Tcp, CodecId::Json, "wb", "d");
     ping(&mut b);
     for i in 0..5u64 {
-        a.send(&send_to("wb", &format!("w{i}"), &format!("m{i}"), i + 1))
+        a.send(&direct("wb", &format!("w{i}"), &format!("m{i}"), i + 1))
             .unwrap();
     }
     for i in 0..5u64 {
@@ -213,7 +200,7 @@ fn a_sync_page_holds_at_most_max_sync_limit() {
     let g = local("max_sync_limit = 3");
     let mut a = g.login(Transport::Tcp, CodecId::Json, "sa", "d");
     for i in 0..7u64 {
-        a.send(&send_to("sb", &format!("q{i}"), &format!("m{i}"), i + 1))
+        a.send(&direct("sb", &format!("q{i}"), &format!("m{i}"), i + 1))
             .unwrap();
         a.recv_until(|e| matches!(e.msg, Message::SendAck(_)), WAIT)
             .unwrap();
@@ -368,7 +355,7 @@ fn a_full_shard_outbox_sheds_sends_with_overloaded_and_loses_no_acked_one() {
     const N: u64 = 50;
     let mut burst = Vec::new();
     for i in 0..N {
-        let env = send_to(&to, &format!("o{i}"), &format!("m{i}"), i + 1);
+        let env = direct(&to, &format!("o{i}"), &format!("m{i}"), i + 1);
         frame::write_frame(&mut burst, CodecId::Json, &[], &env).unwrap();
     }
     a.send_raw(&burst).unwrap();

@@ -28,17 +28,7 @@ fn local(extra: &str) -> Gateway {
 
 fn send(c: &mut Client, to: &str, cmid: &str, body: &str) -> SendAck {
     let r = c.next_ref();
-    c.send(&Envelope::with_ref(
-        Message::Send(Send {
-            to: Target::User(to.into()),
-            cmid: cmid.into(),
-            kind: None,
-            body: body.into(),
-            ext: Default::default(),
-        }),
-        r,
-    ))
-    .unwrap();
+    c.send(&common::gateway::direct(to, cmid, body, r)).unwrap();
     let env = c
         .recv_until(|e| e.reference == Some(r), WAIT)
         .expect("send_ack");
@@ -201,17 +191,8 @@ fn a_slow_store_sheds_with_overloaded_instead_of_growing() {
     let mut a = g.login(Transport::Tcp, CodecId::Json, "flood", "d");
     for i in 0..60 {
         let r = 1000 + i;
-        a.send(&Envelope::with_ref(
-            Message::Send(Send {
-                to: Target::User("sink".into()),
-                cmid: format!("f{i}").into(),
-                kind: None,
-                body: "x".into(),
-                ext: Default::default(),
-            }),
-            r,
-        ))
-        .unwrap();
+        a.send(&common::gateway::direct("sink", &format!("f{i}"), "x", r))
+            .unwrap();
     }
     let (mut acked, mut shed) = (0, 0);
     while acked + shed < 60 {

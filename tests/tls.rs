@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::gateway::{Gateway, DEV_TOML};
+use common::gateway::{direct, Gateway, DEV_TOML};
 use imgw::client::{Client, ClientConfig, ClientError, TlsClient, Transport};
 use imgw::codec::CodecId;
-use imgw::protocol::{Envelope, Message, Ping, Send, Target};
+use imgw::protocol::{Envelope, Message, Ping};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -128,14 +128,8 @@ fn wss_and_tcp_over_tls_chat_in_every_codec_over_tls13_and_tls12() {
             ping(&mut b);
             for n in 0..3u64 {
                 let r = a.next_ref();
-                let send = Send {
-                    to: Target::User(bob.as_str().into()),
-                    cmid: format!("c{n}").as_str().into(),
-                    kind: None,
-                    body: format!("secret {n} 你好").as_str().into(),
-                    ext: Default::default(),
-                };
-                a.send(&Envelope::with_ref(Message::Send(send), r)).unwrap();
+                let body = format!("secret {n} 你好");
+                a.send(&direct(&bob, &format!("c{n}"), &body, r)).unwrap();
                 let ack = a
                     .recv_until(|e| matches!(e.msg, Message::SendAck(_)), WAIT)
                     .unwrap();
@@ -412,14 +406,8 @@ fn bulk_messages_cross_tls_intact_and_in_order() {
     let body = |i: usize| format!("{i:05}-{}", "x".repeat(3000 + i % 700));
     for i in 0..N {
         let r = a.next_ref();
-        let send = Send {
-            to: Target::User("bulk-b".into()),
-            cmid: format!("b{i}").as_str().into(),
-            kind: None,
-            body: body(i).as_str().into(),
-            ext: Default::default(),
-        };
-        a.send(&Envelope::with_ref(Message::Send(send), r)).unwrap();
+        a.send(&direct("bulk-b", &format!("b{i}"), &body(i), r))
+            .unwrap();
     }
     let mut acks = 0;
     while acks < N {

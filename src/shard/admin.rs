@@ -226,17 +226,7 @@ impl Shard {
     /// 1:1 `send` at `memory`) or the online members of its group (on the group's timeline);
     /// nothing is kept for anyone offline, and a group this shard does not hold is ignored.
     fn admin_push(&mut self, rec: PushRecord, stats: &AdminStats, clk: Clock) {
-        let mid = self.next_mid();
-        let mut deliver = Deliver {
-            mid,
-            from: rec.from,
-            to: None,
-            inbox_seq: 0,
-            ts: clk.unix_ms,
-            kind: rec.kind,
-            body: rec.body,
-            ext: Default::default(),
-        };
+        let mut deliver = self.push_deliver(rec.from, rec.kind, rec.body, clk);
         match rec.to {
             Target::User(user) => {
                 let to = UserKey {

@@ -77,7 +77,7 @@ pub(super) enum IoWait {
         to: UserKey,
         origin: Origin,
         deliver: Deliver,
-        copy: Option<UserKey>,
+        copy: bool,
     },
     /// A `sync` (or `hello` with `resume`) page for a connection, after `after`.
     Sync {
@@ -153,21 +153,6 @@ pub(super) enum IoWait {
 /// stored position (seq, mid, ts). A duplicate or a failed write pushes nothing.
 /// The client error for a failed store call: the error's own code (`unavailable`, or
 /// `internal` for damaged data), `unavailable` when the call answered but not as expected.
-/// The sender's copy of a 1:1 message to `to` (`server.sync_sent`): the sender's inbox, `to`
-/// naming the peer. None for a message to oneself (the recipient's inbox is the sender's).
-pub(super) fn sender_copy(to: &UserKey, deliver: &Deliver) -> Option<(UserKey, Deliver)> {
-    if deliver.from == to.user {
-        return None;
-    }
-    let sender = UserKey {
-        tenant: to.tenant.clone(),
-        user: deliver.from.clone(),
-    };
-    let mut copy = deliver.clone();
-    copy.to = Some(crate::protocol::Target::User(to.user.clone()));
-    Some((sender, copy))
-}
-
 fn stored_error<T>(r: &Result<T, IoError>) -> ErrorCode {
     match r {
         Err(e) => e.code(),
@@ -290,6 +275,49 @@ impl Shard {
         }
     }
 
+    /// The sender's copy of a 1:1 message to `to` (`server.sync_sent`): for the sender's
+    /// inbox, `to` naming the peer. None when turned off, and for a message to oneself (the
+    /// recipient's inbox is the sender's).
+    pub(super) fn sender_copy(
+        &self,
+        to: &UserKey,
+        deliver: &Deliver,
+    ) -> Option<(UserKey, Deliver)> {
+        if !self.cfg.server.sync_sent || deliver.from == to.user {
+            return None;
+        }
+        let sender = UserKey {
+            tenant: to.tenant.clone(),
+            user: deliver.from.clone(),
+        };
+        let mut copy = deliver.clone();
+        copy.to = Some(crate::protocol::Target::User(to.user.clone()));
+        Some((sender, copy))
+    }
+
+    /// Hands the sender's copy, numbered, to the sender's owner, for every device of the
+    /// sender but `except`, the one that sent it. `must`: past the outbox bound too (a stored
+    /// copy); otherwise shed when overloaded, like the message itself at `memory`.
+    pub(super) fn post_sent_copy(
+        &mut self,
+        sender: UserKey,
+        except: Route,
+        deliver: Deliver,
+        must: bool,
+    ) {
+        let owner = self.owner(&sender);
+        let msg = ShardMsg::SentCopy {
+            to: sender,
+            except,
+            deliver,
+        };
+        if must {
+            self.post_always(owner, msg);
+        } else {
+            let _ = self.post(owner, msg);
+        }
+    }
+
     /// Owner side: make a 1:1 message durable, then deliver and ack (see `on_io_done`).
     pub(super) fn append_direct(&mut self, to: UserKey, origin: Origin, deliver: Deliver) {
         let mut ops = vec![Op::AppendInbox {
@@ -299,27 +327,21 @@ impl Shard {
             deliver: deliver.clone(),
         }];
         // The sender's copy commits with the message: acked means both are stored.
-        let copy = self
-            .cfg
-            .server
-            .sync_sent
-            .then(|| sender_copy(&to, &deliver))
-            .flatten()
-            .map(|(sender, copy)| {
-                ops.push(Op::AppendInbox {
-                    user: user_ref(&sender),
-                    sender: copy.from.clone(),
-                    cmid: origin.cmid.clone(),
-                    deliver: copy,
-                });
-                sender
+        let copy = self.sender_copy(&to, &deliver);
+        if let Some((sender, copy)) = &copy {
+            ops.push(Op::AppendInbox {
+                user: user_ref(sender),
+                sender: copy.from.clone(),
+                cmid: origin.cmid.clone(),
+                deliver: copy.clone(),
             });
+        }
         let refused = origin.clone();
         let wait = IoWait::Append {
             to,
             origin,
             deliver,
-            copy,
+            copy: copy.is_some(),
         };
         if !self.submit(IoRequest::Apply(ops), wait) {
             let retry = Some(self.cfg.limits.retry_after_ms);
@@ -374,8 +396,9 @@ impl Shard {
                     self.reject(origin, code, retry);
                     return;
                 };
+                let copy = copy.then(|| self.sender_copy(&to, &deliver)).flatten();
                 if let (
-                    Some(sender),
+                    Some((sender, mut c)),
                     Some(OpResult::Appended {
                         seq,
                         mid,
@@ -384,19 +407,8 @@ impl Shard {
                     }),
                 ) = (copy, copied)
                 {
-                    let mut c = deliver.clone();
                     (c.mid, c.inbox_seq, c.ts) = (mid, seq, ts);
-                    c.to = Some(crate::protocol::Target::User(to.user.clone()));
-                    let owner = self.owner(&sender);
-                    let except = origin.route;
-                    self.post_always(
-                        owner,
-                        ShardMsg::SentCopy {
-                            to: sender,
-                            except,
-                            deliver: c,
-                        },
-                    );
+                    self.post_sent_copy(sender, origin.route, c, true);
                 }
                 if !duplicate {
                     // A resent cmid was delivered the first time: never twice.

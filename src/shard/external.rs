@@ -202,20 +202,31 @@ impl Shard {
         }
     }
 
-    /// A push ingress record for a user or group this shard owns: stored like a `send`
-    /// (inbox or timeline, deduped by its id), then delivered to the online devices.
-    pub fn on_push(&mut self, rec: PushRecord, clk: Clock) {
-        let mid = self.next_mid();
-        let mut deliver = Deliver {
-            mid,
-            from: rec.from.clone(),
+    /// The `deliver` of a push from the business side (Kafka ingress or the admin API), with
+    /// a fresh message id; its place (`inbox_seq`, `to`) is set by the caller.
+    pub(super) fn push_deliver(
+        &mut self,
+        from: Str,
+        kind: Option<Str>,
+        body: Str,
+        clk: Clock,
+    ) -> Deliver {
+        Deliver {
+            mid: self.next_mid(),
+            from,
             to: None,
             inbox_seq: 0,
             ts: clk.unix_ms,
-            kind: rec.kind,
-            body: rec.body,
+            kind,
+            body,
             ext: Default::default(),
-        };
+        }
+    }
+
+    /// A push ingress record for a user or group this shard owns: stored like a `send`
+    /// (inbox or timeline, deduped by its id), then delivered to the online devices.
+    pub fn on_push(&mut self, rec: PushRecord, clk: Clock) {
+        let mut deliver = self.push_deliver(rec.from.clone(), rec.kind, rec.body, clk);
         let (op, wait) = match rec.to {
             Target::User(u) => {
                 let to = UserKey {

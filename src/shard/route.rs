@@ -142,24 +142,10 @@ impl Shard {
                 };
                 deliver.inbox_seq = seq;
                 let ts = deliver.ts;
-                let copy = if self.cfg.server.sync_sent {
-                    super::delivery::sender_copy(&to, &deliver)
-                } else {
-                    None
-                };
+                let copy = self.sender_copy(&to, &deliver);
                 self.push_to_devices(&to, deliver);
-                if let Some((sender, deliver)) = copy {
-                    let owner = self.owner(&sender);
-                    let except = origin.route;
-                    // Best effort at `memory`, like the message itself: shed when overloaded.
-                    let _ = self.post(
-                        owner,
-                        ShardMsg::SentCopy {
-                            to: sender,
-                            except,
-                            deliver,
-                        },
-                    );
+                if let Some((sender, copy)) = copy {
+                    self.post_sent_copy(sender, origin.route, copy, false);
                 }
                 self.accepted(origin, mid, seq, ts);
             }

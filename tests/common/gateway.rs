@@ -351,6 +351,21 @@ pub fn join(c: &mut Client, group: &str) {
     assert_eq!(env.msg, Message::Ok, "join {group}");
 }
 
+/// A 1:1 `send` of `body` to `to` with reference `r` (no kind, no extensions).
+pub fn direct(to: &str, cmid: &str, body: &str, r: u64) -> imgw::protocol::Envelope {
+    use imgw::protocol::{Envelope, Message, Send, Target};
+    Envelope::with_ref(
+        Message::Send(Send {
+            to: Target::User(to.into()),
+            cmid: cmid.into(),
+            kind: None,
+            body: body.into(),
+            ext: Default::default(),
+        }),
+        r,
+    )
+}
+
 /// An admin kick as the client sees it: `goaway` `kicked`, then the close (not a timeout).
 pub fn expect_kicked(c: &mut Client) {
     use imgw::client::ClientError;
