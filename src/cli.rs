@@ -17,7 +17,10 @@ pub const EXIT_USAGE: u8 = 2;
 #[command(
     name = "imgw",
     version,
-    about = "Thread-per-core instant-messaging edge gateway"
+    about = "Thread-per-core instant-messaging edge gateway",
+    // A flag given twice takes its last value: a wrapper (`loadgen chaos` restarting the
+    // gateway on the ports it bound first) appends flags to a user's command line.
+    args_override_self = true
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -38,10 +38,15 @@ pub enum Scenario {
     /// Pairs of users: the first half of the pairs chat at `--rate`, the second half stay
     /// idle, and `--churn-rate` of those idle connections per second reconnect.
     Mixed,
+    /// A fault campaign (`crate::chaos`): half the connections run `mixed` (chat and
+    /// churn), half run group fan-out (`--fanout` members per group), all with
+    /// `--reconnect`, while faults are injected; `--rate` is split evenly between 1:1
+    /// messages and group publishes.
+    Chaos,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Chat,
         Scenario::Idle,
         Scenario::ConnectStorm,
@@ -49,6 +54,7 @@ impl Scenario {
         Scenario::Churn,
         Scenario::OfflineSync,
         Scenario::Mixed,
+        Scenario::Chaos,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +66,7 @@ impl Scenario {
             Scenario::Churn => "churn",
             Scenario::OfflineSync => "offline-sync",
             Scenario::Mixed => "mixed",
+            Scenario::Chaos => "chaos",
         }
     }
 
@@ -80,7 +87,11 @@ impl Scenario {
     pub fn sends(self) -> bool {
         matches!(
             self,
-            Scenario::Chat | Scenario::Fanout | Scenario::OfflineSync | Scenario::Mixed
+            Scenario::Chat
+                | Scenario::Fanout
+                | Scenario::OfflineSync
+                | Scenario::Mixed
+                | Scenario::Chaos
         )
     }
 
@@ -96,12 +107,15 @@ impl Scenario {
     name = "loadgen",
     version,
     about = "Load generator for imgw: open-loop scenarios, integrity checks, HdrHistogram latency",
-    after_help = "Scenarios: chat, idle, connect-storm, fanout, churn, offline-sync, mixed.\nExit codes: 0 ok, 1 --expect-no-loss failed or the run \
+    after_help = "Scenarios: chat, idle, connect-storm, fanout, churn, offline-sync, mixed, chaos.\n\
+                  chaos: loadgen chaos --serve 'ARGS' --duration 60s --seed 7 starts `imgw serve ARGS` itself \
+                  and injects faults into a chat + group + churn load; exit 1 on any lost, duplicated or \
+                  out-of-order message.\nExit codes: 0 ok, 1 --expect-no-loss (or chaos) failed or the run \
                   could not complete, 2 usage."
 )]
 pub struct Cli {
-    /// chat | idle | connect-storm | fanout | churn | offline-sync | mixed (or `scenario`
-    /// in --scenario-file).
+    /// chat | idle | connect-storm | fanout | churn | offline-sync | mixed | chaos (or
+    /// `scenario` in --scenario-file).
     pub scenario: Option<String>,
     /// ws://HOST:PORT/PATH or tcp://HOST:PORT. Repeatable: the connections are spread over
     /// the targets round robin (the nodes of a cluster).
@@ -217,6 +231,40 @@ pub struct Cli {
     /// The name the gateway's certificate must carry (and the SNI sent) [default: localhost].
     #[arg(long, value_name = "NAME")]
     pub tls_server_name: Option<String>,
+    /// chaos: the seed of the fault schedule (the same seed, duration and faults replay the
+    /// same schedule) [default: from the clock, printed].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// chaos: the faults to draw from, comma separated: kill, term, pause, storm,
+    /// pause:NAME, restart:NAME [default: the gateway's three with --serve, storm, and each
+    /// backend's pause and restart where given].
+    #[arg(long)]
+    pub faults: Option<String>,
+    /// chaos: run `imgw serve ARGS` (split on spaces) and restart it after kill and term
+    /// faults; the target is its listener (a --target with port 0 picks ws:// or tcp://).
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub serve: Option<String>,
+    /// chaos: the imgw binary [default: `imgw` beside loadgen, else on PATH].
+    #[arg(long, value_name = "FILE")]
+    pub imgw_bin: Option<PathBuf>,
+    /// chaos: append the gateway's output to this file [default: discarded].
+    #[arg(long, value_name = "FILE")]
+    pub gateway_log: Option<PathBuf>,
+    /// chaos: a backend to pause, NAME=PIDFILE (repeatable).
+    #[arg(long, value_name = "NAME=PIDFILE")]
+    pub backend: Vec<String>,
+    /// chaos: the command that stops backend NAME, NAME=CMD (repeatable).
+    #[arg(long, value_name = "NAME=CMD")]
+    pub backend_stop: Vec<String>,
+    /// chaos: the command that starts backend NAME again, NAME=CMD (repeatable).
+    #[arg(long, value_name = "NAME=CMD")]
+    pub backend_start: Vec<String>,
+    /// chaos: quiet time between faults, MIN-MAX [default: 2s-5s].
+    #[arg(long, value_name = "MIN-MAX")]
+    pub fault_gap: Option<String>,
+    /// chaos: how long a fault lasts (a pause, the time down), MIN-MAX [default: 500ms-3s].
+    #[arg(long, value_name = "MIN-MAX")]
+    pub fault_hold: Option<String>,
 }
 
 /// The scenario file: the same options as the flags, snake_case keys.
@@ -321,6 +369,8 @@ pub struct Options {
     /// TLS targets: the certificates to trust (PEM) and the name to ask for.
     pub tls_ca: Option<String>,
     pub tls_server_name: String,
+    /// `loadgen chaos`: the campaign.
+    pub chaos: Option<crate::chaos::ChaosOptions>,
 }
 
 /// Bodies are padded to at least this many bytes. The integrity header
@@ -328,6 +378,83 @@ pub struct Options {
 pub const MIN_PAYLOAD: usize = 16;
 /// Largest body accepted (the gateway's default frame limit is 64 KiB).
 pub const MAX_PAYLOAD: usize = 60 * 1024;
+
+/// `loadgen chaos`'s own flags.
+fn chaos_options(cli: &Cli) -> Result<crate::chaos::ChaosOptions, String> {
+    use crate::chaos::{parse_range, Backend, ChaosOptions, FaultKind};
+    let mut backends: Vec<Backend> = Vec::new();
+    let mut entry = |flag: &str, spec: &str| -> Result<(usize, String), String> {
+        let (name, value) = spec
+            .split_once('=')
+            .filter(|(n, v)| !n.is_empty() && !v.is_empty())
+            .ok_or_else(|| format!("{flag} {spec:?}: expected NAME=VALUE"))?;
+        let i = match backends.iter().position(|b| b.name == name) {
+            Some(i) => i,
+            None => {
+                backends.push(Backend {
+                    name: name.into(),
+                    ..Backend::default()
+                });
+                backends.len() - 1
+            }
+        };
+        Ok((i, value.to_string()))
+    };
+    let mut sets = Vec::new();
+    for s in &cli.backend {
+        sets.push((0, entry("--backend", s)?));
+    }
+    for s in &cli.backend_stop {
+        sets.push((1, entry("--backend-stop", s)?));
+    }
+    for s in &cli.backend_start {
+        sets.push((2, entry("--backend-start", s)?));
+    }
+    for (what, (i, v)) in sets {
+        match what {
+            0 => backends[i].pidfile = Some(PathBuf::from(v)),
+            1 => backends[i].stop = Some(v),
+            _ => backends[i].start = Some(v),
+        }
+    }
+    let serve: Option<Vec<String>> = cli
+        .serve
+        .as_ref()
+        .map(|s| s.split_whitespace().map(String::from).collect());
+    let kinds = match &cli.faults {
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(FaultKind::parse)
+            .collect::<Result<Vec<_>, _>>()?,
+        None => ChaosOptions::default_kinds(serve.is_some(), &backends),
+    };
+    let imgw_bin = cli.imgw_bin.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.parent()?.join("imgw")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("imgw"))
+    });
+    let seed = cli.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    let o = ChaosOptions {
+        seed,
+        kinds,
+        serve,
+        imgw_bin,
+        backends,
+        gap: parse_range(cli.fault_gap.as_deref().unwrap_or("2s-5s"))?,
+        hold: parse_range(cli.fault_hold.as_deref().unwrap_or("500ms-3s"))?,
+        gateway_log: cli.gateway_log.clone(),
+    };
+    o.check()?;
+    Ok(o)
+}
 
 /// `10s`, `500ms`, `2m`, `1h`, `1.5s`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -417,7 +544,7 @@ pub fn parse_target(url: &str, allow_remote: bool) -> Result<Target, String> {
 
 impl Options {
     /// Resolves the flags over the scenario file over the defaults.
-    pub fn resolve(cli: Cli) -> Result<Options, String> {
+    pub fn resolve(mut cli: Cli) -> Result<Options, String> {
         let file = match &cli.scenario_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -429,11 +556,18 @@ impl Options {
         };
         let scenario_name = cli
             .scenario
+            .take()
             .or(file.scenario)
             .ok_or("no scenario: give one (chat, idle, connect-storm, fanout)")?;
         let scenario = Scenario::from_name(&scenario_name).ok_or_else(|| {
             format!("unknown scenario {scenario_name:?} (chat, idle, connect-storm, fanout, churn, offline-sync, mixed)")
         })?;
+        let chaos = if scenario == Scenario::Chaos {
+            Some(chaos_options(&cli)?)
+        } else {
+            None
+        };
+        let serve_given = cli.serve.is_some();
         let urls: Vec<String> = if cli.target.is_empty() {
             file.target
                 .into_iter()
@@ -441,6 +575,12 @@ impl Options {
                 .collect()
         } else {
             cli.target
+        };
+        let urls = if urls.is_empty() && scenario == Scenario::Chaos && serve_given {
+            // The gateway loadgen starts: its WebSocket listener, once bound.
+            vec!["ws://127.0.0.1:0/ws".to_string()]
+        } else {
+            urls
         };
         let targets = urls
             .iter()
@@ -464,10 +604,11 @@ impl Options {
             parse_duration(flag.or(file).as_deref().unwrap_or(default))
         };
         let conns = cli.conns.or(file.conns).unwrap_or(100);
-        let fanout = cli
-            .fanout
-            .or(file.fanout)
-            .unwrap_or(conns.saturating_sub(1).max(1));
+        let fanout = cli.fanout.or(file.fanout).unwrap_or(if chaos.is_some() {
+            9
+        } else {
+            conns.saturating_sub(1).max(1)
+        });
         let sources = match cli.sources.or(file.sources) {
             Some(s) => parse_sources(&s)?,
             None => Vec::new(),
@@ -480,7 +621,10 @@ impl Options {
             server_pid: cli.server_pid,
             conns,
             rate: cli.rate.or(file.rate).unwrap_or(1000.0),
-            churn_rate: cli.churn_rate.or(file.churn_rate).unwrap_or(0.0),
+            churn_rate: cli
+                .churn_rate
+                .or(file.churn_rate)
+                .unwrap_or(if chaos.is_some() { 2.0 } else { 0.0 }),
             duration: dur(cli.duration, file.duration, "10s")?,
             ramp: cli.ramp.or(file.ramp).unwrap_or(0.0),
             payload: cli.payload.or(file.payload).unwrap_or(64),
@@ -488,7 +632,11 @@ impl Options {
             threads: cli.threads.or(file.threads).unwrap_or(1),
             sources,
             fanout,
-            grace: dur(cli.grace, file.grace, "3s")?,
+            grace: dur(
+                cli.grace,
+                file.grace,
+                if chaos.is_some() { "30s" } else { "3s" },
+            )?,
             heartbeat_ms: cli.heartbeat_ms.or(file.heartbeat_ms),
             connect_timeout: dur(cli.connect_timeout, file.connect_timeout, "5s")?,
             setup_timeout: dur(cli.setup_timeout, file.setup_timeout, "120s")?,
@@ -531,7 +679,8 @@ impl Options {
             tls_server_name: cli.tls_server_name.unwrap_or_else(|| "localhost".into()),
             target,
             targets,
-            reconnect: cli.reconnect || file.reconnect.unwrap_or(false),
+            reconnect: cli.reconnect || file.reconnect.unwrap_or(false) || chaos.is_some(),
+            chaos,
         };
         o.check()?;
         Ok(o)
@@ -630,8 +779,47 @@ impl Options {
         Ok(())
     }
 
+    /// Chaos: `mixed` (chat and churn) on one half of the connections, group fan-out on the
+    /// other (whole groups of `1 + fanout`), each with half the rate, all reconnecting; the
+    /// group users have their own prefix.
+    fn chaos_plans(&self) -> Vec<Plan> {
+        let group_unit = 1 + self.fanout;
+        let group_conns = self.conns / 2 / group_unit * group_unit;
+        let base = Options {
+            chaos: None,
+            reconnect: true,
+            rate: self.rate / 2.0,
+            ..self.clone()
+        };
+        let chat = Options {
+            scenario: Scenario::Mixed,
+            conns: self.conns - group_conns,
+            ..base.clone()
+        };
+        let group = Options {
+            scenario: Scenario::Fanout,
+            group: true,
+            conns: group_conns,
+            churn_rate: 0.0,
+            user_prefix: format!("{}g", self.user_prefix),
+            ..base
+        };
+        let mut plans = chat.plans();
+        if group_conns > 0 {
+            let n = plans.len() as u32;
+            plans.extend(group.plans().into_iter().map(|mut p| {
+                p.worker += n;
+                p
+            }));
+        }
+        plans
+    }
+
     /// The plans of the worker processes.
     pub fn plans(&self) -> Vec<Plan> {
+        if self.scenario == Scenario::Chaos {
+            return self.chaos_plans();
+        }
         let unit = self.scenario.unit_size(self.fanout);
         let units = self.conns / unit;
         let w = u64::from(self.workers);

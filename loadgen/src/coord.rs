@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use imgw::client::Transport;
+
+use crate::chaos::{Chaos, Ports};
 use crate::config::{Options, Plan};
 use crate::report::{Progress, Report, SeriesPoint, SetupPoint};
 use crate::stats::{Final, Merger, ServerLimits, Stage, Tick, WorkerLine};
@@ -36,6 +39,23 @@ struct Worker {
 
 /// Runs the whole load test; the exit code is the verdict.
 pub fn run(o: &Options) -> ExitCode {
+    let mut o = o.clone();
+    let mut chaos = match o.chaos.clone() {
+        Some(c) => match Chaos::new(c, o.duration) {
+            Ok((chaos, ports)) => {
+                if let Some(p) = ports {
+                    aim_at(&mut o, &p);
+                }
+                Some(chaos)
+            }
+            Err(e) => {
+                eprintln!("loadgen chaos: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+    let o = &o;
     let started = Instant::now();
     let mut progress = Progress::new(o.quiet, o.scenario.sends());
     let plans = o.plans();
@@ -61,6 +81,9 @@ pub fn run(o: &Options) -> ExitCode {
         }
     }
     drop(tx);
+    if let Some(c) = &chaos {
+        progress.say(&c.describe());
+    }
     let more = match o.targets.len() {
         0 | 1 => String::new(),
         n => format!(" and {} more target(s)", n - 1),
@@ -72,7 +95,7 @@ pub fn run(o: &Options) -> ExitCode {
         o.target.url,
         o.target.transport.name(),
         o.codec.name(),
-        o.workers,
+        plans.len(),
         o.threads
     ));
 
@@ -98,6 +121,18 @@ pub fn run(o: &Options) -> ExitCode {
     let mut finished = 0;
     let mut go_sent = false;
     while finished < n {
+        if let Some(c) = chaos.as_mut() {
+            let mut storm = || {
+                for w in &mut workers {
+                    if let Some(stdin) = w.stdin.as_mut() {
+                        let _ = stdin.write_all(b"storm\n").and_then(|_| stdin.flush());
+                    }
+                }
+            };
+            if let Some(line) = c.step(Instant::now(), &mut storm) {
+                progress.say(&line);
+            }
+        }
         if !stop_sent && interrupted.load(Ordering::SeqCst) {
             stop_sent = true;
             stop_at = Some(Instant::now());
@@ -183,6 +218,9 @@ pub fn run(o: &Options) -> ExitCode {
                 o.duration.as_secs_f64()
             ));
             go_at = Some(Instant::now());
+            if let Some(c) = chaos.as_mut() {
+                c.go(Instant::now());
+            }
             if let Some(pid) = o.server_pid {
                 rss_connected = rss_kib(pid);
                 cpu_at_go = cpu_secs(pid);
@@ -241,6 +279,20 @@ pub fn run(o: &Options) -> ExitCode {
             },
         });
     }
+    if let Some(c) = &chaos {
+        let t = &total.tally;
+        report.problems.extend(c.problems.iter().cloned());
+        let pass = t.lost + t.duplicates + t.out_of_order + t.unknown == 0
+            && report.problems.is_empty()
+            && t.acked > 0;
+        report.pass &= pass;
+        report.chaos = Some(crate::report::ChaosVerdict {
+            seed: c.seed(),
+            faults: c.counts.clone(),
+            line: c.summary(t),
+            pass,
+        });
+    }
     print!("{}", report.summary());
     let mut ok = report.pass;
     if let Err(e) = write_outputs(o, &report, &total) {
@@ -251,6 +303,28 @@ pub fn run(o: &Options) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// Chaos with `--serve`: targets with port 0 are the gateway's listeners as bound.
+fn aim_at(o: &mut Options, p: &Ports) {
+    for t in &mut o.targets {
+        if t.addr.port() != 0 {
+            continue;
+        }
+        match t.transport {
+            Transport::Ws => {
+                t.addr = p.ws;
+                t.url = format!("ws://{}{}", p.ws, t.ws_path);
+            }
+            Transport::Tcp => {
+                t.addr = p.tcp;
+                t.url = format!("tcp://{}", p.tcp);
+            }
+        }
+    }
+    if let Some(first) = o.targets.first() {
+        o.target = first.clone();
     }
 }
 

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use imgw::client::{Client, ClientConfig, ClientError};
 use imgw::protocol::{
-    Ack, Envelope, Ext, GroupJoin, Hello, Message, Ping, Pong, Resume, Send, Str, Target,
+    Ack, Envelope, Ext, GroupJoin, Hello, Message, Ping, Pong, Resume, Send, Str, Sync, Target,
     CURRENT_VERSION,
 };
 
@@ -64,6 +64,9 @@ pub struct Shared {
     pub abort: AtomicBool,
     /// End the run now and report (the user interrupted the coordinator).
     pub stop: AtomicBool,
+    /// Reconnect storms asked for so far (`loadgen chaos`): each makes every thread drop
+    /// all its connections at once; `--reconnect` brings them back.
+    pub storms: AtomicU64,
 }
 
 impl Default for Shared {
@@ -79,6 +82,7 @@ impl Shared {
             go_us: AtomicU64::new(u64::MAX),
             abort: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            storms: AtomicU64::new(0),
         }
     }
 
@@ -126,12 +130,42 @@ struct Conn {
     resume: Option<u64>,
     /// The target this connection uses (`Plan::target_at`); the next one after a reconnect.
     target: u64,
-    /// `--reconnect`: sends not yet acked or refused, in send order: (conversation, its
-    /// sequence number, cmid, body), resent with the same cmid after a reconnect. At most
-    /// `MAX_PENDING_SENDS`; a sender with that many unanswered stops sending until answers
-    /// come (counted as skipped).
-    pending: VecDeque<(usize, u64, Str, Str)>,
+    /// `--reconnect`: sends not yet acked or refused, in send order, resent with the same
+    /// cmid after a reconnect. At most `MAX_PENDING_SENDS`; a sender with that many
+    /// unanswered stops sending until answers come (counted as skipped).
+    pending: VecDeque<PendingSend>,
+    /// Group fan-out: the member's view of the group timeline.
+    timeline: GroupView,
 }
+
+/// `--reconnect`: one send not yet answered.
+struct PendingSend {
+    /// The conversation (1:1) or the publisher (group fan-out) it belongs to.
+    key: usize,
+    seq: u64,
+    cmid: Str,
+    body: Str,
+    to: Target,
+}
+
+/// A group member's view of the timeline, as a client shows it: each `gseq` once and in
+/// order. A push that overtakes a gap (a member catching up with `sync {group}` after a
+/// reconnect gets live pushes meanwhile) waits in `held` until the gap is filled.
+#[derive(Default)]
+struct GroupView {
+    /// The last `gseq` shown: every one up to it was shown (groups are new per run, so the
+    /// timeline starts at 1).
+    shown: u64,
+    /// Deliveries past a gap: `gseq` -> (publisher tag, sequence, intended time).
+    held: BTreeMap<u64, (usize, u64, u64)>,
+}
+
+/// Deliveries a member holds back behind a gap at most; beyond it the gap is given up (its
+/// messages count as lost unless they arrive later) and the held ones are shown.
+const MAX_HELD: usize = 65_536;
+/// Page size of the `sync {group}` a member sends after a reconnect (the server's default
+/// `limits.max_sync_limit`).
+const GROUP_SYNC_LIMIT: u32 = 500;
 
 /// `--reconnect`: unanswered sends one connection keeps for resending.
 const MAX_PENDING_SENDS: usize = 4_096;
@@ -219,6 +253,8 @@ pub struct Engine<'a> {
     /// `--reconnect`: connections to reconnect, with when (in order of when).
     reconnect_due: VecDeque<(u64, usize)>,
     reconnects: u64,
+    /// Reconnect storms handled (`Shared::storms`).
+    storms_seen: u64,
 }
 
 impl<'a> Engine<'a> {
@@ -251,6 +287,7 @@ impl<'a> Engine<'a> {
                 resume: None,
                 target: share.first_conn + i as u64,
                 pending: VecDeque::new(),
+                timeline: GroupView::default(),
             })
             .collect();
         let mut convs = Vec::new();
@@ -344,6 +381,7 @@ impl<'a> Engine<'a> {
             ack_sweep_next: 0,
             reconnect_due: VecDeque::new(),
             reconnects: 0,
+            storms_seen: 0,
         })
     }
 
@@ -419,6 +457,7 @@ impl<'a> Engine<'a> {
                 Phase::Done => {}
             }
             if matches!(self.phase, Phase::Run | Phase::Grace) {
+                self.storm_step();
                 self.reconnect_step(now);
             }
             self.heartbeats(now);
@@ -780,7 +819,8 @@ impl<'a> Engine<'a> {
     fn publish_fanout(&mut self, p: usize, intended: u64) {
         let first = self.publishers[p][0];
         let from = self.convs[first].from;
-        if !self.conns[from].alive() {
+        let full = self.plan.reconnect && self.conns[from].pending.len() >= MAX_PENDING_SENDS;
+        if !self.conns[from].alive() || full {
             self.c.skipped += self.publishers[p].len() as u64;
             return;
         }
@@ -792,14 +832,29 @@ impl<'a> Engine<'a> {
         let res = if let Some(peer) = self.conns[from].peer.as_mut() {
             peer.publish(&group, &self.body).map_err(|e| e.to_string())
         } else if let Some(client) = self.conns[from].client.as_mut() {
+            let (to, cmid, body) = (
+                Target::Group(Str::from(group)),
+                Str::from(&self.body[..header]),
+                Str::from(self.body.as_str()),
+            );
             let env = Envelope::new(Message::Send(Send {
-                to: Target::Group(Str::from(group)),
-                cmid: Str::from(&self.body[..header]),
+                to: to.clone(),
+                cmid: cmid.clone(),
                 kind: None,
-                body: Str::from(self.body.as_str()),
+                body: body.clone(),
                 ext: Ext::new(),
             }));
-            client.send(&env).map_err(|e| short_error(&e))
+            let res = client.send(&env).map_err(|e| short_error(&e));
+            if res.is_ok() && self.plan.reconnect {
+                self.conns[from].pending.push_back(PendingSend {
+                    key: p,
+                    seq,
+                    cmid,
+                    body,
+                    to,
+                });
+            }
+            res
         } else {
             return;
         };
@@ -863,8 +918,9 @@ impl<'a> Engine<'a> {
             Str::from(&self.body[..header]),
             Str::from(self.body.as_str()),
         );
+        let to = Target::User(self.conns[to].user.clone());
         let env = Envelope::new(Message::Send(Send {
-            to: Target::User(self.conns[to].user.clone()),
+            to: to.clone(),
             cmid: cmid.clone(),
             kind: None,
             body: body.clone(),
@@ -876,7 +932,13 @@ impl<'a> Engine<'a> {
         match client.send(&env) {
             Ok(()) => {
                 if self.plan.reconnect {
-                    self.conns[from].pending.push_back((c, seq, cmid, body));
+                    self.conns[from].pending.push_back(PendingSend {
+                        key: c,
+                        seq,
+                        cmid,
+                        body,
+                        to,
+                    });
                 }
                 self.convs[c].track.mark_sent();
                 self.c.sent += 1;
@@ -953,7 +1015,7 @@ impl<'a> Engine<'a> {
         // Group fan-out: a cumulative ack per ACK_BATCH deliveries (and the rest on the
         // periodic sweep), as a client would batch them; otherwise after every read.
         let batch = if self.pubsub { ACK_BATCH } else { 1 };
-        if self.conns[i].ack_to >= self.conns[i].acked_to + batch {
+        if self.ack_upto(i) >= self.conns[i].acked_to + batch {
             self.send_ack(i);
         }
     }
@@ -970,15 +1032,26 @@ impl<'a> Engine<'a> {
         self.ack_sweep_next = if end >= n { 0 } else { end };
     }
 
+    /// What connection `i` would ack: the group timeline shown (group fan-out, `ack
+    /// {group}`), else the inbox.
+    fn ack_upto(&self, i: usize) -> u64 {
+        if self.pubsub {
+            self.conns[i].timeline.shown
+        } else {
+            self.conns[i].ack_to
+        }
+    }
+
     /// Sends a cumulative `ack` for what connection `i` received, if anything is unacked.
     fn send_ack(&mut self, i: usize) {
+        let upto = self.ack_upto(i);
+        let group = self.group_of(i).map(Str::from);
         let conn = &mut self.conns[i];
-        if self.plan.client_ack && conn.ack_to > conn.acked_to {
-            let upto = conn.ack_to;
+        if self.plan.client_ack && upto > conn.acked_to {
             if let Some(client) = conn.client.as_mut() {
                 match client.send(&Envelope::new(Message::Ack(Ack {
                     inbox_seq: upto,
-                    group: None,
+                    group,
                 }))) {
                     Ok(()) => conn.acked_to = upto,
                     Err(e) => self.drop_conn(i, format!("ack: {}", short_error(&e))),
@@ -1066,14 +1139,16 @@ impl<'a> Engine<'a> {
         match env.msg {
             Message::Deliver(d) => {
                 let conn = &mut self.conns[i];
-                let inbox = d.inbox_seq > 0 && !matches!(d.to, Some(Target::Group(_)));
-                if inbox && d.inbox_seq <= conn.ack_to {
-                    // A retransmit of an inbox position already processed (the server
-                    // resends until acked): a client drops it by `inbox_seq`.
-                    self.c.redelivered += 1;
-                    return;
+                let group = matches!(d.to, Some(Target::Group(_)));
+                if !group && d.inbox_seq > 0 {
+                    if d.inbox_seq <= conn.ack_to {
+                        // A retransmit of an inbox position already processed (the server
+                        // resends until acked): a client drops it by `inbox_seq`.
+                        self.c.redelivered += 1;
+                        return;
+                    }
+                    conn.ack_to = d.inbox_seq;
                 }
-                conn.ack_to = conn.ack_to.max(d.inbox_seq);
                 if matches!(d.to, Some(Target::User(_))) && *d.from == *conn.user {
                     // This user's own message, as its inbox holds it for its devices
                     // (`server.sync_sent`): acked with the rest, not a delivery to count.
@@ -1088,7 +1163,11 @@ impl<'a> Engine<'a> {
                         // The publisher's own group message (not a delivery to count).
                         return;
                     }
-                    self.on_data(i, c, seq, intended, now);
+                    if group && d.inbox_seq > 0 {
+                        self.on_group(i, d.inbox_seq, (c, seq, intended), now);
+                    } else {
+                        self.on_data(i, c, seq, intended, now);
+                    }
                     return;
                 }
                 let valid = self
@@ -1103,6 +1182,7 @@ impl<'a> Engine<'a> {
             }
             Message::SendAck(a) if self.pubsub => match parse_tag(&a.cmid) {
                 Some((p, seq, intended)) if p < self.publishers.len() => {
+                    self.answered(i, p, seq);
                     let mut ok = false;
                     for j in 0..self.publishers[p].len() {
                         let c = self.publishers[p][j];
@@ -1133,6 +1213,7 @@ impl<'a> Engine<'a> {
                 let key = format!("server error: {}", e.code.name());
                 if let Some((c, seq, _)) = e.cmid.as_deref().and_then(parse_tag) {
                     if self.pubsub {
+                        self.answered(i, c, seq);
                         if let Some(convs) = self.publishers.get(c) {
                             for &cv in convs {
                                 if self.convs[cv].track.on_refused(seq) {
@@ -1162,7 +1243,13 @@ impl<'a> Engine<'a> {
                 }
             }
             Message::Goaway(g) => self.error(format!("goaway: {}", g.reason)),
-            Message::Synced(_) => {}
+            Message::Synced(s) => {
+                // A member catching up on its group after a reconnect pages until `more`
+                // is false (the inbox pages come by themselves after `hello.resume`).
+                if let (Some(group), true) = (s.group, s.more) {
+                    self.sync_group(i, group, s.up_to);
+                }
+            }
             other => self.error(format!("unexpected {}", other.op().name())),
         }
     }
@@ -1237,10 +1324,82 @@ impl<'a> Engine<'a> {
     }
 
     /// `--reconnect`: send `seq` of conversation `c` from connection `i` was answered.
-    fn answered(&mut self, i: usize, c: usize, seq: u64) {
+    fn answered(&mut self, i: usize, key: usize, seq: u64) {
         let pending = &mut self.conns[i].pending;
-        if let Some(k) = pending.iter().position(|p| p.0 == c && p.1 == seq) {
+        if let Some(k) = pending.iter().position(|p| p.key == key && p.seq == seq) {
             pending.remove(k);
+        }
+    }
+
+    /// Group fan-out: delivery of `gseq` to member `i`, shown in timeline order: at once if
+    /// it is the next one, held if it overtook a gap, dropped if already shown.
+    fn on_group(&mut self, i: usize, gseq: u64, data: (usize, u64, u64), now: u64) {
+        let view = &mut self.conns[i].timeline;
+        if gseq <= view.shown || view.held.contains_key(&gseq) {
+            // A page of a catch-up overlapping live pushes: a client drops what it has.
+            self.c.redelivered += 1;
+            return;
+        }
+        if gseq != view.shown + 1 {
+            if view.held.len() < MAX_HELD {
+                view.held.insert(gseq, data);
+                return;
+            }
+            // The bound: give the gap up and show what is held.
+            self.limit(format!("{MAX_HELD} group deliveries held behind a gap"));
+            self.show_held(i, u64::MAX, now);
+        }
+        self.conns[i].timeline.shown = gseq;
+        self.on_data(i, data.0, data.1, data.2, now);
+        self.show_held(i, 0, now);
+    }
+
+    /// Shows the held deliveries of member `i` that follow what it has shown without a gap,
+    /// or, with `skip_gaps_until` past them, every held one up to it in order.
+    fn show_held(&mut self, i: usize, skip_gaps_until: u64, now: u64) {
+        loop {
+            let view = &mut self.conns[i].timeline;
+            let Some((&gseq, _)) = view.held.first_key_value() else {
+                return;
+            };
+            if gseq != view.shown + 1 && gseq > skip_gaps_until {
+                return;
+            }
+            let Some((tag, seq, intended)) = view.held.remove(&gseq) else {
+                return;
+            };
+            view.shown = gseq;
+            self.on_data(i, tag, seq, intended, now);
+        }
+    }
+
+    /// Group fan-out: asks for the timeline of `group` after `after` (a member catching up).
+    fn sync_group(&mut self, i: usize, group: Str, after: u64) {
+        let Some(client) = self.conns[i].client.as_mut() else {
+            return;
+        };
+        let sync = Envelope::new(Message::Sync(Sync {
+            after_inbox_seq: after,
+            limit: GROUP_SYNC_LIMIT,
+            group: Some(group),
+        }));
+        if let Err(e) = client.send(&sync) {
+            self.drop_conn(i, format!("sync: {}", short_error(&e)));
+        }
+    }
+
+    /// `loadgen chaos`: on a reconnect storm, drops every open connection at once; each comes
+    /// back through `--reconnect`.
+    fn storm_step(&mut self) {
+        let storms = self.shared.storms.load(Ordering::Relaxed);
+        if storms == self.storms_seen {
+            return;
+        }
+        self.storms_seen = storms;
+        for i in 0..self.conns.len() {
+            if self.conns[i].alive() {
+                self.drop_conn(i, "reconnect storm (chaos)".into());
+            }
         }
     }
 
@@ -1264,17 +1423,20 @@ impl<'a> Engine<'a> {
             self.reconnects += 1;
             // Unanswered sends again, in order, with their cmid: stored once by the dedupe
             // window, acked now.
-            let pending: Vec<(usize, u64, Str, Str)> =
-                self.conns[i].pending.iter().cloned().collect();
-            for (c, _, cmid, body) in pending {
-                let to = self.conns[self.convs[c].to].user.clone();
-                let env = Envelope::new(Message::Send(Send {
-                    to: Target::User(to),
-                    cmid,
-                    kind: None,
-                    body,
-                    ext: Ext::new(),
-                }));
+            let resends: Vec<Envelope> = self.conns[i]
+                .pending
+                .iter()
+                .map(|p| {
+                    Envelope::new(Message::Send(Send {
+                        to: p.to.clone(),
+                        cmid: p.cmid.clone(),
+                        kind: None,
+                        body: p.body.clone(),
+                        ext: Ext::new(),
+                    }))
+                })
+                .collect();
+            for env in resends {
                 let Some(client) = self.conns[i].client.as_mut() else {
                     break;
                 };
@@ -1282,6 +1444,12 @@ impl<'a> Engine<'a> {
                     self.drop_conn(i, format!("resend: {}", short_error(&e)));
                     break;
                 }
+            }
+            // A group member catches up on what it missed (pushes are not retransmitted).
+            let unit = self.plan.unit_size() as usize;
+            if let Some(group) = self.group_of(i).filter(|_| i % unit != 0) {
+                let after = self.conns[i].timeline.shown;
+                self.sync_group(i, Str::from(group), after);
             }
         }
     }
@@ -1364,6 +1532,12 @@ impl<'a> Engine<'a> {
     fn finish(mut self) {
         if self.phase == Phase::Connect {
             self.enter_ready();
+        }
+        // Group deliveries still held behind a gap are shown (the gap's messages count as
+        // lost).
+        let now = self.now();
+        for i in 0..self.conns.len() {
+            self.show_held(i, u64::MAX, now);
         }
         if self.reconnects > 0 {
             self.note(format!(

@@ -8,12 +8,14 @@
 //! process (see [`worker`]).
 //!
 //! Modules: [`config`] (flags, scenario file, plans), [`coord`] (the coordinator process),
+//! [`chaos`] (the fault campaign of `loadgen chaos`),
 //! [`worker`] (a worker process), [`engine`] (one thread's event loop and scenarios),
 //! [`schedule`] (open-loop timing), [`integrity`] (loss/duplicate/order accounting),
 //! [`hist`] (HdrHistogram), [`stats`] (reports and their merge), [`poller`] (epoll and
 //! timerfd), [`report`] (progress, summary, JSON), [`svg`] (the plot), [`peer`] (NATS over
 //! WebSocket and plain-ws pub/sub).
 
+mod chaos;
 mod config;
 mod coord;
 mod engine;

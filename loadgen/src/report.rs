@@ -52,6 +52,18 @@ pub struct ConnectReport {
     pub handshake_us: Percentiles,
 }
 
+/// `loadgen chaos`: the campaign's faults and verdict.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ChaosVerdict {
+    pub seed: u64,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<String, u64>,
+    /// The one-line summary.
+    pub line: String,
+    /// No lost, duplicated, out-of-order or unknown delivery, and the campaign ran as planned.
+    pub pass: bool,
+}
+
 /// The server process, sampled from /proc when `--server-pid` is given.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ServerProc {
@@ -130,6 +142,8 @@ pub struct Report {
     pub pass: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_proc: Option<ServerProc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chaos: Option<ChaosVerdict>,
 }
 
 impl Report {
@@ -213,6 +227,7 @@ impl Report {
             problems,
             pass,
             server_proc: None,
+            chaos: None,
         }
     }
 
@@ -398,7 +413,14 @@ impl Report {
         for p in &self.problems {
             t.row("problem", p.clone());
         }
-        let verdict = if !self.violations.is_empty() {
+        if let Some(c) = &self.chaos {
+            t.row("chaos", c.line.clone());
+        }
+        let verdict = if self.chaos.as_ref().is_some_and(|c| !c.pass) {
+            "FAIL (chaos): lost, duplicated or out-of-order messages, or the campaign did not \
+             run as planned"
+                .into()
+        } else if !self.violations.is_empty() {
             format!("FAIL (--expect-no-loss): {}", self.violations.join("; "))
         } else if !self.problems.is_empty() {
             "FAIL: the run did not complete as asked".into()
@@ -407,8 +429,8 @@ impl Report {
                 "PASS: no loss, no duplicates ({} refused by the server, see errors)",
                 self.messages.refused
             )
-        } else if self.expect_no_loss {
-            "PASS: no loss, no duplicates".into()
+        } else if self.expect_no_loss || self.chaos.is_some() {
+            "PASS: no loss, no duplicates, no disorder".into()
         } else {
             "done".into()
         };

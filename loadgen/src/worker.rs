@@ -1,7 +1,8 @@
 //! A worker process (`loadgen worker`, started by the coordinator, hidden from `--help`).
 //!
 //! Protocol with the coordinator: the first line on stdin is the worker's [`Plan`] (JSON);
-//! a later line `go` starts the measured run, `stop` ends it early (the worker still reports);
+//! a later line `go` starts the measured run, `stop` ends it early (the worker still reports),
+//! `storm` drops every connection at once (`loadgen chaos`; they come back by `--reconnect`);
 //! end of stdin means the coordinator is gone and the worker stops at once. The worker ignores
 //! SIGINT: a Ctrl-C is the coordinator's to handle. On stdout the worker writes one [`WorkerLine`] JSON object per
 //! line: a merged [`Tick`] every second, `ready` once every connection was attempted, and
@@ -68,6 +69,9 @@ pub fn main() -> ExitCode {
                     match line {
                         Ok(l) if l.trim() == "go" => shared.go(),
                         Ok(l) if l.trim() == "stop" => shared.stop.store(true, Ordering::SeqCst),
+                        Ok(l) if l.trim() == "storm" => {
+                            shared.storms.fetch_add(1, Ordering::SeqCst);
+                        }
                         Ok(_) => {}
                         Err(_) => break,
                     }
