@@ -84,7 +84,9 @@ pub fn run(
                 at
             })
         } else {
-            bind_listener(*addr, backlog).map(|_| *addr)
+            claim_port(*addr)
+                .and_then(|()| bind_listener(*addr, backlog))
+                .map(|_| *addr)
         };
         match bound {
             Ok(at) => *addr = at,
@@ -308,6 +310,28 @@ fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<socket2::Soc
     sock.bind(&addr.into())?;
     sock.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(sock)
+}
+
+/// Fails if any other socket holds `addr`: another process's listener, or its port-0
+/// reservation. The shards' listeners set SO_REUSEPORT to share one port among themselves,
+/// and the kernel would let a second gateway of the same user join them silently and take
+/// a share of the connections: two gateways that know nothing of each other behind one
+/// address, each user's devices split between them. A bind without SO_REUSEPORT (with
+/// SO_REUSEADDR, so a predecessor's TIME_WAIT connections do not count) finds any of them.
+fn claim_port(addr: SocketAddr) -> std::io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            std::io::Error::new(
+                e.kind(),
+                "already in use by another process (imgw shares a port only among its own shards)",
+            )
+        } else {
+            e
+        }
+    })
 }
 
 /// A socket bound (not listening) to `addr` with port 0, with SO_REUSEPORT so that the

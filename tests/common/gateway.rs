@@ -106,7 +106,27 @@ impl Gateway {
 
     /// Starts the process (again) with the same config and data directory: on the ports it
     /// had (a restart), or on new ones the first time.
+    ///
+    /// A restart whose ports are taken meanwhile (the kernel may hand a just-freed port to
+    /// another test's listener on port 0, or to a client's ephemeral socket for a moment) is
+    /// tried again on the same ports for about 3 s, then on new ones.
     pub fn spawn(&mut self) {
+        for attempt in 0..12 {
+            if self.try_spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+            if attempt == 9 {
+                eprintln!("imgw: its ports stay taken; restarting it on new ones");
+                let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+                (self.ws, self.tcp, self.admin) = (any, any, any);
+            }
+        }
+        panic!("imgw exited before ready, 12 times");
+    }
+
+    /// One start; false if the process exited before it was ready.
+    fn try_spawn(&mut self) -> bool {
         let (ws, tcp, admin) = (self.ws, self.tcp, self.admin);
         let config = self.dir.join("imgw.toml");
         let ports = self.dir.join("ports.json");
@@ -137,13 +157,16 @@ impl Gateway {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("imgw exited before ready: {status}");
+                // A first start on port 0 cannot meet a taken port: that is a real failure.
+                assert!(ws.port() != 0, "imgw exited before ready: {status}");
+                self.child = None;
+                return false;
             }
             if let Some(p) = imgw::runtime::Ports::read(&ports) {
                 (self.ws, self.tcp, self.admin) = (p.ws, p.tcp, p.admin);
                 (self.wss, self.tls) = (p.wss, p.tls);
                 if let Ok((200, _)) = http_get(self.admin, "/readyz") {
-                    return;
+                    return true;
                 }
             }
             assert!(Instant::now() < deadline, "imgw not ready within 20 s");
