@@ -133,12 +133,29 @@ fn a_user_with_two_devices_gets_each_message_on_both() {
     for i in 0..3 {
         send(&mut a, "ben", &format!("m{i}"), &format!("body {i}"));
     }
+    // Every send is acked, in order, each with its own mid.
+    let mids: Vec<u64> = (0..3)
+        .map(|i| {
+            let env = a
+                .recv_until(|e| matches!(e.msg, Message::SendAck(_)), WAIT)
+                .expect("send_ack");
+            let Message::SendAck(ack) = env.msg else {
+                unreachable!()
+            };
+            assert_eq!(ack.cmid, format!("m{i}").as_str());
+            ack.mid
+        })
+        .collect();
     for b in [&mut b1, &mut b2] {
-        let got: Vec<String> = deliveries(b, 3)
+        let got: Vec<(String, u64, u64)> = deliveries(b, 3)
             .iter()
-            .map(|d| d.body.to_string())
+            .map(|d| (d.body.to_string(), d.mid, d.inbox_seq))
             .collect();
-        assert_eq!(got, ["body 0", "body 1", "body 2"]);
+        let want: Vec<(String, u64, u64)> = (0..3)
+            .map(|i| (format!("body {i}"), mids[i], i as u64 + 1))
+            .collect();
+        // The user's sequence numbers, the same on both devices.
+        assert_eq!(got, want);
     }
 }
 
