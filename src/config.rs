@@ -302,7 +302,9 @@ pub struct KafkaConfig {
     pub routes: Vec<KafkaRoute>,
     /// How long a produce may take before it fails (librdkafka `message.timeout.ms`; default
     /// 5 000 ms; librdkafka checks about once a second). At durability `backend` the `send`
-    /// then gets `unavailable`.
+    /// then gets `unavailable`. At `local` records have no time limit (librdkafka retries them
+    /// in order until the broker confirms); there it bounds only the wait for the last records
+    /// at shutdown.
     pub produce_timeout_ms: u64,
     /// Batches whose delivery reports are awaited at once (default 64); the I/O core waits for
     /// a slot beyond it (back-pressure into its bounded queue).
@@ -314,6 +316,12 @@ pub struct KafkaConfig {
     pub confirmed_max: u32,
     /// Producer linger (librdkafka `linger.ms`; default 2 ms).
     pub linger_ms: u64,
+    /// Durability `local`: records to produce again, at most (default 100 000, as
+    /// `queue_max`, so that a replaced producer's whole queue fits). The backlog holds what
+    /// librdkafka refused or handed back (queue full, fenced producer), and the records of
+    /// the same conversations behind them; beyond it a record is given up
+    /// (`imgw_kafka_given_up_total`).
+    pub retry_max: u32,
 }
 
 impl Default for KafkaConfig {
@@ -331,6 +339,7 @@ impl Default for KafkaConfig {
             queue_max: 100_000,
             confirmed_max: 100_000,
             linger_ms: 2,
+            retry_max: 100_000,
         }
     }
 }
@@ -695,6 +704,7 @@ impl Config {
             || k.max_in_flight == 0
             || k.queue_max == 0
             || k.confirmed_max == 0
+            || k.retry_max == 0
             || k.routes
                 .iter()
                 .any(|r| r.prefix.is_empty() || r.topic.is_empty())

@@ -24,7 +24,7 @@ use crossbeam_queue::ArrayQueue;
 use crate::config::{KafkaConfig, RedisConfig};
 use crate::ids::{owner_shard, UserKey};
 use crate::protocol::{Deliver, Str, Target};
-use crate::services::kafka::{Dest, Kafka, Produced};
+use crate::services::kafka::{Dest, Kafka, Produced, Sent};
 use crate::services::push::PushRecord;
 use crate::services::redis::{PresenceEvent, RedisCmd, RedisHandle};
 use crate::services::ServiceStats;
@@ -571,8 +571,15 @@ async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoS
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         });
-        match Kafka::new(kc, svc.clone()) {
-            Ok(k) => kafka = Some(Rc::new(RefCell::new(k))),
+        let local = !cfg.kafka_confirms;
+        match Kafka::new(kc, svc.clone(), local) {
+            Ok(k) => {
+                let k = Rc::new(RefCell::new(k));
+                if local {
+                    tokio::task::spawn_local(crate::services::kafka::retry_local(k.clone()));
+                }
+                kafka = Some(k);
+            }
             Err(e) => tracing::error!(error = %e, "kafka producer not started"),
         }
         if !kc.push_topic.is_empty() {
@@ -667,9 +674,13 @@ async fn io_loop(
         }
         if batch.is_empty() {
             if stop.load(Ordering::Acquire) {
-                // Let the last batches' confirmations finish.
+                // Let the last batches' confirmations finish (at `local`: the records not
+                // confirmed yet, for at most the produce timeout).
                 if let Some(prev) = services.previous.take() {
                     let _ = prev.await;
+                }
+                if let (Some(k), false) = (&services.kafka, services.confirms) {
+                    crate::services::kafka::flush_local(k, services.produce_timeout).await;
                 }
                 if let Some(c) = &services.cluster {
                     c.leave().await;
@@ -745,11 +756,13 @@ struct Deferred {
 /// After the store accepted the appends of one command: records dedupe keys in Redis and
 /// produces to Kafka. Returns the reports to await before completing (`backend`), or `Err`
 /// when the command must fail (`backend` and the records could not be enqueued, or a resend
-/// of a message whose first produce is still unconfirmed).
+/// of a message whose first produce is still unconfirmed). At `local` the records enqueued
+/// are appended to `sent` (their reports are awaited apart: the command completes now).
 fn publish(
     results: &mut [OpResult],
     notes: &mut [Option<Noted>],
     svc: &Running,
+    sent: &mut Vec<Sent>,
 ) -> Result<Vec<Produced>, IoError> {
     let mut reports = Vec::new();
     for (r, n) in results.iter_mut().zip(notes.iter_mut()) {
@@ -809,10 +822,13 @@ fn publish(
         if copy {
             continue;
         }
-        match k.produce(&n.tenant, &n.dest, &n.cmid, &d) {
-            Ok(mut p) => reports.append(&mut p),
-            Err(e) if svc.confirms => return Err(IoError::Unavailable(e)),
-            Err(e) => tracing::debug!(error = %e, "kafka produce skipped"),
+        if svc.confirms {
+            match k.produce(&n.tenant, &n.dest, &n.cmid, &d) {
+                Ok(mut p) => reports.append(&mut p),
+                Err(e) => return Err(IoError::Unavailable(e)),
+            }
+        } else {
+            k.produce_local(&n.tenant, &n.dest, &n.cmid, &d, sent);
         }
     }
     Ok(reports)
@@ -820,10 +836,8 @@ fn publish(
 
 /// Awaits the delivery reports of one batch, then hands out its completions (after the
 /// previous batch's), and frees the in-flight slot.
-#[allow(clippy::too_many_arguments)] // one call site, all distinct roles
 async fn confirm(
     deferred: Vec<Deferred>,
-    local_reports: Vec<Produced>,
     kafka: Rc<RefCell<Kafka>>,
     links: Arc<Vec<ShardLink>>,
     previous: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -860,10 +874,6 @@ async fn confirm(
             settle(&kafka, &stats, mid, error);
         }
         outcomes.push((d.shard, d.token, d.results, all_ok));
-    }
-    for p in local_reports {
-        let (mid, error) = wait(p).await;
-        settle(&kafka, &stats, mid, error);
     }
     stats
         .kafka_confirm_us_sum
@@ -972,7 +982,7 @@ async fn run_batch(
     let mut notes = notes.into_iter();
     let mut woken = vec![false; links.len()];
     let mut deferred = Vec::new();
-    let mut local_reports = Vec::new();
+    let mut sent = Vec::new();
     for cmd in batch.drain(..) {
         let reply = match cmd.req {
             IoRequest::Apply(_) => {
@@ -985,9 +995,9 @@ async fn run_batch(
                 match &mut applied {
                     Some(Ok(it)) => {
                         let mut results: Vec<OpResult> = it.by_ref().take(n).collect();
-                        match publish(&mut results, &mut cmd_notes, svc) {
+                        match publish(&mut results, &mut cmd_notes, svc, &mut sent) {
                             Ok(reports) if reports.is_empty() => IoReply::Applied(Ok(results)),
-                            Ok(reports) if svc.confirms => {
+                            Ok(reports) => {
                                 deferred.push(Deferred {
                                     shard: cmd.shard,
                                     token: cmd.token,
@@ -995,10 +1005,6 @@ async fn run_batch(
                                     reports,
                                 });
                                 continue;
-                            }
-                            Ok(mut reports) => {
-                                local_reports.append(&mut reports);
-                                IoReply::Applied(Ok(results))
                             }
                             Err(e) => IoReply::Applied(Err(e)),
                         }
@@ -1088,12 +1094,17 @@ async fn run_batch(
             wake(link);
         }
     }
-    if deferred.is_empty() && local_reports.is_empty() {
-        return;
-    }
     let Some(kafka) = svc.kafka.clone() else {
         return;
     };
+    if !sent.is_empty() {
+        // Durability `local`: the reports are awaited without holding a slot (they have no
+        // time limit; librdkafka's queue bounds them).
+        tokio::task::spawn_local(crate::services::kafka::watch(kafka.clone(), sent));
+    }
+    if deferred.is_empty() {
+        return;
+    }
     // At most `max_in_flight` batches await reports: beyond, the loop waits here (its queue
     // then fills and shards answer `overloaded`); each wait is bounded by the produce timeout.
     let Ok(permit) = svc.slots.clone().acquire_owned().await else {
@@ -1103,7 +1114,6 @@ async fn run_batch(
     let previous = svc.previous.replace(rx);
     tokio::task::spawn_local(confirm(
         deferred,
-        local_reports,
         kafka,
         links.clone(),
         previous,

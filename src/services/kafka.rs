@@ -11,16 +11,24 @@
 //!
 //! The producer never blocks: `send_result` only enqueues into librdkafka's bounded queue
 //! (`kafka.queue_max`); the delivery reports are futures awaited elsewhere.
+//!
+//! At durability `backend` a record that fails fails its `send` (the client resends). At
+//! `local` the send was acked already, so the records are kept until confirmed (`Local`):
+//! librdkafka retries them in order for as long as the broker is away (no message timeout),
+//! and what it still hands back (queue full, a fenced producer) waits in a bounded backlog
+//! and is produced again, in order per conversation.
 
-use std::collections::{HashSet, VecDeque};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::ClientConfig;
@@ -79,6 +87,10 @@ pub struct Kafka {
     producer_cfg: ClientConfig,
     /// When the producer was last replaced.
     replaced_at: Option<std::time::Instant>,
+    /// Counts the producers: the one a record was enqueued on is current, or was replaced.
+    generation: u64,
+    /// Durability `local`: the records not yet confirmed and the backlog.
+    local: Local,
     pub cfg: KafkaConfig,
     pub stats: Arc<ServiceStats>,
     /// Mids confirmed on the messages topic, newest last, at most `confirmed_max`.
@@ -92,6 +104,283 @@ pub struct Kafka {
 pub struct Produced {
     pub mid: u64,
     pub report: DeliveryFuture,
+}
+
+/// One record at durability `local`, kept until the broker confirmed it.
+pub struct Held {
+    /// Orders the records (assigned when first produced): a record produced again goes back
+    /// to its place in its conversation's backlog.
+    seq: u64,
+    /// The producer generation it was last enqueued on.
+    generation: u64,
+    mid: u64,
+    topic: Arc<str>,
+    /// The conversation ([`conversation_key`]).
+    key: Arc<str>,
+    payload: Arc<[u8]>,
+}
+
+/// An accepted message as Kafka records: one value under one key, for each of its topics.
+struct Record {
+    key: Arc<str>,
+    payload: Arc<[u8]>,
+    topics: Vec<Arc<str>>,
+}
+
+/// A [`Held`] record enqueued on the producer, and its delivery report ([`watch`]).
+pub struct Sent {
+    held: Held,
+    report: DeliveryFuture,
+}
+
+/// How often the backlog is produced again, and how many records at most each time (the
+/// I/O core's thread does it, between batches).
+const RETRY_EVERY: Duration = Duration::from_millis(100);
+const RETRY_CHUNK: usize = 4_096;
+/// Records given up are logged at most this often (with their count).
+const GIVE_UP_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Whether a failure can be cured by producing the record again: the producer refused or lost
+/// it (queue full, fatal or fenced, purged when replaced, report lost). librdkafka retries
+/// everything else that is transient by itself (at `local` without a time limit), so any other
+/// error it reports concerns the record (too large, not authorized, no such topic).
+fn retriable(e: &KafkaError) -> bool {
+    if matches!(e, KafkaError::Canceled) {
+        return true;
+    }
+    e.rdkafka_error_code().is_some_and(|c| {
+        fence(c)
+            || matches!(
+                c,
+                RDKafkaErrorCode::QueueFull
+                    | RDKafkaErrorCode::Fatal
+                    | RDKafkaErrorCode::PurgeQueue
+                    | RDKafkaErrorCode::PurgeInflight
+                    | RDKafkaErrorCode::MessageTimedOut
+            )
+    })
+}
+
+/// The errors of a producer the broker no longer accepts (its id or epoch).
+fn fence(c: RDKafkaErrorCode) -> bool {
+    matches!(
+        c,
+        RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::OutOfOrderSequenceNumber
+            | RDKafkaErrorCode::InvalidProducerIdMapping
+    )
+}
+
+/// Enqueues `h` on `producer` (never blocks).
+fn enqueue(producer: &FutureProducer, h: &Held) -> Result<DeliveryFuture, KafkaError> {
+    let mid = h.mid.to_string();
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "mid",
+        value: Some(&mid),
+    });
+    let rec = FutureRecord::to(&h.topic)
+        .key(&*h.key)
+        .payload(&*h.payload)
+        .headers(headers);
+    producer.send_result(rec).map_err(|(e, _)| e)
+}
+
+/// One conversation's records at durability `local`.
+#[derive(Default)]
+struct Lane {
+    /// Records enqueued on the current producer, and on producers replaced since (those all
+    /// report, most of them failures).
+    live: u32,
+    stale: u32,
+    /// Records to produce again, by `seq`.
+    backlog: VecDeque<Held>,
+}
+
+/// The records of durability `local` until the broker confirmed them, per conversation.
+///
+/// Order per conversation holds because a record goes to the producer only when everything
+/// before it in its conversation did: a new record waits behind its conversation's backlog
+/// and behind records still on a replaced producer; the backlog goes to the producer only
+/// when none of the conversation's records is in flight (so every failure that could come
+/// back is in it, sorted). librdkafka itself keeps the order of what it holds (idempotent
+/// producer, no message timeout).
+struct Local {
+    lanes: HashMap<Arc<str>, Lane>,
+    /// Conversations whose backlog is not empty.
+    waiting: HashSet<Arc<str>>,
+    /// Records in every backlog together (at most `retry_max`), and in flight.
+    backlog: usize,
+    in_flight: usize,
+    retry_max: usize,
+    next_seq: u64,
+    /// Records given up and not logged yet; when the last warning was logged.
+    unlogged: u64,
+    logged_at: Option<Instant>,
+    stats: Arc<ServiceStats>,
+}
+
+impl Local {
+    fn new(retry_max: usize, stats: Arc<ServiceStats>) -> Local {
+        Local {
+            lanes: HashMap::new(),
+            waiting: HashSet::new(),
+            backlog: 0,
+            in_flight: 0,
+            retry_max,
+            next_seq: 0,
+            unlogged: 0,
+            logged_at: None,
+            stats,
+        }
+    }
+
+    /// Records not confirmed yet (in flight or in the backlog).
+    fn pending(&self) -> usize {
+        self.in_flight + self.backlog
+    }
+
+    /// Whether a new record of `key` must wait (behind the backlog, or behind records on a
+    /// replaced producer that may come back failed).
+    fn must_wait(&self, key: &str) -> bool {
+        self.lanes
+            .get(key)
+            .is_some_and(|l| !l.backlog.is_empty() || l.stale > 0)
+    }
+
+    /// `h` was enqueued on the current producer.
+    fn enqueued(&mut self, h: &Held) {
+        self.lanes.entry(h.key.clone()).or_default().live += 1;
+        self.in_flight += 1;
+    }
+
+    /// `h`'s report came; `generation` is the current producer's.
+    fn settled(&mut self, h: &Held, generation: u64) {
+        if let Some(lane) = self.lanes.get_mut(&h.key) {
+            if h.generation == generation {
+                lane.live = lane.live.saturating_sub(1);
+            } else {
+                lane.stale = lane.stale.saturating_sub(1);
+            }
+        }
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.tidy(&h.key);
+    }
+
+    /// The producer was replaced: every record in flight is on the old one.
+    fn retire(&mut self) {
+        for lane in self.lanes.values_mut() {
+            lane.stale += std::mem::take(&mut lane.live);
+        }
+    }
+
+    /// Puts `h` in its conversation's backlog, at its place; gives it up when the backlog is
+    /// full.
+    fn hold_back(&mut self, h: Held) {
+        if self.backlog >= self.retry_max {
+            self.give_up(h, "the backlog is full (kafka.retry_max)");
+            return;
+        }
+        let lane = self.lanes.entry(h.key.clone()).or_default();
+        let at = lane.backlog.partition_point(|o| o.seq < h.seq);
+        if lane.backlog.is_empty() {
+            self.waiting.insert(h.key.clone());
+        }
+        lane.backlog.insert(at, h);
+        self.backlog += 1;
+        self.gauge();
+    }
+
+    /// Takes up to `max` records from the backlogs of the conversations with nothing in
+    /// flight, in order per conversation.
+    fn take_ready(&mut self, max: usize) -> Vec<Held> {
+        let mut out = Vec::new();
+        let ready: Vec<Arc<str>> = self
+            .waiting
+            .iter()
+            .filter(|k| {
+                self.lanes
+                    .get(*k)
+                    .is_some_and(|l| l.live == 0 && l.stale == 0)
+            })
+            .cloned()
+            .collect();
+        for key in ready {
+            let Some(lane) = self.lanes.get_mut(&key) else {
+                continue;
+            };
+            while out.len() < max {
+                let Some(h) = lane.backlog.pop_front() else {
+                    break;
+                };
+                out.push(h);
+            }
+            if lane.backlog.is_empty() {
+                self.waiting.remove(&key);
+            }
+            if out.len() >= max {
+                break;
+            }
+        }
+        self.backlog -= out.len();
+        self.gauge();
+        out
+    }
+
+    /// Counts and (rate-limited) logs a record that will not be on its topic.
+    fn give_up(&mut self, h: Held, why: &str) {
+        self.stats.kafka_given_up.fetch_add(1, Relaxed);
+        self.unlogged += 1;
+        let now = Instant::now();
+        if self
+            .logged_at
+            .is_none_or(|t| now.duration_since(t) >= GIVE_UP_LOG_EVERY)
+        {
+            tracing::warn!(
+                records = self.unlogged,
+                last_mid = h.mid,
+                topic = %h.topic,
+                reason = why,
+                "kafka records given up: acked messages missing from the topic"
+            );
+            self.unlogged = 0;
+            self.logged_at = Some(now);
+        }
+        self.tidy(&h.key);
+    }
+
+    /// At shutdown: what is still pending will not be on the topic.
+    fn abandon(&mut self) {
+        let n = self.pending() as u64;
+        if n > 0 {
+            self.stats.kafka_given_up.fetch_add(n, Relaxed);
+            tracing::warn!(
+                records = n,
+                "kafka records not confirmed at shutdown: given up"
+            );
+        }
+        self.lanes.clear();
+        self.waiting.clear();
+        self.backlog = 0;
+        self.in_flight = 0;
+        self.gauge();
+    }
+
+    /// Forgets `key`'s lane once it holds nothing.
+    fn tidy(&mut self, key: &str) {
+        if self
+            .lanes
+            .get(key)
+            .is_some_and(|l| l.live == 0 && l.stale == 0 && l.backlog.is_empty())
+        {
+            self.lanes.remove(key);
+        }
+    }
+
+    fn gauge(&self) {
+        self.stats.kafka_backlog.store(self.backlog as u64, Relaxed);
+    }
 }
 
 fn client_config(cfg: &KafkaConfig) -> Result<ClientConfig, ServiceError> {
@@ -109,12 +398,21 @@ fn client_config(cfg: &KafkaConfig) -> Result<ClientConfig, ServiceError> {
 
 impl Kafka {
     /// Creates the idempotent producer (acks=all). Connects lazily: a broker that is down at
-    /// start only makes the first produces wait or fail.
-    pub fn new(cfg: &KafkaConfig, stats: Arc<ServiceStats>) -> Result<Kafka, ServiceError> {
+    /// start only makes the first produces wait or fail. `local`: durability `local`, whose
+    /// records have no time limit (librdkafka retries them, in order, until the broker
+    /// confirms) and are produced again when they fail ([`Kafka::produce_local`]).
+    pub fn new(
+        cfg: &KafkaConfig,
+        stats: Arc<ServiceStats>,
+        local: bool,
+    ) -> Result<Kafka, ServiceError> {
         let mut c = client_config(cfg)?;
+        // 0: no timeout. A record that timed out would leave a gap that later records of its
+        // partition, still queued, close: produced again, it would come after them.
+        let timeout = if local { 0 } else { cfg.produce_timeout_ms };
         c.set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("message.timeout.ms", cfg.produce_timeout_ms.to_string())
+            .set("message.timeout.ms", timeout.to_string())
             .set("linger.ms", cfg.linger_ms.to_string())
             .set(
                 "queue.buffering.max.messages",
@@ -127,6 +425,8 @@ impl Kafka {
             producer,
             producer_cfg: c,
             replaced_at: None,
+            generation: 0,
+            local: Local::new(cfg.retry_max as usize, stats.clone()),
             cfg: cfg.clone(),
             stats,
             confirmed: HashSet::new(),
@@ -146,19 +446,12 @@ impl Kafka {
     }
 
     /// Records the outcome of `mid`'s produce; `error` is the failure, if any.
-    pub fn settle(&mut self, mid: u64, ok: bool, error: Option<&rdkafka::error::KafkaError>) {
+    pub fn settle(&mut self, mid: u64, ok: bool, error: Option<&KafkaError>) {
         self.in_flight.remove(&mid);
         if !ok {
-            let fenced = error.and_then(|e| e.rdkafka_error_code()).is_some_and(|c| {
-                matches!(
-                    c,
-                    RDKafkaErrorCode::ProducerFenced
-                        | RDKafkaErrorCode::InvalidProducerEpoch
-                        | RDKafkaErrorCode::UnknownProducerId
-                        | RDKafkaErrorCode::OutOfOrderSequenceNumber
-                        | RDKafkaErrorCode::InvalidProducerIdMapping
-                )
-            });
+            let fenced = error
+                .and_then(|e| e.rdkafka_error_code())
+                .is_some_and(fence);
             self.recover_if_fatal(fenced);
         }
         if ok && self.confirmed.insert(mid) {
@@ -195,6 +488,8 @@ impl Kafka {
             Ok(fresh) => {
                 tracing::warn!(?code, %reason, "kafka producer failed fatally; replaced");
                 self.stats.kafka_resets.fetch_add(1, Relaxed);
+                self.generation += 1;
+                self.local.retire();
                 let old = std::mem::replace(&mut self.producer, fresh);
                 // Dropping a producer purges and joins its thread: not on the I/O core.
                 let _ = std::thread::Builder::new()
@@ -205,16 +500,15 @@ impl Kafka {
         }
     }
 
-    /// Enqueues `deliver` (accepted as `mid`/`seq`/`ts`) on the messages topic and on every
-    /// route its type matches. Records that librdkafka refused at once (queue full) are
-    /// returned as errors: the caller fails the send.
-    pub fn produce(
-        &mut self,
+    /// The record of `deliver` (accepted as `mid`/`seq`/`ts`): its key, its value, and the
+    /// topics it goes to (the messages topic and every route its type matches).
+    fn record(
+        &self,
         tenant: &str,
         dest: &Dest,
         cmid: &str,
         deliver: &Deliver,
-    ) -> Result<Vec<Produced>, String> {
+    ) -> Result<Record, String> {
         let record = MessageRecord {
             tenant: tenant.to_string(),
             mid: deliver.mid,
@@ -235,31 +529,52 @@ impl Kafka {
         };
         let payload = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
         let key = conversation_key(tenant, &deliver.from, dest);
-        let mid_text = deliver.mid.to_string();
-        let mut topics: Vec<&str> = vec![&self.cfg.messages_topic];
+        let mut topics: Vec<Arc<str>> = vec![self.cfg.messages_topic.as_str().into()];
         if let Some(kind) = &deliver.kind {
             for r in &self.cfg.routes {
-                if kind.starts_with(r.prefix.as_str()) && !topics.contains(&r.topic.as_str()) {
-                    topics.push(&r.topic);
+                if kind.starts_with(r.prefix.as_str()) && !topics.iter().any(|t| **t == r.topic) {
+                    topics.push(r.topic.as_str().into());
                 }
             }
         }
+        Ok(Record {
+            key: key.into(),
+            payload: payload.into(),
+            topics,
+        })
+    }
+
+    /// Durability `backend`: enqueues `deliver`'s records (`Kafka::record`). Records that
+    /// librdkafka refused at once (queue full) are returned as errors: the caller fails the
+    /// send.
+    pub fn produce(
+        &mut self,
+        tenant: &str,
+        dest: &Dest,
+        cmid: &str,
+        deliver: &Deliver,
+    ) -> Result<Vec<Produced>, String> {
+        let Record {
+            key,
+            payload,
+            topics,
+        } = self.record(tenant, dest, cmid, deliver)?;
         let mut out = Vec::with_capacity(topics.len());
         for topic in topics {
-            let headers = OwnedHeaders::new().insert(Header {
-                key: "mid",
-                value: Some(&mid_text),
-            });
-            let rec = FutureRecord::to(topic)
-                .key(&key)
-                .payload(&payload)
-                .headers(headers);
-            match self.producer.send_result(rec) {
+            let h = Held {
+                seq: 0,
+                generation: self.generation,
+                mid: deliver.mid,
+                topic,
+                key: key.clone(),
+                payload: payload.clone(),
+            };
+            match enqueue(&self.producer, &h) {
                 Ok(report) => out.push(Produced {
                     mid: deliver.mid,
                     report,
                 }),
-                Err((e, _)) => {
+                Err(e) => {
                     self.stats.kafka_failed.fetch_add(1, Relaxed);
                     return Err(format!("kafka enqueue: {e}"));
                 }
@@ -267,6 +582,109 @@ impl Kafka {
         }
         self.in_flight.insert(deliver.mid);
         Ok(out)
+    }
+
+    /// Durability `local`: enqueues `deliver`'s records (`Kafka::record`) unless their
+    /// conversation has records to produce first (then they wait in the backlog), and appends
+    /// the enqueued ones to `sent`, whose reports [`watch`] awaits.
+    pub fn produce_local(
+        &mut self,
+        tenant: &str,
+        dest: &Dest,
+        cmid: &str,
+        deliver: &Deliver,
+        sent: &mut Vec<Sent>,
+    ) {
+        let Record {
+            key,
+            payload,
+            topics,
+        } = match self.record(tenant, dest, cmid, deliver) {
+            Ok(r) => r,
+            Err(e) => {
+                // Not reached: the record is plain strings and numbers.
+                tracing::warn!(mid = deliver.mid, error = %e, "kafka record not encoded");
+                self.stats.kafka_given_up.fetch_add(1, Relaxed);
+                return;
+            }
+        };
+        for topic in topics {
+            self.local.next_seq += 1;
+            let h = Held {
+                seq: self.local.next_seq,
+                generation: self.generation,
+                mid: deliver.mid,
+                topic,
+                key: key.clone(),
+                payload: payload.clone(),
+            };
+            if self.local.must_wait(&h.key) {
+                self.local.hold_back(h);
+                continue;
+            }
+            match enqueue(&self.producer, &h) {
+                Ok(report) => {
+                    self.local.enqueued(&h);
+                    sent.push(Sent { held: h, report });
+                }
+                Err(e) => self.failed_local(h, &e),
+            }
+        }
+    }
+
+    /// A record of durability `local` failed: produced again later, or given up.
+    fn failed_local(&mut self, h: Held, e: &KafkaError) {
+        self.stats.kafka_failed.fetch_add(1, Relaxed);
+        self.recover_if_fatal(e.rdkafka_error_code().is_some_and(fence));
+        if retriable(e) {
+            self.local.hold_back(h);
+        } else {
+            self.local.give_up(h, &e.to_string());
+        }
+    }
+
+    /// The report of a record of durability `local` came.
+    fn settle_local(&mut self, h: Held, outcome: Result<(), KafkaError>) {
+        self.local.settled(&h, self.generation);
+        match outcome {
+            Ok(()) => {
+                self.stats.kafka_produced.fetch_add(1, Relaxed);
+            }
+            Err(e) => {
+                tracing::debug!(mid = h.mid, error = %e, "kafka did not confirm; kept");
+                self.failed_local(h, &e);
+            }
+        }
+    }
+
+    /// Enqueues up to `max` records of the backlog, those of conversations with nothing in
+    /// flight, in order per conversation. Stops at the first refusal that concerns the
+    /// producer (queue full, fatal): the rest waits for the next round.
+    fn retry_backlog(&mut self, max: usize) -> Vec<Sent> {
+        let mut out = Vec::new();
+        let mut ready = self.local.take_ready(max).into_iter();
+        while let Some(mut h) = ready.next() {
+            h.generation = self.generation;
+            match enqueue(&self.producer, &h) {
+                Ok(report) => {
+                    self.local.enqueued(&h);
+                    self.stats.kafka_retried.fetch_add(1, Relaxed);
+                    out.push(Sent { held: h, report });
+                }
+                Err(e) if retriable(&e) => {
+                    self.local.hold_back(h);
+                    for h in ready.by_ref() {
+                        self.local.hold_back(h);
+                    }
+                    self.recover_if_fatal(e.rdkafka_error_code().is_some_and(fence));
+                }
+                Err(e) => {
+                    self.stats.kafka_failed.fetch_add(1, Relaxed);
+                    self.local.give_up(h, &e.to_string());
+                }
+            }
+        }
+        out
     }
 
     /// Enqueues one record as it is (cluster relays: src/services/cluster.rs); `Err` when
@@ -279,6 +697,58 @@ impl Kafka {
             .send_result(rec)
             .map_err(|(e, _)| format!("kafka enqueue: {e}"))
     }
+}
+
+/// Awaits the reports of records of durability `local` and settles each as it comes: a failed
+/// one goes back to its place in its conversation's backlog (or is given up). Reports have no
+/// time limit at `local`; there are at most `kafka.queue_max` records in flight.
+pub async fn watch(kafka: Rc<RefCell<Kafka>>, sent: Vec<Sent>) {
+    use futures_util::stream::{FuturesUnordered, StreamExt as _};
+    let (stats, started) = (kafka.borrow().stats.clone(), Instant::now());
+    stats.kafka_in_flight.fetch_add(1, Relaxed);
+    let mut reports: FuturesUnordered<_> = sent
+        .into_iter()
+        .map(|s| async move {
+            let outcome = match s.report.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(e),
+                // The producer dropped the report (replaced).
+                Err(_) => Err(KafkaError::Canceled),
+            };
+            (s.held, outcome)
+        })
+        .collect();
+    while let Some((held, outcome)) = reports.next().await {
+        kafka.borrow_mut().settle_local(held, outcome);
+    }
+    let us = started.elapsed().as_micros() as u64;
+    stats.kafka_confirm_us_sum.fetch_add(us, Relaxed);
+    stats.kafka_confirm_count.fetch_add(1, Relaxed);
+    stats.kafka_in_flight.fetch_sub(1, Relaxed);
+}
+
+/// Durability `local`: produces the backlog again every 100 ms (`RETRY_EVERY`), until the
+/// runtime stops.
+pub async fn retry_local(kafka: Rc<RefCell<Kafka>>) {
+    let mut tick = tokio::time::interval(RETRY_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let sent = kafka.borrow_mut().retry_backlog(RETRY_CHUNK);
+        if !sent.is_empty() {
+            tokio::task::spawn_local(watch(kafka.clone(), sent));
+        }
+    }
+}
+
+/// Durability `local`, at shutdown: waits (at most `within`) until every record was
+/// confirmed; what is left is counted as given up.
+pub async fn flush_local(kafka: &Rc<RefCell<Kafka>>, within: Duration) {
+    let deadline = Instant::now() + within;
+    while kafka.borrow().local.pending() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kafka.borrow_mut().local.abandon();
 }
 
 /// Creates the messages, push and route topics and `extra` (a cluster node's own topic);
@@ -425,6 +895,102 @@ pub(crate) async fn consume<T, P, F, B, O>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn held(seq: u64, key: &str, generation: u64) -> Held {
+        Held {
+            seq,
+            generation,
+            mid: seq,
+            topic: "m".into(),
+            key: key.into(),
+            payload: Arc::from(&b"{}"[..]),
+        }
+    }
+
+    fn seqs(v: &[Held]) -> Vec<u64> {
+        v.iter().map(|h| h.seq).collect()
+    }
+
+    /// A record refused at once (queue full) waits, and the later records of its conversation
+    /// wait behind it; other conversations go on; the backlog is taken only once nothing of
+    /// the conversation is in flight.
+    #[test]
+    fn a_conversation_with_a_backlog_keeps_its_order() {
+        let stats = Arc::new(ServiceStats::default());
+        let mut l = Local::new(10, stats.clone());
+        let (a1, a2) = (held(1, "a", 0), held(2, "a", 0));
+        l.enqueued(&a1);
+        assert!(!l.must_wait("a"));
+        l.hold_back(a2); // queue full
+        assert!(l.must_wait("a"), "a3 must wait behind a2");
+        l.hold_back(held(3, "a", 0));
+        assert!(!l.must_wait("b"));
+        l.enqueued(&held(4, "b", 0));
+        assert_eq!(stats.kafka_backlog.load(Relaxed), 2);
+        assert!(l.take_ready(100).is_empty(), "a1 is in flight");
+        l.settled(&a1, 0);
+        let ready = l.take_ready(100);
+        assert_eq!(seqs(&ready), [2, 3]);
+        assert_eq!(stats.kafka_backlog.load(Relaxed), 0);
+        assert_eq!(l.pending(), 1, "b4 still in flight");
+    }
+
+    /// Records on a replaced producer fail after records of their conversation arrived: those
+    /// wait, and the failed ones go back before them.
+    #[test]
+    fn a_replaced_producers_records_go_back_before_later_ones() {
+        let stats = Arc::new(ServiceStats::default());
+        let mut l = Local::new(10, stats);
+        let (a1, a2) = (held(1, "a", 0), held(2, "a", 0));
+        l.enqueued(&a1);
+        l.enqueued(&a2);
+        l.retire(); // generation 1 now
+        assert!(l.must_wait("a"), "a1 and a2 may still fail");
+        l.hold_back(held(3, "a", 1));
+        l.settled(&a2, 1);
+        l.hold_back(a2);
+        assert!(l.take_ready(100).is_empty(), "a1 still on the old producer");
+        l.settled(&a1, 1);
+        l.hold_back(a1);
+        let ready = l.take_ready(100);
+        assert_eq!(seqs(&ready), [1, 2, 3]);
+        assert!(!l.must_wait("a"));
+    }
+
+    #[test]
+    fn the_backlog_is_bounded_and_taken_in_chunks() {
+        let stats = Arc::new(ServiceStats::default());
+        let mut l = Local::new(3, stats.clone());
+        for seq in 1..=5 {
+            l.hold_back(held(seq, if seq % 2 == 0 { "b" } else { "a" }, 0));
+        }
+        assert_eq!(stats.kafka_backlog.load(Relaxed), 3);
+        assert_eq!(stats.kafka_given_up.load(Relaxed), 2);
+        let first = l.take_ready(2);
+        assert_eq!(first.len(), 2);
+        assert_eq!(stats.kafka_backlog.load(Relaxed), 1);
+        let rest = l.take_ready(2);
+        assert_eq!(rest.len(), 1);
+        let mut all = seqs(&first);
+        all.extend(seqs(&rest));
+        all.sort_unstable();
+        assert_eq!(all, [1, 2, 3]);
+        l.abandon();
+        assert_eq!(l.pending(), 0);
+    }
+
+    #[test]
+    fn only_failures_of_the_producer_are_retried() {
+        let code = |c| KafkaError::MessageProduction(c);
+        assert!(retriable(&code(RDKafkaErrorCode::QueueFull)));
+        assert!(retriable(&code(RDKafkaErrorCode::ProducerFenced)));
+        assert!(retriable(&code(RDKafkaErrorCode::PurgeInflight)));
+        assert!(retriable(&KafkaError::Canceled));
+        assert!(!retriable(&code(RDKafkaErrorCode::MessageSizeTooLarge)));
+        assert!(!retriable(&code(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+        )));
+    }
 
     #[test]
     fn conversation_keys_are_symmetric() {

@@ -44,13 +44,20 @@ pub struct ServiceStats {
     /// Successful (re)connects and the devices re-published after them.
     pub redis_connects: AtomicU64,
     pub redis_republished: AtomicU64,
-    /// Records confirmed on Kafka (messages topic and routed topics), and failed.
+    /// Records confirmed on Kafka (messages topic and routed topics), and failed attempts (a
+    /// record produced again at durability `local` can fail more than once).
     pub kafka_produced: AtomicU64,
     pub kafka_failed: AtomicU64,
     /// A resent `cmid` whose first produce was not confirmed: produced again.
     pub kafka_reproduced: AtomicU64,
     /// Producers replaced after a fatal error.
     pub kafka_resets: AtomicU64,
+    /// Durability `local`: records waiting to be produced again (gauge), records produced
+    /// again from that backlog, and records given up (backlog full, an error about the record
+    /// itself, or unconfirmed at shutdown): acked messages missing from their topic.
+    pub kafka_backlog: AtomicU64,
+    pub kafka_retried: AtomicU64,
+    pub kafka_given_up: AtomicU64,
     /// Batches whose delivery reports are being awaited.
     pub kafka_in_flight: AtomicU64,
     /// Time from produce to the last delivery report of a batch (µs sum, count).
@@ -118,7 +125,7 @@ impl ServiceStats {
             (
                 "imgw_kafka_failed_total",
                 "counter",
-                "Records Kafka did not confirm.",
+                "Produce attempts Kafka refused or did not confirm.",
                 &self.kafka_failed,
             ),
             (
@@ -132,6 +139,24 @@ impl ServiceStats {
                 "counter",
                 "Producers replaced after a fatal error.",
                 &self.kafka_resets,
+            ),
+            (
+                "imgw_kafka_backlog",
+                "gauge",
+                "Records waiting to be produced again (durability local).",
+                &self.kafka_backlog,
+            ),
+            (
+                "imgw_kafka_retried_total",
+                "counter",
+                "Records produced again from the backlog (durability local).",
+                &self.kafka_retried,
+            ),
+            (
+                "imgw_kafka_given_up_total",
+                "counter",
+                "Records given up, never on their topic (durability local).",
+                &self.kafka_given_up,
             ),
             (
                 "imgw_kafka_in_flight",
