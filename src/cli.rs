@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// Serve the WebSocket echo endpoint at /echo (conformance testing only).
     #[arg(long)]
     pub ws_echo: bool,
+    /// Serve the chat page (/chat) and the dashboard (/dashboard) on the admin listener; the
+    /// pages' origin may open WebSockets without --allowed-origin (sets server.web).
+    #[arg(long)]
+    pub web: bool,
     /// Log level: error, warn, info, debug, trace or off [default: RUST_LOG, else info].
     #[arg(long, value_name = "LEVEL")]
     pub log: Option<String>,
@@ -180,6 +184,9 @@ pub fn apply_flags(
     }
     if args.ws_echo {
         s.ws_echo = true;
+    }
+    if args.web {
+        s.web = true;
     }
     if let Some(url) = &args.mysql {
         config.mysql.url = Some(url.clone());
@@ -335,6 +342,9 @@ mod tests {
         assert!(c.auth.insecure_dev_auth);
         let c = merged(&["--ws-echo"]);
         assert!(c.server.ws_echo);
+        assert!(!merged(&[]).server.web, "--web is off by default");
+        let c = merged(&["--web"]);
+        assert!(c.server.web);
         let c = merged(&[
             "--allowed-origin",
             "https://a.example",

@@ -76,6 +76,10 @@ test("two clients chat; acks, sequences and the sender's other device", { timeou
   // bob's own message took seq 6 in his inbox, but the sending device is not sent it: its
   // position stays at 5 (a resume from 5 brings it back, dropped by its mid).
   assert.equal(bob.c.lastInboxSeq, 5);
+  // The gateway timed the 6 sends from read to send_ack (the dashboard's latency plot).
+  const metrics = await (await fetch(`${gw.admin}/metrics`)).text();
+  const acked = /imgw_stage_seconds_count\{shard="0",stage="send_ack"\} (\d+)/.exec(metrics);
+  assert.ok(acked && Number(acked[1]) >= 6, `send_ack stage counted: ${acked?.[0]}`);
 });
 
 test("an offline client gets what it missed once and in order", { timeout: 60_000 }, async () => {
