@@ -16,7 +16,9 @@ pub const EXIT_USAGE: u8 = 2;
 #[derive(Parser, Debug)]
 #[command(
     name = "imgw",
-    version,
+    // The package version and the git commit it was built from (build.rs; "unknown" outside
+    // a git checkout).
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("IMGW_GIT_COMMIT"), ")"),
     about = "Thread-per-core instant-messaging edge gateway",
     // A flag given twice takes its last value: a wrapper (`loadgen chaos` restarting the
     // gateway on the ports it bound first) appends flags to a user's command line.
@@ -314,6 +316,23 @@ mod tests {
         let mut c = Config::default();
         apply_flags(&mut c, &parse(argv), &no_env).unwrap();
         c
+    }
+
+    /// `imgw --version`: the package version and the commit (12 hex digits, or "unknown"
+    /// when built outside a git checkout).
+    #[test]
+    fn version_names_the_commit() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let v = cmd.get_version().unwrap_or_default();
+        let (pkg, rest) = v.split_once(" (commit ").unwrap();
+        assert_eq!(pkg, env!("CARGO_PKG_VERSION"));
+        let commit = rest.strip_suffix(')').unwrap();
+        assert!(
+            commit == "unknown"
+                || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{v}"
+        );
     }
 
     #[test]

@@ -118,8 +118,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
         admin = %admin,
         shards,
         durability = ?config.server.durability,
-        "starting imgw {}",
-        env!("CARGO_PKG_VERSION")
+        "starting imgw {} (commit {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("IMGW_GIT_COMMIT")
     );
 
     match run_gateway(config, control, metrics) {
