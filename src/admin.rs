@@ -29,6 +29,7 @@ use crate::protocol::{Str, Target};
 use crate::services::push::{parse_push, MAX_PUSH_ID};
 use crate::shard::admin::{AdminAnswer, AdminCmd, AdminQueues, DeviceInfo, GroupOp};
 use crate::shard::GroupKey;
+use crate::web::WebConfig;
 
 /// Largest request accepted (request line, headers and body together).
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -54,6 +55,8 @@ pub struct AdminServer {
     listener: TcpListener,
     /// The bearer token requests must carry (`None`: none needed, loopback only).
     token: Option<String>,
+    /// The `--web` pages (`None`: not served).
+    web: Option<WebConfig>,
 }
 
 impl AdminServer {
@@ -62,12 +65,19 @@ impl AdminServer {
         Ok(AdminServer {
             listener: TcpListener::bind(addr)?,
             token: None,
+            web: None,
         })
     }
 
     /// Requires `Authorization: Bearer TOKEN` on every request but the probes.
     pub fn with_token(mut self, token: Option<String>) -> AdminServer {
         self.token = token.filter(|t| !t.is_empty());
+        self
+    }
+
+    /// Serves the browser pages (`--web`, [`crate::web`]): public, before the token check.
+    pub fn with_web(mut self, web: Option<WebConfig>) -> AdminServer {
+        self.web = web;
         self
     }
 
@@ -84,10 +94,15 @@ impl AdminServer {
     }
 
     fn serve(self, control: &Control, metrics: &Metrics) {
+        // The bound address, for the pages' config; bind succeeded, so it is known.
+        let web = match self.listener.local_addr() {
+            Ok(addr) => self.web.as_ref().map(|w| (w, addr)),
+            Err(_) => None,
+        };
         for conn in self.listener.incoming() {
             match conn {
                 Ok(stream) => {
-                    if let Err(e) = handle(stream, self.token.as_deref(), control, metrics) {
+                    if let Err(e) = handle(stream, self.token.as_deref(), web, control, metrics) {
                         tracing::debug!(error = %e, "admin connection");
                     }
                 }
@@ -1012,6 +1027,7 @@ fn linger(stream: &mut TcpStream) {
 fn handle(
     mut stream: TcpStream,
     token: Option<&str>,
+    web: Option<(&WebConfig, SocketAddr)>,
     control: &Control,
     metrics: &Metrics,
 ) -> io::Result<()> {
@@ -1031,7 +1047,18 @@ fn handle(
             body,
             bearer,
         } => {
-            let r = if authorized(&path, bearer.as_deref(), token) {
+            let page = web.and_then(|(cfg, admin)| {
+                crate::web::route(&method, &path, cfg, admin, control.ws_addr())
+            });
+            let r = if let Some(p) = page {
+                Response {
+                    status: p.status,
+                    content_type: p.content_type,
+                    body: p.body,
+                    allow: (p.status == 405).then_some("GET, HEAD"),
+                    challenge: false,
+                }
+            } else if authorized(&path, bearer.as_deref(), token) {
                 route(&method, &path, &body, control, metrics)
             } else {
                 control.admin_unauthorized.fetch_add(1, Ordering::Relaxed);
@@ -1090,6 +1117,45 @@ mod tests {
 
     fn status_line(head: &str) -> &str {
         head.lines().next().unwrap()
+    }
+
+    /// `--web`: the pages are served without the admin token (which still guards the rest),
+    /// the config names the WebSocket listener once bound; without `--web` they are unknown.
+    #[test]
+    fn web_pages_are_public_and_off_by_default() {
+        let off = start(1);
+        assert!(status_line(&get(off.addr, "GET", "/chat").0).contains("404"));
+        let control = Arc::new(Control::new(1));
+        let metrics = Arc::new(Metrics::new(1));
+        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap())
+            .unwrap()
+            .with_token(Some("0123456789abcdef".into()))
+            .with_web(Some(WebConfig {
+                ws_path: "/ws".into(),
+                dev_auth: true,
+            }));
+        let addr = server.local_addr().unwrap();
+        server.spawn(control.clone(), metrics).unwrap();
+        let (h, b) = get(addr, "GET", "/chat");
+        assert!(status_line(&h).contains("200"), "{h}");
+        assert!(h.contains("Content-Type: text/html"), "{h}");
+        assert!(b.contains("/web/pages/chat.js"));
+        let (h, _) = get(addr, "GET", "/metrics");
+        assert!(
+            status_line(&h).contains("401"),
+            "the token still guards the API: {h}"
+        );
+        let (h, _) = get(addr, "POST", "/dashboard");
+        assert!(
+            status_line(&h).contains("405") && h.contains("Allow: GET, HEAD"),
+            "{h}"
+        );
+        let (h, _) = get(addr, "GET", "/web/config.json");
+        assert!(status_line(&h).contains("503"), "no ws listener yet: {h}");
+        control.set_ws_addr("127.0.0.1:8123".parse().unwrap());
+        let (h, b) = get(addr, "GET", "/web/config.json");
+        assert!(status_line(&h).contains("200"), "{h}");
+        assert!(b.contains("\"ws_port\":8123"), "{b}");
     }
 
     /// The admin queues' bound: once a shard's queue holds ADMIN_QUEUE_DEPTH commands the

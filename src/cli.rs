@@ -16,7 +16,9 @@ pub const EXIT_USAGE: u8 = 2;
 #[derive(Parser, Debug)]
 #[command(
     name = "imgw",
-    version,
+    // The package version and the git commit it was built from (build.rs; "unknown" outside
+    // a git checkout).
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("IMGW_GIT_COMMIT"), ")"),
     about = "Thread-per-core instant-messaging edge gateway",
     // A flag given twice takes its last value: a wrapper (`loadgen chaos` restarting the
     // gateway on the ports it bound first) appends flags to a user's command line.
@@ -105,6 +107,10 @@ pub struct ServeArgs {
     /// Serve the WebSocket echo endpoint at /echo (conformance testing only).
     #[arg(long)]
     pub ws_echo: bool,
+    /// Serve the chat page (/chat) and the dashboard (/dashboard) on the admin listener; the
+    /// pages' origin may open WebSockets without --allowed-origin (sets server.web).
+    #[arg(long)]
+    pub web: bool,
     /// Log level: error, warn, info, debug, trace or off [default: RUST_LOG, else info].
     #[arg(long, value_name = "LEVEL")]
     pub log: Option<String>,
@@ -180,6 +186,9 @@ pub fn apply_flags(
     }
     if args.ws_echo {
         s.ws_echo = true;
+    }
+    if args.web {
+        s.web = true;
     }
     if let Some(url) = &args.mysql {
         config.mysql.url = Some(url.clone());
@@ -309,6 +318,23 @@ mod tests {
         c
     }
 
+    /// `imgw --version`: the package version and the commit (12 hex digits, or "unknown"
+    /// when built outside a git checkout).
+    #[test]
+    fn version_names_the_commit() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let v = cmd.get_version().unwrap_or_default();
+        let (pkg, rest) = v.split_once(" (commit ").unwrap();
+        assert_eq!(pkg, env!("CARGO_PKG_VERSION"));
+        let commit = rest.strip_suffix(')').unwrap();
+        assert!(
+            commit == "unknown"
+                || (commit.len() == 12 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{v}"
+        );
+    }
+
     #[test]
     fn no_flags_means_defaults() {
         let c = merged(&[]);
@@ -335,6 +361,9 @@ mod tests {
         assert!(c.auth.insecure_dev_auth);
         let c = merged(&["--ws-echo"]);
         assert!(c.server.ws_echo);
+        assert!(!merged(&[]).server.web, "--web is off by default");
+        let c = merged(&["--web"]);
+        assert!(c.server.web);
         let c = merged(&[
             "--allowed-origin",
             "https://a.example",

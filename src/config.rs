@@ -393,6 +393,10 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     /// Accept a WebSocket echo endpoint at `/echo` (conformance testing only).
     pub ws_echo: bool,
+    /// Serve the browser pages on the admin listener: the chat page at `/chat` and the
+    /// dashboard at `/dashboard` (`--web`; src/web.rs). Their origin is admitted by the
+    /// WebSocket listener's `Origin` check without `allowed_origins`.
+    pub web: bool,
     /// A 1:1 message also goes into its sender's inbox, `to` naming the peer: the sender's
     /// other devices get it at once and an offline one at `sync` (docs/PROTOCOL.md). Costs a
     /// second inbox append per message; `false` turns it off.
@@ -510,6 +514,7 @@ impl Default for ServerConfig {
             drain_reconnect_spread_ms: 5_000,
             drain_timeout_ms: 5_000,
             ws_echo: false,
+            web: false,
             sync_sent: true,
             ports_file: None,
         }

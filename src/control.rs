@@ -3,6 +3,7 @@
 //! Only atomics and set-once cells live here: shards poll them on their sweep tick, nothing
 //! blocks on them.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -31,6 +32,9 @@ pub struct Control {
     /// The TLS listeners' certificate, set once at start when they are configured; SIGHUP
     /// reloads it.
     tls: OnceLock<Arc<Certs>>,
+    /// The WebSocket listener's bound address (port 0 resolved), set once by the runtime:
+    /// the `--web` pages connect there.
+    ws_addr: OnceLock<SocketAddr>,
     /// Admin API requests that queue work for the shards (`POST /push`, `POST /kick`):
     /// queued (index 0) and refused (1: a bad body, overloaded, unavailable).
     pub admin_pushes: [AtomicU64; 2],
@@ -58,6 +62,7 @@ impl Control {
             pusher: OnceLock::new(),
             admin: OnceLock::new(),
             tls: OnceLock::new(),
+            ws_addr: OnceLock::new(),
             admin_pushes: Default::default(),
             admin_kicks: Default::default(),
             admin_broadcasts: Default::default(),
@@ -98,6 +103,16 @@ impl Control {
     /// The TLS certificate, when TLS listeners are configured.
     pub fn tls(&self) -> Option<&Arc<Certs>> {
         self.tls.get()
+    }
+
+    /// Records the WebSocket listener's bound address (start-up). Only the first call counts.
+    pub fn set_ws_addr(&self, addr: SocketAddr) {
+        let _ = self.ws_addr.set(addr);
+    }
+
+    /// The WebSocket listener's bound address, once bound.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr.get().copied()
     }
 
     pub fn start_drain(&self) {

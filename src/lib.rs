@@ -34,4 +34,5 @@ pub mod shard;
 pub mod store;
 pub mod tls;
 pub mod twogen;
+pub mod web;
 pub mod ws;

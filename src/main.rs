@@ -97,6 +97,12 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(addr) => {
             // The bound address (port 0 resolved), for the ports file.
             config.server.admin_listen = addr;
+            if config.server.web && !config.ws.allowed_origins.iter().any(|o| o == "*") {
+                // The pages served on the admin port open WebSockets from its origin.
+                let origins = imgw::web::page_origins(addr);
+                tracing::info!(?origins, "--web: chat page at http://{addr}/chat, dashboard at /dashboard; their origin may open WebSockets");
+                config.ws.allowed_origins.extend(origins);
+            }
             addr
         }
         Err(e) => {
@@ -112,8 +118,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
         admin = %admin,
         shards,
         durability = ?config.server.durability,
-        "starting imgw {}",
-        env!("CARGO_PKG_VERSION")
+        "starting imgw {} (commit {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("IMGW_GIT_COMMIT")
     );
 
     match run_gateway(config, control, metrics) {
@@ -135,8 +142,13 @@ fn start_admin(
     control: &Arc<Control>,
     metrics: &Arc<Metrics>,
 ) -> std::io::Result<std::net::SocketAddr> {
+    let web = config.server.web.then(|| imgw::web::WebConfig {
+        ws_path: config.ws.path.clone(),
+        dev_auth: config.auth.insecure_dev_auth,
+    });
     let server = imgw::admin::AdminServer::bind(config.server.admin_listen)?
-        .with_token(config.auth.admin_token.clone());
+        .with_token(config.auth.admin_token.clone())
+        .with_web(web);
     let addr = server.local_addr()?;
     server.spawn(Arc::clone(control), Arc::clone(metrics))?;
     Ok(addr)

@@ -82,15 +82,20 @@ pub enum Stage {
     /// A connection's output: from the first frame queued on an empty output to the output
     /// fully written to the socket (the connection's task being woken, run and writing).
     OutputWait,
+    /// A `send`: from read on its connection's shard to its `send_ack` queued there (the
+    /// owner's sequencing, and at durability `local` / `backend` the store's commit), on the
+    /// sender's shard.
+    SendAck,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 2] = [Stage::ShardQueue, Stage::OutputWait];
+    pub const ALL: [Stage; 3] = [Stage::ShardQueue, Stage::OutputWait, Stage::SendAck];
 
     pub const fn name(self) -> &'static str {
         match self {
             Stage::ShardQueue => "shard_queue",
             Stage::OutputWait => "output_wait",
+            Stage::SendAck => "send_ack",
         }
     }
 }
@@ -515,7 +520,7 @@ impl Metrics {
         let _ = writeln!(
             o,
             "# HELP imgw_stage_seconds Time a message spends in a stage of its shard \
-             (shard_queue: posted to handled; output_wait: queued to written).\n\
+             (shard_queue: posted to handled; output_wait: queued to written; send_ack: send read to send_ack queued).\n\
              # TYPE imgw_stage_seconds histogram"
         );
         for (i, s) in self.shards.iter().enumerate() {

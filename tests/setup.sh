@@ -5,6 +5,8 @@
 #                                         (Debian's flatc 2.0.8 is too old for flatbuffers 25)
 #   hessian.js 2.11 (npm, tests/interop) - tests/hessian_interop.rs, an independent Hessian 2.0
 #   kosoku (PyPI)                        - tests/autobahn.sh, Autobahn fuzzingclient cases 1-10
+#   chromium (Debian)                    - clients/js/test/browser.test.mjs, the --web pages
+#   clients/js dev dependencies (npm)    - typescript, ws, playwright-core (clients/js/package.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,5 +25,9 @@ fi
 command -v kosoku >/dev/null || python3 -m pip install --quiet kosoku
 if [ ! -d tests/interop/node_modules/hessian.js ]; then
     npm ci --prefix tests/interop --no-audit --no-fund --silent
+fi
+command -v chromium >/dev/null || apt_install chromium
+if [ ! -d clients/js/node_modules/playwright-core ]; then
+    npm ci --prefix clients/js --no-audit --no-fund --silent
 fi
 command -v cargo-nextest >/dev/null || cargo install cargo-nextest --locked

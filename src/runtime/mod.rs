@@ -98,6 +98,7 @@ pub fn run(
             }
         }
     }
+    control.set_ws_addr(cfg.server.ws_listen);
     if let Some(path) = &cfg.server.ports_file {
         write_ports_file(path, &cfg.server)
             .map_err(|e| RuntimeError::Config(format!("ports file {}: {e}", path.display())))?;

@@ -204,6 +204,7 @@ impl Shard {
             route: self.route(id),
             reference,
             cmid: cmid.clone(),
+            received_us: self.now_us,
         };
         let msg = ShardMsg::GroupSend {
             group: key,

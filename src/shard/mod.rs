@@ -77,6 +77,8 @@ pub struct Origin {
     pub route: Route,
     pub reference: Option<u64>,
     pub cmid: Str,
+    /// When the `send` was read (the monotonic clock, µs): the `send_ack` stage's start.
+    pub received_us: u64,
 }
 
 /// Messages between shards. Batched per destination by the sender.

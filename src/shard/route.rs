@@ -161,6 +161,8 @@ impl Shard {
                 seq,
                 ts,
             } => {
+                self.metrics.shards[self.id].stages[Stage::SendAck as usize]
+                    .record_us(clk.mono_us.saturating_sub(origin.received_us));
                 let env = Envelope {
                     reference: origin.reference,
                     msg: Message::SendAck(SendAck {

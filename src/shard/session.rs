@@ -645,6 +645,7 @@ impl Shard {
             route: self.route(id),
             reference,
             cmid: cmid.clone(),
+            received_us: self.now_us,
         };
         if !self.post(
             dest,

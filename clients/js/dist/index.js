@@ -1,0 +1,786 @@
+/**
+ * @imgw/client: a client for the imgw gateway over WebSocket with the JSON codec
+ * (docs/PROTOCOL.md). One `Client` is one device of one user:
+ *
+ * - `connect()` opens the WebSocket, sends `hello` with `resume {inbox_seq}` (the last inbox
+ *   sequence this client has, 0 the first time: the device's stored cursor) and keeps the
+ *   connection: a close, a failed connection or a `goaway` reconnects after a jittered
+ *   exponential backoff (or the `goaway`'s `reconnect_ms`), calling the token getter again.
+ * - Deliveries are emitted once (deduplicated by `mid` and, on a durable gateway, by inbox
+ *   sequence / group `gseq`), in order, and acknowledged with cumulative `ack`s.
+ * - The inbox is paged with `sync` until `more` is false; then each group named in
+ *   `synced.groups` (and each group this client has seen before) with `sync {group}`.
+ * - `send()` resolves with the `send_ack`, rejects with the `error`; a send not acked when the
+ *   connection drops is sent again after the reconnect with the same `cmid` (the gateway's
+ *   dedupe window stores it once).
+ *
+ * Every queue and table it keeps is bounded (see `ClientOptions`).
+ */
+/** An `error` frame from the gateway (docs/PROTOCOL.md section 5), or a client-side refusal
+ * (`code` `timeout`, `closed`, `queue_full`). */
+export class ImgwError extends Error {
+    code;
+    retryAfterMs;
+    constructor(code, message, retryAfterMs) {
+        super(`${code}: ${message}`);
+        this.name = "ImgwError";
+        this.code = code;
+        this.retryAfterMs = retryAfterMs;
+    }
+}
+const RETRIABLE = new Set(["rate_limited", "overloaded", "unavailable"]);
+const WS_OPEN = 1;
+/** A bounded set that forgets its oldest entries. */
+class RecentSet {
+    cap;
+    items = new Set();
+    constructor(cap) {
+        this.cap = cap;
+    }
+    has(v) {
+        return this.items.has(v);
+    }
+    add(v) {
+        if (this.items.has(v))
+            return;
+        this.items.add(v);
+        if (this.items.size > this.cap) {
+            const oldest = this.items.values().next().value;
+            if (oldest !== undefined)
+                this.items.delete(oldest);
+        }
+    }
+}
+function randomHex(bytes) {
+    const b = new Uint8Array(bytes);
+    globalThis.crypto.getRandomValues(b);
+    return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+export class Client {
+    opts;
+    ws = null;
+    stateValue = "idle";
+    stopped = true;
+    welcomed = false;
+    attempt = 0;
+    goawayMs = null;
+    reconnectTimer;
+    heartbeatTimer;
+    resumeTimer;
+    ackTimer;
+    lastRx = 0;
+    nextRef = 1;
+    cmidBase = randomHex(6);
+    cmidCount = 0;
+    welcomeInfo = null;
+    connectWaiters = [];
+    listeners = new Map();
+    // Inbox position.
+    inboxSeq;
+    inboxAcked;
+    /** The hello's resume is being answered (pages until `more` is false). */
+    inboxSyncing = false;
+    /** Whether the gateway keeps an inbox (it answered `hello.resume` with `synced`): then
+     * inbox sequences and gseqs are stable, used for dedupe and ordering. `false` once the
+     * resume went unanswered (durability `memory`: ids restart with the gateway, so only
+     * `mid`s dedupe); `null` until known. */
+    durable = null;
+    seen;
+    groups = new Map();
+    /** Own messages (from another device, or this one's) held until pending acks tell which. */
+    ownHeld = [];
+    /** Groups to page once the current group sync ends (one at a time). */
+    groupQueue = [];
+    sends = new Map();
+    requests = new Map();
+    subscriptions = new Set();
+    status = null;
+    constructor(options) {
+        this.opts = {
+            minReconnectMs: 250,
+            maxReconnectMs: 10_000,
+            syncLimit: 200,
+            maxPendingSends: 1000,
+            sendTimeoutMs: 60_000,
+            sendRetries: 5,
+            requestTimeoutMs: 10_000,
+            dedupeWindow: 10_000,
+            resumeTimeoutMs: 3000,
+            maxHeldPerGroup: 1000,
+            ackDelayMs: 20,
+            ...options,
+        };
+        this.inboxSeq = options.inboxSeq ?? 0;
+        this.inboxAcked = this.inboxSeq;
+        this.seen = new RecentSet(this.opts.dedupeWindow);
+    }
+    // ---- public API ------------------------------------------------------------------------
+    /** The connection's state. */
+    get state() {
+        return this.stateValue;
+    }
+    /** The last `welcome` (user, session, limits), or null before the first. */
+    get welcome() {
+        return this.welcomeInfo;
+    }
+    /** The last inbox sequence processed (persist it to resume a later client from it). */
+    get lastInboxSeq() {
+        return this.inboxSeq;
+    }
+    /** Sends waiting for their `send_ack`. */
+    get pendingSends() {
+        return this.sends.size;
+    }
+    /** Subscribes to an event; returns the function that unsubscribes. */
+    on(event, fn) {
+        let set = this.listeners.get(event);
+        if (!set) {
+            set = new Set();
+            this.listeners.set(event, set);
+        }
+        set.add(fn);
+        return () => set.delete(fn);
+    }
+    /** Starts connecting (and reconnecting until `disconnect`); resolves at the next `welcome`. */
+    connect() {
+        const p = new Promise((resolve, reject) => this.connectWaiters.push({ resolve, reject }));
+        if (this.stopped) {
+            this.stopped = false;
+            this.attempt = 0;
+            this.open();
+        }
+        else if (this.welcomed) {
+            this.settleConnect(null);
+        }
+        return p;
+    }
+    /** Closes the connection and stops reconnecting. Sends stay queued (a later `connect`
+     * sends them) unless `rejectPending`; requests in flight reject. */
+    disconnect(rejectPending = false) {
+        this.stopped = true;
+        clearTimeout(this.reconnectTimer);
+        this.teardown();
+        if (this.ws) {
+            const ws = this.ws;
+            this.ws = null;
+            try {
+                ws.close(1000, "bye");
+            }
+            catch {
+                // already closed
+            }
+        }
+        this.setState("closed");
+        this.settleConnect(new ImgwError("closed", "disconnect() called"));
+        for (const [ref, r] of this.requests) {
+            clearTimeout(r.timer);
+            r.reject(new ImgwError("closed", "disconnected"));
+            this.requests.delete(ref);
+        }
+        if (rejectPending) {
+            for (const s of this.sends.values())
+                this.failSend(s, new ImgwError("closed", "disconnected"));
+        }
+    }
+    /** Sends `body` to a user or a group; resolves with the `send_ack`. */
+    send(to, body, opts = {}) {
+        if (this.sends.size >= this.opts.maxPendingSends) {
+            return Promise.reject(new ImgwError("queue_full", "too many sends waiting for their ack"));
+        }
+        const cmid = opts.cmid ?? `${this.cmidBase}-${++this.cmidCount}`;
+        if (this.sends.has(cmid)) {
+            return Promise.reject(new ImgwError("bad_request", `cmid ${cmid} is already in flight`));
+        }
+        const frame = { op: "send", to, cmid, body };
+        if (opts.type !== undefined)
+            frame.type = opts.type;
+        if (opts.ext !== undefined)
+            frame.ext = opts.ext;
+        return new Promise((resolve, reject) => {
+            const s = { cmid, frame, resolve, reject, retries: 0 };
+            if (this.opts.sendTimeoutMs > 0) {
+                s.timer = setTimeout(() => this.failSend(s, new ImgwError("timeout", `no send_ack for ${cmid}`)), this.opts.sendTimeoutMs);
+            }
+            this.sends.set(cmid, s);
+            if (this.welcomed)
+                this.write({ ...frame, ref: this.ref() });
+        });
+    }
+    /** Sets this user's presence status. It is set again after each reconnect. */
+    setPresence(status) {
+        this.status = status;
+        return this.request({ op: "presence_set", status });
+    }
+    /** Subscribes to the presence of `users` (kept across reconnects). */
+    subscribePresence(users) {
+        for (const u of users)
+            this.subscriptions.add(u);
+        return this.request({ op: "presence_sub", users });
+    }
+    /** Joins a group (stored by the gateway: a member stays one across reconnects). */
+    joinGroup(group) {
+        return this.request({ op: "group_join", group }).then(() => {
+            this.groupState(group);
+        });
+    }
+    /** Leaves a group. */
+    leaveGroup(group) {
+        return this.request({ op: "group_leave", group }).then(() => {
+            this.groups.delete(group);
+        });
+    }
+    // ---- connection ------------------------------------------------------------------------
+    open() {
+        if (this.stopped)
+            return;
+        this.setState("connecting");
+        const url = typeof this.opts.url === "function" ? this.opts.url() : this.opts.url;
+        Promise.resolve()
+            .then(() => this.opts.token())
+            .then((token) => {
+            if (this.stopped)
+                return;
+            const Ctor = this.opts.WebSocket ?? globalThis.WebSocket;
+            if (!Ctor)
+                throw new Error("no WebSocket implementation: pass options.WebSocket");
+            const ws = new Ctor(url, ["imgw.v1.json"]);
+            this.ws = ws;
+            ws.onopen = () => {
+                if (this.ws !== ws)
+                    return;
+                this.lastRx = Date.now();
+                // resume {inbox_seq}: the last sequence this client has, or 0 for the stored cursor.
+                this.inboxSyncing = true;
+                this.write({
+                    op: "hello",
+                    ref: this.ref(),
+                    version: 1,
+                    token,
+                    device: this.opts.device,
+                    resume: { inbox_seq: this.inboxSeq },
+                });
+            };
+            ws.onmessage = (ev) => {
+                if (this.ws !== ws)
+                    return;
+                this.lastRx = Date.now();
+                if (typeof ev.data !== "string") {
+                    this.emit("error", new Error("binary frame on a JSON connection"));
+                    return;
+                }
+                let frame;
+                try {
+                    frame = JSON.parse(ev.data);
+                }
+                catch {
+                    this.emit("error", new Error("unparseable frame from the gateway"));
+                    return;
+                }
+                this.onFrame(frame);
+            };
+            ws.onerror = () => {
+                // onclose follows and reconnects.
+            };
+            ws.onclose = (ev) => {
+                if (this.ws !== ws)
+                    return;
+                this.ws = null;
+                this.onClosed(ev?.code, ev?.reason);
+            };
+        }, (err) => {
+            this.emit("error", err instanceof Error ? err : new Error(String(err)));
+            this.onClosed();
+        })
+            .catch((err) => {
+            this.emit("error", err instanceof Error ? err : new Error(String(err)));
+            this.onClosed();
+        });
+    }
+    onClosed(_code, _reason) {
+        this.teardown();
+        if (this.stopped)
+            return;
+        this.setState("disconnected");
+        let delay;
+        if (this.goawayMs !== null) {
+            delay = this.goawayMs;
+            this.goawayMs = null;
+        }
+        else {
+            const ceiling = Math.min(this.opts.maxReconnectMs, this.opts.minReconnectMs * 2 ** Math.min(this.attempt, 20));
+            // Equal jitter: half fixed, half random, so a crowd spreads out but never rushes back.
+            delay = ceiling / 2 + Math.random() * (ceiling / 2);
+            this.attempt++;
+        }
+        clearTimeout(this.reconnectTimer);
+        this.reconnectTimer = setTimeout(() => this.open(), delay);
+    }
+    /** Per-connection state goes; what survives reconnects (positions, sends) stays. */
+    teardown() {
+        this.welcomed = false;
+        this.inboxSyncing = false;
+        clearInterval(this.heartbeatTimer);
+        clearTimeout(this.resumeTimer);
+        clearTimeout(this.ackTimer);
+        this.ackTimer = undefined;
+        for (const g of this.groups.values())
+            g.syncing = false;
+        this.groupQueue = [];
+        for (const s of this.sends.values())
+            clearTimeout(s.retryTimer);
+    }
+    setState(s) {
+        if (this.stateValue === s)
+            return;
+        this.stateValue = s;
+        this.emit("state", s);
+    }
+    settleConnect(err) {
+        const waiters = this.connectWaiters;
+        this.connectWaiters = [];
+        for (const w of waiters) {
+            if (err)
+                w.reject(err);
+            else
+                w.resolve();
+        }
+    }
+    ref() {
+        const r = this.nextRef;
+        this.nextRef = this.nextRef >= Number.MAX_SAFE_INTEGER ? 1 : this.nextRef + 1;
+        return r;
+    }
+    write(frame) {
+        const ws = this.ws;
+        if (!ws || ws.readyState !== WS_OPEN)
+            return;
+        try {
+            ws.send(JSON.stringify(frame));
+        }
+        catch (err) {
+            this.emit("error", err instanceof Error ? err : new Error(String(err)));
+            try {
+                ws.close();
+            }
+            catch {
+                // closing anyway
+            }
+        }
+    }
+    emit(event, value) {
+        const set = this.listeners.get(event);
+        if (!set)
+            return;
+        for (const fn of [...set]) {
+            try {
+                fn(value);
+            }
+            catch (err) {
+                if (event !== "error")
+                    this.emit("error", err instanceof Error ? err : new Error(String(err)));
+            }
+        }
+    }
+    // ---- frames ----------------------------------------------------------------------------
+    onFrame(f) {
+        switch (f.op) {
+            case "welcome":
+                return this.onWelcome(f);
+            case "deliver":
+                return this.onDeliver(f);
+            case "synced":
+                return this.onSynced(f);
+            case "send_ack":
+                return this.onSendAck(f);
+            case "ok":
+                return this.onOk(f.ref);
+            case "error":
+                return this.onError(f);
+            case "presence":
+                this.emit("presence", { user: String(f.user), status: f.status, ts: Number(f.ts) });
+                return;
+            case "goaway": {
+                const reconnectMs = Number(f.reconnect_ms ?? 0);
+                this.goawayMs = Math.max(0, reconnectMs);
+                this.emit("goaway", { reason: String(f.reason), reconnectMs });
+                return;
+            }
+            case "ping":
+                this.write({ op: "pong", ts: f.ts });
+                return;
+            case "pong":
+                return;
+            default:
+                return; // unknown ops are ignored (docs/PROTOCOL.md versioning)
+        }
+    }
+    onWelcome(w) {
+        this.welcomed = true;
+        this.welcomeInfo = w;
+        this.attempt = 0;
+        this.setState("connected");
+        this.emit("welcome", w);
+        const hb = Math.max(1000, Number(w.heartbeat_ms) || 30_000);
+        clearInterval(this.heartbeatTimer);
+        this.heartbeatTimer = setInterval(() => {
+            if (Date.now() - this.lastRx > 2 * hb + 5000) {
+                // Nothing heard for two heartbeats: the connection is dead; reconnect.
+                try {
+                    this.ws?.close(4000, "heartbeat timeout");
+                }
+                catch {
+                    // closing anyway
+                }
+                const ws = this.ws;
+                this.ws = null;
+                if (ws)
+                    this.onClosed();
+                return;
+            }
+            this.write({ op: "ping", ts: Date.now() });
+        }, hb);
+        // A gateway at durability `memory` never answers the resume: do not wait forever.
+        clearTimeout(this.resumeTimer);
+        this.resumeTimer = setTimeout(() => {
+            if (!this.inboxSyncing)
+                return;
+            if (this.durable === null)
+                this.durable = false;
+            this.inboxSyncDone([]);
+        }, this.opts.resumeTimeoutMs);
+        if (this.status)
+            this.write({ op: "presence_set", status: this.status });
+        if (this.subscriptions.size > 0) {
+            this.write({ op: "presence_sub", users: [...this.subscriptions] });
+        }
+        for (const [ref, r] of this.requests)
+            this.write({ ...r.frame, ref });
+        for (const s of this.sends.values())
+            this.write({ ...s.frame, ref: this.ref() });
+        this.settleConnect(null);
+    }
+    onDeliver(f) {
+        const to = f.to;
+        const msg = {
+            mid: Number(f.mid),
+            from: String(f.from),
+            seq: Number(f.inbox_seq ?? 0),
+            ts: Number(f.ts ?? 0),
+            body: String(f.body ?? ""),
+        };
+        if (to)
+            msg.to = to;
+        if (typeof f.type === "string")
+            msg.type = f.type;
+        if (f.ext && typeof f.ext === "object")
+            msg.ext = f.ext;
+        if (to && "group" in to) {
+            msg.group = to.group;
+            this.onGroupDeliver(to.group, msg);
+            return;
+        }
+        msg.peer = to && "user" in to ? to.user : msg.from;
+        const dupSeq = this.durable === true && msg.seq > 0 && msg.seq <= this.inboxSeq;
+        const dupMid = this.seen.has(msg.mid);
+        if (msg.seq > this.inboxSeq)
+            this.inboxSeq = msg.seq;
+        if (msg.seq > 0)
+            this.scheduleAck();
+        if (dupSeq || dupMid)
+            return;
+        // This user's own message to `peer`: if a send of this client to `peer` awaits its ack,
+        // it may be that one (its mid is not known yet): wait for the ack to tell.
+        if (to && "user" in to && this.awaitingAck(to.user) && this.ownHeld.length < this.opts.maxPendingSends) {
+            this.ownHeld.push(msg);
+            return;
+        }
+        this.seen.add(msg.mid);
+        this.emit("message", msg);
+    }
+    /** Whether a send to `user` waits for its `send_ack`. */
+    awaitingAck(user) {
+        for (const s of this.sends.values()) {
+            const to = s.frame.to;
+            if ("user" in to && to.user === user)
+                return true;
+        }
+        return false;
+    }
+    /** Settles held own messages once no send to their peer awaits its ack: dropped when the
+     * ack named their mid (this client's own send), emitted otherwise (another device's). */
+    releaseOwn() {
+        if (this.ownHeld.length === 0)
+            return;
+        const keep = [];
+        for (const m of this.ownHeld) {
+            if (this.seen.has(m.mid))
+                continue;
+            if (m.peer !== undefined && this.awaitingAck(m.peer)) {
+                keep.push(m);
+                continue;
+            }
+            this.seen.add(m.mid);
+            this.emit("message", m);
+        }
+        this.ownHeld = keep;
+    }
+    groupState(group) {
+        let g = this.groups.get(group);
+        if (!g) {
+            g = { last: 0, syncing: false, held: new Map(), acked: 0 };
+            this.groups.set(group, g);
+        }
+        return g;
+    }
+    onGroupDeliver(group, msg) {
+        const known = this.groups.has(group);
+        const g = this.groupState(group);
+        if (this.seen.has(msg.mid) || (this.durable === true && g.last > 0 && msg.seq <= g.last))
+            return;
+        if (msg.seq === 0 || this.durable === false) {
+            // Not on a timeline (nothing to order): show it.
+            this.seen.add(msg.mid);
+            this.emit("message", msg);
+            return;
+        }
+        // Emit in gseq order: the next one, or the first of a group this client has no position
+        // in (unless the inbox sync may still name the group as having unread messages).
+        const first = g.last === 0 && !g.syncing && !(this.inboxSyncing && !known);
+        if ((msg.seq === g.last + 1 && !g.syncing) || first) {
+            this.emitGroup(g, msg);
+            this.releaseHeld(g, 0);
+            return;
+        }
+        if (g.held.size < this.opts.maxHeldPerGroup)
+            g.held.set(msg.seq, msg);
+        // A gap (or no position yet): fill it from the timeline, unless the inbox sync will
+        // start the group's sync, or one runs.
+        if (!g.syncing && !this.inboxSyncing && g.last > 0)
+            this.startGroupSync(group);
+    }
+    emitGroup(g, msg) {
+        g.last = msg.seq;
+        g.held.delete(msg.seq);
+        this.seen.add(msg.mid);
+        this.emit("message", msg);
+        this.scheduleAck();
+    }
+    /** Emits the held messages up to gseq `upTo` in order (a sync page ended there: what is
+     * missing below it is not on the timeline), then those that follow without a gap. */
+    releaseHeld(g, upTo) {
+        if (g.held.size === 0)
+            return;
+        const seqs = [...g.held.keys()].sort((a, b) => a - b);
+        for (const s of seqs) {
+            const m = g.held.get(s);
+            if (!m)
+                continue;
+            if (s <= g.last || this.seen.has(m.mid)) {
+                g.held.delete(s);
+            }
+            else if (s <= upTo || s === g.last + 1) {
+                this.emitGroup(g, m);
+            }
+            else {
+                break;
+            }
+        }
+    }
+    startGroupSync(group) {
+        const g = this.groupState(group);
+        if (g.syncing)
+            return;
+        if ([...this.groups.values()].some((x) => x.syncing)) {
+            if (!this.groupQueue.includes(group))
+                this.groupQueue.push(group);
+            return;
+        }
+        g.syncing = true;
+        this.write({
+            op: "sync",
+            ref: this.ref(),
+            group,
+            after_inbox_seq: g.last,
+            limit: this.opts.syncLimit,
+        });
+    }
+    onSynced(f) {
+        const upTo = Number(f.up_to ?? 0);
+        const more = f.more === true;
+        if (typeof f.group === "string") {
+            const group = f.group;
+            const g = this.groupState(group);
+            // The page's messages are held (a push may have overtaken them): show them in order.
+            this.releaseHeld(g, more ? upTo : Number.MAX_SAFE_INTEGER);
+            if (more) {
+                this.write({
+                    op: "sync",
+                    ref: this.ref(),
+                    group,
+                    after_inbox_seq: Math.max(g.last, upTo),
+                    limit: this.opts.syncLimit,
+                });
+                return;
+            }
+            g.syncing = false;
+            if (g.last < upTo && g.held.size === 0)
+                g.last = upTo;
+            this.emit("synced", { group, upTo });
+            const next = this.groupQueue.shift();
+            if (next !== undefined)
+                this.startGroupSync(next);
+            return;
+        }
+        if (more) {
+            this.write({
+                op: "sync",
+                ref: this.ref(),
+                after_inbox_seq: Math.max(this.inboxSeq, upTo),
+                limit: this.opts.syncLimit,
+            });
+            return;
+        }
+        // Only a gateway that keeps an inbox answers an inbox sync it did not ask for.
+        this.durable = true;
+        const named = Array.isArray(f.groups) ? f.groups.map(String) : [];
+        this.emit("synced", { upTo });
+        if (this.inboxSyncing)
+            this.inboxSyncDone(named);
+    }
+    /** The inbox is caught up: page the groups with unread messages and the groups this
+     * client knows (its own position may be behind the member's cursor, which other devices
+     * move); release held pushes of the others. */
+    inboxSyncDone(named) {
+        this.inboxSyncing = false;
+        clearTimeout(this.resumeTimer);
+        const toSync = new Set(named);
+        for (const [name, g] of this.groups)
+            if (g.last > 0)
+                toSync.add(name);
+        for (const [name, g] of this.groups) {
+            if (!toSync.has(name))
+                this.releaseHeld(g, Number.MAX_SAFE_INTEGER);
+        }
+        for (const name of toSync)
+            this.startGroupSync(name);
+    }
+    scheduleAck() {
+        const window = this.welcomeInfo?.limits.window ?? 64;
+        if (this.inboxSeq - this.inboxAcked >= Math.max(1, Math.floor(window / 2))) {
+            this.flushAcks();
+            return;
+        }
+        if (this.ackTimer === undefined) {
+            this.ackTimer = setTimeout(() => this.flushAcks(), this.opts.ackDelayMs);
+        }
+    }
+    flushAcks() {
+        clearTimeout(this.ackTimer);
+        this.ackTimer = undefined;
+        if (!this.welcomed)
+            return;
+        if (this.inboxSeq > this.inboxAcked) {
+            this.inboxAcked = this.inboxSeq;
+            this.write({ op: "ack", inbox_seq: this.inboxSeq });
+        }
+        for (const [group, g] of this.groups) {
+            if (g.last > g.acked) {
+                g.acked = g.last;
+                this.write({ op: "ack", inbox_seq: g.last, group });
+            }
+        }
+    }
+    onSendAck(f) {
+        const s = this.sends.get(String(f.cmid));
+        if (!s)
+            return; // a duplicate ack of a send already settled
+        const ack = { cmid: s.cmid, mid: Number(f.mid), seq: Number(f.seq), ts: Number(f.ts) };
+        // Our own message may come back from the inbox (a sync): it is dropped by its mid.
+        this.seen.add(ack.mid);
+        clearTimeout(s.timer);
+        clearTimeout(s.retryTimer);
+        this.sends.delete(s.cmid);
+        s.resolve(ack);
+        this.releaseOwn();
+    }
+    onOk(ref) {
+        const r = this.requests.get(Number(ref));
+        if (!r)
+            return;
+        clearTimeout(r.timer);
+        this.requests.delete(Number(ref));
+        r.resolve();
+    }
+    onError(f) {
+        const code = String(f.code ?? "internal");
+        const retryAfter = f.retry_after_ms === undefined ? undefined : Number(f.retry_after_ms);
+        const err = new ImgwError(code, String(f.message ?? ""), retryAfter);
+        if (typeof f.cmid === "string") {
+            const s = this.sends.get(f.cmid);
+            if (s) {
+                if (RETRIABLE.has(code) && s.retries < this.opts.sendRetries) {
+                    s.retries++;
+                    clearTimeout(s.retryTimer);
+                    s.retryTimer = setTimeout(() => {
+                        if (this.welcomed && this.sends.has(s.cmid))
+                            this.write({ ...s.frame, ref: this.ref() });
+                    }, retryAfter ?? 200);
+                }
+                else {
+                    this.failSend(s, err);
+                }
+                return;
+            }
+        }
+        const ref = f.ref === undefined ? undefined : Number(f.ref);
+        if (ref !== undefined && this.requests.has(ref)) {
+            const r = this.requests.get(ref);
+            this.requests.delete(ref);
+            if (r) {
+                clearTimeout(r.timer);
+                r.reject(err);
+            }
+            return;
+        }
+        if (RETRIABLE.has(code) && (this.inboxSyncing || [...this.groups.values()].some((g) => g.syncing))) {
+            // A sync page the gateway could not queue: ask again.
+            setTimeout(() => {
+                if (!this.welcomed)
+                    return;
+                if (this.inboxSyncing) {
+                    this.write({ op: "sync", ref: this.ref(), after_inbox_seq: this.inboxSeq, limit: this.opts.syncLimit });
+                }
+                for (const [group, g] of this.groups) {
+                    if (g.syncing) {
+                        this.write({ op: "sync", ref: this.ref(), group, after_inbox_seq: g.last, limit: this.opts.syncLimit });
+                    }
+                }
+            }, retryAfter ?? 200);
+        }
+        this.emit("error", err);
+    }
+    failSend(s, err) {
+        clearTimeout(s.timer);
+        clearTimeout(s.retryTimer);
+        if (this.sends.get(s.cmid) === s)
+            this.sends.delete(s.cmid);
+        s.reject(err);
+        this.releaseOwn();
+    }
+    request(frame) {
+        if (this.requests.size >= this.opts.maxPendingSends) {
+            return Promise.reject(new ImgwError("queue_full", "too many requests waiting for an answer"));
+        }
+        const ref = this.ref();
+        return new Promise((resolve, reject) => {
+            const r = { frame, resolve, reject };
+            r.timer = setTimeout(() => {
+                this.requests.delete(ref);
+                reject(new ImgwError("timeout", `no answer to ${frame.op}`));
+            }, this.opts.requestTimeoutMs);
+            this.requests.set(ref, r);
+            if (this.welcomed)
+                this.write({ ...frame, ref });
+        });
+    }
+}
