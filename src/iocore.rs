@@ -194,7 +194,7 @@ pub struct IoStats {
     pub ops: AtomicU64,
     pub errors: AtomicU64,
     /// Commit latency sum (µs) and count, for the average.
-    pub commit_us_sum: AtomicU64,
+    pub commit: crate::metrics::LatencyHist,
     pub queue_depth: AtomicU64,
     /// Redis and Kafka counters.
     pub svc: Arc<ServiceStats>,
@@ -876,9 +876,8 @@ async fn confirm(
         outcomes.push((d.shard, d.token, d.results, all_ok));
     }
     stats
-        .kafka_confirm_us_sum
-        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-    stats.kafka_confirm_count.fetch_add(1, Ordering::Relaxed);
+        .kafka_confirm
+        .record_us(started.elapsed().as_micros() as u64);
     if let Some(prev) = previous {
         let _ = prev.await;
     }
@@ -960,9 +959,7 @@ async fn run_batch(
         let started = std::time::Instant::now();
         let n = ops.len() as u64;
         let r = backend.apply(ops, now_ms()).await;
-        stats
-            .commit_us_sum
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.commit.record_us(started.elapsed().as_micros() as u64);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.ops.fetch_add(n, Ordering::Relaxed);
         applied = Some(match r {

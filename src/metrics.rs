@@ -137,6 +137,41 @@ impl LatencyHist {
     pub fn sum_us(&self) -> u64 {
         self.sum_us.load(Ordering::Relaxed)
     }
+
+    /// Appends this histogram's Prometheus samples (`NAME_bucket` per bound, cumulative, then
+    /// `NAME_sum` in seconds and `NAME_count`), with `labels` (`a="x",b="y"`, or empty).
+    pub fn render(&self, o: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut total = 0;
+        for (k, n) in self.counts().into_iter().enumerate() {
+            total += n;
+            let le = match LATENCY_BOUNDS_US.get(k) {
+                Some(b) => format!("{}", *b as f64 / 1e6),
+                None => "+Inf".to_string(),
+            };
+            let _ = writeln!(o, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {total}");
+        }
+        let braces = |l: &str| {
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!("{{{l}}}")
+            }
+        };
+        let _ = writeln!(
+            o,
+            "{name}_sum{} {}",
+            braces(labels),
+            self.sum_us() as f64 / 1e6
+        );
+        let _ = writeln!(o, "{name}_count{} {total}", braces(labels));
+    }
+
+    /// [`LatencyHist::render`] of an unlabelled histogram with its HELP and TYPE lines.
+    pub fn render_family(&self, o: &mut String, name: &str, help: &str) {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render(o, name, "");
+    }
 }
 
 /// Per-tenant figures.
@@ -525,26 +560,8 @@ impl Metrics {
         );
         for (i, s) in self.shards.iter().enumerate() {
             for stage in Stage::ALL {
-                let h = &s.stages[stage as usize];
                 let labels = format!("shard=\"{i}\",stage=\"{}\"", stage.name());
-                let mut total = 0;
-                for (k, n) in h.counts().into_iter().enumerate() {
-                    total += n;
-                    let le = match LATENCY_BOUNDS_US.get(k) {
-                        Some(b) => format!("{}", *b as f64 / 1e6),
-                        None => "+Inf".to_string(),
-                    };
-                    let _ = writeln!(
-                        o,
-                        "imgw_stage_seconds_bucket{{{labels},le=\"{le}\"}} {total}"
-                    );
-                }
-                let _ = writeln!(
-                    o,
-                    "imgw_stage_seconds_sum{{{labels}}} {}",
-                    h.sum_us() as f64 / 1e6
-                );
-                let _ = writeln!(o, "imgw_stage_seconds_count{{{labels}}} {total}");
+                s.stages[stage as usize].render(&mut o, "imgw_stage_seconds", &labels);
             }
         }
 
@@ -625,7 +642,12 @@ impl Metrics {
             let _ = writeln!(o, "# HELP imgw_store_commits_total Group commits (one fsync each).\n# TYPE imgw_store_commits_total counter\nimgw_store_commits_total {batches}");
             let _ = writeln!(o, "# HELP imgw_store_ops_total Writes applied.\n# TYPE imgw_store_ops_total counter\nimgw_store_ops_total {}", io.ops.load(r));
             let _ = writeln!(o, "# HELP imgw_store_errors_total Failed commits.\n# TYPE imgw_store_errors_total counter\nimgw_store_errors_total {}", io.errors.load(r));
-            let _ = writeln!(o, "# HELP imgw_store_commit_seconds Time spent committing.\n# TYPE imgw_store_commit_seconds summary\nimgw_store_commit_seconds_sum {:.6}\nimgw_store_commit_seconds_count {batches}", io.commit_us_sum.load(r) as f64 / 1e6);
+            io.commit.render_family(
+                &mut o,
+                "imgw_store_commit_seconds",
+                "Time of one group commit: the embedded store's write and fsync, or at durability \
+                 backend the MySQL transactions of the batch (its lanes run in parallel).",
+            );
             let _ = writeln!(o, "# HELP imgw_io_queue_depth Commands waiting for the I/O core.\n# TYPE imgw_io_queue_depth gauge\nimgw_io_queue_depth {}", io.queue_depth.load(r));
             io.svc.render(&mut o);
             if io.cluster.enabled.load(r) {
@@ -724,4 +746,46 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_renders_cumulative_buckets_sum_and_count() {
+        let h = LatencyHist::default();
+        for us in [5, 10, 11, 300, 2_000_000] {
+            h.record_us(us);
+        }
+        let mut o = String::new();
+        h.render_family(&mut o, "imgw_x_seconds", "Help.");
+        let lines: Vec<&str> = o.lines().collect();
+        assert_eq!(lines[0], "# HELP imgw_x_seconds Help.");
+        assert_eq!(lines[1], "# TYPE imgw_x_seconds histogram");
+        // 5 and 10 µs fall in le=0.00001 (bounds are inclusive), 11 in le=0.000025.
+        assert!(
+            lines.contains(&"imgw_x_seconds_bucket{le=\"0.00001\"} 2"),
+            "{o}"
+        );
+        assert!(
+            lines.contains(&"imgw_x_seconds_bucket{le=\"0.000025\"} 3"),
+            "{o}"
+        );
+        assert!(
+            lines.contains(&"imgw_x_seconds_bucket{le=\"0.0005\"} 4"),
+            "{o}"
+        );
+        assert!(lines.contains(&"imgw_x_seconds_bucket{le=\"1\"} 4"), "{o}");
+        assert!(
+            lines.contains(&"imgw_x_seconds_bucket{le=\"+Inf\"} 5"),
+            "{o}"
+        );
+        assert!(lines.contains(&"imgw_x_seconds_sum 2.000326"), "{o}");
+        assert!(lines.contains(&"imgw_x_seconds_count 5"), "{o}");
+        let mut labelled = String::new();
+        h.render(&mut labelled, "imgw_y_seconds", "shard=\"1\"");
+        assert!(labelled.contains("imgw_y_seconds_bucket{shard=\"1\",le=\"+Inf\"} 5"));
+        assert!(labelled.contains("imgw_y_seconds_count{shard=\"1\"} 5"));
+    }
 }

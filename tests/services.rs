@@ -207,6 +207,9 @@ fn every_accepted_message_is_on_the_topic_exactly_once_and_routes_work() {
     }
     let order_mid = send(&mut a, "bob", "o1", Some("order.created")).unwrap();
     acked.insert(order_mid, "o1".into());
+    // Every acked send waited for a commit and a Kafka confirm: both histograms saw them.
+    assert!(g.histogram_count("imgw_store_commit_seconds") >= 1.0);
+    assert!(g.histogram_count("imgw_kafka_confirm_seconds") >= 1.0);
     // Group messages too, keyed by the group.
     join(&mut a, "team");
     join(&mut b, "team");
@@ -351,6 +354,7 @@ fn presence_is_in_redis_and_expires_after_sigkill() {
         !hgetall(&mut r, &pkey).is_empty(),
         "refreshed by heartbeats"
     );
+    assert!(g.histogram_count("imgw_redis_pipeline_seconds") >= 1.0);
     // A dedupe key was not written (no message yet); a send writes one.
     g.kill9();
     std::thread::sleep(Duration::from_millis(1_800));
@@ -948,4 +952,53 @@ fn broker_outage_fails_acks_explicitly_and_recovers() {
         want["dev/u/jack/kate"].len()
     );
     drop(broker);
+}
+
+/// tuning/grafana-imgw.json queries only metric families a gateway exports: one at `local`
+/// with Kafka and Redis (every family of the dashboard is there once something was sent).
+#[test]
+fn the_grafana_dashboard_queries_only_exported_metrics() {
+    let (brokers, url) = (kafka_addr(), redis_url());
+    reachable(&brokers, "the Kafka broker");
+    reachable(&redis_host_port(&url), "Redis");
+    let (messages, push) = (unique("gmsgs"), unique("gpush"));
+    let toml = format!(
+        "{}\n{}",
+        kafka_toml(&brokers, &messages, &push, ""),
+        redis_toml(&url, &format!("{}:", unique("g")), 5_000)
+    );
+    let g = gateway("local", &toml);
+    let mut a = g.login(Transport::Ws, CodecId::Json, "gina", "d");
+    send(&mut a, "hal", "m1", None).expect("send_ack");
+    let exported: BTreeSet<String> = g
+        .metrics()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(String::from)
+        .collect();
+    let json = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tuning/grafana-imgw.json"
+    ))
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("imgw_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                queried.insert(name.strip_suffix("_bucket").unwrap_or(&name).to_string());
+            }
+        }
+    }
+    assert!(queried.len() >= 15, "{queried:?}");
+    let missing: Vec<&String> = queried.difference(&exported).collect();
+    assert!(missing.is_empty(), "not exported: {missing:?}");
 }

@@ -722,8 +722,7 @@ pub async fn watch(kafka: Rc<RefCell<Kafka>>, sent: Vec<Sent>) {
         kafka.borrow_mut().settle_local(held, outcome);
     }
     let us = started.elapsed().as_micros() as u64;
-    stats.kafka_confirm_us_sum.fetch_add(us, Relaxed);
-    stats.kafka_confirm_count.fetch_add(1, Relaxed);
+    stats.kafka_confirm.record_us(us);
     stats.kafka_in_flight.fetch_sub(1, Relaxed);
 }
 

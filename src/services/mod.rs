@@ -60,9 +60,10 @@ pub struct ServiceStats {
     pub kafka_given_up: AtomicU64,
     /// Batches whose delivery reports are being awaited.
     pub kafka_in_flight: AtomicU64,
-    /// Time from produce to the last delivery report of a batch (µs sum, count).
-    pub kafka_confirm_us_sum: AtomicU64,
-    pub kafka_confirm_count: AtomicU64,
+    /// Time from produce to the last delivery report of a batch.
+    pub kafka_confirm: crate::metrics::LatencyHist,
+    /// Time of a Redis pipeline that succeeded, sent to answered.
+    pub redis_pipeline: crate::metrics::LatencyHist,
     /// Push ingress records: received, delivered to a shard, and refused as malformed.
     pub push_received: AtomicU64,
     pub push_delivered: AtomicU64,
@@ -72,7 +73,6 @@ pub struct ServiceStats {
 impl ServiceStats {
     /// Appends the Prometheus text of these counters.
     pub fn render(&self, o: &mut String) {
-        let r = Ordering::Relaxed;
         let rows: &[(&str, &str, &str, &AtomicU64)] = &[
             (
                 "imgw_redis_up",
@@ -165,12 +165,6 @@ impl ServiceStats {
                 &self.kafka_in_flight,
             ),
             (
-                "imgw_kafka_confirm_seconds_count",
-                "counter",
-                "Batches confirmed (count of the confirm latency).",
-                &self.kafka_confirm_count,
-            ),
-            (
                 "imgw_push_received_total",
                 "counter",
                 "Push ingress records received.",
@@ -190,10 +184,15 @@ impl ServiceStats {
             ),
         ];
         render_rows(o, rows);
-        let _ = writeln!(
+        self.kafka_confirm.render_family(
             o,
-            "# HELP imgw_kafka_confirm_seconds_sum Produce-to-confirm time of batches.\n# TYPE imgw_kafka_confirm_seconds_sum counter\nimgw_kafka_confirm_seconds_sum {:.6}",
-            self.kafka_confirm_us_sum.load(r) as f64 / 1e6
+            "imgw_kafka_confirm_seconds",
+            "Time from producing a batch's records to the last delivery report.",
+        );
+        self.redis_pipeline.render_family(
+            o,
+            "imgw_redis_pipeline_seconds",
+            "Time of a Redis pipeline, sent to answered (pipelines that succeeded).",
         );
     }
 }

@@ -231,9 +231,13 @@ impl Worker {
             return true;
         }
         let t = Duration::from_millis(self.cfg.timeout_ms);
+        let started = std::time::Instant::now();
         let r = tokio::time::timeout(t, p.query_async::<()>(conn)).await;
         match r {
             Ok(Ok(())) => {
+                self.stats
+                    .redis_pipeline
+                    .record_us(started.elapsed().as_micros() as u64);
                 self.stats.redis_pipelines.fetch_add(1, Relaxed);
                 self.stats.redis_commands.fetch_add(n, Relaxed);
                 true

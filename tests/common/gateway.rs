@@ -232,6 +232,29 @@ impl Gateway {
             .sum()
     }
 
+    /// A histogram family's `_count`, after checking that it equals its `+Inf` bucket and
+    /// that its buckets never decrease (they are cumulative).
+    pub fn histogram_count(&self, name: &str) -> f64 {
+        let text = self.metrics();
+        let buckets: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .collect();
+        assert!(!buckets.is_empty(), "no {name}_bucket in /metrics");
+        assert!(
+            buckets.windows(2).all(|w| w[0] <= w[1]),
+            "{name}: {buckets:?}"
+        );
+        let count = self.metric(&format!("{name}_count"), &[]);
+        assert_eq!(
+            buckets.last().copied(),
+            Some(count),
+            "{name}: +Inf bucket and count"
+        );
+        count
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
     }
