@@ -19,6 +19,8 @@
 /** What `new WebSocket(url, protocols)` must provide (the browser's, Node's, or `ws`). */
 export interface WebSocketLike {
     readonly readyState: number;
+    /** Set to `"arraybuffer"` for a binary codec (a browser's default is `"blob"`). */
+    binaryType?: string;
     onopen: ((ev: unknown) => void) | null;
     onmessage: ((ev: {
         data: unknown;
@@ -28,9 +30,31 @@ export interface WebSocketLike {
         reason?: string;
     }) => void) | null;
     onerror: ((ev: unknown) => void) | null;
-    send(data: string): void;
+    send(data: string | Uint8Array): void;
     close(code?: number, reason?: string): void;
 }
+/**
+ * How frames go on the wire: the WebSocket subprotocol that names the gateway's codec, and
+ * the frame's encoding. The SDK works on the JSON field names; any codec whose frames are "a
+ * map with the JSON field names" (docs/PROTOCOL.md: JSON, MessagePack) fits.
+ */
+export interface FrameCodec {
+    /** `imgw.v1.json`, `imgw.v1.msgpack`. */
+    readonly subprotocol: string;
+    /** Whether frames are binary (the socket's `binaryType` is then `"arraybuffer"`). */
+    readonly binary: boolean;
+    encode(frame: object): string | Uint8Array;
+    /** Throws on a frame it cannot read. */
+    decode(data: unknown): object;
+}
+/** JSON in text frames (the default). */
+export declare const jsonCodec: FrameCodec;
+/**
+ * MessagePack in binary frames, with the caller's encoder and decoder (for example
+ * `encode` and `decode` of the `@msgpack/msgpack` package), so that the SDK itself has no
+ * runtime dependency. Mids and sequence numbers stay below 2^53, so plain numbers hold them.
+ */
+export declare function msgpackCodec(encode: (value: unknown) => Uint8Array, decode: (bytes: Uint8Array) => unknown): FrameCodec;
 export type WebSocketFactory = new (url: string, protocols?: string | string[]) => WebSocketLike;
 export type PresenceStatus = "online" | "busy" | "away" | "offline";
 export type Target = {
@@ -47,6 +71,8 @@ export interface ClientOptions {
     device: string;
     /** WebSocket constructor; default `globalThis.WebSocket`. */
     WebSocket?: WebSocketFactory;
+    /** The frames' codec; default `jsonCodec`; `msgpackCodec(...)` for MessagePack. */
+    codec?: FrameCodec;
     /** First reconnect delay (ms); doubles per failed attempt up to `maxReconnectMs`. Default 250. */
     minReconnectMs?: number;
     /** Largest reconnect delay (ms). Default 10000. */

@@ -16,6 +16,42 @@
  *
  * Every queue and table it keeps is bounded (see `ClientOptions`).
  */
+/** JSON in text frames (the default). */
+export const jsonCodec = {
+    subprotocol: "imgw.v1.json",
+    binary: false,
+    encode: (frame) => JSON.stringify(frame),
+    decode: (data) => {
+        if (typeof data !== "string")
+            throw new Error("binary frame on a JSON connection");
+        return JSON.parse(data);
+    },
+};
+/**
+ * MessagePack in binary frames, with the caller's encoder and decoder (for example
+ * `encode` and `decode` of the `@msgpack/msgpack` package), so that the SDK itself has no
+ * runtime dependency. Mids and sequence numbers stay below 2^53, so plain numbers hold them.
+ */
+export function msgpackCodec(encode, decode) {
+    return {
+        subprotocol: "imgw.v1.msgpack",
+        binary: true,
+        encode: (frame) => encode(frame),
+        decode: (data) => {
+            let bytes;
+            if (data instanceof Uint8Array)
+                bytes = data;
+            else if (data instanceof ArrayBuffer)
+                bytes = new Uint8Array(data);
+            else
+                throw new Error("text frame on a MessagePack connection");
+            const v = decode(bytes);
+            if (typeof v !== "object" || v === null)
+                throw new Error("a MessagePack frame that is not a map");
+            return v;
+        },
+    };
+}
 /** An `error` frame from the gateway (docs/PROTOCOL.md section 5), or a client-side refusal
  * (`code` `timeout`, `closed`, `queue_full`). */
 export class ImgwError extends Error {
@@ -108,6 +144,7 @@ export class Client {
             resumeTimeoutMs: 3000,
             maxHeldPerGroup: 1000,
             ackDelayMs: 20,
+            codec: jsonCodec,
             ...options,
         };
         this.inboxSeq = options.inboxSeq ?? 0;
@@ -243,7 +280,10 @@ export class Client {
             const Ctor = this.opts.WebSocket ?? globalThis.WebSocket;
             if (!Ctor)
                 throw new Error("no WebSocket implementation: pass options.WebSocket");
-            const ws = new Ctor(url, ["imgw.v1.json"]);
+            const codec = this.opts.codec;
+            const ws = new Ctor(url, [codec.subprotocol]);
+            if (codec.binary)
+                ws.binaryType = "arraybuffer";
             this.ws = ws;
             ws.onopen = () => {
                 if (this.ws !== ws)
@@ -264,16 +304,13 @@ export class Client {
                 if (this.ws !== ws)
                     return;
                 this.lastRx = Date.now();
-                if (typeof ev.data !== "string") {
-                    this.emit("error", new Error("binary frame on a JSON connection"));
-                    return;
-                }
                 let frame;
                 try {
-                    frame = JSON.parse(ev.data);
+                    frame = codec.decode(ev.data);
                 }
-                catch {
-                    this.emit("error", new Error("unparseable frame from the gateway"));
+                catch (err) {
+                    const why = err instanceof Error ? err.message : String(err);
+                    this.emit("error", new Error(`unreadable frame from the gateway: ${why}`));
                     return;
                 }
                 this.onFrame(frame);
@@ -355,7 +392,7 @@ export class Client {
         if (!ws || ws.readyState !== WS_OPEN)
             return;
         try {
-            ws.send(JSON.stringify(frame));
+            ws.send(this.opts.codec.encode(frame));
         }
         catch (err) {
             this.emit("error", err instanceof Error ? err : new Error(String(err)));

@@ -20,12 +20,65 @@
 /** What `new WebSocket(url, protocols)` must provide (the browser's, Node's, or `ws`). */
 export interface WebSocketLike {
   readonly readyState: number;
+  /** Set to `"arraybuffer"` for a binary codec (a browser's default is `"blob"`). */
+  binaryType?: string;
   onopen: ((ev: unknown) => void) | null;
   onmessage: ((ev: { data: unknown }) => void) | null;
   onclose: ((ev: { code?: number; reason?: string }) => void) | null;
   onerror: ((ev: unknown) => void) | null;
-  send(data: string): void;
+  send(data: string | Uint8Array): void;
   close(code?: number, reason?: string): void;
+}
+
+/**
+ * How frames go on the wire: the WebSocket subprotocol that names the gateway's codec, and
+ * the frame's encoding. The SDK works on the JSON field names; any codec whose frames are "a
+ * map with the JSON field names" (docs/PROTOCOL.md: JSON, MessagePack) fits.
+ */
+export interface FrameCodec {
+  /** `imgw.v1.json`, `imgw.v1.msgpack`. */
+  readonly subprotocol: string;
+  /** Whether frames are binary (the socket's `binaryType` is then `"arraybuffer"`). */
+  readonly binary: boolean;
+  encode(frame: object): string | Uint8Array;
+  /** Throws on a frame it cannot read. */
+  decode(data: unknown): object;
+}
+
+/** JSON in text frames (the default). */
+export const jsonCodec: FrameCodec = {
+  subprotocol: "imgw.v1.json",
+  binary: false,
+  encode: (frame) => JSON.stringify(frame),
+  decode: (data) => {
+    if (typeof data !== "string") throw new Error("binary frame on a JSON connection");
+    return JSON.parse(data) as object;
+  },
+};
+
+/**
+ * MessagePack in binary frames, with the caller's encoder and decoder (for example
+ * `encode` and `decode` of the `@msgpack/msgpack` package), so that the SDK itself has no
+ * runtime dependency. Mids and sequence numbers stay below 2^53, so plain numbers hold them.
+ */
+export function msgpackCodec(
+  encode: (value: unknown) => Uint8Array,
+  decode: (bytes: Uint8Array) => unknown,
+): FrameCodec {
+  return {
+    subprotocol: "imgw.v1.msgpack",
+    binary: true,
+    encode: (frame) => encode(frame),
+    decode: (data) => {
+      let bytes: Uint8Array;
+      if (data instanceof Uint8Array) bytes = data;
+      else if (data instanceof ArrayBuffer) bytes = new Uint8Array(data);
+      else throw new Error("text frame on a MessagePack connection");
+      const v = decode(bytes);
+      if (typeof v !== "object" || v === null) throw new Error("a MessagePack frame that is not a map");
+      return v;
+    },
+  };
 }
 
 export type WebSocketFactory = new (url: string, protocols?: string | string[]) => WebSocketLike;
@@ -43,6 +96,8 @@ export interface ClientOptions {
   device: string;
   /** WebSocket constructor; default `globalThis.WebSocket`. */
   WebSocket?: WebSocketFactory;
+  /** The frames' codec; default `jsonCodec`; `msgpackCodec(...)` for MessagePack. */
+  codec?: FrameCodec;
   /** First reconnect delay (ms); doubles per failed attempt up to `maxReconnectMs`. Default 250. */
   minReconnectMs?: number;
   /** Largest reconnect delay (ms). Default 10000. */
@@ -254,6 +309,7 @@ export class Client {
       resumeTimeoutMs: 3000,
       maxHeldPerGroup: 1000,
       ackDelayMs: 20,
+      codec: jsonCodec,
       ...options,
     };
     this.inboxSeq = options.inboxSeq ?? 0;
@@ -402,7 +458,9 @@ export class Client {
           if (this.stopped) return;
           const Ctor = this.opts.WebSocket ?? (globalThis as { WebSocket?: WebSocketFactory }).WebSocket;
           if (!Ctor) throw new Error("no WebSocket implementation: pass options.WebSocket");
-          const ws = new Ctor(url, ["imgw.v1.json"]);
+          const codec = this.opts.codec;
+          const ws = new Ctor(url, [codec.subprotocol]);
+          if (codec.binary) ws.binaryType = "arraybuffer";
           this.ws = ws;
           ws.onopen = () => {
             if (this.ws !== ws) return;
@@ -421,15 +479,12 @@ export class Client {
           ws.onmessage = (ev) => {
             if (this.ws !== ws) return;
             this.lastRx = Date.now();
-            if (typeof ev.data !== "string") {
-              this.emit("error", new Error("binary frame on a JSON connection"));
-              return;
-            }
             let frame: Frame;
             try {
-              frame = JSON.parse(ev.data) as Frame;
-            } catch {
-              this.emit("error", new Error("unparseable frame from the gateway"));
+              frame = codec.decode(ev.data) as Frame;
+            } catch (err) {
+              const why = err instanceof Error ? err.message : String(err);
+              this.emit("error", new Error(`unreadable frame from the gateway: ${why}`));
               return;
             }
             this.onFrame(frame);
@@ -513,7 +568,7 @@ export class Client {
     const ws = this.ws;
     if (!ws || ws.readyState !== WS_OPEN) return;
     try {
-      ws.send(JSON.stringify(frame));
+      ws.send(this.opts.codec.encode(frame));
     } catch (err) {
       this.emit("error", err instanceof Error ? err : new Error(String(err)));
       try {

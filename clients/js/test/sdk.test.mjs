@@ -4,7 +4,8 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import WebSocket from "ws";
-import { Client } from "../dist/index.js";
+import { encode as mpEncode, decode as mpDecode } from "@msgpack/msgpack";
+import { Client, msgpackCodec } from "../dist/index.js";
 import { startGateway, waitFor, sleep, adminPost } from "./gateway.mjs";
 
 const gateways = [];
@@ -221,4 +222,31 @@ test("presence and requests are promises; subscriptions survive a reconnect", { 
   await bob.c.connect();
   await ann.c.send({ user: "pbob" }, "live");
   await waitFor(() => bob.got.length === 1, 10_000, "the live message");
+});
+
+test("a MessagePack client chats with a JSON client, 1:1 and in a group, and catches up", { timeout: 60_000 }, async () => {
+  const gw = await gateway();
+  const codec = msgpackCodec(mpEncode, mpDecode);
+  const mia = client(gw.ws, "mia", "laptop", { codec });
+  const ned = client(gw.ws, "ned", "phone");
+  await Promise.all([mia.c.connect(), ned.c.connect()]);
+  const ack = await mia.c.send({ user: "ned" }, "from msgpack", { type: "text", ext: { k: "v" } });
+  assert.equal(ack.seq, 1);
+  await ned.c.send({ user: "mia" }, "from json");
+  await waitFor(() => ned.got.length >= 1 && mia.got.length >= 1, 10_000, "both 1:1 messages");
+  assert.deepEqual([ned.got[0].body, ned.got[0].from, ned.got[0].type], ["from msgpack", "mia", "text"]);
+  assert.deepEqual(ned.got[0].ext, { k: "v" });
+  // Mia's inbox holds her own message first (for her other devices: server.sync_sent).
+  assert.deepEqual([mia.got[0].body, mia.got[0].from, mia.got[0].seq], ["from json", "ned", 2]);
+  // A group, and what the MessagePack client missed while offline, once and in order.
+  for (const m of [mia, ned]) await m.c.joinGroup("mp");
+  await ned.c.send({ group: "mp" }, "g1");
+  await waitFor(() => mia.got.length >= 2, 10_000, "the group message");
+  assert.equal(mia.got[1].group, "mp");
+  mia.c.disconnect();
+  for (let i = 1; i <= 5; i++) await ned.c.send({ user: "mia" }, `missed ${i}`);
+  await mia.c.connect();
+  await waitFor(() => mia.got.length >= 7, 15_000, "the missed messages");
+  assert.deepEqual(bodies(mia.got.slice(2)), ["missed 1", "missed 2", "missed 3", "missed 4", "missed 5"]);
+  assert.deepEqual(mia.got.slice(2).map((m) => m.seq), [3, 4, 5, 6, 7]);
 });
