@@ -440,6 +440,10 @@ pub struct Limits {
     pub max_group_members: u32,
     /// Bytes of encoded output waiting for one connection before it is closed as too slow.
     pub max_outbound_bytes: u32,
+    /// Sockets per shard in their lingering close at once (the gateway closed them: its side
+    /// is shut and the peer's last input is read and dropped, for at most 2 s, so the peer
+    /// reads the last frames instead of a reset). Beyond it a socket is closed at once.
+    pub max_lingering_closes: u32,
     /// Unacked deliveries in flight per device (the window W).
     pub window: u32,
     /// Cross-shard channel capacity, in batches, per shard pair.
@@ -540,6 +544,7 @@ impl Default for Limits {
             max_groups_per_user: 1_000,
             max_group_members: 100_000,
             max_outbound_bytes: 1 << 20,
+            max_lingering_closes: 1_024,
             window: 64,
             shard_channel_batches: 1_024,
             shard_outbox_max: 65_536,

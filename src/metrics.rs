@@ -422,6 +422,8 @@ pub struct Metrics {
     pub tenants_shared: TenantShared,
     /// TLS handshakes, failures and certificate reloads (all shards).
     pub tls: crate::tls::TlsStats,
+    /// Closes that could not linger: `limits.max_lingering_closes` sockets were lingering.
+    pub linger_skipped: AtomicU64,
 }
 
 impl Metrics {
@@ -431,6 +433,7 @@ impl Metrics {
             io: std::sync::OnceLock::new(),
             tenants_shared: TenantShared::default(),
             tls: crate::tls::TlsStats::default(),
+            linger_skipped: AtomicU64::new(0),
         }
     }
 
@@ -654,6 +657,13 @@ impl Metrics {
                 io.cluster.render(&mut o);
             }
         }
+        let _ = writeln!(
+            o,
+            "# HELP imgw_closes_not_lingered_total Gateway closes with no lingering close \
+             (limits.max_lingering_closes sockets of the shard were lingering).\n\
+             # TYPE imgw_closes_not_lingered_total counter\nimgw_closes_not_lingered_total {}",
+            self.linger_skipped.load(r)
+        );
         let t = &self.tls;
         let tls: [(&str, &str, &AtomicU64); 4] = [
             (

@@ -557,3 +557,74 @@ fn admin_groups_at_durability_local_are_stored() {
     assert_eq!(req(&g, "DELETE", "/groups/dev/ops", "").1["removed"], 2);
     assert_eq!(req(&g, "GET", "/groups/dev/ops/members", "").0, 404);
 }
+
+/// A kicked client that is still writing when the gateway closes reads its `goaway` and an
+/// orderly end of stream, and none of its writes fail meanwhile: the gateway shuts its own
+/// side after the last frame and reads (and drops) what the client still sends, instead of
+/// closing with unread input, which resets the connection. Over WebSocket the client's
+/// close frame answers the gateway's without a reset as well.
+#[test]
+fn a_client_still_writing_when_kicked_gets_its_goaway_and_an_orderly_close() {
+    use imgw::client::ClientError;
+    let g = Gateway::dev();
+    for (i, transport) in [Transport::Tcp, Transport::Ws].into_iter().enumerate() {
+        let user = format!("writer-{i}");
+        let mut c = g.login(transport, CodecId::Json, &user, "d");
+        let body = format!(r#"{{"tenant":"dev","user":"{user}"}}"#);
+        let (status, v) = req(&g, "POST", "/kick", &body);
+        assert_eq!(status, 202, "{v}");
+        // Keep writing for 600 ms without reading: the close happens meanwhile.
+        for n in 0..60 {
+            let ping = Envelope::new(Message::Ping(Ping { ts: n }));
+            if let Err(e) = c.send(&ping) {
+                panic!("{transport:?}: write {n} after the kick failed: {e}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let env = c
+            .recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT)
+            .expect("goaway");
+        let Message::Goaway(gw) = env.msg else {
+            unreachable!()
+        };
+        assert_eq!(gw.reason, "kicked");
+        let end = c.recv_until(|_| false, WAIT);
+        assert!(
+            matches!(end, Err(ClientError::Closed { .. })),
+            "{transport:?}: an orderly close, not {end:?}"
+        );
+    }
+}
+
+/// `limits.max_lingering_closes` bounds the sockets of a shard in their lingering close: with
+/// one allowed, a second kicked client's close does not linger (its writes soon fail) and is
+/// counted, while the first still gets its orderly close.
+#[test]
+fn lingering_closes_are_bounded_per_shard() {
+    use imgw::client::ClientError;
+    let toml = common::gateway::DEV_TOML.replace(
+        "max_frame_bytes = 4096",
+        "max_frame_bytes = 4096\nmax_lingering_closes = 1",
+    );
+    let g = Gateway::start(&toml, &["--shards", "1", "--insecure-dev-auth"]);
+    let kick = |user: &str| {
+        let body = format!(r#"{{"tenant":"dev","user":"{user}"}}"#);
+        assert_eq!(req(&g, "POST", "/kick", &body).0, 202);
+    };
+    let mut a = g.login(Transport::Tcp, CodecId::Json, "linger-a", "d");
+    let mut b = g.login(Transport::Tcp, CodecId::Json, "linger-b", "d");
+    kick("linger-a");
+    // a reads its goaway and keeps its side open: its socket lingers on the gateway.
+    a.recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT)
+        .expect("a's goaway");
+    kick("linger-b");
+    let failed = (0..60).any(|n| {
+        std::thread::sleep(Duration::from_millis(10));
+        b.send(&Envelope::new(Message::Ping(Ping { ts: n })))
+            .is_err()
+    });
+    assert!(failed, "b's close lingered past the bound");
+    assert_eq!(g.metric("imgw_closes_not_lingered_total", &[]), 1.0);
+    let end = a.recv_until(|_| false, WAIT);
+    assert!(matches!(end, Err(ClientError::Closed { .. })), "{end:?}");
+}

@@ -20,6 +20,10 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError};
 
 use crate::metrics::Metrics;
+
+/// Reads of what a closing connection's peer still sends, per wake-up (each into the shard's
+/// scratch buffer, dropped).
+const MAX_LINGER_READS: usize = 16;
 use crate::tls::TlsStats;
 
 /// Socket reads processed per read call before yielding (a peer sending tiny records cannot
@@ -154,6 +158,41 @@ impl Io {
             Ok(_) => !t.outbuf.is_empty(),
             Err(_) => false,
         }
+    }
+
+    /// The lingering close, once the last bytes (and TLS's close_notify) are written: shuts
+    /// the write side once, so that a FIN follows them, then reads and drops whatever the
+    /// peer still sends. Closing a socket with unread input would reset the connection: a
+    /// peer still writing (a WebSocket client answering our close frame, a client sending
+    /// when kicked) would get the reset instead of reading our last frames to the end.
+    /// `Ready` once the peer closed too (or the socket failed); `Pending` with the waker
+    /// registered otherwise (the caller bounds the wait with a timer).
+    pub(super) fn linger(
+        &mut self,
+        cx: &mut Context<'_>,
+        shut: &mut bool,
+        scratch: &mut [u8],
+    ) -> Poll<()> {
+        let stream = match self {
+            Io::Plain(s) => s,
+            Io::Tls(t) => &mut t.stream,
+        };
+        if !*shut {
+            *shut = true;
+            if let Poll::Ready(Err(_)) = Pin::new(&mut *stream).poll_close(cx) {
+                return Poll::Ready(());
+            }
+        }
+        for _ in 0..MAX_LINGER_READS {
+            match Pin::new(&mut *stream).poll_read(cx, scratch) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // Plenty read: let other connections run, then go on.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     /// Whether a TLS handshake is still under way (always false for a plain socket).

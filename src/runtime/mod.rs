@@ -25,7 +25,7 @@ use crate::config::{Config, Durability};
 use crate::control::Control;
 use crate::iocore::{IoConfig, IoCore, IoPort};
 use crate::metrics::Metrics;
-use crate::shard::{Batch, Clock, ConnId, Shard, Transport};
+use crate::shard::{Batch, Clock, ConnId, Shard, Transport, CLOSE_FLUSH_MS};
 use crate::tls::{Certs, ShardTls, TlsStats};
 
 mod io;
@@ -457,6 +457,7 @@ async fn shard_main(
     shard.borrow_mut().set_mid_mint(mids);
     let io_task = wake_reader.map(|r| glommio::spawn_local(io_completions(shard.clone(), r, base)));
     let scratch = Rc::new(RefCell::new(vec![0u8; SCRATCH_BYTES]));
+    let lingering = Rc::new(std::cell::Cell::new(0));
 
     let tls = certs.map(|c| Rc::new(RefCell::new(ShardTls::new(c))));
     let s = &cfg.server;
@@ -476,6 +477,8 @@ async fn shard_main(
         };
         let conns = Conns {
             shard: shard.clone(),
+            lingering: lingering.clone(),
+            max_lingering: cfg.limits.max_lingering_closes,
             scratch: scratch.clone(),
             metrics: metrics.clone(),
             base,
@@ -566,6 +569,10 @@ async fn io_completions(
 #[derive(Clone)]
 struct Conns {
     shard: Rc<RefCell<Shard>>,
+    /// Sockets of this shard in their lingering close, and the bound
+    /// (`limits.max_lingering_closes`).
+    lingering: Rc<std::cell::Cell<u32>>,
+    max_lingering: u32,
     /// The shard's read buffer (plaintext lands here, TLS or not).
     scratch: Rc<RefCell<Vec<u8>>>,
     metrics: Arc<Metrics>,
@@ -606,13 +613,45 @@ async fn accept_loop(listener: Listener, conns: Conns) {
 }
 
 /// Drives one connection: writes what the shard queued for it, reads into the shard's
-/// scratch buffer and feeds the shard, until the shard or the peer closes it.
+/// scratch buffer and feeds the shard, until the shard or the peer closes it. A close the
+/// shard asked for then lingers (see [`linger`]).
 async fn conn_task(conns: Conns, id: ConnId, mut io: Io) {
-    poll_fn(|cx| poll_conn(&conns, id, &mut io, cx)).await;
+    let ours = poll_fn(|cx| poll_conn(&conns, id, &mut io, cx)).await;
+    if ours {
+        linger(&conns, &mut io).await;
+    }
     // Dropping the stream closes the socket.
 }
 
-fn poll_conn(conns: &Conns, id: ConnId, io: &mut Io, cx: &mut Context<'_>) -> Poll<()> {
+/// The lingering close of a connection the shard closed (its slot is already free): the
+/// write side is shut, so a FIN follows the last frame, and what the peer still sends is
+/// read and dropped until it closes too, for at most [`CLOSE_FLUSH_MS`]. Closing a socket
+/// with unread input resets the connection: a client still writing (one kicked while
+/// sending, a WebSocket client answering our close frame) would get the reset instead of
+/// our last frames. At most `limits.max_lingering_closes` per shard linger at once; beyond
+/// that a socket is closed at once (counted in `imgw_closes_not_lingered_total`).
+async fn linger(conns: &Conns, io: &mut Io) {
+    if conns.lingering.get() >= conns.max_lingering {
+        conns
+            .metrics
+            .linger_skipped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return;
+    }
+    conns.lingering.set(conns.lingering.get() + 1);
+    let mut shut = false;
+    let drained = poll_fn(|cx| {
+        let mut buf = conns.scratch.borrow_mut();
+        io.linger(cx, &mut shut, &mut buf[..])
+    });
+    let deadline = glommio::timer::sleep(Duration::from_millis(CLOSE_FLUSH_MS));
+    futures_lite::future::or(drained, deadline).await;
+    conns.lingering.set(conns.lingering.get() - 1);
+}
+
+/// Returns `true` when the shard closed the connection (then it lingers), `false` when the
+/// peer did or the socket failed.
+fn poll_conn(conns: &Conns, id: ConnId, io: &mut Io, cx: &mut Context<'_>) -> Poll<bool> {
     let mut s = conns.shard.borrow_mut();
     let base = conns.base;
     for _ in 0..MAX_ROUNDS_PER_POLL {
@@ -621,7 +660,7 @@ fn poll_conn(conns: &Conns, id: ConnId, io: &mut Io, cx: &mut Context<'_>) -> Po
             Ok(wrote) => wrote,
             Err(_) => {
                 s.remove(id);
-                return Poll::Ready(());
+                return Poll::Ready(false);
             }
         };
         // Write everything queued, in as few sends as the kernel allows.
@@ -636,7 +675,7 @@ fn poll_conn(conns: &Conns, id: ConnId, io: &mut Io, cx: &mut Context<'_>) -> Po
                     Poll::Ready(Ok(_)) | Poll::Pending => {}
                     Poll::Ready(Err(_)) => {
                         s.remove(id);
-                        return Poll::Ready(());
+                        return Poll::Ready(false);
                     }
                 }
             }
@@ -650,15 +689,18 @@ fn poll_conn(conns: &Conns, id: ConnId, io: &mut Io, cx: &mut Context<'_>) -> Po
             if io.handshaking() {
                 TlsStats::add(&conns.metrics.tls.handshake_timeouts);
             }
+            // Lingering is pointless once the flush deadline has passed (a peer that does not
+            // read will not close either).
+            let linger = !s.close_overdue(id);
             s.remove(id);
-            return Poll::Ready(());
+            return Poll::Ready(linger);
         }
         if !s.is_closing(id) {
             let mut buf = conns.scratch.borrow_mut();
             match io.poll_read(cx, &mut buf[..], &conns.metrics) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     s.remove(id);
-                    return Poll::Ready(());
+                    return Poll::Ready(false);
                 }
                 Poll::Ready(Ok(n)) => {
                     s.on_read(id, &mut buf[..n], clock(base));

@@ -119,10 +119,12 @@ test("sends are retried with their cmid after the gateway closes the connection"
   const alice = client(gw.ws, "amy", "laptop");
   const bob = client(gw.ws, "bo", "phone");
   await Promise.all([alice.c.connect(), bob.c.connect()]);
-  // The kick's goaway may be lost with the connection (the gateway closes a socket that
-  // still holds unread sends: a reset); what counts is the close and the reconnect.
+  // The kick's goaway arrives even though alice is still sending (the gateway shuts its
+  // side and drains hers before closing: no reset), then the close and the reconnect.
   let welcomes = 0;
+  const goaways = [];
   alice.c.on("welcome", () => welcomes++);
+  alice.c.on("goaway", (g) => goaways.push(g.reason));
   const n = 40;
   const sends = [];
   for (let i = 0; i < n; i++) {
@@ -132,6 +134,7 @@ test("sends are retried with their cmid after the gateway closes the connection"
     if (i === n / 2) assert.equal(await adminPost(gw, "/kick", { tenant: "dev", user: "amy" }), 202);
   }
   await waitFor(() => welcomes >= 1, 10_000, "alice's reconnect after the kick");
+  assert.deepEqual(goaways, ["kicked"]);
   const acks = await Promise.all(sends);
   await waitFor(() => bob.got.length >= n, 15_000, "every message");
   await sleep(300);
