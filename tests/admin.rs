@@ -558,6 +558,13 @@ fn admin_groups_at_durability_local_are_stored() {
     assert_eq!(req(&g, "GET", "/groups/dev/ops/members", "").0, 404);
 }
 
+/// `POST /kick` of the dev tenant's `user`, accepted.
+fn kick(g: &Gateway, user: &str) {
+    let body = format!(r#"{{"tenant":"dev","user":"{user}"}}"#);
+    let (status, v) = req(g, "POST", "/kick", &body);
+    assert_eq!(status, 202, "{v}");
+}
+
 /// A kicked client that is still writing when the gateway closes reads its `goaway` and an
 /// orderly end of stream, and none of its writes fail meanwhile: the gateway shuts its own
 /// side after the last frame and reads (and drops) what the client still sends, instead of
@@ -569,9 +576,7 @@ fn a_client_still_writing_when_kicked_gets_its_goaway_and_an_orderly_close() {
     for (i, transport) in [Transport::Tcp, Transport::Ws].into_iter().enumerate() {
         let user = format!("writer-{i}");
         let mut c = g.login(transport, CodecId::Json, &user, "d");
-        let body = format!(r#"{{"tenant":"dev","user":"{user}"}}"#);
-        let (status, v) = req(&g, "POST", "/kick", &body);
-        assert_eq!(status, 202, "{v}");
+        kick(&g, &user);
         // Keep writing for 600 ms without reading: the close happens meanwhile.
         for n in 0..60 {
             let ping = Envelope::new(Message::Ping(Ping { ts: n }));
@@ -595,17 +600,13 @@ fn lingering_closes_are_bounded_per_shard() {
         "max_frame_bytes = 4096\nmax_lingering_closes = 1",
     );
     let g = Gateway::start(&toml, &["--shards", "1", "--insecure-dev-auth"]);
-    let kick = |user: &str| {
-        let body = format!(r#"{{"tenant":"dev","user":"{user}"}}"#);
-        assert_eq!(req(&g, "POST", "/kick", &body).0, 202);
-    };
     let mut a = g.login(Transport::Tcp, CodecId::Json, "linger-a", "d");
     let mut b = g.login(Transport::Tcp, CodecId::Json, "linger-b", "d");
-    kick("linger-a");
+    kick(&g, "linger-a");
     // a reads its goaway and keeps its side open: its socket lingers on the gateway.
     a.recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT)
         .expect("a's goaway");
-    kick("linger-b");
+    kick(&g, "linger-b");
     let failed = (0..60).any(|n| {
         std::thread::sleep(Duration::from_millis(10));
         b.send(&Envelope::new(Message::Ping(Ping { ts: n })))

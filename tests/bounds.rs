@@ -6,13 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::gateway::{direct, join, send_group, Gateway, DEV_TOML};
+use common::gateway::{direct, expect_error, join, ping, send_group, Gateway, DEV_TOML};
 use imgw::client::{Client, ClientError, Transport};
 use imgw::codec::CodecId;
 use imgw::ids::owner_shard;
-use imgw::protocol::{
-    frame, Ack, Envelope, ErrorCode, GroupJoin, Message, Ping, PresenceSub, Sync,
-};
+use imgw::protocol::{frame, Ack, Envelope, ErrorCode, GroupJoin, Message, PresenceSub, Sync};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -37,23 +35,6 @@ fn local(extra_limits: &str) -> Gateway {
         "local",
     ];
     Gateway::start(&limits(extra_limits), &args)
-}
-
-fn ping(c: &mut Client) {
-    c.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 99))
-        .unwrap();
-    c.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
-        .unwrap();
-}
-
-fn expect_error(c: &mut Client, code: ErrorCode) {
-    let env = c
-        .recv_until(|e| matches!(e.msg, Message::Error(_)), WAIT)
-        .unwrap_or_else(|e| panic!("waiting for {code:?}: {e}"));
-    let Message::Error(e) = env.msg else {
-        unreachable!()
-    };
-    assert_eq!(e.code, code, "{}", e.message);
 }
 
 /// The next `deliver` within `within`, or `None`.

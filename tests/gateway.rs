@@ -8,7 +8,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::gateway::{
-    expect_kicked, http_post, jwt, jwt_gateway, jwt_login, send_group, sync_all, Gateway, DEV_TOML,
+    expect_error, expect_kicked, http_post, jwt, jwt_gateway, jwt_login, ping, send_group,
+    sync_all, Gateway, DEV_TOML,
 };
 use imgw::client::{Client, ClientError, Transport};
 use imgw::codec::CodecId;
@@ -40,24 +41,6 @@ fn send(c: &mut Client, to: &str, cmid: &str, body: &str) {
         r,
     ))
     .unwrap();
-}
-
-/// A ping round trip: the connection is served (and everything before it was processed).
-fn ping(c: &mut Client) {
-    c.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 99))
-        .unwrap();
-    c.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
-        .unwrap();
-}
-
-fn expect_error(c: &mut Client, code: ErrorCode) {
-    let env = c
-        .recv_until(|e| matches!(e.msg, Message::Error(_)), WAIT)
-        .unwrap_or_else(|e| panic!("waiting for error {code:?}: {e}"));
-    let Message::Error(e) = env.msg else {
-        unreachable!()
-    };
-    assert_eq!(e.code, code, "{}", e.message);
 }
 
 fn deliveries(c: &mut Client, n: usize) -> Vec<imgw::protocol::Deliver> {

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::gateway::{direct, Gateway, DEV_TOML};
+use common::gateway::{direct, ping, Gateway, DEV_TOML};
 use imgw::client::{Client, ClientConfig, ClientError, TlsClient, Transport};
 use imgw::codec::CodecId;
-use imgw::protocol::{Envelope, Message, Ping};
+use imgw::protocol::Message;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -87,13 +87,6 @@ fn tls_config(
     let mut c = ClientConfig::new(transport, codec, addr);
     c.tls = Some(TlsClient::new(ca_pem.as_bytes(), "localhost", versions).unwrap());
     c
-}
-
-fn ping(c: &mut Client) {
-    c.send(&Envelope::with_ref(Message::Ping(Ping { ts: 7 }), 77))
-        .unwrap();
-    c.recv_until(|e| matches!(e.msg, Message::Pong(_)), WAIT)
-        .unwrap();
 }
 
 fn test_dir(tag: &str) -> PathBuf {

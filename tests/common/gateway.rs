@@ -433,6 +433,34 @@ pub fn expect_kicked(c: &mut Client) {
     );
 }
 
+/// A ping round trip within 5 s: the connection is served (and everything sent before the
+/// ping was processed).
+pub fn ping(c: &mut Client) {
+    use imgw::protocol::{Envelope, Message, Ping};
+    c.send(&Envelope::with_ref(Message::Ping(Ping { ts: 1 }), 99))
+        .unwrap();
+    c.recv_until(
+        |e| matches!(e.msg, Message::Pong(_)),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+}
+
+/// The next `error` within 5 s, which must carry `code`.
+pub fn expect_error(c: &mut Client, code: imgw::protocol::ErrorCode) {
+    use imgw::protocol::Message;
+    let env = c
+        .recv_until(
+            |e| matches!(e.msg, Message::Error(_)),
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("waiting for error {code:?}: {e}"));
+    let Message::Error(e) = env.msg else {
+        unreachable!()
+    };
+    assert_eq!(e.code, code, "{}", e.message);
+}
+
 /// A group `send`; the answer to it (`send_ack` or `error`), within 5 s.
 pub fn send_group(c: &mut Client, group: &str, cmid: &str, body: &str) -> imgw::protocol::Message {
     use imgw::protocol::{Envelope, Message, Send, Target};
