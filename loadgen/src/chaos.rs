@@ -342,10 +342,7 @@ impl Gateway {
 
     fn signal(&self, sig: i32) {
         if let Some(pid) = self.pid() {
-            // SAFETY: kill(2) on our own child's pid; no memory is involved.
-            unsafe {
-                libc::kill(pid, sig);
-            }
+            signal_pid(pid, sig);
         }
     }
 
@@ -360,11 +357,9 @@ impl Gateway {
     fn stop(&mut self) {
         self.signal(libc::SIGCONT);
         self.signal(libc::SIGTERM);
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        while self.running() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
+        if let Some(mut child) = self.child.take() {
+            wait_bounded(&mut child, DRAIN_TIMEOUT);
         }
-        self.kill_now();
     }
 }
 
@@ -400,7 +395,8 @@ fn read_pid(path: &PathBuf) -> Option<i32> {
 }
 
 fn signal_pid(pid: i32, sig: i32) {
-    // SAFETY: kill(2) on a pid the user named; no memory is involved.
+    // SAFETY: kill(2) on a pid (our gateway child's, or one a backend's pid file names); no
+    // memory is involved.
     unsafe {
         libc::kill(pid, sig);
     }
@@ -727,12 +723,11 @@ impl Chaos {
         }
     }
 
-    /// Ends the fault under way at once (the run is over): continue, restart, start.
+    /// Ends the fault under way at once (the run is over): continue, restart, start. At most
+    /// two rounds: a backend's start (the step after its stop or its time down) is awaited,
+    /// bounded, so the settle finds it up; every other step leaves nothing under way.
     fn finish_active(&mut self, now: Instant) {
-        for _ in 0..4 {
-            let Some(active) = self.active.take() else {
-                return;
-            };
+        while let Some(active) = self.active.take() {
             match active {
                 Active::Down { .. } => self.restart_gateway(),
                 Active::Paused { pid, .. } => self.resume(pid),
@@ -748,17 +743,13 @@ impl Chaos {
                 Active::Stopping {
                     backend, mut child, ..
                 } => {
-                    let _ = wait_bounded(&mut child, COMMAND_TIMEOUT);
+                    wait_bounded(&mut child, COMMAND_TIMEOUT);
                     self.start_backend(backend, now);
                 }
                 Active::Starting { mut child, .. } => {
-                    let _ = wait_bounded(&mut child, COMMAND_TIMEOUT);
+                    wait_bounded(&mut child, COMMAND_TIMEOUT);
                 }
             }
-        }
-        // A start command still running is awaited (bounded), so the settle finds it up.
-        if let Some(Active::Starting { mut child, .. }) = self.active.take() {
-            let _ = wait_bounded(&mut child, COMMAND_TIMEOUT);
         }
     }
 
@@ -827,16 +818,17 @@ impl Chaos {
     }
 }
 
-fn wait_bounded(child: &mut Child, limit: Duration) -> bool {
+/// Waits for `child` to exit, at most `limit`; then kills it.
+fn wait_bounded(child: &mut Child, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
         match child.try_wait() {
-            Ok(Some(_)) => return true,
+            Ok(Some(_)) => return,
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return false;
+                return;
             }
         }
     }
