@@ -111,7 +111,9 @@ impl Scenario {
                   chaos: loadgen chaos --serve 'ARGS' --duration 60s --seed 7 starts `imgw serve ARGS` itself \
                   and injects faults into a chat + group + churn load; exit 1 on any lost, duplicated or \
                   out-of-order message.\nExit codes: 0 ok, 1 --expect-no-loss (or chaos) failed or the run \
-                  could not complete, 2 usage."
+                  could not complete, 2 usage.",
+    // A flag given twice takes its last value, as imgw's do: a script appends to a base command.
+    args_override_self = true
 )]
 pub struct Cli {
     /// chat | idle | connect-storm | fanout | churn | offline-sync | mixed | chaos (or

@@ -918,6 +918,38 @@ fn a_chaos_campaign_at_local_loses_nothing() {
     assert!(stderr.contains("chaos schedule (seed 11)"), "{stderr}");
 }
 
+/// Ten SIGKILLs of `imgw serve --durability local` under chat, group and churn load (issue
+/// 13): after each restart every client resends its unacked sends with their `cmid`; every
+/// acked message is delivered once and in order, and every resend of an in-flight send is
+/// stored once (no duplicate shown, none lost, none unconfirmed at the end).
+#[test]
+fn ten_sigkills_at_local_lose_nothing_and_resends_arrive_once() {
+    let (out, r) = chaos(
+        "kill10",
+        "--durability local",
+        32,
+        "kill",
+        "21",
+        &["--fault-gap", "1s-1500ms", "--fault-hold", "100ms-300ms"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let c = &r["chaos"];
+    assert_eq!(c["pass"], true, "{stdout}");
+    assert!(c["faults"]["kill"].as_u64() >= Some(10), "{c}");
+    let m = &r["messages"];
+    for k in [
+        "lost",
+        "duplicates",
+        "out_of_order",
+        "unknown",
+        "unconfirmed",
+    ] {
+        assert_eq!(m[k].as_u64(), Some(0), "{k}: {m}");
+    }
+    assert!(m["acked"].as_u64() > Some(1_000), "{m}");
+}
+
 /// The campaign fails a gateway that loses acknowledged messages: at durability `memory` a
 /// SIGKILL loses what was acked and not yet delivered (as documented), and loadgen exits 1.
 #[test]
