@@ -107,7 +107,21 @@ impl IoError {
             IoError::Corrupt(_) => crate::protocol::ErrorCode::Internal,
         }
     }
+
+    /// The `retry_after_ms` hint for this failure, from the configured one (`base_ms`): none
+    /// for damaged data, [`STORE_FULL_RETRY_FACTOR`] times longer for a full store (space is
+    /// not freed in a moment), `base_ms` otherwise.
+    pub fn retry_after_ms(&self, base_ms: u64) -> Option<u64> {
+        match self {
+            IoError::Corrupt(_) => None,
+            IoError::StoreFull(_) => Some(base_ms.saturating_mul(STORE_FULL_RETRY_FACTOR)),
+            IoError::Timeout(_) | IoError::Unavailable(_) => Some(base_ms),
+        }
+    }
 }
+
+/// How much longer a client waits before resending to a full store than after another failure.
+pub const STORE_FULL_RETRY_FACTOR: u64 = 25;
 
 impl From<crate::store::StoreError> for IoError {
     fn from(e: crate::store::StoreError) -> Self {
@@ -1228,5 +1242,11 @@ mod error_tests {
         let full = IoError::from(StoreError::Full("no space left".into()));
         assert!(matches!(full, IoError::StoreFull(_)));
         assert_eq!(full.code(), ErrorCode::Unavailable);
+        assert_eq!(
+            full.retry_after_ms(200),
+            Some(200 * super::STORE_FULL_RETRY_FACTOR)
+        );
+        assert_eq!(engine.retry_after_ms(200), Some(200));
+        assert_eq!(corrupt.retry_after_ms(200), None);
     }
 }

@@ -870,14 +870,8 @@ fn member_keys(group: &GroupRef, member: &str) -> Result<(Vec<u8>, Vec<u8>), Sto
 }
 
 impl StoreTx for Batch<'_> {
-    type Stored = Vec<u8>;
-
     fn max_id_bytes(&self) -> usize {
         MAX_ID_BYTES
-    }
-
-    fn encode(&mut self, deliver: Deliver) -> Option<Vec<u8>> {
-        super::encode_stored(deliver)
     }
 
     fn last_seq(&mut self, log: Log<'_>) -> Result<u64, StoreError> {

@@ -4,8 +4,9 @@
 //! This module owns the persistent state of SPEC 4 and 6: every user's inbox with its gapless
 //! `inbox_seq`, every device's cursor, every group's timeline (`gseq`), member list and
 //! per-member cursors, and the `(tenant, sender, cmid)` dedupe window. [`EmbeddedStore`] is the
-//! embedded implementation (fjall; the choice and its measurement are in docs/STORE.md); the
-//! MySQL backend is meant to implement the same trait.
+//! embedded implementation (fjall; the choice and its measurement are in docs/STORE.md),
+//! [`MySqlStore`] the MySQL one. What an [`Op`] does (seqs, trimming, dedupe, cursors, groups
+//! and their limits, refusals) is stated once in [`rules`], which both call.
 //!
 //! It knows nothing of sockets, shards or glommio. The gateway's I/O core is a single thread
 //! that owns one [`Backend`], batches the commands of the shards and awaits

@@ -25,7 +25,7 @@ use super::{
     Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, StoreError, StoreFuture,
     StoreOptions, UserRef,
 };
-use crate::protocol::{Deliver, Str};
+use crate::protocol::Str;
 
 /// The longest id (tenant, user, group, member, device, sender, cmid) this backend stores, in
 /// bytes: the columns are `VARBINARY(255)` so that the composite keys fit InnoDB's index limit.
@@ -478,14 +478,8 @@ fn triple(tenant: &str, owner: &str, name: &str) -> Triple {
 
 /// The rules' view of the batch: the rows [`prefetch`] read, and the batch's writes over them.
 impl StoreTx for Tx {
-    type Stored = Vec<u8>;
-
     fn max_id_bytes(&self) -> usize {
         MYSQL_MAX_ID_BYTES
-    }
-
-    fn encode(&mut self, deliver: Deliver) -> Option<Vec<u8>> {
-        super::encode_stored(deliver)
     }
 
     fn last_seq(&mut self, log: Log<'_>) -> Result<u64, StoreError> {
@@ -1705,7 +1699,7 @@ fn lanes_keep_each_inbox_and_group_in_one_lane_in_batch_order() {
             user: user(&to),
             sender: "s".into(),
             cmid: format!("c{i}").into(),
-            deliver: Deliver {
+            deliver: crate::protocol::Deliver {
                 mid: i,
                 from: "s".into(),
                 to: None,

@@ -86,21 +86,21 @@ pub struct DedupeKey<'a> {
 /// Writes are staged in the batch and committed (or dropped) with it by the store. Every
 /// method may fail with the store's error; the rules pass it on and the batch fails whole.
 pub trait StoreTx {
-    /// A message encoded for storage.
-    type Stored;
-
     /// The longest id (tenant, user, group, member, device, sender, cmid) the store holds.
     fn max_id_bytes(&self) -> usize;
     /// The message in its stored form (its `inbox_seq` is not stored); `None`: it cannot be
-    /// encoded ([`Refusal::Unencodable`]).
-    fn encode(&mut self, deliver: Deliver) -> Option<Self::Stored>;
+    /// encoded ([`Refusal::Unencodable`]). By default [`super::encode_stored`] (Protobuf); a
+    /// store with another form overrides it.
+    fn encode(&mut self, deliver: Deliver) -> Option<Vec<u8>> {
+        super::encode_stored(deliver)
+    }
 
     /// The last seq of an inbox or timeline (0: nothing appended).
     fn last_seq(&mut self, log: Log<'_>) -> Result<u64, StoreError>;
     /// Records the last seq of an inbox or timeline.
     fn set_last_seq(&mut self, log: Log<'_>, seq: u64) -> Result<(), StoreError>;
     /// Stores a message under `seq`.
-    fn put_message(&mut self, log: Log<'_>, seq: u64, msg: Self::Stored) -> Result<(), StoreError>;
+    fn put_message(&mut self, log: Log<'_>, seq: u64, msg: Vec<u8>) -> Result<(), StoreError>;
     /// Deletes the message under `seq` (absent: nothing to do).
     fn trim_message(&mut self, log: Log<'_>, seq: u64) -> Result<(), StoreError>;
 
@@ -405,22 +405,20 @@ mod tests {
     struct MemTx {
         last: BTreeMap<LogId, u64>,
         messages: BTreeMap<(LogId, u64), u64>,
-        dedupe: BTreeMap<(String, String, LogId), DedupeRecord>,
+        dedupe: BTreeMap<SendKey, DedupeRecord>,
         cursors: BTreeMap<(String, String), u64>,
         members: BTreeMap<(String, String), u64>,
         sizes: BTreeMap<String, u64>,
     }
 
     impl StoreTx for MemTx {
-        /// The message's mid.
-        type Stored = u64;
-
         fn max_id_bytes(&self) -> usize {
             MAX_ID
         }
 
-        fn encode(&mut self, deliver: Deliver) -> Option<u64> {
-            (&*deliver.body != BAD_BODY).then_some(deliver.mid)
+        /// The stored form is the mid (big-endian).
+        fn encode(&mut self, deliver: Deliver) -> Option<Vec<u8>> {
+            (&*deliver.body != BAD_BODY).then(|| deliver.mid.to_be_bytes().to_vec())
         }
 
         fn last_seq(&mut self, log: Log<'_>) -> Result<u64, StoreError> {
@@ -432,8 +430,9 @@ mod tests {
             Ok(())
         }
 
-        fn put_message(&mut self, log: Log<'_>, seq: u64, msg: u64) -> Result<(), StoreError> {
-            self.messages.insert((log_id(log), seq), msg);
+        fn put_message(&mut self, log: Log<'_>, seq: u64, msg: Vec<u8>) -> Result<(), StoreError> {
+            let mid = msg.try_into().map(u64::from_be_bytes).unwrap();
+            self.messages.insert((log_id(log), seq), mid);
             Ok(())
         }
 
@@ -534,13 +533,16 @@ mod tests {
         }
     }
 
+    /// (sender, cmid, log).
+    type SendKey = (String, String, LogId);
+
     /// The reference: the rules as the docs state them, on plain collections.
     #[derive(Default)]
     struct Model {
         /// Per inbox or timeline: every seq appended, and the mid of each.
         logs: BTreeMap<LogId, Vec<u64>>,
         /// (sender, cmid, log) → (seq, mid, ts, stored at).
-        sent: BTreeMap<(String, String, LogId), (u64, u64, u64, u64)>,
+        sent: BTreeMap<SendKey, (u64, u64, u64, u64)>,
         /// user → device → cursor.
         devices: BTreeMap<String, BTreeMap<String, u64>>,
         /// group → member → cursor.
