@@ -27,7 +27,7 @@
 //! cursor moves) still costs one read query and one write query; a read the prefetch did not
 //! cover is an error, not an extra query.
 
-use super::keys::DedupeRecord;
+pub use super::keys::DedupeRecord;
 use super::{GroupRef, Op, OpResult, Refusal, StoreError, UserRef};
 use crate::protocol::{Deliver, Str};
 
@@ -51,7 +51,9 @@ pub struct Limits {
 /// An inbox or a group timeline: what an append draws a seq from.
 #[derive(Clone, Copy, Debug)]
 pub enum Log<'a> {
+    /// A user's inbox (`inbox_seq`).
     Inbox(&'a UserRef),
+    /// A group's timeline (`gseq`).
     Group(&'a GroupRef),
 }
 
@@ -89,7 +91,7 @@ pub trait StoreTx {
     /// The longest id (tenant, user, group, member, device, sender, cmid) the store holds.
     fn max_id_bytes(&self) -> usize;
     /// The message in its stored form (its `inbox_seq` is not stored); `None`: it cannot be
-    /// encoded ([`Refusal::Unencodable`]). By default [`super::encode_stored`] (Protobuf); a
+    /// encoded ([`Refusal::Unencodable`]). By default the Protobuf form of both stores; a
     /// store with another form overrides it.
     fn encode(&mut self, deliver: Deliver) -> Option<Vec<u8>> {
         super::encode_stored(deliver)
@@ -118,7 +120,9 @@ pub trait StoreTx {
     fn cursor(&mut self, user: &UserRef, device: &str) -> Result<Option<u64>, StoreError>;
     /// Every device cursor of the user: (device, seq), in any order.
     fn cursors(&mut self, user: &UserRef) -> Result<Vec<(Str, u64)>, StoreError>;
+    /// Stores a device's cursor (new or moved).
     fn put_cursor(&mut self, user: &UserRef, device: &str, seq: u64) -> Result<(), StoreError>;
+    /// Deletes a device's cursor (an eviction).
     fn delete_cursor(&mut self, user: &UserRef, device: &str) -> Result<(), StoreError>;
 
     /// A member's group cursor (`None`: not a member; 0: a member that never moved it).
@@ -810,19 +814,26 @@ mod tests {
             let mut now = 1_000;
             for (i, step) in steps.into_iter().enumerate() {
                 now += step.4;
-                let r = apply_op(&mut tx, &l, op(step, i as u64 + 1), now).unwrap();
+                let op = op(step, i as u64 + 1);
+                // A new device of a user who has the most allowed.
+                let full = match &op {
+                    Op::SetCursor { user, device, .. } => {
+                        tx.cursor(user, device).unwrap().is_none()
+                            && tx.cursors(user).unwrap().len() >= 2
+                    }
+                    _ => false,
+                };
+                let r = apply_op(&mut tx, &l, op, now).unwrap();
                 let what = match r {
                     OpResult::Refused(r) => format!("{r:?}"),
                     OpResult::Appended {
                         duplicate: true, ..
                     } => "duplicate".into(),
                     OpResult::Appended { seq, .. } if seq > 3 => "trimmed".into(),
+                    OpResult::Cursor { seq } if full && seq > 0 => "evicted".into(),
                     _ => continue,
                 };
                 seen.insert(what);
-            }
-            if tx.cursors.len() >= 2 {
-                seen.insert("devices".to_string());
             }
         }
         for want in [
@@ -833,6 +844,7 @@ mod tests {
             "NotMember",
             "duplicate",
             "trimmed",
+            "evicted",
         ] {
             assert!(seen.contains(want), "never reached: {want} ({seen:?})");
         }
