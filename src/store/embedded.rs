@@ -608,6 +608,8 @@ impl EmbeddedStore {
             store: self,
             tx: &mut tx,
             now_ms,
+            log_memo: None,
+            dedupe_memo: None,
         };
         for op in ops {
             results.push(rules::apply_op(&mut batch, &limits, op, now_ms)?);
@@ -830,6 +832,76 @@ struct Batch<'a> {
     store: &'a mut EmbeddedStore,
     tx: &'a mut Tx,
     now_ms: u64,
+    /// The last log prefix and dedupe key built: an append asks for its log's several times
+    /// (last seq, message, trim, new last seq) and for its dedupe key twice (lookup, record),
+    /// and each build is an allocation on the per-message path.
+    log_memo: Option<Memo>,
+    dedupe_memo: Option<Memo>,
+}
+
+/// A key and the ids it was built from: (log kind, tenant, user or group, sender, cmid), ""
+/// where unused.
+struct Memo {
+    ids: [Str; 5],
+    key: Vec<u8>,
+}
+
+impl Memo {
+    fn new(ids: [&str; 5], key: Vec<u8>) -> Memo {
+        Memo {
+            ids: ids.map(Str::from),
+            key,
+        }
+    }
+
+    fn is(&self, ids: &[&str; 5]) -> bool {
+        self.ids.iter().zip(ids).all(|(a, b)| &**a == *b)
+    }
+}
+
+fn log_ids<'b>(log: Log<'b>, sender: &'b str, cmid: &'b str) -> [&'b str; 5] {
+    match log {
+        Log::Inbox(u) => ["u", &u.tenant, &u.user, sender, cmid],
+        Log::Group(g) => ["g", &g.tenant, &g.group, sender, cmid],
+    }
+}
+
+impl Batch<'_> {
+    /// The key prefix of `log`'s rows; hand it back with [`Batch::keep_prefix`].
+    fn prefix(&mut self, log: Log<'_>) -> Result<Memo, StoreError> {
+        let ids = log_ids(log, "", "");
+        match self.log_memo.take() {
+            Some(m) if m.is(&ids) => Ok(m),
+            _ => {
+                let prefix = match log {
+                    Log::Inbox(u) => checked(keys::user(u))?,
+                    Log::Group(g) => checked(keys::group(g))?,
+                };
+                Ok(Memo::new(ids, prefix))
+            }
+        }
+    }
+
+    fn keep_prefix(&mut self, memo: Memo) {
+        self.log_memo = Some(memo);
+    }
+
+    /// The dedupe key of `key`, the one built last if it is the same.
+    fn dedupe_key(&mut self, key: DedupeKey<'_>) -> Result<Memo, StoreError> {
+        let ids = log_ids(key.log, key.sender, key.cmid);
+        match self.dedupe_memo.take() {
+            Some(m) if m.is(&ids) => Ok(m),
+            _ => Ok(Memo::new(ids, dedupe_key(key)?)),
+        }
+    }
+}
+
+/// Which sequence and table a log's rows are in.
+fn log_kind(log: Log<'_>) -> (SeqKind, Ks) {
+    match log {
+        Log::Inbox(_) => (SeqKind::Inbox, Ks::Inbox),
+        Log::Group(_) => (SeqKind::Group, Ks::Timeline),
+    }
 }
 
 /// A key of an id the rules checked against [`MAX_ID_BYTES`]: too long cannot happen, and is
@@ -838,13 +910,6 @@ fn checked<T>(key: Result<T, TooLong>) -> Result<T, StoreError> {
     key.map_err(|TooLong| StoreError::Corrupt {
         table: "batch",
         detail: "an id longer than a key holds passed the rules".into(),
-    })
-}
-
-fn log_key(log: Log<'_>) -> Result<(SeqKind, Ks, Vec<u8>), StoreError> {
-    Ok(match log {
-        Log::Inbox(u) => (SeqKind::Inbox, Ks::Inbox, checked(keys::user(u))?),
-        Log::Group(g) => (SeqKind::Group, Ks::Timeline, checked(keys::group(g))?),
     })
 }
 
@@ -875,25 +940,34 @@ impl StoreTx for Batch<'_> {
     }
 
     fn last_seq(&mut self, log: Log<'_>) -> Result<u64, StoreError> {
-        let (kind, _, prefix) = log_key(log)?;
-        self.store.last_seq(Some(self.tx), kind, &prefix)
+        let prefix = self.prefix(log)?;
+        let last = self
+            .store
+            .last_seq(Some(self.tx), log_kind(log).0, &prefix.key);
+        self.keep_prefix(prefix);
+        last
     }
 
     fn set_last_seq(&mut self, log: Log<'_>, seq: u64) -> Result<(), StoreError> {
-        let (kind, _, prefix) = log_key(log)?;
-        EmbeddedStore::set_last_seq(self.tx, kind, &prefix, seq);
+        let prefix = self.prefix(log)?;
+        EmbeddedStore::set_last_seq(self.tx, log_kind(log).0, &prefix.key, seq);
+        self.keep_prefix(prefix);
         Ok(())
     }
 
     fn put_message(&mut self, log: Log<'_>, seq: u64, msg: Vec<u8>) -> Result<(), StoreError> {
-        let (_, ks, prefix) = log_key(log)?;
-        self.tx.put(ks, keys::with_seq(&prefix, seq), msg);
+        let prefix = self.prefix(log)?;
+        self.tx
+            .put(log_kind(log).1, keys::with_seq(&prefix.key, seq), msg);
+        self.keep_prefix(prefix);
         Ok(())
     }
 
     fn trim_message(&mut self, log: Log<'_>, seq: u64) -> Result<(), StoreError> {
-        let (_, ks, prefix) = log_key(log)?;
-        self.tx.delete(ks, keys::with_seq(&prefix, seq));
+        let prefix = self.prefix(log)?;
+        self.tx
+            .delete(log_kind(log).1, keys::with_seq(&prefix.key, seq));
+        self.keep_prefix(prefix);
         Ok(())
     }
 
@@ -902,12 +976,19 @@ impl StoreTx for Batch<'_> {
         key: DedupeKey<'_>,
         expired_before_ms: u64,
     ) -> Result<Option<DedupeRecord>, StoreError> {
-        let dkey = dedupe_key(key)?;
+        let dkey = self.dedupe_key(key)?;
         // A key not stored since `expired_before_ms` needs no lookup.
-        if self.store.recent.surely_absent(&dkey, expired_before_ms) {
-            return Ok(None);
-        }
-        match self.store.tx_get(self.tx, Ks::Dedupe, &dkey)? {
+        let found = if self
+            .store
+            .recent
+            .surely_absent(&dkey.key, expired_before_ms)
+        {
+            None
+        } else {
+            self.store.tx_get(self.tx, Ks::Dedupe, &dkey.key)?
+        };
+        self.dedupe_memo = Some(dkey);
+        match found {
             Some(v) => DedupeRecord::decode(&v)
                 .map(Some)
                 .ok_or_else(|| corrupt(Ks::Dedupe, "bad record")),
@@ -916,7 +997,7 @@ impl StoreTx for Batch<'_> {
     }
 
     fn put_dedupe(&mut self, key: DedupeKey<'_>, rec: DedupeRecord) -> Result<(), StoreError> {
-        let dkey = dedupe_key(key)?;
+        let dkey = self.dedupe_key(key)?.key;
         self.store.recent.insert(&dkey, self.now_ms);
         self.tx.put(Ks::Dedupe, dkey, rec.encode().to_vec());
         Ok(())
