@@ -3,11 +3,11 @@
 //!
 //! One `apply` is one InnoDB transaction: the counter rows of every inbox and group the batch
 //! touches are read with `SELECT ... FOR UPDATE` (so the seqs stay gapless even with several
-//! writers), the batch runs in memory against what was read (later ops of a batch see the
-//! earlier ones), and its writes go out as multi-row `INSERT`s and `DELETE`s before one
-//! `COMMIT`. Any error rolls the whole transaction back. Every call is bounded by
-//! `query_timeout_ms`, every new connection by `connect_timeout_ms`; the pool reconnects by
-//! itself when the server comes back.
+//! writers), the batch runs in memory against what was read through the store rules
+//! ([`super::rules`]; later ops of a batch see the earlier ones), and its writes go out as
+//! multi-row `INSERT`s and `DELETE`s before one `COMMIT`. Any error rolls the whole
+//! transaction back. Every call is bounded by `query_timeout_ms`, every new connection by
+//! `connect_timeout_ms`; the pool reconnects by itself when the server comes back.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
