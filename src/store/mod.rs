@@ -13,6 +13,7 @@
 
 mod embedded;
 mod keys;
+pub mod log;
 mod mysql;
 mod recent;
 #[cfg(test)]
