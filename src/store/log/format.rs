@@ -60,12 +60,14 @@ pub(crate) fn parse_header(h: &[u8]) -> Header {
     Header::Valid(le_u64(&h[12..20]))
 }
 
+/// `b` holds at least 4 bytes (every caller slices or checked the length).
 pub(crate) fn le_u32(b: &[u8]) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[..4]);
     u32::from_le_bytes(a)
 }
 
+/// `b` holds at least 8 bytes (every caller slices or checked the length).
 pub(crate) fn le_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
@@ -83,7 +85,7 @@ pub(crate) fn encode_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
     buf.extend_from_slice(payload);
 }
 
-/// The record header's `(payload len, crc)`.
+/// The record header's `(payload len, crc)`; `h` holds at least 8 bytes.
 pub(crate) fn record_header(h: &[u8]) -> (usize, u32) {
     (le_u32(&h[..4]) as usize, le_u32(&h[4..8]))
 }

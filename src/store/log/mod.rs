@@ -253,6 +253,8 @@ pub struct Log<S: Storage> {
     active: u64,
     pending: Vec<Chunk>,
     pending_bytes: usize,
+    /// A written chunk's buffer, kept for the next batch (no allocation per commit).
+    spare: Vec<u8>,
     failed: Option<(String, bool)>,
 }
 
@@ -359,7 +361,9 @@ impl<S: Storage> Log<S> {
     /// ([`LogOptions::max_pending_bytes`]) of its end, is a torn write of a commit that never
     /// returned: the segment is cut there (synced) and [`Recovery::truncated`] says where.
     /// Anywhere else it is [`LogError::Corrupt`]; another format version is
-    /// [`LogError::Format`].
+    /// [`LogError::Format`]. Then the last segment and the directory are synced (a restart
+    /// after a failed commit, without a crash, may find bytes that were never synced), so that
+    /// what was visited is durable.
     pub fn open<E, F>(storage: S, opts: LogOptions, mut visit: F) -> Result<(Log<S>, Recovery), E>
     where
         E: From<LogError>,
@@ -373,6 +377,7 @@ impl<S: Storage> Log<S> {
             active: 0,
             pending: Vec::new(),
             pending_bytes: 0,
+            spare: Vec::new(),
             failed: None,
         };
         let numbers = log
@@ -402,6 +407,19 @@ impl<S: Storage> Log<S> {
             log.segments.insert(no, seg);
             log.active = no;
         }
+        // What recovery found may not be durable yet when the previous process stopped after
+        // a failed commit (its bytes written, not synced; a new segment's directory entry not
+        // synced) and the machine did not crash: the caller now builds on it, so sync it. Only
+        // the last segment can hold unsynced bytes (a commit syncs a segment before it starts
+        // the next one).
+        if let Some(seg) = log.segments.get(&log.active) {
+            seg.file
+                .sync_data()
+                .map_err(|e| LogError::io("sync segment", e))?;
+        }
+        log.storage
+            .sync_dir()
+            .map_err(|e| LogError::io("sync directory", e))?;
         Ok((log, recovery))
     }
 
@@ -631,10 +649,12 @@ impl<S: Storage> Log<S> {
         }
         let (segment, offset) = if roll {
             let next = segment + 1;
+            let mut buf = std::mem::take(&mut self.spare);
+            buf.extend_from_slice(&format::segment_header(next));
             self.pending.push(Chunk {
                 segment: next,
                 start: 0,
-                buf: format::segment_header(next).to_vec(),
+                buf,
                 first: None,
                 last: None,
             });
@@ -644,7 +664,7 @@ impl<S: Storage> Log<S> {
                 self.pending.push(Chunk {
                     segment,
                     start: offset,
-                    buf: Vec::new(),
+                    buf: std::mem::take(&mut self.spare),
                     first: None,
                     last: None,
                 });
@@ -681,7 +701,14 @@ impl<S: Storage> Log<S> {
         Ok(())
     }
 
-    fn write_chunk(&mut self, chunk: Chunk) -> Result<(), LogError> {
+    fn write_chunk(&mut self, mut chunk: Chunk) -> Result<(), LogError> {
+        self.write_chunk_inner(&chunk)?;
+        chunk.buf.clear();
+        self.spare = chunk.buf;
+        Ok(())
+    }
+
+    fn write_chunk_inner(&mut self, chunk: &Chunk) -> Result<(), LogError> {
         let end = chunk.start + chunk.buf.len() as u64;
         if let Some(seg) = self.segments.get_mut(&chunk.segment) {
             seg.file

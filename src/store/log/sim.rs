@@ -215,6 +215,11 @@ impl SimStorage {
         self.lock().fault = Some((FaultOn::Sync, skip, errno));
     }
 
+    /// Disarms an injected fault that has not fired.
+    pub fn clear_fault(&self) {
+        self.lock().fault = None;
+    }
+
     /// Writes and syncs (file and directory) so far.
     pub fn counts(&self) -> (u64, u64) {
         let s = self.lock();
