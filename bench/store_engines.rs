@@ -6,21 +6,27 @@
 //! range reads of single inboxes, and the time to reopen after an unclean exit. The raw engines
 //! get the same key/value bytes (big-endian composite keys, the store's layout); `imgw` is the
 //! store as built (`imgw::store::EmbeddedStore` on fjall, through `EmbeddedStore::apply`).
+//! `log` is the log-structured store's storage layer alone (`imgw::store::log::Log` on plain
+//! files): per message two records, the inbox row and the dedupe row (each `key len: u16 | key
+//! | value`, the same bytes fjall gets), one commit per batch, and an in-memory index of each
+//! inbox (seq -> position) that reads go through and that reopen rebuilds by scanning.
 //!
 //! ```text
 //! cargo run --release --features store-bench --example store_engines -- \
 //!     [--dir DIR] [--runs N] [--quick] [ENGINE[:BATCH]...]
 //! ```
 //! DIR must be on a real disk (not tmpfs), or fsync costs nothing. ENGINE is `redb`, `fjall`,
-//! `sqlite` or `imgw`; `:BATCH` runs one batch size (for `strace -f -c` counts of the sync
+//! `sqlite`, `imgw` or `log`; `:BATCH` runs one batch size (for `strace -f -c` counts of the sync
 //! calls per commit). `--quick` divides the message counts by 10. Prints medians of N runs
 //! (default 3).
 
+use std::collections::HashMap;
 use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use imgw::protocol::{Deliver, Ext};
+use imgw::store::log::{FsStorage, Log, LogError, LogOptions, Position};
 use imgw::store::{EmbeddedStore, Op, StoreOptions, UserRef};
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -300,6 +306,90 @@ impl Engine for Imgw {
     }
 }
 
+/// The log alone: records of `key len: u16 LE | key | value`, kind 1 (inbox) or 2 (dedupe);
+/// inbox reads through an in-memory index (inbox prefix -> (seq, position)).
+struct LogEngine {
+    log: Log<FsStorage>,
+    index: HashMap<Vec<u8>, Vec<(u64, Position)>>,
+    rec: Vec<u8>,
+}
+
+const KIND_INBOX: u8 = 1;
+const KIND_DEDUPE: u8 = 2;
+/// Bytes of an inbox key after its prefix: the big-endian seq.
+const SEQ_BYTES: usize = 8;
+
+impl LogEngine {
+    fn open(dir: &Path) -> Res<Self> {
+        let storage = FsStorage::open(dir.join("log"))?;
+        let mut index: HashMap<Vec<u8>, Vec<(u64, Position)>> = HashMap::new();
+        let (log, _recovery) = Log::open(storage, LogOptions::default(), |pos, kind, rec| {
+            if kind == KIND_INBOX {
+                let (prefix, seq) = split_inbox_key(rec).ok_or(LogError::Config("bad".into()))?;
+                index.entry(prefix.to_vec()).or_default().push((seq, pos));
+            }
+            Ok::<(), LogError>(())
+        })?;
+        Ok(LogEngine {
+            log,
+            index,
+            rec: Vec::with_capacity(512),
+        })
+    }
+
+    fn append(&mut self, kind: u8, k: &[u8], v: &[u8]) -> Res<Position> {
+        self.rec.clear();
+        self.rec.extend_from_slice(&(k.len() as u16).to_le_bytes());
+        self.rec.extend_from_slice(k);
+        self.rec.extend_from_slice(v);
+        Ok(self.log.append(kind, &self.rec)?)
+    }
+}
+
+/// An inbox record's (user prefix, seq).
+fn split_inbox_key(rec: &[u8]) -> Option<(&[u8], u64)> {
+    let klen = usize::from(u16::from_le_bytes([*rec.first()?, *rec.get(1)?]));
+    let key = rec.get(2..2 + klen)?;
+    let (prefix, seq) = key.split_at(klen.checked_sub(SEQ_BYTES)?);
+    Some((prefix, u64::from_be_bytes(seq.try_into().ok()?)))
+}
+
+impl Engine for LogEngine {
+    fn commit(&mut self, batch: &[Msg]) -> Res<()> {
+        let (inbox, dedupe) = rows(batch);
+        let mut added = Vec::with_capacity(inbox.len());
+        for (k, v) in &inbox {
+            let pos = self.append(KIND_INBOX, k, v)?;
+            added.push((k.len() - SEQ_BYTES, pos));
+        }
+        for (k, v) in &dedupe {
+            self.append(KIND_DEDUPE, k, v)?;
+        }
+        self.log.commit()?;
+        for ((k, _), (plen, pos)) in inbox.iter().zip(added) {
+            let seq = u64::from_be_bytes(k[plen..].try_into()?);
+            self.index
+                .entry(k[..plen].to_vec())
+                .or_default()
+                .push((seq, pos));
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, user: u32, after: u64, limit: u32) -> Res<usize> {
+        let Some(rows) = self.index.get(&user_prefix(user)) else {
+            return Ok(0);
+        };
+        let from = rows.partition_point(|r| r.0 <= after);
+        let mut n = 0;
+        for &(_, pos) in rows[from..].iter().take(limit as usize) {
+            self.log.read_into(pos, &mut self.rec)?;
+            n += usize::from(!self.rec.is_empty());
+        }
+        Ok(n)
+    }
+}
+
 /// xorshift64*: deterministic, so every engine sees the same users and bodies.
 struct Rng(u64);
 
@@ -428,6 +518,7 @@ fn open(name: &str, dir: &Path) -> Res<Box<dyn Engine>> {
         "fjall" => Box::new(Fjall::open(dir)?),
         "sqlite" => Box::new(Sqlite::open(dir)?),
         "imgw" => Box::new(Imgw::open(dir)?),
+        "log" => Box::new(LogEngine::open(dir)?),
         other => return Err(format!("unknown engine {other}").into()),
     })
 }
@@ -530,7 +621,7 @@ fn main() -> Res<()> {
         }
     }
     if jobs.is_empty() {
-        jobs = ["redb", "fjall", "sqlite", "imgw"]
+        jobs = ["redb", "fjall", "sqlite", "imgw", "log"]
             .iter()
             .map(|e| (e.to_string(), None))
             .collect();

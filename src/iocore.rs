@@ -86,6 +86,10 @@ pub enum IoError {
     /// failed commit), a refused or broken connection, a refused Kafka produce.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The store's disk (or the MySQL server's table space) is full: nothing can be written
+    /// until space is freed. Retryable, though not soon.
+    #[error("store full: {0}")]
+    StoreFull(String),
     /// A stored record could not be decoded: the data is damaged (or a bug wrote it). Not
     /// retryable by the client.
     #[error("corrupt store data: {0}")]
@@ -97,13 +101,27 @@ impl IoError {
     /// retry may succeed, `internal` for damaged data.
     pub fn code(&self) -> crate::protocol::ErrorCode {
         match self {
-            IoError::Timeout(_) | IoError::Unavailable(_) => {
+            IoError::Timeout(_) | IoError::Unavailable(_) | IoError::StoreFull(_) => {
                 crate::protocol::ErrorCode::Unavailable
             }
             IoError::Corrupt(_) => crate::protocol::ErrorCode::Internal,
         }
     }
+
+    /// The `retry_after_ms` hint for this failure, from the configured one (`base_ms`): none
+    /// for damaged data, [`STORE_FULL_RETRY_FACTOR`] times longer for a full store (space is
+    /// not freed in a moment), `base_ms` otherwise.
+    pub fn retry_after_ms(&self, base_ms: u64) -> Option<u64> {
+        match self {
+            IoError::Corrupt(_) => None,
+            IoError::StoreFull(_) => Some(base_ms.saturating_mul(STORE_FULL_RETRY_FACTOR)),
+            IoError::Timeout(_) | IoError::Unavailable(_) => Some(base_ms),
+        }
+    }
 }
+
+/// How much longer a client waits before resending to a full store than after another failure.
+pub const STORE_FULL_RETRY_FACTOR: u64 = 25;
 
 impl From<crate::store::StoreError> for IoError {
     fn from(e: crate::store::StoreError) -> Self {
@@ -111,6 +129,7 @@ impl From<crate::store::StoreError> for IoError {
         match e {
             E::Timeout { .. } => IoError::Timeout(e.to_string()),
             E::Corrupt { .. } => IoError::Corrupt(e.to_string()),
+            E::Full(_) => IoError::StoreFull(e.to_string()),
             other => IoError::Unavailable(other.to_string()),
         }
     }
@@ -1216,8 +1235,18 @@ mod error_tests {
             corrupt.to_string(),
             "corrupt store data: corrupt record in `inbox`: short record"
         );
-        let engine = IoError::from(StoreError::Engine("disk full".into()));
+        let engine = IoError::from(StoreError::Engine("lock held".into()));
         assert!(matches!(engine, IoError::Unavailable(_)));
         assert_eq!(engine.code(), ErrorCode::Unavailable);
+        // A full disk is its own kind, decided by the error's kind (not its text).
+        let full = IoError::from(StoreError::Full("no space left".into()));
+        assert!(matches!(full, IoError::StoreFull(_)));
+        assert_eq!(full.code(), ErrorCode::Unavailable);
+        assert_eq!(
+            full.retry_after_ms(200),
+            Some(200 * super::STORE_FULL_RETRY_FACTOR)
+        );
+        assert_eq!(engine.retry_after_ms(200), Some(200));
+        assert_eq!(corrupt.retry_after_ms(200), None);
     }
 }

@@ -381,6 +381,11 @@ impl Shard {
                 IoReply::Applied(r),
             ) => {
                 let code = stored_error(&r);
+                let base_ms = self.cfg.limits.retry_after_ms;
+                let retry = match &r {
+                    Err(e) => e.retry_after_ms(base_ms),
+                    Ok(_) => Some(base_ms),
+                };
                 let mut results = r.ok().map(Vec::into_iter);
                 let first = results.as_mut().and_then(Iterator::next);
                 let copied = results.as_mut().and_then(Iterator::next);
@@ -391,8 +396,6 @@ impl Shard {
                     duplicate,
                 }) = first
                 else {
-                    let retry =
-                        (code == ErrorCode::Unavailable).then_some(self.cfg.limits.retry_after_ms);
                     self.reject(origin, code, retry);
                     return;
                 };

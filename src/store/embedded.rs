@@ -15,12 +15,12 @@ use bytes::Bytes;
 
 use super::keys::FastState;
 use super::keys::{self, DedupeRecord, Dest, FastMap, TooLong};
+use super::rules::{self, expired_before, DedupeKey, Limits, Log, StoreTx};
 use super::{
-    Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, Refusal, StoreError,
-    StoreFuture, UserRef,
+    Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, StoreError, StoreFuture,
+    UserRef, MAX_ID_BYTES,
 };
-use crate::codec::CodecId;
-use crate::protocol::{Deliver, Envelope, Message, Str};
+use crate::protocol::{Deliver, Str};
 use crate::twogen::TwoGen;
 
 /// Version of the key and value layout; bumped on any incompatible change.
@@ -91,6 +91,20 @@ impl Default for StoreOptions {
     }
 }
 
+impl StoreOptions {
+    /// The limits the store rules enforce ([`rules::apply_op`]).
+    pub fn limits(&self) -> Limits {
+        Limits {
+            dedupe_window_ms: self.dedupe_window_ms,
+            inbox_keep: self.inbox_keep,
+            group_keep: self.group_keep,
+            max_devices_per_user: self.max_devices_per_user,
+            max_groups_per_user: self.max_groups_per_user,
+            max_group_members: self.max_group_members,
+        }
+    }
+}
+
 /// The keyspaces (tables). Names are part of the on-disk format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Ks {
@@ -133,7 +147,20 @@ impl Ks {
 }
 
 fn engine(e: fjall::Error) -> StoreError {
-    StoreError::Engine(Box::new(e))
+    // ENOSPC, wherever in the engine's chain of errors it came from.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut full = false;
+    while let Some(c) = cause {
+        full |= c
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull);
+        cause = c.source();
+    }
+    if full {
+        StoreError::Full(Box::new(e))
+    } else {
+        StoreError::Engine(Box::new(e))
+    }
 }
 
 fn corrupt(ks: Ks, detail: impl Into<String>) -> StoreError {
@@ -204,14 +231,6 @@ impl Tx {
         self.writes.iter().map(BTreeMap::len).sum::<usize>()
             + self.hot.iter().map(|m| m.len()).sum::<usize>()
     }
-}
-
-/// Every dedupe record stored before this time is expired at `now_ms`: its resend is new.
-fn expired_before(now_ms: u64, window_ms: u64) -> u64 {
-    if window_ms == 0 {
-        return u64::MAX;
-    }
-    now_ms.checked_sub(window_ms).map_or(0, |t| t + 1)
 }
 
 /// The dedupe table's compaction filter: drops the records expired at the store's clock.
@@ -518,265 +537,6 @@ impl EmbeddedStore {
         tx.seqs.insert(ckey, seq);
     }
 
-    fn op(&mut self, tx: &mut Tx, op: Op, now_ms: u64) -> Result<OpResult, StoreError> {
-        let r = match op {
-            Op::AppendInbox {
-                user,
-                sender,
-                cmid,
-                deliver,
-            } => {
-                let prefix = keys::user(&user);
-                let dkey = keys::dedupe(&user.tenant, &sender, &cmid, Dest::Inbox(&user.user));
-                self.append(tx, SeqKind::Inbox, prefix, dkey, deliver, now_ms)?
-            }
-            Op::AppendGroup {
-                group,
-                sender,
-                cmid,
-                deliver,
-            } => {
-                let prefix = keys::group(&group);
-                let dkey = keys::dedupe(&group.tenant, &sender, &cmid, Dest::Group(&group.group));
-                self.append(tx, SeqKind::Group, prefix, dkey, deliver, now_ms)?
-            }
-            Op::SetCursor { user, device, seq } => {
-                let Ok(prefix) = keys::user(&user) else {
-                    return Ok(OpResult::Refused(Refusal::IdTooLong));
-                };
-                let Ok(key) = keys::with_name(&prefix, &device) else {
-                    return Ok(OpResult::Refused(Refusal::IdTooLong));
-                };
-                let last = self.last_seq(Some(tx), SeqKind::Inbox, &prefix)?;
-                let old = self.tx_get_u64(tx, Ks::Cursor, &key)?;
-                let new = seq.min(last);
-                match old {
-                    Some(old) if old >= new => OpResult::Cursor { seq: old },
-                    None if new == 0 => OpResult::Cursor { seq: 0 },
-                    _ => {
-                        if old.is_none() {
-                            self.make_room_for_device(tx, &prefix)?;
-                        }
-                        tx.put(Ks::Cursor, key, new.to_be_bytes().to_vec());
-                        OpResult::Cursor { seq: new }
-                    }
-                }
-            }
-            Op::SetGroupCursor {
-                group,
-                member,
-                gseq,
-            } => {
-                let Ok(prefix) = keys::group(&group) else {
-                    return Ok(OpResult::Refused(Refusal::IdTooLong));
-                };
-                let Ok(key) = keys::with_name(&prefix, &member) else {
-                    return Ok(OpResult::Refused(Refusal::IdTooLong));
-                };
-                if self.tx_get(tx, Ks::Member, &key)?.is_none() {
-                    return Ok(OpResult::Refused(Refusal::NotMember));
-                }
-                let last = self.last_seq(Some(tx), SeqKind::Group, &prefix)?;
-                let old = self.tx_get_u64(tx, Ks::GroupCursor, &key)?.unwrap_or(0);
-                let new = gseq.min(last);
-                if new > old {
-                    tx.put(Ks::GroupCursor, key, new.to_be_bytes().to_vec());
-                    OpResult::Cursor { seq: new }
-                } else {
-                    OpResult::Cursor { seq: old }
-                }
-            }
-            Op::Join { group, member } => self.join(tx, &group, &member)?,
-            Op::Leave { group, member } => self.leave(tx, &group, &member)?,
-        };
-        Ok(r)
-    }
-
-    /// Before a new device cursor is written: evicts the lowest cursor of a user who has
-    /// `max_devices_per_user` of them.
-    fn make_room_for_device(&self, tx: &mut Tx, user_prefix: &[u8]) -> Result<(), StoreError> {
-        let rows = self.tx_prefix(tx, Ks::Cursor, user_prefix)?;
-        let max = self.opts.max_devices_per_user.max(1) as usize;
-        if rows.len() < max {
-            return Ok(());
-        }
-        let mut by_seq: Vec<(u64, Vec<u8>)> = rows
-            .into_iter()
-            .map(|(k, v)| (keys::decode_u64(&v).unwrap_or(0), k))
-            .collect();
-        by_seq.sort();
-        // One eviction makes room; more only if the option was lowered since.
-        let evict = by_seq.len() + 1 - max;
-        for (_, k) in by_seq.into_iter().take(evict) {
-            tx.delete(Ks::Cursor, k);
-        }
-        Ok(())
-    }
-
-    fn append(
-        &mut self,
-        tx: &mut Tx,
-        kind: SeqKind,
-        prefix: Result<Vec<u8>, TooLong>,
-        dkey: Result<Vec<u8>, TooLong>,
-        deliver: Deliver,
-        now_ms: u64,
-    ) -> Result<OpResult, StoreError> {
-        let (Ok(prefix), Ok(dkey)) = (prefix, dkey) else {
-            return Ok(OpResult::Refused(Refusal::IdTooLong));
-        };
-        let window = self.opts.dedupe_window_ms;
-        let dedupe = window > 0;
-        if dedupe
-            && !self
-                .recent
-                .surely_absent(&dkey, expired_before(now_ms, window))
-        {
-            if let Some(v) = self.tx_get(tx, Ks::Dedupe, &dkey)? {
-                let rec =
-                    DedupeRecord::decode(&v).ok_or_else(|| corrupt(Ks::Dedupe, "bad record"))?;
-                // An expired record not yet dropped by a compaction is overwritten below.
-                if now_ms.saturating_sub(rec.stored_at_ms) < window {
-                    return Ok(OpResult::Appended {
-                        seq: rec.seq,
-                        mid: rec.mid,
-                        ts: rec.ts,
-                        duplicate: true,
-                    });
-                }
-            }
-        }
-        let (mid, ts) = (deliver.mid, deliver.ts);
-        let mut value = Vec::with_capacity(64 + deliver.body.len());
-        let env = Envelope::new(Message::Deliver(Deliver {
-            inbox_seq: 0,
-            ..deliver
-        }));
-        if CodecId::Protobuf.encode(&env, &mut value).is_err() {
-            return Ok(OpResult::Refused(Refusal::Unencodable));
-        }
-        let seq = self.last_seq(Some(tx), kind, &prefix)? + 1;
-        let (ks, keep) = match kind {
-            SeqKind::Inbox => (Ks::Inbox, self.opts.inbox_keep.max(1)),
-            SeqKind::Group => (Ks::Timeline, self.opts.group_keep.max(1)),
-        };
-        tx.put(ks, keys::with_seq(&prefix, seq), value);
-        if seq > keep {
-            tx.delete(ks, keys::with_seq(&prefix, seq - keep));
-        }
-        Self::set_last_seq(tx, kind, &prefix, seq);
-        if dedupe {
-            let rec = DedupeRecord {
-                seq,
-                mid,
-                ts,
-                stored_at_ms: now_ms,
-            };
-            self.recent.insert(&dkey, now_ms);
-            tx.put(Ks::Dedupe, dkey, rec.encode().to_vec());
-        }
-        Ok(OpResult::Appended {
-            seq,
-            mid,
-            ts,
-            duplicate: false,
-        })
-    }
-
-    fn group_size_tx(&self, tx: &Tx, gprefix: &[u8]) -> Result<u64, StoreError> {
-        Ok(self.tx_get_u64(tx, Ks::GroupSize, gprefix)?.unwrap_or(0))
-    }
-
-    fn join(
-        &mut self,
-        tx: &mut Tx,
-        group: &GroupRef,
-        member: &str,
-    ) -> Result<OpResult, StoreError> {
-        let Some(MembershipKeys {
-            group: gprefix,
-            user: uprefix,
-            member: mkey,
-            membership: rkey,
-        }) = membership_keys(group, member)
-        else {
-            return Ok(OpResult::Refused(Refusal::IdTooLong));
-        };
-        let members = self.group_size_tx(tx, &gprefix)?;
-        if self.tx_get(tx, Ks::Member, &mkey)?.is_some() {
-            return Ok(OpResult::Membership {
-                changed: false,
-                members,
-            });
-        }
-        if members >= self.opts.max_group_members {
-            return Ok(OpResult::Refused(Refusal::GroupFull));
-        }
-        let groups = self.tx_prefix(tx, Ks::Membership, &uprefix)?.len();
-        if groups >= self.opts.max_groups_per_user as usize {
-            return Ok(OpResult::Refused(Refusal::TooManyGroups));
-        }
-        let gseq = self.last_seq(Some(tx), SeqKind::Group, &gprefix)?;
-        tx.put(Ks::Member, mkey.clone(), Vec::new());
-        tx.put(Ks::Membership, rkey, Vec::new());
-        if gseq > 0 {
-            tx.put(Ks::GroupCursor, mkey, gseq.to_be_bytes().to_vec());
-        }
-        tx.put(Ks::GroupSize, gprefix, (members + 1).to_be_bytes().to_vec());
-        Ok(OpResult::Membership {
-            changed: true,
-            members: members + 1,
-        })
-    }
-
-    fn leave(
-        &mut self,
-        tx: &mut Tx,
-        group: &GroupRef,
-        member: &str,
-    ) -> Result<OpResult, StoreError> {
-        let Some(MembershipKeys {
-            group: gprefix,
-            member: mkey,
-            membership: rkey,
-            ..
-        }) = membership_keys(group, member)
-        else {
-            return Ok(OpResult::Refused(Refusal::IdTooLong));
-        };
-        let members = self.group_size_tx(tx, &gprefix)?;
-        if self.tx_get(tx, Ks::Member, &mkey)?.is_none() {
-            return Ok(OpResult::Membership {
-                changed: false,
-                members,
-            });
-        }
-        let left = members.saturating_sub(1);
-        tx.delete(Ks::Member, mkey.clone());
-        tx.delete(Ks::GroupCursor, mkey);
-        tx.delete(Ks::Membership, rkey);
-        if left == 0 {
-            tx.delete(Ks::GroupSize, gprefix);
-        } else {
-            tx.put(Ks::GroupSize, gprefix, left.to_be_bytes().to_vec());
-        }
-        Ok(OpResult::Membership {
-            changed: true,
-            members: left,
-        })
-    }
-
-    fn decode_deliver(ks: Ks, v: &[u8]) -> Result<Deliver, StoreError> {
-        match CodecId::Protobuf.decode_bytes(&Bytes::copy_from_slice(v)) {
-            Ok(Envelope {
-                msg: Message::Deliver(d),
-                ..
-            }) => Ok(d),
-            Ok(other) => Err(corrupt(ks, format!("not a deliver: {:?}", other.msg.op()))),
-            Err(e) => Err(corrupt(ks, e.to_string())),
-        }
-    }
-
     /// Rows of `prefix ‖ seq` with seq > `after`, at most `limit` + whether more follow.
     fn read_seqs(
         &self,
@@ -799,7 +559,10 @@ impl EmbeddedStore {
             }
             let (k, v) = g.into_inner().map_err(engine)?;
             let seq = keys::seq_suffix(&k).ok_or_else(|| corrupt(ks, "short key"))?;
-            out.push((seq, Self::decode_deliver(ks, &v)?));
+            out.push((
+                seq,
+                super::decode_stored(ks.name(), Bytes::copy_from_slice(&v))?,
+            ));
         }
         Ok((out, more))
     }
@@ -840,8 +603,16 @@ impl EmbeddedStore {
         let now_ms = now_ms.max(self.last_now_ms);
         let mut tx = Tx::new(ops.len());
         let mut results = Vec::with_capacity(ops.len());
+        let limits = self.opts.limits();
+        let mut batch = Batch {
+            store: self,
+            tx: &mut tx,
+            now_ms,
+            log_memo: None,
+            dedupe_memo: None,
+        };
         for op in ops {
-            results.push(self.op(&mut tx, op, now_ms)?);
+            results.push(rules::apply_op(&mut batch, &limits, op, now_ms)?);
         }
         let n = tx.len();
         if n > 0 {
@@ -1055,6 +826,283 @@ impl Backend for EmbeddedStore {
     }
 }
 
+/// A batch being built: the rules' view of the store ([`StoreTx`]), the batch's writes in `tx`
+/// over the committed data.
+struct Batch<'a> {
+    store: &'a mut EmbeddedStore,
+    tx: &'a mut Tx,
+    now_ms: u64,
+    /// The last log prefix and dedupe key built: an append asks for its log's several times
+    /// (last seq, message, trim, new last seq) and for its dedupe key twice (lookup, record),
+    /// and each build is an allocation on the per-message path.
+    log_memo: Option<Memo>,
+    dedupe_memo: Option<Memo>,
+}
+
+/// A key and the ids it was built from: (log kind, tenant, user or group, sender, cmid), ""
+/// where unused.
+struct Memo {
+    ids: [Str; 5],
+    key: Vec<u8>,
+}
+
+impl Memo {
+    fn new(ids: [&str; 5], key: Vec<u8>) -> Memo {
+        Memo {
+            ids: ids.map(Str::from),
+            key,
+        }
+    }
+
+    fn is(&self, ids: &[&str; 5]) -> bool {
+        self.ids.iter().zip(ids).all(|(a, b)| &**a == *b)
+    }
+}
+
+fn log_ids<'b>(log: Log<'b>, sender: &'b str, cmid: &'b str) -> [&'b str; 5] {
+    match log {
+        Log::Inbox(u) => ["u", &u.tenant, &u.user, sender, cmid],
+        Log::Group(g) => ["g", &g.tenant, &g.group, sender, cmid],
+    }
+}
+
+impl Batch<'_> {
+    /// The key prefix of `log`'s rows; hand it back with [`Batch::keep_prefix`].
+    fn prefix(&mut self, log: Log<'_>) -> Result<Memo, StoreError> {
+        let ids = log_ids(log, "", "");
+        match self.log_memo.take() {
+            Some(m) if m.is(&ids) => Ok(m),
+            _ => {
+                let prefix = match log {
+                    Log::Inbox(u) => checked(keys::user(u))?,
+                    Log::Group(g) => checked(keys::group(g))?,
+                };
+                Ok(Memo::new(ids, prefix))
+            }
+        }
+    }
+
+    fn keep_prefix(&mut self, memo: Memo) {
+        self.log_memo = Some(memo);
+    }
+
+    /// The dedupe key of `key`, the one built last if it is the same.
+    fn dedupe_key(&mut self, key: DedupeKey<'_>) -> Result<Memo, StoreError> {
+        let ids = log_ids(key.log, key.sender, key.cmid);
+        match self.dedupe_memo.take() {
+            Some(m) if m.is(&ids) => Ok(m),
+            _ => Ok(Memo::new(ids, dedupe_key(key)?)),
+        }
+    }
+}
+
+/// Which sequence and table a log's rows are in.
+fn log_kind(log: Log<'_>) -> (SeqKind, Ks) {
+    match log {
+        Log::Inbox(_) => (SeqKind::Inbox, Ks::Inbox),
+        Log::Group(_) => (SeqKind::Group, Ks::Timeline),
+    }
+}
+
+/// A key of an id the rules checked against [`MAX_ID_BYTES`]: too long cannot happen, and is
+/// reported as a damaged batch if it does.
+fn checked<T>(key: Result<T, TooLong>) -> Result<T, StoreError> {
+    key.map_err(|TooLong| StoreError::Corrupt {
+        table: "batch",
+        detail: "an id longer than a key holds passed the rules".into(),
+    })
+}
+
+fn dedupe_key(key: DedupeKey<'_>) -> Result<Vec<u8>, StoreError> {
+    let dest = match key.log {
+        Log::Inbox(u) => Dest::Inbox(&u.user),
+        Log::Group(g) => Dest::Group(&g.group),
+    };
+    checked(keys::dedupe(key.log.tenant(), key.sender, key.cmid, dest))
+}
+
+fn name_key(owner: Result<Vec<u8>, TooLong>, name: &str) -> Result<Vec<u8>, StoreError> {
+    checked(owner.and_then(|p| keys::with_name(&p, name)))
+}
+
+/// The key of `member` in `group`, and of `group` under the member (`user ‖ group`).
+fn member_keys(group: &GroupRef, member: &str) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+    let user = UserRef::new(group.tenant.clone(), member);
+    Ok((
+        name_key(keys::group(group), member)?,
+        name_key(keys::user(&user), &group.group)?,
+    ))
+}
+
+impl StoreTx for Batch<'_> {
+    fn max_id_bytes(&self) -> usize {
+        MAX_ID_BYTES
+    }
+
+    fn last_seq(&mut self, log: Log<'_>) -> Result<u64, StoreError> {
+        let prefix = self.prefix(log)?;
+        let last = self
+            .store
+            .last_seq(Some(self.tx), log_kind(log).0, &prefix.key);
+        self.keep_prefix(prefix);
+        last
+    }
+
+    fn set_last_seq(&mut self, log: Log<'_>, seq: u64) -> Result<(), StoreError> {
+        let prefix = self.prefix(log)?;
+        EmbeddedStore::set_last_seq(self.tx, log_kind(log).0, &prefix.key, seq);
+        self.keep_prefix(prefix);
+        Ok(())
+    }
+
+    fn put_message(&mut self, log: Log<'_>, seq: u64, msg: Vec<u8>) -> Result<(), StoreError> {
+        let prefix = self.prefix(log)?;
+        self.tx
+            .put(log_kind(log).1, keys::with_seq(&prefix.key, seq), msg);
+        self.keep_prefix(prefix);
+        Ok(())
+    }
+
+    fn trim_message(&mut self, log: Log<'_>, seq: u64) -> Result<(), StoreError> {
+        let prefix = self.prefix(log)?;
+        self.tx
+            .delete(log_kind(log).1, keys::with_seq(&prefix.key, seq));
+        self.keep_prefix(prefix);
+        Ok(())
+    }
+
+    fn dedupe(
+        &mut self,
+        key: DedupeKey<'_>,
+        expired_before_ms: u64,
+    ) -> Result<Option<DedupeRecord>, StoreError> {
+        let dkey = self.dedupe_key(key)?;
+        // A key not stored since `expired_before_ms` needs no lookup.
+        let found = if self
+            .store
+            .recent
+            .surely_absent(&dkey.key, expired_before_ms)
+        {
+            None
+        } else {
+            self.store.tx_get(self.tx, Ks::Dedupe, &dkey.key)?
+        };
+        self.dedupe_memo = Some(dkey);
+        match found {
+            Some(v) => DedupeRecord::decode(&v)
+                .map(Some)
+                .ok_or_else(|| corrupt(Ks::Dedupe, "bad record")),
+            None => Ok(None),
+        }
+    }
+
+    fn put_dedupe(&mut self, key: DedupeKey<'_>, rec: DedupeRecord) -> Result<(), StoreError> {
+        let dkey = self.dedupe_key(key)?.key;
+        self.store.recent.insert(&dkey, self.now_ms);
+        self.tx.put(Ks::Dedupe, dkey, rec.encode().to_vec());
+        Ok(())
+    }
+
+    fn cursor(&mut self, user: &UserRef, device: &str) -> Result<Option<u64>, StoreError> {
+        let key = name_key(keys::user(user), device)?;
+        self.store.tx_get_u64(self.tx, Ks::Cursor, &key)
+    }
+
+    fn cursors(&mut self, user: &UserRef) -> Result<Vec<(Str, u64)>, StoreError> {
+        let prefix = checked(keys::user(user))?;
+        let rows = self.store.tx_prefix(self.tx, Ks::Cursor, &prefix)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (k, v) in rows {
+            let device = std::str::from_utf8(&k[prefix.len()..])
+                .map_err(|_| corrupt(Ks::Cursor, "device is not UTF-8"))?;
+            let seq = keys::decode_u64(&v).ok_or_else(|| corrupt(Ks::Cursor, "not a u64"))?;
+            out.push((Str::from(device), seq));
+        }
+        Ok(out)
+    }
+
+    fn put_cursor(&mut self, user: &UserRef, device: &str, seq: u64) -> Result<(), StoreError> {
+        let key = name_key(keys::user(user), device)?;
+        self.tx.put(Ks::Cursor, key, seq.to_be_bytes().to_vec());
+        Ok(())
+    }
+
+    fn delete_cursor(&mut self, user: &UserRef, device: &str) -> Result<(), StoreError> {
+        let key = name_key(keys::user(user), device)?;
+        self.tx.delete(Ks::Cursor, key);
+        Ok(())
+    }
+
+    fn member_cursor(&mut self, group: &GroupRef, member: &str) -> Result<Option<u64>, StoreError> {
+        let key = name_key(keys::group(group), member)?;
+        if self.store.tx_get(self.tx, Ks::Member, &key)?.is_none() {
+            return Ok(None);
+        }
+        // No cursor row: joined before any message and never moved.
+        Ok(Some(
+            self.store
+                .tx_get_u64(self.tx, Ks::GroupCursor, &key)?
+                .unwrap_or(0),
+        ))
+    }
+
+    fn group_size(&mut self, group: &GroupRef) -> Result<u64, StoreError> {
+        let key = checked(keys::group(group))?;
+        Ok(self
+            .store
+            .tx_get_u64(self.tx, Ks::GroupSize, &key)?
+            .unwrap_or(0))
+    }
+
+    fn set_group_size(&mut self, group: &GroupRef, members: u64) -> Result<(), StoreError> {
+        let key = checked(keys::group(group))?;
+        if members == 0 {
+            self.tx.delete(Ks::GroupSize, key);
+        } else {
+            self.tx
+                .put(Ks::GroupSize, key, members.to_be_bytes().to_vec());
+        }
+        Ok(())
+    }
+
+    fn user_group_count(&mut self, tenant: &str, member: &str) -> Result<u64, StoreError> {
+        let prefix = checked(keys::user(&UserRef::new(tenant, member)))?;
+        let rows = self.store.tx_prefix(self.tx, Ks::Membership, &prefix)?;
+        Ok(rows.len() as u64)
+    }
+
+    fn put_member(&mut self, group: &GroupRef, member: &str, gseq: u64) -> Result<(), StoreError> {
+        let (mkey, rkey) = member_keys(group, member)?;
+        self.tx.put(Ks::Member, mkey.clone(), Vec::new());
+        self.tx.put(Ks::Membership, rkey, Vec::new());
+        if gseq > 0 {
+            self.tx
+                .put(Ks::GroupCursor, mkey, gseq.to_be_bytes().to_vec());
+        }
+        Ok(())
+    }
+
+    fn set_member_cursor(
+        &mut self,
+        group: &GroupRef,
+        member: &str,
+        gseq: u64,
+    ) -> Result<(), StoreError> {
+        let key = name_key(keys::group(group), member)?;
+        self.tx
+            .put(Ks::GroupCursor, key, gseq.to_be_bytes().to_vec());
+        Ok(())
+    }
+
+    fn delete_member(&mut self, group: &GroupRef, member: &str) -> Result<(), StoreError> {
+        let (mkey, rkey) = member_keys(group, member)?;
+        self.tx.delete(Ks::Member, mkey.clone());
+        self.tx.delete(Ks::GroupCursor, mkey);
+        self.tx.delete(Ks::Membership, rkey);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 impl EmbeddedStore {
     /// Rows in a table, by name (tests check the bounds with it).
@@ -1078,30 +1126,22 @@ impl EmbeddedStore {
     }
 }
 
-/// The keys of one membership.
-struct MembershipKeys {
-    /// The group's prefix, and the member user's.
-    group: Vec<u8>,
-    user: Vec<u8>,
-    /// The member under the group, and the group under the member.
-    member: Vec<u8>,
-    membership: Vec<u8>,
-}
-
-/// The keys of `member` in `group`; `None` when an id is too long for a key.
-fn membership_keys(group: &GroupRef, member: &str) -> Option<MembershipKeys> {
-    let user = UserRef {
-        tenant: group.tenant.clone(),
-        user: Str::from(member),
-    };
-    let gprefix = keys::group(group).ok()?;
-    let uprefix = keys::user(&user).ok()?;
-    let mkey = keys::with_name(&gprefix, member).ok()?;
-    let rkey = keys::with_name(&uprefix, &group.group).ok()?;
-    Some(MembershipKeys {
-        group: gprefix,
-        user: uprefix,
-        member: mkey,
-        membership: rkey,
-    })
+#[cfg(test)]
+#[test]
+fn no_space_left_is_storage_full_other_engine_errors_are_not() {
+    let enospc = || std::io::Error::from(std::io::ErrorKind::StorageFull);
+    assert!(matches!(
+        engine(fjall::Error::Io(enospc())),
+        StoreError::Full(_)
+    ));
+    assert!(matches!(
+        engine(fjall::Error::Storage(fjall::LsmError::Io(enospc()))),
+        StoreError::Full(_)
+    ));
+    assert!(matches!(
+        engine(fjall::Error::Io(
+            std::io::ErrorKind::PermissionDenied.into()
+        )),
+        StoreError::Engine(_)
+    ));
 }

@@ -4,8 +4,9 @@
 //! This module owns the persistent state of SPEC 4 and 6: every user's inbox with its gapless
 //! `inbox_seq`, every device's cursor, every group's timeline (`gseq`), member list and
 //! per-member cursors, and the `(tenant, sender, cmid)` dedupe window. [`EmbeddedStore`] is the
-//! embedded implementation (fjall; the choice and its measurement are in docs/STORE.md); the
-//! MySQL backend is meant to implement the same trait.
+//! embedded implementation (fjall; the choice and its measurement are in docs/STORE.md),
+//! [`MySqlStore`] the MySQL one. What an [`Op`] does (seqs, trimming, dedupe, cursors, groups
+//! and their limits, refusals) is stated once in [`rules`], which both call.
 //!
 //! It knows nothing of sockets, shards or glommio. The gateway's I/O core is a single thread
 //! that owns one [`Backend`], batches the commands of the shards and awaits
@@ -13,18 +14,22 @@
 
 mod embedded;
 mod keys;
+pub mod log;
 mod mysql;
 mod recent;
+pub mod rules;
 #[cfg(test)]
 mod tests;
 
 pub use embedded::{EmbeddedStore, StoreOptions};
 pub use mysql::{testdb as mysql_testdb, MySqlOptions, MySqlStore, MYSQL_MAX_ID_BYTES};
+pub use rules::Limits;
 
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::protocol::{Deliver, Str};
+use crate::codec::CodecId;
+use crate::protocol::{Deliver, Envelope, Message, Str};
 
 /// A user, scoped by tenant (nothing crosses tenants).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -185,10 +190,15 @@ pub enum StoreError {
     /// A stored record could not be decoded: the data is damaged (or a bug wrote it).
     #[error("corrupt record in `{table}`: {detail}")]
     Corrupt { table: &'static str, detail: String },
-    /// The storage engine failed (I/O error, disk full, a lock held by another process). After
-    /// a failed durable commit the engine refuses further writes: restart to recover.
+    /// The storage engine failed (I/O error, a lock held by another process). After a failed
+    /// durable commit the engine refuses further writes: restart to recover.
     #[error("storage engine: {0}")]
     Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The storage is full: no space left on the embedded store's disk (ENOSPC), or the MySQL
+    /// server's table or disk is full. Nothing of the batch was written; writes can succeed
+    /// again once space is freed (the embedded store after a restart, like [`Self::Engine`]).
+    #[error("storage full: {0}")]
+    Full(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The backend's settings are unusable (a malformed MySQL URL, pool sizes).
     #[error("store configuration: {0}")]
     Config(String),
@@ -201,6 +211,31 @@ pub enum StoreError {
     /// A schema migration of a network backend failed (docs/STORE.md, "MySQL backend").
     #[error("schema migration {version}: {detail}")]
     Migration { version: u32, detail: String },
+}
+
+/// A message in the stored form of the embedded and MySQL stores: a Protobuf `Deliver` with
+/// `inbox_seq` 0 (the seq is the row's key). `None`: it cannot be encoded.
+fn encode_stored(deliver: Deliver) -> Option<Vec<u8>> {
+    let mut value = Vec::with_capacity(64 + deliver.body.len());
+    let env = Envelope::new(Message::Deliver(Deliver {
+        inbox_seq: 0,
+        ..deliver
+    }));
+    CodecId::Protobuf.encode(&env, &mut value).ok()?;
+    Some(value)
+}
+
+/// A message stored by [`encode_stored`], read from `table`.
+fn decode_stored(table: &'static str, v: bytes::Bytes) -> Result<Deliver, StoreError> {
+    let corrupt = |detail| StoreError::Corrupt { table, detail };
+    match CodecId::Protobuf.decode_bytes(&v) {
+        Ok(Envelope {
+            msg: Message::Deliver(d),
+            ..
+        }) => Ok(d),
+        Ok(other) => Err(corrupt(format!("not a deliver: {:?}", other.msg.op()))),
+        Err(e) => Err(corrupt(e.to_string())),
+    }
 }
 
 /// The future every [`Backend`] method returns: boxed so that the trait stays object-safe, and

@@ -3,11 +3,11 @@
 //!
 //! One `apply` is one InnoDB transaction: the counter rows of every inbox and group the batch
 //! touches are read with `SELECT ... FOR UPDATE` (so the seqs stay gapless even with several
-//! writers), the batch runs in memory against what was read (later ops of a batch see the
-//! earlier ones), and its writes go out as multi-row `INSERT`s and `DELETE`s before one
-//! `COMMIT`. Any error rolls the whole transaction back. Every call is bounded by
-//! `query_timeout_ms`, every new connection by `connect_timeout_ms`; the pool reconnects by
-//! itself when the server comes back.
+//! writers), the batch runs in memory against what was read through the store rules
+//! ([`super::rules`]; later ops of a batch see the earlier ones), and its writes go out as
+//! multi-row `INSERT`s and `DELETE`s before one `COMMIT`. Any error rolls the whole
+//! transaction back. Every call is bounded by `query_timeout_ms`, every new connection by
+//! `connect_timeout_ms`; the pool reconnects by itself when the server comes back.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -19,12 +19,13 @@ use mysql_async::{
     IsolationLevel, Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOpts, TxOpts, Value,
 };
 
+use super::keys::DedupeRecord;
+use super::rules::{self, DedupeKey as RuleDedupeKey, Log, StoreTx};
 use super::{
-    Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, Refusal, StoreError,
-    StoreFuture, StoreOptions, UserRef,
+    Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, StoreError, StoreFuture,
+    StoreOptions, UserRef,
 };
-use crate::codec::CodecId;
-use crate::protocol::{Deliver, Envelope, Message, Str};
+use crate::protocol::Str;
 
 /// The longest id (tenant, user, group, member, device, sender, cmid) this backend stores, in
 /// bytes: the columns are `VARBINARY(255)` so that the composite keys fit InnoDB's index limit.
@@ -95,8 +96,17 @@ pub struct MySqlStore {
     last_now_ms: u64,
 }
 
+/// Server errors of a full table or disk: 1114 ER_RECORD_FILE_FULL ("The table is full",
+/// also InnoDB's full tablespace) and 1021 ER_DISK_FULL.
+const FULL_CODES: [u16; 2] = [1114, 1021];
+
 fn engine(e: mysql_async::Error) -> StoreError {
-    StoreError::Engine(Box::new(e))
+    match &e {
+        mysql_async::Error::Server(s) if FULL_CODES.contains(&s.code) => {
+            StoreError::Full(Box::new(e))
+        }
+        _ => StoreError::Engine(Box::new(e)),
+    }
 }
 
 /// Runs of one batch's transaction when InnoDB chose it as a deadlock victim.
@@ -131,14 +141,6 @@ type TripleSqlRow = (Vec<u8>, Vec<u8>, Vec<u8>, u64);
 const DEST_INBOX: u8 = 0;
 const DEST_GROUP: u8 = 1;
 
-#[derive(Clone, Copy, Debug)]
-struct DedupeRow {
-    seq: u64,
-    mid: u64,
-    ts: u64,
-    stored_at: u64,
-}
-
 #[derive(Clone, Copy, Debug, Default)]
 struct Head {
     last: u64,
@@ -152,18 +154,18 @@ struct Head {
 struct Tx {
     inbox_heads: HashMap<Owner, Head>,
     group_heads: HashMap<Owner, Head>,
-    /// Device cursors: `None` = no row.
+    /// Device cursors: `None` = no row (deleted by this batch).
     cursors: HashMap<Triple, Option<u64>>,
     cursors_dirty: HashSet<Triple>,
-    /// Users whose every cursor is in `cursors`.
+    /// Users whose every cursor was read into `cursors` (every user with a cursor op).
     cursors_loaded: HashSet<Owner>,
     /// Memberships and their group cursors: `None` = not a member.
     members: HashMap<Triple, Option<u64>>,
     members_dirty: HashSet<Triple>,
-    /// (tenant, member) whose every membership is in `members`.
+    /// (tenant, member) whose every membership was read into `members` (every joining member).
     groups_loaded: HashSet<Owner>,
     /// Dedupe records: `None` = no row.
-    dedupe: HashMap<DedupeKey, Option<DedupeRow>>,
+    dedupe: HashMap<DedupeKey, Option<DedupeRecord>>,
     /// Keys that had a row when the batch read them (an expired one is overwritten).
     dedupe_in_db: HashSet<DedupeKey>,
     /// Keys this batch writes, in order.
@@ -207,33 +209,6 @@ fn placeholders(rows: usize, cols: usize) -> String {
         s.push_str(&one);
     }
     s
-}
-
-fn encode_deliver(deliver: Deliver) -> Option<Vec<u8>> {
-    let mut value = Vec::with_capacity(64 + deliver.body.len());
-    let env = Envelope::new(Message::Deliver(Deliver {
-        inbox_seq: 0,
-        ..deliver
-    }));
-    CodecId::Protobuf.encode(&env, &mut value).ok()?;
-    Some(value)
-}
-
-fn decode_deliver(table: &'static str, v: Vec<u8>) -> Result<Deliver, StoreError> {
-    match CodecId::Protobuf.decode_bytes(&Bytes::from(v)) {
-        Ok(Envelope {
-            msg: Message::Deliver(d),
-            ..
-        }) => Ok(d),
-        Ok(other) => Err(StoreError::Corrupt {
-            table,
-            detail: format!("not a deliver: {:?}", other.msg.op()),
-        }),
-        Err(e) => Err(StoreError::Corrupt {
-            table,
-            detail: e.to_string(),
-        }),
-    }
 }
 
 /// Splits `sql` into statements: `;` at the end of a line ends one; `--` lines are comments.
@@ -413,8 +388,9 @@ impl MySqlStore {
         )
         .await?;
         let mut results = Vec::with_capacity(ops.len());
+        let limits = self.opts.store.limits();
         for op in ops {
-            results.push(self.op(&mut sql, &mut tx, op, now_ms).await?);
+            results.push(rules::apply_op(&mut tx, &limits, op, now_ms)?);
         }
         let mut script = Vec::new();
         write(&mut script, &mut tx)?;
@@ -461,182 +437,6 @@ impl MySqlStore {
             }
         }
     }
-
-    async fn op(
-        &self,
-        sql: &mut mysql_async::Transaction<'static>,
-        tx: &mut Tx,
-        op: Op,
-        now_ms: u64,
-    ) -> Result<OpResult, StoreError> {
-        let store = &self.opts.store;
-        let r = match op {
-            Op::AppendInbox {
-                user,
-                sender,
-                cmid,
-                deliver,
-            } => {
-                if !ids_fit(&[&user.tenant, &user.user, &sender, &cmid]) {
-                    return Ok(OpResult::Refused(Refusal::IdTooLong));
-                }
-                let dkey = (
-                    user.tenant.clone(),
-                    sender,
-                    cmid,
-                    DEST_INBOX,
-                    user.user.clone(),
-                );
-                append(
-                    store,
-                    tx,
-                    (user.tenant, user.user),
-                    false,
-                    dkey,
-                    deliver,
-                    now_ms,
-                )
-            }
-            Op::AppendGroup {
-                group,
-                sender,
-                cmid,
-                deliver,
-            } => {
-                if !ids_fit(&[&group.tenant, &group.group, &sender, &cmid]) {
-                    return Ok(OpResult::Refused(Refusal::IdTooLong));
-                }
-                let dkey = (
-                    group.tenant.clone(),
-                    sender,
-                    cmid,
-                    DEST_GROUP,
-                    group.group.clone(),
-                );
-                append(
-                    store,
-                    tx,
-                    (group.tenant, group.group),
-                    true,
-                    dkey,
-                    deliver,
-                    now_ms,
-                )
-            }
-            Op::SetCursor { user, device, seq } => {
-                if !ids_fit(&[&user.tenant, &user.user, &device]) {
-                    return Ok(OpResult::Refused(Refusal::IdTooLong));
-                }
-                let owner = (user.tenant, user.user);
-                let last = tx.inbox_heads.get(&owner).map_or(0, |h| h.last);
-                let key = (owner.0.clone(), owner.1.clone(), device);
-                let old = tx.cursors.get(&key).copied().flatten();
-                let new = seq.min(last);
-                match old {
-                    Some(old) if old >= new => OpResult::Cursor { seq: old },
-                    None if new == 0 => OpResult::Cursor { seq: 0 },
-                    _ => {
-                        if old.is_none() {
-                            let max = store.max_devices_per_user.max(1) as usize;
-                            make_room_for_device(sql, tx, &owner, max).await?;
-                        }
-                        tx.cursors.insert(key.clone(), Some(new));
-                        tx.cursors_dirty.insert(key);
-                        OpResult::Cursor { seq: new }
-                    }
-                }
-            }
-            Op::SetGroupCursor {
-                group,
-                member,
-                gseq,
-            } => {
-                if !ids_fit(&[&group.tenant, &group.group, &member]) {
-                    return Ok(OpResult::Refused(Refusal::IdTooLong));
-                }
-                let owner = (group.tenant, group.group);
-                let last = tx.group_heads.get(&owner).map_or(0, |h| h.last);
-                let key = (owner.0, owner.1, member);
-                let Some(old) = tx.members.get(&key).copied().flatten() else {
-                    return Ok(OpResult::Refused(Refusal::NotMember));
-                };
-                let new = gseq.min(last);
-                if new > old {
-                    tx.members.insert(key.clone(), Some(new));
-                    tx.members_dirty.insert(key);
-                    OpResult::Cursor { seq: new }
-                } else {
-                    OpResult::Cursor { seq: old }
-                }
-            }
-            Op::Join { group, member } => {
-                if !ids_fit(&[&group.tenant, &group.group, &member]) {
-                    return Ok(OpResult::Refused(Refusal::IdTooLong));
-                }
-                let owner = (group.tenant, group.group);
-                let head = tx.group_heads.get(&owner).copied().unwrap_or_default();
-                let key = (owner.0.clone(), owner.1.clone(), member);
-                if tx.members.get(&key).copied().flatten().is_some() {
-                    return Ok(OpResult::Membership {
-                        changed: false,
-                        members: head.members,
-                    });
-                }
-                if head.members >= store.max_group_members {
-                    return Ok(OpResult::Refused(Refusal::GroupFull));
-                }
-                let groups = user_group_count(sql, tx, &key.0, &key.2).await?;
-                if groups >= store.max_groups_per_user as usize {
-                    return Ok(OpResult::Refused(Refusal::TooManyGroups));
-                }
-                tx.members.insert(key.clone(), Some(head.last));
-                tx.members_dirty.insert(key);
-                let members = head.members + 1;
-                tx.group_heads.insert(
-                    owner,
-                    Head {
-                        last: head.last,
-                        members,
-                        dirty: true,
-                    },
-                );
-                OpResult::Membership {
-                    changed: true,
-                    members,
-                }
-            }
-            Op::Leave { group, member } => {
-                if !ids_fit(&[&group.tenant, &group.group, &member]) {
-                    return Ok(OpResult::Refused(Refusal::IdTooLong));
-                }
-                let owner = (group.tenant, group.group);
-                let head = tx.group_heads.get(&owner).copied().unwrap_or_default();
-                let key = (owner.0.clone(), owner.1.clone(), member);
-                if tx.members.get(&key).copied().flatten().is_none() {
-                    return Ok(OpResult::Membership {
-                        changed: false,
-                        members: head.members,
-                    });
-                }
-                tx.members.insert(key.clone(), None);
-                tx.members_dirty.insert(key);
-                let members = head.members.saturating_sub(1);
-                tx.group_heads.insert(
-                    owner,
-                    Head {
-                        last: head.last,
-                        members,
-                        dirty: true,
-                    },
-                );
-                OpResult::Membership {
-                    changed: true,
-                    members,
-                }
-            }
-        };
-        Ok(r)
-    }
 }
 
 fn super_now_ms() -> u64 {
@@ -645,159 +445,218 @@ fn super_now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// One append against the batch's state (the counter row and the dedupe record were read by
-/// [`prefetch`]).
-fn append(
-    store: &StoreOptions,
-    tx: &mut Tx,
-    owner: Owner,
-    group: bool,
-    dkey: DedupeKey,
-    deliver: Deliver,
-    now_ms: u64,
-) -> OpResult {
-    let window = store.dedupe_window_ms;
-    if window > 0 {
-        if let Some(Some(rec)) = tx.dedupe.get(&dkey) {
-            if now_ms.saturating_sub(rec.stored_at) < window {
-                return OpResult::Appended {
-                    seq: rec.seq,
-                    mid: rec.mid,
-                    ts: rec.ts,
-                    duplicate: true,
-                };
+/// A read the prefetch did not cover: a bug in [`prefetch`], reported as a failed batch.
+fn not_prefetched(what: &str) -> StoreError {
+    StoreError::Corrupt {
+        table: "batch",
+        detail: format!("{what} was not prefetched"),
+    }
+}
+
+fn owner_of(log: Log<'_>) -> (bool, Owner) {
+    match log {
+        Log::Inbox(u) => (false, (u.tenant.clone(), u.user.clone())),
+        Log::Group(g) => (true, (g.tenant.clone(), g.group.clone())),
+    }
+}
+
+fn dedupe_key(key: RuleDedupeKey<'_>) -> DedupeKey {
+    let (group, (tenant, dest)) = owner_of(key.log);
+    let kind = if group { DEST_GROUP } else { DEST_INBOX };
+    (
+        tenant,
+        Str::from(key.sender),
+        Str::from(key.cmid),
+        kind,
+        dest,
+    )
+}
+
+fn triple(tenant: &str, owner: &str, name: &str) -> Triple {
+    (Str::from(tenant), Str::from(owner), Str::from(name))
+}
+
+/// The rules' view of the batch: the rows [`prefetch`] read, and the batch's writes over them.
+impl StoreTx for Tx {
+    fn max_id_bytes(&self) -> usize {
+        MYSQL_MAX_ID_BYTES
+    }
+
+    fn last_seq(&mut self, log: Log<'_>) -> Result<u64, StoreError> {
+        let (group, owner) = owner_of(log);
+        let heads = if group {
+            &self.group_heads
+        } else {
+            &self.inbox_heads
+        };
+        // No head row: nothing appended yet (every head the batch names was read).
+        Ok(heads.get(&owner).map_or(0, |h| h.last))
+    }
+
+    fn set_last_seq(&mut self, log: Log<'_>, seq: u64) -> Result<(), StoreError> {
+        let (group, owner) = owner_of(log);
+        let heads = if group {
+            &mut self.group_heads
+        } else {
+            &mut self.inbox_heads
+        };
+        let head = heads.entry(owner).or_default();
+        head.last = seq;
+        head.dirty = true;
+        Ok(())
+    }
+
+    fn put_message(&mut self, log: Log<'_>, seq: u64, msg: Vec<u8>) -> Result<(), StoreError> {
+        match owner_of(log) {
+            (true, owner) => self.timeline_rows.push((owner, seq, msg)),
+            (false, owner) => self.inbox_rows.push((owner, seq, msg)),
+        }
+        Ok(())
+    }
+
+    fn trim_message(&mut self, log: Log<'_>, seq: u64) -> Result<(), StoreError> {
+        match owner_of(log) {
+            (true, owner) => self.timeline_trim.push((owner, seq)),
+            (false, owner) => self.inbox_trim.push((owner, seq)),
+        }
+        Ok(())
+    }
+
+    fn dedupe(
+        &mut self,
+        key: RuleDedupeKey<'_>,
+        _expired_before_ms: u64,
+    ) -> Result<Option<DedupeRecord>, StoreError> {
+        match self.dedupe.get(&dedupe_key(key)) {
+            Some(rec) => Ok(*rec),
+            None => Err(not_prefetched("a dedupe record")),
+        }
+    }
+
+    fn put_dedupe(&mut self, key: RuleDedupeKey<'_>, rec: DedupeRecord) -> Result<(), StoreError> {
+        let key = dedupe_key(key);
+        if self.dedupe_written.insert(key.clone()) {
+            self.dedupe_order.push(key.clone());
+        }
+        self.dedupe.insert(key, Some(rec));
+        Ok(())
+    }
+
+    fn cursor(&mut self, user: &UserRef, device: &str) -> Result<Option<u64>, StoreError> {
+        match self.cursors.get(&triple(&user.tenant, &user.user, device)) {
+            Some(c) => Ok(*c),
+            None if self
+                .cursors_loaded
+                .contains(&(user.tenant.clone(), user.user.clone())) =>
+            {
+                Ok(None)
             }
+            None => Err(not_prefetched("a device cursor")),
         }
     }
-    let (mid, ts) = (deliver.mid, deliver.ts);
-    let Some(value) = encode_deliver(deliver) else {
-        return OpResult::Refused(Refusal::Unencodable);
-    };
-    let heads = if group {
-        &mut tx.group_heads
-    } else {
-        &mut tx.inbox_heads
-    };
-    let head = heads.entry(owner.clone()).or_default();
-    head.last += 1;
-    head.dirty = true;
-    let seq = head.last;
-    let keep = if group {
-        store.group_keep.max(1)
-    } else {
-        store.inbox_keep.max(1)
-    };
-    let (rows, trim) = if group {
-        (&mut tx.timeline_rows, &mut tx.timeline_trim)
-    } else {
-        (&mut tx.inbox_rows, &mut tx.inbox_trim)
-    };
-    if seq > keep {
-        trim.push((owner.clone(), seq - keep));
-    }
-    rows.push((owner, seq, value));
-    if window > 0 {
-        if tx.dedupe_written.insert(dkey.clone()) {
-            tx.dedupe_order.push(dkey.clone());
+
+    fn cursors(&mut self, user: &UserRef) -> Result<Vec<(Str, u64)>, StoreError> {
+        if !self
+            .cursors_loaded
+            .contains(&(user.tenant.clone(), user.user.clone()))
+        {
+            return Err(not_prefetched("a user's cursors"));
         }
-        tx.dedupe.insert(
-            dkey,
-            Some(DedupeRow {
-                seq,
-                mid,
-                ts,
-                stored_at: now_ms,
-            }),
-        );
+        Ok(self
+            .cursors
+            .iter()
+            .filter(|((t, u, _), _)| *t == user.tenant && *u == user.user)
+            .filter_map(|((_, _, d), c)| c.map(|c| (d.clone(), c)))
+            .collect())
     }
-    OpResult::Appended {
-        seq,
-        mid,
-        ts,
-        duplicate: false,
+
+    fn put_cursor(&mut self, user: &UserRef, device: &str, seq: u64) -> Result<(), StoreError> {
+        let key = triple(&user.tenant, &user.user, device);
+        self.cursors.insert(key.clone(), Some(seq));
+        self.cursors_dirty.insert(key);
+        Ok(())
+    }
+
+    fn delete_cursor(&mut self, user: &UserRef, device: &str) -> Result<(), StoreError> {
+        let key = triple(&user.tenant, &user.user, device);
+        self.cursors.insert(key.clone(), None);
+        self.cursors_dirty.insert(key);
+        Ok(())
+    }
+
+    fn member_cursor(&mut self, group: &GroupRef, member: &str) -> Result<Option<u64>, StoreError> {
+        match self
+            .members
+            .get(&triple(&group.tenant, &group.group, member))
+        {
+            Some(c) => Ok(*c),
+            None if self
+                .groups_loaded
+                .contains(&(group.tenant.clone(), Str::from(member))) =>
+            {
+                Ok(None)
+            }
+            None => Err(not_prefetched("a membership")),
+        }
+    }
+
+    fn group_size(&mut self, group: &GroupRef) -> Result<u64, StoreError> {
+        let owner = (group.tenant.clone(), group.group.clone());
+        Ok(self.group_heads.get(&owner).map_or(0, |h| h.members))
+    }
+
+    fn set_group_size(&mut self, group: &GroupRef, members: u64) -> Result<(), StoreError> {
+        let owner = (group.tenant.clone(), group.group.clone());
+        let head = self.group_heads.entry(owner).or_default();
+        head.members = members;
+        head.dirty = true;
+        Ok(())
+    }
+
+    fn user_group_count(&mut self, tenant: &str, member: &str) -> Result<u64, StoreError> {
+        if !self
+            .groups_loaded
+            .contains(&(Str::from(tenant), Str::from(member)))
+        {
+            return Err(not_prefetched("a member's groups"));
+        }
+        Ok(self
+            .members
+            .iter()
+            .filter(|((t, _, m), c)| &**t == tenant && &**m == member && c.is_some())
+            .count() as u64)
+    }
+
+    fn put_member(&mut self, group: &GroupRef, member: &str, gseq: u64) -> Result<(), StoreError> {
+        self.set_member_cursor(group, member, gseq)
+    }
+
+    fn set_member_cursor(
+        &mut self,
+        group: &GroupRef,
+        member: &str,
+        gseq: u64,
+    ) -> Result<(), StoreError> {
+        let key = triple(&group.tenant, &group.group, member);
+        self.members.insert(key.clone(), Some(gseq));
+        self.members_dirty.insert(key);
+        Ok(())
+    }
+
+    fn delete_member(&mut self, group: &GroupRef, member: &str) -> Result<(), StoreError> {
+        let key = triple(&group.tenant, &group.group, member);
+        self.members.insert(key.clone(), None);
+        self.members_dirty.insert(key);
+        Ok(())
     }
 }
 
-/// Before a new device cursor is written: evicts the lowest cursors of a user who has `max`.
-async fn make_room_for_device(
-    sql: &mut mysql_async::Transaction<'static>,
-    tx: &mut Tx,
-    owner: &Owner,
-    max: usize,
-) -> Result<(), StoreError> {
-    if !tx.cursors_loaded.contains(owner) {
-        let rows: Vec<(Vec<u8>, u64)> = sql
-            .exec(
-                "SELECT device_id, seq FROM device_cursor WHERE tenant = ? AND user_id = ? \
-                 FOR UPDATE",
-                (b(&owner.0), b(&owner.1)),
-            )
-            .await
-            .map_err(engine)?;
-        for (device, seq) in rows {
-            let key = (
-                owner.0.clone(),
-                owner.1.clone(),
-                to_str(device, "device_cursor")?,
-            );
-            tx.cursors.entry(key).or_insert(Some(seq));
-        }
-        tx.cursors_loaded.insert(owner.clone());
-    }
-    let mut by_seq: Vec<(u64, Str)> = tx
-        .cursors
-        .iter()
-        .filter(|((t, u, _), v)| t == &owner.0 && u == &owner.1 && v.is_some())
-        .map(|((_, _, d), v)| (v.unwrap_or(0), d.clone()))
-        .collect();
-    if by_seq.len() < max {
-        return Ok(());
-    }
-    by_seq.sort_by(|a, b| {
-        a.0.cmp(&b.0)
-            .then_with(|| a.1.as_bytes().cmp(b.1.as_bytes()))
-    });
-    let evict = by_seq.len() + 1 - max;
-    for (_, d) in by_seq.into_iter().take(evict) {
-        let key = (owner.0.clone(), owner.1.clone(), d);
-        tx.cursors.insert(key.clone(), None);
-        tx.cursors_dirty.insert(key);
-    }
-    Ok(())
-}
-
-/// The number of groups `member` is in, as of this batch.
-async fn user_group_count(
-    sql: &mut mysql_async::Transaction<'static>,
-    tx: &mut Tx,
-    tenant: &Str,
-    member: &Str,
-) -> Result<usize, StoreError> {
-    let who = (tenant.clone(), member.clone());
-    if !tx.groups_loaded.contains(&who) {
-        let rows: Vec<(Vec<u8>, u64)> = sql
-            .exec(
-                "SELECT group_id, cursor_gseq FROM group_member \
-                 WHERE tenant = ? AND member_id = ? FOR UPDATE",
-                (b(tenant), b(member)),
-            )
-            .await
-            .map_err(engine)?;
-        for (g, c) in rows {
-            let key = (tenant.clone(), to_str(g, "group_member")?, member.clone());
-            tx.members.entry(key).or_insert(Some(c));
-        }
-        tx.groups_loaded.insert(who);
-    }
-    Ok(tx
-        .members
-        .iter()
-        .filter(|((t, _, m), v)| t == tenant && m == member && v.is_some())
-        .count())
-}
-
-/// Reads, under lock, every counter row, dedupe record, cursor and membership the batch
-/// names, in a few multi-row `SELECT ... FOR UPDATE`s. Absent rows are recorded as such.
+/// Reads, under lock, every counter row, dedupe record, cursor and membership the batch's
+/// rules will read ([`rules`]), in a few multi-row `SELECT ... FOR UPDATE`s sent as one query.
+/// Absent rows are recorded as such. For a user with a cursor op that is every cursor of the
+/// user (a new device may evict another: at most `max_devices_per_user` rows), for a joining
+/// member every membership of the member (the groups limit: at most `max_groups_per_user`),
+/// so the rules never need a second round trip.
 async fn prefetch(
     sql: &mut mysql_async::Transaction<'static>,
     tx: &mut Tx,
@@ -807,8 +666,9 @@ async fn prefetch(
     let mut users: HashSet<Owner> = HashSet::new();
     let mut groups: HashSet<Owner> = HashSet::new();
     let mut dkeys: HashSet<DedupeKey> = HashSet::new();
-    let mut cursors: HashSet<Triple> = HashSet::new();
+    let mut cursor_users: HashSet<Owner> = HashSet::new();
     let mut members: HashSet<Triple> = HashSet::new();
+    let mut joiners: HashSet<Owner> = HashSet::new();
     for op in ops {
         match op {
             Op::AppendInbox {
@@ -844,11 +704,13 @@ async fn prefetch(
             }
             Op::SetCursor { user, device, .. } if ids_fit(&[&user.tenant, &user.user, device]) => {
                 users.insert((user.tenant.clone(), user.user.clone()));
-                cursors.insert((user.tenant.clone(), user.user.clone(), device.clone()));
+                cursor_users.insert((user.tenant.clone(), user.user.clone()));
             }
-            Op::SetGroupCursor { group, member, .. }
-            | Op::Join { group, member }
-            | Op::Leave { group, member }
+            Op::Join { group, member } if ids_fit(&[&group.tenant, &group.group, member]) => {
+                groups.insert((group.tenant.clone(), group.group.clone()));
+                joiners.insert((group.tenant.clone(), member.clone()));
+            }
+            Op::SetGroupCursor { group, member, .. } | Op::Leave { group, member }
                 if ids_fit(&[&group.tenant, &group.group, member]) =>
             {
                 groups.insert((group.tenant.clone(), group.group.clone()));
@@ -862,10 +724,16 @@ async fn prefetch(
     users.sort();
     let mut groups: Vec<Owner> = groups.into_iter().collect();
     groups.sort();
-    let mut cursors: Vec<Triple> = cursors.into_iter().collect();
-    cursors.sort();
-    let mut members: Vec<Triple> = members.into_iter().collect();
+    // A joiner's memberships hold the named one.
+    let mut members: Vec<Triple> = members
+        .into_iter()
+        .filter(|(t, _, m)| !joiners.contains(&(t.clone(), m.clone())))
+        .collect();
     members.sort();
+    let mut cursor_users: Vec<Owner> = cursor_users.into_iter().collect();
+    cursor_users.sort();
+    let mut joiners: Vec<Owner> = joiners.into_iter().collect();
+    joiners.sort();
     let dkeys: Vec<DedupeKey> = dkeys.into_iter().collect();
     // Every read of the batch, in one multi-statement query (one round trip) unless they are
     // very large: each statement with what its result set fills.
@@ -900,25 +768,38 @@ async fn prefetch(
             .collect();
         reads.push((inline(&q, &params)?, Read::Dedupe(chunk.to_vec())));
     }
-    type TripleRead = (Vec<Triple>, &'static str, fn(Vec<Triple>) -> Read);
-    let triples: [TripleRead; 2] = [
+    for chunk in members.chunks(ROWS_PER_STATEMENT) {
+        let q = format!(
+            "SELECT tenant, group_id, member_id, cursor_gseq FROM group_member \
+             WHERE (tenant, group_id, member_id) IN ({}) FOR UPDATE",
+            placeholders(chunk.len(), 3)
+        );
+        reads.push((
+            inline(&q, &triple_params(chunk))?,
+            Read::Members(chunk.to_vec()),
+        ));
+    }
+    // Whole sets of rows by owner: every cursor of a user, every membership of a member.
+    type OwnerRead = (Vec<Owner>, &'static str, fn(Vec<Owner>) -> Read);
+    let owned: [OwnerRead; 2] = [
         (
-            cursors,
+            cursor_users,
             "SELECT tenant, user_id, device_id, seq FROM device_cursor \
-             WHERE (tenant, user_id, device_id)",
-            Read::Cursors,
+             WHERE (tenant, user_id)",
+            Read::UserCursors,
         ),
         (
-            members,
+            joiners,
             "SELECT tenant, group_id, member_id, cursor_gseq FROM group_member \
-             WHERE (tenant, group_id, member_id)",
-            Read::Members,
+             WHERE (tenant, member_id)",
+            Read::Memberships,
         ),
     ];
-    for (keys, select, read) in triples {
+    for (keys, select, read) in owned {
         for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-            let q = format!("{select} IN ({}) FOR UPDATE", placeholders(chunk.len(), 3));
-            reads.push((inline(&q, &triple_params(chunk))?, read(chunk.to_vec())));
+            let q = format!("{select} IN ({}) FOR UPDATE", placeholders(chunk.len(), 2));
+            let params: Vec<Value> = chunk.iter().flat_map(|(t, o)| [b(t), b(o)]).collect();
+            reads.push((inline(&q, &params)?, read(chunk.to_vec())));
         }
     }
     let texts: Vec<String> = reads.iter().map(|(q, _)| q.clone()).collect();
@@ -951,8 +832,12 @@ enum Read {
     InboxHeads,
     GroupHeads,
     Dedupe(Vec<DedupeKey>),
-    Cursors(Vec<Triple>),
+    /// Every cursor of these users.
+    UserCursors(Vec<Owner>),
+    /// These memberships (group, member).
     Members(Vec<Triple>),
+    /// Every membership of these (tenant, member).
+    Memberships(Vec<Owner>),
 }
 
 fn typed<T: mysql_async::prelude::FromRow>(
@@ -1009,11 +894,11 @@ fn fill(tx: &mut Tx, read: Read, rows: Vec<mysql_async::Row>) -> Result<(), Stor
                     to_str(d, "dedupe")?,
                 );
                 tx.dedupe_in_db.insert(key.clone());
-                let rec = DedupeRow {
+                let rec = DedupeRecord {
                     seq,
                     mid,
                     ts,
-                    stored_at,
+                    stored_at_ms: stored_at,
                 };
                 tx.dedupe.insert(key, Some(rec));
             }
@@ -1021,8 +906,15 @@ fn fill(tx: &mut Tx, read: Read, rows: Vec<mysql_async::Row>) -> Result<(), Stor
                 tx.dedupe.entry(key).or_insert(None);
             }
         }
-        Read::Cursors(keys) => fill_triples(&mut tx.cursors, keys, rows, "device_cursor")?,
+        Read::UserCursors(users) => {
+            fill_triples(&mut tx.cursors, Vec::new(), rows, "device_cursor")?;
+            tx.cursors_loaded.extend(users);
+        }
         Read::Members(keys) => fill_triples(&mut tx.members, keys, rows, "group_member")?,
+        Read::Memberships(who) => {
+            fill_triples(&mut tx.members, Vec::new(), rows, "group_member")?;
+            tx.groups_loaded.extend(who);
+        }
     }
     Ok(())
 }
@@ -1289,12 +1181,17 @@ fn write(script: &mut Vec<String>, tx: &mut Tx) -> Result<(), StoreError> {
     )?;
 
     let dedupe_row = |tx: &Tx, key: &DedupeKey| {
-        let rec = tx.dedupe.get(key).copied().flatten().unwrap_or(DedupeRow {
-            seq: 0,
-            mid: 0,
-            ts: 0,
-            stored_at: 0,
-        });
+        let rec = tx
+            .dedupe
+            .get(key)
+            .copied()
+            .flatten()
+            .unwrap_or(DedupeRecord {
+                seq: 0,
+                mid: 0,
+                ts: 0,
+                stored_at_ms: 0,
+            });
         let (t, s, c, k, d) = key;
         vec![
             b(t),
@@ -1305,7 +1202,7 @@ fn write(script: &mut Vec<String>, tx: &mut Tx) -> Result<(), StoreError> {
             Value::from(rec.seq),
             Value::from(rec.mid),
             Value::from(rec.ts),
-            Value::from(rec.stored_at),
+            Value::from(rec.stored_at_ms),
         ]
     };
     let cols =
@@ -1449,7 +1346,7 @@ impl Backend for MySqlStore {
                 let more = rows.len() > limit;
                 let mut messages = Vec::with_capacity(rows.len().min(limit));
                 for (seq, v) in rows.into_iter().take(limit) {
-                    let mut d = decode_deliver("inbox", v)?;
+                    let mut d = super::decode_stored("inbox", Bytes::from(v))?;
                     d.inbox_seq = seq;
                     messages.push(d);
                 }
@@ -1570,7 +1467,7 @@ impl Backend for MySqlStore {
                 let more = rows.len() > limit;
                 let mut messages = Vec::with_capacity(rows.len().min(limit));
                 for (gseq, v) in rows.into_iter().take(limit) {
-                    let deliver = decode_deliver("timeline", v)?;
+                    let deliver = super::decode_stored("timeline", Bytes::from(v))?;
                     messages.push(GroupEntry { gseq, deliver });
                 }
                 Ok(GroupPage { messages, more })
@@ -1664,6 +1561,24 @@ fn deadlocks_and_lock_wait_timeouts_are_retried_other_errors_are_not() {
     );
     assert!(!retryable(&server(1146)), "a missing table is no race");
     assert!(!retryable(&StoreError::Timeout { ms: 1 }));
+}
+
+#[cfg(test)]
+#[test]
+fn a_full_table_or_disk_is_storage_full_other_server_errors_are_not() {
+    let server = |code| {
+        engine(mysql_async::Error::Server(mysql_async::ServerError {
+            code,
+            message: String::new(),
+            state: String::new(),
+        }))
+    };
+    assert!(
+        matches!(server(1114), StoreError::Full(_)),
+        "the table is full"
+    );
+    assert!(matches!(server(1021), StoreError::Full(_)), "disk full");
+    assert!(matches!(server(1213), StoreError::Engine(_)));
 }
 
 #[cfg(test)]
@@ -1784,7 +1699,7 @@ fn lanes_keep_each_inbox_and_group_in_one_lane_in_batch_order() {
             user: user(&to),
             sender: "s".into(),
             cmid: format!("c{i}").into(),
-            deliver: Deliver {
+            deliver: crate::protocol::Deliver {
                 mid: i,
                 from: "s".into(),
                 to: None,
