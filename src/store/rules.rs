@@ -795,7 +795,8 @@ mod tests {
                 now += step.4;
                 let op = op(step, i as u64 + 1);
                 let want = model.step(&l, &op, now);
-                let got = apply_op(&mut tx, &l, op.clone(), now).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let got = apply_op(&mut tx, &l, op.clone(), now)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(got, want, "op {} {:?} at {}", i, op, now);
                 model.check(&l, &tx)?;
             }
