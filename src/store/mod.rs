@@ -15,6 +15,7 @@
 mod embedded;
 mod keys;
 pub mod log;
+mod logstore;
 mod mysql;
 mod recent;
 pub mod rules;
@@ -22,6 +23,7 @@ pub mod rules;
 mod tests;
 
 pub use embedded::{EmbeddedStore, StoreOptions};
+pub use logstore::{LogStore, LogStoreOptions};
 pub use mysql::{testdb as mysql_testdb, MySqlOptions, MySqlStore, MYSQL_MAX_ID_BYTES};
 pub use rules::Limits;
 

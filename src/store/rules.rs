@@ -93,7 +93,9 @@ pub trait StoreTx {
     /// The message in its stored form (its `inbox_seq` is not stored); `None`: it cannot be
     /// encoded ([`Refusal::Unencodable`]). By default the Protobuf form of both stores; a
     /// store with another form overrides it.
-    fn encode(&mut self, deliver: Deliver) -> Option<Vec<u8>> {
+    /// `key` names where it goes and who sent it, for a store whose record holds them too.
+    fn encode(&mut self, key: &DedupeKey<'_>, deliver: Deliver) -> Option<Vec<u8>> {
+        let _ = key;
         super::encode_stored(deliver)
     }
 
@@ -273,7 +275,7 @@ fn append<T: StoreTx>(
         }
     }
     let (mid, ts) = (deliver.mid, deliver.ts);
-    let Some(stored) = tx.encode(deliver) else {
+    let Some(stored) = tx.encode(&key, deliver) else {
         return Ok(OpResult::Refused(Refusal::Unencodable));
     };
     let log = key.log;
@@ -421,7 +423,7 @@ mod tests {
         }
 
         /// The stored form is the mid (big-endian).
-        fn encode(&mut self, deliver: Deliver) -> Option<Vec<u8>> {
+        fn encode(&mut self, _: &DedupeKey<'_>, deliver: Deliver) -> Option<Vec<u8>> {
             (&*deliver.body != BAD_BODY).then(|| deliver.mid.to_be_bytes().to_vec())
         }
 

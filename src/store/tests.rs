@@ -53,8 +53,8 @@ fn open(dir: &tempfile::TempDir, opts: StoreOptions) -> EmbeddedStore {
     EmbeddedStore::open(dir.path(), opts).unwrap()
 }
 
-// The contract tests run against both backends: `contract!(name)` makes `name::embedded` and
-// `name::mysql` from `fn name(f: &Fixture)`.
+// The contract tests run against every store: `contract!(name)` makes `name::embedded`,
+// `name::mysql` and `name::log` from `fn name(f: &Fixture)`.
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -65,6 +65,10 @@ macro_rules! contract {
             #[test]
             fn mysql() {
                 super::$name(&super::Fixture::mysql(stringify!($name)));
+            }
+            #[test]
+            fn log() {
+                super::$name(&super::Fixture::log());
             }
         }
     )*};
@@ -88,6 +92,8 @@ contract!(
 /// Where a contract test's store lives: a temporary directory, or a fresh MySQL database.
 enum Fixture {
     Embedded(tempfile::TempDir),
+    /// The log store in a temporary directory.
+    Log(tempfile::TempDir),
     /// The URL and the database, dropped with the fixture.
     MySql(String, String),
 }
@@ -103,6 +109,10 @@ impl Drop for Fixture {
 impl Fixture {
     fn embedded() -> Fixture {
         Fixture::Embedded(tempfile::tempdir().unwrap())
+    }
+
+    fn log() -> Fixture {
+        Fixture::Log(tempfile::tempdir().unwrap())
     }
 
     /// A fresh database `imgw_t_NAME_PID` on the MariaDB of `IMGW_MYSQL_URL` (CI starts it
@@ -123,6 +133,16 @@ impl Fixture {
     fn open(&self, opts: StoreOptions) -> TestStore {
         match self {
             Fixture::Embedded(dir) => TestStore::Embedded(open(dir, opts)),
+            Fixture::Log(dir) => TestStore::Log(
+                LogStore::open(
+                    dir.path(),
+                    LogStoreOptions {
+                        store: opts,
+                        ..LogStoreOptions::default()
+                    },
+                )
+                .unwrap(),
+            ),
             Fixture::MySql(url, _) => {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -153,6 +173,7 @@ impl Fixture {
 #[allow(clippy::large_enum_variant)]
 enum TestStore {
     Embedded(EmbeddedStore),
+    Log(LogStore),
     MySql(Box<MySqlStore>, tokio::runtime::Runtime),
 }
 
@@ -160,9 +181,19 @@ macro_rules! dispatch {
     ($self:ident, $method:ident($($arg:expr),*)) => {
         match $self {
             TestStore::Embedded(s) => s.$method($($arg),*),
+            TestStore::Log(s) => ready(Backend::$method(s, $($arg),*)),
             TestStore::MySql(s, rt) => rt.block_on(Backend::$method(&mut **s, $($arg),*)),
         }
     };
+}
+
+/// The result of a future that is ready at once (the log store's).
+fn ready<T>(mut f: StoreFuture<'_, T>) -> Result<T, StoreError> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => panic!("the log store's futures are ready at once"),
+    }
 }
 
 impl TestStore {
@@ -212,6 +243,7 @@ impl TestStore {
     fn table_len(&mut self, name: &str) -> usize {
         match self {
             TestStore::Embedded(s) => s.table_len(name),
+            TestStore::Log(s) => s.table_len(name),
             TestStore::MySql(s, rt) => {
                 let q = match name {
                     "inbox" => "SELECT COUNT(*) FROM inbox",
