@@ -186,3 +186,55 @@ fn preflight_prints_one_line_per_check_and_the_ceiling() {
         "{stdout}"
     );
 }
+
+/// A data directory written by the fjall store of earlier builds is refused at start with one
+/// line naming the way out, instead of serving beside it as if every message were gone.
+#[test]
+fn a_data_directory_of_the_previous_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("store")).unwrap();
+    std::fs::write(dir.path().join("store").join("version"), b"old").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_imgw"))
+        .args([
+            "serve",
+            "--insecure-dev-auth",
+            "--durability",
+            "local",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .args([
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--tcp-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("imgw served a data directory holding the previous store");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("holds the fjall store") && err.contains("empty --data-dir"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("log").exists(),
+        "a log store was created beside it"
+    );
+}

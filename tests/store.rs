@@ -1,4 +1,4 @@
-//! Crash safety of the embedded store (SPEC 4, 6): a child process applies batches in a loop and
+//! Crash safety of the log store of durability `local` on a real file system (SPEC 4, 6): a child process applies batches in a loop and
 //! prints each batch number once `apply` returned; it is killed with SIGKILL at a random point.
 //! On reopen every acknowledged batch must be there, whole, and the seqs gapless.
 //!
@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use imgw::protocol::{Deliver, Ext};
-use imgw::store::{EmbeddedStore, Op, OpResult, StoreOptions, UserRef};
+use imgw::store::{LogStore, LogStoreOptions, Op, OpResult, UserRef};
 
 const ENV_DIR: &str = "IMGW_STORE_CRASH_DIR";
 /// Users the batches write to, besides the marker user (whose inbox counts the batches).
@@ -25,7 +25,7 @@ fn user(u: &str) -> UserRef {
 }
 
 /// Batch `b`'s messages: (user, body), in order; the marker's message last. Bodies are 1 KB so
-/// that the runs cross memtable flushes (1 MiB memtables).
+/// that the runs cross segment rollovers (1 MiB segments).
 fn batch_messages(b: u64) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = (0..PER_BATCH)
         .map(|j| {
@@ -37,12 +37,13 @@ fn batch_messages(b: u64) -> Vec<(String, String)> {
     v
 }
 
-fn options() -> StoreOptions {
-    StoreOptions {
-        // Small memtables and journal: the kills land in flushes and journal rotations too.
-        memtable_bytes: 1 << 20,
-        ..StoreOptions::default()
-    }
+fn options() -> LogStoreOptions {
+    let mut o = LogStoreOptions::default();
+    // Small segments: the kills land in rollovers too.
+    o.log.segment_bytes = 1 << 20;
+    o.log.max_record_bytes = 64 << 10;
+    o.log.max_pending_bytes = 512 << 10;
+    o
 }
 
 /// The child's loop: runs only when re-executed by `sigkill_loses_no_acknowledged_batch`.
@@ -51,8 +52,8 @@ fn crash_child() {
     let Some(dir) = std::env::var_os(ENV_DIR) else {
         return;
     };
-    let mut store = EmbeddedStore::open(Path::new(&dir), options()).unwrap();
-    let mut b = store.last_inbox_seq(&user(MARKER)).unwrap() + 1;
+    let mut store = LogStore::open(Path::new(&dir), options()).unwrap();
+    let mut b = store.last_inbox_seq(&user(MARKER)) + 1;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut out = std::io::stdout();
     while Instant::now() < deadline {
@@ -137,8 +138,8 @@ fn parse_ack(line: &str) -> Option<u64> {
 /// Checks that the store holds exactly batches `1..=n` for some `n >= acked`, each whole, with
 /// gapless seqs; returns `n`.
 fn verify(dir: &Path, acked: u64) -> u64 {
-    let mut store = EmbeddedStore::open(dir, options()).unwrap();
-    let n = store.last_inbox_seq(&user(MARKER)).unwrap();
+    let mut store = LogStore::open(dir, options()).unwrap();
+    let n = store.last_inbox_seq(&user(MARKER));
     assert!(n >= acked, "acknowledged batch {acked} lost: store has {n}");
     let mut expected: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for b in 1..=n {
@@ -160,7 +161,7 @@ fn verify(dir: &Path, acked: u64) -> u64 {
                 break;
             }
         }
-        assert_eq!(store.last_inbox_seq(&user(&u)).unwrap(), after);
+        assert_eq!(store.last_inbox_seq(&user(&u)), after);
         assert_eq!(got, bodies, "inbox of {u} is not batches 1..={n}");
     }
     n

@@ -334,8 +334,8 @@ pub fn mysql_options(cfg: &crate::config::Config) -> Option<MySqlOptions> {
 }
 
 /// Opens the durable store the configuration selects: MySQL for durability `backend` with a
-/// `mysql.url`, otherwise the embedded store under the data directory. Runs on the I/O core's
-/// runtime (the MySQL pool lives there).
+/// `mysql.url`, otherwise the log store under the data directory (`DATA_DIR/log`). Runs on the
+/// I/O core's runtime (the MySQL pool lives there).
 pub async fn open(cfg: &crate::config::Config) -> Result<Box<dyn Backend>, StoreError> {
     // `backend` with Kafka only: the embedded store, and Kafka confirms (src/iocore.rs).
     let kafka_only = cfg.mysql.url.is_none() && cfg.kafka.brokers.is_some();
@@ -347,8 +347,45 @@ pub async fn open(cfg: &crate::config::Config) -> Result<Box<dyn Backend>, Store
         };
         return Ok(Box::new(MySqlStore::connect(opts).await?));
     }
-    Ok(Box::new(EmbeddedStore::open(
-        &cfg.server.data_dir.join("store"),
-        store_options(cfg),
-    )?))
+    let data = &cfg.server.data_dir;
+    refuse_fjall_store(data)?;
+    let dir = data.join("log");
+    let store = LogStore::open(
+        &dir,
+        LogStoreOptions {
+            store: store_options(cfg),
+            ..LogStoreOptions::default()
+        },
+    )?;
+    let o = store.opened();
+    tracing::info!(
+        dir = %dir.display(),
+        records = o.records,
+        batches = o.batches,
+        torn_batch_records = o.torn_batch_records,
+        "store opened"
+    );
+    if let Some(t) = &o.truncated {
+        tracing::warn!("store recovery: {t}");
+    }
+    Ok(Box::new(store))
+}
+
+/// Refuses a data directory that holds the fjall store of earlier builds (`DATA_DIR/store`):
+/// this build cannot read it, and starting beside it would look like every message was lost.
+fn refuse_fjall_store(data: &std::path::Path) -> Result<(), StoreError> {
+    let old = data.join("store");
+    let holds_files = std::fs::read_dir(&old)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    if holds_files {
+        return Err(StoreError::Config(format!(
+            "{} holds the fjall store of imgw builds before the log store (issue 13), which this \
+             build cannot read: start with an empty --data-dir, or move that directory away. \
+             There is no migration command: that format was never in a release of imgw, so no \
+             deployment keeps messages in it; a development store starts afresh",
+            old.display()
+        )));
+    }
+    Ok(())
 }
