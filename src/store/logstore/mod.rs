@@ -85,6 +85,8 @@ pub struct LogStore<S: Storage = FsStorage> {
     checkpoint_upto: Position,
     opened: Opened,
     scratch: Vec<u8>,
+    /// The directory's lock, held while the store is open (one process per directory).
+    _lock: Option<std::fs::File>,
 }
 
 fn limits(o: &StoreOptions) -> Limits {
@@ -163,11 +165,38 @@ impl LogStore<FsStorage> {
             path: dir.to_path_buf(),
             source,
         })?;
+        let lock = lock_dir(dir)?;
         let storage = FsStorage::open(dir).map_err(|source| StoreError::Dir {
             path: dir.to_path_buf(),
             source,
         })?;
-        LogStore::open_in(storage, opts)
+        let mut store = LogStore::open_in(storage, opts)?;
+        store._lock = Some(lock);
+        Ok(store)
+    }
+}
+
+/// Takes the exclusive lock of `dir/LOCK`: a second process opening the same store fails at
+/// once instead of writing the same segments.
+fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, StoreError> {
+    let path = dir.join("LOCK");
+    let dir_err = |source| StoreError::Dir {
+        path: path.clone(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(dir_err)?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Config(format!(
+            "{} is in use by another process (one gateway per data directory)",
+            dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(dir_err(e)),
     }
 }
 
@@ -239,6 +268,7 @@ impl<S: Storage> LogStore<S> {
             checkpoint_upto: upto,
             opened,
             scratch: Vec::new(),
+            _lock: None,
         })
     }
 

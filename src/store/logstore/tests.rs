@@ -270,3 +270,19 @@ fn retention_bounds_the_segments_and_keeps_what_is_live() {
     assert_eq!(s.group_members(&g, None, 10), vec![Str::from("u0")]);
     assert_eq!(s.user_groups(&user("u0")), vec![Str::from("g")]);
 }
+
+/// One process per data directory: a second open of the same directory fails while the first
+/// holds it, and succeeds once it is closed.
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = LogStore::open(dir.path(), LogStoreOptions::default()).unwrap();
+    let second = LogStore::open(dir.path(), LogStoreOptions::default());
+    assert!(
+        matches!(&second, Err(StoreError::Config(m)) if m.contains("in use")),
+        "{:?}",
+        second.err()
+    );
+    drop(first);
+    LogStore::open(dir.path(), LogStoreOptions::default()).unwrap();
+}
