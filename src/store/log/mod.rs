@@ -30,6 +30,9 @@ use format::{
     Header, FORMAT_MAX_RECORD_BYTES, FORMAT_VERSION, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
 };
 
+/// The first read of [`Log::read`]: a record this small takes one `pread`.
+const READ_GUESS_BYTES: u64 = 512;
+
 /// The name of the checkpoint file in the log's directory.
 const CHECKPOINT_FILE: &str = "checkpoint";
 
@@ -832,31 +835,35 @@ impl<S: Storage> Log<S> {
             offset: pos.offset,
             detail: detail.to_string(),
         };
-        let mut h = [0u8; RECORD_HEADER_BYTES];
-        if seg.end - pos.offset < RECORD_HEADER_BYTES as u64 {
+        let avail = seg.end - pos.offset;
+        if avail < RECORD_HEADER_BYTES as u64 {
             return Err(corrupt("not a record: past the end"));
         }
+        // One read of the header and (for a small record) the payload; a second one for the
+        // rest of a larger record.
+        let first = avail.min(READ_GUESS_BYTES) as usize;
+        payload.clear();
+        payload.resize(first, 0);
         seg.file
-            .read_at(pos.offset, &mut h)
+            .read_at(pos.offset, payload)
             .map_err(|e| LogError::io("read segment", e))?;
-        let (len, crc) = format::record_header(&h);
-        if len > FORMAT_MAX_RECORD_BYTES
-            || seg.end - pos.offset - (RECORD_HEADER_BYTES as u64) < len as u64
-        {
+        let (len, crc) = format::record_header(payload);
+        let total = RECORD_HEADER_BYTES + len;
+        if len > FORMAT_MAX_RECORD_BYTES || avail < total as u64 {
             return Err(corrupt("not a record: length past the end"));
         }
-        payload.clear();
-        payload.resize(len, 0);
-        seg.file
-            .read_at(pos.offset + RECORD_HEADER_BYTES as u64, payload)
-            .map_err(|e| LogError::io("read segment", e))?;
-        let kind = h[RECORD_HEADER_BYTES - 1];
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&[kind]);
-        hasher.update(payload);
-        if hasher.finalize() != crc {
+        if total > first {
+            payload.resize(total, 0);
+            seg.file
+                .read_at(pos.offset + first as u64, &mut payload[first..])
+                .map_err(|e| LogError::io("read segment", e))?;
+        }
+        payload.truncate(total);
+        if !format::record_crc_ok(crc, &payload[RECORD_HEADER_BYTES - 1..]) {
             return Err(corrupt("checksum mismatch"));
         }
+        let kind = payload[RECORD_HEADER_BYTES - 1];
+        payload.drain(..RECORD_HEADER_BYTES);
         Ok(kind)
     }
 

@@ -749,3 +749,39 @@ fn fs_storage_round_trip() {
     });
     assert!(matches!(r.map(|r| r.1), Err(LogError::Config(s)) if s == "stop"));
 }
+
+/// Reads check the checksum and the bounds: a damaged record, a position inside a record, one
+/// past the committed end.
+#[test]
+fn read_checks_checksum_and_bounds() {
+    let s = SimStorage::new();
+    let (mut log, _, _) = open_sim(&s, small()).unwrap();
+    let small_rec = log.append(1, &[1; 10]).unwrap();
+    let big_rec = log.append(2, &[2; 590]).unwrap();
+    log.commit().unwrap();
+    assert_eq!(log.read(small_rec).unwrap(), (1, vec![1; 10]));
+    assert_eq!(log.read(big_rec).unwrap(), (2, vec![2; 590]));
+    let pending = log.append(3, b"pending").unwrap();
+    assert!(matches!(log.read(pending), Err(LogError::NotFound { .. })));
+    let inside = Position {
+        segment: 1,
+        offset: small_rec.offset + 3,
+    };
+    assert!(matches!(log.read(inside), Err(LogError::Corrupt { .. })));
+    let name = segment_name(1);
+    let mut bytes = s.file(&name).unwrap();
+    bytes[big_rec.offset as usize + 580] ^= 1;
+    s.set_file(&name, bytes);
+    match log.read(big_rec) {
+        Err(LogError::Corrupt {
+            segment,
+            offset,
+            detail,
+        }) => {
+            assert_eq!((segment, offset), (1, big_rec.offset));
+            assert_eq!(detail, "checksum mismatch");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(log.read(small_rec).unwrap(), (1, vec![1; 10]));
+}
