@@ -62,15 +62,17 @@ impl fmt::Display for Position {
 #[derive(Clone, Debug)]
 pub struct LogOptions {
     /// A segment is closed and the next one started when a record would take it past this
-    /// size (a record never spans segments). At least `max_record_bytes` + 33.
+    /// size (a record never spans segments); segment files are created at this size (sparse).
+    /// At least `max_record_bytes` + 41.
     pub segment_bytes: u64,
     /// The largest payload [`Log::append`] takes ([`LogError::TooLarge`] above it); at most
     /// [`format::FORMAT_MAX_RECORD_BYTES`].
     pub max_record_bytes: usize,
     /// The most bytes appended and not yet committed: [`Log::append`] refuses a record past it
     /// with [`LogError::BatchFull`] (the caller commits, then appends again). At least
-    /// `max_record_bytes` + 33. It also bounds the torn tail recovery will cut off: damage
-    /// further from the end of the last segment is refused as [`LogError::Corrupt`].
+    /// `max_record_bytes` + 41. It also bounds the torn tail recovery will cut off: damage
+    /// further than this before the last written byte of the last segment is refused as
+    /// [`LogError::Corrupt`].
     pub max_pending_bytes: usize,
     /// Size of the reads that scan the segments at [`Log::open`].
     pub scan_chunk_bytes: usize,
@@ -382,9 +384,11 @@ impl<S: Storage> Log<S> {
     /// every segment in order and hands each valid one to `visit` (position, kind, payload) so
     /// that the caller rebuilds its state; an error from `visit` stops the open.
     ///
-    /// A bad record or header at the end of the last segment, within one batch
-    /// ([`LogOptions::max_pending_bytes`]) of its end, is a torn write of a commit that never
-    /// returned: the segment is cut there (synced) and [`Recovery::truncated`] says where.
+    /// A segment's records end at an all-zero record header followed by zeros (the unwritten
+    /// rest of the file). A bad record or header in the last segment, within one batch
+    /// ([`LogOptions::max_pending_bytes`]) of its last written byte, is a torn write of a
+    /// commit that never returned: the bytes from there are zeroed (cut, synced) and
+    /// [`Recovery::truncated`] says where.
     /// Anywhere else it is [`LogError::Corrupt`]; another format version is
     /// [`LogError::Format`]. Then the last segment and the directory are synced (a restart
     /// after a failed commit, without a crash, may find bytes that were never synced), so that
