@@ -1,14 +1,20 @@
 //! The bytes on disk: segment headers, records and the checkpoint file (format version 1).
 //!
 //! ```text
-//! segment header (24 bytes): magic "IMGWLOG\0" | version: u32 LE | segment: u64 LE | crc32: u32 LE (of the 20 bytes before)
+//! segment header (32 bytes): magic "IMGWLOG\0" | version: u32 LE | segment: u64 LE
+//!                            | prev_end: u64 LE | crc32: u32 LE (of the 28 bytes before)
 //! record (9 + len bytes):    len: u32 LE | crc32: u32 LE (of kind ‖ payload) | kind: u8 | payload (len bytes)
 //! checkpoint file:           magic "IMGWCKPT" | version: u32 LE | upto segment: u64 LE | upto offset: u64 LE
 //!                            | len: u64 LE | payload (len bytes) | crc32: u32 LE (of everything before it)
 //! ```
 //!
-//! CRC-32 is the IEEE polynomial (`crc32fast`). Records follow the header back to back; a
-//! segment ends where its last valid record ends.
+//! CRC-32 is the IEEE polynomial (`crc32fast`). Records follow the header back to back. A
+//! segment file is created at its full size (`segment_bytes`, sparse) so that a commit's
+//! `fdatasync` has no file size to update; its records end at the first all-zero record header
+//! followed by zeros to the end of the file (no valid record is all zeros: the checksum of a
+//! zero kind byte is not 0). `prev_end` is where the previous segment's records end (0 in
+//! segment 1), so that recovery notices a previous segment that lost committed records at its
+//! end.
 
 use super::Position;
 
@@ -17,7 +23,7 @@ pub(crate) const CHECKPOINT_MAGIC: [u8; 8] = *b"IMGWCKPT";
 /// The format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 /// Bytes of a segment header; the first record of a segment is at this offset.
-pub const SEGMENT_HEADER_BYTES: u64 = 24;
+pub const SEGMENT_HEADER_BYTES: u64 = 32;
 /// Bytes before a record's payload (`len`, `crc32`, `kind`).
 pub const RECORD_HEADER_BYTES: usize = 9;
 /// The largest payload the format admits whatever the options (a length field above it is
@@ -25,21 +31,22 @@ pub const RECORD_HEADER_BYTES: usize = 9;
 pub const FORMAT_MAX_RECORD_BYTES: usize = 64 << 20;
 const CHECKPOINT_FIXED_BYTES: usize = 8 + 4 + 8 + 8 + 8 + 4;
 
-pub(crate) fn segment_header(segment: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
+pub(crate) fn segment_header(segment: u64, prev_end: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
     let mut h = [0u8; SEGMENT_HEADER_BYTES as usize];
     h[..8].copy_from_slice(&SEGMENT_MAGIC);
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     h[12..20].copy_from_slice(&segment.to_le_bytes());
-    let crc = crc32fast::hash(&h[..20]);
-    h[20..24].copy_from_slice(&crc.to_le_bytes());
+    h[20..28].copy_from_slice(&prev_end.to_le_bytes());
+    let crc = crc32fast::hash(&h[..28]);
+    h[28..32].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
 /// What a segment header says.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Header {
-    /// Valid, of this segment number.
-    Valid(u64),
+    /// Valid: the segment number and the previous segment's end.
+    Valid(u64, u64),
     /// Valid magic and checksum, another format version.
     Version(u32),
     /// Short, torn or not a header.
@@ -50,14 +57,14 @@ pub(crate) fn parse_header(h: &[u8]) -> Header {
     if h.len() < SEGMENT_HEADER_BYTES as usize || h[..8] != SEGMENT_MAGIC {
         return Header::Bad;
     }
-    if crc32fast::hash(&h[..20]) != le_u32(&h[20..24]) {
+    if crc32fast::hash(&h[..28]) != le_u32(&h[28..32]) {
         return Header::Bad;
     }
     let version = le_u32(&h[8..12]);
     if version != FORMAT_VERSION {
         return Header::Version(version);
     }
-    Header::Valid(le_u64(&h[12..20]))
+    Header::Valid(le_u64(&h[12..20]), le_u64(&h[20..28]))
 }
 
 /// `b` holds at least 4 bytes (every caller slices or checked the length).

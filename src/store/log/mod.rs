@@ -30,6 +30,9 @@ use format::{
     Header, FORMAT_MAX_RECORD_BYTES, FORMAT_VERSION, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
 };
 
+/// The first read of [`Log::read`]: a record this small takes one `pread`.
+const READ_GUESS_BYTES: u64 = 512;
+
 /// The name of the checkpoint file in the log's directory.
 const CHECKPOINT_FILE: &str = "checkpoint";
 
@@ -59,15 +62,17 @@ impl fmt::Display for Position {
 #[derive(Clone, Debug)]
 pub struct LogOptions {
     /// A segment is closed and the next one started when a record would take it past this
-    /// size (a record never spans segments). At least `max_record_bytes` + 33.
+    /// size (a record never spans segments); segment files are created at this size (sparse).
+    /// At least `max_record_bytes` + 41.
     pub segment_bytes: u64,
     /// The largest payload [`Log::append`] takes ([`LogError::TooLarge`] above it); at most
     /// [`format::FORMAT_MAX_RECORD_BYTES`].
     pub max_record_bytes: usize,
     /// The most bytes appended and not yet committed: [`Log::append`] refuses a record past it
     /// with [`LogError::BatchFull`] (the caller commits, then appends again). At least
-    /// `max_record_bytes` + 33. It also bounds the torn tail recovery will cut off: damage
-    /// further from the end of the last segment is refused as [`LogError::Corrupt`].
+    /// `max_record_bytes` + 41. It also bounds the torn tail recovery will cut off: damage
+    /// further than this before the last written byte of the last segment is refused as
+    /// [`LogError::Corrupt`].
     pub max_pending_bytes: usize,
     /// Size of the reads that scan the segments at [`Log::open`].
     pub scan_chunk_bytes: usize,
@@ -352,14 +357,38 @@ fn scan_records<F: SegmentFile, E: From<LogError>>(
     Ok(s)
 }
 
+/// The offset of the last byte that is not zero in `from..size`, `None` if all are zero.
+fn last_nonzero<F: SegmentFile>(
+    file: &F,
+    from: u64,
+    size: u64,
+    chunk: usize,
+) -> Result<Option<u64>, LogError> {
+    let mut found = None;
+    let mut buf = vec![0u8; chunk.min((size - from.min(size)) as usize)];
+    let mut off = from;
+    while off < size {
+        let n = buf.len().min((size - off) as usize);
+        file.read_at(off, &mut buf[..n])
+            .map_err(|e| LogError::io("read segment", e))?;
+        if let Some(i) = buf[..n].iter().rposition(|&b| b != 0) {
+            found = Some(off + i as u64);
+        }
+        off += n as u64;
+    }
+    Ok(found)
+}
+
 impl<S: Storage> Log<S> {
     /// Opens the log in `storage` (creating segment 1 in an empty one), checks every record of
     /// every segment in order and hands each valid one to `visit` (position, kind, payload) so
     /// that the caller rebuilds its state; an error from `visit` stops the open.
     ///
-    /// A bad record or header at the end of the last segment, within one batch
-    /// ([`LogOptions::max_pending_bytes`]) of its end, is a torn write of a commit that never
-    /// returned: the segment is cut there (synced) and [`Recovery::truncated`] says where.
+    /// A segment's records end at an all-zero record header followed by zeros (the unwritten
+    /// rest of the file). A bad record or header in the last segment, within one batch
+    /// ([`LogOptions::max_pending_bytes`]) of its last written byte, is a torn write of a
+    /// commit that never returned: the bytes from there are zeroed (cut, synced) and
+    /// [`Recovery::truncated`] says where.
     /// Anywhere else it is [`LogError::Corrupt`]; another format version is
     /// [`LogError::Format`]. Then the last segment and the directory are synced (a restart
     /// after a failed commit, without a crash, may find bytes that were never synced), so that
@@ -393,6 +422,7 @@ impl<S: Storage> Log<S> {
             recovery.segments = 1;
             return Ok((log, recovery));
         }
+        let mut prev_end = None;
         for (i, &no) in numbers.iter().enumerate() {
             if i > 0 && numbers[i - 1] + 1 != no {
                 return Err(LogError::Corrupt {
@@ -403,7 +433,8 @@ impl<S: Storage> Log<S> {
                 .into());
             }
             let last = i + 1 == numbers.len();
-            let seg = log.recover_segment(no, last, &mut recovery, &mut visit)?;
+            let seg = log.recover_segment(no, last, prev_end, &mut recovery, &mut visit)?;
+            prev_end = Some(seg.end);
             log.segments.insert(no, seg);
             log.active = no;
         }
@@ -428,7 +459,9 @@ impl<S: Storage> Log<S> {
             .storage
             .create_segment(1)
             .map_err(|e| LogError::io("create segment", e))?;
-        file.write_at(0, &format::segment_header(1))
+        file.truncate(self.opts.segment_bytes)
+            .map_err(|e| LogError::io("size segment", e))?;
+        file.write_at(0, &format::segment_header(1, 0))
             .map_err(|e| LogError::io("write segment header", e))?;
         file.sync_data()
             .map_err(|e| LogError::io("sync segment", e))?;
@@ -448,10 +481,13 @@ impl<S: Storage> Log<S> {
         Ok(())
     }
 
+    /// Scans segment `no`. `prev_end`: where the previous segment's records ended (`None` for
+    /// the oldest segment present).
     fn recover_segment<E, F>(
         &mut self,
         no: u64,
         last: bool,
+        prev_end: Option<u64>,
         recovery: &mut Recovery,
         visit: &mut F,
     ) -> Result<Segment<S::File>, E>
@@ -468,15 +504,27 @@ impl<S: Storage> Log<S> {
         file.read_at(0, &mut head)
             .map_err(|e| LogError::io("read segment", e))?;
         let torn_limit = self.opts.max_pending_bytes as u64;
+        let chunk = self.opts.scan_chunk_bytes;
+        let corrupt = |offset: u64, detail: String| LogError::Corrupt {
+            segment: no,
+            offset,
+            detail,
+        };
         match format::parse_header(&head) {
-            Header::Valid(n) if n == no => {}
-            Header::Valid(n) => {
-                return Err(LogError::Corrupt {
-                    segment: no,
-                    offset: 0,
-                    detail: format!("header names segment {n}"),
+            Header::Valid(n, _) if n != no => {
+                return Err(corrupt(0, format!("header names segment {n}")).into())
+            }
+            Header::Valid(_, recorded) => {
+                if let Some(prev) = prev_end.filter(|&p| p != recorded) {
+                    return Err(LogError::Corrupt {
+                        segment: no - 1,
+                        offset: prev,
+                        detail: format!(
+                            "records end at {prev}, segment {no} says {recorded}: records lost"
+                        ),
+                    }
+                    .into());
                 }
-                .into())
             }
             Header::Version(found) => {
                 return Err(LogError::Format {
@@ -485,21 +533,29 @@ impl<S: Storage> Log<S> {
                 }
                 .into())
             }
-            Header::Bad if last && size <= torn_limit => {
-                // A segment whose first write never completed: nothing in it was committed.
-                let header = format::segment_header(no);
+            Header::Bad => {
+                // A segment whose first write never completed (nothing in it was committed,
+                // so at most a batch of bytes), or damage.
+                let written = last_nonzero(&file, 0, size, chunk)?.map_or(0, |b| b + 1);
+                if !last || written > torn_limit {
+                    return Err(corrupt(0, "bad segment header".into()).into());
+                }
+                let header = format::segment_header(no, prev_end.unwrap_or(0));
                 (|| {
                     file.truncate(0)?;
+                    file.truncate(self.opts.segment_bytes)?;
                     file.write_at(0, &header)?;
                     file.sync_data()
                 })()
                 .map_err(|e| LogError::io("rewrite torn segment header", e))?;
-                recovery.truncated = Some(Truncation {
-                    segment: no,
-                    offset: 0,
-                    dropped_bytes: size,
-                    reason: "torn segment header".into(),
-                });
+                if written > 0 {
+                    recovery.truncated = Some(Truncation {
+                        segment: no,
+                        offset: 0,
+                        dropped_bytes: written,
+                        reason: "torn segment header".into(),
+                    });
+                }
                 return Ok(Segment {
                     file,
                     end: SEGMENT_HEADER_BYTES,
@@ -507,50 +563,36 @@ impl<S: Storage> Log<S> {
                     last: None,
                 });
             }
-            Header::Bad => {
-                return Err(LogError::Corrupt {
-                    segment: no,
-                    offset: 0,
-                    detail: "bad segment header".into(),
-                }
-                .into())
-            }
         }
-        let s = scan_records(
-            &file,
-            no,
-            size,
-            self.opts.scan_chunk_bytes,
-            &mut recovery.records,
-            visit,
-        )?;
+        let s = scan_records(&file, no, size, chunk, &mut recovery.records, visit)?;
         if let Some((off, why)) = s.bad {
-            if !last || size - off > torn_limit {
-                return Err(LogError::Corrupt {
-                    segment: no,
-                    offset: off,
-                    detail: if last {
+            // Zeros from here to the end: the unwritten rest of the file, its clean end.
+            if let Some(last_byte) = last_nonzero(&file, off, size, chunk)? {
+                let torn = last_byte + 1 - off;
+                if !last || torn > torn_limit {
+                    let detail = if last {
                         format!(
-                            "{why}, {} bytes before the end: more than a batch",
-                            size - off
+                            "{why}, {torn} bytes before the last written byte: more than a batch"
                         )
                     } else {
                         why.to_string()
-                    },
+                    };
+                    return Err(corrupt(off, detail).into());
                 }
-                .into());
+                // Cut the torn bytes and give the file its full size back (zeros).
+                (|| {
+                    file.truncate(off)?;
+                    file.truncate(size.max(self.opts.segment_bytes))?;
+                    file.sync_data()
+                })()
+                .map_err(|e| LogError::io("truncate torn tail", e))?;
+                recovery.truncated = Some(Truncation {
+                    segment: no,
+                    offset: off,
+                    dropped_bytes: torn,
+                    reason: why.into(),
+                });
             }
-            (|| {
-                file.truncate(off)?;
-                file.sync_data()
-            })()
-            .map_err(|e| LogError::io("truncate torn tail", e))?;
-            recovery.truncated = Some(Truncation {
-                segment: no,
-                offset: off,
-                dropped_bytes: size - off,
-                reason: why.into(),
-            });
         }
         Ok(Segment {
             file,
@@ -650,7 +692,7 @@ impl<S: Storage> Log<S> {
         let (segment, offset) = if roll {
             let next = segment + 1;
             let mut buf = std::mem::take(&mut self.spare);
-            buf.extend_from_slice(&format::segment_header(next));
+            buf.extend_from_slice(&format::segment_header(next, offset));
             self.pending.push(Chunk {
                 segment: next,
                 start: 0,
@@ -724,12 +766,15 @@ impl<S: Storage> Log<S> {
             seg.last = chunk.last.or(seg.last);
             return Ok(());
         }
-        // A new segment: its header and records in one write, synced, then its directory
-        // entry made durable before the commit returns.
+        // A new segment: created at its full size (sparse: no size to update at each sync), its
+        // header and records in one write, synced, then its directory entry made durable
+        // before the commit returns.
         let file = self
             .storage
             .create_segment(chunk.segment)
             .map_err(|e| LogError::io("create segment", e))?;
+        file.truncate(self.opts.segment_bytes)
+            .map_err(|e| LogError::io("size segment", e))?;
         file.write_at(0, &chunk.buf)
             .map_err(|e| LogError::io("write segment", e))?;
         file.sync_data()
@@ -794,31 +839,35 @@ impl<S: Storage> Log<S> {
             offset: pos.offset,
             detail: detail.to_string(),
         };
-        let mut h = [0u8; RECORD_HEADER_BYTES];
-        if seg.end - pos.offset < RECORD_HEADER_BYTES as u64 {
+        let avail = seg.end - pos.offset;
+        if avail < RECORD_HEADER_BYTES as u64 {
             return Err(corrupt("not a record: past the end"));
         }
+        // One read of the header and (for a small record) the payload; a second one for the
+        // rest of a larger record.
+        let first = avail.min(READ_GUESS_BYTES) as usize;
+        payload.clear();
+        payload.resize(first, 0);
         seg.file
-            .read_at(pos.offset, &mut h)
+            .read_at(pos.offset, payload)
             .map_err(|e| LogError::io("read segment", e))?;
-        let (len, crc) = format::record_header(&h);
-        if len > FORMAT_MAX_RECORD_BYTES
-            || seg.end - pos.offset - (RECORD_HEADER_BYTES as u64) < len as u64
-        {
+        let (len, crc) = format::record_header(payload);
+        let total = RECORD_HEADER_BYTES + len;
+        if len > FORMAT_MAX_RECORD_BYTES || avail < total as u64 {
             return Err(corrupt("not a record: length past the end"));
         }
-        payload.clear();
-        payload.resize(len, 0);
-        seg.file
-            .read_at(pos.offset + RECORD_HEADER_BYTES as u64, payload)
-            .map_err(|e| LogError::io("read segment", e))?;
-        let kind = h[RECORD_HEADER_BYTES - 1];
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&[kind]);
-        hasher.update(payload);
-        if hasher.finalize() != crc {
+        if total > first {
+            payload.resize(total, 0);
+            seg.file
+                .read_at(pos.offset + first as u64, &mut payload[first..])
+                .map_err(|e| LogError::io("read segment", e))?;
+        }
+        payload.truncate(total);
+        if !format::record_crc_ok(crc, &payload[RECORD_HEADER_BYTES - 1..]) {
             return Err(corrupt("checksum mismatch"));
         }
+        let kind = payload[RECORD_HEADER_BYTES - 1];
+        payload.drain(..RECORD_HEADER_BYTES);
         Ok(kind)
     }
 

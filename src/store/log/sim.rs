@@ -46,10 +46,10 @@ impl SimRng {
 #[derive(Debug, Default)]
 struct Inode {
     data: Vec<u8>,
-    /// What the last sync made durable.
+    /// What the last sync made durable (content and length).
     synced: Vec<u8>,
-    /// Lowest offset changed since the last sync (`data.len()` when clean).
-    dirty_from: usize,
+    /// The range written since the last sync (a length change is tracked by `data.len()`).
+    dirty: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Clone)]
@@ -133,7 +133,12 @@ impl Sim {
             inode.data.resize(off + bytes.len(), 0);
         }
         inode.data[off..off + bytes.len()].copy_from_slice(bytes);
-        inode.dirty_from = inode.dirty_from.min(off);
+        let end = off + bytes.len();
+        inode.dirty = Some(
+            inode
+                .dirty
+                .map_or((off, end), |(a, b)| (a.min(off), b.max(end))),
+        );
         Ok(())
     }
 
@@ -141,10 +146,8 @@ impl Sim {
         self.take_fault(FaultOn::Sync)?;
         self.syncs += 1;
         let inode = self.inodes.get_mut(&ino).ok_or_else(stale)?;
-        let from = inode.dirty_from.min(inode.data.len());
-        inode.synced.truncate(from);
-        inode.synced.extend_from_slice(&inode.data[from..]);
-        inode.dirty_from = inode.data.len();
+        inode.synced.clone_from(&inode.data);
+        inode.dirty = None;
         Ok(())
     }
 
@@ -245,7 +248,7 @@ impl SimStorage {
         };
         if let Some(i) = s.inodes.get_mut(&ino) {
             i.synced = bytes.clone();
-            i.dirty_from = bytes.len();
+            i.dirty = None;
             i.data = bytes;
         }
         s.durable_dir = s.dir.clone();
@@ -298,30 +301,39 @@ impl SimStorage {
             let Some(inode) = s.inodes.get_mut(&ino) else {
                 continue;
             };
-            let from = inode.dirty_from.min(inode.data.len());
-            let tail = inode.data.len() - from;
-            let content = if kind == CrashKind::DropUnsynced || tail == 0 || rng.below(4) == 0 {
-                inode.synced.clone()
-            } else {
-                let keep = rng.below(tail as u64 + 1) as usize;
-                let mut c = inode.data[..from + keep].to_vec();
-                if kind == CrashKind::Torn && keep > 0 {
-                    // A run of 1..=64 bytes, at the end of what was kept or anywhere in it.
-                    let run = 1 + rng.below(keep.min(64) as u64) as usize;
-                    let start = if rng.below(2) == 0 {
-                        c.len() - run
-                    } else {
-                        from + rng.below((keep - run) as u64 + 1) as usize
-                    };
-                    let zeros = rng.below(2) == 0;
-                    for b in &mut c[start..start + run] {
-                        *b = if zeros { 0 } else { rng.next_u64() as u8 };
+            let mut c = inode.synced.clone();
+            if kind != CrashKind::DropUnsynced {
+                // A length change since the sync (a truncate, an extension) persisted or not.
+                if c.len() != inode.data.len() && rng.below(2) == 0 {
+                    c.resize(inode.data.len(), 0);
+                }
+                // A prefix of the written range, possibly torn. Never-written bytes (holes)
+                // stay as they were: a crash does not put garbage where nothing was written.
+                let range = inode.dirty.map(|(a, b)| (a, b.min(inode.data.len())));
+                if let Some((a, b)) = range.filter(|(a, b)| a < b && rng.below(4) != 0) {
+                    let keep = rng.below((b - a) as u64 + 1) as usize;
+                    if c.len() < a + keep {
+                        c.resize(a + keep, 0);
+                    }
+                    c[a..a + keep].copy_from_slice(&inode.data[a..a + keep]);
+                    if kind == CrashKind::Torn && keep > 0 {
+                        // A run of 1..=64 bytes, at the end of what was kept or anywhere in it.
+                        let run = 1 + rng.below(keep.min(64) as u64) as usize;
+                        let start = if rng.below(2) == 0 {
+                            a + keep - run
+                        } else {
+                            a + rng.below((keep - run) as u64 + 1) as usize
+                        };
+                        let zeros = rng.below(2) == 0;
+                        for x in &mut c[start..start + run] {
+                            *x = if zeros { 0 } else { rng.next_u64() as u8 };
+                        }
                     }
                 }
-                c
-            };
+            }
+            let content = c;
             inode.data = content.clone();
-            inode.dirty_from = content.len();
+            inode.dirty = None;
             inode.synced = content;
         }
         s.durable_dir = dir.clone();
@@ -446,7 +458,6 @@ impl SegmentFile for SimFile {
             let i = s.inodes.get_mut(&ino).ok_or_else(stale)?;
             let len = usize::try_from(len).map_err(|_| io::Error::other("length"))?;
             i.data.resize(len, 0);
-            i.dirty_from = i.dirty_from.min(len);
             Ok(())
         })
     }

@@ -47,7 +47,8 @@ pub trait SegmentFile: Send + 'static {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// `fdatasync`: the written bytes (and the length) are durable when it returns.
     fn sync_data(&self) -> io::Result<()>;
-    /// Cuts the file to `len` bytes (durable after the next [`SegmentFile::sync_data`]).
+    /// Sets the file's length: cuts it, or extends it with zeros (a sparse hole on a real file
+    /// system). Durable after the next [`SegmentFile::sync_data`].
     fn truncate(&self, len: u64) -> io::Result<()>;
 }
 

@@ -214,28 +214,34 @@ fn torn_tail_truncated_and_reported() {
     // A record cut in its payload.
     let name = segment_name(1);
     let mut bytes = s.file(&name).unwrap();
+    assert_eq!(bytes.len(), 4096, "created at its full size");
     let mut rec = Vec::new();
     format::encode_record(&mut rec, 9, &[7; 40]);
-    bytes.extend_from_slice(&rec[..20]);
+    let at = end.offset as usize;
+    bytes[at..at + 20].copy_from_slice(&rec[..20]);
     s.set_file(&name, bytes);
     let (mut log, recovery, seen) = open_sim(&s, small()).unwrap();
     assert_eq!(seen.len(), 3);
     let t = recovery.truncated.clone().expect("truncated");
     assert_eq!((t.segment, t.offset, t.dropped_bytes), (1, end.offset, 20));
-    assert_eq!(t.reason, "record past the end of the file");
+    // The zeros after it (the file's unwritten rest) fail the checksum.
+    assert_eq!(t.reason, "checksum mismatch");
     assert!(
         t.to_string().contains("20 bytes at segment 1 offset"),
         "{t}"
     );
-    assert_eq!(s.file(&name).unwrap().len() as u64, end.offset);
+    let bytes = s.file(&name).unwrap();
+    assert_eq!(bytes.len(), 4096);
+    assert!(bytes[at..].iter().all(|&b| b == 0), "cut");
     let p = log.append(1, b"after").unwrap();
     log.commit().unwrap();
     assert_eq!(p, end);
     drop(log);
     // Garbage (bad checksum) at the end.
     let mut bytes = s.file(&name).unwrap();
-    let good = bytes.len() as u64;
-    bytes.extend_from_slice(&[5, 0, 0, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]);
+    let good = end.offset + 9 + 5;
+    let g = good as usize;
+    bytes[g..g + 14].copy_from_slice(&[5, 0, 0, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]);
     s.set_file(&name, bytes);
     let (_, recovery, seen) = open_sim(&s, small()).unwrap();
     assert_eq!(seen.len(), 4);
@@ -317,6 +323,31 @@ fn corruption_in_middle_segment_refused() {
         }
         other => panic!("expected Corrupt, got {:?}", other.map(|r| r.1)),
     }
+    // The last records of a middle segment lost (zeros, as an unwritten tail reads): the
+    // next segment's header says where its records ended.
+    let s = SimStorage::new();
+    let (mut log, _, _) = open_sim(&s, small()).unwrap();
+    let mut positions = Vec::new();
+    for i in 0..60u32 {
+        positions.push(log.append(1, &[i as u8 | 1; 200]).unwrap());
+        log.commit().unwrap();
+    }
+    drop(log);
+    let lost = positions.iter().rfind(|p| p.segment == 1).copied().unwrap();
+    let mut bytes = s.file(&segment_name(1)).unwrap();
+    bytes[lost.offset as usize..].fill(0);
+    s.set_file(&segment_name(1), bytes);
+    match open_sim(&s, small()) {
+        Err(LogError::Corrupt {
+            segment: 1,
+            offset,
+            detail,
+        }) => {
+            assert_eq!(offset, lost.offset);
+            assert!(detail.contains("records lost"), "{detail}");
+        }
+        other => panic!("expected Corrupt, got {:?}", other.map(|r| r.1)),
+    }
     // A missing segment.
     let s = SimStorage::new();
     let (mut log, _, _) = open_sim(&s, small()).unwrap();
@@ -366,16 +397,19 @@ fn rollover_across_segments() {
     }
     // A batch that crosses a segment boundary costs a write and a sync per segment, plus the
     // directory sync of the new one.
-    let (w0, s0) = s.counts();
-    let mut n = 0;
-    while log.committed_end().segment == segs.len() as u64 {
-        log.append(0, &[0; 500]).unwrap();
+    // Room for one more record of 500 bytes (509 with its header), not two.
+    let active = log.committed_end().segment;
+    while log.committed_end().offset + 2 * 509 <= 4096 {
         log.append(0, &[0; 500]).unwrap();
         log.commit().unwrap();
-        n += 1;
     }
+    let (w0, s0) = s.counts();
+    let a = log.append(0, &[0; 500]).unwrap();
+    let b = log.append(0, &[0; 500]).unwrap();
+    assert_eq!((a.segment, b.segment), (active, active + 1));
+    log.commit().unwrap();
     let (w1, s1) = s.counts();
-    assert_eq!((w1 - w0, s1 - s0), (n + 1, n + 2));
+    assert_eq!((w1 - w0, s1 - s0), (2, 3));
     drop(log);
     let (_, rec, seen) = open_sim(&s, small()).unwrap();
     assert_eq!(rec.truncated, None);
@@ -645,8 +679,8 @@ fn bounds_and_format_version() {
     let name = segment_name(1);
     let mut bytes = s.file(&name).unwrap();
     bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
-    let crc = crc32fast::hash(&bytes[..20]);
-    bytes[20..24].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[..28]);
+    bytes[28..32].copy_from_slice(&crc.to_le_bytes());
     s.set_file(&name, bytes);
     assert!(matches!(
         open_sim(&s, small()).map(|r| r.1),
@@ -684,11 +718,8 @@ fn fs_storage_round_trip() {
     }
     drop(log);
     let path = fs.dir().join(format!("{:020}.seg", end.segment));
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .unwrap();
-    std::io::Write::write_all(&mut f, &[9, 0, 0, 0, 1]).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[9, 0, 0, 0, 1], end.offset).unwrap();
     drop(f);
     let (log, rec) = Log::open(fs.clone(), opts.clone(), |p, k, b: &[u8]| {
         seen.push((p, k, b.to_vec()));
@@ -701,7 +732,9 @@ fn fs_storage_round_trip() {
         (t.segment, t.offset, t.dropped_bytes),
         (end.segment, end.offset, 5)
     );
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), end.offset);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096);
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(bytes[end.offset as usize..].iter().all(|&b| b == 0));
     assert_eq!(
         log.read_checkpoint().unwrap(),
         Some(Checkpoint {
@@ -715,4 +748,40 @@ fn fs_storage_round_trip() {
         Err::<(), _>(LogError::Config("stop".into()))
     });
     assert!(matches!(r.map(|r| r.1), Err(LogError::Config(s)) if s == "stop"));
+}
+
+/// Reads check the checksum and the bounds: a damaged record, a position inside a record, one
+/// past the committed end.
+#[test]
+fn read_checks_checksum_and_bounds() {
+    let s = SimStorage::new();
+    let (mut log, _, _) = open_sim(&s, small()).unwrap();
+    let small_rec = log.append(1, &[1; 10]).unwrap();
+    let big_rec = log.append(2, &[2; 590]).unwrap();
+    log.commit().unwrap();
+    assert_eq!(log.read(small_rec).unwrap(), (1, vec![1; 10]));
+    assert_eq!(log.read(big_rec).unwrap(), (2, vec![2; 590]));
+    let pending = log.append(3, b"pending").unwrap();
+    assert!(matches!(log.read(pending), Err(LogError::NotFound { .. })));
+    let inside = Position {
+        segment: 1,
+        offset: small_rec.offset + 3,
+    };
+    assert!(matches!(log.read(inside), Err(LogError::Corrupt { .. })));
+    let name = segment_name(1);
+    let mut bytes = s.file(&name).unwrap();
+    bytes[big_rec.offset as usize + 580] ^= 1;
+    s.set_file(&name, bytes);
+    match log.read(big_rec) {
+        Err(LogError::Corrupt {
+            segment,
+            offset,
+            detail,
+        }) => {
+            assert_eq!((segment, offset), (1, big_rec.offset));
+            assert_eq!(detail, "checksum mismatch");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(log.read(small_rec).unwrap(), (1, vec![1; 10]));
 }
