@@ -5,7 +5,8 @@
 //! fsync-class sync per commit); each message writes its inbox row and its dedupe row. Then
 //! range reads of single inboxes, and the time to reopen after an unclean exit. The raw engines
 //! get the same key/value bytes (big-endian composite keys, the store's layout); `imgw` is the
-//! store as built (`imgw::store::EmbeddedStore` on fjall, through `EmbeddedStore::apply`).
+//! store as built (`imgw::store::LogStore`, the log store of durability `local`, through
+//! `LogStore::apply`: the store rules, dedupe, its record encoding, the in-memory index).
 //! `log` is the log-structured store's storage layer alone (`imgw::store::log::Log` on plain
 //! files): per message two records, the inbox row and the dedupe row (each `key len: u16 | key
 //! | value`, the same bytes fjall gets), one commit per batch, and an in-memory index of each
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use imgw::protocol::{Deliver, Ext};
 use imgw::store::log::{FsStorage, Log, LogError, LogOptions, Position};
-use imgw::store::{EmbeddedStore, Op, StoreOptions, UserRef};
+use imgw::store::{LogStore, LogStoreOptions, Op, UserRef};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -254,19 +255,16 @@ impl Engine for Sqlite {
     }
 }
 
-/// The store as built: ops through `EmbeddedStore::apply` (dedupe lookups, Protobuf encoding).
+/// The store as built: ops through `LogStore::apply` (the rules, dedupe, the record encoding,
+/// the index).
 struct Imgw {
-    store: EmbeddedStore,
+    store: LogStore,
 }
 
 impl Imgw {
     fn open(dir: &Path) -> Res<Self> {
-        let opts = StoreOptions {
-            cache_bytes: CACHE as u64,
-            ..StoreOptions::default()
-        };
         Ok(Imgw {
-            store: EmbeddedStore::open(dir, opts)?,
+            store: LogStore::open(dir, LogStoreOptions::default())?,
         })
     }
 }

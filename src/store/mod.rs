@@ -3,26 +3,24 @@
 //!
 //! This module owns the persistent state of SPEC 4 and 6: every user's inbox with its gapless
 //! `inbox_seq`, every device's cursor, every group's timeline (`gseq`), member list and
-//! per-member cursors, and the `(tenant, sender, cmid)` dedupe window. [`EmbeddedStore`] is the
-//! embedded implementation (fjall; the choice and its measurement are in docs/STORE.md),
-//! [`MySqlStore`] the MySQL one. What an [`Op`] does (seqs, trimming, dedupe, cursors, groups
-//! and their limits, refusals) is stated once in [`rules`], which both call.
+//! per-member cursors, and the `(tenant, sender, cmid)` dedupe window. [`LogStore`] is the
+//! embedded implementation (durability `local`: records in an append-only log, [`log`], indexed
+//! in memory; its measurement is in docs/STORE.md), [`MySqlStore`] the MySQL one. What an
+//! [`Op`] does (seqs, trimming, dedupe, cursors, groups and their limits, refusals) is stated
+//! once in [`rules`], which both call.
 //!
 //! It knows nothing of sockets, shards or glommio. The gateway's I/O core is a single thread
 //! that owns one [`Backend`], batches the commands of the shards and awaits
 //! [`Backend::apply`] for each batch: one atomic, durable commit per batch (group commit).
 
-mod embedded;
 mod keys;
 pub mod log;
 mod logstore;
 mod mysql;
-mod recent;
 pub mod rules;
 #[cfg(test)]
 mod tests;
 
-pub use embedded::{EmbeddedStore, StoreOptions};
 pub use logstore::{LogStore, LogStoreOptions};
 pub use mysql::{testdb as mysql_testdb, MySqlOptions, MySqlStore, MYSQL_MAX_ID_BYTES};
 pub use rules::Limits;
@@ -32,6 +30,56 @@ use std::pin::Pin;
 
 use crate::codec::CodecId;
 use crate::protocol::{Deliver, Envelope, Message, Str};
+
+/// The limits of a store (from the gateway's configuration: [`store_options`]). Every table's
+/// bound derives from these (docs/STORE.md, "Bounds").
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// How long a (tenant, sender, cmid, destination) is remembered for dedupe; 0 disables
+    /// dedupe (no records written).
+    pub dedupe_window_ms: u64,
+    /// Messages kept per inbox: appending seq `s` deletes seq `s - inbox_keep`.
+    pub inbox_keep: u64,
+    /// Messages kept per group timeline.
+    pub group_keep: u64,
+    /// Device cursors kept per user; a new device past this evicts the lowest cursor.
+    pub max_devices_per_user: u32,
+    /// Groups one user may be a member of ([`Refusal::TooManyGroups`] past it).
+    pub max_groups_per_user: u32,
+    /// Members of one group ([`Refusal::GroupFull`] past it).
+    pub max_group_members: u64,
+    /// Largest page [`Backend::read_inbox`], [`Backend::read_group`] and
+    /// [`Backend::group_members`] return.
+    pub max_page: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            dedupe_window_ms: 5 * 60 * 1000,
+            inbox_keep: 10_000,
+            group_keep: 10_000,
+            max_devices_per_user: 32,
+            max_groups_per_user: 1_000,
+            max_group_members: 100_000,
+            max_page: 1_000,
+        }
+    }
+}
+
+impl StoreOptions {
+    /// The limits the store rules enforce ([`rules::apply_op`]).
+    pub fn limits(&self) -> Limits {
+        Limits {
+            dedupe_window_ms: self.dedupe_window_ms,
+            inbox_keep: self.inbox_keep.max(1),
+            group_keep: self.group_keep.max(1),
+            max_devices_per_user: self.max_devices_per_user.max(1),
+            max_groups_per_user: self.max_groups_per_user,
+            max_group_members: self.max_group_members,
+        }
+    }
+}
 
 /// A user, scoped by tenant (nothing crosses tenants).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -69,8 +69,7 @@ pub struct MySqlOptions {
     /// Ops per transaction below which a batch is not split further: a small batch runs as
     /// one transaction (fewer statements for the server to run).
     pub writer_min_ops: usize,
-    /// The store's limits (dedupe window, kept messages, devices, groups, members, pages);
-    /// the fjall tunables in it are not used.
+    /// The store's limits (dedupe window, kept messages, devices, groups, members, pages).
     pub store: StoreOptions,
 }
 

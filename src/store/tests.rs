@@ -1,4 +1,4 @@
-//! Behaviour of the stores. The contract tests (`contract!`) run against [`EmbeddedStore`] and
+//! Behaviour of the stores. The contract tests (`contract!`) run against [`LogStore`] and
 //! against [`MySqlStore`] on the MariaDB of `IMGW_MYSQL_URL` (a fresh database per test; they
 //! fail when it is not reachable: CI starts it with tests/services.sh). Crash safety (SIGKILL of
 //! a writing process) is in tests/store.rs.
@@ -49,19 +49,11 @@ fn gappend(g: &str, from: &str, cmid: &str, mid: u64, body: &str) -> Op {
     }
 }
 
-fn open(dir: &tempfile::TempDir, opts: StoreOptions) -> EmbeddedStore {
-    EmbeddedStore::open(dir.path(), opts).unwrap()
-}
-
-// The contract tests run against every store: `contract!(name)` makes `name::embedded`,
-// `name::mysql` and `name::log` from `fn name(f: &Fixture)`.
+// The contract tests run against every store: `contract!(name)` makes `name::log` and
+// `name::mysql` from `fn name(f: &Fixture)`.
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
-            #[test]
-            fn embedded() {
-                super::$name(&super::Fixture::embedded());
-            }
             #[test]
             fn mysql() {
                 super::$name(&super::Fixture::mysql(stringify!($name)));
@@ -77,7 +69,7 @@ macro_rules! contract {
 contract!(
     gapless_seqs_per_user_in_one_batch,
     message_fields_roundtrip,
-    seqs_continue_after_reopen_with_a_tiny_cache,
+    seqs_continue_after_reopen,
     dedupe_returns_the_original_and_appends_nothing,
     dedupe_survives_a_clock_step_back,
     cursors_are_monotonic_and_bounded_by_the_inbox,
@@ -91,7 +83,6 @@ contract!(
 
 /// Where a contract test's store lives: a temporary directory, or a fresh MySQL database.
 enum Fixture {
-    Embedded(tempfile::TempDir),
     /// The log store in a temporary directory.
     Log(tempfile::TempDir),
     /// The URL and the database, dropped with the fixture.
@@ -107,10 +98,6 @@ impl Drop for Fixture {
 }
 
 impl Fixture {
-    fn embedded() -> Fixture {
-        Fixture::Embedded(tempfile::tempdir().unwrap())
-    }
-
     fn log() -> Fixture {
         Fixture::Log(tempfile::tempdir().unwrap())
     }
@@ -132,7 +119,6 @@ impl Fixture {
 
     fn open(&self, opts: StoreOptions) -> TestStore {
         match self {
-            Fixture::Embedded(dir) => TestStore::Embedded(open(dir, opts)),
             Fixture::Log(dir) => TestStore::Log(
                 LogStore::open(
                     dir.path(),
@@ -167,12 +153,11 @@ impl Fixture {
     }
 }
 
-/// One store, called synchronously: the embedded store's own blocking API, or the MySQL
+/// One store, called synchronously: the log store's ready futures, or the MySQL
 /// store's [`Backend`] futures run on a private runtime. Test-only and one per test: the
 /// variants' size difference does not matter.
 #[allow(clippy::large_enum_variant)]
 enum TestStore {
-    Embedded(EmbeddedStore),
     Log(LogStore),
     MySql(Box<MySqlStore>, tokio::runtime::Runtime),
 }
@@ -180,7 +165,6 @@ enum TestStore {
 macro_rules! dispatch {
     ($self:ident, $method:ident($($arg:expr),*)) => {
         match $self {
-            TestStore::Embedded(s) => s.$method($($arg),*),
             TestStore::Log(s) => ready(Backend::$method(s, $($arg),*)),
             TestStore::MySql(s, rt) => rt.block_on(Backend::$method(&mut **s, $($arg),*)),
         }
@@ -238,11 +222,10 @@ impl TestStore {
         dispatch!(self, group_cursor(g, member))
     }
 
-    /// Rows of a table (by the embedded store's table names; in MySQL the live rows of the
-    /// table that holds the same records).
+    /// Rows of a table (by these names: in the log store the index entries, in MySQL the
+    /// live rows of the table that holds the same records).
     fn table_len(&mut self, name: &str) -> usize {
         match self {
-            TestStore::Embedded(s) => s.table_len(name),
             TestStore::Log(s) => s.table_len(name),
             TestStore::MySql(s, rt) => {
                 let q = match name {
@@ -335,11 +318,8 @@ fn message_fields_roundtrip(f: &Fixture) {
     assert_eq!(page.messages, vec![d]);
 }
 
-fn seqs_continue_after_reopen_with_a_tiny_cache(f: &Fixture) {
-    let opts = StoreOptions {
-        seq_cache_entries: 2,
-        ..StoreOptions::default()
-    };
+fn seqs_continue_after_reopen(f: &Fixture) {
+    let opts = StoreOptions::default();
     let mut mid = 0;
     let mut next = |to: &str| {
         mid += 1;
@@ -465,80 +445,6 @@ fn dedupe_returns_the_original_and_appends_nothing(f: &Fixture) {
         )
         .unwrap();
     assert_eq!(seq_of(&r[0]), 4);
-}
-
-#[test]
-fn expired_dedupe_records_are_dropped_by_compactions() {
-    let dir = tempfile::tempdir().unwrap();
-    let window = 1_000;
-    let mut s = open(
-        &dir,
-        StoreOptions {
-            dedupe_window_ms: window,
-            ..StoreOptions::default()
-        },
-    );
-    let ops = (0..500u64)
-        .map(|i| append("bob", "amy", &format!("c{i}"), i, "x"))
-        .collect();
-    s.apply(ops, T0).unwrap();
-    assert_eq!(s.table_len("dedupe"), 500);
-    // One dedupe row per append, nothing else: no expiry index.
-    assert!(!s.has_keyspace("dedupe_expiry"));
-    // Not yet expired: a compaction keeps them.
-    s.apply(vec![append("bob", "amy", "n0", 1000, "x")], T0 + window - 1)
-        .unwrap();
-    s.compact("dedupe");
-    assert_eq!(s.table_len("dedupe"), 501);
-    // Expired at the store's clock: the next compaction drops them, not the live one.
-    s.apply(vec![append("carl", "amy", "m1", 2000, "x")], T0 + window)
-        .unwrap();
-    assert_eq!(s.table_len("dedupe"), 502);
-    s.compact("dedupe");
-    assert_eq!(s.table_len("dedupe"), 2);
-    // The survivors still dedupe, after a reopen too.
-    drop(s);
-    let mut s = open(
-        &dir,
-        StoreOptions {
-            dedupe_window_ms: window,
-            ..StoreOptions::default()
-        },
-    );
-    let r = s
-        .apply(
-            vec![append("carl", "amy", "m1", 2001, "x")],
-            T0 + window + 1,
-        )
-        .unwrap();
-    assert!(matches!(
-        r[0],
-        OpResult::Appended {
-            duplicate: true,
-            mid: 2000,
-            ..
-        }
-    ));
-    // A window of 0 disables dedupe: no records at all.
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = open(
-        &dir,
-        StoreOptions {
-            dedupe_window_ms: 0,
-            ..StoreOptions::default()
-        },
-    );
-    let r = s
-        .apply(
-            vec![
-                append("bob", "amy", "c", 1, "x"),
-                append("bob", "amy", "c", 1, "x"),
-            ],
-            T0,
-        )
-        .unwrap();
-    assert_eq!((seq_of(&r[0]), seq_of(&r[1])), (1, 2));
-    assert_eq!(s.table_len("dedupe"), 0);
 }
 
 fn dedupe_survives_a_clock_step_back(f: &Fixture) {
@@ -952,46 +858,12 @@ fn refused_ops_leave_the_rest_of_the_batch(f: &Fixture) {
 }
 
 #[test]
-fn refuses_another_format_version() {
-    let dir = tempfile::tempdir().unwrap();
-    drop(open(&dir, StoreOptions::default()));
-    {
-        let db = fjall::Database::builder(dir.path().join("fjall"))
-            .open()
-            .unwrap();
-        let meta = db
-            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
-            .unwrap();
-        meta.insert(&b"format"[..], &99u32.to_be_bytes()[..])
-            .unwrap();
-        db.persist(fjall::PersistMode::SyncAll).unwrap();
-    }
-    match EmbeddedStore::open(dir.path(), StoreOptions::default()) {
-        Err(StoreError::Format {
-            found: 99,
-            expected: 2,
-        }) => {}
-        Err(e) => panic!("wrong error {e}"),
-        Ok(_) => panic!("opened a store of another format"),
-    }
-}
-
-#[test]
-fn a_second_open_of_the_same_directory_fails() {
-    let dir = tempfile::tempdir().unwrap();
-    let _s = open(&dir, StoreOptions::default());
-    assert!(matches!(
-        EmbeddedStore::open(dir.path(), StoreOptions::default()),
-        Err(StoreError::Engine(_))
-    ));
-}
-
-#[test]
 fn backend_is_object_safe_and_send() {
     fn assert_send<T: Send>() {}
     assert_send::<Box<dyn Backend>>();
     let dir = tempfile::tempdir().unwrap();
-    let mut b: Box<dyn Backend> = Box::new(open(&dir, StoreOptions::default()));
+    let mut b: Box<dyn Backend> =
+        Box::new(LogStore::open(dir.path(), LogStoreOptions::default()).unwrap());
     futures_lite::future::block_on(async {
         b.apply(vec![append("bob", "amy", "c", 1, "x")], T0)
             .await
@@ -1148,7 +1020,6 @@ fn randomized_batches_match_a_model_across_reopens(f: &Fixture) {
         inbox_keep: KEEP,
         group_keep: KEEP,
         dedupe_window_ms: WINDOW,
-        seq_cache_entries: 4,
         ..StoreOptions::default()
     };
     let mut s = f.open(opts.clone());
@@ -1258,13 +1129,10 @@ fn randomized_batches_match_a_model_across_reopens(f: &Fixture) {
             assert_eq!(s.group_cursor(&group(&g), m).unwrap(), c);
         }
     }
-    // A compaction leaves only the records of the last window.
+    // Only the records of the last window are held.
     let live = model.dedupe.values().filter(|r| now - r.3 < WINDOW).count();
     match &mut s {
-        TestStore::Embedded(e) => {
-            e.compact("dedupe");
-            assert_eq!(e.table_len("dedupe"), live);
-        }
+        TestStore::Log(_) => assert_eq!(s.table_len("dedupe"), live),
         // MySQL collects in the batches: a batch's lag of records may remain.
         _ => assert!(
             s.table_len("dedupe") <= live + 64,
@@ -1272,113 +1140,4 @@ fn randomized_batches_match_a_model_across_reopens(f: &Fixture) {
             s.table_len("dedupe")
         ),
     }
-}
-
-/// A format-1 store (with its `dedupe_expiry` index) opens as format 2: its records still
-/// dedupe, and the index is gone.
-#[test]
-fn upgrades_format_1() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let mut s = open(&dir, StoreOptions::default());
-        s.apply(vec![append("bob", "amy", "c1", 7, "hi")], T0)
-            .unwrap();
-    }
-    {
-        // What format 1 left: version 1, an expiry entry per record, no clock.
-        let db = fjall::Database::builder(dir.path().join("fjall"))
-            .open()
-            .unwrap();
-        let meta = db
-            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
-            .unwrap();
-        meta.insert(&b"format"[..], &1u32.to_be_bytes()[..])
-            .unwrap();
-        meta.remove(&b"clock"[..]).unwrap();
-        let expiry = db
-            .keyspace("dedupe_expiry", fjall::KeyspaceCreateOptions::default)
-            .unwrap();
-        let mut k = T0.to_be_bytes().to_vec();
-        k.extend_from_slice(b"dedupe key");
-        expiry.insert(k, &b""[..]).unwrap();
-        db.persist(fjall::PersistMode::SyncAll).unwrap();
-    }
-    let mut s = open(&dir, StoreOptions::default());
-    assert!(!s.has_keyspace("dedupe_expiry"));
-    let r = s
-        .apply(vec![append("bob", "amy", "c1", 8, "hi")], T0 + 1)
-        .unwrap();
-    assert!(matches!(
-        r[0],
-        OpResult::Appended {
-            duplicate: true,
-            seq: 1,
-            ..
-        }
-    ));
-    drop(s);
-    let s = open(&dir, StoreOptions::default());
-    assert_eq!(s.table_len("dedupe"), 1);
-}
-
-/// The recent-key filter never hides a live dedupe record: not after a reopen (records of the
-/// earlier process), not when it is full (forgotten keys), and not after expiry.
-#[test]
-fn recent_key_filter_never_hides_a_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let window = 10_000;
-    let opts = StoreOptions {
-        dedupe_window_ms: window,
-        recent_dedupe_keys: 4,
-        ..StoreOptions::default()
-    };
-    let dup = |r: &OpResult| {
-        matches!(
-            r,
-            OpResult::Appended {
-                duplicate: true,
-                ..
-            }
-        )
-    };
-    let mut s = open(&dir, opts.clone());
-    // Ten keys through a filter of four: six are forgotten while their records live.
-    let ops = (0..10)
-        .map(|i| append("bob", "amy", &format!("c{i}"), i + 1, "x"))
-        .collect();
-    s.apply(ops, T0).unwrap();
-    for i in 0..10 {
-        let r = s
-            .apply(
-                vec![append("bob", "amy", &format!("c{i}"), 100, "x")],
-                T0 + 1,
-            )
-            .unwrap();
-        assert!(
-            dup(&r[0]),
-            "c{i} resent within the window was appended again"
-        );
-    }
-    drop(s);
-    // A new process: the earlier records are unknown to its filter, but still found.
-    let mut s = open(&dir, opts);
-    for i in 0..10 {
-        let r = s
-            .apply(
-                vec![append("bob", "amy", &format!("c{i}"), 100, "x")],
-                T0 + 2,
-            )
-            .unwrap();
-        assert!(dup(&r[0]), "c{i} after a reopen was appended again");
-    }
-    // After the window the records expire (collected or not): a resend is new again, once.
-    let later = T0 + window + 5;
-    let r = s
-        .apply(vec![append("bob", "amy", "c3", 200, "x")], later)
-        .unwrap();
-    assert!(!dup(&r[0]), "{r:?}");
-    let r = s
-        .apply(vec![append("bob", "amy", "c3", 201, "x")], later + 1)
-        .unwrap();
-    assert!(dup(&r[0]), "{r:?}");
 }

@@ -34,7 +34,7 @@ use self::index::{fingerprint, Index, IndexLimits, Pos, Timeline};
 use self::record::{Appended, Record};
 use super::keys::{DedupeRecord, FastMap};
 use super::log::{FsStorage, Log, LogError, LogOptions, Position, Storage};
-use super::rules::{self, DedupeKey, Limits, StoreTx};
+use super::rules::{self, DedupeKey, StoreTx};
 use super::{
     Backend, GroupEntry, GroupPage, GroupRef, InboxPage, Op, OpResult, StoreError, StoreFuture,
     StoreOptions, UserRef, MAX_ID_BYTES,
@@ -56,8 +56,12 @@ impl Default for LogStoreOptions {
         LogStoreOptions {
             store: StoreOptions::default(),
             // Room for a message of 1.5 MiB and four ids of the longest.
+            // A batch goes out in writes of at most 4 MiB (a larger one in several): damage
+            // within that of the end of the last segment is cut as a torn write, so it is kept
+            // small.
             log: LogOptions {
                 max_record_bytes: 2 << 20,
+                max_pending_bytes: 4 << 20,
                 ..LogOptions::default()
             },
             max_dedupe_entries: 4 << 20,
@@ -87,17 +91,6 @@ pub struct LogStore<S: Storage = FsStorage> {
     scratch: Vec<u8>,
     /// The directory's lock, held while the store is open (one process per directory).
     _lock: Option<std::fs::File>,
-}
-
-fn limits(o: &StoreOptions) -> Limits {
-    Limits {
-        dedupe_window_ms: o.dedupe_window_ms,
-        inbox_keep: o.inbox_keep.max(1),
-        group_keep: o.group_keep.max(1),
-        max_devices_per_user: o.max_devices_per_user.max(1),
-        max_groups_per_user: o.max_groups_per_user,
-        max_group_members: o.max_group_members,
-    }
 }
 
 fn index_limits(o: &LogStoreOptions) -> IndexLimits {
@@ -374,7 +367,7 @@ impl<S: Storage> LogStore<S> {
     /// Applies `ops` in one durable commit (see [`Backend::apply`]).
     pub fn apply(&mut self, ops: Vec<Op>, now_ms: u64) -> Result<Vec<OpResult>, StoreError> {
         let now_ms = now_ms.max(self.index.clock_ms);
-        let lim = limits(&self.opts.store);
+        let lim = self.opts.store.limits();
         let mut batch = Batch::new(&self.index, ops.len(), self.opts.log.max_record_bytes);
         let mut results = Vec::with_capacity(ops.len());
         for op in ops {
