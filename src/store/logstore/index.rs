@@ -260,7 +260,8 @@ impl Index {
         Ok(())
     }
 
-    /// Appends (or, for a seq already retained, relocates) one message, then trims to `keep`.
+    /// Appends one message (the next seq of its log, or the first one the log still holds),
+    /// then trims to `keep`.
     fn append(
         segments: &mut BTreeMap<u64, SegmentUse>,
         t: &mut Timeline,
@@ -271,19 +272,6 @@ impl Index {
         let keep = keep.max(1);
         if t.last == 0 {
             t.first = a.seq;
-        } else if a.seq <= t.last {
-            // The same message written again further on (a copy of a live message out of a
-            // segment being emptied): it now lives there.
-            let Some(i) = a.seq.checked_sub(t.first) else {
-                return Ok(());
-            };
-            if let Some(old) = t.positions.get_mut(i as usize) {
-                let from = old.segment();
-                *old = pos;
-                Self::unpin(segments, from);
-                segments.entry(pos.segment()).or_default().messages += 1;
-            }
-            return Ok(());
         } else if a.seq != t.last + 1 {
             return Err(corrupt(format!(
                 "seq {} of {}/{} follows {}",
@@ -296,18 +284,16 @@ impl Index {
         seg.messages += 1;
         seg.newest_stored_ms = seg.newest_stored_ms.max(a.stored_at_ms);
         while t.positions.len() as u64 > keep {
-            if let Some(gone) = t.positions.pop_front() {
-                Self::unpin(segments, gone.segment());
+            if let Some(s) = t
+                .positions
+                .pop_front()
+                .and_then(|gone| segments.get_mut(&gone.segment()))
+            {
+                s.messages = s.messages.saturating_sub(1);
             }
             t.first += 1;
         }
         Ok(())
-    }
-
-    fn unpin(segments: &mut BTreeMap<u64, SegmentUse>, segment: u64) {
-        if let Some(s) = segments.get_mut(&segment) {
-            s.messages = s.messages.saturating_sub(1);
-        }
     }
 
     /// Records the dedupe entry of an appended message (none without a cmid, or when the

@@ -69,6 +69,10 @@ impl Default for LogStoreOptions {
     }
 }
 
+/// How often retention looks for segments to delete, in commits: a segment frees slowly (its
+/// messages are trimmed one append at a time), and a look lists the segments.
+const RETIRE_EVERY_COMMITS: u32 = 64;
+
 /// What an open found, for one line in the gateway's log.
 #[derive(Clone, Debug, Default)]
 pub struct Opened {
@@ -87,6 +91,8 @@ pub struct LogStore<S: Storage = FsStorage> {
     index: Index,
     /// The checkpoint covers every record before this position.
     checkpoint_upto: Position,
+    /// Commits since retention last looked.
+    commits_since_retire: u32,
     opened: Opened,
     scratch: Vec<u8>,
     /// The directory's lock, held while the store is open (one process per directory).
@@ -259,6 +265,7 @@ impl<S: Storage> LogStore<S> {
             opts,
             index,
             checkpoint_upto: upto,
+            commits_since_retire: 0,
             opened,
             scratch: Vec::new(),
             _lock: None,
@@ -415,8 +422,13 @@ impl<S: Storage> LogStore<S> {
     }
 
     /// Retention (module doc): deletes the oldest segments nothing pins, writing a checkpoint
-    /// first when theirs does not cover them.
+    /// first when theirs does not cover them. Looks once per [`RETIRE_EVERY_COMMITS`].
     fn retire(&mut self) -> Result<(), StoreError> {
+        self.commits_since_retire += 1;
+        if self.commits_since_retire < RETIRE_EVERY_COMMITS {
+            return Ok(());
+        }
+        self.commits_since_retire = 0;
         let active = self.log.committed_end().segment;
         let stale_before =
             rules::expired_before(self.index.clock_ms, self.opts.store.dedupe_window_ms);
