@@ -455,29 +455,49 @@ impl<S: Storage> Log<S> {
     }
 
     fn create_first(&mut self) -> Result<(), LogError> {
+        self.create_segment(
+            1,
+            &format::segment_header(1, 0),
+            SEGMENT_HEADER_BYTES,
+            None,
+            None,
+        )
+    }
+
+    /// Creates segment `no` at its full size (sparse: no size to update at each sync) with
+    /// `bytes` at its start (its header, and the records of the commit that starts it), synced,
+    /// then its directory entry made durable; it becomes the active segment.
+    fn create_segment(
+        &mut self,
+        no: u64,
+        bytes: &[u8],
+        end: u64,
+        first: Option<u64>,
+        last: Option<u64>,
+    ) -> Result<(), LogError> {
         let file = self
             .storage
-            .create_segment(1)
+            .create_segment(no)
             .map_err(|e| LogError::io("create segment", e))?;
         file.truncate(self.opts.segment_bytes)
             .map_err(|e| LogError::io("size segment", e))?;
-        file.write_at(0, &format::segment_header(1, 0))
-            .map_err(|e| LogError::io("write segment header", e))?;
+        file.write_at(0, bytes)
+            .map_err(|e| LogError::io("write segment", e))?;
         file.sync_data()
             .map_err(|e| LogError::io("sync segment", e))?;
         self.storage
             .sync_dir()
             .map_err(|e| LogError::io("sync directory", e))?;
         self.segments.insert(
-            1,
+            no,
             Segment {
                 file,
-                end: SEGMENT_HEADER_BYTES,
-                first: None,
-                last: None,
+                end,
+                first,
+                last,
             },
         );
-        self.active = 1;
+        self.active = no;
         Ok(())
     }
 
@@ -766,33 +786,8 @@ impl<S: Storage> Log<S> {
             seg.last = chunk.last.or(seg.last);
             return Ok(());
         }
-        // A new segment: created at its full size (sparse: no size to update at each sync), its
-        // header and records in one write, synced, then its directory entry made durable
-        // before the commit returns.
-        let file = self
-            .storage
-            .create_segment(chunk.segment)
-            .map_err(|e| LogError::io("create segment", e))?;
-        file.truncate(self.opts.segment_bytes)
-            .map_err(|e| LogError::io("size segment", e))?;
-        file.write_at(0, &chunk.buf)
-            .map_err(|e| LogError::io("write segment", e))?;
-        file.sync_data()
-            .map_err(|e| LogError::io("sync segment", e))?;
-        self.storage
-            .sync_dir()
-            .map_err(|e| LogError::io("sync directory", e))?;
-        self.segments.insert(
-            chunk.segment,
-            Segment {
-                file,
-                end,
-                first: chunk.first,
-                last: chunk.last,
-            },
-        );
-        self.active = chunk.segment;
-        Ok(())
+        // A new segment, before the commit returns.
+        self.create_segment(chunk.segment, &chunk.buf, end, chunk.first, chunk.last)
     }
 
     fn check_failed(&self) -> Result<(), LogError> {
