@@ -172,6 +172,19 @@ pub struct Index {
     pub clock_ms: u64,
     /// Per segment: what still pins it.
     pub segments: BTreeMap<u64, SegmentUse>,
+    /// While the log is replayed: the dedupe records met, in order, fingerprinted only if they
+    /// are still in the window when the replay ends ([`Index::finish_replay`]); most are not.
+    pub replaying: Option<VecDeque<Deferred>>,
+}
+
+/// A dedupe record met during replay (see [`Index::replaying`]).
+pub struct Deferred {
+    group: bool,
+    tenant: Str,
+    owner: Str,
+    sender: Str,
+    cmid: Str,
+    rec: DedupeRecord,
 }
 
 fn corrupt(detail: String) -> StoreError {
@@ -185,7 +198,18 @@ impl Index {
     /// Applies one committed record at `pos`.
     pub fn apply(&mut self, rec: Record, pos: Pos, l: &IndexLimits) -> Result<(), StoreError> {
         match rec {
-            Record::Batch { now_ms, .. } => self.clock_ms = self.clock_ms.max(now_ms),
+            Record::Batch { now_ms, .. } => {
+                // The end of a batch: the clock moves, and the dedupe window with it (also
+                // while the log is replayed, so that the map never holds more than a window).
+                self.clock_ms = self.clock_ms.max(now_ms);
+                let before = expired_before(self.clock_ms, l.dedupe_window_ms);
+                self.dedupe.expire(before);
+                if let Some(q) = &mut self.replaying {
+                    while q.front().is_some_and(|d| d.rec.stored_at_ms < before) {
+                        q.pop_front();
+                    }
+                }
+            }
             Record::Inbox(a) => {
                 let key = UserRef::new(a.tenant.clone(), a.owner.clone());
                 let t = self.inboxes.entry(key.clone()).or_default();
@@ -311,19 +335,61 @@ impl Index {
                 a.seq, a.tenant, a.owner
             ))
         })?;
-        let fp = fingerprint(&DedupeKey {
-            sender: &a.sender,
-            cmid: &a.cmid,
-            log,
-        });
         let rec = DedupeRecord {
             seq: a.seq,
             mid,
             ts,
             stored_at_ms: a.stored_at_ms,
         };
+        if let Some(q) = &mut self.replaying {
+            q.push_back(Deferred {
+                group: matches!(log, Log::Group(_)),
+                tenant: a.tenant.clone(),
+                owner: a.owner.clone(),
+                sender: a.sender.clone(),
+                cmid: a.cmid.clone(),
+                rec,
+            });
+            while q.len() > l.max_dedupe_entries {
+                q.pop_front();
+                self.dedupe.evicted_early += 1;
+            }
+            return Ok(());
+        }
+        let fp = fingerprint(&DedupeKey {
+            sender: &a.sender,
+            cmid: &a.cmid,
+            log,
+        });
         self.dedupe.insert(fp, rec, l.max_dedupe_entries);
         Ok(())
+    }
+
+    /// Ends a replay: the dedupe records still in the window enter the map.
+    pub fn finish_replay(&mut self, l: &IndexLimits) {
+        let Some(q) = self.replaying.take() else {
+            return;
+        };
+        let before = expired_before(self.clock_ms, l.dedupe_window_ms);
+        for d in q {
+            if d.rec.stored_at_ms < before {
+                continue;
+            }
+            let (user, group);
+            let log = if d.group {
+                group = GroupRef::new(d.tenant, d.owner);
+                Log::Group(&group)
+            } else {
+                user = UserRef::new(d.tenant, d.owner);
+                Log::Inbox(&user)
+            };
+            let fp = fingerprint(&DedupeKey {
+                sender: &d.sender,
+                cmid: &d.cmid,
+                log,
+            });
+            self.dedupe.insert(fp, d.rec, l.max_dedupe_entries);
+        }
     }
 
     /// The snapshot of the small tables (cursors, memberships with their group cursors, the

@@ -144,8 +144,8 @@ fn decode_snapshot(bytes: Vec<u8>) -> Result<Vec<Record>, StoreError> {
         if bytes.len() - start < len {
             return Err(bad("truncated record".into()));
         }
-        let rec = Record::decode(kind, &bytes.slice(start..start + len))
-            .map_err(|e| bad(e.to_string()))?;
+        let rec =
+            Record::decode(kind, &bytes[start..start + len]).map_err(|e| bad(e.to_string()))?;
         out.push(rec);
         at = start + len;
     }
@@ -220,6 +220,7 @@ impl<S: Storage> LogStore<S> {
             None => Position::MIN,
         };
         let mut opened = Opened::default();
+        index.replaying = Some(VecDeque::new());
         // Records of the batch being read, until its closing record.
         let mut batch: VecDeque<(Position, Record)> = VecDeque::new();
         let (log, recovery) = Log::open(storage, opts.log.clone(), |pos, kind, payload| {
@@ -229,11 +230,9 @@ impl<S: Storage> LogStore<S> {
                     detail: format!("segment number {} too large", pos.segment),
                 });
             }
-            let rec = Record::decode(kind, &Bytes::copy_from_slice(payload)).map_err(|e| {
-                StoreError::Corrupt {
-                    table: "log",
-                    detail: format!("{pos}: {e}"),
-                }
+            let rec = Record::decode(kind, payload).map_err(|e| StoreError::Corrupt {
+                table: "log",
+                detail: format!("{pos}: {e}"),
             })?;
             opened.records += 1;
             let Record::Batch { records, .. } = rec else {
@@ -256,10 +255,7 @@ impl<S: Storage> LogStore<S> {
         })?;
         opened.torn_batch_records += batch.len() as u64;
         opened.truncated = recovery.truncated.map(|t| t.to_string());
-        index.dedupe.expire(rules::expired_before(
-            index.clock_ms,
-            opts.store.dedupe_window_ms,
-        ));
+        index.finish_replay(&il);
         Ok(LogStore {
             log,
             opts,
@@ -325,7 +321,7 @@ impl<S: Storage> LogStore<S> {
 
     fn read_message(&mut self, pos: Pos) -> Result<Appended, StoreError> {
         let kind = self.log.read_into(pos.get(), &mut self.scratch)?;
-        match Record::decode(kind, &Bytes::copy_from_slice(&self.scratch)) {
+        match Record::decode(kind, &self.scratch) {
             Ok(Record::Inbox(a)) | Ok(Record::Group(a)) => Ok(a),
             Ok(_) => Err(StoreError::Corrupt {
                 table: "log",
@@ -410,13 +406,10 @@ impl<S: Storage> LogStore<S> {
         self.scratch = payload;
         self.log.commit()?;
         let il = index_limits(&self.opts);
+        // The closing record comes last: it moves the clock and expires the dedupe window.
         for (pos, rec) in placed {
             self.index.apply(rec, Pos::new(pos), &il)?;
         }
-        self.index.dedupe.expire(rules::expired_before(
-            self.index.clock_ms,
-            il.dedupe_window_ms,
-        ));
         self.retire()?;
         Ok(results)
     }

@@ -139,9 +139,12 @@ impl Writer<'_> {
     }
 }
 
-/// Reads one payload; strings share the payload's buffer.
+/// Reads one payload. A message's strings share its buffer (`shared`, read path: a body is
+/// not copied); a record's ids are copied (they are short, and held inline by `Str`), so that
+/// replay makes no shared buffer per record.
 struct Reader<'a> {
-    buf: &'a Bytes,
+    buf: &'a [u8],
+    shared: Option<&'a Bytes>,
     at: usize,
 }
 
@@ -173,7 +176,11 @@ impl Reader<'_> {
     }
     fn str_of(&mut self, len: usize) -> Result<Str, RecordError> {
         let r = self.take(len)?;
-        Str::from_utf8(self.buf.slice(r)).map_err(|_| RecordError::NotUtf8)
+        match self.shared {
+            Some(b) => Str::from_utf8(b.slice(r)),
+            None => Str::try_from(&self.buf[r]),
+        }
+        .map_err(|_| RecordError::NotUtf8)
     }
     fn id(&mut self) -> Result<Str, RecordError> {
         let r = self.take(2)?;
@@ -230,14 +237,22 @@ pub fn encode_deliver(d: &Deliver, out: &mut Vec<u8>) -> Result<(), RecordError>
 }
 
 /// The `mid` and `ts` of an encoded message.
-pub fn mid_and_ts(b: &Bytes) -> Result<(u64, u64), RecordError> {
-    let r = &mut Reader { buf: b, at: 0 };
+pub fn mid_and_ts(b: &[u8]) -> Result<(u64, u64), RecordError> {
+    let r = &mut Reader {
+        buf: b,
+        shared: None,
+        at: 0,
+    };
     Ok((r.u64()?, r.u64()?))
 }
 
 /// Decodes a message encoded by [`encode_deliver`] (`inbox_seq` 0); its strings share `b`.
 pub fn decode_deliver(b: &Bytes) -> Result<Deliver, RecordError> {
-    let r = &mut Reader { buf: b, at: 0 };
+    let r = &mut Reader {
+        buf: b,
+        shared: Some(b),
+        at: 0,
+    };
     let mid = r.u64()?;
     let ts = r.u64()?;
     let from = r.id()?;
@@ -296,7 +311,7 @@ fn get_appended(r: &mut Reader<'_>) -> Result<Appended, RecordError> {
     let sender = r.id()?;
     let cmid = r.id()?;
     let stored_at_ms = r.u64()?;
-    let deliver = r.buf.slice(r.at..);
+    let deliver = Bytes::copy_from_slice(&r.buf[r.at..]);
     r.at = r.buf.len();
     Ok(Appended {
         tenant,
@@ -370,9 +385,10 @@ impl Record {
     }
 
     /// Decodes the payload of a record of `kind`.
-    pub fn decode(kind_byte: u8, payload: &Bytes) -> Result<Record, RecordError> {
+    pub fn decode(kind_byte: u8, payload: &[u8]) -> Result<Record, RecordError> {
         let r = &mut Reader {
             buf: payload,
+            shared: None,
             at: 0,
         };
         let rec = match kind_byte {
@@ -489,7 +505,7 @@ mod tests {
 
     /// Decodes a record and, for a message, the message in it.
     fn decode_all(kind: u8, b: &[u8]) -> Result<Record, RecordError> {
-        let rec = Record::decode(kind, &Bytes::copy_from_slice(b))?;
+        let rec = Record::decode(kind, b)?;
         if let Record::Inbox(a) | Record::Group(a) = &rec {
             decode_deliver(&a.deliver)?;
         }
@@ -525,10 +541,7 @@ mod tests {
                 Err(RecordError::Trailing(1))
             );
         }
-        assert_eq!(
-            Record::decode(99, &Bytes::new()),
-            Err(RecordError::UnknownKind(99))
-        );
+        assert_eq!(Record::decode(99, &[]), Err(RecordError::UnknownKind(99)));
     }
 
     #[test]
