@@ -881,6 +881,21 @@ fn chaos(
     (out, r)
 }
 
+/// A campaign's messages: none lost, duplicated, out of order, unknown or unconfirmed.
+fn assert_nothing_lost(r: &serde_json::Value) -> &serde_json::Value {
+    let m = &r["messages"];
+    for k in [
+        "lost",
+        "duplicates",
+        "out_of_order",
+        "unknown",
+        "unconfirmed",
+    ] {
+        assert_eq!(m[k].as_u64(), Some(0), "{k}: {m}");
+    }
+    m
+}
+
 /// The fault campaign of the test command: chat, group fan-out and churn at durability
 /// `local` while the gateway is killed, drained and restarted, paused, and every connection
 /// dropped at once. Every acked message arrives once and in order per conversation.
@@ -902,16 +917,7 @@ fn a_chaos_campaign_at_local_loses_nothing() {
     for kind in ["kill", "term", "pause", "storm"] {
         assert!(c["faults"][kind].as_u64() >= Some(1), "no {kind}: {c}");
     }
-    let m = &r["messages"];
-    for k in [
-        "lost",
-        "duplicates",
-        "out_of_order",
-        "unknown",
-        "unconfirmed",
-    ] {
-        assert_eq!(m[k].as_u64(), Some(0), "{k}: {m}");
-    }
+    let m = assert_nothing_lost(&r);
     assert!(m["acked"].as_u64() > Some(2_000), "{m}");
     // Both halves ran: 1:1 messages and group deliveries (the group worker's users).
     assert!(stdout.contains("chaos (seed 11)"), "{stdout}");
@@ -937,16 +943,7 @@ fn ten_sigkills_at_local_lose_nothing_and_resends_arrive_once() {
     let c = &r["chaos"];
     assert_eq!(c["pass"], true, "{stdout}");
     assert!(c["faults"]["kill"].as_u64() >= Some(10), "{c}");
-    let m = &r["messages"];
-    for k in [
-        "lost",
-        "duplicates",
-        "out_of_order",
-        "unknown",
-        "unconfirmed",
-    ] {
-        assert_eq!(m[k].as_u64(), Some(0), "{k}: {m}");
-    }
+    let m = assert_nothing_lost(&r);
     assert!(m["acked"].as_u64() > Some(1_000), "{m}");
 }
 
