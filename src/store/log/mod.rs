@@ -175,8 +175,9 @@ impl From<LogError> for crate::store::StoreError {
             },
             LogError::Format { found, expected } => StoreError::Format { found, expected },
             LogError::Config(s) => StoreError::Config(s),
-            // Io, StorageFull (downcast and `is_storage_full` find it), TooLarge, BatchFull,
-            // Failed, NotFound.
+            // A full disk now, or at the failed commit that stopped the log.
+            full if full.is_storage_full() => StoreError::Full(Box::new(full)),
+            // Io, TooLarge, BatchFull, Failed (not for lack of space), NotFound.
             other => StoreError::Engine(Box::new(other)),
         }
     }

@@ -557,15 +557,20 @@ fn error_injection_stops_the_log() {
     ));
     let e = log.commit().expect_err("refused");
     assert!(e.is_storage_full());
+    // The store sees a full store (the client's `unavailable` with a longer retry hint).
     let store: crate::store::StoreError = e.into();
     match &store {
-        crate::store::StoreError::Engine(b) => {
+        crate::store::StoreError::Full(b) => {
             assert!(b
                 .downcast_ref::<LogError>()
                 .is_some_and(LogError::is_storage_full))
         }
         other => panic!("{other:?}"),
     }
+    assert!(matches!(
+        crate::iocore::IoError::from(store),
+        crate::iocore::IoError::StoreFull(_)
+    ));
     drop(log);
     s.crash(11);
     let (mut log, _, seen) = open_sim(&s, small()).unwrap();
