@@ -95,8 +95,21 @@ start_mysql() {
     else
         mkdir -p "$d"
         if [ ! -d "$d/data/mysql" ]; then
-            mariadb-install-db --no-defaults --datadir="$d/data" --user="$(id -un)" \
-                --auth-root-authentication-method=socket >"$d/install.log" 2>&1
+            # Private instances start in parallel (tests/mysql.rs), and one install failed
+            # silently in 0.45 s beside another once: install one at a time, try again after a
+            # failure, and say what it printed.
+            local try
+            for try in 1 2 3; do
+                if flock /tmp/imgw-mariadb-install.lock mariadb-install-db --no-defaults \
+                    --datadir="$d/data" --user="$(id -un)" \
+                    --auth-root-authentication-method=socket >"$d/install.log" 2>&1; then
+                    break
+                fi
+                log "mariadb-install-db failed (attempt $try): $(tail -n 5 "$d/install.log" | tr '\n' ' ')"
+                rm -rf "$d/data"
+                [ "$try" = 3 ] && return 1
+                sleep 1
+            done
         fi
         # Debian's service normally creates the socket directory; we use our own.
         mariadbd --no-defaults --datadir="$d/data" --bind-address=127.0.0.1 --port="$MYSQL_PORT" \
