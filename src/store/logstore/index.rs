@@ -187,7 +187,8 @@ pub struct Deferred {
     rec: DedupeRecord,
 }
 
-fn corrupt(detail: String) -> StoreError {
+/// A record of the log that cannot be what the store wrote.
+pub(super) fn corrupt(detail: String) -> StoreError {
     StoreError::Corrupt {
         table: "log",
         detail,

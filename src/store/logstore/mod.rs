@@ -30,7 +30,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use self::index::{fingerprint, Index, IndexLimits, Pos, Timeline};
+use self::index::{corrupt, fingerprint, Index, IndexLimits, Pos, Timeline};
 use self::record::{Appended, Record};
 use super::keys::{DedupeRecord, FastMap};
 use super::log::{FsStorage, Log, LogError, LogOptions, Position, Storage};
@@ -129,7 +129,6 @@ fn decode_snapshot(bytes: Vec<u8>) -> Result<Vec<Record>, StoreError> {
         table: "checkpoint",
         detail,
     };
-    let bytes = Bytes::from(bytes);
     let mut out = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
@@ -225,15 +224,9 @@ impl<S: Storage> LogStore<S> {
         let mut batch: VecDeque<(Position, Record)> = VecDeque::new();
         let (log, recovery) = Log::open(storage, opts.log.clone(), |pos, kind, payload| {
             if pos.segment > u64::from(u32::MAX) {
-                return Err(StoreError::Corrupt {
-                    table: "log",
-                    detail: format!("segment number {} too large", pos.segment),
-                });
+                return Err(corrupt(format!("segment number {} too large", pos.segment)));
             }
-            let rec = Record::decode(kind, payload).map_err(|e| StoreError::Corrupt {
-                table: "log",
-                detail: format!("{pos}: {e}"),
-            })?;
+            let rec = Record::decode(kind, payload).map_err(|e| corrupt(format!("{pos}: {e}")))?;
             opened.records += 1;
             let Record::Batch { records, .. } = rec else {
                 batch.push_back((pos, rec));
@@ -310,27 +303,20 @@ impl<S: Storage> LogStore<S> {
         }
     }
 
-    /// The storage under the log (tests crash it).
-    pub fn storage(&self) -> &S {
-        self.log.storage()
-    }
-
     fn page_limit(&self, limit: u32) -> u64 {
         u64::from(limit.clamp(1, self.opts.store.max_page.max(1)))
     }
 
-    fn read_message(&mut self, pos: Pos) -> Result<Appended, StoreError> {
+    /// The message at `pos`.
+    fn read_deliver(&mut self, pos: Pos) -> Result<Deliver, StoreError> {
         let kind = self.log.read_into(pos.get(), &mut self.scratch)?;
+        let bad = |e: &dyn std::fmt::Display| corrupt(format!("{}: {e}", pos.get()));
         match Record::decode(kind, &self.scratch) {
-            Ok(Record::Inbox(a)) | Ok(Record::Group(a)) => Ok(a),
-            Ok(_) => Err(StoreError::Corrupt {
-                table: "log",
-                detail: format!("{}: not a message", pos.get()),
-            }),
-            Err(e) => Err(StoreError::Corrupt {
-                table: "log",
-                detail: format!("{}: {e}", pos.get()),
-            }),
+            Ok(Record::Inbox(a) | Record::Group(a)) => {
+                record::decode_deliver(&a.deliver).map_err(|e| bad(&e))
+            }
+            Ok(_) => Err(bad(&"not a message")),
+            Err(e) => Err(bad(&e)),
         }
     }
 
@@ -344,12 +330,7 @@ impl<S: Storage> LogStore<S> {
         };
         let mut out = Vec::with_capacity(positions.len());
         for (i, pos) in positions.into_iter().enumerate() {
-            let a = self.read_message(pos)?;
-            let d = record::decode_deliver(&a.deliver).map_err(|e| StoreError::Corrupt {
-                table: "log",
-                detail: format!("{}: {e}", pos.get()),
-            })?;
-            out.push((start + i as u64, d));
+            out.push((start + i as u64, self.read_deliver(pos)?));
         }
         let more = out.last().is_some_and(|(s, _)| *s < last);
         Ok((out, more))
@@ -388,10 +369,8 @@ impl<S: Storage> LogStore<S> {
             now_ms,
             records: count,
         })) {
-            rec.encode(&mut payload).map_err(|e| StoreError::Corrupt {
-                table: "log",
-                detail: e.to_string(),
-            })?;
+            rec.encode(&mut payload)
+                .map_err(|e| corrupt(e.to_string()))?;
             let pos = match self.log.append(rec.kind(), &payload) {
                 // The batch is larger than one write may be: what is appended goes out now
                 // (recovery ignores it unless the closing record follows), then the rest.
