@@ -1,5 +1,8 @@
-//! A connection's byte stream as the connection task sees it: the plain socket, or the socket
-//! with rustls's unbuffered server state machine between it and the shard.
+//! A connection's byte stream as the shard's driver (src/runtime/driver.rs) sees it: the plain
+//! socket, or the socket with rustls's unbuffered server state machine between it and the
+//! shard. `Poll::Pending` means "not now": the socket would block, and the driver's epoll set
+//! reports when it can go on (or, after a bounded amount of work, the readiness is kept and
+//! the driver comes back on its next pass).
 //!
 //! TLS is pumped sans-IO and the runtime owns every buffer: ciphertext is read into one buffer
 //! per shard and processed there, so a connection keeps only the unfinished tail of a record;
@@ -9,12 +12,9 @@
 //! released when it empties: an idle TLS connection holds rustls's state (keys, record
 //! counters) and nothing else. The shard only ever sees plaintext.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::task::Poll;
 
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError};
@@ -42,16 +42,70 @@ const ENCODE_RESERVE: usize = 4096;
 const MAX_FRAGMENT_BYTES: usize = 16 * 1024;
 const RECORD_OVERHEAD_BYTES: usize = 64;
 
+/// A connection's non-blocking socket and the readiness its epoll registration last reported
+/// (edge-triggered: an event sets a flag, and it is cleared when the socket would block or a
+/// read or write took less than was offered, which means the socket is drained or full; the
+/// next change brings a new event).
+pub(super) struct Sock {
+    stream: std::net::TcpStream,
+    pub(super) readable: bool,
+    pub(super) writable: bool,
+}
+
+impl Sock {
+    pub(super) fn new(stream: std::net::TcpStream) -> Sock {
+        Sock {
+            stream,
+            readable: false,
+            writable: false,
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        while self.readable {
+            match (&self.stream).read(buf) {
+                Ok(n) => {
+                    if n < buf.len() {
+                        self.readable = false;
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Pending
+    }
+
+    fn write(&mut self, buf: &[u8]) -> Poll<io::Result<usize>> {
+        while self.writable {
+            match (&self.stream).write(buf) {
+                Ok(n) => {
+                    if n < buf.len() {
+                        self.writable = false;
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Pending
+    }
+}
+
 /// The socket of one connection.
 pub(super) enum Io {
-    Plain(TcpStream),
+    Plain(Sock),
     Tls(Box<Tls>),
 }
 
 /// A TLS connection: the socket and rustls's unbuffered state machine, with buffers that
 /// hold bytes only while they are in flight (an idle connection allocates none of them).
 pub(super) struct Tls {
-    stream: TcpStream,
+    stream: Sock,
     conn: UnbufferedServerConnection,
     /// Ciphertext read but not yet processed: the start of a record (or of a handshake
     /// message) whose rest has not arrived.
@@ -69,7 +123,7 @@ pub(super) struct Tls {
 }
 
 impl Tls {
-    pub(super) fn new(stream: TcpStream, conn: UnbufferedServerConnection) -> Tls {
+    pub(super) fn new(stream: Sock, conn: UnbufferedServerConnection) -> Tls {
         Tls {
             stream,
             conn,
@@ -92,55 +146,70 @@ enum Step {
 }
 
 impl Io {
+    /// The socket and its readiness.
+    pub(super) fn sock(&mut self) -> &mut Sock {
+        match self {
+            Io::Plain(s) => s,
+            Io::Tls(t) => &mut t.stream,
+        }
+    }
+
+    pub(super) fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Io::Plain(s) => s.stream.as_fd(),
+            Io::Tls(t) => t.stream.stream.as_fd(),
+        }
+    }
+
+    /// Input is waiting without a new event: the socket was not drained yet, or TLS holds
+    /// decrypted bytes the last read did not take.
+    pub(super) fn has_input(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.readable,
+            Io::Tls(t) => t.stream.readable || !t.plain.is_empty(),
+        }
+    }
+
     /// TLS: writes the records made so far (handshake messages, encrypted output,
     /// close_notify) until the socket would block. `Ok(true)` when something was written.
     /// Plain: nothing to do.
-    pub(super) fn send_pending(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+    pub(super) fn send_pending(&mut self) -> io::Result<bool> {
         match self {
             Io::Plain(_) => Ok(false),
-            Io::Tls(t) => t.send_pending(cx),
+            Io::Tls(t) => t.send_pending(),
         }
     }
 
     /// Hands `out` (plaintext) to the connection: the number of bytes taken, which may be 0
     /// when TLS's record buffer is full or the handshake has not finished; `Pending` when the
-    /// socket would block (waker registered).
-    pub(super) fn poll_write(
-        &mut self,
-        cx: &mut Context<'_>,
-        out: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    /// socket would block.
+    pub(super) fn write(&mut self, out: &[u8]) -> Poll<io::Result<usize>> {
         match self {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, out),
+            Io::Plain(s) => s.write(out),
             Io::Tls(t) => {
                 let n = t
                     .encrypt(out)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                t.send_pending(cx)?;
+                t.send_pending()?;
                 Poll::Ready(Ok(n))
             }
         }
     }
 
-    /// Reads plaintext into `buf`: `Ok(0)` at the end of the stream; `Pending` (waker
-    /// registered) when the socket has nothing now. TLS errors are counted in `metrics` and
-    /// reported as `InvalidData`, and the caller closes the connection (without an alert).
-    pub(super) fn poll_read(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-        metrics: &Metrics,
-    ) -> Poll<io::Result<usize>> {
+    /// Reads plaintext into `buf`: `Ok(0)` at the end of the stream; `Pending` when the
+    /// socket has nothing now. TLS errors are counted in `metrics` and reported as
+    /// `InvalidData`, and the caller closes the connection (without an alert).
+    pub(super) fn read(&mut self, buf: &mut [u8], metrics: &Metrics) -> Poll<io::Result<usize>> {
         match self {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(t) => t.poll_read(cx, buf, &metrics.tls),
+            Io::Plain(s) => s.read(buf),
+            Io::Tls(t) => t.read(buf, &metrics.tls),
         }
     }
 
     /// Called once the shard wants the connection closed: TLS sends its close_notify (once)
     /// and the records still held. `true` while records remain that the socket would not
     /// take yet (the caller waits for writability, up to the shard's close deadline).
-    pub(super) fn closing(&mut self, cx: &mut Context<'_>) -> bool {
+    pub(super) fn closing(&mut self) -> bool {
         let Io::Tls(t) = self else {
             return false;
         };
@@ -154,7 +223,7 @@ impl Io {
                 t.outbuf.truncate(start + n);
             }
         }
-        match t.send_pending(cx) {
+        match t.send_pending() {
             Ok(_) => !t.outbuf.is_empty(),
             Err(_) => false,
         }
@@ -165,33 +234,24 @@ impl Io {
     /// peer still sends. Closing a socket with unread input would reset the connection: a
     /// peer still writing (a WebSocket client answering our close frame, a client sending
     /// when kicked) would get the reset instead of reading our last frames to the end.
-    /// `Ready` once the peer closed too (or the socket failed); `Pending` with the waker
-    /// registered otherwise (the caller bounds the wait with a timer).
-    pub(super) fn linger(
-        &mut self,
-        cx: &mut Context<'_>,
-        shut: &mut bool,
-        scratch: &mut [u8],
-    ) -> Poll<()> {
-        let stream = match self {
-            Io::Plain(s) => s,
-            Io::Tls(t) => &mut t.stream,
-        };
+    /// `Ready` once the peer closed too (or the socket failed); `Pending` otherwise (the
+    /// caller bounds the wait with a deadline; after [`MAX_LINGER_READS`] reads the socket
+    /// stays readable and the caller comes back later).
+    pub(super) fn linger(&mut self, shut: &mut bool, scratch: &mut [u8]) -> Poll<()> {
+        let sock = self.sock();
         if !*shut {
             *shut = true;
-            if let Poll::Ready(Err(_)) = Pin::new(&mut *stream).poll_close(cx) {
+            if sock.stream.shutdown(std::net::Shutdown::Write).is_err() {
                 return Poll::Ready(());
             }
         }
         for _ in 0..MAX_LINGER_READS {
-            match Pin::new(&mut *stream).poll_read(cx, scratch) {
+            match sock.read(scratch) {
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Pending => return Poll::Pending,
             }
         }
-        // Plenty read: let other connections run, then go on.
-        cx.waker().wake_by_ref();
         Poll::Pending
     }
 
@@ -207,10 +267,10 @@ impl Io {
 impl Tls {
     /// Writes the records made so far until the socket would block (`Ok(true)`: something
     /// was written). An emptied buffer is released.
-    fn send_pending(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+    fn send_pending(&mut self) -> io::Result<bool> {
         let mut wrote = false;
         while !self.outbuf.is_empty() {
-            match Pin::new(&mut self.stream).poll_write(cx, &self.outbuf) {
+            match self.stream.write(&self.outbuf) {
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => {
                     self.outbuf.drain(..n);
@@ -319,12 +379,7 @@ impl Tls {
         Ok(take)
     }
 
-    fn poll_read(
-        &mut self,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-        stats: &TlsStats,
-    ) -> Poll<io::Result<usize>> {
+    fn read(&mut self, buf: &mut [u8], stats: &TlsStats) -> Poll<io::Result<usize>> {
         for _ in 0..MAX_RECORD_ROUNDS {
             if !self.plain.is_empty() {
                 let n = self.plain.len().min(buf.len());
@@ -343,7 +398,7 @@ impl Tls {
                 if cipher.is_empty() {
                     cipher.resize(CIPHER_BYTES, 0);
                 }
-                let n = match Pin::new(&mut self.stream).poll_read(cx, &mut cipher[..]) {
+                let n = match self.stream.read(&mut cipher[..]) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ok(None)),
                     Poll::Ready(Ok(n)) => n,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -417,10 +472,9 @@ impl Tls {
                 self.eof = true;
             }
             // Handshake replies go out at once.
-            self.send_pending(cx)?;
+            self.send_pending()?;
         }
-        // Plenty done: come back after the other tasks.
-        cx.waker().wake_by_ref();
+        // Plenty done: the socket stays readable, so the driver comes back on its next pass.
         Poll::Pending
     }
 }

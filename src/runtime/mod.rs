@@ -1,23 +1,22 @@
 //! The only glommio-aware layer: one pinned executor per shard, its listeners, the
-//! per-connection tasks that move bytes between sockets and the sans-IO [`Shard`], the
-//! bounded channel mesh between shards, and one sweep timer per shard.
+//! connection driver that moves bytes between sockets and the sans-IO [`Shard`]
+//! ([`driver`]: one epoll set and one task per shard, not a task per connection), the bounded
+//! channel mesh between shards, and one sweep timer per shard.
 //!
-//! Per connection the runtime holds a task and its socket; it reads into one scratch buffer
-//! per shard (glommio's unbuffered stream polls for readiness and only then reads into the
-//! caller's buffer), so an idle connection owns no read buffer. Output the shard produced for
-//! a connection is written by that connection's task in one `send` per wake-up, which
-//! coalesces every frame that became due meanwhile.
+//! Per connection the runtime holds a socket and a few bits of readiness; it reads into one
+//! scratch buffer per shard, so an idle connection owns no read buffer. Output the shard
+//! produced for a connection is written in one `send` per driver pass, which coalesces every
+//! frame that became due meanwhile.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use glommio::channels::channel_mesh::{MeshBuilder, Senders};
-use glommio::net::TcpListener;
 use glommio::{GlommioError, LocalExecutorBuilder, Placement, ResourceType};
 
 use crate::auth::Authenticator;
@@ -25,15 +24,14 @@ use crate::config::{Config, Durability};
 use crate::control::Control;
 use crate::iocore::{IoConfig, IoCore, IoPort};
 use crate::metrics::Metrics;
-use crate::shard::{Batch, Clock, ConnId, Shard, Transport, CLOSE_FLUSH_MS};
-use crate::tls::{Certs, ShardTls, TlsStats};
+use crate::shard::{Batch, Clock, Shard, Transport};
+use crate::tls::{Certs, ShardTls};
 
+mod driver;
 mod io;
-use io::Io;
+use driver::{Driver, Listener};
 
-/// Bytes read from a socket in one go (per shard, shared by all its connections).
-const SCRATCH_BYTES: usize = 64 * 1024;
-/// Work items a connection task handles per wake-up before yielding to other tasks.
+/// Outbox batches the flusher ships per wake-up before yielding to other tasks.
 const MAX_ROUNDS_PER_POLL: usize = 16;
 
 /// Why the gateway could not run.
@@ -225,13 +223,6 @@ struct Links {
     certs: Option<Arc<Certs>>,
 }
 
-/// One listener of a shard: its transport and whether TLS runs under it.
-struct Listener {
-    socket: TcpListener,
-    transport: Transport,
-    tls: Option<Rc<RefCell<ShardTls>>>,
-}
-
 /// Cluster mode: claims this node's slot in Redis before any shard mints a message id (the
 /// slot is the node's bits in them), retrying while Redis is unreachable for up to
 /// `cluster.dead_after_ms` × 4, and names the node in its session routes.
@@ -389,16 +380,10 @@ fn write_ports_file(
     std::fs::rename(&tmp, path)
 }
 
-fn glommio_listener(addr: SocketAddr, backlog: u32) -> Result<TcpListener, RuntimeError> {
-    use std::os::fd::{FromRawFd, IntoRawFd};
+fn std_listener(addr: SocketAddr, backlog: u32) -> Result<std::net::TcpListener, RuntimeError> {
     let sock =
         bind_listener(addr, backlog).map_err(|source| RuntimeError::Bind { addr, source })?;
-    let fd = sock.into_raw_fd();
-    // SAFETY: `fd` is a listening socket we just created and whose ownership `into_raw_fd`
-    // released; glommio's listener takes sole ownership of it here.
-    #[allow(unsafe_code)]
-    let listener = unsafe { TcpListener::from_raw_fd(fd) };
-    Ok(listener)
+    Ok(sock.into())
 }
 
 async fn shard_main(
@@ -456,9 +441,6 @@ async fn shard_main(
     })?;
     shard.borrow_mut().set_mid_mint(mids);
     let io_task = wake_reader.map(|r| glommio::spawn_local(io_completions(shard.clone(), r, base)));
-    let scratch = Rc::new(RefCell::new(vec![0u8; SCRATCH_BYTES]));
-    let lingering = Rc::new(std::cell::Cell::new(0));
-
     let tls = certs.map(|c| Rc::new(RefCell::new(ShardTls::new(c))));
     let s = &cfg.server;
     let listeners = [
@@ -467,24 +449,27 @@ async fn shard_main(
         (s.wss_listen, Transport::Ws, tls.clone()),
         (s.tls_listen, Transport::Tcp, tls),
     ];
-    let mut accepting = Vec::new();
+    let mut bound = Vec::new();
     for (addr, transport, tls) in listeners {
         let Some(addr) = addr else { continue };
-        let listener = Listener {
-            socket: glommio_listener(addr, s.backlog)?,
+        bound.push(Listener {
+            socket: std_listener(addr, s.backlog)?,
             transport,
             tls,
-        };
-        let conns = Conns {
-            shard: shard.clone(),
-            lingering: lingering.clone(),
-            max_lingering: cfg.limits.max_lingering_closes,
-            scratch: scratch.clone(),
-            metrics: metrics.clone(),
-            base,
-        };
-        accepting.push(glommio::spawn_local(accept_loop(listener, conns)));
+        });
     }
+    let driver = Driver::new(
+        shard.clone(),
+        bound,
+        cfg.limits.max_lingering_closes as usize,
+        metrics.clone(),
+        base,
+    )
+    .map_err(|e| RuntimeError::Shard {
+        shard: id,
+        detail: format!("creating the connection set: {e}"),
+    })?;
+    let driver = glommio::spawn_local(driver.run());
 
     let senders = Rc::new(senders);
     let mut receiver_tasks = Vec::new();
@@ -518,14 +503,14 @@ async fn shard_main(
         if control.draining() && !s.is_draining() {
             tracing::info!(shard = id, connections = s.connections(), "draining");
             s.start_drain(clk);
-            // Dropping the accept tasks closes the listeners.
-            accepting.clear();
+            // The driver closes its listeners on its next pass.
+            s.wake_driver();
         }
         if s.drained(clk) && !s.has_outbox() {
             break;
         }
     }
-    drop(accepting);
+    drop(driver);
     drop(io_task);
     drop(flusher);
     drop(receiver_tasks);
@@ -563,161 +548,6 @@ async fn io_completions(
             s.on_io_done(d, clk);
         }
     }
-}
-
-/// What every connection task of a shard shares.
-#[derive(Clone)]
-struct Conns {
-    shard: Rc<RefCell<Shard>>,
-    /// Sockets of this shard in their lingering close, and the bound
-    /// (`limits.max_lingering_closes`).
-    lingering: Rc<std::cell::Cell<u32>>,
-    max_lingering: u32,
-    /// The shard's read buffer (plaintext lands here, TLS or not).
-    scratch: Rc<RefCell<Vec<u8>>>,
-    metrics: Arc<Metrics>,
-    base: Instant,
-}
-
-async fn accept_loop(listener: Listener, conns: Conns) {
-    loop {
-        let stream = match listener.socket.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let io = match &listener.tls {
-            None => Io::Plain(stream),
-            Some(tls) => match tls.borrow_mut().accept() {
-                Ok(conn) => Io::Tls(Box::new(io::Tls::new(stream, conn))),
-                Err(e) => {
-                    tracing::warn!(error = %e, "TLS session refused");
-                    continue;
-                }
-            },
-        };
-        let id = conns
-            .shard
-            .borrow_mut()
-            .accept(listener.transport, clock(conns.base));
-        let Some(id) = id else {
-            continue; // over the limit or draining: dropping the stream closes it
-        };
-        glommio::spawn_local(conn_task(conns.clone(), id, io)).detach();
-    }
-}
-
-/// Drives one connection: writes what the shard queued for it, reads into the shard's
-/// scratch buffer and feeds the shard, until the shard or the peer closes it. A close the
-/// shard asked for then lingers (see [`linger`]).
-async fn conn_task(conns: Conns, id: ConnId, mut io: Io) {
-    let ours = poll_fn(|cx| poll_conn(&conns, id, &mut io, cx)).await;
-    if ours {
-        linger(&conns, &mut io).await;
-    }
-    // Dropping the stream closes the socket.
-}
-
-/// The lingering close of a connection the shard closed (its slot is already free): the
-/// write side is shut, so a FIN follows the last frame, and what the peer still sends is
-/// read and dropped until it closes too, for at most [`CLOSE_FLUSH_MS`]. Closing a socket
-/// with unread input resets the connection: a client still writing (one kicked while
-/// sending, a WebSocket client answering our close frame) would get the reset instead of
-/// our last frames. At most `limits.max_lingering_closes` per shard linger at once; beyond
-/// that a socket is closed at once (counted in `imgw_closes_not_lingered_total`).
-async fn linger(conns: &Conns, io: &mut Io) {
-    if conns.lingering.get() >= conns.max_lingering {
-        conns
-            .metrics
-            .linger_skipped
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return;
-    }
-    conns.lingering.set(conns.lingering.get() + 1);
-    let mut shut = false;
-    let drained = poll_fn(|cx| {
-        let mut buf = conns.scratch.borrow_mut();
-        io.linger(cx, &mut shut, &mut buf[..])
-    });
-    let deadline = glommio::timer::sleep(Duration::from_millis(CLOSE_FLUSH_MS));
-    futures_lite::future::or(drained, deadline).await;
-    conns.lingering.set(conns.lingering.get() - 1);
-}
-
-/// Returns `true` when the shard closed the connection (then it lingers), `false` when the
-/// peer did or the socket failed.
-fn poll_conn(conns: &Conns, id: ConnId, io: &mut Io, cx: &mut Context<'_>) -> Poll<bool> {
-    let mut s = conns.shard.borrow_mut();
-    let base = conns.base;
-    for _ in 0..MAX_ROUNDS_PER_POLL {
-        // TLS records rustls still holds go first (none on a plain socket).
-        let mut progressed = match io.send_pending(cx) {
-            Ok(wrote) => wrote,
-            Err(_) => {
-                s.remove(id);
-                return Poll::Ready(false);
-            }
-        };
-        // Write everything queued, in as few sends as the kernel allows.
-        if let Some(out) = s.output(id) {
-            if !out.is_empty() {
-                match io.poll_write(cx, out) {
-                    Poll::Ready(Ok(n)) if n > 0 => {
-                        // One clock read per write: only the monotonic one.
-                        s.wrote(id, n, base.elapsed().as_micros() as u64);
-                        progressed = true;
-                    }
-                    Poll::Ready(Ok(_)) | Poll::Pending => {}
-                    Poll::Ready(Err(_)) => {
-                        s.remove(id);
-                        return Poll::Ready(false);
-                    }
-                }
-            }
-        }
-        if s.should_close(id) {
-            // TLS: the close_notify and the last records, unless the deadline has passed.
-            if io.closing(cx) && !s.close_overdue(id) {
-                s.set_waker(id, cx.waker());
-                return Poll::Pending;
-            }
-            if io.handshaking() {
-                TlsStats::add(&conns.metrics.tls.handshake_timeouts);
-            }
-            // Lingering is pointless once the flush deadline has passed (a peer that does not
-            // read will not close either).
-            let linger = !s.close_overdue(id);
-            s.remove(id);
-            return Poll::Ready(linger);
-        }
-        if !s.is_closing(id) {
-            let mut buf = conns.scratch.borrow_mut();
-            match io.poll_read(cx, &mut buf[..], &conns.metrics) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                    s.remove(id);
-                    return Poll::Ready(false);
-                }
-                Poll::Ready(Ok(n)) => {
-                    s.on_read(id, &mut buf[..n], clock(base));
-                    progressed = true;
-                }
-                Poll::Pending => {}
-            }
-        }
-        if !progressed {
-            s.set_waker(id, cx.waker());
-            return Poll::Pending;
-        }
-    }
-    // Plenty done: let other connections run, then continue.
-    s.set_waker(id, cx.waker());
-    cx.waker().wake_by_ref();
-    Poll::Pending
 }
 
 /// Ships outbox batches: the local queue straight into our own shard, the others through

@@ -228,7 +228,8 @@ pub struct Conn {
     inbuf: BytesMut,
     /// Encoded output not yet written; unallocated when idle.
     out: Vec<u8>,
-    waker: Option<Waker>,
+    /// Listed in [`Woken`] and not yet taken by the runtime.
+    woken: bool,
     opened_ms: u64,
     last_rx_ms: u64,
     /// Deadline currently armed in the wheel (0: none).
@@ -351,6 +352,8 @@ pub struct Shard {
     /// [`Shard::emit_many`]'s encodings of one envelope, one per (WebSocket?, codec): at
     /// most ten, empty between calls (kept only to reuse the allocation).
     encoded: Vec<((bool, CodecId), Vec<u8>)>,
+    /// Connections for the runtime to service (see [`Woken`]).
+    woken: Woken,
 }
 
 impl Shard {
@@ -401,6 +404,7 @@ impl Shard {
             drain_started_ms: 0,
             due: Vec::new(),
             encoded: Vec::new(),
+            woken: Woken::default(),
             now_ms: clk.mono_ms,
             now_us: clk.mono_us,
             io,
@@ -455,7 +459,7 @@ impl Shard {
             inbuf: BytesMut::new(),
             out: Vec::new(),
             out_since_us: 0,
-            waker: None,
+            woken: false,
             opened_ms: clk.mono_ms,
             last_rx_ms: clk.mono_ms,
             armed_ms: 0,
@@ -479,13 +483,36 @@ impl Shard {
         }
     }
 
-    /// The runtime's task for `id` parks with this waker; output wakes it.
-    pub fn set_waker(&mut self, id: ConnId, waker: &Waker) {
-        if let Some(c) = self.conns.get_mut(id) {
-            match &c.waker {
-                Some(w) if w.will_wake(waker) => {}
-                _ => c.waker = Some(waker.clone()),
+    /// Moves the connections that have new output (or a close to carry out) since the last
+    /// call into `into`, each once.
+    pub fn take_woken(&mut self, into: &mut Vec<ConnId>) {
+        for id in self.woken.ids.drain(..) {
+            if let Some(c) = self.conns.get_mut(id) {
+                if std::mem::take(&mut c.woken) {
+                    into.push(id);
+                }
             }
+        }
+    }
+
+    /// Connections wait in [`Shard::take_woken`].
+    pub fn has_woken(&self) -> bool {
+        !self.woken.ids.is_empty()
+    }
+
+    /// Wakes the runtime's connection driver (a drain began: it closes its listeners).
+    pub fn wake_driver(&self) {
+        if let Some(w) = &self.woken.driver {
+            w.wake_by_ref();
+        }
+    }
+
+    /// The runtime's connection driver parks with this waker; the first connection listed in
+    /// [`Shard::take_woken`] wakes it.
+    pub fn set_driver_waker(&mut self, waker: &Waker) {
+        match &self.woken.driver {
+            Some(w) if w.will_wake(waker) => {}
+            _ => self.woken.driver = Some(waker.clone()),
         }
     }
 
@@ -545,9 +572,7 @@ impl Shard {
                 c.closing = Some(reason);
                 // While closing, `last_rx_ms` marks when the close began.
                 c.last_rx_ms = now;
-                if let Some(w) = &c.waker {
-                    w.wake_by_ref();
-                }
+                self.woken.conn(c, id);
                 self.arm(id, now + CLOSE_FLUSH_MS);
             }
         }
@@ -666,9 +691,7 @@ impl Shard {
                 (Some(_), _) => {
                     // Give up on flushing: drop the output so the runtime closes now.
                     c.out = Vec::new();
-                    if let Some(w) = &c.waker {
-                        w.wake_by_ref();
-                    }
+                    self.woken.conn(c, id);
                 }
                 (None, Phase::Handshake) => {
                     let tcp = matches!(c.proto, Proto::Tcp);
@@ -738,7 +761,7 @@ impl Shard {
             return;
         };
         if encode_onto(&mut c.out, &c.proto, c.codec, env)
-            && queued(c, m, env, self.now_us, max_out)
+            && queued(c, id, &mut self.woken, m, env, self.now_us, max_out)
         {
             self.close(id, CloseReason::SlowConsumer);
         }
@@ -775,7 +798,8 @@ impl Shard {
                 }
             };
             c.out.extend_from_slice(frame);
-            if queued(c, &self.metrics.shards[self.id], env, self.now_us, max_out) {
+            let m = &self.metrics.shards[self.id];
+            if queued(c, id, &mut self.woken, m, env, self.now_us, max_out) {
                 self.close(id, CloseReason::SlowConsumer);
             }
         }
@@ -885,7 +909,15 @@ impl Shard {
 /// Bookkeeping after a frame was queued on `c`'s output: counts it, stamps when the output
 /// started waiting, wakes the connection's task. True when the unread output passed
 /// `max_out`: the output is dropped and the caller closes the connection (slow consumer).
-fn queued(c: &mut Conn, m: &ShardMetrics, env: &Envelope, now_us: u64, max_out: usize) -> bool {
+fn queued(
+    c: &mut Conn,
+    id: ConnId,
+    woken: &mut Woken,
+    m: &ShardMetrics,
+    env: &Envelope,
+    now_us: u64,
+    max_out: usize,
+) -> bool {
     m.frame_out(env.msg.op(), c.codec);
     if c.out_since_us == 0 {
         c.out_since_us = (now_us as u32).max(1);
@@ -893,15 +925,38 @@ fn queued(c: &mut Conn, m: &ShardMetrics, env: &Envelope, now_us: u64, max_out: 
     if let Message::Error(e) = &env.msg {
         m.error(e.code);
     }
-    if let Some(w) = &c.waker {
-        w.wake_by_ref();
-    }
+    woken.conn(c, id);
     if c.out.len() > max_out && c.closing.is_none() {
         // The client does not read: drop what is queued.
         c.out = Vec::new();
         return true;
     }
     false
+}
+
+/// The connections the runtime has to service because the shard gave them output or a close
+/// (each listed once until [`Shard::take_woken`] takes them, so at most one entry per
+/// connection, plus those removed since), and the waker of the runtime's driver, woken when
+/// the list stops being empty.
+#[derive(Default)]
+struct Woken {
+    ids: Vec<ConnId>,
+    driver: Option<Waker>,
+}
+
+impl Woken {
+    fn conn(&mut self, c: &mut Conn, id: ConnId) {
+        if c.woken {
+            return;
+        }
+        c.woken = true;
+        if self.ids.is_empty() {
+            if let Some(w) = &self.driver {
+                w.wake_by_ref();
+            }
+        }
+        self.ids.push(id);
+    }
 }
 
 /// Messages from one shard to another (or to itself), handed over together.

@@ -171,9 +171,7 @@ impl Shard {
                 }
                 let mut rest = c.inbuf.split_off(up.consumed);
                 c.inbuf = bytes::BytesMut::new();
-                if let Some(w) = &c.waker {
-                    w.wake_by_ref();
-                }
+                self.woken.conn(c, id);
                 if !rest.is_empty() {
                     self.read_ws(id, &mut rest, clk);
                 }
@@ -213,9 +211,7 @@ impl Shard {
                 }
                 Err(e) => {
                     ws::respond_error(e, &mut c.out);
-                    if let Some(w) = &c.waker {
-                        w.wake_by_ref();
-                    }
+                    self.woken.conn(c, id);
                     self.close(id, CloseReason::Protocol);
                     return;
                 }
@@ -228,9 +224,7 @@ impl Shard {
                         self.heartbeat(id, clk);
                     }
                     if let Some(c) = self.conns.get_mut(id) {
-                        if let Some(w) = &c.waker {
-                            w.wake_by_ref();
-                        }
+                        self.woken.conn(c, id);
                     }
                     continue;
                 }
@@ -258,9 +252,7 @@ fn input_payload(shard: &mut Shard, id: ConnId, payload: Bytes, is_text: bool) -
         (true, Ok(t)) => ws::write_text(&mut c.out, t),
         _ => ws::write_binary(&mut c.out, &payload),
     }
-    if let Some(w) = &c.waker {
-        w.wake_by_ref();
-    }
+    shard.woken.conn(c, id);
     None
 }
 

@@ -8,6 +8,14 @@ use crate::sys;
 use nix::sys::socket::{MsgFlags, SockaddrLike};
 use std::{io, os::unix::io::RawFd};
 
+/// imgw patch: waits until `fd` is readable (one io_uring poll of it) without reading from
+/// it, for descriptors glommio has no type for (an epoll set). Must be awaited inside an
+/// executor.
+pub async fn readable(fd: RawFd) -> io::Result<()> {
+    let source = crate::executor().reactor().poll_read_ready(fd);
+    source.collect_rw().await.map(|_| ())
+}
+
 fn yolo_accept(fd: RawFd) -> Option<io::Result<RawFd>> {
     let flags =
         nix::fcntl::OFlag::from_bits(nix::fcntl::fcntl(fd, nix::fcntl::F_GETFL).unwrap()).unwrap();
