@@ -239,14 +239,11 @@ impl Driver {
         for i in 0..self.listeners.len() {
             self.accept(&mut s, i, clk.mono_ms);
         }
-        let mut queue = std::mem::take(&mut self.queue);
-        for id in queue.drain(..) {
-            if let Some(slot) = self.slot(id) {
-                slot.queued = false;
-                self.service(&mut s, id);
-            }
-        }
-        self.queue = queue;
+        self.service_queue(&mut s);
+        // Write in this pass what this pass made: the fan-out of a group message just read,
+        // the replies to what was just read.
+        s.take_woken(&mut self.queue);
+        self.service_queue(&mut s);
         std::mem::swap(&mut self.queue, &mut self.next);
         self.linger_pass(clk.mono_ms);
         !self.queue.is_empty()
@@ -256,6 +253,29 @@ impl Driver {
                 .iter()
                 .flatten()
                 .any(|l| l.ready && l.rest_until_ms <= clk.mono_ms)
+    }
+
+    /// Services the connections queued for this pass, each once.
+    fn service_queue(&mut self, s: &mut Shard) {
+        let mut queue = std::mem::take(&mut self.queue);
+        for id in queue.drain(..) {
+            if let Some(slot) = self.slot(id) {
+                slot.queued = false;
+                self.service(s, id);
+                if s.has_local_batch() {
+                    // What the connection asked of its own shard (a send to a group or user
+                    // this shard owns) is handled now, not after the rest of the pass, and
+                    // the reply it makes (`send_ack`) written at once.
+                    let me = s.id;
+                    let local = s.take_batch(me);
+                    s.on_batch(local, clock(self.base));
+                    if self.slot(id).is_some() {
+                        self.service(s, id);
+                    }
+                }
+            }
+        }
+        self.queue = queue;
     }
 
     fn slot(&mut self, id: ConnId) -> Option<&mut Slot> {

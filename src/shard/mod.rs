@@ -897,6 +897,11 @@ impl Shard {
         self.outbox_since_us[dest] = batch.posted_us;
     }
 
+    /// Messages for this shard itself wait in its outbox.
+    pub fn has_local_batch(&self) -> bool {
+        !self.outbox[self.id].is_empty()
+    }
+
     pub fn has_outbox(&self) -> bool {
         self.outbox_len > 0
     }
