@@ -80,7 +80,7 @@ pub enum Stage {
     /// work): from the first message posted to the batch handled by its shard.
     ShardQueue = 0,
     /// A connection's output: from the first frame queued on an empty output to the output
-    /// fully written to the socket (the connection's task being woken, run and writing).
+    /// fully written to the socket (the driver's pass reaching the connection and writing).
     OutputWait,
     /// A `send`: from read on its connection's shard to its `send_ack` queued there (the
     /// owner's sequencing, and at durability `local` / `backend` the store's commit), on the

@@ -21,7 +21,7 @@ use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError};
 
 use crate::metrics::Metrics;
 
-/// Reads of what a closing connection's peer still sends, per wake-up (each into the shard's
+/// Reads of what a closing connection's peer still sends, per pass (each into the shard's
 /// scratch buffer, dropped).
 const MAX_LINGER_READS: usize = 16;
 use crate::tls::TlsStats;

@@ -5,7 +5,8 @@
 //! subscriber lists of the users it owns (owner = hash of tenant and user id). It never does
 //! I/O: the runtime (src/runtime) feeds it the bytes a socket produced ([`Shard::on_read`]),
 //! time ([`Shard::tick`]) and batches from other shards ([`Shard::on_batch`]); it produces
-//! bytes to write per connection, wakes the connection's task, and fills one outbox per
+//! bytes to write per connection, lists the connections that have some for the runtime's
+//! driver ([`Shard::take_woken`]), and fills one outbox per
 //! destination shard that the runtime ships through bounded channels.
 //!
 //! Cross-shard traffic is batched per destination; when an outbox is full new work is shed
@@ -912,7 +913,7 @@ impl Shard {
 }
 
 /// Bookkeeping after a frame was queued on `c`'s output: counts it, stamps when the output
-/// started waiting, wakes the connection's task. True when the unread output passed
+/// started waiting, lists the connection for the driver. True when the unread output passed
 /// `max_out`: the output is dropped and the caller closes the connection (slow consumer).
 fn queued(
     c: &mut Conn,
