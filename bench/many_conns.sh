@@ -41,6 +41,8 @@ IMGW=target/release/imgw
 LOADGEN=target/release/loadgen
 
 cat >"$DIR/imgw.toml" <<EOF
+[server]
+share_ports = true
 [limits]
 idle_timeout_ms = 600000
 heartbeat_ms = ${HEARTBEAT_MS:-30000}

@@ -405,6 +405,12 @@ pub struct ServerConfig {
     /// `{"ws":ADDR,"tcp":ADDR,"admin":ADDR}` (`--ports-file`): how a script or test learns
     /// the ports of listeners given port 0.
     pub ports_file: Option<PathBuf>,
+    /// Share the listening ports with other imgw processes on purpose (SO_REUSEPORT: the
+    /// kernel spreads the connections over them), for a host whose per-process descriptor
+    /// limit is below the connections wanted (bench/many_conns.sh). Off by default: a port
+    /// another process holds is then refused at start, so two gateways that know nothing of
+    /// each other never split one address's clients by accident.
+    pub share_ports: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -521,6 +527,7 @@ impl Default for ServerConfig {
             web: false,
             sync_sent: true,
             ports_file: None,
+            share_ports: false,
         }
     }
 }

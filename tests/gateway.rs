@@ -973,3 +973,74 @@ fn a_second_gateway_on_a_served_port_is_refused() {
     let mut c = g.login(Transport::Tcp, CodecId::Json, "still-here", "d");
     ping(&mut c);
 }
+
+/// `server.share_ports = true` is the opt-in to what the test above refuses: several
+/// gateways on one port on purpose (bench/many_conns.sh, a host whose per-process descriptor
+/// limit is below the connections wanted). The second one starts on the first one's port and
+/// the kernel gives it a share of the connections.
+#[test]
+fn a_gateway_with_share_ports_joins_a_served_port() {
+    let g = Gateway::dev();
+    let dir = std::env::temp_dir().join(format!("imgw-share-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("imgw.toml"), "[server]\nshare_ports = true\n").unwrap();
+    let ports_file = dir.join("ports.json");
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_imgw"))
+        .args([
+            "serve",
+            "--insecure-dev-auth",
+            "--shards",
+            "1",
+            "--log",
+            "error",
+        ])
+        .arg("--config")
+        .arg(dir.join("imgw.toml"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--ports-file")
+        .arg(&ports_file)
+        .args([
+            "--ws-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--tcp-listen", &g.tcp.to_string()])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("run imgw");
+    let deadline = std::time::Instant::now() + WAIT;
+    let admin = loop {
+        if let Some(p) = imgw::runtime::Ports::read(&ports_file) {
+            if common::gateway::http_get(p.admin, "/readyz").is_ok_and(|(code, _)| code == 200) {
+                break p.admin;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second gateway did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // 32 connections over the shared port: the kernel spreads them by their addresses, so
+    // each gateway gets some (all 32 on one of two listeners: about 1 in 2^31).
+    let clients: Vec<Client> = (0..32)
+        .map(|i| g.login(Transport::Tcp, CodecId::Json, &format!("share-{i}"), "d"))
+        .collect();
+    let metrics = common::gateway::http_get(admin, "/metrics").unwrap().1;
+    let held: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("imgw_connections{") || l.starts_with("imgw_connections "))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let _ = second.kill();
+    let _ = second.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        held > 0.0,
+        "the second gateway took none of 32 connections:\n{metrics}"
+    );
+    drop(clients);
+}

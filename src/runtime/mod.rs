@@ -73,6 +73,7 @@ pub fn run(
     let mut reserved = Vec::new();
     let backlog = cfg.server.backlog;
     let server = &mut cfg.server;
+    let share = server.share_ports;
     let tls_addrs = [server.wss_listen.as_mut(), server.tls_listen.as_mut()];
     let addrs = [Some(&mut server.ws_listen), Some(&mut server.tcp_listen)];
     for addr in addrs.into_iter().chain(tls_addrs).flatten() {
@@ -81,6 +82,8 @@ pub fn run(
                 reserved.push(sock);
                 at
             })
+        } else if share {
+            bind_listener(*addr, backlog).map(|_| *addr)
         } else {
             claim_port(*addr)
                 .and_then(|()| bind_listener(*addr, backlog))
