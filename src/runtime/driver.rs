@@ -1,7 +1,7 @@
 //! Every connection of one shard, driven without a task or a poll source of its own: the
 //! shard's listeners and sockets sit in one edge-triggered epoll set, and one driver task per
 //! shard waits for that set (a single io_uring poll of its descriptor,
-//! `glommio::net::readable`) or for the shard's wake-ups, then services what is ready. It
+//! `glommio::net::Readable`) or for the shard's wake-ups, then services what is ready. It
 //! accepts, reads into the shard's scratch buffer and feeds the shard, writes what the shard
 //! queued (one `send` per connection per pass, coalescing every frame queued meanwhile), and
 //! carries out closes and their lingering.
@@ -101,8 +101,8 @@ pub(super) struct Driver {
     scratch: Vec<u8>,
     metrics: Arc<Metrics>,
     base: Instant,
-    /// The io_uring poll of the epoll set, kept across waits until it fires.
-    epoll_ready: Option<Pin<Box<dyn Future<Output = io::Result<()>>>>>,
+    /// The io_uring poll of the epoll set, kept armed across waits until it fires.
+    epoll_ready: glommio::net::Readable,
 }
 
 impl Driver {
@@ -114,6 +114,7 @@ impl Driver {
         base: Instant,
     ) -> io::Result<Driver> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let epoll_fd = epoll.0.as_raw_fd();
         for (i, l) in listeners.iter().enumerate() {
             l.socket.set_nonblocking(true)?;
             let ev = EpollEvent::new(
@@ -149,7 +150,7 @@ impl Driver {
             scratch: vec![0; SCRATCH_BYTES],
             metrics,
             base,
-            epoll_ready: None,
+            epoll_ready: glommio::net::Readable::new(epoll_fd),
         })
     }
 
@@ -169,11 +170,8 @@ impl Driver {
     /// Waits for the epoll set, the shard's wake-up, or the next deadline (a lingering close,
     /// a resting listener).
     async fn wait(&mut self) {
-        let fd = self.epoll.0.as_raw_fd();
         let deadline = self.next_deadline_ms();
-        let ready = self
-            .epoll_ready
-            .get_or_insert_with(|| Box::pin(glommio::net::readable(fd)));
+        let ready = &mut self.epoll_ready;
         let shard = &self.shard;
         let base = self.base;
         let mut timer = deadline.map(|ms| {
@@ -181,7 +179,7 @@ impl Driver {
             glommio::timer::Timer::new(Duration::from_millis(ms.saturating_sub(now)))
         });
         let fired = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = ready.as_mut().poll(cx) {
+            if let Poll::Ready(r) = ready.poll_readable(cx) {
                 return Poll::Ready(Some(r));
             }
             {
@@ -200,7 +198,6 @@ impl Driver {
         })
         .await;
         if let Some(r) = fired {
-            self.epoll_ready = None;
             if let Err(e) = r {
                 // The set itself cannot fail to poll; if it did, back off instead of spinning.
                 tracing::warn!(error = %e, "polling the connection set failed");

@@ -92,9 +92,6 @@ bitflags::bitflags! {
         const CQSIZE    = 1 << 3;
         const CLAMP     = 1 << 4;
         const ATTACH_WQ = 1 << 5;
-        /// imgw patch: a completion does not interrupt the ring's task with an IPI; its
-        /// task work runs at the task's next kernel transition (Linux 5.19+).
-        const COOP_TASKRUN = 1 << 8;
     }
 }
 

@@ -8,12 +8,38 @@ use crate::sys;
 use nix::sys::socket::{MsgFlags, SockaddrLike};
 use std::{io, os::unix::io::RawFd};
 
-/// imgw patch: waits until `fd` is readable (one io_uring poll of it) without reading from
-/// it, for descriptors glommio has no type for (an epoll set). Must be awaited inside an
-/// executor.
-pub async fn readable(fd: RawFd) -> io::Result<()> {
-    let source = crate::executor().reactor().poll_read_ready(fd);
-    source.collect_rw().await.map(|_| ())
+/// imgw patch: an io_uring poll of a descriptor glommio has no type for (an epoll set):
+/// ready once the descriptor is readable, without reading from it.
+#[derive(Debug)]
+pub struct Readable {
+    fd: RawFd,
+    source: Option<sys::Source>,
+}
+
+impl Readable {
+    /// Polls for `fd`; nothing is armed until the first [`Readable::poll_readable`].
+    pub fn new(fd: RawFd) -> Readable {
+        Readable { fd, source: None }
+    }
+
+    /// `Ready` once `fd` is readable. Arms one poll if none is armed; an armed poll stays
+    /// armed across calls until it fires, and keeps only the latest caller's waker. Must be
+    /// called inside an executor.
+    pub fn poll_readable(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let fd = self.fd;
+        let source = self
+            .source
+            .get_or_insert_with(|| crate::executor().reactor().poll_read_ready(fd));
+        if let Some(r) = source.result() {
+            self.source = None;
+            return std::task::Poll::Ready(r.map(|_| ()));
+        }
+        source.add_waiter_single(cx.waker());
+        std::task::Poll::Pending
+    }
 }
 
 fn yolo_accept(fd: RawFd) -> Option<io::Result<RawFd>> {

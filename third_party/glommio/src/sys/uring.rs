@@ -904,16 +904,7 @@ impl SleepableRing {
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
         Ok(SleepableRing {
-            // imgw patch: COOP_TASKRUN, so that a socket becoming ready while this thread
-            // runs does not cost an inter-processor interrupt on both sides (the ring has one
-            // submitter, which is also its only waiter). Kernels before 5.19 refuse the flag:
-            // the ring is then made as before.
-            ring: iou::IoUring::new_with_flags(
-                size as _,
-                iou::SetupFlags::COOP_TASKRUN,
-                iou::SetupFeatures::empty(),
-            )
-            .or_else(|_| iou::IoUring::new(size as _))?,
+            ring: iou::IoUring::new(size as _)?,
             size,
             submission_queue: UringQueueState::with_capacity(size * 4),
             name,
