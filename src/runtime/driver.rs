@@ -197,12 +197,10 @@ impl Driver {
             Poll::Pending
         })
         .await;
-        if let Some(r) = fired {
-            if let Err(e) = r {
-                // The set itself cannot fail to poll; if it did, back off instead of spinning.
-                tracing::warn!(error = %e, "polling the connection set failed");
-                glommio::timer::sleep(Duration::from_millis(ACCEPT_RETRY_MS)).await;
-            }
+        if let Some(Err(e)) = fired {
+            // The set itself cannot fail to poll; if it did, back off instead of spinning.
+            tracing::warn!(error = %e, "polling the connection set failed");
+            glommio::timer::sleep(Duration::from_millis(ACCEPT_RETRY_MS)).await;
         }
     }
 
