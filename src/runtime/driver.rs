@@ -86,9 +86,12 @@ pub(super) struct Driver {
     listeners: Vec<Option<ListenerState>>,
     /// By slab index.
     slots: Vec<Option<Slot>>,
-    /// Connections to service in this pass, and those that asked for the next one.
+    /// Connections to service in this pass, and those that asked for the next one (each
+    /// marked `queued` while listed, so listed once).
     queue: Vec<ConnId>,
     next: Vec<ConnId>,
+    /// What the shard listed for the runtime, before it is queued (kept for its allocation).
+    woken: Vec<ConnId>,
     lingering: Vec<Option<Lingering>>,
     lingering_free: Vec<usize>,
     lingering_len: usize,
@@ -140,6 +143,7 @@ impl Driver {
             slots: Vec::new(),
             queue: Vec::new(),
             next: Vec::new(),
+            woken: Vec::new(),
             lingering: Vec::new(),
             lingering_free: Vec::new(),
             lingering_len: 0,
@@ -230,14 +234,14 @@ impl Driver {
             self.listeners.iter_mut().for_each(|l| *l = None);
         }
         self.poll_events();
-        s.take_woken(&mut self.queue);
+        self.take_woken(&mut s);
         for i in 0..self.listeners.len() {
             self.accept(&mut s, i, clk.mono_ms);
         }
         self.service_queue(&mut s);
         // Write in this pass what this pass made: the fan-out of a group message just read,
         // the replies to what was just read.
-        s.take_woken(&mut self.queue);
+        self.take_woken(&mut s);
         self.service_queue(&mut s);
         std::mem::swap(&mut self.queue, &mut self.next);
         self.linger_pass(clk.mono_ms);
@@ -248,6 +252,27 @@ impl Driver {
                 .iter()
                 .flatten()
                 .any(|l| l.ready && l.rest_until_ms <= clk.mono_ms)
+    }
+
+    /// Queues the connections the shard gave output or a close, unless an event or the last
+    /// pass queued them already.
+    fn take_woken(&mut self, s: &mut Shard) {
+        let mut woken = std::mem::take(&mut self.woken);
+        s.take_woken(&mut woken);
+        for id in woken.drain(..) {
+            self.enqueue(id);
+        }
+        self.woken = woken;
+    }
+
+    /// Queues `id` for this pass if it is live and not queued yet.
+    fn enqueue(&mut self, id: ConnId) {
+        if let Some(slot) = self.slot(id) {
+            if !slot.queued {
+                slot.queued = true;
+                self.queue.push(id);
+            }
+        }
     }
 
     /// Services the connections queued for this pass, each once.
@@ -291,7 +316,8 @@ impl Driver {
                 return;
             }
         };
-        for ev in &self.events[..n] {
+        for i in 0..n {
+            let ev = self.events[i];
             let flags = ev.events();
             let token = ev.data();
             let index = (token & !KIND_MASK) as usize;
@@ -311,13 +337,11 @@ impl Driver {
                     let sock = slot.io.sock();
                     sock.readable |= input;
                     sock.writable |= output;
-                    if !slot.queued {
-                        slot.queued = true;
-                        self.queue.push(ConnId {
-                            index: index as u32,
-                            generation: slot.generation,
-                        });
-                    }
+                    let id = ConnId {
+                        index: index as u32,
+                        generation: slot.generation,
+                    };
+                    self.enqueue(id);
                 }
                 KIND_LINGER => {
                     if let Some(Some(l)) = self.lingering.get_mut(index) {

@@ -62,38 +62,39 @@ impl Sock {
     }
 
     fn read(&mut self, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        while self.readable {
-            match (&self.stream).read(buf) {
-                Ok(n) => {
-                    if n < buf.len() {
-                        self.readable = false;
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-        Poll::Pending
+        let len = buf.len();
+        let stream = &self.stream;
+        step(&mut self.readable, len, || (&*stream).read(buf))
     }
 
     fn write(&mut self, buf: &[u8]) -> Poll<io::Result<usize>> {
-        while self.writable {
-            match (&self.stream).write(buf) {
-                Ok(n) => {
-                    if n < buf.len() {
-                        self.writable = false;
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-        Poll::Pending
+        let stream = &self.stream;
+        step(&mut self.writable, buf.len(), || (&*stream).write(buf))
     }
+}
+
+/// One read or write of `len` bytes while `ready`: a result that took less than offered, or
+/// would block, clears `ready` (the socket is drained or full; its next edge sets it again);
+/// an interrupted call is retried.
+fn step(
+    ready: &mut bool,
+    len: usize,
+    mut op: impl FnMut() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    while *ready {
+        match op() {
+            Ok(n) => {
+                if n < len {
+                    *ready = false;
+                }
+                return Poll::Ready(Ok(n));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => *ready = false,
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+    Poll::Pending
 }
 
 /// The socket of one connection.
