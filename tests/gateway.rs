@@ -292,6 +292,42 @@ fn silent_connections_are_closed_at_their_timeouts() {
         .unwrap();
 }
 
+/// A peer that sends its last frame and closes at once: the frame and the FIN reach the
+/// gateway together, one edge of the epoll set for both. The gateway still reads the end and
+/// closes (reason `peer`), well before the idle timeout would (1.5 s here).
+#[test]
+fn a_frame_followed_at_once_by_the_peers_close_is_read_to_the_end() {
+    const CONNS: usize = 32;
+    let g = Gateway::dev();
+    let clients: Vec<Client> = (0..CONNS)
+        .map(|i| g.login(Transport::Tcp, CodecId::Json, &format!("brief-{i}"), "d"))
+        .collect();
+    let threads: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            std::thread::spawn(move || {
+                c.send(&Envelope::new(Message::Ping(Ping { ts: 1 })))
+                    .unwrap();
+                c.close();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let closes = |reason: &str| g.metric("imgw_closes_total", &[&format!("reason=\"{reason}\"")]);
+    let until = std::time::Instant::now() + WAIT;
+    while closes("peer") + closes("idle") < CONNS as f64 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        closes("idle"),
+        0.0,
+        "a peer's close went unseen until the idle timeout"
+    );
+    assert_eq!(closes("peer"), CONNS as f64);
+}
+
 #[test]
 fn bad_input_gets_errors_is_counted_and_spares_neighbours() {
     let g = Gateway::start(DEV_TOML, &["--shards", "1", "--insecure-dev-auth"]);

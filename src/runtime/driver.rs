@@ -321,12 +321,9 @@ impl Driver {
             let flags = ev.events();
             let token = ev.data();
             let index = (token & !KIND_MASK) as usize;
-            let input = flags.intersects(
-                EpollFlags::EPOLLIN
-                    | EpollFlags::EPOLLRDHUP
-                    | EpollFlags::EPOLLHUP
-                    | EpollFlags::EPOLLERR,
-            );
+            let hup = flags
+                .intersects(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
+            let input = hup || flags.intersects(EpollFlags::EPOLLIN);
             let output = flags
                 .intersects(EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR);
             match token & KIND_MASK {
@@ -334,9 +331,7 @@ impl Driver {
                     let Some(Some(slot)) = self.slots.get_mut(index) else {
                         continue;
                     };
-                    let sock = slot.io.sock();
-                    sock.readable |= input;
-                    sock.writable |= output;
+                    slot.io.sock().mark(input, output, hup);
                     let id = ConnId {
                         index: index as u32,
                         generation: slot.generation,
@@ -345,7 +340,7 @@ impl Driver {
                 }
                 KIND_LINGER => {
                     if let Some(Some(l)) = self.lingering.get_mut(index) {
-                        l.io.sock().readable |= input;
+                        l.io.sock().mark(input, false, hup);
                         if input {
                             self.linger_queue.push(index);
                         }

@@ -48,8 +48,12 @@ const RECORD_OVERHEAD_BYTES: usize = 64;
 /// next change brings a new event).
 pub(super) struct Sock {
     stream: std::net::TcpStream,
-    pub(super) readable: bool,
+    readable: bool,
     pub(super) writable: bool,
+    /// The peer closed or the socket failed (`EPOLLRDHUP`, `EPOLLHUP`, `EPOLLERR`): that
+    /// edge came once, so a short read no longer means drained. Reads go on until the end
+    /// (0) or the error is read.
+    hup: bool,
 }
 
 impl Sock {
@@ -58,11 +62,22 @@ impl Sock {
             stream,
             readable: false,
             writable: false,
+            hup: false,
         }
     }
 
+    /// Records what an epoll event reported: input, room for output, the peer's close or
+    /// an error.
+    pub(super) fn mark(&mut self, input: bool, output: bool, hup: bool) {
+        self.readable |= input;
+        self.writable |= output;
+        self.hup |= hup;
+    }
+
     fn read(&mut self, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        let len = buf.len();
+        // After the peer's FIN a short read is not the last one: the end is still to be read
+        // and no new edge would say so (0 offered: no result counts as short).
+        let len = if self.hup { 0 } else { buf.len() };
         let stream = &self.stream;
         step(&mut self.readable, len, || (&*stream).read(buf))
     }

@@ -150,7 +150,14 @@ test("a page that went offline shows what it missed once and in order", { timeou
   for (const t of missed) await sendText(ann, t);
   await waitFor(async () => (await ann.locator("[data-testid=msg].pending").count()) === 0, WAIT, "ann's acks");
   const back = await chatPage("ben", "phone");
-  await back.locator('[data-testid=contact][data-id="ann"] .unread', { hasText: String(missed.length) }).waitFor();
+  await back
+    .locator('[data-testid=contact][data-id="ann"] .unread', { hasText: String(missed.length) })
+    .waitFor()
+    .catch(async (e) => {
+      // Say what the page showed instead (a count short of or past 12), for the CI log.
+      const shown = await back.getByTestId("contact").allTextContents();
+      throw new Error(`${e.message}\ncontacts shown: ${JSON.stringify(shown)}`);
+    });
   await openContact(back, "ann");
   await expectBodies(back, missed, "the new page shows the missed messages once, in order");
   await sendText(ann, "live again");
