@@ -17,27 +17,21 @@ set -u
 OLD=$1 NEW=$2 RUNS=${3:-3} RATES=${4:-"50 200 600"} CODECS=${5:-"json protobuf"}
 DURATION=${DURATION:-10s}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/bench/lib.sh"
 OUT=$(mktemp -d /tmp/ab-fanout.XXXXXX)
 for k in $(seq 1 "$RUNS"); do
   for rate in $RATES; do
     for codec in $CODECS; do
       for v in old new; do
         if [ $v = old ]; then B=$OLD; else B=$NEW; fi
-        d=$(mktemp -d)
-        taskset -c 0 "$B/imgw" serve --insecure-dev-auth --shards 1 \
-          --config "$ROOT/bench/peers/imgw-bench.toml" --data-dir "$d" --log error \
-          --ws-listen 127.0.0.1:28090 --tcp-listen 127.0.0.1:28091 --admin-listen 127.0.0.1:28092 \
-          2>/dev/null &
-        p=$!
-        until curl -sf 127.0.0.1:28092/readyz >/dev/null; do sleep 0.1; done
+        gw_start "$B/imgw" 0 --shards 1 --config "$ROOT/bench/peers/imgw-bench.toml" || exit 1
         j=$OUT/$v-$codec-$rate-$k.json
         taskset -c 1 "$NEW/loadgen" fanout --conns 2001 --fanout 2000 --rate "$rate" --group \
-          --protocol imgw --codec "$codec" --target ws://127.0.0.1:28090/ws \
-          --heartbeat-ms 600000 --duration "$DURATION" --grace 3s --server-pid $p --quiet \
+          --protocol imgw --codec "$codec" --target "ws://$GW_WS/ws" \
+          --heartbeat-ms 600000 --duration "$DURATION" --grace 3s --server-pid "$GW_PID" --quiet \
           --json "$j" >/dev/null 2>&1
-        curl -sf 127.0.0.1:28092/metrics >"$j.metrics" || true
-        kill $p; wait $p 2>/dev/null
-        rm -rf "$d"
+        curl -sf "$GW_ADMIN/metrics" >"$j.metrics" || true
+        gw_stop
         python3 - "$j" "$v" "$codec" "$rate" "$k" <<'PY'
 import json, re, sys
 j = json.load(open(sys.argv[1])); v, codec, rate, k = sys.argv[2:6]

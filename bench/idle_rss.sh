@@ -13,23 +13,17 @@
 set -u
 OLD=$1 NEW=$2 RUNS=${3:-3} CONNS=${4:-19000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/bench/lib.sh"
 OUT=$(mktemp -d /tmp/idle-rss.XXXXXX)
 for k in $(seq 1 "$RUNS"); do
   for v in old new; do
     if [ $v = old ]; then B=$OLD; else B=$NEW; fi
-    d=$(mktemp -d)
-    taskset -c 0 "$B/imgw" serve --insecure-dev-auth --shards 1 \
-      --config "$ROOT/bench/peers/imgw-bench.toml" --data-dir "$d" --log error \
-      --ws-listen 127.0.0.1:28090 --tcp-listen 127.0.0.1:28091 --admin-listen 127.0.0.1:28092 \
-      2>/dev/null &
-    p=$!
-    until curl -sf 127.0.0.1:28092/readyz >/dev/null; do sleep 0.1; done
+    gw_start "$B/imgw" 0 --shards 1 --config "$ROOT/bench/peers/imgw-bench.toml" || exit 1
     j=$OUT/$v-$k.json
-    "$NEW/loadgen" idle --target ws://127.0.0.1:28090/ws --conns "$CONNS" --workers 2 \
-      --sources 127.0.0.2-127.0.0.3 --duration 5s --heartbeat-ms 600000 --server-pid $p \
+    "$NEW/loadgen" idle --target "ws://$GW_WS/ws" --conns "$CONNS" --workers 2 \
+      --sources 127.0.0.2-127.0.0.3 --duration 5s --heartbeat-ms 600000 --server-pid "$GW_PID" \
       --quiet --json "$j" >/dev/null 2>&1
-    kill $p; wait $p 2>/dev/null
-    rm -rf "$d"
+    gw_stop
     python3 - "$j" "$v" "$k" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1])); sp = j.get("server_proc") or {}

@@ -14,6 +14,8 @@
 # commits `imgw --version` prints (first lines of the output). Loadgen is the new build's.
 set -u
 OLD=$1 NEW=$2 RUNS=${3:-3}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+. "$ROOT/bench/lib.sh"
 SAT_RATE=${SAT_RATE:-150000}
 echo "old: $("$OLD/imgw" --version)"
 echo "new: $("$NEW/imgw" --version)"
@@ -32,26 +34,20 @@ io_cpu() {
 }
 
 run() { # name build rate conns
-  local v=$1 B=$2 rate=$3 conns=$4 d p before after
-  d=$(mktemp -d /work/main/target/store-local.XXXXXX)
-  "$B/imgw" serve --insecure-dev-auth --shards 1 --durability local --data-dir "$d/data" \
-    --log error --ws-listen 127.0.0.1:28080 --tcp-listen 127.0.0.1:29000 \
-    --admin-listen 127.0.0.1:29090 2>/dev/null &
-  p=$!
-  until curl -sf 127.0.0.1:29090/readyz >/dev/null; do sleep 0.1; done
-  before=$(io_cpu $p)
-  "$NEW/loadgen" chat --target ws://127.0.0.1:28080/ws --conns "$conns" --rate "$rate" \
-    --duration 10s --expect-no-loss --quiet --json "$d/r.json" >/dev/null 2>&1
-  after=$(io_cpu $p)
-  kill $p
-  wait $p 2>/dev/null
+  local v=$1 B=$2 rate=$3 conns=$4 before after
+  # The store on the disk under target/, as a user's data directory would be.
+  GW_TMP=$ROOT/target gw_start "$B/imgw" "" --shards 1 --durability local || exit 1
+  before=$(io_cpu "$GW_PID")
+  "$NEW/loadgen" chat --target "ws://$GW_WS/ws" --conns "$conns" --rate "$rate" \
+    --duration 10s --expect-no-loss --quiet --json "$GW_DIR/r.json" >/dev/null 2>&1
+  after=$(io_cpu "$GW_PID")
   python3 -c "
-import json; j=json.load(open('$d/r.json')); m=j['messages']; l=j['latency_us']
+import json; j=json.load(open('$GW_DIR/r.json')); m=j['messages']; l=j['latency_us']
 acked=m['acked']; io=($after-$before)*1e6/max(acked,1)
 print('$v rate $rate', 'acked', acked, 'acked/s', round(acked/10), 'lost', m['lost'],
       'p50', l['p50']/1000, 'p99', l['p99']/1000, 'p999', l['p999']/1000,
       'io_us_per_msg', round(io, 2), j['pass'])"
-  rm -rf "$d"
+  gw_stop
 }
 
 for k in $(seq 1 "$RUNS"); do

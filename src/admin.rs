@@ -4,7 +4,8 @@
 //!
 //! This module owns the admin port. It runs on one plain std thread with blocking sockets,
 //! off the shards: one short-lived connection at a time, `Connection: close` on every answer,
-//! a request (head and body) of at most [`MAX_REQUEST_BYTES`] and a deadline of
+//! a request head of at most [`MAX_HEAD_BYTES`], a body of at most [`MAX_BODY_BYTES`] and a
+//! deadline of
 //! [`REQUEST_DEADLINE`] per connection, so a slow or hostile client holds it only briefly.
 //! It reads shard state only through [`Metrics::render`] and [`Control`], and reaches the
 //! shards through their admin queues ([`crate::shard::admin`], bounded, one per shard, never
@@ -31,8 +32,12 @@ use crate::shard::admin::{AdminAnswer, AdminCmd, AdminQueues, DeviceInfo, GroupO
 use crate::shard::GroupKey;
 use crate::web::WebConfig;
 
-/// Largest request accepted (request line, headers and body together).
-pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// Largest request head accepted (request line and headers).
+pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Largest request body accepted: room for [`MAX_USERS_PER_REQUEST`] user ids of the longest
+/// length ([`MAX_PUSH_ID`]), quoted and separated, and the rest of the object. (At 8 KiB for
+/// head and body together, a member list of 1,000 ids of 10 bytes did not fit.)
+pub const MAX_BODY_BYTES: usize = MAX_USERS_PER_REQUEST * (MAX_PUSH_ID + 3) + 1024;
 /// Time one connection may take to send its request.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -890,7 +895,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, Response> {
             }
         }
     }
-    if head_len.saturating_add(body_len) > MAX_REQUEST_BYTES {
+    if body_len > MAX_BODY_BYTES {
         return Err(Response::text(413, "request too large\n"));
     }
     // A complete head parsed, so method and path are present (httparse's invariant).
@@ -905,7 +910,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, Response> {
 
 /// Reads one request within the size limit and the deadline.
 fn read_request(stream: &mut TcpStream, deadline: Instant) -> io::Result<Incoming> {
-    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
+    let mut buf = vec![0u8; MAX_HEAD_BYTES];
     let mut len = 0;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -944,7 +949,11 @@ fn read_request(stream: &mut TcpStream, deadline: Instant) -> io::Result<Incomin
             path,
             bearer,
         } = head;
-        // Read the body (to the end, so closing does not reset the connection).
+        // Read the body (to the end, so closing does not reset the connection), into a
+        // buffer grown to its declared length (at most MAX_BODY_BYTES, checked above).
+        if buf.len() < head_len + body_len {
+            buf.resize(head_len + body_len, 0);
+        }
         let mut have = len - head_len;
         while have < body_len {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -970,7 +979,7 @@ fn read_request(stream: &mut TcpStream, deadline: Instant) -> io::Result<Incomin
                 Err(e) => return Err(e),
             }
         }
-        // The head is complete and the body in, within MAX_REQUEST_BYTES (checked above).
+        // The head is complete and the body in, within the buffer grown for it.
         let body = buf
             .get(head_len..head_len + body_len)
             .unwrap_or_default()
@@ -1299,7 +1308,7 @@ mod tests {
     fn oversize_requests_are_refused_and_closed() {
         let f = start(1);
         let mut big = b"GET /healthz HTTP/1.1\r\nX-Pad: ".to_vec();
-        big.resize(MAX_REQUEST_BYTES * 2, b'a');
+        big.resize(MAX_HEAD_BYTES * 2, b'a');
         let mut s = TcpStream::connect(f.addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.write_all(&big).unwrap();
@@ -1314,7 +1323,11 @@ mod tests {
 
         let resp = exchange(
             f.addr,
-            b"POST /drain HTTP/1.1\r\nContent-Length: 100000\r\n\r\n",
+            format!(
+                "POST /drain HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+                MAX_BODY_BYTES + 1
+            )
+            .as_bytes(),
         );
         assert!(resp.starts_with("HTTP/1.1 413 "), "{resp}");
         assert!(!f.control.draining());

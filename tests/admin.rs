@@ -252,6 +252,30 @@ fn admin_groups_round_trip_and_members_added_online_get_the_messages() {
     );
 }
 
+/// A member list at its bound: 1,000 ids of the longest length (256 bytes) in one request is
+/// read and applied (a body of about 260 KB); 1,001 ids are refused with 400. (A body past
+/// the body bound, 413, is in src/admin.rs's tests.)
+#[test]
+fn a_member_list_of_a_thousand_longest_ids_fits_one_request() {
+    let g = Gateway::dev();
+    let ids = |from: usize, n: usize| -> Vec<String> {
+        (from..from + n)
+            .map(|i| format!("{i:06}{}", "u".repeat(250)))
+            .collect()
+    };
+    let body = serde_json::json!({"tenant": "dev", "group": "big", "users": ids(0, 1000)});
+    let (status, v) = req(&g, "POST", "/groups", &body.to_string());
+    assert_eq!(status, 201, "{v}");
+    let body = serde_json::json!({"users": ids(1000, 1000)});
+    let (status, v) = req(&g, "POST", "/groups/dev/big/members", &body.to_string());
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(members(&g, "big").len(), 2000);
+    let body = serde_json::json!({"users": ids(2000, 1001)});
+    let (status, _) = req(&g, "POST", "/groups/dev/big/members", &body.to_string());
+    assert_eq!(status, 400);
+    assert_eq!(members(&g, "big").len(), 2000);
+}
+
 #[test]
 fn admin_user_inspection_shows_each_device_with_its_shard_transport_and_presence() {
     let g = Gateway::dev();

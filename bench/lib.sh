@@ -1,0 +1,50 @@
+# Sourced by the bench scripts: one way to start and stop a gateway for a benchmark.
+#
+#   gw_start BIN CORES [ARGS...]   starts `BIN serve --insecure-dev-auth --log error` pinned to
+#                                  CORES (taskset list, "" for none), every listener on port 0,
+#                                  its data in a fresh directory (under $GW_TMP, default
+#                                  /tmp), then waits (at most 60 s) for
+#                                  GET /readyz. Sets GW_PID, GW_DIR, GW_WS (host:port),
+#                                  GW_TCP, GW_ADMIN. ARGS go last (--shards, --config, ...).
+#   gw_stop                        SIGTERM, waits for the exit, removes GW_DIR.
+#
+# Ports come from --ports-file, so several gateways (or a left-over one) never collide.
+
+gw_start() {
+  local bin=$1 cores=$2
+  shift 2
+  mkdir -p "${GW_TMP:-/tmp}"
+  GW_DIR=$(mktemp -d "${GW_TMP:-/tmp}/imgw-bench.XXXXXX")
+  local pin=()
+  [ -n "$cores" ] && pin=(taskset -c "$cores")
+  "${pin[@]}" "$bin" serve --insecure-dev-auth --log error --data-dir "$GW_DIR/data" \
+    --ws-listen 127.0.0.1:0 --tcp-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
+    --ports-file "$GW_DIR/ports.json" "$@" 2>"$GW_DIR/stderr" &
+  GW_PID=$!
+  local i
+  for i in $(seq 600); do
+    if [ -s "$GW_DIR/ports.json" ]; then
+      GW_WS=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ws"])' "$GW_DIR/ports.json" 2>/dev/null)
+      GW_TCP=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tcp"])' "$GW_DIR/ports.json" 2>/dev/null)
+      GW_ADMIN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$GW_DIR/ports.json" 2>/dev/null)
+      if [ -n "$GW_ADMIN" ] && curl -sf "$GW_ADMIN/readyz" >/dev/null; then
+        return 0
+      fi
+    fi
+    if ! kill -0 "$GW_PID" 2>/dev/null; then
+      echo "gateway exited at start:" >&2
+      cat "$GW_DIR/stderr" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "gateway not ready within 60 s" >&2
+  gw_stop
+  return 1
+}
+
+gw_stop() {
+  kill "$GW_PID" 2>/dev/null
+  wait "$GW_PID" 2>/dev/null
+  rm -rf "$GW_DIR"
+}
