@@ -2,12 +2,17 @@
 //!
 //! Only atomics and set-once cells live here: shards poll them on their sweep tick, nothing
 //! blocks on them.
+//!
+//! Layering: this module is a plain bundle of flags and handles above the I/O core and the
+//! shards. It holds their handles (the I/O core's [`Pusher`], the shards'
+//! [`AdminQueues`]) and neither of them names it: the I/O core and its services see it only as
+//! an [`iocore::Readiness`](Readiness), which [`Control`] implements.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::iocore::Pusher;
+use crate::iocore::{Pusher, Readiness};
 use crate::shard::admin::AdminQueues;
 use crate::tls::Certs;
 
@@ -148,5 +153,17 @@ impl Control {
             && !self.waiting_for_backends()
             && self.shards_ready.load(Ordering::Acquire)
                 >= self.shards_total.load(Ordering::Acquire)
+    }
+}
+
+/// The I/O core's narrow view of the readiness state: the same counter as
+/// [`Control::backend_pending`] and [`Control::backend_ready`].
+impl Readiness for Control {
+    fn backend_pending(&self) {
+        Control::backend_pending(self);
+    }
+
+    fn backend_ready(&self) {
+        Control::backend_ready(self);
     }
 }

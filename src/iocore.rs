@@ -11,7 +11,7 @@
 
 use std::io::Write as _;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -23,11 +23,11 @@ use crossbeam_queue::ArrayQueue;
 
 use crate::config::{KafkaConfig, RedisConfig};
 use crate::ids::{owner_shard, UserKey};
+use crate::metrics::{ClusterStats, IoStats, ServiceStats};
 use crate::protocol::{Deliver, Str, Target};
 use crate::services::kafka::{Dest, Kafka, Produced, Sent};
 use crate::services::push::PushRecord;
 use crate::services::redis::{PresenceEvent, RedisCmd, RedisHandle};
-use crate::services::ServiceStats;
 use crate::store::{Backend, GroupPage, GroupRef, InboxPage, Op, OpResult, StoreError, UserRef};
 
 /// What a shard asks of the I/O core.
@@ -199,29 +199,22 @@ pub struct Services {
     /// Largest push ingress body accepted.
     pub max_push_body: usize,
     /// Readiness: a configured Kafka is counted pending at start, ready once its topics
-    /// exist (`Control::backend_pending` / `backend_ready`).
-    pub control: Option<Arc<crate::control::Control>>,
+    /// exist ([`Readiness`]; the runtime passes the process's `control::Control`).
+    pub ready: Option<Arc<dyn Readiness>>,
     /// Cluster mode (`cluster.node_id` set, slot claimed), with where clients reach this
     /// node (published in its registration).
     pub cluster: Option<(crate::config::ClusterConfig, String)>,
 }
 
-/// Counters of the I/O core, read by /metrics.
-#[derive(Debug, Default)]
-pub struct IoStats {
-    pub batches: AtomicU64,
-    pub ops: AtomicU64,
-    pub errors: AtomicU64,
-    /// Commit latency sum (µs) and count, for the average.
-    pub commit: crate::metrics::LatencyHist,
-    pub queue_depth: AtomicU64,
-    /// Redis and Kafka counters.
-    pub svc: Arc<ServiceStats>,
-    /// Cluster counters (zero and not rendered on a single node).
-    pub cluster: Arc<crate::services::cluster::ClusterStats>,
-    /// When a failed commit was last logged (ms since the epoch): during an outage every
-    /// batch fails, so failures are logged at most once a second (the count is in `errors`).
-    last_error_log_ms: AtomicU64,
+/// What the I/O core and its services need of the process's readiness: backends that clients
+/// must wait for are counted pending at start and released once ready (until then `GET
+/// /readyz` answers not ready). `control::Control` implements it; the I/O core takes this handle rather than naming
+/// the control module, which sits above it.
+pub trait Readiness: std::fmt::Debug + Send + Sync {
+    /// One more backend to wait for; `backend_ready` releases it.
+    fn backend_pending(&self);
+    /// A backend counted by `backend_pending` is ready.
+    fn backend_ready(&self);
 }
 
 /// The shard's end: submit commands, take completions.
@@ -313,7 +306,7 @@ impl Pusher {
 
     /// Tells every shard that cluster node `node` is gone; a shard whose queue is full misses
     /// it (counted in `imgw_cluster_relay_dropped_total`).
-    pub fn node_down(&self, node: &Str, stats: &crate::services::cluster::ClusterStats) {
+    pub fn node_down(&self, node: &Str, stats: &ClusterStats) {
         for dest in 0..self.links.len() {
             let r = crate::services::cluster::Relayed::NodeDown { node: node.clone() };
             if self.queue(dest, IoReply::Relayed(Box::new(r))).is_err() {
@@ -398,7 +391,7 @@ impl IoCore {
         cpu: Option<usize>,
     ) -> Result<(IoCore, Vec<IoPort>), IoStartError> {
         // Counted before any shard can report ready; released by the topic task.
-        if let (Some(_), Some(c)) = (&cfg.services.kafka, &cfg.services.control) {
+        if let (Some(_), Some(c)) = (&cfg.services.kafka, &cfg.services.ready) {
             c.backend_pending();
         }
         let inbound = Arc::new(ArrayQueue::new(cfg.queue_depth.max(1)));
@@ -565,7 +558,7 @@ async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoS
         // Topics are created in the background, retried until the broker answers: a broker
         // that is down at start delays nothing else (the producer waits for the topics).
         let topics = kc.clone();
-        let control = cfg.control.clone();
+        let ready = cfg.ready.clone();
         let node_topic = cfg.cluster.as_ref().and_then(|(c, _)| {
             let id = c.node_id.as_deref()?;
             Some(crate::services::cluster::node_topic(c, id))
@@ -576,7 +569,7 @@ async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoS
                 match crate::services::kafka::ensure_topics(&topics, node_topic.as_deref()).await {
                     Ok(()) => {
                         tracing::info!(topic = %topics.messages_topic, "kafka topics ready");
-                        if let Some(c) = &control {
+                        if let Some(c) = &ready {
                             c.backend_ready();
                         }
                         return;
@@ -628,7 +621,7 @@ async fn start_services(cfg: &Services, links: &Arc<Vec<ShardLink>>, stats: &IoS
                 info: info.clone(),
                 producer: producer.clone(),
                 stats: stats.cluster.clone(),
-                ready: cfg.control.clone(),
+                ready: cfg.ready.clone(),
                 node_down: Box::new(move |node| down.node_down(&node, &down_stats)),
             };
             match crate::services::cluster::start(setup, move |r| pusher.relayed(r)) {

@@ -3,6 +3,10 @@
 //! Each shard is the only writer of its own block (relaxed atomics, no contention); the admin
 //! server reads all blocks when scraped. Per-tenant figures live in a small bounded map per
 //! shard, touched only on connect and disconnect.
+//!
+//! The counters of the I/O core and of its services ([`IoStats`], [`ServiceStats`],
+//! [`ClusterStats`]) are defined here too (`metrics::io`): the I/O core and its services write
+//! them and name this module, never the other way round.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -11,6 +15,10 @@ use std::sync::{Arc, Mutex};
 
 use crate::codec::CodecId;
 use crate::protocol::{ErrorCode, Op};
+use crate::ratelimit::TokenBucket;
+
+mod io;
+pub use io::{ClusterStats, IoStats, ServiceStats};
 
 /// Tenants tracked by name per shard; the rest are summed under `_other`.
 pub const MAX_TENANTS_TRACKED: usize = 1_000;
@@ -217,7 +225,7 @@ struct TenantEntry {
 pub struct SendBucket {
     rate: u32,
     burst: u32,
-    bucket: Mutex<crate::shard::ratelimit::TokenBucket>,
+    bucket: Mutex<TokenBucket>,
 }
 
 impl SendBucket {
@@ -260,7 +268,7 @@ impl TenantShared {
             Arc::new(SendBucket {
                 rate,
                 burst,
-                bucket: Mutex::new(crate::shard::ratelimit::TokenBucket::new(burst, now_ms)),
+                bucket: Mutex::new(TokenBucket::new(burst, now_ms)),
             })
         });
         map.insert(
@@ -417,7 +425,7 @@ impl ShardMetrics {
 pub struct Metrics {
     pub shards: Vec<ShardMetrics>,
     /// The I/O core's counters, once it runs (durability `local`).
-    pub io: std::sync::OnceLock<std::sync::Arc<crate::iocore::IoStats>>,
+    pub io: std::sync::OnceLock<Arc<IoStats>>,
     /// Per-tenant state over all shards: connection counts and send buckets.
     pub tenants_shared: TenantShared,
     /// TLS handshakes, failures and certificate reloads (all shards).

@@ -264,7 +264,7 @@ fn services(cfg: &Config, control: &Arc<Control>) -> crate::iocore::Services {
     crate::iocore::Services {
         redis: cfg.redis.url.is_some().then(|| (cfg.redis.clone(), node)),
         kafka: cfg.kafka.brokers.is_some().then(|| cfg.kafka.clone()),
-        control: Some(control.clone()),
+        ready: Some(control.clone()),
         kafka_confirms: cfg.server.durability == Durability::Backend,
         dedupe_window_ms: cfg.store.dedupe_window_ms,
         max_push_body: cfg.ws.max_message_bytes as usize,

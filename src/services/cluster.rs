@@ -27,7 +27,6 @@
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::rc::Rc;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +41,8 @@ use redis::aio::MultiplexedConnection;
 use super::kafka::{Dest, Kafka};
 use crate::codec::CodecId;
 use crate::config::{ClusterConfig, KafkaConfig, RedisConfig};
+use crate::iocore::Readiness;
+use crate::metrics::ClusterStats;
 use crate::protocol::{Deliver, Envelope, Message, Status, Str, Target};
 use crate::twogen::TwoGen;
 
@@ -58,182 +59,6 @@ pub enum ClusterError {
     /// Every slot is held by another live node.
     #[error("all {MAX_NODES} node slots are taken by live nodes")]
     Full,
-}
-
-/// Counters of cluster mode, rendered on /metrics.
-#[derive(Debug, Default)]
-pub struct ClusterStats {
-    /// Set when cluster mode starts: only then are these rendered.
-    pub enabled: std::sync::atomic::AtomicBool,
-    /// Live nodes in the registry as last read (this one included).
-    pub nodes: AtomicU64,
-    /// 1 while this node's registration is fresh in Redis.
-    pub registered: AtomicU64,
-    /// Nodes this node declared dead (their registration expired).
-    pub dead: AtomicU64,
-    /// Records produced to other nodes' topics, and those Kafka did not confirm.
-    pub relayed: AtomicU64,
-    /// Of `relayed`, the presence changes (one per other node per login and logout).
-    pub relayed_presence: AtomicU64,
-    pub relay_failed: AtomicU64,
-    /// Relays dropped: the relay queue was full, or the recipient's nodes were unknown
-    /// because Redis failed.
-    pub relay_dropped: AtomicU64,
-    /// Route lookups answered by the cache, and by Redis.
-    pub route_cache_hits: AtomicU64,
-    pub route_lookups: AtomicU64,
-    /// Route announcements heard (each evicts one cached user or group).
-    pub route_announcements: AtomicU64,
-    /// Groups with online members on this node, as written to Redis (`{p}gnodes:..`).
-    pub groups_here: AtomicU64,
-    /// Group node sets read from Redis (the others came from the cache).
-    pub group_lookups: AtomicU64,
-    /// Records consumed from this node's topic and handed to a shard; malformed ones.
-    pub ingress: AtomicU64,
-    pub ingress_bad: AtomicU64,
-    /// Time from the store's commit to the relay's produce (µs, sum; count: items taken by
-    /// the relay task).
-    pub relay_queue_us: AtomicU64,
-    pub relay_queue_count: AtomicU64,
-    /// Time from a record's creation on the sending node to its consumption here (ms, sum
-    /// over `ingress`; both clocks are the hosts' wall clocks).
-    pub transit_ms: AtomicU64,
-    /// This node's id and the live nodes with what they publish (`ws=ADDR tcp=ADDR`), as
-    /// last read: `GET /cluster` on the admin port.
-    pub view: std::sync::Mutex<(String, Vec<(String, String)>)>,
-}
-
-impl ClusterStats {
-    /// `GET /cluster`: `{"node":ID,"nodes":[{"id":..,"ws":..,"tcp":..}]}`, nodes by id.
-    pub fn view_json(&self) -> String {
-        let view = match self.view.lock() {
-            Ok(v) => v,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let nodes: Vec<serde_json::Value> = view
-            .1
-            .iter()
-            .map(|(id, info)| {
-                let field = |k: &str| {
-                    info.split(' ')
-                        .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
-                        .unwrap_or("")
-                        .to_string()
-                };
-                serde_json::json!({"id": id, "ws": field("ws"), "tcp": field("tcp")})
-            })
-            .collect();
-        serde_json::json!({"node": view.0, "nodes": nodes}).to_string()
-    }
-}
-
-impl ClusterStats {
-    /// Appends the Prometheus text of these counters.
-    pub fn render(&self, o: &mut String) {
-        let rows: &[(&str, &str, &str, &AtomicU64)] = &[
-            (
-                "imgw_cluster_nodes",
-                "gauge",
-                "Live nodes in the registry (this one included).",
-                &self.nodes,
-            ),
-            (
-                "imgw_cluster_registered",
-                "gauge",
-                "1 while this node's registration is fresh.",
-                &self.registered,
-            ),
-            (
-                "imgw_cluster_nodes_dead_total",
-                "counter",
-                "Nodes declared dead by this node.",
-                &self.dead,
-            ),
-            (
-                "imgw_cluster_relayed_total",
-                "counter",
-                "Records produced to other nodes' topics and confirmed.",
-                &self.relayed,
-            ),
-            (
-                "imgw_cluster_relayed_presence_total",
-                "counter",
-                "Of the relayed records, presence changes.",
-                &self.relayed_presence,
-            ),
-            (
-                "imgw_cluster_relay_failed_total",
-                "counter",
-                "Relay records Kafka did not confirm.",
-                &self.relay_failed,
-            ),
-            (
-                "imgw_cluster_relay_dropped_total",
-                "counter",
-                "Relays dropped (queue full, or routes unknown while Redis failed).",
-                &self.relay_dropped,
-            ),
-            (
-                "imgw_cluster_route_cache_hits_total",
-                "counter",
-                "Recipient node lookups answered by the route cache.",
-                &self.route_cache_hits,
-            ),
-            (
-                "imgw_cluster_route_lookups_total",
-                "counter",
-                "Recipient node lookups sent to Redis.",
-                &self.route_lookups,
-            ),
-            (
-                "imgw_cluster_route_announcements_total",
-                "counter",
-                "Devices coming up on any node, heard on the routes channel.",
-                &self.route_announcements,
-            ),
-            (
-                "imgw_cluster_groups_here",
-                "gauge",
-                "Groups with online members on this node (announced in Redis).",
-                &self.groups_here,
-            ),
-            (
-                "imgw_cluster_group_lookups_total",
-                "counter",
-                "Group node sets read from Redis for group relays.",
-                &self.group_lookups,
-            ),
-            (
-                "imgw_cluster_ingress_total",
-                "counter",
-                "Records from this node's topic handed to a shard.",
-                &self.ingress,
-            ),
-            (
-                "imgw_cluster_ingress_bad_total",
-                "counter",
-                "Malformed records on this node's topic (skipped).",
-                &self.ingress_bad,
-            ),
-        ];
-        super::render_rows(o, rows);
-        let r = Relaxed;
-        let _ = std::fmt::Write::write_fmt(
-            o,
-            format_args!(
-                "# HELP imgw_cluster_relay_queue_seconds From the store's commit to the relay's produce.\n\
-                 # TYPE imgw_cluster_relay_queue_seconds summary\n\
-                 imgw_cluster_relay_queue_seconds_sum {:.6}\nimgw_cluster_relay_queue_seconds_count {}\n\
-                 # HELP imgw_cluster_relay_transit_seconds From a relay record's creation on its node to its consumption here.\n\
-                 # TYPE imgw_cluster_relay_transit_seconds summary\n\
-                 imgw_cluster_relay_transit_seconds_sum {:.3}\nimgw_cluster_relay_transit_seconds_count {}\n",
-                self.relay_queue_us.load(r) as f64 / 1e6,
-                self.relay_queue_count.load(r),
-                self.transit_ms.load(r) as f64 / 1e3,
-                self.ingress.load(r),
-            ),
-        );
-    }
 }
 
 fn route_key(prefix: &str, tenant: &str, user: &str) -> String {
@@ -750,7 +575,7 @@ pub struct Setup<'a> {
     pub producer: Rc<RefCell<Kafka>>,
     pub stats: Arc<ClusterStats>,
     /// Released once registered, and once the ingress consumer is positioned.
-    pub ready: Option<Arc<crate::control::Control>>,
+    pub ready: Option<Arc<dyn Readiness>>,
     /// Tells every shard that a node is gone.
     pub node_down: Box<dyn Fn(Str)>,
 }
@@ -1004,7 +829,7 @@ async fn group_task(reg: Rc<Registry>, here: Rc<GroupsHere>) {
     }
 }
 
-async fn heartbeat(reg: Rc<Registry>, ready: Option<Arc<crate::control::Control>>) {
+async fn heartbeat(reg: Rc<Registry>, ready: Option<Arc<dyn Readiness>>) {
     let every = Duration::from_millis(reg.cfg.heartbeat_ms);
     let mut ready = ready;
     let mut failing = false;
@@ -1371,7 +1196,7 @@ fn start_ingress<F>(
     topic: String,
     node: String,
     stats: Arc<ClusterStats>,
-    ready: Option<Arc<crate::control::Control>>,
+    ready: Option<Arc<dyn Readiness>>,
     sink: F,
 ) where
     F: Fn(Box<Relayed>) -> Result<(), Box<Relayed>> + Send + 'static,

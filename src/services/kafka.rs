@@ -35,8 +35,9 @@ use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 
 use super::push::{parse_push, PushRecord};
-use super::{ServiceError, ServiceStats};
+use super::ServiceError;
 use crate::config::KafkaConfig;
+use crate::metrics::ServiceStats;
 use crate::protocol::{Deliver, Str};
 
 /// The JSON value of a record on the messages topic (and on routed topics).

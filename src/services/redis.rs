@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 
-use super::{ServiceError, ServiceStats};
+use super::ServiceError;
 use crate::config::RedisConfig;
+use crate::metrics::ServiceStats;
 use crate::protocol::Str;
 
 /// What happened to one device's session.

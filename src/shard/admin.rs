@@ -1,13 +1,13 @@
 //! The admin API's own way into the shards (src/admin.rs), which needs no I/O core.
 //!
 //! This module owns [`AdminQueues`]: one bounded lock-free queue per shard, created by the
-//! runtime at start and handed to the admin thread through [`crate::control::Control`]. The
-//! admin thread pushes [`AdminCmd`]s (never waiting: a full queue is the caller's 503); each
-//! shard drains its own queue on its sweep tick (every `runtime.tick_ms`) and handles the
-//! commands here, on the shard's thread, like any other input. A command that needs an answer
-//! carries a [`ReplyTx`] (a `sync_channel(1)`), which the shard fills with `try_send`: it never
-//! waits for the admin thread, and an admin thread that gave up (timeout) only finds its
-//! channel closed.
+//! runtime at start and handed to the admin thread through `control::Control` (src/control.rs,
+//! above the shards, which do not name it). The admin thread pushes [`AdminCmd`]s (never
+//! waiting: a full queue is the caller's 503); each shard drains its own queue on its sweep
+//! tick (every `runtime.tick_ms`) and handles the commands here, on the shard's thread, like
+//! any other input. A command that needs an answer carries a [`ReplyTx`] (a `sync_channel(1)`),
+//! which the shard fills with `try_send`: it never waits for the admin thread, and an admin
+//! thread that gave up (timeout) only finds its channel closed.
 //!
 //! What the shards do for the admin API:
 //! - push (durability `memory`: to the online devices only, as a 1:1 `send` at `memory`) and

@@ -16,7 +16,6 @@ pub mod admin;
 mod delivery;
 mod external;
 mod groups;
-pub mod ratelimit;
 mod route;
 mod session;
 pub mod slab;
@@ -35,9 +34,9 @@ use crate::config::Config;
 use crate::metrics::{CloseReason, Metrics, ShardMetrics, Stage};
 use crate::protocol::frame::{write_frame, FrameDecoder};
 use crate::protocol::{Deliver, Envelope, ErrorCode, Message, Presence, Status, Str};
+use crate::ratelimit::TokenBucket;
 use crate::ws;
 pub use groups::GroupKey;
-use ratelimit::TokenBucket;
 pub use slab::ConnId;
 use timer::TimerWheel;
 

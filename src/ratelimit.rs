@@ -1,6 +1,8 @@
 //! Token buckets for per-connection send and byte rates (SPEC 5), on the injected clock. The
 //! rate and burst are the same for every connection (configuration), so a bucket stores only
-//! its level and time: 16 bytes per connection.
+//! its level and time: 16 bytes per connection. The shards keep two per connection and the
+//! per-tenant send rate (`metrics::SendBucket`) one per tenant; this module depends on
+//! nothing, so both can use it.
 
 /// A token bucket's state; refilled at `rate` tokens per second up to `burst`.
 #[derive(Clone, Copy, Debug)]
