@@ -208,8 +208,8 @@ pub struct Services {
 
 /// What the I/O core and its services need of the process's readiness: backends that clients
 /// must wait for are counted pending at start and released once ready (until then `GET
-/// /readyz` answers not ready). `control::Control` implements it; the I/O core takes this handle rather than naming
-/// the control module, which sits above it.
+/// /readyz` answers not ready). `control::Control` implements it; the I/O core takes this
+/// handle rather than naming the control module, which sits above it.
 pub trait Readiness: std::fmt::Debug + Send + Sync {
     /// One more backend to wait for; `backend_ready` releases it.
     fn backend_pending(&self);
