@@ -737,6 +737,8 @@ impl Shard {
         }
         if !page.more {
             // The last page: list the groups with unread messages in `synced`.
+            // The group cursors acked so far first: the read sees them (one I/O queue).
+            self.flush_cursors();
             if let Some(user) = self.conns.get(conn).and_then(|c| c.session.as_ref()) {
                 let req = IoRequest::UnreadGroups {
                     user: user_ref(&user.user),
@@ -856,14 +858,22 @@ impl Shard {
         self.maybe_pump(conn);
     }
 
-    /// Hands every pending device cursor to the store in one command. The cursor is advisory
-    /// (a device resumes from its own position when it gives one): when the I/O queue is
-    /// full the cursors stay pending for the next flush rather than queue without bound.
+    /// Hands every pending device cursor and group cursor to the store in one command. The
+    /// cursors are advisory (a device resumes from its own position when it gives one): when
+    /// the I/O queue is full they stay pending for the next flush rather than queue without
+    /// bound.
     pub(super) fn flush_cursors(&mut self) {
-        if self.cursor_dirty.is_empty() || !self.durable() {
+        if (self.cursor_dirty.is_empty() && self.group_cursor_dirty.is_empty()) || !self.durable() {
             return;
         }
-        let mut ops = Vec::with_capacity(self.cursor_dirty.len());
+        let mut ops = Vec::with_capacity(self.cursor_dirty.len() + self.group_cursor_dirty.len());
+        for ((group, member), gseq) in &self.group_cursor_dirty {
+            ops.push(Op::SetGroupCursor {
+                group: group.clone(),
+                member: member.clone(),
+                gseq: *gseq,
+            });
+        }
         for &conn in &self.cursor_dirty {
             let Some(s) = self.conns.get(conn).and_then(|c| c.session.as_ref()) else {
                 continue;
@@ -879,6 +889,7 @@ impl Shard {
         if !ops.is_empty() && !self.submit(IoRequest::Apply(ops), IoWait::Nothing) {
             return;
         }
+        self.group_cursor_dirty.clear();
         for conn in std::mem::take(&mut self.cursor_dirty) {
             if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
                 s.window.cursor = 0;

@@ -53,6 +53,8 @@ pub(super) struct Groups {
 }
 
 pub const MAX_GROUPS_PER_SHARD: usize = 1_000_000;
+/// Group cursors a shard holds before it writes them (see `Shard::set_group_cursor`).
+pub const MAX_PENDING_GROUP_CURSORS: usize = 16_384;
 /// Sends and membership changes that wait for one group's member list to be read back.
 pub const MAX_WAITING_PER_GROUP: usize = 4096;
 
@@ -779,6 +781,10 @@ impl Shard {
             return;
         }
         let limit = limit.clamp(1, self.cfg.limits.max_sync_limit);
+        // The group cursors acked so far first: a sync from the stored cursor sees them.
+        if after == 0 {
+            self.flush_cursors();
+        }
         let req = IoRequest::ReadGroup {
             member: Box::new(user_ref(&user)),
             group: group.clone(),
@@ -853,11 +859,30 @@ impl Shard {
         );
     }
 
+    /// Coalesced like the inbox cursors (`CURSOR_FLUSH_MS`): a member of a busy group acks
+    /// every message it gets, and the store needs only the latest. Bounded by
+    /// [`MAX_PENDING_GROUP_CURSORS`]: at the bound the pending ones are written at once, and
+    /// if the I/O queue refuses them a new pair's ack is not kept (logged at debug, as a
+    /// refused cursor write was before; the member's next ack or sync moves it).
     fn set_group_cursor(&mut self, group: GroupRef, member: Str, gseq: u64) {
-        self.submit_write(crate::store::Op::SetGroupCursor {
-            group,
-            member,
-            gseq,
-        });
+        if !self.durable() {
+            return;
+        }
+        let key = (group, member);
+        if let Some(pending) = self.group_cursor_dirty.get_mut(&key) {
+            *pending = (*pending).max(gseq);
+            return;
+        }
+        if self.group_cursor_dirty.len() >= MAX_PENDING_GROUP_CURSORS {
+            self.flush_cursors();
+        }
+        if self.group_cursor_dirty.len() >= MAX_PENDING_GROUP_CURSORS {
+            tracing::debug!(
+                shard = self.id,
+                "I/O queue full: a group cursor was skipped"
+            );
+            return;
+        }
+        self.group_cursor_dirty.insert(key, gseq);
     }
 }

@@ -342,6 +342,11 @@ pub struct Shard {
     /// Connections with an acked inbox cursor not yet handed to the store (each at most once:
     /// bounded by the connection count); written together every [`delivery::CURSOR_FLUSH_MS`].
     cursor_dirty: Vec<ConnId>,
+    /// Group cursors acked and not yet handed to the store: the highest `gseq` per (group,
+    /// member), written with the inbox cursors every [`delivery::CURSOR_FLUSH_MS`], before
+    /// a read of the store that would look at them (a group sync, the unread groups), when
+    /// a connection closes, and when [`groups::MAX_PENDING_GROUP_CURSORS`] are pending.
+    group_cursor_dirty: HashMap<(crate::store::GroupRef, Str), u64>,
     /// Monotonic time of the next cursor flush.
     cursor_flush_ms: u64,
     /// Lagging connections whose store read could not be made (the I/O queue was full, or
@@ -410,6 +415,7 @@ impl Shard {
             io,
             io_pending: HashMap::new(),
             cursor_dirty: Vec::new(),
+            group_cursor_dirty: HashMap::new(),
             cursor_flush_ms: 0,
             pump_retry: Vec::new(),
             next_token: 0,
@@ -592,8 +598,12 @@ impl Shard {
         tracing::debug!(shard = self.id, conn = ?id, reason = reason.name(), "closed");
         if let Some(s) = conn.session {
             self.fail_window(&s.window);
-            // The device's last ack is written now, not at the next flush.
+            // The device's last ack is written now, not at the next flush, and the group
+            // cursors pending on this shard with it (its user may log in elsewhere next).
             self.write_cursor_now(&s);
+            if !self.group_cursor_dirty.is_empty() {
+                self.flush_cursors();
+            }
             let m = &self.metrics.shards[self.id];
             m.authenticated
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

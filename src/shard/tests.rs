@@ -570,6 +570,73 @@ fn offline_group_member_catches_up_by_group_sync_and_ack() {
     sim.shutdown();
 }
 
+fn group_ack(group: &str, gseq: u64) -> Envelope {
+    Envelope::new(Message::Ack(crate::protocol::Ack {
+        inbox_seq: gseq,
+        group: Some(group.into()),
+    }))
+}
+
+/// Group acks are coalesced: the shard keeps the latest cursor per (group, member) and hands
+/// them to the store together at the flush, before a sync that reads them, or at the bound of
+/// `MAX_PENDING_GROUP_CURSORS` pending pairs (then at once).
+#[test]
+fn group_acks_are_coalesced_and_bounded() {
+    use super::groups::MAX_PENDING_GROUP_CURSORS;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sim = Sim::durable(1, dir.path());
+    let a = sim.connect(0);
+    let b = sim.connect(0);
+    sim.hello(a, "alice");
+    sim.hello(b, "bob");
+    sim.send(a, &join("g"));
+    sim.send(b, &join("g"));
+    assert!(matches!(&sim.recv(a)[..], [Message::Ok]));
+    assert!(matches!(&sim.recv(b)[..], [Message::Ok]));
+    for i in 0..3 {
+        sim.send(a, &to_group("g", &format!("c{i}"), &format!("m{i}")));
+    }
+    assert_eq!(sim.recv(a).len(), 3);
+    assert_eq!(sim.recv(b).len(), 3);
+    // Three acks: one pending pair, holding the latest.
+    for gseq in [1, 3, 2] {
+        sim.send(b, &group_ack("g", gseq));
+    }
+    let pending: Vec<_> = sim.shards[0].group_cursor_dirty.values().copied().collect();
+    assert_eq!(pending, [3]);
+    // The flush interval passes: written.
+    sim.advance(delivery::CURSOR_FLUSH_MS);
+    assert!(sim.shards[0].group_cursor_dirty.is_empty());
+    sim.send(b, &sync_msg(Some("g"), 0, 100));
+    let (again, s) = synced_reply(sim.recv(b));
+    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(s.up_to, 3);
+    // Up to the bound they wait (the store ignores a non-member's cursor; the shard does not
+    // know membership here and keeps them all).
+    let mut frames = Vec::new();
+    for i in 0..MAX_PENDING_GROUP_CURSORS {
+        write_frame(&mut frames, b.codec, &[], &group_ack(&format!("x{i}"), 1)).unwrap();
+        if frames.len() > 16 * 1024 {
+            sim.send_raw(b, &mut frames);
+            frames.clear();
+        }
+    }
+    sim.send_raw(b, &mut frames);
+    assert_eq!(
+        sim.shards[0].group_cursor_dirty.len(),
+        MAX_PENDING_GROUP_CURSORS
+    );
+    // One more pair: the pending ones are written at once, and it waits alone.
+    sim.send(b, &group_ack("y", 1));
+    assert_eq!(sim.shards[0].group_cursor_dirty.len(), 1);
+    // A closing connection writes what is pending.
+    sim.send(b, &group_ack("g", 3));
+    sim.shards[0].remove(b.id);
+    sim.settle();
+    assert!(sim.shards[0].group_cursor_dirty.is_empty());
+    sim.shutdown();
+}
+
 #[test]
 fn group_membership_is_read_back_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
