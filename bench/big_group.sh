@@ -24,7 +24,7 @@
 # Prints a line per run (send -> send_ack p50 / p99, publish -> delivery p50 / p99, deliveries,
 # lost, gateway CPU per delivery and per group message) and the medians per server and rate.
 # The CPU is the whole process's over the measured run (its idle work included), while one
-# core serves it: at 19,000 online members a message costs about 0.1 to 0.2 s of it, so
+# core serves it: at 19,000 online members a message costs about 0.3 s of it, so
 # rates above a few messages a second overload the core and measure the queue.
 set -u
 B=$1 RUNS=${2:-3} RATES=${3:-"1 2"} ONLINE=${4:-19000} MEMBERS=${5:-100000}
