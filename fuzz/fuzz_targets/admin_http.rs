@@ -3,13 +3,13 @@
 //! than it was given, every answer has a real status.
 #![no_main]
 
-use imgw::admin::{parse_head, route, MAX_REQUEST_BYTES};
+use imgw::admin::{parse_head, route, MAX_BODY_BYTES, MAX_HEAD_BYTES};
 use imgw::control::Control;
 use imgw::metrics::Metrics;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let data = &data[..data.len().min(MAX_REQUEST_BYTES)];
+    let data = &data[..data.len().min(MAX_HEAD_BYTES + MAX_BODY_BYTES)];
     let head = match parse_head(data) {
         Ok(Some(h)) => h,
         Ok(None) => return,
@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     assert!(head.head_len <= data.len());
-    assert!(head.head_len + head.body_len <= MAX_REQUEST_BYTES);
+    assert!(head.body_len <= MAX_BODY_BYTES);
     let end = (head.head_len + head.body_len).min(data.len());
     let body = &data[head.head_len..end];
     let control = Control::new(2);
