@@ -22,14 +22,16 @@ gw_start() {
     --ports-file "$GW_DIR/ports.json" "$@" 2>"$GW_DIR/stderr" &
   GW_PID=$!
   local i
+  GW_WS= GW_TCP= GW_ADMIN=
   for i in $(seq 600); do
-    if [ -s "$GW_DIR/ports.json" ]; then
-      GW_WS=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ws"])' "$GW_DIR/ports.json" 2>/dev/null)
-      GW_TCP=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tcp"])' "$GW_DIR/ports.json" 2>/dev/null)
-      GW_ADMIN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["admin"])' "$GW_DIR/ports.json" 2>/dev/null)
-      if [ -n "$GW_ADMIN" ] && curl -sf "$GW_ADMIN/readyz" >/dev/null; then
-        return 0
-      fi
+    # The ports file is written once, whole (renamed into place): read it once.
+    if [ -z "$GW_ADMIN" ] && [ -s "$GW_DIR/ports.json" ]; then
+      read -r GW_WS GW_TCP GW_ADMIN < <(python3 -c \
+        'import json,sys; p=json.load(open(sys.argv[1])); print(p["ws"], p["tcp"], p["admin"])' \
+        "$GW_DIR/ports.json" 2>/dev/null)
+    fi
+    if [ -n "$GW_ADMIN" ] && curl -sf "$GW_ADMIN/readyz" >/dev/null; then
+      return 0
     fi
     if ! kill -0 "$GW_PID" 2>/dev/null; then
       echo "gateway exited at start:" >&2
