@@ -24,7 +24,7 @@ use std::sync::mpsc::SyncSender;
 use crossbeam_queue::ArrayQueue;
 
 use super::groups::{GroupKey, GroupWork, MAX_GROUPS_PER_SHARD};
-use super::{Clock, ConnId, Phase, Proto, Route, Shard, UserKey};
+use super::{Clock, ConnId, Phase, Route, Shard, UserKey};
 use crate::protocol::{Deliver, Envelope, Message, Status, Str, Target};
 use crate::services::push::PushRecord;
 
@@ -210,11 +210,8 @@ impl Shard {
                     out.push(DeviceInfo {
                         shard: self.id as u16,
                         device: s.device.clone(),
-                        transport: match c.proto {
-                            Proto::Tcp => "tcp",
-                            Proto::Ws(_) | Proto::WsHandshake => "ws",
-                        },
-                        codec: c.codec.name(),
+                        transport: c.link.name(),
+                        codec: c.link.codec().name(),
                     });
                 }
                 let _ = reply.try_send(AdminAnswer::Devices(out));

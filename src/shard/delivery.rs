@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::{Clock, ConnId, Origin, Route, Shard, ShardMsg, UserKey};
+use super::{Clock, ConnId, Origin, ReplyTo, Route, Shard, ShardMsg, UserKey};
 use crate::iocore::{IoCmd, IoDone, IoError, IoReply, IoRequest};
 use crate::metrics::CloseReason;
 use crate::protocol::{Deliver, Envelope, ErrorCode, Message, Str, Synced};
@@ -125,8 +125,7 @@ pub(super) enum IoWait {
         group: super::groups::GroupKey,
         member: Str,
         join: bool,
-        origin: Route,
-        reference: Option<u64>,
+        reply: ReplyTo,
     },
     /// An admin API membership change (src/shard/admin.rs) being stored; `users` in the
     /// order of the batch's ops.
@@ -212,7 +211,7 @@ impl Shard {
 
     /// Tells the sender's shard that its `send` was accepted (`send_ack`).
     pub(super) fn accepted(&mut self, origin: Origin, mid: u64, seq: u64, ts: u64) {
-        let shard = usize::from(origin.route.shard);
+        let shard = usize::from(origin.reply.route.shard);
         self.post_always(
             shard,
             ShardMsg::Accepted {
@@ -226,7 +225,7 @@ impl Shard {
 
     /// Tells the sender's shard that its `send` was refused with `code`.
     pub(super) fn reject(&mut self, origin: Origin, code: ErrorCode, retry_after_ms: Option<u64>) {
-        let shard = usize::from(origin.route.shard);
+        let shard = usize::from(origin.reply.route.shard);
         self.post_always(
             shard,
             ShardMsg::Rejected {
@@ -411,7 +410,7 @@ impl Shard {
                 ) = (copy, copied)
                 {
                     (c.mid, c.inbox_seq, c.ts) = (mid, seq, ts);
-                    self.post_sent_copy(sender, origin.route, c, true);
+                    self.post_sent_copy(sender, origin.reply.route, c, true);
                 }
                 if !duplicate {
                     // A resent cmid was delivered the first time: never twice.
@@ -504,11 +503,10 @@ impl Shard {
                     group,
                     member,
                     join,
-                    origin,
-                    reference,
+                    reply,
                 },
                 IoReply::Applied(r),
-            ) => self.membership_stored((group, member, join), origin, reference, r),
+            ) => self.membership_stored((group, member, join), reply, r),
             (
                 IoWait::AdminMembers {
                     group,

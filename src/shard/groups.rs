@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::delivery::IoWait;
-use super::{owner_shard, Clock, ConnId, Origin, Route, Shard, ShardMsg, UserKey};
+use super::{owner_shard, Clock, ConnId, Origin, ReplyTo, Route, Shard, ShardMsg, UserKey};
 use crate::iocore::{IoCmd, IoError, IoRequest};
 use crate::protocol::{Deliver, Envelope, Error, ErrorCode, Message, Str, Target};
 use crate::store::{GroupPage, GroupRef, UserRef};
@@ -70,8 +70,7 @@ pub(super) enum GroupWork {
     Membership {
         member: Str,
         join: bool,
-        origin: Route,
-        reference: Option<u64>,
+        reply: ReplyTo,
     },
     /// An admin API group request (src/shard/admin.rs).
     Admin {
@@ -123,14 +122,16 @@ impl Shard {
             tenant: user.tenant.clone(),
             group,
         };
-        let origin = self.route(id);
+        let reply = ReplyTo {
+            route: self.route(id),
+            reference,
+        };
         // A join asks the user's owner first, which knows how many groups the user has.
         let (dest, msg) = if join {
             let msg = ShardMsg::JoinCheck {
                 group: key,
                 member: user.user.clone(),
-                origin,
-                reference,
+                reply,
             };
             (self.owner(&user), msg)
         } else {
@@ -138,8 +139,7 @@ impl Shard {
                 group: key.clone(),
                 member: user.user,
                 join,
-                origin,
-                reference,
+                reply,
             };
             (self.group_owner(&key), msg)
         };
@@ -152,13 +152,7 @@ impl Shard {
     /// (rejoining a group the user is in is not one more), else passes it to the group's
     /// owner. While the user's stored groups are still loading the count is not known yet,
     /// and the join goes on.
-    pub(super) fn join_check(
-        &mut self,
-        group: GroupKey,
-        member: Str,
-        origin: Route,
-        reference: Option<u64>,
-    ) {
+    pub(super) fn join_check(&mut self, group: GroupKey, member: Str, reply: ReplyTo) {
         let max = self.cfg.limits.max_groups_per_user as usize;
         let user = UserKey {
             tenant: group.tenant.clone(),
@@ -170,7 +164,7 @@ impl Shard {
             .get(&user)
             .is_some_and(|gs| gs.len() >= max && !gs.contains(&group));
         if full {
-            self.error_to(origin, reference, ErrorCode::LimitExceeded, None);
+            self.error_to(reply, ErrorCode::LimitExceeded, None);
             return;
         }
         let dest = self.group_owner(&group);
@@ -178,8 +172,7 @@ impl Shard {
             group,
             member,
             join: true,
-            origin,
-            reference,
+            reply,
         };
         // Like the membership it forwards: bookkeeping that must not be shed half way.
         self.post_always(dest, msg);
@@ -203,8 +196,10 @@ impl Shard {
         };
         let dest = self.group_owner(&key);
         let origin = Origin {
-            route: self.route(id),
-            reference,
+            reply: ReplyTo {
+                route: self.route(id),
+                reference,
+            },
             cmid: cmid.clone(),
             received_us: self.now_us,
         };
@@ -228,23 +223,27 @@ impl Shard {
         );
     }
 
-    fn error_to(
-        &mut self,
-        route: Route,
-        reference: Option<u64>,
-        code: ErrorCode,
-        cmid: Option<Str>,
-    ) {
+    /// An `error` for a request answered from another shard; `retry_after_ms` where
+    /// retrying can help.
+    fn error_to(&mut self, reply: ReplyTo, code: ErrorCode, retry_after_ms: Option<u64>) {
         let env = Envelope {
-            reference,
+            reference: reply.reference,
             msg: Message::Error(Error {
                 code,
                 message: Str::from(code.name()),
-                cmid,
-                retry_after_ms: None,
+                cmid: None,
+                retry_after_ms,
             }),
         };
-        self.reply_to(route, env);
+        self.reply_to(reply.route, env);
+    }
+
+    fn ok_to(&mut self, reply: ReplyTo) {
+        let env = Envelope {
+            reference: reply.reference,
+            msg: Message::Ok,
+        };
+        self.reply_to(reply.route, env);
     }
 
     /// Owner side of `group_join` / `group_leave`.
@@ -253,30 +252,21 @@ impl Shard {
         group: GroupKey,
         member: Str,
         join: bool,
-        origin: Route,
-        reference: Option<u64>,
+        reply: ReplyTo,
     ) {
         if self.needs_load(&group) {
             let work = GroupWork::Membership {
                 member,
                 join,
-                origin,
-                reference,
+                reply,
             };
             self.load_group_then(group, work);
             return;
         }
-        self.group_membership_now(group, member, join, origin, reference);
+        self.group_membership_now(group, member, join, reply);
     }
 
-    fn group_membership_now(
-        &mut self,
-        group: GroupKey,
-        member: Str,
-        join: bool,
-        origin: Route,
-        reference: Option<u64>,
-    ) {
+    fn group_membership_now(&mut self, group: GroupKey, member: Str, join: bool, reply: ReplyTo) {
         let max = self.cfg.limits.max_group_members as usize;
         let owned = &self.groups.owned;
         if join {
@@ -285,7 +275,7 @@ impl Shard {
                 None => owned.len() >= MAX_GROUPS_PER_SHARD,
             };
             if full {
-                self.error_to(origin, reference, ErrorCode::LimitExceeded, None);
+                self.error_to(reply, ErrorCode::LimitExceeded, None);
                 return;
             }
         }
@@ -310,24 +300,17 @@ impl Shard {
                 group: group.clone(),
                 member: member.clone(),
                 join,
-                origin,
-                reference,
+                reply,
             };
             if !self.submit(crate::iocore::IoRequest::Apply(vec![op]), wait) {
                 let retry = Some(self.cfg.limits.retry_after_ms);
-                self.error_to_retry(origin, reference, ErrorCode::Overloaded, retry);
+                self.error_to(reply, ErrorCode::Overloaded, retry);
                 return;
             }
         }
         self.apply_membership(&group, &member, join);
         if !self.durable() {
-            self.reply_to(
-                origin,
-                Envelope {
-                    reference,
-                    msg: Message::Ok,
-                },
-            );
+            self.ok_to(reply);
         }
     }
 
@@ -360,8 +343,7 @@ impl Shard {
     pub(super) fn membership_stored(
         &mut self,
         (group, member, join): (GroupKey, Str, bool),
-        origin: Route,
-        reference: Option<u64>,
+        reply: ReplyTo,
         result: Result<Vec<crate::store::OpResult>, IoError>,
     ) {
         use crate::store::{OpResult, Refusal};
@@ -383,39 +365,14 @@ impl Shard {
                     group: group.group.clone(),
                     join,
                 });
-                self.reply_to(
-                    origin,
-                    Envelope {
-                        reference,
-                        msg: Message::Ok,
-                    },
-                )
+                self.ok_to(reply)
             }
             Some(code) => {
                 // Not stored: memory follows the store.
                 self.apply_membership(&group, &member, !join);
-                self.error_to(origin, reference, code, None);
+                self.error_to(reply, code, None);
             }
         }
-    }
-
-    fn error_to_retry(
-        &mut self,
-        route: Route,
-        reference: Option<u64>,
-        code: ErrorCode,
-        retry_after_ms: Option<u64>,
-    ) {
-        let env = Envelope {
-            reference,
-            msg: Message::Error(Error {
-                code,
-                message: Str::from(code.name()),
-                cmid: None,
-                retry_after_ms,
-            }),
-        };
-        self.reply_to(route, env);
     }
 
     /// Owner side of a group `send`: members only; sequence, ack, fan out.
@@ -663,9 +620,7 @@ impl Shard {
             .then_some(self.cfg.limits.retry_after_ms);
         match work {
             GroupWork::Send { origin, .. } => self.reject(origin, code, retry),
-            GroupWork::Membership {
-                origin, reference, ..
-            } => self.error_to(origin, reference, code, None),
+            GroupWork::Membership { reply, .. } => self.error_to(reply, code, retry),
             GroupWork::Admin { reply, .. } => {
                 let _ = reply.try_send(super::admin::AdminAnswer::Unavailable);
             }
@@ -702,9 +657,8 @@ impl Shard {
                 GroupWork::Membership {
                     member,
                     join,
-                    origin,
-                    reference,
-                } => self.group_membership_now(group.clone(), member, join, origin, reference),
+                    reply,
+                } => self.group_membership_now(group.clone(), member, join, reply),
                 GroupWork::Admin { op, reply } => self.admin_group_now(group.clone(), op, reply),
             }
         }

@@ -20,25 +20,24 @@ mod route;
 mod session;
 pub mod slab;
 pub mod timer;
+mod transport;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::Waker;
 
-use bytes::BytesMut;
 use smallvec::SmallVec;
 
 use crate::auth::Authenticator;
 use crate::codec::CodecId;
 use crate::config::Config;
 use crate::metrics::{CloseReason, Metrics, ShardMetrics, Stage};
-use crate::protocol::frame::{write_frame, FrameDecoder};
 use crate::protocol::{Deliver, Envelope, ErrorCode, Message, Presence, Status, Str};
 use crate::ratelimit::TokenBucket;
-use crate::ws;
 pub use groups::GroupKey;
 pub use slab::ConnId;
 use timer::TimerWheel;
+pub use transport::Transport;
 
 /// Time as the runtime sees it: a monotonic clock for deadlines, the wall clock for `ts`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,12 +69,18 @@ pub struct HelloDone {
     pub resume: Option<u64>,
 }
 
-/// A `send` on its way: the sender's connection, the request's `ref` and the client's
-/// message id, which the `send_ack` or the refusal carry back.
-#[derive(Clone, Debug)]
-pub struct Origin {
+/// Where the answer to a request goes: the requesting connection and the request's `ref`.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplyTo {
     pub route: Route,
     pub reference: Option<u64>,
+}
+
+/// A `send` on its way: where its `send_ack` or refusal goes, and the client's message id,
+/// which they carry back.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub reply: ReplyTo,
     pub cmid: Str,
     /// When the `send` was read (the monotonic clock, µs): the `send_ack` stage's start.
     pub received_us: u64,
@@ -151,16 +156,14 @@ pub enum ShardMsg {
     JoinCheck {
         group: groups::GroupKey,
         member: Str,
-        origin: Route,
-        reference: Option<u64>,
+        reply: ReplyTo,
     },
     /// To a group's owner: join or leave.
     GroupMembership {
         group: groups::GroupKey,
         member: Str,
         join: bool,
-        origin: Route,
-        reference: Option<u64>,
+        reply: ReplyTo,
     },
     /// To a group's owner: a message to the group.
     GroupSend {
@@ -181,16 +184,6 @@ pub enum ShardMsg {
     },
     /// To a connection's shard: a reply to write as is.
     Reply { conn: ConnId, env: Envelope },
-}
-
-/// Transport state of one connection.
-enum Proto {
-    /// Raw TCP frames (docs/PROTOCOL.md section 2).
-    Tcp,
-    /// WebSocket, before the upgrade request completed.
-    WsHandshake,
-    /// WebSocket after the upgrade.
-    Ws(ws::Decoder),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,12 +213,9 @@ struct Session {
 
 /// One connection. Kept small: an idle connection holds no buffers (SPEC 2).
 pub struct Conn {
-    proto: Proto,
+    link: transport::Link,
     phase: Phase,
-    codec: CodecId,
     session: Option<Box<Session>>,
-    /// Bytes of a partial frame (or of the upgrade request); unallocated when idle.
-    inbuf: BytesMut,
     /// Encoded output not yet written; unallocated when idle.
     out: Vec<u8>,
     /// Listed in [`Woken`] and not yet taken by the runtime.
@@ -292,13 +282,6 @@ fn byte_burst(l: &crate::config::Limits) -> u32 {
     l.bytes_per_sec.max(l.max_frame_bytes)
 }
 
-/// The transport a listener accepted a connection on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    Tcp,
-    Ws,
-}
-
 /// How long a closing connection may take to flush its last frames.
 pub const CLOSE_FLUSH_MS: u64 = 2_000;
 /// Subscribers one user may have (the cost of a status change is bounded by this).
@@ -323,9 +306,8 @@ pub struct Shard {
     /// empty), carried with the batch for the `shard_queue` stage latency.
     outbox_since_us: Vec<u64>,
     outbox_waker: Option<Waker>,
-    hs: ws::HandshakeConfig,
-    echo_hs: Option<ws::HandshakeConfig>,
-    frames: FrameDecoder,
+    /// How connections parse their input (framing, upgrade, their bounds).
+    rules: transport::Rules,
     mids: MidMint,
     next_session: u64,
     draining: bool,
@@ -373,22 +355,11 @@ impl Shard {
     ) -> Shard {
         assert!(id < shards && shards <= usize::from(u16::MAX));
         let per_shard = (cfg.limits.max_conns as usize).div_ceil(shards);
-        let hs = ws::HandshakeConfig {
-            path: cfg.ws.path.clone(),
-            allowed_origins: cfg.ws.allowed_origins.clone(),
-            max_header_bytes: cfg.ws.max_handshake_bytes as usize,
-            ..ws::HandshakeConfig::default()
-        };
-        let echo_hs = cfg.server.ws_echo.then(|| ws::HandshakeConfig {
-            path: "/echo".into(),
-            allowed_origins: vec!["*".into()],
-            ..hs.clone()
-        });
         let mids = MidMint::unleased(id, cfg.cluster.slot, clk.unix_ms);
         Shard {
             id,
             shards,
-            frames: FrameDecoder::new(cfg.limits.max_frame_bytes),
+            rules: transport::Rules::new(&cfg),
             wheel: TimerWheel::new(cfg.runtime.tick_ms, 4096, clk.mono_ms),
             cfg,
             auth,
@@ -400,8 +371,6 @@ impl Shard {
             outbox_len: 0,
             outbox_since_us: vec![0; shards],
             outbox_waker: None,
-            hs,
-            echo_hs,
             // Without a lease until the runtime gives one (`Shard::set_mid_mint`).
             mids,
             next_session: 1,
@@ -455,14 +424,9 @@ impl Shard {
         }
         let l = &self.cfg.limits;
         let conn = Conn {
-            proto: match transport {
-                Transport::Tcp => Proto::Tcp,
-                Transport::Ws => Proto::WsHandshake,
-            },
+            link: transport::Link::new(transport),
             phase: Phase::Handshake,
-            codec: CodecId::Json,
             session: None,
-            inbuf: BytesMut::new(),
             out: Vec::new(),
             out_since_us: 0,
             woken: false,
@@ -704,8 +668,7 @@ impl Shard {
                     self.woken.conn(c, id);
                 }
                 (None, Phase::Handshake) => {
-                    let tcp = matches!(c.proto, Proto::Tcp);
-                    if tcp {
+                    if c.link.is_tcp() {
                         self.reply_error(id, None, ErrorCode::HandshakeTimeout, "no hello in time");
                     }
                     self.close(id, CloseReason::HandshakeTimeout);
@@ -770,7 +733,7 @@ impl Shard {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        if encode_onto(&mut c.out, &c.proto, c.codec, env)
+        if c.link.encode_onto(&mut c.out, env)
             && queued(c, id, &mut self.woken, m, env, self.now_us, max_out)
         {
             self.close(id, CloseReason::SlowConsumer);
@@ -791,16 +754,14 @@ impl Shard {
             let Some(c) = self.conns.get_mut(id) else {
                 continue;
             };
-            let key = match c.proto {
-                Proto::Tcp => (false, c.codec),
-                Proto::Ws(_) => (true, c.codec),
-                Proto::WsHandshake => continue,
+            let Some(key) = c.link.encoding() else {
+                continue;
             };
             let frame = match encoded.iter().position(|(k, _)| *k == key) {
                 Some(i) => &encoded[i].1,
                 None => {
                     let mut frame = Vec::new();
-                    if !encode_onto(&mut frame, &c.proto, c.codec, env) {
+                    if !c.link.encode_onto(&mut frame, env) {
                         continue;
                     }
                     encoded.push((key, frame));
@@ -837,9 +798,7 @@ impl Shard {
         }));
         self.emit(id, &env);
         if let Some(c) = self.conns.get_mut(id) {
-            if matches!(c.proto, Proto::Ws(_)) {
-                ws::write_close(&mut c.out, Some(ws::CloseCode::GoingAway), reason);
-            }
+            c.link.write_going_away(&mut c.out, reason);
         }
     }
 
@@ -933,7 +892,7 @@ fn queued(
     now_us: u64,
     max_out: usize,
 ) -> bool {
-    m.frame_out(env.msg.op(), c.codec);
+    m.frame_out(env.msg.op(), c.link.codec());
     if c.out_since_us == 0 {
         c.out_since_us = (now_us as u32).max(1);
     }
@@ -980,24 +939,6 @@ pub struct Batch {
     /// When the first of them was posted (µs on the process-wide monotonic clock).
     pub posted_us: u64,
     pub msgs: Vec<ShardMsg>,
-}
-
-/// Appends `env` as one frame of `proto` in `codec`; false (nothing appended) when it cannot
-/// be encoded or the WebSocket upgrade is not done.
-fn encode_onto(out: &mut Vec<u8>, proto: &Proto, codec: CodecId, env: &Envelope) -> bool {
-    let r = match proto {
-        Proto::Tcp => write_frame(out, codec, &[], env),
-        Proto::Ws(_) => {
-            let op = if codec.is_text() {
-                ws::OpCode::Text
-            } else {
-                ws::OpCode::Binary
-            };
-            ws::write_message_with(out, op, |o| codec.encode(env, o))
-        }
-        Proto::WsHandshake => return false,
-    };
-    r.is_ok()
 }
 
 #[cfg(test)]

@@ -145,7 +145,7 @@ impl Shard {
                 let copy = self.sender_copy(&to, &deliver);
                 self.push_to_devices(&to, deliver);
                 if let Some((sender, copy)) = copy {
-                    self.post_sent_copy(sender, origin.route, copy, false);
+                    self.post_sent_copy(sender, origin.reply.route, copy, false);
                 }
                 self.accepted(origin, mid, seq, ts);
             }
@@ -164,7 +164,7 @@ impl Shard {
                 self.metrics.shards[self.id].stages[Stage::SendAck as usize]
                     .record_us(clk.mono_us.saturating_sub(origin.received_us));
                 let env = Envelope {
-                    reference: origin.reference,
+                    reference: origin.reply.reference,
                     msg: Message::SendAck(SendAck {
                         cmid: origin.cmid,
                         mid,
@@ -172,7 +172,7 @@ impl Shard {
                         ts,
                     }),
                 };
-                self.emit(origin.route.conn, &env);
+                self.emit(origin.reply.route.conn, &env);
             }
             ShardMsg::Rejected {
                 origin,
@@ -180,7 +180,7 @@ impl Shard {
                 retry_after_ms,
             } => {
                 let env = Envelope {
-                    reference: origin.reference,
+                    reference: origin.reply.reference,
                     msg: Message::Error(Error {
                         code,
                         message: Str::from(code.name()),
@@ -188,21 +188,19 @@ impl Shard {
                         retry_after_ms,
                     }),
                 };
-                self.emit(origin.route.conn, &env);
+                self.emit(origin.reply.route.conn, &env);
             }
             ShardMsg::JoinCheck {
                 group,
                 member,
-                origin,
-                reference,
-            } => self.join_check(group, member, origin, reference),
+                reply,
+            } => self.join_check(group, member, reply),
             ShardMsg::GroupMembership {
                 group,
                 member,
                 join,
-                origin,
-                reference,
-            } => self.group_membership(group, member, join, origin, reference),
+                reply,
+            } => self.group_membership(group, member, join, reply),
             ShardMsg::GroupSend {
                 group,
                 origin,

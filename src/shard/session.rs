@@ -3,29 +3,16 @@
 //! authentication, the handshake timeout, rate limits, one user per connection, and the
 //! replies and cross-shard messages each op causes.
 
-use bytes::Bytes;
-
-use super::{ConnId, HelloDone, Origin, Phase, Proto, Session, Shard, ShardMsg, UserKey};
+use super::transport::Input;
+use super::{ConnId, HelloDone, Origin, Phase, ReplyTo, Session, Shard, ShardMsg, UserKey};
 use crate::codec::DecodeError;
 use crate::metrics::{CloseReason, TenantRefusal};
-use crate::protocol::frame::FrameError;
 use crate::protocol::{
     Deliver, Envelope, Error, ErrorCode, Hello, Limits, Message, Send, Str, Target, Welcome,
     CURRENT_VERSION, PREVIOUS_VERSION,
 };
-use crate::ws;
 
 use super::Clock;
-
-/// A WebSocket event copied out of the decoder (which lends its payload only until the next
-/// call), so the shard can act on it.
-enum WsIn {
-    Text(Bytes),
-    Binary(Bytes),
-    Ping,
-    Close,
-    Pong,
-}
 
 /// Send tokens a bad payload costs an authenticated connection.
 const BAD_FRAME_COST: u32 = 8;
@@ -65,18 +52,12 @@ impl Shard {
             self.close(id, CloseReason::Protocol);
             return;
         }
-        match c.proto {
-            Proto::Tcp => self.read_tcp(id, data, clk),
-            Proto::WsHandshake => self.read_ws_handshake(id, data, clk),
-            Proto::Ws(_) => self.read_ws(id, data, clk),
-        }
+        self.read(id, data, clk);
     }
 
-    fn read_tcp(&mut self, id: ConnId, data: &[u8], clk: Clock) {
-        let Some(c) = self.conns.get_mut(id) else {
-            return;
-        };
-        c.inbuf.extend_from_slice(data);
+    /// Pulls what the connection's transport makes of `data` and acts on each, until it
+    /// is all taken or the connection is closing.
+    fn read(&mut self, id: ConnId, mut data: &mut [u8], clk: Clock) {
         loop {
             let Some(c) = self.conns.get_mut(id) else {
                 return;
@@ -84,218 +65,66 @@ impl Shard {
             if c.closing.is_some() {
                 return;
             }
-            match self.frames.decode(&mut c.inbuf) {
-                Ok(Some(frame)) => {
-                    let m = &self.metrics.shards[self.id];
-                    m.frame_in(frame.header.op, frame.header.codec);
-                    if c.phase == Phase::Handshake {
-                        // The codec of the `hello` frame is the connection's codec.
-                        c.codec = frame.header.codec;
-                    } else if frame.header.codec != c.codec {
-                        self.reply_error(
-                            id,
-                            None,
-                            ErrorCode::BadFrame,
-                            "codec differs from hello's",
-                        );
-                        continue;
-                    }
-                    let op = frame.header.op;
-                    self.on_payload(id, frame.payload, Some(op), clk);
+            let hello_pending = c.phase == Phase::Handshake;
+            match c
+                .link
+                .next(&self.rules, &mut data, hello_pending, &mut c.out)
+            {
+                Input::Done => return,
+                Input::Message(env) => {
+                    let codec = c.link.codec();
+                    self.m().frame_in(env.msg.op() as u8, codec);
+                    self.on_message(id, env, clk);
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    let code = match e {
-                        FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
-                        _ => ErrorCode::BadFrame,
-                    };
-                    self.reply_error(id, None, code, &e.to_string());
-                    self.close(id, CloseReason::Protocol);
-                    return;
+                Input::Undecodable(DecodeError::UnknownOp { reference, .. }) => {
+                    self.reply_error(id, reference, ErrorCode::Unsupported, "unknown op");
                 }
-            }
-        }
-        if let Some(c) = self.conns.get_mut(id) {
-            if c.inbuf.is_empty() {
-                // An idle connection holds no input buffer.
-                c.inbuf = bytes::BytesMut::new();
-            }
-        }
-    }
-
-    fn read_ws_handshake(&mut self, id: ConnId, data: &mut [u8], clk: Clock) {
-        let Some(c) = self.conns.get_mut(id) else {
-            return;
-        };
-        c.inbuf.extend_from_slice(data);
-        let parsed = match ws::parse_request(&self.hs, &c.inbuf) {
-            Err(ws::RejectReason::Path) if self.echo_hs.is_some() => self
-                .echo_hs
-                .as_ref()
-                .map(|e| ws::parse_request(e, &c.inbuf).map(|u| u.map(|u| (u, true))))
-                .unwrap_or(Err(ws::RejectReason::Path)),
-            other => other.map(|u| u.map(|u| (u, false))),
-        };
-        match parsed {
-            Ok(None) => {
-                if c.inbuf.len() > self.cfg.ws.max_handshake_bytes as usize {
-                    ws::RejectReason::HeadersTooLarge.write_response(&mut c.out);
-                    self.m()
-                        .handshakes_failed
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.close(id, CloseReason::Protocol);
-                }
-            }
-            Err(reason) => {
-                reason.write_response(&mut c.out);
-                self.m()
-                    .handshakes_failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::debug!(shard = self.id, conn = ?id, reason = reason.label(), "upgrade refused");
-                self.close(id, CloseReason::Protocol);
-            }
-            Ok(Some((up, echo))) => {
-                up.write_response(&mut c.out);
-                c.codec = up.codec;
-                let limits = if echo {
-                    ws::Limits::new(
-                        self.cfg.ws.max_frame_bytes.max(16 << 20),
-                        self.cfg.ws.max_message_bytes.max(16 << 20),
-                    )
-                } else {
-                    ws::Limits::new(self.cfg.ws.max_frame_bytes, self.cfg.ws.max_message_bytes)
-                };
-                c.proto = Proto::Ws(ws::Decoder::new(ws::Role::Server, limits));
-                if echo {
-                    c.phase = Phase::Echo;
-                }
-                let mut rest = c.inbuf.split_off(up.consumed);
-                c.inbuf = bytes::BytesMut::new();
-                self.woken.conn(c, id);
-                if !rest.is_empty() {
-                    self.read_ws(id, &mut rest, clk);
-                }
-            }
-        }
-    }
-
-    fn read_ws(&mut self, id: ConnId, mut data: &mut [u8], clk: Clock) {
-        loop {
-            let Some(c) = self.conns.get_mut(id) else {
-                return;
-            };
-            if c.closing.is_some() {
-                return;
-            }
-            let Proto::Ws(dec) = &mut c.proto else {
-                return;
-            };
-            let input = match dec.next_event(&mut data) {
-                Ok(None) => return,
-                Ok(Some(ev)) => {
-                    let reply_needed = matches!(ev, ws::Event::Ping(_) | ws::Event::Close { .. });
-                    if reply_needed {
-                        let next = ws::respond(&ev, false, &mut c.out);
-                        if next == ws::Next::Close {
-                            self.close(id, CloseReason::Peer);
-                            return;
-                        }
-                    }
-                    match ev {
-                        ws::Event::Text(t) => WsIn::Text(Bytes::copy_from_slice(t.as_bytes())),
-                        ws::Event::Binary(b) => WsIn::Binary(Bytes::copy_from_slice(b)),
-                        ws::Event::Ping(_) => WsIn::Ping,
-                        ws::Event::Pong(_) => WsIn::Pong,
-                        ws::Event::Close { .. } => WsIn::Close,
+                Input::Undecodable(e) => {
+                    self.reply_error(id, None, ErrorCode::BadFrame, &e.to_string());
+                    if hello_pending {
+                        self.m()
+                            .handshakes_failed
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.close(id, CloseReason::Protocol);
+                    } else {
+                        self.count_bad_frame(id);
                     }
                 }
-                Err(e) => {
-                    ws::respond_error(e, &mut c.out);
+                Input::Refused {
+                    reference,
+                    code,
+                    message,
+                } => self.reply_error(id, reference, code, message),
+                Input::Ping => {
                     self.woken.conn(c, id);
-                    self.close(id, CloseReason::Protocol);
+                    self.heartbeat(id, clk);
+                }
+                Input::Echoed => self.woken.conn(c, id),
+                Input::Upgraded { echo, mut rest } => {
+                    if echo {
+                        c.phase = Phase::Echo;
+                    }
+                    self.woken.conn(c, id);
+                    if !rest.is_empty() {
+                        self.read(id, &mut rest, clk);
+                    }
                     return;
                 }
-            };
-            let (payload, is_text) = match input {
-                WsIn::Text(p) => (p, true),
-                WsIn::Binary(p) => (p, false),
-                WsIn::Ping | WsIn::Pong => {
-                    if matches!(input, WsIn::Ping) {
-                        self.heartbeat(id, clk);
-                    }
-                    if let Some(c) = self.conns.get_mut(id) {
-                        self.woken.conn(c, id);
-                    }
-                    continue;
-                }
-                WsIn::Close => {
+                Input::PeerClosed => {
                     self.close(id, CloseReason::Peer);
                     return;
                 }
-            };
-            match input_payload(self, id, payload, is_text) {
-                Some(payload) => self.on_payload(id, payload, None, clk),
-                None => continue,
-            }
-        }
-    }
-}
-
-/// Echo connections answer here (text back as text, already UTF-8 validated by the decoder;
-/// binary as binary) and `None` is returned; otherwise the payload goes on to the codec.
-fn input_payload(shard: &mut Shard, id: ConnId, payload: Bytes, is_text: bool) -> Option<Bytes> {
-    let c = shard.conns.get_mut(id)?;
-    if c.phase != Phase::Echo {
-        return Some(payload);
-    }
-    match (is_text, std::str::from_utf8(&payload)) {
-        (true, Ok(t)) => ws::write_text(&mut c.out, t),
-        _ => ws::write_binary(&mut c.out, &payload),
-    }
-    shard.woken.conn(c, id);
-    None
-}
-
-impl Shard {
-    /// One payload from either transport; `header_op` is the raw-TCP header's op number.
-    fn on_payload(&mut self, id: ConnId, payload: Bytes, header_op: Option<u8>, clk: Clock) {
-        let Some(c) = self.conns.get_mut(id) else {
-            return;
-        };
-        let codec = c.codec;
-        match codec.decode_bytes(&payload) {
-            Ok(env) => {
-                if header_op.is_none() {
-                    // WebSocket: no header, so count the frame once its op is known.
-                    self.m().frame_in(env.msg.op() as u8, codec);
-                }
-                if header_op.is_some_and(|op| op != env.msg.op() as u8) {
-                    self.reply_error(
-                        id,
-                        env.reference,
-                        ErrorCode::BadFrame,
-                        "header op differs from payload op",
-                    );
-                    return;
-                }
-                self.on_message(id, env, clk);
-            }
-            Err(DecodeError::UnknownOp { reference, .. }) => {
-                self.reply_error(id, reference, ErrorCode::Unsupported, "unknown op");
-            }
-            Err(e) => {
-                let handshake = self
-                    .conns
-                    .get(id)
-                    .is_some_and(|c| c.phase == Phase::Handshake);
-                self.reply_error(id, None, ErrorCode::BadFrame, &e.to_string());
-                if handshake {
-                    self.m()
-                        .handshakes_failed
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Input::Broken { reply, upgrade } => {
+                    if let Some((code, message)) = reply {
+                        self.reply_error(id, None, code, &message);
+                    }
+                    if upgrade {
+                        self.m()
+                            .handshakes_failed
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     self.close(id, CloseReason::Protocol);
-                } else {
-                    self.count_bad_frame(id);
+                    return;
                 }
             }
         }
@@ -634,8 +463,10 @@ impl Shard {
         let dest = self.owner(&to);
         let cmid = s.cmid;
         let origin = Origin {
-            route: self.route(id),
-            reference,
+            reply: ReplyTo {
+                route: self.route(id),
+                reference,
+            },
             cmid: cmid.clone(),
             received_us: self.now_us,
         };

@@ -1,0 +1,648 @@
+//! A connection's transport, sans IO: raw-TCP frames (docs/PROTOCOL.md section 2), or the
+//! WebSocket upgrade and WebSocket frames, and the codec between payloads and envelopes.
+//!
+//! A [`Link`] owns what the transport keeps per connection (the framing state, the bytes of
+//! a partial frame, the codec the connection chose) and nothing else: no clock, no socket, no
+//! shard. The session (session.rs) hands it the bytes the runtime read and the connection's
+//! output buffer, and pulls [`Input`]s one at a time, so a session rule that closes the
+//! connection stops the reading there. The transport's own answers (the upgrade's HTTP
+//! response, a pong, a close frame, the echo of the conformance path) it writes into the
+//! output itself; what the session must answer (an error envelope) it names in the input.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::codec::{CodecId, DecodeError};
+use crate::protocol::frame::{write_frame, FrameDecoder, FrameError};
+use crate::protocol::{Envelope, ErrorCode};
+use crate::ws;
+
+/// What every connection of a shard parses its input with: built once per shard.
+pub(super) struct Rules {
+    pub frames: FrameDecoder,
+    /// The gateway's WebSocket upgrade (path, origins, header bound).
+    pub upgrade: ws::HandshakeConfig,
+    /// The conformance echo path's upgrade (`None`: not served).
+    pub echo_upgrade: Option<ws::HandshakeConfig>,
+    /// Bounds of a WebSocket frame and message on the gateway's path.
+    pub ws_limits: ws::Limits,
+}
+
+/// Largest frame and message on the conformance echo path (its suite sends 16 MiB).
+const ECHO_MAX_BYTES: u32 = 16 << 20;
+
+impl Rules {
+    pub fn new(cfg: &crate::config::Config) -> Rules {
+        let upgrade = ws::HandshakeConfig {
+            path: cfg.ws.path.clone(),
+            allowed_origins: cfg.ws.allowed_origins.clone(),
+            max_header_bytes: cfg.ws.max_handshake_bytes as usize,
+            ..ws::HandshakeConfig::default()
+        };
+        let echo_upgrade = cfg.server.ws_echo.then(|| ws::HandshakeConfig {
+            path: "/echo".into(),
+            allowed_origins: vec!["*".into()],
+            ..upgrade.clone()
+        });
+        Rules {
+            frames: FrameDecoder::new(cfg.limits.max_frame_bytes),
+            upgrade,
+            echo_upgrade,
+            ws_limits: ws::Limits::new(cfg.ws.max_frame_bytes, cfg.ws.max_message_bytes),
+        }
+    }
+}
+
+/// The framing state of one connection.
+enum Proto {
+    /// Raw TCP frames.
+    Tcp,
+    /// WebSocket, before the upgrade request completed.
+    WsUpgrade,
+    /// WebSocket after the upgrade.
+    Ws(ws::Decoder),
+    /// The WebSocket conformance echo path (`server.ws_echo`): messages go back as they came.
+    WsEcho(ws::Decoder),
+}
+
+/// The transport a listener accepted a connection on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Ws,
+}
+
+/// What the transport made of the bytes read, for the session to act on, in order.
+// The envelope goes on to the session by value, as it did before there was a transport
+// layer; a box would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(super) enum Input {
+    /// Nothing more in what was read (the bytes of a partial frame are kept).
+    Done,
+    /// An envelope in the connection's codec.
+    Message(Envelope),
+    /// A payload the codec could not decode.
+    Undecodable(DecodeError),
+    /// A frame refused without closing the connection: the error envelope to answer with.
+    /// (A raw-TCP header that disagrees with the connection's codec or with its payload.)
+    Refused {
+        reference: Option<u64>,
+        code: ErrorCode,
+        message: &'static str,
+    },
+    /// A WebSocket ping, answered in the output: the peer is alive.
+    Ping,
+    /// The WebSocket upgrade completed; its response is in the output. What followed the
+    /// request in the same read is in `rest`, to be read next.
+    Upgraded { echo: bool, rest: BytesMut },
+    /// A message on the echo path, written back into the output.
+    Echoed,
+    /// The peer closed the WebSocket (the close frame's answer is in the output).
+    PeerClosed,
+    /// The input broke the transport's rules: the connection is to be closed (reason
+    /// protocol). `reply`: an error envelope to send first (raw TCP; on a WebSocket the
+    /// close frame is in the output already). `upgrade`: it was the WebSocket upgrade that
+    /// failed (its HTTP response is in the output).
+    Broken {
+        reply: Option<(ErrorCode, String)>,
+        upgrade: bool,
+    },
+}
+
+/// One connection's transport. Idle, it holds no buffer.
+pub(super) struct Link {
+    proto: Proto,
+    codec: CodecId,
+    /// Bytes of a partial raw-TCP frame or of the upgrade request; unallocated when idle.
+    inbuf: BytesMut,
+}
+
+impl Link {
+    pub fn new(transport: Transport) -> Link {
+        Link {
+            proto: match transport {
+                Transport::Tcp => Proto::Tcp,
+                Transport::Ws => Proto::WsUpgrade,
+            },
+            codec: CodecId::Json,
+            inbuf: BytesMut::new(),
+        }
+    }
+
+    /// The codec the connection chose (its `hello` frame's on raw TCP, the subprotocol on a
+    /// WebSocket; JSON until then).
+    pub fn codec(&self) -> CodecId {
+        self.codec
+    }
+
+    pub fn is_tcp(&self) -> bool {
+        matches!(self.proto, Proto::Tcp)
+    }
+
+    pub fn name(&self) -> &'static str {
+        if self.is_tcp() {
+            "tcp"
+        } else {
+            "ws"
+        }
+    }
+
+    /// What an envelope's encoding on this link depends on (WebSocket?, codec): links with
+    /// the same key carry the same bytes for it. `None` until the link carries envelopes.
+    pub fn encoding(&self) -> Option<(bool, CodecId)> {
+        match self.proto {
+            Proto::Tcp => Some((false, self.codec)),
+            Proto::Ws(_) => Some((true, self.codec)),
+            Proto::WsUpgrade | Proto::WsEcho(_) => None,
+        }
+    }
+
+    /// Appends `env` as one frame; false (nothing appended) when it cannot be encoded or
+    /// the link carries no envelopes (upgrade not done, echo path).
+    pub fn encode_onto(&self, out: &mut Vec<u8>, env: &Envelope) -> bool {
+        let r = match self.proto {
+            Proto::Tcp => write_frame(out, self.codec, &[], env),
+            Proto::Ws(_) => {
+                let op = if self.codec.is_text() {
+                    ws::OpCode::Text
+                } else {
+                    ws::OpCode::Binary
+                };
+                ws::write_message_with(out, op, |o| self.codec.encode(env, o))
+            }
+            Proto::WsUpgrade | Proto::WsEcho(_) => return false,
+        };
+        r.is_ok()
+    }
+
+    /// Appends a WebSocket close frame (going away, `reason`) after a `goaway`; nothing on
+    /// raw TCP, where closing the socket says it.
+    pub fn write_going_away(&self, out: &mut Vec<u8>, reason: &str) {
+        if matches!(self.proto, Proto::Ws(_)) {
+            ws::write_close(out, Some(ws::CloseCode::GoingAway), reason);
+        }
+    }
+
+    /// The next input in `data` (bytes just read; advanced past what was taken, and WebSocket
+    /// payloads unmasked in place), writing the transport's own answers into `out`.
+    /// `hello_pending`: the session has not authenticated yet, so a raw-TCP frame's codec
+    /// becomes the connection's. After [`Input::Broken`] or [`Input::PeerClosed`] the caller
+    /// stops reading.
+    pub fn next(
+        &mut self,
+        rules: &Rules,
+        data: &mut &mut [u8],
+        hello_pending: bool,
+        out: &mut Vec<u8>,
+    ) -> Input {
+        match self.proto {
+            Proto::Tcp => self.next_tcp(rules, data, hello_pending),
+            Proto::WsUpgrade => self.upgrade(rules, data, out),
+            Proto::Ws(_) | Proto::WsEcho(_) => self.next_ws(data, out),
+        }
+    }
+
+    fn next_tcp(&mut self, rules: &Rules, data: &mut &mut [u8], hello_pending: bool) -> Input {
+        if !data.is_empty() {
+            self.inbuf.extend_from_slice(data);
+            *data = &mut [];
+        }
+        match rules.frames.decode(&mut self.inbuf) {
+            Ok(Some(frame)) => {
+                if hello_pending {
+                    // The codec of the `hello` frame is the connection's codec.
+                    self.codec = frame.header.codec;
+                } else if frame.header.codec != self.codec {
+                    return Input::Refused {
+                        reference: None,
+                        code: ErrorCode::BadFrame,
+                        message: "codec differs from hello's",
+                    };
+                }
+                self.decode(&frame.payload, Some(frame.header.op))
+            }
+            Ok(None) => {
+                if self.inbuf.is_empty() {
+                    // An idle connection holds no input buffer.
+                    self.inbuf = BytesMut::new();
+                }
+                Input::Done
+            }
+            Err(e) => {
+                let code = match e {
+                    FrameError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                    _ => ErrorCode::BadFrame,
+                };
+                Input::Broken {
+                    reply: Some((code, e.to_string())),
+                    upgrade: false,
+                }
+            }
+        }
+    }
+
+    fn upgrade(&mut self, rules: &Rules, data: &mut &mut [u8], out: &mut Vec<u8>) -> Input {
+        self.inbuf.extend_from_slice(data);
+        *data = &mut [];
+        let parsed = match ws::parse_request(&rules.upgrade, &self.inbuf) {
+            Err(ws::RejectReason::Path) if rules.echo_upgrade.is_some() => rules
+                .echo_upgrade
+                .as_ref()
+                .map(|e| ws::parse_request(e, &self.inbuf).map(|u| u.map(|u| (u, true))))
+                .unwrap_or(Err(ws::RejectReason::Path)),
+            other => other.map(|u| u.map(|u| (u, false))),
+        };
+        let refused = |reason: ws::RejectReason, out: &mut Vec<u8>| {
+            reason.write_response(out);
+            tracing::debug!(reason = reason.label(), "upgrade refused");
+            Input::Broken {
+                reply: None,
+                upgrade: true,
+            }
+        };
+        match parsed {
+            Ok(None) if self.inbuf.len() > rules.upgrade.max_header_bytes => {
+                refused(ws::RejectReason::HeadersTooLarge, out)
+            }
+            Ok(None) => Input::Done,
+            Err(reason) => refused(reason, out),
+            Ok(Some((up, echo))) => {
+                up.write_response(out);
+                self.codec = up.codec;
+                let limits = if echo {
+                    ws::Limits::new(
+                        rules.ws_limits.max_frame.max(ECHO_MAX_BYTES),
+                        rules.ws_limits.max_message.max(ECHO_MAX_BYTES),
+                    )
+                } else {
+                    rules.ws_limits
+                };
+                let dec = ws::Decoder::new(ws::Role::Server, limits);
+                self.proto = if echo {
+                    Proto::WsEcho(dec)
+                } else {
+                    Proto::Ws(dec)
+                };
+                let rest = self.inbuf.split_off(up.consumed);
+                self.inbuf = BytesMut::new();
+                Input::Upgraded { echo, rest }
+            }
+        }
+    }
+
+    fn next_ws(&mut self, data: &mut &mut [u8], out: &mut Vec<u8>) -> Input {
+        let (dec, echo) = match &mut self.proto {
+            Proto::Ws(dec) => (dec, false),
+            Proto::WsEcho(dec) => (dec, true),
+            Proto::Tcp | Proto::WsUpgrade => return Input::Done,
+        };
+        let payload = loop {
+            let ev = match dec.next_event(data) {
+                Ok(None) => return Input::Done,
+                Ok(Some(ev)) => ev,
+                Err(e) => {
+                    ws::respond_error(e, out);
+                    return Input::Broken {
+                        reply: None,
+                        upgrade: false,
+                    };
+                }
+            };
+            match ev {
+                ws::Event::Ping(_) => {
+                    ws::respond(&ev, false, out);
+                    return Input::Ping;
+                }
+                ws::Event::Close { .. } => {
+                    ws::respond(&ev, false, out);
+                    return Input::PeerClosed;
+                }
+                // Nothing to do for a pong: the next frame.
+                ws::Event::Pong(_) => continue,
+                // The decoder has checked text for UTF-8.
+                ws::Event::Text(t) if echo => ws::write_text(out, t),
+                ws::Event::Binary(b) if echo => ws::write_binary(out, b),
+                ws::Event::Text(t) => break Bytes::copy_from_slice(t.as_bytes()),
+                ws::Event::Binary(b) => break Bytes::copy_from_slice(b),
+            }
+            return Input::Echoed;
+        };
+        self.decode(&payload, None)
+    }
+
+    /// A payload through the codec; `header_op`: the raw-TCP header's op, which must agree.
+    fn decode(&self, payload: &Bytes, header_op: Option<u8>) -> Input {
+        match self.codec.decode_bytes(payload) {
+            Ok(env) if header_op.is_some_and(|op| op != env.msg.op() as u8) => Input::Refused {
+                reference: env.reference,
+                code: ErrorCode::BadFrame,
+                message: "header op differs from payload op",
+            },
+            Ok(env) => Input::Message(env),
+            Err(e) => Input::Undecodable(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The transport without a shard or a socket: bytes in, inputs and answers out.
+
+    use super::*;
+    use crate::config::Config;
+    use crate::protocol::{Hello, Message, Ping};
+
+    const MASK: [u8; 4] = [1, 2, 3, 4];
+
+    fn rules(echo: bool) -> Rules {
+        let mut cfg = Config::default();
+        cfg.server.ws_echo = echo;
+        cfg.limits.max_frame_bytes = 4096;
+        Rules::new(&cfg)
+    }
+
+    fn hello() -> Envelope {
+        Envelope::with_ref(
+            Message::Hello(Hello {
+                version: 1,
+                token: "u".into(),
+                device: "d".into(),
+                codecs: vec![],
+                resume: None,
+            }),
+            1,
+        )
+    }
+
+    fn upgrade_request(path: &str, subprotocols: &[&str]) -> Vec<u8> {
+        let mut req = Vec::new();
+        ws::ClientHandshake::new([7; 16]).write_request(&mut req, "gw", path, subprotocols, None);
+        req
+    }
+
+    fn client_text(out: &mut Vec<u8>, text: &str) {
+        ws::frame::write_client_frame(out, ws::OpCode::Text, true, MASK, text.as_bytes());
+    }
+
+    /// Every input of `bytes` until `Done` (or an input after which reading stops).
+    fn read_all(link: &mut Link, rules: &Rules, bytes: &[u8], out: &mut Vec<u8>) -> Vec<Input> {
+        let mut buf = bytes.to_vec();
+        let mut data = &mut buf[..];
+        let mut inputs = Vec::new();
+        loop {
+            let input = link.next(rules, &mut data, true, out);
+            let stop = matches!(
+                input,
+                Input::Done | Input::PeerClosed | Input::Broken { .. } | Input::Upgraded { .. }
+            );
+            inputs.push(input);
+            if stop {
+                return inputs;
+            }
+        }
+    }
+
+    #[test]
+    fn an_upgrade_and_the_frames_after_it_in_one_read() {
+        let rules = rules(false);
+        let mut link = Link::new(Transport::Ws);
+        assert_eq!(link.encoding(), None, "no envelopes before the upgrade");
+        let mut bytes = upgrade_request("/ws", &["imgw.v1.msgpack"]);
+        let mut hello_bytes = Vec::new();
+        CodecId::MessagePack
+            .encode(&hello(), &mut hello_bytes)
+            .unwrap();
+        ws::frame::write_client_frame(&mut bytes, ws::OpCode::Binary, true, MASK, &hello_bytes);
+        ws::frame::write_client_frame(&mut bytes, ws::OpCode::Ping, true, MASK, b"p");
+        ws::frame::write_client_frame(&mut bytes, ws::OpCode::Pong, true, MASK, b"q");
+        ws::frame::write_client_close(&mut bytes, MASK, Some(ws::CloseCode::Normal), "");
+
+        let mut out = Vec::new();
+        let mut inputs = read_all(&mut link, &rules, &bytes, &mut out);
+        let Some(Input::Upgraded { echo: false, rest }) = inputs.pop() else {
+            panic!("{inputs:?}");
+        };
+        assert!(inputs.is_empty(), "{inputs:?}");
+        assert!(
+            out.starts_with(b"HTTP/1.1 101"),
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
+        assert_eq!(link.codec(), CodecId::MessagePack);
+        assert_eq!(link.encoding(), Some((true, CodecId::MessagePack)));
+
+        out.clear();
+        let inputs = read_all(&mut link, &rules, &rest, &mut out);
+        assert!(
+            matches!(
+                inputs.as_slice(),
+                [Input::Message(env), Input::Ping, Input::PeerClosed]
+                    if matches!(env.msg, Message::Hello(_)) && env.reference == Some(1)
+            ),
+            "the pong asks nothing: {inputs:?}"
+        );
+        // The pong for the ping, then the close frame's answer (unmasked server frames).
+        assert_eq!(&out[..3], &[0x8a, 1, b'p']);
+        assert_eq!(out[3], 0x88);
+    }
+
+    #[test]
+    fn a_frame_split_over_reads_waits_and_an_idle_link_holds_no_buffer() {
+        let rules = rules(false);
+        let mut link = Link::new(Transport::Ws);
+        let mut out = Vec::new();
+        let req = upgrade_request("/ws", &[]);
+        let (head, tail) = req.split_at(10);
+        assert!(matches!(
+            read_all(&mut link, &rules, head, &mut out).as_slice(),
+            [Input::Done]
+        ));
+        assert!(out.is_empty());
+        let inputs = read_all(&mut link, &rules, tail, &mut out);
+        assert!(matches!(inputs.as_slice(), [Input::Upgraded { rest, .. }] if rest.is_empty()));
+
+        let mut tcp = Link::new(Transport::Tcp);
+        let mut frame = Vec::new();
+        write_frame(&mut frame, CodecId::Protobuf, &[], &hello()).unwrap();
+        let (a, b) = frame.split_at(frame.len() - 1);
+        assert!(matches!(
+            read_all(&mut tcp, &rules, a, &mut out).as_slice(),
+            [Input::Done]
+        ));
+        assert!(tcp.inbuf.capacity() > 0, "a partial frame is kept");
+        let inputs = read_all(&mut tcp, &rules, b, &mut out);
+        assert!(
+            matches!(inputs.as_slice(), [Input::Message(_), Input::Done]),
+            "{inputs:?}"
+        );
+        assert_eq!(tcp.codec(), CodecId::Protobuf, "the hello frame's codec");
+        assert_eq!(tcp.inbuf.capacity(), 0, "idle: no input buffer");
+    }
+
+    #[test]
+    fn raw_tcp_headers_that_disagree_are_refused_and_broken_frames_close() {
+        let rules = rules(false);
+        let mut link = Link::new(Transport::Tcp);
+        let mut out = Vec::new();
+        let mut bytes = Vec::new();
+        write_frame(&mut bytes, CodecId::Json, &[], &hello()).unwrap();
+        read_all(&mut link, &rules, &bytes, &mut out);
+
+        // After the hello: another codec in the header, then a header op that is not the
+        // payload's: each refused, the connection kept.
+        let ping = Envelope::with_ref(Message::Ping(Ping { ts: 5 }), 9);
+        bytes.clear();
+        write_frame(&mut bytes, CodecId::MessagePack, &[], &ping).unwrap();
+        let at = bytes.len();
+        write_frame(&mut bytes, CodecId::Json, &[], &ping).unwrap();
+        bytes[at + 3] = Message::Hello(hello_body()).op() as u8;
+        let mut data = &mut bytes[..];
+        let first = link.next(&rules, &mut data, false, &mut out);
+        let second = link.next(&rules, &mut data, false, &mut out);
+        assert!(
+            matches!(first, Input::Refused { code: ErrorCode::BadFrame, message, .. }
+                if message == "codec differs from hello's"),
+            "{first:?}"
+        );
+        assert!(
+            matches!(
+                second,
+                Input::Refused {
+                    reference: Some(9),
+                    code: ErrorCode::BadFrame,
+                    ..
+                }
+            ),
+            "{second:?}"
+        );
+        assert!(matches!(
+            link.next(&rules, &mut data, false, &mut out),
+            Input::Done
+        ));
+
+        // A frame over the bound: broken, with the error to send before closing.
+        let mut big = Vec::new();
+        write_frame(&mut big, CodecId::Json, &[], &ping).unwrap();
+        big[8..12].copy_from_slice(&100_000u32.to_be_bytes());
+        let inputs = read_all(&mut link, &rules, &big, &mut out);
+        assert!(
+            matches!(
+                inputs.as_slice(),
+                [Input::Broken {
+                    reply: Some((ErrorCode::FrameTooLarge, _)),
+                    upgrade: false
+                }]
+            ),
+            "{inputs:?}"
+        );
+        assert!(
+            out.is_empty(),
+            "the session encodes the error, not the transport"
+        );
+    }
+
+    fn hello_body() -> Hello {
+        match hello().msg {
+            Message::Hello(h) => h,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_refused_upgrade_and_an_oversized_request_are_broken() {
+        let rules = rules(false);
+        let mut out = Vec::new();
+        let mut link = Link::new(Transport::Ws);
+        let inputs = read_all(&mut link, &rules, &upgrade_request("/nope", &[]), &mut out);
+        assert!(matches!(
+            inputs.as_slice(),
+            [Input::Broken {
+                reply: None,
+                upgrade: true
+            }]
+        ));
+        assert!(
+            out.starts_with(b"HTTP/1.1 404"),
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
+
+        out.clear();
+        let mut link = Link::new(Transport::Ws);
+        let mut endless = b"GET /ws HTTP/1.1\r\n".to_vec();
+        endless.resize(rules.upgrade.max_header_bytes + 1, b'a');
+        let inputs = read_all(&mut link, &rules, &endless, &mut out);
+        assert!(matches!(
+            inputs.as_slice(),
+            [Input::Broken {
+                reply: None,
+                upgrade: true
+            }]
+        ));
+        assert!(
+            out.starts_with(b"HTTP/1.1 431"),
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+
+    #[test]
+    fn the_echo_path_writes_messages_back_and_carries_no_envelopes() {
+        let mut out = Vec::new();
+        let mut link = Link::new(Transport::Ws);
+        let without = rules(false);
+        let inputs = read_all(
+            &mut link,
+            &without,
+            &upgrade_request("/echo", &[]),
+            &mut out,
+        );
+        assert!(matches!(
+            inputs.as_slice(),
+            [Input::Broken { upgrade: true, .. }]
+        ));
+
+        let rules = rules(true);
+        let mut link = Link::new(Transport::Ws);
+        let mut bytes = upgrade_request("/echo", &[]);
+        client_text(&mut bytes, "héllo");
+        out.clear();
+        let Some(Input::Upgraded { echo: true, rest }) =
+            read_all(&mut link, &rules, &bytes, &mut out).pop()
+        else {
+            panic!("no echo upgrade");
+        };
+        out.clear();
+        let inputs = read_all(&mut link, &rules, &rest, &mut out);
+        assert!(
+            matches!(inputs.as_slice(), [Input::Echoed, Input::Done]),
+            "{inputs:?}"
+        );
+        let mut expected = Vec::new();
+        ws::write_text(&mut expected, "héllo");
+        assert_eq!(out, expected);
+        assert_eq!(link.encoding(), None);
+        assert!(!link.encode_onto(&mut out, &hello()));
+    }
+
+    #[test]
+    fn a_websocket_protocol_error_answers_with_a_close_frame() {
+        let rules = rules(false);
+        let mut out = Vec::new();
+        let mut link = Link::new(Transport::Ws);
+        read_all(&mut link, &rules, &upgrade_request("/ws", &[]), &mut out);
+        out.clear();
+        // Unmasked client frame: a protocol error (RFC 6455 5.1).
+        let mut bad = Vec::new();
+        ws::frame::write_frame(&mut bad, ws::OpCode::Text, true, b"{}");
+        let inputs = read_all(&mut link, &rules, &bad, &mut out);
+        assert!(matches!(
+            inputs.as_slice(),
+            [Input::Broken {
+                reply: None,
+                upgrade: false
+            }]
+        ));
+        assert_eq!(out[0], 0x88, "a close frame");
+    }
+}
