@@ -808,3 +808,14 @@ fn a_pump_read_that_could_not_be_made_is_retried_on_the_next_tick() {
     assert!(sim.shards[0].pump_retry.is_empty());
     sim.shutdown();
 }
+
+#[test]
+fn a_connection_slab_entry_stays_at_216_bytes() {
+    // Every connection, idle or not, costs its slab entry (bench/results/fanout_driver.md,
+    // "what an idle connection holds"); a field that pads the entry shows here first.
+    assert!(
+        std::mem::size_of::<Conn>() <= 216,
+        "Conn is {} bytes",
+        std::mem::size_of::<Conn>()
+    );
+}

@@ -60,8 +60,6 @@ enum Proto {
     WsUpgrade,
     /// WebSocket after the upgrade.
     Ws(ws::Decoder),
-    /// The WebSocket conformance echo path (`server.ws_echo`): messages go back as they came.
-    WsEcho(ws::Decoder),
 }
 
 /// The transport a listener accepted a connection on.
@@ -113,6 +111,10 @@ pub(super) enum Input {
 pub(super) struct Link {
     proto: Proto,
     codec: CodecId,
+    /// The WebSocket conformance echo path (`server.ws_echo`): messages go back as they
+    /// came. (A flag, not a fourth `Proto` variant: `Proto` keeps its tag in the decoder's
+    /// niche only while one variant holds a decoder, which saves 8 bytes per connection.)
+    echo: bool,
     /// Bytes of a partial raw-TCP frame or of the upgrade request; unallocated when idle.
     inbuf: BytesMut,
 }
@@ -125,6 +127,7 @@ impl Link {
                 Transport::Ws => Proto::WsUpgrade,
             },
             codec: CodecId::Json,
+            echo: false,
             inbuf: BytesMut::new(),
         }
     }
@@ -152,14 +155,17 @@ impl Link {
     pub fn encoding(&self) -> Option<(bool, CodecId)> {
         match self.proto {
             Proto::Tcp => Some((false, self.codec)),
-            Proto::Ws(_) => Some((true, self.codec)),
-            Proto::WsUpgrade | Proto::WsEcho(_) => None,
+            Proto::Ws(_) if !self.echo => Some((true, self.codec)),
+            Proto::Ws(_) | Proto::WsUpgrade => None,
         }
     }
 
     /// Appends `env` as one frame; false (nothing appended) when it cannot be encoded or
     /// the link carries no envelopes (upgrade not done, echo path).
     pub fn encode_onto(&self, out: &mut Vec<u8>, env: &Envelope) -> bool {
+        if self.echo {
+            return false;
+        }
         let r = match self.proto {
             Proto::Tcp => write_frame(out, self.codec, &[], env),
             Proto::Ws(_) => {
@@ -170,7 +176,7 @@ impl Link {
                 };
                 ws::write_message_with(out, op, |o| self.codec.encode(env, o))
             }
-            Proto::WsUpgrade | Proto::WsEcho(_) => return false,
+            Proto::WsUpgrade => return false,
         };
         r.is_ok()
     }
@@ -198,7 +204,7 @@ impl Link {
         match self.proto {
             Proto::Tcp => self.next_tcp(rules, data, hello_pending),
             Proto::WsUpgrade => self.upgrade(rules, data, out),
-            Proto::Ws(_) | Proto::WsEcho(_) => self.next_ws(data, out),
+            Proto::Ws(_) => self.next_ws(data, out),
         }
     }
 
@@ -277,12 +283,8 @@ impl Link {
                 } else {
                     rules.ws_limits
                 };
-                let dec = ws::Decoder::new(ws::Role::Server, limits);
-                self.proto = if echo {
-                    Proto::WsEcho(dec)
-                } else {
-                    Proto::Ws(dec)
-                };
+                self.proto = Proto::Ws(ws::Decoder::new(ws::Role::Server, limits));
+                self.echo = echo;
                 let rest = self.inbuf.split_off(up.consumed);
                 self.inbuf = BytesMut::new();
                 Input::Upgraded { echo, rest }
@@ -291,10 +293,9 @@ impl Link {
     }
 
     fn next_ws(&mut self, data: &mut &mut [u8], out: &mut Vec<u8>) -> Input {
-        let (dec, echo) = match &mut self.proto {
-            Proto::Ws(dec) => (dec, false),
-            Proto::WsEcho(dec) => (dec, true),
-            Proto::Tcp | Proto::WsUpgrade => return Input::Done,
+        let echo = self.echo;
+        let Proto::Ws(dec) = &mut self.proto else {
+            return Input::Done;
         };
         let payload = loop {
             let ev = match dec.next_event(data) {
@@ -623,6 +624,19 @@ mod tests {
         assert_eq!(out, expected);
         assert_eq!(link.encoding(), None);
         assert!(!link.encode_onto(&mut out, &hello()));
+    }
+
+    #[test]
+    fn a_link_is_no_larger_than_its_parts() {
+        // The decoder's niche holds `Proto`'s tag, and the codec and the echo flag share the
+        // padding after the input buffer: a connection's slab entry carries this per
+        // connection (docs/ARCHITECTURE.md, idle memory).
+        let parts = std::mem::size_of::<ws::Decoder>() + std::mem::size_of::<BytesMut>() + 2;
+        assert_eq!(
+            std::mem::size_of::<Proto>(),
+            std::mem::size_of::<ws::Decoder>()
+        );
+        assert_eq!(std::mem::size_of::<Link>(), parts.next_multiple_of(8));
     }
 
     #[test]
