@@ -1,7 +1,7 @@
-//! The client side of a shard: bytes in from a connection, through the transport (raw-TCP
-//! frames or WebSocket) and the codec, into the session rules: nothing but `hello` before
-//! authentication, the handshake timeout, rate limits, one user per connection, and the
-//! replies and cross-shard messages each op causes.
+//! The client side of a shard: the session rules over what a connection's transport
+//! (transport.rs: raw-TCP frames or WebSocket, and the codec) makes of the bytes read: nothing
+//! but `hello` before authentication, the handshake timeout, rate limits, one user per
+//! connection, and the replies and cross-shard messages each op causes.
 
 use super::transport::Input;
 use super::{ConnId, HelloDone, Origin, Phase, ReplyTo, Session, Shard, ShardMsg, UserKey};

@@ -549,65 +549,41 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_refused_upgrade_and_an_oversized_request_are_broken() {
-        let rules = rules(false);
-        let mut out = Vec::new();
-        let mut link = Link::new(Transport::Ws);
-        let inputs = read_all(&mut link, &rules, &upgrade_request("/nope", &[]), &mut out);
-        assert!(matches!(
-            inputs.as_slice(),
-            [Input::Broken {
-                reply: None,
-                upgrade: true
-            }]
-        ));
+    /// `request` read by a fresh WebSocket link breaks it with an HTTP `status` answer.
+    fn assert_upgrade_refused(rules: &Rules, request: &[u8], status: &str) {
+        let (mut link, mut out) = (Link::new(Transport::Ws), Vec::new());
+        let inputs = read_all(&mut link, rules, request, &mut out);
+        let broken = Input::Broken {
+            reply: None,
+            upgrade: true,
+        };
+        assert_eq!(format!("{inputs:?}"), format!("{:?}", [broken]));
+        let head = format!("HTTP/1.1 {status}");
         assert!(
-            out.starts_with(b"HTTP/1.1 404"),
-            "{:?}",
-            String::from_utf8_lossy(&out)
-        );
-
-        out.clear();
-        let mut link = Link::new(Transport::Ws);
-        let mut endless = b"GET /ws HTTP/1.1\r\n".to_vec();
-        endless.resize(rules.upgrade.max_header_bytes + 1, b'a');
-        let inputs = read_all(&mut link, &rules, &endless, &mut out);
-        assert!(matches!(
-            inputs.as_slice(),
-            [Input::Broken {
-                reply: None,
-                upgrade: true
-            }]
-        ));
-        assert!(
-            out.starts_with(b"HTTP/1.1 431"),
+            out.starts_with(head.as_bytes()),
             "{:?}",
             String::from_utf8_lossy(&out)
         );
     }
 
     #[test]
+    fn a_refused_upgrade_and_an_oversized_request_are_broken() {
+        let rules = rules(false);
+        assert_upgrade_refused(&rules, &upgrade_request("/nope", &[]), "404");
+        let mut endless = b"GET /ws HTTP/1.1\r\n".to_vec();
+        endless.resize(rules.upgrade.max_header_bytes + 1, b'a');
+        assert_upgrade_refused(&rules, &endless, "431");
+    }
+
+    #[test]
     fn the_echo_path_writes_messages_back_and_carries_no_envelopes() {
-        let mut out = Vec::new();
-        let mut link = Link::new(Transport::Ws);
-        let without = rules(false);
-        let inputs = read_all(
-            &mut link,
-            &without,
-            &upgrade_request("/echo", &[]),
-            &mut out,
-        );
-        assert!(matches!(
-            inputs.as_slice(),
-            [Input::Broken { upgrade: true, .. }]
-        ));
+        // Not served unless `server.ws_echo`.
+        assert_upgrade_refused(&rules(false), &upgrade_request("/echo", &[]), "404");
 
         let rules = rules(true);
-        let mut link = Link::new(Transport::Ws);
+        let (mut link, mut out) = (Link::new(Transport::Ws), Vec::new());
         let mut bytes = upgrade_request("/echo", &[]);
         client_text(&mut bytes, "héllo");
-        out.clear();
         let Some(Input::Upgraded { echo: true, rest }) =
             read_all(&mut link, &rules, &bytes, &mut out).pop()
         else {
