@@ -134,8 +134,9 @@ meta = {
         "loss = lost + unconfirmed: sent (written, or acked by imgw) and not delivered by the end of a 3 s grace; "
         "where loadgen cannot keep up (high send lag, p50 in seconds) this counts copies still queued in the "
         "server or the kernel when the grace ended, not copies the server dropped.",
-        "imgw subscribers acknowledge what they received (fan-out: a cumulative `ack` every 32 deliveries and "
-        "a sweep every 100 ms in 20 slices of the connections, so up to 10 acks/s per subscriber at low rates; "
+        "imgw subscribers acknowledge what they received (fan-out: a cumulative `ack {group}` once a second per "
+        "subscriber, in 20 slices of the connections, as the SDK's `groupAckDelayMs`: a group ack only moves the "
+        "member's catch-up cursor; before 2026-12-06 loadgen acked every 32 deliveries and every 100 ms, up to 10 acks/s; "
         "chat: after each read), as its "
         "clients do; the peers have no acknowledgement, so imgw's server CPU per delivery includes reading "
         "those acks, and imgw's chat messages are also acked to the sender (`send_ack`).",

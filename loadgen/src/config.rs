@@ -190,6 +190,10 @@ pub struct Cli {
     /// Do not send cumulative `ack`s for deliveries (clients normally do).
     #[arg(long)]
     pub no_client_ack: bool,
+    /// Group fan-out: how often a member acks the group timeline, in ms, as the SDK's
+    /// `groupAckDelayMs` [default: 1000].
+    #[arg(long)]
+    pub group_ack_ms: Option<u64>,
     /// Prefix of the user ids [default: lg<pid>-].
     #[arg(long)]
     pub user_prefix: Option<String>,
@@ -296,6 +300,7 @@ pub struct FileOptions {
     pub connect_timeout: Option<String>,
     pub setup_timeout: Option<String>,
     pub client_ack: Option<bool>,
+    pub group_ack_ms: Option<u64>,
     pub user_prefix: Option<String>,
     pub json: Option<PathBuf>,
     pub hgrm: Option<PathBuf>,
@@ -357,6 +362,7 @@ pub struct Options {
     pub connect_timeout: Duration,
     pub setup_timeout: Duration,
     pub client_ack: bool,
+    pub group_ack_ms: u64,
     pub user_prefix: String,
     pub json: Option<PathBuf>,
     pub hgrm: Option<PathBuf>,
@@ -380,6 +386,15 @@ pub struct Options {
 pub const MIN_PAYLOAD: usize = 16;
 /// Largest body accepted (the gateway's default frame limit is 64 KiB).
 pub const MAX_PAYLOAD: usize = 60 * 1024;
+/// Group fan-out: a member's ack interval unless `--group-ack-ms` says otherwise: the SDK's
+/// `groupAckDelayMs` (a group ack only moves the member's catch-up cursor).
+pub const DEFAULT_GROUP_ACK_MS: u64 = 1000;
+/// Longest ack interval accepted (a minute).
+pub const MAX_GROUP_ACK_MS: u64 = 60_000;
+
+fn default_group_ack_ms() -> u64 {
+    DEFAULT_GROUP_ACK_MS
+}
 
 /// `loadgen chaos`'s own flags.
 fn chaos_options(cli: &Cli) -> Result<crate::chaos::ChaosOptions, String> {
@@ -643,6 +658,11 @@ impl Options {
             connect_timeout: dur(cli.connect_timeout, file.connect_timeout, "5s")?,
             setup_timeout: dur(cli.setup_timeout, file.setup_timeout, "120s")?,
             client_ack: !cli.no_client_ack && file.client_ack.unwrap_or(true),
+            group_ack_ms: cli
+                .group_ack_ms
+                .or(file.group_ack_ms)
+                .unwrap_or(DEFAULT_GROUP_ACK_MS)
+                .clamp(1, MAX_GROUP_ACK_MS),
             user_prefix: cli
                 .user_prefix
                 .or(file.user_prefix)
@@ -882,6 +902,7 @@ impl Options {
                     connect_timeout_us: self.connect_timeout.as_micros() as u64,
                     setup_timeout_us: self.setup_timeout.as_micros() as u64,
                     client_ack: self.client_ack,
+                    group_ack_ms: self.group_ack_ms,
                     user_prefix: self.user_prefix.clone(),
                     sources,
                     jwt_secret: self.jwt_secret.clone(),
@@ -942,6 +963,9 @@ pub struct Plan {
     pub connect_timeout_us: u64,
     pub setup_timeout_us: u64,
     pub client_ack: bool,
+    /// Group fan-out: each member's ack interval (the SDK's `groupAckDelayMs`).
+    #[serde(default = "default_group_ack_ms")]
+    pub group_ack_ms: u64,
     pub user_prefix: String,
     pub sources: Vec<Ipv4Addr>,
     /// HS256 secret for the tokens (`None`: dev tokens). Sent to the worker on its stdin,

@@ -42,9 +42,8 @@ use crate::stats::{Counters, Final, ServerLimits, Stage, Tick};
 const SECOND_US: u64 = 1_000_000;
 /// Most overdue sends taken before looking at the sockets again.
 const SEND_BURST: usize = 256;
-/// Group fan-out: deliveries per cumulative `ack`, and the sweep that acks the rest.
-const ACK_BATCH: u64 = 32;
-const ACK_SWEEP_US: u64 = 100_000;
+/// Group fan-out: members ack on a sweep every `plan.group_ack_ms` (the SDK's
+/// `groupAckDelayMs`), not per delivery: a group ack only moves the member's cursor.
 /// The sweep runs in this many slices spread over its interval, each acking its share of
 /// the connections: acking all of them at once would hold the publisher's schedule back
 /// for the thousands of writes (about 10 ms for 2,000 connections), and that lateness
@@ -463,7 +462,7 @@ impl<'a> Engine<'a> {
             self.heartbeats(now);
             if self.pubsub && self.plan.protocol == Protocol::Imgw && now >= self.next_ack_sweep_us
             {
-                self.next_ack_sweep_us = now + ACK_SWEEP_US / ACK_SWEEP_SLICES;
+                self.next_ack_sweep_us = now + self.plan.group_ack_ms * 1000 / ACK_SWEEP_SLICES;
                 self.ack_sweep_slice();
             }
             self.ticks(now);
@@ -1012,15 +1011,14 @@ impl<'a> Engine<'a> {
                 }
             }
         }
-        // Group fan-out: a cumulative ack per ACK_BATCH deliveries (and the rest on the
-        // periodic sweep), as a client would batch them; otherwise after every read.
-        let batch = if self.pubsub { ACK_BATCH } else { 1 };
-        if self.ack_upto(i) >= self.conns[i].acked_to + batch {
+        // Group fan-out: the sweep acks (as the SDK's group ack timer); otherwise a cumulative
+        // ack after every read.
+        if !self.pubsub && self.ack_upto(i) > self.conns[i].acked_to {
             self.send_ack(i);
         }
     }
 
-    /// Acks the next slice of connections (each connection once per `ACK_SWEEP_US`).
+    /// Acks the next slice of connections (each connection once per `plan.group_ack_ms`).
     fn ack_sweep_slice(&mut self) {
         let n = self.conns.len();
         let per_slice = n.div_ceil(ACK_SWEEP_SLICES as usize).max(1);

@@ -96,8 +96,13 @@ export interface ClientOptions {
     maxHeldPerGroup?: number;
     /** Last inbox sequence this device has (e.g. persisted by the app); default 0. */
     inboxSeq?: number;
-    /** Delay before a cumulative ack is sent (ms), so that a burst costs one ack. Default 20. */
+    /** Delay before a cumulative inbox ack is sent (ms), so that a burst costs one ack. Default 20. */
     ackDelayMs?: number;
+    /** Delay before a group's cumulative ack is sent (ms). A group ack only moves the member's
+     * cursor for a later catch-up (group pushes are not windowed or retransmitted), so one a
+     * second per group is enough: a member of a busy group would otherwise ack every push.
+     * `disconnect()` sends what is pending. Default 1000. */
+    groupAckDelayMs?: number;
 }
 export interface Welcome {
     version: number;
@@ -179,6 +184,7 @@ export declare class Client {
     private heartbeatTimer?;
     private resumeTimer?;
     private ackTimer?;
+    private groupAckTimer?;
     private lastRx;
     private nextRef;
     private cmidBase;
@@ -266,6 +272,8 @@ export declare class Client {
     private inboxSyncDone;
     private scheduleAck;
     private flushAcks;
+    private scheduleGroupAck;
+    private flushGroupAcks;
     private onSendAck;
     private onOk;
     private onError;

@@ -104,6 +104,7 @@ export class Client {
     heartbeatTimer;
     resumeTimer;
     ackTimer;
+    groupAckTimer;
     lastRx = 0;
     nextRef = 1;
     cmidBase = randomHex(6);
@@ -144,6 +145,7 @@ export class Client {
             resumeTimeoutMs: 3000,
             maxHeldPerGroup: 1000,
             ackDelayMs: 20,
+            groupAckDelayMs: 1000,
             codec: jsonCodec,
             ...options,
         };
@@ -196,6 +198,9 @@ export class Client {
     disconnect(rejectPending = false) {
         this.stopped = true;
         clearTimeout(this.reconnectTimer);
+        // What was shown is acked before the close, so the next session starts after it.
+        this.flushAcks();
+        this.flushGroupAcks();
         this.teardown();
         if (this.ws) {
             const ws = this.ws;
@@ -360,6 +365,8 @@ export class Client {
         clearTimeout(this.resumeTimer);
         clearTimeout(this.ackTimer);
         this.ackTimer = undefined;
+        clearTimeout(this.groupAckTimer);
+        this.groupAckTimer = undefined;
         for (const g of this.groups.values())
             g.syncing = false;
         this.groupQueue = [];
@@ -600,7 +607,7 @@ export class Client {
         g.held.delete(msg.seq);
         this.seen.add(msg.mid);
         this.emit("message", msg);
-        this.scheduleAck();
+        this.scheduleGroupAck();
     }
     /** Emits the held messages up to gseq `upTo` in order (a sync page ended there: what is
      * missing below it is not on the timeline), then those that follow without a gap. */
@@ -660,8 +667,10 @@ export class Client {
                 return;
             }
             g.syncing = false;
-            if (g.last < upTo && g.held.size === 0)
+            if (g.last < upTo && g.held.size === 0) {
                 g.last = upTo;
+                this.scheduleGroupAck();
+            }
             this.emit("synced", { group, upTo });
             const next = this.groupQueue.shift();
             if (next !== undefined)
@@ -720,6 +729,17 @@ export class Client {
             this.inboxAcked = this.inboxSeq;
             this.write({ op: "ack", inbox_seq: this.inboxSeq });
         }
+    }
+    scheduleGroupAck() {
+        if (this.groupAckTimer === undefined) {
+            this.groupAckTimer = setTimeout(() => this.flushGroupAcks(), this.opts.groupAckDelayMs);
+        }
+    }
+    flushGroupAcks() {
+        clearTimeout(this.groupAckTimer);
+        this.groupAckTimer = undefined;
+        if (!this.welcomed)
+            return;
         for (const [group, g] of this.groups) {
             if (g.last > g.acked) {
                 g.acked = g.last;

@@ -121,8 +121,13 @@ export interface ClientOptions {
   maxHeldPerGroup?: number;
   /** Last inbox sequence this device has (e.g. persisted by the app); default 0. */
   inboxSeq?: number;
-  /** Delay before a cumulative ack is sent (ms), so that a burst costs one ack. Default 20. */
+  /** Delay before a cumulative inbox ack is sent (ms), so that a burst costs one ack. Default 20. */
   ackDelayMs?: number;
+  /** Delay before a group's cumulative ack is sent (ms). A group ack only moves the member's
+   * cursor for a later catch-up (group pushes are not windowed or retransmitted), so one a
+   * second per group is enough: a member of a busy group would otherwise ack every push.
+   * `disconnect()` sends what is pending. Default 1000. */
+  groupAckDelayMs?: number;
 }
 
 export interface Welcome {
@@ -266,6 +271,7 @@ export class Client {
   private heartbeatTimer?: ReturnType<typeof setInterval>;
   private resumeTimer?: ReturnType<typeof setTimeout>;
   private ackTimer?: ReturnType<typeof setTimeout>;
+  private groupAckTimer?: ReturnType<typeof setTimeout>;
   private lastRx = 0;
   private nextRef = 1;
   private cmidBase = randomHex(6);
@@ -309,6 +315,7 @@ export class Client {
       resumeTimeoutMs: 3000,
       maxHeldPerGroup: 1000,
       ackDelayMs: 20,
+      groupAckDelayMs: 1000,
       codec: jsonCodec,
       ...options,
     };
@@ -368,6 +375,9 @@ export class Client {
   disconnect(rejectPending = false): void {
     this.stopped = true;
     clearTimeout(this.reconnectTimer);
+    // What was shown is acked before the close, so the next session starts after it.
+    this.flushAcks();
+    this.flushGroupAcks();
     this.teardown();
     if (this.ws) {
       const ws = this.ws;
@@ -538,6 +548,8 @@ export class Client {
     clearTimeout(this.resumeTimer);
     clearTimeout(this.ackTimer);
     this.ackTimer = undefined;
+    clearTimeout(this.groupAckTimer);
+    this.groupAckTimer = undefined;
     for (const g of this.groups.values()) g.syncing = false;
     this.groupQueue = [];
     for (const s of this.sends.values()) clearTimeout(s.retryTimer);
@@ -762,7 +774,7 @@ export class Client {
     g.held.delete(msg.seq);
     this.seen.add(msg.mid);
     this.emit("message", msg);
-    this.scheduleAck();
+    this.scheduleGroupAck();
   }
 
   /** Emits the held messages up to gseq `upTo` in order (a sync page ended there: what is
@@ -819,7 +831,10 @@ export class Client {
         return;
       }
       g.syncing = false;
-      if (g.last < upTo && g.held.size === 0) g.last = upTo;
+      if (g.last < upTo && g.held.size === 0) {
+        g.last = upTo;
+        this.scheduleGroupAck();
+      }
       this.emit("synced", { group, upTo });
       const next = this.groupQueue.shift();
       if (next !== undefined) this.startGroupSync(next);
@@ -874,6 +889,18 @@ export class Client {
       this.inboxAcked = this.inboxSeq;
       this.write({ op: "ack", inbox_seq: this.inboxSeq });
     }
+  }
+
+  private scheduleGroupAck(): void {
+    if (this.groupAckTimer === undefined) {
+      this.groupAckTimer = setTimeout(() => this.flushGroupAcks(), this.opts.groupAckDelayMs);
+    }
+  }
+
+  private flushGroupAcks(): void {
+    clearTimeout(this.groupAckTimer);
+    this.groupAckTimer = undefined;
+    if (!this.welcomed) return;
     for (const [group, g] of this.groups) {
       if (g.last > g.acked) {
         g.acked = g.last;

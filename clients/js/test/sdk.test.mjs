@@ -199,6 +199,42 @@ test("group send, and a member's catch-up after being offline", { timeout: 60_00
   assert.deepEqual(bodies(bobAgain.got), ["g14", "g15", "g16"]);
 });
 
+test("a group member acks a burst once a second, and what it saw before disconnect()", { timeout: 60_000 }, async () => {
+  const gw = await gateway();
+  const ann = client(gw.ws, "bann", "laptop");
+  const bob = client(gw.ws, "bbob", "phone");
+  await Promise.all([ann.c.connect(), bob.c.connect()]);
+  for (const m of [ann, bob]) await m.c.joinGroup("busy");
+  const acks = async () => {
+    const metrics = await (await fetch(`${gw.admin}/metrics`)).text();
+    const m = /imgw_frames_in_total\{shard="0",op="ack",codec="json"\} (\d+)/.exec(metrics);
+    return m ? Number(m[1]) : 0;
+  };
+  // 30 pushes over about 600 ms: an ack per push (or per 20 ms) would be dozens.
+  for (let i = 1; i <= 30; i++) {
+    await ann.c.send({ group: "busy" }, `b${i}`);
+    await sleep(20);
+  }
+  await waitFor(() => bob.got.length >= 30, 10_000, "the burst");
+  let n = 0;
+  await waitFor(async () => (n = await acks()) >= 1, 10_000, "bob's group ack");
+  await sleep(1200);
+  n = await acks();
+  assert.ok(n >= 1 && n <= 3, `group acks for 30 pushes: ${n}`);
+  // Three more, and bob leaves before its ack timer fires: disconnect() sends the ack, so
+  // a fresh client of bob is not given them again from the group cursor.
+  for (let i = 31; i <= 33; i++) await ann.c.send({ group: "busy" }, `b${i}`);
+  await waitFor(() => bob.got.length >= 33, 10_000, "the last three");
+  bob.c.disconnect();
+  await waitFor(async () => (await acks()) > n, 5_000, "the ack sent by disconnect()");
+  const bobAgain = client(gw.ws, "bbob", "phone");
+  await bobAgain.c.connect();
+  await ann.c.send({ group: "busy" }, "b34");
+  await waitFor(() => bobAgain.got.length >= 1, 10_000, "the next push");
+  await sleep(300);
+  assert.deepEqual(bodies(bobAgain.got), ["b34"]);
+});
+
 test("presence and requests are promises; subscriptions survive a reconnect", { timeout: 60_000 }, async () => {
   const gw = await gateway(["--durability", "memory"]);
   const ann = client(gw.ws, "pann", "laptop", { resumeTimeoutMs: 500 });
