@@ -186,17 +186,11 @@ impl Shard {
             } => self.broadcast(&tenant, from, kind, body, stats, clk),
             AdminCmd::Group { group, op, reply } => self.admin_group(group, op, reply),
             AdminCmd::User { user, reply } => {
-                let answer = match self.users.get(&user) {
-                    Some(e) => AdminAnswer::User {
-                        devices: e.devices.to_vec(),
-                        status: e.effective_status(),
-                        remote: e.remote.clone(),
-                    },
-                    None => AdminAnswer::User {
-                        devices: Vec::new(),
-                        status: Status::Offline,
-                        remote: Vec::new(),
-                    },
+                let (devices, status, remote) = self.dir.view(&user);
+                let answer = AdminAnswer::User {
+                    devices,
+                    status,
+                    remote,
                 };
                 let _ = reply.try_send(answer);
             }
@@ -230,14 +224,10 @@ impl Shard {
                     tenant: rec.tenant,
                     user,
                 };
-                let Some(e) = self.users.get_mut(&to) else {
+                let Some(seq) = self.dir.next_inbox_seq(&to, true) else {
                     return;
                 };
-                if e.devices.is_empty() {
-                    return;
-                }
-                e.inbox_seq += 1;
-                deliver.inbox_seq = e.inbox_seq;
+                deliver.inbox_seq = seq;
                 self.push_to_devices(&to, deliver);
             }
             Target::Group(group) => {

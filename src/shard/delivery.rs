@@ -528,10 +528,7 @@ impl Shard {
     /// Owner side of an admin kick: every device of `user` gets `goaway` and is closed by
     /// its shard (the owner drops the routes when the devices unregister).
     pub(super) fn kick(&mut self, user: &UserKey) {
-        let Some(e) = self.users.get(user) else {
-            return;
-        };
-        for route in e.devices.clone() {
+        for route in self.dir.device_routes(user) {
             self.post_always(
                 usize::from(route.shard),
                 ShardMsg::Kick { conn: route.conn },
@@ -540,8 +537,8 @@ impl Shard {
     }
 
     pub(super) fn push_to_devices(&mut self, to: &UserKey, deliver: Deliver) {
-        if let Some(e) = self.users.get(to) {
-            let routes = e.devices.clone();
+        let routes = self.dir.device_routes(to);
+        if !routes.is_empty() {
             self.fan_out(&routes, deliver);
         }
     }

@@ -8,7 +8,6 @@ use super::groups::GroupKey;
 use super::{Clock, ConnId, Shard, UserKey};
 use crate::iocore::{IoCmd, IoError, IoRequest};
 use crate::protocol::{Deliver, Status, Str, Target};
-use crate::services::cluster::MAX_NODES;
 use crate::services::push::PushRecord;
 use crate::services::redis::{PresenceEvent, PresenceKind};
 use crate::store::{GroupRef, Op, UserRef};
@@ -99,10 +98,7 @@ impl Shard {
                 // The status of the user's devices here (offline if none), to every other
                 // node: the asking node's subscribers then see it.
                 let key = UserKey { tenant, user };
-                let status = self
-                    .users
-                    .get(&key)
-                    .map_or(Status::Offline, |e| e.statuses().1);
+                let status = self.dir.local_status(&key);
                 self.relay(crate::services::cluster::RelayItem::Presence {
                     tenant: key.tenant,
                     user: key.user,
@@ -116,13 +112,7 @@ impl Shard {
                 status,
             } => self.remote_presence(&UserKey { tenant, user }, &[(node, status)], clk),
             Relayed::NodeDown { node } => {
-                let affected: Vec<UserKey> = self
-                    .users
-                    .iter()
-                    .filter(|(_, e)| e.remote.iter().any(|(n, _)| *n == node))
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for user in affected {
+                for user in self.dir.reported_by(&node) {
                     self.remote_presence(&user, &[(node.clone(), Status::Offline)], clk);
                 }
             }
@@ -133,17 +123,10 @@ impl Shard {
     /// here hear of a change of what they see. Only a user with an entry here (devices or
     /// subscribers) is tracked.
     fn remote_presence(&mut self, user: &UserKey, reports: &[(Str, Status)], clk: Clock) {
-        let Some(e) = self.users.get_mut(user) else {
-            return;
-        };
-        let before = e.statuses();
-        for (node, status) in reports {
-            e.remote.retain(|(n, _)| n != node);
-            if *status != Status::Offline && e.remote.len() < usize::from(MAX_NODES) {
-                e.remote.push((node.clone(), *status));
-            }
-        }
-        self.presence_changed(user, before, clk);
+        let mut fx = Vec::new();
+        self.dir
+            .remote_presence(user, reports, clk.unix_ms, &mut fx);
+        self.apply(fx);
     }
 
     /// Cluster mode, first subscriber of a user with no devices here: which other nodes hold
@@ -169,11 +152,7 @@ impl Shard {
     ) {
         let own = self.cfg.cluster.node_id.as_deref().unwrap_or("");
         let Ok(nodes) = nodes else { return };
-        let known: Vec<Str> = self
-            .users
-            .get(&user)
-            .map(|e| e.remote.iter().map(|(n, _)| n.clone()).collect())
-            .unwrap_or_default();
+        let known = self.dir.remote_nodes(&user);
         let reports: Vec<(Str, Status)> = nodes
             .into_iter()
             .filter(|n| &**n != own && !known.contains(n))

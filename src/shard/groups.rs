@@ -459,9 +459,7 @@ impl Shard {
                 tenant: group.tenant.clone(),
                 user: user.clone(),
             };
-            if let Some(e) = self.users.get(&key) {
-                routes.extend(e.devices.iter().copied());
-            }
+            routes.extend(self.dir.devices(&key).iter().copied());
         }
         if !routes.is_empty() {
             self.fan_out(&routes, deliver);
@@ -479,7 +477,7 @@ impl Shard {
         // it by a little. This list follows the stored membership up to twice the limit (its
         // memory bound), and says so when it cannot.
         let max = 2 * self.cfg.limits.max_groups_per_user as usize;
-        let online = self.users.get(&user).is_some_and(|e| !e.devices.is_empty());
+        let online = self.dir.is_online(&user);
         let groups = self.groups.of_user.entry(user.clone()).or_default();
         if !join {
             groups.retain(|g| *g != group);
@@ -691,7 +689,7 @@ impl Shard {
             return;
         };
         let max = self.cfg.limits.max_groups_per_user as usize;
-        let online = self.users.get(&user).is_some_and(|e| !e.devices.is_empty());
+        let online = self.dir.is_online(&user);
         let old = self.groups.of_user.remove(&user).unwrap_or_default();
         for g in &old {
             self.set_group_online(&user, g, false);

@@ -9,6 +9,10 @@
 //! driver ([`Shard::take_woken`]), and fills one outbox per
 //! destination shard that the runtime ships through bounded channels.
 //!
+//! Two parts stand on their own, without a shard: a connection's transport (transport.rs:
+//! framing and codec to and from envelopes) and the directory of owned users (owner.rs: routes
+//! and presence, returning effects the shard carries out).
+//!
 //! Cross-shard traffic is batched per destination; when an outbox is full new work is shed
 //! with `overloaded` (never blocked on).
 
@@ -16,6 +20,7 @@ pub mod admin;
 mod delivery;
 mod external;
 mod groups;
+mod owner;
 mod route;
 mod session;
 pub mod slab;
@@ -25,8 +30,6 @@ mod transport;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::Waker;
-
-use smallvec::SmallVec;
 
 use crate::auth::Authenticator;
 use crate::codec::CodecId;
@@ -233,50 +236,6 @@ pub struct Conn {
     bytes: TokenBucket,
 }
 
-/// State of one user owned by this shard.
-#[derive(Default)]
-struct UserEntry {
-    /// Online devices; inline for the usual one.
-    devices: SmallVec<[Route; 1]>,
-    inbox_seq: u64,
-    /// Status set by the user (online unless busy/away); offline when no device is connected.
-    status: Option<Status>,
-    subscribers: Vec<Route>,
-    /// Cluster mode: the status of this user's devices on other nodes, as they relayed it
-    /// (only nodes where it is not offline; at most one entry per node, so at most
-    /// `MAX_NODES`). Kept only while the user has an entry here (devices or subscribers).
-    remote: Vec<(Str, Status)>,
-}
-
-impl UserEntry {
-    /// The status of the user's devices on this node.
-    fn local_status(&self) -> Status {
-        if self.devices.is_empty() {
-            Status::Offline
-        } else {
-            self.status.unwrap_or(Status::Online)
-        }
-    }
-
-    /// What subscribers see: this node's devices first, else the most available status
-    /// another node reported.
-    fn effective_status(&self) -> Status {
-        let local = self.local_status();
-        if local != Status::Offline {
-            return local;
-        }
-        [Status::Online, Status::Busy, Status::Away]
-            .into_iter()
-            .find(|s| self.remote.iter().any(|(_, r)| r == s))
-            .unwrap_or(Status::Offline)
-    }
-
-    /// (effective, local), before a change: see `Shard::presence_changed`.
-    fn statuses(&self) -> (Status, Status) {
-        (self.effective_status(), self.local_status())
-    }
-}
-
 /// Burst of the per-connection byte bucket: a second's worth, and at least one whole frame.
 fn byte_burst(l: &crate::config::Limits) -> u32 {
     l.bytes_per_sec.max(l.max_frame_bytes)
@@ -297,7 +256,8 @@ pub struct Shard {
     metrics: Arc<Metrics>,
     conns: slab::Slab<Conn>,
     wheel: TimerWheel<ConnId>,
-    users: HashMap<UserKey, UserEntry>,
+    /// The owned users' routes and presence.
+    dir: owner::Directory,
     groups: groups::Groups,
     /// Outgoing messages per destination shard (index == shard id; ours is the local queue).
     outbox: Vec<Vec<ShardMsg>>,
@@ -356,6 +316,13 @@ impl Shard {
         assert!(id < shards && shards <= usize::from(u16::MAX));
         let per_shard = (cfg.limits.max_conns as usize).div_ceil(shards);
         let mids = MidMint::unleased(id, cfg.cluster.slot, clk.unix_ms);
+        let dir = owner::Directory::new(
+            shards,
+            MAX_USERS_PER_SHARD,
+            cfg.limits.max_devices_per_user as usize,
+            cfg.cluster.slot.is_some(),
+            cfg.cluster.slot.is_some() && io.is_some(),
+        );
         Shard {
             id,
             shards,
@@ -365,7 +332,7 @@ impl Shard {
             auth,
             metrics,
             conns: slab::Slab::new(per_shard),
-            users: HashMap::new(),
+            dir,
             groups: groups::Groups::default(),
             outbox: (0..shards).map(|_| Vec::new()).collect(),
             outbox_len: 0,

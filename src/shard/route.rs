@@ -1,16 +1,13 @@
 //! The owner side of a shard: what it does with batches from other shards (and its own local
-//! queue). Owned users' device routes, inbox sequence numbers, presence status and subscriber
-//! lists live here; deliveries are grouped so each destination shard gets one message per
+//! queue). The owned users' device routes, inbox sequence numbers, presence status and
+//! subscriber lists are the directory's (owner.rs); this carries out the effects it returns
+//! ([`Shard::apply`]). Deliveries are grouped so each destination shard gets one message per
 //! delivery, however many of the user's devices live there.
 
-use super::{
-    Batch, Clock, ConnId, Route, Shard, ShardMsg, UserEntry, UserKey, MAX_SUBSCRIBERS_PER_USER,
-    MAX_USERS_PER_SHARD,
-};
+use super::owner::Effect;
+use super::{Batch, Clock, ConnId, Route, Shard, ShardMsg, UserKey};
 use crate::metrics::{CloseReason, Stage};
-use crate::protocol::{
-    Deliver, Envelope, Error, ErrorCode, Message, Presence, SendAck, Status, Str,
-};
+use crate::protocol::{Deliver, Envelope, Error, ErrorCode, Message, SendAck, Str};
 
 impl Shard {
     /// Handles a batch that arrived from shard `_from` (or from our own local queue).
@@ -29,28 +26,23 @@ impl Shard {
     fn on_shard_msg(&mut self, msg: ShardMsg, clk: Clock) {
         match msg {
             ShardMsg::Register { user, route, hello } => {
-                if self.on_register(user, route, clk) {
-                    self.post_always(
+                let mut fx = Vec::new();
+                if self.dir.register(&user, route, clk.unix_ms, &mut fx) {
+                    fx.push(Effect::Post(
                         usize::from(route.shard),
                         ShardMsg::Registered {
                             conn: route.conn,
                             hello,
                         },
-                    );
+                    ));
                 }
+                self.apply(fx);
             }
             ShardMsg::Registered { conn, hello } => self.welcome(conn, hello, clk),
             ShardMsg::Unregister { user, route } => {
-                let Some(e) = self.users.get_mut(&user) else {
-                    return;
-                };
-                let before = e.statuses();
-                e.devices.retain(|r| *r != route);
-                if e.devices.is_empty() {
-                    self.user_online_changed(&user, false);
-                }
-                self.presence_changed(&user, before, clk);
-                self.gc_user(&user);
+                let mut fx = Vec::new();
+                self.dir.unregister(&user, route, clk.unix_ms, &mut fx);
+                self.apply(fx);
             }
             ShardMsg::Kick { conn } => {
                 // A connection that is gone (or replaced: the id's generation) is left alone.
@@ -70,52 +62,18 @@ impl Shard {
                 self.close(conn, CloseReason::Limit);
             }
             ShardMsg::SetStatus { user, status } => {
-                let Some(e) = self.users.get_mut(&user) else {
-                    return;
-                };
-                let before = e.statuses();
-                e.status = Some(status);
-                self.presence_changed(&user, before, clk);
+                let mut fx = Vec::new();
+                self.dir.set_status(&user, status, clk.unix_ms, &mut fx);
+                self.apply(fx);
             }
             ShardMsg::Subscribe { target, subscriber } => {
-                if !self.users.contains_key(&target) && self.users.len() >= MAX_USERS_PER_SHARD {
-                    return;
-                }
-                let cluster = self.cfg.cluster.slot.is_some() && self.durable();
-                let e = self.users.entry(target.clone()).or_default();
-                if e.subscribers.len() < MAX_SUBSCRIBERS_PER_USER
-                    && !e.subscribers.contains(&subscriber)
-                {
-                    e.subscribers.push(subscriber);
-                }
-                // Cluster mode: the target may be online on other nodes only, and this node
-                // may have heard nothing of it yet: ask Redis which nodes hold its devices.
-                let probe = e.devices.is_empty()
-                    && e.remote.is_empty()
-                    && e.subscribers.len() == 1
-                    && cluster;
-                // The subscriber learns the current status at once.
-                let presence = Presence {
-                    user: target.user.clone(),
-                    status: e.effective_status(),
-                    ts: clk.unix_ms,
-                };
-                self.post_always(
-                    usize::from(subscriber.shard),
-                    ShardMsg::PresenceEvent {
-                        conns: vec![subscriber.conn],
-                        presence,
-                    },
-                );
-                if probe {
-                    self.probe_presence(target);
-                }
+                let mut fx = Vec::new();
+                self.dir
+                    .subscribe(&target, subscriber, clk.unix_ms, &mut fx);
+                self.apply(fx);
             }
             ShardMsg::Unsubscribe { target, subscriber } => {
-                if let Some(e) = self.users.get_mut(&target) {
-                    e.subscribers.retain(|r| *r != subscriber);
-                }
-                self.gc_user(&target);
+                self.dir.unsubscribe(&target, subscriber)
             }
             ShardMsg::PresenceEvent { conns, presence } => {
                 let env = Envelope::new(Message::Presence(presence));
@@ -132,14 +90,8 @@ impl Shard {
                     self.append_direct(to, origin, deliver);
                     return;
                 }
-                let seq = match self.users.get_mut(&to) {
-                    Some(e) => {
-                        e.inbox_seq += 1;
-                        e.inbox_seq
-                    }
-                    // Durability `memory`: an offline user has no inbox; nothing is kept.
-                    None => 0,
-                };
+                // Durability `memory`: a user without an entry has no inbox; nothing is kept.
+                let seq = self.dir.next_inbox_seq(&to, false).unwrap_or(0);
                 deliver.inbox_seq = seq;
                 let ts = deliver.ts;
                 let copy = self.sender_copy(&to, &deliver);
@@ -229,84 +181,14 @@ impl Shard {
         }
     }
 
-    /// Adds the device to its user's routes; false when refused (`RegisterRefused` sent).
-    fn on_register(&mut self, user: UserKey, route: Route, clk: Clock) -> bool {
-        if !self.users.contains_key(&user) && self.users.len() >= MAX_USERS_PER_SHARD {
-            self.post_always(
-                usize::from(route.shard),
-                ShardMsg::RegisterRefused {
-                    conn: route.conn,
-                    message: Str::from_static("shard user table full"),
-                },
-            );
-            return false;
-        }
-        let max = self.cfg.limits.max_devices_per_user as usize;
-        let e = self.users.entry(user.clone()).or_default();
-        if e.devices.len() >= max {
-            self.post_always(
-                usize::from(route.shard),
-                ShardMsg::RegisterRefused {
-                    conn: route.conn,
-                    message: Str::from_static("too many devices online"),
-                },
-            );
-            return false;
-        }
-        let before = e.statuses();
-        e.devices.push(route);
-        if e.devices.len() == 1 {
-            self.user_online_changed(&user, true);
-        }
-        self.presence_changed(&user, before, clk);
-        true
-    }
-
-    /// Tells subscribers when the user's effective status differs from `before.0`; in a
-    /// cluster, tells the other nodes when the status of the devices here differs from
-    /// `before.1`.
-    pub(super) fn presence_changed(
-        &mut self,
-        user: &UserKey,
-        before: (Status, Status),
-        clk: Clock,
-    ) {
-        let Some(e) = self.users.get(user) else {
-            return;
-        };
-        let (now, local) = e.statuses();
-        if local != before.1 {
-            self.relay(crate::services::cluster::RelayItem::Presence {
-                tenant: user.tenant.clone(),
-                user: user.user.clone(),
-                status: local,
-            });
-        }
-        let Some(e) = self.users.get(user) else {
-            return;
-        };
-        if now == before.0 || e.subscribers.is_empty() {
-            return;
-        }
-        let presence = Presence {
-            user: user.user.clone(),
-            status: now,
-            ts: clk.unix_ms,
-        };
-        // One message per subscriber shard.
-        let mut by_shard: Vec<Vec<ConnId>> = vec![Vec::new(); self.shards];
-        for r in &e.subscribers {
-            by_shard[usize::from(r.shard)].push(r.conn);
-        }
-        for (shard, conns) in by_shard.into_iter().enumerate() {
-            if !conns.is_empty() {
-                self.post_always(
-                    shard,
-                    ShardMsg::PresenceEvent {
-                        conns,
-                        presence: presence.clone(),
-                    },
-                );
+    /// Carries out what the directory asked, in its order.
+    pub(super) fn apply(&mut self, fx: Vec<Effect>) {
+        for e in fx {
+            match e {
+                Effect::Post(shard, msg) => self.post_always(shard, msg),
+                Effect::Relay(item) => self.relay(item),
+                Effect::Online(user, online) => self.user_online_changed(&user, online),
+                Effect::Probe(user) => self.probe_presence(user),
             }
         }
     }
@@ -341,15 +223,16 @@ impl Shard {
     /// that sent it, which only learns the copy's place in the inbox (durable).
     fn sent_copy(&mut self, to: UserKey, except: Route, deliver: &mut Deliver) {
         let durable = self.durable();
-        let Some(e) = self.users.get_mut(&to) else {
-            return; // no device online: a durable copy waits in the inbox for `sync`
-        };
         if !durable {
-            e.inbox_seq += 1;
-            deliver.inbox_seq = e.inbox_seq;
+            let Some(seq) = self.dir.next_inbox_seq(&to, false) else {
+                return; // no entry: nobody to tell
+            };
+            deliver.inbox_seq = seq;
         }
-        let routes: Vec<Route> = e.devices.iter().copied().filter(|r| *r != except).collect();
-        if durable && e.devices.contains(&except) {
+        // No device online: a durable copy waits in the inbox for `sync`.
+        let devices = self.dir.device_routes(&to);
+        let routes: Vec<Route> = devices.iter().copied().filter(|r| *r != except).collect();
+        if durable && devices.contains(&except) {
             let seq = deliver.inbox_seq;
             self.post_always(
                 usize::from(except.shard),
@@ -361,17 +244,6 @@ impl Shard {
         }
         if !routes.is_empty() {
             self.fan_out(&routes, deliver.clone());
-        }
-    }
-
-    /// Drops a user entry that no longer holds anything.
-    fn gc_user(&mut self, user: &UserKey) {
-        let empty = self
-            .users
-            .get(user)
-            .is_some_and(|e: &UserEntry| e.devices.is_empty() && e.subscribers.is_empty());
-        if empty {
-            self.users.remove(user);
         }
     }
 
