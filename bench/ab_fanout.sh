@@ -10,7 +10,9 @@
 # Build the old one in a worktree with its own target directory, for example:
 #   git worktree add /tmp/old REV &&
 #   (cd /tmp/old && CARGO_TARGET_DIR=/tmp/oldtarget cargo build --release -p imgw --bin imgw)
-# loadgen is the new build's for both, so only the gateway differs. The new build's stage
+# loadgen is the new build's for both, so only the gateway differs; OLD_ARGS and NEW_ARGS add
+# loadgen flags per side instead (the same build twice with OLD_ARGS="--group-ack-ms 100"
+# compares two client behaviours). The new build's stage
 # latencies (imgw_stage_seconds, scraped from /metrics after each run) are printed as the mean
 # per stage when the build exports them.
 set -u
@@ -29,6 +31,7 @@ for k in $(seq 1 "$RUNS"); do
         taskset -c 1 "$NEW/loadgen" fanout --conns 2001 --fanout 2000 --rate "$rate" --group \
           --protocol imgw --codec "$codec" --target "ws://$GW_WS/ws" \
           --heartbeat-ms 600000 --duration "$DURATION" --grace 3s --server-pid "$GW_PID" --quiet \
+          $(if [ $v = old ]; then echo "${OLD_ARGS:-}"; else echo "${NEW_ARGS:-}"; fi) \
           --json "$j" >/dev/null 2>&1
         curl -sf "$GW_ADMIN/metrics" >"$j.metrics" || true
         gw_stop
@@ -37,17 +40,21 @@ import json, re, sys
 j = json.load(open(sys.argv[1])); v, codec, rate, k = sys.argv[2:6]
 l = j["latency_us"]; m = j["messages"]
 stages = {}
+acks = 0
 try:
     for line in open(sys.argv[1] + ".metrics"):
         g = re.match(r'imgw_stage_seconds_(sum|count)\{shard="\d+",stage="(\w+)"\} (\S+)', line)
         if g:
             stages.setdefault(g[2], {})[g[1]] = float(g[3])
+        g = re.match(r'imgw_frames_in_total\{[^}]*op="ack"[^}]*\} (\S+)', line)
+        if g:
+            acks += int(float(g[1]))
 except FileNotFoundError:
     pass
 st = " ".join(f"{s}={1e6 * d['sum'] / d['count']:.0f}us" for s, d in stages.items() if d.get("count"))
 print(f"{v} {codec} rate {rate} run {k}: p50 {l['p50']/1000:.2f} p99 {l['p99']/1000:.2f} "
       f"p999 {l['p999']/1000:.2f} ms, send lag p99 {j['send_lag_us']['p99']/1000:.2f} ms, "
-      f"lost {m['lost']}, cpu/delivery {(j.get('server_proc') or {}).get('cpu_per_delivery_us', 0):.3f} us {st}",
+      f"lost {m['lost']}, acks read {acks}, cpu/delivery {(j.get('server_proc') or {}).get('cpu_per_delivery_us', 0):.3f} us {st}",
       flush=True)
 PY
       done
