@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::gateway::{free_port, join, kafka_addr, redis_url, start_redis, Gateway};
+use common::gateway::{join, kafka_addr, redis_url, restart_redis, start_redis, Gateway};
 use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::{Ack, Envelope, Hello, Message, Ping, Resume, Send, Target};
@@ -907,8 +907,7 @@ fn presence_crosses_nodes_and_a_dead_node_takes_its_users_offline() {
 fn group_node_sets_are_written_again_when_redis_comes_back_empty() {
     let shared = Shared::new("gredis");
     // A private Redis that can restart empty (no persistence).
-    let port = free_port();
-    let mut redis = start_redis(port);
+    let (mut redis, port) = start_redis();
     let url = format!("redis://127.0.0.1:{port}/");
     let n1 = shared.node_on("r1", &url);
     let n2 = shared.node_on("r2", &url);
@@ -926,7 +925,7 @@ fn group_node_sets_are_written_again_when_redis_comes_back_empty() {
     // Redis restarts empty: r2 must write itself into the group's node set again, or r1
     // relays the group's messages to nobody (past its cache's TTL).
     drop(redis);
-    redis = start_redis(port);
+    redis = restart_redis(port);
     std::thread::sleep(Duration::from_millis(1_500));
     let deadline = Instant::now() + WAIT;
     for n in 1.. {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::gateway::{Gateway, DEV_TOML};
+use common::gateway::{holds_socket, listener_inode, Gateway, DEV_TOML, PORT_ATTEMPTS};
 use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::{
@@ -252,22 +252,41 @@ impl PrivateMariaDb {
         status.success()
     }
 
+    /// Started on a port the kernel just handed out; when another process took the port
+    /// first (the server did not start, or the socket there is not the server's), stopped
+    /// and started again on another.
     fn start() -> PrivateMariaDb {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let db = PrivateMariaDb {
-            dir: std::env::temp_dir().join(format!("imgw-mariadb-{}-{port}", std::process::id())),
-            port,
-        };
-        assert!(
-            db.script("start-mysql"),
-            "could not start a private MariaDB (is mariadb-server installed? \
-             `tests/services.sh start` installs it)"
+        for _ in 0..PORT_ATTEMPTS {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let db = PrivateMariaDb {
+                dir: std::env::temp_dir()
+                    .join(format!("imgw-mariadb-{}-{port}", std::process::id())),
+                port,
+            };
+            if db.script("start-mysql") && db.listens() {
+                return db;
+            }
+            eprintln!("private MariaDB: port {port} was taken, trying another");
+        }
+        panic!(
+            "could not start a private MariaDB in {PORT_ATTEMPTS} attempts (is mariadb-server \
+             installed? `tests/services.sh start` installs it)"
         );
-        db
+    }
+
+    /// Whether the server process (its pid file's) holds the socket listening on our port.
+    fn listens(&self) -> bool {
+        let pid = std::fs::read_to_string(self.dir.join("mariadb/mariadbd.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        match (pid, listener_inode(self.port)) {
+            (Some(pid), Some(inode)) => holds_socket(pid, inode),
+            _ => false,
+        }
     }
 
     fn url(&self) -> String {

@@ -5,8 +5,8 @@
 //! Servers: `tests/services.sh start` (URLs from IMGW_REDIS_URL and IMGW_KAFKA, defaults
 //! redis://127.0.0.1:6379/ and 127.0.0.1:9092). An unreachable server fails the test with a
 //! message saying so; nothing is skipped. Each test uses its own key prefix and topics. The
-//! outage tests start private `redis-server` and `tansu` processes on free ports, so stopping
-//! them disturbs nobody else.
+//! outage tests start private `redis-server` and `tansu` processes, each on a port shown to
+//! be its own (`spawn_on_free_port`), so stopping them disturbs nobody else.
 
 mod common;
 
@@ -16,7 +16,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::gateway::{
-    free_port, join, kafka_addr, redis_url, start_redis, wait_port, Gateway, Proc, DEV_TOML,
+    join, kafka_addr, redis_command, redis_url, restart_redis, spawn_on_free_port, start_redis,
+    try_spawn_on, Gateway, Proc, DEV_TOML,
 };
 use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
@@ -411,10 +412,12 @@ fn tansu_bin() -> String {
     }
 }
 
-fn start_tansu(port: u16) -> Proc {
-    let url = format!("tcp://127.0.0.1:{port}");
-    let child = Command::new(tansu_bin())
-        .args([
+/// A private broker on a port of its own, and the port.
+fn start_tansu() -> (Proc, u16) {
+    spawn_on_free_port("tansu", |port| {
+        let url = format!("tcp://127.0.0.1:{port}");
+        let mut c = Command::new(tansu_bin());
+        c.args([
             "broker",
             "--listener-url",
             &url,
@@ -423,11 +426,9 @@ fn start_tansu(port: u16) -> Proc {
         ])
         .args(["--storage-engine", "memory://tansu/"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tansu (tests/services.sh start builds it)");
-    wait_port(port, "tansu");
-    Proc(child)
+        .stderr(Stdio::null());
+        c
+    })
 }
 
 /// Sends one message per round from `a` to `to`, resending each unacked cmid in later rounds;
@@ -497,6 +498,32 @@ fn redis_outage_loses_nothing_and_presence_is_republished() {
 
 /// Redis stops answering (SIGSTOP: hung, or partitioned) with its connections left open:
 /// sends are still acked at `local`, heartbeats flow, and after SIGCONT presence is there.
+/// The tests' private servers are told a port that was free a moment earlier: the helper
+/// must notice when another process took it, whether the server then exits (its bind failed)
+/// or stays up without listening there.
+#[test]
+fn a_private_server_on_a_taken_port_is_noticed() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let short = Duration::from_secs(2);
+    assert!(
+        try_spawn_on("redis-server", redis_command(port), port, short).is_none(),
+        "redis-server on a port another process listens on"
+    );
+    let mut idle = Command::new("sleep");
+    idle.arg("30");
+    assert!(
+        try_spawn_on("sleep", idle, port, short).is_none(),
+        "a process that never listens, with another process on its port"
+    );
+    drop(taken);
+    let (server, port) = start_redis();
+    let mut r = redis_conn(&format!("redis://127.0.0.1:{port}/"));
+    let pong: String = redis::cmd("PING").query(&mut r).unwrap();
+    assert_eq!(pong, "PONG");
+    drop(server);
+}
+
 #[test]
 fn a_hung_redis_loses_nothing_and_presence_is_republished() {
     redis_outage(true);
@@ -504,9 +531,9 @@ fn a_hung_redis_loses_nothing_and_presence_is_republished() {
 
 /// Redis goes away (`hung`: stops answering instead) under load and comes back.
 fn redis_outage(hung: bool) {
-    let port = free_port();
+    let (redis, port) = start_redis();
     let url = format!("redis://127.0.0.1:{port}/");
-    let mut server = Some(start_redis(port));
+    let mut server = Some(redis);
     let g = gateway("local", &redis_toml(&url, "o:", 60_000));
     let mut a = g.login(Transport::Tcp, CodecId::Json, "gina", "d");
     let mut r = redis_conn(&url);
@@ -552,7 +579,7 @@ fn redis_outage(hung: bool) {
     if hung {
         signal(server.as_ref().expect("redis"), "-CONT");
     } else {
-        server = Some(start_redis(port));
+        server = Some(restart_redis(port));
     }
     load(
         &mut a,
@@ -589,15 +616,14 @@ fn redis_outage(hung: bool) {
     drop(server);
 }
 
-/// A private tansu on a free port (stopping it disturbs nobody else) and a gateway at
+/// A private tansu on a port of its own (stopping it disturbs nobody else) and a gateway at
 /// `durability` producing to it (`outage.messages`, `outage.push`), `extra` in `[kafka]`.
 /// librdkafka scans for timed-out records about once a second: at `backend` a send fails
 /// within produce_timeout_ms + 1 s, and the client waits silently, so the idle timeout is
 /// raised.
 fn broker_gateway(durability: &str, extra: &str) -> (Proc, String, Gateway) {
-    let port = free_port();
+    let (broker, port) = start_tansu();
     let brokers = format!("127.0.0.1:{port}");
-    let broker = start_tansu(port);
     let g = gateway_on(
         &DEV_TOML.replace("idle_timeout_ms = 1500", "idle_timeout_ms = 6000"),
         durability,

@@ -1,7 +1,7 @@
 //! End to end: the real `imgw serve --insecure-dev-auth --shards 2` on free loopback ports,
 //! and the real `loadgen` binary against it, checked through its exit code and `--json`.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,13 +29,6 @@ fn imgw_binary() -> PathBuf {
         assert!(status.success(), "cargo build --bin imgw failed");
     }
     imgw
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 struct Gateway {
@@ -432,7 +425,13 @@ fn tcp_idle_and_two_workers_report_every_connection() {
 
 #[test]
 fn a_refused_target_fails_clearly() {
-    let port = free_port();
+    // A port bound and not listening, held for the test: connecting is refused, and no other
+    // process can listen there meanwhile (no SO_REUSEADDR), as it could on a port merely
+    // found free.
+    let held = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    held.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = held.local_addr().unwrap().as_socket().unwrap();
     let target = format!("ws://{port}/ws");
     let out = loadgen(&[
         "chat",

@@ -478,9 +478,9 @@ pub fn send_group(c: &mut Client, group: &str, cmid: &str, body: &str) -> imgw::
         .msg
 }
 
-/// A port that was free a moment ago, for a private server that takes a port number (Redis,
-/// the broker); imgw itself listens on port 0 instead.
-pub fn free_port() -> u16 {
+/// A port that was free a moment ago. Only [`spawn_on_free_port`] uses it: it proves the
+/// server it starts holds the port. imgw itself listens on port 0 and reports the port.
+fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -488,21 +488,95 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Attempts of [`spawn_on_free_port`] before it gives up.
+pub const PORT_ATTEMPTS: usize = 5;
+
+/// Starts a private server that must be told its port (Redis, the broker: neither reports a
+/// port it bound itself) on a port the kernel just handed out, and returns once the server's
+/// own process listens on it. Between the probe and the server's bind another process (a
+/// parallel test's gateway on port 0) may take the port: then the server exits, or the socket
+/// listening there is not the server's, and it is tried again on another port.
+pub fn spawn_on_free_port(what: &str, command: impl Fn(u16) -> Command) -> (Proc, u16) {
+    for _ in 0..PORT_ATTEMPTS {
+        let port = free_port();
+        if let Some(server) = try_spawn_on(what, command(port), port, START_WAIT) {
+            return (server, port);
+        }
+        eprintln!("{what}: port {port} was taken by another process, trying another");
+    }
+    panic!("{what}: no free port in {PORT_ATTEMPTS} attempts");
+}
+
+/// Starts `command` on `port`, which this test held before (a server restarted on its port),
+/// and waits until it listens there.
+pub fn spawn_on_port(what: &str, command: Command, port: u16) -> Proc {
+    try_spawn_on(what, command, port, START_WAIT)
+        .unwrap_or_else(|| panic!("{what} did not get port {port} back"))
+}
+
+/// How long a private server may take to listen.
+const START_WAIT: Duration = Duration::from_secs(20);
+
+/// Starts `command`, a server told to listen on `port`, and returns it once its own process
+/// listens there; `None` (the process killed) when it exits first (its bind failed: Redis,
+/// tansu and MariaDB exit then) or when `wait` ends with another process's socket on the
+/// port. Panics when nothing listens there by then.
+pub fn try_spawn_on(what: &str, mut command: Command, port: u16, wait: Duration) -> Option<Proc> {
+    let child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what} (tests/services.sh start installs it): {e}"));
+    let mut server = Proc(child);
+    let deadline = Instant::now() + wait;
+    loop {
+        if !matches!(server.0.try_wait(), Ok(None)) {
+            return None;
+        }
+        let inode = listener_inode(port);
+        if inode.is_some_and(|i| holds_socket(server.0.id(), i)) {
+            return Some(server);
+        }
+        if Instant::now() >= deadline {
+            assert!(
+                inode.is_some(),
+                "{what}: nothing listens on port {port} after {wait:?}"
+            );
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A private server process (Redis, a broker), killed on drop.
 pub struct Proc(pub Child);
+
+/// The inode of the socket listening on 127.0.0.1:`port` or 0.0.0.0:`port`, from
+/// /proc/net/tcp (`local_address` in hex, state `0A` is LISTEN, the inode in the tenth
+/// column).
+pub fn listener_inode(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (addr, p) = f.get(1)?.split_once(':')?;
+        let listening = f.get(3) == Some(&"0A");
+        let ours = addr == "0100007F" || addr == "00000000";
+        (listening && ours && u16::from_str_radix(p, 16).ok()? == port)
+            .then(|| f.get(9)?.parse().ok())?
+    })
+}
+
+/// Whether process `pid` has socket `inode` among its descriptors.
+pub fn holds_socket(pid: u32, inode: u64) -> bool {
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+        fds.flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+    })
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-pub fn wait_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not open port {port}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -533,16 +607,23 @@ pub fn jwt_login(g: &Gateway, transport: Transport, tenant: &str, user: &str) ->
     c
 }
 
-/// A private `redis-server` without persistence on 127.0.0.1:`port` (a restart comes back
-/// empty).
-pub fn start_redis(port: u16) -> Proc {
-    let child = Command::new("redis-server")
-        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+/// The command of a private `redis-server` without persistence on 127.0.0.1:`port` (a
+/// restart comes back empty).
+pub fn redis_command(port: u16) -> Command {
+    let mut c = Command::new("redis-server");
+    c.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         .args(["--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server (tests/services.sh start installs it)");
-    wait_port(port, "redis-server");
-    Proc(child)
+        .stderr(Stdio::null());
+    c
+}
+
+/// A private `redis-server` on a port of its own, and the port.
+pub fn start_redis() -> (Proc, u16) {
+    spawn_on_free_port("redis-server", redis_command)
+}
+
+/// The private `redis-server` again on `port`, which it had before.
+pub fn restart_redis(port: u16) -> Proc {
+    spawn_on_port("redis-server", redis_command(port), port)
 }
