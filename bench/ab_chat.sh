@@ -13,20 +13,17 @@ DURATION=${DURATION:-10s}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/bench/lib.sh"
 OUT=$(mktemp -d /tmp/ab-chat.XXXXXX)
-for k in $(seq 1 "$RUNS"); do
-  for v in old new; do
-    if [ $v = old ]; then B=$OLD; else B=$NEW; fi
-    gw_start "$B/imgw" 0 --shards 1 --config "$ROOT/bench/peers/imgw-bench.toml" || exit 1
-    j=$OUT/$v-$k.json
-    taskset -c 1 "$NEW/loadgen" chat --conns 1000 --rate 5000 --duration "$DURATION" \
-      --protocol imgw --target "ws://$GW_WS/ws" --heartbeat-ms 600000 --server-pid "$GW_PID" \
-      --grace 3s --quiet --json "$j" >/dev/null 2>&1
-    gw_stop
-    python3 - "$j" "$v" "$k" <<'PY'
+one_run() {
+  local v=$1 k=$2 j=$OUT/$1-$2.json
+  taskset -c 1 "$NEW/loadgen" chat --conns 1000 --rate 5000 --duration "$DURATION" \
+    --protocol imgw --target "ws://$GW_WS/ws" --heartbeat-ms 600000 --server-pid "$GW_PID" \
+    --grace 3s --quiet --json "$j" >/dev/null 2>&1
+  python3 - "$j" "$v" "$k" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1])); l = j["latency_us"]
 print(f"{sys.argv[2]} run {sys.argv[3]}: p50 {l['p50']} p99 {l['p99']} p999 {l['p999']} us, "
       f"cpu {(j.get('server_proc') or {}).get('cpu_per_delivery_us', 0):.1f} us", flush=True)
 PY
-  done
-done
+}
+ab_gateways "$OLD" "$NEW" "$RUNS" one_run || exit 1
+rm -rf "$OUT"

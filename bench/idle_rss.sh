@@ -15,23 +15,19 @@ OLD=$1 NEW=$2 RUNS=${3:-3} CONNS=${4:-19000}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/bench/lib.sh"
 OUT=$(mktemp -d /tmp/idle-rss.XXXXXX)
-for k in $(seq 1 "$RUNS"); do
-  for v in old new; do
-    if [ $v = old ]; then B=$OLD; else B=$NEW; fi
-    gw_start "$B/imgw" 0 --shards 1 --config "$ROOT/bench/peers/imgw-bench.toml" || exit 1
-    j=$OUT/$v-$k.json
-    "$NEW/loadgen" idle --target "ws://$GW_WS/ws" --conns "$CONNS" --workers 2 \
-      --sources 127.0.0.2-127.0.0.3 --duration 5s --heartbeat-ms 600000 --server-pid "$GW_PID" \
-      --quiet --json "$j" >/dev/null 2>&1
-    gw_stop
-    python3 - "$j" "$v" "$k" <<'PY'
+one_run() {
+  local v=$1 k=$2 j=$OUT/$1-$2.json
+  "$NEW/loadgen" idle --target "ws://$GW_WS/ws" --conns "$CONNS" --workers 2 \
+    --sources 127.0.0.2-127.0.0.3 --duration 5s --heartbeat-ms 600000 --server-pid "$GW_PID" \
+    --quiet --json "$j" >/dev/null 2>&1
+  python3 - "$j" "$v" "$k" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1])); sp = j.get("server_proc") or {}
 print(f"{sys.argv[2]} run {sys.argv[3]}: {sp.get('rss_per_conn_bytes', 0):.0f} B per connection, "
       f"{sp.get('cpu_per_connect_us', 0):.1f} us of server CPU per connection set up", flush=True)
 PY
-  done
-done
+}
+ab_gateways "$OLD" "$NEW" "$RUNS" one_run || exit 1
 echo "medians ($CONNS connections):"
 python3 - "$OUT" <<'PY'
 import glob, json, os, statistics, sys

@@ -7,6 +7,10 @@
 #                                  GET /readyz. Sets GW_PID, GW_DIR, GW_WS (host:port),
 #                                  GW_TCP, GW_ADMIN. ARGS go last (--shards, --config, ...).
 #   gw_stop                        SIGTERM, waits for the exit, removes GW_DIR.
+#   ab_gateways OLD NEW RUNS FN    RUNS rounds alternating two builds (release directories):
+#                                  each calls `FN old|new ROUND` with a fresh gateway of that
+#                                  build (`--shards 1`, bench/peers/imgw-bench.toml, core 0)
+#                                  started, and stops it after.
 #
 # Ports come from --ports-file, so several gateways (or a left-over one) never collide.
 
@@ -49,4 +53,18 @@ gw_stop() {
   kill "$GW_PID" 2>/dev/null
   wait "$GW_PID" 2>/dev/null
   rm -rf "$GW_DIR"
+}
+
+ab_gateways() {
+  local old=$1 new=$2 runs=$3 fn=$4 k v b
+  local config
+  config="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/peers/imgw-bench.toml"
+  for k in $(seq 1 "$runs"); do
+    for v in old new; do
+      if [ "$v" = old ]; then b=$old; else b=$new; fi
+      gw_start "$b/imgw" 0 --shards 1 --config "$config" || return 1
+      "$fn" "$v" "$k"
+      gw_stop
+    done
+  done
 }
