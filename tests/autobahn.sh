@@ -20,21 +20,26 @@ if ! command -v kosoku >/dev/null 2>&1; then
     python3 -m pip install --quiet kosoku
 fi
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-addr="127.0.0.1:${port}"
 path="${AUTOBAHN_PATH:-/echo}"
 out="${AUTOBAHN_OUT:-$(mktemp -d -t autobahn.XXXXXX)}"
 mkdir -p "$out"
 
+ports_file=
 if [ -n "${SERVER_CMD:-}" ]; then
+    # Another server is told a port found free a moment ago (it cannot report one it bound).
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    addr="127.0.0.1:${port}"
     cmd="${SERVER_CMD//\{addr\}/$addr}"
 else
     profile="${PROFILE:-debug}"
     flag=()
     [ "$profile" = release ] && flag=(--release)
     cargo build --quiet "${flag[@]}" --bin imgw
-    # imgw's conformance echo endpoint (/echo, enabled by --ws-echo), on one shard.
-    cmd="\"${CARGO_TARGET_DIR:-target}/${profile}/imgw\" serve --config tests/autobahn.toml --ws-echo --insecure-dev-auth --shards 1 --ws-listen ${addr} --tcp-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --log warn"
+    # imgw's conformance echo endpoint (/echo, enabled by --ws-echo), on one shard, on port 0:
+    # it writes the port it bound to the ports file.
+    ports_file="$out/ports.json"
+    rm -f "$ports_file"
+    cmd="\"${CARGO_TARGET_DIR:-target}/${profile}/imgw\" serve --config tests/autobahn.toml --ws-echo --insecure-dev-auth --shards 1 --ws-listen 127.0.0.1:0 --tcp-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --ports-file $ports_file --log warn"
 fi
 
 echo "autobahn: starting server: $cmd"
@@ -48,14 +53,19 @@ for _ in $(seq 1 100); do
         echo "autobahn: server exited before listening" >&2
         exit 2
     fi
-    if (exec 3<>"/dev/tcp/127.0.0.1/${port}") 2>/dev/null; then
+    if [ -n "$ports_file" ] && [ -z "${addr:-}" ] && [ -s "$ports_file" ]; then
+        # Written once, whole (renamed into place).
+        addr=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ws"])' "$ports_file")
+        port=${addr##*:}
+    fi
+    if [ -n "${addr:-}" ] && (exec 3<>"/dev/tcp/127.0.0.1/${port}") 2>/dev/null; then
         ready=1
         break
     fi
     sleep 0.1
 done
 if [ "$ready" != 1 ]; then
-    echo "autobahn: server did not listen on ${addr} within 10 s" >&2
+    echo "autobahn: server did not listen on ${addr:-its port} within 10 s" >&2
     exit 2
 fi
 
