@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::gateway::{holds_socket, listener_inode, Gateway, DEV_TOML, PORT_ATTEMPTS};
+use common::gateway::{free_port, listens_on, Gateway, DEV_TOML, PORT_ATTEMPTS};
 use imgw::client::{Client, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::{
@@ -257,11 +257,7 @@ impl PrivateMariaDb {
     /// and started again on another.
     fn start() -> PrivateMariaDb {
         for _ in 0..PORT_ATTEMPTS {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
+            let port = free_port();
             let db = PrivateMariaDb {
                 dir: std::env::temp_dir()
                     .join(format!("imgw-mariadb-{}-{port}", std::process::id())),
@@ -280,13 +276,10 @@ impl PrivateMariaDb {
 
     /// Whether the server process (its pid file's) holds the socket listening on our port.
     fn listens(&self) -> bool {
-        let pid = std::fs::read_to_string(self.dir.join("mariadb/mariadbd.pid"))
+        std::fs::read_to_string(self.dir.join("mariadb/mariadbd.pid"))
             .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok());
-        match (pid, listener_inode(self.port)) {
-            (Some(pid), Some(inode)) => holds_socket(pid, inode),
-            _ => false,
-        }
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .is_some_and(|pid| listens_on(pid, self.port))
     }
 
     fn url(&self) -> String {

@@ -79,10 +79,7 @@ impl Directory {
 
     /// The routes of `user`'s online devices, owned (inline for the usual one).
     pub(super) fn device_routes(&self, user: &UserKey) -> SmallVec<[Route; 1]> {
-        self.users
-            .get(user)
-            .map(|e| e.devices.clone())
-            .unwrap_or_default()
+        SmallVec::from_slice(self.devices(user))
     }
 
     pub(super) fn is_online(&self, user: &UserKey) -> bool {

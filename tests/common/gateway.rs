@@ -478,9 +478,9 @@ pub fn send_group(c: &mut Client, group: &str, cmid: &str, body: &str) -> imgw::
         .msg
 }
 
-/// A port that was free a moment ago. Only [`spawn_on_free_port`] uses it: it proves the
-/// server it starts holds the port. imgw itself listens on port 0 and reports the port.
-fn free_port() -> u16 {
+/// A port that was free a moment ago. Whoever starts a server on it checks afterwards that the
+/// server holds it ([`listens_on`]); imgw itself listens on port 0 and reports the port.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -531,13 +531,12 @@ pub fn try_spawn_on(what: &str, mut command: Command, port: u16, wait: Duration)
         if !matches!(server.0.try_wait(), Ok(None)) {
             return None;
         }
-        let inode = listener_inode(port);
-        if inode.is_some_and(|i| holds_socket(server.0.id(), i)) {
+        if listens_on(server.0.id(), port) {
             return Some(server);
         }
         if Instant::now() >= deadline {
             assert!(
-                inode.is_some(),
+                listener_inode(port).is_some(),
                 "{what}: nothing listens on port {port} after {wait:?}"
             );
             return None;
@@ -549,10 +548,15 @@ pub fn try_spawn_on(what: &str, mut command: Command, port: u16, wait: Duration)
 /// A private server process (Redis, a broker), killed on drop.
 pub struct Proc(pub Child);
 
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    listener_inode(port).is_some_and(|inode| holds_socket(pid, inode))
+}
+
 /// The inode of the socket listening on 127.0.0.1:`port` or 0.0.0.0:`port`, from
 /// /proc/net/tcp (`local_address` in hex, state `0A` is LISTEN, the inode in the tenth
 /// column).
-pub fn listener_inode(port: u16) -> Option<u64> {
+fn listener_inode(port: u16) -> Option<u64> {
     let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
     table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -565,7 +569,7 @@ pub fn listener_inode(port: u16) -> Option<u64> {
 }
 
 /// Whether process `pid` has socket `inode` among its descriptors.
-pub fn holds_socket(pid: u32, inode: u64) -> bool {
+fn holds_socket(pid: u32, inode: u64) -> bool {
     let want = format!("socket:[{inode}]");
     std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
         fds.flatten()
