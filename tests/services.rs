@@ -820,12 +820,17 @@ fn the_local_backlog_is_bounded_and_drains_when_the_broker_returns() {
     let (broker, brokers, mut g) = broker_gateway("local", extra);
     let mut talk = Talk::new(&g);
     let pause = Duration::from_millis(20);
-    talk.rounds(3, pause);
-    // librdkafka's queue empties before the outage.
-    let before = talk.total() as f64;
-    wait_metric(&g, "the first records confirmed", WAIT, |g| {
-        g.metric("imgw_kafka_produced_total", &[]) >= before
-    });
+    // librdkafka's queue empties before the outage. Each round (4 records, queue_max) is
+    // confirmed before the next: the broker's first answers (the producer's id, the topic's
+    // metadata) can take long enough on a loaded machine that three rounds at once would
+    // fill the queue and the backlog, and a record would be given up before the outage.
+    for _ in 0..3 {
+        talk.rounds(1, pause);
+        let sent = talk.total() as f64;
+        wait_metric(&g, "the first records confirmed", WAIT, |g| {
+            g.metric("imgw_kafka_produced_total", &[]) >= sent
+        });
+    }
     signal(&broker, "-STOP");
     talk.rounds(5, pause);
     // The records reach the producer after their acks (the I/O core hands them over in its
