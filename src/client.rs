@@ -247,7 +247,9 @@ pub struct Client {
     transport: Transport,
     codec: CodecId,
     /// Received bytes not consumed yet. Raw TCP: the start of the next frame(s). WebSocket:
-    /// bytes not yet fed to `ws` (which keeps partial frames itself).
+    /// bytes not yet fed to `ws` (which keeps partial frames itself). A decoded message's
+    /// strings longer than `Str`'s inline size share this buffer's allocation instead of a
+    /// copy per message: keeping such a string keeps up to one read's bytes.
     rbuf: BytesMut,
     /// Scratch for outgoing frames and payloads, reused between sends.
     wbuf: Vec<u8>,
@@ -701,14 +703,19 @@ impl Client {
     /// out (the decoder keeps a partial frame itself, so `rbuf` is then empty).
     fn decode_ws(&mut self) -> Result<Option<Envelope>, ClientError> {
         loop {
+            let base = self.rbuf.as_ptr() as usize;
             let mut input: &mut [u8] = &mut self.rbuf[..];
             let before = input.len();
-            // Copy what the event borrows so the buffers are free again below.
+            // A payload that lies in `rbuf` (an unfragmented frame: the server does not mask)
+            // is taken from it below without a copy, as the raw-TCP path takes its frames; a
+            // message joined from fragments is copied out of the decoder.
+            let data = |p: &[u8], text: bool| match (p.as_ptr() as usize).checked_sub(base) {
+                Some(at) if at + p.len() <= before => WsStep::InPlace(at, p.len(), text),
+                _ => WsStep::Data(Bytes::copy_from_slice(p), text),
+            };
             let step = match self.ws.next_event(&mut input) {
-                Ok(Some(Event::Text(t))) => {
-                    WsStep::Data(Bytes::copy_from_slice(t.as_bytes()), true)
-                }
-                Ok(Some(Event::Binary(b))) => WsStep::Data(Bytes::copy_from_slice(b), false),
+                Ok(Some(Event::Text(t))) => data(t.as_bytes(), true),
+                Ok(Some(Event::Binary(b))) => data(b, false),
                 Ok(Some(Event::Ping(p))) => WsStep::Ping(p.to_vec()),
                 Ok(Some(Event::Pong(_))) => WsStep::Skip,
                 Ok(Some(Event::Close { code, reason })) => WsStep::Close(code, reason.to_owned()),
@@ -716,7 +723,16 @@ impl Client {
                 Err(e) => WsStep::Error(e),
             };
             let consumed = before - input.len();
-            self.rbuf.advance(consumed);
+            let step = match step {
+                WsStep::InPlace(at, len, text) => {
+                    let taken = self.rbuf.split_to(consumed).freeze();
+                    WsStep::Data(taken.slice(at..at + len), text)
+                }
+                other => {
+                    self.rbuf.advance(consumed);
+                    other
+                }
+            };
             match step {
                 WsStep::Data(payload, text) => {
                     if text != self.codec.is_text() {
@@ -734,7 +750,8 @@ impl Client {
                     write_client_frame(&mut self.wbuf, OpCode::Pong, true, mask, &payload);
                     self.write_wbuf()?;
                 }
-                WsStep::Skip => {}
+                // `InPlace` became `Data` above.
+                WsStep::Skip | WsStep::InPlace(..) => {}
                 WsStep::Close(code, reason) => {
                     // Complete the close handshake; the server then closes the TCP connection.
                     self.wbuf.clear();
@@ -901,6 +918,8 @@ fn write_out(sock: &mut Sock, buf: &[u8], nonblocking: bool, timeout: Duration) 
 /// A decoder event, owned.
 enum WsStep {
     Data(Bytes, bool),
+    /// A data payload at `.0` in the read buffer, `.1` bytes long (`.2`: text).
+    InPlace(usize, usize, bool),
     Ping(Vec<u8>),
     Skip,
     Close(Option<CloseCode>, String),

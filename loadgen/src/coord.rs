@@ -416,14 +416,7 @@ fn warn_rate(o: &Options, server: ServerLimits, connected: u64, progress: &mut P
     if !o.scenario.sends() || server.sends_per_sec == 0 || connected == 0 {
         return;
     }
-    let senders = match o.scenario {
-        crate::config::Scenario::Fanout => (o.conns / o.scenario.unit_size(o.fanout)).max(1),
-        _ => o.conns,
-    };
-    let per_conn = match o.scenario {
-        crate::config::Scenario::Fanout => o.rate * o.fanout as f64 / senders as f64,
-        _ => o.rate / senders as f64,
-    };
+    let per_conn = sends_per_conn(o.scenario, o.group, o.rate, o.fanout, o.conns);
     if per_conn > f64::from(server.sends_per_sec) {
         progress.say(&format!(
             "warning: each sending connection sends {per_conn:.0} msgs/s but the gateway allows \
@@ -431,6 +424,25 @@ fn warn_rate(o: &Options, server: ServerLimits, connected: u64, progress: &mut P
              gateway's limit",
             server.sends_per_sec
         ));
+    }
+}
+
+/// The `send`s per second of each sending connection: a fan-out publisher sends one `send`
+/// per member (1:1) or one per message (`--group`, the gateway fans it out).
+fn sends_per_conn(
+    scenario: crate::config::Scenario,
+    group: bool,
+    rate: f64,
+    fanout: u64,
+    conns: u64,
+) -> f64 {
+    match scenario {
+        crate::config::Scenario::Fanout => {
+            let senders = (conns / scenario.unit_size(fanout)).max(1);
+            let per_message = if group { 1.0 } else { fanout as f64 };
+            rate * per_message / senders as f64
+        }
+        _ => rate / conns.max(1) as f64,
     }
 }
 
@@ -509,5 +521,21 @@ mod tests {
         assert_eq!(parse_stat_cpu("garbage"), None);
         assert!(rss_kib(std::process::id()) > 0);
         assert!(cpu_secs(std::process::id()) >= 0.0);
+    }
+
+    #[test]
+    fn a_group_publisher_sends_once_per_message() {
+        use crate::config::Scenario;
+        // 2,000 members, 600 messages a second: 1:1 fan-out sends 2,000 `send`s per message,
+        // a group one.
+        assert_eq!(
+            sends_per_conn(Scenario::Fanout, false, 600.0, 2000, 2001),
+            1_200_000.0
+        );
+        assert_eq!(
+            sends_per_conn(Scenario::Fanout, true, 600.0, 2000, 2001),
+            600.0
+        );
+        assert_eq!(sends_per_conn(Scenario::Chat, false, 5000.0, 0, 1000), 5.0);
     }
 }

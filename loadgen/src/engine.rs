@@ -978,6 +978,9 @@ impl<'a> Engine<'a> {
             self.read_peer(i);
             return;
         }
+        // The messages of one read arrived together: one clock read for them all (as the
+        // peers' path takes one per read).
+        let mut now = None;
         loop {
             let Some(client) = self.conns.get_mut(i).and_then(|c| c.client.as_mut()) else {
                 return;
@@ -987,7 +990,8 @@ impl<'a> Engine<'a> {
                     // Level-triggered epoll reports the socket again if more arrived: no read
                     // that would only find it empty.
                     let more = client.has_buffered_input();
-                    self.on_message(i, env);
+                    let at = *now.get_or_insert_with(|| self.now());
+                    self.on_message(i, env, at);
                     if !more {
                         break;
                     }
@@ -1132,8 +1136,8 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn on_message(&mut self, i: usize, env: Envelope) {
-        let now = self.now();
+    /// A message read on connection `i` at `now`.
+    fn on_message(&mut self, i: usize, env: Envelope, now: u64) {
         match env.msg {
             Message::Deliver(d) => {
                 let conn = &mut self.conns[i];
@@ -1581,11 +1585,7 @@ fn delta(later: &Counters, earlier: &Counters) -> Counters {
 
 /// `conv:seq:intended_us` at the start of a body or cmid.
 pub fn parse_tag(s: &str) -> Option<(usize, u64, u64)> {
-    let mut it = s.splitn(4, ':');
-    let c = it.next()?.parse().ok()?;
-    let seq = it.next()?.parse().ok()?;
-    let t = it.next()?.parse().ok()?;
-    Some((c, seq, t))
+    parse_tag_bytes(s.as_bytes())
 }
 
 /// [`parse_tag`] on bytes, without a UTF-8 check or a string split (the peers' hot path).

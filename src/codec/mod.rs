@@ -36,7 +36,7 @@ mod json_read;
 pub mod msgpack;
 mod out;
 pub mod protobuf;
-mod text;
+pub(crate) mod text;
 
 use bytes::Bytes;
 

@@ -674,7 +674,10 @@ impl Decoder {
         let ev = match op {
             OpCode::Text => {
                 self.msg = Msg::None;
-                match std::str::from_utf8(payload) {
+                // ASCII (the usual JSON frame) is checked a word at a time first.
+                match crate::codec::text::ascii_str(payload)
+                    .map_or_else(|| std::str::from_utf8(payload), Ok)
+                {
                     Ok(s) => Event::Text(s),
                     Err(_) => return Err(self.fail(ProtocolError::InvalidUtf8)),
                 }
