@@ -23,7 +23,7 @@ use std::sync::mpsc::SyncSender;
 
 use crossbeam_queue::ArrayQueue;
 
-use super::groups::{GroupKey, GroupWork, MAX_GROUPS_PER_SHARD};
+use super::groups::{GroupKey, GroupWork};
 use super::{Clock, ConnId, Phase, Route, Shard, UserKey};
 use crate::protocol::{Deliver, Envelope, Message, Status, Str, Target};
 use crate::services::push::PushRecord;
@@ -235,11 +235,10 @@ impl Shard {
                     tenant: rec.tenant,
                     group: group.clone(),
                 };
-                let Some(e) = self.groups.owned.get_mut(&key) else {
+                let Some(gseq) = self.groups.next_gseq(&key) else {
                     return;
                 };
-                e.gseq += 1;
-                deliver.inbox_seq = e.gseq;
+                deliver.inbox_seq = gseq;
                 deliver.to = Some(Target::Group(group));
                 self.group_fan_out(&key, deliver);
             }
@@ -301,7 +300,7 @@ impl Shard {
     }
 
     pub(super) fn admin_group_now(&mut self, group: GroupKey, op: GroupOp, reply: ReplyTx) {
-        let members = self.groups.owned.get(&group).map(|e| &e.members);
+        let members = self.groups.members(&group);
         let (users, join) = match op {
             GroupOp::List => {
                 let answer = match members {
@@ -345,14 +344,11 @@ impl Shard {
                 (m.iter().cloned().collect(), false)
             }
         };
-        let count = self.groups.owned.get(&group).map_or(0, |e| e.members.len());
-        if join {
-            let max = self.cfg.limits.max_group_members as usize;
-            let new_group = count == 0 && self.groups.owned.len() >= MAX_GROUPS_PER_SHARD;
-            if new_group || count + users.len() > max {
-                let _ = reply.try_send(AdminAnswer::Limit);
-                return;
-            }
+        let count = self.groups.member_count(&group);
+        let max = self.cfg.limits.max_group_members as usize;
+        if join && !self.groups.admits(&group, users.len(), max) {
+            let _ = reply.try_send(AdminAnswer::Limit);
+            return;
         }
         if users.is_empty() {
             let _ = reply.try_send(AdminAnswer::Changed {
@@ -390,7 +386,7 @@ impl Shard {
         for u in &users {
             self.apply_membership(&group, u, join);
         }
-        let members = self.groups.owned.get(&group).map_or(0, |e| e.members.len());
+        let members = self.groups.member_count(&group);
         let _ = reply.try_send(AdminAnswer::Changed {
             changed: users.len(),
             members,
@@ -434,7 +430,7 @@ impl Shard {
                 _ => refused += 1,
             }
         }
-        let members = self.groups.owned.get(&group).map_or(0, |e| e.members.len());
+        let members = self.groups.member_count(&group);
         let _ = reply.try_send(AdminAnswer::Changed {
             changed,
             members,

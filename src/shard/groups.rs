@@ -5,8 +5,10 @@
 //! `GroupFanout` per shard, and each shard forwards to its online members' devices (one
 //! message per device shard). The cost per message is O(shards + online members), whatever
 //! the group size, and one timeline entry: no per-member copies.
-
-use std::collections::{HashMap, HashSet};
+//!
+//! The tables and their rules (who may join or send, the next `gseq`, who is online per
+//! group) are the [`Roster`](super::roster::Roster)'s; this file carries out what follows
+//! from them: replies, posts between shards, store operations and reads, the fan-out.
 
 use super::delivery::IoWait;
 use super::{owner_shard, Clock, ConnId, Origin, ReplyTo, Route, Shard, ShardMsg, UserKey};
@@ -21,42 +23,8 @@ pub struct GroupKey {
     pub group: Str,
 }
 
-/// A group owned by this shard.
-#[derive(Default)]
-pub(super) struct GroupEntry {
-    pub(super) members: HashSet<Str>,
-    /// Last timeline sequence (durability `memory`; the store assigns it at `local`).
-    pub(super) gseq: u64,
-}
-
-/// Group state of one shard.
-#[derive(Default)]
-pub(super) struct Groups {
-    /// Groups this shard owns; bounded by [`MAX_GROUPS_PER_SHARD`].
-    pub(super) owned: HashMap<GroupKey, GroupEntry>,
-    /// Groups of the users this shard owns (bounded by `limits.max_groups_per_user` each).
-    of_user: HashMap<UserKey, Vec<GroupKey>>,
-    /// Per group, the members this shard owns that are online now.
-    online: HashMap<GroupKey, HashSet<Str>>,
-    /// Durability `local`: groups whose member list is being read back from the store, with
-    /// the work that waits for it (at most [`MAX_WAITING_PER_GROUP`] each). One I/O read is
-    /// in flight per entry, so `store.queue_depth` bounds the map.
-    loading: HashMap<GroupKey, Vec<GroupWork>>,
-    /// Durability `local`: users whose groups are being read back from the store; `true` when
-    /// a membership change arrived meanwhile (the read is then repeated). Bounded like
-    /// `loading`: one I/O read in flight per entry.
-    user_loading: HashMap<UserKey, bool>,
-    /// Cluster mode: groups whose having online members here changed and the I/O core has
-    /// not been told yet (its queue was full): `true` when they have some now. At most one
-    /// entry per group in `online` or just left it.
-    pub(super) here_pending: HashMap<GroupKey, bool>,
-}
-
-pub const MAX_GROUPS_PER_SHARD: usize = 1_000_000;
 /// Group cursors a shard holds before it writes them (see `Shard::set_group_cursor`).
 pub const MAX_PENDING_GROUP_CURSORS: usize = 16_384;
-/// Sends and membership changes that wait for one group's member list to be read back.
-pub const MAX_WAITING_PER_GROUP: usize = 4096;
 
 /// Work for a group owner that waits for the group's member list.
 // Most waiting work is `Send`: boxing its `Deliver` would add an allocation to the common
@@ -158,12 +126,7 @@ impl Shard {
             tenant: group.tenant.clone(),
             user: member.clone(),
         };
-        let full = self
-            .groups
-            .of_user
-            .get(&user)
-            .is_some_and(|gs| gs.len() >= max && !gs.contains(&group));
-        if full {
+        if !self.groups.may_join(&user, &group, max) {
             self.error_to(reply, ErrorCode::LimitExceeded, None);
             return;
         }
@@ -268,16 +231,9 @@ impl Shard {
 
     fn group_membership_now(&mut self, group: GroupKey, member: Str, join: bool, reply: ReplyTo) {
         let max = self.cfg.limits.max_group_members as usize;
-        let owned = &self.groups.owned;
-        if join {
-            let full = match owned.get(&group) {
-                Some(e) => !e.members.contains(&member) && e.members.len() >= max,
-                None => owned.len() >= MAX_GROUPS_PER_SHARD,
-            };
-            if full {
-                self.error_to(reply, ErrorCode::LimitExceeded, None);
-                return;
-            }
+        if join && !self.groups.admits_join(&group, &member, max) {
+            self.error_to(reply, ErrorCode::LimitExceeded, None);
+            return;
         }
         if self.durable() {
             // The stored member list authorizes the stored timeline's appends and survives a
@@ -316,19 +272,7 @@ impl Shard {
 
     /// Updates the owner's member list and tells the member's owner (online fan-out).
     pub(super) fn apply_membership(&mut self, group: &GroupKey, member: &Str, join: bool) {
-        let owned = &mut self.groups.owned;
-        if join {
-            owned
-                .entry(group.clone())
-                .or_default()
-                .members
-                .insert(member.clone());
-        } else if let Some(e) = owned.get_mut(group) {
-            e.members.remove(member);
-            if e.members.is_empty() {
-                owned.remove(group);
-            }
-        }
+        self.groups.set_member(group, member, join);
         let user = UserKey {
             tenant: group.tenant.clone(),
             user: member.clone(),
@@ -385,14 +329,11 @@ impl Shard {
     }
 
     fn group_send_now(&mut self, group: GroupKey, origin: Origin, mut deliver: Deliver) {
-        let Some(e) = self.groups.owned.get_mut(&group) else {
-            self.reject(origin, ErrorCode::NotFound, None);
-            return;
-        };
         // Cluster mode: this node's copy of the member list may miss a join made on another
         // node; the store checks membership as it appends (`Refusal::NotMember`).
-        if !e.members.contains(&deliver.from) && self.cfg.cluster.slot.is_none() {
-            self.reject(origin, ErrorCode::Forbidden, None);
+        let check_member = self.cfg.cluster.slot.is_none();
+        if let Err(code) = self.groups.may_send(&group, &deliver.from, check_member) {
+            self.reject(origin, code, None);
             return;
         }
         let mid = self.next_mid();
@@ -403,11 +344,9 @@ impl Shard {
             self.append_group(group, origin, deliver);
             return;
         }
-        let Some(e) = self.groups.owned.get_mut(&group) else {
+        let Some(gseq) = self.groups.next_gseq(&group) else {
             return;
         };
-        e.gseq += 1;
-        let gseq = e.gseq;
         deliver.inbox_seq = gseq;
         let ts = deliver.ts;
         self.accepted(origin, mid, gseq, ts);
@@ -447,7 +386,7 @@ impl Shard {
     /// Member-owner side: forward to the devices of this shard's online members of `group`
     /// (not the sender's), one message per device shard.
     pub(super) fn group_fanout_local(&mut self, group: GroupKey, deliver: Deliver) {
-        let Some(online) = self.groups.online.get(&group) else {
+        let Some(online) = self.groups.online_members(&group) else {
             return;
         };
         let mut routes = Vec::new();
@@ -468,24 +407,13 @@ impl Shard {
 
     /// Member-owner side: `user` joined or left `group`.
     pub(super) fn member_of(&mut self, user: UserKey, group: GroupKey, join: bool) {
-        if let Some(dirty) = self.groups.user_loading.get_mut(&user) {
-            // The read in flight may predate this change: read again when it lands.
-            *dirty = true;
-        }
         // Joins are checked against `max_groups_per_user` before they happen (`join_check`);
         // joins checked at the same time from several devices, and admin additions, may pass
-        // it by a little. This list follows the stored membership up to twice the limit (its
+        // it by a little. The roster follows the stored membership up to twice the limit (its
         // memory bound), and says so when it cannot.
         let max = 2 * self.cfg.limits.max_groups_per_user as usize;
         let online = self.dir.is_online(&user);
-        let groups = self.groups.of_user.entry(user.clone()).or_default();
-        if !join {
-            groups.retain(|g| *g != group);
-        } else if groups.contains(&group) {
-            // A rejoin: nothing new.
-        } else if groups.len() < max {
-            groups.push(group.clone());
-        } else {
+        if !self.groups.member_of(&user, &group, join, online, max) {
             tracing::warn!(
                 tenant = %user.tenant,
                 user = %user.user,
@@ -493,19 +421,7 @@ impl Shard {
                 "member of more than twice limits.max_groups_per_user: group not routed"
             );
         }
-        if groups.is_empty() {
-            self.groups.of_user.remove(&user);
-        }
-        self.set_group_online(&user, &group, online && join);
-    }
-
-    fn set_group_online(&mut self, user: &UserKey, group: &GroupKey, online: bool) {
-        let before = self.groups.online.contains_key(group);
-        self.set_group_online_now(user, group, online);
-        if before != self.groups.online.contains_key(group) && self.cfg.cluster.slot.is_some() {
-            self.groups.here_pending.insert(group.clone(), !before);
-            self.flush_group_here();
-        }
+        self.flush_group_here();
     }
 
     /// Cluster mode: tells the I/O core of each group whose online members on this shard
@@ -513,16 +429,10 @@ impl Shard {
     /// only to nodes with members). What a full I/O queue refuses waits for the next tick.
     pub(super) fn flush_group_here(&mut self) {
         let Some(io) = &self.io else {
-            self.groups.here_pending.clear();
+            self.groups.forget_here();
             return;
         };
-        while let Some(group) = self.groups.here_pending.keys().next().cloned() {
-            let here = self
-                .groups
-                .here_pending
-                .get(&group)
-                .copied()
-                .unwrap_or(false);
+        while let Some((group, here)) = self.groups.next_here() {
             let cmd = IoCmd {
                 shard: self.id as u16,
                 token: 0,
@@ -534,22 +444,7 @@ impl Shard {
             if io.submit(cmd).is_err() {
                 return;
             }
-            self.groups.here_pending.remove(&group);
-        }
-    }
-
-    fn set_group_online_now(&mut self, user: &UserKey, group: &GroupKey, online: bool) {
-        if online {
-            self.groups
-                .online
-                .entry(group.clone())
-                .or_default()
-                .insert(user.user.clone());
-        } else if let Some(set) = self.groups.online.get_mut(group) {
-            set.remove(&user.user);
-            if set.is_empty() {
-                self.groups.online.remove(group);
-            }
+            self.groups.here_told(&group);
         }
     }
 
@@ -559,12 +454,8 @@ impl Shard {
             // The stored memberships are the truth after a restart: read them back.
             self.load_user_groups(user.clone());
         }
-        let Some(groups) = self.groups.of_user.get(user) else {
-            return;
-        };
-        for g in groups.clone() {
-            self.set_group_online(user, &g, online);
-        }
+        self.groups.user_online_changed(user, online);
+        self.flush_group_here();
     }
 
     fn session_user_key(&self, id: ConnId) -> Option<UserKey> {
@@ -584,17 +475,16 @@ impl Shard {
 impl Shard {
     /// Whether `group` must be read back from the store before this owner can decide.
     pub(super) fn needs_load(&self, group: &GroupKey) -> bool {
-        self.durable() && !self.groups.owned.contains_key(group)
+        self.durable() && !self.groups.is_owned(group)
     }
 
     /// Queues `work` behind a read of the group's members (starting the read if needed).
     pub(super) fn load_group_then(&mut self, group: GroupKey, work: GroupWork) {
-        if let Some(waiting) = self.groups.loading.get_mut(&group) {
-            if waiting.len() < MAX_WAITING_PER_GROUP {
-                waiting.push(work);
-            } else {
-                self.refuse_group_work(work, ErrorCode::Overloaded);
-            }
+        let Some(work) = self.groups.wait_for_load(&group, work) else {
+            return;
+        };
+        if self.groups.is_loading(&group) {
+            self.refuse_group_work(work, ErrorCode::Overloaded);
             return;
         }
         let req = IoRequest::GroupMembers {
@@ -609,7 +499,7 @@ impl Shard {
             self.refuse_group_work(work, ErrorCode::Overloaded);
             return;
         }
-        self.groups.loading.insert(group, vec![work]);
+        self.groups.load_started(group, work);
     }
 
     fn refuse_group_work(&mut self, work: GroupWork, code: ErrorCode) {
@@ -627,7 +517,7 @@ impl Shard {
 
     /// The group's stored members arrived: install them, then run the waiting work in order.
     pub(super) fn group_loaded(&mut self, group: GroupKey, members: Result<Vec<Str>, IoError>) {
-        let Some(waiting) = self.groups.loading.remove(&group) else {
+        let Some(waiting) = self.groups.load_ended(&group) else {
             return;
         };
         let members = match members {
@@ -640,13 +530,7 @@ impl Shard {
                 return;
             }
         };
-        let owned = &mut self.groups.owned;
-        if !members.is_empty() && !owned.contains_key(&group) && owned.len() < MAX_GROUPS_PER_SHARD
-        {
-            let e = owned.entry(group.clone()).or_default();
-            e.members.extend(members);
-        }
-        // An absent group stays unloaded: a send gets `not_found`, a join creates it.
+        self.groups.install(&group, members);
         for w in waiting {
             match w {
                 GroupWork::Send { origin, deliver } => {
@@ -664,20 +548,20 @@ impl Shard {
 
     /// Member-owner side: reads the user's stored groups (on the user's first device).
     fn load_user_groups(&mut self, user: UserKey) {
-        if self.groups.user_loading.contains_key(&user) {
+        if self.groups.is_user_loading(&user) {
             return;
         }
         let req = IoRequest::UserGroups {
             user: user_ref(&user),
         };
         if self.submit(req, IoWait::UserGroups { user: user.clone() }) {
-            self.groups.user_loading.insert(user, false);
+            self.groups.user_load_started(user);
         }
     }
 
     /// Member-owner side: the user's stored groups replace what this shard knew.
     pub(super) fn user_groups_loaded(&mut self, user: UserKey, groups: Result<Vec<Str>, IoError>) {
-        let Some(dirty) = self.groups.user_loading.remove(&user) else {
+        let Some(dirty) = self.groups.user_load_ended(&user) else {
             return;
         };
         if dirty {
@@ -690,24 +574,8 @@ impl Shard {
         };
         let max = self.cfg.limits.max_groups_per_user as usize;
         let online = self.dir.is_online(&user);
-        let old = self.groups.of_user.remove(&user).unwrap_or_default();
-        for g in &old {
-            self.set_group_online(&user, g, false);
-        }
-        let keys: Vec<GroupKey> = groups
-            .into_iter()
-            .take(max)
-            .map(|group| GroupKey {
-                tenant: user.tenant.clone(),
-                group,
-            })
-            .collect();
-        for g in &keys {
-            self.set_group_online(&user, g, online);
-        }
-        if !keys.is_empty() {
-            self.groups.of_user.insert(user, keys);
-        }
+        self.groups.replace_user_groups(&user, groups, online, max);
+        self.flush_group_here();
     }
 
     /// `sync {group}`: a page of the group's timeline after `after` (0: after the member's

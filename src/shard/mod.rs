@@ -21,6 +21,7 @@ mod delivery;
 mod external;
 mod groups;
 mod owner;
+mod roster;
 mod route;
 mod session;
 pub mod slab;
@@ -258,7 +259,7 @@ pub struct Shard {
     wheel: TimerWheel<ConnId>,
     /// The owned users' routes and presence.
     dir: owner::Directory,
-    groups: groups::Groups,
+    groups: roster::Roster,
     /// Outgoing messages per destination shard (index == shard id; ours is the local queue).
     outbox: Vec<Vec<ShardMsg>>,
     outbox_len: usize,
@@ -323,6 +324,7 @@ impl Shard {
             cfg.cluster.slot.is_some(),
             cfg.cluster.slot.is_some() && io.is_some(),
         );
+        let groups = roster::Roster::new(cfg.cluster.slot.is_some());
         Shard {
             id,
             shards,
@@ -333,7 +335,7 @@ impl Shard {
             metrics,
             conns: slab::Slab::new(per_shard),
             dir,
-            groups: groups::Groups::default(),
+            groups,
             outbox: (0..shards).map(|_| Vec::new()).collect(),
             outbox_len: 0,
             outbox_since_us: vec![0; shards],
@@ -593,7 +595,7 @@ impl Shard {
     /// Advances the timer wheel: closes connections past their handshake or idle deadline.
     pub fn tick(&mut self, clk: Clock) {
         self.set_now(clk);
-        if !self.groups.here_pending.is_empty() {
+        if self.groups.has_here_pending() {
             self.flush_group_here();
         }
         if !self.pump_retry.is_empty() {
