@@ -77,7 +77,7 @@ impl Shard {
         let Some(user) = self.session_user_key(id) else {
             return;
         };
-        if group.is_empty() || group.len() > 128 {
+        if !super::session::valid_id(&group) {
             self.reply_error(
                 id,
                 reference,
@@ -591,7 +591,7 @@ impl Shard {
         let Some(user) = self.session_user_key(conn) else {
             return;
         };
-        if group.is_empty() || group.len() > 128 {
+        if !super::session::valid_id(&group) {
             self.reply_error(
                 conn,
                 reference,
@@ -660,7 +660,7 @@ impl Shard {
         let Some(user) = self.session_user_key(conn) else {
             return;
         };
-        if group.is_empty() || group.len() > 128 {
+        if !super::session::valid_id(&group) {
             self.reply_error(
                 conn,
                 reference,

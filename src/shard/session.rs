@@ -16,6 +16,76 @@ use super::Clock;
 
 /// Send tokens a bad payload costs an authenticated connection.
 const BAD_FRAME_COST: u32 = 8;
+/// The longest device, client message, user or group id, in bytes.
+const MAX_ID_BYTES: usize = 128;
+
+/// The rules of a `hello` that need no token check and no shard: the protocol version it
+/// asks for (0 on the wire reads as 1) must be spoken here, and its device id be 1 to
+/// [`MAX_ID_BYTES`] bytes. The version to speak, or the error to answer before closing.
+pub(super) fn hello_rules(h: &Hello) -> Result<u8, (ErrorCode, String)> {
+    let version = if h.version == 0 { 1 } else { h.version };
+    if version != CURRENT_VERSION && version != PREVIOUS_VERSION {
+        let msg = format!(
+            "protocol version {version} not spoken here: this server speaks {} to {}",
+            PREVIOUS_VERSION.min(CURRENT_VERSION),
+            CURRENT_VERSION.max(PREVIOUS_VERSION)
+        );
+        return Err((ErrorCode::VersionUnsupported, msg));
+    }
+    if !valid_id(&h.device) {
+        return Err((
+            ErrorCode::BadRequest,
+            "device must be 1 to 128 bytes".into(),
+        ));
+    }
+    Ok(version)
+}
+
+/// Why a `send` is refused on its connection's shard.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum SendRefusal {
+    /// A token bucket is empty: `rate_limited`, retry after `wait_ms`. `tenant`: the
+    /// tenant's bucket (shared by its connections), else the connection's.
+    Rate { tenant: bool, wait_ms: u64 },
+    /// The `cmid` or the target's id is not 1 to [`MAX_ID_BYTES`] bytes: `bad_request`.
+    BadRequest,
+}
+
+/// The rules of a `send` on its connection's shard, in order: the connection's send bucket
+/// (`limits.sends_per_sec`, `limits.send_burst`), the tenant's, then the `cmid` and the
+/// target's id. A refused send takes a token from the buckets it passed.
+pub(super) fn send_rules(
+    conn: &mut crate::ratelimit::TokenBucket,
+    tenant: Option<&crate::metrics::SendBucket>,
+    l: &crate::config::Limits,
+    s: &Send,
+    now_ms: u64,
+) -> Result<(), SendRefusal> {
+    if let Err(wait_ms) = conn.take(1, l.sends_per_sec, l.send_burst, now_ms) {
+        return Err(SendRefusal::Rate {
+            tenant: false,
+            wait_ms,
+        });
+    }
+    if let Some(Err(wait_ms)) = tenant.map(|b| b.take(now_ms)) {
+        return Err(SendRefusal::Rate {
+            tenant: true,
+            wait_ms,
+        });
+    }
+    let target = match &s.to {
+        Target::User(u) | Target::Group(u) => u,
+    };
+    if !valid_id(&s.cmid) || !valid_id(target) {
+        return Err(SendRefusal::BadRequest);
+    }
+    Ok(())
+}
+
+/// Whether an id (device, `cmid`, user, group) is 1 to [`MAX_ID_BYTES`] bytes.
+pub(super) fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_BYTES
+}
 
 impl Shard {
     /// Feeds bytes read from connection `id`'s socket. `data` may be modified (WebSocket
@@ -262,7 +332,6 @@ impl Shard {
     }
 
     fn on_hello(&mut self, id: ConnId, reference: Option<u64>, h: Hello, clk: Clock) {
-        let version = if h.version == 0 { 1 } else { h.version };
         let refuse = |s: &mut Shard, code: ErrorCode, msg: &str| {
             s.reply_error(id, reference, code, msg);
             s.m()
@@ -274,19 +343,13 @@ impl Shard {
             };
             s.close(id, reason);
         };
-        if version != CURRENT_VERSION && version != PREVIOUS_VERSION {
-            let msg = format!(
-                "protocol version {version} not spoken here: this server speaks {} to {}",
-                PREVIOUS_VERSION.min(CURRENT_VERSION),
-                CURRENT_VERSION.max(PREVIOUS_VERSION)
-            );
-            refuse(self, ErrorCode::VersionUnsupported, &msg);
-            return;
-        }
-        if h.device.is_empty() || h.device.len() > 128 {
-            refuse(self, ErrorCode::BadRequest, "device must be 1 to 128 bytes");
-            return;
-        }
+        let version = match hello_rules(&h) {
+            Ok(v) => v,
+            Err((code, msg)) => {
+                refuse(self, code, &msg);
+                return;
+            }
+        };
         let identity = match self.auth.verify(&h.token, clk.unix_ms / 1000) {
             Ok(i) => i,
             Err(e) => {
@@ -412,32 +475,27 @@ impl Shard {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        let l = &self.cfg.limits;
-        if let Err(wait_ms) = c.sends.take(1, l.sends_per_sec, l.send_burst, clk.mono_ms) {
-            self.rate_limited(id, reference, s.cmid, "send rate exceeded", wait_ms);
-            return;
-        }
         let Some(sess) = c.session.as_ref() else {
             return;
         };
-        if let Some(Err(wait_ms)) = sess.tenant_sends.as_ref().map(|b| b.take(clk.mono_ms)) {
-            let tenant = sess.user.tenant.clone();
-            self.m().tenant_refused(&tenant, TenantRefusal::Rate);
-            self.rate_limited(id, reference, s.cmid, "tenant send rate exceeded", wait_ms);
-            return;
-        }
         let from = sess.user.clone();
-        if s.cmid.is_empty() || s.cmid.len() > 128 {
-            self.send_error(id, reference, s.cmid, ErrorCode::BadRequest);
-            return;
-        }
-        let valid = |id: &Str| !id.is_empty() && id.len() <= 128;
-        let target_ok = match &s.to {
-            Target::User(u) | Target::Group(u) => valid(u),
-        };
-        if !target_ok {
-            self.send_error(id, reference, s.cmid, ErrorCode::BadRequest);
-            return;
+        let tenant = sess.tenant_sends.as_deref();
+        match send_rules(&mut c.sends, tenant, &self.cfg.limits, &s, clk.mono_ms) {
+            Ok(()) => {}
+            Err(SendRefusal::Rate { tenant, wait_ms }) => {
+                let message = if tenant {
+                    self.m().tenant_refused(&from.tenant, TenantRefusal::Rate);
+                    "tenant send rate exceeded"
+                } else {
+                    "send rate exceeded"
+                };
+                self.rate_limited(id, reference, s.cmid, message, wait_ms);
+                return;
+            }
+            Err(SendRefusal::BadRequest) => {
+                self.send_error(id, reference, s.cmid, ErrorCode::BadRequest);
+                return;
+            }
         }
         self.m().tenant(&from.tenant, 0, 1);
         let deliver = Deliver {
@@ -528,7 +586,7 @@ impl Shard {
         let mut fresh = Vec::new();
         let mut refused = false;
         for u in users {
-            if u.is_empty() || u.len() > 128 {
+            if !valid_id(&u) {
                 continue;
             }
             let key = UserKey {
@@ -574,5 +632,107 @@ impl Shard {
                 },
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The session rules alone: no shard, no socket.
+    use super::*;
+    use crate::ratelimit::TokenBucket;
+
+    fn hello(version: u8, device: &str) -> Hello {
+        Hello {
+            version,
+            token: Str::from("t"),
+            device: Str::from(device),
+            codecs: Vec::new(),
+            resume: None,
+        }
+    }
+
+    fn send(cmid: &str, to: Target) -> Send {
+        Send {
+            to,
+            cmid: Str::from(cmid),
+            kind: None,
+            body: Str::from("hi"),
+            ext: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_hello_speaks_a_known_version_from_a_named_device() {
+        assert_eq!(hello_rules(&hello(0, "d")), Ok(1), "0 reads as version 1");
+        assert_eq!(
+            hello_rules(&hello(CURRENT_VERSION, "d")),
+            Ok(CURRENT_VERSION)
+        );
+        let Err((code, msg)) = hello_rules(&hello(CURRENT_VERSION + 1, "d")) else {
+            panic!("a version from the future was accepted");
+        };
+        assert_eq!(code, ErrorCode::VersionUnsupported);
+        assert!(msg.contains("not spoken here"), "{msg}");
+        let long = "d".repeat(MAX_ID_BYTES + 1);
+        for device in ["", long.as_str()] {
+            assert_eq!(
+                hello_rules(&hello(1, device)).map_err(|e| e.0),
+                Err(ErrorCode::BadRequest)
+            );
+        }
+        assert!(hello_rules(&hello(1, &"d".repeat(MAX_ID_BYTES))).is_ok());
+    }
+
+    #[test]
+    fn a_send_passes_its_buckets_then_its_ids() {
+        let mut l = crate::config::Limits::default();
+        (l.sends_per_sec, l.send_burst) = (10, 2);
+        let mut conn = TokenBucket::new(l.send_burst, 0);
+        let ok = send("c1", Target::User(Str::from("u")));
+        assert_eq!(send_rules(&mut conn, None, &l, &ok, 0), Ok(()));
+        assert_eq!(send_rules(&mut conn, None, &l, &ok, 0), Ok(()));
+        // The burst spent: the next token comes after 100 ms at 10 a second.
+        assert_eq!(
+            send_rules(&mut conn, None, &l, &ok, 0),
+            Err(SendRefusal::Rate {
+                tenant: false,
+                wait_ms: 100
+            })
+        );
+        assert_eq!(send_rules(&mut conn, None, &l, &ok, 100), Ok(()));
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        for bad in [
+            send("", Target::User(Str::from("u"))),
+            send(&long, Target::User(Str::from("u"))),
+            send("c", Target::User(Str::from(""))),
+            send("c", Target::Group(Str::from(long.as_str()))),
+        ] {
+            let mut full = TokenBucket::new(l.send_burst, 0);
+            assert_eq!(
+                send_rules(&mut full, None, &l, &bad, 0),
+                Err(SendRefusal::BadRequest)
+            );
+        }
+    }
+
+    #[test]
+    fn the_tenant_bucket_is_shared_by_its_connections() {
+        let l = crate::config::Limits::default();
+        let shared = crate::metrics::TenantShared::default();
+        let bucket = shared
+            .admit("t", 10, Some((1, 1)), 0)
+            .flatten()
+            .expect("a tenant rate gives a bucket");
+        let (mut a, mut b) = (TokenBucket::new(100, 0), TokenBucket::new(100, 0));
+        let ok = send("c", Target::Group(Str::from("g")));
+        assert_eq!(send_rules(&mut a, Some(&bucket), &l, &ok, 0), Ok(()));
+        assert_eq!(
+            send_rules(&mut b, Some(&bucket), &l, &ok, 0),
+            Err(SendRefusal::Rate {
+                tenant: true,
+                wait_ms: 1000
+            }),
+            "one send a second for the tenant, over both connections"
+        );
     }
 }
