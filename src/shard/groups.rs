@@ -74,18 +74,9 @@ impl Shard {
         group: Str,
         join: bool,
     ) {
-        let Some(user) = self.session_user_key(id) else {
+        let Some(user) = self.group_requester(id, reference, &group) else {
             return;
         };
-        if !super::session::valid_id(&group) {
-            self.reply_error(
-                id,
-                reference,
-                ErrorCode::BadRequest,
-                "group must be 1 to 128 bytes",
-            );
-            return;
-        }
         let key = GroupKey {
             tenant: user.tenant.clone(),
             group,
@@ -428,6 +419,9 @@ impl Shard {
     /// came or went (the node then tells the other nodes, which relay the group's messages
     /// only to nodes with members). What a full I/O queue refuses waits for the next tick.
     pub(super) fn flush_group_here(&mut self) {
+        if !self.groups.has_here_pending() {
+            return;
+        }
         let Some(io) = &self.io else {
             self.groups.forget_here();
             return;
@@ -456,6 +450,23 @@ impl Shard {
         }
         self.groups.user_online_changed(user, online);
         self.flush_group_here();
+    }
+
+    /// The user of connection `id` making a request that names `group`: `None` when there is
+    /// none, or the group id is not 1 to 128 bytes (then answered with `bad_request`).
+    fn group_requester(
+        &mut self,
+        id: ConnId,
+        reference: Option<u64>,
+        group: &Str,
+    ) -> Option<UserKey> {
+        let user = self.session_user_key(id)?;
+        if !super::session::valid_id(group) {
+            let msg = "group must be 1 to 128 bytes";
+            self.reply_error(id, reference, ErrorCode::BadRequest, msg);
+            return None;
+        }
+        Some(user)
     }
 
     fn session_user_key(&self, id: ConnId) -> Option<UserKey> {
@@ -588,18 +599,9 @@ impl Shard {
         after: u64,
         limit: u32,
     ) {
-        let Some(user) = self.session_user_key(conn) else {
+        let Some(user) = self.group_requester(conn, reference, &group) else {
             return;
         };
-        if !super::session::valid_id(&group) {
-            self.reply_error(
-                conn,
-                reference,
-                ErrorCode::BadRequest,
-                "group must be 1 to 128 bytes",
-            );
-            return;
-        }
         let limit = limit.clamp(1, self.cfg.limits.max_sync_limit);
         // The group cursors acked so far first: a sync from the stored cursor sees them.
         if after == 0 {
@@ -657,18 +659,9 @@ impl Shard {
         group: Str,
         gseq: u64,
     ) {
-        let Some(user) = self.session_user_key(conn) else {
+        let Some(user) = self.group_requester(conn, reference, &group) else {
             return;
         };
-        if !super::session::valid_id(&group) {
-            self.reply_error(
-                conn,
-                reference,
-                ErrorCode::BadRequest,
-                "group must be 1 to 128 bytes",
-            );
-            return;
-        }
         self.set_group_cursor(
             GroupRef {
                 tenant: user.tenant,
