@@ -320,10 +320,7 @@ impl Shard {
     }
 
     fn group_send_now(&mut self, group: GroupKey, origin: Origin, mut deliver: Deliver) {
-        // Cluster mode: this node's copy of the member list may miss a join made on another
-        // node; the store checks membership as it appends (`Refusal::NotMember`).
-        let check_member = self.cfg.cluster.slot.is_none();
-        if let Err(code) = self.groups.may_send(&group, &deliver.from, check_member) {
+        if let Err(code) = self.groups.may_send(&group, &deliver.from) {
             self.reject(origin, code, None);
             return;
         }
@@ -491,11 +488,10 @@ impl Shard {
 
     /// Queues `work` behind a read of the group's members (starting the read if needed).
     pub(super) fn load_group_then(&mut self, group: GroupKey, work: GroupWork) {
-        let Some(work) = self.groups.wait_for_load(&group, work) else {
-            return;
-        };
         if self.groups.is_loading(&group) {
-            self.refuse_group_work(work, ErrorCode::Overloaded);
+            if let Some(work) = self.groups.wait_for_load(&group, work) {
+                self.refuse_group_work(work, ErrorCode::Overloaded);
+            }
             return;
         }
         let req = IoRequest::GroupMembers {

@@ -595,9 +595,7 @@ impl Shard {
     /// Advances the timer wheel: closes connections past their handshake or idle deadline.
     pub fn tick(&mut self, clk: Clock) {
         self.set_now(clk);
-        if self.groups.has_here_pending() {
-            self.flush_group_here();
-        }
+        self.flush_group_here();
         if !self.pump_retry.is_empty() {
             self.retry_pumps();
         }

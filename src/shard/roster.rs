@@ -117,16 +117,11 @@ impl Roster {
     }
 
     /// Whether `from` may send to `group`: `not_found` when the group is not here,
-    /// `forbidden` when `check_member` and `from` is not a member (in a cluster the store
-    /// checks membership instead: this node's list may miss a join made on another node).
-    pub(super) fn may_send(
-        &self,
-        group: &GroupKey,
-        from: &Str,
-        check_member: bool,
-    ) -> Result<(), ErrorCode> {
+    /// `forbidden` when `from` is not a member. In a cluster the store checks membership
+    /// instead (`Refusal::NotMember`): this node's list may miss a join made on another node.
+    pub(super) fn may_send(&self, group: &GroupKey, from: &Str) -> Result<(), ErrorCode> {
         let e = self.owned.get(group).ok_or(ErrorCode::NotFound)?;
-        if check_member && !e.members.contains(from) {
+        if !self.cluster && !e.members.contains(from) {
             return Err(ErrorCode::Forbidden);
         }
         Ok(())
@@ -387,15 +382,18 @@ mod tests {
         let (g, h) = (group("g"), group("h"));
         r.set_member(&g, &Str::from("a"), true);
         r.set_member(&h, &Str::from("a"), true);
-        assert_eq!(r.may_send(&g, &Str::from("a"), true), Ok(()));
+        assert_eq!(r.may_send(&g, &Str::from("a")), Ok(()));
+        assert_eq!(r.may_send(&g, &Str::from("z")), Err(ErrorCode::Forbidden));
         assert_eq!(
-            r.may_send(&g, &Str::from("z"), true),
-            Err(ErrorCode::Forbidden)
+            r.may_send(&group("none"), &Str::from("a")),
+            Err(ErrorCode::NotFound)
         );
-        // In a cluster the store checks instead.
-        assert_eq!(r.may_send(&g, &Str::from("z"), false), Ok(()));
+        // In a cluster the store checks membership instead; the group must still be here.
+        let mut c = Roster::new(true);
+        c.set_member(&g, &Str::from("a"), true);
+        assert_eq!(c.may_send(&g, &Str::from("z")), Ok(()));
         assert_eq!(
-            r.may_send(&group("none"), &Str::from("a"), true),
+            c.may_send(&group("none"), &Str::from("a")),
             Err(ErrorCode::NotFound)
         );
         assert_eq!(r.next_gseq(&g), Some(1));
