@@ -1,5 +1,5 @@
-//! Reliable delivery (durability `local`): the shard's side of the I/O core, and each device's
-//! delivery window.
+//! Reliable delivery (durability `local`): the shard's side of the I/O core, and carrying out
+//! what each device's delivery window (window.rs) decides.
 //!
 //! - The recipient's owner shard hands a `send` to the I/O core, which appends it to the
 //!   recipient's durable inbox (gapless `inbox_seq`, `cmid` dedupe) in a group commit; only
@@ -12,50 +12,14 @@
 //!   window was full, or a page is being read) is dropped and the device is "lagging"; the
 //!   shard then reads the missing range from the store and pushes it (the pump).
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 
+use super::window::{Bounds, Due, Offer, Window};
 use super::{Clock, ConnId, Origin, ReplyTo, Route, Shard, ShardMsg, UserKey};
 use crate::iocore::{IoCmd, IoDone, IoError, IoReply, IoRequest};
 use crate::metrics::CloseReason;
 use crate::protocol::{Deliver, Envelope, ErrorCode, Message, Str, Synced};
 use crate::store::{InboxPage, Op, OpResult, UserRef};
-
-/// One unacked delivery.
-pub(super) struct Pending {
-    deliver: Deliver,
-    attempts: u32,
-    due_ms: u64,
-}
-
-/// A device's delivery window.
-#[derive(Default)]
-pub(super) struct Window {
-    unacked: VecDeque<Pending>,
-    /// Highest `inbox_seq` pushed (or synced) to this device.
-    last_pushed: u64,
-    /// `last_pushed` is the device's real position (a sync finished, or something was
-    /// pushed), even at 0: an empty inbox synced. Until then the first push sets it.
-    positioned: bool,
-    /// Pushes were dropped: the store holds messages after `last_pushed` not yet pushed.
-    lagging: bool,
-    /// A pump read is in flight.
-    pumping: bool,
-    /// A pump read could not be made and is in `Shard::pump_retry`.
-    pump_retry: bool,
-    /// A `sync` (or `resume`) is under way: from its request until its last page (`more:
-    /// false`). Live pushes are held back meanwhile (the device is marked lagging) and the
-    /// pump resumes after the last page, so a message is never both pushed and paged, and
-    /// never pushed ahead of older pages.
-    pub(super) syncing: bool,
-    /// The highest `inbox_seq` acked and not yet handed to the store (0: none).
-    cursor: u64,
-    /// Cluster mode: when to read the store once after login (0: not due). Other nodes learn
-    /// that this device is here through Redis and their route caches, so a message accepted
-    /// elsewhere right after the login's sync may not be relayed here; this one read, after
-    /// the caches expired, closes that gap (src/services/cluster.rs).
-    catchup_ms: u64,
-}
 
 /// How long after the route caches' TTL the login catch-up read waits (the route itself
 /// reaches Redis through the presence pipeline, usually within milliseconds).
@@ -472,8 +436,8 @@ impl Shard {
             (IoWait::ResumeCursor { conn, reference }, IoReply::Cursor(r)) => {
                 let after = r.unwrap_or(0);
                 // `sync_request` holds pushes again, or lets them go if it is refused.
-                if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
-                    s.window.syncing = false;
+                if let Some(s) = self.session_mut(conn) {
+                    s.window.end_sync();
                 }
                 self.sync_request(conn, reference, after, u32::MAX);
             }
@@ -547,59 +511,26 @@ impl Shard {
     /// copy). In step, the window steps over it: the device has the message. Out of step (a
     /// sync or pump under way, a gap), the pump brings the copy like any other message.
     pub(super) fn sent_seq(&mut self, conn: ConnId, seq: u64) {
-        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
-            return;
-        };
-        let w = &mut s.window;
-        if w.positioned && !w.syncing && !w.lagging && !w.pumping && w.last_pushed + 1 == seq {
-            w.last_pushed = seq;
+        if let Some(s) = self.session_mut(conn) {
+            s.window.step_over(seq);
         }
     }
 
     /// Device side: a pushed delivery for `conn`.
     pub(super) fn push_durable(&mut self, conn: ConnId, deliver: &Deliver, clk: Clock) {
-        let w_max = self.cfg.limits.window as usize;
-        let Some(c) = self.conns.get_mut(conn) else {
+        let b = Bounds::of(&self.cfg.limits);
+        let Some(s) = self.session_mut(conn) else {
             return;
         };
-        let Some(s) = c.session.as_mut() else { return };
-        let w = &mut s.window;
-        let seq = deliver.inbox_seq;
-        if seq <= w.last_pushed {
-            return; // already pushed or synced
+        match s.window.offer(deliver, clk.mono_ms, &b) {
+            Offer::Push { due_ms } => self.pushed(conn, deliver.clone(), due_ms),
+            Offer::Had => {}
+            Offer::Lag => self.maybe_pump(conn),
         }
-        if w.syncing {
-            // The sync's pages or the pump after them carry it (see `Window::syncing`).
-            w.lagging = true;
-            return;
-        }
-        let unknown = !w.positioned && w.last_pushed == 0;
-        let in_order = unknown || seq == w.last_pushed + 1;
-        if !in_order || w.lagging || w.pumping || w.unacked.len() >= w_max {
-            if unknown {
-                w.last_pushed = seq.saturating_sub(1);
-            }
-            w.lagging = true;
-            self.maybe_pump(conn);
-            return;
-        }
-        self.push_now(conn, deliver.clone(), clk);
     }
 
-    fn push_now(&mut self, conn: ConnId, deliver: Deliver, clk: Clock) {
-        let base = self.cfg.limits.retransmit_base_ms;
-        let Some(c) = self.conns.get_mut(conn) else {
-            return;
-        };
-        let Some(s) = c.session.as_mut() else { return };
-        s.window.last_pushed = deliver.inbox_seq;
-        s.window.positioned = true;
-        let due_ms = clk.mono_ms + base;
-        s.window.unacked.push_back(Pending {
-            deliver: deliver.clone(),
-            attempts: 0,
-            due_ms,
-        });
+    /// A delivery entered `conn`'s window: write it and arm its retransmit.
+    fn pushed(&mut self, conn: ConnId, deliver: Deliver, due_ms: u64) {
         self.metrics.shards[self.id]
             .deliveries_pending
             .fetch_add(1, Relaxed);
@@ -607,23 +538,25 @@ impl Shard {
         self.arm(conn, due_ms);
     }
 
+    pub(super) fn session_mut(&mut self, conn: ConnId) -> Option<&mut super::Session> {
+        self.conns
+            .get_mut(conn)
+            .and_then(|c| c.session.as_deref_mut())
+    }
+
     /// Reads the range a lagging device is missing, when the window has room.
     fn maybe_pump(&mut self, conn: ConnId) {
-        let w_max = self.cfg.limits.window as usize;
-        let Some(c) = self.conns.get_mut(conn) else {
+        let b = Bounds::of(&self.cfg.limits);
+        let Some(s) = self.session_mut(conn) else {
             return;
         };
-        let Some(s) = c.session.as_mut() else { return };
-        let room = w_max.saturating_sub(s.window.unacked.len());
-        if !s.window.lagging || s.window.pumping || s.window.syncing || room < w_max / 2 {
+        let Some((after, limit)) = s.window.pump(&b) else {
             return;
-        }
-        s.window.pumping = true;
-        let (user, after) = (user_ref(&s.user), s.window.last_pushed);
+        };
         let req = IoRequest::ReadInbox {
-            user,
+            user: user_ref(&s.user),
             after,
-            limit: room as u32,
+            limit,
         };
         if !self.submit(req, IoWait::Pump { conn }) {
             self.pump_failed(conn);
@@ -632,12 +565,10 @@ impl Shard {
 
     /// A pump read was refused or failed: the connection is retried on the next tick.
     pub(super) fn pump_failed(&mut self, conn: ConnId) {
-        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
-            return;
-        };
-        s.window.pumping = false;
-        if !s.window.pump_retry {
-            s.window.pump_retry = true;
+        if self
+            .session_mut(conn)
+            .is_some_and(|s| s.window.pump_failed())
+        {
             self.pump_retry.push(conn);
         }
     }
@@ -647,10 +578,10 @@ impl Shard {
     pub(super) fn retry_pumps(&mut self) {
         let mut waiting = std::mem::take(&mut self.pump_retry).into_iter();
         for conn in waiting.by_ref() {
-            let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+            let Some(s) = self.session_mut(conn) else {
                 continue;
             };
-            s.window.pump_retry = false;
+            s.window.retry_taken();
             self.maybe_pump(conn);
             if !self.pump_retry.is_empty() {
                 break;
@@ -669,86 +600,69 @@ impl Shard {
         page: Result<InboxPage, IoError>,
         sync_after: Option<u64>,
     ) {
-        let pump = sync_after.is_none();
-        let clk = Clock {
-            mono_ms: self.now_ms,
-            mono_us: self.now_us,
-            unix_ms: 0,
-        };
-        let page = match page {
-            Ok(p) => p,
-            Err(e) => {
-                if pump {
-                    // Retried on the next tick (or by the next ack or push before it).
-                    self.pump_failed(conn);
-                    return;
-                }
-                if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
-                    s.window.syncing = false;
+        let page = match (page, sync_after) {
+            (Ok(p), _) => p,
+            // Retried on the next tick (or by the next ack or push before it).
+            (Err(_), None) => return self.pump_failed(conn),
+            (Err(e), Some(_)) => {
+                if let Some(s) = self.session_mut(conn) {
+                    s.window.end_sync();
                 }
                 self.maybe_pump(conn);
                 self.reply_error(conn, reference, e.code(), "store read failed");
                 return;
             }
         };
-        if pump {
-            let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+        let Some(after) = sync_after else {
+            let b = Bounds::of(&self.cfg.limits);
+            let now_ms = self.now_ms;
+            let Some(s) = self.session_mut(conn) else {
                 return;
             };
-            s.window.pumping = false;
-            let caught_up = !page.more;
-            for d in page.messages {
-                let last = self
-                    .conns
-                    .get(conn)
-                    .and_then(|c| c.session.as_ref())
-                    .map_or(u64::MAX, |s| s.window.last_pushed);
-                if d.inbox_seq == last + 1 {
-                    self.push_now(conn, d, clk);
-                }
+            let pumped = s.window.pumped(page, now_ms, &b);
+            for d in pumped.push {
+                self.pushed(conn, d, pumped.due_ms);
             }
-            if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
-                s.window.lagging = !caught_up;
+            if pumped.retry_on_tick {
+                self.pump_failed(conn);
+            } else {
+                self.maybe_pump(conn);
             }
-            self.maybe_pump(conn);
             return;
-        }
+        };
         let mut up_to = 0;
         for d in page.messages {
             up_to = d.inbox_seq;
             self.emit(conn, &Envelope::new(Message::Deliver(d)));
         }
-        if !page.more {
-            if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
-                // The device has everything up to here (an empty page: everything after the
-                // sync's start): pushes continue after it, and what was held back meanwhile
-                // comes through the pump, in order.
-                let through = up_to.max(sync_after.unwrap_or(0));
-                s.window.last_pushed = s.window.last_pushed.max(through);
-                s.window.positioned = true;
-                s.window.syncing = false;
-            }
-            self.maybe_pump(conn);
+        if page.more {
+            self.emit_synced(conn, reference, up_to, true, None, Vec::new());
+            return;
         }
-        if !page.more {
-            // The last page: list the groups with unread messages in `synced`.
-            // The group cursors acked so far first: the read sees them (one I/O queue).
-            self.flush_cursors();
-            if let Some(user) = self.conns.get(conn).and_then(|c| c.session.as_ref()) {
-                let req = IoRequest::UnreadGroups {
-                    user: user_ref(&user.user),
-                };
-                let wait = IoWait::Unread {
-                    conn,
-                    reference,
-                    up_to,
-                };
-                if self.submit(req, wait) {
-                    return;
-                }
+        if let Some(s) = self.session_mut(conn) {
+            // The device has everything up to here (an empty page: everything after the
+            // sync's start): pushes continue after it, and what was held back meanwhile comes
+            // through the pump, in order.
+            s.window.synced_through(up_to.max(after));
+        }
+        self.maybe_pump(conn);
+        // The last page: list the groups with unread messages in `synced`. The group cursors
+        // acked so far first: the read sees them (one I/O queue).
+        self.flush_cursors();
+        if let Some(s) = self.session_mut(conn) {
+            let req = IoRequest::UnreadGroups {
+                user: user_ref(&s.user),
+            };
+            let wait = IoWait::Unread {
+                conn,
+                reference,
+                up_to,
+            };
+            if self.submit(req, wait) {
+                return;
             }
         }
-        self.emit_synced(conn, reference, up_to, page.more, None, Vec::new());
+        self.emit_synced(conn, reference, up_to, false, None, Vec::new());
     }
 
     pub(super) fn emit_synced(
@@ -781,7 +695,7 @@ impl Shard {
         limit: u32,
     ) {
         let limit = limit.clamp(1, self.cfg.limits.max_sync_limit);
-        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+        let Some(s) = self.session_mut(conn) else {
             return;
         };
         let req = IoRequest::ReadInbox {
@@ -789,15 +703,15 @@ impl Shard {
             after,
             limit,
         };
-        let was_syncing = std::mem::replace(&mut s.window.syncing, true);
+        let was_syncing = s.window.begin_sync();
         let wait = IoWait::Sync {
             conn,
             reference,
             after,
         };
         if !self.submit(req, wait) {
-            if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
-                s.window.syncing = was_syncing;
+            if let Some(s) = self.session_mut(conn) {
+                s.window.sync_refused(was_syncing);
             }
             self.overloaded(conn, reference, None);
         }
@@ -809,7 +723,7 @@ impl Shard {
             self.sync_request(conn, reference, inbox_seq, u32::MAX);
             return;
         }
-        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+        let Some(s) = self.session_mut(conn) else {
             return;
         };
         let req = IoRequest::Cursor {
@@ -817,10 +731,10 @@ impl Shard {
             device: s.device.clone(),
         };
         // Pushes wait from now: the cursor read and the pages after it come first.
-        let was_syncing = std::mem::replace(&mut s.window.syncing, true);
+        let was_syncing = s.window.begin_sync();
         if !self.submit(req, IoWait::ResumeCursor { conn, reference }) {
-            if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
-                s.window.syncing = was_syncing;
+            if let Some(s) = self.session_mut(conn) {
+                s.window.sync_refused(was_syncing);
             }
             self.overloaded(conn, reference, None);
         }
@@ -828,25 +742,14 @@ impl Shard {
 
     /// A cumulative `ack` from a device.
     pub(super) fn on_ack(&mut self, conn: ConnId, inbox_seq: u64) {
-        let Some(c) = self.conns.get_mut(conn) else {
+        let Some(s) = self.session_mut(conn) else {
             return;
         };
-        let Some(s) = c.session.as_mut() else { return };
-        let mut confirmed = 0u64;
-        while s
-            .window
-            .unacked
-            .front()
-            .is_some_and(|p| p.deliver.inbox_seq <= inbox_seq)
-        {
-            s.window.unacked.pop_front();
-            confirmed += 1;
-        }
+        let (confirmed, first) = s.window.ack(inbox_seq);
         // Coalesced (`CURSOR_FLUSH_MS`): only the latest ack per device is written.
-        if s.window.cursor == 0 && inbox_seq > 0 {
+        if first {
             self.cursor_dirty.push(conn);
         }
-        s.window.cursor = s.window.cursor.max(inbox_seq);
         let m = &self.metrics.shards[self.id];
         m.deliveries_pending.fetch_sub(confirmed as i64, Relaxed);
         m.deliveries_confirmed.fetch_add(confirmed, Relaxed);
@@ -873,11 +776,11 @@ impl Shard {
             let Some(s) = self.conns.get(conn).and_then(|c| c.session.as_ref()) else {
                 continue;
             };
-            if s.window.cursor > 0 {
+            if s.window.cursor() > 0 {
                 ops.push(Op::SetCursor {
                     user: user_ref(&s.user),
                     device: s.device.clone(),
-                    seq: s.window.cursor,
+                    seq: s.window.cursor(),
                 });
             }
         }
@@ -886,19 +789,19 @@ impl Shard {
         }
         self.group_cursor_dirty.clear();
         for conn in std::mem::take(&mut self.cursor_dirty) {
-            if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
-                s.window.cursor = 0;
+            if let Some(s) = self.session_mut(conn) {
+                s.window.cursor_written();
             }
         }
     }
 
     /// A closing device's pending cursor, written at once (skipped when the queue is full).
     pub(super) fn write_cursor_now(&mut self, s: &super::Session) {
-        if s.window.cursor > 0 {
+        if s.window.cursor() > 0 {
             self.submit_write(Op::SetCursor {
                 user: user_ref(&s.user),
                 device: s.device.clone(),
-                seq: s.window.cursor,
+                seq: s.window.cursor(),
             });
         }
     }
@@ -906,68 +809,35 @@ impl Shard {
     /// Retransmits what is due on `conn`; returns the next retransmit deadline, or `None`.
     /// Closes the connection when a delivery ran out of retries.
     pub(super) fn retransmit_due(&mut self, conn: ConnId, clk: Clock) -> Option<u64> {
-        let base = self.cfg.limits.retransmit_base_ms;
-        let limit = self.cfg.limits.retry_limit;
-        let c = self.conns.get_mut(conn)?;
-        let s = c.session.as_mut()?;
-        let mut resend = Vec::new();
-        let mut failed = false;
-        for (i, p) in s.window.unacked.iter_mut().enumerate() {
-            if p.due_ms > clk.mono_ms {
-                continue;
-            }
-            if p.attempts >= limit {
-                failed = true;
-                break;
-            }
-            p.attempts += 1;
-            // Exponential backoff with jitter (deterministic per sequence and attempt).
-            let backoff = base.saturating_mul(1 << p.attempts.min(16));
-            let jitter = (p.deliver.inbox_seq.wrapping_mul(2_654_435_761)
-                ^ u64::from(p.attempts)
-                ^ i as u64)
-                % (backoff / 4 + 1);
-            p.due_ms = clk.mono_ms + backoff + jitter;
-            resend.push(p.deliver.clone());
-        }
-        let mut catchup = false;
-        if s.window.catchup_ms != 0 && s.window.catchup_ms <= clk.mono_ms {
-            s.window.catchup_ms = 0;
-            // Only a device with a known position: one that never synced nor got a push
-            // takes live messages from its first push on (as on a single node).
-            if s.window.positioned {
-                s.window.lagging = true;
-                catchup = true;
-            }
-        }
-        let pending_catchup = (s.window.catchup_ms != 0).then_some(s.window.catchup_ms);
-        let next = s
-            .window
-            .unacked
-            .iter()
-            .map(|p| p.due_ms)
-            .chain(pending_catchup)
-            .min();
-        if failed {
-            let n = s.window.unacked.len() as u64;
-            s.window.unacked.clear();
-            let m = &self.metrics.shards[self.id];
-            m.deliveries_pending.fetch_sub(n as i64, Relaxed);
-            m.deliveries_failed.fetch_add(n, Relaxed);
-            self.goaway(conn, "retry_limit", 0);
-            self.close(conn, CloseReason::RetryLimit);
-            return None;
-        }
+        let b = Bounds::of(&self.cfg.limits);
+        let due = self.session_mut(conn)?.window.due(clk.mono_ms, &b);
         let m = &self.metrics.shards[self.id];
-        m.retransmits.fetch_add(resend.len() as u64, Relaxed);
-        for d in resend {
-            self.emit(conn, &Envelope::new(Message::Deliver(d)));
+        match due {
+            Due::RetryLimit { dropped } => {
+                m.deliveries_pending.fetch_sub(dropped as i64, Relaxed);
+                m.deliveries_failed.fetch_add(dropped, Relaxed);
+                self.goaway(conn, "retry_limit", 0);
+                self.close(conn, CloseReason::RetryLimit);
+                None
+            }
+            Due::Resend {
+                resend,
+                catchup,
+                next_ms,
+            } => {
+                m.retransmits.fetch_add(resend.len() as u64, Relaxed);
+                if catchup {
+                    m.catchups.fetch_add(1, Relaxed);
+                }
+                for d in resend {
+                    self.emit(conn, &Envelope::new(Message::Deliver(d)));
+                }
+                if catchup {
+                    self.maybe_pump(conn);
+                }
+                next_ms
+            }
         }
-        if catchup {
-            self.metrics.shards[self.id].catchups.fetch_add(1, Relaxed);
-            self.maybe_pump(conn);
-        }
-        next
     }
 
     /// Cluster mode: a device that logs in without `resume` takes the messages stored after
@@ -979,13 +849,13 @@ impl Shard {
         if self.cfg.cluster.slot.is_none() || !self.durable() || hello.resume.is_some() {
             return false;
         }
-        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+        let Some(s) = self.session_mut(conn) else {
             return false;
         };
         let req = IoRequest::LastInboxSeq {
             user: user_ref(&s.user),
         };
-        let was_syncing = std::mem::replace(&mut s.window.syncing, true);
+        let was_syncing = s.window.begin_sync();
         let wait = IoWait::Position {
             conn,
             hello: *hello,
@@ -994,8 +864,8 @@ impl Shard {
             return true;
         }
         // The I/O queue is full: the welcome goes now, and the first push sets the position.
-        if let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) {
-            s.window.syncing = was_syncing;
+        if let Some(s) = self.session_mut(conn) {
+            s.window.sync_refused(was_syncing);
         }
         false
     }
@@ -1007,13 +877,12 @@ impl Shard {
         last: Result<u64, IoError>,
         clk: Clock,
     ) {
-        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+        let Some(s) = self.session_mut(conn) else {
             return;
         };
-        s.window.syncing = false;
-        if let Ok(last) = last {
-            s.window.last_pushed = s.window.last_pushed.max(last);
-            s.window.positioned = true;
+        match last {
+            Ok(last) => s.window.synced_through(last),
+            Err(_) => s.window.end_sync(),
         }
         self.emit_welcome(conn, hello, clk);
         // Pushes held back meanwhile come from the store, in order.
@@ -1026,16 +895,16 @@ impl Shard {
             return;
         }
         let at = clk.mono_ms + self.cfg.cluster.route_cache_ttl_ms + CATCHUP_MARGIN_MS;
-        let Some(s) = self.conns.get_mut(conn).and_then(|c| c.session.as_mut()) else {
+        let Some(s) = self.session_mut(conn) else {
             return;
         };
-        s.window.catchup_ms = at;
+        s.window.schedule_catchup(at);
         self.arm(conn, at);
     }
 
     /// A closing device's unacked deliveries become FAILED (the device recovers them by sync).
     pub(super) fn fail_window(&mut self, window: &Window) {
-        let n = window.unacked.len() as u64;
+        let n = window.unacked() as u64;
         if n > 0 {
             let m = &self.metrics.shards[self.id];
             m.deliveries_pending.fetch_sub(n as i64, Relaxed);

@@ -9,9 +9,10 @@
 //! driver ([`Shard::take_woken`]), and fills one outbox per
 //! destination shard that the runtime ships through bounded channels.
 //!
-//! Two parts stand on their own, without a shard: a connection's transport (transport.rs:
-//! framing and codec to and from envelopes) and the directory of owned users (owner.rs: routes
-//! and presence, returning effects the shard carries out).
+//! Parts stand on their own, without a shard: a connection's transport (transport.rs: framing
+//! and codec to and from envelopes), the directory of owned users (owner.rs: routes and
+//! presence, returning effects the shard carries out), the groups' roster (roster.rs), the
+//! session rules (session.rs) and each device's delivery window (window.rs).
 //!
 //! Cross-shard traffic is batched per destination; when an outbox is full new work is shed
 //! with `overloaded` (never blocked on).
@@ -27,6 +28,7 @@ mod session;
 pub mod slab;
 pub mod timer;
 mod transport;
+mod window;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -205,7 +207,7 @@ struct Session {
     user: UserKey,
     device: Str,
     /// Unacked deliveries (durability `local`).
-    window: delivery::Window,
+    window: window::Window,
     /// The tenant's send bucket, shared with the tenant's other connections (`None`: no
     /// tenant rate).
     tenant_sends: Option<std::sync::Arc<crate::metrics::SendBucket>>,

@@ -787,15 +787,15 @@ fn a_pump_read_that_could_not_be_made_is_retried_on_the_next_tick() {
     );
     // Bob's window holds pushes back (as during a sync): m1 is stored, not pushed, and Bob is
     // lagging with nothing in flight. Then his pump read is refused (the I/O queue was full).
-    fn window(sim: &mut Sim, c: Client) -> &mut super::delivery::Window {
+    fn window(sim: &mut Sim, c: Client) -> &mut super::window::Window {
         let conn = sim.shards[c.shard].conns.get_mut(c.id).unwrap();
         &mut conn.session.as_mut().unwrap().window
     }
-    window(&mut sim, b).syncing = true;
+    window(&mut sim, b).begin_sync();
     sim.send(a, &send_to("bob", "c1", "m1"));
     sim.recv(a);
     assert!(sim.recv(b).is_empty());
-    window(&mut sim, b).syncing = false;
+    window(&mut sim, b).end_sync();
     sim.shards[0].pump_failed(b.id);
     assert!(sim.recv(b).is_empty(), "nothing until the tick");
     // No other message and no ack come: the tick reads the store again and pushes m1.
