@@ -52,7 +52,7 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Users one `POST /groups` or `POST /groups/{tenant}/{group}/members` may name.
 pub const MAX_USERS_PER_REQUEST: usize = 1000;
 /// Longest group id (as for a client's `group_join`).
-pub const MAX_GROUP_ID: usize = 128;
+pub const MAX_GROUP_ID: usize = crate::protocol::MAX_ID_BYTES;
 
 /// A bound, not yet serving, admin listener.
 #[derive(Debug)]
@@ -675,7 +675,7 @@ fn create_group(body: &[u8], control: &Control) -> Response {
         return json_error(400, "tenant must be 1 to 256 bytes");
     }
     if c.group.is_empty() || c.group.len() > MAX_GROUP_ID {
-        return json_error(400, "group must be 1 to 128 bytes");
+        return json_error(400, format_args!("group must be 1 to {MAX_GROUP_ID} bytes"));
     }
     let users = match user_list(c.users) {
         Ok(u) => u,

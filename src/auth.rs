@@ -33,7 +33,7 @@ pub const INSECURE_WARNING: &str = "WARNING: INSECURE DEV AUTH IS ON (--insecure
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 4096;
 /// Longest user id (`sub`), in bytes.
-pub const MAX_USER_BYTES: usize = 128;
+pub const MAX_USER_BYTES: usize = crate::protocol::MAX_ID_BYTES;
 /// Longest tenant id, in bytes.
 pub const MAX_TENANT_BYTES: usize = 64;
 /// Tenant of a JWT without a `tenant` claim.

@@ -16,8 +16,7 @@ use super::Clock;
 
 /// Send tokens a bad payload costs an authenticated connection.
 const BAD_FRAME_COST: u32 = 8;
-/// The longest device, client message, user or group id, in bytes.
-const MAX_ID_BYTES: usize = 128;
+use crate::protocol::MAX_ID_BYTES;
 
 /// The rules of a `hello` that need no token check and no shard: the protocol version it
 /// asks for (0 on the wire reads as 1) must be spoken here, and its device id be 1 to
