@@ -41,6 +41,8 @@ use crate::metrics::{CloseReason, Metrics, ShardMetrics, Stage};
 use crate::protocol::{Deliver, Envelope, ErrorCode, Message, Presence, Status, Str};
 use crate::ratelimit::TokenBucket;
 pub use groups::GroupKey;
+pub use session::Conn;
+use session::{byte_burst, Phase, Session};
 pub use slab::ConnId;
 use timer::TimerWheel;
 pub use transport::Transport;
@@ -190,58 +192,6 @@ pub enum ShardMsg {
     },
     /// To a connection's shard: a reply to write as is.
     Reply { conn: ConnId, env: Envelope },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Waiting for `hello` (or the WebSocket upgrade).
-    Handshake,
-    /// Authenticated.
-    Active,
-    /// A WebSocket conformance echo connection (no `hello`).
-    Echo,
-}
-
-/// What an authenticated connection knows about its user.
-struct Session {
-    user: UserKey,
-    device: Str,
-    /// Unacked deliveries (durability `local`).
-    window: window::Window,
-    /// The tenant's send bucket, shared with the tenant's other connections (`None`: no
-    /// tenant rate).
-    tenant_sends: Option<std::sync::Arc<crate::metrics::SendBucket>>,
-    /// Users this connection subscribed to, for cleanup (bounded by `max_presence_subs`).
-    subs: Vec<UserKey>,
-    /// Monotonic time of the last presence refresh sent to Redis.
-    presence_ms: u64,
-}
-
-/// One connection. Kept small: an idle connection holds no buffers (SPEC 2).
-pub struct Conn {
-    link: transport::Link,
-    phase: Phase,
-    session: Option<Box<Session>>,
-    /// Encoded output not yet written; unallocated when idle.
-    out: Vec<u8>,
-    /// Listed in [`Woken`] and not yet taken by the runtime.
-    woken: bool,
-    opened_ms: u64,
-    last_rx_ms: u64,
-    /// Deadline currently armed in the wheel (0: none).
-    armed_ms: u64,
-    /// When the oldest byte now in `out` was queued: the low 32 bits of the monotonic clock
-    /// in µs (wraps every 71 minutes; 0: `out` is empty), for the `output_wait` stage.
-    out_since_us: u32,
-    /// Set when the connection is to be closed once `out` is flushed.
-    closing: Option<CloseReason>,
-    sends: TokenBucket,
-    bytes: TokenBucket,
-}
-
-/// Burst of the per-connection byte bucket: a second's worth, and at least one whole frame.
-fn byte_burst(l: &crate::config::Limits) -> u32 {
-    l.bytes_per_sec.max(l.max_frame_bytes)
 }
 
 /// How long a closing connection may take to flush its last frames.

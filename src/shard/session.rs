@@ -1,10 +1,12 @@
 //! The client side of a shard: the session rules over what a connection's transport
 //! (transport.rs: raw-TCP frames or WebSocket, and the codec) makes of the bytes read: nothing
 //! but `hello` before authentication, the handshake timeout, rate limits, one user per
-//! connection, and the replies and cross-shard messages each op causes.
+//! connection, and the replies and cross-shard messages each op causes. It owns a connection's
+//! state in the shard's slab (`Conn`: its transport, phase, output, deadlines and buckets) and
+//! an authenticated connection's `Session` (its user, device, delivery window, subscriptions).
 
 use super::transport::Input;
-use super::{ConnId, HelloDone, Origin, Phase, ReplyTo, Session, Shard, ShardMsg, UserKey};
+use super::{ConnId, HelloDone, Origin, ReplyTo, Shard, ShardMsg, UserKey};
 use crate::codec::DecodeError;
 use crate::metrics::{CloseReason, TenantRefusal};
 use crate::protocol::{
@@ -14,9 +16,63 @@ use crate::protocol::{
 
 use super::Clock;
 
+use crate::protocol::MAX_ID_BYTES;
+use crate::ratelimit::TokenBucket;
+
 /// Send tokens a bad payload costs an authenticated connection.
 const BAD_FRAME_COST: u32 = 8;
-use crate::protocol::MAX_ID_BYTES;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Waiting for `hello` (or the WebSocket upgrade).
+    Handshake,
+    /// Authenticated.
+    Active,
+    /// A WebSocket conformance echo connection (no `hello`).
+    Echo,
+}
+
+/// What an authenticated connection knows about its user.
+pub(super) struct Session {
+    pub(super) user: UserKey,
+    pub(super) device: Str,
+    /// Unacked deliveries (durability `local`).
+    pub(super) window: super::window::Window,
+    /// The tenant's send bucket, shared with the tenant's other connections (`None`: no
+    /// tenant rate).
+    pub(super) tenant_sends: Option<std::sync::Arc<crate::metrics::SendBucket>>,
+    /// Users this connection subscribed to, for cleanup (bounded by `max_presence_subs`).
+    pub(super) subs: Vec<UserKey>,
+    /// Monotonic time of the last presence refresh sent to Redis.
+    pub(super) presence_ms: u64,
+}
+
+/// One connection. Kept small: an idle connection holds no buffers (SPEC 2).
+pub struct Conn {
+    pub(super) link: super::transport::Link,
+    pub(super) phase: Phase,
+    pub(super) session: Option<Box<Session>>,
+    /// Encoded output not yet written; unallocated when idle.
+    pub(super) out: Vec<u8>,
+    /// Listed in [`super::Woken`] and not yet taken by the runtime.
+    pub(super) woken: bool,
+    pub(super) opened_ms: u64,
+    pub(super) last_rx_ms: u64,
+    /// Deadline currently armed in the wheel (0: none).
+    pub(super) armed_ms: u64,
+    /// When the oldest byte now in `out` was queued: the low 32 bits of the monotonic clock
+    /// in µs (wraps every 71 minutes; 0: `out` is empty), for the `output_wait` stage.
+    pub(super) out_since_us: u32,
+    /// Set when the connection is to be closed once `out` is flushed.
+    pub(super) closing: Option<CloseReason>,
+    pub(super) sends: TokenBucket,
+    pub(super) bytes: TokenBucket,
+}
+
+/// Burst of the per-connection byte bucket: a second's worth, and at least one whole frame.
+pub(super) fn byte_burst(l: &crate::config::Limits) -> u32 {
+    l.bytes_per_sec.max(l.max_frame_bytes)
+}
 
 /// The rules of a `hello` that need no token check and no shard: the protocol version it
 /// asks for (0 on the wire reads as 1) must be spoken here, and its device id be 1 to
@@ -114,7 +170,7 @@ impl Shard {
         let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
         let over = c
             .bytes
-            .take(n, l.bytes_per_sec, super::byte_burst(l), clk.mono_ms)
+            .take(n, l.bytes_per_sec, byte_burst(l), clk.mono_ms)
             .is_err();
         if over && c.phase != Phase::Echo {
             self.reply_error(id, None, ErrorCode::RateLimited, "byte rate exceeded");
