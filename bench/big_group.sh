@@ -19,7 +19,8 @@
 # sequence, no ack and nothing stored, so only its delivery latency and CPU compare.
 #
 #   bench/big_group.sh RELEASE_DIR [RUNS] [RATES] [ONLINE] [MEMBERS]
-#   (defaults: 3, "1 2", 19000, 100000; DURATION=20s, DURABILITY=local, CODEC=json, UWS=0)
+#   (defaults: 3, "1 2", 19000, 100000; DURATION=20s, DURABILITY=local, CODEC=json, UWS=0;
+#   IMGW_LOADGEN_ARGS adds loadgen flags to imgw's runs, for example "--group-ack-ms 60000")
 #
 # Prints a line per run (send -> send_ack p50 / p99, publish -> delivery p50 / p99, deliveries,
 # lost, gateway CPU per delivery and per group message) and the medians per server and rate.
@@ -77,7 +78,7 @@ PY
     taskset -c 1 "$B/loadgen" fanout --conns $((ONLINE + 1)) --fanout "$ONLINE" --group \
       --user-prefix bg- --rate "$rate" --protocol imgw --codec "$CODEC" \
       --target "ws://$GW_WS/ws" --heartbeat-ms 600000 --duration "$DURATION" --grace 5s \
-      --server-pid "$GW_PID" --quiet --json "$j" >"$j.out" 2>&1
+      --server-pid "$GW_PID" --quiet ${IMGW_LOADGEN_ARGS:-} --json "$j" >"$j.out" 2>&1
     members=$(curl -sf "$GW_ADMIN/groups/dev/bg-t0/members" |
       python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d["members"] if isinstance(d, dict) else d))' 2>/dev/null)
     gw_stop
