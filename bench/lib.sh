@@ -10,7 +10,8 @@
 #   ab_gateways OLD NEW RUNS FN    RUNS rounds alternating two builds (release directories):
 #                                  each calls `FN old|new ROUND` with a fresh gateway of that
 #                                  build (`--shards 1`, bench/peers/imgw-bench.toml, core 0)
-#                                  started, and stops it after.
+#                                  started (GW_ARGS adds flags, for example
+#                                  "--durability local"), and stops it after.
 #
 # Ports come from --ports-file, so several gateways (or a left-over one) never collide.
 
@@ -62,7 +63,8 @@ ab_gateways() {
   for k in $(seq 1 "$runs"); do
     for v in old new; do
       if [ "$v" = old ]; then b=$old; else b=$new; fi
-      gw_start "$b/imgw" 0 --shards 1 --config "$config" || return 1
+      # shellcheck disable=SC2086 # GW_ARGS is a list of flags
+      gw_start "$b/imgw" 0 --shards 1 --config "$config" ${GW_ARGS:-} || return 1
       "$fn" "$v" "$k"
       gw_stop
     done
