@@ -3,7 +3,8 @@
 # over the plain listeners. Per run a fresh `imgw serve --shards 1` (bench/peers/imgw-bench.toml,
 # pinned to core 0) takes CONNS connections from 4 loadgen workers on core 1 as fast as they
 # come (`loadgen idle --ramp 0`: connect, WebSocket upgrade where there is one, `hello`), each
-# run from 4 source addresses of its own (a run leaves its client ports in TIME_WAIT). One line
+# run from 4 source addresses of its own (a run leaves its client ports in TIME_WAIT); all runs
+# of one listener, alternating the builds, then the next listener. One line
 # per run: the gateway's CPU per connection set up (its inverse is handshakes per core-second)
 # and its RSS per connection once all are up, then the medians per (build, listener).
 #
@@ -17,8 +18,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/bench/lib.sh"
 OUT=$(mktemp -d /tmp/ab-handshake.XXXXXX)
 src=20
+LISTENER=
 one_run() {
-  local v=$1 k=$2 l=$3 t j=$OUT/$1-$3-$2.json
+  local v=$1 k=$2 l=$LISTENER t j=$OUT/$1-$LISTENER-$2.json
   if [ "$l" = tcp ]; then t="tcp://$GW_TCP"; else t="ws://$GW_WS/ws"; fi
   taskset -c 1 "$NEW/loadgen" idle --target "$t" --conns "$CONNS" --workers 4 --ramp 0 \
     --sources "127.0.0.$src-127.0.0.$((src + 3))" --duration 3s --setup-timeout 120s \
@@ -33,15 +35,10 @@ print(f"{sys.argv[2]} {sys.argv[3]} run {sys.argv[4]}: up {j['connected']}, "
       flush=True)
 PY
 }
-for k in $(seq 1 "$RUNS"); do
-  for l in $LISTENERS; do
-    for v in old new; do
-      if [ $v = old ]; then B=$OLD; else B=$NEW; fi
-      gw_start "$B/imgw" 0 --shards 1 --config "$ROOT/bench/peers/imgw-bench.toml" || exit 1
-      one_run "$v" "$k" "$l"
-      gw_stop
-    done
-  done
+# A fresh gateway per run and listener: RSS per connection is read from a gateway that held
+# nothing before.
+for LISTENER in $LISTENERS; do
+  ab_gateways "$OLD" "$NEW" "$RUNS" one_run || exit 1
 done
 python3 - "$OUT" <<'PY'
 import glob, json, os, statistics, sys
