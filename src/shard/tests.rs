@@ -8,6 +8,7 @@ use bytes::BytesMut;
 use super::*;
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::iocore::IoDone;
 use crate::metrics::Metrics;
 use crate::protocol::frame::{write_frame, FrameDecoder};
 use crate::protocol::{Hello, Op, Ping, PresenceSub, Send as SendMsg, Status, Target};
@@ -787,15 +788,11 @@ fn a_pump_read_that_could_not_be_made_is_retried_on_the_next_tick() {
     );
     // Bob's window holds pushes back (as during a sync): m1 is stored, not pushed, and Bob is
     // lagging with nothing in flight. Then his pump read is refused (the I/O queue was full).
-    fn window(sim: &mut Sim, c: Client) -> &mut super::window::Window {
-        let conn = sim.shards[c.shard].conns.get_mut(c.id).unwrap();
-        &mut conn.session.as_mut().unwrap().window
-    }
-    window(&mut sim, b).begin_sync();
+    window_of(&mut sim, b).begin_sync();
     sim.send(a, &send_to("bob", "c1", "m1"));
     sim.recv(a);
     assert!(sim.recv(b).is_empty());
-    window(&mut sim, b).end_sync();
+    window_of(&mut sim, b).end_sync();
     sim.shards[0].pump_failed(b.id);
     assert!(sim.recv(b).is_empty(), "nothing until the tick");
     // No other message and no ack come: the tick reads the store again and pushes m1.
@@ -809,46 +806,54 @@ fn a_pump_read_that_could_not_be_made_is_retried_on_the_next_tick() {
     sim.shutdown();
 }
 
+/// Alice and Bob on one durable shard; m1 is stored but held back from Bob (as during a
+/// sync), then Bob's pump read goes out and its answer (the page with m1, nothing more) is
+/// taken from the I/O core and returned here, not yet handed to the shard.
+fn bob_with_a_pump_page_in_flight(dir: &std::path::Path) -> (Sim, Client, Client, Vec<IoDone>) {
+    let mut sim = Sim::durable(1, dir);
+    let a = sim.connect(0);
+    let b = sim.connect(0);
+    sim.hello(a, "alice");
+    sim.hello(b, "bob");
+    window_of(&mut sim, b).begin_sync();
+    sim.send(a, &send_to("bob", "c1", "m1"));
+    sim.recv(a);
+    assert!(sim.recv(b).is_empty());
+    window_of(&mut sim, b).end_sync();
+    // The tick retries the read.
+    sim.shards[0].pump_failed(b.id);
+    sim.clk.mono_ms += 10;
+    sim.shards[0].tick(sim.clk);
+    let mut page = Vec::new();
+    wait_done(&mut sim, &mut page);
+    assert_eq!(page.len(), 1, "the pump page");
+    (sim, a, b, page)
+}
+
+/// The delivery window of authenticated client `c`.
+fn window_of(sim: &mut Sim, c: Client) -> &mut super::window::Window {
+    let conn = sim.shards[c.shard].conns.get_mut(c.id).unwrap();
+    &mut conn.session.as_mut().unwrap().window
+}
+
+/// What `c` got delivered, as (inbox_seq, body).
+fn delivered(sim: &mut Sim, c: Client) -> Vec<(u64, String)> {
+    sim.recv(c)
+        .into_iter()
+        .filter_map(|m| match m {
+            Message::Deliver(d) => Some((d.inbox_seq, d.body.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn a_message_stored_while_a_pump_page_is_read_is_pushed_after_it() {
     // The race the window's property test found: Bob's pump read runs before m2 is stored and
     // answers "nothing more", but m2's push reaches Bob's window before that answer does. Bob
     // must get m2 without waiting for another message.
     let dir = tempfile::tempdir().unwrap();
-    let mut sim = Sim::durable(1, dir.path());
-    let a = sim.connect(0);
-    let b = sim.connect(0);
-    sim.hello(a, "alice");
-    sim.hello(b, "bob");
-    // m1 is held back from Bob (as during a sync): stored, not pushed; Bob is lagging.
-    sim.shards[0]
-        .conns
-        .get_mut(b.id)
-        .unwrap()
-        .session
-        .as_mut()
-        .unwrap()
-        .window
-        .begin_sync();
-    sim.send(a, &send_to("bob", "c1", "m1"));
-    sim.recv(a);
-    assert!(sim.recv(b).is_empty());
-    let s = sim.shards[0]
-        .conns
-        .get_mut(b.id)
-        .unwrap()
-        .session
-        .as_mut()
-        .unwrap();
-    s.window.end_sync();
-    // Bob's pump read goes out (the tick retries it), and its page (m1, nothing more) is
-    // held here while m2 is stored and pushed.
-    sim.shards[0].pump_failed(b.id);
-    sim.clk.mono_ms += 10;
-    sim.shards[0].tick(sim.clk);
-    let mut held = Vec::new();
-    wait_done(&mut sim, &mut held);
-    assert_eq!(held.len(), 1, "the pump page");
+    let (mut sim, a, b, page) = bob_with_a_pump_page_in_flight(dir.path());
     let mut bytes = Vec::new();
     write_frame(&mut bytes, a.codec, &[], &send_to("bob", "c2", "m2")).unwrap();
     sim.shards[0].on_read(a.id, &mut bytes, sim.clk);
@@ -864,24 +869,45 @@ fn a_message_stored_while_a_pump_page_is_read_is_pushed_after_it() {
         "m2 waits for the pump: its page is due first"
     );
     // The page arrives: it says nothing more, yet m2 was offered meanwhile.
-    for d in held {
+    for d in page {
         sim.shards[0].on_io_done(d, sim.clk);
     }
     sim.settle();
-    let got: Vec<_> = sim
-        .recv(b)
-        .into_iter()
-        .filter_map(|m| match m {
-            Message::Deliver(d) => Some((d.inbox_seq, d.body.to_string())),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(got, [(1, "m1".to_string()), (2, "m2".to_string())]);
+    let want = [(1, "m1".to_string()), (2, "m2".to_string())];
+    assert_eq!(delivered(&mut sim, b), want);
+    sim.shutdown();
+}
+
+#[test]
+fn a_pump_page_that_arrives_during_a_sync_is_not_pushed_as_well() {
+    // Bob asks for a sync while his pump page is on its way: the sync pages m1, and the pump
+    // page, arriving during the sync, must not push m1 a second time.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sim, _a, b, page) = bob_with_a_pump_page_in_flight(dir.path());
+    let sync = Envelope::with_ref(
+        Message::Sync(crate::protocol::Sync {
+            after_inbox_seq: 0,
+            limit: 100,
+            group: None,
+        }),
+        9,
+    );
+    let mut bytes = Vec::new();
+    write_frame(&mut bytes, b.codec, &[], &sync).unwrap();
+    sim.shards[0].on_read(b.id, &mut bytes, sim.clk);
+    for d in page {
+        sim.shards[0].on_io_done(d, sim.clk);
+    }
+    sim.settle();
+    assert_eq!(delivered(&mut sim, b), [(1, "m1".to_string())]);
+    // Nothing is owed after the sync: the pump finds nothing more.
+    sim.advance(10);
+    assert!(delivered(&mut sim, b).is_empty());
     sim.shutdown();
 }
 
 /// Waits (at most 10 s) until the I/O core has answered something, and takes it.
-fn wait_done(sim: &mut Sim, out: &mut Vec<crate::iocore::IoDone>) {
+fn wait_done(sim: &mut Sim, out: &mut Vec<IoDone>) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while out.is_empty() {
         sim.shards[0].io_port().unwrap().take_done(out);
