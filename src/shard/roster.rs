@@ -544,4 +544,98 @@ mod tests {
         r.forget_here();
         assert!(!r.has_here_pending());
     }
+
+    /// One step of the member side's model run (indices into a few users and groups).
+    #[derive(Clone, Debug)]
+    enum Step {
+        Join(usize, usize),
+        Leave(usize, usize),
+        Online(usize, bool),
+        /// The user's stored groups read back (distinct, in the store's order).
+        Replace(usize, Vec<usize>),
+        /// The next pending cluster notice is told to the other nodes.
+        Tell,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0..4usize, 0..4usize).prop_map(|(u, g)| Step::Join(u, g)),
+            2 => (0..4usize, 0..4usize).prop_map(|(u, g)| Step::Leave(u, g)),
+            3 => (0..4usize, any::<bool>()).prop_map(|(u, o)| Step::Online(u, o)),
+            1 => (0..4usize, proptest::sample::subsequence((0..4usize).collect::<Vec<_>>(), 0..4))
+                .prop_map(|(u, gs)| Step::Replace(u, gs)),
+            2 => Just(Step::Tell),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1_000))]
+
+        /// Whatever the order of joins, leaves, comings online and going offline and stored
+        /// groups read back: a group's online members here are exactly its members with a
+        /// device here, no user is routed more than `max_groups` groups, and in a cluster
+        /// every group without a pending notice was last told what is true.
+        #[test]
+        fn online_members_follow_membership_and_presence(
+            steps in proptest::collection::vec(step(), 1..120),
+        ) {
+            const MAX: usize = 2;
+            let users: Vec<UserKey> = (0..4).map(|i| user(&format!("u{i}"))).collect();
+            let groups: Vec<GroupKey> = (0..4).map(|i| group(&format!("g{i}"))).collect();
+            let mut r = Roster::new(true);
+            let mut of: Vec<Vec<usize>> = vec![Vec::new(); 4];
+            let mut on = [false; 4];
+            let mut told = [false; 4];
+            for s in steps {
+                match s {
+                    Step::Join(u, g) => {
+                        let kept = r.member_of(&users[u], &groups[g], true, on[u], MAX);
+                        let fits = of[u].contains(&g) || of[u].len() < MAX;
+                        proptest::prop_assert_eq!(kept, fits);
+                        if fits && !of[u].contains(&g) {
+                            of[u].push(g);
+                        }
+                    }
+                    Step::Leave(u, g) => {
+                        r.member_of(&users[u], &groups[g], false, on[u], MAX);
+                        of[u].retain(|&x| x != g);
+                    }
+                    Step::Online(u, o) if on[u] != o => {
+                        on[u] = o;
+                        r.user_online_changed(&users[u], o);
+                    }
+                    Step::Online(..) => {}
+                    Step::Replace(u, gs) => {
+                        let names = gs.iter().map(|&g| groups[g].group.clone()).collect();
+                        r.replace_user_groups(&users[u], names, on[u], MAX);
+                        of[u] = gs.into_iter().take(MAX).collect();
+                    }
+                    Step::Tell => {
+                        if let Some((g, here)) = r.next_here() {
+                            let i = groups.iter().position(|x| *x == g).unwrap();
+                            told[i] = here;
+                            r.here_told(&g);
+                        }
+                    }
+                }
+                for (g, key) in groups.iter().enumerate() {
+                    let mut want: Vec<String> = (0..4)
+                        .filter(|&u| on[u] && of[u].contains(&g))
+                        .map(|u| format!("u{u}"))
+                        .collect();
+                    want.sort();
+                    proptest::prop_assert_eq!(online(&r, key), want.clone(), "group g{}", g);
+                    if !r.here_pending.contains_key(key) {
+                        proptest::prop_assert_eq!(told[g], !want.is_empty(), "told of g{}", g);
+                    }
+                }
+                for (u, key) in users.iter().enumerate() {
+                    let n = r.of_user.get(key).map_or(0, Vec::len);
+                    proptest::prop_assert_eq!(n, of[u].len());
+                    proptest::prop_assert!(n <= MAX);
+                }
+            }
+        }
+    }
 }
