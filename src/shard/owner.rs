@@ -177,8 +177,13 @@ impl Directory {
         let Some(e) = self.users.get_mut(user) else {
             return;
         };
+        let Some(at) = e.devices.iter().position(|r| *r == route) else {
+            // Not a device of the user (its registration was refused, or it went already):
+            // nothing changes, and the groups must not hear "offline" of a user never online.
+            return;
+        };
         let before = e.statuses();
-        e.devices.retain(|r| *r != route);
+        e.devices.remove(at);
         if e.devices.is_empty() {
             // A status set on a device lasts while one is connected: the next login is
             // online, whether or not the entry outlives this (a subscriber keeps it).
@@ -189,7 +194,9 @@ impl Directory {
         self.gc(user);
     }
 
-    /// The user set its status (busy, away, online) on one of its devices.
+    /// The user set its status (busy, away, online) on one of its devices. It lasts while a
+    /// device is connected: with none here (a subscriber keeps the entry) it is ignored, so
+    /// the next login is online.
     pub(super) fn set_status(
         &mut self,
         user: &UserKey,
@@ -197,7 +204,7 @@ impl Directory {
         unix_ms: u64,
         fx: &mut Vec<Effect>,
     ) {
-        let Some(e) = self.users.get_mut(user) else {
+        let Some(e) = self.users.get_mut(user).filter(|e| !e.devices.is_empty()) else {
             return;
         };
         let before = e.statuses();
@@ -577,5 +584,188 @@ mod tests {
         fx.clear();
         d.subscribe(&bob, route(0, 10), T, &mut fx);
         assert!(!fx.iter().any(|e| matches!(e, Effect::Probe(_))));
+    }
+
+    /// One step of the directory's model run: users 0..4, each with device connections
+    /// 0..3 of its own, subscriber connections 0..3, other nodes 0..2.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Register(usize, u32),
+        Unregister(usize, u32),
+        SetStatus(usize, Status),
+        Subscribe(usize, u32),
+        Unsubscribe(usize, u32),
+        Remote(usize, usize, Status),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        let status = proptest::sample::select(Status::ALL.to_vec());
+        // Clients may set these (the session refuses `offline`).
+        let settable = proptest::sample::select(vec![Status::Online, Status::Busy, Status::Away]);
+        prop_oneof![
+            4 => (0..4usize, 0..3u32).prop_map(|(u, k)| Step::Register(u, k)),
+            3 => (0..4usize, 0..3u32).prop_map(|(u, k)| Step::Unregister(u, k)),
+            2 => (0..4usize, settable).prop_map(|(u, s)| Step::SetStatus(u, s)),
+            3 => (0..4usize, 0..3u32).prop_map(|(u, k)| Step::Subscribe(u, k)),
+            1 => (0..4usize, 0..3u32).prop_map(|(u, k)| Step::Unsubscribe(u, k)),
+            2 => (0..4usize, 0..2usize, status).prop_map(|(u, n, s)| Step::Remote(u, n, s)),
+        ]
+    }
+
+    /// What the model expects a user's subscribers to see.
+    #[derive(Clone, Default)]
+    struct Model {
+        devices: Vec<u32>,
+        status: Option<Status>,
+        subscribers: Vec<u32>,
+        remote: Vec<(usize, Status)>,
+    }
+
+    impl Model {
+        fn local(&self) -> Status {
+            if self.devices.is_empty() {
+                Status::Offline
+            } else {
+                self.status.unwrap_or(Status::Online)
+            }
+        }
+
+        fn effective(&self) -> Status {
+            match self.local() {
+                Status::Offline => [Status::Online, Status::Busy, Status::Away]
+                    .into_iter()
+                    .find(|s| self.remote.iter().any(|(_, r)| r == s))
+                    .unwrap_or(Status::Offline),
+                local => local,
+            }
+        }
+
+        fn has_entry(&self) -> bool {
+            !self.devices.is_empty() || !self.subscribers.is_empty()
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1_000))]
+
+        /// Whatever the order of devices coming and going, statuses, subscriptions and other
+        /// nodes' reports (in a cluster, 3 users' entries at most, 2 devices each): the
+        /// routes, the status and the entries are the model's, registrations are refused
+        /// exactly at the bounds, the groups hear each first and last device once, every
+        /// subscriber last heard what it sees now, and the other nodes last heard the status
+        /// of the devices here.
+        #[test]
+        fn subscribers_and_nodes_last_heard_the_truth(
+            steps in proptest::collection::vec(step(), 1..150),
+        ) {
+            const MAX_USERS: usize = 3;
+            let users: Vec<UserKey> = (0..4).map(|i| user(&format!("u{i}"))).collect();
+            let device = |u: usize, k: u32| route(k as u16 % 2, u as u32 * 10 + k);
+            let sub = |k: u32| route(k as u16 % 2, 100 + k);
+            let mut d = Directory::new(2, MAX_USERS, 2, true, false);
+            let mut m: Vec<Model> = vec![Model::default(); 4];
+            // What each (subscriber, user) last heard, whether each user is online for its
+            // groups, and the status the other nodes last heard.
+            let mut heard: HashMap<(u32, usize), Status> = HashMap::new();
+            let mut online = [false; 4];
+            let mut relayed = [Status::Offline; 4];
+            for s in steps {
+                let mut fx = Vec::new();
+                let entries = m.iter().filter(|x| x.has_entry()).count();
+                match s {
+                    Step::Register(u, k) if !m[u].devices.contains(&k) => {
+                        let fits = (m[u].has_entry() || entries < MAX_USERS)
+                            && m[u].devices.len() < 2;
+                        let ok = d.register(&users[u], device(u, k), T, &mut fx);
+                        proptest::prop_assert_eq!(ok, fits);
+                        proptest::prop_assert_eq!(refused(&fx).len(), usize::from(!fits));
+                        if fits {
+                            m[u].devices.push(k);
+                        }
+                    }
+                    Step::Register(..) => {}
+                    Step::Unregister(u, k) => {
+                        d.unregister(&users[u], device(u, k), T, &mut fx);
+                        m[u].devices.retain(|&x| x != k);
+                        if m[u].devices.is_empty() {
+                            m[u].status = None;
+                        }
+                    }
+                    Step::SetStatus(u, st) => {
+                        d.set_status(&users[u], st, T, &mut fx);
+                        if !m[u].devices.is_empty() {
+                            m[u].status = Some(st);
+                        }
+                    }
+                    Step::Subscribe(u, k) => {
+                        d.subscribe(&users[u], sub(k), T, &mut fx);
+                        if (m[u].has_entry() || entries < MAX_USERS)
+                            && !m[u].subscribers.contains(&k)
+                        {
+                            m[u].subscribers.push(k);
+                        }
+                    }
+                    Step::Unsubscribe(u, k) => {
+                        d.unsubscribe(&users[u], sub(k));
+                        m[u].subscribers.retain(|&x| x != k);
+                    }
+                    Step::Remote(u, node, st) => {
+                        let name = Str::from(format!("n{node}"));
+                        d.remote_presence(&users[u], &[(name, st)], T, &mut fx);
+                        if m[u].has_entry() {
+                            m[u].remote.retain(|(n, _)| *n != node);
+                            if st != Status::Offline {
+                                m[u].remote.push((node, st));
+                            }
+                        }
+                    }
+                }
+                for x in m.iter_mut().filter(|x| !x.has_entry()) {
+                    // A dropped entry forgets the other nodes' reports.
+                    x.remote.clear();
+                }
+                for e in fx {
+                    match e {
+                        Effect::Online(key, on) => {
+                            let u = users.iter().position(|x| *x == key).unwrap();
+                            proptest::prop_assert_ne!(online[u], on, "told twice: u{}", u);
+                            online[u] = on;
+                        }
+                        Effect::Relay(RelayItem::Presence { user: name, status, .. }) => {
+                            let u = users.iter().position(|x| x.user == name).unwrap();
+                            relayed[u] = status;
+                        }
+                        Effect::Post(_, ShardMsg::PresenceEvent { conns, presence }) => {
+                            let u = users.iter().position(|x| x.user == presence.user).unwrap();
+                            for c in conns {
+                                heard.insert((c.index - 100, u), presence.status);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                for (u, key) in users.iter().enumerate() {
+                    let (routes, status, _) = d.view(key);
+                    let mut got: Vec<u32> = routes.iter().map(|r| r.conn.index % 10).collect();
+                    got.sort();
+                    let mut want = m[u].devices.clone();
+                    want.sort();
+                    proptest::prop_assert_eq!(got, want, "routes of u{}", u);
+                    proptest::prop_assert_eq!(status, m[u].effective(), "status of u{}", u);
+                    proptest::prop_assert_eq!(online[u], !m[u].devices.is_empty());
+                    proptest::prop_assert_eq!(relayed[u], m[u].local(), "relayed of u{}", u);
+                    for &k in &m[u].subscribers {
+                        proptest::prop_assert_eq!(
+                            heard.get(&(k, u)).copied(),
+                            Some(status),
+                            "subscriber {} of u{}", k, u
+                        );
+                    }
+                }
+                let entries = m.iter().filter(|x| x.has_entry()).count();
+                proptest::prop_assert_eq!(d.len(), entries);
+            }
+        }
     }
 }
