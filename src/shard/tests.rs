@@ -786,13 +786,9 @@ fn a_pump_read_that_could_not_be_made_is_retried_on_the_next_tick() {
             group: None,
         })),
     );
-    // Bob's window holds pushes back (as during a sync): m1 is stored, not pushed, and Bob is
-    // lagging with nothing in flight. Then his pump read is refused (the I/O queue was full).
-    window_of(&mut sim, b).begin_sync();
-    sim.send(a, &send_to("bob", "c1", "m1"));
-    sim.recv(a);
-    assert!(sim.recv(b).is_empty());
-    window_of(&mut sim, b).end_sync();
+    // Bob is lagging with nothing in flight; then his pump read is refused (the I/O queue was
+    // full).
+    held_back_from_bob(&mut sim, a, b, "c1", "m1");
     sim.shards[0].pump_failed(b.id);
     assert!(sim.recv(b).is_empty(), "nothing until the tick");
     // No other message and no ack come: the tick reads the store again and pushes m1.
@@ -806,6 +802,16 @@ fn a_pump_read_that_could_not_be_made_is_retried_on_the_next_tick() {
     sim.shutdown();
 }
 
+/// Alice sends Bob a message that Bob's window holds back (as during a sync): it is stored,
+/// not pushed, and Bob is lagging with nothing in flight.
+fn held_back_from_bob(sim: &mut Sim, a: Client, b: Client, cmid: &str, body: &str) {
+    window_of(sim, b).begin_sync();
+    sim.send(a, &send_to("bob", cmid, body));
+    sim.recv(a);
+    assert!(sim.recv(b).is_empty());
+    window_of(sim, b).end_sync();
+}
+
 /// Alice and Bob on one durable shard; m1 is stored but held back from Bob (as during a
 /// sync), then Bob's pump read goes out and its answer (the page with m1, nothing more) is
 /// taken from the I/O core and returned here, not yet handed to the shard.
@@ -815,11 +821,7 @@ fn bob_with_a_pump_page_in_flight(dir: &std::path::Path) -> (Sim, Client, Client
     let b = sim.connect(0);
     sim.hello(a, "alice");
     sim.hello(b, "bob");
-    window_of(&mut sim, b).begin_sync();
-    sim.send(a, &send_to("bob", "c1", "m1"));
-    sim.recv(a);
-    assert!(sim.recv(b).is_empty());
-    window_of(&mut sim, b).end_sync();
+    held_back_from_bob(&mut sim, a, b, "c1", "m1");
     // The tick retries the read.
     sim.shards[0].pump_failed(b.id);
     sim.clk.mono_ms += 10;
