@@ -538,12 +538,6 @@ impl Shard {
         self.arm(conn, due_ms);
     }
 
-    pub(super) fn session_mut(&mut self, conn: ConnId) -> Option<&mut super::Session> {
-        self.conns
-            .get_mut(conn)
-            .and_then(|c| c.session.as_deref_mut())
-    }
-
     /// Reads the range a lagging device is missing, when the window has room.
     fn maybe_pump(&mut self, conn: ConnId) {
         let b = Bounds::of(&self.cfg.limits);

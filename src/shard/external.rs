@@ -54,7 +54,7 @@ impl Shard {
             return;
         }
         let every = self.cfg.redis.presence_ttl_ms / 3;
-        let Some(s) = self.conns.get_mut(id).and_then(|c| c.session.as_mut()) else {
+        let Some(s) = self.session_mut(id) else {
             return;
         };
         if clk.mono_ms < s.presence_ms + every {

@@ -141,7 +141,7 @@ impl Shard {
         cmid: Str,
         deliver: Deliver,
     ) {
-        let Some(user) = self.session_user_key(id) else {
+        let Some(user) = self.session_user(id) else {
             return;
         };
         let key = GroupKey {
@@ -457,17 +457,13 @@ impl Shard {
         reference: Option<u64>,
         group: &Str,
     ) -> Option<UserKey> {
-        let user = self.session_user_key(id)?;
+        let user = self.session_user(id)?;
         if !super::session::valid_id(group) {
             let msg = "group must be 1 to 128 bytes";
             self.reply_error(id, reference, ErrorCode::BadRequest, msg);
             return None;
         }
         Some(user)
-    }
-
-    fn session_user_key(&self, id: ConnId) -> Option<UserKey> {
-        self.conns.get(id)?.session.as_ref().map(|s| s.user.clone())
     }
 
     /// Group deliveries reach devices directly: they are on the group's timeline, not in the

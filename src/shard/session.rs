@@ -15,7 +15,6 @@ use crate::protocol::{
 };
 
 use super::Clock;
-
 use crate::protocol::MAX_ID_BYTES;
 use crate::ratelimit::TokenBucket;
 
@@ -368,8 +367,14 @@ impl Shard {
         }
     }
 
-    fn session_user(&self, id: ConnId) -> Option<UserKey> {
+    /// The user of connection `id`, when it is authenticated.
+    pub(super) fn session_user(&self, id: ConnId) -> Option<UserKey> {
         self.conns.get(id)?.session.as_ref().map(|s| s.user.clone())
+    }
+
+    /// The session of connection `id`, when it is authenticated.
+    pub(super) fn session_mut(&mut self, id: ConnId) -> Option<&mut Session> {
+        self.conns.get_mut(id)?.session.as_deref_mut()
     }
 
     /// `error` `overloaded` with the configured retry hint: work was shed, nothing queued.
