@@ -1325,7 +1325,13 @@ impl LocalExecutor {
         loop {
             self.reactor.sys.install_eventfd();
             if self.need_preempt() {
-                break;
+                // imgw: a preemption pending before any queue ran left the queues' tasks
+                // runnable. glommio returned `false` here, and its loop then parked with
+                // them queued: a tick task whose timer had just fired was not re-armed, the
+                // executor slept with no timer until the next I/O completion (seconds with a
+                // hung Kafka broker). Reporting the work makes the loop poll instead, which
+                // consumes the latency ring's completion and runs the queues.
+                return ran || !self.queues.borrow().active_executors.is_empty();
             }
             if !self.run_one_task_queue() {
                 return false;

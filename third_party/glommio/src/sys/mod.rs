@@ -172,7 +172,6 @@ pub(crate) fn sendmsg_syscall(
 }
 
 mod dma_buffer;
-mod membarrier;
 pub(crate) mod source;
 pub(crate) mod sysfs;
 mod uring;
@@ -306,6 +305,13 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // imgw: pairs with the SeqCst fence the sleeping reactor issues between setting
+        // `should_notify` and its last look at the channels and foreign wakers (uring.rs,
+        // `Reactor::wait`): either this CAS sees `true` and writes the eventfd, or the
+        // sleeper sees what the caller queued before calling this. glommio used a
+        // process-wide `membarrier` on the sleeping side instead (an IPI to every core
+        // running one of the process's threads, once per park).
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)

@@ -287,6 +287,12 @@ impl Source {
         self.inner.borrow_mut().wakers.waiters.push(waker)
     }
 
+    /// Queued for or submitted to a ring, and not completed yet (imgw: the reactor keeps its
+    /// timers and the rings' link armed while this holds instead of re-arming them per loop).
+    pub(super) fn in_flight(&self) -> bool {
+        self.inner.borrow().enqueued.is_some()
+    }
+
     pub(super) fn is_installed(&self) -> Option<bool> {
         match &self.inner.borrow().source_type {
             SourceType::ForeignNotifier(_, installed) => Some(*installed),

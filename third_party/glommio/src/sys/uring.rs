@@ -37,7 +37,7 @@ use crate::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
         PollableStatus, Source, SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
@@ -1044,12 +1044,25 @@ impl SleepableRing {
         }
     }
 
-    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
+    /// Sleeps until a completion arrives, first arming `link` (a poll of the latency ring's
+    /// descriptor) when given; `None` when the poll armed by an earlier sleep is still in the
+    /// ring (imgw).
+    fn sleep(&mut self, link: Option<&Source>) -> io::Result<usize> {
         assert_eq!(
             self.waiting_kernel_submission(),
             0,
             "sleeping with pending SQEs"
         );
+        let Some(link) = link else {
+            return self
+                .ring
+                .cq()
+                .wait(1)
+                .map(|_| 1)
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok);
+        };
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
             let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
             let op = UringDescriptor {
@@ -1222,9 +1235,14 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// When the latency ring's timer above fires (imgw).
+    latency_timer_due: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
+    /// The main ring's poll of the latency ring's descriptor armed by the last sleep; it stays
+    /// in the ring across sleeps until the latency ring has a completion (imgw).
+    link_rings_src: Cell<Option<Source>>,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
     notifier: Arc<sys::SleepNotifier>,
@@ -1353,9 +1371,11 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_timer_due: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
+            link_rings_src: Cell::new(None),
             notifier,
             eventfd_src,
             source_map,
@@ -1725,7 +1745,16 @@ impl Reactor {
     ///
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
+    ///
+    /// imgw: the poll stays armed across sleeps until it fires (the latency ring got a
+    /// completion), instead of one `POLL_ADD` per sleep and its cancellation after.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+        if let Some(armed) = self.link_rings_src.take() {
+            if armed.in_flight() {
+                self.link_rings_src.set(Some(armed));
+                return ring.sleep(None).or_else(Self::busy_ok).map(|_| {});
+            }
+        }
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1733,7 +1762,32 @@ impl Reactor {
             None,
             None,
         );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        let slept = ring.sleep(Some(&link_rings)).or_else(Self::busy_ok).map(|_| {});
+        // Kept whether or not it was armed: a poll that could not be submitted became a no-op
+        // carrying its user data and leaves the ring with that no-op's completion.
+        self.link_rings_src.set(Some(link_rings));
+        slept
+    }
+
+    /// Arms the latency ring's timer to fire `d` from now, unless the timer armed already
+    /// fires no later (imgw). Returns whether anything was queued for the latency ring (the
+    /// new timer, and the old one's cancellation). glommio re-armed the timer on every pass
+    /// of its loop: a cancellation and a new timeout, two `io_uring_enter` calls per pass.
+    /// A timer kept from an earlier pass fires early at most once; the loop then runs again
+    /// and arms the next one, as it does when any other completion arrives.
+    fn arm_latency_timer(&self, lat_ring: &mut SleepableRing, d: Duration) -> bool {
+        let due = Instant::now() + d;
+        if let Some(armed) = self.latency_preemption_timeout_src.take() {
+            if armed.in_flight() && self.latency_timer_due.get().is_some_and(|t| t <= due) {
+                self.latency_preemption_timeout_src.set(Some(armed));
+                return false;
+            }
+            // Dropping it queues its cancellation if it is still in the ring.
+        }
+        self.latency_preemption_timeout_src
+            .set(Some(lat_ring.prepare_latency_preemption_timer(d)));
+        self.latency_timer_due.set(Some(due));
+        true
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1814,22 +1868,24 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // imgw: the latency ring's timer is no longer cancelled here on every pass; it is
+        // replaced below only when it would fire later than needed (`arm_latency_timer`).
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        // up sleeping. imgw: only when the last one fired; glommio cancelled and re-queued it
+        // on every pass (three SQEs and an `io_uring_enter`). One armed earlier counts the
+        // main ring's completions since then, so it fires early at most once.
+        let throughput_armed = self
+            .throughput_preemption_timeout_src
+            .take()
+            .filter(Source::in_flight);
+        self.throughput_preemption_timeout_src
+            .set(Some(throughput_armed.unwrap_or_else(|| {
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                )
+            })));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1850,10 +1906,19 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+            // imgw: a timer already armed to fire no later is kept; with no timer to wait
+            // for, the armed one is cancelled (an idle executor sleeps until woken).
+            let queued = match user_timer {
+                Some(dur) => self.arm_latency_timer(&mut lat_ring, dur),
+                None => self.latency_preemption_timeout_src.take().is_some(),
+            };
+            if queued {
+                lat_ring
+                    .consume_cancellation_queue()
+                    .or_else(Reactor::busy_ok)
+                    .or_else(Reactor::again_ok)
+                    .or_else(Reactor::intr_ok)?;
+                flush_rings!(lat_ring)?;
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1861,9 +1926,11 @@ impl Reactor {
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
             // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            // details. imgw: a SeqCst fence that pairs with the one in
+            // `SleepNotifier::notify` (every remote wake-up goes through it) instead of
+            // `sys_membarrier()`, which interrupted every core running one of the process's
+            // threads on every park.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
@@ -1880,8 +1947,13 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            if self.arm_latency_timer(&mut lat_ring, preempt) {
+                lat_ring
+                    .consume_cancellation_queue()
+                    .or_else(Reactor::busy_ok)
+                    .or_else(Reactor::again_ok)
+                    .or_else(Reactor::intr_ok)?;
+            }
             flush_rings!(lat_ring, main_ring)?;
         }
 
