@@ -48,6 +48,22 @@ const KIND_LINGER: u64 = 1 << 32;
 const KIND_LISTENER: u64 = 2 << 32;
 const KIND_MASK: u64 = !0 << 32;
 
+/// Makes `listener` non-blocking and sets TCP_NODELAY on it, which the sockets it accepts
+/// inherit (Linux copies the listener's TCP state into each new socket): no `setsockopt` per
+/// connection.
+fn prepare_listener(listener: &std::net::TcpListener) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    socket2::SockRef::from(listener).set_nodelay(true)
+}
+
+/// Accepts one connection, non-blocking from the start (`accept4`'s flag: no `ioctl` per
+/// connection) and with TCP_NODELAY from [`prepare_listener`].
+fn accept_one(listener: &std::net::TcpListener) -> io::Result<std::net::TcpStream> {
+    let (socket, _) = socket2::SockRef::from(listener)
+        .accept4(nix::libc::SOCK_NONBLOCK | nix::libc::SOCK_CLOEXEC)?;
+    Ok(socket.into())
+}
+
 /// One listening socket of the shard: its transport and whether TLS runs under it.
 pub(super) struct Listener {
     pub(super) socket: std::net::TcpListener,
@@ -119,7 +135,7 @@ impl Driver {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         let epoll_fd = epoll.0.as_raw_fd();
         for (i, l) in listeners.iter().enumerate() {
-            l.socket.set_nonblocking(true)?;
+            prepare_listener(&l.socket)?;
             let ev = EpollEvent::new(
                 EpollFlags::EPOLLIN | EpollFlags::EPOLLET,
                 KIND_LISTENER | i as u64,
@@ -365,8 +381,8 @@ impl Driver {
             if !l.ready || l.rest_until_ms > now_ms {
                 return;
             }
-            let stream = match l.listener.socket.accept() {
-                Ok((stream, _)) => stream,
+            let stream = match accept_one(&l.listener.socket) {
+                Ok(stream) => stream,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     l.ready = false;
                     return;
@@ -380,10 +396,6 @@ impl Driver {
                 }
             };
             let (transport, tls) = (l.listener.transport, l.listener.tls.clone());
-            if stream.set_nonblocking(true).is_err() {
-                continue;
-            }
-            let _ = stream.set_nodelay(true);
             let sock = Sock::new(stream);
             let io = match tls {
                 None => Io::Plain(sock),
@@ -606,5 +618,47 @@ fn serve(
         Served::More
     } else {
         Served::Idle
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn accepted_sockets_are_non_blocking_with_nodelay_and_no_call_of_their_own() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        prepare_listener(&listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Nothing waiting: the listener itself does not block.
+        assert_eq!(
+            accept_one(&listener).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let mut accepted = None;
+        for _ in 0..1_000 {
+            match accept_one(&listener) {
+                Ok(s) => {
+                    accepted = Some(s);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        let mut stream = accepted.expect("the connection within a second");
+        assert!(stream.nodelay().unwrap(), "TCP_NODELAY from the listener");
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            stream.read(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "non-blocking from accept4"
+        );
+        let fd_flags = nix::fcntl::fcntl(stream.as_raw_fd(), nix::fcntl::F_GETFD).unwrap();
+        assert_ne!(fd_flags & nix::libc::FD_CLOEXEC, 0, "close-on-exec");
     }
 }
