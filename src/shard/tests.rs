@@ -681,7 +681,7 @@ fn group_membership_is_read_back_after_a_restart() {
 /// Writes a frame to a shard without settling: what it submits to the I/O core stays in flight.
 fn send_unsettled(sim: &mut Sim, c: Client, env: &Envelope) {
     let mut bytes = Vec::new();
-    write_frame(&mut bytes, CodecId::Protobuf, &[], env).unwrap();
+    write_frame(&mut bytes, c.codec, &[], env).unwrap();
     sim.shards[c.shard].on_read(c.id, &mut bytes, sim.clk);
 }
 
@@ -834,8 +834,7 @@ fn bob_with_a_pump_page_in_flight(dir: &std::path::Path) -> (Sim, Client, Client
 
 /// The delivery window of authenticated client `c`.
 fn window_of(sim: &mut Sim, c: Client) -> &mut super::window::Window {
-    let conn = sim.shards[c.shard].conns.get_mut(c.id).unwrap();
-    &mut conn.session.as_mut().unwrap().window
+    &mut sim.shards[c.shard].session_mut(c.id).unwrap().window
 }
 
 /// What `c` got delivered, as (inbox_seq, body).
@@ -856,9 +855,7 @@ fn a_message_stored_while_a_pump_page_is_read_is_pushed_after_it() {
     // must get m2 without waiting for another message.
     let dir = tempfile::tempdir().unwrap();
     let (mut sim, a, b, page) = bob_with_a_pump_page_in_flight(dir.path());
-    let mut bytes = Vec::new();
-    write_frame(&mut bytes, a.codec, &[], &send_to("bob", "c2", "m2")).unwrap();
-    sim.shards[0].on_read(a.id, &mut bytes, sim.clk);
+    send_unsettled(&mut sim, a, &send_to("bob", "c2", "m2"));
     sim.settle_mesh(); // to the owner (this shard), which hands it to the store
     let mut appended = Vec::new();
     wait_done(&mut sim, &mut appended);
@@ -886,17 +883,7 @@ fn a_pump_page_that_arrives_during_a_sync_is_not_pushed_as_well() {
     // page, arriving during the sync, must not push m1 a second time.
     let dir = tempfile::tempdir().unwrap();
     let (mut sim, _a, b, page) = bob_with_a_pump_page_in_flight(dir.path());
-    let sync = Envelope::with_ref(
-        Message::Sync(crate::protocol::Sync {
-            after_inbox_seq: 0,
-            limit: 100,
-            group: None,
-        }),
-        9,
-    );
-    let mut bytes = Vec::new();
-    write_frame(&mut bytes, b.codec, &[], &sync).unwrap();
-    sim.shards[0].on_read(b.id, &mut bytes, sim.clk);
+    send_unsettled(&mut sim, b, &sync_msg(None, 0, 100));
     for d in page {
         sim.shards[0].on_io_done(d, sim.clk);
     }

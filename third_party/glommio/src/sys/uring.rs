@@ -1053,70 +1053,62 @@ impl SleepableRing {
             0,
             "sleeping with pending SQEs"
         );
-        let Some(link) = link else {
-            return self
-                .ring
-                .cq()
-                .wait(1)
-                .map(|_| 1)
-                .or_else(Reactor::busy_ok)
-                .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok);
-        };
-        if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
-            let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
-            let op = UringDescriptor {
-                fd: link.raw(),
-                flags: SubmissionFlags::empty(),
-                user_data: to_user_data(
-                    self.source_map
-                        .borrow_mut()
-                        .add_source(link, self.submission_queue.clone()),
-                ),
-                args: UringOpDescriptor::PollAdd(common_flags() | read_flags()),
-            };
-            fill_sqe(
-                &mut sqe,
-                &op,
-                DmaBuffer::new,
-                &mut self.source_map.borrow_mut(),
-            );
+        if let Some(link) = link {
+            if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
+                let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
+                let op = UringDescriptor {
+                    fd: link.raw(),
+                    flags: SubmissionFlags::empty(),
+                    user_data: to_user_data(
+                        self.source_map
+                            .borrow_mut()
+                            .add_source(link, self.submission_queue.clone()),
+                    ),
+                    args: UringOpDescriptor::PollAdd(common_flags() | read_flags()),
+                };
+                fill_sqe(
+                    &mut sqe,
+                    &op,
+                    DmaBuffer::new,
+                    &mut self.source_map.borrow_mut(),
+                );
 
-            // We have now prepared the SQE that links the two rings. We now need to submit
-            // it successfully to be able to safely sleep.
+                // We have now prepared the SQE that links the two rings. We now need to
+                // submit it successfully to be able to safely sleep.
 
-            if self
-                .submit_sqes()
-                .or_else(Reactor::busy_ok)
-                .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)?
-                != 1
-            {
-                // We failed to submit the `SQE` that links the rings. Just can't sleep.
-                // Waiting here is unsafe because we could end up waiting much longer than
-                // needed.
-                // We make the SQE a no-op and return
-                unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
-                Err(io::Error::from_raw_os_error(libc::EBUSY))
-            } else {
-                // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
+                if self
+                    .submit_sqes()
                     .or_else(Reactor::busy_ok)
                     .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+                    .or_else(Reactor::intr_ok)?
+                    != 1
+                {
+                    // We failed to submit the `SQE` that links the rings. Just can't sleep.
+                    // Waiting here is unsafe because we could end up waiting much longer
+                    // than needed.
+                    // We make the SQE a no-op and return
+                    unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
+                    return Err(io::Error::from_raw_os_error(libc::EBUSY));
+                }
+            } else {
+                // Can't link rings because we ran out of `CQE`s. Just can't sleep.
+                // Submit what we have, once we're out of here we'll consume them
+                // and at some point will be able to sleep again.
+                return self
+                    .submit_sqes()
+                    .or_else(Reactor::busy_ok)
+                    .or_else(Reactor::again_ok)
+                    .or_else(Reactor::intr_ok);
             }
-        } else {
-            // Can't link rings because we ran out of `CQE`s. Just can't sleep.
-            // Submit what we have, once we're out of here we'll consume them
-            // and at some point will be able to sleep again.
-            self.submit_sqes()
-                .or_else(Reactor::busy_ok)
-                .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)
         }
+        // The rings are linked. Goodnight!
+        self.ring
+            .cq()
+            .wait(1)
+            .map(|_| 1)
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)
     }
 }
 
@@ -1770,24 +1762,43 @@ impl Reactor {
     }
 
     /// Arms the latency ring's timer to fire `d` from now, unless the timer armed already
-    /// fires no later (imgw). Returns whether anything was queued for the latency ring (the
-    /// new timer, and the old one's cancellation). glommio re-armed the timer on every pass
-    /// of its loop: a cancellation and a new timeout, two `io_uring_enter` calls per pass.
-    /// A timer kept from an earlier pass fires early at most once; the loop then runs again
-    /// and arms the next one, as it does when any other completion arrives.
-    fn arm_latency_timer(&self, lat_ring: &mut SleepableRing, d: Duration) -> bool {
-        let due = Instant::now() + d;
+    /// fires no later; with `None`, cancels the armed one (imgw). Returns whether anything
+    /// was queued for the latency ring (the new timer, the old one's cancellation), which
+    /// the caller then submits. glommio re-armed the timer on every pass of its loop: a
+    /// cancellation and a new timeout, two `io_uring_enter` calls per pass. A timer kept
+    /// from an earlier pass fires early at most once; the loop then runs again and arms the
+    /// next one, as it does when any other completion arrives.
+    fn arm_latency_timer(
+        &self,
+        lat_ring: &mut SleepableRing,
+        d: Option<Duration>,
+    ) -> io::Result<bool> {
+        let due = d.map(|d| Instant::now() + d);
         if let Some(armed) = self.latency_preemption_timeout_src.take() {
-            if armed.in_flight() && self.latency_timer_due.get().is_some_and(|t| t <= due) {
+            let in_time = matches!(
+                (self.latency_timer_due.get(), due),
+                (Some(t), Some(due)) if t <= due
+            );
+            if armed.in_flight() && in_time {
                 self.latency_preemption_timeout_src.set(Some(armed));
-                return false;
+                return Ok(false);
             }
-            // Dropping it queues its cancellation if it is still in the ring.
+            // Dropping it queues its cancellation if it is still in the ring; it goes into
+            // the SQ below, so that the old timer does not wake a sleeping executor.
+        } else if d.is_none() {
+            return Ok(false);
         }
-        self.latency_preemption_timeout_src
-            .set(Some(lat_ring.prepare_latency_preemption_timer(d)));
-        self.latency_timer_due.set(Some(due));
-        true
+        lat_ring
+            .consume_cancellation_queue()
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)?;
+        if let Some(d) = d {
+            self.latency_preemption_timeout_src
+                .set(Some(lat_ring.prepare_latency_preemption_timer(d)));
+        }
+        self.latency_timer_due.set(due);
+        Ok(true)
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1908,16 +1919,7 @@ impl Reactor {
             // is a timer set, we need to make sure we wake up to handle it.
             // imgw: a timer already armed to fire no later is kept; with no timer to wait
             // for, the armed one is cancelled (an idle executor sleeps until woken).
-            let queued = match user_timer {
-                Some(dur) => self.arm_latency_timer(&mut lat_ring, dur),
-                None => self.latency_preemption_timeout_src.take().is_some(),
-            };
-            if queued {
-                lat_ring
-                    .consume_cancellation_queue()
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)?;
+            if self.arm_latency_timer(&mut lat_ring, user_timer)? {
                 flush_rings!(lat_ring)?;
             }
             // From this moment on the remote executors are aware that we are sleeping
@@ -1947,13 +1949,7 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            if self.arm_latency_timer(&mut lat_ring, preempt) {
-                lat_ring
-                    .consume_cancellation_queue()
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)?;
-            }
+            self.arm_latency_timer(&mut lat_ring, Some(preempt))?;
             flush_rings!(lat_ring, main_ring)?;
         }
 
