@@ -798,6 +798,72 @@ fn group_messages_reach_every_online_member_once_per_device() {
         .is_err());
 }
 
+/// A group large enough that its owner shard keeps the list of its members' routes between
+/// messages (roster.rs, `MIN_KEPT_ROUTES`): the list follows devices that come and go while
+/// their users stay online. Every member owned by one shard, so one list holds them all.
+#[test]
+fn a_large_groups_kept_routes_follow_devices_that_come_and_go() {
+    let g = Gateway::dev();
+    let users: Vec<String> = (0..)
+        .map(|i| format!("big-{i}"))
+        .filter(|u| owner_shard("dev", u, 2) == 0)
+        .take(20)
+        .collect();
+    let codecs = [CodecId::Json, CodecId::Protobuf];
+    let mut members: Vec<Client> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| g.login(Transport::Ws, codecs[i % 2], u, "d1"))
+        .collect();
+    for m in members.iter_mut() {
+        assert_eq!(join(m, "big"), Message::Ok);
+    }
+    let (sender, rest) = members.split_first_mut().unwrap();
+    // Each member's deliveries of one message: exactly one, the expected one.
+    let expect = |c: &mut Client, seq: u64, body: &str| {
+        let d = deliveries(c, 1).remove(0);
+        assert_eq!((d.inbox_seq, d.body.as_str()), (seq, body));
+    };
+    send_group(sender, "big", "m1", "one");
+    for m in rest.iter_mut() {
+        expect(m, 1, "one");
+    }
+    // A second device of a member who is online already: no change of who is online, only
+    // of the member's devices.
+    let mut second = g.login(Transport::Tcp, CodecId::MessagePack, &users[1], "d2");
+    send_group(sender, "big", "m2", "two");
+    for m in rest.iter_mut() {
+        expect(m, 2, "two");
+    }
+    expect(&mut second, 2, "two");
+    // The first device goes; a connection that may take its slot is no member.
+    let first = members.remove(1);
+    drop(first);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut outsiders: Vec<Client> = (0..4)
+        .map(|i| g.login(Transport::Ws, CodecId::Json, &format!("out-{i}"), "d"))
+        .collect();
+    let (sender, rest) = members.split_first_mut().unwrap();
+    send_group(sender, "big", "m3", "three");
+    for m in rest.iter_mut() {
+        expect(m, 3, "three");
+    }
+    expect(&mut second, 3, "three");
+    // Nothing else reached anyone: not a second copy, not the outsiders, not the sender.
+    for c in rest
+        .iter_mut()
+        .chain(outsiders.iter_mut())
+        .chain([&mut second, sender])
+    {
+        assert!(c
+            .recv_until(
+                |e| matches!(e.msg, Message::Deliver(_)),
+                Duration::from_millis(100)
+            )
+            .is_err());
+    }
+}
+
 /// The next delivery on `c`, with what the recipient sees of a push: (from, type, body, to).
 fn next_push(c: &mut Client) -> (String, Option<String>, String, Option<Target>) {
     let d = deliveries(c, 1).remove(0);

@@ -503,7 +503,7 @@ impl Shard {
     pub(super) fn push_to_devices(&mut self, to: &UserKey, deliver: Deliver) {
         let routes = self.dir.device_routes(to);
         if !routes.is_empty() {
-            self.fan_out(&routes, deliver);
+            self.fan_out(&routes, &[], deliver);
         }
     }
 

@@ -21,6 +21,7 @@ pub mod admin;
 mod delivery;
 mod external;
 mod groups;
+mod outpool;
 mod owner;
 mod roster;
 mod route;
@@ -252,6 +253,8 @@ pub struct Shard {
     /// [`Shard::emit_many`]'s encodings of one envelope, one per (WebSocket?, codec): at
     /// most ten, empty between calls (kept only to reuse the allocation).
     encoded: Vec<((bool, CodecId), Vec<u8>)>,
+    /// Emptied output buffers for the next outputs (bounded: outpool.rs).
+    out_pool: outpool::OutPool,
     /// Connections for the runtime to service (see [`Woken`]).
     woken: Woken,
 }
@@ -299,6 +302,7 @@ impl Shard {
             drain_started_ms: 0,
             due: Vec::new(),
             encoded: Vec::new(),
+            out_pool: outpool::OutPool::default(),
             woken: Woken::default(),
             now_ms: clk.mono_ms,
             now_us: clk.mono_us,
@@ -419,8 +423,8 @@ impl Shard {
         if let Some(c) = self.conns.get_mut(id) {
             c.out.drain(..n.min(c.out.len()));
             if c.out.is_empty() {
-                // An idle connection keeps no output buffer.
-                c.out = Vec::new();
+                // An idle connection keeps no output buffer: the pool keeps it for the next.
+                self.out_pool.release(&mut c.out);
                 if c.out_since_us != 0 {
                     let waited = (now_us as u32).wrapping_sub(c.out_since_us);
                     m.stages[Stage::OutputWait as usize].record_us(u64::from(waited));
@@ -547,6 +551,7 @@ impl Shard {
     /// Advances the timer wheel: closes connections past their handshake or idle deadline.
     pub fn tick(&mut self, clk: Clock) {
         self.set_now(clk);
+        self.out_pool.sweep(clk.mono_ms);
         self.flush_group_here();
         if !self.pump_retry.is_empty() {
             self.retry_pumps();
@@ -652,6 +657,7 @@ impl Shard {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
+        self.out_pool.fill(&mut c.out);
         if c.link.encode_onto(&mut c.out, env)
             && queued(c, id, &mut self.woken, m, env, self.now_us, max_out)
         {
@@ -687,6 +693,7 @@ impl Shard {
                     &encoded[encoded.len() - 1].1
                 }
             };
+            self.out_pool.fill(&mut c.out);
             c.out.extend_from_slice(frame);
             let m = &self.metrics.shards[self.id];
             if queued(c, id, &mut self.woken, m, env, self.now_us, max_out) {

@@ -14,17 +14,30 @@
 //! members (admin additions checked the same way), up to twice `limits.max_groups_per_user`
 //! groups per owned user, [`MAX_WAITING_PER_GROUP`] pieces of work per loading group; the
 //! loading maps hold one entry per store read in flight (bounded by the I/O queue), and the
-//! pending cluster notices one per group of `online`.
+//! pending cluster notices one per group of `online`; the fan-out's remembered routes at most
+//! [`MAX_KEPT_ROUTES`] routes in all.
+//!
+//! It also remembers, per group of `online`, the routes of those members' devices as the
+//! fan-out last worked them out (one directory lookup per member, [`Roster::keep_routes`]), so
+//! that the next message to the group copies one list instead. An entry is dropped when the
+//! group's online members here change and when a device of one of them comes or goes (the
+//! shard says so: [`Roster::devices_changed`]).
 
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 
 use super::groups::GroupWork;
-use super::{GroupKey, UserKey};
+use super::{GroupKey, Route, UserKey};
 use crate::protocol::{ErrorCode, Str};
 
 pub const MAX_GROUPS_PER_SHARD: usize = 1_000_000;
 /// Sends and membership changes that wait for one group's member list to be read back.
 pub const MAX_WAITING_PER_GROUP: usize = 4096;
+/// Routes the fan-out's remembered lists hold in all, per shard (12 bytes each: at most 3 MiB).
+/// Past it a group's routes are worked out per message, as without the lists.
+pub const MAX_KEPT_ROUTES: usize = 256 * 1024;
+/// Groups with fewer routes than this are not remembered: their lookups cost little.
+pub const MIN_KEPT_ROUTES: usize = 16;
 
 /// A group owned by this shard.
 #[derive(Default)]
@@ -58,12 +71,22 @@ pub(super) struct Roster {
     here_pending: HashMap<GroupKey, bool>,
     /// In a cluster: note the groups whose having members online here changed.
     cluster: bool,
+    /// Per group of `online`, its online members' device routes as last worked out, while
+    /// neither those members nor their devices changed; `kept_routes` of them in all, at
+    /// most [`MAX_KEPT_ROUTES`].
+    routes: HashMap<GroupKey, Rc<[Route]>>,
+    kept_routes: usize,
+    /// [`MIN_KEPT_ROUTES`] and [`MAX_KEPT_ROUTES`] (smaller in tests).
+    min_kept_routes: usize,
+    max_kept_routes: usize,
 }
 
 impl Roster {
     pub(super) fn new(cluster: bool) -> Roster {
         Roster {
             cluster,
+            min_kept_routes: MIN_KEPT_ROUTES,
+            max_kept_routes: MAX_KEPT_ROUTES,
             ..Roster::default()
         }
     }
@@ -265,7 +288,45 @@ impl Roster {
         self.online.get(group)
     }
 
+    /// The routes of `group`'s online members' devices, if remembered since the last change
+    /// of either (`None`: work them out from [`Roster::online_members`] and the directory).
+    pub(super) fn routes(&self, group: &GroupKey) -> Option<Rc<[Route]>> {
+        self.routes.get(group).cloned()
+    }
+
+    /// Remembers what the fan-out worked out for `group`, unless the group has no members
+    /// online here, the list is short, or [`MAX_KEPT_ROUTES`] would be passed.
+    pub(super) fn keep_routes(&mut self, group: &GroupKey, routes: Rc<[Route]>) {
+        if routes.len() < self.min_kept_routes
+            || self.kept_routes + routes.len() > self.max_kept_routes
+            || !self.online.contains_key(group)
+        {
+            return;
+        }
+        self.kept_routes += routes.len();
+        if let Some(old) = self.routes.insert(group.clone(), routes) {
+            self.kept_routes -= old.len();
+        }
+    }
+
+    /// A device of `user` came or went: the routes remembered for its groups are stale.
+    pub(super) fn devices_changed(&mut self, user: &UserKey) {
+        if self.routes.is_empty() {
+            return;
+        }
+        if let Some(groups) = self.of_user.get(user) {
+            for g in groups {
+                if let Some(old) = self.routes.remove(g) {
+                    self.kept_routes -= old.len();
+                }
+            }
+        }
+    }
+
     fn set_online(&mut self, user: &UserKey, group: &GroupKey, online: bool) {
+        if let Some(old) = self.routes.remove(group) {
+            self.kept_routes -= old.len();
+        }
         let before = self.online.contains_key(group);
         if online {
             self.online
@@ -555,6 +616,10 @@ mod tests {
         Replace(usize, Vec<usize>),
         /// The next pending cluster notice is told to the other nodes.
         Tell,
+        /// Device `k` of the user comes or goes.
+        Device(usize, usize),
+        /// A message to the group: the routes it goes to.
+        FanOut(usize),
     }
 
     fn step() -> impl proptest::strategy::Strategy<Value = Step> {
@@ -566,16 +631,82 @@ mod tests {
             1 => (0..4usize, proptest::sample::subsequence((0..4usize).collect::<Vec<_>>(), 0..4))
                 .prop_map(|(u, gs)| Step::Replace(u, gs)),
             2 => Just(Step::Tell),
+            2 => (0..4usize, 0..3usize).prop_map(|(u, k)| Step::Device(u, k)),
+            3 => (0..4usize).prop_map(Step::FanOut),
         ]
+    }
+
+    fn route(index: u32) -> Route {
+        Route {
+            shard: 0,
+            conn: super::super::ConnId {
+                index,
+                generation: 1,
+            },
+        }
+    }
+
+    /// What the fan-out does: the remembered routes, or one lookup per online member (in
+    /// `devices`, indexed like the users `u0`..) kept for the next time.
+    fn fan_out(r: &mut Roster, g: &GroupKey, devices: &[Vec<Route>]) -> Vec<Route> {
+        let routes = match r.routes(g) {
+            Some(routes) => routes,
+            None => {
+                let mut routes = Vec::new();
+                for u in r.online_members(g).into_iter().flatten() {
+                    let i: usize = u.to_string()[1..].parse().unwrap();
+                    routes.extend_from_slice(&devices[i]);
+                }
+                let routes: Rc<[Route]> = routes.into();
+                r.keep_routes(g, routes.clone());
+                routes
+            }
+        };
+        let mut v = routes.to_vec();
+        v.sort_by_key(|r| r.conn.index);
+        v
+    }
+
+    #[test]
+    fn remembered_routes_stop_at_their_bound_and_go_with_a_change() {
+        let mut r = Roster::new(false);
+        r.max_kept_routes = MIN_KEPT_ROUTES + 1;
+        let (g1, g2, a) = (group("1"), group("2"), user("a"));
+        assert!(r.member_of(&a, &g1, true, true, 10));
+        assert!(r.member_of(&a, &g2, true, true, 10));
+        let many: Rc<[Route]> = (0..MIN_KEPT_ROUTES as u32).map(route).collect();
+        r.keep_routes(&g1, many.clone());
+        assert_eq!(r.routes(&g1).as_deref(), Some(&many[..]));
+        // The bound: a second list of the same length would pass it.
+        r.keep_routes(&g2, many.clone());
+        assert!(r.routes(&g2).is_none());
+        assert_eq!(r.kept_routes, MIN_KEPT_ROUTES);
+        // A short list is not kept; a group without members online here is not kept.
+        r.keep_routes(&g2, many[..1].into());
+        assert!(r.routes(&g2).is_none());
+        r.keep_routes(&group("3"), many.clone());
+        assert!(r.routes(&group("3")).is_none());
+        // A device of a member changing drops the lists of the member's groups.
+        r.devices_changed(&a);
+        assert!(r.routes(&g1).is_none());
+        assert_eq!(r.kept_routes, 0);
+        r.keep_routes(&g2, many.clone());
+        assert!(r.routes(&g2).is_some());
+        // So does a change of who is online.
+        r.user_online_changed(&a, false);
+        assert!(r.routes(&g2).is_none());
+        assert_eq!(r.kept_routes, 0);
     }
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1_000))]
 
-        /// Whatever the order of joins, leaves, comings online and going offline and stored
-        /// groups read back: a group's online members here are exactly its members with a
-        /// device here, no user is routed more than `max_groups` groups, and in a cluster
-        /// every group without a pending notice was last told what is true.
+        /// Whatever the order of joins, leaves, comings online and going offline, stored
+        /// groups read back and devices coming and going: a group's online members here are
+        /// exactly its members with a device here, no user is routed more than `max_groups`
+        /// groups, in a cluster every group without a pending notice was last told what is
+        /// true, and a message to a group goes to the devices of exactly those members
+        /// whether its routes were remembered or looked up (the lists within their bound).
         #[test]
         fn online_members_follow_membership_and_presence(
             steps in proptest::collection::vec(step(), 1..120),
@@ -587,6 +718,9 @@ mod tests {
             let mut of: Vec<Vec<usize>> = vec![Vec::new(); 4];
             let mut on = [false; 4];
             let mut told = [false; 4];
+            let mut devices: Vec<Vec<Route>> = vec![Vec::new(); 4];
+            r.min_kept_routes = 1;
+            r.max_kept_routes = 5;
             for s in steps {
                 match s {
                     Step::Join(u, g) => {
@@ -618,7 +752,30 @@ mod tests {
                             r.here_told(&g);
                         }
                     }
+                    Step::Device(u, k) => {
+                        let d = route((u * 3 + k) as u32);
+                        match devices[u].iter().position(|x| *x == d) {
+                            Some(at) => {
+                                devices[u].remove(at);
+                            }
+                            None => devices[u].push(d),
+                        }
+                        r.devices_changed(&users[u]);
+                    }
+                    Step::FanOut(g) => {
+                        let got = fan_out(&mut r, &groups[g], &devices);
+                        let mut want: Vec<Route> = (0..4)
+                            .filter(|&u| on[u] && of[u].contains(&g))
+                            .flat_map(|u| devices[u].clone())
+                            .collect();
+                        want.sort_by_key(|r| r.conn.index);
+                        proptest::prop_assert_eq!(got, want, "routes of g{}", g);
+                    }
                 }
+                let kept: usize = r.routes.values().map(|v| v.len()).sum();
+                proptest::prop_assert_eq!(kept, r.kept_routes);
+                proptest::prop_assert!(kept <= r.max_kept_routes);
+                proptest::prop_assert!(r.routes.keys().all(|g| r.online.contains_key(g)));
                 for (g, key) in groups.iter().enumerate() {
                     let mut want: Vec<String> = (0..4)
                         .filter(|&u| on[u] && of[u].contains(&g))

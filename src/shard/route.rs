@@ -28,6 +28,7 @@ impl Shard {
             ShardMsg::Register { user, route, hello } => {
                 let mut fx = Vec::new();
                 if self.dir.register(&user, route, clk.unix_ms, &mut fx) {
+                    self.groups.devices_changed(&user);
                     fx.push(Effect::Post(
                         usize::from(route.shard),
                         ShardMsg::Registered {
@@ -42,6 +43,7 @@ impl Shard {
             ShardMsg::Unregister { user, route } => {
                 let mut fx = Vec::new();
                 self.dir.unregister(&user, route, clk.unix_ms, &mut fx);
+                self.groups.devices_changed(&user);
                 self.apply(fx);
             }
             ShardMsg::Kick { conn } => {
@@ -193,10 +195,11 @@ impl Shard {
         }
     }
 
-    /// Sends `deliver` to every route, one message per destination shard.
-    pub(super) fn fan_out(&mut self, routes: &[Route], deliver: Deliver) {
+    /// Sends `deliver` to every route but those in `except`, one message per destination
+    /// shard.
+    pub(super) fn fan_out(&mut self, routes: &[Route], except: &[Route], deliver: Deliver) {
         let mut by_shard: Vec<Vec<ConnId>> = vec![Vec::new(); self.shards];
-        for r in routes {
+        for r in routes.iter().filter(|r| !except.contains(r)) {
             by_shard[usize::from(r.shard)].push(r.conn);
         }
         let mut last = None;
@@ -243,7 +246,7 @@ impl Shard {
             );
         }
         if !routes.is_empty() {
-            self.fan_out(&routes, deliver.clone());
+            self.fan_out(&routes, &[], deliver.clone());
         }
     }
 
