@@ -355,6 +355,7 @@ impl Shard {
             out: Vec::new(),
             out_since_us: 0,
             woken: false,
+            out_pooled: false,
             opened_ms: clk.mono_ms,
             last_rx_ms: clk.mono_ms,
             armed_ms: 0,
@@ -424,7 +425,7 @@ impl Shard {
             c.out.drain(..n.min(c.out.len()));
             if c.out.is_empty() {
                 // An idle connection keeps no output buffer: the pool keeps it for the next.
-                self.out_pool.release(&mut c.out);
+                self.out_pool.release(&mut c.out, &mut c.out_pooled);
                 if c.out_since_us != 0 {
                     let waited = (now_us as u32).wrapping_sub(c.out_since_us);
                     m.stages[Stage::OutputWait as usize].record_us(u64::from(waited));
@@ -589,6 +590,7 @@ impl Shard {
                 (Some(_), _) => {
                     // Give up on flushing: drop the output so the runtime closes now.
                     c.out = Vec::new();
+                    c.out_pooled = false;
                     self.woken.conn(c, id);
                 }
                 (None, Phase::Handshake) => {
@@ -657,7 +659,7 @@ impl Shard {
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
-        self.out_pool.fill(&mut c.out);
+        self.out_pool.fill(&mut c.out, &mut c.out_pooled);
         if c.link.encode_onto(&mut c.out, env)
             && queued(c, id, &mut self.woken, m, env, self.now_us, max_out)
         {
@@ -693,7 +695,7 @@ impl Shard {
                     &encoded[encoded.len() - 1].1
                 }
             };
-            self.out_pool.fill(&mut c.out);
+            self.out_pool.fill(&mut c.out, &mut c.out_pooled);
             c.out.extend_from_slice(frame);
             let m = &self.metrics.shards[self.id];
             if queued(c, id, &mut self.woken, m, env, self.now_us, max_out) {
@@ -829,6 +831,7 @@ fn queued(
     if c.out.len() > max_out && c.closing.is_none() {
         // The client does not read: drop what is queued.
         c.out = Vec::new();
+        c.out_pooled = false;
         return true;
     }
     false

@@ -25,9 +25,11 @@ pub(super) struct OutPool {
 }
 
 impl OutPool {
-    /// Gives `out` a kept buffer if it has none.
-    pub(super) fn fill(&mut self, out: &mut Vec<u8>) {
+    /// Gives `out` a kept buffer if it has none (`pooled`: `out` goes back to the pool when
+    /// emptied, whether a kept buffer was there to give or it is allocated as it fills).
+    pub(super) fn fill(&mut self, out: &mut Vec<u8>, pooled: &mut bool) {
         if out.capacity() == 0 {
+            *pooled = true;
             if let Some(buf) = self.bufs.pop() {
                 debug_assert!(buf.is_empty());
                 *out = buf;
@@ -36,11 +38,14 @@ impl OutPool {
         }
     }
 
-    /// Takes `out`'s emptied buffer back (leaving `out` without one), or frees it when it is
-    /// too large or the pool is full.
-    pub(super) fn release(&mut self, out: &mut Vec<u8>) {
+    /// Takes `out`'s emptied buffer back if it is the pool's (leaving `out` without one), or
+    /// frees it: when it is not, is too large, or the pool is full. Only buffers handed out
+    /// by [`OutPool::fill`] come back, so the pool holds at most as many as were in use at
+    /// once.
+    pub(super) fn release(&mut self, out: &mut Vec<u8>, pooled: &mut bool) {
         let mut buf = std::mem::take(out);
-        if buf.capacity() > 0
+        if std::mem::take(pooled)
+            && buf.capacity() > 0
             && buf.capacity() <= MAX_POOLED_BYTES
             && self.bufs.len() < MAX_POOLED_OUTPUTS
         {
@@ -73,29 +78,34 @@ mod tests {
     #[test]
     fn buffers_are_reused_up_to_the_bound_and_freed_when_unused() {
         let mut pool = OutPool::default();
-        let mut out = Vec::with_capacity(100);
-        out.extend_from_slice(b"frame");
-        pool.release(&mut out);
-        assert_eq!((out.capacity(), pool.len()), (0, 1));
+        let (mut out, mut pooled) = (Vec::new(), false);
+        // An output the pool filled (nothing kept yet: allocated as it fills) comes back.
+        pool.fill(&mut out, &mut pooled);
+        out.extend_from_slice(&[0; 100]);
+        pool.release(&mut out, &mut pooled);
+        assert_eq!((out.capacity(), pooled, pool.len()), (0, false, 1));
         // The next output gets it back, empty, with its capacity.
-        pool.fill(&mut out);
-        assert!(out.is_empty() && out.capacity() >= 100);
+        pool.fill(&mut out, &mut pooled);
+        assert!(out.is_empty() && out.capacity() >= 100 && pooled);
         assert_eq!(pool.len(), 0);
         // An output that has a buffer keeps its own.
-        pool.release(&mut Vec::with_capacity(8));
+        pool.release(&mut Vec::with_capacity(8), &mut true);
         let ptr = out.as_ptr();
-        pool.fill(&mut out);
+        pool.fill(&mut out, &mut pooled);
         assert_eq!((out.as_ptr(), pool.len()), (ptr, 1));
+        // A buffer the pool did not hand out (the transport's own writes) is freed.
+        pool.release(&mut Vec::with_capacity(8), &mut false);
+        assert_eq!(pool.len(), 1);
         // Too large: freed, not kept.
-        pool.release(&mut Vec::with_capacity(MAX_POOLED_BYTES + 1));
+        pool.release(&mut Vec::with_capacity(MAX_POOLED_BYTES + 1), &mut true);
         assert_eq!(pool.len(), 1);
         // The bound on the count.
         for _ in 0..MAX_POOLED_OUTPUTS + 10 {
-            pool.release(&mut Vec::with_capacity(16));
+            pool.release(&mut Vec::with_capacity(16), &mut true);
         }
         assert_eq!(pool.len(), MAX_POOLED_OUTPUTS);
         // Taken from within POOL_IDLE_MS: kept; then idle that long: freed.
-        pool.fill(&mut Vec::new());
+        pool.fill(&mut Vec::new(), &mut false);
         pool.sweep(5_000);
         pool.sweep(5_000 + POOL_IDLE_MS - 1);
         assert_eq!(pool.len(), MAX_POOLED_OUTPUTS - 1);

@@ -55,6 +55,9 @@ pub struct Conn {
     pub(super) out: Vec<u8>,
     /// Listed in [`super::Woken`] and not yet taken by the runtime.
     pub(super) woken: bool,
+    /// `out` was given by the shard's output pool (or allocated in its place): it goes back
+    /// there when emptied. Buffers of other writes (the transport's 101, pongs) are freed.
+    pub(super) out_pooled: bool,
     pub(super) opened_ms: u64,
     pub(super) last_rx_ms: u64,
     /// Deadline currently armed in the wheel (0: none).
