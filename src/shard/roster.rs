@@ -315,18 +315,20 @@ impl Roster {
             return;
         }
         if let Some(groups) = self.of_user.get(user) {
-            for g in groups {
-                if let Some(old) = self.routes.remove(g) {
-                    self.kept_routes -= old.len();
-                }
+            for g in groups.clone() {
+                self.forget_routes(&g);
             }
         }
     }
 
-    fn set_online(&mut self, user: &UserKey, group: &GroupKey, online: bool) {
+    fn forget_routes(&mut self, group: &GroupKey) {
         if let Some(old) = self.routes.remove(group) {
             self.kept_routes -= old.len();
         }
+    }
+
+    fn set_online(&mut self, user: &UserKey, group: &GroupKey, online: bool) {
+        self.forget_routes(group);
         let before = self.online.contains_key(group);
         if online {
             self.online
