@@ -322,6 +322,8 @@ pub struct ShardMetrics {
     pub timers: AtomicI64,
     /// Stage latencies, indexed by [`Stage`].
     pub stages: [LatencyHist; Stage::ALL.len()],
+    /// How long each pass of the shard's connection driver took (src/runtime/driver.rs).
+    pub driver_pass: LatencyHist,
     tenants: Mutex<BTreeMap<String, TenantStats>>,
 }
 
@@ -350,6 +352,7 @@ impl Default for ShardMetrics {
             outbox_depth: AtomicI64::new(0),
             timers: AtomicI64::new(0),
             stages: std::array::from_fn(|_| LatencyHist::default()),
+            driver_pass: LatencyHist::default(),
             tenants: Mutex::new(BTreeMap::new()),
         }
     }
@@ -574,6 +577,17 @@ impl Metrics {
                 let labels = format!("shard=\"{i}\",stage=\"{}\"", stage.name());
                 s.stages[stage as usize].render(&mut o, "imgw_stage_seconds", &labels);
             }
+        }
+
+        let _ = writeln!(
+            o,
+            "# HELP imgw_driver_pass_seconds Time one pass of a shard's connection driver took              (what was ready read, handled by the shard, and what that made written); input that              arrives during a pass waits for the next.\n\
+             # TYPE imgw_driver_pass_seconds histogram"
+        );
+        for (i, s) in self.shards.iter().enumerate() {
+            let labels = format!("shard=\"{i}\"");
+            s.driver_pass
+                .render(&mut o, "imgw_driver_pass_seconds", &labels);
         }
 
         let _ = writeln!(

@@ -770,6 +770,12 @@ fn group_messages_reach_every_online_member_once_per_device() {
         &["stage=\"output_wait\"", "le=\"+Inf\""],
     );
     assert_eq!(inf, stage("output_wait"));
+    // The connection drivers timed their passes: every shard served connections.
+    for shard in ["0", "1"] {
+        let label = format!("shard=\"{shard}\"");
+        let passes = g.metric("imgw_driver_pass_seconds_count", &[&label]);
+        assert!(passes > 0.0, "shard {shard}: {}", g.metrics());
+    }
     // The sender does not get its own message; a member who left gets nothing more.
     let r = c.next_ref();
     c.send(&Envelope::with_ref(

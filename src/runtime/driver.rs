@@ -261,6 +261,9 @@ impl Driver {
         self.service_queue(&mut s);
         std::mem::swap(&mut self.queue, &mut self.next);
         self.linger_pass(clk.mono_ms);
+        // One clock read (the monotonic one) per pass.
+        let took_us = (self.base.elapsed().as_micros() as u64).saturating_sub(clk.mono_us);
+        self.metrics.shards[s.id].driver_pass.record_us(took_us);
         !self.queue.is_empty()
             || !self.linger_queue.is_empty()
             || self
