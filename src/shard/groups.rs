@@ -462,7 +462,8 @@ impl Shard {
     }
 
     /// The user of connection `id` making a request that names `group`: `None` when there is
-    /// none, or the group id is not 1 to 128 bytes (then answered with `bad_request`).
+    /// none, or the group id is not 1 to `MAX_ID_BYTES` bytes (then answered with
+    /// `bad_request`).
     fn group_requester(
         &mut self,
         id: ConnId,
@@ -471,8 +472,8 @@ impl Shard {
     ) -> Option<UserKey> {
         let user = self.session_user(id)?;
         if !super::session::valid_id(group) {
-            let msg = "group must be 1 to 128 bytes";
-            self.reply_error(id, reference, ErrorCode::BadRequest, msg);
+            let msg = format!("group must be 1 to {} bytes", crate::protocol::MAX_ID_BYTES);
+            self.reply_error(id, reference, ErrorCode::BadRequest, &msg);
             return None;
         }
         Some(user)

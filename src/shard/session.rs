@@ -92,7 +92,7 @@ pub(super) fn hello_rules(h: &Hello) -> Result<u8, (ErrorCode, String)> {
     if !valid_id(&h.device) {
         return Err((
             ErrorCode::BadRequest,
-            "device must be 1 to 128 bytes".into(),
+            format!("device must be 1 to {MAX_ID_BYTES} bytes"),
         ));
     }
     Ok(version)
