@@ -372,28 +372,19 @@ impl Shard {
     }
 
     /// Member-owner side: forward to the devices of this shard's online members of `group`
-    /// (not the sender's), one message per device shard. The routes come from the roster's
-    /// list while neither the members online here nor their devices changed; otherwise from
-    /// one directory lookup per member, and are kept for the next message.
+    /// (not the sender's), one message per device shard. The roster keeps the group's routes
+    /// while neither the members online here nor their devices change
+    /// ([`super::roster::Roster::online_routes`]).
     pub(super) fn group_fanout_local(&mut self, group: GroupKey, deliver: Deliver) {
-        let routes = match self.groups.routes(&group) {
-            Some(routes) => routes,
-            None => {
-                let Some(online) = self.groups.online_members(&group) else {
-                    return;
-                };
-                let mut routes = Vec::new();
-                for user in online {
-                    let key = UserKey {
-                        tenant: group.tenant.clone(),
-                        user: user.clone(),
-                    };
-                    routes.extend_from_slice(self.dir.devices(&key));
-                }
-                let routes: std::rc::Rc<[Route]> = routes.into();
-                self.groups.keep_routes(&group, routes.clone());
-                routes
-            }
+        let dir = &self.dir;
+        let member = |user: &Str| {
+            dir.devices(&UserKey {
+                tenant: group.tenant.clone(),
+                user: user.clone(),
+            })
+        };
+        let Some(routes) = self.groups.online_routes(&group, member) else {
+            return;
         };
         // The sender's own devices are left out (a device is one user's: leaving out its
         // routes leaves out exactly that user).

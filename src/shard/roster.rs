@@ -18,7 +18,7 @@
 //! [`MAX_KEPT_ROUTES`] routes in all.
 //!
 //! It also remembers, per group of `online`, the routes of those members' devices as the
-//! fan-out last worked them out (one directory lookup per member, [`Roster::keep_routes`]), so
+//! fan-out last worked them out (one directory lookup per member, [`Roster::online_routes`]), so
 //! that the next message to the group copies one list instead. An entry is dropped when the
 //! group's online members here change and when a device of one of them comes or goes (the
 //! shard says so: [`Roster::devices_changed`]).
@@ -283,20 +283,35 @@ impl Roster {
         }
     }
 
-    /// This shard's members of `group` online now (the fan-out's list).
-    pub(super) fn online_members(&self, group: &GroupKey) -> Option<&HashSet<Str>> {
+    /// This shard's members of `group` online now (what [`Roster::online_routes`] reads).
+    #[cfg(test)]
+    fn online_members(&self, group: &GroupKey) -> Option<&HashSet<Str>> {
         self.online.get(group)
     }
 
-    /// The routes of `group`'s online members' devices, if remembered since the last change
-    /// of either (`None`: work them out from [`Roster::online_members`] and the directory).
-    pub(super) fn routes(&self, group: &GroupKey) -> Option<Rc<[Route]>> {
-        self.routes.get(group).cloned()
+    /// The routes of `group`'s online members' devices: the list kept since neither changed,
+    /// or one worked out with `devices` (the directory's routes of one member) and kept for
+    /// the next message. `None` when no member of the group is online here.
+    pub(super) fn online_routes<'d>(
+        &mut self,
+        group: &GroupKey,
+        mut devices: impl FnMut(&Str) -> &'d [Route],
+    ) -> Option<Rc<[Route]>> {
+        if let Some(routes) = self.routes.get(group) {
+            return Some(routes.clone());
+        }
+        let mut routes = Vec::new();
+        for user in self.online.get(group)? {
+            routes.extend_from_slice(devices(user));
+        }
+        let routes: Rc<[Route]> = routes.into();
+        self.keep_routes(group, routes.clone());
+        Some(routes)
     }
 
     /// Remembers what the fan-out worked out for `group`, unless the group has no members
     /// online here, the list is short, or [`MAX_KEPT_ROUTES`] would be passed.
-    pub(super) fn keep_routes(&mut self, group: &GroupKey, routes: Rc<[Route]>) {
+    fn keep_routes(&mut self, group: &GroupKey, routes: Rc<[Route]>) {
         if routes.len() < self.min_kept_routes
             || self.kept_routes + routes.len() > self.max_kept_routes
             || !self.online.contains_key(group)
@@ -648,23 +663,13 @@ mod tests {
         }
     }
 
-    /// What the fan-out does: the remembered routes, or one lookup per online member (in
-    /// `devices`, indexed like the users `u0`..) kept for the next time.
+    /// The routes a message to `g` goes to, sorted; the members' devices are in `devices`,
+    /// indexed like the users `u0`...
     fn fan_out(r: &mut Roster, g: &GroupKey, devices: &[Vec<Route>]) -> Vec<Route> {
-        let routes = match r.routes(g) {
-            Some(routes) => routes,
-            None => {
-                let mut routes = Vec::new();
-                for u in r.online_members(g).into_iter().flatten() {
-                    let i: usize = u.to_string()[1..].parse().unwrap();
-                    routes.extend_from_slice(&devices[i]);
-                }
-                let routes: Rc<[Route]> = routes.into();
-                r.keep_routes(g, routes.clone());
-                routes
-            }
-        };
-        let mut v = routes.to_vec();
+        let lookup = |u: &Str| &devices[u.to_string()[1..].parse::<usize>().unwrap()][..];
+        let mut v = r
+            .online_routes(g, lookup)
+            .map_or(Vec::new(), |r| r.to_vec());
         v.sort_by_key(|r| r.conn.index);
         v
     }
@@ -678,25 +683,25 @@ mod tests {
         assert!(r.member_of(&a, &g2, true, true, 10));
         let many: Rc<[Route]> = (0..MIN_KEPT_ROUTES as u32).map(route).collect();
         r.keep_routes(&g1, many.clone());
-        assert_eq!(r.routes(&g1).as_deref(), Some(&many[..]));
+        assert_eq!(r.routes.get(&g1).map(|r| &r[..]), Some(&many[..]));
         // The bound: a second list of the same length would pass it.
         r.keep_routes(&g2, many.clone());
-        assert!(r.routes(&g2).is_none());
+        assert!(!r.routes.contains_key(&g2));
         assert_eq!(r.kept_routes, MIN_KEPT_ROUTES);
         // A short list is not kept; a group without members online here is not kept.
         r.keep_routes(&g2, many[..1].into());
-        assert!(r.routes(&g2).is_none());
+        assert!(!r.routes.contains_key(&g2));
         r.keep_routes(&group("3"), many.clone());
-        assert!(r.routes(&group("3")).is_none());
+        assert!(!r.routes.contains_key(&group("3")));
         // A device of a member changing drops the lists of the member's groups.
         r.devices_changed(&a);
-        assert!(r.routes(&g1).is_none());
+        assert!(!r.routes.contains_key(&g1));
         assert_eq!(r.kept_routes, 0);
         r.keep_routes(&g2, many.clone());
-        assert!(r.routes(&g2).is_some());
+        assert!(r.routes.contains_key(&g2));
         // So does a change of who is online.
         r.user_online_changed(&a, false);
-        assert!(r.routes(&g2).is_none());
+        assert!(!r.routes.contains_key(&g2));
         assert_eq!(r.kept_routes, 0);
     }
 
