@@ -581,7 +581,9 @@ impl Metrics {
 
         let _ = writeln!(
             o,
-            "# HELP imgw_driver_pass_seconds Time one pass of a shard's connection driver took              (what was ready read, handled by the shard, and what that made written); input that              arrives during a pass waits for the next.\n\
+            "# HELP imgw_driver_pass_seconds Time one pass of a shard's connection driver took \
+             (what was ready read, handled by the shard, and what that made written); input \
+             that arrives during a pass waits for the next.\n\
              # TYPE imgw_driver_pass_seconds histogram"
         );
         for (i, s) in self.shards.iter().enumerate() {
@@ -819,5 +821,15 @@ mod tests {
         h.render(&mut labelled, "imgw_y_seconds", "shard=\"1\"");
         assert!(labelled.contains("imgw_y_seconds_bucket{shard=\"1\",le=\"+Inf\"} 5"));
         assert!(labelled.contains("imgw_y_seconds_count{shard=\"1\"} 5"));
+    }
+
+    #[test]
+    fn help_texts_are_one_clean_line_each() {
+        let text = Metrics::new(2).render();
+        let help: Vec<&str> = text.lines().filter(|l| l.starts_with("# HELP ")).collect();
+        assert!(help.iter().any(|l| l.contains("imgw_driver_pass_seconds")));
+        for line in help {
+            assert!(!line.contains("  "), "a run of spaces in {line:?}");
+        }
     }
 }
