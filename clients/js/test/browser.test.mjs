@@ -70,6 +70,14 @@ async function addContact(page, id) {
   await page.locator("[data-testid=conv-title]", { hasText: id }).waitFor();
 }
 
+/** Deliveries the gateway has pushed and waits to have acked, summed over its shards. */
+async function pendingDeliveries() {
+  const text = await (await fetch(`${gw.admin}/metrics`, { signal: AbortSignal.timeout(2000) })).text();
+  const rows = [...text.matchAll(/^imgw_deliveries\{shard="\d+",state="pending"\} (-?\d+)$/gm)];
+  if (rows.length === 0) throw new Error("no imgw_deliveries pending rows in /metrics");
+  return rows.reduce((sum, m) => sum + Number(m[1]), 0);
+}
+
 /** Waits until the open conversation shows exactly `want` (bounded), then checks it. */
 async function expectBodies(page, want, what) {
   try {
@@ -143,6 +151,10 @@ test("a page that went offline shows what it missed once and in order", { timeou
   await waitFor(async () => (await ann.locator("[data-testid=msg].pending").count()) === 0, WAIT, "ann's acks");
   await ben.getByTestId("toggle").click();
   await expectBodies(ben, ["before", "o1", "o2", "o3"], "back online: the missed messages once, in order");
+  // The page acks what it showed after a short delay (ackDelayMs). A page closed before that
+  // leaves o1..o3 unacked, and the gateway rightly pushes them again to the next page: wait
+  // until the gateway holds no delivery waiting for its ack.
+  await waitFor(async () => (await pendingDeliveries()) === 0, WAIT, "ben's acks of o1..o3");
 
   // Closed: the page is gone; messages are sent; the device comes back in a new page.
   await ben.context().close();
