@@ -945,3 +945,65 @@ fn group_node_sets_are_written_again_when_redis_comes_back_empty() {
     }
     drop(redis);
 }
+
+/// Redis hung (SIGSTOP) while a node asks which nodes hold a user's devices: a presence query
+/// and a kick then go to every other live node instead of being dropped. Without that the
+/// subscriber would see `offline` for a user online elsewhere, and the kick would leave the
+/// user's devices there connected.
+#[test]
+fn with_redis_hung_a_presence_query_and_a_kick_still_reach_the_users_node() {
+    use imgw::protocol::Status;
+    let shared = Shared::new("qhung");
+    // A private Redis this test can stop.
+    let (redis, port) = start_redis();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let nodes: Vec<Gateway> = ["q1", "q2"]
+        .iter()
+        .map(|n| shared.node_on(n, &url))
+        .collect();
+    wait_metric(&nodes[0], "imgw_cluster_nodes", 2.0, WAIT);
+    let mut w = login(&nodes[0], Transport::Ws, CodecId::Json, "watcher", "d");
+    let mut kim = login(&nodes[1], Transport::Tcp, CodecId::Protobuf, "kim", "d");
+    // The route reaches Redis, and q2's record of kim coming online reaches q1 (which keeps
+    // nothing of it, having no subscriber yet): only the query can tell q1's subscriber below.
+    std::thread::sleep(Duration::from_millis(300));
+    let deadline = Instant::now() + WAIT;
+    while metric(&nodes[0], "imgw_cluster_ingress_total") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "q2's presence record never reached q1"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let signal = |sig: &str| {
+        Command::new("kill")
+            .args([sig, &redis.0.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(signal("-STOP"), "stop the private Redis");
+    let dropped_before = metric(&nodes[0], "imgw_cluster_relay_dropped_total");
+    // q1 cannot look kim up (its lookups time out after redis.timeout_ms, 1 s): its
+    // subscriber sees offline at once, then online once q2 answered the query sent to it.
+    subscribe(&mut w, "kim");
+    let seen = (
+        presence_of(&mut w, "kim", WAIT),
+        presence_of(&mut w, "kim", WAIT),
+    );
+    // A kick on q1 reaches kim's device on q2.
+    let (status, _) =
+        common::gateway::http_post(nodes[0].admin, "/kick", r#"{"tenant":"dev","user":"kim"}"#)
+            .unwrap();
+    let kicked = kim.recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT);
+    let dropped = metric(&nodes[0], "imgw_cluster_relay_dropped_total") - dropped_before;
+    assert!(signal("-CONT"), "continue the private Redis");
+    assert_eq!(seen, (Status::Offline, Status::Online));
+    assert_eq!(status, 202);
+    let env = kicked.expect("the kick's goaway");
+    assert!(
+        matches!(&env.msg, Message::Goaway(g) if &*g.reason == "kicked"),
+        "{env:?}"
+    );
+    assert_eq!(dropped, 0.0, "relays dropped while Redis was hung");
+    drop(redis);
+}

@@ -227,6 +227,14 @@ impl RelayItem {
         }
     }
 
+    /// Whether it goes to every other live node when Redis cannot say which nodes hold the
+    /// user's devices: a kick and a presence query cost those nodes a lookup that finds
+    /// nothing. A message is not (the store has it: the devices read it at their next gap
+    /// or sync), nor a membership change (a node without the user's devices would keep it).
+    fn to_every_node_when_unresolved(&self) -> bool {
+        matches!(self, RelayItem::Kick { .. } | RelayItem::Query { .. })
+    }
+
     /// The user whose devices' nodes receive it; `None`: a group's nodes ([`Self::group`]),
     /// or every other live node.
     fn user(&self) -> Option<&Str> {
@@ -1003,6 +1011,11 @@ async fn relay_task(
                         .filter(|n| ***n != *reg.id && reg.is_alive(n))
                         .cloned()
                         .collect(),
+                    // Redis failed, for a kick or a presence query: every other live node (a
+                    // superset). A node without the user's devices kicks nobody and answers
+                    // `offline`; dropped, the kick would leave devices connected and the
+                    // subscriber would see `offline` until the user's next change.
+                    _ if it.to_every_node_when_unresolved() => alive.clone(),
                     _ => {
                         // Redis failed: the recipient's other nodes are unknown. The store
                         // has the message; those devices get it at their next gap or sync.
