@@ -515,13 +515,15 @@ impl Client {
     /// Close), end of stream or a reset gives [`ClientError::Closed`], now and on every later
     /// call.
     pub fn recv(&mut self) -> Result<Envelope, ClientError> {
-        self.recv_inner(None).map(|(env, _)| env)
+        let raw = self.next_raw(None)?;
+        self.decode_raw(&raw)
     }
 
     /// Like [`Client::recv`], also returning the frame's raw-TCP extension block (TLV, see
     /// [`crate::protocol::frame`]); always empty on WebSocket.
     pub fn recv_with_ext(&mut self) -> Result<(Envelope, Bytes), ClientError> {
-        self.recv_inner(None)
+        let raw = self.next_raw(None)?;
+        Ok((self.decode_raw(&raw)?, raw.ext))
     }
 
     /// The first message for which `pred` is true, dropping the others, waiting `timeout` in
@@ -533,8 +535,11 @@ impl Client {
     ) -> Result<Envelope, ClientError> {
         let deadline = Instant::now() + timeout;
         let result = loop {
-            match self.recv_inner(Some(deadline)) {
-                Ok((env, _)) if pred(&env) => break Ok(env),
+            match self
+                .next_raw(Some(deadline))
+                .and_then(|raw| self.decode_raw(&raw))
+            {
+                Ok(env) if pred(&env) => break Ok(env),
                 Ok(_) => {}
                 Err(e) => break Err(e),
             }
@@ -581,10 +586,11 @@ impl Client {
     pub fn is_closed_by_peer(&mut self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         let closed = loop {
-            match self.recv_inner(Some(deadline)) {
+            // Payloads are dropped undecoded.
+            match self.next_raw(Some(deadline)) {
                 Err(ClientError::Timeout) => break false,
                 Err(ClientError::Closed { .. } | ClientError::Io(_)) => break true,
-                // Messages, bad payloads, framing errors (after which bytes are discarded).
+                // Messages, framing errors (after which bytes are discarded).
                 _ => {}
             }
         };
@@ -637,17 +643,19 @@ impl Client {
     // -----------------------------------------------------------------------------------------
     // Reading.
 
-    /// The next message with its extension block. `deadline`: `None` waits the read timeout per
-    /// read; `Some` bounds the whole call (the caller restores the socket timeout afterwards).
-    fn recv_inner(&mut self, deadline: Option<Instant>) -> Result<(Envelope, Bytes), ClientError> {
+    /// The next message's payload, not decoded yet: the callers decode it last, so that the
+    /// decoded envelope (a few hundred bytes) is not copied through every layer of this
+    /// path. `deadline`: `None` waits the read timeout per read; `Some` bounds the whole call
+    /// (the caller restores the socket timeout afterwards).
+    fn next_raw(&mut self, deadline: Option<Instant>) -> Result<Raw, ClientError> {
         loop {
             if self.closed.is_some() {
                 return Err(self.closed_error());
             }
             let need = match self.transport {
                 Transport::Tcp => {
-                    if let Some(got) = self.decode_tcp()? {
-                        return Ok(got);
+                    if let Some(raw) = self.take_tcp()? {
+                        return Ok(raw);
                     }
                     if self.broken {
                         0
@@ -656,8 +664,9 @@ impl Client {
                     }
                 }
                 Transport::Ws => {
-                    if let Some(env) = self.decode_ws()? {
-                        return Ok((env, Bytes::new()));
+                    if let Some(payload) = self.take_ws()? {
+                        let (ext, op) = (Bytes::new(), None);
+                        return Ok(Raw { payload, ext, op });
                     }
                     0
                 }
@@ -666,8 +675,21 @@ impl Client {
         }
     }
 
+    /// Decodes a payload [`Client::next_raw`] took, checking it against its frame header's op
+    /// (raw TCP).
+    fn decode_raw(&self, raw: &Raw) -> Result<Envelope, ClientError> {
+        let env = self.codec.decode_bytes(&raw.payload)?;
+        match raw.op {
+            Some(op) if op != env.msg.op() as u8 => Err(ClientError::Protocol(format!(
+                "frame header op {op} but the payload is {}",
+                env.msg.op().name()
+            ))),
+            _ => Ok(env),
+        }
+    }
+
     /// Takes one raw-TCP frame off `rbuf`, if a whole one is there.
-    fn decode_tcp(&mut self) -> Result<Option<(Envelope, Bytes)>, ClientError> {
+    fn take_tcp(&mut self) -> Result<Option<Raw>, ClientError> {
         if self.broken {
             self.rbuf.clear();
             return Ok(None);
@@ -688,20 +710,17 @@ impl Client {
                 self.codec.name()
             )));
         }
-        let env = self.codec.decode_bytes(&frame.payload)?;
-        if frame.header.op != env.msg.op() as u8 {
-            return Err(ClientError::Protocol(format!(
-                "frame header op {} but the payload is {}",
-                frame.header.op,
-                env.msg.op().name()
-            )));
-        }
-        Ok(Some((env, frame.ext)))
+        Ok(Some(Raw {
+            payload: frame.payload,
+            ext: frame.ext,
+            op: Some(frame.header.op),
+        }))
     }
 
     /// Feeds `rbuf` to the WebSocket decoder until a data message completes or the bytes run
-    /// out (the decoder keeps a partial frame itself, so `rbuf` is then empty).
-    fn decode_ws(&mut self) -> Result<Option<Envelope>, ClientError> {
+    /// out (the decoder keeps a partial frame itself, so `rbuf` is then empty); returns the
+    /// message's payload.
+    fn take_ws(&mut self) -> Result<Option<Bytes>, ClientError> {
         loop {
             let base = self.rbuf.as_ptr() as usize;
             let mut input: &mut [u8] = &mut self.rbuf[..];
@@ -725,8 +744,12 @@ impl Client {
             let consumed = before - input.len();
             let step = match step {
                 WsStep::InPlace(at, len, text) => {
-                    let taken = self.rbuf.split_to(consumed).freeze();
-                    WsStep::Data(taken.slice(at..at + len), text)
+                    // Cut down to the payload before freezing: one reference to the shared
+                    // buffer per message, not one for the frame and one for its payload.
+                    let mut taken = self.rbuf.split_to(consumed);
+                    taken.advance(at);
+                    taken.truncate(len);
+                    WsStep::Data(taken.freeze(), text)
                 }
                 other => {
                     self.rbuf.advance(consumed);
@@ -742,7 +765,7 @@ impl Client {
                             self.codec.name()
                         )));
                     }
-                    return Ok(Some(self.codec.decode_bytes(&payload)?));
+                    return Ok(Some(payload));
                 }
                 WsStep::Ping(payload) => {
                     self.wbuf.clear();
@@ -916,6 +939,15 @@ fn write_out(sock: &mut Sock, buf: &[u8], nonblocking: bool, timeout: Duration) 
 }
 
 /// A decoder event, owned.
+/// A message's payload as [`Client::next_raw`] takes it off the wire.
+struct Raw {
+    payload: Bytes,
+    /// The raw-TCP extension block (TLV); empty on WebSocket.
+    ext: Bytes,
+    /// The raw-TCP header's op, which the payload must match; `None` on WebSocket.
+    op: Option<u8>,
+}
+
 enum WsStep {
     Data(Bytes, bool),
     /// A data payload at `.0` in the read buffer, `.1` bytes long (`.2`: text).
