@@ -135,6 +135,12 @@ pub(crate) struct InnerSource {
 }
 
 impl InnerSource {
+    /// imgw: whether this source's I/O latencies are collected (its queue, submission and
+    /// completion times): only then does the reactor read the clock for it.
+    pub(crate) fn collects_latency(&self) -> bool {
+        self.stats_collection.is_some_and(|x| x.latency.is_some())
+    }
+
     pub(crate) fn update_source_type(&mut self, source_type: SourceType) -> SourceType {
         std::mem::replace(&mut self.source_type, source_type)
     }
