@@ -1012,8 +1012,7 @@ async fn relay_task(
                         .cloned()
                         .collect(),
                     // Redis failed, for a kick or a presence query: every other live node (a
-                    // superset). A node without the user's devices kicks nobody and answers
-                    // `offline`; dropped, the kick would leave devices connected and the
+                    // superset); dropped, the kick would leave devices connected and the
                     // subscriber would see `offline` until the user's next change.
                     _ if it.to_every_node_when_unresolved() => alive.clone(),
                     _ => {
