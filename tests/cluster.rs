@@ -975,13 +975,7 @@ fn with_redis_hung_a_presence_query_and_a_kick_still_reach_the_users_node() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let signal = |sig: &str| {
-        Command::new("kill")
-            .args([sig, &redis.0.id().to_string()])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    assert!(signal("-STOP"), "stop the private Redis");
+    redis.signal("-STOP");
     let dropped_before = metric(&nodes[0], "imgw_cluster_relay_dropped_total");
     // q1 cannot look kim up (its lookups time out after redis.timeout_ms, 1 s): its
     // subscriber sees offline at once, then online once q2 answered the query sent to it.
@@ -996,7 +990,7 @@ fn with_redis_hung_a_presence_query_and_a_kick_still_reach_the_users_node() {
             .unwrap();
     let kicked = kim.recv_until(|e| matches!(e.msg, Message::Goaway(_)), WAIT);
     let dropped = metric(&nodes[0], "imgw_cluster_relay_dropped_total") - dropped_before;
-    assert!(signal("-CONT"), "continue the private Redis");
+    redis.signal("-CONT");
     assert_eq!(seen, (Status::Offline, Status::Online));
     assert_eq!(status, 202);
     let env = kicked.expect("the kick's goaway");

@@ -393,15 +393,6 @@ fn dedupe_keys_and_clean_logout_in_redis() {
     }
 }
 
-fn signal(p: &Proc, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &p.0.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
 fn tansu_bin() -> String {
     let home = std::env::var("HOME").unwrap_or_default();
     let local = format!("{home}/.cargo/bin/tansu");
@@ -556,7 +547,7 @@ fn redis_outage(hung: bool) {
         &mut errors,
     );
     if hung {
-        signal(server.as_ref().expect("redis"), "-STOP");
+        server.as_ref().expect("redis").signal("-STOP");
     } else {
         drop(server.take()); // Redis goes away
     }
@@ -577,7 +568,7 @@ fn redis_outage(hung: bool) {
     // A user who logs in during the outage is published after it.
     let _late = g.login(Transport::Ws, CodecId::Json, "ivy", "d");
     if hung {
-        signal(server.as_ref().expect("redis"), "-CONT");
+        server.as_ref().expect("redis").signal("-CONT");
     } else {
         server = Some(restart_redis(port));
     }
@@ -773,7 +764,7 @@ fn a_hung_broker_at_local_loses_nothing_on_the_topic() {
     let mut talk = Talk::new(&g);
     let pause = Duration::from_millis(20);
     talk.rounds(10, pause);
-    signal(&broker, "-STOP");
+    broker.signal("-STOP");
     let (outage, before) = (Instant::now(), talk.total());
     while outage.elapsed() < Duration::from_secs(6) {
         talk.rounds(1, pause);
@@ -784,7 +775,7 @@ fn a_hung_broker_at_local_loses_nothing_on_the_topic() {
         "acks at local do not wait for the broker: {:?}",
         talk.worst
     );
-    signal(&broker, "-CONT");
+    broker.signal("-CONT");
     talk.rounds(10, pause);
     let got = consume(
         &brokers,
@@ -831,7 +822,7 @@ fn the_local_backlog_is_bounded_and_drains_when_the_broker_returns() {
             g.metric("imgw_kafka_produced_total", &[]) >= sent
         });
     }
-    signal(&broker, "-STOP");
+    broker.signal("-STOP");
     talk.rounds(5, pause);
     // The records reach the producer after their acks (the I/O core hands them over in its
     // own time): wait for the bound instead of reading the gauge once.
@@ -841,7 +832,7 @@ fn the_local_backlog_is_bounded_and_drains_when_the_broker_returns() {
     });
     let given_up = g.metric("imgw_kafka_given_up_total", &[]);
     std::thread::sleep(Duration::from_secs(1));
-    signal(&broker, "-CONT");
+    broker.signal("-CONT");
     wait_metric(
         &g,
         "the backlog produced again",
@@ -872,14 +863,14 @@ fn the_local_backlog_is_bounded_and_drains_when_the_broker_returns() {
     );
     // A record the hung broker holds back delays a graceful stop by the produce timeout at
     // most (then it is given up), not for ever.
-    signal(&broker, "-STOP");
+    broker.signal("-STOP");
     talk.rounds(1, pause);
     let stopping = Instant::now();
     g.sigterm();
     let exit = g.wait_exit(Duration::from_secs(20));
     assert!(exit.is_some_and(|s| s.success()), "no clean exit: {exit:?}");
     eprintln!("stopped in {:?} with the broker hung", stopping.elapsed());
-    signal(&broker, "-CONT");
+    broker.signal("-CONT");
     drop(broker);
 }
 
@@ -917,7 +908,7 @@ fn broker_outage_fails_acks_explicitly_and_recovers() {
     );
     // The broker stops answering (SIGSTOP: a hung or partitioned broker; its memory storage
     // would not survive a restart, a real broker's log does).
-    signal(&broker, "-STOP");
+    broker.signal("-STOP");
     let outage = Instant::now();
 
     let worst = load_with(
@@ -941,7 +932,7 @@ fn broker_outage_fails_acks_explicitly_and_recovers() {
     assert!(ping(&mut c) < Duration::from_secs(1));
     let _ = worst;
     // The broker comes back.
-    signal(&broker, "-CONT");
+    broker.signal("-CONT");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut i = 24;
     while !pending.is_empty() {

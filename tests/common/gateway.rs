@@ -548,6 +548,17 @@ pub fn try_spawn_on(what: &str, mut command: Command, port: u16, wait: Duration)
 /// A private server process (Redis, a broker), killed on drop.
 pub struct Proc(pub Child);
 
+impl Proc {
+    /// Sends `sig` (`-STOP`, `-CONT`: a hung server, then one that answers again).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.0.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {}", self.0.id());
+    }
+}
+
 /// Whether process `pid` holds the socket listening on 127.0.0.1:`port`.
 pub fn listens_on(pid: u32, port: u16) -> bool {
     listener_inode(port).is_some_and(|inode| holds_socket(pid, inode))
