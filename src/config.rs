@@ -508,6 +508,11 @@ pub struct RuntimeConfig {
     /// cancellation hash table from it, and glommio cancels a poll for most reads and
     /// writes, so with many connections a deep ring keeps each cancellation cheap.
     pub ring_depth: usize,
+    /// How often a long pass of a shard's connection driver (a group message written to
+    /// thousands of members) looks for new input on the way, in µs: a message that arrives
+    /// meanwhile is read and reaches the members the pass has not written yet in this pass.
+    /// 0 looks after every few connections; 1000000 all but turns it off.
+    pub poll_within_pass_us: u64,
 }
 
 impl Default for ServerConfig {
@@ -583,6 +588,7 @@ impl Default for RuntimeConfig {
             io_memory_kib: 512,
             tick_ms: 10,
             ring_depth: 4096,
+            poll_within_pass_us: 1_000,
         }
     }
 }
@@ -672,6 +678,9 @@ impl Config {
         }
         if !(16..=32_768).contains(&self.runtime.ring_depth) {
             return bad("runtime.ring_depth must be in 16..=32768");
+        }
+        if self.runtime.poll_within_pass_us > 1_000_000 {
+            return bad("runtime.poll_within_pass_us must be in 0..=1000000");
         }
         if self.runtime.tick_ms == 0 || self.runtime.tick_ms > 1_000 {
             return bad("runtime.tick_ms must be in 1..=1000");
@@ -842,6 +851,14 @@ mod tests {
         assert_eq!(c.server.ws_listen.port(), 1);
         assert_eq!(c.limits.idle_timeout_ms, 5000);
         assert!(toml::from_str::<Config>("[server]\nbogus = 1\n").is_err());
+        // The driver's look within a pass: 0 (after every few connections) up to a second.
+        for (us, ok) in [(0, true), (1_000_000, true), (1_000_001, false)] {
+            let c: Config = toml::from_str(&format!(
+                "[auth]\ninsecure_dev_auth = true\n[runtime]\npoll_within_pass_us = {us}\n"
+            ))
+            .unwrap();
+            assert_eq!(c.validate().is_ok(), ok, "poll_within_pass_us = {us}");
+        }
     }
 
     #[test]

@@ -324,6 +324,8 @@ pub struct ShardMetrics {
     pub stages: [LatencyHist; Stage::ALL.len()],
     /// How long each pass of the shard's connection driver took (src/runtime/driver.rs).
     pub driver_pass: LatencyHist,
+    /// Looks at the epoll set in the middle of a long round of the driver's pass.
+    pub driver_polls_within_pass: AtomicU64,
     tenants: Mutex<BTreeMap<String, TenantStats>>,
 }
 
@@ -353,6 +355,7 @@ impl Default for ShardMetrics {
             timers: AtomicI64::new(0),
             stages: std::array::from_fn(|_| LatencyHist::default()),
             driver_pass: LatencyHist::default(),
+            driver_polls_within_pass: AtomicU64::new(0),
             tenants: Mutex::new(BTreeMap::new()),
         }
     }
@@ -560,6 +563,14 @@ impl Metrics {
         );
         per_shard_i(
             &mut o,
+            "imgw_driver_polls_within_pass_total",
+            "Looks at the epoll set in the middle of a long pass of the connection driver, \
+             so input that arrived meanwhile (a group message) is read and fanned out at once.",
+            "counter",
+            &|s| s.driver_polls_within_pass.load(r) as i64,
+        );
+        per_shard_i(
+            &mut o,
             "imgw_timers",
             "Entries in the shard's timer wheel.",
             "gauge",
@@ -582,8 +593,8 @@ impl Metrics {
         let _ = writeln!(
             o,
             "# HELP imgw_driver_pass_seconds Time one pass of a shard's connection driver took \
-             (what was ready read, handled by the shard, and what that made written); input \
-             that arrives during a pass waits for the next.\n\
+             (what was ready read, handled by the shard, and what that made written); a long \
+             pass looks for new input every millisecond (imgw_driver_polls_within_pass_total).\n\
              # TYPE imgw_driver_pass_seconds histogram"
         );
         for (i, s) in self.shards.iter().enumerate() {

@@ -804,6 +804,102 @@ fn group_messages_reach_every_online_member_once_per_device() {
         .is_err());
 }
 
+/// A group message that arrives while the shard's driver is still writing the one before to
+/// hundreds of members is read in the middle of that pass (`runtime.poll_within_pass_us`, 0
+/// here: a look after every few connections) and reaches the members the pass has not
+/// written yet there, the others in the next pass. However the passes cut the stream, every
+/// member gets every message exactly once and in the group's order.
+#[test]
+fn group_messages_read_in_the_middle_of_a_fan_out_reach_every_member_once_in_order() {
+    const MEMBERS: usize = 200;
+    const BURSTS: u64 = 8;
+    const PER_BURST: u64 = 5;
+    let toml = r#"
+[limits]
+idle_timeout_ms = 60000
+heartbeat_ms = 30000
+sends_per_sec = 10000
+send_burst = 10000
+
+[runtime]
+pin = false
+poll_within_pass_us = 0
+"#;
+    let g = Gateway::start(toml, &["--shards", "1", "--insecure-dev-auth"]);
+    let codecs = [CodecId::Json, CodecId::Protobuf, CodecId::MessagePack];
+    let mut members: Vec<Client> = (0..MEMBERS)
+        .map(|i| {
+            let t = if i % 2 == 0 {
+                Transport::Ws
+            } else {
+                Transport::Tcp
+            };
+            g.login(t, codecs[i % 3], &format!("wide-{i}"), "d")
+        })
+        .collect();
+    for m in members.iter_mut() {
+        common::gateway::join(m, "wide");
+    }
+    let polls = || g.metric("imgw_driver_polls_within_pass_total", &[]);
+    let polls_before = polls();
+    let (sender, rest) = members.split_first_mut().unwrap();
+    // Bursts of sends that do not wait for their `send_ack`, a millisecond apart: the next
+    // burst arrives while the pass is writing the last one to 199 members.
+    let mut refs = Vec::new();
+    for b in 0..BURSTS {
+        for k in 0..PER_BURST {
+            let n = b * PER_BURST + k + 1;
+            let r = sender.next_ref();
+            let msg = Message::Send(Send {
+                to: Target::Group("wide".into()),
+                cmid: format!("w{n}").as_str().into(),
+                kind: None,
+                body: format!("m{n}").as_str().into(),
+                ext: Default::default(),
+            });
+            sender.send(&Envelope::with_ref(msg, r)).unwrap();
+            refs.push(r);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for (i, r) in refs.iter().enumerate() {
+        let env = sender
+            .recv_until(|e| e.reference == Some(*r), WAIT)
+            .expect("send_ack");
+        let Message::SendAck(ack) = env.msg else {
+            panic!("send {i}: {:?}", env.msg)
+        };
+        assert_eq!(
+            ack.seq,
+            i as u64 + 1,
+            "the group's sequence follows the sends"
+        );
+    }
+    let total = BURSTS * PER_BURST;
+    for (i, m) in rest.iter_mut().enumerate() {
+        let got: Vec<(u64, String)> = deliveries(m, total as usize)
+            .into_iter()
+            .map(|d| (d.inbox_seq, d.body.to_string()))
+            .collect();
+        let want: Vec<(u64, String)> = (1..=total).map(|n| (n, format!("m{n}"))).collect();
+        assert_eq!(got, want, "member {}: every message once, in order", i + 1);
+    }
+    // Nothing beyond them: no second copy of any.
+    for m in rest.iter_mut() {
+        assert!(m
+            .recv_until(
+                |e| matches!(e.msg, Message::Deliver(_)),
+                Duration::from_millis(20)
+            )
+            .is_err());
+    }
+    assert!(
+        polls() > polls_before,
+        "the driver looked for input in the middle of its fan-out passes: {}",
+        g.metrics()
+    );
+}
+
 /// A group large enough that its owner shard keeps the list of its members' routes between
 /// messages (roster.rs, `MIN_KEPT_ROUTES`): the list follows devices that come and go while
 /// their users stay online. Every member owned by one shard, so one list holds them all.

@@ -4,7 +4,9 @@
 //! `glommio::net::Readable`) or for the shard's wake-ups, then services what is ready. It
 //! accepts, reads into the shard's scratch buffer and feeds the shard, writes what the shard
 //! queued (one `send` per connection per pass, coalescing every frame queued meanwhile), and
-//! carries out closes and their lingering.
+//! carries out closes and their lingering. A long round (a group message written to thousands)
+//! looks at the epoll set again on the way, so what arrives meanwhile is not left for the next
+//! pass ([`Driver::poll_within_pass`]).
 //!
 //! What a connection costs the runtime is its [`Slot`]: the socket (a descriptor and two
 //! readiness bits; TLS adds rustls's state) and a flag. The kernel holds its epoll
@@ -37,6 +39,8 @@ const MAX_ACCEPTS_PER_PASS: usize = 64;
 const MAX_ROUNDS_PER_PASS: usize = 16;
 /// How long a listener rests after a failed accept (EMFILE and friends) instead of spinning.
 const ACCEPT_RETRY_MS: u64 = 50;
+/// Connections a round services between looks at the clock (for `poll_within_pass_us`).
+const POLL_CHECK_EVERY: usize = 16;
 /// Bytes read from a socket in one go (per shard, shared by all its connections).
 const SCRATCH_BYTES: usize = 64 * 1024;
 
@@ -112,6 +116,8 @@ pub(super) struct Driver {
     lingering_free: Vec<usize>,
     lingering_len: usize,
     max_lingering: usize,
+    /// `runtime.poll_within_pass_us`: a round this long looks at the epoll set again.
+    poll_within_pass_us: u64,
     /// Lingering sockets with input to drop.
     linger_queue: Vec<usize>,
     /// The earliest lingering deadline (`u64::MAX`: none).
@@ -129,6 +135,7 @@ impl Driver {
         shard: Rc<RefCell<Shard>>,
         listeners: Vec<Listener>,
         max_lingering: usize,
+        poll_within_pass_us: u64,
         metrics: Arc<Metrics>,
         base: Instant,
     ) -> io::Result<Driver> {
@@ -164,6 +171,7 @@ impl Driver {
             lingering_free: Vec::new(),
             lingering_len: 0,
             max_lingering,
+            poll_within_pass_us,
             linger_queue: Vec::new(),
             linger_check_ms: u64::MAX,
             events: vec![EpollEvent::empty(); EVENTS],
@@ -294,27 +302,71 @@ impl Driver {
         }
     }
 
-    /// Services the connections queued for this pass, each once.
+    /// Services the connections queued for this pass, each once. A long round (a group
+    /// message's fan-out to thousands) looks at the epoll set every `poll_within_pass_us` on
+    /// the way ([`Driver::poll_within_pass`]).
     fn service_queue(&mut self, s: &mut Shard) {
         let mut queue = std::mem::take(&mut self.queue);
-        for id in queue.drain(..) {
+        let mut polled_us = self.base.elapsed().as_micros() as u64;
+        for (k, id) in queue.drain(..).enumerate() {
             if let Some(slot) = self.slot(id) {
                 slot.queued = false;
-                self.service(s, id);
-                if s.has_local_batch() {
-                    // What the connection asked of its own shard (a send to a group or user
-                    // this shard owns) is handled now, not after the rest of the pass, and
-                    // the reply it makes (`send_ack`) written at once.
-                    let me = s.id;
-                    let local = s.take_batch(me);
-                    s.on_batch(local, clock(self.base));
-                    if self.slot(id).is_some() {
-                        self.service(s, id);
-                    }
+                self.service_one(s, id);
+            }
+            if k % POLL_CHECK_EVERY == POLL_CHECK_EVERY - 1 {
+                let now_us = self.base.elapsed().as_micros() as u64;
+                if now_us.saturating_sub(polled_us) >= self.poll_within_pass_us {
+                    self.poll_within_pass(s);
+                    polled_us = now_us;
                 }
             }
         }
+        debug_assert!(
+            self.queue.is_empty(),
+            "the round's additions went to `next`"
+        );
         self.queue = queue;
+    }
+
+    /// Services one connection, and at once what it asked of its own shard.
+    fn service_one(&mut self, s: &mut Shard, id: ConnId) {
+        self.service(s, id);
+        if s.has_local_batch() {
+            // What the connection asked of its own shard (a send to a group or user this
+            // shard owns) is handled now, not after the rest of the pass, and the reply it
+            // makes (`send_ack`) written at once.
+            let me = s.id;
+            let local = s.take_batch(me);
+            s.on_batch(local, clock(self.base));
+            if self.slot(id).is_some() {
+                self.service(s, id);
+            }
+        }
+    }
+
+    /// In the middle of a round ([`Driver::service_queue`] holds the round's queue): takes
+    /// what the epoll set reports now and services the connections it names, so a group
+    /// message that arrived meanwhile is read at once. Its frames reach the members still
+    /// ahead in the round there (they are queued, so they are not listed again); the members
+    /// the round has passed get them in the next pass, coalesced with what follows, so the
+    /// number of sends does not grow. Without this a message waits for the round to end
+    /// (tens of milliseconds under load) before it is even read, and then for a whole round.
+    fn poll_within_pass(&mut self, s: &mut Shard) {
+        self.poll_events();
+        let mut ready = std::mem::take(&mut self.queue);
+        for id in ready.drain(..) {
+            if let Some(slot) = self.slot(id) {
+                slot.queued = false;
+                self.service_one(s, id);
+            }
+        }
+        self.queue = ready;
+        self.take_woken(s);
+        // `take_woken` listed only connections not queued: those the round has passed.
+        self.next.append(&mut self.queue);
+        self.metrics.shards[s.id]
+            .driver_polls_within_pass
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn slot(&mut self, id: ConnId) -> Option<&mut Slot> {

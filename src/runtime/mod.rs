@@ -465,6 +465,7 @@ async fn shard_main(
         shard.clone(),
         bound,
         cfg.limits.max_lingering_closes as usize,
+        cfg.runtime.poll_within_pass_us,
         metrics.clone(),
         base,
     )
