@@ -671,13 +671,29 @@ impl Shard {
     /// change, a user's devices): encoded once per transport and codec in use, and those
     /// bytes copied onto each connection's output.
     fn emit_many(&mut self, ids: &[ConnId], env: &Envelope) {
+        const PREFETCH_SLOT_AHEAD: usize = 8;
+        const PREFETCH_OUT_AHEAD: usize = 4;
         if let [id] = ids {
             return self.emit(*id, env);
         }
         let max_out = self.cfg.limits.max_outbound_bytes as usize;
         let mut encoded = std::mem::take(&mut self.encoded);
         encoded.clear();
-        for &id in ids {
+        for (k, &id) in ids.iter().enumerate() {
+            // The members' slots and output buffers are cold (thousands of them between two
+            // messages): ask for them a few members ahead, the slot first, then (once the
+            // slot is in) the end of its output buffer, where this frame will go.
+            if let Some(&ahead) = ids.get(k + PREFETCH_SLOT_AHEAD) {
+                self.conns.prefetch(ahead);
+            }
+            if let Some(c) = ids
+                .get(k + PREFETCH_OUT_AHEAD)
+                .and_then(|a| self.conns.get(*a))
+            {
+                if c.out.capacity() > 0 {
+                    slab::prefetch(c.out.as_ptr().wrapping_add(c.out.len()));
+                }
+            }
             let Some(c) = self.conns.get_mut(id) else {
                 continue;
             };
