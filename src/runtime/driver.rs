@@ -118,8 +118,6 @@ pub(super) struct Driver {
     max_lingering: usize,
     /// `runtime.poll_within_pass_us`: a round this long looks at the epoll set again.
     poll_within_pass_us: u64,
-    /// When the epoll set was last looked at (monotonic µs).
-    polled_us: u64,
     /// Lingering sockets with input to drop.
     linger_queue: Vec<usize>,
     /// The earliest lingering deadline (`u64::MAX`: none).
@@ -174,7 +172,6 @@ impl Driver {
             lingering_len: 0,
             max_lingering,
             poll_within_pass_us,
-            polled_us: 0,
             linger_queue: Vec::new(),
             linger_check_ms: u64::MAX,
             events: vec![EpollEvent::empty(); EVENTS],
@@ -261,7 +258,6 @@ impl Driver {
             self.listeners.iter_mut().for_each(|l| *l = None);
         }
         self.poll_events();
-        self.polled_us = clk.mono_us;
         self.take_woken(&mut s);
         for i in 0..self.listeners.len() {
             self.accept(&mut s, i, clk.mono_ms);
@@ -311,6 +307,7 @@ impl Driver {
     /// the way ([`Driver::poll_within_pass`]).
     fn service_queue(&mut self, s: &mut Shard) {
         let mut queue = std::mem::take(&mut self.queue);
+        let mut polled_us = self.base.elapsed().as_micros() as u64;
         for (k, id) in queue.drain(..).enumerate() {
             if let Some(slot) = self.slot(id) {
                 slot.queued = false;
@@ -318,9 +315,9 @@ impl Driver {
             }
             if k % POLL_CHECK_EVERY == POLL_CHECK_EVERY - 1 {
                 let now_us = self.base.elapsed().as_micros() as u64;
-                if now_us.saturating_sub(self.polled_us) >= self.poll_within_pass_us {
+                if now_us.saturating_sub(polled_us) >= self.poll_within_pass_us {
                     self.poll_within_pass(s);
-                    self.polled_us = now_us;
+                    polled_us = now_us;
                 }
             }
         }
