@@ -594,7 +594,7 @@ impl Metrics {
             o,
             "# HELP imgw_driver_pass_seconds Time one pass of a shard's connection driver took \
              (what was ready read, handled by the shard, and what that made written); a long \
-             pass looks for new input every millisecond (imgw_driver_polls_within_pass_total).\n\
+             pass looks for new input every runtime.poll_within_pass_us (imgw_driver_polls_within_pass_total).\n\
              # TYPE imgw_driver_pass_seconds histogram"
         );
         for (i, s) in self.shards.iter().enumerate() {

@@ -843,8 +843,8 @@ poll_within_pass_us = 0
     let polls = || g.metric("imgw_driver_polls_within_pass_total", &[]);
     let polls_before = polls();
     let (sender, rest) = members.split_first_mut().unwrap();
-    // Bursts of sends that do not wait for their `send_ack`, a millisecond apart: the next
-    // burst arrives while the pass is writing the last one to 199 members.
+    // Bursts of sends that do not wait for their `send_ack`, a millisecond apart: a burst
+    // arrives while the driver is still writing the one before to the other 199 members.
     let mut refs = Vec::new();
     for b in 0..BURSTS {
         for k in 0..PER_BURST {

@@ -348,9 +348,9 @@ impl Driver {
     /// what the epoll set reports now and services the connections it names, so a group
     /// message that arrived meanwhile is read at once. Its frames reach the members still
     /// ahead in the round there (they are queued, so they are not listed again); the members
-    /// the round has passed get them in the next pass, coalesced with what follows, so the
-    /// number of sends does not grow. Without this a message waits for the round to end
-    /// (tens of milliseconds under load) before it is even read, and then for a whole round.
+    /// the round has passed get them first thing in the next pass, coalesced with what
+    /// follows. Without this a message waits for the round to end (tens of milliseconds under
+    /// load) before it is even read, and then for its member's turn in the next round.
     fn poll_within_pass(&mut self, s: &mut Shard) {
         self.poll_events();
         let mut ready = std::mem::take(&mut self.queue);
