@@ -309,10 +309,7 @@ impl Driver {
         let mut queue = std::mem::take(&mut self.queue);
         let mut polled_us = self.base.elapsed().as_micros() as u64;
         for (k, id) in queue.drain(..).enumerate() {
-            if let Some(slot) = self.slot(id) {
-                slot.queued = false;
-                self.service_one(s, id);
-            }
+            self.service_listed(s, id);
             if k % POLL_CHECK_EVERY == POLL_CHECK_EVERY - 1 {
                 let now_us = self.base.elapsed().as_micros() as u64;
                 if now_us.saturating_sub(polled_us) >= self.poll_within_pass_us {
@@ -326,6 +323,14 @@ impl Driver {
             "the round's additions went to `next`"
         );
         self.queue = queue;
+    }
+
+    /// Services a connection taken from a queue (unless it is gone since it was listed).
+    fn service_listed(&mut self, s: &mut Shard, id: ConnId) {
+        if let Some(slot) = self.slot(id) {
+            slot.queued = false;
+            self.service_one(s, id);
+        }
     }
 
     /// Services one connection, and at once what it asked of its own shard.
@@ -355,10 +360,7 @@ impl Driver {
         self.poll_events();
         let mut ready = std::mem::take(&mut self.queue);
         for id in ready.drain(..) {
-            if let Some(slot) = self.slot(id) {
-                slot.queued = false;
-                self.service_one(s, id);
-            }
+            self.service_listed(s, id);
         }
         self.queue = ready;
         self.take_woken(s);
