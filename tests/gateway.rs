@@ -850,14 +850,8 @@ poll_within_pass_us = 0
         for k in 0..PER_BURST {
             let n = b * PER_BURST + k + 1;
             let r = sender.next_ref();
-            let msg = Message::Send(Send {
-                to: Target::Group("wide".into()),
-                cmid: format!("w{n}").as_str().into(),
-                kind: None,
-                body: format!("m{n}").as_str().into(),
-                ext: Default::default(),
-            });
-            sender.send(&Envelope::with_ref(msg, r)).unwrap();
+            let send = common::gateway::to_group("wide", &format!("w{n}"), &format!("m{n}"), r);
+            sender.send(&send).unwrap();
             refs.push(r);
         }
         std::thread::sleep(Duration::from_millis(1));

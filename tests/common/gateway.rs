@@ -412,6 +412,21 @@ pub fn direct(to: &str, cmid: &str, body: &str, r: u64) -> imgw::protocol::Envel
     )
 }
 
+/// A group `send` of `body` to `group` with reference `r` (no kind, no extensions).
+pub fn to_group(group: &str, cmid: &str, body: &str, r: u64) -> imgw::protocol::Envelope {
+    use imgw::protocol::{Envelope, Message, Send, Target};
+    Envelope::with_ref(
+        Message::Send(Send {
+            to: Target::Group(group.into()),
+            cmid: cmid.into(),
+            kind: None,
+            body: body.into(),
+            ext: Default::default(),
+        }),
+        r,
+    )
+}
+
 /// An admin kick as the client sees it: `goaway` `kicked`, then the close (not a timeout).
 pub fn expect_kicked(c: &mut Client) {
     use imgw::client::ClientError;
@@ -463,16 +478,8 @@ pub fn expect_error(c: &mut Client, code: imgw::protocol::ErrorCode) {
 
 /// A group `send`; the answer to it (`send_ack` or `error`), within 5 s.
 pub fn send_group(c: &mut Client, group: &str, cmid: &str, body: &str) -> imgw::protocol::Message {
-    use imgw::protocol::{Envelope, Message, Send, Target};
     let r = c.next_ref();
-    let send = Send {
-        to: Target::Group(group.into()),
-        cmid: cmid.into(),
-        kind: None,
-        body: body.into(),
-        ext: Default::default(),
-    };
-    c.send(&Envelope::with_ref(Message::Send(send), r)).unwrap();
+    c.send(&to_group(group, cmid, body, r)).unwrap();
     c.recv_until(|e| e.reference == Some(r), Duration::from_secs(5))
         .unwrap()
         .msg
