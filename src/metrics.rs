@@ -326,6 +326,9 @@ pub struct ShardMetrics {
     pub driver_pass: LatencyHist,
     /// Looks at the epoll set in the middle of a long round of the driver's pass.
     pub driver_polls_within_pass: AtomicU64,
+    /// Frames for many connections queued as a range of the shard's shared frame log
+    /// instead of a copy (src/shard/frames.rs), counted per connection.
+    pub frames_shared: AtomicU64,
     tenants: Mutex<BTreeMap<String, TenantStats>>,
 }
 
@@ -356,6 +359,7 @@ impl Default for ShardMetrics {
             stages: std::array::from_fn(|_| LatencyHist::default()),
             driver_pass: LatencyHist::default(),
             driver_polls_within_pass: AtomicU64::new(0),
+            frames_shared: AtomicU64::new(0),
             tenants: Mutex::new(BTreeMap::new()),
         }
     }
@@ -568,6 +572,15 @@ impl Metrics {
              so input that arrived meanwhile (a group message) is read and fanned out at once.",
             "counter",
             &|s| s.driver_polls_within_pass.load(r) as i64,
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_frames_shared_total",
+            "Frames for many connections (a group message, a presence change) queued as a \
+             range of the shard's shared frame log instead of a copy onto the connection's \
+             output, counted per connection (part of imgw_frames_out_total).",
+            "counter",
+            &|s| s.frames_shared.load(r) as i64,
         );
         per_shard_i(
             &mut o,

@@ -630,7 +630,7 @@ fn serve(
         // Write everything queued, in as few sends as the kernel allows.
         if let Some(out) = s.output(id) {
             if !out.is_empty() {
-                match io.write(out) {
+                match io.write(out.shared, out.own) {
                     Poll::Ready(Ok(n)) if n > 0 => {
                         // One clock read per write: only the monotonic one.
                         s.wrote(id, n, base.elapsed().as_micros() as u64);

@@ -86,6 +86,15 @@ impl Sock {
         let stream = &self.stream;
         step(&mut self.writable, buf.len(), || (&*stream).write(buf))
     }
+
+    /// One vectored write of `a` then `b`.
+    fn write_two(&mut self, a: &[u8], b: &[u8]) -> Poll<io::Result<usize>> {
+        let stream = &self.stream;
+        let bufs = [io::IoSlice::new(a), io::IoSlice::new(b)];
+        step(&mut self.writable, a.len() + b.len(), || {
+            (&*stream).write_vectored(&bufs)
+        })
+    }
 }
 
 /// One read or write of `len` bytes while `ready`: a result that took less than offered, or
@@ -196,16 +205,20 @@ impl Io {
         }
     }
 
-    /// Hands `out` (plaintext) to the connection: the number of bytes taken, which may be 0
-    /// when TLS's record buffer is full or the handshake has not finished; `Pending` when the
-    /// socket would block.
-    pub(super) fn write(&mut self, out: &[u8]) -> Poll<io::Result<usize>> {
+    /// Hands `first` then `then` (plaintext) to the connection: the number of bytes taken
+    /// (from `first` on), which may be 0 when TLS's record buffer is full or the handshake has
+    /// not finished; `Pending` when the socket would block. Both go in one system call.
+    pub(super) fn write(&mut self, first: &[u8], then: &[u8]) -> Poll<io::Result<usize>> {
         match self {
-            Io::Plain(s) => s.write(out),
+            Io::Plain(s) if first.is_empty() => s.write(then),
+            Io::Plain(s) if then.is_empty() => s.write(first),
+            Io::Plain(s) => s.write_two(first, then),
             Io::Tls(t) => {
-                let n = t
-                    .encrypt(out)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let invalid = |e| io::Error::new(io::ErrorKind::InvalidData, e);
+                let mut n = t.encrypt(first).map_err(invalid)?;
+                if n == first.len() && !then.is_empty() {
+                    n += t.encrypt(then).map_err(invalid)?;
+                }
                 t.send_pending()?;
                 Poll::Ready(Ok(n))
             }

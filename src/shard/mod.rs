@@ -20,6 +20,7 @@
 pub mod admin;
 mod delivery;
 mod external;
+mod frames;
 mod groups;
 mod outpool;
 mod owner;
@@ -36,7 +37,6 @@ use std::sync::Arc;
 use std::task::Waker;
 
 use crate::auth::Authenticator;
-use crate::codec::CodecId;
 use crate::config::Config;
 use crate::metrics::{CloseReason, Metrics, ShardMetrics, Stage};
 use crate::protocol::{Deliver, Envelope, ErrorCode, Message, Presence, Status, Str};
@@ -202,6 +202,28 @@ pub const MAX_SUBSCRIBERS_PER_USER: usize = 100_000;
 /// Users one shard tracks (owned users with devices or subscribers).
 pub const MAX_USERS_PER_SHARD: usize = 4_000_000;
 
+/// A connection's output waiting to be written ([`Shard::output`]): its range of the shared
+/// frame log first, then its own bytes.
+pub struct Output<'a> {
+    pub shared: &'a [u8],
+    pub own: &'a [u8],
+}
+
+impl Output<'_> {
+    pub fn len(&self) -> usize {
+        self.shared.len() + self.own.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shared.is_empty() && self.own.is_empty()
+    }
+
+    /// Both parts in one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        [self.shared, self.own].concat()
+    }
+}
+
 pub struct Shard {
     pub id: usize,
     shards: usize,
@@ -251,8 +273,11 @@ pub struct Shard {
     /// bounded by the connection count.
     pump_retry: Vec<ConnId>,
     /// [`Shard::emit_many`]'s encodings of one envelope, one per (WebSocket?, codec): at
-    /// most ten, empty between calls (kept only to reuse the allocation).
-    encoded: Vec<((bool, CodecId), Vec<u8>)>,
+    /// most ten, empty between calls (kept only to reuse the allocation), each with the
+    /// range of the shared frame log it was appended to (`None`: not shared, copied).
+    encoded: Vec<(frames::Encoding, Vec<u8>, Option<frames::SharedRef>)>,
+    /// Frames many connections' outputs share (bounded: frames.rs).
+    frames: frames::FrameLog,
     /// Emptied output buffers for the next outputs (bounded: outpool.rs).
     out_pool: outpool::OutPool,
     /// Connections for the runtime to service (see [`Woken`]).
@@ -302,6 +327,7 @@ impl Shard {
             drain_started_ms: 0,
             due: Vec::new(),
             encoded: Vec::new(),
+            frames: frames::FrameLog::default(),
             out_pool: outpool::OutPool::default(),
             woken: Woken::default(),
             now_ms: clk.mono_ms,
@@ -353,6 +379,7 @@ impl Shard {
             phase: Phase::Handshake,
             session: None,
             out: Vec::new(),
+            shared: frames::SharedRef::default(),
             out_since_us: 0,
             woken: false,
             out_pooled: false,
@@ -412,9 +439,13 @@ impl Shard {
         }
     }
 
-    /// Output waiting for `id`, to be written by the runtime (drained in place as written).
-    pub fn output(&mut self, id: ConnId) -> Option<&mut Vec<u8>> {
-        self.conns.get_mut(id).map(|c| &mut c.out)
+    /// Output waiting for `id`, to be written by the runtime ([`Shard::wrote`] says how
+    /// much was).
+    pub fn output(&self, id: ConnId) -> Option<Output<'_>> {
+        self.conns.get(id).map(|c| Output {
+            shared: self.frames.bytes(&c.shared),
+            own: &c.out,
+        })
     }
 
     /// Records `n` bytes written from the front of the output and releases an emptied buffer
@@ -422,15 +453,22 @@ impl Shard {
     pub fn wrote(&mut self, id: ConnId, n: usize, now_us: u64) {
         let m = &self.metrics.shards[self.id];
         if let Some(c) = self.conns.get_mut(id) {
-            c.out.drain(..n.min(c.out.len()));
-            if c.out.is_empty() {
-                // An idle connection keeps no output buffer: the pool keeps it for the next.
-                self.out_pool.release(&mut c.out, &mut c.out_pooled);
-                if c.out_since_us != 0 {
-                    let waited = (now_us as u32).wrapping_sub(c.out_since_us);
-                    m.stages[Stage::OutputWait as usize].record_us(u64::from(waited));
-                    c.out_since_us = 0;
+            let from_shared = n.min(c.shared.len());
+            if from_shared > 0 {
+                self.frames.consume(&mut c.shared, from_shared);
+            }
+            let own = n - from_shared;
+            if own > 0 {
+                c.out.drain(..own.min(c.out.len()));
+                if c.out.is_empty() {
+                    // An idle connection keeps no output buffer: the pool keeps it for the next.
+                    self.out_pool.release(&mut c.out, &mut c.out_pooled);
                 }
+            }
+            if c.out.is_empty() && c.shared.is_empty() && c.out_since_us != 0 {
+                let waited = (now_us as u32).wrapping_sub(c.out_since_us);
+                m.stages[Stage::OutputWait as usize].record_us(u64::from(waited));
+                c.out_since_us = 0;
             }
             m.bytes_out
                 .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
@@ -441,7 +479,7 @@ impl Shard {
     /// The connection should be closed now: its closing output is flushed (or it is gone).
     pub fn should_close(&self, id: ConnId) -> bool {
         match self.conns.get(id) {
-            Some(c) => c.closing.is_some() && c.out.is_empty(),
+            Some(c) => c.closing.is_some() && c.out.is_empty() && c.shared.is_empty(),
             None => true,
         }
     }
@@ -477,9 +515,10 @@ impl Shard {
     /// The socket is gone (closed by us after [`Shard::should_close`], or by the peer):
     /// releases everything the connection held.
     pub fn remove(&mut self, id: ConnId) {
-        let Some(conn) = self.conns.remove(id) else {
+        let Some(mut conn) = self.conns.remove(id) else {
             return;
         };
+        self.frames.release(&mut conn.shared);
         let reason = conn.closing.unwrap_or(CloseReason::Peer);
         let m = &self.metrics.shards[self.id];
         m.close(reason);
@@ -553,6 +592,7 @@ impl Shard {
     pub fn tick(&mut self, clk: Clock) {
         self.set_now(clk);
         self.out_pool.sweep(clk.mono_ms);
+        self.frames.sweep(clk.mono_ms);
         self.flush_group_here();
         if !self.pump_retry.is_empty() {
             self.retry_pumps();
@@ -591,6 +631,7 @@ impl Shard {
                     // Give up on flushing: drop the output so the runtime closes now.
                     c.out = Vec::new();
                     c.out_pooled = false;
+                    self.frames.release(&mut c.shared);
                     self.woken.conn(c, id);
                 }
                 (None, Phase::Handshake) => {
@@ -661,15 +702,25 @@ impl Shard {
         };
         self.out_pool.fill(&mut c.out, &mut c.out_pooled);
         if c.link.encode_onto(&mut c.out, env)
-            && queued(c, id, &mut self.woken, m, env, self.now_us, max_out)
+            && queued(
+                c,
+                id,
+                &mut self.woken,
+                &mut self.frames,
+                m,
+                env,
+                self.now_us,
+                max_out,
+            )
         {
             self.close(id, CloseReason::SlowConsumer);
         }
     }
 
     /// [`Shard::emit`] of one envelope to many connections (a group message, a presence
-    /// change, a user's devices): encoded once per transport and codec in use, and those
-    /// bytes copied onto each connection's output.
+    /// change, a user's devices): encoded once per transport and codec in use and appended
+    /// once to the shard's frame log; a connection with nothing of its own queued takes (or
+    /// extends) a range of it, the others get the bytes copied (frames.rs).
     fn emit_many(&mut self, ids: &[ConnId], env: &Envelope) {
         const PREFETCH_SLOT_AHEAD: usize = 8;
         const PREFETCH_OUT_AHEAD: usize = 4;
@@ -679,10 +730,11 @@ impl Shard {
         let max_out = self.cfg.limits.max_outbound_bytes as usize;
         let mut encoded = std::mem::take(&mut self.encoded);
         encoded.clear();
+        let mut shared_n = 0u64;
         for (k, &id) in ids.iter().enumerate() {
-            // The members' slots and output buffers are cold (thousands of them between two
-            // messages): ask for them a few members ahead, the slot first, then (once the
-            // slot is in) the end of its output buffer, where this frame will go.
+            // The members' slots (and the output buffers of those that have one) are cold
+            // (thousands of them between two messages): ask for them a few members ahead, the
+            // slot first, then (once the slot is in) the end of its output buffer.
             if let Some(&ahead) = ids.get(k + PREFETCH_SLOT_AHEAD) {
                 self.conns.prefetch(ahead);
             }
@@ -700,26 +752,53 @@ impl Shard {
             let Some(key) = c.link.encoding() else {
                 continue;
             };
-            let frame = match encoded.iter().position(|(k, _)| *k == key) {
-                Some(i) => &encoded[i].1,
+            let (frame, shared) = match encoded.iter().position(|(k, ..)| *k == key) {
+                Some(i) => (&encoded[i].1, encoded[i].2),
                 None => {
                     let mut frame = Vec::new();
                     if !c.link.encode_onto(&mut frame, env) {
                         continue;
                     }
-                    encoded.push((key, frame));
-                    &encoded[encoded.len() - 1].1
+                    let shared = self.frames.append(key, &frame);
+                    encoded.push((key, frame, shared));
+                    let last = &encoded[encoded.len() - 1];
+                    (&last.1, last.2)
                 }
             };
-            self.out_pool.fill(&mut c.out, &mut c.out_pooled);
-            c.out.extend_from_slice(frame);
+            // A frame joins the connection's range only while nothing of its own is queued:
+            // its output is the range, then its own bytes, in the order they were queued.
+            match shared {
+                Some(r) if c.out.is_empty() && c.shared.is_empty() => {
+                    self.frames.attach(&mut c.shared, r);
+                    shared_n += 1;
+                }
+                Some(r) if c.out.is_empty() && frames::FrameLog::extend(&mut c.shared, r) => {
+                    shared_n += 1;
+                }
+                _ => {
+                    self.out_pool.fill(&mut c.out, &mut c.out_pooled);
+                    c.out.extend_from_slice(frame);
+                }
+            }
             let m = &self.metrics.shards[self.id];
-            if queued(c, id, &mut self.woken, m, env, self.now_us, max_out) {
+            if queued(
+                c,
+                id,
+                &mut self.woken,
+                &mut self.frames,
+                m,
+                env,
+                self.now_us,
+                max_out,
+            ) {
                 self.close(id, CloseReason::SlowConsumer);
             }
         }
         encoded.clear();
         self.encoded = encoded;
+        self.metrics.shards[self.id]
+            .frames_shared
+            .fetch_add(shared_n, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn reply_error(&mut self, id: ConnId, reference: Option<u64>, code: ErrorCode, message: &str) {
@@ -827,10 +906,12 @@ impl Shard {
 /// Bookkeeping after a frame was queued on `c`'s output: counts it, stamps when the output
 /// started waiting, lists the connection for the driver. True when the unread output passed
 /// `max_out`: the output is dropped and the caller closes the connection (slow consumer).
+#[allow(clippy::too_many_arguments)]
 fn queued(
     c: &mut Conn,
     id: ConnId,
     woken: &mut Woken,
+    frames: &mut frames::FrameLog,
     m: &ShardMetrics,
     env: &Envelope,
     now_us: u64,
@@ -844,10 +925,11 @@ fn queued(
         m.error(e.code);
     }
     woken.conn(c, id);
-    if c.out.len() > max_out && c.closing.is_none() {
+    if c.out.len() + c.shared.len() > max_out && c.closing.is_none() {
         // The client does not read: drop what is queued.
         c.out = Vec::new();
         c.out_pooled = false;
+        frames.release(&mut c.shared);
         return true;
     }
     false

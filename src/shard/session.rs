@@ -53,6 +53,9 @@ pub struct Conn {
     pub(super) session: Option<Box<Session>>,
     /// Encoded output not yet written; unallocated when idle.
     pub(super) out: Vec<u8>,
+    /// Output shared with other connections, written before `out` (frames.rs; empty when
+    /// idle).
+    pub(super) shared: super::frames::SharedRef,
     /// Listed in [`super::Woken`] and not yet taken by the runtime.
     pub(super) woken: bool,
     /// `out` was given by the shard's output pool (or allocated in its place): it goes back
