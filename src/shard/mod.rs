@@ -629,9 +629,7 @@ impl Shard {
             match (c.closing, c.phase) {
                 (Some(_), _) => {
                     // Give up on flushing: drop the output so the runtime closes now.
-                    c.out = Vec::new();
-                    c.out_pooled = false;
-                    self.frames.release(&mut c.shared);
+                    drop_output(c, &mut self.frames);
                     self.woken.conn(c, id);
                 }
                 (None, Phase::Handshake) => {
@@ -702,18 +700,9 @@ impl Shard {
         };
         self.out_pool.fill(&mut c.out, &mut c.out_pooled);
         if c.link.encode_onto(&mut c.out, env)
-            && queued(
-                c,
-                id,
-                &mut self.woken,
-                &mut self.frames,
-                m,
-                env,
-                self.now_us,
-                max_out,
-            )
+            && queued(c, id, &mut self.woken, m, env, self.now_us, max_out)
         {
-            self.close(id, CloseReason::SlowConsumer);
+            self.close_slow(id);
         }
     }
 
@@ -781,17 +770,8 @@ impl Shard {
                 }
             }
             let m = &self.metrics.shards[self.id];
-            if queued(
-                c,
-                id,
-                &mut self.woken,
-                &mut self.frames,
-                m,
-                env,
-                self.now_us,
-                max_out,
-            ) {
-                self.close(id, CloseReason::SlowConsumer);
+            if queued(c, id, &mut self.woken, m, env, self.now_us, max_out) {
+                self.close_slow(id);
             }
         }
         encoded.clear();
@@ -799,6 +779,15 @@ impl Shard {
         self.metrics.shards[self.id]
             .frames_shared
             .fetch_add(shared_n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The client does not read ([`queued`] said so): drops what is queued for it and closes
+    /// the connection (slow consumer).
+    fn close_slow(&mut self, id: ConnId) {
+        if let Some(c) = self.conns.get_mut(id) {
+            drop_output(c, &mut self.frames);
+        }
+        self.close(id, CloseReason::SlowConsumer);
     }
 
     fn reply_error(&mut self, id: ConnId, reference: Option<u64>, code: ErrorCode, message: &str) {
@@ -904,14 +893,13 @@ impl Shard {
 }
 
 /// Bookkeeping after a frame was queued on `c`'s output: counts it, stamps when the output
-/// started waiting, lists the connection for the driver. True when the unread output passed
-/// `max_out`: the output is dropped and the caller closes the connection (slow consumer).
-#[allow(clippy::too_many_arguments)]
+/// started waiting, lists the connection for the driver. True when the unread output (its
+/// shared range and its own bytes) passed `max_out`: the caller closes the connection with
+/// [`Shard::close_slow`].
 fn queued(
     c: &mut Conn,
     id: ConnId,
     woken: &mut Woken,
-    frames: &mut frames::FrameLog,
     m: &ShardMetrics,
     env: &Envelope,
     now_us: u64,
@@ -925,14 +913,14 @@ fn queued(
         m.error(e.code);
     }
     woken.conn(c, id);
-    if c.out.len() + c.shared.len() > max_out && c.closing.is_none() {
-        // The client does not read: drop what is queued.
-        c.out = Vec::new();
-        c.out_pooled = false;
-        frames.release(&mut c.shared);
-        return true;
-    }
-    false
+    c.out.len() + c.shared.len() > max_out && c.closing.is_none()
+}
+
+/// Drops what is queued for `c`, its shared range included.
+fn drop_output(c: &mut Conn, frames: &mut frames::FrameLog) {
+    c.out = Vec::new();
+    c.out_pooled = false;
+    frames.release(&mut c.shared);
 }
 
 /// The connections the runtime has to service because the shard gave them output or a close
