@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::gateway::{direct, ping, Gateway, DEV_TOML};
+use common::gateway::{direct, join, ping, to_group, Gateway, DEV_TOML};
 use imgw::client::{Client, ClientConfig, ClientError, TlsClient, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::Message;
@@ -421,5 +421,62 @@ fn bulk_messages_cross_tls_intact_and_in_order() {
         assert_eq!(d.inbox_seq, i as u64 + 1);
     }
     ping(&mut a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Group messages to members over TLS (wss and raw TCP, two codecs, two shards): the members
+/// of a shard share one copy of each frame (src/shard/frames.rs), which each connection's TLS
+/// session encrypts on its own, and every member reads every message once and in order.
+#[test]
+fn group_messages_shared_by_tls_members_arrive_once_and_in_order() {
+    let dir = test_dir("group");
+    let p = pki("a");
+    install(&p, &dir);
+    let g = tls_gateway(&dir);
+    let mut members: Vec<Client> = (0..9)
+        .map(|i| {
+            let t = if i % 2 == 0 {
+                Transport::Ws
+            } else {
+                Transport::Tcp
+            };
+            let codec = [CodecId::Json, CodecId::Protobuf][i / 2 % 2];
+            let mut c = Client::connect(&tls_config(&g, t, codec, &p.ca_pem, &[])).unwrap();
+            c.hello(&format!("tls-member-{i}"), "d").unwrap();
+            join(&mut c, "tls-group");
+            c
+        })
+        .collect();
+    let shared_before = g.metric("imgw_frames_shared_total", &[]);
+    const N: u64 = 30;
+    let (sender, rest) = members.split_first_mut().unwrap();
+    for n in 1..=N {
+        let r = sender.next_ref();
+        let send = to_group("tls-group", &format!("t{n}"), &format!("tls {n}"), r);
+        sender.send(&send).unwrap();
+    }
+    for _ in 0..N {
+        sender
+            .recv_until(|e| matches!(e.msg, Message::SendAck(_)), WAIT)
+            .unwrap();
+    }
+    for (i, m) in rest.iter_mut().enumerate() {
+        for n in 1..=N {
+            let env = m
+                .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
+                .unwrap();
+            let Message::Deliver(d) = env.msg else {
+                unreachable!()
+            };
+            let body = format!("tls {n}");
+            assert_eq!(
+                (d.inbox_seq, &*d.body),
+                (n, body.as_str()),
+                "member {}",
+                i + 1
+            );
+        }
+    }
+    assert!(g.metric("imgw_frames_shared_total", &[]) > shared_before);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -207,7 +207,8 @@ impl Io {
 
     /// Hands `first` then `then` (plaintext) to the connection: the number of bytes taken
     /// (from `first` on), which may be 0 when TLS's record buffer is full or the handshake has
-    /// not finished; `Pending` when the socket would block. Both go in one system call.
+    /// not finished; `Pending` when the socket would block. On a plain socket both go in one
+    /// system call (`writev`).
     pub(super) fn write(&mut self, first: &[u8], then: &[u8]) -> Poll<io::Result<usize>> {
         match self {
             Io::Plain(s) if first.is_empty() => s.write(then),
@@ -512,4 +513,29 @@ thread_local! {
     /// Per-shard buffer ciphertext is read into (and decrypted from) before the plaintext is
     /// handed on, so that an idle TLS connection keeps no read buffer of its own.
     static CIPHER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_range_and_own_bytes_go_out_in_one_write_and_in_order() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let mut io = Io::Plain(Sock::new(accepted));
+        let writes: [(&[u8], &[u8]); 3] = [(b"shared", b"-own"), (b"", b"+own"), (b"+shared", b"")];
+        for (first, then) in writes {
+            io.sock().writable = true;
+            match io.write(first, then) {
+                Poll::Ready(Ok(n)) => assert_eq!(n, first.len() + then.len()),
+                other => panic!("{other:?}"),
+            }
+        }
+        let want = b"shared-own+own+shared";
+        let mut got = vec![0; want.len()];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..], &want[..]);
+    }
 }
