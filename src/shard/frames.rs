@@ -77,22 +77,25 @@ impl FrameLog {
             return None;
         }
         let open = self.chunks.iter().position(|c| c.open == Some(enc));
+        if let Some(i) = open {
+            let c = &mut self.chunks[i];
+            if c.refs == 0 {
+                // Nothing holds what is there: start again from the beginning.
+                c.buf.clear();
+            }
+        }
         let slot = match open {
             Some(i) if self.chunks[i].buf.len() + frame.len() <= CHUNK_BYTES => i,
             _ => {
                 if let Some(i) = open {
-                    // Full: closed, and freed now if nothing holds it.
+                    // Full, and held (an unheld chunk was emptied above): closed, and freed
+                    // when its last holder lets it go.
                     self.chunks[i].open = None;
-                    self.free_if_unheld(i);
                 }
                 self.open_chunk(enc)?
             }
         };
         let c = &mut self.chunks[slot];
-        if c.refs == 0 {
-            // Nothing holds what is there: start again from the beginning.
-            c.buf.clear();
-        }
         if c.buf.capacity() == 0 {
             c.buf.reserve_exact(CHUNK_BYTES);
         }
@@ -122,9 +125,8 @@ impl FrameLog {
             None => return None,
         };
         let c = &mut self.chunks[slot];
-        debug_assert!(c.refs == 0 && c.open.is_none());
+        debug_assert!(c.refs == 0 && c.open.is_none() && c.buf.is_empty());
         c.open = Some(enc);
-        c.buf.clear();
         Some(slot)
     }
 

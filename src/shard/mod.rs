@@ -210,10 +210,6 @@ pub struct Output<'a> {
 }
 
 impl Output<'_> {
-    pub fn len(&self) -> usize {
-        self.shared.len() + self.own.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.shared.is_empty() && self.own.is_empty()
     }
