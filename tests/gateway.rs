@@ -8,8 +8,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::gateway::{
-    expect_error, expect_kicked, http_post, jwt, jwt_gateway, jwt_login, ping, send_group,
-    sync_all, Gateway, DEV_TOML,
+    deliveries, expect_error, expect_kicked, http_post, jwt, jwt_gateway, jwt_login, ping,
+    send_group, sync_all, Gateway, DEV_TOML,
 };
 use imgw::client::{Client, ClientError, Transport};
 use imgw::codec::CodecId;
@@ -41,20 +41,6 @@ fn send(c: &mut Client, to: &str, cmid: &str, body: &str) {
         r,
     ))
     .unwrap();
-}
-
-fn deliveries(c: &mut Client, n: usize) -> Vec<imgw::protocol::Deliver> {
-    (0..n)
-        .map(|_| {
-            let env = c
-                .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
-                .expect("deliver");
-            match env.msg {
-                Message::Deliver(d) => d,
-                _ => unreachable!(),
-            }
-        })
-        .collect()
 }
 
 #[test]
@@ -679,12 +665,12 @@ fn sigterm_drains_with_goaway_and_exits() {
     let mut g = Gateway::dev();
     let mut clients: Vec<Client> = (0..4)
         .map(|i| {
-            let t = if i % 2 == 0 {
-                Transport::Ws
-            } else {
-                Transport::Tcp
-            };
-            g.login(t, CodecId::Json, &format!("drainee-{i}"), "d")
+            g.login(
+                Transport::ALL[i % 2],
+                CodecId::Json,
+                &format!("drainee-{i}"),
+                "d",
+            )
         })
         .collect();
     g.sigterm();
@@ -829,12 +815,12 @@ poll_within_pass_us = 0
     let codecs = [CodecId::Json, CodecId::Protobuf, CodecId::MessagePack];
     let mut members: Vec<Client> = (0..MEMBERS)
         .map(|i| {
-            let t = if i % 2 == 0 {
-                Transport::Ws
-            } else {
-                Transport::Tcp
-            };
-            g.login(t, codecs[i % 3], &format!("wide-{i}"), "d")
+            g.login(
+                Transport::ALL[i % 2],
+                codecs[i % 3],
+                &format!("wide-{i}"),
+                "d",
+            )
         })
         .collect();
     for m in members.iter_mut() {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::gateway::{direct, join, ping, to_group, Gateway, DEV_TOML};
+use common::gateway::{deliveries, direct, join, ping, to_group, Gateway, DEV_TOML};
 use imgw::client::{Client, ClientConfig, ClientError, TlsClient, Transport};
 use imgw::codec::CodecId;
 use imgw::protocol::Message;
@@ -73,6 +73,15 @@ fn tls_gateway(dir: &Path) -> Gateway {
     Gateway::start(DEV_TOML, &args)
 }
 
+/// A gateway serving TLS with a new certificate (CA "a") installed in `test_dir(tag)`.
+fn started(tag: &str) -> (PathBuf, Pki, Gateway) {
+    let dir = test_dir(tag);
+    let p = pki("a");
+    install(&p, &dir);
+    let g = tls_gateway(&dir);
+    (dir, p, g)
+}
+
 fn tls_config(
     g: &Gateway,
     transport: Transport,
@@ -97,10 +106,7 @@ fn test_dir(tag: &str) -> PathBuf {
 
 #[test]
 fn wss_and_tcp_over_tls_chat_in_every_codec_over_tls13_and_tls12() {
-    let dir = test_dir("codecs");
-    let p = pki("a");
-    install(&p, &dir);
-    let g = tls_gateway(&dir);
+    let (dir, p, g) = started("codecs");
     let versions: [&[&'static rustls::SupportedProtocolVersion]; 2] =
         [&[&rustls::version::TLS13], &[&rustls::version::TLS12]];
     let mut sessions = 0;
@@ -128,13 +134,7 @@ fn wss_and_tcp_over_tls_chat_in_every_codec_over_tls13_and_tls12() {
                     .unwrap();
                 assert!(matches!(ack.msg, Message::SendAck(ref s) if s.seq == n + 1));
             }
-            for n in 0..3u64 {
-                let env = b
-                    .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
-                    .unwrap();
-                let Message::Deliver(d) = env.msg else {
-                    unreachable!()
-                };
+            for (n, d) in (0..3u64).zip(deliveries(&mut b, 3)) {
                 assert_eq!(d.body, format!("secret {n} 你好").as_str(), "{codec:?}");
                 assert_eq!(d.inbox_seq, n + 1);
             }
@@ -261,10 +261,7 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 
 #[test]
 fn bad_and_stalled_tls_handshakes_are_closed_counted_and_spare_others() {
-    let dir = test_dir("bad");
-    let p = pki("a");
-    install(&p, &dir);
-    let g = tls_gateway(&dir);
+    let (dir, p, g) = started("bad");
     let tls: SocketAddr = g.tls.unwrap();
     let mut good = Client::connect(&tls_config(
         &g,
@@ -372,10 +369,7 @@ fn a_bad_certificate_at_start_is_a_configuration_error() {
 /// and output beyond one record and beyond the connection's record buffer bound.
 #[test]
 fn bulk_messages_cross_tls_intact_and_in_order() {
-    let dir = test_dir("bulk");
-    let p = pki("a");
-    install(&p, &dir);
-    let g = tls_gateway(&dir);
+    let (dir, p, g) = started("bulk");
     let mut a = Client::connect(&tls_config(
         &g,
         Transport::Ws,
@@ -410,13 +404,7 @@ fn bulk_messages_cross_tls_intact_and_in_order() {
         assert!(matches!(env.msg, Message::SendAck(_)));
         acks += 1;
     }
-    for i in 0..N {
-        let env = b
-            .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
-            .unwrap();
-        let Message::Deliver(d) = env.msg else {
-            unreachable!()
-        };
+    for (i, d) in deliveries(&mut b, N).into_iter().enumerate() {
         assert_eq!(d.body, body(i).as_str(), "message {i}");
         assert_eq!(d.inbox_seq, i as u64 + 1);
     }
@@ -429,17 +417,10 @@ fn bulk_messages_cross_tls_intact_and_in_order() {
 /// session encrypts on its own, and every member reads every message once and in order.
 #[test]
 fn group_messages_shared_by_tls_members_arrive_once_and_in_order() {
-    let dir = test_dir("group");
-    let p = pki("a");
-    install(&p, &dir);
-    let g = tls_gateway(&dir);
+    let (dir, p, g) = started("group");
     let mut members: Vec<Client> = (0..9)
         .map(|i| {
-            let t = if i % 2 == 0 {
-                Transport::Ws
-            } else {
-                Transport::Tcp
-            };
+            let t = Transport::ALL[i % 2];
             let codec = [CodecId::Json, CodecId::Protobuf][i / 2 % 2];
             let mut c = Client::connect(&tls_config(&g, t, codec, &p.ca_pem, &[])).unwrap();
             c.hello(&format!("tls-member-{i}"), "d").unwrap();
@@ -461,13 +442,7 @@ fn group_messages_shared_by_tls_members_arrive_once_and_in_order() {
             .unwrap();
     }
     for (i, m) in rest.iter_mut().enumerate() {
-        for n in 1..=N {
-            let env = m
-                .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
-                .unwrap();
-            let Message::Deliver(d) = env.msg else {
-                unreachable!()
-            };
+        for (n, d) in (1..=N).zip(deliveries(m, N as usize)) {
             let body = format!("tls {n}");
             assert_eq!(
                 (d.inbox_seq, &*d.body),

@@ -427,6 +427,25 @@ pub fn to_group(group: &str, cmid: &str, body: &str, r: u64) -> imgw::protocol::
     )
 }
 
+/// The next `n` deliveries to `c`, each within 5 s (other messages are skipped).
+pub fn deliveries(c: &mut Client, n: usize) -> Vec<imgw::protocol::Deliver> {
+    use imgw::protocol::Message;
+    (0..n)
+        .map(|_| {
+            let env = c
+                .recv_until(
+                    |e| matches!(e.msg, Message::Deliver(_)),
+                    Duration::from_secs(5),
+                )
+                .expect("deliver");
+            match env.msg {
+                Message::Deliver(d) => d,
+                _ => unreachable!(),
+            }
+        })
+        .collect()
+}
+
 /// An admin kick as the client sees it: `goaway` `kicked`, then the close (not a timeout).
 pub fn expect_kicked(c: &mut Client) {
     use imgw::client::ClientError;
