@@ -210,6 +210,11 @@ pub struct Output<'a> {
 }
 
 impl Output<'_> {
+    /// Bytes waiting in all (the session fuzz target bounds it).
+    pub fn len(&self) -> usize {
+        self.shared.len() + self.own.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.shared.is_empty() && self.own.is_empty()
     }
