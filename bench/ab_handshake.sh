@@ -9,7 +9,8 @@
 # and its RSS per connection once all are up, then the medians per (build, listener).
 #
 #   bench/ab_handshake.sh OLD_RELEASE_DIR NEW_RELEASE_DIR [RUNS] [CONNS] [LISTENERS]
-#   (defaults: 3, 19000, "tcp ws")
+#   (defaults: 3, 19000, "tcp ws"; ws_early is ws with `loadgen --early-hello`, the `hello`
+#   in the upgrade request's write)
 #
 # loadgen is the new build's for both (see bench/ab_fanout.sh for building the old one).
 set -u
@@ -20,9 +21,14 @@ OUT=$(mktemp -d /tmp/ab-handshake.XXXXXX)
 src=20
 LISTENER=
 one_run() {
-  local v=$1 k=$2 l=$LISTENER t j=$OUT/$1-$LISTENER-$2.json
-  if [ "$l" = tcp ]; then t="tcp://$GW_TCP"; else t="ws://$GW_WS/ws"; fi
-  taskset -c 1 "$NEW/loadgen" idle --target "$t" --conns "$CONNS" --workers 4 --ramp 0 \
+  local v=$1 k=$2 l=$LISTENER t early=() j=$OUT/$1-$LISTENER-$2.json
+  case $l in
+    tcp) t="tcp://$GW_TCP" ;;
+    ws) t="ws://$GW_WS/ws" ;;
+    ws_early) t="ws://$GW_WS/ws" early=(--early-hello) ;;
+    *) echo "unknown listener $l" >&2; return 1 ;;
+  esac
+  taskset -c 1 "$NEW/loadgen" idle --target "$t" "${early[@]}" --conns "$CONNS" --workers 4 --ramp 0 \
     --sources "127.0.0.$src-127.0.0.$((src + 3))" --duration 3s --setup-timeout 120s \
     --server-pid "$GW_PID" --quiet --json "$j" >/dev/null 2>&1
   src=$((src + 4))

@@ -6,7 +6,8 @@
 #
 #   bench/side_by_side.sh [--duration 10s] [--repeats 3] [--servers "imgw nats uws tt"]
 #                         (also: imgw-pb, imgw with the Protobuf codec instead of JSON)
-#                         [--scenarios "idle fanout20 fanout50 fanout200 fanout600 chat"]
+#                         [--scenarios "idle idle19k idle19k_early fanout20 fanout50 fanout200
+#                                       fanout600 chat"] (idle19k_early: imgw only)
 #                         [--server-core 0] [--loadgen-core 1] [--out DIR] [--table-only]
 #
 # Installs what is missing first: nats-server (apt), the uWebSockets.js package (npm, into
@@ -21,7 +22,7 @@ PEERS=$ROOT/bench/peers
 DURATION=10s
 REPEATS=3
 SERVERS="imgw nats uws tt"
-SCENARIOS="idle fanout20 fanout50 fanout200 fanout600 chat"
+SCENARIOS="idle idle19k idle19k_early fanout20 fanout50 fanout200 fanout600 chat"
 SERVER_CORE=0
 LOADGEN_CORE=1
 OUT=$ROOT/bench/results
@@ -65,8 +66,10 @@ except FileNotFoundError:
     pass
 order_s = ["imgw", "imgw-pb", "nats", "uws", "tt"]
 names = {"imgw": "imgw", "imgw-pb": "imgw (Protobuf)", "nats": "NATS 2.9 (ws)", "uws": "uWebSockets.js", "tt": "tokio-tungstenite"}
-order_c = ["idle", "fanout20", "fanout50", "fanout200", "fanout600", "chat"]
-titles = {"idle": "2000 idle connections", "fanout20": "fan-out 2000 subs, 20 pub/s",
+order_c = ["idle", "idle19k", "idle19k_early", "fanout20", "fanout50", "fanout200", "fanout600", "chat"]
+titles = {"idle": "2000 idle connections", "idle19k": "19000 idle connections",
+          "idle19k_early": "19000 idle connections, hello sent with the upgrade",
+          "fanout20": "fan-out 2000 subs, 20 pub/s",
           "fanout50": "fan-out 2000 subs, 50 pub/s", "fanout200": "fan-out 2000 subs, 200 pub/s",
           "fanout600": "fan-out 2000 subs, 600 pub/s", "chat": "1:1 chat, 5000 msgs/s"}
 runs = {}
@@ -88,12 +91,13 @@ for s in order_s + sorted({k[0] for k in runs} - set(order_s)):
         if not rs:
             continue
         sp = [r.get("server_proc") or {} for r in rs]
-        idle = sc == "idle"
+        idle = sc.startswith("idle")
         m = lambda f: med([f(r) for r in rs])
         row = {
             "server": s, "scenario": sc, "runs": len(rs),
             "rss_per_idle_conn_bytes": med([p.get("rss_per_conn_bytes") for p in sp]) if idle else None,
             "cpu_per_delivery_us": None if idle else med([p.get("cpu_per_delivery_us") for p in sp]),
+            "cpu_per_connect_us": med([p.get("cpu_per_connect_us") for p in sp]) if idle else None,
             "delivered_per_s": None if idle else m(lambda r: r["delivered_per_s"]),
             "offered_deliveries_per_s": None if idle else m(lambda r: r["rate"] * (r.get("fanout") or 1)),
             "p50_ms": None if idle else m(lambda r: r["latency_us"]["p50"] / 1000),
@@ -127,8 +131,14 @@ meta = {
     "server_core": 0, "loadgen_core": 1,
     "notes": [
         "Two cores in all: loadgen shares the machine with the server, and anything else running shows in the load average above.",
-        "RSS per idle connection: (VmRSS once all 2000 are up - VmRSS before) / 2000; "
+        "RSS per idle connection: (VmRSS once all 2000 (19000) are up - VmRSS before) / 2000 (19000); "
         "kernel socket memory is not in VmRSS.",
+        "CPU per connection set up (idle rows): server utime+stime from before the first connect until all are up "
+        "/ connections: accept, the WebSocket upgrade, for imgw also `hello` (token check) and `welcome`, for NATS "
+        "its CONNECT; 1e6 / this is connections per core-second. The 19000 row opens them as fast as they come "
+        "from 4 loadgen workers and 4 source addresses of its own per run; \"hello sent with the upgrade\" "
+        "(imgw only) is loadgen --early-hello: imgw's Rust client writes the WebSocket upgrade request and "
+        "`hello` at once and the gateway answers the 101 and `welcome` in one write (a browser cannot).",
         "CPU per delivery: server utime+stime from go to the end of the grace period / deliveries.",
         "Latency: receive time minus intended send time (open loop, coordinated omission corrected).",
         "loss = lost + unconfirmed: sent (written, or acked by imgw) and not delivered by the end of a 3 s grace; "
@@ -161,13 +171,14 @@ lines = [
      f"after {i['loadavg_after']}"
      for i in used] + [
     "",
-    "| server | scenario | runs | RSS per idle conn (B) | server CPU per delivery (us) | delivered/s | p50 ms | p99 ms | p999 ms | loss | dups | loadgen send lag p99 ms |",
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| server | scenario | runs | RSS per idle conn (B) | server CPU per connection set up (us) | server CPU per delivery (us) | delivered/s | p50 ms | p99 ms | p999 ms | loss | dups | loadgen send lag p99 ms |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 for r in rows:
     lines.append("| " + " | ".join([
         names.get(r["server"], r["server"]), titles.get(r["scenario"], r["scenario"]), str(r["runs"]),
-        fmt(r["rss_per_idle_conn_bytes"], 0), fmt(r["cpu_per_delivery_us"], 3),
+        fmt(r["rss_per_idle_conn_bytes"], 0), fmt(r["cpu_per_connect_us"], 1),
+        fmt(r["cpu_per_delivery_us"], 3),
         fmt(r["delivered_per_s"], 0), fmt(r["p50_ms"], 3), fmt(r["p99_ms"], 3),
         fmt(r["p999_ms"], 3), fmt(r["loss"], 0), fmt(r["duplicates"], 0),
         fmt(r["loadgen_send_lag_p99_ms"], 3)]) + " |")
@@ -269,10 +280,14 @@ target_of() {
     esac
 }
 scenario_args() {
-    local s=$1 sc=$2 group=
+    local s=$1 sc=$2 src=$3 group=
     case $s in imgw*) group=--group ;; esac
     case $sc in
         idle) echo "idle --conns 2000 --duration 3s" ;;
+        # Client ports of a run stay in TIME_WAIT: each run connects from 4 addresses of its own.
+        idle19k*) echo "idle --conns 19000 --workers 4 --ramp 0 --duration 2s --setup-timeout 120s" \
+            "--sources 127.0.0.$src-127.0.0.$((src + 3))"
+            if [ "$sc" = idle19k_early ]; then echo "--early-hello"; fi ;;
         fanout*) echo "fanout --conns 2001 --fanout 2000 --rate ${sc#fanout} $group --duration $DURATION" ;;
         chat) echo "chat --conns 1000 --rate 5000 --duration $DURATION" ;;
         *) echo "unknown scenario $sc" >&2; return 1 ;;
@@ -283,19 +298,22 @@ scenario_args() {
 # Only this run's servers start afresh: rows of other servers already in $RAW stay, so one
 # server can be measured again (--servers imgw) and the table still has every row.
 for s in $SERVERS; do rm -f "$RAW/$s"-*.json; done
+SRC=20
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 for rep in $(seq 1 "$REPEATS"); do
     for s in $SERVERS; do
         for sc in $SCENARIOS; do
+            case $s:$sc in imgw*:*) ;; *:idle19k_early) continue ;; esac
             start_server "$s"
             out="$RAW/$s-$sc-$rep.json"
             say "$s $sc run $rep/$REPEATS"
             # shellcheck disable=SC2046
-            taskset -c "$LOADGEN_CORE" "$LOADGEN" $(scenario_args "$s" "$sc") $(target_of "$s") \
+            taskset -c "$LOADGEN_CORE" "$LOADGEN" $(scenario_args "$s" "$sc" "$SRC") $(target_of "$s") \
                 --server-pid "$SERVER_PID" --grace 3s --quiet --json "$out" \
                 >"$WORK/loadgen.out" 2>&1 || say "  loadgen exit $? (see $out)"
             grep -E "delivered|latency \(|integrity|server " "$WORK/loadgen.out" | sed 's/^/    /' >&2 || true
+            case $sc in idle19k*) SRC=$((SRC + 4)); [ "$SRC" -gt 250 ] && SRC=20 ;; esac
             stop_server
         done
     done

@@ -274,26 +274,65 @@ impl Client {
     /// Connects to `cfg.addr` and, for WebSocket, performs the upgrade offering the codec's
     /// subprotocol (see [`ClientConfig::offer_subprotocol`]), requiring the server to pick it.
     pub fn connect(cfg: &ClientConfig) -> Result<Client, ClientError> {
-        offered_subprotocol(cfg)?;
-        let sock = TcpStream::connect_timeout(&cfg.addr, cfg.read_timeout.max(MIN_TIMEOUT))?;
-        Client::start(cfg, sock)
+        Client::open(cfg, None)
     }
 
     /// Like [`Client::connect`], from the source address `local_ip` (an ephemeral port): the
     /// loadgen spreads connections over 127.0.0.x to get past one address's port range.
     pub fn connect_from(cfg: &ClientConfig, local_ip: IpAddr) -> Result<Client, ClientError> {
+        Client::open(cfg, Some(local_ip))
+    }
+
+    fn open(cfg: &ClientConfig, local_ip: Option<IpAddr>) -> Result<Client, ClientError> {
+        let mut client = Client::start(cfg, Client::dial(cfg, local_ip)?)?;
+        if cfg.transport == Transport::Ws {
+            client.upgrade(cfg, None)?;
+        }
+        Ok(client)
+    }
+
+    /// Connects (from `local_ip` when given) and says `hello` in one round trip: over
+    /// WebSocket the `hello` goes out in the same write as the upgrade request instead of
+    /// after the 101, and the gateway answers both in one write (the 101, then `welcome`).
+    /// A browser cannot do this (its WebSocket sends nothing before the 101), and RFC 6455
+    /// asks a client to wait for the 101, so only use it with imgw's gateway directly, not
+    /// through a proxy that may drop what came early. Over raw TCP it is [`Client::connect`]
+    /// and [`Client::hello_with`]. Errors as theirs.
+    pub fn connect_hello(
+        cfg: &ClientConfig,
+        local_ip: Option<IpAddr>,
+        hello: Hello,
+    ) -> Result<(Client, Welcome), ClientError> {
+        let mut client = Client::start(cfg, Client::dial(cfg, local_ip)?)?;
+        let r = client.next_ref();
+        let env = Envelope::with_ref(Message::Hello(hello), r);
+        match cfg.transport {
+            Transport::Ws => client.upgrade(cfg, Some(&env))?,
+            Transport::Tcp => client.send(&env)?,
+        }
+        let welcome = client.welcome(r)?;
+        Ok((client, welcome))
+    }
+
+    /// The TCP connection, from `local_ip` when given.
+    fn dial(cfg: &ClientConfig, local_ip: Option<IpAddr>) -> Result<TcpStream, ClientError> {
         use socket2::{Domain, Protocol, Socket, Type};
         offered_subprotocol(cfg)?;
+        let timeout = cfg.read_timeout.max(MIN_TIMEOUT);
+        let Some(ip) = local_ip else {
+            return Ok(TcpStream::connect_timeout(&cfg.addr, timeout)?);
+        };
         let sock = Socket::new(
             Domain::for_address(cfg.addr),
             Type::STREAM,
             Some(Protocol::TCP),
         )?;
-        sock.bind(&SocketAddr::new(local_ip, 0).into())?;
-        sock.connect_timeout(&cfg.addr.into(), cfg.read_timeout.max(MIN_TIMEOUT))?;
-        Client::start(cfg, sock.into())
+        sock.bind(&SocketAddr::new(ip, 0).into())?;
+        sock.connect_timeout(&cfg.addr.into(), timeout)?;
+        Ok(sock.into())
     }
 
+    /// The client over `sock`, after the TLS handshake when `cfg` asks for TLS.
     fn start(cfg: &ClientConfig, sock: TcpStream) -> Result<Client, ClientError> {
         sock.set_nodelay(true)?;
         sock.set_read_timeout(Some(cfg.read_timeout.max(MIN_TIMEOUT)))?;
@@ -316,7 +355,7 @@ impl Client {
             }
         };
         let max = cfg.max_frame_bytes;
-        let mut client = Client {
+        Ok(Client {
             sock,
             transport: cfg.transport,
             codec: cfg.codec,
@@ -332,15 +371,11 @@ impl Client {
             nonblocking: false,
             next_ref: 1,
             rng: seed(),
-        };
-        if cfg.transport == Transport::Ws {
-            client.upgrade(cfg)?;
-        }
-        Ok(client)
+        })
     }
 
-    /// The WebSocket opening handshake.
-    fn upgrade(&mut self, cfg: &ClientConfig) -> Result<(), ClientError> {
+    /// The WebSocket opening handshake; `early` goes out in the request's write.
+    fn upgrade(&mut self, cfg: &ClientConfig, early: Option<&Envelope>) -> Result<(), ClientError> {
         let offered = offered_subprotocol(cfg)?;
         let offered = offered.as_slice();
         let mut nonce = [0u8; 16];
@@ -355,6 +390,9 @@ impl Client {
             offered,
             cfg.origin.as_deref(),
         );
+        if let Some(env) = early {
+            self.frame(env, &[])?;
+        }
         self.write_wbuf()?;
         let deadline = Instant::now() + cfg.read_timeout;
         let accepted = loop {
@@ -447,6 +485,13 @@ impl Client {
     /// there with [`ClientError::Protocol`].
     pub fn send_with_ext(&mut self, env: &Envelope, ext: &[u8]) -> Result<(), ClientError> {
         self.wbuf.clear();
+        self.frame(env, ext)?;
+        self.write_wbuf()?;
+        Ok(())
+    }
+
+    /// Appends `env` to `wbuf` as one frame (see [`Client::send_with_ext`]).
+    fn frame(&mut self, env: &Envelope, ext: &[u8]) -> Result<(), ClientError> {
         match self.transport {
             Transport::Tcp => frame::write_frame(&mut self.wbuf, self.codec, ext, env)?,
             Transport::Ws => {
@@ -466,7 +511,6 @@ impl Client {
                 write_client_frame(&mut self.wbuf, op, true, mask, &self.pbuf);
             }
         }
-        self.write_wbuf()?;
         Ok(())
     }
 
@@ -566,6 +610,11 @@ impl Client {
     pub fn hello_with(&mut self, hello: Hello) -> Result<Welcome, ClientError> {
         let r = self.next_ref();
         self.send(&Envelope::with_ref(Message::Hello(hello), r))?;
+        self.welcome(r)
+    }
+
+    /// The answer to the `hello` with `ref` `r` (see [`Client::hello_with`]).
+    fn welcome(&mut self, r: u64) -> Result<Welcome, ClientError> {
         let env = self.recv()?;
         match env.msg {
             Message::Welcome(w) if env.reference == Some(r) => Ok(w),

@@ -15,7 +15,7 @@ use imgw::client::{Client, ClientError, Transport};
 use imgw::codec::CodecId;
 use imgw::ids::owner_shard;
 use imgw::protocol::{
-    Envelope, ErrorCode, Message, Ping, PresenceSet, PresenceSub, Send, Status, Str, Target,
+    Envelope, ErrorCode, Hello, Message, Ping, PresenceSet, PresenceSub, Send, Status, Str, Target,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -88,6 +88,89 @@ fn users_on_different_shards_chat_in_every_codec_and_transport() {
         }
     }
     assert!(g.metric("imgw_frames_in_total", &["op=\"send\""]) >= 50.0);
+}
+
+/// `Client::connect_hello`: over WebSocket the `hello` goes out in the upgrade request's write
+/// and the gateway (one shard, so it owns every user and registers the device in the same
+/// turn) answers the 101 and `welcome` in one write, where an upgrade and then a `hello` take
+/// two; over raw TCP it is one write either way. Such clients then chat as any other, in
+/// every codec, and each is counted once as a handshake.
+#[test]
+fn a_hello_sent_with_the_upgrade_is_answered_in_one_write() {
+    let g = Gateway::start(DEV_TOML, &["--shards", "1", "--insecure-dev-auth"]);
+    // The shard counts a write once it is made, so the client may see the bytes first: wait
+    // for the count to reach `want` (never pass it), then check that nothing follows.
+    let writes = |want: f64, what: &str| {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let n = g.metric("imgw_writes_total", &[]);
+            assert!(n <= want, "{what}: {n} writes, {want} expected");
+            if n == want {
+                std::thread::sleep(Duration::from_millis(100));
+                let n = g.metric("imgw_writes_total", &[]);
+                assert_eq!(n, want, "{what}: a write after the answer");
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {n} writes");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let hello = |user: &str| Hello {
+        version: imgw::protocol::CURRENT_VERSION,
+        token: user.into(),
+        device: "d".into(),
+        codecs: Vec::new(),
+        resume: None,
+    };
+    // The counter's baseline: an upgrade, then a `hello` after the 101.
+    let mut total = g.metric("imgw_writes_total", &[]);
+    let mut late = g.client(Transport::Ws, CodecId::Json);
+    late.hello("late", "d").unwrap();
+    total += 2.0;
+    writes(total, "the 101, then welcome");
+    let mut early = Vec::new();
+    for (i, codec) in CodecId::ALL.into_iter().enumerate() {
+        for transport in Transport::ALL {
+            let user = format!("early-{i}-{}", transport.name());
+            let (c, welcome) =
+                Client::connect_hello(&g.config(transport, codec), None, hello(&user)).unwrap();
+            assert_eq!(welcome.user, user);
+            total += 1.0;
+            writes(total, &format!("{user}: the 101 and welcome together"));
+            early.push((user, c));
+        }
+    }
+    assert_eq!(
+        g.metric("imgw_handshakes_ok_total", &[]),
+        1.0 + early.len() as f64
+    );
+    // Each early client sends to the next (and the last to the late one); every one receives
+    // exactly its message.
+    let n = early.len();
+    for k in 0..n {
+        let to = early
+            .get(k + 1)
+            .map_or("late".to_owned(), |(u, _)| u.clone());
+        let body = format!("from {}", early[k].0);
+        send(&mut early[k].1, &to, &format!("m{k}"), &body);
+    }
+    let got = deliveries(&mut late, 1);
+    assert_eq!(got[0].body, format!("from {}", early[n - 1].0));
+    for k in 1..n {
+        let got = deliveries(&mut early[k].1, 1);
+        assert_eq!(
+            got[0].body,
+            format!("from {}", early[k - 1].0),
+            "{}",
+            early[k].0
+        );
+    }
+    // A refused early hello: the 101, then the error, then the close.
+    let g = jwt_gateway("");
+    match Client::connect_hello(&g.config(Transport::Ws, CodecId::Json), None, hello("x")) {
+        Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::Unauthorized, "{e:?}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -184,6 +184,11 @@ pub struct Cli {
     /// Bound of each connect, upgrade and hello [default: 5s].
     #[arg(long)]
     pub connect_timeout: Option<String>,
+    /// imgw over WebSocket: send `hello` in the upgrade request's write instead of after the
+    /// 101 (`Client::connect_hello`: one round trip to `welcome`, as imgw's Rust client can
+    /// and a browser cannot).
+    #[arg(long)]
+    pub early_hello: bool,
     /// Bound of the whole connection phase [default: 120s].
     #[arg(long)]
     pub setup_timeout: Option<String>,
@@ -298,6 +303,7 @@ pub struct FileOptions {
     pub grace: Option<String>,
     pub heartbeat_ms: Option<u64>,
     pub connect_timeout: Option<String>,
+    pub early_hello: Option<bool>,
     pub setup_timeout: Option<String>,
     pub client_ack: Option<bool>,
     pub group_ack_ms: Option<u64>,
@@ -360,6 +366,7 @@ pub struct Options {
     pub grace: Duration,
     pub heartbeat_ms: Option<u64>,
     pub connect_timeout: Duration,
+    pub early_hello: bool,
     pub setup_timeout: Duration,
     pub client_ack: bool,
     pub group_ack_ms: u64,
@@ -656,6 +663,7 @@ impl Options {
             )?,
             heartbeat_ms: cli.heartbeat_ms.or(file.heartbeat_ms),
             connect_timeout: dur(cli.connect_timeout, file.connect_timeout, "5s")?,
+            early_hello: cli.early_hello || file.early_hello.unwrap_or(false),
             setup_timeout: dur(cli.setup_timeout, file.setup_timeout, "120s")?,
             client_ack: !cli.no_client_ack && file.client_ack.unwrap_or(true),
             group_ack_ms: cli
@@ -763,6 +771,9 @@ impl Options {
         }
         if self.heartbeat_ms == Some(0) {
             return Err("--heartbeat-ms must be positive".into());
+        }
+        if self.early_hello && self.protocol != Protocol::Imgw {
+            return Err("--early-hello is imgw's (--protocol imgw)".into());
         }
         if self.targets.iter().any(|t| t.addr.ip().is_loopback()) {
             if let Some(bad) = self.sources.iter().find(|s| !s.is_loopback()) {
@@ -900,6 +911,7 @@ impl Options {
                     grace_us: self.grace.as_micros() as u64,
                     heartbeat_ms: self.heartbeat_ms,
                     connect_timeout_us: self.connect_timeout.as_micros() as u64,
+                    early_hello: self.early_hello,
                     setup_timeout_us: self.setup_timeout.as_micros() as u64,
                     client_ack: self.client_ack,
                     group_ack_ms: self.group_ack_ms,
@@ -961,6 +973,9 @@ pub struct Plan {
     pub grace_us: u64,
     pub heartbeat_ms: Option<u64>,
     pub connect_timeout_us: u64,
+    /// `hello` in the upgrade request's write (`--early-hello`).
+    #[serde(default)]
+    pub early_hello: bool,
     pub setup_timeout_us: u64,
     pub client_ack: bool,
     /// Group fan-out: each member's ack interval (the SDK's `groupAckDelayMs`).

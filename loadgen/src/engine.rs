@@ -569,24 +569,30 @@ impl<'a> Engine<'a> {
         (cfg.transport, cfg.addr) = (target.transport, target.addr);
         cfg.ws_path.clone_from(&target.ws_path);
         cfg.tls = if target.tls { self.tls.clone() } else { None };
-        let res = match self.plan.source(worker_index) {
-            Some(ip) => Client::connect_from(&cfg, ip),
-            None => Client::connect(&cfg),
+        let token = self
+            .plan
+            .token(self.share.first_conn + i as u64, &self.conns[i].user);
+        let hello = Hello {
+            version: CURRENT_VERSION,
+            token: Str::from(token.as_str()),
+            device: Str::from("lg"),
+            codecs: Vec::new(),
+            resume: self.conns[i].resume.map(|seq| Resume { inbox_seq: seq }),
+        };
+        let source = self.plan.source(worker_index);
+        let res = if self.plan.early_hello {
+            Client::connect_hello(&cfg, source, hello)
+        } else {
+            match source {
+                Some(ip) => Client::connect_from(&cfg, ip),
+                None => Client::connect(&cfg),
+            }
+            .and_then(|mut client| {
+                let welcome = client.hello_with(hello)?;
+                Ok((client, welcome))
+            })
         }
-        .and_then(|mut client| {
-            let token = self
-                .plan
-                .token(self.share.first_conn + i as u64, &self.conns[i].user);
-            let welcome = match self.conns[i].resume {
-                Some(seq) => client.hello_with(Hello {
-                    version: CURRENT_VERSION,
-                    token: Str::from(token.as_str()),
-                    device: Str::from("lg"),
-                    codecs: Vec::new(),
-                    resume: Some(Resume { inbox_seq: seq }),
-                })?,
-                None => client.hello(&token, "lg")?,
-            };
+        .and_then(|(mut client, welcome)| {
             if let Some(group) = self.group_of(i) {
                 let r = client.next_ref();
                 let join = Message::GroupJoin(GroupJoin {

@@ -35,8 +35,11 @@ use crate::tls::{ShardTls, TlsStats};
 const EVENTS: usize = 256;
 /// Connections accepted per listener per pass (the rest wait for the next pass).
 const MAX_ACCEPTS_PER_PASS: usize = 64;
-/// Reads and writes of one connection per pass before the others get their turn.
+/// Reads and writes of one connection per pass before the others get their turn (and
+/// turns of one connection paused for its own shard's work, [`Served::Local`]).
 const MAX_ROUNDS_PER_PASS: usize = 16;
+/// Batches a shard posted to itself handled in a paused turn ([`Shard::run_local`]).
+const LOCAL_ROUNDS: usize = 4;
 /// How long a listener rests after a failed accept (EMFILE and friends) instead of spinning.
 const ACCEPT_RETRY_MS: u64 = 50;
 /// Connections a round services between looks at the clock (for `poll_within_pass_us`).
@@ -333,18 +336,28 @@ impl Driver {
         }
     }
 
-    /// Services one connection, and at once what it asked of its own shard.
+    /// Services one connection, and at once what it asked of its own shard: a read that
+    /// posted to this shard (a send to a group or user it owns, a `hello`'s registration
+    /// with the owner) pauses the connection's turn, the shard handles that (up to
+    /// [`LOCAL_ROUNDS`] batches: `hello`'s `Register` and then `Registered`), and the turn
+    /// goes on. So the reply (`send_ack`, `welcome`) goes out with what the read itself made
+    /// (the 101 of an upgrade whose request came with the `hello`) in one send, in this pass,
+    /// not after the rest of the pass and the flusher's turn.
     fn service_one(&mut self, s: &mut Shard, id: ConnId) {
-        self.service(s, id);
-        if s.has_local_batch() {
-            // What the connection asked of its own shard (a send to a group or user this
-            // shard owns) is handled now, not after the rest of the pass, and the reply it
-            // makes (`send_ack`) written at once.
-            let me = s.id;
-            let local = s.take_batch(me);
-            s.on_batch(local, clock(self.base));
-            if self.slot(id).is_some() {
-                self.service(s, id);
+        for _ in 0..MAX_ROUNDS_PER_PASS {
+            if !self.service(s, id) {
+                return;
+            }
+            s.run_local(clock(self.base), LOCAL_ROUNDS);
+            if self.slot(id).is_none() {
+                return;
+            }
+        }
+        // Still reading after that many turns: the next pass goes on.
+        if let Some(slot) = self.slot(id) {
+            if !slot.queued {
+                slot.queued = true;
+                self.next.push(id);
             }
         }
     }
@@ -493,11 +506,12 @@ impl Driver {
     }
 
     /// Moves bytes for one connection: what the shard queued out, what the socket has in,
-    /// and the close the shard asked for.
-    fn service(&mut self, s: &mut Shard, id: ConnId) {
+    /// and the close the shard asked for. `true` when a read paused the turn for the
+    /// shard's own work ([`Served::Local`]).
+    fn service(&mut self, s: &mut Shard, id: ConnId) -> bool {
         let index = id.index as usize;
         let Some(slot) = self.slots[index].as_mut() else {
-            return;
+            return false;
         };
         match serve(
             &mut slot.io,
@@ -508,6 +522,7 @@ impl Driver {
             self.base,
         ) {
             Served::Idle => {}
+            Served::Local => return true,
             Served::More => {
                 slot.queued = true;
                 self.next.push(id);
@@ -525,6 +540,7 @@ impl Driver {
                 }
             }
         }
+        false
     }
 
     /// Starts the lingering close of a socket the shard closed (its slot is already free):
@@ -605,6 +621,9 @@ enum Served {
     Idle,
     /// Work is left: again in the next pass, after the other connections.
     More,
+    /// A read posted to this shard itself: the caller handles that, then serves the
+    /// connection again (its output so far is not written yet, so the answer joins it).
+    Local,
     /// The peer closed or the socket failed.
     Gone,
     /// The shard's close is carried out; `linger` unless its deadline passed.
@@ -661,6 +680,9 @@ fn serve(
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Served::Gone,
                 Poll::Ready(Ok(n)) => {
                     s.on_read(id, &mut scratch[..n], clock(base));
+                    if s.has_local_batch() {
+                        return Served::Local;
+                    }
                     progressed = true;
                 }
                 Poll::Pending => {}

@@ -575,9 +575,11 @@ async fn flush_loop(shard: Rc<RefCell<Shard>>, senders: Rc<Senders<Batch>>, base
                 (s.id, s.shard_count())
             };
             // Local messages first, processed in arrival order.
-            let local = shard.borrow_mut().take_batch(me);
-            if !local.msgs.is_empty() {
-                shard.borrow_mut().on_batch(local, clock(base));
+            {
+                let mut s = shard.borrow_mut();
+                if s.has_local_batch() {
+                    s.run_local(clock(base), 1);
+                }
             }
             for dest in (0..n).filter(|d| *d != me) {
                 let batch = shard.borrow_mut().take_batch(dest);

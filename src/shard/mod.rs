@@ -884,6 +884,20 @@ impl Shard {
         !self.outbox[self.id].is_empty()
     }
 
+    /// Handles what this shard posted to itself, batch by batch, at most `rounds` batches: a
+    /// message may post the next step to the same shard (a `hello`'s `Register` to its owner,
+    /// then `Registered` back to the connection), and each round takes the batch the last one
+    /// made. What is left waits for the runtime's flusher, woken when it was posted.
+    pub fn run_local(&mut self, clk: Clock, rounds: usize) {
+        for _ in 0..rounds {
+            let local = self.take_batch(self.id);
+            if local.msgs.is_empty() {
+                return;
+            }
+            self.on_batch(local, clk);
+        }
+    }
+
     pub fn has_outbox(&self) -> bool {
         self.outbox_len > 0
     }
