@@ -477,6 +477,13 @@ impl Shard {
         }
     }
 
+    /// The connection has not said `hello` yet.
+    pub fn awaits_hello(&self, id: ConnId) -> bool {
+        self.conns
+            .get(id)
+            .is_some_and(|c| c.phase == Phase::Handshake)
+    }
+
     /// The connection should be closed now: its closing output is flushed (or it is gone).
     pub fn should_close(&self, id: ConnId) -> bool {
         match self.conns.get(id) {
