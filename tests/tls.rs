@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::gateway::{deliveries, direct, join, ping, to_group, Gateway, DEV_TOML};
 use imgw::client::{Client, ClientConfig, ClientError, TlsClient, Transport};
 use imgw::codec::CodecId;
-use imgw::protocol::Message;
+use imgw::protocol::{Hello, Message};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -120,10 +120,19 @@ fn wss_and_tcp_over_tls_chat_in_every_codec_over_tls13_and_tls12() {
             let alice = format!("alice-{}-{i}", codec.name());
             let bob = format!("bob-{}-{i}", codec.name());
             let mut a = Client::connect(&tls_config(&g, ta, codec, &p.ca_pem, v)).unwrap();
-            let mut b = Client::connect(&tls_config(&g, tb, codec, &p.ca_pem, v)).unwrap();
             sessions += 2;
             a.hello(&alice, "phone").unwrap();
-            b.hello(&bob, "phone").unwrap();
+            // Bob writes `hello` with the upgrade request (over wss with TLS 1.2).
+            let hello = Hello {
+                version: imgw::protocol::CURRENT_VERSION,
+                token: bob.as_str().into(),
+                device: "phone".into(),
+                codecs: Vec::new(),
+                resume: None,
+            };
+            let cfg = tls_config(&g, tb, codec, &p.ca_pem, v);
+            let (mut b, welcome) = Client::connect_hello(&cfg, None, hello).unwrap();
+            assert_eq!(welcome.user, bob.as_str());
             ping(&mut b);
             for n in 0..3u64 {
                 let r = a.next_ref();
