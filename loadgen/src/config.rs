@@ -1236,6 +1236,22 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("not available with --protocol nats"), "{e}");
         assert!(Options::resolve(cli(&["chat"])).is_err(), "no target");
+        let peer = [
+            "idle",
+            "--protocol",
+            "plainws",
+            "--target",
+            "ws://127.0.0.1:1/",
+        ];
+        let e = Options::resolve(cli(&[&peer[..], &["--early-hello"]].concat())).unwrap_err();
+        assert!(e.contains("--early-hello is imgw's"), "{e}");
+        let o = Options::resolve(cli(&[
+            "idle",
+            "--target",
+            "ws://127.0.0.1:1/ws",
+            "--early-hello",
+        ]));
+        assert!(o.unwrap().plans().iter().all(|p| p.early_hello));
     }
 
     #[test]

@@ -692,9 +692,11 @@ fn serve(
             match io.read(scratch, metrics) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Served::Gone,
                 Poll::Ready(Ok(n)) => {
-                    let greeting = s.awaits_hello(id);
+                    // A read that brings `hello` posts its registration to this shard
+                    // (when it owns the user): only that pauses the turn.
+                    let posted = s.awaits_hello(id).then(|| s.local_batch_len());
                     s.on_read(id, &mut scratch[..n], clock(base));
-                    if greeting && s.has_local_batch() {
+                    if posted.is_some_and(|before| s.local_batch_len() > before) {
                         return Served::Local;
                     }
                     progressed = true;

@@ -891,6 +891,11 @@ impl Shard {
         !self.outbox[self.id].is_empty()
     }
 
+    /// How many messages for this shard itself wait in its outbox.
+    pub fn local_batch_len(&self) -> usize {
+        self.outbox[self.id].len()
+    }
+
     /// Handles what this shard posted to itself, batch by batch, at most `rounds` batches: a
     /// message may post the next step to the same shard (a `hello`'s `Register` to its owner,
     /// then `Registered` back to the connection), and each round takes the batch the last one
