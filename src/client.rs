@@ -34,7 +34,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use crate::codec::{CodecId, DecodeError, EncodeError};
 use crate::protocol::frame::{self, FrameDecoder, FrameError};
-use crate::protocol::{self, Envelope, Hello, Message, Welcome, CURRENT_VERSION};
+use crate::protocol::{self, Envelope, Hello, Message, Welcome};
 use crate::ws::frame::{write_client_close, write_client_frame};
 use crate::ws::{self, ClientHandshake, CloseCode, Decoder, Event, Limits, OpCode, Role};
 
@@ -592,16 +592,10 @@ impl Client {
         result
     }
 
-    /// Sends `hello` (protocol version [`CURRENT_VERSION`], `token`, `device`) with a fresh
+    /// Sends `hello` (protocol version [`crate::protocol::CURRENT_VERSION`], `token`, `device`) with a fresh
     /// `ref` and waits for the answer: see [`Client::hello_with`].
     pub fn hello(&mut self, token: &str, device: &str) -> Result<Welcome, ClientError> {
-        self.hello_with(Hello {
-            version: CURRENT_VERSION,
-            token: token.into(),
-            device: device.into(),
-            codecs: Vec::new(),
-            resume: None,
-        })
+        self.hello_with(Hello::new(token, device))
     }
 
     /// Sends `hello` with a fresh `ref` and returns the `welcome`, which must be the next

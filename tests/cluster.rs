@@ -195,24 +195,12 @@ fn metric(g: &Gateway, name: &str) -> f64 {
     g.metric(name, &[])
 }
 
-fn wait_metric(g: &Gateway, name: &str, want: f64, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let v = metric(g, name);
-        if v == want {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{name} = {v}, want {want}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn users_on_different_nodes_chat_both_ways_in_every_codec_over_both_transports() {
     let shared = Shared::new("chat");
     let nodes: Vec<Gateway> = ["n1", "n2", "n3"].iter().map(|n| shared.node(n)).collect();
     for g in &nodes {
-        wait_metric(g, "imgw_cluster_nodes", 3.0, WAIT);
+        g.wait_metric("imgw_cluster_nodes", 3.0, WAIT);
         assert_eq!(metric(g, "imgw_cluster_registered"), 1.0);
     }
     let mut all_mids = BTreeSet::new();
@@ -268,7 +256,7 @@ fn a_node_that_stops_is_declared_dead_and_a_drained_node_leaves_at_once() {
     let a = shared.node("a");
     let mut b = shared.node("b");
     let c = shared.node("c");
-    wait_metric(&a, "imgw_cluster_nodes", 3.0, WAIT);
+    a.wait_metric("imgw_cluster_nodes", 3.0, WAIT);
     // GET /cluster: how clients and load balancers find the nodes.
     let (status, body) = common::gateway::http_get(a.admin, "/cluster").unwrap();
     assert_eq!(status, 200, "{body}");
@@ -291,8 +279,8 @@ fn a_node_that_stops_is_declared_dead_and_a_drained_node_leaves_at_once() {
     // SIGKILL: its registration expires after dead_after_ms (2 s); a survivor removes it.
     b.kill9();
     let started = Instant::now();
-    wait_metric(&a, "imgw_cluster_nodes", 2.0, Duration::from_secs(8));
-    wait_metric(&c, "imgw_cluster_nodes", 2.0, Duration::from_secs(8));
+    a.wait_metric("imgw_cluster_nodes", 2.0, Duration::from_secs(8));
+    c.wait_metric("imgw_cluster_nodes", 2.0, Duration::from_secs(8));
     let dead =
         metric(&a, "imgw_cluster_nodes_dead_total") + metric(&c, "imgw_cluster_nodes_dead_total");
     assert_eq!(dead, 1.0, "exactly one survivor counts the dead node");
@@ -303,7 +291,7 @@ fn a_node_that_stops_is_declared_dead_and_a_drained_node_leaves_at_once() {
     );
     // It comes back under the same name and serves again.
     b.spawn();
-    wait_metric(&a, "imgw_cluster_nodes", 3.0, WAIT);
+    a.wait_metric("imgw_cluster_nodes", 3.0, WAIT);
     // SIGTERM drains: the node deletes its registration as it exits, well before its TTL.
     c.sigterm();
     let mut c = c;
@@ -332,7 +320,7 @@ fn a_node_that_stops_is_declared_dead_and_a_drained_node_leaves_at_once() {
 fn a_user_who_moves_to_another_node_misses_nothing() {
     let shared = Shared::new("move");
     let nodes: Vec<Gateway> = ["m1", "m2"].iter().map(|n| shared.node(n)).collect();
-    wait_metric(&nodes[0], "imgw_cluster_nodes", 2.0, WAIT);
+    nodes[0].wait_metric("imgw_cluster_nodes", 2.0, WAIT);
     let mut a = login(&nodes[0], Transport::Tcp, CodecId::Protobuf, "mover-a", "d");
     let mut b = login(&nodes[1], Transport::Ws, CodecId::Json, "mover-b", "d");
     let first: Vec<String> = (0..3).map(|i| format!("one{i}")).collect();
@@ -431,7 +419,7 @@ fn a_group_spread_over_three_nodes_gets_each_message_once_with_one_record_per_no
     let shared = Shared::new("group");
     let names = ["g1", "g2", "g3"];
     let nodes: Vec<Gateway> = names.iter().map(|n| shared.node(n)).collect();
-    wait_metric(&nodes[0], "imgw_cluster_nodes", 3.0, WAIT);
+    nodes[0].wait_metric("imgw_cluster_nodes", 3.0, WAIT);
     let mut members: Vec<Client> = (0..MEMBERS)
         .map(|i| {
             let transport = if i.is_multiple_of(2) {
@@ -500,7 +488,7 @@ fn a_group_spread_over_three_nodes_gets_each_message_once_with_one_record_per_no
         .enumerate()
         .partition(|(j, _)| (j + 1) % 3 == 2);
     drop(on_g3);
-    wait_metric(&nodes[2], "imgw_cluster_groups_here", 0.0, WAIT);
+    nodes[2].wait_metric("imgw_cluster_groups_here", 0.0, WAIT);
     // Past the senders' cache TTL (removals are not announced).
     std::thread::sleep(Duration::from_millis(1_200));
     send_group(&mut sender, "big", "after#0");
@@ -527,7 +515,7 @@ fn a_group_spread_over_three_nodes_gets_each_message_once_with_one_record_per_no
 
     // One comes back on g3: g3 announces itself again and gets the next message.
     let mut back = login(&nodes[2], Transport::Ws, CodecId::Json, "gm2", "d");
-    wait_metric(&nodes[2], "imgw_cluster_groups_here", 1.0, WAIT);
+    nodes[2].wait_metric("imgw_cluster_groups_here", 1.0, WAIT);
     send_group(&mut sender, "big", "after#1");
     let env = back
         .recv_until(
@@ -543,7 +531,7 @@ fn a_group_spread_over_three_nodes_gets_each_message_once_with_one_record_per_no
 fn kick_and_push_on_one_node_reach_the_user_on_the_others() {
     let shared = Shared::new("admin");
     let nodes: Vec<Gateway> = ["k1", "k2", "k3"].iter().map(|n| shared.node(n)).collect();
-    wait_metric(&nodes[0], "imgw_cluster_nodes", 3.0, WAIT);
+    nodes[0].wait_metric("imgw_cluster_nodes", 3.0, WAIT);
     let mut phone = login(&nodes[0], Transport::Tcp, CodecId::Protobuf, "kim", "phone");
     let mut laptop = login(&nodes[1], Transport::Ws, CodecId::Json, "kim", "laptop");
     // A push on the third node, where kim has no device, reaches both devices.
@@ -661,7 +649,7 @@ fn sigkill_of_a_node_under_load_loses_nothing_shows_nothing_twice_and_keeps_orde
     const MESSAGES: usize = 80;
     let shared = Shared::new("failover");
     let mut nodes: Vec<Gateway> = ["f1", "f2", "f3"].iter().map(|n| shared.node(n)).collect();
-    wait_metric(&nodes[0], "imgw_cluster_nodes", 3.0, WAIT);
+    nodes[0].wait_metric("imgw_cluster_nodes", 3.0, WAIT);
     // Conversations 0 and 1: sender on f1, receiver on f2 (killed). 2 and 3: sender on f2
     // (killed), receiver on f3. Each device roams to the next node when its own dies.
     let homes = [(0, 1), (0, 1), (1, 2), (1, 2)];
@@ -810,7 +798,7 @@ fn sigkill_of_a_node_under_load_loses_nothing_shows_nothing_twice_and_keeps_orde
     }
     // The node comes back and serves again.
     nodes[1].spawn();
-    wait_metric(&nodes[0], "imgw_cluster_nodes", 3.0, WAIT);
+    nodes[0].wait_metric("imgw_cluster_nodes", 3.0, WAIT);
     let mut a = login(&nodes[1], Transport::Tcp, CodecId::Protobuf, "back-a", "d");
     let mut b = login(&nodes[2], Transport::Ws, CodecId::Json, "back-b", "d");
     send(&mut a, "back-b", "after the restart");
@@ -844,7 +832,7 @@ fn presence_crosses_nodes_and_a_dead_node_takes_its_users_offline() {
     use imgw::protocol::{PresenceSet, Status};
     let shared = Shared::new("presence");
     let mut nodes: Vec<Gateway> = ["p1", "p2"].iter().map(|n| shared.node(n)).collect();
-    wait_metric(&nodes[0], "imgw_cluster_nodes", 2.0, WAIT);
+    nodes[0].wait_metric("imgw_cluster_nodes", 2.0, WAIT);
     // A watcher on p1, the watched user logging in and out on p2.
     let mut w = login(&nodes[0], Transport::Ws, CodecId::Json, "watcher", "d");
     subscribe(&mut w, "pat");
@@ -911,12 +899,12 @@ fn group_node_sets_are_written_again_when_redis_comes_back_empty() {
     let url = format!("redis://127.0.0.1:{port}/");
     let n1 = shared.node_on("r1", &url);
     let n2 = shared.node_on("r2", &url);
-    wait_metric(&n1, "imgw_cluster_nodes", 2.0, WAIT);
+    n1.wait_metric("imgw_cluster_nodes", 2.0, WAIT);
     let mut sender = login(&n1, Transport::Ws, CodecId::Json, "rs", "d");
     join(&mut sender, "team");
     let mut member = login(&n2, Transport::Tcp, CodecId::Protobuf, "rm", "d");
     join(&mut member, "team");
-    wait_metric(&n2, "imgw_cluster_groups_here", 1.0, WAIT);
+    n2.wait_metric("imgw_cluster_groups_here", 1.0, WAIT);
     send_group(&mut sender, "team", "m0");
     let env = member
         .recv_until(|e| matches!(e.msg, Message::Deliver(_)), WAIT)
@@ -961,7 +949,7 @@ fn with_redis_hung_a_presence_query_and_a_kick_still_reach_the_users_node() {
         .iter()
         .map(|n| shared.node_on(n, &url))
         .collect();
-    wait_metric(&nodes[0], "imgw_cluster_nodes", 2.0, WAIT);
+    nodes[0].wait_metric("imgw_cluster_nodes", 2.0, WAIT);
     let mut w = login(&nodes[0], Transport::Ws, CodecId::Json, "watcher", "d");
     let mut kim = login(&nodes[1], Transport::Tcp, CodecId::Protobuf, "kim", "d");
     // The route reaches Redis, and q2's record of kim coming online reaches q1 (which keeps

@@ -123,14 +123,8 @@ fn wss_and_tcp_over_tls_chat_in_every_codec_over_tls13_and_tls12() {
             sessions += 2;
             a.hello(&alice, "phone").unwrap();
             // Bob writes `hello` with the upgrade request (over wss with TLS 1.2).
-            let hello = Hello {
-                version: imgw::protocol::CURRENT_VERSION,
-                token: bob.as_str().into(),
-                device: "phone".into(),
-                codecs: Vec::new(),
-                resume: None,
-            };
             let cfg = tls_config(&g, tb, codec, &p.ca_pem, v);
+            let hello = Hello::new(&bob, "phone");
             let (mut b, welcome) = Client::connect_hello(&cfg, None, hello).unwrap();
             assert_eq!(welcome.user, bob.as_str());
             ping(&mut b);

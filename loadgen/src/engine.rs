@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 use imgw::client::{Client, ClientConfig, ClientError};
 use imgw::protocol::{
     Ack, Envelope, Ext, GroupJoin, Hello, Message, Ping, Pong, Resume, Send, Str, Sync, Target,
-    CURRENT_VERSION,
 };
 
 use crate::config::{Plan, Protocol, Scenario, ThreadShare, MIN_PAYLOAD};
@@ -573,11 +572,8 @@ impl<'a> Engine<'a> {
             .plan
             .token(self.share.first_conn + i as u64, &self.conns[i].user);
         let hello = Hello {
-            version: CURRENT_VERSION,
-            token: Str::from(token.as_str()),
-            device: Str::from("lg"),
-            codecs: Vec::new(),
             resume: self.conns[i].resume.map(|seq| Resume { inbox_seq: seq }),
+            ..Hello::new(&token, "lg")
         };
         let source = self.plan.source(worker_index);
         let res = if self.plan.early_hello {

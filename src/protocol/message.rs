@@ -357,6 +357,20 @@ pub struct Hello {
     pub resume: Option<Resume>,
 }
 
+impl Hello {
+    /// A `hello` of `token` from `device` in [`CURRENT_VERSION`], naming no other codec and
+    /// resuming nothing.
+    pub fn new(token: &str, device: &str) -> Hello {
+        Hello {
+            version: CURRENT_VERSION,
+            token: token.into(),
+            device: device.into(),
+            codecs: Vec::new(),
+            resume: None,
+        }
+    }
+}
+
 /// Limits the server applies to this connection, announced in `welcome`.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Limits {

@@ -232,6 +232,19 @@ impl Gateway {
             .sum()
     }
 
+    /// Waits at most `within` for the sum of `name`'s samples to be `want`.
+    pub fn wait_metric(&self, name: &str, want: f64, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.metric(name, &[]);
+            if v == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{name} = {v}, want {want}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// A histogram family's `_count`, after checking that it equals its `+Inf` bucket and
     /// that its buckets never decrease (they are cumulative).
     pub fn histogram_count(&self, name: &str) -> f64 {
