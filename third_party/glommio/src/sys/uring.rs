@@ -1264,6 +1264,11 @@ pub(crate) fn read_flags() -> PollFlags {
     PollFlags::POLLIN | PollFlags::POLLPRI
 }
 
+/// imgw: how much later than needed an armed latency-ring timer may fire and still be kept
+/// ([`Reactor::arm_latency_timer`]): the clock reads behind one deadline differ by a few
+/// microseconds from pass to pass; the kernel's own timer slack is 50 microseconds.
+const TIMER_SLACK: Duration = Duration::from_micros(100);
+
 macro_rules! consume_rings {
     (into $woke:expr; $( $ring:expr ),+ ) => {{
         let mut consumed = 0;
@@ -1780,9 +1785,12 @@ impl Reactor {
     ) -> io::Result<bool> {
         let due = d.map(|d| Instant::now() + d);
         if let Some(armed) = self.latency_preemption_timeout_src.take() {
+            // `d` was measured from the clock read that found the next timer, a little
+            // before `due`'s: the same deadline comes out a few microseconds apart on each
+            // pass. Within TIMER_SLACK it is the same timer and stays armed.
             let in_time = matches!(
                 (self.latency_timer_due.get(), due),
-                (Some(t), Some(due)) if t <= due
+                (Some(t), Some(due)) if t <= due + TIMER_SLACK
             );
             if armed.in_flight() && in_time {
                 self.latency_preemption_timeout_src.set(Some(armed));
@@ -1919,6 +1927,12 @@ impl Reactor {
             && main_ring.can_sleep()
             && lat_ring.can_sleep();
 
+        // imgw: completions that replacing the latency ring's timer leaves in that ring (the
+        // cancellation's own and the old timer's ECANCELED): taken at once, or they fire the
+        // rings' link and `need_preempt`, and the loop runs again only to replace the timer
+        // again (up to six passes and twelve `io_uring_enter` calls per wake-up of an idle
+        // executor before this).
+        let mut replaced_woke = 0;
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
@@ -1926,7 +1940,10 @@ impl Reactor {
             // for, the armed one is cancelled (an idle executor sleeps until woken).
             if self.arm_latency_timer(&mut lat_ring, user_timer)? {
                 flush_rings!(lat_ring)?;
+                consume_rings!(into &mut replaced_woke; lat_ring);
             }
+        }
+        if should_sleep && replaced_woke == 0 {
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
             // last time until now it could be that something happened in a remote executor
@@ -1954,8 +1971,16 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.arm_latency_timer(&mut lat_ring, Some(preempt))?;
-            flush_rings!(lat_ring, main_ring)?;
+            // imgw: the next user timer when it is due first. Armed alone, the preemption
+            // timer was replaced by the user timer before every sleep (a cancellation and a
+            // timeout), and a user timer firing first only preempts the running queue early,
+            // which its task then runs in.
+            let d = user_timer.map_or(preempt, |t| t.min(preempt));
+            if self.arm_latency_timer(&mut lat_ring, Some(d))? {
+                flush_rings!(lat_ring)?;
+                consume_rings!(into &mut 0; lat_ring);
+            }
+            flush_rings!(main_ring)?;
         }
 
         // A Note about `need_preempt`:
