@@ -1971,12 +1971,7 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            // imgw: the next user timer when it is due first. Armed alone, the preemption
-            // timer was replaced by the user timer before every sleep (a cancellation and a
-            // timeout), and a user timer firing first only preempts the running queue early,
-            // which its task then runs in.
-            let d = user_timer.map_or(preempt, |t| t.min(preempt));
-            if self.arm_latency_timer(&mut lat_ring, Some(d))? {
+            if self.arm_latency_timer(&mut lat_ring, Some(preempt))? {
                 flush_rings!(lat_ring)?;
                 consume_rings!(into &mut 0; lat_ring);
             }
