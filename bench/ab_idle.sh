@@ -37,36 +37,34 @@ one_run() {
   perf stat -x, -e task-clock,context-switches,syscalls:sys_enter_io_uring_enter \
     -p "$GW_PID" -o "$f" -- sleep "$SECONDS_IDLE" >/dev/null 2>&1
   [ -n "$lg" ] && kill "$lg" 2>/dev/null && wait "$lg" 2>/dev/null
-  python3 - "$f" "$v" "$k" "$SECONDS_IDLE" <<'PY'
+  # One line per run, and its figures (CPU ms, io_uring_enter calls, context switches) in
+  # $OUT/BUILD-RUN.sum for the medians.
+  python3 - "$f" "$v" "$k" "$SECONDS_IDLE" "$OUT/$v-$k.sum" <<'PY'
 import sys
 c = {}
 for line in open(sys.argv[1]):
     p = line.strip().split(",")
     if len(p) > 2 and p[0] and p[0][0].isdigit():
         c[p[2]] = float(p[0])
-s = float(sys.argv[4]); cs = c.get("context-switches", 0) or 1
-print(f"{sys.argv[2]} run {sys.argv[3]}: cpu {c.get('task-clock', 0) / s:.2f} ms/s, "
-      f"context switches {cs / s:.0f}/s, io_uring_enter {c.get('syscalls:sys_enter_io_uring_enter', 0) / s:.0f}/s "
-      f"({c.get('syscalls:sys_enter_io_uring_enter', 0) / cs:.1f} per switch)", flush=True)
+cpu, enters = c.get("task-clock", 0), c.get("syscalls:sys_enter_io_uring_enter", 0)
+switches = c.get("context-switches", 0)
+open(sys.argv[5], "w").write(f"{cpu} {enters} {switches}\n")
+s = float(sys.argv[4])
+print(f"{sys.argv[2]} run {sys.argv[3]}: cpu {cpu / s:.2f} ms/s, context switches {switches / s:.0f}/s, "
+      f"io_uring_enter {enters / s:.0f}/s ({enters / (switches or 1):.1f} per switch)", flush=True)
 PY
 }
 ab_gateways "$OLD" "$NEW" "$RUNS" one_run || exit 1
 python3 - "$OUT" "$SECONDS_IDLE" <<'PY'
 import glob, os, statistics, sys
 runs = {}
-for f in glob.glob(os.path.join(sys.argv[1], "*.txt")):
+for f in glob.glob(os.path.join(sys.argv[1], "*.sum")):
     v = os.path.basename(f).split("-")[0]
-    c = {}
-    for line in open(f):
-        p = line.strip().split(",")
-        if len(p) > 2 and p[0] and p[0][0].isdigit():
-            c[p[2]] = float(p[0])
-    runs.setdefault(v, []).append((c.get("task-clock", 0), c.get("syscalls:sys_enter_io_uring_enter", 0),
-                                   c.get("context-switches", 0)))
+    runs.setdefault(v, []).append([float(x) for x in open(f).read().split()])
 s = float(sys.argv[2])
 for v, xs in sorted(runs.items()):
-    print(f"median {v}: cpu {statistics.median(x[0] for x in xs) / s:.2f} ms/s, "
-          f"io_uring_enter {statistics.median(x[1] for x in xs) / s:.0f}/s, "
-          f"context switches {statistics.median(x[2] for x in xs) / s:.0f}/s, runs {len(xs)}")
+    cpu, enters, switches = (statistics.median(x[i] for x in xs) for i in range(3))
+    print(f"median {v}: cpu {cpu / s:.2f} ms/s, io_uring_enter {enters / s:.0f}/s, "
+          f"context switches {switches / s:.0f}/s, runs {len(xs)}")
 PY
 rm -rf "$OUT"

@@ -592,8 +592,8 @@ impl Client {
         result
     }
 
-    /// Sends `hello` (protocol version [`crate::protocol::CURRENT_VERSION`], `token`, `device`) with a fresh
-    /// `ref` and waits for the answer: see [`Client::hello_with`].
+    /// Sends [`Hello::new`]`(token, device)` with a fresh `ref` and waits for the answer: see
+    /// [`Client::hello_with`].
     pub fn hello(&mut self, token: &str, device: &str) -> Result<Welcome, ClientError> {
         self.hello_with(Hello::new(token, device))
     }

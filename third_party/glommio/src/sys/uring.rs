@@ -1971,11 +1971,11 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            if self.arm_latency_timer(&mut lat_ring, Some(preempt))? {
-                flush_rings!(lat_ring)?;
+            let replaced = self.arm_latency_timer(&mut lat_ring, Some(preempt))?;
+            flush_rings!(lat_ring, main_ring)?;
+            if replaced {
                 consume_rings!(into &mut 0; lat_ring);
             }
-            flush_rings!(main_ring)?;
         }
 
         // A Note about `need_preempt`:
