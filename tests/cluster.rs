@@ -934,12 +934,12 @@ fn group_node_sets_are_written_again_when_redis_comes_back_empty() {
     drop(redis);
 }
 
-/// Redis hung (SIGSTOP) while a node asks which nodes hold a user's devices: a presence query
-/// and a kick then go to every other live node instead of being dropped. Without that the
-/// subscriber would see `offline` for a user online elsewhere, and the kick would leave the
-/// user's devices there connected.
+/// Redis hung (SIGSTOP) while a node asks which nodes hold a user's devices: a presence query,
+/// a membership change and a kick then go to every other live node instead of being dropped.
+/// Without that the subscriber would see `offline` for a user online elsewhere, the user's
+/// devices there would miss the group's messages, and the kick would leave them connected.
 #[test]
-fn with_redis_hung_a_presence_query_and_a_kick_still_reach_the_users_node() {
+fn with_redis_hung_a_presence_query_a_join_and_a_kick_still_reach_the_users_node() {
     use imgw::protocol::Status;
     let shared = Shared::new("qhung");
     // A private Redis this test can stop.
@@ -972,6 +972,31 @@ fn with_redis_hung_a_presence_query_and_a_kick_still_reach_the_users_node() {
         presence_of(&mut w, "kim", WAIT),
         presence_of(&mut w, "kim", WAIT),
     );
+    // kim joins a group on q1 (an admin adds kim): q1 cannot look kim's nodes up, so the
+    // change goes to every live node. q2, which holds kim's device, routes the group's next
+    // message to it live; dropped, kim would miss the group until its next login.
+    let ingress = metric(&nodes[1], "imgw_cluster_ingress_total");
+    let (created, _) = common::gateway::http_post(
+        nodes[0].admin,
+        "/groups",
+        r#"{"tenant":"dev","group":"hung-room","users":["watcher","kim"]}"#,
+    )
+    .unwrap();
+    // Both members' changes reach q2 (each went to every live node; q2 keeps kim's and
+    // ignores the watcher's) before the message, which could otherwise overtake them.
+    let deadline = Instant::now() + WAIT;
+    while metric(&nodes[1], "imgw_cluster_ingress_total") < ingress + 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the membership changes never reached q2"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    send_group(&mut w, "hung-room", "while-hung");
+    let live = kim.recv_until(
+        |e| matches!(&e.msg, Message::Deliver(d) if &*d.body == "while-hung"),
+        WAIT,
+    );
     // A kick on q1 reaches kim's device on q2.
     let (status, _) =
         common::gateway::http_post(nodes[0].admin, "/kick", r#"{"tenant":"dev","user":"kim"}"#)
@@ -980,6 +1005,8 @@ fn with_redis_hung_a_presence_query_and_a_kick_still_reach_the_users_node() {
     let dropped = metric(&nodes[0], "imgw_cluster_relay_dropped_total") - dropped_before;
     redis.signal("-CONT");
     assert_eq!(seen, (Status::Offline, Status::Online));
+    assert_eq!(created, 201);
+    live.expect("the group's message, live on kim's node");
     assert_eq!(status, 202);
     let env = kicked.expect("the kick's goaway");
     assert!(

@@ -228,11 +228,16 @@ impl RelayItem {
     }
 
     /// Whether it goes to every other live node when Redis cannot say which nodes hold the
-    /// user's devices: a kick and a presence query cost those nodes a lookup that finds
-    /// nothing. A message is not (the store has it: the devices read it at their next gap
-    /// or sync), nor a membership change (a node without the user's devices would keep it).
+    /// user's devices: a kick, a presence query and a membership change cost those nodes a
+    /// lookup that finds nothing (a node that does not know the user ignores the change).
+    /// Dropped, the change would leave the user's devices out of the group's live messages
+    /// until their next login. A message is not (the store has it: the devices read it at
+    /// their next gap or sync).
     fn to_every_node_when_unresolved(&self) -> bool {
-        matches!(self, RelayItem::Kick { .. } | RelayItem::Query { .. })
+        matches!(
+            self,
+            RelayItem::Kick { .. } | RelayItem::Query { .. } | RelayItem::Member { .. }
+        )
     }
 
     /// The user whose devices' nodes receive it; `None`: a group's nodes ([`Self::group`]),
@@ -1011,9 +1016,10 @@ async fn relay_task(
                         .filter(|n| ***n != *reg.id && reg.is_alive(n))
                         .cloned()
                         .collect(),
-                    // Redis failed, for a kick or a presence query: every other live node (a
-                    // superset); dropped, the kick would leave devices connected and the
-                    // subscriber would see `offline` until the user's next change.
+                    // Redis failed, for a kick, a presence query or a membership change:
+                    // every other live node (a superset); dropped, the kick would leave
+                    // devices connected, the subscriber would see `offline` until the user's
+                    // next change, and the member's devices would miss the group live.
                     _ if it.to_every_node_when_unresolved() => alive.clone(),
                     _ => {
                         // Redis failed: the recipient's other nodes are unknown. The store

@@ -87,11 +87,18 @@ impl Shard {
                 group,
                 join,
             } => {
+                let user = UserKey { tenant, user };
+                // Sent to every node when Redis could not say which hold the user's devices:
+                // a node that neither has one online nor holds the user's groups keeps
+                // nothing (its first device reads the stored groups at login).
+                if !self.dir.is_online(&user) && !self.groups.knows_user(&user) {
+                    return;
+                }
                 let group = GroupKey {
-                    tenant: tenant.clone(),
+                    tenant: user.tenant.clone(),
                     group,
                 };
-                self.member_of(UserKey { tenant, user }, group, join);
+                self.member_of(user, group, join);
             }
             Relayed::Kick { tenant, user } => self.kick(&UserKey { tenant, user }),
             Relayed::Query { tenant, user } => {

@@ -366,6 +366,11 @@ impl Roster {
         self.user_loading.contains_key(user)
     }
 
+    /// Whether this shard holds the user's groups or is reading them back.
+    pub(super) fn knows_user(&self, user: &UserKey) -> bool {
+        self.of_user.contains_key(user) || self.user_loading.contains_key(user)
+    }
+
     pub(super) fn user_load_started(&mut self, user: UserKey) {
         self.user_loading.insert(user, false);
     }
