@@ -21,14 +21,9 @@ OUT=$(mktemp -d /tmp/ab-handshake.XXXXXX)
 src=20
 LISTENER=
 one_run() {
-  local v=$1 k=$2 l=$LISTENER t early=() j=$OUT/$1-$LISTENER-$2.json
-  case $l in
-    tcp) t="tcp://$GW_TCP" ;;
-    ws) t="ws://$GW_WS/ws" ;;
-    ws_early) t="ws://$GW_WS/ws" early=(--early-hello) ;;
-    *) echo "unknown listener $l" >&2; return 1 ;;
-  esac
-  taskset -c 1 "$NEW/loadgen" idle --target "$t" "${early[@]}" --conns "$CONNS" --workers 4 --ramp 0 \
+  local v=$1 k=$2 l=$LISTENER j=$OUT/$1-$LISTENER-$2.json
+  gw_target "$l" || return 1
+  taskset -c 1 "$NEW/loadgen" idle --target "$GW_TARGET" "${GW_EARLY[@]}" --conns "$CONNS" --workers 4 --ramp 0 \
     --sources "127.0.0.$src-127.0.0.$((src + 3))" --duration 3s --setup-timeout 120s \
     --server-pid "$GW_PID" --quiet --json "$j" >/dev/null 2>&1
   src=$((src + 4))

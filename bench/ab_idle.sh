@@ -28,7 +28,7 @@ one_run() {
     # Until every connection is up (`imgw_connections` from the admin listener).
     local i n=0
     for i in $(seq 600); do
-      n=$(curl -sf "$GW_ADMIN/metrics" | awk '/^imgw_connections[{ ]/ {s += $NF} END {print s + 0}')
+      n=$(gw_metric imgw_connections)
       [ "$n" -ge "$CONNS" ] && break
       sleep 0.1
     done

@@ -22,21 +22,15 @@ OUT=$(mktemp -d /tmp/handshake-syscalls.XXXXXX)
 src=$((20 + RANDOM % 200))
 for run in $(seq "$RUNS"); do
   gw_start "$BIN/imgw" 0 --shards 1 --config "$ROOT/bench/peers/imgw-bench.toml" || exit 1
-  early=()
-  case $LISTENER in
-    tcp) t="tcp://$GW_TCP" ;;
-    ws) t="ws://$GW_WS/ws" ;;
-    ws_early) t="ws://$GW_WS/ws" early=(--early-hello) ;;
-    *) echo "unknown listener $LISTENER" >&2; gw_stop; exit 1 ;;
-  esac
-  passes_before=$(curl -s "$GW_ADMIN/metrics" | awk '/^imgw_driver_pass_seconds_count/ {s += $2} END {print s + 0}')
+  gw_target "$LISTENER" || { gw_stop; exit 1; }
+  passes_before=$(gw_metric imgw_driver_pass_seconds_count)
   perf stat -x, -e 'syscalls:sys_enter_*' -e context-switches \
     -e syscalls:sys_exit_accept4 --filter 'ret == -11' \
     -e syscalls:sys_exit_recvfrom --filter 'ret == -11' \
     -p "$GW_PID" -o "$OUT/perf-$run.csv" &
   perf_pid=$!
   sleep 0.5
-  taskset -c 1 "$BIN/loadgen" idle --target "$t" "${early[@]}" --conns "$CONNS" --workers 4 \
+  taskset -c 1 "$BIN/loadgen" idle --target "$GW_TARGET" "${GW_EARLY[@]}" --conns "$CONNS" --workers 4 \
     --ramp 0 --sources "127.0.0.$src-127.0.0.$((src + 3))" --duration 2s --setup-timeout 120s \
     --server-pid "$GW_PID" --quiet --json "$OUT/loadgen-$run.json" >/dev/null 2>&1 &
   lg_pid=$!
@@ -45,14 +39,14 @@ for run in $(seq "$RUNS"); do
   # Until all are up (at most 120 s), then stop counting before the teardown (loadgen holds
   # them 2 s first).
   for _ in $(seq 1200); do
-    up=$(curl -s "$GW_ADMIN/metrics" | awk '/^imgw_connections_authenticated/ {s += $2} END {print s + 0}')
+    up=$(gw_metric imgw_connections_authenticated)
     [ "${up%.*}" -ge "$CONNS" ] && break
     kill -0 "$lg_pid" 2>/dev/null || break
     sleep 0.1
   done
   kill -INT "$perf_pid"
   wait "$perf_pid"
-  passes=$(curl -s "$GW_ADMIN/metrics" | awk '/^imgw_driver_pass_seconds_count/ {s += $2} END {print s + 0}')
+  passes=$(gw_metric imgw_driver_pass_seconds_count)
   # loadgen holds them 2 s, closes them and writes its report.
   wait "$lg_pid"
   gw_stop

@@ -12,6 +12,12 @@
 #                                  build (`--shards 1`, bench/peers/imgw-bench.toml, core 0)
 #                                  started (GW_ARGS adds flags, for example
 #                                  "--durability local"), and stops it after.
+#   gw_metric NAME                 prints the sum of metric NAME's samples (every label set)
+#                                  from the started gateway's /metrics (0 if none).
+#   gw_target LISTENER             sets GW_TARGET (loadgen's --target for the started
+#                                  gateway) and GW_EARLY (loadgen flags) for LISTENER: tcp,
+#                                  ws, or ws_early (ws with `hello` in the upgrade request's
+#                                  write, --early-hello). Fails on anything else.
 #
 # Ports come from --ports-file, so several gateways (or a left-over one) never collide.
 
@@ -54,6 +60,21 @@ gw_stop() {
   kill "$GW_PID" 2>/dev/null
   wait "$GW_PID" 2>/dev/null
   rm -rf "$GW_DIR"
+}
+
+gw_metric() {
+  curl -s "$GW_ADMIN/metrics" |
+    awk -v m="$1" '$1 == m || index($1, m "{") == 1 {s += $NF} END {print s + 0}'
+}
+
+gw_target() {
+  GW_EARLY=()
+  case $1 in
+    tcp) GW_TARGET="tcp://$GW_TCP" ;;
+    ws) GW_TARGET="ws://$GW_WS/ws" ;;
+    ws_early) GW_TARGET="ws://$GW_WS/ws" GW_EARLY=(--early-hello) ;;
+    *) echo "unknown listener $1" >&2; return 1 ;;
+  esac
 }
 
 ab_gateways() {

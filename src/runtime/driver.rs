@@ -515,13 +515,13 @@ impl Driver {
             if self.slots.len() <= index {
                 self.slots.resize_with(index + 1, || None);
             }
+            // Served in this pass, readable and writable as marked above.
             self.slots[index] = Some(Slot {
                 io,
                 generation: id.generation,
-                queued: false,
+                queued: true,
             });
-            // Served in this pass, readable and writable as marked above.
-            self.enqueue(id);
+            self.queue.push(id);
         }
     }
 
