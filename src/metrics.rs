@@ -421,12 +421,16 @@ impl ShardMetrics {
         let Ok(mut map) = self.tenants.lock() else {
             return;
         };
-        let key = if map.contains_key(tenant) || map.len() < MAX_TENANTS_TRACKED {
+        // The key is copied only when the tenant is first seen.
+        if let Some(e) = map.get_mut(tenant) {
+            return f(e);
+        }
+        let key = if map.len() < MAX_TENANTS_TRACKED {
             tenant
         } else {
             "_other"
         };
-        f(map.entry(key.to_string()).or_default());
+        f(map.entry(key.to_owned()).or_default());
     }
 }
 

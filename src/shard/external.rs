@@ -130,7 +130,7 @@ impl Shard {
     /// here hear of a change of what they see. Only a user with an entry here (devices or
     /// subscribers) is tracked.
     fn remote_presence(&mut self, user: &UserKey, reports: &[(Str, Status)], clk: Clock) {
-        let mut fx = Vec::new();
+        let mut fx = self.take_fx();
         self.dir
             .remote_presence(user, reports, clk.unix_ms, &mut fx);
         self.apply(fx);

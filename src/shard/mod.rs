@@ -197,6 +197,9 @@ pub enum ShardMsg {
 
 /// How long a closing connection may take to flush its last frames.
 pub const CLOSE_FLUSH_MS: u64 = 2_000;
+/// The largest capacity (entries) of a list kept for reuse (`local_spare`, `fx_spare`): a
+/// burst's longer list is freed.
+pub const SPARE_MAX: usize = 64;
 /// Subscribers one user may have (the cost of a status change is bounded by this).
 pub const MAX_SUBSCRIBERS_PER_USER: usize = 100_000;
 /// Users one shard tracks (owned users with devices or subscribers).
@@ -243,6 +246,12 @@ pub struct Shard {
     /// empty), carried with the batch for the `shard_queue` stage latency.
     outbox_since_us: Vec<u64>,
     outbox_waker: Option<Waker>,
+    /// Buffers kept between uses (emptied, at most [`SPARE_MAX`] entries of capacity): the
+    /// local queue's last batch, and the last list of the directory's effects. A `hello`
+    /// posts its registration and its answer through the local queue, so each would
+    /// otherwise allocate a list per connection.
+    local_spare: Vec<ShardMsg>,
+    fx_spare: Vec<owner::Effect>,
     /// How connections parse their input (framing, upgrade, their bounds).
     rules: transport::Rules,
     mids: MidMint,
@@ -321,6 +330,8 @@ impl Shard {
             outbox_len: 0,
             outbox_since_us: vec![0; shards],
             outbox_waker: None,
+            local_spare: Vec::new(),
+            fx_spare: Vec::new(),
             // Without a lease until the runtime gives one (`Shard::set_mid_mint`).
             mids,
             next_session: 1,
@@ -860,7 +871,12 @@ impl Shard {
 
     /// Takes the batch queued for `dest` (empty if none).
     pub fn take_batch(&mut self, dest: usize) -> Batch {
-        let msgs = std::mem::take(&mut self.outbox[dest]);
+        let next = if dest == self.id {
+            std::mem::take(&mut self.local_spare)
+        } else {
+            Vec::new()
+        };
+        let msgs = std::mem::replace(&mut self.outbox[dest], next);
         let batch = Batch {
             posted_us: std::mem::take(&mut self.outbox_since_us[dest]),
             msgs,
@@ -902,12 +918,28 @@ impl Shard {
     /// made. What is left waits for the runtime's flusher, woken when it was posted.
     pub fn run_local(&mut self, clk: Clock, rounds: usize) {
         for _ in 0..rounds {
-            let local = self.take_batch(self.id);
+            let mut local = self.take_batch(self.id);
             if local.msgs.is_empty() {
+                self.keep_spare_local(local.msgs);
                 return;
             }
-            self.on_batch(local, clk);
+            self.on_batch_drain(&mut local, clk);
+            self.keep_spare_local(local.msgs);
         }
+    }
+
+    /// Keeps an emptied local batch's list for the next one, unless it grew past
+    /// [`SPARE_MAX`] (a burst's) or one is kept already.
+    fn keep_spare_local(&mut self, msgs: Vec<ShardMsg>) {
+        debug_assert!(msgs.is_empty());
+        if msgs.capacity() <= SPARE_MAX && self.local_spare.capacity() == 0 {
+            self.local_spare = msgs;
+        }
+    }
+
+    /// An empty list for the directory's effects (the last one's, kept by [`Shard::apply`]).
+    fn take_fx(&mut self) -> Vec<owner::Effect> {
+        std::mem::take(&mut self.fx_spare)
     }
 
     pub fn has_outbox(&self) -> bool {

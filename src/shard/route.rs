@@ -11,14 +11,19 @@ use crate::protocol::{Deliver, Envelope, Error, ErrorCode, Message, SendAck, Str
 
 impl Shard {
     /// Handles a batch that arrived from shard `_from` (or from our own local queue).
-    pub fn on_batch(&mut self, batch: Batch, clk: Clock) {
+    pub fn on_batch(&mut self, mut batch: Batch, clk: Clock) {
+        self.on_batch_drain(&mut batch, clk);
+    }
+
+    /// [`Shard::on_batch`], leaving the batch's emptied list to the caller (to keep).
+    pub(super) fn on_batch_drain(&mut self, batch: &mut Batch, clk: Clock) {
         self.set_now(clk);
         if batch.msgs.is_empty() {
             return;
         }
         self.metrics.shards[self.id].stages[Stage::ShardQueue as usize]
             .record_us(clk.mono_us.saturating_sub(batch.posted_us));
-        for msg in batch.msgs {
+        for msg in batch.msgs.drain(..) {
             self.on_shard_msg(msg, clk);
         }
     }
@@ -26,7 +31,7 @@ impl Shard {
     fn on_shard_msg(&mut self, msg: ShardMsg, clk: Clock) {
         match msg {
             ShardMsg::Register { user, route, hello } => {
-                let mut fx = Vec::new();
+                let mut fx = self.take_fx();
                 if self.dir.register(&user, route, clk.unix_ms, &mut fx) {
                     self.groups.devices_changed(&user);
                     fx.push(Effect::Post(
@@ -41,7 +46,7 @@ impl Shard {
             }
             ShardMsg::Registered { conn, hello } => self.welcome(conn, hello, clk),
             ShardMsg::Unregister { user, route } => {
-                let mut fx = Vec::new();
+                let mut fx = self.take_fx();
                 self.dir.unregister(&user, route, clk.unix_ms, &mut fx);
                 self.groups.devices_changed(&user);
                 self.apply(fx);
@@ -64,12 +69,12 @@ impl Shard {
                 self.close(conn, CloseReason::Limit);
             }
             ShardMsg::SetStatus { user, status } => {
-                let mut fx = Vec::new();
+                let mut fx = self.take_fx();
                 self.dir.set_status(&user, status, clk.unix_ms, &mut fx);
                 self.apply(fx);
             }
             ShardMsg::Subscribe { target, subscriber } => {
-                let mut fx = Vec::new();
+                let mut fx = self.take_fx();
                 self.dir
                     .subscribe(&target, subscriber, clk.unix_ms, &mut fx);
                 self.apply(fx);
@@ -184,14 +189,19 @@ impl Shard {
     }
 
     /// Carries out what the directory asked, in its order.
-    pub(super) fn apply(&mut self, fx: Vec<Effect>) {
-        for e in fx {
+    /// The emptied list is kept for the next ([`Shard::take_fx`]) unless it grew past
+    /// [`super::SPARE_MAX`].
+    pub(super) fn apply(&mut self, mut fx: Vec<Effect>) {
+        for e in fx.drain(..) {
             match e {
                 Effect::Post(shard, msg) => self.post_always(shard, msg),
                 Effect::Relay(item) => self.relay(item),
                 Effect::Online(user, online) => self.user_online_changed(&user, online),
                 Effect::Probe(user) => self.probe_presence(user),
             }
+        }
+        if fx.capacity() <= super::SPARE_MAX {
+            self.fx_spare = fx;
         }
     }
 

@@ -237,8 +237,12 @@ impl Shard {
                     self.woken.conn(c, id);
                     if !rest.is_empty() {
                         self.read(id, &mut rest, clk);
+                        return;
                     }
-                    return;
+                    // Anything after the request (an early `hello`) is left in `data`.
+                    if data.is_empty() {
+                        return;
+                    }
                 }
                 Input::PeerClosed => {
                     self.close(id, CloseReason::Peer);

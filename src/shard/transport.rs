@@ -91,7 +91,8 @@ pub(super) enum Input {
     /// A WebSocket ping, answered in the output: the peer is alive.
     Ping,
     /// The WebSocket upgrade completed; its response is in the output. What followed the
-    /// request in the same read is in `rest`, to be read next.
+    /// request is next in the caller's data when the request came in one read, else in
+    /// `rest` (the request was gathered from several reads), to be read next.
     Upgraded { echo: bool, rest: BytesMut },
     /// A message on the echo path, written back into the output.
     Echoed,
@@ -248,13 +249,19 @@ impl Link {
     }
 
     fn upgrade(&mut self, rules: &Rules, data: &mut &mut [u8], out: &mut Vec<u8>) -> Input {
-        self.inbuf.extend_from_slice(data);
-        *data = &mut [];
-        let parsed = match ws::parse_request(&rules.upgrade, &self.inbuf) {
+        // The usual case, the whole request in one read, is parsed where it lies; only a
+        // request that comes in pieces is gathered in `inbuf`.
+        let buffered = !self.inbuf.is_empty();
+        if buffered {
+            self.inbuf.extend_from_slice(data);
+            *data = &mut [];
+        }
+        let request: &[u8] = if buffered { &self.inbuf } else { data };
+        let parsed = match ws::parse_request(&rules.upgrade, request) {
             Err(ws::RejectReason::Path) if rules.echo_upgrade.is_some() => rules
                 .echo_upgrade
                 .as_ref()
-                .map(|e| ws::parse_request(e, &self.inbuf).map(|u| u.map(|u| (u, true))))
+                .map(|e| ws::parse_request(e, request).map(|u| u.map(|u| (u, true))))
                 .unwrap_or(Err(ws::RejectReason::Path)),
             other => other.map(|u| u.map(|u| (u, false))),
         };
@@ -267,11 +274,21 @@ impl Link {
             }
         };
         match parsed {
-            Ok(None) if self.inbuf.len() > rules.upgrade.max_header_bytes => {
-                refused(ws::RejectReason::HeadersTooLarge, out)
+            Ok(None) => {
+                if !buffered {
+                    self.inbuf.extend_from_slice(data);
+                    *data = &mut [];
+                }
+                if self.inbuf.len() > rules.upgrade.max_header_bytes {
+                    refused(ws::RejectReason::HeadersTooLarge, out)
+                } else {
+                    Input::Done
+                }
             }
-            Ok(None) => Input::Done,
-            Err(reason) => refused(reason, out),
+            Err(reason) => {
+                *data = &mut [];
+                refused(reason, out)
+            }
             Ok(Some((up, echo))) => {
                 up.write_response(out);
                 self.codec = up.codec;
@@ -285,8 +302,15 @@ impl Link {
                 };
                 self.proto = Proto::Ws(ws::Decoder::new(ws::Role::Server, limits));
                 self.echo = echo;
-                let rest = self.inbuf.split_off(up.consumed);
-                self.inbuf = BytesMut::new();
+                let rest = if buffered {
+                    let rest = self.inbuf.split_off(up.consumed);
+                    self.inbuf = BytesMut::new();
+                    rest
+                } else {
+                    let all = std::mem::take(data);
+                    *data = &mut all[up.consumed..];
+                    BytesMut::new()
+                };
                 Input::Upgraded { echo, rest }
             }
         }
@@ -385,17 +409,19 @@ mod tests {
         ws::frame::write_client_frame(out, ws::OpCode::Text, true, MASK, text.as_bytes());
     }
 
-    /// Every input of `bytes` until `Done` (or an input after which reading stops).
+    /// Every input of `bytes` until `Done` (or an input after which reading stops), going on
+    /// after an upgrade with what followed it in the same read, as the session does.
     fn read_all(link: &mut Link, rules: &Rules, bytes: &[u8], out: &mut Vec<u8>) -> Vec<Input> {
         let mut buf = bytes.to_vec();
         let mut data = &mut buf[..];
         let mut inputs = Vec::new();
         loop {
             let input = link.next(rules, &mut data, true, out);
-            let stop = matches!(
-                input,
-                Input::Done | Input::PeerClosed | Input::Broken { .. } | Input::Upgraded { .. }
-            );
+            let stop = match &input {
+                Input::Done | Input::PeerClosed | Input::Broken { .. } => true,
+                Input::Upgraded { rest, .. } => !rest.is_empty() || data.is_empty(),
+                _ => false,
+            };
             inputs.push(input);
             if stop {
                 return inputs;
@@ -418,33 +444,31 @@ mod tests {
         ws::frame::write_client_frame(&mut bytes, ws::OpCode::Pong, true, MASK, b"q");
         ws::frame::write_client_close(&mut bytes, MASK, Some(ws::CloseCode::Normal), "");
 
+        // The frames are read from the same data, right after the upgrade (no copy in `rest`).
         let mut out = Vec::new();
-        let mut inputs = read_all(&mut link, &rules, &bytes, &mut out);
-        let Some(Input::Upgraded { echo: false, rest }) = inputs.pop() else {
-            panic!("{inputs:?}");
-        };
-        assert!(inputs.is_empty(), "{inputs:?}");
-        assert!(
-            out.starts_with(b"HTTP/1.1 101"),
-            "{:?}",
-            String::from_utf8_lossy(&out)
-        );
-        assert_eq!(link.codec(), CodecId::MessagePack);
-        assert_eq!(link.encoding(), Some((true, CodecId::MessagePack)));
-
-        out.clear();
-        let inputs = read_all(&mut link, &rules, &rest, &mut out);
+        let inputs = read_all(&mut link, &rules, &bytes, &mut out);
         assert!(
             matches!(
                 inputs.as_slice(),
-                [Input::Message(env), Input::Ping, Input::PeerClosed]
-                    if matches!(env.msg, Message::Hello(_)) && env.reference == Some(1)
+                [Input::Upgraded { echo: false, rest }, Input::Message(env), Input::Ping, Input::PeerClosed]
+                    if rest.is_empty()
+                        && matches!(env.msg, Message::Hello(_))
+                        && env.reference == Some(1)
             ),
             "the pong asks nothing: {inputs:?}"
         );
-        // The pong for the ping, then the close frame's answer (unmasked server frames).
-        assert_eq!(&out[..3], &[0x8a, 1, b'p']);
-        assert_eq!(out[3], 0x88);
+        assert_eq!(link.codec(), CodecId::MessagePack);
+        assert_eq!(link.encoding(), Some((true, CodecId::MessagePack)));
+        // The 101, then the pong for the ping and the close frame's answer (unmasked server
+        // frames).
+        let head = String::from_utf8_lossy(&out)
+            .find("\r\n\r\n")
+            .map(|at| at + 4);
+        let Some(head) = head.filter(|_| out.starts_with(b"HTTP/1.1 101")) else {
+            panic!("{:?}", String::from_utf8_lossy(&out));
+        };
+        assert_eq!(&out[head..head + 3], &[0x8a, 1, b'p']);
+        assert_eq!(out[head + 3], 0x88);
     }
 
     #[test]
@@ -459,8 +483,24 @@ mod tests {
             [Input::Done]
         ));
         assert!(out.is_empty());
+        assert!(link.inbuf.capacity() > 0, "a partial request is kept");
         let inputs = read_all(&mut link, &rules, tail, &mut out);
         assert!(matches!(inputs.as_slice(), [Input::Upgraded { rest, .. }] if rest.is_empty()));
+        assert_eq!(link.inbuf.capacity(), 0, "upgraded: no input buffer");
+
+        // A request gathered from two reads, with a frame after it in the second: the frame
+        // comes back in `rest`.
+        let mut link = Link::new(Transport::Ws);
+        let mut tail = tail.to_vec();
+        client_text(&mut tail, "{}");
+        read_all(&mut link, &rules, head, &mut out);
+        let inputs = read_all(&mut link, &rules, &tail, &mut out);
+        let [Input::Upgraded { rest, .. }] = inputs.as_slice() else {
+            panic!("{inputs:?}");
+        };
+        let mut frame = Vec::new();
+        client_text(&mut frame, "{}");
+        assert_eq!(&rest[..], &frame[..]);
 
         let mut tcp = Link::new(Transport::Tcp);
         let mut frame = Vec::new();
@@ -584,20 +624,21 @@ mod tests {
         let (mut link, mut out) = (Link::new(Transport::Ws), Vec::new());
         let mut bytes = upgrade_request("/echo", &[]);
         client_text(&mut bytes, "héllo");
-        let Some(Input::Upgraded { echo: true, rest }) =
-            read_all(&mut link, &rules, &bytes, &mut out).pop()
-        else {
-            panic!("no echo upgrade");
-        };
-        out.clear();
-        let inputs = read_all(&mut link, &rules, &rest, &mut out);
+        let inputs = read_all(&mut link, &rules, &bytes, &mut out);
         assert!(
-            matches!(inputs.as_slice(), [Input::Echoed, Input::Done]),
+            matches!(
+                inputs.as_slice(),
+                [
+                    Input::Upgraded { echo: true, .. },
+                    Input::Echoed,
+                    Input::Done
+                ]
+            ),
             "{inputs:?}"
         );
         let mut expected = Vec::new();
         ws::write_text(&mut expected, "héllo");
-        assert_eq!(out, expected);
+        assert!(out.starts_with(b"HTTP/1.1 101") && out.ends_with(&expected));
         assert_eq!(link.encoding(), None);
         assert!(!link.encode_onto(&mut out, &hello()));
     }

@@ -22,6 +22,10 @@ pub const MAX_HEADERS_CAP: usize = 64;
 /// Length of a `Sec-WebSocket-Accept` value: base64 of a 20-byte SHA-1.
 pub const ACCEPT_LEN: usize = 28;
 
+/// What [`Upgrade::write_response`] reserves in the output: the 101 (at most about 180 bytes
+/// with the longest subprotocol name) and a `welcome` frame (about 200 bytes and the user id).
+const RESPONSE_ROOM: usize = 512;
+
 /// Length of a `Sec-WebSocket-Key` value: base64 of 16 bytes.
 pub const KEY_LEN: usize = 24;
 
@@ -173,6 +177,9 @@ pub struct Upgrade {
 impl Upgrade {
     /// Appends the `101 Switching Protocols` response.
     pub fn write_response(&self, out: &mut Vec<u8>) {
+        // Room for the response and the `welcome` that usually follows it in the same write,
+        // so neither grows the buffer a second time.
+        out.reserve(RESPONSE_ROOM);
         out.extend_from_slice(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
               Connection: Upgrade\r\nSec-WebSocket-Accept: ",
@@ -216,10 +223,11 @@ pub fn accept(cfg: &HandshakeConfig, input: &[u8], out: &mut Vec<u8>) -> Handsha
 
 /// The `Sec-WebSocket-Accept` value for a `Sec-WebSocket-Key` value.
 pub fn accept_key(key: &[u8]) -> [u8; ACCEPT_LEN] {
-    let mut sha = sha1_smol::Sha1::new();
+    use sha1::Digest as _;
+    let mut sha = sha1::Sha1::new();
     sha.update(key);
     sha.update(WS_GUID);
-    let digest = sha.digest().bytes();
+    let digest = sha.finalize();
     let mut out = [0u8; ACCEPT_LEN];
     // base64 of 20 bytes is exactly 28 bytes, so this cannot fail; if it somehow did, the
     // client would refuse the all-zero accept value rather than us panicking.
@@ -253,7 +261,9 @@ fn could_be_get(input: &[u8]) -> bool {
 
 /// True once the input holds an empty line (the end of the header block, as httparse sees it).
 fn has_header_end(input: &[u8]) -> bool {
-    input.windows(2).any(|w| w == b"\n\n") || input.windows(3).any(|w| w == b"\n\r\n")
+    // One SIMD search for the line ends (a dozen in a request), then a look past each.
+    memchr::memchr_iter(b'\n', input)
+        .any(|at| matches!(&input[at + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
 }
 
 /// Parses and validates an upgrade request. `Ok(None)`: incomplete so far.
@@ -534,5 +544,45 @@ impl ClientHandshake {
             consumed,
             subprotocol,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_header_end;
+    use proptest::prelude::*;
+
+    /// The definition: an empty line, after a bare `\n` or a CRLF.
+    fn by_windows(input: &[u8]) -> bool {
+        input.windows(2).any(|w| w == b"\n\n") || input.windows(3).any(|w| w == b"\n\r\n")
+    }
+
+    #[test]
+    fn the_header_block_ends_at_an_empty_line() {
+        for (input, end) in [
+            (&b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..], true),
+            (b"GET / HTTP/1.1\nHost: a\n\n", true),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r", false),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n", false),
+            (b"\n", false),
+            (b"\n\r", false),
+            (b"", false),
+        ] {
+            assert_eq!(
+                has_header_end(input),
+                end,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn finds_the_end_where_the_definition_does(
+            input in proptest::collection::vec(prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'a')], 0..64)
+        ) {
+            prop_assert_eq!(has_header_end(&input), by_windows(&input));
+        }
     }
 }
