@@ -1022,3 +1022,34 @@ fn a_connection_slab_entry_stays_at_224_bytes() {
         std::mem::size_of::<Conn>()
     );
 }
+
+#[test]
+fn the_local_queue_keeps_an_emptied_list_up_to_the_bound() {
+    let mut sim = Sim::new(1, |_| {});
+    let clk = sim.clk;
+    let s = &mut sim.shards[0];
+    // Kicks of a connection that does not exist: handled, and nothing else happens.
+    let gone = ConnId {
+        index: 7,
+        generation: 9,
+    };
+    let post = |s: &mut Shard, n: usize| {
+        for _ in 0..n {
+            s.post_always(0, ShardMsg::Kick { conn: gone });
+        }
+    };
+    // A burst's list, longer than the bound, is freed once handled.
+    post(s, SPARE_MAX + 1);
+    s.run_local(clk, 1);
+    assert!(!s.has_local_batch());
+    assert_eq!(s.local_spare.capacity(), 0);
+    // A short one is kept; two lists then take turns (the queue fills one while the other is
+    // handled), so from the third batch on the queue has a list before anything is posted.
+    for _ in 0..3 {
+        post(s, 2);
+        s.run_local(clk, 1);
+    }
+    assert!((1..=SPARE_MAX).contains(&s.local_spare.capacity()));
+    assert!((1..=SPARE_MAX).contains(&s.outbox[0].capacity()));
+    assert!(s.outbox[0].is_empty() && !s.has_outbox());
+}
