@@ -84,12 +84,8 @@ PY
     gw_stop
     report "$j" "$rate" "$k" "${members:-?}"
     if [ "$UWS" = 1 ]; then
-      taskset -c 0 node "$ROOT/bench/peers/uws/server.js" "$UWS_PORT" 127.0.0.1 >/dev/null 2>&1 &
-      up=$!
-      for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$UWS_PORT") 2>/dev/null && break
-        sleep 0.1
-      done
+      uws_start "$UWS_PORT" || exit 1
+      up=$UWS_PID
       j=$OUT/uws-$rate-$k.json
       taskset -c 1 "$B/loadgen" fanout --conns $((ONLINE + 1)) --fanout "$ONLINE" \
         --rate "$rate" --protocol plainws --target "ws://127.0.0.1:$UWS_PORT/" \

@@ -51,12 +51,8 @@ conns_up() {
 for run in $(seq "$RUNS"); do
   if [ "$LISTENER" = uws ]; then
     UWS_PORT=$((18100 + run))
-    taskset -c 0 node "$ROOT/bench/peers/uws/server.js" "$UWS_PORT" 127.0.0.1 2>/dev/null &
-    GW_PID=$!
-    for _ in $(seq 100); do
-      (exec 3<>"/dev/tcp/127.0.0.1/$UWS_PORT") 2>/dev/null && break
-      sleep 0.1
-    done
+    uws_start "$UWS_PORT" || exit 1
+    GW_PID=$UWS_PID
     # GW_EARLY: the loadgen flags of the listener, here the peer protocol.
     GW_TARGET="ws://127.0.0.1:$UWS_PORT/" GW_EARLY=(--protocol plainws)
     passes_before=0

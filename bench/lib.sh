@@ -18,6 +18,11 @@
 #                                  gateway) and GW_EARLY (loadgen flags) for LISTENER: tcp,
 #                                  ws, or ws_early (ws with `hello` in the upgrade request's
 #                                  write, --early-hello). Fails on anything else.
+#   wait_port PORT                 waits (at most 10 s) until 127.0.0.1:PORT takes a
+#                                  connection; fails with a message if it never does.
+#   uws_start PORT                 starts the uWebSockets.js peer (bench/peers/uws, `node`)
+#                                  on 127.0.0.1:PORT pinned to core 0 and waits for it. Sets
+#                                  UWS_PID.
 #
 # Ports come from --ports-file, so several gateways (or a left-over one) never collide.
 
@@ -75,6 +80,23 @@ gw_target() {
     ws_early) GW_TARGET="ws://$GW_WS/ws" GW_EARLY=(--early-hello) ;;
     *) echo "unknown listener $1" >&2; return 1 ;;
   esac
+}
+
+wait_port() {
+  local i
+  for i in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listening on 127.0.0.1:$1" >&2
+  return 1
+}
+
+uws_start() {
+  taskset -c 0 node "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/peers/uws/server.js" "$1" \
+    127.0.0.1 >/dev/null 2>&1 &
+  UWS_PID=$!
+  wait_port "$1"
 }
 
 ab_gateways() {

@@ -19,6 +19,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PEERS=$ROOT/bench/peers
+. "$ROOT/bench/lib.sh"
 DURATION=10s
 REPEATS=3
 SERVERS="imgw nats uws tt"
@@ -228,15 +229,6 @@ say "building imgw and loadgen (release)"
 
 # ---- servers -------------------------------------------------------------------------------
 SERVER_PID=
-wait_port() {
-    local port=$1 i
-    for i in $(seq 1 100); do
-        if (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    echo "server not listening on $port" >&2
-    return 1
-}
 start_server() {
     local s=$1
     case $s in
