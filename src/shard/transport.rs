@@ -461,9 +461,7 @@ mod tests {
         assert_eq!(link.encoding(), Some((true, CodecId::MessagePack)));
         // The 101, then the pong for the ping and the close frame's answer (unmasked server
         // frames).
-        let head = String::from_utf8_lossy(&out)
-            .find("\r\n\r\n")
-            .map(|at| at + 4);
+        let head = memchr::memmem::find(&out, b"\r\n\r\n").map(|at| at + 4);
         let Some(head) = head.filter(|_| out.starts_with(b"HTTP/1.1 101")) else {
             panic!("{:?}", String::from_utf8_lossy(&out));
         };
