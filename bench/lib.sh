@@ -16,8 +16,9 @@
 #                                  from the started gateway's /metrics (0 if none).
 #   gw_target LISTENER             sets GW_TARGET (loadgen's --target for the started
 #                                  gateway) and GW_EARLY (loadgen flags) for LISTENER: tcp,
-#                                  ws, or ws_early (ws with `hello` in the upgrade request's
-#                                  write, --early-hello). Fails on anything else.
+#                                  ws, ws_early (ws with `hello` in the upgrade request's
+#                                  write, --early-hello) or ws_url (`hello` in the request
+#                                  target, --url-hello). Fails on anything else.
 #   wait_port PORT                 waits (at most 10 s) until 127.0.0.1:PORT takes a
 #                                  connection; fails with a message if it never does.
 #   uws_start PORT                 starts the uWebSockets.js peer (bench/peers/uws, `node`)
@@ -78,6 +79,7 @@ gw_target() {
     tcp) GW_TARGET="tcp://$GW_TCP" ;;
     ws) GW_TARGET="ws://$GW_WS/ws" ;;
     ws_early) GW_TARGET="ws://$GW_WS/ws" GW_EARLY=(--early-hello) ;;
+    ws_url) GW_TARGET="ws://$GW_WS/ws" GW_EARLY=(--url-hello) ;;
     *) echo "unknown listener $1" >&2; return 1 ;;
   esac
 }

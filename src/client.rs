@@ -270,6 +270,16 @@ pub struct Client {
     rng: u64,
 }
 
+/// A `hello` sent with the upgrade request, before the 101.
+#[derive(Clone, Copy)]
+enum EarlyHello<'a> {
+    None,
+    /// In a WebSocket frame behind the request.
+    Frame(&'a Envelope),
+    /// In the request target's `hello` query parameter.
+    Target(&'a Envelope),
+}
+
 impl Client {
     /// Connects to `cfg.addr` and, for WebSocket, performs the upgrade offering the codec's
     /// subprotocol (see [`ClientConfig::offer_subprotocol`]), requiring the server to pick it.
@@ -286,7 +296,7 @@ impl Client {
     fn open(cfg: &ClientConfig, local_ip: Option<IpAddr>) -> Result<Client, ClientError> {
         let mut client = Client::start(cfg, Client::dial(cfg, local_ip)?)?;
         if cfg.transport == Transport::Ws {
-            client.upgrade(cfg, None)?;
+            client.upgrade(cfg, EarlyHello::None)?;
         }
         Ok(client)
     }
@@ -303,11 +313,35 @@ impl Client {
         local_ip: Option<IpAddr>,
         hello: Hello,
     ) -> Result<(Client, Welcome), ClientError> {
+        Client::open_hello(cfg, local_ip, hello, false)
+    }
+
+    /// Like [`Client::connect_hello`], with the `hello` in the upgrade request's target (its
+    /// `hello` query parameter, base64url: PROTOCOL.md section 1) instead of in a frame
+    /// behind it. This is the one round trip a browser can have: its WebSocket can choose the
+    /// URL but send nothing before the 101. The token is then in the request line, which a
+    /// proxy or an access log may record. Over raw TCP it is [`Client::connect_hello`].
+    pub fn connect_url_hello(
+        cfg: &ClientConfig,
+        local_ip: Option<IpAddr>,
+        hello: Hello,
+    ) -> Result<(Client, Welcome), ClientError> {
+        Client::open_hello(cfg, local_ip, hello, true)
+    }
+
+    /// [`Client::connect_hello`] (`in_target` false) or [`Client::connect_url_hello`].
+    fn open_hello(
+        cfg: &ClientConfig,
+        local_ip: Option<IpAddr>,
+        hello: Hello,
+        in_target: bool,
+    ) -> Result<(Client, Welcome), ClientError> {
         let mut client = Client::start(cfg, Client::dial(cfg, local_ip)?)?;
         let r = client.next_ref();
         let env = Envelope::with_ref(Message::Hello(hello), r);
         match cfg.transport {
-            Transport::Ws => client.upgrade(cfg, Some(&env))?,
+            Transport::Ws if in_target => client.upgrade(cfg, EarlyHello::Target(&env))?,
+            Transport::Ws => client.upgrade(cfg, EarlyHello::Frame(&env))?,
             Transport::Tcp => client.send(&env)?,
         }
         let welcome = client.welcome(r)?;
@@ -375,22 +409,30 @@ impl Client {
     }
 
     /// The WebSocket opening handshake; `early` goes out in the request's write.
-    fn upgrade(&mut self, cfg: &ClientConfig, early: Option<&Envelope>) -> Result<(), ClientError> {
+    fn upgrade(&mut self, cfg: &ClientConfig, early: EarlyHello<'_>) -> Result<(), ClientError> {
         let offered = offered_subprotocol(cfg)?;
         let offered = offered.as_slice();
         let mut nonce = [0u8; 16];
         nonce[..8].copy_from_slice(&self.next_u64().to_ne_bytes());
         nonce[8..].copy_from_slice(&self.next_u64().to_ne_bytes());
         let hs = ClientHandshake::new(nonce);
+        let target = match early {
+            EarlyHello::Target(env) => {
+                self.pbuf.clear();
+                self.codec.encode(env, &mut self.pbuf)?;
+                std::borrow::Cow::Owned(ws::hello_target(&cfg.ws_path, &self.pbuf))
+            }
+            EarlyHello::None | EarlyHello::Frame(_) => std::borrow::Cow::Borrowed(&*cfg.ws_path),
+        };
         self.wbuf.clear();
         hs.write_request(
             &mut self.wbuf,
             &cfg.addr.to_string(),
-            &cfg.ws_path,
+            &target,
             offered,
             cfg.origin.as_deref(),
         );
-        if let Some(env) = early {
+        if let EarlyHello::Frame(env) = early {
             self.frame(env, &[])?;
         }
         self.write_wbuf()?;

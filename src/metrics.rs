@@ -303,6 +303,8 @@ pub struct ShardMetrics {
     pub accepted: AtomicU64,
     pub handshakes_ok: AtomicU64,
     pub handshakes_failed: AtomicU64,
+    /// `hello`s that came in a WebSocket upgrade's request target (PROTOCOL.md section 1).
+    pub url_hellos: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub writes: AtomicU64,
@@ -340,6 +342,7 @@ impl Default for ShardMetrics {
             accepted: AtomicU64::new(0),
             handshakes_ok: AtomicU64::new(0),
             handshakes_failed: AtomicU64::new(0),
+            url_hellos: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             writes: AtomicU64::new(0),
@@ -512,6 +515,13 @@ impl Metrics {
             "Refused handshakes.",
             "counter",
             &|s| s.handshakes_failed.load(r) as i64,
+        );
+        per_shard_i(
+            &mut o,
+            "imgw_url_hellos_total",
+            "hello messages that came in a WebSocket upgrade's request target.",
+            "counter",
+            &|s| s.url_hellos.load(r) as i64,
         );
         per_shard_i(
             &mut o,

@@ -90,14 +90,19 @@ fn users_on_different_shards_chat_in_every_codec_and_transport() {
     assert!(g.metric("imgw_frames_in_total", &["op=\"send\""]) >= 50.0);
 }
 
-/// `Client::connect_hello`: over WebSocket the `hello` goes out in the upgrade request's write
-/// and the gateway (one shard, so it owns every user and registers the device in the same
-/// turn) answers the 101 and `welcome` in one write, where an upgrade and then a `hello` take
-/// two; over raw TCP it is one write either way. Such clients then chat as any other, in
-/// every codec, and each is counted once as a handshake.
+/// `Client::connect_hello` and `Client::connect_url_hello`: over WebSocket the `hello` goes out
+/// with the upgrade request (in a frame in the same write, or in the request target's `hello`
+/// parameter) and the gateway (one shard, so it owns every user and registers the device in
+/// the same turn) answers the 101 and `welcome` in one write, where an upgrade and then a
+/// `hello` take two; over raw TCP it is one write either way. Such clients then chat as any
+/// other, in every codec, and each is counted once as a handshake.
 #[test]
 fn a_hello_sent_with_the_upgrade_is_answered_in_one_write() {
-    let g = Gateway::start(DEV_TOML, &["--shards", "1", "--insecure-dev-auth"]);
+    // The clients stay silent for longer than DEV_TOML's idle timeout (1.5 s), whose closes
+    // would be writes too.
+    let toml = DEV_TOML.replace("idle_timeout_ms = 1500", "idle_timeout_ms = 60000");
+    assert_ne!(toml, DEV_TOML);
+    let g = Gateway::start(&toml, &["--shards", "1", "--insecure-dev-auth"]);
     // The shard counts a write once it is made, so the client may see the bytes first: wait
     // for the count to reach `want`, then check that nothing follows.
     let writes = |want: f64, what: &str| {
@@ -113,21 +118,37 @@ fn a_hello_sent_with_the_upgrade_is_answered_in_one_write() {
     late.hello("late", "d").unwrap();
     total += 2.0;
     writes(total, "the 101, then welcome");
+    type Connect = fn(
+        &imgw::client::ClientConfig,
+        Option<std::net::IpAddr>,
+        Hello,
+    ) -> Result<(Client, imgw::protocol::Welcome), ClientError>;
+    let ways: [(&str, Connect); 2] = [
+        ("frame", Client::connect_hello),
+        ("target", Client::connect_url_hello),
+    ];
     let mut early = Vec::new();
-    for (i, codec) in CodecId::ALL.into_iter().enumerate() {
-        for transport in Transport::ALL {
-            let user = format!("early-{i}-{}", transport.name());
-            let (c, welcome) =
-                Client::connect_hello(&g.config(transport, codec), None, hello(&user)).unwrap();
-            assert_eq!(welcome.user, user);
-            total += 1.0;
-            writes(total, &format!("{user}: the 101 and welcome together"));
-            early.push((user, c));
+    for (way, connect) in ways {
+        for (i, codec) in CodecId::ALL.into_iter().enumerate() {
+            for transport in Transport::ALL {
+                let user = format!("early-{way}-{i}-{}", transport.name());
+                let (c, welcome) =
+                    connect(&g.config(transport, codec), None, hello(&user)).unwrap();
+                assert_eq!(welcome.user, user);
+                total += 1.0;
+                writes(total, &format!("{user}: the 101 and welcome together"));
+                early.push((user, c));
+            }
         }
     }
     assert_eq!(
         g.metric("imgw_handshakes_ok_total", &[]),
         1.0 + early.len() as f64
+    );
+    // Only the WebSocket clients of `connect_url_hello` put it in the target.
+    assert_eq!(
+        g.metric("imgw_url_hellos_total", &[]),
+        CodecId::ALL.len() as f64
     );
     // Each early client sends to the next (and the last to the late one); every one receives
     // exactly its message.
@@ -150,12 +171,59 @@ fn a_hello_sent_with_the_upgrade_is_answered_in_one_write() {
             early[k].0
         );
     }
-    // A refused early hello: the 101, then the error, then the close.
+    // A refused early hello, either way: the 101, then the error, then the close.
     let g = jwt_gateway("");
-    match Client::connect_hello(&g.config(Transport::Ws, CodecId::Json), None, hello("x")) {
-        Err(ClientError::Refused(e)) => assert_eq!(e.code, ErrorCode::Unauthorized, "{e:?}"),
-        other => panic!("{other:?}"),
+    for (way, connect) in ways {
+        match connect(&g.config(Transport::Ws, CodecId::Json), None, hello("x")) {
+            Err(ClientError::Refused(e)) => {
+                assert_eq!(e.code, ErrorCode::Unauthorized, "{way}: {e:?}")
+            }
+            other => panic!("{way}: {other:?}"),
+        }
     }
+}
+
+/// A `hello` parameter that is not base64url is refused with a 400 before any 101; one that
+/// decodes to bytes that are no message gets `bad_frame` after the 101, then the close. Both
+/// are counted as failed handshakes, and the gateway goes on serving.
+#[test]
+fn a_bad_hello_in_the_request_target_is_refused_and_counted() {
+    let g = Gateway::start(DEV_TOML, &["--shards", "1", "--insecure-dev-auth"]);
+    let upgrade = |target: &str| {
+        let mut s = TcpStream::connect(g.ws).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut req = Vec::new();
+        imgw::ws::ClientHandshake::new([7; 16]).write_request(&mut req, "gw", target, &[], None);
+        s.write_all(&req).unwrap();
+        let mut got = Vec::new();
+        // The gateway closes after its answer: read to the end.
+        s.read_to_end(&mut got).unwrap();
+        got
+    };
+    let got = upgrade("/ws?hello=not%20base64");
+    assert!(
+        got.starts_with(b"HTTP/1.1 400 "),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(String::from_utf8_lossy(&got).contains("invalid hello query parameter"));
+    g.wait_metric("imgw_handshakes_failed_total", 1.0, WAIT);
+
+    let got = upgrade(&imgw::ws::hello_target("/ws", b"{\"op\":"));
+    assert!(
+        got.starts_with(b"HTTP/1.1 101 "),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("bad_frame"), "{text}");
+    g.wait_metric("imgw_handshakes_failed_total", 2.0, WAIT);
+    // The second came in the target; the first was refused before.
+    assert_eq!(g.metric("imgw_url_hellos_total", &[]), 1.0);
+
+    let mut c = g.login(Transport::Ws, CodecId::Json, "after", "d");
+    ping(&mut c);
+    assert_eq!(g.metric("imgw_handshakes_failed_total", &[]), 2.0);
 }
 
 #[test]

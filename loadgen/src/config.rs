@@ -189,6 +189,10 @@ pub struct Cli {
     /// and a browser cannot).
     #[arg(long)]
     pub early_hello: bool,
+    /// imgw over WebSocket: send `hello` in the upgrade request's target (its `hello` query
+    /// parameter, `Client::connect_url_hello`): one round trip to `welcome`, as a browser can.
+    #[arg(long, conflicts_with = "early_hello")]
+    pub url_hello: bool,
     /// Bound of the whole connection phase [default: 120s].
     #[arg(long)]
     pub setup_timeout: Option<String>,
@@ -304,6 +308,7 @@ pub struct FileOptions {
     pub heartbeat_ms: Option<u64>,
     pub connect_timeout: Option<String>,
     pub early_hello: Option<bool>,
+    pub url_hello: Option<bool>,
     pub setup_timeout: Option<String>,
     pub client_ack: Option<bool>,
     pub group_ack_ms: Option<u64>,
@@ -367,6 +372,7 @@ pub struct Options {
     pub heartbeat_ms: Option<u64>,
     pub connect_timeout: Duration,
     pub early_hello: bool,
+    pub url_hello: bool,
     pub setup_timeout: Duration,
     pub client_ack: bool,
     pub group_ack_ms: u64,
@@ -664,6 +670,7 @@ impl Options {
             heartbeat_ms: cli.heartbeat_ms.or(file.heartbeat_ms),
             connect_timeout: dur(cli.connect_timeout, file.connect_timeout, "5s")?,
             early_hello: cli.early_hello || file.early_hello.unwrap_or(false),
+            url_hello: cli.url_hello || file.url_hello.unwrap_or(false),
             setup_timeout: dur(cli.setup_timeout, file.setup_timeout, "120s")?,
             client_ack: !cli.no_client_ack && file.client_ack.unwrap_or(true),
             group_ack_ms: cli
@@ -774,6 +781,12 @@ impl Options {
         }
         if self.early_hello && self.protocol != Protocol::Imgw {
             return Err("--early-hello is imgw's (--protocol imgw)".into());
+        }
+        if self.url_hello && self.protocol != Protocol::Imgw {
+            return Err("--url-hello is imgw's (--protocol imgw)".into());
+        }
+        if self.url_hello && self.early_hello {
+            return Err("--url-hello and --early-hello: choose one".into());
         }
         if self.targets.iter().any(|t| t.addr.ip().is_loopback()) {
             if let Some(bad) = self.sources.iter().find(|s| !s.is_loopback()) {
@@ -912,6 +925,7 @@ impl Options {
                     heartbeat_ms: self.heartbeat_ms,
                     connect_timeout_us: self.connect_timeout.as_micros() as u64,
                     early_hello: self.early_hello,
+                    url_hello: self.url_hello,
                     setup_timeout_us: self.setup_timeout.as_micros() as u64,
                     client_ack: self.client_ack,
                     group_ack_ms: self.group_ack_ms,
@@ -976,6 +990,9 @@ pub struct Plan {
     /// `hello` in the upgrade request's write (`--early-hello`).
     #[serde(default)]
     pub early_hello: bool,
+    /// `hello` in the upgrade request's target (`--url-hello`).
+    #[serde(default)]
+    pub url_hello: bool,
     pub setup_timeout_us: u64,
     pub client_ack: bool,
     /// Group fan-out: each member's ack interval (the SDK's `groupAckDelayMs`).
@@ -1252,6 +1269,19 @@ mod tests {
             "--early-hello",
         ]));
         assert!(o.unwrap().plans().iter().all(|p| p.early_hello));
+        let e = Options::resolve(cli(&[&peer[..], &["--url-hello"]].concat())).unwrap_err();
+        assert!(e.contains("--url-hello is imgw's"), "{e}");
+        let o = Options::resolve(cli(&[
+            "idle",
+            "--target",
+            "ws://127.0.0.1:1/ws",
+            "--url-hello",
+        ]));
+        assert!(o
+            .unwrap()
+            .plans()
+            .iter()
+            .all(|p| p.url_hello && !p.early_hello));
     }
 
     #[test]

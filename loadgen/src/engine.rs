@@ -578,6 +578,8 @@ impl<'a> Engine<'a> {
         let source = self.plan.source(worker_index);
         let res = if self.plan.early_hello {
             Client::connect_hello(&cfg, source, hello)
+        } else if self.plan.url_hello {
+            Client::connect_url_hello(&cfg, source, hello)
         } else {
             match source {
                 Some(ip) => Client::connect_from(&cfg, ip),

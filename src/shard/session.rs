@@ -230,11 +230,18 @@ impl Shard {
                     self.heartbeat(id, clk);
                 }
                 Input::Echoed => self.woken.conn(c, id),
-                Input::Upgraded { echo, mut rest } => {
+                Input::Upgraded {
+                    echo,
+                    mut rest,
+                    hello,
+                } => {
                     if echo {
                         c.phase = Phase::Echo;
                     }
                     self.woken.conn(c, id);
+                    if let Some(hello) = hello {
+                        self.on_target_hello(id, &hello, clk);
+                    }
                     if !rest.is_empty() {
                         self.read(id, &mut rest, clk);
                         return;
@@ -260,6 +267,31 @@ impl Shard {
                     self.close(id, CloseReason::Protocol);
                     return;
                 }
+            }
+        }
+    }
+
+    /// The `hello` an upgrade request's target carried: taken as the connection's first
+    /// message. One that does not decode fails the handshake, as a first frame would.
+    fn on_target_hello(&mut self, id: ConnId, payload: &bytes::Bytes, clk: Clock) {
+        let Some(c) = self.conns.get(id) else {
+            return;
+        };
+        let codec = c.link.codec();
+        self.m()
+            .url_hellos
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match codec.decode_bytes(payload) {
+            Ok(env) => {
+                self.m().frame_in(env.msg.op() as u8, codec);
+                self.on_message(id, env, clk);
+            }
+            Err(e) => {
+                self.reply_error(id, None, ErrorCode::BadFrame, &e.to_string());
+                self.m()
+                    .handshakes_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.close(id, CloseReason::Protocol);
             }
         }
     }

@@ -36,6 +36,7 @@ impl Rules {
             path: cfg.ws.path.clone(),
             allowed_origins: cfg.ws.allowed_origins.clone(),
             max_header_bytes: cfg.ws.max_handshake_bytes as usize,
+            max_hello_bytes: cfg.ws.max_message_bytes as usize,
             ..ws::HandshakeConfig::default()
         };
         let echo_upgrade = cfg.server.ws_echo.then(|| ws::HandshakeConfig {
@@ -92,8 +93,13 @@ pub(super) enum Input {
     Ping,
     /// The WebSocket upgrade completed; its response is in the output. What followed the
     /// request is next in the caller's data when the request came in one read, else in
-    /// `rest` (the request was gathered from several reads), to be read next.
-    Upgraded { echo: bool, rest: BytesMut },
+    /// `rest` (the request was gathered from several reads), to be read next. `hello`: the
+    /// message the request target carried (not on the echo path), to be taken first.
+    Upgraded {
+        echo: bool,
+        rest: BytesMut,
+        hello: Option<Bytes>,
+    },
     /// A message on the echo path, written back into the output.
     Echoed,
     /// The peer closed the WebSocket (the close frame's answer is in the output).
@@ -289,8 +295,9 @@ impl Link {
                 *data = &mut [];
                 refused(reason, out)
             }
-            Ok(Some((up, echo))) => {
+            Ok(Some((mut up, echo))) => {
                 up.write_response(out);
+                let hello = up.hello.take().filter(|_| !echo).map(Bytes::from);
                 self.codec = up.codec;
                 let limits = if echo {
                     ws::Limits::new(
@@ -311,7 +318,7 @@ impl Link {
                     *data = &mut all[up.consumed..];
                     BytesMut::new()
                 };
-                Input::Upgraded { echo, rest }
+                Input::Upgraded { echo, rest, hello }
             }
         }
     }
@@ -450,7 +457,7 @@ mod tests {
         assert!(
             matches!(
                 inputs.as_slice(),
-                [Input::Upgraded { echo: false, rest }, Input::Message(env), Input::Ping, Input::PeerClosed]
+                [Input::Upgraded { echo: false, rest, hello: None }, Input::Message(env), Input::Ping, Input::PeerClosed]
                     if rest.is_empty()
                         && matches!(env.msg, Message::Hello(_))
                         && env.reference == Some(1)
@@ -467,6 +474,78 @@ mod tests {
         };
         assert_eq!(&out[head..head + 3], &[0x8a, 1, b'p']);
         assert_eq!(out[head + 3], 0x88);
+    }
+
+    #[test]
+    fn a_hello_in_the_request_target_comes_with_the_upgrade_in_the_connections_codec() {
+        let mut hello_bytes = Vec::new();
+        CodecId::MessagePack
+            .encode(&hello(), &mut hello_bytes)
+            .unwrap();
+        let target = ws::hello_target("/ws", &hello_bytes);
+        let mut link = Link::new(Transport::Ws);
+        let mut out = Vec::new();
+        let inputs = read_all(
+            &mut link,
+            &rules(false),
+            &upgrade_request(&target, &["imgw.v1.msgpack"]),
+            &mut out,
+        );
+        let [Input::Upgraded {
+            echo: false,
+            hello: Some(payload),
+            ..
+        }] = inputs.as_slice()
+        else {
+            panic!("{inputs:?}");
+        };
+        assert!(out.starts_with(b"HTTP/1.1 101"));
+        assert_eq!(&payload[..], &hello_bytes[..]);
+        assert_eq!(link.codec(), CodecId::MessagePack);
+        assert!(matches!(
+            link.codec().decode_bytes(payload).map(|e| e.msg),
+            Ok(Message::Hello(_))
+        ));
+
+        // The echo path has no session: a `hello` there is not handed on.
+        let mut link = Link::new(Transport::Ws);
+        let target = ws::hello_target("/echo", &hello_bytes);
+        let inputs = read_all(
+            &mut link,
+            &rules(true),
+            &upgrade_request(&target, &[]),
+            &mut out,
+        );
+        assert!(
+            matches!(
+                inputs.as_slice(),
+                [Input::Upgraded {
+                    echo: true,
+                    hello: None,
+                    ..
+                }]
+            ),
+            "{inputs:?}"
+        );
+
+        // One that is not base64url refuses the upgrade, before any 101.
+        let mut link = Link::new(Transport::Ws);
+        let mut out = Vec::new();
+        let inputs = read_all(
+            &mut link,
+            &rules(false),
+            &upgrade_request("/ws?hello=%%", &[]),
+            &mut out,
+        );
+        assert!(matches!(
+            inputs.as_slice(),
+            [Input::Broken { upgrade: true, .. }]
+        ));
+        assert!(
+            out.starts_with(b"HTTP/1.1 400"),
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! the negotiated codec returned) or rejects it with a short HTTP error response after which
 //! the connection must be closed. Bytes after the header block belong to the WebSocket stream.
 
-use base64::engine::general_purpose::STANDARD as B64;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD as B64};
+use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
 
 use crate::codec::CodecId;
@@ -29,10 +30,21 @@ const RESPONSE_ROOM: usize = 512;
 /// Length of a `Sec-WebSocket-Key` value: base64 of 16 bytes.
 pub const KEY_LEN: usize = 24;
 
+/// The query parameter that carries a `hello` in the request target (PROTOCOL.md section 1).
+pub const HELLO_PARAM: &str = "hello";
+
+/// base64url (RFC 4648 section 5), with or without its `=` padding: how the `hello` query
+/// parameter is encoded.
+const B64_URL: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
 /// Handshake policy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandshakeConfig {
-    /// The request path that upgrades (the query string is ignored). Default `/ws`.
+    /// The request path that upgrades (the query string is ignored but for its `hello`
+    /// parameter). Default `/ws`.
     pub path: String,
     /// Allowed `Origin` values, matched exactly as `scheme://host[:port]` (ASCII case-
     /// insensitive). A request without `Origin` (a non-browser client) is always allowed; an
@@ -43,6 +55,9 @@ pub struct HandshakeConfig {
     pub max_header_bytes: usize,
     /// Largest number of header fields (capped at [`MAX_HEADERS_CAP`]). Default 32.
     pub max_headers: usize,
+    /// Largest `hello` carried in the request target, in bytes once decoded. Default 4 KiB
+    /// (the gateway sets it to `ws.max_message_bytes`).
+    pub max_hello_bytes: usize,
 }
 
 impl Default for HandshakeConfig {
@@ -52,6 +67,7 @@ impl Default for HandshakeConfig {
             allowed_origins: Vec::new(),
             max_header_bytes: 8 * 1024,
             max_headers: 32,
+            max_hello_bytes: 4 * 1024,
         }
     }
 }
@@ -99,6 +115,10 @@ pub enum RejectReason {
     /// The request announces a body (400).
     #[error("upgrade request must not have a body")]
     Body,
+    /// The request target's `hello` parameter is repeated, empty, not base64url, or larger
+    /// than `max_hello_bytes` once decoded (400).
+    #[error("invalid hello query parameter (base64url of one hello message)")]
+    Hello,
 }
 
 impl RejectReason {
@@ -130,6 +150,7 @@ impl RejectReason {
             RejectReason::Origin => "origin",
             RejectReason::Subprotocol => "subprotocol",
             RejectReason::Body => "body",
+            RejectReason::Hello => "hello",
         }
     }
 
@@ -162,7 +183,7 @@ impl RejectReason {
 }
 
 /// An accepted upgrade request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Upgrade {
     /// Bytes of the request header block; what follows is WebSocket data.
     pub consumed: usize,
@@ -172,6 +193,9 @@ pub struct Upgrade {
     pub subprotocol: bool,
     /// The `Sec-WebSocket-Accept` value.
     pub accept: [u8; ACCEPT_LEN],
+    /// The `hello` the request target carried ([`HELLO_PARAM`]), decoded from base64url: the
+    /// connection's first message, in its codec.
+    pub hello: Option<Vec<u8>>,
 }
 
 impl Upgrade {
@@ -194,7 +218,7 @@ impl Upgrade {
 }
 
 /// The outcome of [`accept`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Handshake {
     /// The header block has not fully arrived: call again with more bytes.
     Incomplete,
@@ -306,8 +330,8 @@ pub fn parse_request(cfg: &HandshakeConfig, input: &[u8]) -> Result<Option<Upgra
     if req.version != Some(1) {
         return Err(RejectReason::HttpVersion);
     }
-    let path = req.path.unwrap_or("");
-    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let target = req.path.unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if path != cfg.path {
         return Err(RejectReason::Path);
     }
@@ -389,6 +413,7 @@ pub fn parse_request(cfg: &HandshakeConfig, input: &[u8]) -> Result<Option<Upgra
     if body {
         return Err(RejectReason::Body);
     }
+    let hello = hello_param(query, cfg.max_hello_bytes)?;
     let codec = match (offered, chosen) {
         (false, _) => CodecId::Json,
         (true, Some(c)) => c,
@@ -399,11 +424,41 @@ pub fn parse_request(cfg: &HandshakeConfig, input: &[u8]) -> Result<Option<Upgra
         codec,
         subprotocol: offered,
         accept: accept_key(key),
+        hello,
     }))
+}
+
+/// The `hello` parameter of a request target's query, decoded. Other parameters are left
+/// alone; one that is repeated, empty, not base64url (percent-encoding is not undone: the
+/// alphabet needs none), or over `max_bytes` decoded refuses the upgrade.
+fn hello_param(query: &str, max_bytes: usize) -> Result<Option<Vec<u8>>, RejectReason> {
+    let mut values = query
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix(HELLO_PARAM)?.strip_prefix('='));
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    // Checked before decoding: base64 of `max_bytes` is at most this long (padded).
+    if values.next().is_some() || value.is_empty() || value.len() > max_bytes.div_ceil(3) * 4 {
+        return Err(RejectReason::Hello);
+    }
+    match B64_URL.decode(value) {
+        Ok(bytes) if bytes.len() <= max_bytes && !bytes.is_empty() => Ok(Some(bytes)),
+        _ => Err(RejectReason::Hello),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Client side (tests, loadgen).
+
+/// The request target `path` with `hello` (an encoded `hello` message) in its [`HELLO_PARAM`]
+/// query parameter, base64url without padding.
+pub fn hello_target(path: &str, hello: &[u8]) -> String {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let mut target = format!("{path}{sep}{HELLO_PARAM}=");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(hello, &mut target);
+    target
+}
 
 /// Why a server's handshake response was refused by [`ClientHandshake::read_response`].
 #[non_exhaustive]

@@ -52,8 +52,8 @@ pub use frame::{
     Decoder, Event, Limits, OpCode, ProtocolError, Role,
 };
 pub use handshake::{
-    accept, accept_key, parse_request, ClientAccepted, ClientError, ClientHandshake, Handshake,
-    HandshakeConfig, RejectReason, Upgrade,
+    accept, accept_key, hello_target, parse_request, ClientAccepted, ClientError, ClientHandshake,
+    Handshake, HandshakeConfig, RejectReason, Upgrade, HELLO_PARAM,
 };
 
 /// What to do with the connection after [`respond`] or [`respond_error`].

@@ -347,9 +347,86 @@ fn body_is_refused() {
     ));
 }
 
+/// The request with `target` in its request line instead of `/ws`.
+fn request_to(target: &str) -> String {
+    request("").replacen("GET /ws ", &format!("GET {target} "), 1)
+}
+
+fn accepted_hello(cfg: &HandshakeConfig, target: &str) -> Option<Vec<u8>> {
+    match run(cfg, &request_to(target)).0 {
+        Handshake::Accepted(up) => up.hello,
+        other => panic!("{target}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_hello_in_the_request_target_is_decoded_from_base64url() {
+    let cfg = HandshakeConfig::default();
+    let hello = br#"{"op":"hello","ref":1,"version":1,"token":"u?&=/+","device":"d"}"#;
+    let target = hello_target("/ws", hello);
+    assert!(target.starts_with("/ws?hello="), "{target}");
+    // Only base64url's alphabet, unpadded: nothing a URL would need to escape.
+    assert!(target["/ws?hello=".len()..]
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    assert_eq!(accepted_hello(&cfg, &target).as_deref(), Some(&hello[..]));
+    // Other parameters are left alone, before or after it; `hello_target` appends to them.
+    let t = hello_target("/ws?trace=7", hello);
+    assert!(t.starts_with("/ws?trace=7&hello="), "{t}");
+    assert_eq!(accepted_hello(&cfg, &t).as_deref(), Some(&hello[..]));
+    assert_eq!(
+        accepted_hello(&cfg, &format!("{t}&hellox=1&x=hello=2")).as_deref(),
+        Some(&hello[..])
+    );
+    // Padding is optional: "ab" is YWI in base64url, YWI= padded.
+    assert_eq!(
+        accepted_hello(&cfg, "/ws?hello=YWI=").as_deref(),
+        Some(&b"ab"[..])
+    );
+    assert_eq!(
+        accepted_hello(&cfg, "/ws?hello=YWI").as_deref(),
+        Some(&b"ab"[..])
+    );
+    // No parameter, or one of another name: no hello.
+    assert_eq!(accepted_hello(&cfg, "/ws"), None);
+    assert_eq!(accepted_hello(&cfg, "/ws?"), None);
+    assert_eq!(accepted_hello(&cfg, "/ws?helloo=YWI"), None);
+}
+
+#[test]
+fn a_bad_hello_parameter_refuses_the_upgrade_with_400() {
+    let cfg = HandshakeConfig {
+        max_hello_bytes: 6,
+        ..HandshakeConfig::default()
+    };
+    let refused = |target: &str| match run(&cfg, &request_to(target)).0 {
+        Handshake::Rejected(r) => r,
+        other => panic!("{target}: {other:?}"),
+    };
+    for target in [
+        "/ws?hello=",                       // empty
+        "/ws?hello=YWI&hello=YWI",          // repeated
+        "/ws?hello=YW+I",                   // standard base64, not base64url
+        "/ws?hello=YWI%3D",                 // percent-encoded padding
+        "/ws?hello=Y",                      // not a whole byte
+        "/ws?hello=YWJjZGVmZw",             // 7 bytes decoded, over the bound of 6
+        "/ws?hello=YWJjZGVmZ2hpamtsbW5vcA", // longer than any encoding of 6 bytes
+    ] {
+        assert_eq!(refused(target), RejectReason::Hello, "{target}");
+    }
+    // At the bound: accepted.
+    assert_eq!(
+        accepted_hello(&cfg, "/ws?hello=YWJjZGVm").as_deref(),
+        Some(&b"abcdef"[..])
+    );
+    assert_eq!(RejectReason::Hello.status(), 400);
+    assert_eq!(RejectReason::Hello.label(), "hello");
+}
+
 #[test]
 fn rejection_responses_are_well_formed() {
     for r in [
+        RejectReason::Hello,
         RejectReason::Malformed,
         RejectReason::HeadersTooLarge,
         RejectReason::Subprotocol,
@@ -476,6 +553,6 @@ proptest! {
         let req = request(&extra);
         let mut out = Vec::new();
         let h = accept(&HandshakeConfig::default(), req.as_bytes(), &mut out);
-        prop_assert!(matches!(h, Handshake::Accepted(u) if u.codec == CodecId::Json), "{:?}", h);
+        prop_assert!(matches!(h, Handshake::Accepted(ref u) if u.codec == CodecId::Json), "{:?}", h);
     }
 }

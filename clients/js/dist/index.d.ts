@@ -62,6 +62,9 @@ export type Target = {
 } | {
     group: string;
 };
+/** `url` with `frame` (an encoded `hello`) in its `hello` query parameter, base64url without
+ * padding (the gateway's PROTOCOL.md, section 1). */
+export declare function withHelloParam(url: string, frame: string | Uint8Array): string;
 export interface ClientOptions {
     /** `ws://host:port/ws`, or a function called before each connection attempt. */
     url: string | (() => string);
@@ -98,6 +101,11 @@ export interface ClientOptions {
     inboxSeq?: number;
     /** Delay before a cumulative inbox ack is sent (ms), so that a burst costs one ack. Default 20. */
     ackDelayMs?: number;
+    /** Send `hello` in the URL (its `hello` query parameter, base64url of the encoded frame)
+     * instead of after the socket opens: the gateway answers the upgrade and `welcome` together,
+     * one round trip less per connection. The token is then in the URL, which a proxy or an
+     * access log may record. Default false. */
+    helloInUrl?: boolean;
     /** Delay before a group's cumulative ack is sent (ms). A group ack only moves the member's
      * cursor for a later catch-up (group pushes are not windowed or retransmitted), so one a
      * second per group is enough: a member of a busy group would otherwise ack every push.

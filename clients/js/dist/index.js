@@ -52,6 +52,19 @@ export function msgpackCodec(encode, decode) {
         },
     };
 }
+/** `url` with `frame` (an encoded `hello`) in its `hello` query parameter, base64url without
+ * padding (the gateway's PROTOCOL.md, section 1). */
+export function withHelloParam(url, frame) {
+    const bytes = typeof frame === "string" ? new TextEncoder().encode(frame) : frame;
+    let binary = "";
+    for (let i = 0; i < bytes.length; i += 0x8000) {
+        binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+    }
+    const b64 = btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+    const hash = url.indexOf("#");
+    const [base, fragment] = hash < 0 ? [url, ""] : [url.slice(0, hash), url.slice(hash)];
+    return `${base}${base.includes("?") ? "&" : "?"}hello=${b64}${fragment}`;
+}
 /** An `error` frame from the gateway (docs/PROTOCOL.md section 5), or a client-side refusal
  * (`code` `timeout`, `closed`, `queue_full`). */
 export class ImgwError extends Error {
@@ -146,6 +159,7 @@ export class Client {
             maxHeldPerGroup: 1000,
             ackDelayMs: 20,
             groupAckDelayMs: 1000,
+            helloInUrl: false,
             codec: jsonCodec,
             ...options,
         };
@@ -286,7 +300,18 @@ export class Client {
             if (!Ctor)
                 throw new Error("no WebSocket implementation: pass options.WebSocket");
             const codec = this.opts.codec;
-            const ws = new Ctor(url, [codec.subprotocol]);
+            // resume {inbox_seq}: the last sequence this client has, or 0 for the stored cursor.
+            const hello = {
+                op: "hello",
+                ref: this.ref(),
+                version: 1,
+                token,
+                device: this.opts.device,
+                resume: { inbox_seq: this.inboxSeq },
+            };
+            const inUrl = this.opts.helloInUrl;
+            const target = inUrl ? withHelloParam(url, codec.encode(hello)) : url;
+            const ws = new Ctor(target, [codec.subprotocol]);
             if (codec.binary)
                 ws.binaryType = "arraybuffer";
             this.ws = ws;
@@ -294,16 +319,9 @@ export class Client {
                 if (this.ws !== ws)
                     return;
                 this.lastRx = Date.now();
-                // resume {inbox_seq}: the last sequence this client has, or 0 for the stored cursor.
                 this.inboxSyncing = true;
-                this.write({
-                    op: "hello",
-                    ref: this.ref(),
-                    version: 1,
-                    token,
-                    device: this.opts.device,
-                    resume: { inbox_seq: this.inboxSeq },
-                });
+                if (!inUrl)
+                    this.write(hello);
             };
             ws.onmessage = (ev) => {
                 if (this.ws !== ws)

@@ -87,6 +87,20 @@ export type PresenceStatus = "online" | "busy" | "away" | "offline";
 
 export type Target = { user: string } | { group: string };
 
+/** `url` with `frame` (an encoded `hello`) in its `hello` query parameter, base64url without
+ * padding (the gateway's PROTOCOL.md, section 1). */
+export function withHelloParam(url: string, frame: string | Uint8Array): string {
+  const bytes = typeof frame === "string" ? new TextEncoder().encode(frame) : frame;
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  }
+  const b64 = btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  const hash = url.indexOf("#");
+  const [base, fragment] = hash < 0 ? [url, ""] : [url.slice(0, hash), url.slice(hash)];
+  return `${base}${base.includes("?") ? "&" : "?"}hello=${b64}${fragment}`;
+}
+
 export interface ClientOptions {
   /** `ws://host:port/ws`, or a function called before each connection attempt. */
   url: string | (() => string);
@@ -123,6 +137,11 @@ export interface ClientOptions {
   inboxSeq?: number;
   /** Delay before a cumulative inbox ack is sent (ms), so that a burst costs one ack. Default 20. */
   ackDelayMs?: number;
+  /** Send `hello` in the URL (its `hello` query parameter, base64url of the encoded frame)
+   * instead of after the socket opens: the gateway answers the upgrade and `welcome` together,
+   * one round trip less per connection. The token is then in the URL, which a proxy or an
+   * access log may record. Default false. */
+  helloInUrl?: boolean;
   /** Delay before a group's cumulative ack is sent (ms). A group ack only moves the member's
    * cursor for a later catch-up (group pushes are not windowed or retransmitted), so one a
    * second per group is enough: a member of a busy group would otherwise ack every push.
@@ -316,6 +335,7 @@ export class Client {
       maxHeldPerGroup: 1000,
       ackDelayMs: 20,
       groupAckDelayMs: 1000,
+      helloInUrl: false,
       codec: jsonCodec,
       ...options,
     };
@@ -469,22 +489,25 @@ export class Client {
           const Ctor = this.opts.WebSocket ?? (globalThis as { WebSocket?: WebSocketFactory }).WebSocket;
           if (!Ctor) throw new Error("no WebSocket implementation: pass options.WebSocket");
           const codec = this.opts.codec;
-          const ws = new Ctor(url, [codec.subprotocol]);
+          // resume {inbox_seq}: the last sequence this client has, or 0 for the stored cursor.
+          const hello = {
+            op: "hello",
+            ref: this.ref(),
+            version: 1,
+            token,
+            device: this.opts.device,
+            resume: { inbox_seq: this.inboxSeq },
+          };
+          const inUrl = this.opts.helloInUrl;
+          const target = inUrl ? withHelloParam(url, codec.encode(hello)) : url;
+          const ws = new Ctor(target, [codec.subprotocol]);
           if (codec.binary) ws.binaryType = "arraybuffer";
           this.ws = ws;
           ws.onopen = () => {
             if (this.ws !== ws) return;
             this.lastRx = Date.now();
-            // resume {inbox_seq}: the last sequence this client has, or 0 for the stored cursor.
             this.inboxSyncing = true;
-            this.write({
-              op: "hello",
-              ref: this.ref(),
-              version: 1,
-              token,
-              device: this.opts.device,
-              resume: { inbox_seq: this.inboxSeq },
-            });
+            if (!inUrl) this.write(hello);
           };
           ws.onmessage = (ev) => {
             if (this.ws !== ws) return;

@@ -39,17 +39,25 @@ after(async () => {
 });
 
 /** A chat page logged in as `user` on `device` (in its own browser context: its own
- * sessionStorage, as another tab or browser would have), connected. */
-async function chatPage(user, device) {
+ * sessionStorage, as another tab or browser would have), connected. `query`: more of the
+ * page's URL parameters. */
+async function chatPage(user, device, query = "") {
   const context = await browser.newContext({ viewport: { width: 1000, height: 640 } });
   const page = await context.newPage();
   page.setDefaultTimeout(WAIT);
   const errors = [];
   page.on("pageerror", (e) => errors.push(e.message));
-  await page.goto(`${gw.admin}/chat?user=${encodeURIComponent(user)}&device=${encodeURIComponent(device)}`);
+  await page.goto(`${gw.admin}/chat?user=${encodeURIComponent(user)}&device=${encodeURIComponent(device)}${query}`);
   await page.locator('[data-testid=status][data-state=connected]').waitFor();
   page.jsErrors = errors;
   return page;
+}
+
+/** The gateway's count of `hello`s that came in a request target (its `hello` frames in
+ * from a WebSocket upgrade whose target had one are counted apart). */
+async function urlHellos() {
+  const metrics = await (await fetch(`${gw.admin}/metrics`)).text();
+  return [...metrics.matchAll(/imgw_url_hellos_total\{shard="\d+"\} (\d+)/g)].reduce((n, m) => n + Number(m[1]), 0);
 }
 
 const bodies = (page) => page.locator("[data-testid=msg] .body").allTextContents();
@@ -106,8 +114,11 @@ test("two pages chat, presence, a second device, a group", { timeout: 120_000 },
 
   // bob on a second device: a new device starts at the beginning of bob's inbox, so it
   // shows the whole conversation (bob's own reply too); what alice sends reaches both; what
-  // bob sends there shows on the first device too, as his.
-  const bob2 = await chatPage("bob", "b2");
+  // bob sends there shows on the first device too, as his. This page says `hello` in the
+  // WebSocket's URL (the SDK's helloInUrl), which Chromium's WebSocket then carries.
+  const hellosBefore = await urlHellos();
+  const bob2 = await chatPage("bob", "b2", "&hello_in_url=1");
+  assert.equal(await urlHellos(), hellosBefore + 1, "bob2's hello came in the URL");
   await sendText(alice, "to both devices");
   await bob2.locator('[data-testid=contact][data-id="alice"]').waitFor();
   await openContact(bob2, "alice");

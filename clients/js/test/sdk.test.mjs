@@ -289,3 +289,46 @@ test("a MessagePack client chats with a JSON client, 1:1 and in a group, and cat
   assert.deepEqual(bodies(mia.got.slice(2)), ["missed 1", "missed 2", "missed 3", "missed 4", "missed 5"]);
   assert.deepEqual(mia.got.slice(2).map((m) => m.seq), [3, 4, 5, 6, 7]);
 });
+
+test("helloInUrl: the hello rides in the URL, in JSON and MessagePack, and again on reconnect", { timeout: 60_000 }, async () => {
+  const gw = await gateway();
+  // The `ws` package's WebSocket, recording each URL and every frame sent.
+  const urls = [];
+  const sent = [];
+  class Recording extends WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      urls.push(url);
+    }
+    send(data, ...rest) {
+      sent.push(typeof data === "string" ? JSON.parse(data) : mpDecode(data));
+      return super.send(data, ...rest);
+    }
+  }
+  const codec = msgpackCodec(mpEncode, mpDecode);
+  const ann = client(gw.ws, "uann", "d", { WebSocket: Recording, helloInUrl: true });
+  const ben = client(gw.ws, "uben", "d", { WebSocket: Recording, helloInUrl: true, codec });
+  await Promise.all([ann.c.connect(), ben.c.connect()]);
+  assert.equal(ann.c.welcome.user, "uann");
+  assert.equal(ben.c.welcome.user, "uben");
+  assert.equal(urls.length, 2);
+  for (const u of urls) assert.match(u, /\/ws\?hello=[A-Za-z0-9_-]+$/);
+  await ann.c.send({ user: "uben" }, "to msgpack");
+  await ben.c.send({ user: "uann" }, "to json");
+  await waitFor(() => ann.got.length === 1 && ben.got.length === 1, 10_000, "both messages");
+  assert.deepEqual([bodies(ann.got), bodies(ben.got)], [["to json"], ["to msgpack"]]);
+  // A reconnect says hello in its URL again, with the token asked for anew.
+  const tokensBefore = ann.tokens.calls;
+  let welcomes = 0;
+  ann.c.on("welcome", () => welcomes++);
+  assert.equal(await adminPost(gw, "/kick", { tenant: "dev", user: "uann" }), 202);
+  await waitFor(() => welcomes === 1, 10_000, "ann's reconnect after the kick");
+  assert.equal(urls.length, 3);
+  assert.equal(ann.tokens.calls, tokensBefore + 1);
+  // No client wrote a `hello` frame: the gateway counted the URLs' hellos as frames in.
+  assert.deepEqual(sent.filter((f) => f.op === "hello"), []);
+  const metrics = await (await fetch(`${gw.admin}/metrics`)).text();
+  const hellos = [...metrics.matchAll(/imgw_frames_in_total\{shard="\d+",op="hello",codec="\w+"\} (\d+)/g)]
+    .reduce((n, m) => n + Number(m[1]), 0);
+  assert.equal(hellos, 3);
+});

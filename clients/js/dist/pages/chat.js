@@ -156,11 +156,14 @@ function deviceId() {
     }
     return d;
 }
+/** `?hello_in_url=1`: the `hello` goes in the WebSocket's URL (`helloInUrl`), so the gateway
+ * answers the upgrade and `welcome` together. */
+const helloInUrl = new URLSearchParams(location.search).get("hello_in_url") === "1";
 async function login(cfg, user, device, token) {
     me = user;
     const host = cfg.ws_host ?? location.hostname;
     const url = `ws://${host}:${cfg.ws_port}${cfg.ws_path}`;
-    client = new Client({ url, device, token: () => token || user });
+    client = new Client({ url, device, token: () => token || user, helloInUrl });
     client.on("state", setState);
     client.on("message", onMessage);
     client.on("presence", (p) => {
