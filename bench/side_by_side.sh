@@ -6,8 +6,9 @@
 #
 #   bench/side_by_side.sh [--duration 10s] [--repeats 3] [--servers "imgw nats uws tt"]
 #                         (also: imgw-pb, imgw with the Protobuf codec instead of JSON)
-#                         [--scenarios "idle idle19k idle19k_early fanout20 fanout50 fanout200
-#                                       fanout600 chat"] (idle19k_early: imgw only)
+#                         [--scenarios "idle idle19k idle19k_early idle19k_url fanout20 fanout50
+#                                       fanout200 fanout600 chat"] (idle19k_early, idle19k_url:
+#                                       imgw only)
 #                         [--server-core 0] [--loadgen-core 1] [--out DIR] [--table-only]
 #
 # Installs what is missing first: nats-server (apt), the uWebSockets.js package (npm, into
@@ -23,7 +24,7 @@ PEERS=$ROOT/bench/peers
 DURATION=10s
 REPEATS=3
 SERVERS="imgw nats uws tt"
-SCENARIOS="idle idle19k idle19k_early fanout20 fanout50 fanout200 fanout600 chat"
+SCENARIOS="idle idle19k idle19k_early idle19k_url fanout20 fanout50 fanout200 fanout600 chat"
 SERVER_CORE=0
 LOADGEN_CORE=1
 OUT=$ROOT/bench/results
@@ -67,9 +68,10 @@ except FileNotFoundError:
     pass
 order_s = ["imgw", "imgw-pb", "nats", "uws", "tt"]
 names = {"imgw": "imgw", "imgw-pb": "imgw (Protobuf)", "nats": "NATS 2.9 (ws)", "uws": "uWebSockets.js", "tt": "tokio-tungstenite"}
-order_c = ["idle", "idle19k", "idle19k_early", "fanout20", "fanout50", "fanout200", "fanout600", "chat"]
+order_c = ["idle", "idle19k", "idle19k_early", "idle19k_url", "fanout20", "fanout50", "fanout200", "fanout600", "chat"]
 titles = {"idle": "2000 idle connections", "idle19k": "19000 idle connections",
           "idle19k_early": "19000 idle connections, hello sent with the upgrade",
+          "idle19k_url": "19000 idle connections, hello in the upgrade's URL",
           "fanout20": "fan-out 2000 subs, 20 pub/s",
           "fanout50": "fan-out 2000 subs, 50 pub/s", "fanout200": "fan-out 2000 subs, 200 pub/s",
           "fanout600": "fan-out 2000 subs, 600 pub/s", "chat": "1:1 chat, 5000 msgs/s"}
@@ -139,7 +141,9 @@ meta = {
         "its CONNECT; 1e6 / this is connections per core-second. The 19000 row opens them as fast as they come "
         "from 4 loadgen workers and 4 source addresses of its own per run; \"hello sent with the upgrade\" "
         "(imgw only) is loadgen --early-hello: imgw's Rust client writes the WebSocket upgrade request and "
-        "`hello` at once and the gateway answers the 101 and `welcome` in one write (a browser cannot).",
+        "`hello` at once and the gateway answers the 101 and `welcome` in one write (a browser cannot); "
+        "\"hello in the upgrade's URL\" (imgw only) is loadgen --url-hello: the `hello` in the request target's "
+        "`hello` parameter, as a browser can send it (the JS SDK's helloInUrl), answered the same way.",
         "CPU per delivery: server utime+stime from go to the end of the grace period / deliveries.",
         "Latency: receive time minus intended send time (open loop, coordinated omission corrected).",
         "loss = lost + unconfirmed: sent (written, or acked by imgw) and not delivered by the end of a 3 s grace; "
@@ -279,7 +283,8 @@ scenario_args() {
         # Client ports of a run stay in TIME_WAIT: each run connects from 4 addresses of its own.
         idle19k*) echo "idle --conns 19000 --workers 4 --ramp 0 --duration 2s --setup-timeout 120s" \
             "--sources 127.0.0.$src-127.0.0.$((src + 3))"
-            if [ "$sc" = idle19k_early ]; then echo "--early-hello"; fi ;;
+            if [ "$sc" = idle19k_early ]; then echo "--early-hello"; fi
+            if [ "$sc" = idle19k_url ]; then echo "--url-hello"; fi ;;
         fanout*) echo "fanout --conns 2001 --fanout 2000 --rate ${sc#fanout} $group --duration $DURATION" ;;
         chat) echo "chat --conns 1000 --rate 5000 --duration $DURATION" ;;
         *) echo "unknown scenario $sc" >&2; return 1 ;;
@@ -296,7 +301,7 @@ STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 for rep in $(seq 1 "$REPEATS"); do
     for s in $SERVERS; do
         for sc in $SCENARIOS; do
-            case $s:$sc in imgw*:*) ;; *:idle19k_early) continue ;; esac
+            case $s:$sc in imgw*:*) ;; *:idle19k_early | *:idle19k_url) continue ;; esac
             start_server "$s"
             out="$RAW/$s-$sc-$rep.json"
             say "$s $sc run $rep/$REPEATS"
