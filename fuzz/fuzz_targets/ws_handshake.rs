@@ -1,6 +1,7 @@
 //! Fuzz the WebSocket upgrade request parser with arbitrary bytes and an arbitrary prefix of
-//! them: never a panic; an accepted request consumed no more than it was given and its
-//! response is well formed; a refusal always writes a response.
+//! them: never a panic; an accepted request consumed no more than it was given, its response
+//! is well formed and a `hello` from its target is within the bound; a refusal always writes
+//! a response.
 #![no_main]
 
 use imgw::ws::{accept, Handshake, HandshakeConfig};
@@ -27,6 +28,9 @@ fuzz_target!(|data: &[u8]| {
                 assert!(up.consumed <= bytes.len());
                 assert!(out.starts_with(b"HTTP/1.1 101 "));
                 assert!(out.ends_with(b"\r\n\r\n"));
+                if let Some(hello) = &up.hello {
+                    assert!(!hello.is_empty() && hello.len() <= cfg.max_hello_bytes);
+                }
             }
             Handshake::Rejected(_) => assert!(out.starts_with(b"HTTP/1.1 4")),
         }
