@@ -283,8 +283,10 @@ scenario_args() {
         # Client ports of a run stay in TIME_WAIT: each run connects from 4 addresses of its own.
         idle19k*) echo "idle --conns 19000 --workers 4 --ramp 0 --duration 2s --setup-timeout 120s" \
             "--sources 127.0.0.$src-127.0.0.$((src + 3))"
-            if [ "$sc" = idle19k_early ]; then echo "--early-hello"; fi
-            if [ "$sc" = idle19k_url ]; then echo "--url-hello"; fi ;;
+            case $sc in
+                idle19k_early) echo "--early-hello" ;;
+                idle19k_url) echo "--url-hello" ;;
+            esac ;;
         fanout*) echo "fanout --conns 2001 --fanout 2000 --rate ${sc#fanout} $group --duration $DURATION" ;;
         chat) echo "chat --conns 1000 --rate 5000 --duration $DURATION" ;;
         *) echo "unknown scenario $sc" >&2; return 1 ;;

@@ -272,7 +272,8 @@ impl Shard {
     }
 
     /// The `hello` an upgrade request's target carried: taken as the connection's first
-    /// message. One that does not decode fails the handshake, as a first frame would.
+    /// message. Bytes that do not decode fail the handshake, an unknown op included (a first
+    /// frame with an unknown op is answered `unsupported` and the handshake waits on).
     fn on_target_hello(&mut self, id: ConnId, payload: &bytes::Bytes, clk: Clock) {
         let Some(c) = self.conns.get(id) else {
             return;
