@@ -168,7 +168,9 @@ lines = [
     "",
     "Written by `bench/side_by_side.sh`: medians of the repeats (runs column); server pinned to core 0, "
     "loadgen to core 1, loopback, 64-byte bodies, on a 2-core machine: the load average before "
-    "and after each invocation says how quiet it was. Runs that produced these rows:",
+    "and after each invocation says how quiet it was. Within a repeat the servers of an "
+    "invocation take turns scenario by scenario (since 2026-12-07, 20:00 UTC; before, server by "
+    "server). Runs that produced these rows:",
     "",
 ] + [f"- {i['started']} to {i['finished']}, commit {i.get('commit', 'not recorded')}: "
      f"{', '.join(names.get(x, x) for x in i['used_for'])}; "
@@ -300,9 +302,12 @@ for s in $SERVERS; do rm -f "$RAW/$s"-*.json; done
 SRC=20
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+# Scenario by scenario within each repeat: the servers' runs of one scenario follow each other
+# within a minute or two, so the machine's drift over an invocation (about 2x by the hour)
+# falls on all of them alike rather than on whichever server ran last.
 for rep in $(seq 1 "$REPEATS"); do
-    for s in $SERVERS; do
-        for sc in $SCENARIOS; do
+    for sc in $SCENARIOS; do
+        for s in $SERVERS; do
             case $s:$sc in imgw*:*) ;; *:idle19k_early | *:idle19k_url) continue ;; esac
             start_server "$s"
             out="$RAW/$s-$sc-$rep.json"

@@ -32,7 +32,7 @@ use imgw::protocol::{
 
 use crate::config::{Plan, Protocol, Scenario, ThreadShare, MIN_PAYLOAD};
 use crate::hist::Hist;
-use crate::integrity::{ConvTrack, Delivery};
+use crate::integrity::{ConvTrack, Delivery, SharedAcks};
 use crate::peer::{PeerConn, PeerError, Received};
 use crate::poller::Poller;
 use crate::schedule::Schedule;
@@ -205,6 +205,9 @@ pub struct Engine<'a> {
     convs: Vec<Conv>,
     /// Fanout: the conversations of each publisher.
     publishers: Vec<Vec<usize>>,
+    /// Pub/sub fanout: each publisher's acknowledgements, taken into its conversations by
+    /// [`Engine::merge_pub_acks`].
+    pub_acks: Vec<SharedAcks>,
     phase: Phase,
     // Connecting.
     next_connect: usize,
@@ -337,6 +340,7 @@ impl<'a> Engine<'a> {
             ready: Vec::with_capacity(256),
             conns,
             convs,
+            pub_acks: vec![SharedAcks::default(); publishers.len()],
             publishers,
             phase: Phase::Connect,
             next_connect: 0,
@@ -447,6 +451,7 @@ impl<'a> Engine<'a> {
                         self.phase = Phase::Done;
                     } else if now >= self.next_settle_check_us {
                         self.next_settle_check_us = now + SETTLE_CHECK_US;
+                        self.merge_pub_acks();
                         if self.convs.iter().all(|c| c.track.settled()) {
                             self.phase = Phase::Done;
                         }
@@ -1048,6 +1053,18 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Takes each pub/sub publisher's acknowledgements into its conversations (before their
+    /// settlement or tally is read).
+    fn merge_pub_acks(&mut self) {
+        for (p, convs) in self.publishers.iter().enumerate() {
+            if let Some(acks) = self.pub_acks.get(p) {
+                for &c in convs {
+                    self.convs[c].track.merge_acks(acks);
+                }
+            }
+        }
+    }
+
     /// Sends a cumulative `ack` for what connection `i` received, if anything is unacked.
     fn send_ack(&mut self, i: usize) {
         let upto = self.ack_upto(i);
@@ -1129,7 +1146,7 @@ impl<'a> Engine<'a> {
             Delivery::InOrder | Delivery::OutOfOrder => {
                 self.c.delivered += 1;
                 let lat = now.saturating_sub(intended);
-                self.fin.latency.record(lat);
+                // The run's histogram takes the second's at each tick (`emit_tick`).
                 self.tick_latency.record(lat);
             }
             Delivery::Duplicate => {
@@ -1189,13 +1206,12 @@ impl<'a> Engine<'a> {
             Message::SendAck(a) if self.pubsub => match parse_tag(&a.cmid) {
                 Some((p, seq, intended)) if p < self.publishers.len() => {
                     self.answered(i, p, seq);
-                    let mut ok = false;
-                    for j in 0..self.publishers[p].len() {
-                        let c = self.publishers[p][j];
-                        ok |= self.convs[c].track.on_ack(seq);
-                        self.c.acked += 1;
-                    }
+                    let sent = self.publishers[p]
+                        .first()
+                        .map_or(0, |&c| self.convs[c].track.next_seq());
+                    let ok = self.pub_acks[p].on_ack(seq, sent);
                     if ok {
+                        self.c.acked += self.publishers[p].len() as u64;
                         self.fin.ack_latency.record(now.saturating_sub(intended));
                     } else {
                         self.error("send_ack: duplicate or unknown".into());
@@ -1220,7 +1236,8 @@ impl<'a> Engine<'a> {
                 if let Some((c, seq, _)) = e.cmid.as_deref().and_then(parse_tag) {
                     if self.pubsub {
                         self.answered(i, c, seq);
-                        if let Some(convs) = self.publishers.get(c) {
+                        let acked = self.pub_acks.get(c).is_some_and(|a| a.is_acked(seq));
+                        if let (Some(convs), false) = (self.publishers.get(c), acked) {
                             for &cv in convs {
                                 if self.convs[cv].track.on_refused(seq) {
                                     self.c.refused += 1;
@@ -1513,6 +1530,10 @@ impl<'a> Engine<'a> {
         let tick_start = self.next_tick_us.saturating_sub(SECOND_US);
         let counters = delta(&self.c, &self.tick_base);
         self.tick_base = self.c;
+        // One merge a second instead of a second record per delivery.
+        if let Err(e) = self.fin.latency.merge(&self.tick_latency) {
+            self.error(format!("latency histogram: {e}"));
+        }
         let notes = std::mem::take(&mut self.notes);
         self.notes_sent += notes.len();
         let tick = Tick {
@@ -1558,9 +1579,11 @@ impl<'a> Engine<'a> {
         fin.cpu_wait_s = run_queue_wait_s();
         fin.counters = self.c;
         fin.tally = Default::default();
+        self.merge_pub_acks();
         for conv in &self.convs {
             fin.tally.add(&conv.track.tally());
         }
+        fin.tally.duplicate_acks += self.pub_acks.iter().map(SharedAcks::dup_acks).sum::<u64>();
         let _ = self
             .tx
             .send(ThreadMsg::Final(self.share.index as usize, fin));

@@ -3,7 +3,8 @@
 //!
 //! A conversation is one direction of traffic from one sender connection to one receiver
 //! connection; its messages carry sequence numbers 0, 1, 2, ... in send order. This module
-//! owns the bookkeeping of one conversation ([`ConvTrack`]) and the totals that are summed over
+//! owns the bookkeeping of one conversation ([`ConvTrack`]), the acknowledgements a pub/sub
+//! publisher's conversations share ([`SharedAcks`]), and the totals that are summed over
 //! conversations, threads and workers ([`Tally`]). It does no I/O.
 //!
 //! Definitions (also in the summary and the JSON):
@@ -35,6 +36,52 @@ impl Bits {
         let was = self.0[w] & mask != 0;
         self.0[w] |= mask;
         was
+    }
+
+    /// Word `w` of the set (bits `64 * w ..`), 0 past its end.
+    fn word(&self, w: usize) -> u64 {
+        self.0.get(w).copied().unwrap_or(0)
+    }
+
+    /// Sets the bits of `bits` in word `w`.
+    fn or_word(&mut self, w: usize, bits: u64) {
+        if w >= self.0.len() {
+            self.0.resize(w + 1, 0);
+        }
+        self.0[w] |= bits;
+    }
+}
+
+/// The acknowledgements of one publisher's messages in pub/sub fan-out. Every subscriber's
+/// conversation of a publisher carries the same sequence numbers, so a `send_ack` is one bit
+/// here rather than one in each of its thousands of conversations (one bit per delivery,
+/// touched at the rate of the deliveries); [`ConvTrack::merge_acks`] takes them into a
+/// conversation when its tally or settlement is asked for.
+#[derive(Clone, Debug, Default)]
+pub struct SharedAcks {
+    acked: Bits,
+    dup_acks: u64,
+}
+
+impl SharedAcks {
+    /// The server acknowledged `seq`, of the `sent` messages published so far. Returns false
+    /// for a sequence number never sent or acknowledged twice (counted in
+    /// [`SharedAcks::dup_acks`]).
+    pub fn on_ack(&mut self, seq: u64, sent: u64) -> bool {
+        if seq >= sent || self.acked.set(seq) {
+            self.dup_acks += 1;
+            return false;
+        }
+        true
+    }
+
+    pub fn is_acked(&self, seq: u64) -> bool {
+        self.acked.get(seq)
+    }
+
+    /// Acknowledgements of a sequence number never sent or acknowledged before.
+    pub fn dup_acks(&self) -> u64 {
+        self.dup_acks
     }
 }
 
@@ -112,6 +159,29 @@ impl ConvTrack {
             self.acked_delivered += 1;
         }
         true
+    }
+
+    /// Takes the acknowledgements in `acks` (its publisher's, see [`SharedAcks`]) that this
+    /// conversation has not taken yet, as [`ConvTrack::on_ack`] would one by one; taking them
+    /// again changes nothing. Duplicates were counted in `acks`.
+    pub fn merge_acks(&mut self, acks: &SharedAcks) {
+        for (w, &all) in acks.acked.0.iter().enumerate() {
+            // Only what this conversation sent (the publisher's conversations advance
+            // together, so this drops nothing unless they were set up apart).
+            let first = 64 * w as u64;
+            let below_sent = match self.sent.saturating_sub(first) {
+                0 => 0,
+                n if n >= 64 => u64::MAX,
+                n => (1u64 << n) - 1,
+            };
+            let new = all & below_sent & !self.acked.word(w);
+            if new == 0 {
+                continue;
+            }
+            self.acked.or_word(w, new);
+            self.acked_n += u64::from(new.count_ones());
+            self.acked_delivered += u64::from((new & self.delivered.word(w)).count_ones());
+        }
     }
 
     /// The server refused `seq` (an `error` naming its `cmid`: rate limited, overloaded, ...).
@@ -358,6 +428,53 @@ mod tests {
         assert_eq!(total.unconfirmed, 1);
         assert_eq!(total.duplicates, 1);
         assert_eq!(total.conversations_with_loss, 1);
+    }
+
+    #[test]
+    fn shared_acks_merged_tally_as_acks_one_by_one() {
+        // Two conversations of one publisher: 200 messages (four words and a part), delivered
+        // in an order with a gap, a duplicate and a reordering; acks before and after
+        // deliveries, merged in two steps and once more.
+        // 33 is neither acked nor delivered (unconfirmed); 5, 22, ... are acked, not delivered.
+        let deliveries: Vec<u64> = (0..200)
+            .filter(|s| s % 17 != 5 && *s != 33)
+            .chain([3, 150, 64])
+            .collect();
+        let acks: Vec<u64> = (0..200).rev().filter(|s| s % 31 != 2).collect();
+        let mut by_one = sent(200);
+        let mut merged = sent(200);
+        let mut shared = SharedAcks::default();
+        for (k, &s) in deliveries.iter().enumerate() {
+            by_one.on_deliver(s);
+            merged.on_deliver(s);
+            if let Some(&a) = acks.get(k) {
+                assert!(by_one.on_ack(a));
+                assert!(shared.on_ack(a, 200));
+            }
+            if k == 100 {
+                merged.merge_acks(&shared);
+            }
+        }
+        for &a in acks.iter().skip(deliveries.len()) {
+            by_one.on_ack(a);
+            shared.on_ack(a, 200);
+        }
+        merged.merge_acks(&shared);
+        merged.merge_acks(&shared);
+        assert_eq!(merged.tally(), by_one.tally());
+        assert_eq!(merged.settled(), by_one.settled());
+        assert!(merged.tally().lost > 0 && merged.tally().unconfirmed > 0);
+        assert!(!shared.on_ack(7, 200), "acked twice");
+        assert!(!shared.on_ack(200, 200), "never sent");
+        assert_eq!(shared.dup_acks(), 2);
+        assert!(shared.is_acked(7) && !shared.is_acked(2));
+        // A conversation that sent fewer takes only what it sent.
+        let mut short = sent(10);
+        short.merge_acks(&shared);
+        assert_eq!(
+            short.tally().acked,
+            (0..10).filter(|s| s % 31 != 2).count() as u64
+        );
     }
 
     #[test]
