@@ -29,7 +29,10 @@ fuzz_target!(|data: &[u8]| {
                 assert!(out.starts_with(b"HTTP/1.1 101 "));
                 assert!(out.ends_with(b"\r\n\r\n"));
                 if let Some(hello) = &up.hello {
-                    assert!(!hello.is_empty() && hello.len() <= cfg.max_hello_bytes);
+                    assert!(
+                        !hello.is_empty()
+                            && cfg.max_hello_bytes.is_some_and(|max| hello.len() <= max)
+                    );
                 }
             }
             Handshake::Rejected(_) => assert!(out.starts_with(b"HTTP/1.1 4")),

@@ -36,12 +36,14 @@ impl Rules {
             path: cfg.ws.path.clone(),
             allowed_origins: cfg.ws.allowed_origins.clone(),
             max_header_bytes: cfg.ws.max_handshake_bytes as usize,
-            max_hello_bytes: cfg.ws.max_message_bytes as usize,
+            max_hello_bytes: Some(cfg.ws.max_message_bytes as usize),
             ..ws::HandshakeConfig::default()
         };
         let echo_upgrade = cfg.server.ws_echo.then(|| ws::HandshakeConfig {
             path: "/echo".into(),
             allowed_origins: vec!["*".into()],
+            // No session there to take a `hello`: the parameter is not read.
+            max_hello_bytes: None,
             ..upgrade.clone()
         });
         Rules {
@@ -297,7 +299,8 @@ impl Link {
             }
             Ok(Some((mut up, echo))) => {
                 up.write_response(out);
-                let hello = up.hello.take().filter(|_| !echo).map(Bytes::from);
+                // The echo path's rules do not read a `hello` parameter.
+                let hello = up.hello.take().map(Bytes::from);
                 self.codec = up.codec;
                 let limits = if echo {
                     ws::Limits::new(
@@ -507,26 +510,33 @@ mod tests {
             Ok(Message::Hello(_))
         ));
 
-        // The echo path has no session: a `hello` there is not handed on.
-        let mut link = Link::new(Transport::Ws);
-        let target = ws::hello_target("/echo", &hello_bytes);
-        let inputs = read_all(
-            &mut link,
-            &rules(true),
-            &upgrade_request(&target, &[]),
-            &mut out,
-        );
-        assert!(
-            matches!(
-                inputs.as_slice(),
-                [Input::Upgraded {
-                    echo: true,
-                    hello: None,
-                    ..
-                }]
-            ),
-            "{inputs:?}"
-        );
+        // The echo path has no session: its `hello` parameter is not read, whether it is a
+        // `hello` or not base64url at all.
+        for target in [
+            ws::hello_target("/echo", &hello_bytes),
+            "/echo?hello=%%".into(),
+        ] {
+            let mut link = Link::new(Transport::Ws);
+            let mut out = Vec::new();
+            let inputs = read_all(
+                &mut link,
+                &rules(true),
+                &upgrade_request(&target, &[]),
+                &mut out,
+            );
+            assert!(
+                matches!(
+                    inputs.as_slice(),
+                    [Input::Upgraded {
+                        echo: true,
+                        hello: None,
+                        ..
+                    }]
+                ),
+                "{target}: {inputs:?}"
+            );
+            assert!(out.starts_with(b"HTTP/1.1 101"), "{target}");
+        }
 
         // One that is not base64url refuses the upgrade, before any 101.
         let mut link = Link::new(Transport::Ws);

@@ -56,8 +56,9 @@ pub struct HandshakeConfig {
     /// Largest number of header fields (capped at [`MAX_HEADERS_CAP`]). Default 32.
     pub max_headers: usize,
     /// Largest `hello` carried in the request target, in bytes once decoded. Default 4 KiB
-    /// (the gateway sets it to `ws.max_message_bytes`).
-    pub max_hello_bytes: usize,
+    /// (the gateway sets it to `ws.max_message_bytes`). `None`: the target's `hello`
+    /// parameter is not read at all (the conformance echo path, which has no session).
+    pub max_hello_bytes: Option<usize>,
 }
 
 impl Default for HandshakeConfig {
@@ -67,7 +68,7 @@ impl Default for HandshakeConfig {
             allowed_origins: Vec::new(),
             max_header_bytes: 8 * 1024,
             max_headers: 32,
-            max_hello_bytes: 4 * 1024,
+            max_hello_bytes: Some(4 * 1024),
         }
     }
 }
@@ -413,7 +414,10 @@ pub fn parse_request(cfg: &HandshakeConfig, input: &[u8]) -> Result<Option<Upgra
     if body {
         return Err(RejectReason::Body);
     }
-    let hello = hello_param(query, cfg.max_hello_bytes)?;
+    let hello = match cfg.max_hello_bytes {
+        Some(max) => hello_param(query, max)?,
+        None => None,
+    };
     let codec = match (offered, chosen) {
         (false, _) => CodecId::Json,
         (true, Some(c)) => c,

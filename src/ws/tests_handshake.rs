@@ -396,7 +396,7 @@ fn a_hello_in_the_request_target_is_decoded_from_base64url() {
 #[test]
 fn a_bad_hello_parameter_refuses_the_upgrade_with_400() {
     let cfg = HandshakeConfig {
-        max_hello_bytes: 6,
+        max_hello_bytes: Some(6),
         ..HandshakeConfig::default()
     };
     let refused = |target: &str| match run(&cfg, &request_to(target)).0 {
@@ -421,6 +421,19 @@ fn a_bad_hello_parameter_refuses_the_upgrade_with_400() {
     );
     assert_eq!(RejectReason::Hello.status(), 400);
     assert_eq!(RejectReason::Hello.label(), "hello");
+    // Where the parameter is not read (the echo path), none of that matters.
+    let unread = HandshakeConfig {
+        max_hello_bytes: None,
+        ..cfg
+    };
+    for target in [
+        "/ws?hello=",
+        "/ws?hello=Y",
+        "/ws?hello=YWJjZGVmZw",
+        "/ws?hello=YWI",
+    ] {
+        assert_eq!(accepted_hello(&unread, target), None, "{target}");
+    }
 }
 
 #[test]
