@@ -75,6 +75,7 @@ impl SharedAcks {
         true
     }
 
+    /// The server acknowledged `seq`.
     pub fn is_acked(&self, seq: u64) -> bool {
         self.acked.get(seq)
     }
@@ -432,9 +433,9 @@ mod tests {
 
     #[test]
     fn shared_acks_merged_tally_as_acks_one_by_one() {
-        // Two conversations of one publisher: 200 messages (four words and a part), delivered
-        // in an order with a gap, a duplicate and a reordering; acks before and after
-        // deliveries, merged in two steps and once more.
+        // One conversation kept twice, its acks taken one by one and through SharedAcks
+        // (merged in two steps and once more): 200 messages (three words and a part),
+        // delivered with gaps, duplicates and a reordering, acked before and after delivery.
         // 33 is neither acked nor delivered (unconfirmed); 5, 22, ... are acked, not delivered.
         let deliveries: Vec<u64> = (0..200)
             .filter(|s| s % 17 != 5 && *s != 33)
