@@ -371,8 +371,7 @@ pub struct Options {
     pub grace: Duration,
     pub heartbeat_ms: Option<u64>,
     pub connect_timeout: Duration,
-    pub early_hello: bool,
-    pub url_hello: bool,
+    pub hello_via: HelloVia,
     pub setup_timeout: Duration,
     pub client_ack: bool,
     pub group_ack_ms: u64,
@@ -669,8 +668,10 @@ impl Options {
             )?,
             heartbeat_ms: cli.heartbeat_ms.or(file.heartbeat_ms),
             connect_timeout: dur(cli.connect_timeout, file.connect_timeout, "5s")?,
-            early_hello: cli.early_hello || file.early_hello.unwrap_or(false),
-            url_hello: cli.url_hello || file.url_hello.unwrap_or(false),
+            hello_via: HelloVia::from_flags(
+                cli.early_hello || file.early_hello.unwrap_or(false),
+                cli.url_hello || file.url_hello.unwrap_or(false),
+            )?,
             setup_timeout: dur(cli.setup_timeout, file.setup_timeout, "120s")?,
             client_ack: !cli.no_client_ack && file.client_ack.unwrap_or(true),
             group_ack_ms: cli
@@ -779,14 +780,8 @@ impl Options {
         if self.heartbeat_ms == Some(0) {
             return Err("--heartbeat-ms must be positive".into());
         }
-        if self.early_hello && self.protocol != Protocol::Imgw {
-            return Err("--early-hello is imgw's (--protocol imgw)".into());
-        }
-        if self.url_hello && self.protocol != Protocol::Imgw {
-            return Err("--url-hello is imgw's (--protocol imgw)".into());
-        }
-        if self.url_hello && self.early_hello {
-            return Err("--url-hello and --early-hello: choose one".into());
+        if let (Some(flag), false) = (self.hello_via.flag(), self.protocol == Protocol::Imgw) {
+            return Err(format!("{flag} is imgw's (--protocol imgw)"));
         }
         if self.targets.iter().any(|t| t.addr.ip().is_loopback()) {
             if let Some(bad) = self.sources.iter().find(|s| !s.is_loopback()) {
@@ -924,8 +919,7 @@ impl Options {
                     grace_us: self.grace.as_micros() as u64,
                     heartbeat_ms: self.heartbeat_ms,
                     connect_timeout_us: self.connect_timeout.as_micros() as u64,
-                    early_hello: self.early_hello,
-                    url_hello: self.url_hello,
+                    hello_via: self.hello_via,
                     setup_timeout_us: self.setup_timeout.as_micros() as u64,
                     client_ack: self.client_ack,
                     group_ack_ms: self.group_ack_ms,
@@ -943,6 +937,41 @@ impl Options {
                 plan
             })
             .collect()
+    }
+}
+
+/// How an imgw WebSocket connection sends its `hello` (`--early-hello`, `--url-hello`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloVia {
+    /// As the first frame after the 101 (two round trips to `welcome`).
+    #[default]
+    AfterUpgrade,
+    /// In the upgrade request's write (`Client::connect_hello`: as imgw's Rust client can and
+    /// a browser cannot).
+    WithUpgrade,
+    /// In the upgrade request's target, its `hello` query parameter
+    /// (`Client::connect_url_hello`: as a browser can).
+    InUrl,
+}
+
+impl HelloVia {
+    /// From the two flags (or the scenario file's keys), which exclude each other.
+    fn from_flags(early: bool, url: bool) -> Result<HelloVia, String> {
+        match (early, url) {
+            (true, true) => Err("--url-hello and --early-hello: choose one".into()),
+            (true, false) => Ok(HelloVia::WithUpgrade),
+            (false, true) => Ok(HelloVia::InUrl),
+            (false, false) => Ok(HelloVia::AfterUpgrade),
+        }
+    }
+
+    /// The flag that asks for it, if one does.
+    fn flag(self) -> Option<&'static str> {
+        match self {
+            HelloVia::AfterUpgrade => None,
+            HelloVia::WithUpgrade => Some("--early-hello"),
+            HelloVia::InUrl => Some("--url-hello"),
+        }
     }
 }
 
@@ -987,12 +1016,9 @@ pub struct Plan {
     pub grace_us: u64,
     pub heartbeat_ms: Option<u64>,
     pub connect_timeout_us: u64,
-    /// `hello` in the upgrade request's write (`--early-hello`).
+    /// How an imgw WebSocket connection sends its `hello`.
     #[serde(default)]
-    pub early_hello: bool,
-    /// `hello` in the upgrade request's target (`--url-hello`).
-    #[serde(default)]
-    pub url_hello: bool,
+    pub hello_via: HelloVia,
     pub setup_timeout_us: u64,
     pub client_ack: bool,
     /// Group fan-out: each member's ack interval (the SDK's `groupAckDelayMs`).
@@ -1268,7 +1294,11 @@ mod tests {
             "ws://127.0.0.1:1/ws",
             "--early-hello",
         ]));
-        assert!(o.unwrap().plans().iter().all(|p| p.early_hello));
+        assert!(o
+            .unwrap()
+            .plans()
+            .iter()
+            .all(|p| p.hello_via == HelloVia::WithUpgrade));
         let e = Options::resolve(cli(&[&peer[..], &["--url-hello"]].concat())).unwrap_err();
         assert!(e.contains("--url-hello is imgw's"), "{e}");
         let o = Options::resolve(cli(&[
@@ -1281,7 +1311,10 @@ mod tests {
             .unwrap()
             .plans()
             .iter()
-            .all(|p| p.url_hello && !p.early_hello));
+            .all(|p| p.hello_via == HelloVia::InUrl));
+        // Both (clap refuses the two flags together; a scenario file may still set both).
+        let e = HelloVia::from_flags(true, true).unwrap_err();
+        assert!(e.contains("choose one"), "{e}");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use imgw::protocol::{
     Ack, Envelope, Ext, GroupJoin, Hello, Message, Ping, Pong, Resume, Send, Str, Sync, Target,
 };
 
-use crate::config::{Plan, Protocol, Scenario, ThreadShare, MIN_PAYLOAD};
+use crate::config::{HelloVia, Plan, Protocol, Scenario, ThreadShare, MIN_PAYLOAD};
 use crate::hist::Hist;
 use crate::integrity::{ConvTrack, Delivery, SharedAcks};
 use crate::peer::{PeerConn, PeerError, Received};
@@ -581,19 +581,17 @@ impl<'a> Engine<'a> {
             ..Hello::new(&token, "lg")
         };
         let source = self.plan.source(worker_index);
-        let res = if self.plan.early_hello {
-            Client::connect_hello(&cfg, source, hello)
-        } else if self.plan.url_hello {
-            Client::connect_url_hello(&cfg, source, hello)
-        } else {
-            match source {
+        let res = match self.plan.hello_via {
+            HelloVia::WithUpgrade => Client::connect_hello(&cfg, source, hello),
+            HelloVia::InUrl => Client::connect_url_hello(&cfg, source, hello),
+            HelloVia::AfterUpgrade => match source {
                 Some(ip) => Client::connect_from(&cfg, ip),
                 None => Client::connect(&cfg),
             }
             .and_then(|mut client| {
                 let welcome = client.hello_with(hello)?;
                 Ok((client, welcome))
-            })
+            }),
         }
         .and_then(|(mut client, welcome)| {
             if let Some(group) = self.group_of(i) {
