@@ -1054,11 +1054,9 @@ impl<'a> Engine<'a> {
     /// Takes each pub/sub publisher's acknowledgements into its conversations (before their
     /// settlement or tally is read).
     fn merge_pub_acks(&mut self) {
-        for (p, convs) in self.publishers.iter().enumerate() {
-            if let Some(acks) = self.pub_acks.get(p) {
-                for &c in convs {
-                    self.convs[c].track.merge_acks(acks);
-                }
+        for (convs, acks) in self.publishers.iter().zip(&self.pub_acks) {
+            for &c in convs {
+                self.convs[c].track.merge_acks(acks);
             }
         }
     }
