@@ -169,7 +169,7 @@ lines = [
     "Written by `bench/side_by_side.sh`: medians of the repeats (runs column); server pinned to core 0, "
     "loadgen to core 1, loopback, 64-byte bodies, on a 2-core machine: the load average before "
     "and after each invocation says how quiet it was. Within a repeat the servers of an "
-    "invocation take turns scenario by scenario (since 2026-12-07, 20:00 UTC; before, server by "
+    "invocation take turns scenario by scenario (since commit 1c4de7c; before, server by "
     "server). Runs that produced these rows:",
     "",
 ] + [f"- {i['started']} to {i['finished']}, commit {i.get('commit', 'not recorded')}: "
