@@ -12,8 +12,14 @@
 //! Bounds: at most `max_users` entries, `max_devices` routes per user,
 //! [`MAX_SUBSCRIBERS_PER_USER`] subscribers per user and one remote status per node
 //! (`MAX_NODES`). An entry lives while its user has a device or a subscriber here.
+//!
+//! Memory: the users are an [`IndexMap`], a hash table of indices over a dense vector of
+//! entries. Every connection's user has an entry, and a hash table is grown ahead of its
+//! contents (with 19,000 users, 32,768 slots, every page of them touched by scattered
+//! inserts): 8-byte slots there, not 152-byte ones, are 88 B less RSS per idle connection.
+//! The vector's capacity beyond its length is never touched, so it is not resident.
 
-use std::collections::HashMap;
+use indexmap::IndexMap;
 
 use smallvec::SmallVec;
 
@@ -37,7 +43,7 @@ pub(super) enum Effect {
 
 /// Owned users and the rules of their routes and presence.
 pub(super) struct Directory {
-    users: HashMap<UserKey, UserEntry>,
+    users: IndexMap<UserKey, UserEntry>,
     /// Shards of this process (subscribers are told one message per shard).
     shards: usize,
     max_users: usize,
@@ -57,7 +63,7 @@ impl Directory {
         probe: bool,
     ) -> Directory {
         Directory {
-            users: HashMap::new(),
+            users: IndexMap::new(),
             shards,
             max_users,
             max_devices,
@@ -332,7 +338,8 @@ impl Directory {
             .get(user)
             .is_some_and(|e| e.devices.is_empty() && e.subscribers.is_empty())
         {
-            self.users.remove(user);
+            // O(1): the last entry takes this one's place (the order is never read).
+            self.users.swap_remove(user);
         }
     }
 }
@@ -385,6 +392,7 @@ impl UserEntry {
 mod tests {
     //! The directory driven alone: no shard, no clock, no queue; each test reads the effects.
     use super::*;
+    use std::collections::HashMap;
 
     const T: u64 = 1_700_000_000_000;
 
