@@ -564,7 +564,7 @@ impl Shard {
                 crate::services::redis::PresenceKind::Down,
             );
             let route = self.route(id);
-            for target in s.subs {
+            for target in s.subs.into_iter().flat_map(|v| *v) {
                 let dest = self.owner(&target);
                 self.post_always(
                     dest,

@@ -96,7 +96,7 @@ impl Directory {
     /// the other nodes' reports.
     pub(super) fn view(&self, user: &UserKey) -> (Vec<Route>, Status, Vec<(Str, Status)>) {
         match self.users.get(user) {
-            Some(e) => (e.devices.to_vec(), e.effective_status(), e.remote.clone()),
+            Some(e) => (e.devices.to_vec(), e.effective_status(), e.remote().to_vec()),
             None => (Vec::new(), Status::Offline, Vec::new()),
         }
     }
@@ -112,7 +112,7 @@ impl Directory {
     pub(super) fn remote_nodes(&self, user: &UserKey) -> Vec<Str> {
         self.users
             .get(user)
-            .map(|e| e.remote.iter().map(|(n, _)| n.clone()).collect())
+            .map(|e| e.remote().iter().map(|(n, _)| n.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -120,7 +120,7 @@ impl Directory {
     pub(super) fn reported_by(&self, node: &str) -> Vec<UserKey> {
         self.users
             .iter()
-            .filter(|(_, e)| e.remote.iter().any(|(n, _)| &**n == node))
+            .filter(|(_, e)| e.remote().iter().any(|(n, _)| &**n == node))
             .map(|(k, _)| k.clone())
             .collect()
     }
@@ -231,13 +231,16 @@ impl Directory {
             return;
         }
         let e = self.users.entry(target.clone()).or_default();
-        if e.subscribers.len() < MAX_SUBSCRIBERS_PER_USER && !e.subscribers.contains(&subscriber) {
-            e.subscribers.push(subscriber);
+        let w = e.watchers_mut();
+        if w.subscribers.len() < MAX_SUBSCRIBERS_PER_USER && !w.subscribers.contains(&subscriber) {
+            w.subscribers.push(subscriber);
         }
         // In a cluster the target may be online on other nodes only, and this node may have
         // heard nothing of it yet.
-        let probe =
-            self.probe && e.devices.is_empty() && e.remote.is_empty() && e.subscribers.len() == 1;
+        let probe = self.probe
+            && e.devices.is_empty()
+            && e.remote().is_empty()
+            && e.subscribers().len() == 1;
         fx.push(Effect::Post(
             usize::from(subscriber.shard),
             ShardMsg::PresenceEvent {
@@ -256,7 +259,10 @@ impl Directory {
 
     pub(super) fn unsubscribe(&mut self, target: &UserKey, subscriber: Route) {
         if let Some(e) = self.users.get_mut(target) {
-            e.subscribers.retain(|r| *r != subscriber);
+            if let Some(w) = e.watchers.as_mut() {
+                w.subscribers.retain(|r| *r != subscriber);
+            }
+            e.trim();
         }
         self.gc(target);
     }
@@ -274,12 +280,14 @@ impl Directory {
             return;
         };
         let before = e.statuses();
+        let w = e.watchers_mut();
         for (node, status) in reports {
-            e.remote.retain(|(n, _)| n != node);
-            if *status != Status::Offline && e.remote.len() < usize::from(MAX_NODES) {
-                e.remote.push((node.clone(), *status));
+            w.remote.retain(|(n, _)| n != node);
+            if *status != Status::Offline && w.remote.len() < usize::from(MAX_NODES) {
+                w.remote.push((node.clone(), *status));
             }
         }
+        e.trim();
         self.presence_changed(user, before, unix_ms, fx);
     }
 
@@ -304,7 +312,7 @@ impl Directory {
                 status: local,
             }));
         }
-        if now == before.0 || e.subscribers.is_empty() {
+        if now == before.0 || e.subscribers().is_empty() {
             return;
         }
         let presence = Presence {
@@ -313,7 +321,7 @@ impl Directory {
             ts: unix_ms,
         };
         let mut by_shard: Vec<Vec<ConnId>> = vec![Vec::new(); self.shards];
-        for r in &e.subscribers {
+        for r in e.subscribers() {
             if let Some(conns) = by_shard.get_mut(usize::from(r.shard)) {
                 conns.push(r.conn);
             }
@@ -336,7 +344,7 @@ impl Directory {
         if self
             .users
             .get(user)
-            .is_some_and(|e| e.devices.is_empty() && e.subscribers.is_empty())
+            .is_some_and(|e| e.devices.is_empty() && e.subscribers().is_empty())
         {
             // O(1): the last entry takes this one's place (the order is never read).
             self.users.swap_remove(user);
@@ -352,6 +360,14 @@ pub(super) struct UserEntry {
     inbox_seq: u64,
     /// Status set by the user (online unless busy/away); offline when no device is connected.
     status: Option<Status>,
+    /// Who watches the user and what other nodes report of it; `None` while both are empty,
+    /// as for most users: one pointer in every entry instead of two vectors (40 bytes).
+    watchers: Option<Box<Watchers>>,
+}
+
+/// The parts of a [`UserEntry`] that most users do not have.
+#[derive(Default)]
+struct Watchers {
     subscribers: Vec<Route>,
     /// Cluster mode: the status of this user's devices on other nodes, as they relayed it
     /// (only nodes where it is not offline; at most one entry per node, so at most
@@ -360,6 +376,32 @@ pub(super) struct UserEntry {
 }
 
 impl UserEntry {
+    /// The connections subscribed to the user's status.
+    fn subscribers(&self) -> &[Route] {
+        self.watchers.as_ref().map_or(&[], |w| &w.subscribers[..])
+    }
+
+    /// What other nodes reported of the user's devices (cluster mode).
+    fn remote(&self) -> &[(Str, Status)] {
+        self.watchers.as_ref().map_or(&[], |w| &w.remote[..])
+    }
+
+    /// The watchers, allocated if the user had none; [`UserEntry::trim`] frees them again.
+    fn watchers_mut(&mut self) -> &mut Watchers {
+        self.watchers.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the watchers once they hold nothing.
+    fn trim(&mut self) {
+        if self
+            .watchers
+            .as_ref()
+            .is_some_and(|w| w.subscribers.is_empty() && w.remote.is_empty())
+        {
+            self.watchers = None;
+        }
+    }
+
     /// The status of the user's devices on this node.
     fn local_status(&self) -> Status {
         if self.devices.is_empty() {
@@ -378,7 +420,7 @@ impl UserEntry {
         }
         [Status::Online, Status::Busy, Status::Away]
             .into_iter()
-            .find(|s| self.remote.iter().any(|(_, r)| r == s))
+            .find(|s| self.remote().iter().any(|(_, r)| r == s))
             .unwrap_or(Status::Offline)
     }
 
@@ -773,6 +815,12 @@ mod tests {
                 }
                 let entries = m.iter().filter(|x| x.has_entry()).count();
                 proptest::prop_assert_eq!(d.len(), entries);
+                for (u, key) in users.iter().enumerate() {
+                    // The watchers are allocated only while they hold something.
+                    let boxed = d.users.get(key).is_some_and(|e| e.watchers.is_some());
+                    let want = !m[u].subscribers.is_empty() || !m[u].remote.is_empty();
+                    proptest::prop_assert_eq!(boxed, want, "watchers of u{}", u);
+                }
             }
         }
     }
