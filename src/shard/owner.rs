@@ -96,7 +96,11 @@ impl Directory {
     /// the other nodes' reports.
     pub(super) fn view(&self, user: &UserKey) -> (Vec<Route>, Status, Vec<(Str, Status)>) {
         match self.users.get(user) {
-            Some(e) => (e.devices.to_vec(), e.effective_status(), e.remote().to_vec()),
+            Some(e) => (
+                e.devices.to_vec(),
+                e.effective_status(),
+                e.remote().to_vec(),
+            ),
             None => (Vec::new(), Status::Offline, Vec::new()),
         }
     }

@@ -42,7 +42,10 @@ pub(super) struct Session {
     pub(super) tenant_sends: Option<std::sync::Arc<crate::metrics::SendBucket>>,
     /// Users this connection subscribed to, for cleanup (bounded by `max_presence_subs`);
     /// `None` until the first: one pointer instead of an empty vector in every session.
-    #[allow(clippy::box_collection, reason = "8 bytes in every session instead of 24")]
+    #[allow(
+        clippy::box_collection,
+        reason = "8 bytes in every session instead of 24"
+    )]
     pub(super) subs: Option<Box<Vec<UserKey>>>,
     /// Monotonic time of the last presence refresh sent to Redis.
     pub(super) presence_ms: u64,

@@ -1012,12 +1012,13 @@ fn wait_done(sim: &mut Sim, out: &mut Vec<IoDone>) {
 }
 
 #[test]
-fn a_connection_slab_entry_stays_at_224_bytes() {
+fn a_connection_slab_entry_stays_at_192_bytes() {
     // Every connection, idle or not, costs its slab entry (bench/results/fanout_driver.md,
     // "what an idle connection holds"); a field that pads the entry shows here first. (216
-    // until the shared output's range, 6 bytes, took it to 224.)
+    // until the shared output's range, 6 bytes, took it to 224; 192 since the input buffer
+    // lives in the transport's variants before the upgrade.)
     assert!(
-        std::mem::size_of::<Conn>() <= 224,
+        std::mem::size_of::<Conn>() <= 192,
         "Conn is {} bytes",
         std::mem::size_of::<Conn>()
     );

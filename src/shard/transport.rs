@@ -57,11 +57,12 @@ impl Rules {
 
 /// The framing state of one connection.
 enum Proto {
-    /// Raw TCP frames.
-    Tcp,
-    /// WebSocket, before the upgrade request completed.
-    WsUpgrade,
-    /// WebSocket after the upgrade.
+    /// Raw TCP frames, with the bytes of a partial one (unallocated when idle).
+    Tcp(BytesMut),
+    /// WebSocket, before the upgrade request completed, with the part of a request that came
+    /// in pieces.
+    WsUpgrade(BytesMut),
+    /// WebSocket after the upgrade: the decoder keeps a partial frame itself.
     Ws(ws::Decoder),
 }
 
@@ -124,20 +125,17 @@ pub(super) struct Link {
     /// came. (A flag, not a fourth `Proto` variant: `Proto` keeps its tag in the decoder's
     /// niche only while one variant holds a decoder, which saves 8 bytes per connection.)
     echo: bool,
-    /// Bytes of a partial raw-TCP frame or of the upgrade request; unallocated when idle.
-    inbuf: BytesMut,
 }
 
 impl Link {
     pub fn new(transport: Transport) -> Link {
         Link {
             proto: match transport {
-                Transport::Tcp => Proto::Tcp,
-                Transport::Ws => Proto::WsUpgrade,
+                Transport::Tcp => Proto::Tcp(BytesMut::new()),
+                Transport::Ws => Proto::WsUpgrade(BytesMut::new()),
             },
             codec: CodecId::Json,
             echo: false,
-            inbuf: BytesMut::new(),
         }
     }
 
@@ -148,7 +146,7 @@ impl Link {
     }
 
     pub fn is_tcp(&self) -> bool {
-        matches!(self.proto, Proto::Tcp)
+        matches!(self.proto, Proto::Tcp(_))
     }
 
     pub fn name(&self) -> &'static str {
@@ -163,9 +161,9 @@ impl Link {
     /// the same key carry the same bytes for it. `None` until the link carries envelopes.
     pub fn encoding(&self) -> Option<(bool, CodecId)> {
         match self.proto {
-            Proto::Tcp => Some((false, self.codec)),
+            Proto::Tcp(_) => Some((false, self.codec)),
             Proto::Ws(_) if !self.echo => Some((true, self.codec)),
-            Proto::Ws(_) | Proto::WsUpgrade => None,
+            Proto::Ws(_) | Proto::WsUpgrade(_) => None,
         }
     }
 
@@ -176,7 +174,7 @@ impl Link {
             return false;
         }
         let r = match self.proto {
-            Proto::Tcp => write_frame(out, self.codec, &[], env),
+            Proto::Tcp(_) => write_frame(out, self.codec, &[], env),
             Proto::Ws(_) => {
                 let op = if self.codec.is_text() {
                     ws::OpCode::Text
@@ -185,7 +183,7 @@ impl Link {
                 };
                 ws::write_message_with(out, op, |o| self.codec.encode(env, o))
             }
-            Proto::WsUpgrade => return false,
+            Proto::WsUpgrade(_) => return false,
         };
         r.is_ok()
     }
@@ -211,18 +209,21 @@ impl Link {
         out: &mut Vec<u8>,
     ) -> Input {
         match self.proto {
-            Proto::Tcp => self.next_tcp(rules, data, hello_pending),
-            Proto::WsUpgrade => self.upgrade(rules, data, out),
+            Proto::Tcp(_) => self.next_tcp(rules, data, hello_pending),
+            Proto::WsUpgrade(_) => self.upgrade(rules, data, out),
             Proto::Ws(_) => self.next_ws(data, out),
         }
     }
 
     fn next_tcp(&mut self, rules: &Rules, data: &mut &mut [u8], hello_pending: bool) -> Input {
+        let Proto::Tcp(inbuf) = &mut self.proto else {
+            return Input::Done;
+        };
         if !data.is_empty() {
-            self.inbuf.extend_from_slice(data);
+            inbuf.extend_from_slice(data);
             *data = &mut [];
         }
-        match rules.frames.decode(&mut self.inbuf) {
+        match rules.frames.decode(inbuf) {
             Ok(Some(frame)) => {
                 if hello_pending {
                     // The codec of the `hello` frame is the connection's codec.
@@ -237,9 +238,9 @@ impl Link {
                 self.decode(&frame.payload, Some(frame.header.op))
             }
             Ok(None) => {
-                if self.inbuf.is_empty() {
+                if inbuf.is_empty() {
                     // An idle connection holds no input buffer.
-                    self.inbuf = BytesMut::new();
+                    *inbuf = BytesMut::new();
                 }
                 Input::Done
             }
@@ -258,13 +259,16 @@ impl Link {
 
     fn upgrade(&mut self, rules: &Rules, data: &mut &mut [u8], out: &mut Vec<u8>) -> Input {
         // The usual case, the whole request in one read, is parsed where it lies; only a
-        // request that comes in pieces is gathered in `inbuf`.
-        let buffered = !self.inbuf.is_empty();
+        // request that comes in pieces is gathered in the variant's buffer.
+        let Proto::WsUpgrade(inbuf) = &mut self.proto else {
+            return Input::Done;
+        };
+        let buffered = !inbuf.is_empty();
         if buffered {
-            self.inbuf.extend_from_slice(data);
+            inbuf.extend_from_slice(data);
             *data = &mut [];
         }
-        let request: &[u8] = if buffered { &self.inbuf } else { data };
+        let request: &[u8] = if buffered { inbuf } else { data };
         let parsed = match ws::parse_request(&rules.upgrade, request) {
             Err(ws::RejectReason::Path) if rules.echo_upgrade.is_some() => rules
                 .echo_upgrade
@@ -284,10 +288,10 @@ impl Link {
         match parsed {
             Ok(None) => {
                 if !buffered {
-                    self.inbuf.extend_from_slice(data);
+                    inbuf.extend_from_slice(data);
                     *data = &mut [];
                 }
-                if self.inbuf.len() > rules.upgrade.max_header_bytes {
+                if inbuf.len() > rules.upgrade.max_header_bytes {
                     refused(ws::RejectReason::HeadersTooLarge, out)
                 } else {
                     Input::Done
@@ -310,17 +314,16 @@ impl Link {
                 } else {
                     rules.ws_limits
                 };
-                self.proto = Proto::Ws(ws::Decoder::new(ws::Role::Server, limits));
-                self.echo = echo;
                 let rest = if buffered {
-                    let rest = self.inbuf.split_off(up.consumed);
-                    self.inbuf = BytesMut::new();
-                    rest
+                    inbuf.split_off(up.consumed)
                 } else {
                     let all = std::mem::take(data);
                     *data = &mut all[up.consumed..];
                     BytesMut::new()
                 };
+                // Drops the request's buffer.
+                self.proto = Proto::Ws(ws::Decoder::new(ws::Role::Server, limits));
+                self.echo = echo;
                 Input::Upgraded { echo, rest, hello }
             }
         }
@@ -558,6 +561,14 @@ mod tests {
         );
     }
 
+    /// The capacity of the link's input buffer (0 after the upgrade: the decoder has its own).
+    fn input_capacity(link: &Link) -> usize {
+        match &link.proto {
+            Proto::Tcp(b) | Proto::WsUpgrade(b) => b.capacity(),
+            Proto::Ws(_) => 0,
+        }
+    }
+
     #[test]
     fn a_frame_split_over_reads_waits_and_an_idle_link_holds_no_buffer() {
         let rules = rules(false);
@@ -570,10 +581,10 @@ mod tests {
             [Input::Done]
         ));
         assert!(out.is_empty());
-        assert!(link.inbuf.capacity() > 0, "a partial request is kept");
+        assert!(input_capacity(&link) > 0, "a partial request is kept");
         let inputs = read_all(&mut link, &rules, tail, &mut out);
         assert!(matches!(inputs.as_slice(), [Input::Upgraded { rest, .. }] if rest.is_empty()));
-        assert_eq!(link.inbuf.capacity(), 0, "upgraded: no input buffer");
+        assert_eq!(input_capacity(&link), 0, "upgraded: no input buffer");
 
         // A request gathered from two reads, with a frame after it in the second: the frame
         // comes back in `rest`.
@@ -597,14 +608,14 @@ mod tests {
             read_all(&mut tcp, &rules, a, &mut out).as_slice(),
             [Input::Done]
         ));
-        assert!(tcp.inbuf.capacity() > 0, "a partial frame is kept");
+        assert!(input_capacity(&tcp) > 0, "a partial frame is kept");
         let inputs = read_all(&mut tcp, &rules, b, &mut out);
         assert!(
             matches!(inputs.as_slice(), [Input::Message(_), Input::Done]),
             "{inputs:?}"
         );
         assert_eq!(tcp.codec(), CodecId::Protobuf, "the hello frame's codec");
-        assert_eq!(tcp.inbuf.capacity(), 0, "idle: no input buffer");
+        assert_eq!(input_capacity(&tcp), 0, "idle: no input buffer");
     }
 
     #[test]
@@ -732,10 +743,11 @@ mod tests {
 
     #[test]
     fn a_link_is_no_larger_than_its_parts() {
-        // The decoder's niche holds `Proto`'s tag, and the codec and the echo flag share the
-        // padding after the input buffer: a connection's slab entry carries this per
-        // connection (docs/ARCHITECTURE.md, idle memory).
-        let parts = std::mem::size_of::<ws::Decoder>() + std::mem::size_of::<BytesMut>() + 2;
+        // The decoder's niche holds `Proto`'s tag, the input buffer of the variants before the
+        // upgrade lies beside that niche, and the codec and the echo flag take the padding
+        // after: a connection's slab entry carries this per connection (docs/ARCHITECTURE.md,
+        // idle memory).
+        let parts = std::mem::size_of::<ws::Decoder>() + 2;
         assert_eq!(
             std::mem::size_of::<Proto>(),
             std::mem::size_of::<ws::Decoder>()
