@@ -25,6 +25,8 @@ SVC=${IMGW_SERVICES_DIR:-/tmp/imgw-services}
 
 cargo build --release --quiet -p imgw --bin imgw
 cargo build --release --quiet -p loadgen
+# The binaries cargo just built: under CARGO_TARGET_DIR when it is set.
+BIN=${CARGO_TARGET_DIR:-target}/release
 tests/setup.sh >/dev/null
 set -a
 eval "$(tests/services.sh start)"
@@ -37,8 +39,8 @@ run() { # name durability-label faults serve-args [extra loadgen flags...]
     local name=$1 label=$2 faults=$3 serve=$4
     shift 4
     echo "== $name: $faults" >&2
-    target/release/loadgen chaos --serve "--insecure-dev-auth --shards 1 $serve \
-        --data-dir $DIR/$name-data $LISTEN" --imgw-bin target/release/imgw \
+    "$BIN/loadgen" chaos --serve "--insecure-dev-auth --shards 1 $serve \
+        --data-dir $DIR/$name-data $LISTEN" --imgw-bin "$BIN/imgw" \
         --gateway-log "$DIR/$name.log" --duration "${SECS}s" --conns 200 --rate 400 \
         --seed "$SEED" --faults "$faults" --json "$DIR/$name.json" --quiet "$@" \
         >"$DIR/$name.out" 2>"$DIR/$name.err"

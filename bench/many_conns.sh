@@ -37,8 +37,10 @@ OUT=${IMGW_MANY_OUT:-bench/results/many_conns.json}
 
 cargo build --release --quiet -p imgw --bin imgw
 cargo build --release --quiet -p loadgen
-IMGW=target/release/imgw
-LOADGEN=target/release/loadgen
+# The binaries cargo just built: under CARGO_TARGET_DIR when it is set.
+IMGW=${CARGO_TARGET_DIR:-target}/release/imgw
+LOADGEN=${CARGO_TARGET_DIR:-target}/release/loadgen
+[ -x "$IMGW" ] && [ -x "$LOADGEN" ] || { echo "no $IMGW or $LOADGEN" >&2; exit 1; }
 
 cat >"$DIR/imgw.toml" <<EOF
 [server]
@@ -66,6 +68,8 @@ for ((i = 0; i < GATEWAYS; i++)); do
 done
 for ((i = 0; i < GATEWAYS; i++)); do
     for _ in $(seq 1 200); do
+        kill -0 "${pids[$i]}" 2>/dev/null ||
+            { echo "gateway $i exited: $(tail -3 "$DIR/imgw$i.log")" >&2; exit 1; }
         # /readyz: the shards listen (the admin port answers before they do).
         curl -sf "http://127.0.0.1:$((ADMIN_BASE + i))/readyz" >/dev/null && break
         sleep 0.1
