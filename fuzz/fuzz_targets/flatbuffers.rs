@@ -10,10 +10,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let bytes = Bytes::copy_from_slice(data);
     let decoded = CodecId::FlatBuffers.decode_bytes(&bytes);
-    assert_eq!(
-        decoded,
-        flatbuf::view(data).and_then(|v| v.to_envelope())
-    );
+    assert_eq!(decoded, flatbuf::view(data).and_then(|v| v.to_envelope()));
     if let Ok(env) = decoded {
         let mut out = Vec::new();
         if CodecId::FlatBuffers.encode(&env, &mut out).is_ok() {

@@ -7,7 +7,9 @@ use imgw::protocol::frame::FrameDecoder;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, rest)) = data.split_first() else { return };
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
     let max = 64 + u32::from(split) * 8;
     let dec = FrameDecoder::new(max);
     let mut buf = BytesMut::new();
