@@ -285,11 +285,14 @@ impl Directory {
             return;
         };
         let before = e.statuses();
-        let w = e.watchers_mut();
         for (node, status) in reports {
-            w.remote.retain(|(n, _)| n != node);
-            if *status != Status::Offline && w.remote.len() < usize::from(MAX_NODES) {
-                w.remote.push((node.clone(), *status));
+            if let Some(w) = e.watchers.as_mut() {
+                w.remote.retain(|(n, _)| n != node);
+            }
+            // Only a report kept allocates the watchers (an offline one, the usual relay for
+            // a user watched by no one here, does not).
+            if *status != Status::Offline && e.remote().len() < usize::from(MAX_NODES) {
+                e.watchers_mut().remote.push((node.clone(), *status));
             }
         }
         e.trim();
