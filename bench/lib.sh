@@ -11,7 +11,9 @@
 #                                  each calls `FN old|new ROUND` with a fresh gateway of that
 #                                  build (`--shards 1`, bench/peers/imgw-bench.toml, core 0)
 #                                  started (GW_ARGS adds flags, for example
-#                                  "--durability local"), and stops it after.
+#                                  "--durability local"; GW_OLD_ARGS and GW_NEW_ARGS add
+#                                  flags to one side only, so one build may be run against
+#                                  itself with a setting changed), and stops it after.
 #   gw_metric NAME                 prints the sum of metric NAME's samples (every label set)
 #                                  from the started gateway's /metrics (0 if none).
 #   gw_target LISTENER             sets GW_TARGET (loadgen's --target for the started
@@ -102,14 +104,14 @@ uws_start() {
 }
 
 ab_gateways() {
-  local old=$1 new=$2 runs=$3 fn=$4 k v b
+  local old=$1 new=$2 runs=$3 fn=$4 k v b side
   local config
   config="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/peers/imgw-bench.toml"
   for k in $(seq 1 "$runs"); do
     for v in old new; do
-      if [ "$v" = old ]; then b=$old; else b=$new; fi
-      # shellcheck disable=SC2086 # GW_ARGS is a list of flags
-      gw_start "$b/imgw" 0 --shards 1 --config "$config" ${GW_ARGS:-} || return 1
+      if [ "$v" = old ]; then b=$old side=${GW_OLD_ARGS:-}; else b=$new side=${GW_NEW_ARGS:-}; fi
+      # shellcheck disable=SC2086 # GW_ARGS and the side's are lists of flags
+      gw_start "$b/imgw" 0 --shards 1 --config "$config" ${GW_ARGS:-} $side || return 1
       "$fn" "$v" "$k"
       gw_stop
     done

@@ -45,6 +45,8 @@ LOADGEN=${CARGO_TARGET_DIR:-target}/release/loadgen
 cat >"$DIR/imgw.toml" <<EOF
 [server]
 share_ports = true
+# Idle connections: the store is not on their path (the default, local, opens one per gateway).
+durability = "memory"
 [limits]
 idle_timeout_ms = 600000
 heartbeat_ms = ${HEARTBEAT_MS:-30000}

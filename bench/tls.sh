@@ -23,14 +23,17 @@ PORT_BASE=${IMGW_TLS_BENCH_PORT:-28600}
 
 cargo build --release --quiet -p imgw --bin imgw
 cargo build --release --quiet -p loadgen
-IMGW=target/release/imgw
-LOADGEN=target/release/loadgen
+# The binaries cargo just built: under CARGO_TARGET_DIR when it is set.
+IMGW=${CARGO_TARGET_DIR:-target}/release/imgw
+LOADGEN=${CARGO_TARGET_DIR:-target}/release/loadgen
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
     -subj /CN=localhost -addext subjectAltName=DNS:localhost \
     -addext basicConstraints=critical,CA:FALSE \
     -keyout "$DIR/key.pem" -out "$DIR/cert.pem" 2>/dev/null
 cat >"$DIR/imgw.toml" <<EOF
+[server]
+durability = "memory"
 [limits]
 idle_timeout_ms = 600000
 heartbeat_ms = 60000

@@ -74,7 +74,7 @@ pub struct ServeArgs {
     /// Shard executors; 0 = all cores but one.
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
-    /// When a send is acknowledged [default: memory].
+    /// When a send is acknowledged [default: local: the embedded store in --data-dir].
     #[arg(long, value_name = "memory|local|backend")]
     pub durability: Option<Durability>,
     /// MySQL / MariaDB URL (mysql://user:password@host:port/db): the durable store of
@@ -355,8 +355,13 @@ mod tests {
         let c = merged(&["--shards", "3"]);
         assert_eq!(c.runtime.shards, 3);
         assert_eq!(c.shard_count(), 3);
-        let c = merged(&["--durability", "local"]);
-        assert_eq!(c.server.durability, Durability::Local);
+        assert_eq!(
+            merged(&[]).server.durability,
+            Durability::Local,
+            "with no backend the default is the embedded store (SPEC 1, 6)"
+        );
+        let c = merged(&["--durability", "memory"]);
+        assert_eq!(c.server.durability, Durability::Memory);
         let c = merged(&["--insecure-dev-auth"]);
         assert!(c.auth.insecure_dev_auth);
         let c = merged(&["--ws-echo"]);
@@ -496,8 +501,18 @@ mod tests {
         assert_eq!(c.redis.url.as_deref(), Some("redis://127.0.0.1:6379"));
         assert_eq!(c.kafka.brokers.as_deref(), Some("127.0.0.1:9092"));
         assert_eq!(c.server.durability, Durability::Backend);
-        // Services run on the I/O core: not at durability memory.
+        // Services run on the I/O core: not at durability memory. At the default (local)
+        // they may.
         let argv = ["--insecure-dev-auth", "--redis", "redis://127.0.0.1:6379"];
+        let c = serve_config(&parse(&argv), &no_env).unwrap();
+        assert_eq!(c.server.durability, Durability::Local);
+        let argv = [
+            "--insecure-dev-auth",
+            "--durability",
+            "memory",
+            "--redis",
+            "redis://127.0.0.1:6379",
+        ];
         assert!(matches!(
             serve_config(&parse(&argv), &no_env),
             Err(CliError::Config(ConfigError::Invalid(_)))

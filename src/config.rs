@@ -9,13 +9,18 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 /// When a `send` is acknowledged (SPEC 4).
+///
+/// The default is `local`: with no backend configured, `imgw serve` acks what the embedded
+/// store in `server.data_dir` has fsynced (SPEC 1 and 6), so a gateway started with its
+/// defaults loses no acknowledged message to a crash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
-    /// Acked on accept; nothing survives a crash. For load tests.
-    #[default]
+    /// Acked on accept; nothing survives a crash, and an offline device's messages are not
+    /// kept. For load tests only: chosen explicitly, never by default.
     Memory,
-    /// Acked after the embedded store's group commit has fsynced it.
+    /// Acked after the embedded store's group commit has fsynced it. The default.
+    #[default]
     Local,
     /// Acked after the configured backends (MySQL and/or Kafka) confirmed it.
     Backend,
@@ -524,7 +529,7 @@ impl Default for ServerConfig {
             tls_listen: None,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             data_dir: PathBuf::from("./imgw-data"),
-            durability: Durability::Memory,
+            durability: Durability::Local,
             backlog: 4096,
             drain_reconnect_spread_ms: 5_000,
             drain_timeout_ms: 5_000,

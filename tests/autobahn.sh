@@ -39,7 +39,7 @@ else
     # it writes the port it bound to the ports file.
     ports_file="$out/ports.json"
     rm -f "$ports_file"
-    cmd="\"${CARGO_TARGET_DIR:-target}/${profile}/imgw\" serve --config tests/autobahn.toml --ws-echo --insecure-dev-auth --shards 1 --ws-listen 127.0.0.1:0 --tcp-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --ports-file $ports_file --log warn"
+    cmd="\"${CARGO_TARGET_DIR:-target}/${profile}/imgw\" serve --config tests/autobahn.toml --ws-echo --insecure-dev-auth --durability memory --shards 1 --ws-listen 127.0.0.1:0 --tcp-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --ports-file $ports_file --log warn"
 fi
 
 echo "autobahn: starting server: $cmd"

@@ -48,13 +48,14 @@ fn serve_help_lists_the_contract_flags() {
 fn external_backends_exit_2_with_a_clear_message() {
     for (flags, says) in [
         (&["--durability", "backend"][..], "needs a backend"),
-        // Redis and Kafka need the I/O core: not at durability memory.
+        // Redis and Kafka need the I/O core: not at durability memory (the default, local,
+        // has one).
         (
-            &["--kafka", "127.0.0.1:9092"],
+            &["--durability", "memory", "--kafka", "127.0.0.1:9092"],
             "use durability local or backend",
         ),
         (
-            &["--redis", "redis://127.0.0.1"],
+            &["--durability", "memory", "--redis", "redis://127.0.0.1"],
             "use durability local or backend",
         ),
     ] {

@@ -57,10 +57,13 @@ fn install(p: &Pki, dir: &Path) -> (PathBuf, PathBuf) {
 fn tls_gateway(dir: &Path) -> Gateway {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    // Durability memory, as `Gateway::dev`: these tests read deliveries without acking them.
     let args = [
         "--shards",
         "2",
         "--insecure-dev-auth",
+        "--durability",
+        "memory",
         "--wss-listen",
         "127.0.0.1:0",
         "--tls-listen",

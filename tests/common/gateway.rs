@@ -174,9 +174,17 @@ impl Gateway {
         }
     }
 
-    /// A gateway with 2 shards, dev auth, and short timeouts for tests.
+    /// A gateway with 2 shards, dev auth, and short timeouts for tests, at durability
+    /// `memory` (the tests of what does not depend on the store; the default is `local`).
     pub fn dev() -> Gateway {
-        Gateway::start(DEV_TOML, &["--shards", "2", "--insecure-dev-auth"])
+        let args = [
+            "--shards",
+            "2",
+            "--insecure-dev-auth",
+            "--durability",
+            "memory",
+        ];
+        Gateway::start(DEV_TOML, &args)
     }
 
     /// [`Gateway::dev`] at durability `local` with `toml` as its config file.
