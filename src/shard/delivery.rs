@@ -437,7 +437,7 @@ impl Shard {
                 let after = r.unwrap_or(0);
                 // `sync_request` holds pushes again, or lets them go if it is refused.
                 if let Some(s) = self.session_mut(conn) {
-                    s.window.end_sync();
+                    s.window_mut().end_sync();
                 }
                 self.sync_request(conn, reference, after, u32::MAX);
             }
@@ -512,7 +512,7 @@ impl Shard {
     /// sync or pump under way, a gap), the pump brings the copy like any other message.
     pub(super) fn sent_seq(&mut self, conn: ConnId, seq: u64) {
         if let Some(s) = self.session_mut(conn) {
-            s.window.step_over(seq);
+            s.window_mut().step_over(seq);
         }
     }
 
@@ -522,7 +522,7 @@ impl Shard {
         let Some(s) = self.session_mut(conn) else {
             return;
         };
-        match s.window.offer(deliver, clk.mono_ms, &b) {
+        match s.window_mut().offer(deliver, clk.mono_ms, &b) {
             Offer::Push { due_ms } => self.pushed(conn, deliver.clone(), due_ms),
             Offer::Had => {}
             Offer::Lag => self.maybe_pump(conn),
@@ -544,7 +544,7 @@ impl Shard {
         let Some(s) = self.session_mut(conn) else {
             return;
         };
-        let Some((after, limit)) = s.window.pump(&b) else {
+        let Some((after, limit)) = s.window_mut().pump(&b) else {
             return;
         };
         let req = IoRequest::ReadInbox {
@@ -561,7 +561,7 @@ impl Shard {
     pub(super) fn pump_failed(&mut self, conn: ConnId) {
         if self
             .session_mut(conn)
-            .is_some_and(|s| s.window.pump_failed())
+            .is_some_and(|s| s.window_mut().pump_failed())
         {
             self.pump_retry.push(conn);
         }
@@ -575,7 +575,7 @@ impl Shard {
             let Some(s) = self.session_mut(conn) else {
                 continue;
             };
-            s.window.retry_taken();
+            s.window_mut().retry_taken();
             self.maybe_pump(conn);
             if !self.pump_retry.is_empty() {
                 break;
@@ -600,7 +600,7 @@ impl Shard {
             (Err(_), None) => return self.pump_failed(conn),
             (Err(e), Some(_)) => {
                 if let Some(s) = self.session_mut(conn) {
-                    s.window.end_sync();
+                    s.window_mut().end_sync();
                 }
                 self.maybe_pump(conn);
                 self.reply_error(conn, reference, e.code(), "store read failed");
@@ -613,7 +613,7 @@ impl Shard {
             let Some(s) = self.session_mut(conn) else {
                 return;
             };
-            let pumped = s.window.pumped(page, now_ms, &b);
+            let pumped = s.window_mut().pumped(page, now_ms, &b);
             for d in pumped.push {
                 self.pushed(conn, d, pumped.due_ms);
             }
@@ -637,7 +637,7 @@ impl Shard {
             // The device has everything up to here (an empty page: everything after the
             // sync's start): pushes continue after it, and what was held back meanwhile comes
             // through the pump, in order.
-            s.window.synced_through(up_to.max(after));
+            s.window_mut().synced_through(up_to.max(after));
         }
         self.maybe_pump(conn);
         // The last page: list the groups with unread messages in `synced`. The group cursors
@@ -697,7 +697,7 @@ impl Shard {
             after,
             limit,
         };
-        let was_syncing = s.window.begin_sync();
+        let was_syncing = s.window_mut().begin_sync();
         let wait = IoWait::Sync {
             conn,
             reference,
@@ -705,7 +705,7 @@ impl Shard {
         };
         if !self.submit(req, wait) {
             if let Some(s) = self.session_mut(conn) {
-                s.window.sync_refused(was_syncing);
+                s.window_mut().sync_refused(was_syncing);
             }
             self.overloaded(conn, reference, None);
         }
@@ -725,10 +725,10 @@ impl Shard {
             device: s.device.clone(),
         };
         // Pushes wait from now: the cursor read and the pages after it come first.
-        let was_syncing = s.window.begin_sync();
+        let was_syncing = s.window_mut().begin_sync();
         if !self.submit(req, IoWait::ResumeCursor { conn, reference }) {
             if let Some(s) = self.session_mut(conn) {
-                s.window.sync_refused(was_syncing);
+                s.window_mut().sync_refused(was_syncing);
             }
             self.overloaded(conn, reference, None);
         }
@@ -739,7 +739,7 @@ impl Shard {
         let Some(s) = self.session_mut(conn) else {
             return;
         };
-        let (confirmed, first) = s.window.ack(inbox_seq);
+        let (confirmed, first) = s.window_mut().ack(inbox_seq);
         // Coalesced (`CURSOR_FLUSH_MS`): only the latest ack per device is written.
         if first {
             self.cursor_dirty.push(conn);
@@ -770,11 +770,11 @@ impl Shard {
             let Some(s) = self.conns.get(conn).and_then(|c| c.session.as_ref()) else {
                 continue;
             };
-            if s.window.cursor() > 0 {
+            if s.cursor() > 0 {
                 ops.push(Op::SetCursor {
                     user: user_ref(&s.user),
                     device: s.device.clone(),
-                    seq: s.window.cursor(),
+                    seq: s.cursor(),
                 });
             }
         }
@@ -784,18 +784,18 @@ impl Shard {
         self.group_cursor_dirty.clear();
         for conn in std::mem::take(&mut self.cursor_dirty) {
             if let Some(s) = self.session_mut(conn) {
-                s.window.cursor_written();
+                s.window_mut().cursor_written();
             }
         }
     }
 
     /// A closing device's pending cursor, written at once (skipped when the queue is full).
     pub(super) fn write_cursor_now(&mut self, s: &super::Session) {
-        if s.window.cursor() > 0 {
+        if s.cursor() > 0 {
             self.submit_write(Op::SetCursor {
                 user: user_ref(&s.user),
                 device: s.device.clone(),
-                seq: s.window.cursor(),
+                seq: s.cursor(),
             });
         }
     }
@@ -804,7 +804,11 @@ impl Shard {
     /// Closes the connection when a delivery ran out of retries.
     pub(super) fn retransmit_due(&mut self, conn: ConnId, clk: Clock) -> Option<u64> {
         let b = Bounds::of(&self.cfg.limits);
-        let due = self.session_mut(conn)?.window.due(clk.mono_ms, &b);
+        let due = self
+            .session_mut(conn)?
+            .window
+            .as_mut()?
+            .due(clk.mono_ms, &b);
         let m = &self.metrics.shards[self.id];
         match due {
             Due::RetryLimit { dropped } => {
@@ -849,7 +853,7 @@ impl Shard {
         let req = IoRequest::LastInboxSeq {
             user: user_ref(&s.user),
         };
-        let was_syncing = s.window.begin_sync();
+        let was_syncing = s.window_mut().begin_sync();
         let wait = IoWait::Position {
             conn,
             hello: *hello,
@@ -859,7 +863,7 @@ impl Shard {
         }
         // The I/O queue is full: the welcome goes now, and the first push sets the position.
         if let Some(s) = self.session_mut(conn) {
-            s.window.sync_refused(was_syncing);
+            s.window_mut().sync_refused(was_syncing);
         }
         false
     }
@@ -875,8 +879,8 @@ impl Shard {
             return;
         };
         match last {
-            Ok(last) => s.window.synced_through(last),
-            Err(_) => s.window.end_sync(),
+            Ok(last) => s.window_mut().synced_through(last),
+            Err(_) => s.window_mut().end_sync(),
         }
         self.emit_welcome(conn, hello, clk);
         // Pushes held back meanwhile come from the store, in order.
@@ -892,7 +896,7 @@ impl Shard {
         let Some(s) = self.session_mut(conn) else {
             return;
         };
-        s.window.schedule_catchup(at);
+        s.window_mut().schedule_catchup(at);
         self.arm(conn, at);
     }
 

@@ -545,7 +545,9 @@ impl Shard {
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(shard = self.id, conn = ?id, reason = reason.name(), "closed");
         if let Some(s) = conn.session {
-            self.fail_window(&s.window);
+            if let Some(w) = &s.window {
+                self.fail_window(w);
+            }
             // The device's last ack is written now, not at the next flush, and the group
             // cursors pending on this shard with it (its user may log in elsewhere next).
             self.write_cursor_now(&s);

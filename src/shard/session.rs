@@ -6,6 +6,7 @@
 //! an authenticated connection's `Session` (its user, device, delivery window, subscriptions).
 
 use super::transport::Input;
+use super::window::Window;
 use super::{ConnId, HelloDone, Origin, ReplyTo, Shard, ShardMsg, UserKey};
 use crate::codec::DecodeError;
 use crate::metrics::{CloseReason, TenantRefusal};
@@ -35,8 +36,10 @@ pub(super) enum Phase {
 pub(super) struct Session {
     pub(super) user: UserKey,
     pub(super) device: Str,
-    /// Unacked deliveries (durability `local`).
-    pub(super) window: super::window::Window,
+    /// The delivery window (durability `local` and `backend`): `None` until the device is
+    /// first pushed to, synced, acked or sends (`window_mut`), so an idle device holds 8
+    /// bytes here instead of the window's 80.
+    pub(super) window: Option<Box<Window>>,
     /// The tenant's send bucket, shared with the tenant's other connections (`None`: no
     /// tenant rate).
     pub(super) tenant_sends: Option<std::sync::Arc<crate::metrics::SendBucket>>,
@@ -49,6 +52,18 @@ pub(super) struct Session {
     pub(super) subs: Option<Box<Vec<UserKey>>>,
     /// Monotonic time of the last presence refresh sent to Redis.
     pub(super) presence_ms: u64,
+}
+
+impl Session {
+    /// The delivery window, made on first use.
+    pub(super) fn window_mut(&mut self) -> &mut Window {
+        self.window.get_or_insert_with(Box::default)
+    }
+
+    /// The acked position not yet handed to the store (0: none, or no window yet).
+    pub(super) fn cursor(&self) -> u64 {
+        self.window.as_deref().map_or(0, Window::cursor)
+    }
 }
 
 /// One connection. Kept small: an idle connection holds no buffers (SPEC 2).
@@ -520,7 +535,7 @@ impl Shard {
             c.session = Some(Box::new(Session {
                 user,
                 device: h.device,
-                window: Default::default(),
+                window: None,
                 tenant_sends,
                 subs: None,
                 presence_ms: clk.mono_ms,

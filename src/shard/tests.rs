@@ -940,7 +940,7 @@ fn bob_with_a_pump_page_in_flight(dir: &std::path::Path) -> (Sim, Client, Client
 
 /// The delivery window of authenticated client `c`.
 fn window_of(sim: &mut Sim, c: Client) -> &mut super::window::Window {
-    &mut sim.shards[c.shard].session_mut(c.id).unwrap().window
+    sim.shards[c.shard].session_mut(c.id).unwrap().window_mut()
 }
 
 /// What `c` got delivered, as (inbox_seq, body).
@@ -1022,6 +1022,49 @@ fn a_connection_slab_entry_stays_at_192_bytes() {
         "Conn is {} bytes",
         std::mem::size_of::<Conn>()
     );
+}
+
+/// An idle device holds no delivery window, at any durability: the session stays at 128
+/// bytes (200 with the window inline). The first push makes one, and it stays.
+#[test]
+fn a_delivery_window_is_made_by_the_first_push() {
+    assert!(
+        std::mem::size_of::<Session>() <= 128,
+        "Session is {} bytes",
+        std::mem::size_of::<Session>()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut sim = Sim::durable(1, dir.path());
+    let a = sim.connect(0);
+    let b = sim.connect(0);
+    sim.hello(a, "alice");
+    sim.hello(b, "bob");
+    let has_window = |sim: &mut Sim, c: Client| {
+        sim.shards[0]
+            .session_mut(c.id)
+            .is_some_and(|s| s.window.is_some())
+    };
+    sim.advance(delivery::CURSOR_FLUSH_MS);
+    assert!(!has_window(&mut sim, a) && !has_window(&mut sim, b));
+    sim.send(a, &send_to("bob", "c1", "hi"));
+    assert_eq!(sim.recv(a).len(), 1, "alice's send_ack");
+    assert_eq!(delivered(&mut sim, b), [(1, "hi".into())]);
+    assert!(has_window(&mut sim, b), "the push made bob's window");
+    sim.send(
+        b,
+        &Envelope::new(Message::Ack(crate::protocol::Ack {
+            inbox_seq: 1,
+            group: None,
+        })),
+    );
+    sim.advance(delivery::CURSOR_FLUSH_MS);
+    assert!(has_window(&mut sim, b));
+    assert_eq!(
+        sim.shards[0].session_mut(b.id).map(|s| s.cursor()),
+        Some(0),
+        "written"
+    );
+    sim.shutdown();
 }
 
 #[test]
