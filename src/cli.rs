@@ -127,6 +127,12 @@ pub struct PreflightArgs {
     /// Shard executors to plan for; 0 = all cores but one.
     #[arg(long, value_name = "N")]
     pub shards: Option<usize>,
+    /// The embedded store's directory to check [default: server.data_dir, ./imgw-data].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The durability to check for [default: server.durability, local].
+    #[arg(long, value_name = "memory|local|backend")]
+    pub durability: Option<Durability>,
 }
 
 /// Why `serve` refused its command line or configuration. All map to exit code 2.
@@ -250,8 +256,8 @@ pub fn serve_config(
     Ok(config)
 }
 
-/// `preflight`'s configuration: the file (or defaults) and `--shards`. Not validated: auth
-/// settings do not matter to host checks.
+/// `preflight`'s configuration: the file (or defaults), `--shards`, `--data-dir` and
+/// `--durability`. Not validated: auth settings do not matter to host checks.
 pub fn preflight_config(args: &PreflightArgs) -> Result<Config, CliError> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
@@ -259,6 +265,12 @@ pub fn preflight_config(args: &PreflightArgs) -> Result<Config, CliError> {
     };
     if let Some(n) = args.shards {
         config.runtime.shards = n;
+    }
+    if let Some(d) = &args.data_dir {
+        config.server.data_dir = d.clone();
+    }
+    if let Some(d) = args.durability {
+        config.server.durability = d;
     }
     Ok(config)
 }

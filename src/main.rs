@@ -172,7 +172,12 @@ fn preflight_cmd(args: &PreflightArgs) -> ExitCode {
         target.io_memory_bytes / 1024,
         target.backlog
     );
-    let checks = preflight::run_all(&host, &target);
+    let mut checks = preflight::run_all(&host, &target);
+    let dir = preflight::DataDir::read(&config);
+    checks.push(preflight::check_store(
+        config.server.durability,
+        dir.as_ref(),
+    ));
     for c in &checks {
         println!("{c}");
     }

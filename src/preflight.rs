@@ -1,14 +1,15 @@
 //! Host checks for `imgw preflight` and for the start of `imgw serve` (SPEC 7).
 //!
 //! This module owns what is checked (io_uring, RLIMIT_MEMLOCK, RLIMIT_NOFILE, listen backlogs,
-//! the local port range, TCP memory, system-wide file limits), the thresholds, the fix printed
-//! for each, and the connection ceiling the limits imply. Every check is a pure function over
-//! [`HostFacts`]; only [`HostFacts::read`] touches /proc and getrlimit, so tests feed synthetic
-//! hosts. Nothing here changes the host.
+//! the local port range, TCP memory, system-wide file limits, the store's data directory),
+//! the thresholds, the fix printed for each, and the connection ceiling the limits imply.
+//! Every check is a pure function over [`HostFacts`] or [`DataDir`]; only their `read`s touch
+//! /proc, getrlimit and access(2), so tests feed synthetic hosts. Nothing here changes the host.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
-use crate::config::Config;
+use crate::config::{Config, Durability};
 
 /// glommio 0.9 refuses to start an executor below this RLIMIT_MEMLOCK (sys/uring.rs).
 pub const GLOMMIO_MIN_MEMLOCK: u64 = 512 * 1024;
@@ -579,6 +580,161 @@ pub fn start_checks(h: &HostFacts, t: &Target) -> Vec<Check> {
     vec![check_io_uring(h), check_memlock(h, t)]
 }
 
+/// File systems whose contents do not survive a reboot.
+pub const VOLATILE_FS: [&str; 2] = ["tmpfs", "ramfs"];
+
+/// The embedded store's data directory as `imgw serve` would use it (durability `local`, and
+/// `backend` with Kafka alone, where the log store under it is the store).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataDir {
+    /// As configured (`server.data_dir`, `--data-dir`).
+    pub path: PathBuf,
+    /// The directory itself, or its nearest ancestor that exists (where it would be made),
+    /// with symbolic links resolved; `None`: none could be resolved.
+    pub existing: Option<PathBuf>,
+    /// Whether this process may write in `existing` (access(2) `W_OK`); `None`: unknown.
+    pub writable: Option<bool>,
+    /// The type of the file system `existing` is on (/proc/self/mountinfo); `None`: unknown.
+    pub fs_type: Option<String>,
+}
+
+impl DataDir {
+    /// The data directory `config` stores in, read from this host; `None` when the store is
+    /// not on this host's disk (durability `memory`, or `backend` with MySQL).
+    pub fn read(config: &Config) -> Option<DataDir> {
+        let local = match config.server.durability {
+            Durability::Memory => false,
+            Durability::Local => true,
+            Durability::Backend => config.mysql.url.is_none(),
+        };
+        if !local {
+            return None;
+        }
+        let path = config.server.data_dir.clone();
+        let existing = path
+            .ancestors()
+            .filter(|a| !a.as_os_str().is_empty())
+            .chain(std::iter::once(Path::new(".")))
+            .find_map(|a| std::fs::canonicalize(a).ok());
+        let writable = existing
+            .as_deref()
+            .map(|e| nix::unistd::access(e, nix::unistd::AccessFlags::W_OK).is_ok());
+        let fs_type = existing
+            .as_deref()
+            .and_then(|e| fs_type_of(&read_proc("/proc/self/mountinfo")?, e));
+        Some(DataDir {
+            path,
+            existing,
+            writable,
+            fs_type,
+        })
+    }
+}
+
+/// The file system type of the mount that holds `path` (absolute, links resolved), from the
+/// text of /proc/self/mountinfo: the longest mount point that is a prefix of `path`, the later
+/// line winning on the same mount point (it is mounted over the earlier one).
+pub fn fs_type_of(mountinfo: &str, path: &Path) -> Option<String> {
+    let mut best: Option<(usize, &str)> = None;
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let (Some(point), Some(fs)) = (left.split(' ').nth(4), right.split(' ').next()) else {
+            continue;
+        };
+        let point = unescape_mount(point);
+        if !path.starts_with(&point) {
+            continue;
+        }
+        let depth = Path::new(&point).components().count();
+        if best.is_none_or(|(d, _)| depth >= d) {
+            best = Some((depth, fs));
+        }
+    }
+    best.map(|(_, fs)| fs.to_string())
+}
+
+/// mountinfo writes space, tab, newline and backslash in a path as `\ooo` octal escapes.
+fn unescape_mount(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                let v = d.iter().fold(0u32, |v, c| v * 8 + u32::from(c - b'0'));
+                out.push(u8::try_from(v).unwrap_or(b'?'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where acknowledged messages are kept: durability `memory` keeps none (a warning: it is for
+/// load tests), and the embedded store's directory must be writable and on a disk.
+pub fn check_store(durability: Durability, dir: Option<&DataDir>) -> Check {
+    const NAME: &str = "data directory";
+    let Some(d) = dir else {
+        return match durability {
+            Durability::Memory => Check::new(
+                NAME,
+                Level::Warn,
+                "durability memory: nothing is stored, a crash loses acked messages".into(),
+                Some("[server] durability = \"local\" (memory is for load tests)".into()),
+            ),
+            _ => Check::new(NAME, Level::Ok, "durability backend: MySQL".into(), None),
+        };
+    };
+    let shown = d.path.display();
+    let fix_dir = || {
+        Some(format!(
+            "install -d -o USER {shown} for the user imgw runs as, or --data-dir a writable directory"
+        ))
+    };
+    let Some(existing) = &d.existing else {
+        return Check::new(
+            NAME,
+            Level::Fail,
+            format!("{shown}: no parent exists"),
+            fix_dir(),
+        );
+    };
+    match d.writable {
+        Some(false) => {
+            let what = if existing.as_path() == d.path {
+                format!("{shown}: not writable by this user")
+            } else {
+                format!(
+                    "{shown}: missing, and {} is not writable",
+                    existing.display()
+                )
+            };
+            return Check::new(NAME, Level::Fail, what, fix_dir());
+        }
+        None => return Check::unreadable(NAME, &format!("access to {}", existing.display())),
+        Some(true) => {}
+    }
+    match d.fs_type.as_deref() {
+        Some(fs) if VOLATILE_FS.contains(&fs) => Check::new(
+            NAME,
+            Level::Warn,
+            format!("{shown} is on {fs}: acked messages do not survive a reboot"),
+            Some("--data-dir a directory on a disk".into()),
+        ),
+        Some(fs) => Check::new(NAME, Level::Ok, format!("{shown} on {fs}, writable"), None),
+        None => Check::unreadable(NAME, &format!("the file system of {}", existing.display())),
+    }
+}
+
 /// The worst level among checks.
 pub fn worst(checks: &[Check]) -> Level {
     checks.iter().map(|c| c.level).max().unwrap_or(Level::Ok)
@@ -1024,5 +1180,126 @@ mod tests {
         let h = HostFacts::read();
         assert!(h.page_size >= 4096);
         let _ = run_all(&h, &target(1));
+    }
+
+    const MOUNTINFO: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+25 22 0:21 / /proc rw,nosuid shared:12 - proc proc rw
+30 22 0:25 / /dev/shm rw,nosuid,nodev shared:3 - tmpfs tmpfs rw
+40 22 8:17 / /var/lib/im\\040gw rw,noatime shared:20 - xfs /dev/sdb1 rw
+41 40 0:30 / /var/lib/im\\040gw/ram rw shared:21 - ramfs ramfs rw
+42 22 8:33 / /var/lib/im rw shared:22 - btrfs /dev/sdc1 rw
+43 22 8:49 / /var/lib/im rw shared:23 - ext3 /dev/sdd1 rw
+";
+
+    #[test]
+    fn a_path_is_on_its_longest_mount_point_the_later_one_on_the_same_point() {
+        let on = |p: &str| fs_type_of(MOUNTINFO, Path::new(p));
+        assert_eq!(on("/home/x").as_deref(), Some("ext4"));
+        assert_eq!(on("/dev/shm/imgw").as_deref(), Some("tmpfs"));
+        // `\040` is a space; a component boundary, not a string prefix, decides.
+        assert_eq!(on("/var/lib/im gw/data").as_deref(), Some("xfs"));
+        assert_eq!(on("/var/lib/im gw/ram/data").as_deref(), Some("ramfs"));
+        assert_eq!(on("/var/lib/imx").as_deref(), Some("ext4"));
+        // Mounted over: the later line wins.
+        assert_eq!(on("/var/lib/im/data").as_deref(), Some("ext3"));
+        assert_eq!(fs_type_of("garbage\n", Path::new("/x")), None);
+        assert_eq!(unescape_mount("a\\134b\\011c\\9"), "a\\b\tc\\9");
+    }
+
+    fn dir(
+        path: &str,
+        existing: Option<&str>,
+        writable: Option<bool>,
+        fs: Option<&str>,
+    ) -> DataDir {
+        DataDir {
+            path: path.into(),
+            existing: existing.map(PathBuf::from),
+            writable,
+            fs_type: fs.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn the_data_directory_must_be_writable_and_on_a_disk() {
+        let ok = check_store(
+            Durability::Local,
+            Some(&dir(
+                "/var/lib/imgw",
+                Some("/var/lib/imgw"),
+                Some(true),
+                Some("ext4"),
+            )),
+        );
+        assert_eq!(ok.level, Level::Ok, "{ok}");
+        assert!(ok.fix.is_none());
+        let missing = check_store(
+            Durability::Local,
+            Some(&dir(
+                "/srv/imgw/data",
+                Some("/srv"),
+                Some(false),
+                Some("ext4"),
+            )),
+        );
+        assert_eq!(missing.level, Level::Fail, "{missing}");
+        assert!(
+            missing.value.contains("missing, and /srv is not writable"),
+            "{missing}"
+        );
+        assert!(missing.fix.as_deref().unwrap_or("").contains("install -d"));
+        let read_only = check_store(
+            Durability::Local,
+            Some(&dir("/srv", Some("/srv"), Some(false), Some("ext4"))),
+        );
+        assert_eq!(read_only.level, Level::Fail);
+        assert!(
+            read_only.value.contains("not writable by this user"),
+            "{read_only}"
+        );
+        for fs in VOLATILE_FS {
+            let c = check_store(
+                Durability::Backend,
+                Some(&dir("/run/imgw", Some("/run/imgw"), Some(true), Some(fs))),
+            );
+            assert_eq!(c.level, Level::Warn, "{c}");
+            assert!(c.value.contains("do not survive a reboot"), "{c}");
+        }
+        assert_eq!(
+            check_store(Durability::Local, Some(&dir("x", None, None, None))).level,
+            Level::Fail
+        );
+        let unknown = check_store(
+            Durability::Local,
+            Some(&dir("/x", Some("/x"), None, Some("ext4"))),
+        );
+        assert_eq!(unknown.level, Level::Warn);
+        let memory = check_store(Durability::Memory, None);
+        assert_eq!(memory.level, Level::Warn);
+        assert!(memory
+            .fix
+            .as_deref()
+            .unwrap_or("")
+            .contains("durability = \"local\""));
+        assert_eq!(check_store(Durability::Backend, None).level, Level::Ok);
+    }
+
+    #[test]
+    fn the_data_directory_is_read_where_the_store_is_local() {
+        let mut c = Config::default();
+        c.server.data_dir = std::env::temp_dir().join("imgw-preflight-none/data");
+        let d = DataDir::read(&c).expect("durability local stores on this host");
+        assert_eq!(d.existing, std::fs::canonicalize(std::env::temp_dir()).ok());
+        assert!(d.fs_type.is_some());
+        c.server.durability = Durability::Memory;
+        assert!(DataDir::read(&c).is_none());
+        c.server.durability = Durability::Backend;
+        assert!(
+            DataDir::read(&c).is_some(),
+            "Kafka alone: the log store is the store"
+        );
+        c.mysql.url = Some("mysql://u@127.0.0.1/imgw".into());
+        assert!(DataDir::read(&c).is_none());
     }
 }

@@ -166,10 +166,11 @@ fn preflight_prints_one_line_per_check_and_the_ceiling() {
         "net.ipv4.tcp_mem",
         "net.ipv4.tcp_rmem",
         "net.ipv4.tcp_wmem",
+        "data directory",
     ] {
         let line = stdout
             .lines()
-            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .find(|l| l.get(5..).is_some_and(|rest| rest.starts_with(name)))
             .unwrap_or_else(|| panic!("no {name} line in\n{stdout}"));
         assert!(
             ["OK ", "WARN", "FAIL"].iter().any(|p| line.starts_with(p)),
@@ -185,6 +186,40 @@ fn preflight_prints_one_line_per_check_and_the_ceiling() {
         out.status.code(),
         Some(if any_fail { 1 } else { 0 }),
         "{stdout}"
+    );
+}
+
+/// Where acked messages would be kept: a data directory on tmpfs (here /dev/shm, as on
+/// Debian) is a warning, and so is durability memory; neither fails the run by itself.
+#[test]
+fn preflight_warns_of_a_store_that_keeps_nothing() {
+    let line = |args: &[&str]| {
+        let mut argv = vec!["preflight", "--conns", "100", "--shards", "1"];
+        argv.extend_from_slice(args);
+        let stdout = text(&imgw(&argv).stdout);
+        stdout
+            .lines()
+            .find(|l| l.contains("data directory"))
+            .unwrap_or_else(|| panic!("no data directory line in\n{stdout}"))
+            .to_string()
+    };
+    let shm = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some("/dev/shm") && l.contains(" - tmpfs "));
+    assert!(
+        shm,
+        "this test needs /dev/shm on tmpfs, as Debian mounts it"
+    );
+    let l = line(&["--data-dir", "/dev/shm/imgw-preflight-test/data"]);
+    assert!(l.starts_with("WARN") && l.contains("on tmpfs"), "{l}");
+    let dir = std::env::temp_dir().join(format!("imgw-preflight-{}", std::process::id()));
+    let l = line(&["--data-dir", dir.to_str().unwrap()]);
+    assert!(l.starts_with("OK") && l.contains("writable"), "{l}");
+    let l = line(&["--durability", "memory"]);
+    assert!(
+        l.starts_with("WARN") && l.contains("durability memory"),
+        "{l}"
     );
 }
 
