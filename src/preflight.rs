@@ -589,6 +589,8 @@ pub const VOLATILE_FS: [&str; 2] = ["tmpfs", "ramfs"];
 pub struct DataDir {
     /// As configured (`server.data_dir`, `--data-dir`).
     pub path: PathBuf,
+    /// The directory exists already.
+    pub exists: bool,
     /// The directory itself, or its nearest ancestor that exists (where it would be made),
     /// with symbolic links resolved; `None`: none could be resolved.
     pub existing: Option<PathBuf>,
@@ -623,6 +625,7 @@ impl DataDir {
             .as_deref()
             .and_then(|e| fs_type_of(&read_proc("/proc/self/mountinfo")?, e));
         Some(DataDir {
+            exists: path.is_dir(),
             path,
             existing,
             writable,
@@ -710,7 +713,7 @@ pub fn check_store(durability: Durability, dir: Option<&DataDir>) -> Check {
     };
     match d.writable {
         Some(false) => {
-            let what = if existing.as_path() == d.path {
+            let what = if d.exists {
                 format!("{shown}: not writable by this user")
             } else {
                 format!(
@@ -1215,6 +1218,7 @@ mod tests {
     ) -> DataDir {
         DataDir {
             path: path.into(),
+            exists: existing == Some(path),
             existing: existing.map(PathBuf::from),
             writable,
             fs_type: fs.map(str::to_string),
@@ -1290,8 +1294,12 @@ mod tests {
         let mut c = Config::default();
         c.server.data_dir = std::env::temp_dir().join("imgw-preflight-none/data");
         let d = DataDir::read(&c).expect("durability local stores on this host");
+        assert!(!d.exists);
         assert_eq!(d.existing, std::fs::canonicalize(std::env::temp_dir()).ok());
         assert!(d.fs_type.is_some());
+        c.server.data_dir = std::env::temp_dir();
+        let d = DataDir::read(&c).unwrap();
+        assert!(d.exists && d.existing == std::fs::canonicalize(std::env::temp_dir()).ok());
         c.server.durability = Durability::Memory;
         assert!(DataDir::read(&c).is_none());
         c.server.durability = Durability::Backend;

@@ -58,12 +58,8 @@ fn tls_gateway(dir: &Path) -> Gateway {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
     // Durability memory, as `Gateway::dev`: these tests read deliveries without acking them.
-    let args = [
-        "--shards",
-        "2",
-        "--insecure-dev-auth",
-        "--durability",
-        "memory",
+    let mut args = common::gateway::dev_args("memory");
+    args.extend([
         "--wss-listen",
         "127.0.0.1:0",
         "--tls-listen",
@@ -72,7 +68,7 @@ fn tls_gateway(dir: &Path) -> Gateway {
         cert,
         "--tls-key",
         key,
-    ];
+    ]);
     Gateway::start(DEV_TOML, &args)
 }
 

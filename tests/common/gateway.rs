@@ -70,6 +70,12 @@ pub fn http_request(
     Ok((status, body))
 }
 
+/// The test gateways' flags: 2 shards, dev auth, and `durability`.
+pub fn dev_args(durability: &str) -> Vec<&str> {
+    let flags = ["--shards", "2", "--insecure-dev-auth", "--durability"];
+    flags.into_iter().chain([durability]).collect()
+}
+
 impl Gateway {
     /// Starts `imgw serve` with `toml` as its config file plus `args`, on ports the kernel
     /// picks (port 0, read back from `--ports-file`), and waits until /readyz.
@@ -177,26 +183,12 @@ impl Gateway {
     /// A gateway with 2 shards, dev auth, and short timeouts for tests, at durability
     /// `memory` (the tests of what does not depend on the store; the default is `local`).
     pub fn dev() -> Gateway {
-        let args = [
-            "--shards",
-            "2",
-            "--insecure-dev-auth",
-            "--durability",
-            "memory",
-        ];
-        Gateway::start(DEV_TOML, &args)
+        Gateway::start(DEV_TOML, &dev_args("memory"))
     }
 
     /// [`Gateway::dev`] at durability `local` with `toml` as its config file.
     pub fn local_with(toml: &str) -> Gateway {
-        let args = [
-            "--shards",
-            "2",
-            "--insecure-dev-auth",
-            "--durability",
-            "local",
-        ];
-        Gateway::start(toml, &args)
+        Gateway::start(toml, &dev_args("local"))
     }
 
     /// [`Gateway::dev`] at durability `local`.
