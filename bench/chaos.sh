@@ -23,10 +23,8 @@ DIR=$(mktemp -d /tmp/imgw-chaos-bench.XXXXXX)
 OUT=bench/results/chaos.md
 SVC=${IMGW_SERVICES_DIR:-/tmp/imgw-services}
 
-cargo build --release --quiet -p imgw --bin imgw
-cargo build --release --quiet -p loadgen
-# The binaries cargo just built: under CARGO_TARGET_DIR when it is set.
-BIN=${CARGO_TARGET_DIR:-target}/release
+. bench/lib.sh
+build_release || exit 1
 tests/setup.sh >/dev/null
 set -a
 eval "$(tests/services.sh start)"

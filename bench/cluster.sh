@@ -46,8 +46,8 @@ done
 
 cd "$ROOT"
 eval "$(tests/services.sh start)"
-cargo build --release -q -p imgw -p loadgen
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release
+. bench/lib.sh
+build_release || exit 1
 RAW=$OUT/cluster
 mkdir -p "$RAW"
 rm -f "$RAW"/*

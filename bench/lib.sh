@@ -1,5 +1,10 @@
-# Sourced by the bench scripts: one way to start and stop a gateway for a benchmark.
+# Sourced by the bench scripts: one way to build the release binaries, and to start and stop
+# a gateway for a benchmark.
 #
+#   build_release                  builds imgw and loadgen (release) from the repository's root
+#                                  and sets BIN to where cargo put them (under
+#                                  CARGO_TARGET_DIR when it is set), IMGW and LOADGEN to the
+#                                  two binaries. Fails if either is missing.
 #   gw_start BIN CORES [ARGS...]   starts `BIN serve --insecure-dev-auth --log error` pinned to
 #                                  CORES (taskset list, "" for none), every listener on port 0,
 #                                  its data in a fresh directory (under $GW_TMP, default
@@ -28,6 +33,17 @@
 #                                  UWS_PID.
 #
 # Ports come from --ports-file, so several gateways (or a left-over one) never collide.
+
+build_release() {
+  local root
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  (cd "$root" && cargo build --release --quiet -p imgw --bin imgw -p loadgen --bin loadgen) ||
+    return 1
+  BIN=${CARGO_TARGET_DIR:-$root/target}/release
+  IMGW=$BIN/imgw
+  LOADGEN=$BIN/loadgen
+  [ -x "$IMGW" ] && [ -x "$LOADGEN" ] || { echo "no $IMGW or $LOADGEN" >&2; return 1; }
+}
 
 gw_start() {
   local bin=$1 cores=$2

@@ -35,12 +35,8 @@ ADMIN_BASE=${IMGW_MANY_ADMIN_BASE:-28500}
 DIR=$(mktemp -d /tmp/imgw-many.XXXXXX)
 OUT=${IMGW_MANY_OUT:-bench/results/many_conns.json}
 
-cargo build --release --quiet -p imgw --bin imgw
-cargo build --release --quiet -p loadgen
-# The binaries cargo just built: under CARGO_TARGET_DIR when it is set.
-IMGW=${CARGO_TARGET_DIR:-target}/release/imgw
-LOADGEN=${CARGO_TARGET_DIR:-target}/release/loadgen
-[ -x "$IMGW" ] && [ -x "$LOADGEN" ] || { echo "no $IMGW or $LOADGEN" >&2; exit 1; }
+. bench/lib.sh
+build_release
 
 cat >"$DIR/imgw.toml" <<EOF
 [server]

@@ -21,11 +21,8 @@ DIR=$(mktemp -d /tmp/imgw-tls-bench.XXXXXX)
 OUT=bench/results/tls.md
 PORT_BASE=${IMGW_TLS_BENCH_PORT:-28600}
 
-cargo build --release --quiet -p imgw --bin imgw
-cargo build --release --quiet -p loadgen
-# The binaries cargo just built: under CARGO_TARGET_DIR when it is set.
-IMGW=${CARGO_TARGET_DIR:-target}/release/imgw
-LOADGEN=${CARGO_TARGET_DIR:-target}/release/loadgen
+. bench/lib.sh
+build_release
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
     -subj /CN=localhost -addext subjectAltName=DNS:localhost \
